@@ -1,0 +1,1 @@
+//! Kommune end-to-end suite; the tests live in `tests/`.

@@ -1,0 +1,224 @@
+//! The ComputeJob controller: validate → resolve the module → sync through the dispatcher →
+//! write status and Events. Level-triggered and idempotent; a finalizer cancels running
+//! attempts before a deleted job goes away.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+
+use super::{Error, MANAGER};
+use crate::attempt::now_ms;
+use crate::blobs::Blobs;
+use crate::crd::{ComputeJob, ComputeJobStatus, JobPhase};
+use crate::dispatch::{Dispatcher, JobRef, ModuleRef};
+use crate::job::status::{self, Observed, Severity};
+use crate::job::{validate, JobPolicy, ModuleSource, TaskWorkload};
+use crate::metrics::Metrics;
+
+/// Finalizer that holds a deleted job until its attempts are cancelled.
+pub const FINALIZER: &str = "kommune.dev/cleanup";
+/// Largest module accepted from a ConfigMap (the API server caps objects near 1 MiB anyway).
+const MAX_CONFIGMAP_MODULE: usize = 3 << 20;
+/// How often an active job is looked at even when nothing signals a change.
+const ACTIVE_REQUEUE: Duration = Duration::from_secs(30);
+/// How soon a job whose tasks wait for room is tried again.
+const UNPLACED_REQUEUE: Duration = Duration::from_secs(5);
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: kube::Client,
+    pub dispatcher: Arc<Dispatcher>,
+    pub blobs: Blobs,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    pub fn new(client: kube::Client, dispatcher: Arc<Dispatcher>, blobs: Blobs, metrics: Arc<Metrics>) -> Self {
+        let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() });
+        Context { client, dispatcher, blobs, recorder, metrics }
+    }
+}
+
+/// Runs the controller until shutdown. `changed` carries "namespace/name" of jobs whose
+/// attempts changed; `nodes_changed` fires when capacity appears (a node connected).
+pub async fn run(ctx: Arc<Context>, changed: mpsc::Receiver<String>, nodes_changed: mpsc::Receiver<()>) {
+    let api: Api<ComputeJob> = Api::all(ctx.client.clone());
+    let jobs = ReceiverStream::new(changed).filter_map(|key| async move {
+        let (ns, name) = key.split_once('/')?;
+        Some(ObjectRef::<ComputeJob>::new(name).within(ns))
+    });
+    Controller::new(api, watcher::Config::default().any_semantic())
+        .reconcile_on(jobs)
+        .reconcile_all_on(ReceiverStream::new(nodes_changed))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+fn error_policy(job: Arc<ComputeJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(job = %job.name_any(), namespace = ?job.namespace(), error = %error, "reconcile failed");
+    ctx.metrics.reconcile_error(error.label());
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// Reconciles one ComputeJob.
+pub async fn reconcile(job: Arc<ComputeJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled();
+    let ns = job.namespace().ok_or_else(|| Error::MissingMetadata(job.name_any()))?;
+    let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, job, |event| async {
+        match event {
+            Finalizer::Apply(job) => apply(&job, &ctx).await,
+            Finalizer::Cleanup(job) => cleanup(&job, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()))
+}
+
+fn job_ref(job: &ComputeJob) -> Result<JobRef, Error> {
+    match (job.namespace(), job.uid()) {
+        (Some(ns), Some(uid)) => Ok(JobRef { uid, key: format!("{ns}/{}", job.name_any()) }),
+        _ => Err(Error::MissingMetadata(job.name_any())),
+    }
+}
+
+async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
+    let generation = job.metadata.generation;
+    let prev = job.status.clone().unwrap_or_default();
+    let jr = job_ref(job)?;
+
+    let policy = match validate(&job.spec) {
+        Ok(p) => p,
+        Err(why) => {
+            publish(ctx, job, &prev, &status::invalid(&prev, generation, &why)).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    let module = match resolve_module(ctx, job, &policy).await? {
+        Ok(m) => m,
+        Err((reason, message)) => {
+            publish(ctx, job, &prev, &status::waiting_for_module(&prev, generation, reason, &message)).await?;
+            return Ok(Action::requeue(ACTIVE_REQUEUE));
+        }
+    };
+
+    let synced = ctx.dispatcher.sync(&jr, &policy, module.as_ref()).await?;
+    let now = now_ms();
+    let next = status::summarize(
+        &prev,
+        &Observed {
+            generation,
+            runtime: policy.workload.runtime(),
+            progress: &synced.progress,
+            attempts: &synced.attempts,
+            unplaced: synced.unplaced.as_ref(),
+            module_sha256: module.as_ref().map(|m| m.sha256.as_str()),
+            now_ms: now,
+        },
+    );
+    publish(ctx, job, &prev, &next).await?;
+
+    Ok(match synced.progress.phase {
+        JobPhase::Succeeded | JobPhase::Failed => Action::await_change(),
+        _ if synced.unplaced.is_some() => Action::requeue(UNPLACED_REQUEUE),
+        _ => {
+            let retry = synced.progress.next_retry_ms.map(|t| Duration::from_millis((t - now).max(0) as u64 + 50));
+            Action::requeue(retry.map_or(ACTIVE_REQUEUE, |r| r.min(ACTIVE_REQUEUE)))
+        }
+    })
+}
+
+async fn cleanup(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
+    let jr = job_ref(job)?;
+    let cancelled = ctx.dispatcher.cancel_job(&jr.uid).await?;
+    if cancelled > 0 {
+        info!(job = %jr.key, cancelled, "cancelled attempts of a deleted job");
+        event(ctx, job, Severity::Normal, "Cancelled", &format!("cancelled {cancelled} running attempt(s) of the deleted job")).await;
+    }
+    Ok(Action::await_change())
+}
+
+/// Writes status when it changed, and the Events the change deserves.
+async fn publish(ctx: &Context, job: &ComputeJob, prev: &ComputeJobStatus, next: &ComputeJobStatus) -> Result<(), Error> {
+    if next == prev {
+        return Ok(());
+    }
+    let ns = job.namespace().unwrap_or_default();
+    let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = json!({ "apiVersion": "kommune.dev/v1alpha1", "kind": "ComputeJob", "status": next });
+    api.patch_status(&job.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    for (severity, reason, note) in status::events(prev, next) {
+        event(ctx, job, severity, &reason, &note).await;
+    }
+    Ok(())
+}
+
+/// Publishes an Event; a failure to record one is logged, never fatal.
+async fn event(ctx: &Context, job: &ComputeJob, severity: Severity, reason: &str, note: &str) {
+    let ev = Event {
+        type_: match severity {
+            Severity::Normal => EventType::Normal,
+            Severity::Warning => EventType::Warning,
+        },
+        reason: reason.chars().take(128).collect(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
+        warn!(job = %job.name_any(), error = %e, "cannot record event");
+    }
+}
+
+/// Finds the module a wasm job runs. Ok(Err((reason, message))) when it is not available yet.
+async fn resolve_module(ctx: &Context, job: &ComputeJob, policy: &JobPolicy) -> Result<Result<Option<ModuleRef>, (&'static str, String)>, Error> {
+    let TaskWorkload::Wasm { source, .. } = &policy.workload else { return Ok(Ok(None)) };
+    let (name, key, expected) = match source {
+        ModuleSource::Url { url, sha256 } => return Ok(Ok(Some(ModuleRef { sha256: sha256.clone(), url: Some(url.clone()) }))),
+        ModuleSource::ConfigMap { name, key, sha256 } => (name, key, sha256),
+    };
+    let ns = job.namespace().unwrap_or_default();
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(cm) = api.get_opt(name).await? else {
+        return Ok(Err(("ModuleUnavailable", format!("ConfigMap {ns}/{name} (spec.workload.wasm.configMapRef) does not exist"))));
+    };
+    let bytes = cm
+        .binary_data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone())
+        .or_else(|| cm.data.as_ref().and_then(|d| d.get(key)).map(|s| s.as_bytes().to_vec()));
+    let Some(bytes) = bytes else {
+        let mut keys: Vec<String> = cm.binary_data.iter().flat_map(|d| d.keys().cloned()).chain(cm.data.iter().flat_map(|d| d.keys().cloned())).collect();
+        keys.sort();
+        return Ok(Err(("ModuleUnavailable", format!("ConfigMap {ns}/{name} has no key {key:?} (it has: {})", keys.join(", ")))));
+    };
+    if bytes.len() > MAX_CONFIGMAP_MODULE {
+        return Ok(Err(("ModuleUnavailable", format!("ConfigMap {ns}/{name} key {key:?} holds {} bytes, more than {MAX_CONFIGMAP_MODULE}", bytes.len()))));
+    }
+    let sha = kommune_proto::sha256_hex(&bytes);
+    if let Some(want) = expected {
+        if want != &sha {
+            return Ok(Err(("ModuleDigestMismatch", format!("ConfigMap {ns}/{name} key {key:?} has sha256 {sha}, but spec.workload.wasm.sha256 is {want}"))));
+        }
+    }
+    ctx.blobs.put(&bytes)?;
+    Ok(Ok(Some(ModuleRef { sha256: sha, url: None })))
+}

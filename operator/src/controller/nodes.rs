@@ -1,0 +1,211 @@
+//! Keeps ProviderNode objects current from what the gateway sees: created on join, Ready while
+//! a session is open, NotReady when it closes. Heartbeats are written at most every
+//! `HEARTBEAT_WRITE` per node, so thousands of agents do not become thousands of writes a second.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::ResourceExt;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::MANAGER;
+use crate::crd::quantity::{format_cpu, format_memory};
+use crate::crd::{condition, set_condition, NodeAllocation, NodeCapacity, NodePhase, ProviderNode, ProviderNodeStatus};
+use crate::fleet::{Fleet, NodeFacts};
+use crate::gateway::NodeEvent;
+use crate::store::Store;
+
+/// Minimum time between two heartbeat writes of one node.
+pub const HEARTBEAT_WRITE: Duration = Duration::from_secs(30);
+/// How often all ProviderNodes are compared with the live sessions.
+const SWEEP: Duration = Duration::from_secs(10);
+
+/// The status change one gateway event causes, applied to the current status. Pure.
+pub fn apply_event(prev: &ProviderNodeStatus, event: &NodeEvent, running: u32, allocated: (u64, u64), now: Timestamp) -> ProviderNodeStatus {
+    let mut s = prev.clone();
+    let cap = |f: &NodeFacts| NodeCapacity {
+        cpu: format_cpu(f.capacity.cpu_millis),
+        memory: format_memory(f.capacity.memory_bytes),
+        runtimes: f.runtimes.clone(),
+        arch: f.arch.clone(),
+        os: f.os.clone(),
+    };
+    let non_empty = |v: &str| Some(v.to_string()).filter(|v| !v.is_empty());
+    match event {
+        NodeEvent::Joined { facts, public_key_sha256, .. } => {
+            s.capacity = Some(cap(facts));
+            s.public_key_sha256 = Some(public_key_sha256.clone());
+            s.region = non_empty(&facts.region);
+            s.zone = non_empty(&facts.zone);
+            s.agent_version = non_empty(&facts.agent_version);
+            if s.phase.is_none() {
+                s.phase = Some(NodePhase::NotReady);
+                set_condition(&mut s.conditions, condition("Ready", false, "Joined", "joined; waiting for the agent's session", None));
+            }
+        }
+        NodeEvent::Connected { facts, .. } => {
+            s.capacity = Some(cap(facts));
+            s.region = non_empty(&facts.region);
+            s.zone = non_empty(&facts.zone);
+            s.agent_version = non_empty(&facts.agent_version);
+            s.phase = Some(NodePhase::Ready);
+            s.last_heartbeat_time = Some(Time(now));
+            set_condition(&mut s.conditions, condition("Ready", true, "SessionOpen", "the agent's session is open", None));
+        }
+        NodeEvent::Heartbeat { .. } => {
+            s.last_heartbeat_time = Some(Time(now));
+        }
+        NodeEvent::Disconnected { reason, .. } => {
+            s.phase = Some(NodePhase::NotReady);
+            set_condition(&mut s.conditions, condition("Ready", false, "SessionClosed", reason.clone(), None));
+        }
+    }
+    s.running_attempts = running;
+    s.allocated = Some(NodeAllocation { cpu: format_cpu(allocated.0), memory: format_memory(allocated.1) });
+    s
+}
+
+fn node_of(event: &NodeEvent) -> &str {
+    match event {
+        NodeEvent::Joined { node, .. } | NodeEvent::Connected { node, .. } | NodeEvent::Heartbeat { node } | NodeEvent::Disconnected { node, .. } => node,
+    }
+}
+
+/// Writes ProviderNodes from gateway events, and sweeps for nodes marked Ready that have no
+/// session here (e.g. after an operator restart). Sends on `capacity_changed` when a node
+/// connects so waiting jobs are tried again.
+pub async fn run(client: kube::Client, store: Arc<Store>, fleet: Arc<Fleet>, mut events: mpsc::Receiver<NodeEvent>, capacity_changed: mpsc::Sender<()>) {
+    let api: Api<ProviderNode> = Api::all(client);
+    let mut last_heartbeat_write: HashMap<String, Instant> = HashMap::new();
+    let mut sweep = tokio::time::interval(SWEEP);
+    loop {
+        tokio::select! {
+            ev = events.recv() => {
+                let Some(ev) = ev else { return };
+                let node = node_of(&ev).to_string();
+                if matches!(ev, NodeEvent::Heartbeat { .. }) {
+                    if last_heartbeat_write.get(&node).is_some_and(|t| t.elapsed() < HEARTBEAT_WRITE) {
+                        continue;
+                    }
+                }
+                last_heartbeat_write.insert(node.clone(), Instant::now());
+                if let Err(e) = write(&api, &store, &ev).await {
+                    warn!(%node, error = %e, "cannot update ProviderNode");
+                }
+                if matches!(ev, NodeEvent::Connected { .. }) {
+                    let _ = capacity_changed.try_send(());
+                }
+            }
+            _ = sweep.tick() => {
+                if let Err(e) = sweep_nodes(&api, &fleet).await {
+                    debug!(error = %e, "ProviderNode sweep failed");
+                }
+            }
+        }
+    }
+}
+
+async fn write(api: &Api<ProviderNode>, store: &Store, ev: &NodeEvent) -> Result<(), super::Error> {
+    let node = node_of(ev);
+    if let NodeEvent::Joined { .. } = ev {
+        // Create (or adopt) the object; the operator owns only its labels, never the admin's spec.
+        let obj = json!({
+            "apiVersion": "kommune.dev/v1alpha1",
+            "kind": "ProviderNode",
+            "metadata": { "name": node, "labels": { "app.kubernetes.io/managed-by": "kommune-operator" } },
+            "spec": {},
+        });
+        api.patch(node, &PatchParams::apply(MANAGER), &Patch::Apply(&obj)).await?;
+    }
+    let Some(current) = api.get_opt(node).await? else {
+        debug!(%node, "no ProviderNode yet; status not written");
+        return Ok(());
+    };
+    let active = store.active_on_node(node)?;
+    let allocated = active.iter().fold((0, 0), |(c, m), a| (c + a.cpu_millis, m + a.memory_bytes));
+    let prev = current.status.clone().unwrap_or_default();
+    let next = apply_event(&prev, ev, active.len() as u32, allocated, Timestamp::now());
+    if next != prev {
+        api.patch_status(node, &PatchParams::default(), &Patch::Merge(&json!({ "status": next }))).await?;
+    }
+    Ok(())
+}
+
+/// Marks NotReady the nodes that claim Ready but have no session with this operator, and
+/// mirrors each node's cordon into the fleet.
+async fn sweep_nodes(api: &Api<ProviderNode>, fleet: &Fleet) -> Result<(), kube::Error> {
+    let nodes = api.list(&ListParams::default()).await?;
+    let cordons: BTreeMap<String, bool> = nodes.items.iter().map(|n| (n.name_any(), n.spec.unschedulable)).collect();
+    for (name, cordoned) in cordons {
+        fleet.set_cordoned(&name, cordoned);
+    }
+    for n in nodes.items {
+        let name = n.name_any();
+        let status = n.status.clone().unwrap_or_default();
+        if status.phase == Some(NodePhase::Ready) && !fleet.is_connected(&name) {
+            let mut next = status.clone();
+            next.phase = Some(NodePhase::NotReady);
+            set_condition(&mut next.conditions, condition("Ready", false, "NoSession", "the agent has no session with this operator", None));
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": next }))).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::is_true;
+    use crate::scheduler::Resources;
+
+    fn facts() -> NodeFacts {
+        NodeFacts {
+            capacity: Resources { cpu_millis: 4000, memory_bytes: 8 << 30 },
+            runtimes: vec!["wasm".into()],
+            arch: "x86_64".into(),
+            os: "linux".into(),
+            region: "eu-west".into(),
+            zone: String::new(),
+            agent_version: "0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn lifecycle_join_connect_heartbeat_disconnect() {
+        let now = Timestamp::now();
+        let joined = apply_event(&ProviderNodeStatus::default(), &NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into() }, 0, (0, 0), now);
+        assert_eq!(joined.phase, Some(NodePhase::NotReady));
+        assert_eq!(joined.capacity.as_ref().unwrap().cpu, "4");
+        assert_eq!(joined.capacity.as_ref().unwrap().memory, "8Gi");
+        assert_eq!(joined.region.as_deref(), Some("eu-west"));
+        assert_eq!(joined.zone, None);
+
+        let ready = apply_event(&joined, &NodeEvent::Connected { node: "n".into(), facts: facts() }, 2, (500, 1 << 30), now);
+        assert_eq!(ready.phase, Some(NodePhase::Ready));
+        assert!(is_true(&ready.conditions, "Ready"));
+        assert_eq!(ready.running_attempts, 2);
+        assert_eq!(ready.allocated.as_ref().unwrap().cpu, "500m");
+
+        let hb = apply_event(&ready, &NodeEvent::Heartbeat { node: "n".into() }, 2, (500, 1 << 30), now);
+        assert_eq!(hb.conditions, ready.conditions);
+
+        let gone = apply_event(&hb, &NodeEvent::Disconnected { node: "n".into(), reason: "no message for 15s".into() }, 2, (500, 1 << 30), now);
+        assert_eq!(gone.phase, Some(NodePhase::NotReady));
+        let c = gone.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str(), c.message.as_str()), ("False", "SessionClosed", "no message for 15s"));
+    }
+
+    #[test]
+    fn rejoining_a_ready_node_keeps_it_ready() {
+        let now = Timestamp::now();
+        let ready = apply_event(&ProviderNodeStatus::default(), &NodeEvent::Connected { node: "n".into(), facts: facts() }, 0, (0, 0), now);
+        let rejoined = apply_event(&ready, &NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into() }, 0, (0, 0), now);
+        assert_eq!(rejoined.phase, Some(NodePhase::Ready));
+    }
+}

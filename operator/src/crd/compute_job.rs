@@ -1,0 +1,333 @@
+//! `ComputeJob`: a batch of independent tasks to run on provider machines, like an Indexed Job
+//! whose pods land on volunteer hardware instead of cluster nodes.
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A batch of independent tasks to run on Kommune provider machines. Each task gets its index
+/// (0..tasks) in `KOMMUNE_TASK_INDEX`; the job succeeds when every index has succeeded once.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kommune.dev",
+    version = "v1alpha1",
+    kind = "ComputeJob",
+    namespaced,
+    status = "ComputeJobStatus",
+    shortname = "cj",
+    category = "kommune",
+    doc = "A batch of independent tasks to run on Kommune provider machines.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Pending, Running, Succeeded or Failed"),
+    printcolumn(name = "Done", type_ = "string", json_path = ".status.progress", description = "Succeeded tasks / total tasks"),
+    printcolumn(name = "Runtime", type_ = "string", json_path = ".status.runtime", priority = "1", description = "Runtime the tasks need"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ComputeJobSpec {
+    /// What each task runs: exactly one of `wasm`, `exec` or `container`.
+    pub workload: Workload,
+
+    /// Number of independent tasks (indexes 0..tasks). Defaults to 1.
+    #[serde(default = "default_tasks")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub tasks: u32,
+
+    /// Maximum number of tasks running at the same time. Defaults to all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub parallelism: Option<u32>,
+
+    /// Resources each task needs on a provider; a task is only placed where they fit.
+    #[serde(default)]
+    pub resources: Resources,
+
+    /// How often a failed task is tried again.
+    #[serde(default)]
+    pub retries: Retries,
+
+    /// Time limits for each task and for the whole job.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+fn default_tasks() -> u32 {
+    1
+}
+
+/// What each task runs. Exactly one field must be set.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("[has(self.wasm), has(self.exec), has(self.container)].exists_one(x, x)").message("workload must set exactly one of wasm, exec or container"))]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// A WebAssembly (WASI preview 1) command module: sandboxed, portable, deterministic. The
+    /// recommended runtime for untrusted providers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<WasmWorkload>,
+
+    /// A plain command run on the provider's machine. Only providers that started their agent
+    /// with `--allow-exec` run it; meant for trusted fleets and development.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecWorkload>,
+
+    /// A container image. Declared for a later release: jobs using it are rejected with the
+    /// condition `Failed` (reason `RuntimeNotSupported`) until the container runtime lands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerWorkload>,
+}
+
+/// A WASI command module, from a ConfigMap in the job's namespace or from a URL pinned by digest.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.url) != has(self.configMapRef)").message("wasm must set exactly one of url or configMapRef"))]
+#[x_kube(validation = Rule::new("!has(self.url) || has(self.sha256)").message("wasm.url requires wasm.sha256 so agents can verify what they download"))]
+#[serde(rename_all = "camelCase")]
+pub struct WasmWorkload {
+    /// The module in a ConfigMap's `binaryData` in the job's namespace (up to ~1 MiB). The
+    /// operator hands it to agents by its sha256 digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<ConfigMapKeyRef>,
+
+    /// An https URL agents download the module from (for large modules). Requires `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub url: Option<String>,
+
+    /// Lowercase hex sha256 of the module. Required with `url`; with `configMapRef` it is
+    /// optional and, when set, checked against the ConfigMap's content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+
+    /// Arguments passed to the module after argv[0].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub args: Vec<String>,
+
+    /// Environment variables for the module; `KOMMUNE_TASK_INDEX`, `KOMMUNE_TASK_COUNT` and
+    /// `KOMMUNE_ATTEMPT_ID` are always added.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub env: Vec<EnvVar>,
+}
+
+/// A key of a ConfigMap in the job's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct ConfigMapKeyRef {
+    /// Name of the ConfigMap.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the ConfigMap's `binaryData` (or `data`).
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A command run directly on providers that opted in with `--allow-exec`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecWorkload {
+    /// The program and its arguments (argv). No shell is involved unless you name one.
+    #[schemars(length(min = 1, max = 256))]
+    pub command: Vec<String>,
+
+    /// Environment variables; the process gets only these, a minimal PATH and `KOMMUNE_*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub env: Vec<EnvVar>,
+}
+
+/// A container image (not yet supported; see `workload.container`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerWorkload {
+    /// Image reference, preferably pinned by digest.
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: String,
+    /// Overrides the image entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Arguments to the entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+}
+
+/// An environment variable.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct EnvVar {
+    /// Variable name.
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub name: String,
+    /// Variable value.
+    #[serde(default)]
+    #[schemars(length(max = 32768))]
+    pub value: String,
+}
+
+/// Resources one task needs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct Resources {
+    /// CPU per task, as a Kubernetes quantity ("250m", "2"). Defaults to 250m.
+    #[serde(default = "default_cpu")]
+    pub cpu: Quantity,
+    /// Memory per task, as a Kubernetes quantity ("64Mi", "1Gi"); the task's hard memory cap.
+    /// Defaults to 128Mi.
+    #[serde(default = "default_memory")]
+    pub memory: Quantity,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources { cpu: default_cpu(), memory: default_memory() }
+    }
+}
+
+fn default_cpu() -> Quantity {
+    Quantity("250m".into())
+}
+
+fn default_memory() -> Quantity {
+    Quantity("128Mi".into())
+}
+
+/// Retry policy for failed tasks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    /// Attempts per task before the task, and with it the job, fails. Defaults to 3.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles for each further attempt, up to 10 minutes.
+    /// Defaults to 5.
+    #[serde(default = "default_backoff")]
+    #[schemars(range(max = 3600))]
+    pub backoff_seconds: u32,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries { max_attempts: default_max_attempts(), backoff_seconds: default_backoff() }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+fn default_backoff() -> u32 {
+    5
+}
+
+/// Time limits.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// Wall-clock limit for one task attempt, in seconds; an attempt past it is stopped and
+    /// counts as failed. Defaults to 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub task_seconds: Option<u32>,
+    /// Wall-clock limit for the whole job from its first placement, in seconds; past it the
+    /// job fails with reason `DeadlineExceeded` and its running attempts are cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2592000))]
+    pub job_seconds: Option<u32>,
+}
+
+/// Where a job is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum JobPhase {
+    /// Accepted; no task has been placed yet.
+    Pending,
+    /// At least one task is placed or finished, and the job is not done.
+    Running,
+    /// Every task succeeded.
+    Succeeded,
+    /// A task used up its attempts, the deadline passed, or the spec is invalid.
+    Failed,
+}
+
+/// Observed state of a ComputeJob. A summary: it stays small for any number of tasks.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComputeJobStatus {
+    /// Pending, Running, Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<JobPhase>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Kubernetes-style conditions: `Valid`, `Scheduled`, `Succeeded`, `Failed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Task counts by state.
+    #[serde(default)]
+    pub tasks: TaskCounts,
+    /// "succeeded/total", for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Runtime the tasks need (wasm, exec, container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    /// Succeeded task indexes as compact ranges, e.g. "0-3,7".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_indexes: Option<String>,
+    /// Task indexes that used up their attempts, as compact ranges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_indexes: Option<String>,
+    /// sha256 of the wasm module the tasks run, once resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_sha256: Option<String>,
+    /// When the first task was placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the job reached Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The most recent task results (at most 16), newest first, with bounded output tails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_results: Vec<TaskResultSummary>,
+}
+
+/// Number of tasks in each state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskCounts {
+    /// All tasks of the job.
+    pub total: u32,
+    /// Not placed yet (including those waiting to retry).
+    pub pending: u32,
+    /// Placed on a provider and not finished.
+    pub running: u32,
+    /// Finished successfully.
+    pub succeeded: u32,
+    /// Used up their attempts.
+    pub failed: u32,
+}
+
+/// The outcome of one finished task attempt.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskResultSummary {
+    /// Task index.
+    pub index: u32,
+    /// Attempt number of this task, from 1.
+    pub attempt: u32,
+    /// ProviderNode that ran it.
+    pub node: String,
+    /// Exit code; -1 when the task did not exit on its own.
+    pub exit_code: i32,
+    /// sha256 of the task's complete stdout.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output_sha256: String,
+    /// The end of stdout (at most 256 bytes, lossy UTF-8).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stdout_tail: String,
+    /// Why the attempt failed, if it did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}

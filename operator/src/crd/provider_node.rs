@@ -1,0 +1,117 @@
+//! `ProviderNode`: one joined provider machine. The operator creates it when an agent joins and
+//! keeps its status current from the agent's session; agents never write it themselves.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A provider machine joined to the Kommune pool.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "kommune.dev",
+    version = "v1alpha1",
+    kind = "ProviderNode",
+    status = "ProviderNodeStatus",
+    shortname = "pn",
+    category = "kommune",
+    doc = "A provider machine joined to the Kommune pool.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Ready, NotReady, Offline or Draining"),
+    printcolumn(name = "CPU", type_ = "string", json_path = ".status.capacity.cpu", description = "CPU offered"),
+    printcolumn(name = "Memory", type_ = "string", json_path = ".status.capacity.memory", description = "Memory offered"),
+    printcolumn(name = "Region", type_ = "string", json_path = ".status.region"),
+    printcolumn(name = "Running", type_ = "integer", json_path = ".status.runningAttempts", priority = "1"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderNodeSpec {
+    /// The provider's payout account; machines with the same owner count as one party when
+    /// replicas must not collude.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub owner: Option<String>,
+
+    /// Cordon: when true, no new task is placed here; running tasks finish.
+    #[serde(default)]
+    pub unschedulable: bool,
+}
+
+/// Where a provider node is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum NodePhase {
+    /// Session open and heartbeating: tasks may be placed here.
+    Ready,
+    /// Session dropped or heartbeats missed; its attempts are kept for a grace period.
+    NotReady,
+    /// Gone longer than the grace period.
+    Offline,
+    /// Cordoned and finishing its running tasks.
+    Draining,
+}
+
+/// Observed state of a provider node, reported through the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderNodeStatus {
+    /// Ready, NotReady, Offline or Draining.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<NodePhase>,
+    /// Kubernetes-style conditions; `Ready` says whether the agent's session is up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// What the machine offers to Kommune, as measured by its agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<NodeCapacity>,
+    /// Resources reserved by attempts placed here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated: Option<NodeAllocation>,
+    /// Attempts placed here and not finished.
+    #[serde(default)]
+    pub running_attempts: u32,
+    /// Region the provider declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Zone the provider declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Last heartbeat seen (written at most every 30 seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<Time>,
+    /// Version of the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// sha256 of the node's public key (ed25519); it signs the node's client certificate
+    /// requests and, later, its usage receipts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_sha256: Option<String>,
+}
+
+/// Resources a node offers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCapacity {
+    /// CPU offered, as a quantity.
+    pub cpu: String,
+    /// Memory offered, as a quantity.
+    pub memory: String,
+    /// Runtimes the agent runs: wasm, exec, container.
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    /// CPU architecture (x86_64, aarch64).
+    #[serde(default)]
+    pub arch: String,
+    /// Operating system (linux, macos, windows).
+    #[serde(default)]
+    pub os: String,
+}
+
+/// Resources reserved on a node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAllocation {
+    /// CPU reserved, as a quantity.
+    pub cpu: String,
+    /// Memory reserved, as a quantity.
+    pub memory: String,
+}

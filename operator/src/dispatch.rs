@@ -1,0 +1,282 @@
+//! The dispatcher: the kube-free core between the job controller and the gateway. It turns a
+//! job's progress into placements and Assign messages, and agents' updates into durable attempt
+//! transitions. Placement runs under one lock with reservations read from the store, so
+//! concurrent jobs never overcommit a node and a finished attempt frees its room at once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use kommune_proto::v1::{self, operator_message::Kind as OpKind};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::attempt::{attempt_id, now_ms, Attempt, AttemptPhase, AttemptResult};
+use crate::fleet::{Fleet, NodeFacts, Outbound, SendError};
+use crate::job::{progress, JobPolicy, Progress, TaskWorkload};
+use crate::scheduler::{self, Explanation, Request, Resources};
+use crate::store::{Store, StoreError};
+
+/// Longest output tail kept per stream.
+pub const TAIL_LIMIT: usize = 4096;
+const MESSAGE_LIMIT: usize = 1024;
+
+/// A job as the dispatcher knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRef {
+    pub uid: String,
+    /// "namespace/name".
+    pub key: String,
+}
+
+/// The module a wasm job runs, resolved by the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleRef {
+    pub sha256: String,
+    /// Where agents download it; None means from the operator (FetchBlob).
+    pub url: Option<String>,
+}
+
+/// The result of one sync of a job.
+#[derive(Debug, Clone)]
+pub struct Synced {
+    pub progress: Progress,
+    pub attempts: Vec<Attempt>,
+    /// Why tasks that should run now could not be placed.
+    pub unplaced: Option<Explanation>,
+    pub placed: usize,
+}
+
+/// Store failures bubble up; everything else is handled here.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The kube-free job engine.
+pub struct Dispatcher {
+    store: Arc<Store>,
+    fleet: Arc<Fleet>,
+    place_lock: tokio::sync::Mutex<()>,
+    changed: mpsc::Sender<String>,
+}
+
+impl Dispatcher {
+    /// `changed` receives "namespace/name" of jobs whose attempts changed, so the controller
+    /// reconciles them; when it is full the periodic requeue catches up.
+    pub fn new(store: Arc<Store>, fleet: Arc<Fleet>, changed: mpsc::Sender<String>) -> Self {
+        Dispatcher { store, fleet, place_lock: tokio::sync::Mutex::new(()), changed }
+    }
+
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn notify(&self, job_key: &str) {
+        let _ = self.changed.try_send(job_key.to_string());
+    }
+
+    /// Brings one job forward: cancels what must stop, places what may start, and returns the
+    /// progress to publish. Idempotent: calling it again with nothing changed does nothing.
+    pub async fn sync(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>) -> Result<Synced> {
+        let _guard = self.place_lock.lock().await;
+        let now = now_ms();
+        let mut attempts = self.store.attempts_for_job(&job.uid)?;
+        let p = progress(policy, &attempts, now);
+
+        for id in &p.to_cancel {
+            self.cancel_attempt(&attempts, id, "job finished")?;
+        }
+
+        let mut placed = 0;
+        let mut unplaced = None;
+        if !p.to_place.is_empty() {
+            let active = self.store.all_active()?;
+            let mut candidates = self.fleet.candidates(&active);
+            let request = Request {
+                resources: Resources { cpu_millis: policy.cpu_millis, memory_bytes: policy.memory_bytes },
+                runtime: policy.workload.runtime().to_string(),
+            };
+            let (chosen, why) = scheduler::place(&mut candidates, &request, p.to_place.len());
+            unplaced = why;
+            let new: Vec<Attempt> = p
+                .to_place
+                .iter()
+                .zip(&chosen)
+                .map(|(&(index, number), &node)| Attempt {
+                    id: attempt_id(&job.uid, index, number),
+                    job_uid: job.uid.clone(),
+                    job_key: job.key.clone(),
+                    index,
+                    number,
+                    node: candidates[node].name.clone(),
+                    phase: AttemptPhase::Assigned,
+                    cpu_millis: policy.cpu_millis,
+                    memory_bytes: policy.memory_bytes,
+                    created_ms: now,
+                    finished_ms: None,
+                    result: None,
+                })
+                .collect();
+            // Durable first, then sent: a crash in between leaves an Assigned attempt that the
+            // node's next Hello does not list, so it is marked Lost and retried.
+            self.store.insert_attempts(&new)?;
+            for a in &new {
+                let assign = OpKind::Assign(assign_message(a, policy, module));
+                if let Err(e) = self.fleet.send(&a.node, assign) {
+                    warn!(attempt = %a.id, node = %a.node, error = ?e, "could not hand attempt to node; marking it lost");
+                    self.store.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("could not reach node: {e:?}"))), now)?;
+                } else {
+                    placed += 1;
+                }
+            }
+            if !new.is_empty() {
+                info!(job = %job.key, placed = new.len(), "placed tasks");
+            }
+        }
+
+        if placed > 0 || !p.to_cancel.is_empty() || unplaced.is_some() {
+            attempts = self.store.attempts_for_job(&job.uid)?;
+        }
+        let p = progress(policy, &attempts, now);
+        Ok(Synced { progress: p, attempts, unplaced, placed })
+    }
+
+    fn cancel_attempt(&self, attempts: &[Attempt], id: &str, reason: &str) -> Result<()> {
+        let Some(a) = attempts.iter().find(|a| a.id == id) else { return Ok(()) };
+        let _ = self.fleet.send(&a.node, OpKind::Cancel(v1::Cancel { attempt_id: id.to_string(), reason: reason.to_string() }));
+        self.store.finish(id, AttemptPhase::Cancelled, Some(&lost(reason)), now_ms())?;
+        Ok(())
+    }
+
+    /// Cancels every active attempt of a job (it is being deleted). Returns how many.
+    pub async fn cancel_job(&self, job_uid: &str) -> Result<usize> {
+        let _guard = self.place_lock.lock().await;
+        let attempts = self.store.attempts_for_job(job_uid)?;
+        let active: Vec<String> = attempts.iter().filter(|a| !a.phase.is_terminal()).map(|a| a.id.clone()).collect();
+        for id in &active {
+            self.cancel_attempt(&attempts, id, "job deleted")?;
+        }
+        Ok(active.len())
+    }
+
+    /// Opens a node's session: reconciles what the node runs with what the store says it should
+    /// run, then registers the session, both under the placement lock so no placement lands in
+    /// between. Attempts the node should run but does not know are Lost; attempts it runs that
+    /// it should not are returned for cancelling. Returns (session id, attempts to cancel).
+    pub async fn open_session(&self, node: &str, facts: NodeFacts, tx: Outbound, running: &[String]) -> Result<(u64, Vec<String>)> {
+        let _guard = self.place_lock.lock().await;
+        let running: HashSet<&str> = running.iter().map(String::as_str).collect();
+        let expected = self.store.active_on_node(node)?;
+        let now = now_ms();
+        for a in expected.iter().filter(|a| !running.contains(a.id.as_str())) {
+            info!(attempt = %a.id, node, "node reconnected without this attempt; marking it lost");
+            self.store.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now)?;
+            self.notify(&a.job_key);
+        }
+        let expected: HashSet<&str> = expected.iter().map(|a| a.id.as_str()).collect();
+        let mut unwanted = vec![];
+        for id in running.iter().filter(|id| !expected.contains(**id)) {
+            // Finished-but-unacknowledged attempts are listed too; their TaskUpdate follows.
+            match self.store.attempt(id)? {
+                Some(a) if a.node == node && a.phase.is_terminal() => {}
+                _ => unwanted.push(id.to_string()),
+            }
+        }
+        let session = self.fleet.connect(node, facts, tx);
+        Ok((session, unwanted))
+    }
+
+    /// Applies an agent's TaskUpdate. Returns whether to acknowledge it (terminal updates are
+    /// acknowledged once durable, including repeats, so the agent stops resending).
+    pub fn on_update(&self, node: &str, update: &v1::TaskUpdate) -> Result<bool> {
+        let Some(a) = self.store.attempt(&update.attempt_id)? else {
+            warn!(node, attempt = %short(&update.attempt_id), "update for an unknown attempt; acknowledging so the agent drops it");
+            return Ok(true);
+        };
+        if a.node != node {
+            warn!(node, attempt = %a.id, owner = %a.node, "update for an attempt placed on another node; ignored");
+            return Ok(true);
+        }
+        let state = v1::AttemptState::try_from(update.state).unwrap_or(v1::AttemptState::Unspecified);
+        let phase = match state {
+            v1::AttemptState::Running => {
+                if self.store.mark_running(&a.id)? {
+                    self.notify(&a.job_key);
+                }
+                return Ok(false);
+            }
+            v1::AttemptState::Succeeded => AttemptPhase::Succeeded,
+            v1::AttemptState::Failed => AttemptPhase::Failed,
+            v1::AttemptState::Cancelled => AttemptPhase::Cancelled,
+            v1::AttemptState::Unspecified => {
+                warn!(node, attempt = %a.id, state = update.state, "update without a known state; ignored");
+                return Ok(false);
+            }
+        };
+        let result = bounded_result(update.result.as_ref());
+        if self.store.finish(&a.id, phase, Some(&result), now_ms())?.is_some() {
+            debug!(node, attempt = %a.id, phase = phase.as_str(), exit = result.exit_code, "attempt finished");
+            self.notify(&a.job_key);
+        }
+        Ok(true)
+    }
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(128).collect()
+}
+
+fn lost(message: &str) -> AttemptResult {
+    AttemptResult { exit_code: -1, message: message.to_string(), ..Default::default() }
+}
+
+/// Copies a result from an agent, bounding every field.
+fn bounded_result(r: Option<&v1::TaskResult>) -> AttemptResult {
+    let Some(r) = r else { return lost("the agent sent no result") };
+    let tail = |b: &[u8]| b[b.len().saturating_sub(TAIL_LIMIT)..].to_vec();
+    AttemptResult {
+        exit_code: r.exit_code,
+        output_sha256: if kommune_proto::is_sha256_hex(&r.output_sha256) { r.output_sha256.clone() } else { String::new() },
+        output_bytes: r.output_bytes,
+        stdout_tail: tail(&r.stdout_tail),
+        stderr_tail: tail(&r.stderr_tail),
+        message: r.message.chars().take(MESSAGE_LIMIT).collect(),
+        wall_millis: r.wall_millis,
+    }
+}
+
+/// The Assign message for an attempt.
+pub fn assign_message(a: &Attempt, policy: &JobPolicy, module: Option<&ModuleRef>) -> v1::Assign {
+    let workload = match &policy.workload {
+        TaskWorkload::Wasm { args, env, .. } => {
+            let m = module.cloned().unwrap_or(ModuleRef { sha256: String::new(), url: None });
+            v1::workload::Kind::Wasm(v1::WasmWorkload {
+                module_sha256: m.sha256,
+                url: m.url.unwrap_or_default(),
+                args: args.clone(),
+                env: env.iter().cloned().collect(),
+            })
+        }
+        TaskWorkload::Exec { command, env } => v1::workload::Kind::Exec(v1::ExecWorkload { command: command.clone(), env: env.iter().cloned().collect() }),
+    };
+    v1::Assign {
+        attempt_id: a.id.clone(),
+        job: a.job_key.clone(),
+        task_index: a.index,
+        task_count: policy.tasks,
+        workload: Some(v1::Workload { kind: Some(workload) }),
+        memory_bytes: policy.memory_bytes,
+        cpu_millis: policy.cpu_millis,
+        timeout_millis: policy.task_timeout.as_millis() as u64,
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::NotConnected => write!(f, "no session"),
+            SendError::Full => write!(f, "session queue full"),
+        }
+    }
+}

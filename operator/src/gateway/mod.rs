@@ -1,0 +1,220 @@
+//! The agents' gateway: a tonic server over TLS that agents dial out to. `Join` trades a token
+//! for a node certificate; `Session` is one long-lived mTLS stream per node; `FetchBlob` serves
+//! wasm modules by digest. Handlers are thin: decisions live in the dispatcher and the store.
+
+mod session;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use kommune_proto::token::JoinToken;
+use kommune_proto::v1::agent_gateway_server::{AgentGateway, AgentGatewayServer};
+use kommune_proto::v1::{self, AgentMessage, OperatorMessage};
+use rand::Rng;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::attempt::now_ms;
+use crate::blobs::Blobs;
+use crate::dispatch::Dispatcher;
+use crate::fleet::NodeFacts;
+use crate::pki::{self, Ca};
+use crate::store::Registration;
+use crate::tokens::{JoinTokens, TokenRejection};
+
+/// Largest message either side sends (a wasm module in FetchBlob).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Outbound messages queued per session before the operator stops waiting on that agent.
+const SESSION_QUEUE: usize = 256;
+
+/// What happened to a node, for whoever keeps ProviderNode objects current.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeEvent {
+    /// A new identity was issued.
+    Joined { node: String, facts: NodeFacts, public_key_sha256: String },
+    /// A session opened (after Hello).
+    Connected { node: String, facts: NodeFacts },
+    /// A heartbeat arrived.
+    Heartbeat { node: String },
+    /// The session closed.
+    Disconnected { node: String, reason: String },
+}
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// How often agents heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A session without any message for this long is closed.
+    pub session_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig { heartbeat_interval: Duration::from_secs(5), session_timeout: Duration::from_secs(15) }
+    }
+}
+
+/// The AgentGateway service.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dispatcher: Arc<Dispatcher>,
+    tokens: Arc<dyn JoinTokens>,
+    ca: Arc<Ca>,
+    blobs: Blobs,
+    events: mpsc::Sender<NodeEvent>,
+    config: GatewayConfig,
+}
+
+impl Gateway {
+    pub fn new(dispatcher: Arc<Dispatcher>, tokens: Arc<dyn JoinTokens>, ca: Arc<Ca>, blobs: Blobs, events: mpsc::Sender<NodeEvent>, config: GatewayConfig) -> Self {
+        Gateway { inner: Arc::new(Inner { dispatcher, tokens, ca, blobs, events, config }) }
+    }
+
+    /// Serves on `listener` until `shutdown` resolves: the gateway plus the gRPC health service.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<(), tonic::transport::Error> {
+        let (chain, key) = self.inner.ca.issue_server(&[]).expect("the operator CA can always issue a serving certificate");
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(chain, key))
+            .client_ca_root(Certificate::from_pem(self.inner.ca.cert_pem()))
+            // Join has no client certificate yet; Session and FetchBlob require one (checked
+            // in the handlers).
+            .client_auth_optional(true);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<AgentGatewayServer<Gateway>>().await;
+        let service = AgentGatewayServer::new(self).max_decoding_message_size(1 << 20).max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Server::builder()
+            .tls_config(tls)?
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await
+    }
+}
+
+/// Binds the gateway's listening socket.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// The node a request comes from, proven by its client certificate and checked against the
+/// node registry (a node whose registration is gone cannot open a session).
+fn authenticated_node<T>(inner: &Inner, request: &Request<T>) -> Result<String, Status> {
+    let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate is required; run `kommune-agent join` first"))?;
+    let leaf = certs.first().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let node = pki::node_name_of(leaf).ok_or_else(|| Status::unauthenticated("the client certificate has no node name"))?;
+    let key = pki::public_key_sha256_of(leaf).ok_or_else(|| Status::unauthenticated("the client certificate has no usable key"))?;
+    match inner.dispatcher.store().node_key(&node) {
+        Ok(Some(k)) if k == key => Ok(node),
+        Ok(_) => Err(Status::permission_denied(format!("node {node} is not registered with this key; join again with a new token"))),
+        Err(e) => Err(Status::unavailable(e.to_string())),
+    }
+}
+
+/// A DNS-1123 label, as ProviderNode names must be.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+fn generated_name() -> String {
+    let mut rng = rand::thread_rng();
+    let suffix: String = (0..6).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.gen_range(0..36)])).collect();
+    format!("provider-{suffix}")
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<OperatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentGateway for Gateway {
+    async fn join(&self, request: Request<v1::JoinRequest>) -> Result<Response<v1::JoinResponse>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let token: JoinToken = req.token.parse().map_err(|e: kommune_proto::token::TokenError| Status::invalid_argument(e.to_string()))?;
+        let name = if req.requested_name.is_empty() { generated_name() } else { req.requested_name.clone() };
+        if !valid_node_name(&name) {
+            return Err(Status::invalid_argument(format!(
+                "node name {:?} is not valid: use at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit",
+                name.chars().take(80).collect::<String>()
+            )));
+        }
+        // Sign before redeeming so a malformed request does not use up the token.
+        let (certificate_pem, key_sha) = self.inner.ca.sign_node(&req.csr_der, &name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Ok(Some(existing)) = self.inner.dispatcher.store().node_key(&name) {
+            if existing != key_sha {
+                return Err(Status::already_exists(format!("node name {name} is taken by another machine; choose another with --name")));
+            }
+        }
+        self.inner.tokens.redeem(&token).await.map_err(|e| match e {
+            TokenRejection::Backend(_) => Status::unavailable(e.to_string()),
+            _ => Status::unauthenticated(e.to_string()),
+        })?;
+        match self.inner.dispatcher.store().register_node(&name, &key_sha, now_ms()) {
+            Ok(Registration::New | Registration::SameKey) => {}
+            Ok(Registration::Taken) => return Err(Status::already_exists(format!("node name {name} is taken by another machine; choose another with --name"))),
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        }
+        let facts = NodeFacts::from_proto(req.facts.as_ref());
+        info!(node = %name, token = %token.id, ?peer, "node joined");
+        let _ = self.inner.events.send(NodeEvent::Joined { node: name.clone(), facts, public_key_sha256: key_sha }).await;
+        Ok(Response::new(v1::JoinResponse { node_name: name, certificate_pem, ca_pem: self.inner.ca.cert_pem().to_string() }))
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let node = authenticated_node(&self.inner, &request)?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            session::run(inner, node, inbound, tx).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_blob(&self, request: Request<v1::FetchBlobRequest>) -> Result<Response<v1::Blob>, Status> {
+        let node = authenticated_node(&self.inner, &request)?;
+        let sha = request.into_inner().sha256;
+        match self.inner.blobs.get(&sha) {
+            Ok(Some(data)) => Ok(Response::new(v1::Blob { data })),
+            Ok(None) => Err(Status::not_found(format!("no module with sha256 {sha} is stored by the operator"))),
+            Err(crate::blobs::BlobError::BadDigest(d)) => Err(Status::invalid_argument(format!("{d:?} is not a sha256 digest"))),
+            Err(e) => {
+                warn!(%node, error = %e, "cannot read blob");
+                Err(Status::internal(e.to_string()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_node_name;
+
+    #[test]
+    fn node_names() {
+        for ok in ["a", "laptop-1", "pn0", &"a".repeat(63)] {
+            assert!(valid_node_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(64), "ünï"] {
+            assert!(!valid_node_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! One agent session: Hello, then heartbeats and task updates until the stream ends or goes
+//! quiet. Everything the agent says goes through the dispatcher; replies go out on the
+//! session's bounded queue.
+
+use std::sync::Arc;
+
+use kommune_proto::v1::{self, agent_message, operator_message::Kind as OpKind, AgentMessage, OperatorMessage};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tonic::{Status, Streaming};
+use tracing::{debug, info, warn};
+
+use super::{Inner, NodeEvent};
+use crate::fleet::NodeFacts;
+
+type Tx = mpsc::Sender<Result<OperatorMessage, Status>>;
+
+async fn send(tx: &Tx, kind: OpKind) -> bool {
+    tx.send(Ok(OperatorMessage { kind: Some(kind) })).await.is_ok()
+}
+
+pub(super) async fn run(inner: Arc<Inner>, node: String, mut inbound: Streaming<AgentMessage>, tx: Tx) {
+    let hello = match timeout(inner.config.session_timeout, inbound.message()).await {
+        Ok(Ok(Some(AgentMessage { kind: Some(agent_message::Kind::Hello(h)) }))) => h,
+        Ok(Ok(Some(_))) => {
+            let _ = tx.send(Err(Status::failed_precondition("the first message of a session must be Hello"))).await;
+            return;
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_) => {
+            let _ = tx.send(Err(Status::deadline_exceeded("no Hello received"))).await;
+            return;
+        }
+    };
+
+    let facts = NodeFacts::from_proto(hello.facts.as_ref());
+    let (session_id, unwanted) = match inner.dispatcher.open_session(&node, facts.clone(), tx.clone(), &hello.running_attempt_ids).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            warn!(%node, error = %e, "cannot reconcile the node's attempts");
+            let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+            return;
+        }
+    };
+    info!(%node, running = hello.running_attempt_ids.len(), "session opened");
+    let welcome = v1::Welcome { node_name: node.clone(), heartbeat_interval_millis: inner.config.heartbeat_interval.as_millis() as u64 };
+    if send(&tx, OpKind::Welcome(welcome)).await {
+        for id in unwanted {
+            send(&tx, OpKind::Cancel(v1::Cancel { attempt_id: id, reason: "the operator does not know this attempt".into() })).await;
+        }
+    }
+    let _ = inner.events.send(NodeEvent::Connected { node: node.clone(), facts }).await;
+
+    let reason = loop {
+        let msg = match timeout(inner.config.session_timeout, inbound.message()).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => break "the agent closed the session".to_string(),
+            Ok(Err(status)) => break format!("stream error: {}", status.message()),
+            Err(_) => {
+                let _ = tx.send(Err(Status::deadline_exceeded("no heartbeat received in time"))).await;
+                break format!("no message for {:?}", inner.config.session_timeout);
+            }
+        };
+        match msg.kind {
+            Some(agent_message::Kind::Heartbeat(_)) => {
+                inner.dispatcher.fleet().heartbeat(&node, session_id);
+                let _ = inner.events.try_send(NodeEvent::Heartbeat { node: node.clone() });
+            }
+            Some(agent_message::Kind::TaskUpdate(update)) => match inner.dispatcher.on_update(&node, &update) {
+                Ok(true) => {
+                    if !send(&tx, OpKind::Ack(v1::Ack { attempt_id: update.attempt_id })).await {
+                        break "the session's stream closed".into();
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    // Not acknowledged: the agent resends it on its next session.
+                    warn!(%node, error = %e, "cannot record a task update");
+                    let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                    break format!("store error: {e}");
+                }
+            },
+            Some(agent_message::Kind::Hello(_)) => {
+                let _ = tx.send(Err(Status::failed_precondition("Hello may only be sent once per session"))).await;
+                break "protocol error: a second Hello".into();
+            }
+            None => debug!(%node, "empty message ignored"),
+        }
+    };
+
+    if inner.dispatcher.fleet().disconnect(&node, session_id) {
+        info!(%node, %reason, "session closed");
+        let _ = inner.events.send(NodeEvent::Disconnected { node, reason }).await;
+    }
+}

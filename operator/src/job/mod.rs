@@ -1,0 +1,11 @@
+//! The ComputeJob state machine, as plain functions over plain data: `validate` turns a spec
+//! into a `JobPolicy` or says what is wrong; `progress` turns the job's attempts into what to
+//! place next, what to cancel and the summary that becomes status.
+
+pub mod indexes;
+pub mod progress;
+pub mod status;
+pub mod validate;
+
+pub use progress::{progress, Progress};
+pub use validate::{validate, Invalid, JobPolicy, ModuleSource, TaskWorkload};

@@ -1,0 +1,288 @@
+//! From a job's attempts to its progress: which tasks are done, which to place next, which
+//! attempts to cancel, and the phase. Pure: time comes in as an argument.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::validate::{JobPolicy, MAX_BACKOFF};
+use crate::attempt::{Attempt, AttemptPhase};
+use crate::crd::{JobPhase, TaskCounts};
+
+/// Why a job ended in Failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureCause {
+    /// These task indexes used up their attempts.
+    TasksFailed(Vec<u32>),
+    /// `timeouts.jobSeconds` passed.
+    DeadlineExceeded,
+}
+
+/// What the operator should do next for one job, and how it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub phase: JobPhase,
+    pub counts: TaskCounts,
+    /// (index, attempt number) pairs to place now, in index order, within parallelism.
+    pub to_place: Vec<(u32, u32)>,
+    /// Ids of active attempts to cancel (the job has ended).
+    pub to_cancel: Vec<String>,
+    pub completed: Vec<u32>,
+    pub failed: Vec<u32>,
+    pub failure: Option<FailureCause>,
+    /// When a task waiting in backoff becomes eligible (Unix ms), so the caller can requeue.
+    pub next_retry_ms: Option<i64>,
+    /// When the first attempt was created.
+    pub started_ms: Option<i64>,
+}
+
+/// Delay before attempt `number` (>= 2): backoff × 2^(number-2), capped at MAX_BACKOFF.
+pub fn retry_delay(backoff: Duration, number: u32) -> Duration {
+    let exp = number.saturating_sub(2).min(20);
+    backoff.saturating_mul(1 << exp).min(MAX_BACKOFF)
+}
+
+/// Computes the progress of a job with `policy` whose attempts are `attempts`, at `now_ms`.
+pub fn progress(policy: &JobPolicy, attempts: &[Attempt], now_ms: i64) -> Progress {
+    let mut by_index: BTreeMap<u32, Vec<&Attempt>> = BTreeMap::new();
+    for a in attempts.iter().filter(|a| a.index < policy.tasks) {
+        by_index.entry(a.index).or_default().push(a);
+    }
+    let started_ms = attempts.iter().map(|a| a.created_ms).min();
+
+    let mut counts = TaskCounts { total: policy.tasks, ..Default::default() };
+    let (mut completed, mut failed, mut active) = (vec![], vec![], vec![]);
+    let mut eligible = vec![];
+    let mut next_retry_ms: Option<i64> = None;
+
+    for index in 0..policy.tasks {
+        let tries = by_index.get(&index).map(Vec::as_slice).unwrap_or(&[]);
+        let succeeded = tries.iter().any(|a| a.phase == AttemptPhase::Succeeded);
+        let running: Vec<&&Attempt> = tries.iter().filter(|a| !a.phase.is_terminal()).collect();
+        let failures = tries.iter().filter(|a| a.phase.is_failure()).count() as u32;
+        let next_number = tries.iter().map(|a| a.number).max().unwrap_or(0) + 1;
+        if succeeded {
+            counts.succeeded += 1;
+            completed.push(index);
+            // A second attempt still running after success (e.g. a late duplicate) is not needed.
+            active.extend(running.iter().map(|a| a.id.clone()));
+        } else if !running.is_empty() {
+            counts.running += 1;
+            active.extend(running.iter().map(|a| a.id.clone()));
+        } else if failures >= policy.max_attempts {
+            counts.failed += 1;
+            failed.push(index);
+        } else {
+            counts.pending += 1;
+            let last_end = tries.iter().filter_map(|a| a.finished_ms).max();
+            let ready_at = match (failures, last_end) {
+                (0, _) | (_, None) => now_ms,
+                (_, Some(end)) => end + retry_delay(policy.backoff, next_number).as_millis() as i64,
+            };
+            if ready_at <= now_ms {
+                eligible.push((index, next_number));
+            } else {
+                next_retry_ms = Some(next_retry_ms.map_or(ready_at, |t: i64| t.min(ready_at)));
+            }
+        }
+    }
+
+    let deadline_passed = match (policy.job_deadline, started_ms) {
+        (Some(limit), Some(start)) => now_ms >= start + limit.as_millis() as i64,
+        _ => false,
+    };
+    let all_done = counts.succeeded == policy.tasks;
+    let failure = if all_done {
+        None
+    } else if !failed.is_empty() {
+        Some(FailureCause::TasksFailed(failed.clone()))
+    } else if deadline_passed {
+        Some(FailureCause::DeadlineExceeded)
+    } else {
+        None
+    };
+
+    let (phase, to_place, to_cancel) = if all_done {
+        (JobPhase::Succeeded, vec![], active.into_iter().filter(|id| is_duplicate_of_success(id, attempts)).collect())
+    } else if failure.is_some() {
+        (JobPhase::Failed, vec![], active)
+    } else {
+        let in_flight = counts.running;
+        let room = policy.parallelism.saturating_sub(in_flight) as usize;
+        let duplicates = active.into_iter().filter(|id| is_duplicate_of_success(id, attempts)).collect();
+        let phase = if started_ms.is_some() { JobPhase::Running } else { JobPhase::Pending };
+        (phase, eligible.into_iter().take(room).collect(), duplicates)
+    };
+    let next_retry_ms = if phase == JobPhase::Running || phase == JobPhase::Pending { next_retry_ms } else { None };
+
+    Progress { phase, counts, to_place, to_cancel, completed, failed, failure, next_retry_ms, started_ms }
+}
+
+/// True when `id` is an active attempt of an index that already succeeded.
+fn is_duplicate_of_success(id: &str, attempts: &[Attempt]) -> bool {
+    let Some(a) = attempts.iter().find(|a| a.id == id) else { return false };
+    attempts.iter().any(|b| b.index == a.index && b.job_uid == a.job_uid && b.phase == AttemptPhase::Succeeded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attempt::attempt_id;
+    use crate::job::validate::{ModuleSource, TaskWorkload};
+
+    fn policy(tasks: u32, parallelism: u32, max_attempts: u32) -> JobPolicy {
+        JobPolicy {
+            tasks,
+            parallelism,
+            cpu_millis: 100,
+            memory_bytes: 1 << 20,
+            max_attempts,
+            backoff: Duration::from_secs(10),
+            task_timeout: Duration::from_secs(60),
+            job_deadline: None,
+            workload: TaskWorkload::Wasm { source: ModuleSource::Url { url: "https://x".into(), sha256: "0".repeat(64) }, args: vec![], env: vec![] },
+        }
+    }
+
+    fn attempt(index: u32, number: u32, phase: AttemptPhase, created: i64, finished: Option<i64>) -> Attempt {
+        Attempt {
+            id: attempt_id("uid", index, number),
+            job_uid: "uid".into(),
+            job_key: "ns/job".into(),
+            index,
+            number,
+            node: "n1".into(),
+            phase,
+            cpu_millis: 100,
+            memory_bytes: 1 << 20,
+            created_ms: created,
+            finished_ms: finished,
+            result: None,
+        }
+    }
+
+    #[test]
+    fn a_new_job_places_up_to_parallelism() {
+        let p = progress(&policy(5, 2, 3), &[], 1000);
+        assert_eq!(p.phase, JobPhase::Pending);
+        assert_eq!(p.to_place, vec![(0, 1), (1, 1)]);
+        assert_eq!(p.counts, TaskCounts { total: 5, pending: 5, ..Default::default() });
+        assert_eq!(p.started_ms, None);
+    }
+
+    #[test]
+    fn running_attempts_use_up_parallelism() {
+        let a = [attempt(0, 1, AttemptPhase::Running, 10, None), attempt(1, 1, AttemptPhase::Assigned, 10, None)];
+        let p = progress(&policy(5, 2, 3), &a, 1000);
+        assert_eq!(p.phase, JobPhase::Running);
+        assert!(p.to_place.is_empty());
+        assert_eq!(p.counts.running, 2);
+        assert_eq!(p.started_ms, Some(10));
+        let p = progress(&policy(5, 3, 3), &a, 1000);
+        assert_eq!(p.to_place, vec![(2, 1)]);
+    }
+
+    #[test]
+    fn all_succeeded_is_succeeded() {
+        let a = [attempt(0, 1, AttemptPhase::Succeeded, 1, Some(5)), attempt(1, 2, AttemptPhase::Succeeded, 1, Some(5)), attempt(1, 1, AttemptPhase::Failed, 1, Some(2))];
+        let p = progress(&policy(2, 2, 3), &a, 1000);
+        assert_eq!(p.phase, JobPhase::Succeeded);
+        assert_eq!(p.completed, vec![0, 1]);
+        assert!(p.to_place.is_empty() && p.to_cancel.is_empty() && p.failure.is_none());
+    }
+
+    #[test]
+    fn a_failed_attempt_is_retried_after_backoff() {
+        let a = [attempt(0, 1, AttemptPhase::Failed, 0, Some(1_000))];
+        let p = progress(&policy(1, 1, 3), &a, 5_000);
+        assert!(p.to_place.is_empty());
+        assert_eq!(p.next_retry_ms, Some(11_000));
+        assert_eq!(p.phase, JobPhase::Running);
+        let p = progress(&policy(1, 1, 3), &a, 11_000);
+        assert_eq!(p.to_place, vec![(0, 2)]);
+        assert_eq!(p.next_retry_ms, None);
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let b = Duration::from_secs(10);
+        assert_eq!(retry_delay(b, 2), Duration::from_secs(10));
+        assert_eq!(retry_delay(b, 3), Duration::from_secs(20));
+        assert_eq!(retry_delay(b, 4), Duration::from_secs(40));
+        assert_eq!(retry_delay(b, 50), MAX_BACKOFF);
+        assert_eq!(retry_delay(Duration::ZERO, 5), Duration::ZERO);
+    }
+
+    #[test]
+    fn lost_counts_as_failure_and_cancelled_does_not() {
+        let a = [attempt(0, 1, AttemptPhase::Lost, 0, Some(1)), attempt(0, 2, AttemptPhase::Cancelled, 0, Some(1))];
+        let p = progress(&policy(1, 1, 2), &a, 1_000_000);
+        assert_eq!(p.to_place, vec![(0, 3)]);
+        let a = [attempt(0, 1, AttemptPhase::Lost, 0, Some(1)), attempt(0, 2, AttemptPhase::Failed, 0, Some(1))];
+        let p = progress(&policy(1, 1, 2), &a, 1_000_000);
+        assert_eq!(p.phase, JobPhase::Failed);
+    }
+
+    #[test]
+    fn exhausted_task_fails_the_job_and_cancels_the_rest() {
+        let a = [
+            attempt(0, 1, AttemptPhase::Failed, 0, Some(1)),
+            attempt(0, 2, AttemptPhase::Failed, 0, Some(2)),
+            attempt(1, 1, AttemptPhase::Running, 0, None),
+        ];
+        let p = progress(&policy(3, 3, 2), &a, 100);
+        assert_eq!(p.phase, JobPhase::Failed);
+        assert_eq!(p.failed, vec![0]);
+        assert_eq!(p.failure, Some(FailureCause::TasksFailed(vec![0])));
+        assert_eq!(p.to_cancel, vec![attempt_id("uid", 1, 1)]);
+        assert!(p.to_place.is_empty());
+    }
+
+    #[test]
+    fn deadline_fails_the_job() {
+        let mut pol = policy(2, 2, 3);
+        pol.job_deadline = Some(Duration::from_secs(10));
+        let a = [attempt(0, 1, AttemptPhase::Succeeded, 1_000, Some(2_000)), attempt(1, 1, AttemptPhase::Running, 1_000, None)];
+        assert_eq!(progress(&pol, &a, 10_999).phase, JobPhase::Running);
+        let p = progress(&pol, &a, 11_000);
+        assert_eq!(p.phase, JobPhase::Failed);
+        assert_eq!(p.failure, Some(FailureCause::DeadlineExceeded));
+        assert_eq!(p.to_cancel, vec![attempt_id("uid", 1, 1)]);
+    }
+
+    #[test]
+    fn a_late_duplicate_after_success_is_cancelled() {
+        let a = [attempt(0, 1, AttemptPhase::Running, 0, None), attempt(0, 2, AttemptPhase::Succeeded, 0, Some(5))];
+        let p = progress(&policy(2, 2, 3), &a, 100);
+        assert_eq!(p.to_cancel, vec![attempt_id("uid", 0, 1)]);
+        assert_eq!(p.to_place, vec![(1, 1)]);
+    }
+
+    #[test]
+    fn attempts_of_indexes_beyond_tasks_are_ignored() {
+        let a = [attempt(7, 1, AttemptPhase::Failed, 0, Some(1))];
+        let p = progress(&policy(1, 1, 1), &a, 100);
+        assert_eq!(p.phase, JobPhase::Running);
+        assert_eq!(p.to_place, vec![(0, 1)]);
+    }
+
+    #[test]
+    fn counts_always_add_up() {
+        // Every combination of phases for three tasks with up to two attempts each.
+        use AttemptPhase::*;
+        let phases = [Assigned, Running, Succeeded, Failed, Cancelled, Lost];
+        for a in &phases {
+            for b in &phases {
+                for c in &phases {
+                    let atts = [attempt(0, 1, *a, 0, Some(0)), attempt(0, 2, *b, 0, Some(0)), attempt(1, 1, *c, 0, Some(0))];
+                    let p = progress(&policy(3, 3, 2), &atts, 1_000_000);
+                    let k = &p.counts;
+                    assert_eq!(k.pending + k.running + k.succeeded + k.failed, 3, "{a:?} {b:?} {c:?}");
+                    assert!(p.to_place.len() <= 3);
+                    if p.phase == JobPhase::Failed {
+                        assert!(p.to_place.is_empty());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! ComputeJob status as a pure function of progress, and the Events a status change deserves.
+//! Status is a summary: counts, compact index ranges and a bounded sample of results.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use super::indexes::compact;
+use super::progress::{FailureCause, Progress};
+use super::validate::Invalid;
+use crate::attempt::Attempt;
+use crate::crd::{condition, set_condition, ComputeJobStatus, JobPhase, TaskResultSummary};
+use crate::scheduler::Explanation;
+
+/// Results kept in status.
+pub const RECENT_RESULTS: usize = 16;
+const TAIL_IN_STATUS: usize = 256;
+
+pub const VALID: &str = "Valid";
+pub const SCHEDULED: &str = "Scheduled";
+pub const SUCCEEDED: &str = "Succeeded";
+pub const FAILED: &str = "Failed";
+
+fn ts(ms: i64) -> Time {
+    Time(Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// What a sync produced, for the status.
+pub struct Observed<'a> {
+    pub generation: Option<i64>,
+    pub runtime: &'a str,
+    pub progress: &'a Progress,
+    pub attempts: &'a [Attempt],
+    pub unplaced: Option<&'a Explanation>,
+    pub module_sha256: Option<&'a str>,
+    pub now_ms: i64,
+}
+
+/// The status for a job that is being run.
+pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus {
+    let p = o.progress;
+    let mut s = prev.clone();
+    s.phase = Some(p.phase);
+    s.observed_generation = o.generation;
+    s.tasks = p.counts.clone();
+    s.progress = Some(format!("{}/{}", p.counts.succeeded, p.counts.total));
+    s.runtime = Some(o.runtime.to_string());
+    s.completed_indexes = Some(compact(&p.completed)).filter(|c| !c.is_empty());
+    s.failed_indexes = Some(compact(&p.failed)).filter(|c| !c.is_empty());
+    s.module_sha256 = o.module_sha256.map(str::to_string);
+    s.start_time = p.started_ms.map(ts);
+    let g = o.generation;
+    set_condition(&mut s.conditions, condition(VALID, true, "Valid", "the spec is valid", g));
+
+    match p.phase {
+        JobPhase::Succeeded | JobPhase::Failed => {
+            if s.completion_time.is_none() {
+                s.completion_time = Some(ts(o.now_ms));
+            }
+        }
+        _ => s.completion_time = None,
+    }
+
+    let waiting = p.counts.pending;
+    let scheduled = match (o.unplaced, p.phase) {
+        (_, JobPhase::Succeeded | JobPhase::Failed) => None,
+        (Some(why), _) => Some(condition(
+            SCHEDULED,
+            false,
+            if why.runtime_missing_everywhere() { "NoNodeOffersRuntime" } else { "Unschedulable" },
+            format!("{waiting} task(s) waiting: {why}"),
+            g,
+        )),
+        (None, _) if p.counts.running > 0 || p.counts.succeeded > 0 => {
+            Some(condition(SCHEDULED, true, "Placed", format!("{} task(s) running, {} waiting", p.counts.running, waiting), g))
+        }
+        (None, _) => None,
+    };
+    if let Some(c) = scheduled {
+        set_condition(&mut s.conditions, c);
+    }
+
+    match (&p.phase, &p.failure) {
+        (JobPhase::Succeeded, _) => {
+            set_condition(&mut s.conditions, condition(SUCCEEDED, true, "AllTasksSucceeded", format!("all {} task(s) succeeded", p.counts.total), g));
+        }
+        (JobPhase::Failed, Some(FailureCause::TasksFailed(idx))) => {
+            set_condition(&mut s.conditions, condition(FAILED, true, "TasksFailed", format!("task(s) {} failed on every attempt", compact(idx)), g));
+        }
+        (JobPhase::Failed, Some(FailureCause::DeadlineExceeded)) => {
+            set_condition(&mut s.conditions, condition(FAILED, true, "DeadlineExceeded", "the job ran longer than timeouts.jobSeconds", g));
+        }
+        _ => {}
+    }
+
+    let mut finished: Vec<&Attempt> = o.attempts.iter().filter(|a| a.phase.is_terminal() && a.result.is_some()).collect();
+    finished.sort_by(|a, b| b.finished_ms.cmp(&a.finished_ms).then(a.index.cmp(&b.index)));
+    s.recent_results = finished
+        .into_iter()
+        .take(RECENT_RESULTS)
+        .map(|a| {
+            let r = a.result.as_ref().expect("filtered on result");
+            let tail = &r.stdout_tail[r.stdout_tail.len().saturating_sub(TAIL_IN_STATUS)..];
+            TaskResultSummary {
+                index: a.index,
+                attempt: a.number,
+                node: a.node.clone(),
+                exit_code: r.exit_code,
+                output_sha256: r.output_sha256.clone(),
+                stdout_tail: String::from_utf8_lossy(tail).into_owned(),
+                message: r.message.clone(),
+            }
+        })
+        .collect();
+    s
+}
+
+/// The status for a spec that cannot run.
+pub fn invalid(prev: &ComputeJobStatus, generation: Option<i64>, why: &Invalid) -> ComputeJobStatus {
+    let mut s = prev.clone();
+    s.phase = Some(JobPhase::Failed);
+    s.observed_generation = generation;
+    set_condition(&mut s.conditions, condition(VALID, false, why.reason, why.message.clone(), generation));
+    set_condition(&mut s.conditions, condition(FAILED, true, why.reason, why.message.clone(), generation));
+    s
+}
+
+/// The status while the job's module cannot be resolved (a missing ConfigMap may appear later).
+pub fn waiting_for_module(prev: &ComputeJobStatus, generation: Option<i64>, reason: &str, message: &str) -> ComputeJobStatus {
+    let mut s = prev.clone();
+    s.phase = Some(prev.phase.unwrap_or(JobPhase::Pending));
+    s.observed_generation = generation;
+    set_condition(&mut s.conditions, condition(VALID, true, "Valid", "the spec is valid", generation));
+    set_condition(&mut s.conditions, condition(SCHEDULED, false, reason, message, generation));
+    s
+}
+
+/// Severity of an Event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Normal,
+    Warning,
+}
+
+/// The Events a status change deserves: one per condition whose status or reason changed.
+pub fn events(prev: &ComputeJobStatus, next: &ComputeJobStatus) -> Vec<(Severity, String, String)> {
+    let mut out = vec![];
+    for c in &next.conditions {
+        let before = prev.conditions.iter().find(|p| p.type_ == c.type_);
+        if before.is_some_and(|b| b.status == c.status && b.reason == c.reason) {
+            continue;
+        }
+        let good = match c.type_.as_str() {
+            FAILED => false,
+            VALID | SCHEDULED | SUCCEEDED => c.status == "True",
+            _ => true,
+        };
+        if c.type_ == VALID && good {
+            continue; // "the spec is valid" is not news.
+        }
+        out.push((if good { Severity::Normal } else { Severity::Warning }, c.reason.clone(), c.message.clone()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attempt::{AttemptPhase, AttemptResult};
+    use crate::crd::{is_true, TaskCounts};
+    use crate::scheduler::{Exclusion, Request, Resources};
+    use std::collections::BTreeMap;
+
+    fn progress(phase: JobPhase, counts: TaskCounts) -> Progress {
+        Progress { phase, counts, to_place: vec![], to_cancel: vec![], completed: vec![], failed: vec![], failure: None, next_retry_ms: None, started_ms: Some(1_000) }
+    }
+
+    fn observed<'a>(p: &'a Progress, attempts: &'a [Attempt], unplaced: Option<&'a Explanation>) -> Observed<'a> {
+        Observed { generation: Some(2), runtime: "wasm", progress: p, attempts, unplaced, module_sha256: None, now_ms: 5_000 }
+    }
+
+    #[test]
+    fn unschedulable_job_says_why_and_emits_a_warning_once() {
+        let p = Progress { started_ms: None, ..progress(JobPhase::Pending, TaskCounts { total: 2, pending: 2, ..Default::default() }) };
+        let why = Explanation {
+            total: 2,
+            excluded: BTreeMap::from([(Exclusion::MissingRuntime, 2)]),
+            request: Request { resources: Resources { cpu_millis: 100, memory_bytes: 1 << 20 }, runtime: "exec".into() },
+        };
+        let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], Some(&why)));
+        let c = s.conditions.iter().find(|c| c.type_ == SCHEDULED).unwrap();
+        assert_eq!(c.status, "False");
+        assert_eq!(c.reason, "NoNodeOffersRuntime");
+        assert_eq!(c.message, "2 task(s) waiting: 0/2 nodes can run it: 2 do not offer runtime exec");
+        assert_eq!(s.phase, Some(JobPhase::Pending));
+        assert_eq!(s.observed_generation, Some(2));
+        let ev = events(&ComputeJobStatus::default(), &s);
+        assert_eq!(ev, vec![(Severity::Warning, "NoNodeOffersRuntime".to_string(), c.message.clone())]);
+        let again = summarize(&s, &observed(&p, &[], Some(&why)));
+        assert_eq!(again, s);
+        assert!(events(&s, &again).is_empty());
+    }
+
+    #[test]
+    fn succeeded_job_has_condition_ranges_results_and_completion_time() {
+        let mut p = progress(JobPhase::Succeeded, TaskCounts { total: 3, succeeded: 3, ..Default::default() });
+        p.completed = vec![0, 1, 2];
+        let attempts: Vec<Attempt> = (0..3)
+            .map(|i| Attempt {
+                id: format!("u.{i}.1"),
+                job_uid: "u".into(),
+                job_key: "ns/j".into(),
+                index: i,
+                number: 1,
+                node: "n".into(),
+                phase: AttemptPhase::Succeeded,
+                cpu_millis: 1,
+                memory_bytes: 1,
+                created_ms: 1,
+                finished_ms: Some(10 + i as i64),
+                result: Some(AttemptResult { exit_code: 0, stdout_tail: vec![b'x'; 1000], ..Default::default() }),
+            })
+            .collect();
+        let s = summarize(&ComputeJobStatus::default(), &observed(&p, &attempts, None));
+        assert!(is_true(&s.conditions, SUCCEEDED));
+        assert_eq!(s.completed_indexes.as_deref(), Some("0-2"));
+        assert_eq!(s.failed_indexes, None);
+        assert_eq!(s.progress.as_deref(), Some("3/3"));
+        assert_eq!(s.recent_results.iter().map(|r| r.index).collect::<Vec<_>>(), vec![2, 1, 0]);
+        assert_eq!(s.recent_results[0].stdout_tail.len(), TAIL_IN_STATUS);
+        assert!(s.completion_time.is_some());
+        let ev = events(&ComputeJobStatus::default(), &s);
+        assert!(ev.contains(&(Severity::Normal, "AllTasksSucceeded".into(), "all 3 task(s) succeeded".into())));
+    }
+
+    #[test]
+    fn failed_job_names_the_failed_indexes() {
+        let mut p = progress(JobPhase::Failed, TaskCounts { total: 4, failed: 2, succeeded: 2, ..Default::default() });
+        p.failed = vec![1, 2];
+        p.failure = Some(FailureCause::TasksFailed(vec![1, 2]));
+        let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], None));
+        let c = s.conditions.iter().find(|c| c.type_ == FAILED).unwrap();
+        assert_eq!((c.reason.as_str(), c.message.as_str()), ("TasksFailed", "task(s) 1-2 failed on every attempt"));
+        assert_eq!(s.failed_indexes.as_deref(), Some("1-2"));
+    }
+
+    #[test]
+    fn invalid_spec_status_and_event() {
+        let why = Invalid { reason: "InvalidSpec", message: "spec.tasks must be between 1 and 1000000, got 0".into() };
+        let s = invalid(&ComputeJobStatus::default(), Some(1), &why);
+        assert_eq!(s.phase, Some(JobPhase::Failed));
+        assert!(is_true(&s.conditions, FAILED));
+        assert!(!is_true(&s.conditions, VALID));
+        let ev = events(&ComputeJobStatus::default(), &s);
+        assert_eq!(ev.len(), 2);
+        assert!(ev.iter().all(|(sev, reason, msg)| *sev == Severity::Warning && reason == "InvalidSpec" && msg.contains("spec.tasks")));
+    }
+
+    #[test]
+    fn missing_module_keeps_the_job_pending() {
+        let s = waiting_for_module(&ComputeJobStatus::default(), Some(1), "ModuleUnavailable", "ConfigMap ns/m not found");
+        assert_eq!(s.phase, Some(JobPhase::Pending));
+        assert!(!is_true(&s.conditions, SCHEDULED));
+        assert_eq!(events(&ComputeJobStatus::default(), &s)[0].1, "ModuleUnavailable");
+    }
+}

@@ -1,0 +1,245 @@
+//! Checks a ComputeJob spec beyond what the CRD schema enforces (the schema may be older than
+//! the operator, and some rules need code) and turns it into the policy the operator runs.
+
+use std::time::Duration;
+
+use crate::crd::quantity;
+use crate::crd::{ComputeJobSpec, EnvVar};
+
+/// Default wall-clock limit of one attempt when the job sets none.
+pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Upper bound of the retry backoff.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
+const MAX_TASKS: u32 = 1_000_000;
+const MIN_MEMORY: u64 = 1 << 20;
+
+/// A validated job: everything the operator needs to place and run its tasks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobPolicy {
+    pub tasks: u32,
+    pub parallelism: u32,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub max_attempts: u32,
+    pub backoff: Duration,
+    pub task_timeout: Duration,
+    pub job_deadline: Option<Duration>,
+    pub workload: TaskWorkload,
+}
+
+/// What each task runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskWorkload {
+    Wasm { source: ModuleSource, args: Vec<String>, env: Vec<(String, String)> },
+    Exec { command: Vec<String>, env: Vec<(String, String)> },
+}
+
+/// Where a wasm module comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModuleSource {
+    ConfigMap { name: String, key: String, sha256: Option<String> },
+    Url { url: String, sha256: String },
+}
+
+impl TaskWorkload {
+    /// The runtime a node must offer to run this workload.
+    pub fn runtime(&self) -> &'static str {
+        match self {
+            TaskWorkload::Wasm { .. } => kommune_proto::runtime::WASM,
+            TaskWorkload::Exec { .. } => kommune_proto::runtime::EXEC,
+        }
+    }
+}
+
+/// Why a spec cannot run. `reason` becomes the condition reason and the Event reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn invalid(message: impl Into<String>) -> Invalid {
+    Invalid { reason: "InvalidSpec", message: message.into() }
+}
+
+fn env_pairs(field: &str, env: &[EnvVar]) -> Result<Vec<(String, String)>, Invalid> {
+    env.iter()
+        .map(|e| {
+            let ok = !e.name.is_empty()
+                && !e.name.starts_with(|c: char| c.is_ascii_digit())
+                && e.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(invalid(format!("{field}: {:?} is not a valid environment variable name", e.name)));
+            }
+            if e.name.starts_with("KOMMUNE_") {
+                return Err(invalid(format!("{field}: {:?} is reserved (KOMMUNE_* variables are set by Kommune)", e.name)));
+            }
+            Ok((e.name.clone(), e.value.clone()))
+        })
+        .collect()
+}
+
+/// Validates a spec. The first problem found is reported, naming the field.
+pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
+    let w = &spec.workload;
+    let set: Vec<&str> = [("wasm", w.wasm.is_some()), ("exec", w.exec.is_some()), ("container", w.container.is_some())]
+        .into_iter()
+        .filter_map(|(n, s)| s.then_some(n))
+        .collect();
+    match set.as_slice() {
+        [] => return Err(invalid("spec.workload must set exactly one of wasm, exec or container; none is set")),
+        [_] => {}
+        many => {
+            return Err(invalid(format!(
+                "spec.workload must set exactly one of wasm, exec or container; {} are set",
+                many.join(" and ")
+            )));
+        }
+    }
+
+    let workload = if let Some(wasm) = &w.wasm {
+        if let Some(sha) = &wasm.sha256 {
+            if !kommune_proto::is_sha256_hex(sha) {
+                return Err(invalid(format!("spec.workload.wasm.sha256: {sha:?} is not 64 lowercase hex digits")));
+            }
+        }
+        let source = match (&wasm.config_map_ref, &wasm.url) {
+            (Some(cm), None) => {
+                if cm.name.is_empty() || cm.key.is_empty() {
+                    return Err(invalid("spec.workload.wasm.configMapRef needs both name and key"));
+                }
+                ModuleSource::ConfigMap { name: cm.name.clone(), key: cm.key.clone(), sha256: wasm.sha256.clone() }
+            }
+            (None, Some(url)) => {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(invalid(format!("spec.workload.wasm.url: {url:?} must be an http(s) URL")));
+                }
+                let Some(sha256) = wasm.sha256.clone() else {
+                    return Err(invalid("spec.workload.wasm.url requires spec.workload.wasm.sha256, so agents can verify the download"));
+                };
+                ModuleSource::Url { url: url.clone(), sha256 }
+            }
+            (Some(_), Some(_)) => return Err(invalid("spec.workload.wasm must set exactly one of url or configMapRef; both are set")),
+            (None, None) => return Err(invalid("spec.workload.wasm must set one of url (with sha256) or configMapRef")),
+        };
+        TaskWorkload::Wasm { source, args: wasm.args.clone(), env: env_pairs("spec.workload.wasm.env", &wasm.env)? }
+    } else if let Some(exec) = &w.exec {
+        if exec.command.first().is_none_or(|c| c.is_empty()) {
+            return Err(invalid("spec.workload.exec.command must name a program"));
+        }
+        TaskWorkload::Exec { command: exec.command.clone(), env: env_pairs("spec.workload.exec.env", &exec.env)? }
+    } else {
+        return Err(Invalid {
+            reason: "RuntimeNotSupported",
+            message: "spec.workload.container is not supported yet by this operator; use wasm or exec".into(),
+        });
+    };
+
+    if spec.tasks == 0 || spec.tasks > MAX_TASKS {
+        return Err(invalid(format!("spec.tasks must be between 1 and {MAX_TASKS}, got {}", spec.tasks)));
+    }
+    let parallelism = spec.parallelism.unwrap_or(spec.tasks);
+    if parallelism == 0 {
+        return Err(invalid("spec.parallelism must be at least 1"));
+    }
+    let cpu_millis = quantity::cpu_millis("spec.resources.cpu", &spec.resources.cpu.0).map_err(|e| invalid(e.to_string()))?;
+    let memory_bytes = quantity::memory_bytes("spec.resources.memory", &spec.resources.memory.0).map_err(|e| invalid(e.to_string()))?;
+    if memory_bytes < MIN_MEMORY {
+        return Err(invalid(format!("spec.resources.memory must be at least 1Mi, got {:?}", spec.resources.memory.0)));
+    }
+    if spec.retries.max_attempts == 0 {
+        return Err(invalid("spec.retries.maxAttempts must be at least 1"));
+    }
+    if spec.timeouts.task_seconds == Some(0) || spec.timeouts.job_seconds == Some(0) {
+        return Err(invalid("spec.timeouts values must be at least 1 second"));
+    }
+
+    Ok(JobPolicy {
+        tasks: spec.tasks,
+        parallelism: parallelism.min(spec.tasks),
+        cpu_millis,
+        memory_bytes,
+        max_attempts: spec.retries.max_attempts,
+        backoff: Duration::from_secs(spec.retries.backoff_seconds.into()),
+        task_timeout: spec.timeouts.task_seconds.map_or(DEFAULT_TASK_TIMEOUT, |s| Duration::from_secs(s.into())),
+        job_deadline: spec.timeouts.job_seconds.map(|s| Duration::from_secs(s.into())),
+        workload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> ComputeJobSpec {
+        serde_yaml::from_str(yaml).expect("fixture parses")
+    }
+
+    const WASM: &str = "workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\n";
+
+    #[test]
+    fn defaults_fill_a_minimal_wasm_job() {
+        let p = validate(&spec(WASM)).unwrap();
+        assert_eq!(p.tasks, 1);
+        assert_eq!(p.parallelism, 1);
+        assert_eq!(p.cpu_millis, 250);
+        assert_eq!(p.memory_bytes, 128 << 20);
+        assert_eq!(p.max_attempts, 3);
+        assert_eq!(p.task_timeout, DEFAULT_TASK_TIMEOUT);
+        assert_eq!(p.workload.runtime(), "wasm");
+        assert_eq!(
+            p.workload,
+            TaskWorkload::Wasm {
+                source: ModuleSource::ConfigMap { name: "m".into(), key: "module.wasm".into(), sha256: None },
+                args: vec![],
+                env: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn parallelism_is_capped_by_tasks() {
+        let p = validate(&spec(&format!("{WASM}tasks: 3\nparallelism: 10\n"))).unwrap();
+        assert_eq!(p.parallelism, 3);
+    }
+
+    #[test]
+    fn exec_job() {
+        let p = validate(&spec("workload:\n  exec:\n    command: [echo, hi]\n    env: [{name: A, value: b}]\ntasks: 2\n")).unwrap();
+        assert_eq!(p.workload.runtime(), "exec");
+        assert_eq!(p.workload, TaskWorkload::Exec { command: vec!["echo".into(), "hi".into()], env: vec![("A".into(), "b".into())] });
+    }
+
+    #[test]
+    fn every_invalid_spec_names_its_field() {
+        let sha = "a".repeat(64);
+        let cases: Vec<(String, &str, &str)> = vec![
+            ("workload: {}\n".into(), "InvalidSpec", "none is set"),
+            (format!("{WASM}  exec:\n    command: [x]\n"), "InvalidSpec", "wasm and exec are set"),
+            ("workload:\n  container: {image: busybox}\n".into(), "RuntimeNotSupported", "spec.workload.container is not supported"),
+            (format!("{WASM}tasks: 0\n"), "InvalidSpec", "spec.tasks must be between 1"),
+            (format!("{WASM}tasks: 2000000\n"), "InvalidSpec", "spec.tasks must be between 1"),
+            (format!("{WASM}parallelism: 0\n"), "InvalidSpec", "spec.parallelism"),
+            ("workload:\n  wasm:\n    url: https://x/m.wasm\n".into(), "InvalidSpec", "requires spec.workload.wasm.sha256"),
+            ("workload:\n  wasm:\n    url: ftp://x/m.wasm\n    sha256: 00\n".into(), "InvalidSpec", "spec.workload.wasm.sha256"),
+            (format!("workload:\n  wasm:\n    url: ftp://x/m.wasm\n    sha256: {sha}\n"), "InvalidSpec", "must be an http(s) URL"),
+            (format!("workload:\n  wasm:\n    url: https://x\n    sha256: {sha}\n    configMapRef: {{name: a, key: b}}\n"), "InvalidSpec", "both are set"),
+            ("workload:\n  wasm: {}\n".into(), "InvalidSpec", "must set one of url"),
+            ("workload:\n  exec:\n    command: []\n".into(), "InvalidSpec", "spec.workload.exec.command"),
+            ("workload:\n  exec:\n    command: ['']\n".into(), "InvalidSpec", "spec.workload.exec.command"),
+            (format!("{WASM}    env: [{{name: '1A', value: x}}]\n"), "InvalidSpec", "spec.workload.wasm.env"),
+            (format!("{WASM}    env: [{{name: KOMMUNE_TASK_INDEX, value: x}}]\n"), "InvalidSpec", "reserved"),
+            (format!("{WASM}resources: {{cpu: lots}}\n"), "InvalidSpec", "spec.resources.cpu"),
+            (format!("{WASM}resources: {{memory: 0}}\n"), "InvalidSpec", "spec.resources.memory"),
+            (format!("{WASM}resources: {{memory: 1Ki}}\n"), "InvalidSpec", "at least 1Mi"),
+            (format!("{WASM}retries: {{maxAttempts: 0}}\n"), "InvalidSpec", "maxAttempts"),
+            (format!("{WASM}timeouts: {{taskSeconds: 0}}\n"), "InvalidSpec", "spec.timeouts"),
+        ];
+        for (yaml, reason, needle) in cases {
+            let err = validate(&spec(&yaml)).expect_err(&yaml);
+            assert_eq!(err.reason, reason, "{yaml}");
+            assert!(err.message.contains(needle), "{yaml}: {err}");
+        }
+    }
+}

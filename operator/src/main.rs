@@ -1,0 +1,166 @@
+//! `kommune-operator`: runs the operator (default), writes the CRDs (`crdgen`), and mints join
+//! tokens (`token create`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use kommune_operator::blobs::Blobs;
+use kommune_operator::controller::{self, ca::ensure_ca};
+use kommune_operator::dispatch::Dispatcher;
+use kommune_operator::fleet::Fleet;
+use kommune_operator::gateway::{self, Gateway, GatewayConfig};
+use kommune_operator::metrics::Metrics;
+use kommune_operator::store::Store;
+use kommune_operator::tokens::SecretTokens;
+use kommune_operator::crd;
+use tokio::sync::mpsc;
+use tracing::info;
+
+/// The Kommune operator: places ComputeJob tasks on joined provider machines.
+///
+/// Without a subcommand it runs the operator: the ComputeJob controller, the ProviderNode
+/// status writer and the agent gateway (gRPC over TLS) that provider agents dial out to.
+#[derive(Parser)]
+#[command(version, propagate_version = true, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the operator (the default).
+    Run(RunArgs),
+    /// Writes the CRD YAML generated from the code to crds/ and the chart.
+    Crdgen(CrdgenArgs),
+    /// Manages join tokens for provider agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Address the agent gateway listens on.
+    #[arg(long, env = "KOMMUNE_GATEWAY_LISTEN", default_value = "0.0.0.0:8443")]
+    gateway_listen: SocketAddr,
+    /// Directory of the embedded store and the module blobs (a persistent volume in-cluster).
+    #[arg(long, env = "KOMMUNE_DATA_DIR", default_value = "/var/lib/kommune")]
+    data_dir: PathBuf,
+    /// Namespace holding the operator's CA Secret and the join-token Secrets.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kommune-system")]
+    namespace: String,
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "KOMMUNE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
+    /// How often agents heartbeat, in seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    heartbeat_seconds: u64,
+}
+
+#[derive(Args)]
+struct CrdgenArgs {
+    /// Directories to write computejob.yaml and providernode.yaml into.
+    #[arg(long = "out", default_values = ["crds", "charts/kommune/files/crds"])]
+    out: Vec<PathBuf>,
+    /// Print the CRDs to stdout instead of writing files.
+    #[arg(long)]
+    stdout: bool,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Creates a join token and prints it. Give it to a provider for `kommune-agent join`.
+    Create {
+        /// How long the token can be used, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many machines can join with it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10000))]
+        uses: u32,
+        /// Namespace of the operator (where the token Secret is created).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "kommune-system")]
+        namespace: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crdgen(args)) => crdgen(args),
+        Some(Command::Token(TokenCommand::Create { ttl, uses, namespace })) => token_create(ttl, uses, &namespace).await,
+        Some(Command::Run(args)) => run(args).await,
+        None => run(cli.run).await,
+    }
+}
+
+fn crdgen(args: CrdgenArgs) -> anyhow::Result<()> {
+    for (file, crd) in crd::all() {
+        let yaml = crd::to_yaml(&crd);
+        if args.stdout {
+            print!("---\n{yaml}");
+            continue;
+        }
+        for dir in &args.out {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let path = dir.join(file);
+            std::fs::write(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+async fn token_create(ttl: Duration, uses: u32, namespace: &str) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API (is KUBECONFIG set, or are you in-cluster?)")?;
+    let ca = ensure_ca(client.clone(), namespace).await.with_context(|| format!("cannot load or create the operator CA in namespace {namespace}"))?;
+    let token = SecretTokens::new(client, namespace)
+        .create(&ca.pin(), ttl, uses)
+        .await
+        .with_context(|| format!("cannot create the token Secret in namespace {namespace}"))?;
+    println!("{token}");
+    eprintln!("join token {} valid for {} and {uses} use(s); on the provider run:\n  kommune-agent join --server https://<gateway address>:<port> --token <token>", token.id, humantime::format_duration(ttl));
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let _telemetry = kommune_telemetry::init("kommune-operator");
+    let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API (is KUBECONFIG set, or are you in-cluster?)")?;
+    let ca = Arc::new(ensure_ca(client.clone(), &args.namespace).await.context("cannot load or create the operator CA")?);
+    info!(namespace = %args.namespace, ca_pin = %ca.pin(), "operator CA ready");
+
+    let store = Arc::new(Store::open(&args.data_dir).with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?);
+    let blobs = Blobs::open(&args.data_dir)?;
+    let fleet = Arc::new(Fleet::default());
+    let metrics = Arc::new(Metrics::default());
+    let (jobs_changed_tx, jobs_changed_rx) = mpsc::channel(1024);
+    let (node_events_tx, node_events_rx) = mpsc::channel(1024);
+    let (capacity_tx, capacity_rx) = mpsc::channel(1);
+    let dispatcher = Arc::new(Dispatcher::new(store.clone(), fleet.clone(), jobs_changed_tx));
+
+    let config = GatewayConfig { heartbeat_interval: Duration::from_secs(args.heartbeat_seconds), session_timeout: Duration::from_secs(args.heartbeat_seconds * 3) };
+    let tokens = Arc::new(SecretTokens::new(client.clone(), &args.namespace));
+    let gateway = Gateway::new(dispatcher.clone(), tokens, ca.clone(), blobs.clone(), node_events_tx, config);
+    let listener = gateway::bind(args.gateway_listen).await.with_context(|| format!("cannot listen on {}", args.gateway_listen))?;
+    info!(addr = %listener.local_addr()?, "agent gateway listening");
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
+
+    let ctx = Arc::new(controller::job::Context::new(client.clone(), dispatcher.clone(), blobs, metrics.clone()));
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    // Any part ending ends the process, so a supervisor restarts it whole.
+    tokio::select! {
+        r = gateway.serve(listener, shutdown) => r.context("agent gateway failed")?,
+        _ = controller::job::run(ctx, jobs_changed_rx, capacity_rx) => info!("ComputeJob controller stopped"),
+        _ = controller::nodes::run(client, store, fleet.clone(), node_events_rx, capacity_tx) => info!("ProviderNode writer stopped"),
+        r = axum::serve(metrics_listener, kommune_operator::metrics::router(metrics, fleet)) => r.context("metrics server failed")?,
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! The operator's certificate authority: it signs the gateway's serving certificate and each
+//! node's client certificate. Agents pin it by the hash carried in their join token, so no
+//! public CA or cert-manager is involved.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+/// How long a node's client certificate is valid. Rotation arrives with the provider lifecycle.
+pub const NODE_CERT_VALIDITY: Duration = Duration::days(90);
+const CA_VALIDITY: Duration = Duration::days(3650);
+const SERVER_CERT_VALIDITY: Duration = Duration::days(365);
+
+/// A PKI failure.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("cannot parse the CA certificate or key: {0}")]
+    LoadCa(rcgen::Error),
+    #[error("cannot create a certificate: {0}")]
+    Issue(rcgen::Error),
+    #[error("the certificate signing request is invalid: {0}")]
+    BadCsr(rcgen::Error),
+    #[error("the certificate signing request uses {0}; node keys must be ed25519")]
+    WrongKeyType(String),
+}
+
+/// The operator CA: certificate and signing key.
+pub struct Ca {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn validity(params: &mut CertificateParams, length: Duration) {
+    let now = OffsetDateTime::now_utc();
+    // Backdate a little so clocks slightly behind ours still accept the certificate.
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + length;
+}
+
+impl Ca {
+    /// A fresh CA with an ECDSA P-256 key.
+    pub fn generate() -> Result<Ca, PkiError> {
+        let key = KeyPair::generate().map_err(PkiError::Issue)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "kommune-operator-ca");
+        dn.push(DnType::OrganizationName, "kommune.dev");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, CA_VALIDITY);
+        let cert = params.self_signed(&key).map_err(PkiError::Issue)?;
+        let key_pem = key.serialize_pem();
+        Ok(Ca { cert_pem: cert.pem(), cert_der: cert.der().to_vec(), key_pem, issuer: Issuer::new(params, key) })
+    }
+
+    /// Loads a CA kept as PEM (e.g. in the `kommune-ca` Secret).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(PkiError::LoadCa)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(PkiError::LoadCa)?;
+        let der = pem_to_der(cert_pem).ok_or(PkiError::LoadCa(rcgen::Error::CouldNotParseCertificate))?;
+        Ok(Ca { cert_pem: cert_pem.to_string(), cert_der: der, key_pem: key_pem.to_string(), issuer })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// The pin agents check: sha256 of the CA certificate's DER.
+    pub fn pin(&self) -> String {
+        kommune_proto::ca_pin(&self.cert_der)
+    }
+
+    /// A serving certificate for the gateway, valid for `GATEWAY_SERVER_NAME` plus `extra_names`.
+    /// Returns (certificate chain PEM: leaf then CA, key PEM).
+    pub fn issue_server(&self, extra_names: &[String]) -> Result<(String, String), PkiError> {
+        let key = KeyPair::generate().map_err(PkiError::Issue)?;
+        let mut names = vec![kommune_proto::GATEWAY_SERVER_NAME.to_string()];
+        names.extend(extra_names.iter().cloned());
+        let mut params = CertificateParams::new(names).map_err(PkiError::Issue)?;
+        params.distinguished_name.push(DnType::CommonName, "kommune-gateway");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, SERVER_CERT_VALIDITY);
+        let cert = params.signed_by(&key, &self.issuer).map_err(PkiError::Issue)?;
+        // The chain carries the CA so a joining agent can find and pin it in the handshake.
+        Ok((format!("{}{}", cert.pem(), self.cert_pem), key.serialize_pem()))
+    }
+
+    /// Signs a node's CSR. The subject is set by the operator (CN = node name), never taken from
+    /// the request. Returns (certificate PEM, sha256 of the node's public key).
+    pub fn sign_node(&self, csr_der: &[u8], node_name: &str) -> Result<(String, String), PkiError> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into()).map_err(PkiError::BadCsr)?;
+        if csr.public_key.algorithm() != &rcgen::PKCS_ED25519 {
+            return Err(PkiError::WrongKeyType(format!("{:?}", csr.public_key.algorithm())));
+        }
+        let key_sha = kommune_proto::sha256_hex(csr.public_key.der_bytes());
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, node_name);
+        params.subject_alt_names = vec![SanType::DnsName(node_name.try_into().map_err(PkiError::Issue)?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, NODE_CERT_VALIDITY);
+        let cert = params.signed_by(&csr.public_key, &self.issuer).map_err(PkiError::Issue)?;
+        Ok((cert.pem(), key_sha))
+    }
+}
+
+fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    CertificateDer::from_pem_slice(pem.as_bytes()).ok().map(|c| c.to_vec())
+}
+
+/// The node name in a peer certificate (its common name), as verified by the TLS layer.
+pub fn node_name_of(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
+}
+
+/// sha256 of the subject public key (the raw key bits) of a certificate.
+pub fn public_key_sha256_of(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(kommune_proto::sha256_hex(&cert.public_key().subject_public_key.data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node_csr(name: &str) -> (KeyPair, Vec<u8>) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        let csr = params.serialize_request(&key).unwrap();
+        (key, csr.der().to_vec())
+    }
+
+    #[test]
+    fn ca_round_trips_through_pem_and_keeps_its_pin() {
+        let ca = Ca::generate().unwrap();
+        let again = Ca::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
+        assert_eq!(ca.pin(), again.pin());
+        assert!(kommune_proto::is_sha256_hex(&ca.pin()));
+        // The reloaded CA still signs.
+        let (_, csr) = node_csr("n1");
+        again.sign_node(&csr, "n1").unwrap();
+    }
+
+    #[test]
+    fn node_certificates_carry_the_operator_chosen_name_and_the_csr_key() {
+        let ca = Ca::generate().unwrap();
+        let (key, csr) = node_csr("chosen-by-agent");
+        let (pem, key_sha) = ca.sign_node(&csr, "pn-assigned").unwrap();
+        let der = pem_to_der(&pem).unwrap();
+        assert_eq!(node_name_of(&der).as_deref(), Some("pn-assigned"));
+        assert_eq!(public_key_sha256_of(&der).unwrap(), key_sha);
+        assert_eq!(key_sha, kommune_proto::sha256_hex(key.public_key_raw()));
+    }
+
+    #[test]
+    fn bad_csrs_are_refused() {
+        let ca = Ca::generate().unwrap();
+        assert!(matches!(ca.sign_node(b"not a csr", "n"), Err(PkiError::BadCsr(_))));
+        let (_, mut csr) = node_csr("n");
+        let last = csr.len() - 1;
+        csr[last] ^= 0xff; // break the signature
+        assert!(matches!(ca.sign_node(&csr, "n"), Err(PkiError::BadCsr(_))));
+        let p256 = KeyPair::generate().unwrap();
+        let csr = CertificateParams::new(vec!["n".into()]).unwrap().serialize_request(&p256).unwrap();
+        assert!(matches!(ca.sign_node(csr.der(), "n"), Err(PkiError::WrongKeyType(_))));
+    }
+}

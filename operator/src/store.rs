@@ -1,0 +1,275 @@
+//! The operator's embedded store (SQLite on the operator's volume): task attempts and the node
+//! registry. Kubernetes keeps desired state and a summary; the per-task truth lives here, so the
+//! hot path never writes one API object per task. Every transition is a guarded UPDATE, so
+//! replays and duplicates are no-ops.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
+
+/// A store failure; the message names the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {op}: {source}")]
+    Sqlite { op: &'static str, source: rusqlite::Error },
+    #[error("store: cannot create data directory {path}: {source}")]
+    Dir { path: String, source: std::io::Error },
+    #[error("store: attempt {id} has an unknown phase {phase:?}")]
+    Corrupt { id: String, phase: String },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+fn op(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { op, source }
+}
+
+/// Outcome of registering a node name for a public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// The name was free and is now bound to the key.
+    New,
+    /// The name was already bound to this same key (a re-join).
+    SameKey,
+    /// The name belongs to another key.
+    Taken,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS attempts (
+    id            TEXT PRIMARY KEY,
+    job_uid       TEXT NOT NULL,
+    job_key       TEXT NOT NULL,
+    task_index    INTEGER NOT NULL,
+    number        INTEGER NOT NULL,
+    node          TEXT NOT NULL,
+    phase         TEXT NOT NULL,
+    cpu_millis    INTEGER NOT NULL,
+    memory_bytes  INTEGER NOT NULL,
+    created_ms    INTEGER NOT NULL,
+    finished_ms   INTEGER,
+    result_json   TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_by_job ON attempts (job_uid);
+CREATE INDEX IF NOT EXISTS attempts_active_by_node ON attempts (node) WHERE phase IN ('Assigned', 'Running');
+CREATE TABLE IF NOT EXISTS nodes (
+    name              TEXT PRIMARY KEY,
+    public_key_sha256 TEXT NOT NULL,
+    joined_ms         INTEGER NOT NULL
+);
+";
+
+/// The embedded SQLite store.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) `<dir>/kommune.db`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
+        let conn = Connection::open(dir.join("kommune.db")).map_err(op("open"))?;
+        // WAL + synchronous=FULL: a committed transition survives a crash or power loss.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(op("enable WAL"))?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(op("set synchronous"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(op("set busy timeout"))?;
+        conn.execute_batch(SCHEMA).map_err(op("create schema"))?;
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions roll
+        // back), so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records new attempts in one transaction. Re-inserting an existing id is a no-op.
+    pub fn insert_attempts(&self, attempts: &[Attempt]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(op("begin insert"))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO attempts (id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )
+                .map_err(op("prepare insert"))?;
+            for a in attempts {
+                stmt.execute(params![a.id, a.job_uid, a.job_key, a.index, a.number, a.node, a.phase.as_str(), a.cpu_millis as i64, a.memory_bytes as i64, a.created_ms])
+                    .map_err(op("insert attempt"))?;
+            }
+        }
+        tx.commit().map_err(op("commit insert"))
+    }
+
+    /// Marks an Assigned attempt Running. Returns false when it was not Assigned (a duplicate
+    /// or late message).
+    pub fn mark_running(&self, id: &str) -> Result<bool> {
+        let n = self
+            .conn()
+            .execute("UPDATE attempts SET phase = 'Running' WHERE id = ?1 AND phase = 'Assigned'", params![id])
+            .map_err(op("mark running"))?;
+        Ok(n == 1)
+    }
+
+    /// Moves an active attempt to a terminal phase. Returns the updated attempt, or None when
+    /// it does not exist or was already terminal: finishing twice is a no-op.
+    pub fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now_ms: i64) -> Result<Option<Attempt>> {
+        debug_assert!(phase.is_terminal());
+        let json = result.map(|r| serde_json::to_string(r).expect("a result always serialises"));
+        let conn = self.conn();
+        let n = conn
+            .execute(
+                "UPDATE attempts SET phase = ?2, finished_ms = ?3, result_json = ?4 WHERE id = ?1 AND phase IN ('Assigned', 'Running')",
+                params![id, phase.as_str(), now_ms, json],
+            )
+            .map_err(op("finish attempt"))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        query_one(&conn, id)
+    }
+
+    /// One attempt by id.
+    pub fn attempt(&self, id: &str) -> Result<Option<Attempt>> {
+        query_one(&self.conn(), id)
+    }
+
+    /// Every attempt of a job.
+    pub fn attempts_for_job(&self, job_uid: &str) -> Result<Vec<Attempt>> {
+        query(&self.conn(), "WHERE job_uid = ?1 ORDER BY task_index, number", params![job_uid])
+    }
+
+    /// Attempts placed on `node` and not finished.
+    pub fn active_on_node(&self, node: &str) -> Result<Vec<Attempt>> {
+        query(&self.conn(), "WHERE node = ?1 AND phase IN ('Assigned', 'Running') ORDER BY id", params![node])
+    }
+
+    /// Every attempt not finished, on any node (to rebuild reservations after a restart).
+    pub fn all_active(&self) -> Result<Vec<Attempt>> {
+        query(&self.conn(), "WHERE phase IN ('Assigned', 'Running') ORDER BY id", params![])
+    }
+
+    /// Binds `name` to a node key, or reports that it is bound to another one.
+    pub fn register_node(&self, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
+        let conn = self.conn();
+        let existing: Option<String> = conn
+            .query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0))
+            .optional()
+            .map_err(op("look up node"))?;
+        match existing {
+            Some(k) if k == public_key_sha256 => Ok(Registration::SameKey),
+            Some(_) => Ok(Registration::Taken),
+            None => {
+                conn.execute("INSERT INTO nodes (name, public_key_sha256, joined_ms) VALUES (?1, ?2, ?3)", params![name, public_key_sha256, now_ms])
+                    .map_err(op("register node"))?;
+                Ok(Registration::New)
+            }
+        }
+    }
+
+    /// The key hash a node name is bound to.
+    pub fn node_key(&self, name: &str) -> Result<Option<String>> {
+        self.conn()
+            .query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0))
+            .optional()
+            .map_err(op("look up node"))
+    }
+}
+
+const COLUMNS: &str = "SELECT id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms, finished_ms, result_json FROM attempts ";
+
+fn query(conn: &Connection, filter: &str, params: impl rusqlite::Params) -> Result<Vec<Attempt>> {
+    let mut stmt = conn.prepare_cached(&format!("{COLUMNS}{filter}")).map_err(op("prepare query"))?;
+    let rows = stmt.query_map(params, row_to_raw).map_err(op("query attempts"))?;
+    let mut out = vec![];
+    for row in rows {
+        out.push(raw_to_attempt(row.map_err(op("read attempt"))?)?);
+    }
+    Ok(out)
+}
+
+fn query_one(conn: &Connection, id: &str) -> Result<Option<Attempt>> {
+    Ok(query(conn, "WHERE id = ?1", params![id])?.pop())
+}
+
+type Raw = (String, String, String, u32, u32, String, String, i64, i64, i64, Option<i64>, Option<String>);
+
+fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?))
+}
+
+fn raw_to_attempt(raw: Raw) -> Result<Attempt> {
+    let (id, job_uid, job_key, index, number, node, phase, cpu, mem, created_ms, finished_ms, result_json) = raw;
+    let Some(phase) = AttemptPhase::parse(&phase) else {
+        return Err(StoreError::Corrupt { id, phase });
+    };
+    // A result that no longer parses is kept as absent rather than failing the whole job.
+    let result = result_json.and_then(|j| serde_json::from_str(&j).ok());
+    Ok(Attempt { id, job_uid, job_key, index, number, node, phase, cpu_millis: cpu as u64, memory_bytes: mem as u64, created_ms, finished_ms, result })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attempt::attempt_id;
+
+    fn attempt(index: u32, node: &str) -> Attempt {
+        Attempt {
+            id: attempt_id("uid", index, 1),
+            job_uid: "uid".into(),
+            job_key: "ns/j".into(),
+            index,
+            number: 1,
+            node: node.into(),
+            phase: AttemptPhase::Assigned,
+            cpu_millis: 250,
+            memory_bytes: 1 << 20,
+            created_ms: 5,
+            finished_ms: None,
+            result: None,
+        }
+    }
+
+    #[test]
+    fn attempts_survive_reopen_and_transitions_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let result = AttemptResult { exit_code: 0, output_sha256: "ab".into(), stdout_tail: b"hi".to_vec(), ..Default::default() };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.insert_attempts(&[attempt(0, "a"), attempt(1, "b")]).unwrap();
+            store.insert_attempts(&[attempt(0, "a")]).unwrap();
+            assert!(store.mark_running(&attempt_id("uid", 0, 1)).unwrap());
+            assert!(!store.mark_running(&attempt_id("uid", 0, 1)).unwrap());
+            let done = store.finish(&attempt_id("uid", 0, 1), AttemptPhase::Succeeded, Some(&result), 9).unwrap().unwrap();
+            assert_eq!(done.phase, AttemptPhase::Succeeded);
+            assert_eq!(done.result.as_ref(), Some(&result));
+            assert_eq!(store.finish(&attempt_id("uid", 0, 1), AttemptPhase::Failed, None, 10).unwrap(), None);
+            assert!(!store.mark_running(&attempt_id("uid", 0, 1)).unwrap());
+            assert_eq!(store.finish("nope", AttemptPhase::Failed, None, 10).unwrap(), None);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let all = store.attempts_for_job("uid").unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].phase, AttemptPhase::Succeeded);
+        assert_eq!(all[0].finished_ms, Some(9));
+        assert_eq!(all[0].result.as_ref().unwrap().stdout_tail, b"hi");
+        assert_eq!(store.active_on_node("b").unwrap().len(), 1);
+        assert!(store.active_on_node("a").unwrap().is_empty());
+        assert_eq!(store.all_active().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn node_names_are_bound_to_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.register_node("n1", "k1", 1).unwrap(), Registration::New);
+        assert_eq!(store.register_node("n1", "k1", 2).unwrap(), Registration::SameKey);
+        assert_eq!(store.register_node("n1", "k2", 3).unwrap(), Registration::Taken);
+        assert_eq!(store.node_key("n1").unwrap().as_deref(), Some("k1"));
+        assert_eq!(store.node_key("n2").unwrap(), None);
+    }
+}

@@ -1,0 +1,216 @@
+//! Join tokens on the operator side: redeeming one (the gateway's Join) and minting one
+//! (`kommune-operator token create`). Tokens live as Secrets `kommune-join-<id>` in the
+//! operator's namespace, like kubeadm's bootstrap tokens in kube-system.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kommune_proto::token::JoinToken;
+use kube::api::{Api, ObjectMeta, PostParams};
+
+/// Secret type of join-token Secrets.
+pub const SECRET_TYPE: &str = "kommune.dev/join-token";
+const LABEL: &str = "kommune.dev/join-token";
+
+/// Why a token was not accepted. Messages are shown to the provider as they are.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRejection {
+    #[error("join token {0} is not valid (unknown or deleted); ask the cluster admin for a new one")]
+    Unknown(String),
+    #[error("join token {0} is not valid (wrong secret); check that it was copied whole")]
+    WrongSecret(String),
+    #[error("join token {id} expired at {at}; ask the cluster admin for a new one")]
+    Expired { id: String, at: String },
+    #[error("join token {0} has no uses left; ask the cluster admin for a new one")]
+    UsedUp(String),
+    #[error("cannot check the join token right now: {0}")]
+    Backend(String),
+}
+
+/// Where tokens are checked and consumed.
+#[tonic::async_trait]
+pub trait JoinTokens: Send + Sync + 'static {
+    /// Checks a token and consumes one use of it.
+    async fn redeem(&self, token: &JoinToken) -> Result<(), TokenRejection>;
+}
+
+/// A stored token's state, the same whether in a Secret or in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub secret: String,
+    pub expires: Timestamp,
+    pub uses_left: u32,
+}
+
+/// Pure check of a presented token against its record; returns the record after one use.
+pub fn check(token: &JoinToken, record: &TokenRecord, now: Timestamp) -> Result<TokenRecord, TokenRejection> {
+    if !token.secret_matches(&record.secret) {
+        return Err(TokenRejection::WrongSecret(token.id.clone()));
+    }
+    if now >= record.expires {
+        return Err(TokenRejection::Expired { id: token.id.clone(), at: record.expires.to_string() });
+    }
+    if record.uses_left == 0 {
+        return Err(TokenRejection::UsedUp(token.id.clone()));
+    }
+    Ok(TokenRecord { uses_left: record.uses_left - 1, ..record.clone() })
+}
+
+/// Tokens in memory, for tests and single-process setups.
+#[derive(Default)]
+pub struct MemoryTokens {
+    records: Mutex<HashMap<String, TokenRecord>>,
+}
+
+impl MemoryTokens {
+    pub fn insert(&self, token: &JoinToken, expires: Timestamp, uses: u32) {
+        self.records.lock().unwrap().insert(token.id.clone(), TokenRecord { secret: token.secret.clone(), expires, uses_left: uses });
+    }
+}
+
+#[tonic::async_trait]
+impl JoinTokens for MemoryTokens {
+    async fn redeem(&self, token: &JoinToken) -> Result<(), TokenRejection> {
+        let mut records = self.records.lock().unwrap();
+        let record = records.get(&token.id).ok_or_else(|| TokenRejection::Unknown(token.id.clone()))?;
+        let next = check(token, record, Timestamp::now())?;
+        records.insert(token.id.clone(), next);
+        Ok(())
+    }
+}
+
+/// Tokens as Secrets in the operator's namespace.
+pub struct SecretTokens {
+    api: Api<Secret>,
+}
+
+impl SecretTokens {
+    pub fn new(client: kube::Client, namespace: &str) -> Self {
+        SecretTokens { api: Api::namespaced(client, namespace) }
+    }
+
+    /// Mints a token valid for `ttl` and `uses` joins, stored as a Secret.
+    pub async fn create(&self, ca_pin: &str, ttl: std::time::Duration, uses: u32) -> Result<JoinToken, kube::Error> {
+        let token = JoinToken::generate(ca_pin);
+        let expires = Timestamp::now() + jiff_span(ttl);
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(token.secret_name()),
+                labels: Some(BTreeMap::from([(LABEL.to_string(), "true".to_string())])),
+                ..Default::default()
+            },
+            type_: Some(SECRET_TYPE.into()),
+            string_data: Some(BTreeMap::from([
+                ("token-id".to_string(), token.id.clone()),
+                ("token-secret".to_string(), token.secret.clone()),
+                ("expiration".to_string(), expires.to_string()),
+                ("usages-remaining".to_string(), uses.to_string()),
+            ])),
+            ..Default::default()
+        };
+        self.api.create(&PostParams::default(), &secret).await?;
+        Ok(token)
+    }
+}
+
+fn jiff_span(d: std::time::Duration) -> k8s_openapi::jiff::SignedDuration {
+    k8s_openapi::jiff::SignedDuration::try_from(d).unwrap_or(k8s_openapi::jiff::SignedDuration::MAX)
+}
+
+fn field(secret: &Secret, key: &str) -> Option<String> {
+    secret.data.as_ref()?.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok())
+}
+
+/// Reads a token Secret; None when it is not a well-formed token Secret.
+pub fn record_of(secret: &Secret) -> Option<TokenRecord> {
+    if secret.type_.as_deref() != Some(SECRET_TYPE) {
+        return None;
+    }
+    Some(TokenRecord {
+        secret: field(secret, "token-secret")?,
+        expires: field(secret, "expiration")?.parse().ok()?,
+        uses_left: field(secret, "usages-remaining")?.parse().ok()?,
+    })
+}
+
+#[tonic::async_trait]
+impl JoinTokens for SecretTokens {
+    async fn redeem(&self, token: &JoinToken) -> Result<(), TokenRejection> {
+        // Optimistic concurrency: two agents racing for the last use cannot both win.
+        for _ in 0..5 {
+            let secret = match self.api.get_opt(&token.secret_name()).await {
+                Ok(Some(s)) => s,
+                Ok(None) => return Err(TokenRejection::Unknown(token.id.clone())),
+                Err(e) => return Err(TokenRejection::Backend(e.to_string())),
+            };
+            let record = record_of(&secret).ok_or_else(|| TokenRejection::Unknown(token.id.clone()))?;
+            let next = check(token, &record, Timestamp::now())?;
+            let mut updated = secret.clone();
+            updated.string_data = Some(BTreeMap::from([("usages-remaining".to_string(), next.uses_left.to_string())]));
+            match self.api.replace(&token.secret_name(), &PostParams::default(), &updated).await {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => return Err(TokenRejection::Backend(e.to_string())),
+            }
+        }
+        Err(TokenRejection::Backend("the token Secret kept changing while it was being used; try again".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn record(token: &JoinToken, expires: Timestamp, uses: u32) -> TokenRecord {
+        TokenRecord { secret: token.secret.clone(), expires, uses_left: uses }
+    }
+
+    #[test]
+    fn check_accepts_and_consumes() {
+        let t = JoinToken::generate(PIN);
+        let now = Timestamp::now();
+        let later = now + k8s_openapi::jiff::SignedDuration::from_secs(60);
+        assert_eq!(check(&t, &record(&t, later, 2), now).unwrap().uses_left, 1);
+        assert_eq!(check(&t, &record(&t, later, 0), now), Err(TokenRejection::UsedUp(t.id.clone())));
+        assert!(matches!(check(&t, &record(&t, now, 1), now), Err(TokenRejection::Expired { .. })));
+        let other = JoinToken::generate(PIN);
+        assert_eq!(check(&t, &record(&other, later, 1), now), Err(TokenRejection::WrongSecret(t.id.clone())));
+    }
+
+    #[test]
+    fn rejections_name_the_token_but_not_its_secret() {
+        let t = JoinToken::generate(PIN);
+        let msg = TokenRejection::Expired { id: t.id.clone(), at: "2026-01-01T00:00:00Z".into() }.to_string();
+        assert!(msg.contains(&t.id) && msg.contains("expired") && !msg.contains(&t.secret));
+    }
+
+    #[tokio::test]
+    async fn memory_tokens_run_out() {
+        let tokens = MemoryTokens::default();
+        let t = JoinToken::generate(PIN);
+        tokens.insert(&t, Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(60), 1);
+        tokens.redeem(&t).await.unwrap();
+        assert_eq!(tokens.redeem(&t).await, Err(TokenRejection::UsedUp(t.id.clone())));
+        assert_eq!(tokens.redeem(&JoinToken::generate(PIN)).await.unwrap_err().to_string().contains("unknown"), true);
+    }
+
+    #[test]
+    fn token_secrets_parse() {
+        use k8s_openapi::ByteString;
+        let t = JoinToken::generate(PIN);
+        let mut s = Secret { type_: Some(SECRET_TYPE.into()), ..Default::default() };
+        s.data = Some(BTreeMap::from([
+            ("token-secret".to_string(), ByteString(t.secret.clone().into_bytes())),
+            ("expiration".to_string(), ByteString(b"2030-01-01T00:00:00Z".to_vec())),
+            ("usages-remaining".to_string(), ByteString(b"3".to_vec())),
+        ]));
+        let r = record_of(&s).unwrap();
+        assert_eq!(r.uses_left, 3);
+        s.type_ = Some("Opaque".into());
+        assert_eq!(record_of(&s), None);
+    }
+}

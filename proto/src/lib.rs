@@ -1,0 +1,39 @@
+//! The Kommune agent protocol (`kommune.agent.v1`) and the pieces of it both ends must agree on:
+//! the join token format, the CA pin, and the TLS server name agents verify.
+
+pub mod token;
+
+/// Generated tonic/prost bindings for `proto/kommune/agent/v1/agent.proto`.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("kommune.agent.v1");
+}
+
+use sha2::{Digest, Sha256};
+
+/// The DNS name every gateway certificate carries and every agent verifies, whatever address
+/// it dialled: trust comes from the pinned operator CA, not from DNS, so NAT, port forwards and
+/// changing addresses do not break TLS.
+pub const GATEWAY_SERVER_NAME: &str = "gateway.kommune.internal";
+
+/// Name of the runtimes, as advertised in `Capacity.runtimes` and used in ComputeJob specs.
+pub mod runtime {
+    pub const WASM: &str = "wasm";
+    pub const EXEC: &str = "exec";
+    pub const CONTAINER: &str = "container";
+}
+
+/// The CA pin carried in join tokens: lowercase hex sha256 of the CA certificate's DER bytes.
+pub fn ca_pin(ca_der: &[u8]) -> String {
+    hex::encode(Sha256::digest(ca_der))
+}
+
+/// Lowercase hex sha256 of arbitrary bytes (module digests, output digests).
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// True when `s` is 64 lowercase hex digits, the form of every digest in the protocol.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
