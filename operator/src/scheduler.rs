@@ -88,7 +88,10 @@ impl fmt::Display for Explanation {
         }
         let fits = self.total - self.excluded.values().sum::<usize>();
         write!(f, "{fits}/{} nodes can run it", self.total)?;
-        let parts: Vec<String> = self.excluded.iter().map(|(why, n)| format!("{n} {}", why.describe(&self.request))).collect();
+        // Most common reason first, as the first thing to fix.
+        let mut reasons: Vec<(&Exclusion, &usize)> = self.excluded.iter().collect();
+        reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let parts: Vec<String> = reasons.iter().map(|(why, n)| format!("{n} {}", why.describe(&self.request))).collect();
         if !parts.is_empty() {
             write!(f, ": {}", parts.join(", "))?;
         }

@@ -1,6 +1,7 @@
 //! The Kommune agent protocol (`kommune.agent.v1`) and the pieces of it both ends must agree on:
 //! the join token format, the CA pin, and the TLS server name agents verify.
 
+pub mod quantity;
 pub mod token;
 
 /// Generated tonic/prost bindings for `proto/kommune/agent/v1/agent.proto`.

@@ -3,7 +3,7 @@
 
 pub mod compute_job;
 pub mod provider_node;
-pub mod quantity;
+pub use kommune_proto::quantity;
 
 pub use compute_job::*;
 pub use provider_node::*;

@@ -6,7 +6,7 @@ pub fn compact(indexes: &[u32]) -> String {
     let mut iter = indexes.iter().copied().peekable();
     while let Some(start) = iter.next() {
         let mut end = start;
-        while iter.peek() == Some(&(end + 1)) {
+        while end.checked_add(1).is_some_and(|next| iter.peek() == Some(&next)) {
             end += 1;
             iter.next();
         }

@@ -1,0 +1,143 @@
+//! `kommune-agent`: join a Kommune pool and run its tasks on this machine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use kommune_agent::inventory::{self, Caps};
+use kommune_agent::join::{self, JoinOptions};
+use kommune_agent::runtime::{ExecRuntime, WasmRuntime};
+use kommune_agent::session;
+use kommune_agent::state::{self, AgentState};
+use kommune_agent::tasks::{Spool, Tasks};
+use kommune_proto::quantity;
+use kommune_proto::v1::NodeFacts;
+
+/// Lend this machine to a Kommune compute pool.
+///
+/// First `join` once with the token your cluster admin gave you, then keep `run` going (for
+/// example as a systemd service). The agent only ever dials out, so it works behind NAT.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Joins this machine to a pool: pins the operator's CA from the token, creates this node's
+    /// key and certificate, and stores them in the state directory.
+    Join(JoinArgs),
+    /// Connects to the operator and runs assigned tasks until interrupted (Ctrl-C).
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct JoinArgs {
+    /// The operator's agent gateway, e.g. https://203.0.113.7:30443.
+    #[arg(long, env = "KOMMUNE_SERVER")]
+    server: String,
+    /// The join token from `kommune-operator token create` (kmn1.<id>.<secret>.<ca-hash>).
+    #[arg(long, env = "KOMMUNE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Name for this machine in the pool (lowercase letters, digits, '-'); default: chosen by
+    /// the operator.
+    #[arg(long)]
+    name: Option<String>,
+    /// Region this machine is in (shown to schedulers and users), e.g. eu-west.
+    #[arg(long, default_value = "")]
+    region: String,
+    /// Zone this machine is in.
+    #[arg(long, default_value = "")]
+    zone: String,
+    /// Where the node key, certificates and spooled results live.
+    #[arg(long, default_value_os_t = state::default_dir())]
+    state_dir: PathBuf,
+    /// Replace an existing identity in the state directory.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Where `join` stored this node's identity.
+    #[arg(long, default_value_os_t = state::default_dir())]
+    state_dir: PathBuf,
+    /// Also run `exec` tasks: plain commands on this machine, outside the wasm sandbox. Only
+    /// for machines and job submitters you trust.
+    #[arg(long)]
+    allow_exec: bool,
+    /// At most this much CPU is offered, e.g. 2 or 1500m (default: all cores).
+    #[arg(long, value_parser = parse_cpu)]
+    cpus: Option<u64>,
+    /// At most this much memory is offered, e.g. 4Gi (default: all memory).
+    #[arg(long, value_parser = parse_memory)]
+    memory: Option<u64>,
+}
+
+fn parse_cpu(s: &str) -> Result<u64, String> {
+    quantity::cpu_millis("--cpus", s).map_err(|e| e.to_string())
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    quantity::memory_bytes("--memory", s).map_err(|e| e.to_string())
+}
+
+fn facts(caps: &Caps, allow_exec: bool, region: &str, zone: &str) -> NodeFacts {
+    NodeFacts {
+        capacity: Some(inventory::capacity(inventory::measure(), caps, allow_exec)),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        region: region.to_string(),
+        zone: zone.to_string(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _telemetry = kommune_telemetry::init("kommune-agent");
+    let result = match cli.command {
+        Command::Join(a) => join_cmd(a).await,
+        Command::Run(a) => run_cmd(a).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
+    let state = join::join(JoinOptions {
+        server: &a.server,
+        token: &a.token,
+        name: a.name.as_deref(),
+        region: &a.region,
+        zone: &a.zone,
+        state_dir: &a.state_dir,
+        force: a.force,
+        facts: facts(&Caps::default(), false, &a.region, &a.zone),
+    })
+    .await?;
+    println!("joined as {} (state in {})", state.config.node_name, state.dir.display());
+    println!("next: kommune-agent run --state-dir {}", state.dir.display());
+    Ok(())
+}
+
+async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
+    let state = AgentState::load(&a.state_dir)?;
+    let caps = Caps { cpu_millis: a.cpus, memory_bytes: a.memory };
+    let facts = facts(&caps, a.allow_exec, &state.config.region, &state.config.zone);
+    let wasm = WasmRuntime::new()?;
+    let spool = Spool::open(state.results_dir())?;
+    let (tasks, mut updates) = Tasks::new(wasm, ExecRuntime::new(a.allow_exec), spool, state.scratch_dir());
+    tracing::info!(node = %state.config.node_name, server = %state.config.server, exec = a.allow_exec, "agent starting");
+    session::run(&state, &facts, &tasks, &mut updates, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! Exec runtime: runs a host command in the attempt's scratch dir, when the agent allows it.
+//! Not a sandbox: the command has the agent's privileges, so it is off unless `--allow-exec`.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use super::output::SharedCapture;
+use super::{AttemptContext, End, Outcome, deadline, expired};
+
+/// The only search path a command gets; the agent's own PATH says nothing about the task.
+const TASK_PATH: &str = "/usr/bin:/bin";
+/// How long to wait for output pipes to close once the task's process group is gone. Longer
+/// means a process that left the group (setsid) still holds them; it is then abandoned.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Runs `exec` workloads: argv straight to the kernel, no shell unless the job asks for one.
+#[derive(Debug, Clone)]
+pub struct ExecRuntime {
+    allowed: bool,
+}
+
+impl ExecRuntime {
+    /// `allowed` comes from the agent's `--allow-exec`; when false every run fails with a hint.
+    pub fn new(allowed: bool) -> Self {
+        Self { allowed }
+    }
+
+    pub fn is_allowed(&self) -> bool {
+        self.allowed
+    }
+
+    /// Runs `command` with a clean environment in `ctx.scratch_dir`, in a process group of its
+    /// own that is killed as a whole on timeout, cancel, output past its cap, when the command
+    /// exits (stragglers) and when the returned future is dropped.
+    ///
+    /// `ctx.memory_bytes` is NOT enforced for exec yet: RLIMIT_AS would break runtimes that
+    /// reserve address space up front, and a per-task cgroup needs privileges the agent does
+    /// not assume. The agent pod's own memory limit is the only backstop.
+    pub async fn run(
+        &self,
+        command: &[String],
+        ctx: &AttemptContext,
+        cancel: CancellationToken,
+    ) -> Outcome {
+        let started = Instant::now();
+        if !self.allowed {
+            return Outcome::not_started(
+                "exec runtime disabled: start the agent with --allow-exec",
+            );
+        }
+        let Some((program, args)) = command.split_first() else {
+            return Outcome::not_started("exec workload has an empty command");
+        };
+        let mut child = match task_command(program, args, ctx).spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                return Outcome::not_started(format!("cannot start {program}: {}", describe(&e)));
+            }
+        };
+        let group = child.id().map(ProcessGroup);
+
+        let stdout = SharedCapture::stdout();
+        let stderr = SharedCapture::stderr();
+        let over_limit = CancellationToken::new();
+        let mut readers = tokio::task::JoinSet::new();
+        if let Some(pipe) = child.stdout.take() {
+            readers.spawn(drain(pipe, stdout.clone(), over_limit.clone()));
+        }
+        if let Some(pipe) = child.stderr.take() {
+            readers.spawn(drain(pipe, stderr.clone(), over_limit.clone()));
+        }
+
+        let stopped = tokio::select! {
+            status = child.wait() => Err(status),
+            () = cancel.cancelled() => Ok(End::cancelled()),
+            after = expired(deadline(started, ctx.timeout)) => Ok(End::timed_out(after)),
+            () = over_limit.cancelled() => Ok(End::failed("output limit exceeded")),
+        };
+        // Whatever happened, nothing of the task outlives the attempt: background processes
+        // included. On the stop paths this also kills the leader before it is reaped below.
+        drop(group);
+        let end = match stopped {
+            Ok(end) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                end
+            }
+            Err(status) => exit_end(status),
+        };
+        if tokio::time::timeout(DRAIN_GRACE, async {
+            while readers.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(attempt = %ctx.attempt_id, "task output still open after its process group was killed; giving up on it");
+            readers.abort_all();
+        }
+        let end = end.check_output(&stdout, &stderr);
+        Outcome::from_captures(end, &stdout, &stderr, started.elapsed())
+    }
+}
+
+fn task_command(program: &str, args: &[String], ctx: &AttemptContext) -> Command {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", TASK_PATH)
+        .env("HOME", &ctx.scratch_dir)
+        // Temp files land in the scratch dir too, so they go away with it.
+        .env("TMPDIR", &ctx.scratch_dir)
+        .envs(ctx.task_env())
+        .current_dir(&ctx.scratch_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    command
+}
+
+/// Feeds one pipe into its capture until EOF, or until the stream passes its cap, which it
+/// reports through `over_limit` so the task is stopped.
+async fn drain(
+    mut pipe: impl AsyncRead + Unpin,
+    capture: SharedCapture,
+    over_limit: CancellationToken,
+) {
+    let mut buf = vec![0; READ_CHUNK];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if !capture.push(&buf[..n]) {
+                    over_limit.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn exit_end(status: io::Result<ExitStatus>) -> End {
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => End::exited(code),
+            (None, Some(signal)) => End::failed(format!("killed by signal {signal}")),
+            (None, None) => End::failed(format!("ended with {status}")),
+        },
+        Err(e) => End::failed(format!("cannot wait for the task: {e}")),
+    }
+}
+
+/// "No such file or directory" rather than "No such file or directory (os error 2)".
+fn describe(error: &io::Error) -> String {
+    let text = error.to_string();
+    match text.find(" (os error ") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    }
+}
+
+/// The task's process group (its leader's pid); dropping it SIGKILLs every process still in it.
+struct ProcessGroup(u32);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        kill_process_group(self.0);
+    }
+}
+
+/// std has no killpg and the workspace forbids unsafe code, so this asks kill(1) (procps,
+/// util-linux or busybox; the agent image must ship one). Without it only the leader dies,
+/// through the child handle. kill(1) is one short fork+exec, cheap enough to wait for inline.
+///
+/// Once the leader has been reaped its pid could in principle be reused as a new group id,
+/// but not while any process of the old group lives, and the kill follows the reap at once.
+fn kill_process_group(pgid: u32) {
+    // Group 0 is our own and 1 would be init's: never signal those.
+    if pgid <= 1 {
+        return;
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-s", "KILL", "--", &format!("-{pgid}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if let Err(e) = killed {
+        tracing::warn!(pgid, error = %e, "cannot run kill(1): the task's background processes may outlive it");
+    }
+}
+
+#[cfg(test)]
+mod tests;

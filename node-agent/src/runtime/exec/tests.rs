@@ -1,0 +1,234 @@
+//! ExecRuntime against real processes: /bin/sh, sleep, head.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::super::{AttemptContext, Ending, ExecRuntime, Outcome, TAIL_BYTES};
+
+fn context(scratch: &Path) -> AttemptContext {
+    AttemptContext {
+        attempt_id: "hello-exec-1-a1".into(),
+        task_index: 1,
+        task_count: 2,
+        memory_bytes: 64 << 20,
+        timeout: Some(Duration::from_secs(20)),
+        scratch_dir: scratch.to_path_buf(),
+        env: vec![("GREETING".into(), "hello".into())],
+    }
+}
+
+async fn sh(script: &str, ctx: &AttemptContext) -> Outcome {
+    let command = ["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
+    ExecRuntime::new(true)
+        .run(&command, ctx, CancellationToken::new())
+        .await
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// True once `pid` is gone or a zombie waiting for a reaper: either way it no longer runs.
+fn is_dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+async fn wait_until_dead(pid: u32) -> bool {
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        if is_dead(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn exec_is_refused_unless_the_agent_allows_it() {
+    let scratch = tempfile::tempdir().unwrap();
+    let command = [
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        "touch ran".to_owned(),
+    ];
+    let outcome = ExecRuntime::new(false)
+        .run(&command, &context(scratch.path()), CancellationToken::new())
+        .await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
+    assert_eq!(
+        outcome.message,
+        "exec runtime disabled: start the agent with --allow-exec"
+    );
+    assert!(!scratch.path().join("ran").exists());
+    assert!(!ExecRuntime::new(false).is_allowed());
+}
+
+#[tokio::test]
+async fn the_command_runs_in_scratch_with_a_clean_env() {
+    let scratch = tempfile::tempdir().unwrap();
+    // cargo sets CARGO for the tests it runs; the task must not inherit it.
+    assert!(
+        std::env::var_os("CARGO").is_some(),
+        "run this test through cargo"
+    );
+    let outcome = sh(
+        r#"echo "$GREETING from task $KOMMUNE_TASK_INDEX/$KOMMUNE_TASK_COUNT ($KOMMUNE_ATTEMPT_ID)"
+           echo "home=$HOME pwd=$(pwd) path=$PATH cargo=${CARGO:-unset}"
+           echo file > made-here.txt"#,
+        &context(scratch.path()),
+    )
+    .await;
+    assert_eq!(
+        (outcome.ending, outcome.exit_code),
+        (Ending::Succeeded, 0),
+        "{outcome:?}"
+    );
+    let dir = scratch.path().display();
+    let expected = format!(
+        "hello from task 1/2 (hello-exec-1-a1)\nhome={dir} pwd={dir} path=/usr/bin:/bin cargo=unset\n"
+    );
+    assert_eq!(text(&outcome.stdout_tail), expected);
+    assert_eq!(
+        outcome.output_sha256,
+        hex::encode(Sha256::digest(expected.as_bytes()))
+    );
+    assert_eq!(outcome.output_bytes, expected.len() as u64);
+    assert!(scratch.path().join("made-here.txt").exists());
+    assert!(outcome.message.is_empty());
+}
+
+#[tokio::test]
+async fn a_non_zero_exit_fails_with_its_code_and_stderr() {
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = sh("echo oops >&2; exit 3", &context(scratch.path())).await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, 3));
+    assert_eq!(outcome.message, "exited with code 3");
+    assert_eq!(text(&outcome.stderr_tail), "oops\n");
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_whole_process_group_fast() {
+    let scratch = tempfile::tempdir().unwrap();
+    let ctx = AttemptContext {
+        timeout: Some(Duration::from_millis(300)),
+        ..context(scratch.path())
+    };
+    // The background sleep holds stdout open too: if it survived, draining would hang.
+    let outcome = sh("sleep 30 & echo $! > child.pid; sleep 30", &ctx).await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
+    assert_eq!(outcome.message, "timed out after 300ms");
+    assert!(outcome.wall < Duration::from_secs(2), "{:?}", outcome.wall);
+    let child: u32 = std::fs::read_to_string(scratch.path().join("child.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        wait_until_dead(child).await,
+        "background child {child} survived the timeout"
+    );
+}
+
+#[tokio::test]
+async fn background_processes_do_not_outlive_a_task_that_exits() {
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = sh(
+        "sleep 30 >/dev/null 2>&1 & echo $! > child.pid; echo done",
+        &context(scratch.path()),
+    )
+    .await;
+    assert_eq!(outcome.ending, Ending::Succeeded, "{outcome:?}");
+    assert!(outcome.wall < Duration::from_secs(2), "{:?}", outcome.wall);
+    let child: u32 = std::fs::read_to_string(scratch.path().join("child.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        wait_until_dead(child).await,
+        "background child {child} outlived its task"
+    );
+}
+
+#[tokio::test]
+async fn cancel_stops_the_command_quickly() {
+    let scratch = tempfile::tempdir().unwrap();
+    let ctx = AttemptContext {
+        timeout: None,
+        ..context(scratch.path())
+    };
+    let cancel = CancellationToken::new();
+    let canceller = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        canceller.cancel();
+    });
+    let command = ["sleep".to_owned(), "30".to_owned()];
+    let outcome = ExecRuntime::new(true).run(&command, &ctx, cancel).await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Cancelled, -1));
+    assert_eq!(outcome.message, "cancelled");
+    assert!(outcome.wall < Duration::from_secs(2), "{:?}", outcome.wall);
+}
+
+#[tokio::test]
+async fn a_missing_program_or_an_empty_command_says_so() {
+    let scratch = tempfile::tempdir().unwrap();
+    let ctx = context(scratch.path());
+    let exec = ExecRuntime::new(true);
+
+    let command = ["kommune-no-such-program".to_owned()];
+    let outcome = exec.run(&command, &ctx, CancellationToken::new()).await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
+    assert_eq!(
+        outcome.message,
+        "cannot start kommune-no-such-program: No such file or directory"
+    );
+
+    let outcome = exec.run(&[], &ctx, CancellationToken::new()).await;
+    assert_eq!(outcome.ending, Ending::Failed);
+    assert_eq!(outcome.message, "exec workload has an empty command");
+}
+
+#[tokio::test]
+async fn a_command_killed_by_a_signal_reports_it() {
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = sh("kill -s TERM $$", &context(scratch.path())).await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
+    assert_eq!(outcome.message, "killed by signal 15");
+}
+
+#[tokio::test]
+async fn the_tail_is_bounded_and_the_digest_covers_all_of_stdout() {
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = sh("seq 1 200000", &context(scratch.path())).await;
+    let expected: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(outcome.ending, Ending::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.output_bytes, expected.len() as u64);
+    assert_eq!(
+        outcome.output_sha256,
+        hex::encode(Sha256::digest(expected.as_bytes()))
+    );
+    assert_eq!(
+        outcome.stdout_tail,
+        expected.as_bytes()[expected.len() - TAIL_BYTES..]
+    );
+}
+
+#[tokio::test]
+async fn stdout_past_its_cap_stops_the_command() {
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = sh("cat /dev/zero", &context(scratch.path())).await;
+    assert_eq!(outcome.ending, Ending::Failed);
+    assert_eq!(outcome.message, "stdout limit 16 MiB exceeded");
+    assert_eq!(outcome.output_bytes, 16 << 20);
+    assert!(outcome.wall < Duration::from_secs(5), "{:?}", outcome.wall);
+}

@@ -1,0 +1,354 @@
+//! The attempts this agent runs. Independent of sessions: tasks keep running while the agent
+//! reconnects, and every finished attempt is spooled to disk until the operator acknowledges
+//! it, so neither a dropped connection nor an agent restart loses a result.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kommune_proto::v1::{self, workload::Kind as WorkloadKind, AttemptState, TaskResult, TaskUpdate};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::runtime::{AttemptContext, Ending, ExecRuntime, Outcome, WasmRuntime};
+
+/// Largest module downloaded from a URL.
+const MAX_MODULE_BYTES: u64 = 64 << 20;
+
+/// Where wasm modules come from when they are not cached: the operator, by digest.
+#[tonic::async_trait]
+pub trait ModuleSource: Send + Sync + 'static {
+    async fn fetch(&self, sha256: &str) -> Result<Vec<u8>, String>;
+}
+
+/// Finished attempts waiting for the operator's Ack, one file each.
+pub struct Spool {
+    dir: PathBuf,
+}
+
+fn file_name(attempt_id: &str) -> Option<String> {
+    let ok = !attempt_id.is_empty() && attempt_id.len() <= 200 && attempt_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+    (ok && !attempt_id.starts_with('.')).then(|| format!("{attempt_id}.pb"))
+}
+
+impl Spool {
+    pub fn open(dir: PathBuf) -> std::io::Result<Spool> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Spool { dir })
+    }
+
+    /// Durably records a terminal update (write, fsync, rename).
+    pub fn put(&self, update: &TaskUpdate) -> std::io::Result<()> {
+        use std::io::Write;
+        let name = file_name(&update.attempt_id).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad attempt id"))?;
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&update.encode_to_vec())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join(name))
+    }
+
+    pub fn remove(&self, attempt_id: &str) {
+        if let Some(name) = file_name(attempt_id) {
+            let _ = std::fs::remove_file(self.dir.join(name));
+        }
+    }
+
+    pub fn contains(&self, attempt_id: &str) -> bool {
+        file_name(attempt_id).is_some_and(|n| self.dir.join(n).exists())
+    }
+
+    /// Every spooled update; unreadable files are skipped with a warning, never fatal.
+    pub fn all(&self) -> Vec<TaskUpdate> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return vec![] };
+        let mut out: Vec<TaskUpdate> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pb") && !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| match std::fs::read(e.path()).map(|b| TaskUpdate::decode(b.as_slice())) {
+                Ok(Ok(u)) => Some(u),
+                _ => {
+                    warn!(path = %e.path().display(), "unreadable spooled result skipped");
+                    None
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.attempt_id.cmp(&b.attempt_id));
+        out
+    }
+}
+
+/// Runs attempts and reports their updates.
+pub struct Tasks {
+    running: Mutex<HashMap<String, CancellationToken>>,
+    wasm: WasmRuntime,
+    exec: ExecRuntime,
+    spool: Spool,
+    scratch_root: PathBuf,
+    // Unbounded: at most two updates per assigned attempt, and the operator bounds assignments.
+    updates: mpsc::UnboundedSender<TaskUpdate>,
+}
+
+impl Tasks {
+    pub fn new(wasm: WasmRuntime, exec: ExecRuntime, spool: Spool, scratch_root: PathBuf) -> (Arc<Tasks>, mpsc::UnboundedReceiver<TaskUpdate>) {
+        let (updates, rx) = mpsc::unbounded_channel();
+        (Arc::new(Tasks { running: Mutex::new(HashMap::new()), wasm, exec, spool, scratch_root, updates }), rx)
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attempts this agent knows: running, or finished and not yet acknowledged (for Hello).
+    pub fn known_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.running().keys().cloned().collect();
+        ids.extend(self.spool.all().into_iter().map(|u| u.attempt_id));
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Ids of attempts running right now (for Heartbeat).
+    pub fn running_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.running().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Finished attempts not yet acknowledged, to resend after (re)connecting.
+    pub fn unacknowledged(&self) -> Vec<TaskUpdate> {
+        self.spool.all()
+    }
+
+    /// The operator recorded this attempt's result.
+    pub fn ack(&self, attempt_id: &str) {
+        self.spool.remove(attempt_id);
+    }
+
+    /// Stops an attempt if it is running.
+    pub fn cancel(&self, attempt_id: &str) {
+        if let Some(t) = self.running().get(attempt_id) {
+            info!(attempt = attempt_id, "cancelling");
+            t.cancel();
+        }
+    }
+
+    /// Starts an attempt. Idempotent by attempt id: a repeated Assign for a running attempt is
+    /// ignored, and one for a finished attempt re-sends its result.
+    pub fn assign(self: &Arc<Self>, assign: v1::Assign, modules: Arc<dyn ModuleSource>) {
+        let id = assign.attempt_id.clone();
+        if file_name(&id).is_none() {
+            warn!(attempt = %id.chars().take(64).collect::<String>(), "assignment with an unusable attempt id ignored");
+            return;
+        }
+        if let Some(done) = self.spool.all().into_iter().find(|u| u.attempt_id == id) {
+            let _ = self.updates.send(done);
+            return;
+        }
+        let cancel = CancellationToken::new();
+        {
+            let mut running = self.running();
+            if running.contains_key(&id) {
+                return;
+            }
+            running.insert(id.clone(), cancel.clone());
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _ = me.updates.send(TaskUpdate { attempt_id: id.clone(), state: AttemptState::Running as i32, result: None });
+            info!(attempt = %id, job = %assign.job, index = assign.task_index, "attempt started");
+            let outcome = me.execute(&assign, modules, cancel).await;
+            let update = TaskUpdate { attempt_id: id.clone(), state: state_of(outcome.ending) as i32, result: Some(result_of(&outcome)) };
+            if let Err(e) = me.spool.put(&update) {
+                warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart");
+            }
+            me.running().remove(&id);
+            info!(attempt = %id, ending = ?outcome.ending, exit = outcome.exit_code, "attempt finished");
+            let _ = me.updates.send(update);
+        });
+    }
+
+    async fn execute(&self, a: &v1::Assign, modules: Arc<dyn ModuleSource>, cancel: CancellationToken) -> Outcome {
+        let scratch = self.scratch_root.join(&a.attempt_id);
+        if let Err(e) = std::fs::create_dir_all(&scratch) {
+            return Outcome::not_started(format!("cannot create scratch directory {}: {e}", scratch.display()));
+        }
+        let timeout = (a.timeout_millis > 0).then(|| Duration::from_millis(a.timeout_millis));
+        let mut ctx = AttemptContext {
+            attempt_id: a.attempt_id.clone(),
+            task_index: a.task_index,
+            task_count: a.task_count,
+            memory_bytes: a.memory_bytes,
+            timeout,
+            scratch_dir: scratch.clone(),
+            env: vec![],
+        };
+        let outcome = match a.workload.as_ref().and_then(|w| w.kind.as_ref()) {
+            Some(WorkloadKind::Wasm(w)) => {
+                ctx.env = w.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                ctx.env.sort();
+                match self.ensure_module(w, modules).await {
+                    Ok(()) => self.wasm.run(&w.module_sha256, &w.args, &ctx, cancel).await,
+                    Err(message) => Outcome::not_started(message),
+                }
+            }
+            Some(WorkloadKind::Exec(e)) => {
+                ctx.env = e.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                ctx.env.sort();
+                self.exec.run(&e.command, &ctx, cancel).await
+            }
+            None => Outcome::not_started("the assignment carried no workload"),
+        };
+        let _ = std::fs::remove_dir_all(&scratch);
+        outcome
+    }
+
+    async fn ensure_module(&self, w: &v1::WasmWorkload, modules: Arc<dyn ModuleSource>) -> Result<(), String> {
+        if !kommune_proto::is_sha256_hex(&w.module_sha256) {
+            return Err(format!("the assignment's module digest {:?} is not a sha256", w.module_sha256.chars().take(80).collect::<String>()));
+        }
+        if self.wasm.is_cached(&w.module_sha256) {
+            return Ok(());
+        }
+        let bytes = if w.url.is_empty() {
+            modules.fetch(&w.module_sha256).await.map_err(|e| format!("cannot fetch module {} from the operator: {e}", w.module_sha256))?
+        } else {
+            download(&w.url).await?
+        };
+        self.wasm.load(&w.module_sha256, &bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// Downloads a module over http(s), bounded in size. The caller checks its digest.
+async fn download(url: &str) -> Result<Vec<u8>, String> {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut resp = ureq::get(&url).call().map_err(|e| format!("cannot download module from {url}: {e}"))?;
+        resp.body_mut()
+            .with_config()
+            .limit(MAX_MODULE_BYTES)
+            .read_to_vec()
+            .map_err(|e| format!("cannot download module from {url}: {e}"))
+    })
+    .await
+    .map_err(|e| format!("download task failed: {e}"))?
+}
+
+fn state_of(e: Ending) -> AttemptState {
+    match e {
+        Ending::Succeeded => AttemptState::Succeeded,
+        Ending::Failed => AttemptState::Failed,
+        Ending::Cancelled => AttemptState::Cancelled,
+    }
+}
+
+fn result_of(o: &Outcome) -> TaskResult {
+    TaskResult {
+        exit_code: o.exit_code,
+        output_sha256: o.output_sha256.clone(),
+        stdout_tail: o.stdout_tail.clone(),
+        stderr_tail: o.stderr_tail.clone(),
+        message: o.message.clone(),
+        wall_millis: o.wall.as_millis() as u64,
+        output_bytes: o.output_bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spool_survives_reopen_and_ack_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = TaskUpdate { attempt_id: "uid.0.1".into(), state: AttemptState::Succeeded as i32, result: Some(TaskResult { exit_code: 0, ..Default::default() }) };
+        Spool::open(dir.path().into()).unwrap().put(&u).unwrap();
+        let spool = Spool::open(dir.path().into()).unwrap();
+        assert_eq!(spool.all(), vec![u.clone()]);
+        assert!(spool.contains("uid.0.1"));
+        std::fs::write(dir.path().join("garbage.pb"), b"\xff\xff\xff").unwrap();
+        assert_eq!(spool.all(), vec![u]);
+        spool.remove("uid.0.1");
+        assert!(!spool.contains("uid.0.1"));
+    }
+
+    #[test]
+    fn attempt_ids_cannot_escape_the_spool() {
+        for bad in ["", "../x", "a/b", ".hidden", "x\0y"] {
+            assert_eq!(file_name(bad), None, "{bad:?}");
+        }
+        assert_eq!(file_name("0a9f-uid.3.1").as_deref(), Some("0a9f-uid.3.1.pb"));
+    }
+
+    struct NoModules;
+    #[tonic::async_trait]
+    impl ModuleSource for NoModules {
+        async fn fetch(&self, _: &str) -> Result<Vec<u8>, String> {
+            Err("offline".into())
+        }
+    }
+
+    fn tasks(dir: &std::path::Path, allow_exec: bool) -> (Arc<Tasks>, mpsc::UnboundedReceiver<TaskUpdate>) {
+        Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(allow_exec), Spool::open(dir.join("results")).unwrap(), dir.join("scratch"))
+    }
+
+    fn exec_assign(id: &str, cmd: &[&str]) -> v1::Assign {
+        v1::Assign {
+            attempt_id: id.into(),
+            job: "ns/j".into(),
+            task_index: 1,
+            task_count: 2,
+            workload: Some(v1::Workload { kind: Some(WorkloadKind::Exec(v1::ExecWorkload { command: cmd.iter().map(|s| s.to_string()).collect(), env: Default::default() })) }),
+            memory_bytes: 64 << 20,
+            cpu_millis: 100,
+            timeout_millis: 10_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_attempt_reports_running_then_its_result_and_is_spooled_until_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tasks, mut rx) = tasks(dir.path(), true);
+        tasks.assign(exec_assign("u.1.1", &["/bin/sh", "-c", "echo task $KOMMUNE_TASK_INDEX"]), Arc::new(NoModules));
+        tasks.assign(exec_assign("u.1.1", &["/bin/sh", "-c", "echo duplicate"]), Arc::new(NoModules));
+        let running = rx.recv().await.unwrap();
+        assert_eq!(running.state, AttemptState::Running as i32);
+        let done = rx.recv().await.unwrap();
+        assert_eq!(done.state, AttemptState::Succeeded as i32);
+        assert_eq!(done.result.as_ref().unwrap().stdout_tail, b"task 1\n");
+        assert!(tasks.running_ids().is_empty());
+        assert_eq!(tasks.known_ids(), vec!["u.1.1".to_string()]);
+        // A repeated Assign for a finished attempt re-sends its result instead of running again.
+        tasks.assign(exec_assign("u.1.1", &["/bin/sh", "-c", "echo again"]), Arc::new(NoModules));
+        assert_eq!(rx.recv().await.unwrap(), done);
+        tasks.ack("u.1.1");
+        assert!(tasks.known_ids().is_empty());
+        assert!(!dir.path().join("scratch/u.1.1").exists());
+    }
+
+    #[tokio::test]
+    async fn a_module_that_cannot_be_fetched_fails_the_attempt_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tasks, mut rx) = tasks(dir.path(), false);
+        let mut a = exec_assign("u.2.1", &[]);
+        a.workload = Some(v1::Workload { kind: Some(WorkloadKind::Wasm(v1::WasmWorkload { module_sha256: "a".repeat(64), ..Default::default() })) });
+        tasks.assign(a, Arc::new(NoModules));
+        rx.recv().await.unwrap();
+        let done = rx.recv().await.unwrap();
+        assert_eq!(done.state, AttemptState::Failed as i32);
+        assert!(done.result.unwrap().message.contains("offline"));
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_a_running_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tasks, mut rx) = tasks(dir.path(), true);
+        tasks.assign(exec_assign("u.3.1", &["sleep", "30"]), Arc::new(NoModules));
+        rx.recv().await.unwrap();
+        tasks.cancel("u.3.1");
+        let done = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(done.state, AttemptState::Cancelled as i32);
+    }
+}

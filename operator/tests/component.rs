@@ -1,0 +1,349 @@
+//! Component test: the operator's gateway, dispatcher and store with real agents (the
+//! kommune-agent library) over loopback gRPC with TLS and mTLS. No Kubernetes: the test drives
+//! the dispatcher the way the ComputeJob controller does.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kommune_agent::join::{self, JoinOptions};
+use kommune_agent::runtime::{ExecRuntime, WasmRuntime};
+use kommune_agent::session;
+use kommune_agent::state::AgentState;
+use kommune_agent::tasks::{Spool, Tasks};
+use kommune_operator::attempt::AttemptPhase;
+use kommune_operator::blobs::Blobs;
+use kommune_operator::crd::{ComputeJobSpec, JobPhase};
+use kommune_operator::dispatch::{Dispatcher, JobRef, ModuleRef, Synced};
+use kommune_operator::fleet::Fleet;
+use kommune_operator::gateway::{Gateway, GatewayConfig, NodeEvent};
+use kommune_operator::job::{validate, JobPolicy};
+use kommune_operator::pki::Ca;
+use kommune_operator::store::Store;
+use kommune_operator::tokens::MemoryTokens;
+use kommune_proto::token::JoinToken;
+use kommune_proto::v1::{Capacity, NodeFacts};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+struct Operator {
+    url: String,
+    ca: Arc<Ca>,
+    tokens: Arc<MemoryTokens>,
+    dispatcher: Arc<Dispatcher>,
+    blobs: Blobs,
+    changed: Mutex<mpsc::Receiver<String>>,
+    events: Arc<std::sync::Mutex<Vec<NodeEvent>>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn operator() -> Operator {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let blobs = Blobs::open(dir.path()).unwrap();
+    let fleet = Arc::new(Fleet::default());
+    let (changed_tx, changed_rx) = mpsc::channel(1024);
+    let dispatcher = Arc::new(Dispatcher::new(store, fleet, changed_tx));
+    let ca = Arc::new(Ca::generate().unwrap());
+    let tokens = Arc::new(MemoryTokens::default());
+    let (events_tx, mut events_rx) = mpsc::channel(1024);
+    let events = Arc::new(std::sync::Mutex::new(vec![]));
+    let sink = events.clone();
+    tokio::spawn(async move {
+        while let Some(e) = events_rx.recv().await {
+            sink.lock().unwrap().push(e);
+        }
+    });
+    let config = GatewayConfig { heartbeat_interval: Duration::from_millis(200), session_timeout: Duration::from_secs(2) };
+    let gateway = Gateway::new(dispatcher.clone(), tokens.clone(), ca.clone(), blobs.clone(), events_tx, config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    Operator { url, ca, tokens, dispatcher, blobs, changed: Mutex::new(changed_rx), events, _dir: dir }
+}
+
+impl Operator {
+    fn token(&self, uses: u32, ttl_secs: i64) -> String {
+        let t = JoinToken::generate(&self.ca.pin());
+        self.tokens.insert(&t, Timestamp::now() + SignedDuration::from_secs(ttl_secs), uses);
+        t.to_string()
+    }
+
+    /// Syncs the job until it ends, the way the controller's reconcile loop would.
+    async fn run_to_end(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>) -> Synced {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut changed = self.changed.lock().await;
+        loop {
+            let synced = self.dispatcher.sync(job, policy, module).await.unwrap();
+            if matches!(synced.progress.phase, JobPhase::Succeeded | JobPhase::Failed) {
+                return synced;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "job {} did not finish: {:?}", job.key, synced.progress);
+            let _ = tokio::time::timeout(Duration::from_millis(200), changed.recv()).await;
+        }
+    }
+}
+
+fn facts(allow_exec: bool) -> NodeFacts {
+    let mut runtimes = vec!["wasm".to_string()];
+    if allow_exec {
+        runtimes.push("exec".into());
+    }
+    NodeFacts { capacity: Some(Capacity { cpu_millis: 2000, memory_bytes: 2 << 30, runtimes, arch: "x86_64".into(), os: "linux".into() }), agent_version: "test".into(), region: String::new(), zone: String::new() }
+}
+
+/// One agent: its identity, its task manager (which outlives sessions) and a running session.
+struct Agent {
+    state: AgentState,
+    facts: NodeFacts,
+    tasks: Arc<Tasks>,
+    session: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<mpsc::UnboundedReceiver<kommune_proto::v1::TaskUpdate>>)>,
+    updates: Option<mpsc::UnboundedReceiver<kommune_proto::v1::TaskUpdate>>,
+}
+
+async fn join_agent(op: &Operator, dir: &Path, name: &str, allow_exec: bool) -> Agent {
+    let token = op.token(1, 600);
+    let state = join::join(JoinOptions {
+        server: &op.url,
+        token: &token,
+        name: Some(name),
+        region: "",
+        zone: "",
+        state_dir: &dir.join(name),
+        force: false,
+        facts: facts(allow_exec),
+    })
+    .await
+    .unwrap();
+    assert_eq!(state.config.node_name, name);
+    let (tasks, updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(allow_exec), Spool::open(state.results_dir()).unwrap(), state.scratch_dir());
+    let mut agent = Agent { state, facts: facts(allow_exec), tasks, session: None, updates: Some(updates) };
+    agent.connect();
+    agent
+}
+
+impl Agent {
+    fn connect(&mut self) {
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (state, facts, tasks) = (self.state.clone(), self.facts.clone(), self.tasks.clone());
+        let mut updates = self.updates.take().expect("not connected");
+        let handle = tokio::spawn(async move {
+            session::run(&state, &facts, &tasks, &mut updates, async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+            updates
+        });
+        self.session = Some((stop_tx, handle));
+    }
+
+    /// Drops the session (the connection closes) but keeps the tasks running.
+    async fn disconnect(&mut self) {
+        let (stop, handle) = self.session.take().expect("connected");
+        let _ = stop.send(());
+        self.updates = Some(handle.await.unwrap());
+    }
+}
+
+async fn wait_connected(op: &Operator, names: &[&str]) {
+    for _ in 0..200 {
+        if names.iter().all(|n| op.dispatcher.fleet().is_connected(n)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("agents {names:?} did not connect; connected: {:?}", op.dispatcher.fleet().connected());
+}
+
+async fn wait_disconnected(op: &Operator, name: &str) {
+    for _ in 0..200 {
+        if !op.dispatcher.fleet().is_connected(name) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{name} is still connected");
+}
+
+/// Waits until the agent has confirmed it runs the attempt (it received the Assign).
+async fn wait_running(op: &Operator, attempt: &str) {
+    for _ in 0..200 {
+        if op.dispatcher.store().attempt(attempt).unwrap().is_some_and(|a| a.phase == AttemptPhase::Running) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{attempt} never ran");
+}
+
+fn hello_module() -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/hello-wasm.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let cm: serde_yaml::Value = serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).find(|v: &serde_yaml::Value| v["kind"] == "ConfigMap").unwrap();
+    base64::engine::general_purpose::STANDARD.decode(cm["binaryData"]["module.wasm"].as_str().unwrap()).unwrap()
+}
+
+fn policy(yaml: &str) -> JobPolicy {
+    let spec: ComputeJobSpec = serde_yaml::from_str(yaml).unwrap();
+    validate(&spec).unwrap()
+}
+
+fn job(uid: &str) -> JobRef {
+    JobRef { uid: uid.into(), key: format!("default/{uid}") }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_join_and_run_wasm_and_exec_jobs_over_mtls() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = join_agent(&op, dir.path(), "agent-a", true).await;
+    let _b = join_agent(&op, dir.path(), "agent-b", false).await;
+    wait_connected(&op, &["agent-a", "agent-b"]).await;
+
+    // The wasm example: 4 tasks spread over both agents, module served by digest.
+    let sha = op.blobs.put(&hello_module()).unwrap();
+    let wasm = policy("workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\n    args: ['20000']\n    env: [{name: GREETING, value: hello}]\ntasks: 4\nresources: {cpu: 250m, memory: 64Mi}\n");
+    let done = op.run_to_end(&job("wasm-job"), &wasm, Some(&ModuleRef { sha256: sha, url: None })).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded, "{:?}", done.attempts);
+    assert_eq!(done.attempts.len(), 4, "each task ran exactly once");
+    for a in &done.attempts {
+        let r = a.result.as_ref().unwrap();
+        assert_eq!(a.phase, AttemptPhase::Succeeded);
+        assert_eq!(r.exit_code, 0);
+        let out = String::from_utf8_lossy(&r.stdout_tail);
+        assert!(out.contains(&format!("task {}/4", a.index)), "{out}");
+        assert!(out.contains("2262 primes below 20000"), "{out}");
+        assert_eq!(r.output_sha256.len(), 64);
+    }
+    let on_a = done.attempts.iter().filter(|a| a.node == "agent-a").count();
+    assert_eq!(on_a, 2, "tasks are spread over both agents");
+    // Same input, same output: the module is deterministic, so digests agree per index.
+    let digests: std::collections::HashSet<_> = done.attempts.iter().map(|a| a.result.as_ref().unwrap().output_sha256.clone()).collect();
+    assert_eq!(digests.len(), 4);
+
+    // exec only lands on the agent that opted in.
+    let exec = policy("workload:\n  exec:\n    command: ['/bin/sh', '-c', 'echo exec $KOMMUNE_TASK_INDEX of $KOMMUNE_TASK_COUNT']\ntasks: 3\n");
+    let done = op.run_to_end(&job("exec-job"), &exec, None).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded);
+    assert!(done.attempts.iter().all(|a| a.node == "agent-a"), "{:?}", done.attempts);
+    let mut outs: Vec<String> = done.attempts.iter().map(|a| String::from_utf8_lossy(&a.result.as_ref().unwrap().stdout_tail).into_owned()).collect();
+    outs.sort();
+    assert_eq!(outs, vec!["exec 0 of 3\n", "exec 1 of 3\n", "exec 2 of 3\n"]);
+
+    let events = op.events.lock().unwrap().clone();
+    assert!(events.iter().any(|e| matches!(e, NodeEvent::Joined { node, .. } if node == "agent-a")));
+    assert!(events.iter().any(|e| matches!(e, NodeEvent::Connected { node, .. } if node == "agent-b")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_that_finishes_while_its_agent_is_disconnected_is_reported_once_after_reconnect() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = join_agent(&op, dir.path(), "flaky", true).await;
+    wait_connected(&op, &["flaky"]).await;
+
+    let slow = policy("workload:\n  exec:\n    command: ['/bin/sh', '-c', 'sleep 1; echo survived']\n");
+    let jr = job("slow-job");
+    let first = op.dispatcher.sync(&jr, &slow, None).await.unwrap();
+    assert_eq!(first.placed, 1);
+    wait_running(&op, "slow-job.0.1").await;
+
+    // Drop the connection while the task runs; it finishes offline and is spooled.
+    a.disconnect().await;
+    wait_disconnected(&op, "flaky").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let offline = op.dispatcher.sync(&jr, &slow, None).await.unwrap();
+    assert_eq!(offline.progress.counts.running, 1, "the attempt is kept while its node is away");
+    assert_eq!(offline.placed, 0, "nothing is placed twice");
+
+    // Reconnect: Hello lists the finished attempt, the spooled result is sent and acknowledged.
+    a.connect();
+    let done = op.run_to_end(&jr, &slow, None).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded);
+    assert_eq!(done.attempts.len(), 1, "not retried: {:?}", done.attempts);
+    assert_eq!(done.attempts[0].number, 1);
+    assert_eq!(done.attempts[0].result.as_ref().unwrap().stdout_tail, b"survived\n");
+    for _ in 0..100 {
+        if a.tasks.known_ids().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.tasks.known_ids().is_empty(), "the Ack cleared the agent's spool");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_without_its_attempt_gets_it_marked_lost_and_retried() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = join_agent(&op, dir.path(), "rebooted", true).await;
+    wait_connected(&op, &["rebooted"]).await;
+    let slow = policy("workload:\n  exec:\n    command: ['/bin/sh', '-c', 'sleep 0.5; echo ok']\nretries: {maxAttempts: 2, backoffSeconds: 0}\n");
+    let jr = job("reboot-job");
+    assert_eq!(op.dispatcher.sync(&jr, &slow, None).await.unwrap().placed, 1);
+    wait_running(&op, "reboot-job.0.1").await;
+    a.disconnect().await;
+    wait_disconnected(&op, "rebooted").await;
+    // A fresh process: same identity, empty task manager (the attempt died with the old one).
+    let (tasks, updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(dir.path().join("other-results")).unwrap(), a.state.scratch_dir());
+    a.tasks = tasks;
+    a.updates = Some(updates);
+    a.connect();
+    let done = op.run_to_end(&jr, &slow, None).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded);
+    let phases: Vec<_> = done.attempts.iter().map(|a| (a.number, a.phase)).collect();
+    assert_eq!(phases, vec![(1, AttemptPhase::Lost), (2, AttemptPhase::Succeeded)]);
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_and_wrong_servers_get_clear_errors() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let join_with = |token: String, server: String, name: &'static str| {
+        let state_dir = dir.path().join(format!("{name}-{}", rand_suffix()));
+        async move {
+            join::join(JoinOptions { server: &server, token: &token, name: Some(name), region: "", zone: "", state_dir: &state_dir, force: false, facts: facts(false) })
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    let unknown = JoinToken::generate(&op.ca.pin()).to_string();
+    let err = join_with(unknown, op.url.clone(), "n1").await;
+    assert!(err.contains("not valid (unknown"), "{err}");
+
+    let expired = op.token(1, -10);
+    let err = join_with(expired, op.url.clone(), "n2").await;
+    assert!(err.contains("expired"), "{err}");
+
+    let once = op.token(1, 600);
+    join::join(JoinOptions { server: &op.url, token: &once, name: Some("n3"), region: "", zone: "", state_dir: &dir.path().join("n3"), force: false, facts: facts(false) }).await.unwrap();
+    let err = join_with(once, op.url.clone(), "n4").await;
+    assert!(err.contains("no uses left"), "{err}");
+
+    let other_ca = JoinToken::generate(&Ca::generate().unwrap().pin()).to_string();
+    let err = join_with(other_ca, op.url.clone(), "n5").await;
+    assert!(err.contains("did not present the CA named in the join token"), "{err}");
+
+    let err = join_with(op.token(1, 600), "https://127.0.0.1:1".into(), "n6").await;
+    assert!(err.contains("cannot reach the operator"), "{err}");
+
+    let err = join_with("not-a-token".into(), op.url.clone(), "n7").await;
+    assert!(err.contains("invalid --token"), "{err}");
+
+    let err = join_with(op.token(1, 600), op.url.clone(), "Bad_Name").await;
+    assert!(err.contains("is not valid"), "{err}");
+
+    // The name n3 is bound to another machine's key.
+    let err = join_with(op.token(1, 600), op.url.clone(), "n3").await;
+    assert!(err.contains("taken by another machine"), "{err}");
+}
