@@ -148,7 +148,7 @@ impl Fleet {
         for a in active {
             if let Ok(i) = out.binary_search_by(|c| c.name.as_str().cmp(&a.node)) {
                 let c = &mut out[i];
-                c.allocated = c.allocated.add(Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes });
+                c.allocated = c.allocated.plus(Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes });
                 c.running += 1;
             }
         }

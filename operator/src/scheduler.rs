@@ -16,7 +16,7 @@ impl Resources {
     pub fn saturating_sub(self, other: Resources) -> Resources {
         Resources { cpu_millis: self.cpu_millis.saturating_sub(other.cpu_millis), memory_bytes: self.memory_bytes.saturating_sub(other.memory_bytes) }
     }
-    pub fn add(self, other: Resources) -> Resources {
+    pub fn plus(self, other: Resources) -> Resources {
         Resources { cpu_millis: self.cpu_millis + other.cpu_millis, memory_bytes: self.memory_bytes + other.memory_bytes }
     }
 }
@@ -138,7 +138,7 @@ pub fn place(nodes: &mut [Candidate], request: &Request, count: usize) -> (Vec<u
         match best {
             Some(i) => {
                 let n = &mut nodes[i];
-                n.allocated = n.allocated.add(request.resources);
+                n.allocated = n.allocated.plus(request.resources);
                 n.running += 1;
                 chosen.push(i);
             }

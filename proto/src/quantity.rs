@@ -82,13 +82,13 @@ pub fn memory_bytes(field: &'static str, value: &str) -> Result<u64, QuantityErr
 
 /// Formats millicores the way kubectl shows them.
 pub fn format_cpu(millis: u64) -> String {
-    if millis % 1000 == 0 { format!("{}", millis / 1000) } else { format!("{millis}m") }
+    if millis.is_multiple_of(1000) { format!("{}", millis / 1000) } else { format!("{millis}m") }
 }
 
 /// Formats bytes in the largest binary unit that divides them exactly.
 pub fn format_memory(bytes: u64) -> String {
     for (suffix, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{suffix}", bytes >> shift);
         }
     }

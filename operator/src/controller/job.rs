@@ -214,11 +214,10 @@ async fn resolve_module(ctx: &Context, job: &ComputeJob, policy: &JobPolicy) -> 
         return Ok(Err(("ModuleUnavailable", format!("ConfigMap {ns}/{name} key {key:?} holds {} bytes, more than {MAX_CONFIGMAP_MODULE}", bytes.len()))));
     }
     let sha = kommune_proto::sha256_hex(&bytes);
-    if let Some(want) = expected {
-        if want != &sha {
+    if let Some(want) = expected
+        && want != &sha {
             return Ok(Err(("ModuleDigestMismatch", format!("ConfigMap {ns}/{name} key {key:?} has sha256 {sha}, but spec.workload.wasm.sha256 is {want}"))));
         }
-    }
     ctx.blobs.put(&bytes)?;
     Ok(Ok(Some(ModuleRef { sha256: sha, url: None })))
 }

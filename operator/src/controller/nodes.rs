@@ -89,11 +89,10 @@ pub async fn run(client: kube::Client, store: Arc<Store>, fleet: Arc<Fleet>, mut
             ev = events.recv() => {
                 let Some(ev) = ev else { return };
                 let node = node_of(&ev).to_string();
-                if matches!(ev, NodeEvent::Heartbeat { .. }) {
-                    if last_heartbeat_write.get(&node).is_some_and(|t| t.elapsed() < HEARTBEAT_WRITE) {
+                if matches!(ev, NodeEvent::Heartbeat { .. })
+                    && last_heartbeat_write.get(&node).is_some_and(|t| t.elapsed() < HEARTBEAT_WRITE) {
                         continue;
                     }
-                }
                 last_heartbeat_write.insert(node.clone(), Instant::now());
                 if let Err(e) = write(&api, &store, &ev).await {
                     warn!(%node, error = %e, "cannot update ProviderNode");

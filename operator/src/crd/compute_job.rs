@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 /// A batch of independent tasks to run on Kommune provider machines. Each task gets its index
 /// (0..tasks) in `KOMMUNE_TASK_INDEX`; the job succeeds when every index has succeeded once.
+// kube's printcolumn(...) expands to repeated attributes, which clippy mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "kommune.dev",
@@ -160,10 +162,10 @@ pub struct EnvVar {
     /// Variable name.
     #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
     pub name: String,
-    /// Variable value.
-    #[serde(default)]
+    /// Variable value (empty when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32768))]
-    pub value: String,
+    pub value: Option<String>,
 }
 
 /// Resources one task needs.

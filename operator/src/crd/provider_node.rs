@@ -7,6 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A provider machine joined to the Kommune pool.
+// kube's printcolumn(...) expands to repeated attributes, which clippy mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "kommune.dev",
@@ -99,10 +101,8 @@ pub struct NodeCapacity {
     #[serde(default)]
     pub runtimes: Vec<String>,
     /// CPU architecture (x86_64, aarch64).
-    #[serde(default)]
     pub arch: String,
     /// Operating system (linux, macos, windows).
-    #[serde(default)]
     pub os: String,
 }
 

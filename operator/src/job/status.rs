@@ -79,6 +79,13 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
         set_condition(&mut s.conditions, c);
     }
 
+    // The spec is editable: a job that failed validation and was fixed is not Failed any more.
+    if p.phase != JobPhase::Failed {
+        s.conditions.retain(|c| c.type_ != FAILED);
+    }
+    if p.phase != JobPhase::Succeeded {
+        s.conditions.retain(|c| c.type_ != SUCCEEDED);
+    }
     match (&p.phase, &p.failure) {
         (JobPhase::Succeeded, _) => {
             set_condition(&mut s.conditions, condition(SUCCEEDED, true, "AllTasksSucceeded", format!("all {} task(s) succeeded", p.counts.total), g));
@@ -127,8 +134,10 @@ pub fn invalid(prev: &ComputeJobStatus, generation: Option<i64>, why: &Invalid) 
 /// The status while the job's module cannot be resolved (a missing ConfigMap may appear later).
 pub fn waiting_for_module(prev: &ComputeJobStatus, generation: Option<i64>, reason: &str, message: &str) -> ComputeJobStatus {
     let mut s = prev.clone();
-    s.phase = Some(prev.phase.unwrap_or(JobPhase::Pending));
+    // Running work keeps running while the module is unavailable; anything else waits.
+    s.phase = Some(if prev.phase == Some(JobPhase::Running) { JobPhase::Running } else { JobPhase::Pending });
     s.observed_generation = generation;
+    s.conditions.retain(|c| c.type_ != FAILED && c.type_ != SUCCEEDED);
     set_condition(&mut s.conditions, condition(VALID, true, "Valid", "the spec is valid", generation));
     set_condition(&mut s.conditions, condition(SCHEDULED, false, reason, message, generation));
     s
@@ -157,7 +166,11 @@ pub fn events(prev: &ComputeJobStatus, next: &ComputeJobStatus) -> Vec<(Severity
         if c.type_ == VALID && good {
             continue; // "the spec is valid" is not news.
         }
-        out.push((if good { Severity::Normal } else { Severity::Warning }, c.reason.clone(), c.message.clone()));
+        let event = (if good { Severity::Normal } else { Severity::Warning }, c.reason.clone(), c.message.clone());
+        // Valid=False and Failed=True carry the same news; say it once.
+        if !out.contains(&event) {
+            out.push(event);
+        }
     }
     out
 }
@@ -251,8 +264,22 @@ mod tests {
         assert!(is_true(&s.conditions, FAILED));
         assert!(!is_true(&s.conditions, VALID));
         let ev = events(&ComputeJobStatus::default(), &s);
-        assert_eq!(ev.len(), 2);
+        assert_eq!(ev.len(), 1);
         assert!(ev.iter().all(|(sev, reason, msg)| *sev == Severity::Warning && reason == "InvalidSpec" && msg.contains("spec.tasks")));
+    }
+
+    #[test]
+    fn a_fixed_spec_is_no_longer_failed() {
+        let why = Invalid { reason: "InvalidSpec", message: "spec.workload must set exactly one".into() };
+        let failed = invalid(&ComputeJobStatus::default(), Some(1), &why);
+        let p = Progress { started_ms: None, ..progress(JobPhase::Pending, TaskCounts { total: 1, pending: 1, ..Default::default() }) };
+        let fixed = summarize(&failed, &observed(&p, &[], None));
+        assert_eq!(fixed.phase, Some(JobPhase::Pending));
+        assert!(!fixed.conditions.iter().any(|c| c.type_ == FAILED));
+        assert!(is_true(&fixed.conditions, VALID));
+        let waiting = waiting_for_module(&failed, Some(2), "ModuleUnavailable", "ConfigMap ns/m does not exist");
+        assert_eq!(waiting.phase, Some(JobPhase::Pending));
+        assert!(!waiting.conditions.iter().any(|c| c.type_ == FAILED));
     }
 
     #[test]

@@ -75,7 +75,7 @@ fn env_pairs(field: &str, env: &[EnvVar]) -> Result<Vec<(String, String)>, Inval
             if e.name.starts_with("KOMMUNE_") {
                 return Err(invalid(format!("{field}: {:?} is reserved (KOMMUNE_* variables are set by Kommune)", e.name)));
             }
-            Ok((e.name.clone(), e.value.clone()))
+            Ok((e.name.clone(), e.value.clone().unwrap_or_default()))
         })
         .collect()
 }
@@ -99,11 +99,10 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
     }
 
     let workload = if let Some(wasm) = &w.wasm {
-        if let Some(sha) = &wasm.sha256 {
-            if !kommune_proto::is_sha256_hex(sha) {
+        if let Some(sha) = &wasm.sha256
+            && !kommune_proto::is_sha256_hex(sha) {
                 return Err(invalid(format!("spec.workload.wasm.sha256: {sha:?} is not 64 lowercase hex digits")));
             }
-        }
         let source = match (&wasm.config_map_ref, &wasm.url) {
             (Some(cm), None) => {
                 if cm.name.is_empty() || cm.key.is_empty() {

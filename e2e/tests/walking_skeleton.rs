@@ -1,0 +1,324 @@
+//! The walking skeleton, end to end against a real API server: CRDs applied, the operator
+//! binary running, two agents joined as local processes, both examples run to Succeeded, bad
+//! jobs reported with conditions and Events, and a deleted job cleaned up by its finalizer.
+//!
+//! Runs against `KUBECONFIG`, or starts kube-apiserver + etcd from `KUBEBUILDER_ASSETS`
+//! (e2e/envtest-apiserver.sh). With neither it prints one skip line and passes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kommune_operator::crd::{ComputeJob, ProviderNode};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, Config};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The API server under test and everything started against it; stops it all on drop and, if
+/// the test is failing, prints the logs and objects first.
+struct Harness {
+    work: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    envtest_dir: Option<PathBuf>,
+    children: Vec<(String, Child)>,
+    namespace: String,
+}
+
+impl Harness {
+    fn log(&self, name: &str) -> PathBuf {
+        self.work.path().join(format!("{name}.log"))
+    }
+
+    fn spawn(&mut self, name: &str, program: &Path, args: &[&str]) -> Result<()> {
+        let log = std::fs::File::create(self.log(name))?;
+        let child = Command::new(program)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,kommune_operator=debug,kommune_agent=debug")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    fn kubectl(&self, args: &[&str]) -> std::process::Output {
+        Command::new("kubectl").env("KUBECONFIG", &self.kubeconfig).args(args).output().expect("kubectl runs")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("\n===== e2e failed: diagnostics =====");
+            for (name, _) in &self.children {
+                let text = std::fs::read_to_string(self.log(name)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(80).collect();
+                eprintln!("----- {name} log (last 80 lines) -----");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+            for args in [
+                vec!["get", "computejobs", "-A", "-o", "yaml"],
+                vec!["get", "providernodes", "-o", "yaml"],
+                vec!["get", "events", "-n", self.namespace.as_str()],
+            ] {
+                let out = self.kubectl(&args);
+                eprintln!("----- kubectl {} -----\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(dir) = &self.envtest_dir {
+            let _ = Command::new(repo().join("e2e/envtest-apiserver.sh")).arg("stop").arg(dir).status();
+        }
+    }
+}
+
+/// Finds an API server: KUBECONFIG first, then KUBEBUILDER_ASSETS. None means skip.
+fn harness() -> Result<Option<Harness>> {
+    let work = tempfile::Builder::new().prefix("kommune-e2e-").tempdir()?;
+    let namespace = format!("kommune-e2e-{}", std::process::id());
+    if let Some(kc) = std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty()) {
+        return Ok(Some(Harness { work, kubeconfig: kc.into(), envtest_dir: None, children: vec![], namespace }));
+    }
+    if std::env::var_os("KUBEBUILDER_ASSETS").is_some_and(|k| !k.is_empty()) {
+        let dir = work.path().join("apiserver");
+        let out = Command::new(repo().join("e2e/envtest-apiserver.sh")).arg("start").arg(&dir).stderr(Stdio::inherit()).output()?;
+        if !out.status.success() {
+            bail!("e2e/envtest-apiserver.sh start failed");
+        }
+        let kubeconfig = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+        return Ok(Some(Harness { work, kubeconfig, envtest_dir: Some(dir), children: vec![], namespace }));
+    }
+    Ok(None)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
+    target.join("debug").join(name)
+}
+
+fn build_binaries() -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo).current_dir(repo()).args(["build", "-p", "kommune-operator", "-p", "kommune-agent"]).status()?;
+    if !status.success() {
+        bail!("cargo build of the binaries failed");
+    }
+    Ok(())
+}
+
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Removes `key` everywhere in a JSON tree.
+fn strip_key(v: &mut serde_json::Value, key: &str) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove(key);
+            m.values_mut().for_each(|c| strip_key(c, key));
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|c| strip_key(c, key)),
+        _ => {}
+    }
+}
+
+fn condition(job: &ComputeJob, type_: &str) -> Option<(String, String, String)> {
+    job.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walking_skeleton() -> Result<()> {
+    let Some(mut h) = harness()? else {
+        println!("skipped: no cluster (set KUBECONFIG, or KUBEBUILDER_ASSETS to a dir with kube-apiserver and etcd; see e2e/README.md)");
+        return Ok(());
+    };
+    build_binaries()?;
+    let kubeconfig = Kubeconfig::read_from(&h.kubeconfig)?;
+    let client = Client::try_from(Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)?;
+    let ns = h.namespace.clone();
+
+    // 1. CRDs from crds/, applied the way `kubectl apply -f crds/` would.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let version = client.apiserver_version().await?;
+    let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
+    let cel = version.major == "1" && minor >= 25;
+    if !cel {
+        println!("note: API server {}.{} predates CRD validation rules (1.25); applying the CRDs without x-kubernetes-validations", version.major, version.minor);
+    }
+    for file in ["computejob.yaml", "providernode.yaml"] {
+        let mut crd: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(repo().join("crds").join(file))?)?;
+        if !cel {
+            strip_key(&mut crd, "x-kubernetes-validations");
+        }
+        let name = crd["metadata"]["name"].as_str().unwrap().to_string();
+        crds.patch(&name, &PatchParams::apply("kommune-e2e").force(), &Patch::Apply(&crd)).await?;
+        tokio::time::timeout(Duration::from_secs(30), await_condition(crds.clone(), &name, conditions::is_crd_established())).await??;
+    }
+    let out = h.kubectl(&["create", "namespace", &ns]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let op_ns = format!("{ns}-system");
+    assert!(h.kubectl(&["create", "namespace", &op_ns]).status.success());
+
+    // 2. The operator binary, as a local process.
+    let gateway = free_port();
+    let metrics = free_port();
+    let data = h.work.path().join("operator-data");
+    let operator = binary("kommune-operator");
+    h.spawn(
+        "operator",
+        &operator,
+        &[
+            "--gateway-listen",
+            &format!("127.0.0.1:{gateway}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--namespace",
+            &op_ns,
+            "--heartbeat-seconds",
+            "2",
+        ],
+    )?;
+    eventually("the operator's gateway", Duration::from_secs(60), || async { Ok(std::net::TcpStream::connect(("127.0.0.1", gateway)).is_ok()) }).await?;
+
+    // 3. A join token, and two agents joining and running as local processes.
+    let token_out = Command::new(&operator).env("KUBECONFIG", &h.kubeconfig).args(["token", "create", "--uses", "2", "--ttl", "10m", "--namespace", &op_ns]).output()?;
+    assert!(token_out.status.success(), "token create: {}", String::from_utf8_lossy(&token_out.stderr));
+    let token = String::from_utf8(token_out.stdout)?.trim().to_string();
+    let agent = binary("kommune-agent");
+    let server = format!("https://127.0.0.1:{gateway}");
+    for name in ["e2e-a", "e2e-b"] {
+        let state = h.work.path().join(name);
+        let out = Command::new(&agent).args(["join", "--server", &server, "--token", &token, "--name", name, "--state-dir", state.to_str().unwrap()]).output()?;
+        assert!(out.status.success(), "join {name}: {}", String::from_utf8_lossy(&out.stderr));
+        h.spawn(name, &agent, &["run", "--state-dir", state.to_str().unwrap(), "--allow-exec"])?;
+    }
+    // The token had two uses: a third join is refused with a clear message and a non-zero exit.
+    let out = Command::new(&agent).args(["join", "--server", &server, "--token", &token, "--state-dir", h.work.path().join("e2e-c").to_str().unwrap()]).output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no uses left"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let nodes: Api<ProviderNode> = Api::all(client.clone());
+    for name in ["e2e-a", "e2e-b"] {
+        let nodes = nodes.clone();
+        eventually(&format!("ProviderNode {name} Ready"), Duration::from_secs(60), move || {
+            let nodes = nodes.clone();
+            async move {
+                let n = nodes.get_opt(name).await?;
+                Ok(n.and_then(|n| n.status).is_some_and(|s| kommune_operator::crd::is_true(&s.conditions, "Ready")))
+            }
+        })
+        .await?;
+    }
+
+    // 4. Both examples, applied as a user would, run to Succeeded.
+    let jobs: Api<ComputeJob> = Api::namespaced(client.clone(), &ns);
+    for (file, name, tasks) in [("examples/hello-wasm.yaml", "hello-wasm", 4), ("examples/hello-exec.yaml", "hello-exec", 2)] {
+        let out = h.kubectl(&["apply", "-n", &ns, "-f", repo().join(file).to_str().unwrap()]);
+        assert!(out.status.success(), "apply {file}: {}", String::from_utf8_lossy(&out.stderr));
+        let watch = jobs.clone();
+        eventually(&format!("{name} Succeeded"), Duration::from_secs(180), move || {
+            let jobs = watch.clone();
+            async move {
+                let job = jobs.get(name).await?;
+                if let Some((_, reason, message)) = condition(&job, "Failed").filter(|c| c.0 == "True") {
+                    bail!("{name} failed: {reason}: {message}");
+                }
+                Ok(condition(&job, "Succeeded").is_some_and(|c| c.0 == "True"))
+            }
+        })
+        .await?;
+        let status = jobs.get(name).await?.status.unwrap();
+        assert_eq!(status.tasks.succeeded, tasks);
+        assert_eq!(status.progress.as_deref(), Some(format!("{tasks}/{tasks}").as_str()));
+        assert_eq!(status.recent_results.len(), tasks as usize);
+        assert!(status.recent_results.iter().all(|r| r.exit_code == 0 && r.output_sha256.len() == 64));
+    }
+    let wasm = jobs.get("hello-wasm").await?.status.unwrap();
+    assert!(wasm.recent_results.iter().all(|r| r.stdout_tail.contains("primes below 20000")), "{:?}", wasm.recent_results);
+    assert_eq!(wasm.completed_indexes.as_deref(), Some("0-3"));
+
+    // 5. Bad input ends in a clear condition and a Warning Event, never a silent Pending.
+    let bad = [
+        ("bad-container", "  workload:\n    container: {image: busybox}\n", "Failed", "RuntimeNotSupported"),
+        ("bad-module", "  workload:\n    wasm:\n      configMapRef: {name: does-not-exist, key: module.wasm}\n", "Scheduled", "ModuleUnavailable"),
+    ];
+    for (name, spec, cond, reason) in bad {
+        let manifest = format!("apiVersion: kommune.dev/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: {name}\nspec:\n{spec}");
+        let path = h.work.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, manifest)?;
+        let out = h.kubectl(&["apply", "-n", &ns, "-f", path.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let watch = jobs.clone();
+        eventually(&format!("{name}: {cond} reason {reason}"), Duration::from_secs(60), move || {
+            let jobs = watch.clone();
+            async move { Ok(condition(&jobs.get(name).await?, cond).is_some_and(|c| c.1 == reason)) }
+        })
+        .await?;
+        let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+        let ev_name = name.to_string();
+        eventually(&format!("a Warning Event {reason} on {name}"), Duration::from_secs(30), move || {
+            let (events, ev_name) = (events.clone(), ev_name.clone());
+            async move {
+                let list = events.list(&ListParams::default()).await?;
+                Ok(list.items.iter().any(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(ev_name.as_str()) && e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some("Warning")))
+            }
+        })
+        .await?;
+    }
+    // Zero tasks is refused by the schema at admission, with the field named.
+    let zero = h.work.path().join("zero.yaml");
+    std::fs::write(&zero, "apiVersion: kommune.dev/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: zero\nspec:\n  tasks: 0\n  workload:\n    exec: {command: [echo]}\n")?;
+    let out = h.kubectl(&["apply", "-n", &ns, "-f", zero.to_str().unwrap()]);
+    assert!(!out.status.success(), "tasks: 0 was accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.tasks"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // 6. Deleting a job runs its finalizer and the object goes away.
+    for name in ["hello-wasm", "hello-exec", "bad-container", "bad-module"] {
+        jobs.delete(name, &Default::default()).await?;
+    }
+    let jobs_left = jobs.clone();
+    eventually("deleted jobs to disappear", Duration::from_secs(60), move || {
+        let jobs = jobs_left.clone();
+        async move { Ok(jobs.list(&ListParams::default()).await?.items.is_empty()) }
+    })
+    .await?;
+
+    // Clean up what a cluster without a controller manager will not (namespaces stay).
+    for name in ["e2e-a", "e2e-b"] {
+        let _ = nodes.delete(name, &Default::default()).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# Runs the main job end to end: a cluster with the operator, one provider agent on
+# this machine, and examples/hello-wasm.yaml submitted, run and reported Succeeded.
+#
+#   hack/quickstart.sh
+#
+# Three ways to get an API server, picked in this order (QUICKSTART_MODE overrides):
+#   kind        docker, kind, kubectl and helm are installed: a kind cluster from
+#               kind-config.yaml, both images built and loaded, the chart installed.
+#   envtest     KUBEBUILDER_ASSETS names a dir with kube-apiserver, etcd and kubectl
+#               (e2e/fetch-envtest.sh makes one): a local API server, and the operator
+#               and agent run as local processes.
+#   kubeconfig  KUBECONFIG is set: the same local processes against that cluster.
+# The agent (and in the local modes the operator and API server) stop when this
+# script exits; a kind cluster stays up (kind delete cluster --name kommune).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Paths the caller gave are relative to where they stand, not to the repo.
+if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
+    [[ -d "$KUBEBUILDER_ASSETS" ]] || { echo "quickstart: KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS is not a directory" >&2; exit 1; }
+    KUBEBUILDER_ASSETS="$(cd "$KUBEBUILDER_ASSETS" && pwd)"
+    export KUBEBUILDER_ASSETS
+fi
+if [[ -n "${KUBECONFIG:-}" && "$KUBECONFIG" != *:* && -f "$KUBECONFIG" ]]; then
+    KUBECONFIG="$(cd "$(dirname "$KUBECONFIG")" && pwd)/$(basename "$KUBECONFIG")"
+    export KUBECONFIG
+fi
+cd "$ROOT"
+
+NS=kommune-system
+RELEASE=kommune
+CLUSTER=kommune
+IMAGE_REPO=ghcr.io/kommune-dev
+TAG=dev
+JOB=hello-wasm
+JOB_FILE=examples/hello-wasm.yaml
+WORK="$ROOT/.quickstart"
+AGENT_NAME=quickstart-agent
+WAIT_TIMEOUT=180s
+
+log() { printf '\n==> %s\n' "$*" >&2; }
+die() { printf 'quickstart: %s\n' "$*" >&2; exit 1; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# ---- choosing a mode --------------------------------------------------------------
+
+docker_ok() { have docker && docker info >/dev/null 2>&1; }
+# helm from PATH, else the pinned one .ci/helm-check.sh keeps in its cache.
+HELM="${HELM:-$(command -v helm || echo "${KOMMUNE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kommune}/helm-v3.18.0/helm")}"
+
+missing_for_kind() {
+    local m=()
+    if ! have docker; then m+=("docker"); elif ! docker_ok; then m+=("docker (installed, but the daemon is not reachable)"); fi
+    have kind || m+=("kind")
+    have kubectl || m+=("kubectl")
+    [[ -x "$HELM" ]] || m+=("helm (or run .ci/helm-check.sh once: it caches a pinned helm)")
+    have cargo || m+=("cargo")
+    printf '%s\n' "${m[@]+"${m[@]}"}"
+}
+
+MODE="${QUICKSTART_MODE:-}"
+if [[ -z "$MODE" ]]; then
+    MISSING="$(missing_for_kind)"
+    if [[ -z "$MISSING" ]]; then
+        MODE=kind
+    elif [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
+        MODE=envtest
+    elif [[ -n "${KUBECONFIG:-}" ]]; then
+        MODE=kubeconfig
+    else
+        {
+            echo "quickstart: missing prerequisites:"
+            while IFS= read -r m; do echo "  - $m"; done <<<"$MISSING"
+            echo
+            echo "Install them (https://kind.sigs.k8s.io, https://helm.sh, https://kubernetes.io/docs/tasks/tools/),"
+            echo "or run without docker/kind against an API server you already have:"
+            echo "  KUBECONFIG=~/.kube/config hack/quickstart.sh            # an existing cluster"
+            echo "  export KUBEBUILDER_ASSETS=\"\$(e2e/fetch-envtest.sh ~/.cache/kommune/envtest)\"   # first run builds kube-apiserver (10-20 min)"
+            echo "  hack/quickstart.sh"
+        } >&2
+        exit 1
+    fi
+fi
+case "$MODE" in
+    kind | envtest | kubeconfig) ;;
+    *) die "QUICKSTART_MODE must be kind, envtest or kubeconfig, got '$MODE'" ;;
+esac
+[[ -f "$JOB_FILE" ]] || die "$JOB_FILE is missing"
+compgen -G "crds/*.yaml" >/dev/null || die "crds/ is empty: run 'cargo run -p kommune-operator -- crdgen' first"
+log "mode: $MODE"
+
+mkdir -p "$WORK"
+PIDS=()
+APISERVER_DIR=""
+on_exit() {
+    local status=$?
+    # Stop what we started, newest first, by pid.
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        kill "${PIDS[$i]}" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$pid" 2>/dev/null || true; done
+    if [[ -n "$APISERVER_DIR" ]]; then
+        "$ROOT/e2e/envtest-apiserver.sh" stop "$APISERVER_DIR" >/dev/null 2>&1 || true
+    fi
+    exit "$status"
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+# kubectl bound to the cluster this run uses (set per mode below).
+KUBECTL=(kubectl)
+k() { "${KUBECTL[@]}" "$@"; }
+
+# When the job does not succeed, show why: the same things a person would look at.
+dump_diagnostics() {
+    log "the job did not succeed; diagnostics follow"
+    k get computejobs,providernodes -o wide || true
+    k describe computejob "$JOB" || true
+    k get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 30 || true
+    for f in "$WORK"/operator.log "$WORK"/agent.log; do
+        [[ -f "$f" ]] && { echo "--- last lines of $f"; tail -n 60 "$f"; }
+    done
+    if [[ "$MODE" == kind ]]; then
+        echo "--- operator logs"
+        k -n "$NS" logs "statefulset/$RELEASE" --tail=80 || true
+    fi
+}
+
+# Waits until a command succeeds, up to $1 seconds; stops early, with the logs, if a
+# process this script started has died meanwhile.
+retry() {
+    local seconds="$1" what="$2"; shift 2
+    local deadline=$((SECONDS + seconds)) pid
+    until "$@" >/dev/null 2>&1; do
+        for pid in "${PIDS[@]+"${PIDS[@]}"}"; do
+            if ! kill -0 "$pid" 2>/dev/null; then
+                dump_diagnostics
+                die "a process this script started (pid $pid) exited while waiting for $what"
+            fi
+        done
+        ((SECONDS < deadline)) || { dump_diagnostics; die "timed out after ${seconds}s waiting for $what"; }
+        sleep 1
+    done
+}
+
+# Token creation prints the token on its last line (anything before it is commentary).
+last_line() { awk 'NF { line = $0 } END { gsub(/^[ \t]+|[ \t]+$/, "", line); print line }'; }
+
+# ---- the operator ------------------------------------------------------------------
+
+apply_crds() {
+    k apply -f crds/
+    k wait --for=condition=Established --timeout=60s \
+        crd/computejobs.kommune.dev crd/providernodes.kommune.dev
+}
+
+start_operator_kind() {
+    KUBECTL=(kubectl --context "kind-$CLUSTER")
+    if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+        log "reusing kind cluster '$CLUSTER'"
+    else
+        log "creating kind cluster '$CLUSTER'"
+        kind create cluster --config kind-config.yaml
+    fi
+
+    log "building images (first build compiles the workspace; later ones reuse the cache)"
+    export DOCKER_BUILDKIT=1
+    docker build -f operator/Dockerfile -t "$IMAGE_REPO/kommune-operator:$TAG" .
+    docker build -f node-agent/Dockerfile -t "$IMAGE_REPO/kommune-agent:$TAG" .
+    kind load docker-image --name "$CLUSTER" "$IMAGE_REPO/kommune-operator:$TAG" "$IMAGE_REPO/kommune-agent:$TAG"
+
+    local chart_args=(--set "image.repository=$IMAGE_REPO/kommune-operator" --set "image.tag=$TAG")
+    # The tag stays "dev" across rebuilds, so name the image id in the pod template:
+    # a new build then rolls the operator instead of leaving the old one running.
+    chart_args+=(--set-string "podAnnotations.kommune\.dev/image-id=$(docker image inspect -f '{{.Id}}' "$IMAGE_REPO/kommune-operator:$TAG" | tr ':' '-')")
+    if ! compgen -G "charts/kommune/files/crds/*.yaml" >/dev/null; then
+        # The chart has no CRD copies yet: install them from crds/ directly.
+        apply_crds
+        chart_args+=(--set crds.install=false)
+    fi
+    log "installing the chart"
+    "$HELM" upgrade --install "$RELEASE" charts/kommune --kube-context "kind-$CLUSTER" \
+        -n "$NS" --create-namespace "${chart_args[@]}" --wait --timeout 5m
+
+    GATEWAY="https://127.0.0.1:30443"
+    log "creating a join token"
+    TOKEN="$(k -n "$NS" exec "statefulset/$RELEASE" -- kommune-operator token create --namespace "$NS" | last_line)"
+}
+
+start_operator_local() {
+    if [[ "$MODE" == envtest ]]; then
+        APISERVER_DIR="$WORK/apiserver"
+        log "starting kube-apiserver and etcd from $KUBEBUILDER_ASSETS"
+        "$ROOT/e2e/envtest-apiserver.sh" start "$APISERVER_DIR" >/dev/null
+        export KUBECONFIG="$APISERVER_DIR/kubeconfig"
+        export PATH="$KUBEBUILDER_ASSETS:$PATH"  # its kubectl matches its API server
+    fi
+    have kubectl || die "kubectl is missing"
+    have cargo || die "cargo is missing"
+    have curl || die "curl is missing"
+    log "API server: $(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
+
+    log "building the operator and the agent"
+    cargo build -p kommune-operator -p kommune-agent
+    BIN="$ROOT/target/debug"
+
+    k create namespace "$NS" --dry-run=client -o yaml | k apply -f -
+    apply_crds
+
+    log "starting the operator (log: .quickstart/operator.log)"
+    mkdir -p "$WORK/operator"
+    "$BIN/kommune-operator" --data-dir "$WORK/operator" --gateway-listen 127.0.0.1:18443 \
+        --namespace "$NS" --metrics-listen 127.0.0.1:19090 >"$WORK/operator.log" 2>&1 &
+    PIDS+=($!)
+    retry 120 "the operator's /readyz" curl -fsS http://127.0.0.1:19090/readyz
+
+    GATEWAY="https://127.0.0.1:18443"
+    log "creating a join token"
+    TOKEN="$("$BIN/kommune-operator" token create --namespace "$NS" | last_line)"
+    AGENT="$BIN/kommune-agent"
+}
+
+# ---- the provider and the job -------------------------------------------------------
+
+case "$MODE" in
+    kind)
+        start_operator_kind
+        log "building the agent"
+        cargo build --release -p kommune-agent
+        AGENT="$ROOT/target/release/kommune-agent"
+        ;;
+    *) start_operator_local ;;
+esac
+[[ -n "$TOKEN" ]] || die "token create printed no token"
+
+# Start from a clean provider each run: a fresh identity, and no node left over from
+# an earlier run under the same name.
+rm -rf "$WORK/agent"
+k delete providernode "$AGENT_NAME" --ignore-not-found --timeout=60s
+log "joining this machine as provider '$AGENT_NAME' via $GATEWAY"
+"$AGENT" join --server "$GATEWAY" --token "$TOKEN" --state-dir "$WORK/agent" --name "$AGENT_NAME"
+
+log "running the agent (log: .quickstart/agent.log)"
+"$AGENT" run --state-dir "$WORK/agent" --allow-exec >"$WORK/agent.log" 2>&1 &
+PIDS+=($!)
+
+log "submitting $JOB_FILE"
+k delete -f "$JOB_FILE" --ignore-not-found --timeout=60s
+k apply -f "$JOB_FILE"
+if ! k wait --for=condition=Succeeded "computejob/$JOB" --timeout="$WAIT_TIMEOUT"; then
+    dump_diagnostics
+    die "computejob/$JOB did not succeed within $WAIT_TIMEOUT"
+fi
+
+log "done"
+k get computejobs,providernodes
+echo
+echo "computejob/$JOB status:"
+k get computejob "$JOB" -o yaml | sed -n '/^status:/,$p'
