@@ -150,7 +150,17 @@ last_line() { awk 'NF { line = $0 } END { gsub(/^[ \t]+|[ \t]+$/, "", line); pri
 # ---- the operator ------------------------------------------------------------------
 
 apply_crds() {
-    k apply -f crds/
+    # Kubernetes before 1.25 does not know CRD validation rules (x-kubernetes-validations):
+    # kubectl's client-side check refuses the field, and the server would drop it anyway.
+    # The operator checks the same rules itself, so the CRDs still work there.
+    local minor
+    minor="$(k version -o json 2>/dev/null | python3 -c 'import json,sys; print(int("".join(c for c in json.load(sys.stdin)["serverVersion"]["minor"] if c.isdigit())))' 2>/dev/null || echo 99)"
+    if (( minor < 25 )); then
+        echo "note: this API server (1.$minor) predates CRD validation rules; applying crds/ without client-side validation" >&2
+        k apply --validate=false -f crds/
+    else
+        k apply -f crds/
+    fi
     k wait --for=condition=Established --timeout=60s \
         crd/computejobs.kommune.dev crd/providernodes.kommune.dev
 }

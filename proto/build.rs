@@ -5,8 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
         config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     }
-    tonic_prost_build::configure()
-        .compile_with_config(config, &["kommune/agent/v1/agent.proto"], &["."])?;
+    tonic_prost_build::configure().compile_with_config(config, &["kommune/agent/v1/agent.proto"], &["."])?;
     println!("cargo:rerun-if-changed=kommune/agent/v1/agent.proto");
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kommune_operator::crd::{ComputeJob, ProviderNode};
@@ -174,7 +174,10 @@ async fn walking_skeleton() -> Result<()> {
     let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
     let cel = version.major == "1" && minor >= 25;
     if !cel {
-        println!("note: API server {}.{} predates CRD validation rules (1.25); applying the CRDs without x-kubernetes-validations", version.major, version.minor);
+        println!(
+            "note: API server {}.{} predates CRD validation rules (1.25); applying the CRDs without x-kubernetes-validations",
+            version.major, version.minor
+        );
     }
     for file in ["computejob.yaml", "providernode.yaml"] {
         let mut crd: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(repo().join("crds").join(file))?)?;
@@ -214,19 +217,22 @@ async fn walking_skeleton() -> Result<()> {
     eventually("the operator's gateway", Duration::from_secs(60), || async { Ok(std::net::TcpStream::connect(("127.0.0.1", gateway)).is_ok()) }).await?;
 
     // 3. A join token, and two agents joining and running as local processes.
-    let token_out = Command::new(&operator).env("KUBECONFIG", &h.kubeconfig).args(["token", "create", "--uses", "2", "--ttl", "10m", "--namespace", &op_ns]).output()?;
+    let token_out =
+        Command::new(&operator).env("KUBECONFIG", &h.kubeconfig).args(["token", "create", "--uses", "2", "--ttl", "10m", "--namespace", &op_ns]).output()?;
     assert!(token_out.status.success(), "token create: {}", String::from_utf8_lossy(&token_out.stderr));
     let token = String::from_utf8(token_out.stdout)?.trim().to_string();
     let agent = binary("kommune-agent");
     let server = format!("https://127.0.0.1:{gateway}");
     for name in ["e2e-a", "e2e-b"] {
         let state = h.work.path().join(name);
-        let out = Command::new(&agent).args(["join", "--server", &server, "--token", &token, "--name", name, "--state-dir", state.to_str().unwrap()]).output()?;
+        let out =
+            Command::new(&agent).args(["join", "--server", &server, "--token", &token, "--name", name, "--state-dir", state.to_str().unwrap()]).output()?;
         assert!(out.status.success(), "join {name}: {}", String::from_utf8_lossy(&out.stderr));
         h.spawn(name, &agent, &["run", "--state-dir", state.to_str().unwrap(), "--allow-exec"])?;
     }
     // The token had two uses: a third join is refused with a clear message and a non-zero exit.
-    let out = Command::new(&agent).args(["join", "--server", &server, "--token", &token, "--state-dir", h.work.path().join("e2e-c").to_str().unwrap()]).output()?;
+    let out =
+        Command::new(&agent).args(["join", "--server", &server, "--token", &token, "--state-dir", h.work.path().join("e2e-c").to_str().unwrap()]).output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no uses left"), "{}", String::from_utf8_lossy(&out.stderr));
 
@@ -293,14 +299,21 @@ async fn walking_skeleton() -> Result<()> {
             let (events, ev_name) = (events.clone(), ev_name.clone());
             async move {
                 let list = events.list(&ListParams::default()).await?;
-                Ok(list.items.iter().any(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(ev_name.as_str()) && e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some("Warning")))
+                Ok(list.items.iter().any(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(ev_name.as_str())
+                        && e.reason.as_deref() == Some(reason)
+                        && e.type_.as_deref() == Some("Warning")
+                }))
             }
         })
         .await?;
     }
     // Zero tasks is refused by the schema at admission, with the field named.
     let zero = h.work.path().join("zero.yaml");
-    std::fs::write(&zero, "apiVersion: kommune.dev/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: zero\nspec:\n  tasks: 0\n  workload:\n    exec: {command: [echo]}\n")?;
+    std::fs::write(
+        &zero,
+        "apiVersion: kommune.dev/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: zero\nspec:\n  tasks: 0\n  workload:\n    exec: {command: [echo]}\n",
+    )?;
     let out = h.kubectl(&["apply", "-n", &ns, "-f", zero.to_str().unwrap()]);
     assert!(!out.status.success(), "tasks: 0 was accepted");
     assert!(String::from_utf8_lossy(&out.stderr).contains("spec.tasks"), "{}", String::from_utf8_lossy(&out.stderr));

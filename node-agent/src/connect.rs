@@ -22,7 +22,9 @@ pub enum ConnectError {
     BadUrl(String),
     #[error("cannot reach the operator at {url}: {message}")]
     Unreachable { url: String, message: String },
-    #[error("the operator at {url} did not present the CA named in the join token (token expects CA sha256 {expected}, server sent {presented}); check --server, or ask for a new token")]
+    #[error(
+        "the operator at {url} did not present the CA named in the join token (token expects CA sha256 {expected}, server sent {presented}); check --server, or ask for a new token"
+    )]
     PinMismatch { url: String, expected: String, presented: String },
     #[error("TLS setup failed: {0}")]
     Tls(String),
@@ -66,7 +68,14 @@ struct RecordChain {
 }
 
 impl ServerCertVerifier for RecordChain {
-    fn verify_server_cert(&self, end: &CertificateDer<'_>, inter: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        end: &CertificateDer<'_>,
+        inter: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
         chain.push(end.to_vec());
         chain.extend(inter.iter().map(|c| c.to_vec()));

@@ -45,16 +45,19 @@ pub async fn join(opts: JoinOptions<'_>) -> Result<AgentState, JoinError> {
 
     let ca_pem = connect::discover_ca(&server, &token.ca_pin).await?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| JoinError::Key(e.to_string()))?;
-    let csr = CertificateParams::new(Vec::<String>::new())
-        .and_then(|p| p.serialize_request(&key))
-        .map_err(|e| JoinError::Key(e.to_string()))?;
+    let csr = CertificateParams::new(Vec::<String>::new()).and_then(|p| p.serialize_request(&key)).map_err(|e| JoinError::Key(e.to_string()))?;
 
     let mut client = connect::client(&server, &ca_pem, None).await?;
     let mut facts = opts.facts;
     facts.region = opts.region.to_string();
     facts.zone = opts.zone.to_string();
     let reply = client
-        .join(JoinRequest { token: token.to_string(), csr_der: csr.der().to_vec(), requested_name: opts.name.unwrap_or_default().to_string(), facts: Some(facts) })
+        .join(JoinRequest {
+            token: token.to_string(),
+            csr_der: csr.der().to_vec(),
+            requested_name: opts.name.unwrap_or_default().to_string(),
+            facts: Some(facts),
+        })
         .await
         .map_err(|s| JoinError::Refused(format!("{} ({:?})", s.message(), s.code())))?
         .into_inner();

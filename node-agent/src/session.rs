@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kommune_proto::v1::agent_gateway_client::AgentGatewayClient;
-use kommune_proto::v1::{agent_message, operator_message, AgentMessage, FetchBlobRequest, Heartbeat, Hello, NodeFacts, TaskUpdate};
+use kommune_proto::v1::{AgentMessage, FetchBlobRequest, Heartbeat, Hello, NodeFacts, TaskUpdate, agent_message, operator_message};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::Code;
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::connect::{self, ConnectError, Server};
@@ -60,7 +60,13 @@ pub fn next_backoff(current: Duration) -> Duration {
 }
 
 /// Runs sessions until `shutdown` resolves or the operator rejects this node.
-pub async fn run(state: &AgentState, facts: &NodeFacts, tasks: &Arc<Tasks>, updates: &mut mpsc::UnboundedReceiver<TaskUpdate>, shutdown: impl std::future::Future<Output = ()>) -> Result<(), SessionError> {
+pub async fn run(
+    state: &AgentState,
+    facts: &NodeFacts,
+    tasks: &Arc<Tasks>,
+    updates: &mut mpsc::UnboundedReceiver<TaskUpdate>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), SessionError> {
     let server = connect::parse_server(&state.config.server)?;
     let mut backoff = Duration::ZERO;
     tokio::pin!(shutdown);
@@ -96,7 +102,13 @@ fn status_error(s: tonic::Status) -> SessionError {
     }
 }
 
-async fn session(server: &Server, state: &AgentState, facts: &NodeFacts, tasks: &Arc<Tasks>, updates: &mut mpsc::UnboundedReceiver<TaskUpdate>) -> Result<(), SessionError> {
+async fn session(
+    server: &Server,
+    state: &AgentState,
+    facts: &NodeFacts,
+    tasks: &Arc<Tasks>,
+    updates: &mut mpsc::UnboundedReceiver<TaskUpdate>,
+) -> Result<(), SessionError> {
     let mut client = connect::client(server, &state.ca_pem, Some((&state.cert_pem, &state.key_pem))).await?;
     let (tx, rx) = mpsc::channel::<AgentMessage>(256);
     let send = |kind: agent_message::Kind| {

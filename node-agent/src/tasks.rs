@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kommune_proto::v1::{self, workload::Kind as WorkloadKind, AttemptState, TaskResult, TaskUpdate};
+use kommune_proto::v1::{self, AttemptState, TaskResult, TaskUpdate, workload::Kind as WorkloadKind};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -226,11 +226,7 @@ async fn download(url: &str) -> Result<Vec<u8>, String> {
     let url = url.to_string();
     tokio::task::spawn_blocking(move || {
         let mut resp = ureq::get(&url).call().map_err(|e| format!("cannot download module from {url}: {e}"))?;
-        resp.body_mut()
-            .with_config()
-            .limit(MAX_MODULE_BYTES)
-            .read_to_vec()
-            .map_err(|e| format!("cannot download module from {url}: {e}"))
+        resp.body_mut().with_config().limit(MAX_MODULE_BYTES).read_to_vec().map_err(|e| format!("cannot download module from {url}: {e}"))
     })
     .await
     .map_err(|e| format!("download task failed: {e}"))?
@@ -263,7 +259,8 @@ mod tests {
     #[test]
     fn spool_survives_reopen_and_ack_removes() {
         let dir = tempfile::tempdir().unwrap();
-        let u = TaskUpdate { attempt_id: "uid.0.1".into(), state: AttemptState::Succeeded as i32, result: Some(TaskResult { exit_code: 0, ..Default::default() }) };
+        let u =
+            TaskUpdate { attempt_id: "uid.0.1".into(), state: AttemptState::Succeeded as i32, result: Some(TaskResult { exit_code: 0, ..Default::default() }) };
         Spool::open(dir.path().into()).unwrap().put(&u).unwrap();
         let spool = Spool::open(dir.path().into()).unwrap();
         assert_eq!(spool.all(), vec![u.clone()]);
@@ -300,7 +297,9 @@ mod tests {
             job: "ns/j".into(),
             task_index: 1,
             task_count: 2,
-            workload: Some(v1::Workload { kind: Some(WorkloadKind::Exec(v1::ExecWorkload { command: cmd.iter().map(|s| s.to_string()).collect(), env: Default::default() })) }),
+            workload: Some(v1::Workload {
+                kind: Some(WorkloadKind::Exec(v1::ExecWorkload { command: cmd.iter().map(|s| s.to_string()).collect(), env: Default::default() })),
+            }),
             memory_bytes: 64 << 20,
             cpu_millis: 100,
             timeout_millis: 10_000,

@@ -10,9 +10,9 @@ use kommune_proto::v1::{self, operator_message::Kind as OpKind};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::attempt::{attempt_id, now_ms, Attempt, AttemptPhase, AttemptResult};
+use crate::attempt::{Attempt, AttemptPhase, AttemptResult, attempt_id, now_ms};
 use crate::fleet::{Fleet, NodeFacts, Outbound, SendError};
-use crate::job::{progress, JobPolicy, Progress, TaskWorkload};
+use crate::job::{JobPolicy, Progress, TaskWorkload, progress};
 use crate::scheduler::{self, Explanation, Request, Resources};
 use crate::store::{Store, StoreError};
 

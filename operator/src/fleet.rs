@@ -2,11 +2,11 @@
 //! each. In memory only: after a restart it refills as agents reconnect with Hello.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use kommune_proto::v1::{operator_message, OperatorMessage};
+use kommune_proto::v1::{OperatorMessage, operator_message};
 use tokio::sync::mpsc;
 
 use crate::attempt::Attempt;

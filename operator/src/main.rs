@@ -10,13 +10,13 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use kommune_operator::blobs::Blobs;
 use kommune_operator::controller::{self, ca::ensure_ca};
+use kommune_operator::crd;
 use kommune_operator::dispatch::Dispatcher;
 use kommune_operator::fleet::Fleet;
 use kommune_operator::gateway::{self, Gateway, GatewayConfig};
 use kommune_operator::metrics::Metrics;
 use kommune_operator::store::Store;
 use kommune_operator::tokens::SecretTokens;
-use kommune_operator::crd;
 use tokio::sync::mpsc;
 use tracing::info;
 
@@ -125,7 +125,11 @@ async fn token_create(ttl: Duration, uses: u32, namespace: &str) -> anyhow::Resu
         .await
         .with_context(|| format!("cannot create the token Secret in namespace {namespace}"))?;
     println!("{token}");
-    eprintln!("join token {} valid for {} and {uses} use(s); on the provider run:\n  kommune-agent join --server https://<gateway address>:<port> --token <token>", token.id, humantime::format_duration(ttl));
+    eprintln!(
+        "join token {} valid for {} and {uses} use(s); on the provider run:\n  kommune-agent join --server https://<gateway address>:<port> --token <token>",
+        token.id,
+        humantime::format_duration(ttl)
+    );
     Ok(())
 }
 
@@ -144,7 +148,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (capacity_tx, capacity_rx) = mpsc::channel(1);
     let dispatcher = Arc::new(Dispatcher::new(store.clone(), fleet.clone(), jobs_changed_tx));
 
-    let config = GatewayConfig { heartbeat_interval: Duration::from_secs(args.heartbeat_seconds), session_timeout: Duration::from_secs(args.heartbeat_seconds * 3) };
+    let config =
+        GatewayConfig { heartbeat_interval: Duration::from_secs(args.heartbeat_seconds), session_timeout: Duration::from_secs(args.heartbeat_seconds * 3) };
     let tokens = Arc::new(SecretTokens::new(client.clone(), &args.namespace));
     let gateway = Gateway::new(dispatcher.clone(), tokens, ca.clone(), blobs.clone(), node_events_tx, config);
     let listener = gateway::bind(args.gateway_listen).await.with_context(|| format!("cannot listen on {}", args.gateway_listen))?;

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::routing::get;
 use axum::Router;
+use axum::routing::get;
 
 use crate::fleet::Fleet;
 
@@ -44,10 +44,13 @@ impl Metrics {
 /// The `/metrics`, `/healthz` and `/readyz` routes.
 pub fn router(metrics: Arc<Metrics>, fleet: Arc<Fleet>) -> Router {
     Router::new()
-        .route("/metrics", get(move || {
-            let body = metrics.render(&fleet);
-            async move { body }
-        }))
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render(&fleet);
+                async move { body }
+            }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
 }

@@ -3,8 +3,8 @@
 //! public CA or cert-manager is involved.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -116,7 +116,7 @@ impl Ca {
 }
 
 fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
     CertificateDer::from_pem_slice(pem.as_bytes()).ok().map(|c| c.to_vec())
 }
 

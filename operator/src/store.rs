@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
 
@@ -98,8 +98,19 @@ impl Store {
                 )
                 .map_err(op("prepare insert"))?;
             for a in attempts {
-                stmt.execute(params![a.id, a.job_uid, a.job_key, a.index, a.number, a.node, a.phase.as_str(), a.cpu_millis as i64, a.memory_bytes as i64, a.created_ms])
-                    .map_err(op("insert attempt"))?;
+                stmt.execute(params![
+                    a.id,
+                    a.job_uid,
+                    a.job_key,
+                    a.index,
+                    a.number,
+                    a.node,
+                    a.phase.as_str(),
+                    a.cpu_millis as i64,
+                    a.memory_bytes as i64,
+                    a.created_ms
+                ])
+                .map_err(op("insert attempt"))?;
             }
         }
         tx.commit().map_err(op("commit insert"))
@@ -108,10 +119,7 @@ impl Store {
     /// Marks an Assigned attempt Running. Returns false when it was not Assigned (a duplicate
     /// or late message).
     pub fn mark_running(&self, id: &str) -> Result<bool> {
-        let n = self
-            .conn()
-            .execute("UPDATE attempts SET phase = 'Running' WHERE id = ?1 AND phase = 'Assigned'", params![id])
-            .map_err(op("mark running"))?;
+        let n = self.conn().execute("UPDATE attempts SET phase = 'Running' WHERE id = ?1 AND phase = 'Assigned'", params![id]).map_err(op("mark running"))?;
         Ok(n == 1)
     }
 
@@ -156,10 +164,8 @@ impl Store {
     /// Binds `name` to a node key, or reports that it is bound to another one.
     pub fn register_node(&self, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
         let conn = self.conn();
-        let existing: Option<String> = conn
-            .query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0))
-            .optional()
-            .map_err(op("look up node"))?;
+        let existing: Option<String> =
+            conn.query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0)).optional().map_err(op("look up node"))?;
         match existing {
             Some(k) if k == public_key_sha256 => Ok(Registration::SameKey),
             Some(_) => Ok(Registration::Taken),
@@ -173,14 +179,12 @@ impl Store {
 
     /// The key hash a node name is bound to.
     pub fn node_key(&self, name: &str) -> Result<Option<String>> {
-        self.conn()
-            .query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0))
-            .optional()
-            .map_err(op("look up node"))
+        self.conn().query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0)).optional().map_err(op("look up node"))
     }
 }
 
-const COLUMNS: &str = "SELECT id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms, finished_ms, result_json FROM attempts ";
+const COLUMNS: &str =
+    "SELECT id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms, finished_ms, result_json FROM attempts ";
 
 fn query(conn: &Connection, filter: &str, params: impl rusqlite::Params) -> Result<Vec<Attempt>> {
     let mut stmt = conn.prepare_cached(&format!("{COLUMNS}{filter}")).map_err(op("prepare query"))?;

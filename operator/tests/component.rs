@@ -19,13 +19,13 @@ use kommune_operator::crd::{ComputeJobSpec, JobPhase};
 use kommune_operator::dispatch::{Dispatcher, JobRef, ModuleRef, Synced};
 use kommune_operator::fleet::Fleet;
 use kommune_operator::gateway::{Gateway, GatewayConfig, NodeEvent};
-use kommune_operator::job::{validate, JobPolicy};
+use kommune_operator::job::{JobPolicy, validate};
 use kommune_operator::pki::Ca;
 use kommune_operator::store::Store;
 use kommune_operator::tokens::MemoryTokens;
 use kommune_proto::token::JoinToken;
 use kommune_proto::v1::{Capacity, NodeFacts};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 struct Operator {
     url: String,
@@ -90,7 +90,12 @@ fn facts(allow_exec: bool) -> NodeFacts {
     if allow_exec {
         runtimes.push("exec".into());
     }
-    NodeFacts { capacity: Some(Capacity { cpu_millis: 2000, memory_bytes: 2 << 30, runtimes, arch: "x86_64".into(), os: "linux".into() }), agent_version: "test".into(), region: String::new(), zone: String::new() }
+    NodeFacts {
+        capacity: Some(Capacity { cpu_millis: 2000, memory_bytes: 2 << 30, runtimes, arch: "x86_64".into(), os: "linux".into() }),
+        agent_version: "test".into(),
+        region: String::new(),
+        zone: String::new(),
+    }
 }
 
 /// One agent: its identity, its task manager (which outlives sessions) and a running session.
@@ -117,7 +122,8 @@ async fn join_agent(op: &Operator, dir: &Path, name: &str, allow_exec: bool) -> 
     .await
     .unwrap();
     assert_eq!(state.config.node_name, name);
-    let (tasks, updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(allow_exec), Spool::open(state.results_dir()).unwrap(), state.scratch_dir());
+    let (tasks, updates) =
+        Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(allow_exec), Spool::open(state.results_dir()).unwrap(), state.scratch_dir());
     let mut agent = Agent { state, facts: facts(allow_exec), tasks, session: None, updates: Some(updates) };
     agent.connect();
     agent
@@ -181,7 +187,10 @@ async fn wait_running(op: &Operator, attempt: &str) {
 fn hello_module() -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/hello-wasm.yaml");
     let text = std::fs::read_to_string(path).unwrap();
-    let cm: serde_yaml::Value = serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).find(|v: &serde_yaml::Value| v["kind"] == "ConfigMap").unwrap();
+    let cm: serde_yaml::Value = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .find(|v: &serde_yaml::Value| v["kind"] == "ConfigMap")
+        .unwrap();
     base64::engine::general_purpose::STANDARD.decode(cm["binaryData"]["module.wasm"].as_str().unwrap()).unwrap()
 }
 
@@ -204,7 +213,9 @@ async fn agents_join_and_run_wasm_and_exec_jobs_over_mtls() {
 
     // The wasm example: 4 tasks spread over both agents, module served by digest.
     let sha = op.blobs.put(&hello_module()).unwrap();
-    let wasm = policy("workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\n    args: ['20000']\n    env: [{name: GREETING, value: hello}]\ntasks: 4\nresources: {cpu: 250m, memory: 64Mi}\n");
+    let wasm = policy(
+        "workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\n    args: ['20000']\n    env: [{name: GREETING, value: hello}]\ntasks: 4\nresources: {cpu: 250m, memory: 64Mi}\n",
+    );
     let done = op.run_to_end(&job("wasm-job"), &wasm, Some(&ModuleRef { sha256: sha, url: None })).await;
     assert_eq!(done.progress.phase, JobPhase::Succeeded, "{:?}", done.attempts);
     assert_eq!(done.attempts.len(), 4, "each task ran exactly once");
@@ -287,7 +298,8 @@ async fn an_agent_restarted_without_its_attempt_gets_it_marked_lost_and_retried(
     a.disconnect().await;
     wait_disconnected(&op, "rebooted").await;
     // A fresh process: same identity, empty task manager (the attempt died with the old one).
-    let (tasks, updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(dir.path().join("other-results")).unwrap(), a.state.scratch_dir());
+    let (tasks, updates) =
+        Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(dir.path().join("other-results")).unwrap(), a.state.scratch_dir());
     a.tasks = tasks;
     a.updates = Some(updates);
     a.connect();
@@ -310,11 +322,20 @@ async fn bad_tokens_and_wrong_servers_get_clear_errors() {
     let join_with = |token: String, server: String, name: &'static str| {
         let state_dir = dir.path().join(format!("{name}-{}", rand_suffix()));
         async move {
-            join::join(JoinOptions { server: &server, token: &token, name: Some(name), region: "", zone: "", state_dir: &state_dir, force: false, facts: facts(false) })
-                .await
-                .map(|_| ())
-                .unwrap_err()
-                .to_string()
+            join::join(JoinOptions {
+                server: &server,
+                token: &token,
+                name: Some(name),
+                region: "",
+                zone: "",
+                state_dir: &state_dir,
+                force: false,
+                facts: facts(false),
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
         }
     };
     let unknown = JoinToken::generate(&op.ca.pin()).to_string();
@@ -326,7 +347,18 @@ async fn bad_tokens_and_wrong_servers_get_clear_errors() {
     assert!(err.contains("expired"), "{err}");
 
     let once = op.token(1, 600);
-    join::join(JoinOptions { server: &op.url, token: &once, name: Some("n3"), region: "", zone: "", state_dir: &dir.path().join("n3"), force: false, facts: facts(false) }).await.unwrap();
+    join::join(JoinOptions {
+        server: &op.url,
+        token: &once,
+        name: Some("n3"),
+        region: "",
+        zone: "",
+        state_dir: &dir.path().join("n3"),
+        force: false,
+        facts: facts(false),
+    })
+    .await
+    .unwrap();
     let err = join_with(once, op.url.clone(), "n4").await;
     assert!(err.contains("no uses left"), "{err}");
 

@@ -9,20 +9,20 @@ use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kommune_operator::attempt::{attempt_id, now_ms, Attempt, AttemptPhase};
+use kommune_operator::attempt::{Attempt, AttemptPhase, attempt_id, now_ms};
 use kommune_operator::blobs::Blobs;
-use kommune_operator::controller::job::{reconcile, Context, FINALIZER};
+use kommune_operator::controller::job::{Context, FINALIZER, reconcile};
 use kommune_operator::controller::{Error, MANAGER};
 use kommune_operator::crd::{ComputeJob, ComputeJobSpec, ComputeJobStatus, JobPhase};
 use kommune_operator::dispatch::Dispatcher;
 use kommune_operator::fleet::Fleet;
 use kommune_operator::metrics::Metrics;
 use kommune_operator::store::Store;
+use kube::ResourceExt;
 use kube::client::Body;
 use kube::runtime::controller::Action;
-use kube::ResourceExt;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tower_test::mock::{self, Handle, SendResponse};
@@ -128,12 +128,7 @@ struct Call {
 
 impl Call {
     fn is(&self, method: Method, path: &str, query: &str) {
-        assert_eq!(
-            (&self.method, self.path.as_str(), self.query.as_str()),
-            (&method, path, query),
-            "unexpected request; body: {}",
-            self.body
-        );
+        assert_eq!((&self.method, self.path.as_str(), self.query.as_str()), (&method, path, query), "unexpected request; body: {}", self.body);
     }
 
     fn reply(self, code: StatusCode, body: &impl Serialize) {

@@ -58,10 +58,7 @@ fn parse(field: &'static str, value: &str, scale: u128) -> Result<u64, QuantityE
     let (number, suffix) = split(value.trim());
     let n = nano(number).ok_or_else(syntax)?;
     let (num, den) = multiplier(suffix).ok_or_else(syntax)?;
-    let scaled = n
-        .checked_mul(num)
-        .and_then(|v| v.checked_mul(scale))
-        .ok_or_else(|| QuantityError::Overflow { field, value: value.to_string() })?;
+    let scaled = n.checked_mul(num).and_then(|v| v.checked_mul(scale)).ok_or_else(|| QuantityError::Overflow { field, value: value.to_string() })?;
     let divisor = den * 1_000_000_000;
     let result = scaled.div_ceil(divisor);
     if result == 0 {
@@ -101,14 +98,18 @@ mod tests {
 
     #[test]
     fn cpu_table() {
-        for (input, want) in [("250m", 250), ("1", 1000), ("2", 2000), ("0.5", 500), ("1.5", 1500), ("100m", 100), (" 3 ", 3000), ("0.0001", 1), ("1k", 1_000_000)] {
+        for (input, want) in
+            [("250m", 250), ("1", 1000), ("2", 2000), ("0.5", 500), ("1.5", 1500), ("100m", 100), (" 3 ", 3000), ("0.0001", 1), ("1k", 1_000_000)]
+        {
             assert_eq!(cpu_millis("cpu", input), Ok(want), "{input}");
         }
     }
 
     #[test]
     fn memory_table() {
-        for (input, want) in [("64Mi", 64 << 20), ("1Gi", 1 << 30), ("1G", 1_000_000_000), ("512", 512), ("1.5Gi", 3 << 29), ("1Ki", 1024), ("2Ti", 2 << 40), ("1500m", 2)] {
+        for (input, want) in
+            [("64Mi", 64 << 20), ("1Gi", 1 << 30), ("1G", 1_000_000_000), ("512", 512), ("1.5Gi", 3 << 29), ("1Ki", 1024), ("2Ti", 2 << 40), ("1500m", 2)]
+        {
             assert_eq!(memory_bytes("memory", input), Ok(want), "{input}");
         }
     }

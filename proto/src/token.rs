@@ -46,9 +46,7 @@ impl JoinToken {
     /// A fresh random token for a CA with the given pin.
     pub fn generate(ca_pin: &str) -> Self {
         let mut rng = rand::thread_rng();
-        let mut pick = |n: usize| -> String {
-            (0..n).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
-        };
+        let mut pick = |n: usize| -> String { (0..n).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect() };
         JoinToken { id: pick(ID_LEN), secret: pick(SECRET_LEN), ca_pin: ca_pin.to_string() }
     }
 

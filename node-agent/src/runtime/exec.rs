@@ -43,17 +43,10 @@ impl ExecRuntime {
     /// `ctx.memory_bytes` is NOT enforced for exec yet: RLIMIT_AS would break runtimes that
     /// reserve address space up front, and a per-task cgroup needs privileges the agent does
     /// not assume. The agent pod's own memory limit is the only backstop.
-    pub async fn run(
-        &self,
-        command: &[String],
-        ctx: &AttemptContext,
-        cancel: CancellationToken,
-    ) -> Outcome {
+    pub async fn run(&self, command: &[String], ctx: &AttemptContext, cancel: CancellationToken) -> Outcome {
         let started = Instant::now();
         if !self.allowed {
-            return Outcome::not_started(
-                "exec runtime disabled: start the agent with --allow-exec",
-            );
+            return Outcome::not_started("exec runtime disabled: start the agent with --allow-exec");
         }
         let Some((program, args)) = command.split_first() else {
             return Outcome::not_started("exec workload has an empty command");
@@ -94,12 +87,7 @@ impl ExecRuntime {
             }
             Err(status) => exit_end(status),
         };
-        if tokio::time::timeout(DRAIN_GRACE, async {
-            while readers.join_next().await.is_some() {}
-        })
-        .await
-        .is_err()
-        {
+        if tokio::time::timeout(DRAIN_GRACE, async { while readers.join_next().await.is_some() {} }).await.is_err() {
             tracing::warn!(attempt = %ctx.attempt_id, "task output still open after its process group was killed; giving up on it");
             readers.abort_all();
         }
@@ -129,11 +117,7 @@ fn task_command(program: &str, args: &[String], ctx: &AttemptContext) -> Command
 
 /// Feeds one pipe into its capture until EOF, or until the stream passes its cap, which it
 /// reports through `over_limit` so the task is stopped.
-async fn drain(
-    mut pipe: impl AsyncRead + Unpin,
-    capture: SharedCapture,
-    over_limit: CancellationToken,
-) {
+async fn drain(mut pipe: impl AsyncRead + Unpin, capture: SharedCapture, over_limit: CancellationToken) {
     let mut buf = vec![0; READ_CHUNK];
     loop {
         match pipe.read(&mut buf).await {

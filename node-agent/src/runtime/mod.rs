@@ -60,12 +60,7 @@ impl Outcome {
         }
     }
 
-    fn from_captures(
-        end: End,
-        stdout: &SharedCapture,
-        stderr: &SharedCapture,
-        wall: Duration,
-    ) -> Self {
+    fn from_captures(end: End, stdout: &SharedCapture, stderr: &SharedCapture, wall: Duration) -> Self {
         Self {
             ending: end.ending,
             exit_code: end.exit_code,
@@ -90,34 +85,18 @@ struct End {
 impl End {
     fn exited(code: i32) -> Self {
         if code == 0 {
-            Self {
-                ending: Ending::Succeeded,
-                exit_code: 0,
-                message: String::new(),
-            }
+            Self { ending: Ending::Succeeded, exit_code: 0, message: String::new() }
         } else {
-            Self {
-                ending: Ending::Failed,
-                exit_code: code,
-                message: format!("exited with code {code}"),
-            }
+            Self { ending: Ending::Failed, exit_code: code, message: format!("exited with code {code}") }
         }
     }
 
     fn failed(message: impl Into<String>) -> Self {
-        Self {
-            ending: Ending::Failed,
-            exit_code: -1,
-            message: message.into(),
-        }
+        Self { ending: Ending::Failed, exit_code: -1, message: message.into() }
     }
 
     fn cancelled() -> Self {
-        Self {
-            ending: Ending::Cancelled,
-            exit_code: -1,
-            message: "cancelled".into(),
-        }
+        Self { ending: Ending::Cancelled, exit_code: -1, message: "cancelled".into() }
     }
 
     fn timed_out(after: Duration) -> Self {
@@ -131,11 +110,7 @@ impl End {
             return self;
         }
         match [stdout, stderr].into_iter().find(|c| c.exceeded()) {
-            Some(capture) => Self {
-                ending: Ending::Failed,
-                exit_code: self.exit_code,
-                message: capture.limit_message(),
-            },
+            Some(capture) => Self { ending: Ending::Failed, exit_code: self.exit_code, message: capture.limit_message() },
             None => self,
         }
     }
@@ -213,21 +188,13 @@ async fn expired(deadline: Option<(Duration, Instant)>) -> Duration {
 
 /// "5s" for whole seconds, "250ms" otherwise: timeouts come from `taskSeconds` or tests.
 fn human_duration(d: Duration) -> String {
-    if d.subsec_nanos() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
+    if d.subsec_nanos() == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
 }
 
 /// "64 MiB" for whole mebibytes, a byte count otherwise.
 fn human_bytes(bytes: u64) -> String {
     const MIB: u64 = 1 << 20;
-    if bytes >= MIB && bytes.is_multiple_of(MIB) {
-        format!("{} MiB", bytes / MIB)
-    } else {
-        format!("{bytes} bytes")
-    }
+    if bytes >= MIB && bytes.is_multiple_of(MIB) { format!("{} MiB", bytes / MIB) } else { format!("{bytes} bytes") }
 }
 
 #[cfg(test)]
@@ -243,22 +210,11 @@ mod tests {
             memory_bytes: 1 << 20,
             timeout: None,
             scratch_dir: PathBuf::from("/tmp/x"),
-            env: vec![
-                ("GREETING".into(), "hi".into()),
-                ("KOMMUNE_TASK_INDEX".into(), "99".into()),
-            ],
+            env: vec![("GREETING".into(), "hi".into()), ("KOMMUNE_TASK_INDEX".into(), "99".into())],
         };
         let env = ctx.task_env();
         let names: Vec<_> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        assert_eq!(
-            names,
-            [
-                "GREETING=hi",
-                "KOMMUNE_TASK_INDEX=2",
-                "KOMMUNE_TASK_COUNT=4",
-                "KOMMUNE_ATTEMPT_ID=job-1-2-a1"
-            ]
-        );
+        assert_eq!(names, ["GREETING=hi", "KOMMUNE_TASK_INDEX=2", "KOMMUNE_TASK_COUNT=4", "KOMMUNE_ATTEMPT_ID=job-1-2-a1"]);
     }
 
     #[test]
@@ -283,10 +239,7 @@ mod tests {
         let outcome = Outcome::not_started("nope");
         assert_eq!(outcome.ending, Ending::Failed);
         assert_eq!(outcome.exit_code, -1);
-        assert_eq!(
-            outcome.output_sha256,
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(outcome.output_sha256, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(outcome.message, "nope");
     }
 }

@@ -42,14 +42,7 @@ impl SharedCapture {
     }
 
     fn new(stream: &'static str, limit: u64) -> Self {
-        Self(Arc::new(Mutex::new(Capture {
-            stream,
-            limit,
-            hasher: Sha256::new(),
-            total: 0,
-            tail: VecDeque::with_capacity(TAIL_BYTES),
-            exceeded: false,
-        })))
+        Self(Arc::new(Mutex::new(Capture { stream, limit, hasher: Sha256::new(), total: 0, tail: VecDeque::with_capacity(TAIL_BYTES), exceeded: false })))
     }
 
     /// A writer that panicked cannot leave the capture half-updated in a way that matters,
@@ -102,16 +95,8 @@ impl SharedCapture {
 
 /// Lets the capture stand behind a WASI stdout or stderr.
 impl AsyncWrite for SharedCapture {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Poll::Ready(if self.push(buf) {
-            Ok(buf.len())
-        } else {
-            Err(io::Error::other(self.limit_message()))
-        })
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(if self.push(buf) { Ok(buf.len()) } else { Err(io::Error::other(self.limit_message())) })
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -172,9 +157,6 @@ mod tests {
         assert!(!capture.push(b"abcdef"));
         assert_eq!(capture.total(), 4);
         assert_eq!(capture.tail(), b"abcd");
-        assert_eq!(
-            SharedCapture::stdout().limit_message(),
-            "stdout limit 16 MiB exceeded"
-        );
+        assert_eq!(SharedCapture::stdout().limit_message(), "stdout limit 16 MiB exceeded");
     }
 }

@@ -11,18 +11,13 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWrite;
 use tokio_util::sync::CancellationToken;
-use wasmtime::{
-    Config, Engine, InstancePre, Linker, Module, ResourceLimiter, Store, Trap, UpdateDeadline,
-};
+use wasmtime::{Config, Engine, InstancePre, Linker, Module, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use super::output::SharedCapture;
-use super::{
-    AttemptContext, End, Ending, Outcome, RuntimeError, deadline, expired, human_bytes,
-    human_duration,
-};
+use super::{AttemptContext, End, Ending, Outcome, RuntimeError, deadline, expired, human_bytes, human_duration};
 
 /// How often the engine epoch advances, and so how late a timeout or cancel can land.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -45,9 +40,7 @@ pub struct WasmRuntime {
 
 impl fmt::Debug for WasmRuntime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WasmRuntime")
-            .field("cached_modules", &self.cache().len())
-            .finish_non_exhaustive()
+        f.debug_struct("WasmRuntime").field("cached_modules", &self.cache().len()).finish_non_exhaustive()
     }
 }
 
@@ -58,18 +51,10 @@ impl WasmRuntime {
         config.epoch_interruption(true);
         let engine = Engine::new(&config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state: &mut TaskState| {
-            &mut state.wasi
-        })
-        .map_err(|e| RuntimeError::Engine(format!("cannot link WASI: {e:#}")))?;
-        let ticker = EpochTicker::start(engine.clone())
-            .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch thread: {e}")))?;
-        Ok(Self {
-            engine,
-            linker,
-            modules: Mutex::new(HashMap::new()),
-            _ticker: ticker,
-        })
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state: &mut TaskState| &mut state.wasi)
+            .map_err(|e| RuntimeError::Engine(format!("cannot link WASI: {e:#}")))?;
+        let ticker = EpochTicker::start(engine.clone()).map_err(|e| RuntimeError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        Ok(Self { engine, linker, modules: Mutex::new(HashMap::new()), _ticker: ticker })
     }
 
     /// Checks `bytes` against `sha256`, compiles them and caches the result; a module already
@@ -85,17 +70,8 @@ impl WasmRuntime {
         if self.is_cached(&actual) {
             return Ok(());
         }
-        let module = Module::new(&self.engine, bytes).map_err(|e| RuntimeError::InvalidModule {
-            sha256: actual.clone(),
-            reason: format!("{e:#}"),
-        })?;
-        let pre =
-            self.linker
-                .instantiate_pre(&module)
-                .map_err(|e| RuntimeError::UnsupportedImports {
-                    sha256: actual.clone(),
-                    reason: format!("{e:#}"),
-                })?;
+        let module = Module::new(&self.engine, bytes).map_err(|e| RuntimeError::InvalidModule { sha256: actual.clone(), reason: format!("{e:#}") })?;
+        let pre = self.linker.instantiate_pre(&module).map_err(|e| RuntimeError::UnsupportedImports { sha256: actual.clone(), reason: format!("{e:#}") })?;
         self.cache().insert(actual, pre);
         Ok(())
     }
@@ -107,36 +83,21 @@ impl WasmRuntime {
     /// Runs the cached module `sha256` as a WASI command (`_start`) with argv
     /// `["task.wasm", args...]`. Never panics on a bad module: every problem becomes a failed
     /// [`Outcome`] with a message. Dropping the returned future cancels the attempt.
-    pub async fn run(
-        &self,
-        sha256: &str,
-        args: &[String],
-        ctx: &AttemptContext,
-        cancel: CancellationToken,
-    ) -> Outcome {
+    pub async fn run(&self, sha256: &str, args: &[String], ctx: &AttemptContext, cancel: CancellationToken) -> Outcome {
         let started = Instant::now();
         let Some(pre) = self.cache().get(&sha256.to_ascii_lowercase()).cloned() else {
-            return Outcome::not_started(format!(
-                "module sha256 {sha256} is not loaded on this node"
-            ));
+            return Outcome::not_started(format!("module sha256 {sha256} is not loaded on this node"));
         };
         let stop = cancel.child_token();
         let _stop_if_dropped = stop.clone().drop_guard();
         let attempt = GuestAttempt {
             engine: self.engine.clone(),
             pre,
-            argv: std::iter::once(GUEST_ARGV0.to_owned())
-                .chain(args.iter().cloned())
-                .collect(),
+            argv: std::iter::once(GUEST_ARGV0.to_owned()).chain(args.iter().cloned()).collect(),
             env: ctx.task_env(),
             scratch_dir: ctx.scratch_dir.clone(),
             memory_bytes: usize::try_from(ctx.memory_bytes).unwrap_or(usize::MAX),
-            watch: Watch {
-                cancel: stop,
-                timeout: deadline(started, ctx.timeout),
-                stdout: SharedCapture::stdout(),
-                stderr: SharedCapture::stderr(),
-            },
+            watch: Watch { cancel: stop, timeout: deadline(started, ctx.timeout), stdout: SharedCapture::stdout(), stderr: SharedCapture::stderr() },
         };
         let (stdout, stderr) = (attempt.watch.stdout.clone(), attempt.watch.stderr.clone());
         // The guest gets a blocking-pool thread of its own: compute-bound wasm never yields, and
@@ -164,13 +125,11 @@ struct EpochTicker {
 impl EpochTicker {
     fn start(engine: Engine) -> std::io::Result<Self> {
         let (stop, stopped) = mpsc::channel::<()>();
-        std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || {
-                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK) {
-                    engine.increment_epoch();
-                }
-            })?;
+        std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK) {
+                engine.increment_epoch();
+            }
+        })?;
         Ok(Self { _stop: stop })
     }
 }
@@ -191,12 +150,7 @@ struct MemoryCap {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         if maximum.is_some_and(|max| desired > max) {
             return Ok(false);
         }
@@ -210,12 +164,7 @@ impl ResourceLimiter for MemoryCap {
         Ok(true)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|max| desired <= max))
     }
 }
@@ -271,10 +220,7 @@ impl Watch {
         {
             return Some(Interrupt::TimedOut(after));
         }
-        [&self.stdout, &self.stderr]
-            .into_iter()
-            .find(|c| c.exceeded())
-            .map(|c| Interrupt::OutputLimit(c.limit_message()))
+        [&self.stdout, &self.stderr].into_iter().find(|c| c.exceeded()).map(|c| Interrupt::OutputLimit(c.limit_message()))
     }
 
     /// Resolves when the guest must stop even though it is parked in a host call, where the
@@ -322,10 +268,7 @@ impl GuestAttempt {
         let end = classify(&error, context);
         if end.ending == Ending::Failed && store.data().memory.refused {
             let limit = human_bytes(self.memory_bytes as u64);
-            return End {
-                message: format!("memory limit {limit} exceeded ({})", end.message),
-                ..end
-            };
+            return End { message: format!("memory limit {limit} exceeded ({})", end.message), ..end };
         }
         end
     }
@@ -342,20 +285,8 @@ impl GuestAttempt {
             .allow_udp(false)
             .allow_ip_name_lookup(false);
         wasi.preopened_dir(&self.scratch_dir, SCRATCH_GUEST_PATH, FsPerms::ReadWrite)
-            .map_err(|e| {
-                format!(
-                    "cannot open scratch dir {}: {e:#}",
-                    self.scratch_dir.display()
-                )
-            })?;
-        let state = TaskState {
-            wasi: wasi.build_p1(),
-            memory: MemoryCap {
-                limit: self.memory_bytes,
-                used: 0,
-                refused: false,
-            },
-        };
+            .map_err(|e| format!("cannot open scratch dir {}: {e:#}", self.scratch_dir.display()))?;
+        let state = TaskState { wasi: wasi.build_p1(), memory: MemoryCap { limit: self.memory_bytes, used: 0, refused: false } };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.memory);
         let watch = self.watch.clone();
@@ -374,21 +305,10 @@ enum GuestError {
     Run(wasmtime::Error),
 }
 
-async fn call_start(
-    store: &mut Store<TaskState>,
-    pre: &InstancePre<TaskState>,
-) -> Result<(), GuestError> {
-    let instance = pre
-        .instantiate_async(&mut *store)
-        .await
-        .map_err(GuestError::Instantiate)?;
-    let start = instance
-        .get_typed_func::<(), ()>(&mut *store, "_start")
-        .map_err(|_| GuestError::NoStart)?;
-    start
-        .call_async(&mut *store, ())
-        .await
-        .map_err(GuestError::Run)
+async fn call_start(store: &mut Store<TaskState>, pre: &InstancePre<TaskState>) -> Result<(), GuestError> {
+    let instance = pre.instantiate_async(&mut *store).await.map_err(GuestError::Instantiate)?;
+    let start = instance.get_typed_func::<(), ()>(&mut *store, "_start").map_err(|_| GuestError::NoStart)?;
+    start.call_async(&mut *store, ()).await.map_err(GuestError::Run)
 }
 
 /// Turns an error out of a guest into how the attempt ended; `proc_exit` arrives as one too.

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 
 use super::Error;
@@ -22,7 +22,11 @@ pub async fn ensure_ca(client: kube::Client, namespace: &str) -> Result<Ca, Erro
         }
         let ca = Ca::generate()?;
         let secret = Secret {
-            metadata: ObjectMeta { name: Some(CA_SECRET.into()), labels: Some(BTreeMap::from([("app.kubernetes.io/part-of".into(), "kommune".into())])), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(CA_SECRET.into()),
+                labels: Some(BTreeMap::from([("app.kubernetes.io/part-of".into(), "kommune".into())])),
+                ..Default::default()
+            },
             type_: Some("kubernetes.io/tls".into()),
             data: Some(BTreeMap::from([
                 ("tls.crt".to_string(), ByteString(ca.cert_pem().as_bytes().to_vec())),

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -25,7 +25,7 @@ use crate::blobs::Blobs;
 use crate::crd::{ComputeJob, ComputeJobStatus, JobPhase};
 use crate::dispatch::{Dispatcher, JobRef, ModuleRef};
 use crate::job::status::{self, Observed, Severity};
-use crate::job::{validate, JobPolicy, ModuleSource, TaskWorkload};
+use crate::job::{JobPolicy, ModuleSource, TaskWorkload, validate};
 use crate::metrics::Metrics;
 
 /// Finalizer that holds a deleted job until its attempts are cancelled.
@@ -215,9 +215,10 @@ async fn resolve_module(ctx: &Context, job: &ComputeJob, policy: &JobPolicy) -> 
     }
     let sha = kommune_proto::sha256_hex(&bytes);
     if let Some(want) = expected
-        && want != &sha {
-            return Ok(Err(("ModuleDigestMismatch", format!("ConfigMap {ns}/{name} key {key:?} has sha256 {sha}, but spec.workload.wasm.sha256 is {want}"))));
-        }
+        && want != &sha
+    {
+        return Ok(Err(("ModuleDigestMismatch", format!("ConfigMap {ns}/{name} key {key:?} has sha256 {sha}, but spec.workload.wasm.sha256 is {want}"))));
+    }
     ctx.blobs.put(&bytes)?;
     Ok(Ok(Some(ModuleRef { sha256: sha, url: None })))
 }

@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::ResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::MANAGER;
 use crate::crd::quantity::{format_cpu, format_memory};
-use crate::crd::{condition, set_condition, NodeAllocation, NodeCapacity, NodePhase, ProviderNode, ProviderNodeStatus};
+use crate::crd::{NodeAllocation, NodeCapacity, NodePhase, ProviderNode, ProviderNodeStatus, condition, set_condition};
 use crate::fleet::{Fleet, NodeFacts};
 use crate::gateway::NodeEvent;
 use crate::store::Store;
@@ -178,7 +178,8 @@ mod tests {
     #[test]
     fn lifecycle_join_connect_heartbeat_disconnect() {
         let now = Timestamp::now();
-        let joined = apply_event(&ProviderNodeStatus::default(), &NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into() }, 0, (0, 0), now);
+        let joined =
+            apply_event(&ProviderNodeStatus::default(), &NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into() }, 0, (0, 0), now);
         assert_eq!(joined.phase, Some(NodePhase::NotReady));
         assert_eq!(joined.capacity.as_ref().unwrap().cpu, "4");
         assert_eq!(joined.capacity.as_ref().unwrap().memory, "8Gi");

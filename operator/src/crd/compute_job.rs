@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "ComputeJobStatus",
     shortname = "cj",
+    shortname = "cjob",
     category = "kommune",
     doc = "A batch of independent tasks to run on Kommune provider machines.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Pending, Running, Succeeded or Failed"),

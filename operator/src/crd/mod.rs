@@ -31,10 +31,8 @@ pub fn set_condition(conditions: &mut Vec<Condition>, new: Condition) -> bool {
     match conditions.iter_mut().find(|c| c.type_ == new.type_) {
         Some(existing) => {
             let transition = existing.status != new.status;
-            let changed = transition
-                || existing.reason != new.reason
-                || existing.message != new.message
-                || existing.observed_generation != new.observed_generation;
+            let changed =
+                transition || existing.reason != new.reason || existing.message != new.message || existing.observed_generation != new.observed_generation;
             if transition {
                 existing.last_transition_time = new.last_transition_time;
             }

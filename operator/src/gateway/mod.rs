@@ -78,7 +78,14 @@ struct Inner {
 }
 
 impl Gateway {
-    pub fn new(dispatcher: Arc<Dispatcher>, tokens: Arc<dyn JoinTokens>, ca: Arc<Ca>, blobs: Blobs, events: mpsc::Sender<NodeEvent>, config: GatewayConfig) -> Self {
+    pub fn new(
+        dispatcher: Arc<Dispatcher>,
+        tokens: Arc<dyn JoinTokens>,
+        ca: Arc<Ca>,
+        blobs: Blobs,
+        events: mpsc::Sender<NodeEvent>,
+        config: GatewayConfig,
+    ) -> Self {
         Gateway { inner: Arc::new(Inner { dispatcher, tokens, ca, blobs, events, config }) }
     }
 
@@ -157,9 +164,10 @@ impl AgentGateway for Gateway {
         // Sign before redeeming so a malformed request does not use up the token.
         let (certificate_pem, key_sha) = self.inner.ca.sign_node(&req.csr_der, &name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Ok(Some(existing)) = self.inner.dispatcher.store().node_key(&name)
-            && existing != key_sha {
-                return Err(Status::already_exists(format!("node name {name} is taken by another machine; choose another with --name")));
-            }
+            && existing != key_sha
+        {
+            return Err(Status::already_exists(format!("node name {name} is taken by another machine; choose another with --name")));
+        }
         self.inner.tokens.redeem(&token).await.map_err(|e| match e {
             TokenRejection::Backend(_) => Status::unavailable(e.to_string()),
             _ => Status::unauthenticated(e.to_string()),

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use kommune_proto::v1::{self, agent_message, operator_message::Kind as OpKind, AgentMessage, OperatorMessage};
+use kommune_proto::v1::{self, AgentMessage, OperatorMessage, agent_message, operator_message::Kind as OpKind};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tonic::{Status, Streaming};

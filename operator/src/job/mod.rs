@@ -7,5 +7,5 @@ pub mod progress;
 pub mod status;
 pub mod validate;
 
-pub use progress::{progress, Progress};
-pub use validate::{validate, Invalid, JobPolicy, ModuleSource, TaskWorkload};
+pub use progress::{Progress, progress};
+pub use validate::{Invalid, JobPolicy, ModuleSource, TaskWorkload, validate};

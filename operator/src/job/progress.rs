@@ -183,7 +183,11 @@ mod tests {
 
     #[test]
     fn all_succeeded_is_succeeded() {
-        let a = [attempt(0, 1, AttemptPhase::Succeeded, 1, Some(5)), attempt(1, 2, AttemptPhase::Succeeded, 1, Some(5)), attempt(1, 1, AttemptPhase::Failed, 1, Some(2))];
+        let a = [
+            attempt(0, 1, AttemptPhase::Succeeded, 1, Some(5)),
+            attempt(1, 2, AttemptPhase::Succeeded, 1, Some(5)),
+            attempt(1, 1, AttemptPhase::Failed, 1, Some(2)),
+        ];
         let p = progress(&policy(2, 2, 3), &a, 1000);
         assert_eq!(p.phase, JobPhase::Succeeded);
         assert_eq!(p.completed, vec![0, 1]);
@@ -224,11 +228,8 @@ mod tests {
 
     #[test]
     fn exhausted_task_fails_the_job_and_cancels_the_rest() {
-        let a = [
-            attempt(0, 1, AttemptPhase::Failed, 0, Some(1)),
-            attempt(0, 2, AttemptPhase::Failed, 0, Some(2)),
-            attempt(1, 1, AttemptPhase::Running, 0, None),
-        ];
+        let a =
+            [attempt(0, 1, AttemptPhase::Failed, 0, Some(1)), attempt(0, 2, AttemptPhase::Failed, 0, Some(2)), attempt(1, 1, AttemptPhase::Running, 0, None)];
         let p = progress(&policy(3, 3, 2), &a, 100);
         assert_eq!(p.phase, JobPhase::Failed);
         assert_eq!(p.failed, vec![0]);

@@ -8,7 +8,7 @@ use super::indexes::compact;
 use super::progress::{FailureCause, Progress};
 use super::validate::Invalid;
 use crate::attempt::Attempt;
-use crate::crd::{condition, set_condition, ComputeJobStatus, JobPhase, TaskResultSummary};
+use crate::crd::{ComputeJobStatus, JobPhase, TaskResultSummary, condition, set_condition};
 use crate::scheduler::Explanation;
 
 /// Results kept in status.
@@ -179,12 +179,22 @@ pub fn events(prev: &ComputeJobStatus, next: &ComputeJobStatus) -> Vec<(Severity
 mod tests {
     use super::*;
     use crate::attempt::{AttemptPhase, AttemptResult};
-    use crate::crd::{is_true, TaskCounts};
+    use crate::crd::{TaskCounts, is_true};
     use crate::scheduler::{Exclusion, Request, Resources};
     use std::collections::BTreeMap;
 
     fn progress(phase: JobPhase, counts: TaskCounts) -> Progress {
-        Progress { phase, counts, to_place: vec![], to_cancel: vec![], completed: vec![], failed: vec![], failure: None, next_retry_ms: None, started_ms: Some(1_000) }
+        Progress {
+            phase,
+            counts,
+            to_place: vec![],
+            to_cancel: vec![],
+            completed: vec![],
+            failed: vec![],
+            failure: None,
+            next_retry_ms: None,
+            started_ms: Some(1_000),
+        }
     }
 
     fn observed<'a>(p: &'a Progress, attempts: &'a [Attempt], unplaced: Option<&'a Explanation>) -> Observed<'a> {

@@ -66,9 +66,7 @@ fn invalid(message: impl Into<String>) -> Invalid {
 fn env_pairs(field: &str, env: &[EnvVar]) -> Result<Vec<(String, String)>, Invalid> {
     env.iter()
         .map(|e| {
-            let ok = !e.name.is_empty()
-                && !e.name.starts_with(|c: char| c.is_ascii_digit())
-                && e.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let ok = !e.name.is_empty() && !e.name.starts_with(|c: char| c.is_ascii_digit()) && e.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !ok {
                 return Err(invalid(format!("{field}: {:?} is not a valid environment variable name", e.name)));
             }
@@ -91,18 +89,16 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
         [] => return Err(invalid("spec.workload must set exactly one of wasm, exec or container; none is set")),
         [_] => {}
         many => {
-            return Err(invalid(format!(
-                "spec.workload must set exactly one of wasm, exec or container; {} are set",
-                many.join(" and ")
-            )));
+            return Err(invalid(format!("spec.workload must set exactly one of wasm, exec or container; {} are set", many.join(" and "))));
         }
     }
 
     let workload = if let Some(wasm) = &w.wasm {
         if let Some(sha) = &wasm.sha256
-            && !kommune_proto::is_sha256_hex(sha) {
-                return Err(invalid(format!("spec.workload.wasm.sha256: {sha:?} is not 64 lowercase hex digits")));
-            }
+            && !kommune_proto::is_sha256_hex(sha)
+        {
+            return Err(invalid(format!("spec.workload.wasm.sha256: {sha:?} is not 64 lowercase hex digits")));
+        }
         let source = match (&wasm.config_map_ref, &wasm.url) {
             (Some(cm), None) => {
                 if cm.name.is_empty() || cm.key.is_empty() {
@@ -189,11 +185,7 @@ mod tests {
         assert_eq!(p.workload.runtime(), "wasm");
         assert_eq!(
             p.workload,
-            TaskWorkload::Wasm {
-                source: ModuleSource::ConfigMap { name: "m".into(), key: "module.wasm".into(), sha256: None },
-                args: vec![],
-                env: vec![]
-            }
+            TaskWorkload::Wasm { source: ModuleSource::ConfigMap { name: "m".into(), key: "module.wasm".into(), sha256: None }, args: vec![], env: vec![] }
         );
     }
 

@@ -22,9 +22,7 @@ fn context(scratch: &Path) -> AttemptContext {
 
 async fn sh(script: &str, ctx: &AttemptContext) -> Outcome {
     let command = ["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
-    ExecRuntime::new(true)
-        .run(&command, ctx, CancellationToken::new())
-        .await
+    ExecRuntime::new(true).run(&command, ctx, CancellationToken::new()).await
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -35,9 +33,7 @@ fn text(bytes: &[u8]) -> String {
 fn is_dead(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
     }
 }
 
@@ -55,19 +51,10 @@ async fn wait_until_dead(pid: u32) -> bool {
 #[tokio::test]
 async fn exec_is_refused_unless_the_agent_allows_it() {
     let scratch = tempfile::tempdir().unwrap();
-    let command = [
-        "/bin/sh".to_owned(),
-        "-c".to_owned(),
-        "touch ran".to_owned(),
-    ];
-    let outcome = ExecRuntime::new(false)
-        .run(&command, &context(scratch.path()), CancellationToken::new())
-        .await;
+    let command = ["/bin/sh".to_owned(), "-c".to_owned(), "touch ran".to_owned()];
+    let outcome = ExecRuntime::new(false).run(&command, &context(scratch.path()), CancellationToken::new()).await;
     assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
-    assert_eq!(
-        outcome.message,
-        "exec runtime disabled: start the agent with --allow-exec"
-    );
+    assert_eq!(outcome.message, "exec runtime disabled: start the agent with --allow-exec");
     assert!(!scratch.path().join("ran").exists());
     assert!(!ExecRuntime::new(false).is_allowed());
 }
@@ -76,10 +63,7 @@ async fn exec_is_refused_unless_the_agent_allows_it() {
 async fn the_command_runs_in_scratch_with_a_clean_env() {
     let scratch = tempfile::tempdir().unwrap();
     // cargo sets CARGO for the tests it runs; the task must not inherit it.
-    assert!(
-        std::env::var_os("CARGO").is_some(),
-        "run this test through cargo"
-    );
+    assert!(std::env::var_os("CARGO").is_some(), "run this test through cargo");
     let outcome = sh(
         r#"echo "$GREETING from task $KOMMUNE_TASK_INDEX/$KOMMUNE_TASK_COUNT ($KOMMUNE_ATTEMPT_ID)"
            echo "home=$HOME pwd=$(pwd) path=$PATH cargo=${CARGO:-unset}"
@@ -87,20 +71,11 @@ async fn the_command_runs_in_scratch_with_a_clean_env() {
         &context(scratch.path()),
     )
     .await;
-    assert_eq!(
-        (outcome.ending, outcome.exit_code),
-        (Ending::Succeeded, 0),
-        "{outcome:?}"
-    );
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Succeeded, 0), "{outcome:?}");
     let dir = scratch.path().display();
-    let expected = format!(
-        "hello from task 1/2 (hello-exec-1-a1)\nhome={dir} pwd={dir} path=/usr/bin:/bin cargo=unset\n"
-    );
+    let expected = format!("hello from task 1/2 (hello-exec-1-a1)\nhome={dir} pwd={dir} path=/usr/bin:/bin cargo=unset\n");
     assert_eq!(text(&outcome.stdout_tail), expected);
-    assert_eq!(
-        outcome.output_sha256,
-        hex::encode(Sha256::digest(expected.as_bytes()))
-    );
+    assert_eq!(outcome.output_sha256, hex::encode(Sha256::digest(expected.as_bytes())));
     assert_eq!(outcome.output_bytes, expected.len() as u64);
     assert!(scratch.path().join("made-here.txt").exists());
     assert!(outcome.message.is_empty());
@@ -118,54 +93,30 @@ async fn a_non_zero_exit_fails_with_its_code_and_stderr() {
 #[tokio::test]
 async fn a_timeout_kills_the_whole_process_group_fast() {
     let scratch = tempfile::tempdir().unwrap();
-    let ctx = AttemptContext {
-        timeout: Some(Duration::from_millis(300)),
-        ..context(scratch.path())
-    };
+    let ctx = AttemptContext { timeout: Some(Duration::from_millis(300)), ..context(scratch.path()) };
     // The background sleep holds stdout open too: if it survived, draining would hang.
     let outcome = sh("sleep 30 & echo $! > child.pid; sleep 30", &ctx).await;
     assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
     assert_eq!(outcome.message, "timed out after 300ms");
     assert!(outcome.wall < Duration::from_secs(2), "{:?}", outcome.wall);
-    let child: u32 = std::fs::read_to_string(scratch.path().join("child.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(
-        wait_until_dead(child).await,
-        "background child {child} survived the timeout"
-    );
+    let child: u32 = std::fs::read_to_string(scratch.path().join("child.pid")).unwrap().trim().parse().unwrap();
+    assert!(wait_until_dead(child).await, "background child {child} survived the timeout");
 }
 
 #[tokio::test]
 async fn background_processes_do_not_outlive_a_task_that_exits() {
     let scratch = tempfile::tempdir().unwrap();
-    let outcome = sh(
-        "sleep 30 >/dev/null 2>&1 & echo $! > child.pid; echo done",
-        &context(scratch.path()),
-    )
-    .await;
+    let outcome = sh("sleep 30 >/dev/null 2>&1 & echo $! > child.pid; echo done", &context(scratch.path())).await;
     assert_eq!(outcome.ending, Ending::Succeeded, "{outcome:?}");
     assert!(outcome.wall < Duration::from_secs(2), "{:?}", outcome.wall);
-    let child: u32 = std::fs::read_to_string(scratch.path().join("child.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(
-        wait_until_dead(child).await,
-        "background child {child} outlived its task"
-    );
+    let child: u32 = std::fs::read_to_string(scratch.path().join("child.pid")).unwrap().trim().parse().unwrap();
+    assert!(wait_until_dead(child).await, "background child {child} outlived its task");
 }
 
 #[tokio::test]
 async fn cancel_stops_the_command_quickly() {
     let scratch = tempfile::tempdir().unwrap();
-    let ctx = AttemptContext {
-        timeout: None,
-        ..context(scratch.path())
-    };
+    let ctx = AttemptContext { timeout: None, ..context(scratch.path()) };
     let cancel = CancellationToken::new();
     let canceller = cancel.clone();
     tokio::spawn(async move {
@@ -188,10 +139,7 @@ async fn a_missing_program_or_an_empty_command_says_so() {
     let command = ["kommune-no-such-program".to_owned()];
     let outcome = exec.run(&command, &ctx, CancellationToken::new()).await;
     assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
-    assert_eq!(
-        outcome.message,
-        "cannot start kommune-no-such-program: No such file or directory"
-    );
+    assert_eq!(outcome.message, "cannot start kommune-no-such-program: No such file or directory");
 
     let outcome = exec.run(&[], &ctx, CancellationToken::new()).await;
     assert_eq!(outcome.ending, Ending::Failed);
@@ -213,14 +161,8 @@ async fn the_tail_is_bounded_and_the_digest_covers_all_of_stdout() {
     let expected: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
     assert_eq!(outcome.ending, Ending::Succeeded, "{outcome:?}");
     assert_eq!(outcome.output_bytes, expected.len() as u64);
-    assert_eq!(
-        outcome.output_sha256,
-        hex::encode(Sha256::digest(expected.as_bytes()))
-    );
-    assert_eq!(
-        outcome.stdout_tail,
-        expected.as_bytes()[expected.len() - TAIL_BYTES..]
-    );
+    assert_eq!(outcome.output_sha256, hex::encode(Sha256::digest(expected.as_bytes())));
+    assert_eq!(outcome.stdout_tail, expected.as_bytes()[expected.len() - TAIL_BYTES..]);
 }
 
 #[tokio::test]

@@ -32,9 +32,7 @@ async fn run_module(module: &[u8], args: &[&str], ctx: &AttemptContext) -> Outco
     let sha = sha256_hex(module);
     runtime.load(&sha, module).unwrap();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    runtime
-        .run(&sha, &args, ctx, CancellationToken::new())
-        .await
+    runtime.run(&sha, &args, ctx, CancellationToken::new()).await
 }
 
 async fn run_wat(wat: &str, ctx: &AttemptContext) -> Outcome {
@@ -52,14 +50,8 @@ fn hello_example() -> HelloExample {
     use serde::Deserialize;
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello-wasm.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
-        .collect();
-    let of_kind = |kind: &str| {
-        docs.iter()
-            .find(|d| d["kind"].as_str() == Some(kind))
-            .unwrap()
-    };
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text).map(|doc| serde_yaml::Value::deserialize(doc).unwrap()).collect();
+    let of_kind = |kind: &str| docs.iter().find(|d| d["kind"].as_str() == Some(kind)).unwrap();
     let config_map = of_kind("ConfigMap");
     let job = of_kind("ComputeJob");
     let wasm = &job["spec"]["workload"]["wasm"];
@@ -67,26 +59,9 @@ fn hello_example() -> HelloExample {
     let key = wasm["configMapRef"]["key"].as_str().unwrap();
     let encoded = config_map["binaryData"][key].as_str().unwrap();
     HelloExample {
-        module: base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .unwrap(),
-        args: wasm["args"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_owned())
-            .collect(),
-        env: wasm["env"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                (
-                    e["name"].as_str().unwrap().to_owned(),
-                    e["value"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect(),
+        module: base64::engine::general_purpose::STANDARD.decode(encoded).unwrap(),
+        args: wasm["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect(),
+        env: wasm["env"].as_sequence().unwrap().iter().map(|e| (e["name"].as_str().unwrap().to_owned(), e["value"].as_str().unwrap().to_owned())).collect(),
     }
 }
 
@@ -94,19 +69,14 @@ fn hello_example() -> HelloExample {
 async fn hello_wasm_from_the_example_counts_primes_for_its_task() {
     let example = hello_example();
     let scratch = tempfile::tempdir().unwrap();
-    let ctx = AttemptContext {
-        env: example.env.clone(),
-        ..context(scratch.path())
-    };
+    let ctx = AttemptContext { env: example.env.clone(), ..context(scratch.path()) };
     let runtime = WasmRuntime::new().unwrap();
     let sha = sha256_hex(&example.module);
     assert!(!runtime.is_cached(&sha));
     runtime.load(&sha, &example.module).unwrap();
     assert!(runtime.is_cached(&sha));
 
-    let outcome = runtime
-        .run(&sha, &example.args, &ctx, CancellationToken::new())
-        .await;
+    let outcome = runtime.run(&sha, &example.args, &ctx, CancellationToken::new()).await;
 
     let expected = "hello from task 2/4: 2262 primes below 20000\n";
     assert_eq!(outcome.ending, Ending::Succeeded, "{outcome:?}");
@@ -127,31 +97,16 @@ async fn a_cached_module_runs_again_with_other_args_and_env() {
     runtime.load(&sha, &example.module).unwrap();
     runtime.load(&sha, &example.module).unwrap();
 
-    let ctx = AttemptContext {
-        task_index: 0,
-        task_count: 1,
-        env: vec![("GREETING".into(), "hej".into())],
-        ..context(scratch.path())
-    };
-    let outcome = runtime
-        .run(&sha, &["100".into()], &ctx, CancellationToken::new())
-        .await;
-    assert_eq!(
-        String::from_utf8_lossy(&outcome.stdout_tail),
-        "hej from task 0/1: 25 primes below 100\n"
-    );
+    let ctx = AttemptContext { task_index: 0, task_count: 1, env: vec![("GREETING".into(), "hej".into())], ..context(scratch.path()) };
+    let outcome = runtime.run(&sha, &["100".into()], &ctx, CancellationToken::new()).await;
+    assert_eq!(String::from_utf8_lossy(&outcome.stdout_tail), "hej from task 0/1: 25 primes below 100\n");
 
-    let outcome = runtime
-        .run(&sha, &["many".into()], &ctx, CancellationToken::new())
-        .await;
+    let outcome = runtime.run(&sha, &["many".into()], &ctx, CancellationToken::new()).await;
     assert_eq!(outcome.ending, Ending::Failed);
     assert_eq!(outcome.exit_code, 2);
     assert_eq!(outcome.message, "exited with code 2");
     let stderr = String::from_utf8_lossy(&outcome.stderr_tail);
-    assert!(
-        stderr.contains("N must be a non-negative integer, got \"many\""),
-        "{stderr}"
-    );
+    assert!(stderr.contains("N must be a non-negative integer, got \"many\""), "{stderr}");
     assert!(outcome.stdout_tail.is_empty());
 }
 
@@ -181,27 +136,13 @@ const DUMP_ARGS_AND_ENV: &str = r#"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guest_gets_exactly_its_args_and_env_and_nothing_from_the_host() {
     let scratch = tempfile::tempdir().unwrap();
-    let ctx = AttemptContext {
-        env: vec![
-            ("GREETING".into(), "hi there".into()),
-            ("KOMMUNE_TASK_INDEX".into(), "99".into()),
-        ],
-        ..context(scratch.path())
-    };
+    let ctx = AttemptContext { env: vec![("GREETING".into(), "hi there".into()), ("KOMMUNE_TASK_INDEX".into(), "99".into())], ..context(scratch.path()) };
     let outcome = run_module(DUMP_ARGS_AND_ENV.as_bytes(), &["20000", "two words"], &ctx).await;
     assert_eq!(outcome.ending, Ending::Succeeded, "{outcome:?}");
     let strings = |items: &[&str]| items.iter().map(|s| format!("{s}\0")).collect::<String>();
     let argv = strings(&["task.wasm", "20000", "two words"]);
-    let environ = strings(&[
-        "GREETING=hi there",
-        "KOMMUNE_TASK_INDEX=2",
-        "KOMMUNE_TASK_COUNT=4",
-        "KOMMUNE_ATTEMPT_ID=hello-2-a1",
-    ]);
-    assert_eq!(
-        String::from_utf8_lossy(&outcome.stdout_tail),
-        argv + &environ
-    );
+    let environ = strings(&["GREETING=hi there", "KOMMUNE_TASK_INDEX=2", "KOMMUNE_TASK_COUNT=4", "KOMMUNE_ATTEMPT_ID=hello-2-a1"]);
+    assert_eq!(String::from_utf8_lossy(&outcome.stdout_tail), argv + &environ);
 }
 
 const EXIT_WITH_7: &str = r#"
@@ -250,28 +191,18 @@ const SLEEP_30S: &str = r#"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_loop_is_stopped_by_the_timeout() {
     let scratch = tempfile::tempdir().unwrap();
-    let ctx = AttemptContext {
-        timeout: Some(Duration::from_millis(300)),
-        ..context(scratch.path())
-    };
+    let ctx = AttemptContext { timeout: Some(Duration::from_millis(300)), ..context(scratch.path()) };
     let outcome = run_wat(SPIN_FOREVER, &ctx).await;
     assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
     assert_eq!(outcome.message, "timed out after 300ms");
-    assert!(
-        outcome.wall >= Duration::from_millis(300),
-        "{:?}",
-        outcome.wall
-    );
+    assert!(outcome.wall >= Duration::from_millis(300), "{:?}", outcome.wall);
     assert!(outcome.wall < Duration::from_secs(3), "{:?}", outcome.wall);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_sleeping_in_the_host_is_stopped_by_the_timeout() {
     let scratch = tempfile::tempdir().unwrap();
-    let ctx = AttemptContext {
-        timeout: Some(Duration::from_millis(300)),
-        ..context(scratch.path())
-    };
+    let ctx = AttemptContext { timeout: Some(Duration::from_millis(300)), ..context(scratch.path()) };
     let outcome = run_wat(SLEEP_30S, &ctx).await;
     assert_eq!(outcome.message, "timed out after 300ms");
     assert!(outcome.wall < Duration::from_secs(3), "{:?}", outcome.wall);
@@ -279,10 +210,7 @@ async fn a_guest_sleeping_in_the_host_is_stopped_by_the_timeout() {
 
 async fn run_and_cancel_after(wat: &str, after: Duration) -> (Outcome, Duration) {
     let scratch = tempfile::tempdir().unwrap();
-    let ctx = AttemptContext {
-        timeout: None,
-        ..context(scratch.path())
-    };
+    let ctx = AttemptContext { timeout: None, ..context(scratch.path()) };
     let runtime = WasmRuntime::new().unwrap();
     let sha = sha256_hex(wat.as_bytes());
     runtime.load(&sha, wat.as_bytes()).unwrap();
@@ -325,38 +253,20 @@ const GROW_UNTIL_REFUSED: &str = r#"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn growing_memory_past_the_cap_fails_with_the_cap_in_the_message() {
     let scratch = tempfile::tempdir().unwrap();
-    let ctx = AttemptContext {
-        memory_bytes: 4 << 20,
-        ..context(scratch.path())
-    };
+    let ctx = AttemptContext { memory_bytes: 4 << 20, ..context(scratch.path()) };
     let outcome = run_wat(GROW_UNTIL_REFUSED, &ctx).await;
     assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
-    assert!(
-        outcome
-            .message
-            .starts_with("memory limit 4 MiB exceeded (wasm trap:"),
-        "{}",
-        outcome.message
-    );
+    assert!(outcome.message.starts_with("memory limit 4 MiB exceeded (wasm trap:"), "{}", outcome.message);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_whose_initial_memory_is_over_the_cap_does_not_start() {
     let example = hello_example();
     let scratch = tempfile::tempdir().unwrap();
-    let ctx = AttemptContext {
-        memory_bytes: 1 << 20,
-        ..context(scratch.path())
-    };
+    let ctx = AttemptContext { memory_bytes: 1 << 20, ..context(scratch.path()) };
     let outcome = run_module(&example.module, &[], &ctx).await;
     assert_eq!(outcome.ending, Ending::Failed);
-    assert!(
-        outcome
-            .message
-            .starts_with("memory limit 1 MiB exceeded (cannot instantiate module"),
-        "{}",
-        outcome.message
-    );
+    assert!(outcome.message.starts_with("memory limit 1 MiB exceeded (cannot instantiate module"), "{}", outcome.message);
 }
 
 /// Probes the sandbox through the only preopen (fd 3) and exits with the number of the first
@@ -415,16 +325,9 @@ async fn the_guest_can_write_scratch_and_reach_nothing_else() {
 
     let outcome = run_wat(PROBE_FILESYSTEM, &context(&scratch)).await;
 
-    assert_eq!(
-        (outcome.ending, outcome.exit_code),
-        (Ending::Succeeded, 0),
-        "{outcome:?}"
-    );
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Succeeded, 0), "{outcome:?}");
     assert_eq!(String::from_utf8_lossy(&outcome.stdout_tail), "/scratch");
-    assert_eq!(
-        std::fs::read_to_string(scratch.join("out.txt")).unwrap(),
-        "written by wasm\n"
-    );
+    assert_eq!(std::fs::read_to_string(scratch.join("out.txt")).unwrap(), "written by wasm\n");
 }
 
 /// Writes `repeats` chunks of `chunk` bytes of 'a', then "END\n".
@@ -488,35 +391,18 @@ async fn bad_guests_fail_with_a_message_instead_of_a_panic() {
 
     let outcome = run_wat(TRAP, &ctx).await;
     assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
-    assert!(
-        outcome.message.starts_with("wasm trap: "),
-        "{}",
-        outcome.message
-    );
-    assert!(
-        outcome.message.contains("unreachable"),
-        "{}",
-        outcome.message
-    );
+    assert!(outcome.message.starts_with("wasm trap: "), "{}", outcome.message);
+    assert!(outcome.message.contains("unreachable"), "{}", outcome.message);
 
     let outcome = run_wat(NO_START, &ctx).await;
     assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
-    assert!(
-        outcome.message.contains("no `_start`"),
-        "{}",
-        outcome.message
-    );
+    assert!(outcome.message.contains("no `_start`"), "{}", outcome.message);
 
     let runtime = WasmRuntime::new().unwrap();
     let unknown = "0".repeat(64);
-    let outcome = runtime
-        .run(&unknown, &[], &ctx, CancellationToken::new())
-        .await;
+    let outcome = runtime.run(&unknown, &[], &ctx, CancellationToken::new()).await;
     assert_eq!(outcome.ending, Ending::Failed);
-    assert_eq!(
-        outcome.message,
-        format!("module sha256 {unknown} is not loaded on this node")
-    );
+    assert_eq!(outcome.message, format!("module sha256 {unknown} is not loaded on this node"));
 }
 
 #[test]
@@ -527,10 +413,7 @@ fn load_checks_the_digest_and_names_both() {
     let err = runtime.load(&claimed, TRAP.as_bytes()).unwrap_err();
     assert!(matches!(err, RuntimeError::DigestMismatch { .. }));
     let message = err.to_string();
-    assert!(
-        message.contains(&claimed) && message.contains(&actual),
-        "{message}"
-    );
+    assert!(message.contains(&claimed) && message.contains(&actual), "{message}");
     assert!(!runtime.is_cached(&claimed) && !runtime.is_cached(&actual));
 }
 
@@ -538,20 +421,14 @@ fn load_checks_the_digest_and_names_both() {
 fn load_accepts_an_uppercase_digest() {
     let runtime = WasmRuntime::new().unwrap();
     let sha = sha256_hex(TRAP.as_bytes());
-    runtime
-        .load(&sha.to_ascii_uppercase(), TRAP.as_bytes())
-        .unwrap();
+    runtime.load(&sha.to_ascii_uppercase(), TRAP.as_bytes()).unwrap();
     assert!(runtime.is_cached(&sha));
 }
 
 #[test]
 fn load_rejects_bytes_that_are_not_wasm() {
     let runtime = WasmRuntime::new().unwrap();
-    for bytes in [
-        &b"\0asm\x01\0\0\0garbage"[..],
-        b"\xff\xfe not a module",
-        b"",
-    ] {
+    for bytes in [&b"\0asm\x01\0\0\0garbage"[..], b"\xff\xfe not a module", b""] {
         let sha = sha256_hex(bytes);
         let err = runtime.load(&sha, bytes).unwrap_err();
         assert!(matches!(err, RuntimeError::InvalidModule { .. }), "{err}");
@@ -563,12 +440,7 @@ fn load_rejects_bytes_that_are_not_wasm() {
 fn load_rejects_imports_the_sandbox_does_not_provide() {
     let runtime = WasmRuntime::new().unwrap();
     let wat = r#"(module (import "env" "open_socket" (func)) (func (export "_start")))"#;
-    let err = runtime
-        .load(&sha256_hex(wat.as_bytes()), wat.as_bytes())
-        .unwrap_err();
-    assert!(
-        matches!(err, RuntimeError::UnsupportedImports { .. }),
-        "{err}"
-    );
+    let err = runtime.load(&sha256_hex(wat.as_bytes()), wat.as_bytes()).unwrap_err();
+    assert!(matches!(err, RuntimeError::UnsupportedImports { .. }), "{err}");
     assert!(err.to_string().contains("open_socket"), "{err}");
 }
