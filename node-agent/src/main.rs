@@ -104,7 +104,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", kommune_agent::connect::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -340,6 +340,75 @@ mod tests {
         assert!(done.result.unwrap().message.contains("offline"));
     }
 
+    /// Serves `body` over plain HTTP/1.1 on loopback, once per connection, for URL modules.
+    async fn serve_once(body: Vec<u8>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut request = vec![0u8; 4096];
+                let _ = conn.read(&mut request).await;
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(&body).await;
+            }
+        });
+        format!("http://{addr}/module.wasm")
+    }
+
+    fn hello_module() -> Vec<u8> {
+        use base64::Engine as _;
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/hello-wasm.yaml")).unwrap();
+        let line = text.lines().find(|l| l.trim_start().starts_with("module.wasm:")).unwrap();
+        base64::engine::general_purpose::STANDARD.decode(line.split_once(':').unwrap().1.trim()).unwrap()
+    }
+
+    fn wasm_assign(id: &str, url: &str, sha256: &str) -> v1::Assign {
+        let mut a = exec_assign(id, &[]);
+        a.workload = Some(v1::Workload {
+            kind: Some(WorkloadKind::Wasm(v1::WasmWorkload {
+                module_sha256: sha256.into(),
+                url: url.into(),
+                args: vec!["100".into()],
+                env: Default::default(),
+            })),
+        });
+        a
+    }
+
+    #[tokio::test]
+    async fn a_module_from_a_url_is_downloaded_checked_and_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tasks, mut rx) = tasks(dir.path(), false);
+        let module = hello_module();
+        let url = serve_once(module.clone()).await;
+        tasks.assign(wasm_assign("u.4.1", &url, &kommune_proto::sha256_hex(&module)), Arc::new(NoModules));
+        rx.recv().await.unwrap();
+        let done = rx.recv().await.unwrap();
+        assert_eq!(done.state, AttemptState::Succeeded as i32, "{:?}", done.result);
+        assert_eq!(done.result.unwrap().stdout_tail, b"hello from task 1/2: 25 primes below 100\n");
+    }
+
+    #[tokio::test]
+    async fn a_downloaded_module_with_the_wrong_digest_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tasks, mut rx) = tasks(dir.path(), false);
+        let url = serve_once(hello_module()).await;
+        let wrong = "0".repeat(64);
+        tasks.assign(wasm_assign("u.5.1", &url, &wrong), Arc::new(NoModules));
+        rx.recv().await.unwrap();
+        let done = rx.recv().await.unwrap();
+        assert_eq!(done.state, AttemptState::Failed as i32);
+        let message = done.result.unwrap().message;
+        assert!(message.contains(&wrong), "{message}");
+        let unreachable = wasm_assign("u.6.1", "http://127.0.0.1:1/m.wasm", &wrong);
+        tasks.assign(unreachable, Arc::new(NoModules));
+        rx.recv().await.unwrap();
+        let done = rx.recv().await.unwrap();
+        assert!(done.result.unwrap().message.contains("cannot download module"));
+    }
+
     #[tokio::test]
     async fn cancel_stops_a_running_attempt() {
         let dir = tempfile::tempdir().unwrap();

@@ -78,6 +78,7 @@ impl Dispatcher {
 
     /// Brings one job forward: cancels what must stop, places what may start, and returns the
     /// progress to publish. Idempotent: calling it again with nothing changed does nothing.
+    #[tracing::instrument(skip_all, fields(job = %job.key))]
     pub async fn sync(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>) -> Result<Synced> {
         let _guard = self.place_lock.lock().await;
         let now = now_ms();
@@ -164,6 +165,7 @@ impl Dispatcher {
     /// run, then registers the session, both under the placement lock so no placement lands in
     /// between. Attempts the node should run but does not know are Lost; attempts it runs that
     /// it should not are returned for cancelling. Returns (session id, attempts to cancel).
+    #[tracing::instrument(skip_all, fields(node = %node))]
     pub async fn open_session(&self, node: &str, facts: NodeFacts, tx: Outbound, running: &[String]) -> Result<(u64, Vec<String>)> {
         let _guard = self.place_lock.lock().await;
         let running: HashSet<&str> = running.iter().map(String::as_str).collect();
@@ -189,6 +191,7 @@ impl Dispatcher {
 
     /// Applies an agent's TaskUpdate. Returns whether to acknowledge it (terminal updates are
     /// acknowledged once durable, including repeats, so the agent stops resending).
+    #[tracing::instrument(skip_all, fields(node = %node, attempt = %update.attempt_id.chars().take(128).collect::<String>()))]
     pub fn on_update(&self, node: &str, update: &v1::TaskUpdate) -> Result<bool> {
         let Some(a) = self.store.attempt(&update.attempt_id)? else {
             warn!(node, attempt = %short(&update.attempt_id), "update for an unknown attempt; acknowledging so the agent drops it");

@@ -29,7 +29,8 @@ pub fn otlp_enabled() -> bool {
 /// An OTLP exporter that cannot be built is reported and skipped, never fatal.
 pub fn init(service: &'static str) -> Guard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
     let (provider, otel, problem) = if otlp_enabled() {
         match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
             Ok(exporter) => {

@@ -150,6 +150,7 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<OperatorMessage, Status>> 
 
 #[tonic::async_trait]
 impl AgentGateway for Gateway {
+    #[tracing::instrument(skip_all, fields(peer = ?request.remote_addr()))]
     async fn join(&self, request: Request<v1::JoinRequest>) -> Result<Response<v1::JoinResponse>, Status> {
         let peer = request.remote_addr();
         let req = request.into_inner();
