@@ -18,9 +18,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use kommune_e2e::repo;
 
 /// The API server under test and everything started against it; stops it all on drop and, if
 /// the test is failing, prints the logs and objects first.
@@ -37,11 +35,11 @@ impl Harness {
         self.work.path().join(format!("{name}.log"))
     }
 
-    fn spawn(&mut self, name: &str, program: &Path, args: &[&str]) -> Result<()> {
+    fn spawn(&mut self, name: &str, program: &Path, kubeconfig: &Path, args: &[&str]) -> Result<()> {
         let log = std::fs::File::create(self.log(name))?;
         let child = Command::new(program)
             .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kommune_operator=debug,kommune_agent=debug")
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -141,6 +139,51 @@ where
     }
 }
 
+/// Applies the ServiceAccount and RBAC objects of the chart, rendered for `namespace`.
+/// Returns the ServiceAccount's name.
+fn install_chart_rbac(h: &Harness, helm: &Path, namespace: &str) -> Result<String> {
+    let rendered = kommune_e2e::render_chart(helm, namespace, &["crds.install=false"])?;
+    let mut keep = vec![];
+    let mut sa = None;
+    for doc in kommune_e2e::documents(&rendered)? {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        if kind == "StatefulSet" {
+            sa = doc["spec"]["template"]["spec"]["serviceAccountName"].as_str().map(str::to_string);
+        }
+        if ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"].contains(&kind) {
+            keep.push(serde_yaml::to_string(&doc)?);
+        }
+    }
+    let path = h.work.path().join("chart-rbac.yaml");
+    std::fs::write(&path, keep.join("---\n"))?;
+    let out = h.kubectl(&["apply", "-f", path.to_str().unwrap()]);
+    if !out.status.success() {
+        bail!("applying the chart's RBAC failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    sa.context("the chart's StatefulSet names no serviceAccountName")
+}
+
+/// A copy of the admin kubeconfig that acts as the ServiceAccount (needs impersonation rights,
+/// which the admin of a test cluster has). Everything the operator does is then authorised by
+/// the chart's RBAC alone, so a missing rule fails the suite.
+fn impersonating_kubeconfig(h: &Harness, sa: &str, namespace: &str) -> Result<PathBuf> {
+    let mut kc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&h.kubeconfig)?)?;
+    let users = kc["users"].as_sequence_mut().context("kubeconfig has no users")?;
+    for u in users {
+        let user = u["user"].as_mapping_mut().context("kubeconfig user is not a mapping")?;
+        user.insert("as".into(), format!("system:serviceaccount:{namespace}:{sa}").into());
+        let groups: Vec<serde_yaml::Value> =
+            ["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{namespace}"), "system:authenticated".into()]
+                .into_iter()
+                .map(Into::into)
+                .collect();
+        user.insert("as-groups".into(), groups.into());
+    }
+    let path = h.work.path().join("operator.kubeconfig");
+    std::fs::write(&path, serde_yaml::to_string(&kc)?)?;
+    Ok(path)
+}
+
 /// Removes `key` everywhere in a JSON tree.
 fn strip_key(v: &mut serde_json::Value, key: &str) {
     match v {
@@ -193,7 +236,19 @@ async fn walking_skeleton() -> Result<()> {
     let op_ns = format!("{ns}-system");
     assert!(h.kubectl(&["create", "namespace", &op_ns]).status.success());
 
-    // 2. The operator binary, as a local process.
+    // 2. The operator binary, as a local process, with exactly the chart's RBAC when helm is
+    //    here to render it: its kubeconfig impersonates the chart's ServiceAccount.
+    let operator_kubeconfig = match kommune_e2e::helm() {
+        Some(helm) => {
+            let sa = install_chart_rbac(&h, &helm, &op_ns)?;
+            println!("the operator runs as {sa} with the chart's RBAC");
+            impersonating_kubeconfig(&h, &sa, &op_ns)?
+        }
+        None => {
+            println!("note: no helm found, so the operator runs with the admin kubeconfig instead of the chart's RBAC");
+            h.kubeconfig.clone()
+        }
+    };
     let gateway = free_port();
     let metrics = free_port();
     let data = h.work.path().join("operator-data");
@@ -201,6 +256,7 @@ async fn walking_skeleton() -> Result<()> {
     h.spawn(
         "operator",
         &operator,
+        &operator_kubeconfig,
         &[
             "--gateway-listen",
             &format!("127.0.0.1:{gateway}"),
@@ -228,7 +284,8 @@ async fn walking_skeleton() -> Result<()> {
         let out =
             Command::new(&agent).args(["join", "--server", &server, "--token", &token, "--name", name, "--state-dir", state.to_str().unwrap()]).output()?;
         assert!(out.status.success(), "join {name}: {}", String::from_utf8_lossy(&out.stderr));
-        h.spawn(name, &agent, &["run", "--state-dir", state.to_str().unwrap(), "--allow-exec"])?;
+        let kubeconfig = h.kubeconfig.clone();
+        h.spawn(name, &agent, &kubeconfig, &["run", "--state-dir", state.to_str().unwrap(), "--allow-exec"])?;
     }
     // The token had two uses: a third join is refused with a clear message and a non-zero exit.
     let out =

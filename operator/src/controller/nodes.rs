@@ -71,6 +71,11 @@ pub fn apply_event(prev: &ProviderNodeStatus, event: &NodeEvent, running: u32, a
     s
 }
 
+/// Status merge patches carry the operator's field manager, so `managedFields` says who wrote.
+fn status_patch() -> PatchParams {
+    PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() }
+}
+
 fn node_of(event: &NodeEvent) -> &str {
     match event {
         NodeEvent::Joined { node, .. } | NodeEvent::Connected { node, .. } | NodeEvent::Heartbeat { node } | NodeEvent::Disconnected { node, .. } => node,
@@ -131,7 +136,7 @@ async fn write(api: &Api<ProviderNode>, store: &Store, ev: &NodeEvent) -> Result
     let prev = current.status.clone().unwrap_or_default();
     let next = apply_event(&prev, ev, active.len() as u32, allocated, Timestamp::now());
     if next != prev {
-        api.patch_status(node, &PatchParams::default(), &Patch::Merge(&json!({ "status": next }))).await?;
+        api.patch_status(node, &status_patch(), &Patch::Merge(&json!({ "status": next }))).await?;
     }
     Ok(())
 }
@@ -151,7 +156,7 @@ async fn sweep_nodes(api: &Api<ProviderNode>, fleet: &Fleet) -> Result<(), kube:
             let mut next = status.clone();
             next.phase = Some(NodePhase::NotReady);
             set_condition(&mut next.conditions, condition("Ready", false, "NoSession", "the agent has no session with this operator", None));
-            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": next }))).await?;
+            api.patch_status(&name, &status_patch(), &Patch::Merge(&json!({ "status": next }))).await?;
         }
     }
     Ok(())

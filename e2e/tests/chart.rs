@@ -1,0 +1,123 @@
+//! The Helm chart as an admin installs it: every rendered object parses into its typed
+//! Kubernetes struct, the chart's CRDs are the generated ones, its appVersion is the crate's
+//! version, and its RBAC grants every API call the operator's code makes (and no Secrets
+//! outside its namespace). Needs a helm binary (see `kommune_e2e::helm`); prints one skip line
+//! without one.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kommune_e2e::{documents, helm, render_chart, repo};
+
+const NS: &str = "kommune-system";
+
+/// The API calls the operator makes: (api group, resource, verb, whether cluster-wide).
+/// Keep in step with operator/src/controller and tokens.rs.
+const NEEDS: &[(&str, &str, &str, bool)] = &[
+    ("kommune.dev", "computejobs", "get", true),
+    ("kommune.dev", "computejobs", "list", true),
+    ("kommune.dev", "computejobs", "watch", true),
+    ("kommune.dev", "computejobs", "patch", true), // finalizer add/remove (JSON patch)
+    ("kommune.dev", "computejobs/status", "patch", true),
+    ("kommune.dev", "providernodes", "get", true),
+    ("kommune.dev", "providernodes", "list", true),
+    ("kommune.dev", "providernodes", "create", true), // server-side apply of a new node
+    ("kommune.dev", "providernodes", "patch", true),
+    ("kommune.dev", "providernodes/status", "patch", true),
+    ("", "configmaps", "get", true), // wasm modules in the job's namespace
+    ("events.k8s.io", "events", "create", false),
+    ("events.k8s.io", "events", "patch", false),
+    ("", "secrets", "get", false), // CA and join tokens, own namespace only
+    ("", "secrets", "create", false),
+    ("", "secrets", "update", false), // token uses are decremented with replace
+];
+
+fn grants(rules: &[PolicyRule], group: &str, resource: &str, verb: &str) -> bool {
+    rules.iter().any(|r| {
+        let has = |list: &Option<Vec<String>>, want: &str| list.as_ref().is_some_and(|l| l.iter().any(|x| x == want || x == "*"));
+        has(&r.api_groups, group) && has(&r.resources, resource) && r.verbs.iter().any(|v| v == verb || v == "*")
+    })
+}
+
+#[test]
+fn chart_renders_typed_objects_with_the_rbac_the_operator_needs() -> anyhow::Result<()> {
+    let Some(helm) = helm() else {
+        println!("skipped: no helm (run .ci/helm-check.sh once to cache a pinned one, or set HELM)");
+        return Ok(());
+    };
+    let rendered = render_chart(&helm, NS, &[])?;
+    let mut by_kind: BTreeMap<String, Vec<serde_yaml::Value>> = BTreeMap::new();
+    for doc in documents(&rendered)? {
+        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+        by_kind.entry(kind).or_default().push(doc);
+    }
+    fn typed<T: serde::de::DeserializeOwned>(docs: Option<&Vec<serde_yaml::Value>>) -> anyhow::Result<Vec<T>> {
+        docs.into_iter().flatten().map(|d| Ok(serde_yaml::from_value(d.clone())?)).collect()
+    }
+    let crds: Vec<CustomResourceDefinition> = typed(by_kind.get("CustomResourceDefinition"))?;
+    let cluster_roles: Vec<ClusterRole> = typed(by_kind.get("ClusterRole"))?;
+    let cluster_bindings: Vec<ClusterRoleBinding> = typed(by_kind.get("ClusterRoleBinding"))?;
+    let roles: Vec<Role> = typed(by_kind.get("Role"))?;
+    let bindings: Vec<RoleBinding> = typed(by_kind.get("RoleBinding"))?;
+    let sets: Vec<StatefulSet> = typed(by_kind.get("StatefulSet"))?;
+    let services: Vec<Service> = typed(by_kind.get("Service"))?;
+    let accounts: Vec<ServiceAccount> = typed(by_kind.get("ServiceAccount"))?;
+    let known = ["CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "StatefulSet", "Service", "ServiceAccount"];
+    for kind in by_kind.keys() {
+        assert!(known.contains(&kind.as_str()), "the chart renders a {kind} this test does not parse");
+    }
+
+    // The chart's CRDs are exactly the generated ones (helm annotations aside).
+    assert_eq!(crds.len(), 2);
+    for mut crd in crds {
+        let name = crd.metadata.name.clone().unwrap();
+        let file = if name.starts_with("computejobs") { "computejob.yaml" } else { "providernode.yaml" };
+        let want: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(repo().join("crds").join(file))?)?;
+        crd.metadata.annotations = None;
+        crd.metadata.labels = None;
+        assert_eq!(crd.spec, want.spec, "{name} in the chart differs from crds/{file}");
+    }
+
+    // appVersion follows the crate, so the default image tag is the binary's version.
+    let chart: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(repo().join("charts/kommune/Chart.yaml"))?)?;
+    assert_eq!(chart["appVersion"].as_str(), Some(env!("CARGO_PKG_VERSION")));
+
+    // The operator's ServiceAccount is bound to rules that cover every call it makes.
+    assert_eq!(sets.len(), 1);
+    let pod = sets[0].spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let sa = pod.service_account_name.clone().unwrap();
+    assert!(accounts.iter().any(|a| a.metadata.name.as_deref() == Some(sa.as_str())));
+    let bound_cluster: Vec<PolicyRule> = cluster_bindings
+        .iter()
+        .filter(|b| b.subjects.iter().flatten().any(|s| s.kind == "ServiceAccount" && s.name == sa && s.namespace.as_deref() == Some(NS)))
+        .flat_map(|b| cluster_roles.iter().filter(move |r| r.metadata.name.as_deref() == Some(b.role_ref.name.as_str())))
+        .flat_map(|r| r.rules.clone().unwrap_or_default())
+        .collect();
+    let bound_ns: Vec<PolicyRule> = bindings
+        .iter()
+        .filter(|b| b.metadata.namespace.as_deref() == Some(NS) && b.subjects.iter().flatten().any(|s| s.kind == "ServiceAccount" && s.name == sa))
+        .flat_map(|b| roles.iter().filter(move |r| r.metadata.name.as_deref() == Some(b.role_ref.name.as_str())))
+        .flat_map(|r| r.rules.clone().unwrap_or_default())
+        .collect();
+    for (group, resource, verb, cluster_wide) in NEEDS {
+        let ok = grants(&bound_cluster, group, resource, verb) || (!cluster_wide && grants(&bound_ns, group, resource, verb));
+        assert!(ok, "the chart does not let the operator {verb} {resource} ({group:?}){}", if *cluster_wide { " cluster-wide" } else { "" });
+    }
+    assert!(!grants(&bound_cluster, "", "secrets", "get"), "Secrets must only be readable in the operator's namespace");
+
+    // Restricted pod security and a gateway Service that reaches the container port.
+    let container = &pod.containers[0];
+    let sc = container.security_context.as_ref().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert!(pod.security_context.as_ref().and_then(|p| p.run_as_non_root).unwrap_or(false) || sc.run_as_non_root == Some(true));
+    let gateway = services.iter().find(|s| s.metadata.name.as_deref().is_some_and(|n| n.ends_with("gateway"))).expect("a gateway Service");
+    let port = &gateway.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+    assert_eq!(port.node_port, Some(30443), "kind-config.yaml maps 30443");
+    let kind: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(repo().join("kind-config.yaml"))?)?;
+    assert_eq!(kind["nodes"][0]["extraPortMappings"][0]["containerPort"].as_i64(), Some(30443));
+    Ok(())
+}
