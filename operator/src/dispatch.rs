@@ -150,6 +150,25 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Gives up on attempts whose node has had no session for longer than `grace`: they become
+    /// Lost (a failure, retried elsewhere with backoff). A node back within the grace keeps
+    /// them. Returns how many were expired.
+    pub async fn expire_absent(&self, grace: std::time::Duration) -> Result<usize> {
+        let _guard = self.place_lock.lock().await;
+        let now = now_ms();
+        let mut expired = 0;
+        for a in self.store.all_active()? {
+            let Some(absent) = self.fleet.absent_for(&a.node).filter(|d| *d > grace) else { continue };
+            let why = format!("node {} has been unreachable for {}s (grace {}s)", a.node, absent.as_secs(), grace.as_secs());
+            if self.store.finish(&a.id, AttemptPhase::Lost, Some(&lost(&why)), now)?.is_some() {
+                info!(attempt = %a.id, node = %a.node, "attempt lost with its node");
+                self.notify(&a.job_key);
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
     /// Cancels every active attempt of a job (it is being deleted). Returns how many.
     pub async fn cancel_job(&self, job_uid: &str) -> Result<usize> {
         let _guard = self.place_lock.lock().await;

@@ -56,12 +56,20 @@ struct Session {
     last_heartbeat: Instant,
 }
 
-/// Live sessions by node name.
-#[derive(Default)]
+/// Live sessions by node name, and the nodes whose session went away (kept, not ready, so
+/// explanations count them and their attempts can be expired after a grace period).
 pub struct Fleet {
     sessions: Mutex<HashMap<String, Session>>,
+    gone: Mutex<HashMap<String, (Instant, NodeFacts)>>,
     cordoned: Mutex<HashMap<String, bool>>,
     next_id: AtomicU64,
+    started: Instant,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet { sessions: Mutex::default(), gone: Mutex::default(), cordoned: Mutex::default(), next_id: AtomicU64::new(0), started: Instant::now() }
+    }
 }
 
 /// Why a message could not be handed to a node.
@@ -78,10 +86,15 @@ impl Fleet {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn gone(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, NodeFacts)>> {
+        self.gone.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Registers a session, replacing (and so closing) any older one for the same node.
     /// Returns the session id to pass to `disconnect`.
     pub fn connect(&self, node: &str, facts: NodeFacts, tx: Outbound) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.gone().remove(node);
         self.lock().insert(node.to_string(), Session { id, tx, facts, last_heartbeat: Instant::now() });
         id
     }
@@ -90,7 +103,9 @@ impl Fleet {
     pub fn disconnect(&self, node: &str, session_id: u64) -> bool {
         let mut sessions = self.lock();
         if sessions.get(node).is_some_and(|s| s.id == session_id) {
-            sessions.remove(node);
+            if let Some(s) = sessions.remove(node) {
+                self.gone().insert(node.to_string(), (Instant::now(), s.facts));
+            }
             true
         } else {
             false
@@ -105,6 +120,15 @@ impl Fleet {
 
     pub fn is_connected(&self, node: &str) -> bool {
         self.lock().contains_key(node)
+    }
+
+    /// How long a node has had no session: None while connected; for a node not seen since
+    /// this operator started, the time since the start.
+    pub fn absent_for(&self, node: &str) -> Option<std::time::Duration> {
+        if self.is_connected(node) {
+            return None;
+        }
+        Some(self.gone().get(node).map_or(self.started, |(since, _)| *since).elapsed())
     }
 
     pub fn connected(&self) -> Vec<String> {
@@ -128,22 +152,21 @@ impl Fleet {
         })
     }
 
-    /// The scheduler's view: every connected node, with reservations from `active` attempts.
+    /// The scheduler's view: every connected node, plus the disconnected ones as not ready (so
+    /// explanations count them), with reservations from `active` attempts.
     pub fn candidates(&self, active: &[Attempt]) -> Vec<Candidate> {
         let cordoned = self.cordoned.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let sessions = self.lock();
-        let mut out: Vec<Candidate> = sessions
-            .iter()
-            .map(|(name, s)| Candidate {
-                name: name.clone(),
-                ready: true,
-                cordoned: cordoned.get(name).copied().unwrap_or(false),
-                runtimes: s.facts.runtimes.clone(),
-                capacity: s.facts.capacity,
-                allocated: Resources::default(),
-                running: 0,
-            })
-            .collect();
+        let candidate = |name: &String, facts: &NodeFacts, ready: bool| Candidate {
+            name: name.clone(),
+            ready,
+            cordoned: cordoned.get(name).copied().unwrap_or(false),
+            runtimes: facts.runtimes.clone(),
+            capacity: facts.capacity,
+            allocated: Resources::default(),
+            running: 0,
+        };
+        let mut out: Vec<Candidate> = self.lock().iter().map(|(name, s)| candidate(name, &s.facts, true)).collect();
+        out.extend(self.gone().iter().map(|(name, (_, facts))| candidate(name, facts, false)));
         out.sort_by(|a, b| a.name.cmp(&b.name));
         for a in active {
             if let Ok(i) = out.binary_search_by(|c| c.name.as_str().cmp(&a.node)) {
@@ -178,6 +201,14 @@ mod tests {
         assert!(fleet.is_connected("n"));
         assert!(fleet.disconnect("n", s2));
         assert!(!fleet.is_connected("n"));
+        assert!(fleet.absent_for("n").is_some());
+        let c = fleet.candidates(&[]);
+        assert_eq!((c.len(), c[0].ready), (1, false), "a gone node is kept as not ready");
+        let (tx3, _rx3) = mpsc::channel(1);
+        fleet.connect("n", NodeFacts::default(), tx3);
+        assert_eq!(fleet.absent_for("n"), None);
+        assert!(fleet.candidates(&[])[0].ready);
+        assert!(fleet.absent_for("never-seen").is_some());
     }
 
     #[test]

@@ -61,6 +61,10 @@ struct RunArgs {
     /// How often agents heartbeat, in seconds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
     heartbeat_seconds: u64,
+    /// How long a node may be unreachable before its running attempts count as lost and are
+    /// placed elsewhere; an agent back within it keeps them.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    node_grace_seconds: u64,
 }
 
 #[derive(Args)]
@@ -160,8 +164,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
+    let grace = Duration::from_secs(args.node_grace_seconds);
+    let expiry = {
+        let dispatcher = dispatcher.clone();
+        async move {
+            let mut tick = tokio::time::interval((grace / 4).max(Duration::from_secs(1)));
+            loop {
+                tick.tick().await;
+                if let Err(e) = dispatcher.expire_absent(grace).await {
+                    tracing::warn!(error = %e, "cannot expire attempts of unreachable nodes");
+                }
+            }
+        }
+    };
     // Any part ending ends the process, so a supervisor restarts it whole.
     tokio::select! {
+        _ = expiry => {},
         r = gateway.serve(listener, shutdown) => r.context("agent gateway failed")?,
         _ = controller::job::run(ctx, jobs_changed_rx, capacity_rx) => info!("ComputeJob controller stopped"),
         _ = controller::nodes::run(client, store, fleet.clone(), node_events_rx, capacity_tx) => info!("ProviderNode writer stopped"),

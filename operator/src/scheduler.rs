@@ -84,7 +84,7 @@ impl Explanation {
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.total == 0 {
-            return write!(f, "0/0 nodes: no provider node has joined yet");
+            return write!(f, "0/0 nodes: no provider node is connected");
         }
         let fits = self.total - self.excluded.values().sum::<usize>();
         write!(f, "{fits}/{} nodes can run it", self.total)?;
@@ -220,7 +220,7 @@ mod tests {
         assert!(e.runtime_missing_everywhere());
         let e = explain(&nodes, &req(500, 8 * GI, "wasm"));
         assert_eq!(e.to_string(), "0/3 nodes can run it: 1 not ready, 1 insufficient cpu (need 500m), 1 insufficient memory (need 8Gi)");
-        assert_eq!(explain(&[], &req(1, 1, "wasm")).to_string(), "0/0 nodes: no provider node has joined yet");
+        assert_eq!(explain(&[], &req(1, 1, "wasm")).to_string(), "0/0 nodes: no provider node is connected");
     }
 
     #[test]

@@ -285,6 +285,53 @@ async fn a_task_that_finishes_while_its_agent_is_disconnected_is_reported_once_a
     assert!(a.tasks.known_ids().is_empty(), "the Ack cleared the agent's spool");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attempts_of_a_node_gone_past_its_grace_are_placed_elsewhere() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = join_agent(&op, dir.path(), "keep-a", true).await;
+    let mut b = join_agent(&op, dir.path(), "keep-b", true).await;
+    wait_connected(&op, &["keep-a", "keep-b"]).await;
+    // The first attempt hangs; a retry finishes at once.
+    let hangs_once = policy(
+        "workload:\n  exec:\n    command: ['/bin/sh', '-c', 'case $KOMMUNE_ATTEMPT_ID in *.1) sleep 30;; esac; echo done']\nretries: {maxAttempts: 2, backoffSeconds: 0}\n",
+    );
+    let jr = job("grace-job");
+    assert_eq!(op.dispatcher.sync(&jr, &hangs_once, None).await.unwrap().placed, 1);
+    wait_running(&op, "grace-job.0.1").await;
+    let first = op.dispatcher.store().attempt("grace-job.0.1").unwrap().unwrap();
+    let (gone, stays) = if first.node == "keep-a" { (&mut a, "keep-b") } else { (&mut b, "keep-a") };
+    gone.disconnect().await;
+    wait_disconnected(&op, &first.node).await;
+
+    // Within the grace nothing moves; past it the attempt is lost and placed on the other node.
+    assert_eq!(op.dispatcher.expire_absent(Duration::from_secs(60)).await.unwrap(), 0);
+    let waiting = op.dispatcher.sync(&jr, &hangs_once, None).await.unwrap();
+    assert_eq!((waiting.placed, waiting.progress.counts.running), (0, 1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(op.dispatcher.expire_absent(Duration::from_millis(200)).await.unwrap(), 1);
+    let done = op.run_to_end(&jr, &hangs_once, None).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded);
+    let lost = &done.attempts[0];
+    assert_eq!(lost.phase, AttemptPhase::Lost);
+    assert!(lost.result.as_ref().unwrap().message.contains("unreachable"), "{:?}", lost.result);
+    assert_eq!((done.attempts[1].node.as_str(), done.attempts[1].phase), (stays, AttemptPhase::Succeeded));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_node_is_gone_the_job_says_so() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = join_agent(&op, dir.path(), "lonely", false).await;
+    wait_connected(&op, &["lonely"]).await;
+    a.disconnect().await;
+    wait_disconnected(&op, "lonely").await;
+    let wasm = policy("workload:\n  wasm:\n    configMapRef: {name: m, key: k}\n");
+    let synced = op.dispatcher.sync(&job("orphan"), &wasm, Some(&ModuleRef { sha256: "0".repeat(64), url: None })).await.unwrap();
+    assert_eq!(synced.placed, 0);
+    assert_eq!(synced.unplaced.unwrap().to_string(), "0/1 nodes can run it: 1 not ready");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_restarted_without_its_attempt_gets_it_marked_lost_and_retried() {
     let op = operator().await;

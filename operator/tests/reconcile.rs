@@ -337,7 +337,7 @@ async fn an_exec_job_waits_while_no_agent_has_joined() {
     assert_eq!((status.tasks.total, status.tasks.pending), (1, 1));
     let scheduled = condition(&status, "Scheduled");
     assert_eq!((scheduled.status.as_str(), scheduled.reason.as_str()), ("False", "Unschedulable"));
-    assert_eq!(scheduled.message, "1 task(s) waiting: 0/0 nodes: no provider node has joined yet");
+    assert_eq!(scheduled.message, "1 task(s) waiting: 0/0 nodes: no provider node is connected");
     assert_eq!(event.note.as_deref(), Some(scheduled.message.as_str()));
     api.no_further_requests().await;
 }
