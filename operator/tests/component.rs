@@ -35,35 +35,80 @@ struct Operator {
     blobs: Blobs,
     changed: Mutex<mpsc::Receiver<String>>,
     events: Arc<std::sync::Mutex<Vec<NodeEvent>>>,
-    _dir: tempfile::TempDir,
+    /// The operator's own runtime: dropping it kills every task and connection at once, the
+    /// way a crashed process would.
+    runtime: Option<tokio::runtime::Runtime>,
+    port: u16,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 async fn operator() -> Operator {
-    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(Ca::generate().unwrap());
+    start_operator(tempfile::tempdir().unwrap(), ca, Arc::new(MemoryTokens::default()), 0).await
+}
+
+async fn start_operator(dir: tempfile::TempDir, ca: Arc<Ca>, tokens: Arc<MemoryTokens>, port: u16) -> Operator {
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let blobs = Blobs::open(dir.path()).unwrap();
     let fleet = Arc::new(Fleet::default());
     let (changed_tx, changed_rx) = mpsc::channel(1024);
     let dispatcher = Arc::new(Dispatcher::new(store, fleet, changed_tx));
-    let ca = Arc::new(Ca::generate().unwrap());
-    let tokens = Arc::new(MemoryTokens::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let events = Arc::new(std::sync::Mutex::new(vec![]));
     let sink = events.clone();
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         while let Some(e) = events_rx.recv().await {
             sink.lock().unwrap().push(e);
         }
     });
     let config = GatewayConfig { heartbeat_interval: Duration::from_millis(200), session_timeout: Duration::from_secs(2) };
     let gateway = Gateway::new(dispatcher.clone(), tokens.clone(), ca.clone(), blobs.clone(), events_tx, config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
-    tokio::spawn(gateway.serve(listener, std::future::pending()));
-    Operator { url, ca, tokens, dispatcher, blobs, changed: Mutex::new(changed_rx), events, _dir: dir }
+    // After a crash the old runtime lets go of the port a moment later.
+    let listener = runtime
+        .spawn(async move {
+            for _ in 0..100 {
+                match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                    Ok(l) => return l,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            panic!("port {port} stayed busy");
+        })
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    runtime.spawn(gateway.serve(listener, std::future::pending()));
+    Operator {
+        url: format!("https://127.0.0.1:{port}"),
+        ca,
+        tokens,
+        dispatcher,
+        blobs,
+        changed: Mutex::new(changed_rx),
+        events,
+        runtime: Some(runtime),
+        port,
+        dir: Some(dir),
+    }
 }
 
 impl Operator {
+    /// Kills the operator (every task and connection at once) and starts a new one on the same
+    /// store, CA, join tokens and port, as a restarted process would.
+    async fn crash_and_restart(mut self) -> Operator {
+        self.runtime.take().unwrap().shutdown_background();
+        start_operator(self.dir.take().unwrap(), self.ca.clone(), self.tokens.clone(), self.port).await
+    }
+
     fn token(&self, uses: u32, ttl_secs: i64) -> String {
         let t = JoinToken::generate(&self.ca.pin());
         self.tokens.insert(&t, Timestamp::now() + SignedDuration::from_secs(ttl_secs), uses);
@@ -316,6 +361,32 @@ async fn attempts_of_a_node_gone_past_its_grace_are_placed_elsewhere() {
     assert_eq!(lost.phase, AttemptPhase::Lost);
     assert!(lost.result.as_ref().unwrap().message.contains("unreachable"), "{:?}", lost.result);
     assert_eq!((done.attempts[1].node.as_str(), done.attempts[1].phase), (stays, AttemptPhase::Succeeded));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_restart_mid_job_keeps_running_attempts_and_places_nothing_twice() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = join_agent(&op, dir.path(), "steady-a", true).await;
+    let _b = join_agent(&op, dir.path(), "steady-b", true).await;
+    wait_connected(&op, &["steady-a", "steady-b"]).await;
+    let slow = policy("workload:\n  exec:\n    command: ['/bin/sh', '-c', 'sleep 1.5; echo task $KOMMUNE_TASK_INDEX']\ntasks: 4\n");
+    let jr = job("restart-job");
+    assert_eq!(op.dispatcher.sync(&jr, &slow, None).await.unwrap().placed, 4);
+    for i in 0..4 {
+        wait_running(&op, &format!("restart-job.{i}.1")).await;
+    }
+
+    // The operator dies while all four run, and comes back on the same store and address.
+    let op = op.crash_and_restart().await;
+    wait_connected(&op, &["steady-a", "steady-b"]).await;
+    let done = op.run_to_end(&jr, &slow, None).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded);
+    let numbers: Vec<(u32, u32, AttemptPhase)> = done.attempts.iter().map(|a| (a.index, a.number, a.phase)).collect();
+    assert_eq!(numbers, (0..4).map(|i| (i, 1, AttemptPhase::Succeeded)).collect::<Vec<_>>(), "every task ran once, on its first attempt");
+    for a in &done.attempts {
+        assert_eq!(a.result.as_ref().unwrap().stdout_tail, format!("task {}\n", a.index).as_bytes());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
