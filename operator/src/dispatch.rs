@@ -85,8 +85,9 @@ impl Dispatcher {
         let mut attempts = self.store.attempts_for_job(&job.uid)?;
         let p = progress(policy, &attempts, now);
 
+        let why = if policy.suspended { "job suspended" } else { "job finished" };
         for id in &p.to_cancel {
-            self.cancel_attempt(&attempts, id, "job finished")?;
+            self.cancel_attempt(&attempts, id, why)?;
         }
 
         let mut placed = 0;

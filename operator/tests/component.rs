@@ -390,6 +390,31 @@ async fn an_operator_restart_mid_job_keeps_running_attempts_and_places_nothing_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_job_stops_its_attempts_on_the_agent_and_frees_the_node() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = join_agent(&op, dir.path(), "worker", true).await;
+    wait_connected(&op, &["worker"]).await;
+    let long = policy("workload:\n  exec:\n    command: ['sleep', '30']\ntasks: 2\n");
+    let jr = job("doomed");
+    assert_eq!(op.dispatcher.sync(&jr, &long, None).await.unwrap().placed, 2);
+    wait_running(&op, "doomed.0.1").await;
+    wait_running(&op, "doomed.1.1").await;
+
+    assert_eq!(op.dispatcher.cancel_job(&jr.uid).await.unwrap(), 2);
+    let attempts = op.dispatcher.store().attempts_for_job(&jr.uid).unwrap();
+    assert!(attempts.iter().all(|a| a.phase == AttemptPhase::Cancelled), "{attempts:?}");
+    assert!(op.dispatcher.store().active_on_node("worker").unwrap().is_empty(), "the node's room is free at once");
+    for _ in 0..200 {
+        if a.tasks.running_ids().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the agent still runs {:?}", a.tasks.running_ids());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_node_is_gone_the_job_says_so() {
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();

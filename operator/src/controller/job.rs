@@ -130,6 +130,7 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
             attempts: &synced.attempts,
             unplaced: synced.unplaced.as_ref(),
             module_sha256: module.as_ref().map(|m| m.sha256.as_str()),
+            suspended: policy.suspended,
             now_ms: now,
         },
     );

@@ -53,6 +53,11 @@ pub struct ComputeJobSpec {
     /// Time limits for each task and for the whole job.
     #[serde(default)]
     pub timeouts: Timeouts,
+
+    /// Pause the job: running attempts are cancelled (they do not count against retries) and
+    /// nothing new is placed until this is set back to false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
 }
 
 fn default_tasks() -> u32 {

@@ -101,7 +101,10 @@ pub fn progress(policy: &JobPolicy, attempts: &[Attempt], now_ms: i64) -> Progre
         None
     };
 
-    let (phase, to_place, to_cancel) = if all_done {
+    let (phase, to_place, to_cancel) = if policy.suspended && !all_done && failure.is_none() {
+        let phase = if started_ms.is_some() { JobPhase::Running } else { JobPhase::Pending };
+        (phase, vec![], active)
+    } else if all_done {
         (JobPhase::Succeeded, vec![], active.into_iter().filter(|id| is_duplicate_of_success(id, attempts)).collect())
     } else if failure.is_some() {
         (JobPhase::Failed, vec![], active)
@@ -139,6 +142,7 @@ mod tests {
             backoff: Duration::from_secs(10),
             task_timeout: Duration::from_secs(60),
             job_deadline: None,
+            suspended: false,
             workload: TaskWorkload::Wasm { source: ModuleSource::Url { url: "https://x".into(), sha256: "0".repeat(64) }, args: vec![], env: vec![] },
         }
     }
@@ -236,6 +240,21 @@ mod tests {
         assert_eq!(p.failure, Some(FailureCause::TasksFailed(vec![0])));
         assert_eq!(p.to_cancel, vec![attempt_id("uid", 1, 1)]);
         assert!(p.to_place.is_empty());
+    }
+
+    #[test]
+    fn a_suspended_job_cancels_what_runs_and_places_nothing_until_resumed() {
+        let mut pol = policy(3, 3, 2);
+        pol.suspended = true;
+        let a = [attempt(0, 1, AttemptPhase::Running, 0, None), attempt(1, 1, AttemptPhase::Succeeded, 0, Some(1))];
+        let p = progress(&pol, &a, 100);
+        assert_eq!(p.phase, JobPhase::Running);
+        assert!(p.to_place.is_empty());
+        assert_eq!(p.to_cancel, vec![attempt_id("uid", 0, 1)]);
+        // Once cancelled and resumed, the task is placed again without losing an attempt.
+        let a = [attempt(0, 1, AttemptPhase::Cancelled, 0, Some(5)), attempt(1, 1, AttemptPhase::Succeeded, 0, Some(1))];
+        pol.suspended = false;
+        assert_eq!(progress(&pol, &a, 100).to_place, vec![(0, 2), (2, 1)]);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub const VALID: &str = "Valid";
 pub const SCHEDULED: &str = "Scheduled";
 pub const SUCCEEDED: &str = "Succeeded";
 pub const FAILED: &str = "Failed";
+pub const SUSPENDED: &str = "Suspended";
 
 fn ts(ms: i64) -> Time {
     Time(Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH))
@@ -32,6 +33,7 @@ pub struct Observed<'a> {
     pub attempts: &'a [Attempt],
     pub unplaced: Option<&'a Explanation>,
     pub module_sha256: Option<&'a str>,
+    pub suspended: bool,
     pub now_ms: i64,
 }
 
@@ -79,6 +81,12 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
         set_condition(&mut s.conditions, c);
     }
 
+    let active = !matches!(p.phase, JobPhase::Succeeded | JobPhase::Failed);
+    if o.suspended && active {
+        set_condition(&mut s.conditions, condition(SUSPENDED, true, "Suspended", "spec.suspend is true: running attempts are cancelled and nothing new is placed", g));
+    } else {
+        s.conditions.retain(|c| c.type_ != SUSPENDED);
+    }
     // The spec is editable: a job that failed validation and was fixed is not Failed any more.
     if p.phase != JobPhase::Failed {
         s.conditions.retain(|c| c.type_ != FAILED);
@@ -160,6 +168,7 @@ pub fn events(prev: &ComputeJobStatus, next: &ComputeJobStatus) -> Vec<(Severity
         }
         let good = match c.type_.as_str() {
             FAILED => false,
+            SUSPENDED => true,
             VALID | SCHEDULED | SUCCEEDED => c.status == "True",
             _ => true,
         };
@@ -198,7 +207,7 @@ mod tests {
     }
 
     fn observed<'a>(p: &'a Progress, attempts: &'a [Attempt], unplaced: Option<&'a Explanation>) -> Observed<'a> {
-        Observed { generation: Some(2), runtime: "wasm", progress: p, attempts, unplaced, module_sha256: None, now_ms: 5_000 }
+        Observed { generation: Some(2), runtime: "wasm", progress: p, attempts, unplaced, module_sha256: None, suspended: false, now_ms: 5_000 }
     }
 
     #[test]
@@ -276,6 +285,16 @@ mod tests {
         let ev = events(&ComputeJobStatus::default(), &s);
         assert_eq!(ev.len(), 1);
         assert!(ev.iter().all(|(sev, reason, msg)| *sev == Severity::Warning && reason == "InvalidSpec" && msg.contains("spec.tasks")));
+    }
+
+    #[test]
+    fn suspension_shows_as_a_condition_until_resumed() {
+        let p = progress(JobPhase::Running, TaskCounts { total: 2, pending: 2, ..Default::default() });
+        let suspended = summarize(&ComputeJobStatus::default(), &Observed { suspended: true, ..observed(&p, &[], None) });
+        assert!(is_true(&suspended.conditions, SUSPENDED));
+        assert!(events(&ComputeJobStatus::default(), &suspended).iter().any(|(sev, reason, _)| *sev == Severity::Normal && reason == "Suspended"));
+        let resumed = summarize(&suspended, &observed(&p, &[], None));
+        assert!(!resumed.conditions.iter().any(|c| c.type_ == SUSPENDED));
     }
 
     #[test]

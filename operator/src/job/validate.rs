@@ -24,6 +24,8 @@ pub struct JobPolicy {
     pub backoff: Duration,
     pub task_timeout: Duration,
     pub job_deadline: Option<Duration>,
+    /// `spec.suspend`: cancel what runs, place nothing.
+    pub suspended: bool,
     pub workload: TaskWorkload,
 }
 
@@ -159,6 +161,7 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
         backoff: Duration::from_secs(spec.retries.backoff_seconds.into()),
         task_timeout: spec.timeouts.task_seconds.map_or(DEFAULT_TASK_TIMEOUT, |s| Duration::from_secs(s.into())),
         job_deadline: spec.timeouts.job_seconds.map(|s| Duration::from_secs(s.into())),
+        suspended: spec.suspend,
         workload,
     })
 }
