@@ -170,6 +170,23 @@ impl Dispatcher {
         Ok(expired)
     }
 
+    /// Revokes a node (its ProviderNode was deleted): the registration goes, so its certificate
+    /// opens no further session; an open session is ended with PermissionDenied, which makes
+    /// the agent stop; its running attempts are Lost and placed elsewhere.
+    pub async fn revoke_node(&self, node: &str) -> Result<()> {
+        let _guard = self.place_lock.lock().await;
+        self.store.remove_node(node)?;
+        let closed = self.fleet.close(node, tonic::Status::permission_denied(format!("node {node} was removed from the pool by an admin")));
+        let now = now_ms();
+        for a in self.store.active_on_node(node)? {
+            if self.store.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("node {node} was removed from the pool"))), now)?.is_some() {
+                self.notify(&a.job_key);
+            }
+        }
+        info!(node, closed, "node revoked");
+        Ok(())
+    }
+
     /// Cancels every active attempt of a job (it is being deleted). Returns how many.
     pub async fn cancel_job(&self, job_uid: &str) -> Result<usize> {
         let _guard = self.place_lock.lock().await;

@@ -53,7 +53,6 @@ struct Session {
     id: u64,
     tx: Outbound,
     facts: NodeFacts,
-    last_heartbeat: Instant,
 }
 
 /// Live sessions by node name, and the nodes whose session went away (kept, not ready, so
@@ -95,7 +94,7 @@ impl Fleet {
     pub fn connect(&self, node: &str, facts: NodeFacts, tx: Outbound) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.gone().remove(node);
-        self.lock().insert(node.to_string(), Session { id, tx, facts, last_heartbeat: Instant::now() });
+        self.lock().insert(node.to_string(), Session { id, tx, facts });
         id
     }
 
@@ -109,12 +108,6 @@ impl Fleet {
             true
         } else {
             false
-        }
-    }
-
-    pub fn heartbeat(&self, node: &str, session_id: u64) {
-        if let Some(s) = self.lock().get_mut(node).filter(|s| s.id == session_id) {
-            s.last_heartbeat = Instant::now();
         }
     }
 
@@ -135,6 +128,19 @@ impl Fleet {
         let mut names: Vec<String> = self.lock().keys().cloned().collect();
         names.sort();
         names
+    }
+
+    /// Ends a node's session with `status` (the agent sees it as the stream's error) and forgets
+    /// the node entirely. Returns whether a session was open.
+    pub fn close(&self, node: &str, status: tonic::Status) -> bool {
+        self.gone().remove(node);
+        match self.lock().remove(node) {
+            Some(s) => {
+                let _ = s.tx.try_send(Err(status));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Records an admin's cordon (`spec.unschedulable`).
@@ -176,11 +182,6 @@ impl Fleet {
             }
         }
         out
-    }
-
-    /// Nodes whose last heartbeat is older than `limit` (their sessions are stale).
-    pub fn stale(&self, limit: std::time::Duration) -> Vec<(String, u64)> {
-        self.lock().iter().filter(|(_, s)| s.last_heartbeat.elapsed() > limit).map(|(n, s)| (n.clone(), s.id)).collect()
     }
 }
 

@@ -182,7 +182,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = expiry => {},
         r = gateway.serve(listener, shutdown) => r.context("agent gateway failed")?,
         _ = controller::job::run(ctx, jobs_changed_rx, capacity_rx) => info!("ComputeJob controller stopped"),
-        _ = controller::nodes::run(client, store, fleet.clone(), node_events_rx, capacity_tx) => info!("ProviderNode writer stopped"),
+        _ = controller::nodes::run(client, dispatcher.clone(), node_events_rx, capacity_tx, grace) => info!("ProviderNode writer stopped"),
         r = axum::serve(metrics_listener, kommune_operator::metrics::router(metrics, fleet)) => r.context("metrics server failed")?,
     }
     Ok(())

@@ -177,6 +177,12 @@ impl Store {
         }
     }
 
+    /// Forgets a node's registration: its certificate no longer opens sessions. Returns whether
+    /// it was registered.
+    pub fn remove_node(&self, name: &str) -> Result<bool> {
+        Ok(self.conn().execute("DELETE FROM nodes WHERE name = ?1", params![name]).map_err(op("remove node"))? == 1)
+    }
+
     /// The key hash a node name is bound to.
     pub fn node_key(&self, name: &str) -> Result<Option<String>> {
         self.conn().query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0)).optional().map_err(op("look up node"))
@@ -275,5 +281,8 @@ mod tests {
         assert_eq!(store.register_node("n1", "k2", 3).unwrap(), Registration::Taken);
         assert_eq!(store.node_key("n1").unwrap().as_deref(), Some("k1"));
         assert_eq!(store.node_key("n2").unwrap(), None);
+        assert!(store.remove_node("n1").unwrap());
+        assert!(!store.remove_node("n1").unwrap());
+        assert_eq!(store.register_node("n1", "k2", 4).unwrap(), Registration::New);
     }
 }

@@ -415,6 +415,46 @@ async fn deleting_a_job_stops_its_attempts_on_the_agent_and_frees_the_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_is_disconnected_its_agent_stops_and_its_certificate_is_refused() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = op.token(1, 600);
+    let state = join::join(JoinOptions {
+        server: &op.url,
+        token: &token,
+        name: Some("evicted"),
+        region: "",
+        zone: "",
+        state_dir: &dir.path().join("evicted"),
+        force: false,
+        facts: facts(true),
+    })
+    .await
+    .unwrap();
+    let (tasks, mut updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(state.results_dir()).unwrap(), state.scratch_dir());
+    let (st, f, t) = (state.clone(), facts(true), tasks.clone());
+    let agent = tokio::spawn(async move { session::run(&st, &f, &t, &mut updates, std::future::pending()).await });
+    wait_connected(&op, &["evicted"]).await;
+    let long = policy("workload:\n  exec:\n    command: ['sleep', '30']\n");
+    assert_eq!(op.dispatcher.sync(&job("evictee"), &long, None).await.unwrap().placed, 1);
+    wait_running(&op, "evictee.0.1").await;
+
+    op.dispatcher.revoke_node("evicted").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), agent).await.expect("the agent stops").unwrap();
+    let err = ended.expect_err("a revoked agent does not keep retrying").to_string();
+    assert!(err.contains("removed from the pool") && err.contains("join again"), "{err}");
+    assert_eq!(op.dispatcher.store().attempt("evictee.0.1").unwrap().unwrap().phase, AttemptPhase::Lost);
+    // Its certificate no longer opens a session.
+    let mut client =
+        kommune_agent::connect::client(&kommune_agent::connect::parse_server(&op.url).unwrap(), &state.ca_pem, Some((&state.cert_pem, &state.key_pem)))
+            .await
+            .unwrap();
+    let (_tx, rx) = mpsc::channel(1);
+    let status = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_node_is_gone_the_job_says_so() {
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();

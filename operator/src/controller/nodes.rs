@@ -2,7 +2,7 @@
 //! a session is open, NotReady when it closes. Heartbeats are written at most every
 //! `HEARTBEAT_WRITE` per node, so thousands of agents do not become thousands of writes a second.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,8 @@ use tracing::{debug, warn};
 use super::MANAGER;
 use crate::crd::quantity::{format_cpu, format_memory};
 use crate::crd::{NodeAllocation, NodeCapacity, NodePhase, ProviderNode, ProviderNodeStatus, condition, set_condition};
-use crate::fleet::{Fleet, NodeFacts};
+use crate::dispatch::Dispatcher;
+use crate::fleet::NodeFacts;
 use crate::gateway::NodeEvent;
 use crate::store::Store;
 
@@ -82,24 +83,30 @@ fn node_of(event: &NodeEvent) -> &str {
     }
 }
 
-/// Writes ProviderNodes from gateway events, and sweeps for nodes marked Ready that have no
-/// session here (e.g. after an operator restart). Sends on `capacity_changed` when a node
-/// connects so waiting jobs are tried again.
-pub async fn run(client: kube::Client, store: Arc<Store>, fleet: Arc<Fleet>, mut events: mpsc::Receiver<NodeEvent>, capacity_changed: mpsc::Sender<()>) {
+/// Writes ProviderNodes from gateway events, and sweeps every `SWEEP`: nodes without a session
+/// here turn NotReady, then Offline past `grace`; a ProviderNode an admin deleted revokes its
+/// node. Sends on `capacity_changed` when a node connects so waiting jobs are tried again.
+pub async fn run(
+    client: kube::Client,
+    dispatcher: Arc<Dispatcher>,
+    mut events: mpsc::Receiver<NodeEvent>,
+    capacity_changed: mpsc::Sender<()>,
+    grace: Duration,
+) {
     let api: Api<ProviderNode> = Api::all(client);
     let mut last_heartbeat_write: HashMap<String, Instant> = HashMap::new();
+    let mut known: BTreeSet<String> = BTreeSet::new();
     let mut sweep = tokio::time::interval(SWEEP);
     loop {
         tokio::select! {
             ev = events.recv() => {
                 let Some(ev) = ev else { return };
                 let node = node_of(&ev).to_string();
-                if matches!(ev, NodeEvent::Heartbeat { .. })
-                    && last_heartbeat_write.get(&node).is_some_and(|t| t.elapsed() < HEARTBEAT_WRITE) {
-                        continue;
-                    }
+                if matches!(ev, NodeEvent::Heartbeat { .. }) && last_heartbeat_write.get(&node).is_some_and(|t| t.elapsed() < HEARTBEAT_WRITE) {
+                    continue;
+                }
                 last_heartbeat_write.insert(node.clone(), Instant::now());
-                if let Err(e) = write(&api, &store, &ev).await {
+                if let Err(e) = write(&api, dispatcher.store(), &ev).await {
                     warn!(%node, error = %e, "cannot update ProviderNode");
                 }
                 if matches!(ev, NodeEvent::Connected { .. }) {
@@ -107,12 +114,17 @@ pub async fn run(client: kube::Client, store: Arc<Store>, fleet: Arc<Fleet>, mut
                 }
             }
             _ = sweep.tick() => {
-                if let Err(e) = sweep_nodes(&api, &fleet).await {
+                if let Err(e) = sweep_nodes(&api, &dispatcher, grace, &mut known).await {
                     debug!(error = %e, "ProviderNode sweep failed");
                 }
             }
         }
     }
+}
+
+/// The phase of a node without a session: NotReady for a blip, Offline past the grace.
+pub fn absent_phase(absent: Duration, grace: Duration) -> NodePhase {
+    if absent > grace { NodePhase::Offline } else { NodePhase::NotReady }
 }
 
 async fn write(api: &Api<ProviderNode>, store: &Store, ev: &NodeEvent) -> Result<(), super::Error> {
@@ -141,21 +153,39 @@ async fn write(api: &Api<ProviderNode>, store: &Store, ev: &NodeEvent) -> Result
     Ok(())
 }
 
-/// Marks NotReady the nodes that claim Ready but have no session with this operator, and
-/// mirrors each node's cordon into the fleet.
-async fn sweep_nodes(api: &Api<ProviderNode>, fleet: &Fleet) -> Result<(), kube::Error> {
+/// Brings phases of nodes without a session here up to date (Ready → NotReady → Offline),
+/// mirrors cordons into the fleet, and revokes nodes whose ProviderNode was deleted since the
+/// last sweep (only nodes seen before, so a just-joined node is not revoked before its object
+/// exists).
+async fn sweep_nodes(api: &Api<ProviderNode>, dispatcher: &Dispatcher, grace: Duration, known: &mut BTreeSet<String>) -> Result<(), super::Error> {
+    let fleet = dispatcher.fleet();
     let nodes = api.list(&ListParams::default()).await?;
-    let cordons: BTreeMap<String, bool> = nodes.items.iter().map(|n| (n.name_any(), n.spec.unschedulable)).collect();
-    for (name, cordoned) in cordons {
-        fleet.set_cordoned(&name, cordoned);
+    let present: BTreeSet<String> = nodes.items.iter().map(|n| n.name_any()).collect();
+    for gone in known.difference(&present) {
+        dispatcher.revoke_node(gone).await?;
     }
+    *known = present;
     for n in nodes.items {
         let name = n.name_any();
+        fleet.set_cordoned(&name, n.spec.unschedulable);
+        let Some(absent) = fleet.absent_for(&name) else { continue };
         let status = n.status.clone().unwrap_or_default();
-        if status.phase == Some(NodePhase::Ready) && !fleet.is_connected(&name) {
+        let phase = absent_phase(absent, grace);
+        let stale = match status.phase {
+            Some(NodePhase::Ready) => true,
+            Some(NodePhase::NotReady) => phase == NodePhase::Offline,
+            _ => false,
+        };
+        if stale {
             let mut next = status.clone();
-            next.phase = Some(NodePhase::NotReady);
-            set_condition(&mut next.conditions, condition("Ready", false, "NoSession", "the agent has no session with this operator", None));
+            next.phase = Some(phase);
+            let (reason, message) = match phase {
+                NodePhase::Offline => {
+                    ("Offline", format!("no session for {}s, longer than the {}s grace; its attempts were placed elsewhere", absent.as_secs(), grace.as_secs()))
+                }
+                _ => ("NoSession", "the agent has no session with this operator".to_string()),
+            };
+            set_condition(&mut next.conditions, condition("Ready", false, reason, message, None));
             api.patch_status(&name, &status_patch(), &Patch::Merge(&json!({ "status": next }))).await?;
         }
     }
@@ -204,6 +234,14 @@ mod tests {
         assert_eq!(gone.phase, Some(NodePhase::NotReady));
         let c = gone.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!((c.status.as_str(), c.reason.as_str(), c.message.as_str()), ("False", "SessionClosed", "no message for 15s"));
+    }
+
+    #[test]
+    fn an_absent_node_is_not_ready_then_offline_after_the_grace() {
+        let grace = Duration::from_secs(30);
+        assert_eq!(absent_phase(Duration::from_secs(5), grace), NodePhase::NotReady);
+        assert_eq!(absent_phase(Duration::from_secs(30), grace), NodePhase::NotReady);
+        assert_eq!(absent_phase(Duration::from_secs(31), grace), NodePhase::Offline);
     }
 
     #[test]

@@ -63,7 +63,6 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, mut inbound: Streaming<
         };
         match msg.kind {
             Some(agent_message::Kind::Heartbeat(_)) => {
-                inner.dispatcher.fleet().heartbeat(&node, session_id);
                 let _ = inner.events.try_send(NodeEvent::Heartbeat { node: node.clone() });
             }
             Some(agent_message::Kind::TaskUpdate(update)) => match inner.dispatcher.on_update(&node, &update) {

@@ -83,7 +83,10 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
 
     let active = !matches!(p.phase, JobPhase::Succeeded | JobPhase::Failed);
     if o.suspended && active {
-        set_condition(&mut s.conditions, condition(SUSPENDED, true, "Suspended", "spec.suspend is true: running attempts are cancelled and nothing new is placed", g));
+        set_condition(
+            &mut s.conditions,
+            condition(SUSPENDED, true, "Suspended", "spec.suspend is true: running attempts are cancelled and nothing new is placed", g),
+        );
     } else {
         s.conditions.retain(|c| c.type_ != SUSPENDED);
     }
