@@ -454,6 +454,90 @@ async fn a_revoked_node_is_disconnected_its_agent_stops_and_its_certificate_is_r
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
 }
 
+/// The next message from the operator on a raw session, or the stream's error.
+async fn next(inbound: &mut tonic::Streaming<kommune_proto::v1::OperatorMessage>) -> Result<Option<kommune_proto::v1::operator_message::Kind>, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.expect("a reply in time").map(|m| m.and_then(|m| m.kind))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
+    use kommune_proto::v1::{AgentMessage, AttemptState, Hello, TaskResult, TaskUpdate, agent_message, operator_message};
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = op.token(1, 600);
+    let state = join::join(JoinOptions {
+        server: &op.url,
+        token: &token,
+        name: Some("raw"),
+        region: "",
+        zone: "",
+        state_dir: &dir.path().join("raw"),
+        force: false,
+        facts: facts(true),
+    })
+    .await
+    .unwrap();
+    let mut client =
+        kommune_agent::connect::client(&kommune_agent::connect::parse_server(&op.url).unwrap(), &state.ca_pem, Some((&state.cert_pem, &state.key_pem)))
+            .await
+            .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let send = |kind: agent_message::Kind| {
+        let tx = tx.clone();
+        async move { tx.send(AgentMessage { kind: Some(kind) }).await.unwrap() }
+    };
+    send(agent_message::Kind::Hello(Hello { facts: Some(facts(true)), running_attempt_ids: vec![] })).await;
+    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert!(matches!(next(&mut inbound).await, Ok(Some(operator_message::Kind::Welcome(_)))));
+
+    let jr = job("raw-job");
+    let exec = policy("workload:\n  exec:\n    command: [echo]\n");
+    assert_eq!(op.dispatcher.sync(&jr, &exec, None).await.unwrap().placed, 1);
+    let Ok(Some(operator_message::Kind::Assign(assign))) = next(&mut inbound).await else { panic!("no Assign") };
+    let id = assign.attempt_id.clone();
+    let update = |state: AttemptState, exit: i32, tail: Vec<u8>| {
+        agent_message::Kind::TaskUpdate(TaskUpdate {
+            attempt_id: id.clone(),
+            state: state as i32,
+            result: Some(TaskResult { exit_code: exit, stdout_tail: tail, output_sha256: "not-a-digest".into(), ..Default::default() }),
+        })
+    };
+    let ack = |m: Result<Option<operator_message::Kind>, tonic::Status>| match m {
+        Ok(Some(operator_message::Kind::Ack(a))) => a.attempt_id,
+        other => panic!("expected an Ack, got {other:?}"),
+    };
+
+    // The result, twice: both acknowledged, recorded once, bounded and sanitised.
+    send(update(AttemptState::Succeeded, 0, vec![b'x'; 100_000])).await;
+    assert_eq!(ack(next(&mut inbound).await), id);
+    send(update(AttemptState::Succeeded, 0, b"second copy".to_vec())).await;
+    assert_eq!(ack(next(&mut inbound).await), id);
+    let stored = op.dispatcher.store().attempt(&id).unwrap().unwrap();
+    assert_eq!(stored.phase, AttemptPhase::Succeeded);
+    let result = stored.result.unwrap();
+    assert_eq!(result.stdout_tail.len(), kommune_operator::dispatch::TAIL_LIMIT, "tails are bounded");
+    assert_eq!(result.output_sha256, "", "a malformed digest is dropped");
+
+    // Late and contradictory messages after the end change nothing.
+    send(update(AttemptState::Running, -1, vec![])).await;
+    send(update(AttemptState::Failed, 1, vec![])).await;
+    assert_eq!(ack(next(&mut inbound).await), id, "the Running update gets no Ack; the Failed one does");
+    assert_eq!(op.dispatcher.store().attempt(&id).unwrap().unwrap().phase, AttemptPhase::Succeeded);
+
+    // Updates for attempts that are not this node's are acknowledged (so they stop) and ignored.
+    send(agent_message::Kind::TaskUpdate(TaskUpdate { attempt_id: "no-such-attempt".into(), state: AttemptState::Failed as i32, result: None })).await;
+    assert_eq!(ack(next(&mut inbound).await), "no-such-attempt");
+    assert_eq!(op.dispatcher.store().attempt("no-such-attempt").unwrap(), None);
+
+    // A second Hello is a protocol error that ends the session with a clear status.
+    send(agent_message::Kind::Hello(Hello::default())).await;
+    let err = next(&mut inbound).await.expect_err("the session ends");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("Hello"), "{err}");
+    let done = op.dispatcher.sync(&jr, &exec, None).await.unwrap();
+    assert_eq!((done.progress.phase, done.attempts.len()), (JobPhase::Succeeded, 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_node_is_gone_the_job_says_so() {
     let op = operator().await;
