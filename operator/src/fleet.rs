@@ -53,6 +53,9 @@ struct Session {
     id: u64,
     tx: Outbound,
     facts: NodeFacts,
+    /// When the agent last said anything: a silent loss is counted from here, not from when
+    /// the operator noticed it.
+    last_seen: Instant,
 }
 
 /// Live sessions by node name, and the nodes whose session went away (kept, not ready, so
@@ -94,7 +97,7 @@ impl Fleet {
     pub fn connect(&self, node: &str, facts: NodeFacts, tx: Outbound) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.gone().remove(node);
-        self.lock().insert(node.to_string(), Session { id, tx, facts });
+        self.lock().insert(node.to_string(), Session { id, tx, facts, last_seen: Instant::now() });
         id
     }
 
@@ -103,7 +106,7 @@ impl Fleet {
         let mut sessions = self.lock();
         if sessions.get(node).is_some_and(|s| s.id == session_id) {
             if let Some(s) = sessions.remove(node) {
-                self.gone().insert(node.to_string(), (Instant::now(), s.facts));
+                self.gone().insert(node.to_string(), (s.last_seen, s.facts));
             }
             true
         } else {
@@ -111,12 +114,19 @@ impl Fleet {
         }
     }
 
+    /// Records that the node's current session just heard from the agent.
+    pub fn touch(&self, node: &str, session_id: u64) {
+        if let Some(s) = self.lock().get_mut(node).filter(|s| s.id == session_id) {
+            s.last_seen = Instant::now();
+        }
+    }
+
     pub fn is_connected(&self, node: &str) -> bool {
         self.lock().contains_key(node)
     }
 
-    /// How long a node has had no session: None while connected; for a node not seen since
-    /// this operator started, the time since the start.
+    /// How long a node has been silent without a session (counted from its last message): None
+    /// while connected; for a node not seen since this operator started, the time since then.
     pub fn absent_for(&self, node: &str) -> Option<std::time::Duration> {
         if self.is_connected(node) {
             return None;

@@ -63,7 +63,7 @@ struct RunArgs {
     heartbeat_seconds: u64,
     /// How long a node may be unreachable before its running attempts count as lost and are
     /// placed elsewhere; an agent back within it keeps them.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     node_grace_seconds: u64,
 }
 
@@ -168,7 +168,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let expiry = {
         let dispatcher = dispatcher.clone();
         async move {
-            let mut tick = tokio::time::interval((grace / 4).max(Duration::from_secs(1)));
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 if let Err(e) = dispatcher.expire_absent(grace).await {

@@ -61,6 +61,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, mut inbound: Streaming<
                 break format!("no message for {:?}", inner.config.session_timeout);
             }
         };
+        inner.dispatcher.fleet().touch(&node, session_id);
         match msg.kind {
             Some(agent_message::Kind::Heartbeat(_)) => {
                 let _ = inner.events.try_send(NodeEvent::Heartbeat { node: node.clone() });
