@@ -386,9 +386,20 @@ async fn walking_skeleton() -> Result<()> {
     })
     .await?;
 
+    // 7. The provider's own view, then leaving: the operator deletes the ProviderNode.
+    let out = Command::new(&agent).args(["status", "--state-dir", h.work.path().join("e2e-a").to_str().unwrap()]).output()?;
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && shown.contains("session:    connected") && shown.contains("node:       e2e-a"), "{shown}");
+    let out = Command::new(&agent).args(["leave", "--state-dir", h.work.path().join("e2e-b").to_str().unwrap()]).output()?;
+    assert!(out.status.success(), "leave: {}", String::from_utf8_lossy(&out.stderr));
+    let watch = nodes.clone();
+    eventually("ProviderNode e2e-b deleted after leave", Duration::from_secs(30), move || {
+        let nodes = watch.clone();
+        async move { Ok(nodes.get_opt("e2e-b").await?.is_none()) }
+    })
+    .await?;
+
     // Clean up what a cluster without a controller manager will not (namespaces stay).
-    for name in ["e2e-a", "e2e-b"] {
-        let _ = nodes.delete(name, &Default::default()).await;
-    }
+    let _ = nodes.delete("e2e-a", &Default::default()).await;
     Ok(())
 }

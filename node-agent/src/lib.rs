@@ -4,7 +4,9 @@
 pub mod connect;
 pub mod inventory;
 pub mod join;
+pub mod leave;
 pub mod runtime;
 pub mod session;
 pub mod state;
+pub mod status;
 pub mod tasks;

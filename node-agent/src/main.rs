@@ -31,6 +31,28 @@ enum Command {
     Join(JoinArgs),
     /// Connects to the operator and runs assigned tasks until interrupted (Ctrl-C).
     Run(RunArgs),
+    /// Shows this machine's node, whether its agent runs and is connected, what it offers and
+    /// which tasks it runs.
+    Status(StateArgs),
+    /// Leaves the pool for good: the operator removes this node and moves its running tasks
+    /// elsewhere, and the identity in the state directory is deleted.
+    Leave(LeaveArgs),
+}
+
+#[derive(Args)]
+struct StateArgs {
+    /// Where `join` stored this node's identity.
+    #[arg(long, default_value_os_t = state::default_dir())]
+    state_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct LeaveArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    /// Leave even if finished results are not acknowledged yet (they are lost).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -100,6 +122,8 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Join(a) => join_cmd(a).await,
         Command::Run(a) => run_cmd(a).await,
+        Command::Status(a) => status_cmd(a),
+        Command::Leave(a) => leave_cmd(a).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -139,5 +163,26 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
+    Ok(())
+}
+
+fn status_cmd(a: StateArgs) -> anyhow::Result<()> {
+    let state = AgentState::load(&a.state_dir)?;
+    let status = kommune_agent::status::AgentStatus::load(&state.dir);
+    // Linux tells whether the writer still runs; elsewhere the file's age decides.
+    let alive = status.as_ref().is_none_or(|s| !std::path::Path::new("/proc/self").exists() || std::path::Path::new(&format!("/proc/{}", s.pid)).exists());
+    print!("{}", kommune_agent::status::render(&state.config.node_name, &state.config.server, status.as_ref(), alive, kommune_agent::status::now_ms()));
+    Ok(())
+}
+
+async fn leave_cmd(a: LeaveArgs) -> anyhow::Result<()> {
+    let state = AgentState::load(&a.state.state_dir)?;
+    let left = kommune_agent::leave::leave(&state, a.force).await?;
+    println!(
+        "{} left the pool; {} running task(s) will run elsewhere. The identity in {} is deleted.",
+        left.node_name,
+        left.moved_attempts,
+        state.dir.display()
+    );
     Ok(())
 }

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::connect::{self, ConnectError, Server};
 use crate::state::AgentState;
+use crate::status::{self, AgentStatus};
 use crate::tasks::{ModuleSource, Tasks};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
@@ -59,6 +60,36 @@ pub fn next_backoff(current: Duration) -> Duration {
     doubled.mul_f64(jitter)
 }
 
+/// Keeps `<state dir>/status.json` current for `kommune-agent status`. Best effort.
+struct StatusFile {
+    dir: std::path::PathBuf,
+    status: AgentStatus,
+}
+
+impl StatusFile {
+    fn new(state: &AgentState, facts: &NodeFacts) -> Self {
+        let cap = facts.capacity.clone().unwrap_or_default();
+        let status = AgentStatus {
+            pid: std::process::id(),
+            node_name: state.config.node_name.clone(),
+            server: state.config.server.clone(),
+            offered_cpu_millis: cap.cpu_millis,
+            offered_memory_bytes: cap.memory_bytes,
+            runtimes: cap.runtimes,
+            ..Default::default()
+        };
+        StatusFile { dir: state.dir.clone(), status }
+    }
+
+    fn write(&mut self, change: impl FnOnce(&mut AgentStatus)) {
+        change(&mut self.status);
+        self.status.updated_ms = status::now_ms();
+        if let Err(e) = self.status.save(&self.dir) {
+            tracing::debug!(error = %e, "cannot write status.json");
+        }
+    }
+}
+
 /// Runs sessions until `shutdown` resolves or the operator rejects this node.
 pub async fn run(
     state: &AgentState,
@@ -69,17 +100,24 @@ pub async fn run(
 ) -> Result<(), SessionError> {
     let server = connect::parse_server(&state.config.server)?;
     let mut backoff = Duration::ZERO;
+    let mut status = StatusFile::new(state, facts);
+    status.write(|_| {});
     tokio::pin!(shutdown);
     loop {
         let started = Instant::now();
         let result = tokio::select! {
-            r = session(&server, state, facts, tasks, updates) => r,
+            r = session(&server, state, facts, tasks, updates, &mut status) => r,
             _ = &mut shutdown => return Ok(()),
         };
         let err = match result {
             Ok(()) => SessionError::Ended("the operator closed the session".into()),
             Err(e) => e,
         };
+        let message = err.to_string();
+        status.write(|s| {
+            s.connected = false;
+            s.last_error = message;
+        });
         if err.is_fatal() {
             return Err(err);
         }
@@ -108,6 +146,7 @@ async fn session(
     facts: &NodeFacts,
     tasks: &Arc<Tasks>,
     updates: &mut mpsc::UnboundedReceiver<TaskUpdate>,
+    status: &mut StatusFile,
 ) -> Result<(), SessionError> {
     let mut client = connect::client(server, &state.ca_pem, Some((&state.cert_pem, &state.key_pem))).await?;
     let (tx, rx) = mpsc::channel::<AgentMessage>(256);
@@ -138,6 +177,10 @@ async fn session(
                 match msg.kind {
                     Some(operator_message::Kind::Welcome(w)) => {
                         info!(node = %w.node_name, "session open");
+                        status.write(|s| {
+                            s.connected = true;
+                            s.last_error.clear();
+                        });
                         let every = Duration::from_millis(w.heartbeat_interval_millis).clamp(Duration::from_millis(100), Duration::from_secs(300));
                         heartbeat = tokio::time::interval(every);
                         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -149,7 +192,12 @@ async fn session(
                 }
             }
             _ = heartbeat.tick() => {
-                send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: tasks.running_ids() })).await?;
+                let running = tasks.running_ids();
+                send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: running.clone() })).await?;
+                status.write(|s| {
+                    s.last_heartbeat_ms = status::now_ms();
+                    s.running = running;
+                });
             }
             Some(u) = updates.recv() => {
                 send(agent_message::Kind::TaskUpdate(u)).await?;

@@ -173,18 +173,30 @@ impl Dispatcher {
     /// Revokes a node (its ProviderNode was deleted): the registration goes, so its certificate
     /// opens no further session; an open session is ended with PermissionDenied, which makes
     /// the agent stop; its running attempts are Lost and placed elsewhere.
-    pub async fn revoke_node(&self, node: &str) -> Result<()> {
+    pub async fn revoke_node(&self, node: &str) -> Result<usize> {
+        self.remove_node(node, "was removed from the pool by an admin", AttemptPhase::Lost).await
+    }
+
+    /// A node leaves of its own accord: like a revocation, but its attempts are Cancelled, so
+    /// they are placed elsewhere without counting against their retries. Returns how many.
+    pub async fn leave(&self, node: &str) -> Result<usize> {
+        self.remove_node(node, "left the pool", AttemptPhase::Cancelled).await
+    }
+
+    async fn remove_node(&self, node: &str, why: &str, phase: AttemptPhase) -> Result<usize> {
         let _guard = self.place_lock.lock().await;
         self.store.remove_node(node)?;
-        let closed = self.fleet.close(node, tonic::Status::permission_denied(format!("node {node} was removed from the pool by an admin")));
+        let closed = self.fleet.close(node, tonic::Status::permission_denied(format!("node {node} {why}")));
         let now = now_ms();
+        let mut moved = 0;
         for a in self.store.active_on_node(node)? {
-            if self.store.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("node {node} was removed from the pool"))), now)?.is_some() {
+            if self.store.finish(&a.id, phase, Some(&lost(&format!("node {node} {why}"))), now)?.is_some() {
                 self.notify(&a.job_key);
+                moved += 1;
             }
         }
-        info!(node, closed, "node revoked");
-        Ok(())
+        info!(node, closed, moved, why, "node removed");
+        Ok(moved)
     }
 
     /// Cancels every active attempt of a job (it is being deleted). Returns how many.

@@ -454,6 +454,83 @@ async fn a_revoked_node_is_disconnected_its_agent_stops_and_its_certificate_is_r
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_leaves_its_tasks_move_without_losing_a_retry_and_its_identity_is_gone() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = op.token(1, 600);
+    let state = join::join(JoinOptions {
+        server: &op.url,
+        token: &token,
+        name: Some("leaver"),
+        region: "",
+        zone: "",
+        state_dir: &dir.path().join("leaver"),
+        force: false,
+        facts: facts(true),
+    })
+    .await
+    .unwrap();
+    let (tasks, mut updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(state.results_dir()).unwrap(), state.scratch_dir());
+    let (st, f, t) = (state.clone(), facts(true), tasks.clone());
+    let agent = tokio::spawn(async move { session::run(&st, &f, &t, &mut updates, std::future::pending()).await });
+    wait_connected(&op, &["leaver"]).await;
+    let long = policy("workload:\n  exec:\n    command: ['sleep', '30']\nretries: {maxAttempts: 1}\n");
+    let jr = job("left-behind");
+    assert_eq!(op.dispatcher.sync(&jr, &long, None).await.unwrap().placed, 1);
+    wait_running(&op, "left-behind.0.1").await;
+
+    // `kommune-agent status` sees the running agent and its task.
+    let mut shown = String::new();
+    for _ in 0..100 {
+        let status = kommune_agent::status::AgentStatus::load(&state.dir);
+        shown = kommune_agent::status::render("leaver", &op.url, status.as_ref(), true, kommune_agent::status::now_ms());
+        if shown.contains("session:    connected") && shown.contains("left-behind.0.1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(shown.contains("session:    connected") && shown.contains("left-behind.0.1"), "{shown}");
+
+    let left = kommune_agent::leave::leave(&state, false).await.unwrap();
+    assert_eq!((left.node_name.as_str(), left.moved_attempts), ("leaver", 1));
+    let ended = tokio::time::timeout(Duration::from_secs(10), agent).await.expect("the running agent stops").unwrap();
+    assert!(ended.unwrap_err().to_string().contains("left the pool"));
+    assert!(!state.dir.join("node.key").exists(), "the identity is deleted");
+    // Cancelled, not failed: the job still has its one attempt to give, and waits for a node.
+    assert_eq!(op.dispatcher.store().attempt("left-behind.0.1").unwrap().unwrap().phase, AttemptPhase::Cancelled);
+    let after = op.dispatcher.sync(&jr, &long, None).await.unwrap();
+    assert_eq!(after.progress.phase, JobPhase::Running);
+    assert_eq!(after.progress.to_place, vec![(0, 2)]);
+    assert!(after.unplaced.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_with_unacknowledged_results_needs_force() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = op.token(1, 600);
+    let state = join::join(JoinOptions {
+        server: &op.url,
+        token: &token,
+        name: Some("careful"),
+        region: "",
+        zone: "",
+        state_dir: &dir.path().join("careful"),
+        force: false,
+        facts: facts(true),
+    })
+    .await
+    .unwrap();
+    let update = kommune_proto::v1::TaskUpdate { attempt_id: "some.0.1".into(), state: 2, result: None };
+    Spool::open(state.results_dir()).unwrap().put(&update).unwrap();
+    let err = kommune_agent::leave::leave(&state, false).await.unwrap_err().to_string();
+    assert!(err.contains("1 finished task result(s) are not acknowledged") && err.contains("--force"), "{err}");
+    assert!(state.dir.join("node.key").exists(), "nothing was removed");
+    kommune_agent::leave::leave(&state, true).await.unwrap();
+    assert!(!state.dir.join("node.key").exists());
+}
+
 /// The next message from the operator on a raw session, or the stream's error.
 async fn next(inbound: &mut tonic::Streaming<kommune_proto::v1::OperatorMessage>) -> Result<Option<kommune_proto::v1::operator_message::Kind>, tonic::Status> {
     tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.expect("a reply in time").map(|m| m.and_then(|m| m.kind))

@@ -66,6 +66,10 @@ pub fn apply_event(prev: &ProviderNodeStatus, event: &NodeEvent, running: u32, a
             s.phase = Some(NodePhase::NotReady);
             set_condition(&mut s.conditions, condition("Ready", false, "SessionClosed", reason.clone(), None));
         }
+        NodeEvent::Left { .. } => {
+            s.phase = Some(NodePhase::Offline);
+            set_condition(&mut s.conditions, condition("Ready", false, "Left", "the provider left the pool", None));
+        }
     }
     s.running_attempts = running;
     s.allocated = Some(NodeAllocation { cpu: format_cpu(allocated.0), memory: format_memory(allocated.1) });
@@ -79,7 +83,11 @@ fn status_patch() -> PatchParams {
 
 fn node_of(event: &NodeEvent) -> &str {
     match event {
-        NodeEvent::Joined { node, .. } | NodeEvent::Connected { node, .. } | NodeEvent::Heartbeat { node } | NodeEvent::Disconnected { node, .. } => node,
+        NodeEvent::Joined { node, .. }
+        | NodeEvent::Connected { node, .. }
+        | NodeEvent::Heartbeat { node }
+        | NodeEvent::Disconnected { node, .. }
+        | NodeEvent::Left { node } => node,
     }
 }
 
@@ -129,6 +137,13 @@ pub fn absent_phase(absent: Duration, grace: Duration) -> NodePhase {
 
 async fn write(api: &Api<ProviderNode>, store: &Store, ev: &NodeEvent) -> Result<(), super::Error> {
     let node = node_of(ev);
+    if let NodeEvent::Left { .. } = ev {
+        match api.delete(node, &Default::default()).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
     if let NodeEvent::Joined { .. } = ev {
         // Create (or adopt) the object; the operator owns only its labels, never the admin's spec.
         let obj = json!({

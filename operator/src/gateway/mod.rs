@@ -45,6 +45,8 @@ pub enum NodeEvent {
     Heartbeat { node: String },
     /// The session closed.
     Disconnected { node: String, reason: String },
+    /// The node left the pool: its ProviderNode goes.
+    Left { node: String },
 }
 
 /// Gateway settings.
@@ -195,6 +197,13 @@ impl AgentGateway for Gateway {
             session::run(inner, node, inbound, tx).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn leave(&self, request: Request<v1::LeaveRequest>) -> Result<Response<v1::LeaveResponse>, Status> {
+        let node = authenticated_node(&self.inner, &request)?;
+        let moved = self.inner.dispatcher.leave(&node).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let _ = self.inner.events.send(NodeEvent::Left { node: node.clone() }).await;
+        Ok(Response::new(v1::LeaveResponse { node_name: node, moved_attempts: moved as u32 }))
     }
 
     async fn fetch_blob(&self, request: Request<v1::FetchBlobRequest>) -> Result<Response<v1::Blob>, Status> {
