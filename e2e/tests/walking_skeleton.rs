@@ -49,6 +49,14 @@ impl Harness {
         Ok(())
     }
 
+    /// Kills a child process at once (SIGKILL), as a crash would.
+    fn kill(&mut self, name: &str) {
+        if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == name) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     fn kubectl(&self, args: &[&str]) -> std::process::Output {
         Command::new("kubectl").env("KUBECONFIG", &self.kubeconfig).args(args).output().expect("kubectl runs")
     }
@@ -102,6 +110,20 @@ fn harness() -> Result<Option<Harness>> {
         return Ok(Some(Harness { work, kubeconfig, envtest_dir: Some(dir), children: vec![], namespace }));
     }
     Ok(None)
+}
+
+/// Lease duration for the e2e operators: short, so a takeover is quick to observe.
+const LEASE_SECONDS: &str = "6";
+
+/// The HTTP status of GET `path` on a loopback port, or None if nothing answers.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    conn.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
 fn free_port() -> u16 {
@@ -268,9 +290,43 @@ async fn walking_skeleton() -> Result<()> {
             &op_ns,
             "--heartbeat-seconds",
             "2",
+            "--leader-election",
+            "--leader-identity",
+            "e2e-operator-a",
+            "--lease-seconds",
+            LEASE_SECONDS,
         ],
     )?;
     eventually("the operator's gateway", Duration::from_secs(60), || async { Ok(std::net::TcpStream::connect(("127.0.0.1", gateway)).is_ok()) }).await?;
+    assert_eq!(http_status(metrics, "/readyz"), Some(200), "the leader is ready");
+
+    // A second replica stands by: live, not ready, no gateway, nothing written.
+    let standby_gateway = free_port();
+    let standby_metrics = free_port();
+    let standby_data = h.work.path().join("standby-data");
+    h.spawn(
+        "standby",
+        &operator,
+        &operator_kubeconfig,
+        &[
+            "--gateway-listen",
+            &format!("127.0.0.1:{standby_gateway}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{standby_metrics}"),
+            "--data-dir",
+            standby_data.to_str().unwrap(),
+            "--namespace",
+            &op_ns,
+            "--leader-election",
+            "--leader-identity",
+            "e2e-operator-b",
+            "--lease-seconds",
+            LEASE_SECONDS,
+        ],
+    )?;
+    eventually("the standby's health endpoint", Duration::from_secs(60), || async { Ok(http_status(standby_metrics, "/healthz") == Some(200)) }).await?;
+    assert_eq!(http_status(standby_metrics, "/readyz"), Some(503), "a standby is not ready");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", standby_gateway)).is_err(), "a standby does not serve agents");
 
     // 3. A join token, and two agents joining and running as local processes.
     let token_out =
@@ -335,7 +391,7 @@ async fn walking_skeleton() -> Result<()> {
 
     // 5. Bad input ends in a clear condition and a Warning Event, never a silent Pending.
     let bad = [
-        ("bad-container", "  workload:\n    container: {image: busybox}\n", "Failed", "RuntimeNotSupported"),
+        ("bad-container", "  workload:\n    container: {image: busybox}\n", "Failed", "InvalidSpec"),
         ("bad-module", "  workload:\n    wasm:\n      configMapRef: {name: does-not-exist, key: module.wasm}\n", "Scheduled", "ModuleUnavailable"),
     ];
     for (name, spec, cond, reason) in bad {
@@ -398,6 +454,17 @@ async fn walking_skeleton() -> Result<()> {
         async move { Ok(nodes.get_opt("e2e-b").await?.is_none()) }
     })
     .await?;
+
+    // 8. The leader dies: the standby takes over within the Lease duration.
+    let killed = std::time::Instant::now();
+    h.kill("operator");
+    eventually("the standby to take over", Duration::from_secs(60), || async { Ok(http_status(standby_metrics, "/readyz") == Some(200)) }).await?;
+    let takeover = killed.elapsed();
+    println!("leader takeover: standby ready {:.1}s after the leader was killed (lease {LEASE_SECONDS}s)", takeover.as_secs_f64());
+    assert!(takeover < Duration::from_secs(LEASE_SECONDS.parse::<u64>()? + 10), "took {takeover:?}");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &op_ns);
+    let holder = leases.get("kommune-operator").await?.spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder.as_deref(), Some("e2e-operator-b"));
 
     // Clean up what a cluster without a controller manager will not (namespaces stay).
     let _ = nodes.delete("e2e-a", &Default::default()).await;

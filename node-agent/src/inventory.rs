@@ -30,11 +30,21 @@ pub fn measure() -> Machine {
     Machine { cpu_millis: cpus * 1000, memory_bytes }
 }
 
+/// Runtimes beyond wasm (always offered) that the provider turned on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offered {
+    pub exec: bool,
+    pub container: bool,
+}
+
 /// What to advertise: the machine, lowered to the caps. Pure.
-pub fn capacity(machine: Machine, caps: &Caps, allow_exec: bool) -> Capacity {
+pub fn capacity(machine: Machine, caps: &Caps, offered: Offered) -> Capacity {
     let mut runtimes = vec![kommune_proto::runtime::WASM.to_string()];
-    if allow_exec {
+    if offered.exec {
         runtimes.push(kommune_proto::runtime::EXEC.to_string());
+    }
+    if offered.container {
+        runtimes.push(kommune_proto::runtime::CONTAINER.to_string());
     }
     Capacity {
         cpu_millis: caps.cpu_millis.map_or(machine.cpu_millis, |c| c.min(machine.cpu_millis)),
@@ -52,14 +62,21 @@ mod tests {
     #[test]
     fn caps_only_lower() {
         let m = Machine { cpu_millis: 4000, memory_bytes: 8 << 30 };
-        let c = capacity(m, &Caps::default(), false);
+        let c = capacity(m, &Caps::default(), Offered::default());
         assert_eq!((c.cpu_millis, c.memory_bytes), (4000, 8 << 30));
         assert_eq!(c.runtimes, vec!["wasm"]);
-        let c = capacity(m, &Caps { cpu_millis: Some(1500), memory_bytes: Some(1 << 30) }, true);
+        let c = capacity(m, &Caps { cpu_millis: Some(1500), memory_bytes: Some(1 << 30) }, Offered { exec: true, container: false });
         assert_eq!((c.cpu_millis, c.memory_bytes), (1500, 1 << 30));
         assert_eq!(c.runtimes, vec!["wasm", "exec"]);
-        let c = capacity(m, &Caps { cpu_millis: Some(64000), memory_bytes: Some(1 << 40) }, false);
+        let c = capacity(m, &Caps { cpu_millis: Some(64000), memory_bytes: Some(1 << 40) }, Offered::default());
         assert_eq!((c.cpu_millis, c.memory_bytes), (4000, 8 << 30));
+    }
+
+    #[test]
+    fn a_container_runtime_is_offered_only_when_enabled() {
+        let m = Machine { cpu_millis: 1000, memory_bytes: 1 << 30 };
+        assert_eq!(capacity(m, &Caps::default(), Offered { exec: false, container: true }).runtimes, vec!["wasm", "container"]);
+        assert_eq!(capacity(m, &Caps::default(), Offered { exec: true, container: true }).runtimes, vec!["wasm", "exec", "container"]);
     }
 
     #[test]

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use kommune_agent::inventory::{self, Caps};
+use kommune_agent::inventory::{self, Caps, Offered};
 use kommune_agent::join::{self, JoinOptions};
-use kommune_agent::runtime::{ExecRuntime, WasmRuntime};
+use kommune_agent::runtime::{ContainerRuntime, ExecRuntime, WasmRuntime};
 use kommune_agent::session;
 use kommune_agent::state::{self, AgentState};
 use kommune_agent::tasks::{Spool, Tasks};
@@ -90,6 +90,15 @@ struct RunArgs {
     /// for machines and job submitters you trust.
     #[arg(long)]
     allow_exec: bool,
+    /// Also run `container` tasks through this Docker or Podman Engine API socket, e.g.
+    /// /var/run/docker.sock or $XDG_RUNTIME_DIR/podman/podman.sock. Offered only if the socket
+    /// exists when the agent starts. Containers run pinned images with no privileges, no
+    /// capabilities, a read-only root filesystem and no network.
+    #[arg(long, value_name = "PATH")]
+    container_socket: Option<PathBuf>,
+    /// Give containers a network when their job asks for it (default: never).
+    #[arg(long)]
+    allow_container_network: bool,
     /// At most this much CPU is offered, e.g. 2 or 1500m (default: all cores).
     #[arg(long, value_parser = parse_cpu)]
     cpus: Option<u64>,
@@ -106,9 +115,9 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     quantity::memory_bytes("--memory", s).map_err(|e| e.to_string())
 }
 
-fn facts(caps: &Caps, allow_exec: bool, region: &str, zone: &str) -> NodeFacts {
+fn facts(caps: &Caps, offered: Offered, region: &str, zone: &str) -> NodeFacts {
     NodeFacts {
-        capacity: Some(inventory::capacity(inventory::measure(), caps, allow_exec)),
+        capacity: Some(inventory::capacity(inventory::measure(), caps, offered)),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         region: region.to_string(),
         zone: zone.to_string(),
@@ -143,7 +152,7 @@ async fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
         zone: &a.zone,
         state_dir: &a.state_dir,
         force: a.force,
-        facts: facts(&Caps::default(), false, &a.region, &a.zone),
+        facts: facts(&Caps::default(), Offered::default(), &a.region, &a.zone),
     })
     .await?;
     println!("joined as {} (state in {})", state.config.node_name, state.dir.display());
@@ -154,11 +163,20 @@ async fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
 async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let state = AgentState::load(&a.state_dir)?;
     let caps = Caps { cpu_millis: a.cpus, memory_bytes: a.memory };
-    let facts = facts(&caps, a.allow_exec, &state.config.region, &state.config.zone);
+    let container = match a.container_socket {
+        Some(socket) if socket.exists() => Some(ContainerRuntime::new(socket, a.allow_container_network)),
+        Some(socket) => {
+            tracing::warn!(socket = %socket.display(), "no Docker/Podman socket there; container tasks are not offered");
+            None
+        }
+        None => None,
+    };
+    let offered = Offered { exec: a.allow_exec, container: container.is_some() };
+    let facts = facts(&caps, offered, &state.config.region, &state.config.zone);
     let wasm = WasmRuntime::new()?;
     let spool = Spool::open(state.results_dir())?;
-    let (tasks, mut updates) = Tasks::new(wasm, ExecRuntime::new(a.allow_exec), spool, state.scratch_dir());
-    tracing::info!(node = %state.config.node_name, server = %state.config.server, exec = a.allow_exec, "agent starting");
+    let (tasks, mut updates) = Tasks::with_container(wasm, ExecRuntime::new(a.allow_exec), container, spool, state.scratch_dir());
+    tracing::info!(node = %state.config.node_name, server = %state.config.server, exec = a.allow_exec, container = offered.container, "agent starting");
     session::run(&state, &facts, &tasks, &mut updates, async {
         let _ = tokio::signal::ctrl_c().await;
     })

@@ -13,10 +13,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::runtime::{AttemptContext, Ending, ExecRuntime, Outcome, WasmRuntime};
+use crate::runtime::{AttemptContext, ContainerRuntime, Ending, ExecRuntime, Outcome, WasmRuntime};
 
 /// Largest module downloaded from a URL.
 const MAX_MODULE_BYTES: u64 = 64 << 20;
+/// CPU a task gets when its assignment names none (an operator older than the field): one core.
+const DEFAULT_CPU_MILLIS: u64 = 1000;
 
 /// Where wasm modules come from when they are not cached: the operator, by digest.
 #[tonic::async_trait]
@@ -85,6 +87,8 @@ pub struct Tasks {
     running: Mutex<HashMap<String, CancellationToken>>,
     wasm: WasmRuntime,
     exec: ExecRuntime,
+    /// None unless the agent was given an engine socket.
+    container: Option<ContainerRuntime>,
     spool: Spool,
     scratch_root: PathBuf,
     // Unbounded: at most two updates per assigned attempt, and the operator bounds assignments.
@@ -93,8 +97,19 @@ pub struct Tasks {
 
 impl Tasks {
     pub fn new(wasm: WasmRuntime, exec: ExecRuntime, spool: Spool, scratch_root: PathBuf) -> (Arc<Tasks>, mpsc::UnboundedReceiver<TaskUpdate>) {
+        Self::with_container(wasm, exec, None, spool, scratch_root)
+    }
+
+    /// Like [`Tasks::new`], also running `container` workloads when `container` is set.
+    pub fn with_container(
+        wasm: WasmRuntime,
+        exec: ExecRuntime,
+        container: Option<ContainerRuntime>,
+        spool: Spool,
+        scratch_root: PathBuf,
+    ) -> (Arc<Tasks>, mpsc::UnboundedReceiver<TaskUpdate>) {
         let (updates, rx) = mpsc::unbounded_channel();
-        (Arc::new(Tasks { running: Mutex::new(HashMap::new()), wasm, exec, spool, scratch_root, updates }), rx)
+        (Arc::new(Tasks { running: Mutex::new(HashMap::new()), wasm, exec, container, spool, scratch_root, updates }), rx)
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
@@ -181,6 +196,7 @@ impl Tasks {
             task_index: a.task_index,
             task_count: a.task_count,
             memory_bytes: a.memory_bytes,
+            cpu_millis: if a.cpu_millis == 0 { DEFAULT_CPU_MILLIS } else { a.cpu_millis },
             timeout,
             scratch_dir: scratch.clone(),
             env: vec![],
@@ -198,6 +214,14 @@ impl Tasks {
                 ctx.env = e.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 ctx.env.sort();
                 self.exec.run(&e.command, &ctx, cancel).await
+            }
+            Some(WorkloadKind::Container(c)) => {
+                ctx.env = c.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                ctx.env.sort();
+                match &self.container {
+                    Some(runtime) => runtime.run(&c.image, &c.command, &c.args, &ctx, c.network, cancel).await,
+                    None => Outcome::not_started("container runtime disabled: start the agent with --container-socket PATH"),
+                }
             }
             None => Outcome::not_started("the assignment carried no workload"),
         };
@@ -338,6 +362,20 @@ mod tests {
         let done = rx.recv().await.unwrap();
         assert_eq!(done.state, AttemptState::Failed as i32);
         assert!(done.result.unwrap().message.contains("offline"));
+    }
+
+    #[tokio::test]
+    async fn a_container_task_fails_with_a_hint_when_no_engine_socket_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tasks, mut rx) = tasks(dir.path(), false);
+        let mut a = exec_assign("u.7.1", &[]);
+        let image = format!("busybox@sha256:{}", "a".repeat(64));
+        a.workload = Some(v1::Workload { kind: Some(WorkloadKind::Container(v1::ContainerWorkload { image, ..Default::default() })) });
+        tasks.assign(a, Arc::new(NoModules));
+        rx.recv().await.unwrap();
+        let done = rx.recv().await.unwrap();
+        assert_eq!(done.state, AttemptState::Failed as i32);
+        assert_eq!(done.result.unwrap().message, "container runtime disabled: start the agent with --container-socket PATH");
     }
 
     /// Serves `body` over plain HTTP/1.1 on loopback, once per connection, for URL modules.

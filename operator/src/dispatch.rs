@@ -311,6 +311,13 @@ pub fn assign_message(a: &Attempt, policy: &JobPolicy, module: Option<&ModuleRef
             })
         }
         TaskWorkload::Exec { command, env } => v1::workload::Kind::Exec(v1::ExecWorkload { command: command.clone(), env: env.iter().cloned().collect() }),
+        TaskWorkload::Container { image, command, args, env, network } => v1::workload::Kind::Container(v1::ContainerWorkload {
+            image: image.clone(),
+            command: command.clone(),
+            args: args.clone(),
+            env: env.iter().cloned().collect(),
+            network: *network,
+        }),
     };
     v1::Assign {
         attempt_id: a.id.clone(),
@@ -330,5 +337,60 @@ impl std::fmt::Display for SendError {
             SendError::NotConnected => write!(f, "no session"),
             SendError::Full => write!(f, "session queue full"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_container_job_is_assigned_with_its_image_command_and_network_wish() {
+        let image = format!("busybox@sha256:{}", "a".repeat(64));
+        let workload = TaskWorkload::Container {
+            image: image.clone(),
+            command: vec!["sh".into(), "-c".into()],
+            args: vec!["echo $A".into()],
+            env: vec![("A".into(), "b".into())],
+            network: true,
+        };
+        let policy = JobPolicy {
+            tasks: 3,
+            parallelism: 3,
+            cpu_millis: 500,
+            memory_bytes: 64 << 20,
+            max_attempts: 1,
+            backoff: Duration::from_secs(1),
+            task_timeout: Duration::from_secs(60),
+            job_deadline: None,
+            suspended: false,
+            workload,
+        };
+        let attempt = Attempt {
+            id: attempt_id("uid", 2, 1),
+            job_uid: "uid".into(),
+            job_key: "ns/job".into(),
+            index: 2,
+            number: 1,
+            node: "n1".into(),
+            phase: AttemptPhase::Assigned,
+            cpu_millis: 500,
+            memory_bytes: 64 << 20,
+            created_ms: 0,
+            finished_ms: None,
+            result: None,
+        };
+        let assign = assign_message(&attempt, &policy, None);
+        assert_eq!((assign.task_index, assign.task_count, assign.cpu_millis, assign.memory_bytes, assign.timeout_millis), (2, 3, 500, 64 << 20, 60_000));
+        let expected = v1::ContainerWorkload {
+            image,
+            command: vec!["sh".into(), "-c".into()],
+            args: vec!["echo $A".into()],
+            env: [("A".to_owned(), "b".to_owned())].into(),
+            network: true,
+        };
+        assert_eq!(assign.workload.and_then(|w| w.kind), Some(v1::workload::Kind::Container(expected)));
     }
 }

@@ -7,6 +7,7 @@ pub mod blobs;
 pub mod controller;
 pub mod crd;
 pub mod dispatch;
+pub mod fence;
 pub mod fleet;
 pub mod gateway;
 pub mod job;

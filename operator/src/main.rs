@@ -4,14 +4,17 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use kommune_operator::blobs::Blobs;
+use kommune_operator::controller::lease::LeaderElector;
 use kommune_operator::controller::{self, ca::ensure_ca};
 use kommune_operator::crd;
 use kommune_operator::dispatch::Dispatcher;
+use kommune_operator::fence::Fence;
 use kommune_operator::fleet::Fleet;
 use kommune_operator::gateway::{self, Gateway, GatewayConfig};
 use kommune_operator::metrics::Metrics;
@@ -65,6 +68,22 @@ struct RunArgs {
     /// placed elsewhere; an agent back within it keeps them.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     node_grace_seconds: u64,
+    /// Elect a leader through the coordination.k8s.io Lease `kommune-operator` before placing or
+    /// writing anything; a standby replica waits (and reports not ready on /readyz).
+    #[arg(long, env = "KOMMUNE_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set, default_missing_value = "true", num_args = 0..=1)]
+    leader_election: bool,
+    /// This replica's identity in the Lease (the pod name in-cluster).
+    #[arg(long, env = "POD_NAME", default_value_t = default_identity())]
+    leader_identity: String,
+    /// Lease duration in seconds: a leader that cannot renew for two thirds of it stops writing
+    /// and exits; another replica takes over once it has expired.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
+    lease_seconds: u64,
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "kommune-operator".into());
+    format!("{host}-{}", std::process::id())
 }
 
 #[derive(Args)]
@@ -143,14 +162,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ca = Arc::new(ensure_ca(client.clone(), &args.namespace).await.context("cannot load or create the operator CA")?);
     info!(namespace = %args.namespace, ca_pin = %ca.pin(), "operator CA ready");
 
-    let store = Arc::new(Store::open(&args.data_dir).with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?);
-    let blobs = Blobs::open(&args.data_dir)?;
+    // Health and metrics come up first: a standby replica is live but not ready.
     let fleet = Arc::new(Fleet::default());
     let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
+    let metrics_server = axum::serve(metrics_listener, kommune_operator::metrics::router(metrics.clone(), fleet.clone(), ready.clone()));
+    let metrics_server = tokio::spawn(async move { metrics_server.await });
+
+    let (fence, elector) = if args.leader_election {
+        let fence = Fence::closed();
+        let elector = LeaderElector::new(client.clone(), &args.namespace, args.leader_identity.clone(), Duration::from_secs(args.lease_seconds), fence.clone());
+        info!(identity = %elector.identity(), "waiting to become the leader");
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        (fence, Some(elector))
+    } else {
+        (Fence::open(), None)
+    };
+
+    let store = Arc::new(Store::open_fenced(&args.data_dir, fence).with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?);
+    let blobs = Blobs::open(&args.data_dir)?;
     let (jobs_changed_tx, jobs_changed_rx) = mpsc::channel(1024);
     let (node_events_tx, node_events_rx) = mpsc::channel(1024);
     let (capacity_tx, capacity_rx) = mpsc::channel(1);
-    let dispatcher = Arc::new(Dispatcher::new(store.clone(), fleet.clone(), jobs_changed_tx));
+    let dispatcher = Arc::new(Dispatcher::new(store, fleet.clone(), jobs_changed_tx));
 
     let config =
         GatewayConfig { heartbeat_interval: Duration::from_secs(args.heartbeat_seconds), session_timeout: Duration::from_secs(args.heartbeat_seconds * 3) };
@@ -158,7 +196,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let gateway = Gateway::new(dispatcher.clone(), tokens, ca.clone(), blobs.clone(), node_events_tx, config);
     let listener = gateway::bind(args.gateway_listen).await.with_context(|| format!("cannot listen on {}", args.gateway_listen))?;
     info!(addr = %listener.local_addr()?, "agent gateway listening");
-    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
+    ready.store(true, Ordering::Relaxed);
 
     let ctx = Arc::new(controller::job::Context::new(client.clone(), dispatcher.clone(), blobs, metrics.clone()));
     let shutdown = async {
@@ -177,13 +215,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    // Any part ending ends the process, so a supervisor restarts it whole.
+    let leadership = async {
+        match &elector {
+            Some(e) => e.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    // Any part ending ends the process, so a supervisor restarts it whole. Losing the Lease
+    // ends it at once: the store is already fenced, and a new leader may take over.
     tokio::select! {
+        lost = leadership => anyhow::bail!("{lost}; exiting so another replica can lead"),
         _ = expiry => {},
         r = gateway.serve(listener, shutdown) => r.context("agent gateway failed")?,
         _ = controller::job::run(ctx, jobs_changed_rx, capacity_rx) => info!("ComputeJob controller stopped"),
         _ = controller::nodes::run(client, dispatcher.clone(), node_events_rx, capacity_tx, grace) => info!("ProviderNode writer stopped"),
-        r = axum::serve(metrics_listener, kommune_operator::metrics::router(metrics, fleet)) => r.context("metrics server failed")?,
+        r = metrics_server => r.context("metrics server task failed")?.context("metrics server failed")?,
     }
     Ok(())
 }

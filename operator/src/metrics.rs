@@ -41,8 +41,9 @@ impl Metrics {
     }
 }
 
-/// The `/metrics`, `/healthz` and `/readyz` routes.
-pub fn router(metrics: Arc<Metrics>, fleet: Arc<Fleet>) -> Router {
+/// The `/metrics`, `/healthz` and `/readyz` routes. `/readyz` answers 503 while `ready` is
+/// false (a standby replica), so a Service sends agents only to the leader.
+pub fn router(metrics: Arc<Metrics>, fleet: Arc<Fleet>, ready: Arc<std::sync::atomic::AtomicBool>) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -52,7 +53,13 @@ pub fn router(metrics: Arc<Metrics>, fleet: Arc<Fleet>) -> Router {
             }),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::Relaxed);
+                async move { if ready { (axum::http::StatusCode::OK, "ok") } else { (axum::http::StatusCode::SERVICE_UNAVAILABLE, "standby: not the leader") } }
+            }),
+        )
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
+use crate::fence::Fence;
 
 /// A store failure; the message names the operation.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,8 @@ pub enum StoreError {
     Dir { path: String, source: std::io::Error },
     #[error("store: attempt {id} has an unknown phase {phase:?}")]
     Corrupt { id: String, phase: String },
+    #[error("store: {0}")]
+    Fenced(#[from] crate::fence::Fenced),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -65,11 +68,17 @@ CREATE TABLE IF NOT EXISTS nodes (
 /// The embedded SQLite store.
 pub struct Store {
     conn: Mutex<Connection>,
+    fence: Fence,
 }
 
 impl Store {
-    /// Opens (creating if needed) `<dir>/kommune.db`.
+    /// Opens (creating if needed) `<dir>/kommune.db`, writable without leader election.
     pub fn open(dir: &Path) -> Result<Self> {
+        Store::open_fenced(dir, Fence::open())
+    }
+
+    /// Opens the store so that every write first checks `fence` (leader election).
+    pub fn open_fenced(dir: &Path, fence: Fence) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
         let conn = Connection::open(dir.join("kommune.db")).map_err(op("open"))?;
         // WAL + synchronous=FULL: a committed transition survives a crash or power loss.
@@ -77,7 +86,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL").map_err(op("set synchronous"))?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(op("set busy timeout"))?;
         conn.execute_batch(SCHEMA).map_err(op("create schema"))?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Store { conn: Mutex::new(conn), fence })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -88,6 +97,7 @@ impl Store {
 
     /// Records new attempts in one transaction. Re-inserting an existing id is a no-op.
     pub fn insert_attempts(&self, attempts: &[Attempt]) -> Result<()> {
+        self.fence.check()?;
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(op("begin insert"))?;
         {
@@ -119,6 +129,7 @@ impl Store {
     /// Marks an Assigned attempt Running. Returns false when it was not Assigned (a duplicate
     /// or late message).
     pub fn mark_running(&self, id: &str) -> Result<bool> {
+        self.fence.check()?;
         let n = self.conn().execute("UPDATE attempts SET phase = 'Running' WHERE id = ?1 AND phase = 'Assigned'", params![id]).map_err(op("mark running"))?;
         Ok(n == 1)
     }
@@ -127,6 +138,7 @@ impl Store {
     /// it does not exist or was already terminal: finishing twice is a no-op.
     pub fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now_ms: i64) -> Result<Option<Attempt>> {
         debug_assert!(phase.is_terminal());
+        self.fence.check()?;
         let json = result.map(|r| serde_json::to_string(r).expect("a result always serialises"));
         let conn = self.conn();
         let n = conn
@@ -163,6 +175,7 @@ impl Store {
 
     /// Binds `name` to a node key, or reports that it is bound to another one.
     pub fn register_node(&self, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
+        self.fence.check()?;
         let conn = self.conn();
         let existing: Option<String> =
             conn.query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0)).optional().map_err(op("look up node"))?;
@@ -180,6 +193,7 @@ impl Store {
     /// Forgets a node's registration: its certificate no longer opens sessions. Returns whether
     /// it was registered.
     pub fn remove_node(&self, name: &str) -> Result<bool> {
+        self.fence.check()?;
         Ok(self.conn().execute("DELETE FROM nodes WHERE name = ?1", params![name]).map_err(op("remove node"))? == 1)
     }
 
@@ -270,6 +284,24 @@ mod tests {
         assert_eq!(store.active_on_node("b").unwrap().len(), 1);
         assert!(store.active_on_node("a").unwrap().is_empty());
         assert_eq!(store.all_active().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_fenced_store_refuses_every_write_and_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let fence = Fence::closed();
+        let store = Store::open_fenced(dir.path(), fence.clone()).unwrap();
+        fence.extend(std::time::Instant::now() + std::time::Duration::from_secs(60));
+        store.insert_attempts(&[attempt(0, "a")]).unwrap();
+        fence.close();
+        let id = attempt_id("uid", 0, 1);
+        assert!(matches!(store.insert_attempts(&[attempt(1, "a")]), Err(StoreError::Fenced(_))));
+        assert!(matches!(store.mark_running(&id), Err(StoreError::Fenced(_))));
+        assert!(matches!(store.finish(&id, AttemptPhase::Failed, None, 1), Err(StoreError::Fenced(_))));
+        assert!(matches!(store.register_node("n", "k", 1), Err(StoreError::Fenced(_))));
+        assert!(matches!(store.remove_node("n"), Err(StoreError::Fenced(_))));
+        assert_eq!(store.attempts_for_job("uid").unwrap().len(), 1, "reads still work, nothing changed");
+        assert_eq!(store.attempt(&id).unwrap().unwrap().phase, AttemptPhase::Assigned);
     }
 
     #[test]

@@ -292,8 +292,8 @@ async fn a_job_with_zero_tasks_fails_with_invalid_spec() {
 }
 
 #[tokio::test]
-async fn a_container_job_fails_with_runtime_not_supported() {
-    assert_invalid_spec_fails_the_job("workload:\n  container: {image: busybox}\n", "RuntimeNotSupported", "spec.workload.container").await;
+async fn a_container_job_with_an_unpinned_image_fails_as_invalid() {
+    assert_invalid_spec_fails_the_job("workload:\n  container: {image: busybox}\n", "InvalidSpec", "spec.workload.container.image").await;
 }
 
 #[tokio::test]

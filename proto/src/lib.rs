@@ -38,3 +38,41 @@ pub fn sha256_hex(data: &[u8]) -> String {
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
+
+/// True when `image` is pinned by digest, `name@sha256:<64 lowercase hex>`, with a plausible
+/// name (lowercase letters, digits and `._-/:`; a tag before the digest is allowed). Both ends
+/// check it: a tag can be moved to other content, a digest cannot, so results stay reproducible.
+pub fn is_pinned_image(image: &str) -> bool {
+    let Some((name, digest)) = image.rsplit_once('@') else { return false };
+    let name_ok = !name.is_empty()
+        && name.len() <= 512
+        && !name.starts_with(['/', ':', '.', '-'])
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/:".contains(&b));
+    name_ok && digest.strip_prefix("sha256:").is_some_and(is_sha256_hex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_images_pinned_by_sha256_digest_count_as_pinned() {
+        let hex = "0123456789abcdef".repeat(4);
+        for good in [format!("busybox@sha256:{hex}"), format!("docker.io/library/busybox:1.36@sha256:{hex}"), format!("localhost:5000/a/b@sha256:{hex}")] {
+            assert!(is_pinned_image(&good), "{good}");
+        }
+        for bad in [
+            "busybox".to_owned(),
+            "busybox:latest".to_owned(),
+            format!("@sha256:{hex}"),
+            format!("busybox@sha512:{hex}"),
+            format!("busybox@sha256:{}", hex.to_uppercase()),
+            format!("busybox@sha256:{}", &hex[1..]),
+            format!("Busybox@sha256:{hex}"),
+            format!("busy box@sha256:{hex}"),
+            format!("/busybox@sha256:{hex}"),
+        ] {
+            assert!(!is_pinned_image(&bad), "{bad}");
+        }
+    }
+}

@@ -1,6 +1,8 @@
 //! Task runtimes: run one task attempt in a sandbox and report what it produced.
-//! `WasmRuntime` runs WASI modules under wasmtime; `ExecRuntime` runs host commands when allowed.
+//! `WasmRuntime` runs WASI modules under wasmtime; `ExecRuntime` runs host commands when allowed;
+//! `ContainerRuntime` runs pinned images through a Docker or Podman socket.
 
+mod container;
 mod exec;
 mod output;
 mod wasm;
@@ -8,6 +10,7 @@ mod wasm;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub use container::ContainerRuntime;
 pub use exec::ExecRuntime;
 pub use wasm::WasmRuntime;
 
@@ -122,8 +125,11 @@ pub struct AttemptContext {
     pub attempt_id: String,
     pub task_index: u32,
     pub task_count: u32,
-    /// Hard cap on the task's memory (wasm linear memory; not enforced for exec yet).
+    /// Hard cap on the task's memory (wasm linear memory, container cgroup; not enforced for
+    /// exec yet).
     pub memory_bytes: u64,
+    /// CPU the task may use, in millicores (enforced for containers only).
+    pub cpu_millis: u64,
     pub timeout: Option<Duration>,
     /// Per-attempt directory, created by the caller: the only directory the task may touch.
     pub scratch_dir: PathBuf,
@@ -208,6 +214,7 @@ mod tests {
             task_index: 2,
             task_count: 4,
             memory_bytes: 1 << 20,
+            cpu_millis: 1000,
             timeout: None,
             scratch_dir: PathBuf::from("/tmp/x"),
             env: vec![("GREETING".into(), "hi".into()), ("KOMMUNE_TASK_INDEX".into(), "99".into())],

@@ -3,6 +3,7 @@
 
 pub mod ca;
 pub mod job;
+pub mod lease;
 pub mod nodes;
 
 /// The field manager of every write the operator makes.

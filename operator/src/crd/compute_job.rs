@@ -79,8 +79,9 @@ pub struct Workload {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecWorkload>,
 
-    /// A container image. Declared for a later release: jobs using it are rejected with the
-    /// condition `Failed` (reason `RuntimeNotSupported`) until the container runtime lands.
+    /// A container image pinned by digest, run through Docker or Podman with no privileges, no
+    /// capabilities, a read-only root filesystem and no network. Only providers that started
+    /// their agent with `--container-socket` run it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerWorkload>,
 }
@@ -144,11 +145,12 @@ pub struct ExecWorkload {
     pub env: Vec<EnvVar>,
 }
 
-/// A container image (not yet supported; see `workload.container`).
+/// A container image, pinned by digest.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerWorkload {
-    /// Image reference, preferably pinned by digest.
+    /// Image reference pinned by digest, `name@sha256:<64 hex>`: a tag can be moved to other
+    /// content, a digest cannot. The task's scratch directory is mounted at `/scratch`.
     #[schemars(length(min = 1, max = 1024))]
     pub image: String,
     /// Overrides the image entrypoint.
@@ -160,6 +162,10 @@ pub struct ContainerWorkload {
     /// Environment variables.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
+    /// Asks for network access (default: none). The provider must also allow it
+    /// (`--allow-container-network`); otherwise the task runs without a network.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
 }
 
 /// An environment variable.

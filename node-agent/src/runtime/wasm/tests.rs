@@ -20,6 +20,7 @@ fn context(scratch: &Path) -> AttemptContext {
         task_index: 2,
         task_count: 4,
         memory_bytes: 64 << 20,
+        cpu_millis: 1000,
         timeout: Some(Duration::from_secs(20)),
         scratch_dir: scratch.to_path_buf(),
         env: Vec::new(),

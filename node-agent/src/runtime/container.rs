@@ -1,0 +1,202 @@
+//! Container runtime: runs an image pinned by digest through the Docker Engine API (Docker, or
+//! Podman's compatible socket), locked down: no privileges, no capabilities, read-only root, no network.
+
+mod engine;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::output::SharedCapture;
+use super::{AttemptContext, End, Outcome, deadline, expired, human_bytes};
+use engine::Engine;
+
+/// Where the attempt's scratch directory appears inside the container.
+pub const SCRATCH_MOUNT: &str = "/scratch";
+/// Enough processes for any sane task, few enough to stop a fork bomb at the container.
+const PIDS_LIMIT: i64 = 512;
+/// How long each clean-up call (kill, logs, remove) may take once the task has stopped: a hung
+/// engine must not hold the attempt's result back forever.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The label every container carries, so leftovers of a crashed agent can be found.
+const ATTEMPT_LABEL: &str = "dev.kommune.attempt";
+
+/// Runs `container` workloads through one engine socket.
+#[derive(Debug, Clone)]
+pub struct ContainerRuntime {
+    engine: Engine,
+    allow_network: bool,
+}
+
+impl ContainerRuntime {
+    /// `socket` is the engine's unix socket (`/var/run/docker.sock`, or Podman's
+    /// `$XDG_RUNTIME_DIR/podman/podman.sock`); `allow_network` comes from the agent's
+    /// `--allow-container-network`. Nothing is contacted until a task runs.
+    pub fn new(socket: PathBuf, allow_network: bool) -> Self {
+        Self { engine: Engine::new(socket), allow_network }
+    }
+
+    pub fn allows_network(&self) -> bool {
+        self.allow_network
+    }
+
+    /// Runs `image` (pulled when missing) with `command` as entrypoint and `args` as its
+    /// arguments (empty keeps the image's own), the attempt's scratch dir at `/scratch`, and
+    /// the network only when the job asks (`network`) and the provider allows it. The
+    /// container is removed afterwards whatever happened; on timeout or cancel it is killed first.
+    pub async fn run(&self, image: &str, command: &[String], args: &[String], ctx: &AttemptContext, network: bool, cancel: CancellationToken) -> Outcome {
+        let started = Instant::now();
+        if !kommune_proto::is_pinned_image(image) {
+            return Outcome::not_started(format!(
+                "image {:?} is not pinned by digest: use name@sha256:<64 hex digits>",
+                image.chars().take(200).collect::<String>()
+            ));
+        }
+        if !self.engine.socket().exists() {
+            return Outcome::not_started(format!("container runtime unavailable: no Docker/Podman socket at {}", self.engine.socket().display()));
+        }
+        if ctx.memory_bytes == 0 {
+            return Outcome::not_started("the assignment carries no memory limit; containers never run without one");
+        }
+        let spec = create_body(image, command, args, ctx, network && self.allow_network);
+
+        let mut created = None;
+        let stopped = tokio::select! {
+            ended = self.start_and_wait(image, &spec, &mut created, ctx) => ended,
+            () = cancel.cancelled() => End::cancelled(),
+            after = expired(deadline(started, ctx.timeout)) => End::timed_out(after),
+        };
+
+        let stdout = SharedCapture::stdout();
+        let stderr = SharedCapture::stderr();
+        let mut end = stopped;
+        if let Some(id) = created {
+            end = self.collect(&id, end, &stdout, &stderr).await;
+        }
+        let end = end.check_output(&stdout, &stderr);
+        Outcome::from_captures(end, &stdout, &stderr, started.elapsed())
+    }
+
+    /// Pulls, creates, starts and waits for the container. `created` names it as soon as it
+    /// exists, so the caller removes it even when this future is dropped half-way.
+    async fn start_and_wait(&self, image: &str, spec: &Value, created: &mut Option<String>, ctx: &AttemptContext) -> End {
+        if let Err(e) = self.ensure_image(image).await {
+            return End::failed(format!("cannot pull image {image}: {e}"));
+        }
+        let id = match self.engine.call(Method::POST, "/containers/create", Some(spec)).await {
+            Ok((_, reply)) => match reply.get("Id").and_then(Value::as_str) {
+                Some(id) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()) => id.to_owned(),
+                _ => return End::failed("cannot create container: the engine returned no usable container id"),
+            },
+            Err(e) => return End::failed(format!("cannot create container from {image}: {e}")),
+        };
+        *created = Some(id.clone());
+        if let Err(e) = self.engine.call(Method::POST, &format!("/containers/{id}/start"), None).await {
+            return End::failed(format!("cannot start container {}: {e}", short(&id)));
+        }
+        let reply = match self.engine.call(Method::POST, &format!("/containers/{id}/wait"), None).await {
+            Ok((_, reply)) => reply,
+            Err(e) => return End::failed(format!("cannot wait for container {}: {e}", short(&id))),
+        };
+        if let Some(message) = reply.pointer("/Error/Message").and_then(Value::as_str).filter(|m| !m.is_empty()) {
+            return End::failed(format!("container {} ended with an engine error: {message}", short(&id)));
+        }
+        let Some(code) = reply.get("StatusCode").and_then(Value::as_i64) else {
+            return End::failed(format!("cannot wait for container {}: the engine sent no exit code", short(&id)));
+        };
+        let code = i32::try_from(code).unwrap_or(-1);
+        // 137 is SIGKILL; only the engine knows whether the memory cap sent it.
+        if code == 137 && self.oom_killed(&id).await {
+            return End { exit_code: code, ..End::failed(format!("out of memory: the task needed more than {}", human_bytes(ctx.memory_bytes))) };
+        }
+        End::exited(code)
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<(), String> {
+        if self.engine.find(&format!("/images/{image}/json")).await?.is_some() {
+            return Ok(());
+        }
+        let (name, digest) = image.rsplit_once('@').unwrap_or((image, ""));
+        self.engine.call_progress(&format!("/images/create?fromImage={}&tag={}", query(name), query(digest))).await
+    }
+
+    async fn oom_killed(&self, id: &str) -> bool {
+        match self.engine.find(&format!("/containers/{id}/json")).await {
+            Ok(Some(info)) => info.pointer("/State/OOMKilled").and_then(Value::as_bool).unwrap_or(false),
+            _ => false,
+        }
+    }
+
+    /// After the task stopped: kills it if it still runs, reads its output, removes it.
+    async fn collect(&self, id: &str, end: End, stdout: &SharedCapture, stderr: &SharedCapture) -> End {
+        let ran_to_exit = end.exit_code >= 0;
+        if !ran_to_exit {
+            // 409 (not running) and 404 (gone) are fine: it is stopped either way.
+            let _ = tokio::time::timeout(CLEANUP_TIMEOUT, self.engine.call(Method::POST, &format!("/containers/{id}/kill"), None)).await;
+        }
+        let logs = tokio::time::timeout(CLEANUP_TIMEOUT, self.engine.logs(&format!("/containers/{id}/logs?stdout=1&stderr=1"), stdout, stderr)).await;
+        let logs = logs.unwrap_or_else(|_| Err(format!("no answer within {}s", CLEANUP_TIMEOUT.as_secs())));
+        let removed = tokio::time::timeout(CLEANUP_TIMEOUT, self.engine.call(Method::DELETE, &format!("/containers/{id}?force=true"), None)).await;
+        if let Err(e) = removed.unwrap_or_else(|_| Err("no answer".into())) {
+            tracing::warn!(container = %id, error = %e, "cannot remove a finished container; it is left behind");
+        }
+        match logs {
+            // Without its output a result would carry the digest of nothing.
+            Err(e) if ran_to_exit => End::failed(format!("cannot read the output of container {}: {e}", short(id))),
+            _ => end,
+        }
+    }
+}
+
+/// The create request: everything that keeps the task in its box is decided here.
+fn create_body(image: &str, command: &[String], args: &[String], ctx: &AttemptContext, network: bool) -> Value {
+    let env: Vec<String> = ctx.task_env().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let nano_cpus = ctx.cpu_millis.saturating_mul(1_000_000);
+    let memory = i64::try_from(ctx.memory_bytes).unwrap_or(i64::MAX);
+    let mut body = json!({
+        "Image": image,
+        "Env": env,
+        "Labels": { ATTEMPT_LABEL: ctx.attempt_id },
+        "AttachStdin": false,
+        "OpenStdin": false,
+        "Tty": false,
+        "NetworkDisabled": !network,
+        "HostConfig": {
+            "Memory": memory,
+            // Equal to Memory: no swap on top, so the cap is the cap.
+            "MemorySwap": memory,
+            "NanoCpus": nano_cpus,
+            "PidsLimit": PIDS_LIMIT,
+            "Privileged": false,
+            "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges"],
+            "ReadonlyRootfs": true,
+            "Mounts": [{ "Type": "bind", "Source": ctx.scratch_dir, "Target": SCRATCH_MOUNT, "ReadOnly": false }],
+            "NetworkMode": if network { "bridge" } else { "none" },
+            "AutoRemove": false,
+        },
+    });
+    if !command.is_empty() {
+        body["Entrypoint"] = json!(command);
+    }
+    if !args.is_empty() {
+        body["Cmd"] = json!(args);
+    }
+    body
+}
+
+/// Percent-encodes a query value (image names carry `/`, `:` and `@`).
+fn query(value: &str) -> String {
+    value.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+/// The 12-character id the Docker CLI shows.
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,378 @@
+//! ContainerRuntime against an in-process fake Engine API on a unix socket, which records every
+//! request; and, when `KOMMUNE_TEST_ENGINE_SOCKET` names one, against a real Docker or Podman.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::engine::Demux;
+use super::*;
+use crate::runtime::{Ending, TAIL_BYTES};
+
+const IMAGE: &str = "docker.io/library/busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const ID: &str = "c0ffee00c0ffee00c0ffee00";
+
+/// One request the fake engine saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    body: Value,
+}
+
+/// How the fake engine answers.
+#[derive(Debug, Clone)]
+struct Script {
+    image_present: bool,
+    /// An error sent inside the 200 pull stream, as registries do.
+    pull_error: Option<&'static str>,
+    create: (u16, Value),
+    /// None: the wait never returns (the task runs forever).
+    exit_code: Option<i64>,
+    oom_killed: bool,
+    logs: Vec<u8>,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Self {
+            image_present: true,
+            pull_error: None,
+            create: (201, json!({"Id": ID, "Warnings": []})),
+            exit_code: Some(0),
+            oom_killed: false,
+            logs: Vec::new(),
+        }
+    }
+}
+
+struct FakeEngine {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl FakeEngine {
+    async fn start(script: Script) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("engine.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (script, log) = (Arc::new(script), seen.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (script, log) = (script.clone(), log.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| answer(request, script.clone(), log.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        Self { _dir: dir, socket, seen }
+    }
+
+    fn runtime(&self) -> ContainerRuntime {
+        ContainerRuntime::new(self.socket.clone(), false)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// "POST /containers/create" for each request, without the API version prefix.
+    fn calls(&self) -> Vec<String> {
+        self.seen().iter().map(|s| format!("{} {}", s.method, s.path.trim_start_matches("/v1.41"))).collect()
+    }
+
+    fn create_body(&self) -> Value {
+        self.seen().into_iter().find(|s| s.path == "/v1.41/containers/create").expect("a container was created").body
+    }
+}
+
+async fn answer(request: Request<Incoming>, script: Arc<Script>, log: Arc<Mutex<Vec<Seen>>>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = request.method().to_string();
+    let path = request.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let bytes = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    log.lock().unwrap().push(Seen { method: method.clone(), path: path.clone(), body });
+    let reply = |status: u16, body: Vec<u8>| Ok(Response::builder().status(status).body(Full::new(Bytes::from(body))).unwrap());
+    let json_reply = |status: u16, value: Value| reply(status, value.to_string().into_bytes());
+    let container = format!("/v1.41/containers/{ID}");
+    match (method.as_str(), path.as_str()) {
+        ("GET", p) if p.starts_with("/v1.41/images/") => {
+            if script.image_present {
+                json_reply(200, json!({"Id": "sha256:feed"}))
+            } else {
+                json_reply(404, json!({"message": "No such image"}))
+            }
+        }
+        ("POST", p) if p.starts_with("/v1.41/images/create?") => {
+            let mut stream = b"{\"status\":\"Pulling fs layer\"}\r\n".to_vec();
+            if let Some(error) = script.pull_error {
+                stream.extend(json!({"errorDetail": {"message": error}, "error": error}).to_string().into_bytes());
+                stream.push(b'\n');
+            }
+            reply(200, stream)
+        }
+        ("POST", "/v1.41/containers/create") => json_reply(script.create.0, script.create.1.clone()),
+        ("POST", p) if p == format!("{container}/start") => reply(204, vec![]),
+        ("POST", p) if p == format!("{container}/wait") => match script.exit_code {
+            Some(code) => json_reply(200, json!({"StatusCode": code, "Error": null})),
+            None => std::future::pending().await,
+        },
+        ("GET", p) if p == format!("{container}/json") => json_reply(200, json!({"State": {"OOMKilled": script.oom_killed}})),
+        ("GET", p) if p == format!("{container}/logs?stdout=1&stderr=1") => reply(200, script.logs.clone()),
+        ("POST", p) if p == format!("{container}/kill") => reply(204, vec![]),
+        ("DELETE", p) if p == format!("{container}?force=true") => reply(204, vec![]),
+        _ => json_reply(404, json!({"message": format!("fake engine: no route for {method} {path}")})),
+    }
+}
+
+/// One frame of the engine's multiplexed log stream.
+fn frame(stream: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![stream, 0, 0, 0];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn context(scratch: &Path) -> AttemptContext {
+    AttemptContext {
+        attempt_id: "hello-container-1-a1".into(),
+        task_index: 1,
+        task_count: 2,
+        memory_bytes: 64 << 20,
+        cpu_millis: 500,
+        timeout: Some(Duration::from_secs(20)),
+        scratch_dir: scratch.to_path_buf(),
+        env: vec![("GREETING".into(), "hello".into())],
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+async fn run(runtime: &ContainerRuntime, ctx: &AttemptContext, network: bool, cancel: CancellationToken) -> Outcome {
+    runtime.run(IMAGE, &strings(&["/bin/sh", "-c"]), &strings(&["echo hi"]), ctx, network, cancel).await
+}
+
+#[tokio::test]
+async fn a_container_runs_locked_down_and_reports_its_demultiplexed_output() {
+    let logs = [frame(1, b"hello "), frame(2, b"warning\n"), frame(1, b"world\n")].concat();
+    let engine = FakeEngine::start(Script { logs, ..Script::default() }).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = run(&engine.runtime(), &context(scratch.path()), false, CancellationToken::new()).await;
+
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Succeeded, 0), "{}", outcome.message);
+    assert_eq!(outcome.stdout_tail, b"hello world\n");
+    assert_eq!(outcome.stderr_tail, b"warning\n");
+    assert_eq!(outcome.output_sha256, hex::encode(Sha256::digest(b"hello world\n")));
+    assert_eq!(outcome.output_bytes, 12);
+    let id = format!("/containers/{ID}");
+    assert_eq!(
+        engine.calls(),
+        [
+            format!("GET /images/{IMAGE}/json"),
+            "POST /containers/create".into(),
+            format!("POST {id}/start"),
+            format!("POST {id}/wait"),
+            format!("GET {id}/logs?stdout=1&stderr=1"),
+            format!("DELETE {id}?force=true"),
+        ]
+    );
+
+    let body = engine.create_body();
+    assert_eq!(body["Image"], IMAGE);
+    assert_eq!(body["Entrypoint"], json!(["/bin/sh", "-c"]));
+    assert_eq!(body["Cmd"], json!(["echo hi"]));
+    assert_eq!(body["Tty"], false);
+    assert_eq!(body["NetworkDisabled"], true);
+    assert_eq!(body["Env"], json!(["GREETING=hello", "KOMMUNE_TASK_INDEX=1", "KOMMUNE_TASK_COUNT=2", "KOMMUNE_ATTEMPT_ID=hello-container-1-a1"]));
+    let host = &body["HostConfig"];
+    assert_eq!(host["Privileged"], false);
+    assert_eq!(host["CapDrop"], json!(["ALL"]));
+    assert!(host.get("CapAdd").is_none());
+    assert_eq!(host["SecurityOpt"], json!(["no-new-privileges"]));
+    assert_eq!(host["ReadonlyRootfs"], true);
+    assert_eq!(host["NetworkMode"], "none");
+    assert_eq!(host["Memory"], 64 << 20);
+    assert_eq!(host["MemorySwap"], 64 << 20);
+    assert_eq!(host["NanoCpus"], 500_000_000);
+    assert_eq!(host["PidsLimit"], PIDS_LIMIT);
+    assert_eq!(host["AutoRemove"], false);
+    assert!(host.get("Binds").is_none(), "only the scratch mount: {host}");
+    assert_eq!(host["Mounts"], json!([{"Type": "bind", "Source": scratch.path(), "Target": "/scratch", "ReadOnly": false}]));
+    for shared in ["PidMode", "IpcMode", "UsernsMode", "Devices", "VolumesFrom"] {
+        assert!(host.get(shared).is_none(), "{shared} must stay unset: {host}");
+    }
+}
+
+#[tokio::test]
+async fn the_network_needs_both_the_job_and_the_provider() {
+    let scratch = tempfile::tempdir().unwrap();
+    for (job_asks, provider_allows, mode) in [(true, false, "none"), (false, true, "none"), (true, true, "bridge")] {
+        let engine = FakeEngine::start(Script::default()).await;
+        let runtime = ContainerRuntime::new(engine.socket.clone(), provider_allows);
+        let outcome = run(&runtime, &context(scratch.path()), job_asks, CancellationToken::new()).await;
+        assert_eq!(outcome.ending, Ending::Succeeded, "{}", outcome.message);
+        let body = engine.create_body();
+        assert_eq!(body["HostConfig"]["NetworkMode"], mode, "job {job_asks}, provider {provider_allows}");
+        assert_eq!(body["NetworkDisabled"], mode == "none");
+    }
+}
+
+#[tokio::test]
+async fn an_image_not_pinned_by_digest_is_refused_before_the_engine_is_asked() {
+    let engine = FakeEngine::start(Script::default()).await;
+    let scratch = tempfile::tempdir().unwrap();
+    for image in ["busybox", "busybox:1.36", "busybox@sha256:abc"] {
+        let outcome = engine.runtime().run(image, &[], &[], &context(scratch.path()), false, CancellationToken::new()).await;
+        assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
+        assert_eq!(outcome.message, format!("image {image:?} is not pinned by digest: use name@sha256:<64 hex digits>"));
+    }
+    assert!(engine.seen().is_empty());
+}
+
+#[tokio::test]
+async fn a_missing_socket_says_the_runtime_is_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("docker.sock");
+    let outcome = run(&ContainerRuntime::new(socket.clone(), false), &context(dir.path()), false, CancellationToken::new()).await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
+    assert_eq!(outcome.message, format!("container runtime unavailable: no Docker/Podman socket at {}", socket.display()));
+}
+
+#[tokio::test]
+async fn a_missing_image_is_pulled_by_digest_and_a_pull_error_names_the_image() {
+    let engine = FakeEngine::start(Script { image_present: false, ..Script::default() }).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = run(&engine.runtime(), &context(scratch.path()), false, CancellationToken::new()).await;
+    assert_eq!(outcome.ending, Ending::Succeeded, "{}", outcome.message);
+    let digest = IMAGE.rsplit_once('@').unwrap().1.replace(':', "%3A");
+    assert_eq!(engine.calls()[1], format!("POST /images/create?fromImage=docker.io%2Flibrary%2Fbusybox&tag={digest}"));
+
+    let engine = FakeEngine::start(Script { image_present: false, pull_error: Some("manifest unknown"), ..Script::default() }).await;
+    let outcome = run(&engine.runtime(), &context(scratch.path()), false, CancellationToken::new()).await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
+    assert_eq!(outcome.message, format!("cannot pull image {IMAGE}: manifest unknown"));
+    assert!(!engine.calls().iter().any(|c| c.contains("/containers/")), "nothing created after a failed pull");
+}
+
+#[tokio::test]
+async fn an_engine_error_fails_the_attempt_naming_the_step() {
+    let create = (500, json!({"message": "invalid mount config"}));
+    let engine = FakeEngine::start(Script { create, ..Script::default() }).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = run(&engine.runtime(), &context(scratch.path()), false, CancellationToken::new()).await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, -1));
+    assert_eq!(outcome.message, format!("cannot create container from {IMAGE}: invalid mount config (HTTP 500)"));
+
+    let engine = FakeEngine::start(Script { create: (201, json!({"Warnings": []})), ..Script::default() }).await;
+    let outcome = run(&engine.runtime(), &context(scratch.path()), false, CancellationToken::new()).await;
+    assert_eq!(outcome.message, "cannot create container: the engine returned no usable container id");
+}
+
+#[tokio::test]
+async fn a_non_zero_exit_fails_with_its_code_and_an_oom_kill_says_so() {
+    let scratch = tempfile::tempdir().unwrap();
+    let engine = FakeEngine::start(Script { exit_code: Some(3), logs: frame(2, b"boom\n"), ..Script::default() }).await;
+    let outcome = run(&engine.runtime(), &context(scratch.path()), false, CancellationToken::new()).await;
+    assert_eq!((outcome.ending, outcome.exit_code, outcome.message.as_str()), (Ending::Failed, 3, "exited with code 3"));
+    assert_eq!(outcome.stderr_tail, b"boom\n");
+
+    let engine = FakeEngine::start(Script { exit_code: Some(137), oom_killed: true, ..Script::default() }).await;
+    let outcome = run(&engine.runtime(), &context(scratch.path()), false, CancellationToken::new()).await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, 137));
+    assert_eq!(outcome.message, "out of memory: the task needed more than 64 MiB");
+}
+
+#[tokio::test]
+async fn a_timeout_kills_and_removes_the_container() {
+    let engine = FakeEngine::start(Script { exit_code: None, logs: frame(1, b"partial\n"), ..Script::default() }).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let ctx = AttemptContext { timeout: Some(Duration::from_millis(300)), ..context(scratch.path()) };
+    let outcome = run(&engine.runtime(), &ctx, false, CancellationToken::new()).await;
+    assert_eq!((outcome.ending, outcome.exit_code, outcome.message.as_str()), (Ending::Failed, -1, "timed out after 300ms"));
+    assert_eq!(outcome.stdout_tail, b"partial\n");
+    let calls = engine.calls();
+    let id = format!("/containers/{ID}");
+    assert_eq!(calls[calls.len() - 3..], [format!("POST {id}/kill"), format!("GET {id}/logs?stdout=1&stderr=1"), format!("DELETE {id}?force=true")]);
+}
+
+#[tokio::test]
+async fn cancel_kills_and_removes_the_container() {
+    let engine = FakeEngine::start(Script { exit_code: None, ..Script::default() }).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let cancel = CancellationToken::new();
+    let later = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        later.cancel();
+    });
+    let ctx = AttemptContext { timeout: None, ..context(scratch.path()) };
+    let outcome = run(&engine.runtime(), &ctx, false, cancel).await;
+    assert_eq!((outcome.ending, outcome.exit_code, outcome.message.as_str()), (Ending::Cancelled, -1, "cancelled"));
+    let calls = engine.calls();
+    assert!(calls.contains(&format!("POST /containers/{ID}/kill")), "{calls:?}");
+    assert_eq!(calls.last().unwrap(), &format!("DELETE /containers/{ID}?force=true"));
+}
+
+#[tokio::test]
+async fn output_past_its_cap_fails_the_attempt() {
+    let big = vec![b'x'; (crate::runtime::output::STDERR_LIMIT + 1) as usize];
+    let engine = FakeEngine::start(Script { logs: frame(2, &big), ..Script::default() }).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = run(&engine.runtime(), &context(scratch.path()), false, CancellationToken::new()).await;
+    assert_eq!((outcome.ending, outcome.message.as_str()), (Ending::Failed, "stderr limit 1 MiB exceeded"));
+    assert_eq!(outcome.stderr_tail.len(), TAIL_BYTES);
+    assert_eq!(engine.calls().last().unwrap(), &format!("DELETE /containers/{ID}?force=true"));
+}
+
+#[test]
+fn frames_cut_anywhere_are_reassembled() {
+    let stream = [frame(1, b"out-1 "), frame(2, b"err"), frame(0, b"ignored"), frame(1, b""), frame(1, b"out-2")].concat();
+    for cut in 1..stream.len() {
+        let (stdout, stderr) = (SharedCapture::stdout(), SharedCapture::stderr());
+        let mut demux = Demux::default();
+        for chunk in stream.chunks(cut) {
+            assert!(demux.feed(chunk, &stdout, &stderr));
+        }
+        assert_eq!((stdout.tail(), stderr.tail()), (b"out-1 out-2".to_vec(), b"err".to_vec()), "chunks of {cut}");
+    }
+}
+
+/// Runs a busybox image through a real engine: `KOMMUNE_TEST_ENGINE_SOCKET=/tmp/engine.sock
+/// KOMMUNE_TEST_ENGINE_IMAGE=name@sha256:...` (pulled by digest when the engine lacks it).
+#[tokio::test]
+async fn a_real_engine_runs_a_pinned_image() {
+    let Some(socket) = std::env::var_os("KOMMUNE_TEST_ENGINE_SOCKET") else {
+        eprintln!("skipped: set KOMMUNE_TEST_ENGINE_SOCKET (and KOMMUNE_TEST_ENGINE_IMAGE) to run against a real Docker/Podman");
+        return;
+    };
+    let image = std::env::var("KOMMUNE_TEST_ENGINE_IMAGE").expect("KOMMUNE_TEST_ENGINE_IMAGE names a busybox image pinned by digest");
+    let scratch = tempfile::tempdir().unwrap();
+    let runtime = ContainerRuntime::new(PathBuf::from(socket), false);
+    let script = "echo task $KOMMUNE_TASK_INDEX/$KOMMUNE_TASK_COUNT; echo oops >&2; echo data > /scratch/out; touch /etc/x 2>/dev/null || echo read-only; \
+                  ip -o link 2>/dev/null | grep -vc ' lo:'; \
+                  cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null; exit 4";
+    let outcome = runtime.run(&image, &strings(&["/bin/sh", "-c"]), &strings(&[script]), &context(scratch.path()), true, CancellationToken::new()).await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, 4), "{}", outcome.message);
+    assert_eq!(String::from_utf8_lossy(&outcome.stdout_tail), "task 1/2\nread-only\n0\n67108864\n");
+    assert_eq!(outcome.stderr_tail, b"oops\n");
+    assert_eq!(std::fs::read_to_string(scratch.path().join("out")).unwrap(), "data\n");
+
+    let ctx = AttemptContext { timeout: Some(Duration::from_secs(2)), ..context(scratch.path()) };
+    let outcome = runtime.run(&image, &strings(&["sleep", "60"]), &[], &ctx, false, CancellationToken::new()).await;
+    assert_eq!((outcome.ending, outcome.message.as_str()), (Ending::Failed, "timed out after 2s"));
+}
