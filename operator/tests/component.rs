@@ -152,7 +152,8 @@ struct Agent {
     updates: Option<mpsc::UnboundedReceiver<kommune_proto::v1::TaskUpdate>>,
 }
 
-async fn join_agent(op: &Operator, dir: &Path, name: &str, allow_exec: bool) -> Agent {
+/// Joins a machine with a fresh single-use token and returns its state.
+async fn join_only(op: &Operator, dir: &Path, name: &str, allow_exec: bool) -> AgentState {
     let token = op.token(1, 600);
     let state = join::join(JoinOptions {
         server: &op.url,
@@ -167,6 +168,19 @@ async fn join_agent(op: &Operator, dir: &Path, name: &str, allow_exec: bool) -> 
     .await
     .unwrap();
     assert_eq!(state.config.node_name, name);
+    state
+}
+
+/// Runs an agent's sessions in the background (exec allowed) until the operator rejects it;
+/// the handle tells how it ended.
+fn run_detached(state: &AgentState) -> tokio::task::JoinHandle<Result<(), session::SessionError>> {
+    let (tasks, mut updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(state.results_dir()).unwrap(), state.scratch_dir());
+    let state = state.clone();
+    tokio::spawn(async move { session::run(&state, &facts(true), &tasks, &mut updates, std::future::pending()).await })
+}
+
+async fn join_agent(op: &Operator, dir: &Path, name: &str, allow_exec: bool) -> Agent {
+    let state = join_only(op, dir, name, allow_exec).await;
     let (tasks, updates) =
         Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(allow_exec), Spool::open(state.results_dir()).unwrap(), state.scratch_dir());
     let mut agent = Agent { state, facts: facts(allow_exec), tasks, session: None, updates: Some(updates) };
@@ -418,22 +432,8 @@ async fn deleting_a_job_stops_its_attempts_on_the_agent_and_frees_the_node() {
 async fn a_revoked_node_is_disconnected_its_agent_stops_and_its_certificate_is_refused() {
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();
-    let token = op.token(1, 600);
-    let state = join::join(JoinOptions {
-        server: &op.url,
-        token: &token,
-        name: Some("evicted"),
-        region: "",
-        zone: "",
-        state_dir: &dir.path().join("evicted"),
-        force: false,
-        facts: facts(true),
-    })
-    .await
-    .unwrap();
-    let (tasks, mut updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(state.results_dir()).unwrap(), state.scratch_dir());
-    let (st, f, t) = (state.clone(), facts(true), tasks.clone());
-    let agent = tokio::spawn(async move { session::run(&st, &f, &t, &mut updates, std::future::pending()).await });
+    let state = join_only(&op, dir.path(), "evicted", true).await;
+    let agent = run_detached(&state);
     wait_connected(&op, &["evicted"]).await;
     let long = policy("workload:\n  exec:\n    command: ['sleep', '30']\n");
     assert_eq!(op.dispatcher.sync(&job("evictee"), &long, None).await.unwrap().placed, 1);
@@ -458,22 +458,8 @@ async fn a_revoked_node_is_disconnected_its_agent_stops_and_its_certificate_is_r
 async fn a_provider_leaves_its_tasks_move_without_losing_a_retry_and_its_identity_is_gone() {
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();
-    let token = op.token(1, 600);
-    let state = join::join(JoinOptions {
-        server: &op.url,
-        token: &token,
-        name: Some("leaver"),
-        region: "",
-        zone: "",
-        state_dir: &dir.path().join("leaver"),
-        force: false,
-        facts: facts(true),
-    })
-    .await
-    .unwrap();
-    let (tasks, mut updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(state.results_dir()).unwrap(), state.scratch_dir());
-    let (st, f, t) = (state.clone(), facts(true), tasks.clone());
-    let agent = tokio::spawn(async move { session::run(&st, &f, &t, &mut updates, std::future::pending()).await });
+    let state = join_only(&op, dir.path(), "leaver", true).await;
+    let agent = run_detached(&state);
     wait_connected(&op, &["leaver"]).await;
     let long = policy("workload:\n  exec:\n    command: ['sleep', '30']\nretries: {maxAttempts: 1}\n");
     let jr = job("left-behind");
@@ -509,19 +495,7 @@ async fn a_provider_leaves_its_tasks_move_without_losing_a_retry_and_its_identit
 async fn leaving_with_unacknowledged_results_needs_force() {
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();
-    let token = op.token(1, 600);
-    let state = join::join(JoinOptions {
-        server: &op.url,
-        token: &token,
-        name: Some("careful"),
-        region: "",
-        zone: "",
-        state_dir: &dir.path().join("careful"),
-        force: false,
-        facts: facts(true),
-    })
-    .await
-    .unwrap();
+    let state = join_only(&op, dir.path(), "careful", true).await;
     let update = kommune_proto::v1::TaskUpdate { attempt_id: "some.0.1".into(), state: 2, result: None };
     Spool::open(state.results_dir()).unwrap().put(&update).unwrap();
     let err = kommune_agent::leave::leave(&state, false).await.unwrap_err().to_string();
@@ -541,19 +515,7 @@ async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
     use kommune_proto::v1::{AgentMessage, AttemptState, Hello, TaskResult, TaskUpdate, agent_message, operator_message};
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();
-    let token = op.token(1, 600);
-    let state = join::join(JoinOptions {
-        server: &op.url,
-        token: &token,
-        name: Some("raw"),
-        region: "",
-        zone: "",
-        state_dir: &dir.path().join("raw"),
-        force: false,
-        facts: facts(true),
-    })
-    .await
-    .unwrap();
+    let state = join_only(&op, dir.path(), "raw", true).await;
     let mut client =
         kommune_agent::connect::client(&kommune_agent::connect::parse_server(&op.url).unwrap(), &state.ca_pem, Some((&state.cert_pem, &state.key_pem)))
             .await
