@@ -161,28 +161,44 @@ where
     }
 }
 
-/// Applies the ServiceAccount and RBAC objects of the chart, rendered for `namespace`.
-/// Returns the ServiceAccount's name.
-fn install_chart_rbac(h: &Harness, helm: &Path, namespace: &str) -> Result<String> {
-    let rendered = kommune_e2e::render_chart(helm, namespace, &["crds.install=false"])?;
-    let mut keep = vec![];
-    let mut sa = None;
-    for doc in kommune_e2e::documents(&rendered)? {
-        let kind = doc["kind"].as_str().unwrap_or_default();
-        if kind == "StatefulSet" {
-            sa = doc["spec"]["template"]["spec"]["serviceAccountName"].as_str().map(str::to_string);
-        }
-        if ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"].contains(&kind) {
-            keep.push(serde_yaml::to_string(&doc)?);
-        }
+/// `helm install`s the chart into `namespace` (StatefulSet scaled to 0: the operator runs as a
+/// local process). Returns the operator's ServiceAccount name.
+fn helm_install(h: &Harness, helm: &Path, namespace: &str, cel: bool) -> Result<String> {
+    let mut cmd = Command::new(helm);
+    cmd.env("KUBECONFIG", &h.kubeconfig).args(["install", "kommune"]).arg(repo().join("charts/kommune")).args([
+        "--namespace",
+        namespace,
+        "--set",
+        "replicas=0",
+    ]);
+    if !cel {
+        // helm's client-side schema check would refuse x-kubernetes-validations on such servers.
+        cmd.arg("--disable-openapi-validation");
     }
-    let path = h.work.path().join("chart-rbac.yaml");
-    std::fs::write(&path, keep.join("---\n"))?;
-    let out = h.kubectl(&["apply", "-f", path.to_str().unwrap()]);
+    let out = cmd.output()?;
     if !out.status.success() {
-        bail!("applying the chart's RBAC failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("helm install failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    sa.context("the chart's StatefulSet names no serviceAccountName")
+    let rendered = kommune_e2e::render_chart(helm, namespace, &[])?;
+    kommune_e2e::documents(&rendered)?
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet")
+        .and_then(|d| d["spec"]["template"]["spec"]["serviceAccountName"].as_str().map(str::to_string))
+        .context("the chart's StatefulSet names no serviceAccountName")
+}
+
+/// Applies crds/ directly, as `kubectl apply -f crds/` would.
+async fn apply_crds(client: &Client, cel: bool) -> Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for file in ["computejob.yaml", "providernode.yaml"] {
+        let mut crd: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(repo().join("crds").join(file))?)?;
+        if !cel {
+            strip_key(&mut crd, "x-kubernetes-validations");
+        }
+        let name = crd["metadata"]["name"].as_str().unwrap().to_string();
+        crds.patch(&name, &PatchParams::apply("kommune-e2e").force(), &Patch::Apply(&crd)).await?;
+    }
+    Ok(())
 }
 
 /// A copy of the admin kubeconfig that acts as the ServiceAccount (needs impersonation rights,
@@ -233,44 +249,41 @@ async fn walking_skeleton() -> Result<()> {
     let client = Client::try_from(Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)?;
     let ns = h.namespace.clone();
 
-    // 1. CRDs from crds/, applied the way `kubectl apply -f crds/` would.
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let op_ns = format!("{ns}-system");
+    for n in [&ns, &op_ns] {
+        let out = h.kubectl(&["create", "namespace", n]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
     let version = client.apiserver_version().await?;
     let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
     let cel = version.major == "1" && minor >= 25;
     if !cel {
-        println!(
-            "note: API server {}.{} predates CRD validation rules (1.25); applying the CRDs without x-kubernetes-validations",
-            version.major, version.minor
-        );
+        println!("note: API server {}.{} predates CRD validation rules (1.25); the CRDs go in without x-kubernetes-validations", version.major, version.minor);
     }
-    for file in ["computejob.yaml", "providernode.yaml"] {
-        let mut crd: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(repo().join("crds").join(file))?)?;
-        if !cel {
-            strip_key(&mut crd, "x-kubernetes-validations");
-        }
-        let name = crd["metadata"]["name"].as_str().unwrap().to_string();
-        crds.patch(&name, &PatchParams::apply("kommune-e2e").force(), &Patch::Apply(&crd)).await?;
-        tokio::time::timeout(Duration::from_secs(30), await_condition(crds.clone(), &name, conditions::is_crd_established())).await??;
-    }
-    let out = h.kubectl(&["create", "namespace", &ns]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let op_ns = format!("{ns}-system");
-    assert!(h.kubectl(&["create", "namespace", &op_ns]).status.success());
 
-    // 2. The operator binary, as a local process, with exactly the chart's RBAC when helm is
-    //    here to render it: its kubeconfig impersonates the chart's ServiceAccount.
-    let operator_kubeconfig = match kommune_e2e::helm() {
+    // 1. Install: with helm, the chart itself (CRDs, ServiceAccount, RBAC, Services, a
+    //    StatefulSet scaled to 0 because the operator runs here as a local process, with exactly
+    //    the chart's RBAC by impersonating its ServiceAccount). Without helm, crds/ directly and
+    //    the admin's credentials.
+    let helm = kommune_e2e::helm();
+    let operator_kubeconfig = match &helm {
         Some(helm) => {
-            let sa = install_chart_rbac(&h, &helm, &op_ns)?;
-            println!("the operator runs as {sa} with the chart's RBAC");
+            let sa = helm_install(&h, helm, &op_ns, cel)?;
+            println!("installed the chart; the operator runs as {sa} with the chart's RBAC");
             impersonating_kubeconfig(&h, &sa, &op_ns)?
         }
         None => {
-            println!("note: no helm found, so the operator runs with the admin kubeconfig instead of the chart's RBAC");
+            println!("note: no helm found: applying crds/ and running the operator with the admin kubeconfig instead of the chart's RBAC");
+            apply_crds(&client, cel).await?;
             h.kubeconfig.clone()
         }
     };
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in ["computejobs.kommune.dev", "providernodes.kommune.dev"] {
+        tokio::time::timeout(Duration::from_secs(30), await_condition(crds.clone(), name, conditions::is_crd_established())).await??;
+    }
+
+    // 2. The operator binary, as a local process.
     let gateway = free_port();
     let metrics = free_port();
     let data = h.work.path().join("operator-data");
@@ -466,7 +479,17 @@ async fn walking_skeleton() -> Result<()> {
     let holder = leases.get("kommune-operator").await?.spec.and_then(|s| s.holder_identity);
     assert_eq!(holder.as_deref(), Some("e2e-operator-b"));
 
-    // Clean up what a cluster without a controller manager will not (namespaces stay).
+    // 9. Uninstall: the release's objects go, the CRDs (and so every ComputeJob) are kept.
     let _ = nodes.delete("e2e-a", &Default::default()).await;
+    h.kill("standby");
+    if let Some(helm) = &helm {
+        let out = Command::new(helm).env("KUBECONFIG", &h.kubeconfig).args(["uninstall", "kommune", "--namespace", &op_ns]).output()?;
+        assert!(out.status.success(), "helm uninstall: {}", String::from_utf8_lossy(&out.stderr));
+        let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(client.clone());
+        assert!(roles.get_opt("kommune").await?.is_none(), "the release's ClusterRole is gone");
+        for name in ["computejobs.kommune.dev", "providernodes.kommune.dev"] {
+            assert!(crds.get_opt(name).await?.is_some(), "{name} is kept on uninstall");
+        }
+    }
     Ok(())
 }
