@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kommune_operator::attempt::{Attempt, AttemptPhase, attempt_id, now_ms};
 use kommune_operator::blobs::Blobs;
-use kommune_operator::controller::job::{Context, FINALIZER, reconcile};
+use kommune_operator::controller::job::{Context, FINALIZER, error_policy, reconcile};
 use kommune_operator::controller::{Error, MANAGER};
 use kommune_operator::crd::{ComputeJob, ComputeJobSpec, ComputeJobStatus, JobPhase};
 use kommune_operator::dispatch::Dispatcher;
@@ -455,6 +455,19 @@ async fn a_deleted_job_without_the_finalizer_is_left_alone() {
     let (action, ()) = reconcile_against(&job, &ctx, api.no_further_requests()).await;
 
     assert_eq!(action.expect("nothing to do"), Action::await_change());
+}
+
+#[tokio::test]
+async fn a_failing_reconcile_is_told_to_the_jobs_owner_with_a_warning_event() {
+    let (ctx, mut api, _dir) = testbed();
+    let job = job("unlucky", EXEC).finalized();
+    let error = Error::MissingMetadata("unlucky".into());
+
+    let action = error_policy(Arc::new(job.clone()), &error, ctx.clone());
+    let event = timeout(Duration::from_secs(5), api.event_created(&job, "Warning", "ReconcileError")).await.expect("an Event");
+
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+    assert!(event.note.as_deref().is_some_and(|n| n.contains("could not reconcile") && n.contains("unlucky")), "{event:?}");
 }
 
 /// The spec is editable: once fixed (a new generation), a job that failed validation is no

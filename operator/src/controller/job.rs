@@ -70,9 +70,15 @@ pub async fn run(ctx: Arc<Context>, changed: mpsc::Receiver<String>, nodes_chang
         .await;
 }
 
-fn error_policy(job: Arc<ComputeJob>, error: &Error, ctx: Arc<Context>) -> Action {
+/// What the controller does when a reconcile fails: log, count, tell the job's owner with a
+/// Warning Event, and try again in 15 s.
+pub fn error_policy(job: Arc<ComputeJob>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(job = %job.name_any(), namespace = ?job.namespace(), error = %error, "reconcile failed");
     ctx.metrics.reconcile_error(error.label());
+    // Tell the job's owner too, so a failing reconcile (a missing permission, a store error) is
+    // never a silent Pending. The recorder folds repeats into one Event with a count.
+    let message = format!("the operator could not reconcile this job ({}): {error}", error.label());
+    tokio::spawn(async move { event(&ctx, &job, Severity::Warning, "ReconcileError", &message).await });
     Action::requeue(Duration::from_secs(15))
 }
 
