@@ -34,6 +34,10 @@ enum Command {
     /// Shows this machine's node, whether its agent runs and is connected, what it offers and
     /// which tasks it runs.
     Status(StateArgs),
+    /// Stops taking new tasks (running ones finish); the operator places work elsewhere.
+    Pause(StateArgs),
+    /// Takes new tasks again after `pause`.
+    Resume(StateArgs),
     /// Leaves the pool for good: the operator removes this node and moves its running tasks
     /// elsewhere, and the identity in the state directory is deleted.
     Leave(LeaveArgs),
@@ -132,6 +136,8 @@ async fn main() -> ExitCode {
         Command::Join(a) => join_cmd(a).await,
         Command::Run(a) => run_cmd(a).await,
         Command::Status(a) => status_cmd(a),
+        Command::Pause(a) => pause_cmd(a, true),
+        Command::Resume(a) => pause_cmd(a, false),
         Command::Leave(a) => leave_cmd(a).await,
     };
     match result {
@@ -202,5 +208,16 @@ async fn leave_cmd(a: LeaveArgs) -> anyhow::Result<()> {
         left.moved_attempts,
         state.dir.display()
     );
+    Ok(())
+}
+
+fn pause_cmd(a: StateArgs, paused: bool) -> anyhow::Result<()> {
+    let state = AgentState::load(&a.state_dir)?;
+    state.set_paused(paused)?;
+    if paused {
+        println!("{} is paused: running tasks finish, no new ones are placed here. `kommune-agent resume` undoes it.", state.config.node_name);
+    } else {
+        println!("{} takes new tasks again.", state.config.node_name);
+    }
     Ok(())
 }

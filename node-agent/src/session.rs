@@ -154,7 +154,9 @@ async fn session(
         let tx = tx.clone();
         async move { tx.send(AgentMessage { kind: Some(kind) }).await.map_err(|_| SessionError::Ended("outbound stream closed".into())) }
     };
-    send(agent_message::Kind::Hello(Hello { facts: Some(facts.clone()), running_attempt_ids: tasks.known_ids() })).await?;
+    let mut paused = state.is_paused();
+    send(agent_message::Kind::Hello(Hello { facts: Some(facts.clone()), running_attempt_ids: tasks.known_ids(), paused })).await?;
+    status.write(|s| s.paused = paused);
     let mut inbound = client.session(ReceiverStream::new(rx)).await.map_err(status_error)?.into_inner();
     let modules: Arc<dyn ModuleSource> = Arc::new(OperatorModules(client.clone()));
 
@@ -164,6 +166,8 @@ async fn session(
         send(agent_message::Kind::TaskUpdate(u)).await?;
     }
 
+    // `kommune-agent pause`/`resume` flip a file; a change is told to the operator at once.
+    let mut pause_check = tokio::time::interval(Duration::from_secs(1));
     let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -193,11 +197,20 @@ async fn session(
             }
             _ = heartbeat.tick() => {
                 let running = tasks.running_ids();
-                send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: running.clone() })).await?;
+                send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: running.clone(), paused })).await?;
                 status.write(|s| {
                     s.last_heartbeat_ms = status::now_ms();
                     s.running = running;
                 });
+            }
+            _ = pause_check.tick() => {
+                let now = state.is_paused();
+                if now != paused {
+                    paused = now;
+                    info!(paused, "provider {} this machine", if paused { "paused" } else { "resumed" });
+                    send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: tasks.running_ids(), paused })).await?;
+                    status.write(|s| s.paused = paused);
+                }
             }
             Some(u) = updates.recv() => {
                 send(agent_message::Kind::TaskUpdate(u)).await?;

@@ -115,6 +115,27 @@ impl AgentState {
     pub fn scratch_dir(&self) -> PathBuf {
         self.dir.join("scratch")
     }
+
+    /// Present while the provider has paused this machine (`kommune-agent pause`).
+    pub fn pause_file(&self) -> PathBuf {
+        self.dir.join("paused")
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.pause_file().exists()
+    }
+
+    /// Pauses (finish what runs, take nothing new) or resumes. The running agent notices
+    /// within a second.
+    pub fn set_paused(&self, paused: bool) -> Result<(), StateError> {
+        let path = self.pause_file();
+        let result = if paused { std::fs::write(&path, b"paused by the provider\n") } else { std::fs::remove_file(&path) };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if !paused && e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), StateError> {

@@ -13,6 +13,9 @@ pub struct AgentStatus {
     pub node_name: String,
     pub server: String,
     pub connected: bool,
+    /// The provider paused this machine.
+    #[serde(default)]
+    pub paused: bool,
     /// Why the last session ended, when not connected.
     #[serde(default)]
     pub last_error: String,
@@ -62,6 +65,9 @@ pub fn render(node: &str, server: &str, status: Option<&AgentStatus>, alive: boo
     } else {
         out.push_str(&format!("session:    disconnected: {}\n", s.last_error));
     }
+    if s.paused {
+        out.push_str("paused:     yes, running tasks finish and no new ones come (`kommune-agent resume`)\n");
+    }
     let hb = if s.last_heartbeat_ms > 0 { format!("{}s ago", (now_ms - s.last_heartbeat_ms).max(0) / 1000) } else { "never".into() };
     out.push_str(&format!("heartbeat:  {hb}\n"));
     out.push_str(&format!(
@@ -105,6 +111,9 @@ mod tests {
         assert!(text.contains("heartbeat:  5s ago"));
         assert!(text.contains("offered:    cpu 2, memory 4Gi, runtimes wasm, exec"));
         assert!(text.contains("running:    1 task(s)\n  - u.0.1"));
+        assert!(!text.contains("paused"));
+        let paused = AgentStatus { paused: true, ..status() };
+        assert!(render("n1", "s", Some(&paused), true, 100_000).contains("paused:     yes"));
     }
 
     #[test]

@@ -64,13 +64,21 @@ pub struct Fleet {
     sessions: Mutex<HashMap<String, Session>>,
     gone: Mutex<HashMap<String, (Instant, NodeFacts)>>,
     cordoned: Mutex<HashMap<String, bool>>,
+    paused: Mutex<HashMap<String, bool>>,
     next_id: AtomicU64,
     started: Instant,
 }
 
 impl Default for Fleet {
     fn default() -> Self {
-        Fleet { sessions: Mutex::default(), gone: Mutex::default(), cordoned: Mutex::default(), next_id: AtomicU64::new(0), started: Instant::now() }
+        Fleet {
+            sessions: Mutex::default(),
+            gone: Mutex::default(),
+            cordoned: Mutex::default(),
+            paused: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            started: Instant::now(),
+        }
     }
 }
 
@@ -153,6 +161,11 @@ impl Fleet {
         }
     }
 
+    /// Records whether the node's provider paused it (from Hello and every Heartbeat).
+    pub fn set_paused(&self, node: &str, paused: bool) {
+        self.paused.lock().unwrap_or_else(|p| p.into_inner()).insert(node.to_string(), paused);
+    }
+
     /// Records an admin's cordon (`spec.unschedulable`).
     pub fn set_cordoned(&self, node: &str, cordoned: bool) {
         self.cordoned.lock().unwrap_or_else(|p| p.into_inner()).insert(node.to_string(), cordoned);
@@ -172,10 +185,12 @@ impl Fleet {
     /// explanations count them), with reservations from `active` attempts.
     pub fn candidates(&self, active: &[Attempt]) -> Vec<Candidate> {
         let cordoned = self.cordoned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let paused = self.paused.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let candidate = |name: &String, facts: &NodeFacts, ready: bool| Candidate {
             name: name.clone(),
             ready,
             cordoned: cordoned.get(name).copied().unwrap_or(false),
+            paused: paused.get(name).copied().unwrap_or(false),
             runtimes: facts.runtimes.clone(),
             capacity: facts.capacity,
             allocated: Resources::default(),

@@ -29,6 +29,8 @@ pub struct Candidate {
     pub ready: bool,
     /// Cordoned by an admin (`spec.unschedulable`).
     pub cordoned: bool,
+    /// Paused by its provider (`kommune-agent pause`).
+    pub paused: bool,
     pub runtimes: Vec<String>,
     pub capacity: Resources,
     /// Reserved by attempts not yet finished.
@@ -49,6 +51,7 @@ pub struct Request {
 pub enum Exclusion {
     NotReady,
     Cordoned,
+    Paused,
     MissingRuntime,
     InsufficientCpu,
     InsufficientMemory,
@@ -59,6 +62,7 @@ impl Exclusion {
         match self {
             Exclusion::NotReady => "not ready".into(),
             Exclusion::Cordoned => "cordoned".into(),
+            Exclusion::Paused => "paused by their provider".into(),
             Exclusion::MissingRuntime => format!("do not offer runtime {}", request.runtime),
             Exclusion::InsufficientCpu => format!("insufficient cpu (need {})", crate::crd::quantity::format_cpu(request.resources.cpu_millis)),
             Exclusion::InsufficientMemory => format!("insufficient memory (need {})", crate::crd::quantity::format_memory(request.resources.memory_bytes)),
@@ -100,13 +104,15 @@ impl fmt::Display for Explanation {
 }
 
 /// The first reason `node` cannot take `request`, if any. One reason per node, checked in the
-/// order an admin would look: liveness, cordon, runtime, then room.
+/// order an admin would look: liveness, cordon, the provider's pause, runtime, then room.
 pub fn exclusion(node: &Candidate, request: &Request) -> Option<Exclusion> {
     let free = node.capacity.saturating_sub(node.allocated);
     if !node.ready {
         Some(Exclusion::NotReady)
     } else if node.cordoned {
         Some(Exclusion::Cordoned)
+    } else if node.paused {
+        Some(Exclusion::Paused)
     } else if !node.runtimes.iter().any(|r| r == &request.runtime) {
         Some(Exclusion::MissingRuntime)
     } else if free.cpu_millis < request.resources.cpu_millis {
@@ -171,6 +177,7 @@ mod tests {
             name: name.into(),
             ready: true,
             cordoned: false,
+            paused: false,
             runtimes: vec!["wasm".into()],
             capacity: Resources { cpu_millis: cpu, memory_bytes: mem },
             allocated: Resources::default(),
@@ -189,6 +196,8 @@ mod tests {
         not_ready.ready = false;
         let mut cordoned = node("b", 4000, 4 * GI);
         cordoned.cordoned = true;
+        let mut paused = node("p", 4000, 4 * GI);
+        paused.paused = true;
         let mut exec_only = node("c", 4000, 4 * GI);
         exec_only.runtimes = vec!["exec".into()];
         let small_cpu = node("d", 400, 4 * GI);
@@ -198,6 +207,7 @@ mod tests {
         let table = [
             (not_ready, Exclusion::NotReady),
             (cordoned, Exclusion::Cordoned),
+            (paused, Exclusion::Paused),
             (exec_only, Exclusion::MissingRuntime),
             (small_cpu, Exclusion::InsufficientCpu),
             (small_mem, Exclusion::InsufficientMemory),

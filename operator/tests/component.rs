@@ -492,6 +492,32 @@ async fn a_provider_leaves_its_tasks_move_without_losing_a_retry_and_its_identit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_machine_takes_no_new_tasks_until_resumed() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = join_agent(&op, dir.path(), "owner-busy", true).await;
+    wait_connected(&op, &["owner-busy"]).await;
+    let quick = policy("workload:\n  exec:\n    command: [echo, hi]\n");
+    let jr = job("waits-for-owner");
+
+    a.state.set_paused(true).unwrap();
+    // The agent tells the operator within about a second.
+    for _ in 0..100 {
+        if op.dispatcher.fleet().candidates(&[]).iter().any(|c| c.paused) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let synced = op.dispatcher.sync(&jr, &quick, None).await.unwrap();
+    assert_eq!(synced.placed, 0, "nothing is placed on a paused machine");
+    assert_eq!(synced.unplaced.unwrap().to_string(), "0/1 nodes can run it: 1 paused by their provider");
+
+    a.state.set_paused(false).unwrap();
+    let done = op.run_to_end(&jr, &quick, None).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaving_with_unacknowledged_results_needs_force() {
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();
@@ -525,7 +551,7 @@ async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
         let tx = tx.clone();
         async move { tx.send(AgentMessage { kind: Some(kind) }).await.unwrap() }
     };
-    send(agent_message::Kind::Hello(Hello { facts: Some(facts(true)), running_attempt_ids: vec![] })).await;
+    send(agent_message::Kind::Hello(Hello { facts: Some(facts(true)), running_attempt_ids: vec![], paused: false })).await;
     let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     assert!(matches!(next(&mut inbound).await, Ok(Some(operator_message::Kind::Welcome(_)))));
 

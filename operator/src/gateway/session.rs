@@ -34,6 +34,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, mut inbound: Streaming<
     };
 
     let facts = NodeFacts::from_proto(hello.facts.as_ref());
+    inner.dispatcher.fleet().set_paused(&node, hello.paused);
     let (session_id, unwanted) = match inner.dispatcher.open_session(&node, facts.clone(), tx.clone(), &hello.running_attempt_ids).await {
         Ok(opened) => opened,
         Err(e) => {
@@ -63,7 +64,8 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, mut inbound: Streaming<
         };
         inner.dispatcher.fleet().touch(&node, session_id);
         match msg.kind {
-            Some(agent_message::Kind::Heartbeat(_)) => {
+            Some(agent_message::Kind::Heartbeat(hb)) => {
+                inner.dispatcher.fleet().set_paused(&node, hb.paused);
                 let _ = inner.events.try_send(NodeEvent::Heartbeat { node: node.clone() });
             }
             Some(agent_message::Kind::TaskUpdate(update)) => match inner.dispatcher.on_update(&node, &update) {
