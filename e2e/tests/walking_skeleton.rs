@@ -455,7 +455,18 @@ async fn walking_skeleton() -> Result<()> {
     })
     .await?;
 
-    // 7. The provider's own view, then leaving: the operator deletes the ProviderNode.
+    // 7. An admin cordons e2e-a: it turns Draining; uncordoned, Ready again.
+    for (cordon, want) in [(true, "Draining"), (false, "Ready")] {
+        nodes.patch("e2e-a", &PatchParams::default(), &Patch::Merge(&serde_json::json!({ "spec": { "unschedulable": cordon } }))).await?;
+        let watch = nodes.clone();
+        eventually(&format!("e2e-a {want}"), Duration::from_secs(30), move || {
+            let nodes = watch.clone();
+            async move { Ok(serde_json::to_value(nodes.get("e2e-a").await?.status)?["phase"] == want) }
+        })
+        .await?;
+    }
+
+    // 8. The provider's own view, then leaving: the operator deletes the ProviderNode.
     let out = Command::new(&agent).args(["status", "--state-dir", h.work.path().join("e2e-a").to_str().unwrap()]).output()?;
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && shown.contains("session:    connected") && shown.contains("node:       e2e-a"), "{shown}");
@@ -468,7 +479,7 @@ async fn walking_skeleton() -> Result<()> {
     })
     .await?;
 
-    // 8. The leader dies: the standby takes over within the Lease duration.
+    // 9. The leader dies: the standby takes over within the Lease duration.
     let killed = std::time::Instant::now();
     h.kill("operator");
     eventually("the standby to take over", Duration::from_secs(60), || async { Ok(http_status(standby_metrics, "/readyz") == Some(200)) }).await?;
@@ -479,7 +490,7 @@ async fn walking_skeleton() -> Result<()> {
     let holder = leases.get("kommune-operator").await?.spec.and_then(|s| s.holder_identity);
     assert_eq!(holder.as_deref(), Some("e2e-operator-b"));
 
-    // 9. Uninstall: the release's objects go, the CRDs (and so every ComputeJob) are kept.
+    // 10. Uninstall: the release's objects go, the CRDs (and so every ComputeJob) are kept.
     let _ = nodes.delete("e2e-a", &Default::default()).await;
     h.kill("standby");
     if let Some(helm) = &helm {

@@ -130,6 +130,11 @@ pub async fn run(
     }
 }
 
+/// The phase of a node with a session: Draining while an admin cordons it, else Ready.
+pub fn connected_phase(unschedulable: bool) -> NodePhase {
+    if unschedulable { NodePhase::Draining } else { NodePhase::Ready }
+}
+
 /// The phase of a node without a session: NotReady for a blip, Offline past the grace.
 pub fn absent_phase(absent: Duration, grace: Duration) -> NodePhase {
     if absent > grace { NodePhase::Offline } else { NodePhase::NotReady }
@@ -183,11 +188,18 @@ async fn sweep_nodes(api: &Api<ProviderNode>, dispatcher: &Dispatcher, grace: Du
     for n in nodes.items {
         let name = n.name_any();
         fleet.set_cordoned(&name, n.spec.unschedulable);
-        let Some(absent) = fleet.absent_for(&name) else { continue };
         let status = n.status.clone().unwrap_or_default();
+        let Some(absent) = fleet.absent_for(&name) else {
+            // Connected: a cordoned node is Draining (its running tasks finish, none are added).
+            let want = connected_phase(n.spec.unschedulable);
+            if matches!(status.phase, Some(NodePhase::Ready | NodePhase::Draining)) && status.phase != Some(want) {
+                api.patch_status(&name, &status_patch(), &Patch::Merge(&json!({ "status": { "phase": want } }))).await?;
+            }
+            continue;
+        };
         let phase = absent_phase(absent, grace);
         let stale = match status.phase {
-            Some(NodePhase::Ready) => true,
+            Some(NodePhase::Ready | NodePhase::Draining) => true,
             Some(NodePhase::NotReady) => phase == NodePhase::Offline,
             _ => false,
         };
@@ -249,6 +261,12 @@ mod tests {
         assert_eq!(gone.phase, Some(NodePhase::NotReady));
         let c = gone.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!((c.status.as_str(), c.reason.as_str(), c.message.as_str()), ("False", "SessionClosed", "no message for 15s"));
+    }
+
+    #[test]
+    fn a_cordoned_connected_node_is_draining() {
+        assert_eq!(connected_phase(true), NodePhase::Draining);
+        assert_eq!(connected_phase(false), NodePhase::Ready);
     }
 
     #[test]
