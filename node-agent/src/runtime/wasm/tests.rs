@@ -445,3 +445,28 @@ fn load_rejects_imports_the_sandbox_does_not_provide() {
     assert!(matches!(err, RuntimeError::UnsupportedImports { .. }), "{err}");
     assert!(err.to_string().contains("open_socket"), "{err}");
 }
+
+/// Tries `sock_accept` on every descriptor 0..32 (stdio, the /scratch preopen and beyond) and
+/// exits 1 if any call succeeds. WASI preview 1 cannot create sockets, only use preopened ones,
+/// and the sandbox preopens none: every call must fail.
+const TRY_EVERY_SOCKET: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "sock_accept" (func $sock_accept (param i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (local $fd i32)
+    (loop $next
+      (if (i32.eqz (call $sock_accept (local.get $fd) (i32.const 0) (i32.const 64)))
+        (then (call $proc_exit (i32.const 1))))
+      (local.set $fd (i32.add (local.get $fd) (i32.const 1)))
+      (br_if $next (i32.lt_u (local.get $fd) (i32.const 32))))
+    (call $proc_exit (i32.const 0))))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_has_no_socket_to_use() {
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = run_wat(TRY_EVERY_SOCKET, &context(scratch.path())).await;
+    assert_eq!((outcome.ending, outcome.exit_code), (Ending::Succeeded, 0), "{}", outcome.message);
+}
