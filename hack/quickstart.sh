@@ -76,7 +76,7 @@ if [[ -z "$MODE" ]]; then
             echo "Install them (https://kind.sigs.k8s.io, https://helm.sh, https://kubernetes.io/docs/tasks/tools/),"
             echo "or run without docker/kind against an API server you already have:"
             echo "  KUBECONFIG=~/.kube/config hack/quickstart.sh            # an existing cluster"
-            echo "  export KUBEBUILDER_ASSETS=\"\$(e2e/fetch-envtest.sh ~/.cache/kommune/envtest)\"   # first run builds kube-apiserver (10-20 min)"
+            echo "  export KUBEBUILDER_ASSETS=\"\$(e2e/fetch-envtest.sh ~/.cache/kommune/envtest)\"   # first run builds kube-apiserver (a few minutes)"
             echo "  hack/quickstart.sh"
         } >&2
         exit 1
