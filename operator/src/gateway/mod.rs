@@ -58,12 +58,6 @@ pub struct GatewayConfig {
     pub session_timeout: Duration,
 }
 
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        GatewayConfig { heartbeat_interval: Duration::from_secs(5), session_timeout: Duration::from_secs(15) }
-    }
-}
-
 /// The AgentGateway service.
 #[derive(Clone)]
 pub struct Gateway {

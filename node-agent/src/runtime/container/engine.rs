@@ -104,8 +104,7 @@ impl Engine {
         let status = exchange.response.status();
         let mut body = exchange.response.into_body();
         if !status.is_success() {
-            let bytes = read_bounded(body).await?;
-            return Err(engine_message(status, &serde_json::from_slice(&bytes).unwrap_or(Value::Null)));
+            return Err(error_reply(status, body).await);
         }
         let mut line = Vec::new();
         let mut error = None;
@@ -132,8 +131,7 @@ impl Engine {
         let status = exchange.response.status();
         let mut body = exchange.response.into_body();
         if !status.is_success() {
-            let bytes = read_bounded(body).await?;
-            return Err(engine_message(status, &serde_json::from_slice(&bytes).unwrap_or(Value::Null)));
+            return Err(error_reply(status, body).await);
         }
         let mut demux = Demux::default();
         while let Some(frame) = body.frame().await {
@@ -145,6 +143,14 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// The error a non-success reply carries (its JSON `message`, when it has one).
+async fn error_reply(status: StatusCode, body: Incoming) -> EngineError {
+    match read_bounded(body).await {
+        Ok(bytes) => engine_message(status, &serde_json::from_slice(&bytes).unwrap_or(Value::Null)),
+        Err(e) => e,
     }
 }
 
