@@ -172,10 +172,10 @@ impl Tasks {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let _ = me.updates.send(TaskUpdate { attempt_id: id.clone(), state: AttemptState::Running as i32, result: None });
+            let _ = me.updates.send(TaskUpdate { attempt_id: id.clone(), state: AttemptState::Running as i32, result: None, receipt: None });
             info!(attempt = %id, job = %assign.job, index = assign.task_index, "attempt started");
             let outcome = me.execute(&assign, modules, cancel).await;
-            let update = TaskUpdate { attempt_id: id.clone(), state: state_of(outcome.ending) as i32, result: Some(result_of(&outcome)) };
+            let update = TaskUpdate { attempt_id: id.clone(), state: state_of(outcome.ending) as i32, result: Some(result_of(&outcome)), receipt: None };
             if let Err(e) = me.spool.put(&update) {
                 warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart");
             }

@@ -522,7 +522,7 @@ async fn leaving_with_unacknowledged_results_needs_force() {
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();
     let state = join_only(&op, dir.path(), "careful", true).await;
-    let update = kommune_proto::v1::TaskUpdate { attempt_id: "some.0.1".into(), state: 2, result: None };
+    let update = kommune_proto::v1::TaskUpdate { attempt_id: "some.0.1".into(), state: 2, result: None, receipt: None };
     Spool::open(state.results_dir()).unwrap().put(&update).unwrap();
     let err = kommune_agent::leave::leave(&state, false).await.unwrap_err().to_string();
     assert!(err.contains("1 finished task result(s) are not acknowledged") && err.contains("--force"), "{err}");
@@ -565,6 +565,7 @@ async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
             attempt_id: id.clone(),
             state: state as i32,
             result: Some(TaskResult { exit_code: exit, stdout_tail: tail, output_sha256: "not-a-digest".into(), ..Default::default() }),
+            receipt: None,
         })
     };
     let ack = |m: Result<Option<operator_message::Kind>, tonic::Status>| match m {
@@ -590,7 +591,7 @@ async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
     assert_eq!(op.dispatcher.store().attempt(&id).unwrap().unwrap().phase, AttemptPhase::Succeeded);
 
     // Updates for attempts that are not this node's are acknowledged (so they stop) and ignored.
-    send(agent_message::Kind::TaskUpdate(TaskUpdate { attempt_id: "no-such-attempt".into(), state: AttemptState::Failed as i32, result: None })).await;
+    send(agent_message::Kind::TaskUpdate(TaskUpdate { attempt_id: "no-such-attempt".into(), state: AttemptState::Failed as i32, result: None, receipt: None })).await;
     assert_eq!(ack(next(&mut inbound).await), "no-such-attempt");
     assert_eq!(op.dispatcher.store().attempt("no-such-attempt").unwrap(), None);
 

@@ -2,6 +2,7 @@
 //! the join token format, the CA pin, and the TLS server name agents verify.
 
 pub mod quantity;
+pub mod receipt;
 pub mod token;
 
 /// Generated tonic/prost bindings for `proto/kommune/agent/v1/agent.proto`.
