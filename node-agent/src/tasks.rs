@@ -283,8 +283,12 @@ mod tests {
     #[test]
     fn spool_survives_reopen_and_ack_removes() {
         let dir = tempfile::tempdir().unwrap();
-        let u =
-            TaskUpdate { attempt_id: "uid.0.1".into(), state: AttemptState::Succeeded as i32, result: Some(TaskResult { exit_code: 0, ..Default::default() }), receipt: None };
+        let u = TaskUpdate {
+            attempt_id: "uid.0.1".into(),
+            state: AttemptState::Succeeded as i32,
+            result: Some(TaskResult { exit_code: 0, ..Default::default() }),
+            receipt: None,
+        };
         Spool::open(dir.path().into()).unwrap().put(&u).unwrap();
         let spool = Spool::open(dir.path().into()).unwrap();
         assert_eq!(spool.all(), vec![u.clone()]);

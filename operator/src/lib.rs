@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod job;
 pub mod metrics;
 pub mod pki;
+pub mod pricing;
 pub mod scheduler;
 pub mod store;
 pub mod tokens;
