@@ -5,6 +5,7 @@ pub mod connect;
 pub mod inventory;
 pub mod join;
 pub mod leave;
+pub mod receipts;
 pub mod runtime;
 pub mod session;
 pub mod state;

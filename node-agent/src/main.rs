@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use kommune_agent::inventory::{self, Caps, Offered};
 use kommune_agent::join::{self, JoinOptions};
+use kommune_agent::receipts::{self, Receipts};
 use kommune_agent::runtime::{ContainerRuntime, ExecRuntime, WasmRuntime};
 use kommune_agent::session;
 use kommune_agent::state::{self, AgentState};
@@ -41,6 +42,18 @@ enum Command {
     /// Leaves the pool for good: the operator removes this node and moves its running tasks
     /// elsewhere, and the identity in the state directory is deleted.
     Leave(LeaveArgs),
+    /// Lists this machine's signed usage receipts: what each finished task used, whether the
+    /// operator acknowledged it, and the credits it was priced at.
+    Earnings(EarningsArgs),
+}
+
+#[derive(Args)]
+struct EarningsArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    /// Print one JSON object per receipt instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -139,6 +152,7 @@ async fn main() -> ExitCode {
         Command::Pause(a) => pause_cmd(a, true),
         Command::Resume(a) => pause_cmd(a, false),
         Command::Leave(a) => leave_cmd(a).await,
+        Command::Earnings(a) => earnings_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -182,11 +196,30 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let wasm = WasmRuntime::new()?;
     let spool = Spool::open(state.results_dir())?;
     let (tasks, mut updates) = Tasks::with_container(wasm, ExecRuntime::new(a.allow_exec), container, spool, state.scratch_dir());
+    let key = kommune_proto::receipt::signing_key_from_pem(&state.key_pem).map_err(|e| anyhow::anyhow!("{}: {e}", state.dir.join("node.key").display()))?;
+    let receipts = Receipts::start(state.receipts_dir(), &state.config.node_name, key)
+        .map_err(|e| anyhow::anyhow!("cannot start the receipt epoch in {}: {e}", state.receipts_dir().display()))?;
+    tracing::info!(epoch = receipts.epoch(), "usage receipts are signed with the node key");
+    tasks.sign_receipts(receipts);
     tracing::info!(node = %state.config.node_name, server = %state.config.server, exec = a.allow_exec, container = offered.container, "agent starting");
     session::run(&state, &facts, &tasks, &mut updates, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
+    Ok(())
+}
+
+fn earnings_cmd(a: EarningsArgs) -> anyhow::Result<()> {
+    let state = AgentState::load(&a.state.state_dir)?;
+    let spooled = Spool::open(state.results_dir())?.all();
+    let records = receipts::history(&state.receipts_dir(), &spooled);
+    if a.json {
+        for r in &records {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        print!("{}", receipts::render(&state.config.node_name, &records));
+    }
     Ok(())
 }
 

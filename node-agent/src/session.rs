@@ -191,7 +191,7 @@ async fn session(
                     }
                     Some(operator_message::Kind::Assign(a)) => tasks.assign(a, modules.clone()),
                     Some(operator_message::Kind::Cancel(c)) => tasks.cancel(&c.attempt_id),
-                    Some(operator_message::Kind::Ack(a)) => tasks.ack(&a.attempt_id),
+                    Some(operator_message::Kind::Ack(a)) => tasks.acknowledge(&a),
                     None => {}
                 }
             }

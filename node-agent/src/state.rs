@@ -7,6 +7,7 @@
 //! <state dir>/node.crt     this node's client certificate
 //! <state dir>/node.key     this node's ed25519 key (0600)
 //! <state dir>/results/     finished attempts not yet acknowledged by the operator
+//! <state dir>/receipts/    the receipt epoch and the log of acknowledged usage receipts
 //! <state dir>/scratch/     per-attempt scratch directories
 //! ```
 
@@ -110,6 +111,10 @@ impl AgentState {
 
     pub fn results_dir(&self) -> PathBuf {
         self.dir.join("results")
+    }
+
+    pub fn receipts_dir(&self) -> PathBuf {
+        self.dir.join("receipts")
     }
 
     pub fn scratch_dir(&self) -> PathBuf {

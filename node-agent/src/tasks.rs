@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kommune_proto::v1::{self, AttemptState, TaskResult, TaskUpdate, workload::Kind as WorkloadKind};
@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::receipts::Receipts;
 use crate::runtime::{AttemptContext, ContainerRuntime, Ending, ExecRuntime, Outcome, WasmRuntime};
 
 /// Largest module downloaded from a URL.
@@ -63,6 +64,13 @@ impl Spool {
         file_name(attempt_id).is_some_and(|n| self.dir.join(n).exists())
     }
 
+    /// The spooled update of one attempt.
+    pub fn get(&self, attempt_id: &str) -> Option<TaskUpdate> {
+        let name = file_name(attempt_id)?;
+        let bytes = std::fs::read(self.dir.join(name)).ok()?;
+        TaskUpdate::decode(bytes.as_slice()).ok()
+    }
+
     /// Every spooled update; unreadable files are skipped with a warning, never fatal.
     pub fn all(&self) -> Vec<TaskUpdate> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return vec![] };
@@ -90,6 +98,8 @@ pub struct Tasks {
     /// None unless the agent was given an engine socket.
     container: Option<ContainerRuntime>,
     spool: Spool,
+    /// Signs usage receipts; unset, terminal updates carry none (tests of other parts).
+    receipts: OnceLock<Receipts>,
     scratch_root: PathBuf,
     // Unbounded: at most two updates per assigned attempt, and the operator bounds assignments.
     updates: mpsc::UnboundedSender<TaskUpdate>,
@@ -109,7 +119,7 @@ impl Tasks {
         scratch_root: PathBuf,
     ) -> (Arc<Tasks>, mpsc::UnboundedReceiver<TaskUpdate>) {
         let (updates, rx) = mpsc::unbounded_channel();
-        (Arc::new(Tasks { running: Mutex::new(HashMap::new()), wasm, exec, container, spool, scratch_root, updates }), rx)
+        (Arc::new(Tasks { running: Mutex::new(HashMap::new()), wasm, exec, container, spool, receipts: OnceLock::new(), scratch_root, updates }), rx)
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
@@ -137,9 +147,30 @@ impl Tasks {
         self.spool.all()
     }
 
-    /// The operator recorded this attempt's result.
+    /// From now on every terminal update carries a usage receipt signed by `receipts`. Set
+    /// once, before the first assignment; a second call is ignored.
+    pub fn sign_receipts(&self, receipts: Receipts) {
+        let _ = self.receipts.set(receipts);
+    }
+
+    /// The operator recorded this attempt's result (and its receipt).
     pub fn ack(&self, attempt_id: &str) {
-        self.spool.remove(attempt_id);
+        self.acknowledge(&v1::Ack { attempt_id: attempt_id.to_string(), ..Default::default() });
+    }
+
+    /// The operator recorded this attempt's result and says what became of its receipt: the
+    /// verdict goes to the receipt log (for `kommune-agent earnings`), then the spooled update
+    /// is dropped.
+    pub fn acknowledge(&self, ack: &v1::Ack) {
+        if let (Some(receipts), Some(update)) = (self.receipts.get(), self.spool.get(&ack.attempt_id))
+            && let Err(e) = receipts.acknowledged(&update, ack)
+        {
+            warn!(attempt = %ack.attempt_id, error = %e, "cannot record the acknowledged receipt for `earnings`");
+        }
+        if !ack.receipt_rejected.is_empty() {
+            warn!(attempt = %ack.attempt_id, reason = %ack.receipt_rejected, "the operator rejected this attempt's usage receipt");
+        }
+        self.spool.remove(&ack.attempt_id);
     }
 
     /// Stops an attempt if it is running.
@@ -174,8 +205,14 @@ impl Tasks {
         tokio::spawn(async move {
             let _ = me.updates.send(TaskUpdate { attempt_id: id.clone(), state: AttemptState::Running as i32, result: None, receipt: None });
             info!(attempt = %id, job = %assign.job, index = assign.task_index, "attempt started");
+            let started_ms = crate::status::now_ms();
             let outcome = me.execute(&assign, modules, cancel).await;
-            let update = TaskUpdate { attempt_id: id.clone(), state: state_of(outcome.ending) as i32, result: Some(result_of(&outcome)), receipt: None };
+            let state = state_of(outcome.ending);
+            let receipt = me.receipts.get().map(|r| {
+                let usage = outcome.usage.to_usage(outcome.wall, outcome.output_bytes);
+                r.issue(&id, &assign.job, state, usage, started_ms, started_ms.saturating_add(outcome.wall.as_millis() as i64))
+            });
+            let update = TaskUpdate { attempt_id: id.clone(), state: state as i32, result: Some(result_of(&outcome)), receipt };
             if let Err(e) = me.spool.put(&update) {
                 warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart");
             }

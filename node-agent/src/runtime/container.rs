@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::output::SharedCapture;
-use super::{AttemptContext, End, Outcome, deadline, expired, human_bytes};
+use super::{AttemptContext, End, Measured, Outcome, deadline, expired, human_bytes};
 use engine::Engine;
 
 /// Where the attempt's scratch directory appears inside the container.
@@ -77,7 +77,7 @@ impl ContainerRuntime {
             end = self.collect(&id, end, &stdout, &stderr).await;
         }
         let end = end.check_output(&stdout, &stderr);
-        Outcome::from_captures(end, &stdout, &stderr, started.elapsed())
+        Outcome::from_captures(end, &stdout, &stderr, started.elapsed(), Measured::none())
     }
 
     /// Pulls, creates, starts and waits for the container. `created` names it as soon as it

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,8 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use super::output::SharedCapture;
-use super::{AttemptContext, End, Outcome, deadline, expired};
+use super::usage::{self, MemoryIntegral};
+use super::{AttemptContext, End, Measured, Outcome, deadline, expired};
 
 /// The only search path a command gets; the agent's own PATH says nothing about the task.
 const TASK_PATH: &str = "/usr/bin:/bin";
@@ -57,7 +59,9 @@ impl ExecRuntime {
                 return Outcome::not_started(format!("cannot start {program}: {}", describe(&e)));
             }
         };
-        let group = child.id().map(ProcessGroup);
+        let pid = child.id();
+        let group = pid.map(ProcessGroup);
+        let sampler = pid.map(|pid| MemorySampler::start(pid, started));
 
         let stdout = SharedCapture::stdout();
         let stderr = SharedCapture::stderr();
@@ -71,28 +75,40 @@ impl ExecRuntime {
         }
 
         let stopped = tokio::select! {
-            status = child.wait() => Err(status),
-            () = cancel.cancelled() => Ok(End::cancelled()),
-            after = expired(deadline(started, ctx.timeout)) => Ok(End::timed_out(after)),
-            () = over_limit.cancelled() => Ok(End::failed("output limit exceeded")),
+            () = leader_exited(pid) => None,
+            () = cancel.cancelled() => Some(End::cancelled()),
+            after = expired(deadline(started, ctx.timeout)) => Some(End::timed_out(after)),
+            () = over_limit.cancelled() => Some(End::failed("output limit exceeded")),
         };
+        if stopped.is_some() {
+            // Stop paths: kill the leader (and, below, its group) so it exits, then account it.
+            let _ = child.start_kill();
+            leader_exited(pid).await;
+        }
+        // The leader has exited but is not reaped yet: its /proc entry still holds its final CPU
+        // times, including every descendant it waited for.
+        let times = pid.and_then(|pid| usage::proc_times(Path::new("/proc"), pid));
         // Whatever happened, nothing of the task outlives the attempt: background processes
-        // included. On the stop paths this also kills the leader before it is reaped below.
+        // included. The unreaped leader keeps the group id from being reused meanwhile.
         drop(group);
-        let end = match stopped {
-            Ok(end) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                end
-            }
-            Err(status) => exit_end(status),
-        };
+        let status = child.wait().await;
+        let end = stopped.unwrap_or_else(|| exit_end(status));
         if tokio::time::timeout(DRAIN_GRACE, async { while readers.join_next().await.is_some() {} }).await.is_err() {
             tracing::warn!(attempt = %ctx.attempt_id, "task output still open after its process group was killed; giving up on it");
             readers.abort_all();
         }
+        let wall = started.elapsed();
+        let memory = match sampler {
+            Some(s) => s.stop().await,
+            None => MemoryIntegral::new(started),
+        };
+        let (memory_peak_bytes, memory_mib_millis) = memory.finish(started + wall);
+        let measured = match times {
+            Some(t) => Measured { cpu_micros: t.total_micros(), memory_peak_bytes, memory_mib_millis, source: "proc", ..Default::default() },
+            None => Measured { memory_peak_bytes, memory_mib_millis, source: "proc-partial", ..Default::default() },
+        };
         let end = end.check_output(&stdout, &stderr);
-        Outcome::from_captures(end, &stdout, &stderr, started.elapsed())
+        Outcome::from_captures(end, &stdout, &stderr, wall, measured)
     }
 }
 
@@ -141,6 +157,59 @@ fn exit_end(status: io::Result<ExitStatus>) -> End {
         },
         Err(e) => End::failed(format!("cannot wait for the task: {e}")),
     }
+}
+
+/// How often resident memory of the task's process tree is sampled.
+const MEMORY_SAMPLE: Duration = Duration::from_millis(100);
+
+/// Samples the resident memory of a task's process tree until stopped.
+struct MemorySampler {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<MemoryIntegral>,
+}
+
+impl MemorySampler {
+    fn start(pid: u32, started: Instant) -> Self {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut memory = MemoryIntegral::new(started);
+            let mut tick = tokio::time::interval(MEMORY_SAMPLE);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = token.cancelled() => return memory,
+                }
+                let (rss, hwm) = usage::tree_memory(Path::new("/proc"), pid);
+                memory.set(Instant::now(), rss);
+                memory.observe_peak(hwm);
+            }
+        });
+        MemorySampler { stop, handle }
+    }
+
+    async fn stop(self) -> MemoryIntegral {
+        self.stop.cancel();
+        self.handle.await.unwrap_or_else(|_| MemoryIntegral::new(Instant::now()))
+    }
+}
+
+/// Resolves once the task's leader has exited, without reaping it (waitid with WNOWAIT), so its
+/// final accounting can still be read from /proc. Never resolves without a pid.
+async fn leader_exited(pid: Option<u32>) {
+    use nix::errno::Errno;
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else { return std::future::pending().await };
+    let _ = tokio::task::spawn_blocking(move || {
+        loop {
+            match waitid(Id::Pid(nix::unistd::Pid::from_raw(pid)), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                Err(Errno::EINTR) => continue,
+                // Exited, or already reaped (ECHILD): either way it is gone.
+                _ => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// "No such file or directory" rather than "No such file or directory (os error 2)".

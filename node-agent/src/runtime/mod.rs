@@ -5,6 +5,7 @@
 mod container;
 mod exec;
 mod output;
+pub mod usage;
 mod wasm;
 
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 pub use container::ContainerRuntime;
 pub use exec::ExecRuntime;
+pub use usage::Measured;
 pub use wasm::WasmRuntime;
 
 use output::SharedCapture;
@@ -44,6 +46,8 @@ pub struct Outcome {
     /// Why the attempt did not end in a clean exit; empty when it did.
     pub message: String,
     pub wall: Duration,
+    /// CPU, memory and fuel the attempt used, as the operating system accounted them.
+    pub usage: Measured,
 }
 
 impl Outcome {
@@ -60,10 +64,11 @@ impl Outcome {
             stderr_tail: Vec::new(),
             message: message.into(),
             wall: Duration::ZERO,
+            usage: Measured::none(),
         }
     }
 
-    fn from_captures(end: End, stdout: &SharedCapture, stderr: &SharedCapture, wall: Duration) -> Self {
+    fn from_captures(end: End, stdout: &SharedCapture, stderr: &SharedCapture, wall: Duration, usage: Measured) -> Self {
         Self {
             ending: end.ending,
             exit_code: end.exit_code,
@@ -73,6 +78,7 @@ impl Outcome {
             stderr_tail: stderr.tail(),
             message: end.message,
             wall,
+            usage,
         }
     }
 }

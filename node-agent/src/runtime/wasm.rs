@@ -17,7 +17,8 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use super::output::SharedCapture;
-use super::{AttemptContext, End, Ending, Outcome, RuntimeError, deadline, expired, human_bytes, human_duration};
+use super::usage::{self, MemoryIntegral};
+use super::{AttemptContext, End, Ending, Measured, Outcome, RuntimeError, deadline, expired, human_bytes, human_duration};
 
 /// How often the engine epoch advances, and so how late a timeout or cancel can land.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -49,6 +50,9 @@ impl WasmRuntime {
     pub fn new() -> Result<Self, RuntimeError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
+        // Fuel is metered, not limited (every store gets u64::MAX): it is the deterministic
+        // measure of work done that usage receipts carry. Time limits stay with the epoch.
+        config.consume_fuel(true);
         let engine = Engine::new(&config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state: &mut TaskState| &mut state.wasi)
@@ -104,12 +108,20 @@ impl WasmRuntime {
         // would otherwise hold a runtime worker for as long as it runs. It is still driven as a
         // future there, so a guest parked in a host call (a long sleep) is dropped on cancel.
         let handle = tokio::runtime::Handle::current();
-        let end = match tokio::task::spawn_blocking(move || handle.block_on(attempt.run())).await {
-            Ok(end) => end,
-            Err(e) => End::failed(format!("wasm runtime failed: {e}")),
+        let (end, measured) = match tokio::task::spawn_blocking(move || {
+            // The guest runs on this thread only, so the thread's CPU clock is its CPU time.
+            let cpu_before = usage::thread_cpu_time();
+            let (end, mut measured) = handle.block_on(attempt.run());
+            measured.cpu_micros = (usage::thread_cpu_time().saturating_sub(cpu_before)).as_micros().try_into().unwrap_or(u64::MAX);
+            (end, measured)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => (End::failed(format!("wasm runtime failed: {e}")), Measured::none()),
         };
         let end = end.check_output(&stdout, &stderr);
-        Outcome::from_captures(end, &stdout, &stderr, started.elapsed())
+        Outcome::from_captures(end, &stdout, &stderr, started.elapsed(), measured)
     }
 
     fn cache(&self) -> MutexGuard<'_, HashMap<String, InstancePre<TaskState>>> {
@@ -147,6 +159,8 @@ struct MemoryCap {
     /// Set when a grow was refused because of the cap, so a failure that follows (usually an
     /// allocator abort) can be reported as what it is.
     refused: bool,
+    /// Linear memory over time, for the usage receipt.
+    account: MemoryIntegral,
 }
 
 impl ResourceLimiter for MemoryCap {
@@ -161,6 +175,7 @@ impl ResourceLimiter for MemoryCap {
         }
         // If the host then fails to allocate, `used` overcounts; that only makes the cap stricter.
         self.used = used;
+        self.account.set(Instant::now(), used as u64);
         Ok(true)
     }
 
@@ -245,13 +260,23 @@ struct GuestAttempt {
 }
 
 impl GuestAttempt {
-    async fn run(self) -> End {
+    /// Runs the guest; returns how it ended and its fuel and memory use (CPU time is measured
+    /// by the caller around this, on the same thread).
+    async fn run(self) -> (End, Measured) {
         let mut store = match self.store() {
             Ok(store) => store,
-            Err(message) => return End::failed(message),
+            Err(message) => return (End::failed(message), Measured::none()),
         };
+        let end = self.run_in(&mut store).await;
+        let fuel = u64::MAX - store.get_fuel().unwrap_or(u64::MAX);
+        let state = store.into_data();
+        let (memory_peak_bytes, memory_mib_millis) = state.memory.account.finish(Instant::now());
+        (end, Measured { wasm_fuel: fuel, memory_peak_bytes, memory_mib_millis, source: "wasm-thread", ..Default::default() })
+    }
+
+    async fn run_in(&self, store: &mut Store<TaskState>) -> End {
         let result = tokio::select! {
-            result = call_start(&mut store, &self.pre) => result,
+            result = call_start(store, &self.pre) => result,
             interrupt = self.watch.stopped() => Err(GuestError::Run(wasmtime::Error::new(interrupt))),
         };
         let (error, context) = match result {
@@ -286,8 +311,10 @@ impl GuestAttempt {
             .allow_ip_name_lookup(false);
         wasi.preopened_dir(&self.scratch_dir, SCRATCH_GUEST_PATH, FsPerms::ReadWrite)
             .map_err(|e| format!("cannot open scratch dir {}: {e:#}", self.scratch_dir.display()))?;
-        let state = TaskState { wasi: wasi.build_p1(), memory: MemoryCap { limit: self.memory_bytes, used: 0, refused: false } };
+        let memory = MemoryCap { limit: self.memory_bytes, used: 0, refused: false, account: MemoryIntegral::new(Instant::now()) };
+        let state = TaskState { wasi: wasi.build_p1(), memory };
         let mut store = Store::new(&self.engine, state);
+        store.set_fuel(u64::MAX).map_err(|e| format!("cannot meter fuel: {e:#}"))?;
         store.limiter(|state| &mut state.memory);
         let watch = self.watch.clone();
         store.epoch_deadline_callback(move |_| match watch.check() {

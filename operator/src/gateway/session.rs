@@ -70,7 +70,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, mut inbound: Streaming<
             }
             Some(agent_message::Kind::TaskUpdate(update)) => match inner.dispatcher.on_update(&node, &update) {
                 Ok(true) => {
-                    if !send(&tx, OpKind::Ack(v1::Ack { attempt_id: update.attempt_id, receipt_rejected: String::new() })).await {
+                    if !send(&tx, OpKind::Ack(v1::Ack { attempt_id: update.attempt_id, receipt_rejected: String::new(), cost_micros: 0 })).await {
                         break "the session's stream closed".into();
                     }
                 }

@@ -175,3 +175,38 @@ async fn stdout_past_its_cap_stops_the_command() {
     assert_eq!(outcome.output_bytes, 16 << 20);
     assert!(outcome.wall < Duration::from_secs(5), "{:?}", outcome.wall);
 }
+
+#[tokio::test]
+async fn cpu_time_of_the_task_and_the_children_it_waited_for_is_measured_by_the_kernel() {
+    let scratch = tempfile::tempdir().unwrap();
+    // A busy loop in a child shell the task waits for, then one in the task itself.
+    let busy = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done";
+    let outcome = sh(&format!("( {busy} ) & wait; {busy}"), &context(scratch.path())).await;
+    assert_eq!(outcome.ending, Ending::Succeeded, "{}", outcome.message);
+    let u = &outcome.usage;
+    assert_eq!(u.source, "proc");
+    // Two loops of the same size: the measured CPU covers well over one of them.
+    assert!(u.cpu_micros >= 100_000, "cpu {}us over {:?}", u.cpu_micros, outcome.wall);
+    // CPU time can exceed wall time only with parallel work; these loops run one after another.
+    assert!(u.cpu_micros <= outcome.wall.as_micros() as u64 + 20_000, "cpu {}us > wall {:?}", u.cpu_micros, outcome.wall);
+    assert!(u.memory_peak_bytes > 0 && u.memory_mib_millis > 0, "{u:?}");
+}
+
+#[tokio::test]
+async fn a_sleeping_task_uses_almost_no_cpu_and_a_cancelled_one_is_still_measured() {
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = sh("sleep 0.3", &context(scratch.path())).await;
+    assert!(outcome.usage.cpu_micros < 100_000, "{:?}", outcome.usage);
+    assert_eq!(outcome.usage.source, "proc");
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    let command = ["/bin/sh".to_owned(), "-c".to_owned(), "while :; do :; done".to_owned()];
+    let outcome = ExecRuntime::new(true).run(&command, &context(scratch.path()), cancel).await;
+    assert_eq!(outcome.ending, Ending::Cancelled);
+    assert_eq!(outcome.usage.source, "proc");
+    assert!(outcome.usage.cpu_micros >= 100_000, "{:?}", outcome.usage);
+}

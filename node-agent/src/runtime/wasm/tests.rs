@@ -87,6 +87,26 @@ async fn hello_wasm_from_the_example_counts_primes_for_its_task() {
     assert_eq!(outcome.output_bytes, expected.len() as u64);
     assert!(outcome.stderr_tail.is_empty());
     assert!(outcome.message.is_empty());
+    // Usage: fuel counts the work done, the thread clock its CPU time, linear memory its size.
+    let u = &outcome.usage;
+    assert_eq!(u.source, "wasm-thread");
+    assert!(u.wasm_fuel > 100_000, "sieving 20000 numbers takes hundreds of thousands of instructions: {u:?}");
+    assert!(u.cpu_micros > 0 && u.cpu_micros <= outcome.wall.as_micros() as u64 + 20_000, "{u:?} wall {:?}", outcome.wall);
+    assert!(u.memory_peak_bytes >= 64 << 10, "at least one wasm page: {u:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_work_costs_the_same_fuel_every_time() {
+    let example = hello_example();
+    let scratch = tempfile::tempdir().unwrap();
+    let ctx = AttemptContext { env: example.env.clone(), ..context(scratch.path()) };
+    let runtime = WasmRuntime::new().unwrap();
+    let sha = sha256_hex(&example.module);
+    runtime.load(&sha, &example.module).unwrap();
+    let a = runtime.run(&sha, &example.args, &ctx, CancellationToken::new()).await;
+    let b = runtime.run(&sha, &example.args, &ctx, CancellationToken::new()).await;
+    assert_eq!(a.usage.wasm_fuel, b.usage.wasm_fuel);
+    assert_eq!(a.usage.memory_peak_bytes, b.usage.memory_peak_bytes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,315 @@
+//! Usage receipts on the agent: every finished attempt gets a receipt signed with the node key,
+//! carrying (node, epoch, sequence). The receipt rides in the terminal TaskUpdate, which is
+//! spooled to disk (fsync) before it is sent and resent until the operator acknowledges it, so
+//! a crash, a restart or a dropped connection loses no receipt.
+//!
+//! The epoch is raised, and made durable, every time the agent starts; sequences count from 1
+//! within an epoch and live in memory only. So a crash can never make the agent reuse a
+//! (node, epoch, sequence) that the operator already has, without an fsync per receipt.
+//!
+//! ```text
+//! <state dir>/receipts/epoch              the current epoch
+//! <state dir>/receipts/acknowledged.jsonl receipts the operator acknowledged (for `earnings`)
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ed25519_dalek::SigningKey;
+use kommune_proto::v1::{self, ReceiptBody, TaskUpdate, Usage, UsageReceipt};
+use serde::{Deserialize, Serialize};
+
+/// Signs receipts for one node.
+pub struct Receipts {
+    dir: PathBuf,
+    node: String,
+    key: SigningKey,
+    epoch: u64,
+    last: Mutex<u64>,
+}
+
+impl std::fmt::Debug for Receipts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receipts").field("node", &self.node).field("epoch", &self.epoch).finish_non_exhaustive()
+    }
+}
+
+/// One receipt as the provider sees it in `kommune-agent earnings`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReceiptRecord {
+    pub epoch: u64,
+    pub sequence: u64,
+    pub attempt_id: String,
+    pub job: String,
+    pub state: String,
+    pub wall_millis: u64,
+    pub cpu_micros: u64,
+    pub memory_peak_bytes: u64,
+    pub wasm_fuel: u64,
+    pub finished_unix_millis: i64,
+    /// "pending" (not acknowledged yet), "accepted" or "rejected".
+    pub status: String,
+    /// Why the operator rejected it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// What the operator priced it at, in micro-credits.
+    #[serde(default)]
+    pub cost_micros: u64,
+}
+
+impl ReceiptRecord {
+    fn from_body(body: &ReceiptBody, status: &str, reason: &str, cost_micros: u64) -> Self {
+        let usage = body.usage.clone().unwrap_or_default();
+        ReceiptRecord {
+            epoch: body.epoch,
+            sequence: body.sequence,
+            attempt_id: body.attempt_id.clone(),
+            job: body.job.clone(),
+            state: v1::AttemptState::try_from(body.state).map(|s| s.as_str_name().trim_start_matches("ATTEMPT_STATE_").to_lowercase()).unwrap_or_default(),
+            wall_millis: usage.wall_millis,
+            cpu_micros: usage.cpu_micros,
+            memory_peak_bytes: usage.memory_peak_bytes,
+            wasm_fuel: usage.wasm_fuel,
+            finished_unix_millis: body.finished_unix_millis,
+            status: status.into(),
+            reason: reason.into(),
+            cost_micros,
+        }
+    }
+}
+
+fn epoch_path(dir: &Path) -> PathBuf {
+    dir.join("epoch")
+}
+
+fn log_path(dir: &Path) -> PathBuf {
+    dir.join("acknowledged.jsonl")
+}
+
+impl Receipts {
+    /// Opens the receipt directory and starts a new epoch: one above the last one used, or the
+    /// current Unix time in milliseconds if that is larger (so a recreated directory does not
+    /// fall back to small epochs). The epoch is written and fsynced before any receipt.
+    pub fn start(dir: PathBuf, node: &str, key: SigningKey) -> std::io::Result<Receipts> {
+        std::fs::create_dir_all(&dir)?;
+        let previous = std::fs::read_to_string(epoch_path(&dir)).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+        let now = u64::try_from(crate::status::now_ms()).unwrap_or(0);
+        let epoch = previous.saturating_add(1).max(now);
+        let tmp = dir.join(".epoch.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{epoch}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, epoch_path(&dir))?;
+        std::fs::File::open(&dir)?.sync_all()?;
+        Ok(Receipts { dir, node: node.to_string(), key, epoch, last: Mutex::new(0) })
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Signs the next receipt.
+    pub fn issue(
+        &self,
+        attempt_id: &str,
+        job: &str,
+        state: v1::AttemptState,
+        usage: Usage,
+        started_unix_millis: i64,
+        finished_unix_millis: i64,
+    ) -> UsageReceipt {
+        let sequence = {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            *last += 1;
+            *last
+        };
+        let body = ReceiptBody {
+            node: self.node.clone(),
+            epoch: self.epoch,
+            sequence,
+            attempt_id: attempt_id.to_string(),
+            job: job.to_string(),
+            state: state as i32,
+            usage: Some(usage),
+            started_unix_millis,
+            finished_unix_millis,
+        };
+        kommune_proto::receipt::sign(&body, &self.key)
+    }
+
+    /// Records the operator's acknowledgement of `update`'s receipt (for `earnings`). Written
+    /// before the spooled update is dropped; a repeat after a crash is deduplicated on read.
+    pub fn acknowledged(&self, update: &TaskUpdate, ack: &v1::Ack) -> std::io::Result<()> {
+        let Some(body) = update.receipt.as_ref().and_then(|r| kommune_proto::receipt::decode(r).ok()) else { return Ok(()) };
+        let (status, reason) = if ack.receipt_rejected.is_empty() { ("accepted", "") } else { ("rejected", ack.receipt_rejected.as_str()) };
+        let record = ReceiptRecord::from_body(&body, status, reason, ack.cost_micros);
+        let mut line = serde_json::to_string(&record).map_err(std::io::Error::other)?;
+        line.push('\n');
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log_path(&self.dir))?;
+        f.write_all(line.as_bytes())
+    }
+}
+
+/// Every receipt this node issued that is still on disk: acknowledged ones from the log and
+/// pending ones from the result spool, oldest first, each (epoch, sequence) once.
+pub fn history(receipts_dir: &Path, spooled: &[TaskUpdate]) -> Vec<ReceiptRecord> {
+    let mut out: Vec<ReceiptRecord> =
+        std::fs::read_to_string(log_path(receipts_dir)).unwrap_or_default().lines().filter_map(|l| serde_json::from_str::<ReceiptRecord>(l).ok()).collect();
+    for u in spooled {
+        if let Some(body) = u.receipt.as_ref().and_then(|r| kommune_proto::receipt::decode(r).ok()) {
+            out.push(ReceiptRecord::from_body(&body, "pending", "", 0));
+        }
+    }
+    out.sort_by_key(|r| (r.epoch, r.sequence));
+    out.dedup_by_key(|r| (r.epoch, r.sequence));
+    out
+}
+
+/// Totals for `earnings`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub accepted: usize,
+    pub rejected: usize,
+    pub pending: usize,
+    pub cost_micros: u64,
+    pub cpu_micros: u64,
+}
+
+pub fn totals(records: &[ReceiptRecord]) -> Totals {
+    let mut t = Totals::default();
+    for r in records {
+        match r.status.as_str() {
+            "accepted" => {
+                t.accepted += 1;
+                t.cost_micros = t.cost_micros.saturating_add(r.cost_micros);
+            }
+            "rejected" => t.rejected += 1,
+            _ => t.pending += 1,
+        }
+        t.cpu_micros = t.cpu_micros.saturating_add(r.cpu_micros);
+    }
+    t
+}
+
+/// Credits from micro-credits, trailing zeros dropped ("0.05").
+pub fn credits(micros: u64) -> String {
+    let (whole, frac) = (micros / 1_000_000, micros % 1_000_000);
+    if frac == 0 { whole.to_string() } else { format!("{whole}.{}", format!("{frac:06}").trim_end_matches('0')) }
+}
+
+/// The `kommune-agent earnings` table.
+pub fn render(node: &str, records: &[ReceiptRecord]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let t = totals(records);
+    let _ = writeln!(
+        out,
+        "{node}: {} receipt(s): {} accepted ({} credits), {} pending acknowledgement, {} rejected",
+        records.len(),
+        t.accepted,
+        credits(t.cost_micros),
+        t.pending,
+        t.rejected
+    );
+    if records.is_empty() {
+        return out;
+    }
+    let _ = writeln!(out, "{:<15} {:>6}  {:<10} {:>9} {:>9}  {:<10} {:>10}  ATTEMPT", "EPOCH", "SEQ", "STATE", "WALL", "CPU", "STATUS", "CREDITS");
+    for r in records {
+        let _ = writeln!(
+            out,
+            "{:<15} {:>6}  {:<10} {:>8.1}s {:>8.2}s  {:<10} {:>10}  {}{}",
+            r.epoch,
+            r.sequence,
+            r.state,
+            r.wall_millis as f64 / 1000.0,
+            r.cpu_micros as f64 / 1e6,
+            r.status,
+            if r.status == "accepted" { credits(r.cost_micros) } else { "-".into() },
+            r.attempt_id,
+            if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[7; 32])
+    }
+
+    fn update(r: &Receipts, id: &str) -> TaskUpdate {
+        let usage = Usage { wall_millis: 1500, cpu_micros: 1_200_000, source: "proc".into(), ..Default::default() };
+        TaskUpdate {
+            attempt_id: id.into(),
+            state: v1::AttemptState::Succeeded as i32,
+            result: None,
+            receipt: Some(r.issue(id, "ns/j", v1::AttemptState::Succeeded, usage, 10, 1510)),
+        }
+    }
+
+    #[test]
+    fn every_start_raises_the_epoch_and_sequences_count_from_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Receipts::start(dir.path().into(), "pn-1", key()).unwrap();
+        let r1 =
+            kommune_proto::receipt::verify(&a.issue("x", "ns/j", v1::AttemptState::Failed, Usage::default(), 0, 0), key().verifying_key().as_bytes()).unwrap();
+        let r2 = kommune_proto::receipt::decode(&a.issue("y", "ns/j", v1::AttemptState::Failed, Usage::default(), 0, 0)).unwrap();
+        assert_eq!((r1.node.as_str(), r1.epoch, r1.sequence), ("pn-1", a.epoch(), 1));
+        assert_eq!((r2.epoch, r2.sequence), (a.epoch(), 2));
+        let b = Receipts::start(dir.path().into(), "pn-1", key()).unwrap();
+        assert!(b.epoch() > a.epoch());
+        // A future epoch on disk (clock went backwards) is still exceeded.
+        std::fs::write(dir.path().join("epoch"), format!("{}\n", u64::MAX - 5)).unwrap();
+        let c = Receipts::start(dir.path().into(), "pn-1", key()).unwrap();
+        assert_eq!(c.epoch(), u64::MAX - 4);
+    }
+
+    #[test]
+    fn history_merges_acknowledged_and_pending_receipts_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Receipts::start(dir.path().into(), "pn-1", key()).unwrap();
+        let (a, b, c) = (update(&r, "a"), update(&r, "b"), update(&r, "c"));
+        r.acknowledged(&a, &v1::Ack { attempt_id: "a".into(), receipt_rejected: String::new(), cost_micros: 50_000 }).unwrap();
+        // The same acknowledgement twice (a crash before the spool file was removed).
+        r.acknowledged(&a, &v1::Ack { attempt_id: "a".into(), receipt_rejected: String::new(), cost_micros: 50_000 }).unwrap();
+        r.acknowledged(&b, &v1::Ack { attempt_id: "b".into(), receipt_rejected: "cpu time exceeds what was assigned".into(), cost_micros: 0 }).unwrap();
+        let h = history(
+            dir.path(),
+            &[c, update(&r, "no-receipt-decodes")].map(|mut u| {
+                if u.attempt_id == "no-receipt-decodes" {
+                    u.receipt = Some(UsageReceipt { body: vec![0xff; 3], signature: vec![] });
+                }
+                u
+            }),
+        );
+        assert_eq!(h.iter().map(|r| (r.attempt_id.as_str(), r.status.as_str())).collect::<Vec<_>>(), [("a", "accepted"), ("b", "rejected"), ("c", "pending")]);
+        assert_eq!(totals(&h), Totals { accepted: 1, rejected: 1, pending: 1, cost_micros: 50_000, cpu_micros: 3_600_000 });
+        let table = render("pn-1", &h);
+        assert!(table.starts_with("pn-1: 3 receipt(s): 1 accepted (0.05 credits), 1 pending acknowledgement, 1 rejected\n"), "{table}");
+        assert!(table.contains("rejected") && table.contains("(cpu time exceeds what was assigned)"), "{table}");
+        assert_eq!(render("pn-1", &[]), "pn-1: 0 receipt(s): 0 accepted (0 credits), 0 pending acknowledgement, 0 rejected\n");
+    }
+
+    #[test]
+    fn the_key_join_creates_signs_receipts_its_certificate_key_verifies() {
+        let node_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let signing = kommune_proto::receipt::signing_key_from_pem(&node_key.serialize_pem()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let r = Receipts::start(dir.path().into(), "pn-1", signing).unwrap();
+        let receipt = r.issue("a", "ns/j", v1::AttemptState::Succeeded, Usage::default(), 0, 1);
+        assert!(kommune_proto::receipt::verify(&receipt, node_key.public_key_raw()).is_ok());
+    }
+
+    #[test]
+    fn credits_print_without_trailing_zeros() {
+        assert_eq!(credits(0), "0");
+        assert_eq!(credits(1_500_000), "1.5");
+        assert_eq!(credits(1), "0.000001");
+    }
+}
