@@ -366,6 +366,7 @@ mod tests {
             task_timeout: Duration::from_secs(60),
             job_deadline: None,
             suspended: false,
+            budget: None,
             workload,
         };
         let attempt = Attempt {

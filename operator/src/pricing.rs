@@ -86,6 +86,97 @@ impl Rates {
     }
 }
 
+/// A ProviderNode's `spec.pricing` as overrides. Each amount is checked; a bad one is an
+/// error naming the field (the CRD's pattern normally stops it at admission).
+pub fn overrides_from(p: Option<&crate::crd::NodePricing>) -> Result<RateOverrides, String> {
+    let Some(p) = p else { return Ok(RateOverrides::default()) };
+    let field = |name: &str, v: &Option<String>| -> Result<Option<Micros>, String> {
+        v.as_deref().map(|s| Micros::parse_credits(s).map_err(|e| format!("spec.pricing.{name}: {e}"))).transpose()
+    };
+    Ok(RateOverrides {
+        cpu_core_hour: field("cpuCoreHour", &p.cpu_core_hour)?,
+        memory_gib_hour: field("memoryGibHour", &p.memory_gib_hour)?,
+        gpu_hour: field("gpuHour", &p.gpu_hour)?,
+        output_gib: field("outputGib", &p.output_gib)?,
+    })
+}
+
+/// The cluster's rates and every provider's overrides, shared by the dispatcher (pricing
+/// receipts, budgets) and the node controller (which keeps the overrides current).
+#[derive(Debug, Default)]
+pub struct RateBook {
+    cluster: Rates,
+    overrides: std::sync::RwLock<std::collections::HashMap<String, RateOverrides>>,
+}
+
+impl RateBook {
+    pub fn new(cluster: Rates) -> Self {
+        RateBook { cluster, overrides: Default::default() }
+    }
+
+    pub fn cluster(&self) -> Rates {
+        self.cluster
+    }
+
+    /// The rates `node` is paid at.
+    pub fn for_node(&self, node: &str) -> Rates {
+        match self.overrides.read().unwrap_or_else(|p| p.into_inner()).get(node) {
+            Some(o) => self.cluster.with(o),
+            None => self.cluster,
+        }
+    }
+
+    /// Replaces `node`'s overrides (from its ProviderNode spec).
+    pub fn set_overrides(&self, node: &str, o: RateOverrides) {
+        let mut map = self.overrides.write().unwrap_or_else(|p| p.into_inner());
+        if o == RateOverrides::default() {
+            map.remove(node);
+        } else {
+            map.insert(node.to_string(), o);
+        }
+    }
+}
+
+/// How much of a job's budget is committed, and so how many more tasks it may start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetCheck {
+    pub budget: Micros,
+    /// Metered so far (accepted receipts).
+    pub spent: Micros,
+    /// The worst case of the attempts still running.
+    pub reserved: Micros,
+    /// The worst case of one more task.
+    pub next: Micros,
+}
+
+impl BudgetCheck {
+    /// How many more tasks fit: each new one is charged its worst case up front, so the job
+    /// can never overrun its budget whatever its tasks turn out to use.
+    pub fn allows(&self) -> u64 {
+        let committed = self.spent.0.saturating_add(self.reserved.0);
+        let left = self.budget.0.saturating_sub(committed);
+        if self.next.0 == 0 { u64::MAX } else { left / self.next.0 }
+    }
+
+    /// Why no further task starts, for the `Scheduled` condition.
+    pub fn explain(&self) -> String {
+        format!(
+            "budget {} credits: {} spent and up to {} committed to running tasks; the next task could cost up to {}",
+            self.budget, self.spent, self.reserved, self.next
+        )
+    }
+}
+
+/// The worst-case cost of a task that reserves `cpu_millis` and `memory_bytes` and may run for
+/// `timeout` at `rates`.
+pub fn worst_case(cpu_millis: u64, memory_bytes: u64, timeout: std::time::Duration, rates: &Rates) -> Micros {
+    let hourly = hourly_ceiling(cpu_millis, memory_bytes, 0, rates).0 as u128;
+    let cost = hourly * timeout.as_millis() / MILLIS_PER_HOUR;
+    // Round up: a budget check must not under-reserve.
+    let exact = hourly * timeout.as_millis() % MILLIS_PER_HOUR != 0;
+    Micros(u64::try_from(cost + exact as u128).unwrap_or(u64::MAX))
+}
+
 const MICROS_PER_HOUR: u128 = 3_600_000_000;
 const MILLIS_PER_HOUR: u128 = 3_600_000;
 const MIB_PER_GIB: u128 = 1024;
@@ -149,6 +240,48 @@ mod tests {
         let base = Rates { cpu_core_hour: Micros(1), memory_gib_hour: Micros(2), gpu_hour: Micros(3), output_gib: Micros(4) };
         let o = RateOverrides { gpu_hour: Some(Micros(30)), ..Default::default() };
         assert_eq!(base.with(&o), Rates { gpu_hour: Micros(30), ..base });
+    }
+
+    #[test]
+    fn a_budget_admits_only_tasks_whose_worst_case_still_fits() {
+        let check = BudgetCheck { budget: Micros(1_000), spent: Micros(300), reserved: Micros(200), next: Micros(150) };
+        assert_eq!(check.allows(), 3);
+        assert_eq!(BudgetCheck { spent: Micros(900), ..check }.allows(), 0);
+        assert_eq!(BudgetCheck { spent: Micros(2_000), ..check }.allows(), 0, "overspent (an implausible old receipt) never underflows");
+        assert_eq!(BudgetCheck { next: Micros(0), ..check }.allows(), u64::MAX, "free tasks are never limited");
+        assert_eq!(check.explain(), "budget 0.001 credits: 0.0003 spent and up to 0.0002 committed to running tasks; the next task could cost up to 0.00015");
+    }
+
+    #[test]
+    fn the_worst_case_is_the_hourly_ceiling_over_the_timeout_rounded_up() {
+        let rates = Rates { cpu_core_hour: Micros(3_600_000), memory_gib_hour: Micros(0), gpu_hour: Micros(0), output_gib: Micros(0) };
+        assert_eq!(worst_case(1000, 0, std::time::Duration::from_secs(3600), &rates), Micros(3_600_000));
+        assert_eq!(worst_case(1000, 0, std::time::Duration::from_secs(1), &rates), Micros(1_000));
+        assert_eq!(worst_case(1000, 0, std::time::Duration::from_millis(1), &rates), Micros(1));
+        assert_eq!(worst_case(1, 0, std::time::Duration::from_millis(1), &rates), Micros(1), "rounded up, not down to zero");
+        assert_eq!(worst_case(1000, 0, std::time::Duration::ZERO, &rates), Micros(0));
+    }
+
+    #[test]
+    fn provider_pricing_becomes_overrides_and_bad_amounts_name_their_field() {
+        let p = crate::crd::NodePricing { cpu_core_hour: Some("0.02".into()), gpu_hour: Some("1".into()), ..Default::default() };
+        assert_eq!(
+            overrides_from(Some(&p)),
+            Ok(RateOverrides { cpu_core_hour: Some(Micros(20_000)), gpu_hour: Some(Micros(1_000_000)), ..Default::default() })
+        );
+        assert_eq!(overrides_from(None), Ok(RateOverrides::default()));
+        let bad = crate::crd::NodePricing { memory_gib_hour: Some("cheap".into()), ..Default::default() };
+        assert!(overrides_from(Some(&bad)).unwrap_err().starts_with("spec.pricing.memoryGibHour: \"cheap\" is not an amount of credits"));
+    }
+
+    #[test]
+    fn the_rate_book_applies_each_providers_overrides() {
+        let book = RateBook::new(Rates { cpu_core_hour: Micros(10), ..Default::default() });
+        book.set_overrides("cheap", RateOverrides { cpu_core_hour: Some(Micros(5)), ..Default::default() });
+        assert_eq!(book.for_node("cheap").cpu_core_hour, Micros(5));
+        assert_eq!(book.for_node("other").cpu_core_hour, Micros(10));
+        book.set_overrides("cheap", RateOverrides::default());
+        assert_eq!(book.for_node("cheap").cpu_core_hour, Micros(10));
     }
 
     #[test]

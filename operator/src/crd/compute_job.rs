@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Pending, Running, Succeeded or Failed"),
     printcolumn(name = "Done", type_ = "string", json_path = ".status.progress", description = "Succeeded tasks / total tasks"),
     printcolumn(name = "Runtime", type_ = "string", json_path = ".status.runtime", priority = "1", description = "Runtime the tasks need"),
+    printcolumn(name = "Cost", type_ = "string", json_path = ".status.usage.cost", priority = "1", description = "Credits metered so far"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -58,6 +59,24 @@ pub struct ComputeJobSpec {
     /// nothing new is placed until this is set back to false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+
+    /// What the job may spend, in credits. Providers are paid from the usage their agents
+    /// measure and sign, at the cluster's rates or a provider's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<JobPricing>,
+}
+
+/// Spending limits of a job. Amounts are decimal strings of credits with at most 6 decimals.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobPricing {
+    /// The most the whole job may cost, e.g. "25" or "0.5". No new task is placed when what
+    /// was metered so far plus the worst case of every running task and of the next one
+    /// (all reserved CPU and memory busy for the whole task timeout, at the node's rates)
+    /// could exceed it; the job then reports `BudgetExhausted` in its `Scheduled` condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub budget: Option<String>,
 }
 
 fn default_tasks() -> u32 {
@@ -305,6 +324,34 @@ pub struct ComputeJobStatus {
     /// The most recent task results (at most 16), newest first, with bounded output tails.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_results: Vec<TaskResultSummary>,
+    /// Usage and cost metered so far, from the providers' signed receipts in the ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<JobUsage>,
+}
+
+/// Metered usage of a job, summed over the accepted receipts of its attempts.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobUsage {
+    /// Receipts accepted into the ledger (one per finished attempt).
+    pub receipts: u64,
+    /// CPU time, in seconds (3 decimals).
+    pub cpu_seconds: String,
+    /// Wall time of all attempts, in seconds (3 decimals).
+    pub wall_seconds: String,
+    /// Memory integrated over time, in GiB-hours (6 decimals).
+    pub memory_gib_hours: String,
+    /// Wasm fuel consumed (about one unit per wasm instruction).
+    #[serde(default)]
+    pub wasm_fuel: u64,
+    /// Output written, in bytes.
+    #[serde(default)]
+    pub output_bytes: u64,
+    /// What it cost, in credits.
+    pub cost: String,
+    /// The job's budget, when it has one, in credits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
 }
 
 /// Number of tasks in each state.

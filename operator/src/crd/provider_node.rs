@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Memory", type_ = "string", json_path = ".status.capacity.memory", description = "Memory offered"),
     printcolumn(name = "Region", type_ = "string", json_path = ".status.region"),
     printcolumn(name = "Running", type_ = "integer", json_path = ".status.runningAttempts", priority = "1"),
+    printcolumn(name = "Earned", type_ = "string", json_path = ".status.earnings.pending", priority = "1", description = "Credits earned, not yet paid out"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -36,6 +37,33 @@ pub struct ProviderNodeSpec {
     /// Cordon: when true, no new task is placed here; running tasks finish.
     #[serde(default)]
     pub unschedulable: bool,
+
+    /// This provider's own rates, in credits; each unset rate is the cluster's (the chart's
+    /// `rates` values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<NodePricing>,
+}
+
+/// Per-provider rates. Amounts are decimal strings of credits with at most 6 decimals.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePricing {
+    /// Per CPU-core-hour of measured CPU time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub cpu_core_hour: Option<String>,
+    /// Per GiB-hour of measured memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub memory_gib_hour: Option<String>,
+    /// Per GPU-hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub gpu_hour: Option<String>,
+    /// Per GiB of output written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub output_gib: Option<String>,
 }
 
 /// Where a provider node is in its life.
@@ -84,9 +112,32 @@ pub struct ProviderNodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
     /// sha256 of the node's public key (ed25519); it signs the node's client certificate
-    /// requests and, later, its usage receipts.
+    /// requests and its usage receipts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key_sha256: Option<String>,
+    /// What this provider has earned, from its accepted usage receipts in the ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earnings: Option<NodeEarnings>,
+}
+
+/// A provider's earnings and the ledger entry that backs them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeEarnings {
+    /// Credits earned and not paid out yet.
+    pub pending: String,
+    /// Accepted receipts.
+    pub receipts: u64,
+    /// Receipts the operator rejected (kept in the ledger store with the reason).
+    #[serde(default)]
+    pub rejected: u64,
+    /// Sequence number of the newest ledger entry for this provider.
+    #[serde(default)]
+    pub ledger_seq: u64,
+    /// Hash (hex) of the ledger head when these figures were computed: `kommune-operator ledger
+    /// verify` recomputes the chain up to it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ledger_head: String,
 }
 
 /// Resources a node offers.

@@ -143,6 +143,7 @@ mod tests {
             task_timeout: Duration::from_secs(60),
             job_deadline: None,
             suspended: false,
+            budget: None,
             workload: TaskWorkload::Wasm { source: ModuleSource::Url { url: "https://x".into(), sha256: "0".repeat(64) }, args: vec![], env: vec![] },
         }
     }

@@ -27,6 +27,8 @@ pub struct JobPolicy {
     /// `spec.suspend`: cancel what runs, place nothing.
     pub suspended: bool,
     pub workload: TaskWorkload,
+    /// `spec.pricing.budget`: the most the job may cost.
+    pub budget: Option<crate::pricing::Micros>,
 }
 
 /// What each task runs.
@@ -180,6 +182,11 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
         return Err(invalid("spec.timeouts values must be at least 1 second"));
     }
 
+    let budget = match spec.pricing.as_ref().and_then(|p| p.budget.as_deref()) {
+        Some(b) => Some(crate::pricing::Micros::parse_credits(b).map_err(|e| invalid(format!("spec.pricing.budget: {e}")))?),
+        None => None,
+    };
+
     Ok(JobPolicy {
         tasks: spec.tasks,
         parallelism: parallelism.min(spec.tasks),
@@ -191,6 +198,7 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
         job_deadline: spec.timeouts.job_seconds.map(|s| Duration::from_secs(s.into())),
         suspended: spec.suspend,
         workload,
+        budget,
     })
 }
 
@@ -218,6 +226,16 @@ mod tests {
             p.workload,
             TaskWorkload::Wasm { source: ModuleSource::ConfigMap { name: "m".into(), key: "module.wasm".into(), sha256: None }, args: vec![], env: vec![] }
         );
+    }
+
+    #[test]
+    fn a_budget_is_read_in_credits_and_a_bad_one_is_an_invalid_spec() {
+        assert_eq!(validate(&spec(WASM)).unwrap().budget, None);
+        let p = validate(&spec(&format!("{WASM}pricing: {{budget: \"2.5\"}}\n"))).unwrap();
+        assert_eq!(p.budget, Some(crate::pricing::Micros(2_500_000)));
+        let e = validate(&spec(&format!("{WASM}pricing: {{budget: \"lots\"}}\n"))).unwrap_err();
+        assert_eq!(e.reason, "InvalidSpec");
+        assert!(e.message.starts_with("spec.pricing.budget: \"lots\" is not an amount of credits"), "{}", e.message);
     }
 
     #[test]
