@@ -184,6 +184,137 @@ mod tests {
         }
     }
 
+    /// A load source the test sets by hand.
+    struct FakeLoad(Arc<std::sync::Mutex<Sample>>);
+
+    impl LoadSource for FakeLoad {
+        fn sample(&mut self) -> Sample {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    struct NoModules;
+    #[tonic::async_trait]
+    impl crate::tasks::ModuleSource for NoModules {
+        async fn fetch(&self, _: &str) -> Result<Vec<u8>, String> {
+            Err("offline".into())
+        }
+    }
+
+    fn sleeper(id: &str) -> kommune_proto::v1::Assign {
+        use kommune_proto::v1::{ExecWorkload, Workload, workload::Kind};
+        let command = ["sleep", "30"].iter().map(|s| s.to_string()).collect();
+        kommune_proto::v1::Assign {
+            attempt_id: id.into(),
+            job: "ns/j".into(),
+            workload: Some(Workload { kind: Some(Kind::Exec(ExecWorkload { command, env: Default::default() })) }),
+            memory_bytes: 64 << 20,
+            cpu_millis: 100,
+            timeout_millis: 60_000,
+            ..Default::default()
+        }
+    }
+
+    struct Agent {
+        _dir: tempfile::TempDir,
+        tasks: Arc<Tasks>,
+        updates: tokio::sync::mpsc::UnboundedReceiver<kommune_proto::v1::TaskUpdate>,
+        available: watch::Receiver<Availability>,
+        status_dir: PathBuf,
+    }
+
+    /// Tasks (exec allowed) and a running watcher over `gate`.
+    fn agent(gate: Gate) -> Agent {
+        use crate::runtime::{ExecRuntime, WasmRuntime};
+        let dir = tempfile::tempdir().unwrap();
+        let spool = crate::tasks::Spool::open(dir.path().join("results")).unwrap();
+        let (tasks, updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), spool, dir.path().join("scratch"));
+        let (tx, available) = watch::channel(gate.initial(false));
+        let status = Arc::new(StatusFile::new(dir.path().to_path_buf(), Default::default()));
+        tokio::spawn(watch(gate, dir.path().join("paused"), tasks.clone(), tx, status));
+        let status_dir = dir.path().to_path_buf();
+        Agent { _dir: dir, tasks, updates, available, status_dir }
+    }
+
+    async fn next_update(a: &mut Agent) -> kommune_proto::v1::TaskUpdate {
+        tokio::time::timeout(Duration::from_secs(10), a.updates.recv()).await.expect("an update within 10s").unwrap()
+    }
+
+    async fn wait_until(a: &mut Agent, want: impl Fn(&Availability) -> bool) -> Availability {
+        let seen = tokio::time::timeout(Duration::from_secs(10), a.available.wait_for(|v| want(v))).await.expect("the state within 10s").unwrap();
+        seen.clone()
+    }
+
+    fn fast(mut gate: Gate) -> Gate {
+        gate.tick = Duration::from_millis(10);
+        gate.sample_every = Duration::from_millis(10);
+        gate
+    }
+
+    #[tokio::test]
+    async fn a_busy_owner_pauses_the_machine_and_hands_running_work_back_as_preempted() {
+        use kommune_proto::v1::AttemptState;
+        let load = Arc::new(std::sync::Mutex::new(Sample { other_cpu_percent: Some(5.0), ..Default::default() }));
+        let policy = IdlePolicy::new(crate::idle::IdleConfig { resume_after: Duration::from_millis(100), ..Default::default() });
+        let mut a = agent(fast(Gate::new(vec![], false, Some((policy, Box::new(FakeLoad(load.clone())))))));
+        a.tasks.assign(sleeper("u.1.1"), Arc::new(NoModules));
+        assert_eq!(next_update(&mut a).await.state, AttemptState::Running as i32);
+        assert!(!a.available.borrow().paused);
+
+        // The owner starts working: two busy samples in a row.
+        load.lock().unwrap().other_cpu_percent = Some(63.0);
+        let paused = wait_until(&mut a, |v| v.paused).await;
+        assert_eq!(paused, Availability { paused: true, preempting: true, reason: "owner busy (cpu 63% > 30%)".into() });
+        let done = next_update(&mut a).await;
+        assert_eq!(done.state, AttemptState::Preempted as i32, "{:?}", done.result);
+        assert_eq!(done.result.unwrap().message, "preempted: the provider needs the machine back (owner busy (cpu 63% > 30%))");
+        assert!(a.tasks.running_ids().is_empty());
+        let status = crate::status::AgentStatus::load(&a.status_dir).unwrap();
+        assert_eq!((status.paused, status.preempting, status.pause_reason.as_str()), (true, true, "owner busy (cpu 63% > 30%)"));
+        assert!(status.owner.starts_with("cpu 63% by other programs"), "{}", status.owner);
+
+        // Work that arrives meanwhile (the operator had not heard yet) goes straight back.
+        a.tasks.assign(sleeper("u.2.1"), Arc::new(NoModules));
+        assert_eq!(next_update(&mut a).await.state, AttemptState::Running as i32);
+        assert_eq!(next_update(&mut a).await.state, AttemptState::Preempted as i32);
+
+        // The owner leaves: after resume_after of calm the machine takes work again.
+        load.lock().unwrap().other_cpu_percent = Some(2.0);
+        let back = wait_until(&mut a, |v| !v.paused).await;
+        assert_eq!(back, Availability::default());
+        a.tasks.assign(sleeper("u.3.1"), Arc::new(NoModules));
+        assert_eq!(next_update(&mut a).await.state, AttemptState::Running as i32);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(a.tasks.running_ids(), vec!["u.3.1".to_string()], "not preempted");
+        a.tasks.cancel("u.3.1");
+    }
+
+    #[tokio::test]
+    async fn a_closing_window_lets_tasks_finish_unless_preempt_is_set() {
+        use kommune_proto::v1::AttemptState;
+        for preempt in [false, true] {
+            let now = Arc::new(std::sync::Mutex::new((0u8, 12 * 60u16)));
+            let mut gate = fast(Gate::new(vec![Window::parse("Mon 09:00-17:00").unwrap()], preempt, None));
+            let clock = now.clone();
+            gate.clock = Box::new(move || *clock.lock().unwrap());
+            let mut a = agent(gate);
+            a.tasks.assign(sleeper("u.1.1"), Arc::new(NoModules));
+            assert_eq!(next_update(&mut a).await.state, AttemptState::Running as i32);
+            *now.lock().unwrap() = (0, 17 * 60);
+            let closed = wait_until(&mut a, |v| v.paused).await;
+            assert_eq!(closed.reason, "outside time window Mon 09:00-17:00");
+            assert_eq!(closed.preempting, preempt);
+            if preempt {
+                assert_eq!(next_update(&mut a).await.state, AttemptState::Preempted as i32);
+            } else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                assert_eq!(a.tasks.running_ids(), vec!["u.1.1".to_string()], "it finishes in its own time");
+                a.tasks.cancel("u.1.1");
+                assert_eq!(next_update(&mut a).await.state, AttemptState::Cancelled as i32);
+            }
+        }
+    }
+
     #[test]
     fn samples_read_like_a_sentence() {
         let s = Sample { other_cpu_percent: Some(12.4), input_idle: Some(Duration::from_secs(40)), on_battery: Some(false) };
