@@ -1,140 +1,28 @@
 //! `kommune-agent`: join a Kommune pool and run its tasks on this machine.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
-use kommune_agent::inventory::{self, Caps, Offered};
+use anyhow::{Context, bail};
+use clap::Parser;
+use kommune_agent::availability::Gate;
+use kommune_agent::cli::{Cli, Command, ConfigCommand, EarningsArgs, JoinArgs, LeaveArgs, RunArgs, StateArgs};
+use kommune_agent::config::{self, FileSettings, RunSettings};
+use kommune_agent::idle::{IdlePolicy, LoadSource, MachineLoad};
+use kommune_agent::inventory::{self, Caps, Machine, Offered};
 use kommune_agent::join::{self, JoinOptions};
 use kommune_agent::receipts::{self, Receipts};
 use kommune_agent::runtime::{ContainerRuntime, ExecRuntime, WasmRuntime};
 use kommune_agent::session;
 use kommune_agent::state::{self, AgentState};
 use kommune_agent::tasks::{Spool, Tasks};
-use kommune_proto::quantity;
+use kommune_agent::{schedule, status};
+use kommune_proto::quantity::{format_cpu, format_memory};
 use kommune_proto::v1::NodeFacts;
 
-/// Lend this machine to a Kommune compute pool.
-///
-/// First `join` once with the token your cluster admin gave you, then keep `run` going (for
-/// example as a systemd service). The agent only ever dials out, so it works behind NAT.
-#[derive(Parser)]
-#[command(version, propagate_version = true)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Joins this machine to a pool: pins the operator's CA from the token, creates this node's
-    /// key and certificate, and stores them in the state directory.
-    Join(JoinArgs),
-    /// Connects to the operator and runs assigned tasks until interrupted (Ctrl-C).
-    Run(RunArgs),
-    /// Shows this machine's node, whether its agent runs and is connected, what it offers and
-    /// which tasks it runs.
-    Status(StateArgs),
-    /// Stops taking new tasks (running ones finish); the operator places work elsewhere.
-    Pause(StateArgs),
-    /// Takes new tasks again after `pause`.
-    Resume(StateArgs),
-    /// Leaves the pool for good: the operator removes this node and moves its running tasks
-    /// elsewhere, and the identity in the state directory is deleted.
-    Leave(LeaveArgs),
-    /// Lists this machine's signed usage receipts: what each finished task used, whether the
-    /// operator acknowledged it, and the credits it was priced at.
-    Earnings(EarningsArgs),
-}
-
-#[derive(Args)]
-struct EarningsArgs {
-    #[command(flatten)]
-    state: StateArgs,
-    /// Print one JSON object per receipt instead of a table.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-struct StateArgs {
-    /// Where `join` stored this node's identity.
-    #[arg(long, default_value_os_t = state::default_dir())]
-    state_dir: PathBuf,
-}
-
-#[derive(Args)]
-struct LeaveArgs {
-    #[command(flatten)]
-    state: StateArgs,
-    /// Leave even if finished results are not acknowledged yet (they are lost).
-    #[arg(long)]
-    force: bool,
-}
-
-#[derive(Args)]
-struct JoinArgs {
-    /// The operator's agent gateway, e.g. https://203.0.113.7:30443.
-    #[arg(long, env = "KOMMUNE_SERVER")]
-    server: String,
-    /// The join token from `kommune-operator token create` (kmn1.<id>.<secret>.<ca-hash>).
-    #[arg(long, env = "KOMMUNE_TOKEN", hide_env_values = true)]
-    token: String,
-    /// Name for this machine in the pool (lowercase letters, digits, '-'); default: chosen by
-    /// the operator.
-    #[arg(long)]
-    name: Option<String>,
-    /// Region this machine is in (shown to schedulers and users), e.g. eu-west.
-    #[arg(long, default_value = "")]
-    region: String,
-    /// Zone this machine is in.
-    #[arg(long, default_value = "")]
-    zone: String,
-    /// Where the node key, certificates and spooled results live.
-    #[arg(long, default_value_os_t = state::default_dir())]
-    state_dir: PathBuf,
-    /// Replace an existing identity in the state directory.
-    #[arg(long)]
-    force: bool,
-}
-
-#[derive(Args)]
-struct RunArgs {
-    /// Where `join` stored this node's identity.
-    #[arg(long, default_value_os_t = state::default_dir())]
-    state_dir: PathBuf,
-    /// Also run `exec` tasks: plain commands on this machine, outside the wasm sandbox. Only
-    /// for machines and job submitters you trust.
-    #[arg(long)]
-    allow_exec: bool,
-    /// Also run `container` tasks through this Docker or Podman Engine API socket, e.g.
-    /// /var/run/docker.sock or $XDG_RUNTIME_DIR/podman/podman.sock. Offered only if the socket
-    /// exists when the agent starts. Containers run pinned images with no privileges, no
-    /// capabilities, a read-only root filesystem and no network.
-    #[arg(long, value_name = "PATH")]
-    container_socket: Option<PathBuf>,
-    /// Give containers a network when their job asks for it (default: never).
-    #[arg(long)]
-    allow_container_network: bool,
-    /// At most this much CPU is offered, e.g. 2 or 1500m (default: all cores).
-    #[arg(long, value_parser = parse_cpu)]
-    cpus: Option<u64>,
-    /// At most this much memory is offered, e.g. 4Gi (default: all memory).
-    #[arg(long, value_parser = parse_memory)]
-    memory: Option<u64>,
-}
-
-fn parse_cpu(s: &str) -> Result<u64, String> {
-    quantity::cpu_millis("--cpus", s).map_err(|e| e.to_string())
-}
-
-fn parse_memory(s: &str) -> Result<u64, String> {
-    quantity::memory_bytes("--memory", s).map_err(|e| e.to_string())
-}
-
-fn facts(caps: &Caps, offered: Offered, region: &str, zone: &str) -> NodeFacts {
+fn facts(machine: &Machine, caps: &Caps, offered: Offered, region: &str, zone: &str) -> NodeFacts {
     NodeFacts {
-        capacity: Some(inventory::capacity(inventory::measure(), caps, offered)),
+        capacity: Some(inventory::capacity(machine, caps, offered)),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         region: region.to_string(),
         zone: zone.to_string(),
@@ -153,6 +41,11 @@ async fn main() -> ExitCode {
         Command::Resume(a) => pause_cmd(a, false),
         Command::Leave(a) => leave_cmd(a).await,
         Command::Earnings(a) => earnings_cmd(a),
+        Command::Config(ConfigCommand::Example) => {
+            print!("{}", config::EXAMPLE);
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check(a)) => settings(&a).map(|s| print!("{}", describe(&s))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -164,6 +57,7 @@ async fn main() -> ExitCode {
 }
 
 async fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
+    let machine = inventory::measure(&a.state_dir);
     let state = join::join(JoinOptions {
         server: &a.server,
         token: &a.token,
@@ -172,7 +66,7 @@ async fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
         zone: &a.zone,
         state_dir: &a.state_dir,
         force: a.force,
-        facts: facts(&Caps::default(), Offered::default(), &a.region, &a.zone),
+        facts: facts(&machine, &Caps::default(), Offered::default(), &a.region, &a.zone),
     })
     .await?;
     println!("joined as {} (state in {})", state.config.node_name, state.dir.display());
@@ -180,29 +74,100 @@ async fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
-    let state = AgentState::load(&a.state_dir)?;
-    let caps = Caps { cpu_millis: a.cpus, memory_bytes: a.memory };
-    let container = match a.container_socket {
-        Some(socket) if socket.exists() => Some(ContainerRuntime::new(socket, a.allow_container_network)),
-        Some(socket) => {
-            tracing::warn!(socket = %socket.display(), "no Docker/Podman socket there; container tasks are not offered");
-            None
-        }
-        None => None,
+/// Flags over the config file over the defaults.
+fn settings(a: &RunArgs) -> anyhow::Result<RunSettings> {
+    let default_dir = state::default_dir();
+    let file = FileSettings::load(a.config.as_deref(), a.state_dir.as_deref().unwrap_or(&default_dir))?;
+    Ok(config::resolve(&a.flags(), file, default_dir)?)
+}
+
+/// What `config check` prints.
+fn describe(s: &RunSettings) -> String {
+    let or_all = |v: Option<String>| v.unwrap_or_else(|| "all".into());
+    let idle = match &s.idle {
+        Some(c) => format!(
+            "on: busy above {:.0}% cpu, input within {}s{}; back after {}s idle",
+            c.cpu_threshold_percent,
+            c.input_idle.as_secs(),
+            if c.pause_on_battery { ", on battery" } else { "" },
+            c.resume_after.as_secs()
+        ),
+        None => "off".into(),
     };
-    let offered = Offered { exec: a.allow_exec, container: container.is_some() };
-    let facts = facts(&caps, offered, &state.config.region, &state.config.zone);
+    format!(
+        "config file:  {}\nstate dir:    {}\ncpus:         {}\nmemory:       {}\ngpus:         {}\ndisk:         {}\nwindows:      {}\npreempt:      {}\nidle-only:    {idle}\nexec:         {}\ncontainers:   {}\n",
+        s.config_file.as_ref().map_or("none".into(), |p| p.display().to_string()),
+        s.state_dir.display(),
+        or_all(s.caps.cpu_millis.map(format_cpu)),
+        or_all(s.caps.memory_bytes.map(format_memory)),
+        or_all(s.caps.gpus.map(|n| n.to_string())),
+        or_all(s.caps.disk_bytes.map(format_memory)),
+        if s.windows.is_empty() { "always".into() } else { schedule::describe(&s.windows) },
+        s.preempt,
+        s.allow_exec,
+        match &s.container_socket {
+            Some(p) => format!("{}{}", p.display(), if s.allow_container_network { ", network when a job asks" } else { ", no network" }),
+            None => "off".into(),
+        },
+    )
+}
+
+async fn container_runtime(s: &RunSettings, node: &str) -> anyhow::Result<Option<ContainerRuntime>> {
+    let Some(socket) = &s.container_socket else { return Ok(None) };
+    if !socket.exists() {
+        bail!(
+            "no Docker/Podman socket at {}: start the engine (`sudo systemctl start docker`, or `systemctl --user start podman.socket`), or run without --container-socket",
+            socket.display()
+        );
+    }
+    let runtime = ContainerRuntime::new(socket.clone(), s.allow_container_network).for_node(node);
+    runtime.check_engine().await.map_err(|e| {
+        anyhow::anyhow!(
+            "the container engine at {} does not answer: {e}; check that this user may use the socket (e.g. is in the docker group)",
+            socket.display()
+        )
+    })?;
+    match runtime.sweep().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "removed containers left by an earlier run of this agent"),
+        Err(e) => tracing::warn!(error = %e, "cannot list containers left by an earlier run"),
+    }
+    Ok(Some(runtime))
+}
+
+async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
+    let s = settings(&a)?;
+    let state = AgentState::load(&s.state_dir)?;
+    let container = container_runtime(&s, &state.config.node_name).await?;
+    let machine = inventory::measure(&state.scratch_dir());
+    let mut caps = s.caps.clone();
+    for warning in inventory::cap_warnings(&machine, &caps) {
+        tracing::warn!("{warning}");
+        eprintln!("warning: {warning}");
+    }
+    if container.is_none() && !machine.gpus.is_empty() {
+        tracing::warn!(gpus = machine.gpus.len(), "GPUs found but not offered: GPU tasks run as containers; add --container-socket");
+        caps.gpus = Some(0);
+    }
+    let offered = Offered { exec: s.allow_exec, container: container.is_some() };
+    let facts = facts(&machine, &caps, offered, &state.config.region, &state.config.zone);
     let wasm = WasmRuntime::new()?;
-    let spool = Spool::open(state.results_dir())?;
-    let (tasks, mut updates) = Tasks::with_container(wasm, ExecRuntime::new(a.allow_exec), container, spool, state.scratch_dir());
+    let spool = Spool::open(state.results_dir()).with_context(|| format!("cannot open the result spool in {}", state.results_dir().display()))?;
+    let live = container.clone();
+    let (tasks, mut updates) = Tasks::with_container(wasm, ExecRuntime::new(s.allow_exec), container, spool, state.scratch_dir());
     let key = kommune_proto::receipt::signing_key_from_pem(&state.key_pem).map_err(|e| anyhow::anyhow!("{}: {e}", state.dir.join("node.key").display()))?;
     let receipts = Receipts::start(state.receipts_dir(), &state.config.node_name, key)
-        .map_err(|e| anyhow::anyhow!("cannot start the receipt epoch in {}: {e}", state.receipts_dir().display()))?;
+        .with_context(|| format!("cannot start the receipt epoch in {}", state.receipts_dir().display()))?;
     tracing::info!(epoch = receipts.epoch(), "usage receipts are signed with the node key");
     tasks.sign_receipts(receipts);
-    tracing::info!(node = %state.config.node_name, server = %state.config.server, exec = a.allow_exec, container = offered.container, "agent starting");
-    session::run(&state, &facts, &tasks, &mut updates, async {
+    tasks.offer_gpus(&facts.capacity.as_ref().map(|c| c.gpus.clone()).unwrap_or_default());
+    let idle = s.idle.clone().map(|c| {
+        let ids = move || live.as_ref().map(ContainerRuntime::live_ids).unwrap_or_default();
+        (IdlePolicy::new(c), Box::new(MachineLoad::new(std::sync::Arc::new(ids))) as Box<dyn LoadSource>)
+    });
+    let gate = Gate::new(s.windows.clone(), s.preempt, idle);
+    tracing::info!(node = %state.config.node_name, server = %state.config.server, exec = s.allow_exec, container = offered.container, "agent starting");
+    session::run_with(&state, &facts, &tasks, &mut updates, gate, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
@@ -225,10 +190,10 @@ fn earnings_cmd(a: EarningsArgs) -> anyhow::Result<()> {
 
 fn status_cmd(a: StateArgs) -> anyhow::Result<()> {
     let state = AgentState::load(&a.state_dir)?;
-    let status = kommune_agent::status::AgentStatus::load(&state.dir);
+    let current = status::AgentStatus::load(&state.dir);
     // Linux tells whether the writer still runs; elsewhere the file's age decides.
-    let alive = status.as_ref().is_none_or(|s| !std::path::Path::new("/proc/self").exists() || std::path::Path::new(&format!("/proc/{}", s.pid)).exists());
-    print!("{}", kommune_agent::status::render(&state.config.node_name, &state.config.server, status.as_ref(), alive, kommune_agent::status::now_ms()));
+    let alive = current.as_ref().is_none_or(|s| !Path::new("/proc/self").exists() || Path::new(&format!("/proc/{}", s.pid)).exists());
+    print!("{}", status::render(&state.config.node_name, &state.config.server, current.as_ref(), alive, status::now_ms()));
     Ok(())
 }
 
@@ -250,7 +215,7 @@ fn pause_cmd(a: StateArgs, paused: bool) -> anyhow::Result<()> {
     if paused {
         println!("{} is paused: running tasks finish, no new ones are placed here. `kommune-agent resume` undoes it.", state.config.node_name);
     } else {
-        println!("{} takes new tasks again.", state.config.node_name);
+        println!("{} takes new tasks again (time windows and idle-only mode still apply).", state.config.node_name);
     }
     Ok(())
 }

@@ -7,15 +7,18 @@ use std::time::{Duration, Instant};
 use kommune_proto::v1::agent_gateway_client::AgentGatewayClient;
 use kommune_proto::v1::{AgentMessage, FetchBlobRequest, Heartbeat, Hello, NodeFacts, TaskUpdate, agent_message, operator_message};
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
+use crate::availability::{self, Availability, Gate};
 use crate::connect::{self, ConnectError, Server};
+use crate::idle::IdleConfig;
+use crate::schedule;
 use crate::state::AgentState;
-use crate::status::{self, AgentStatus};
+use crate::status::{self, AgentStatus, OfferedGpu, StatusFile};
 use crate::tasks::{ModuleSource, Tasks};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
@@ -60,37 +63,31 @@ pub fn next_backoff(current: Duration) -> Duration {
     doubled.mul_f64(jitter)
 }
 
-/// Keeps `<state dir>/status.json` current for `kommune-agent status`. Best effort.
-struct StatusFile {
-    dir: std::path::PathBuf,
-    status: AgentStatus,
-}
-
-impl StatusFile {
-    fn new(state: &AgentState, facts: &NodeFacts) -> Self {
-        let cap = facts.capacity.clone().unwrap_or_default();
-        let status = AgentStatus {
-            pid: std::process::id(),
-            node_name: state.config.node_name.clone(),
-            server: state.config.server.clone(),
-            offered_cpu_millis: cap.cpu_millis,
-            offered_memory_bytes: cap.memory_bytes,
-            runtimes: cap.runtimes,
-            ..Default::default()
-        };
-        StatusFile { dir: state.dir.clone(), status }
-    }
-
-    fn write(&mut self, change: impl FnOnce(&mut AgentStatus)) {
-        change(&mut self.status);
-        self.status.updated_ms = status::now_ms();
-        if let Err(e) = self.status.save(&self.dir) {
-            tracing::debug!(error = %e, "cannot write status.json");
-        }
+fn initial_status(state: &AgentState, facts: &NodeFacts, gate: &Gate) -> AgentStatus {
+    let cap = facts.capacity.clone().unwrap_or_default();
+    AgentStatus {
+        pid: std::process::id(),
+        node_name: state.config.node_name.clone(),
+        server: state.config.server.clone(),
+        offered_cpu_millis: cap.cpu_millis,
+        offered_memory_bytes: cap.memory_bytes,
+        offered_disk_bytes: cap.ephemeral_storage_bytes,
+        offered_gpus: cap.gpus.iter().map(|g| OfferedGpu { model: g.model.clone(), memory_bytes: g.memory_bytes }).collect(),
+        runtimes: cap.runtimes,
+        windows: schedule::describe(&gate.windows),
+        idle_only: gate.idle.as_ref().map(|(p, _)| describe_idle(p.config())).unwrap_or_default(),
+        ..Default::default()
     }
 }
 
-/// Runs sessions until `shutdown` resolves or the operator rejects this node.
+/// "busy above 30% cpu, input within 300s, on battery; back after 120s idle".
+fn describe_idle(c: &IdleConfig) -> String {
+    let battery = if c.pause_on_battery { ", on battery" } else { "" };
+    format!("busy above {:.0}% cpu, input within {}s{battery}; back after {}s idle", c.cpu_threshold_percent, c.input_idle.as_secs(), c.resume_after.as_secs())
+}
+
+/// Runs sessions until `shutdown` resolves or the operator rejects this node, pausing only when
+/// the provider runs `kommune-agent pause`.
 pub async fn run(
     state: &AgentState,
     facts: &NodeFacts,
@@ -98,15 +95,47 @@ pub async fn run(
     updates: &mut mpsc::UnboundedReceiver<TaskUpdate>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), SessionError> {
+    run_with(state, facts, tasks, updates, Gate::manual_only(), shutdown).await
+}
+
+/// Like [`run`], also not taking tasks outside the gate's time windows and, in idle-only mode,
+/// while the owner uses the machine (preempting what runs, even while disconnected).
+pub async fn run_with(
+    state: &AgentState,
+    facts: &NodeFacts,
+    tasks: &Arc<Tasks>,
+    updates: &mut mpsc::UnboundedReceiver<TaskUpdate>,
+    gate: Gate,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), SessionError> {
     let server = connect::parse_server(&state.config.server)?;
-    let mut backoff = Duration::ZERO;
-    let mut status = StatusFile::new(state, facts);
+    let status = Arc::new(StatusFile::new(state.dir.clone(), initial_status(state, facts, &gate)));
     status.write(|_| {});
+    let (tx, available) = watch::channel(gate.initial(state.is_paused()));
+    let watcher = availability::watch(gate, state.pause_file(), tasks.clone(), tx, status.clone());
+    tokio::select! {
+        r = sessions(&server, state, facts, tasks, updates, available, &status, shutdown) => r,
+        () = watcher => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn sessions(
+    server: &Server,
+    state: &AgentState,
+    facts: &NodeFacts,
+    tasks: &Arc<Tasks>,
+    updates: &mut mpsc::UnboundedReceiver<TaskUpdate>,
+    mut available: watch::Receiver<Availability>,
+    status: &StatusFile,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), SessionError> {
+    let mut backoff = Duration::ZERO;
     tokio::pin!(shutdown);
     loop {
         let started = Instant::now();
         let result = tokio::select! {
-            r = session(&server, state, facts, tasks, updates, &mut status) => r,
+            r = session(server, state, facts, tasks, updates, &mut available, status) => r,
             _ = &mut shutdown => return Ok(()),
         };
         let err = match result {
@@ -146,7 +175,8 @@ async fn session(
     facts: &NodeFacts,
     tasks: &Arc<Tasks>,
     updates: &mut mpsc::UnboundedReceiver<TaskUpdate>,
-    status: &mut StatusFile,
+    available: &mut watch::Receiver<Availability>,
+    status: &StatusFile,
 ) -> Result<(), SessionError> {
     let mut client = connect::client(server, &state.ca_pem, Some((&state.cert_pem, &state.key_pem))).await?;
     let (tx, rx) = mpsc::channel::<AgentMessage>(256);
@@ -154,9 +184,8 @@ async fn session(
         let tx = tx.clone();
         async move { tx.send(AgentMessage { kind: Some(kind) }).await.map_err(|_| SessionError::Ended("outbound stream closed".into())) }
     };
-    let mut paused = state.is_paused();
+    let mut paused = available.borrow_and_update().paused;
     send(agent_message::Kind::Hello(Hello { facts: Some(facts.clone()), running_attempt_ids: tasks.known_ids(), paused })).await?;
-    status.write(|s| s.paused = paused);
     let mut inbound = client.session(ReceiverStream::new(rx)).await.map_err(status_error)?.into_inner();
     let modules: Arc<dyn ModuleSource> = Arc::new(OperatorModules(client.clone()));
 
@@ -166,8 +195,6 @@ async fn session(
         send(agent_message::Kind::TaskUpdate(u)).await?;
     }
 
-    // `kommune-agent pause`/`resume` flip a file; a change is told to the operator at once.
-    let mut pause_check = tokio::time::interval(Duration::from_secs(1));
     let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -203,13 +230,12 @@ async fn session(
                     s.running = running;
                 });
             }
-            _ = pause_check.tick() => {
-                let now = state.is_paused();
+            // Pause, resume, a window or the owner: the operator hears of a change at once.
+            Ok(()) = available.changed() => {
+                let now = available.borrow_and_update().paused;
                 if now != paused {
                     paused = now;
-                    info!(paused, "provider {} this machine", if paused { "paused" } else { "resumed" });
                     send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: tasks.running_ids(), paused })).await?;
-                    status.write(|s| s.paused = paused);
                 }
             }
             Some(u) = updates.recv() => {

@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use kommune_proto::v1::{self, AttemptState, TaskResult, TaskUpdate, workload::Kind as WorkloadKind};
+use kommune_proto::v1::{self, AttemptState, Gpu, TaskResult, TaskUpdate, workload::Kind as WorkloadKind};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::gpu::GpuPool;
 use crate::receipts::Receipts;
 use crate::runtime::{AttemptContext, ContainerRuntime, Ending, ExecRuntime, Outcome, WasmRuntime};
 
@@ -103,6 +104,12 @@ pub struct Tasks {
     scratch_root: PathBuf,
     // Unbounded: at most two updates per assigned attempt, and the operator bounds assignments.
     updates: mpsc::UnboundedSender<TaskUpdate>,
+    /// The GPUs offered, and which attempt holds each.
+    gpus: Mutex<GpuPool>,
+    /// Set while the provider needs the machine back: why. New assignments are handed back.
+    preempting: Mutex<Option<String>>,
+    /// Running attempts stopped because the provider needs the machine, with why.
+    preempted: Mutex<HashMap<String, String>>,
 }
 
 impl Tasks {
@@ -119,7 +126,44 @@ impl Tasks {
         scratch_root: PathBuf,
     ) -> (Arc<Tasks>, mpsc::UnboundedReceiver<TaskUpdate>) {
         let (updates, rx) = mpsc::unbounded_channel();
-        (Arc::new(Tasks { running: Mutex::new(HashMap::new()), wasm, exec, container, spool, receipts: OnceLock::new(), scratch_root, updates }), rx)
+        let tasks = Tasks {
+            running: Mutex::new(HashMap::new()),
+            wasm,
+            exec,
+            container,
+            spool,
+            receipts: OnceLock::new(),
+            scratch_root,
+            updates,
+            gpus: Mutex::default(),
+            preempting: Mutex::default(),
+            preempted: Mutex::default(),
+        };
+        (Arc::new(tasks), rx)
+    }
+
+    /// The GPUs container tasks may be given (what the agent offers).
+    pub fn offer_gpus(&self, gpus: &[Gpu]) {
+        *lock(&self.gpus) = GpuPool::new(gpus);
+    }
+
+    /// The provider needs the machine back: stops every running attempt and hands it back to
+    /// the operator as PREEMPTED (not a failure of the task), and hands back new assignments
+    /// at once, until [`Tasks::stop_preempting`].
+    pub fn preempt_all(&self, reason: &str) {
+        *lock(&self.preempting) = Some(reason.to_string());
+        let running = self.running();
+        let mut preempted = lock(&self.preempted);
+        for (id, cancel) in running.iter() {
+            info!(attempt = %id, reason, "preempting: the provider needs the machine");
+            preempted.insert(id.clone(), reason.to_string());
+            cancel.cancel();
+        }
+    }
+
+    /// Takes assignments again after [`Tasks::preempt_all`].
+    pub fn stop_preempting(&self) {
+        *lock(&self.preempting) = None;
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
@@ -206,13 +250,28 @@ impl Tasks {
             let _ = me.updates.send(TaskUpdate { attempt_id: id.clone(), state: AttemptState::Running as i32, result: None, receipt: None });
             info!(attempt = %id, job = %assign.job, index = assign.task_index, "attempt started");
             let started_ms = crate::status::now_ms();
-            let outcome = me.execute(&assign, modules, cancel).await;
-            let state = state_of(outcome.ending);
+            let preempting = lock(&me.preempting).clone();
+            let outcome = match preempting {
+                Some(reason) => {
+                    lock(&me.preempted).insert(id.clone(), reason.clone());
+                    Outcome::not_started(reason)
+                }
+                None => me.execute(&assign, modules, cancel).await,
+            };
+            lock(&me.gpus).release(&id);
+            let mut state = state_of(outcome.ending);
+            let mut result = result_of(&outcome);
+            // A task that finished just as it was preempted keeps its success.
+            if let Some(reason) = lock(&me.preempted).remove(&id).filter(|_| outcome.ending != Ending::Succeeded) {
+                state = AttemptState::Preempted;
+                result.message = format!("preempted: the provider needs the machine back ({reason})");
+            }
+            // Preempted work is metered too: the provider's machine did it.
             let receipt = me.receipts.get().map(|r| {
                 let usage = outcome.usage.to_usage(outcome.wall, outcome.output_bytes);
                 r.issue(&id, &assign.job, state, usage, started_ms, started_ms.saturating_add(outcome.wall.as_millis() as i64))
             });
-            let update = TaskUpdate { attempt_id: id.clone(), state: state as i32, result: Some(result_of(&outcome)), receipt };
+            let update = TaskUpdate { attempt_id: id.clone(), state: state as i32, result: Some(result), receipt };
             if let Err(e) = me.spool.put(&update) {
                 warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart");
             }
@@ -223,6 +282,15 @@ impl Tasks {
     }
 
     async fn execute(&self, a: &v1::Assign, modules: Arc<dyn ModuleSource>, cancel: CancellationToken) -> Outcome {
+        let kind = a.workload.as_ref().and_then(|w| w.kind.as_ref());
+        let gpus = match (a.gpus, kind) {
+            (0, _) => vec![],
+            (n, Some(WorkloadKind::Container(_))) => match lock(&self.gpus).take(&a.attempt_id, n) {
+                Ok(devices) => devices,
+                Err(message) => return Outcome::not_started(message),
+            },
+            (n, _) => return Outcome::not_started(format!("the task asks for {n} GPU(s), but GPUs are given to container tasks only")),
+        };
         let scratch = self.scratch_root.join(&a.attempt_id);
         if let Err(e) = std::fs::create_dir_all(&scratch) {
             return Outcome::not_started(format!("cannot create scratch directory {}: {e}", scratch.display()));
@@ -238,7 +306,7 @@ impl Tasks {
             scratch_dir: scratch.clone(),
             env: vec![],
         };
-        let outcome = match a.workload.as_ref().and_then(|w| w.kind.as_ref()) {
+        let outcome = match kind {
             Some(WorkloadKind::Wasm(w)) => {
                 ctx.env = w.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 ctx.env.sort();
@@ -256,7 +324,7 @@ impl Tasks {
                 ctx.env = c.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 ctx.env.sort();
                 match &self.container {
-                    Some(runtime) => runtime.run(&c.image, &c.command, &c.args, &ctx, c.network, cancel).await,
+                    Some(runtime) => runtime.run_with_gpus(&c.image, &c.command, &c.args, &ctx, c.network, &gpus, cancel).await,
                     None => Outcome::not_started("container runtime disabled: start the agent with --container-socket PATH"),
                 }
             }
@@ -280,6 +348,11 @@ impl Tasks {
         };
         self.wasm.load(&w.module_sha256, &bytes).map_err(|e| e.to_string())
     }
+}
+
+/// A poisoned lock only means a panic elsewhere; the data is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Downloads a module over http(s), bounded in size. The caller checks its digest.
@@ -368,6 +441,7 @@ mod tests {
             memory_bytes: 64 << 20,
             cpu_millis: 100,
             timeout_millis: 10_000,
+            ..Default::default()
         }
     }
 

@@ -261,6 +261,8 @@ impl Dispatcher {
             v1::AttemptState::Succeeded => AttemptPhase::Succeeded,
             v1::AttemptState::Failed => AttemptPhase::Failed,
             v1::AttemptState::Cancelled => AttemptPhase::Cancelled,
+            // The provider took its machine back: re-placed like a cancel, no retry used up.
+            v1::AttemptState::Preempted => AttemptPhase::Cancelled,
             v1::AttemptState::Unspecified => {
                 warn!(node, attempt = %a.id, state = update.state, "update without a known state; ignored");
                 return Ok(false);
@@ -328,6 +330,7 @@ pub fn assign_message(a: &Attempt, policy: &JobPolicy, module: Option<&ModuleRef
         memory_bytes: policy.memory_bytes,
         cpu_millis: policy.cpu_millis,
         timeout_millis: policy.task_timeout.as_millis() as u64,
+        ..Default::default()
     }
 }
 

@@ -257,6 +257,7 @@ mod tests {
                 runtimes: vec!["exec".into(), "wasm".into(), "bogus".into(), "wasm".into()],
                 arch: "x".repeat(500),
                 os: "linux".into(),
+                ..Default::default()
             }),
             agent_version: "1".into(),
             region: "eu".into(),

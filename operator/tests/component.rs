@@ -136,7 +136,7 @@ fn facts(allow_exec: bool) -> NodeFacts {
         runtimes.push("exec".into());
     }
     NodeFacts {
-        capacity: Some(Capacity { cpu_millis: 2000, memory_bytes: 2 << 30, runtimes, arch: "x86_64".into(), os: "linux".into() }),
+        capacity: Some(Capacity { cpu_millis: 2000, memory_bytes: 2 << 30, runtimes, arch: "x86_64".into(), os: "linux".into(), ..Default::default() }),
         agent_version: "test".into(),
         region: String::new(),
         zone: String::new(),

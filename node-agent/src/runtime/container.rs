@@ -3,7 +3,10 @@
 
 mod engine;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::Method;
@@ -23,12 +26,22 @@ const PIDS_LIMIT: i64 = 512;
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The label every container carries, so leftovers of a crashed agent can be found.
 const ATTEMPT_LABEL: &str = "dev.kommune.attempt";
+/// The node that started a container, so an agent sweeps only its own leftovers when several
+/// agents share one engine.
+const NODE_LABEL: &str = "dev.kommune.node";
+/// The user a container runs as when the agent itself runs as root under a rootful engine.
+const NOBODY: u32 = 65534;
 
 /// Runs `container` workloads through one engine socket.
 #[derive(Debug, Clone)]
 pub struct ContainerRuntime {
     engine: Engine,
     allow_network: bool,
+    node: String,
+    /// The engine maps its root to this agent's user (rootless Docker or Podman).
+    rootless: Arc<AtomicBool>,
+    /// Containers created and not yet removed, for idle-only mode's CPU accounting.
+    live: Arc<Mutex<HashSet<String>>>,
 }
 
 impl ContainerRuntime {
@@ -36,7 +49,62 @@ impl ContainerRuntime {
     /// `$XDG_RUNTIME_DIR/podman/podman.sock`); `allow_network` comes from the agent's
     /// `--allow-container-network`. Nothing is contacted until a task runs.
     pub fn new(socket: PathBuf, allow_network: bool) -> Self {
-        Self { engine: Engine::new(socket), allow_network }
+        Self { engine: Engine::new(socket), allow_network, node: String::new(), rootless: Arc::default(), live: Arc::default() }
+    }
+
+    /// Labels containers with this node's name, and sweeps only those.
+    pub fn for_node(mut self, node: &str) -> Self {
+        self.node = node.to_string();
+        self
+    }
+
+    /// Asks the engine whether it answers and whether it runs rootless (which decides the user
+    /// containers run as). Called once at start, so a wrong socket is a clear error then.
+    pub async fn check_engine(&self) -> Result<(), String> {
+        let (_, info) = self.engine.call(Method::GET, "/info", None).await?;
+        let rootless = info.get("SecurityOptions").and_then(Value::as_array).is_some_and(|o| o.iter().any(|v| v.as_str() == Some("name=rootless")));
+        self.rootless.store(rootless, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Removes containers a previous run of this agent left behind (it crashed or was killed
+    /// mid-task): every container with this node's label. Returns how many were removed.
+    pub async fn sweep(&self) -> Result<usize, String> {
+        let mut labels = vec![ATTEMPT_LABEL.to_string()];
+        if !self.node.is_empty() {
+            labels.push(format!("{NODE_LABEL}={}", self.node));
+        }
+        let filters = json!({ "label": labels }).to_string();
+        let (_, list) = self.engine.call(Method::GET, &format!("/containers/json?all=true&filters={}", query(&filters)), None).await?;
+        let mut removed = 0;
+        for id in list.as_array().into_iter().flatten().filter_map(|c| c.get("Id").and_then(Value::as_str)) {
+            if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                continue;
+            }
+            match self.engine.call(Method::DELETE, &format!("/containers/{id}?force=true"), None).await {
+                Ok(_) => removed += 1,
+                Err(e) => tracing::warn!(container = %short(id), error = %e, "cannot remove a container left by an earlier run"),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Ids of the containers running tasks now.
+    pub fn live_ids(&self) -> Vec<String> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+
+    /// The `User` containers run as, and the owner to give the scratch directory, if any.
+    /// Containers never run as the image's own user: a rootful engine runs them as the agent's
+    /// user (so /scratch, made by the agent, is writable and what the task leaves there is the
+    /// agent's to delete), or as nobody when the agent is root (the scratch directory is given
+    /// to nobody); a rootless engine maps its root to the agent's user, so they run as its root.
+    fn user(&self) -> (String, Option<(u32, u32)>) {
+        if self.rootless.load(Ordering::Relaxed) {
+            return ("0:0".into(), None);
+        }
+        let (uid, gid) = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
+        if uid == 0 { (format!("{NOBODY}:{NOBODY}"), Some((NOBODY, NOBODY))) } else { (format!("{uid}:{gid}"), None) }
     }
 
     pub fn allows_network(&self) -> bool {
@@ -48,6 +116,22 @@ impl ContainerRuntime {
     /// the network only when the job asks (`network`) and the provider allows it. The
     /// container is removed afterwards whatever happened; on timeout or cancel it is killed first.
     pub async fn run(&self, image: &str, command: &[String], args: &[String], ctx: &AttemptContext, network: bool, cancel: CancellationToken) -> Outcome {
+        self.run_with_gpus(image, command, args, ctx, network, &[], cancel).await
+    }
+
+    /// Like [`ContainerRuntime::run`], with the GPUs `gpus` (NVIDIA device ids: uuids or
+    /// indexes) given to the container through the engine's device requests.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_with_gpus(
+        &self,
+        image: &str,
+        command: &[String],
+        args: &[String],
+        ctx: &AttemptContext,
+        network: bool,
+        gpus: &[String],
+        cancel: CancellationToken,
+    ) -> Outcome {
         let started = Instant::now();
         if !kommune_proto::is_pinned_image(image) {
             return Outcome::not_started(format!(
@@ -61,7 +145,20 @@ impl ContainerRuntime {
         if ctx.memory_bytes == 0 {
             return Outcome::not_started("the assignment carries no memory limit; containers never run without one");
         }
-        let spec = create_body(image, command, args, ctx, network && self.allow_network);
+        let (user, scratch_owner) = self.user();
+        if let Some((uid, gid)) = scratch_owner
+            && let Err(e) = std::os::unix::fs::chown(&ctx.scratch_dir, Some(uid), Some(gid))
+        {
+            return Outcome::not_started(format!("cannot hand the scratch directory {} to uid {uid}: {e}", ctx.scratch_dir.display()));
+        }
+        let mut spec = create_body(image, command, args, ctx, network && self.allow_network);
+        spec["User"] = json!(user);
+        if !self.node.is_empty() {
+            spec["Labels"][NODE_LABEL] = json!(self.node);
+        }
+        if !gpus.is_empty() {
+            spec["HostConfig"]["DeviceRequests"] = gpu_request(gpus);
+        }
 
         let mut created = None;
         let stopped = tokio::select! {
@@ -75,6 +172,7 @@ impl ContainerRuntime {
         let mut end = stopped;
         if let Some(id) = created {
             end = self.collect(&id, end, &stdout, &stderr).await;
+            self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         }
         let end = end.check_output(&stdout, &stderr);
         Outcome::from_captures(end, &stdout, &stderr, started.elapsed(), Measured::none())
@@ -94,6 +192,7 @@ impl ContainerRuntime {
             Err(e) => return End::failed(format!("cannot create container from {image}: {e}")),
         };
         *created = Some(id.clone());
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone());
         if let Err(e) = self.engine.call(Method::POST, &format!("/containers/{id}/start"), None).await {
             return End::failed(format!("cannot start container {}: {e}", short(&id)));
         }
@@ -186,6 +285,11 @@ fn create_body(image: &str, command: &[String], args: &[String], ctx: &AttemptCo
         body["Cmd"] = json!(args);
     }
     body
+}
+
+/// NVIDIA GPUs by device id (not by count: the engine would hand every task the first GPUs).
+fn gpu_request(devices: &[String]) -> Value {
+    json!([{ "Driver": "nvidia", "DeviceIDs": devices, "Capabilities": [["gpu"]] }])
 }
 
 /// Percent-encodes a query value (image names carry `/`, `:` and `@`).

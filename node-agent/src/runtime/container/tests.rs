@@ -41,6 +41,10 @@ struct Script {
     exit_code: Option<i64>,
     oom_killed: bool,
     logs: Vec<u8>,
+    /// `/info` says the engine runs rootless.
+    rootless: bool,
+    /// Containers `/containers/json` lists (ids), as a crashed agent leaves them.
+    leftovers: Vec<&'static str>,
 }
 
 impl Default for Script {
@@ -52,6 +56,8 @@ impl Default for Script {
             exit_code: Some(0),
             oom_killed: false,
             logs: Vec::new(),
+            rootless: false,
+            leftovers: Vec::new(),
         }
     }
 }
@@ -134,6 +140,17 @@ async fn answer(request: Request<Incoming>, script: Arc<Script>, log: Arc<Mutex<
         ("GET", p) if p == format!("{container}/logs?stdout=1&stderr=1") => reply(200, script.logs.clone()),
         ("POST", p) if p == format!("{container}/kill") => reply(204, vec![]),
         ("DELETE", p) if p == format!("{container}?force=true") => reply(204, vec![]),
+        ("GET", "/v1.41/info") => {
+            let mut options = vec!["name=seccomp,profile=builtin"];
+            if script.rootless {
+                options.push("name=rootless");
+            }
+            json_reply(200, json!({ "SecurityOptions": options }))
+        }
+        ("GET", p) if p.starts_with("/v1.41/containers/json?") => {
+            json_reply(200, json!(script.leftovers.iter().map(|id| json!({"Id": id})).collect::<Vec<_>>()))
+        }
+        ("DELETE", p) if script.leftovers.iter().any(|id| p == format!("/v1.41/containers/{id}?force=true")) => reply(204, vec![]),
         _ => json_reply(404, json!({"message": format!("fake engine: no route for {method} {path}")})),
     }
 }
@@ -337,6 +354,83 @@ async fn output_past_its_cap_fails_the_attempt() {
     assert_eq!((outcome.ending, outcome.message.as_str()), (Ending::Failed, "stderr limit 1 MiB exceeded"));
     assert_eq!(outcome.stderr_tail.len(), TAIL_BYTES);
     assert_eq!(engine.calls().last().unwrap(), &format!("DELETE /containers/{ID}?force=true"));
+}
+
+#[tokio::test]
+async fn a_gpu_task_gets_exactly_its_devices_through_a_device_request() {
+    let engine = FakeEngine::start(Script::default()).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let gpus = strings(&["GPU-5b3e0c2a-8f1d-4d7a-9a0e-2f0c6f1b9e11"]);
+    let ctx = context(scratch.path());
+    let outcome = engine.runtime().run_with_gpus(IMAGE, &[], &[], &ctx, false, &gpus, CancellationToken::new()).await;
+    assert_eq!(outcome.ending, Ending::Succeeded, "{}", outcome.message);
+    let host = &engine.create_body()["HostConfig"];
+    // By device id, not by count: with `Count` the engine gives every task the first GPUs.
+    assert_eq!(host["DeviceRequests"], json!([{"Driver": "nvidia", "DeviceIDs": ["GPU-5b3e0c2a-8f1d-4d7a-9a0e-2f0c6f1b9e11"], "Capabilities": [["gpu"]]}]));
+    assert_eq!(host["Privileged"], false, "a GPU does not unlock privileges");
+
+    let engine = FakeEngine::start(Script::default()).await;
+    run(&engine.runtime(), &context(scratch.path()), false, CancellationToken::new()).await;
+    assert!(engine.create_body()["HostConfig"].get("DeviceRequests").is_none(), "no GPU unless asked");
+}
+
+#[tokio::test]
+async fn containers_run_as_the_agents_user_so_scratch_is_writable_and_removable() {
+    let scratch = tempfile::tempdir().unwrap();
+    let engine = FakeEngine::start(Script::default()).await;
+    let runtime = engine.runtime();
+    runtime.check_engine().await.unwrap();
+    run(&runtime, &context(scratch.path()), false, CancellationToken::new()).await;
+    let (uid, gid) = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(scratch.path()).unwrap());
+    if uid == 0 {
+        // A root agent never runs tasks as root: they run as nobody, who gets the scratch dir.
+        assert_eq!(engine.create_body()["User"], "65534:65534");
+        assert_eq!(owner, 65534);
+    } else {
+        assert_eq!(engine.create_body()["User"], format!("{uid}:{gid}"));
+        assert_eq!(owner, uid);
+    }
+
+    // Rootless engines map their root to the agent's user.
+    let engine = FakeEngine::start(Script { rootless: true, ..Script::default() }).await;
+    let runtime = engine.runtime();
+    runtime.check_engine().await.unwrap();
+    run(&runtime, &context(scratch.path()), false, CancellationToken::new()).await;
+    assert_eq!(engine.create_body()["User"], "0:0");
+}
+
+#[tokio::test]
+async fn containers_a_crashed_run_left_behind_are_swept_at_start() {
+    let engine = FakeEngine::start(Script { leftovers: vec!["aaaa1111", "bbbb2222"], ..Script::default() }).await;
+    let runtime = engine.runtime().for_node("n1");
+    assert_eq!(runtime.sweep().await, Ok(2));
+    let calls = engine.calls();
+    let filters = query(&json!({"label": ["dev.kommune.attempt", "dev.kommune.node=n1"]}).to_string());
+    assert_eq!(
+        calls,
+        [
+            format!("GET /containers/json?all=true&filters={filters}"),
+            "DELETE /containers/aaaa1111?force=true".to_string(),
+            "DELETE /containers/bbbb2222?force=true".to_string(),
+        ]
+    );
+
+    // New containers carry the node label, so the next start finds them.
+    let scratch = tempfile::tempdir().unwrap();
+    run(&runtime, &context(scratch.path()), false, CancellationToken::new()).await;
+    assert_eq!(engine.create_body()["Labels"], json!({"dev.kommune.attempt": "hello-container-1-a1", "dev.kommune.node": "n1"}));
+    assert!(runtime.live_ids().is_empty(), "a removed container is no longer counted as the agent's");
+
+    let engine = FakeEngine::start(Script::default()).await;
+    assert_eq!(engine.runtime().sweep().await, Ok(0));
+}
+
+#[tokio::test]
+async fn an_engine_that_does_not_answer_fails_the_start_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = ContainerRuntime::new(dir.path().join("docker.sock"), false).check_engine().await.unwrap_err();
+    assert!(err.starts_with("cannot connect to "), "{err}");
 }
 
 #[test]
