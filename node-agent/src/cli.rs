@@ -58,7 +58,9 @@ pub enum Command {
     Leave(LeaveArgs),
     /// Lists this machine's signed usage receipts: what each finished task used, whether the
     /// operator acknowledged it, and the credits it was priced at.
-    #[command(after_help = "Example:\n  kommune-agent earnings          # a table, newest last\n  kommune-agent earnings --json   # one JSON object per receipt")]
+    #[command(
+        after_help = "Example:\n  kommune-agent earnings          # a table, newest last\n  kommune-agent earnings --json   # one JSON object per receipt"
+    )]
     Earnings(EarningsArgs),
     /// Works with the `run` config file: print an example, or check one.
     #[command(subcommand)]
