@@ -117,6 +117,8 @@ pub fn load_or_create_key(dir: &Path) -> Result<SigningKey, LedgerError> {
     }
 }
 
+type ReadJob = Box<dyn FnOnce(&mut dyn Backend) + Send>;
+
 enum Command {
     Submit(Box<ReceiptInput>, oneshot::Sender<Result<Verdict, LedgerError>>),
     RegisterKey { node: String, key: [u8; 32], recorded_ms: i64, reply: oneshot::Sender<Result<bool, LedgerError>> },
@@ -131,11 +133,11 @@ enum Checked {
     Other(Command),
 }
 
-/// The ledger: a handle to the writer pipeline and a read connection. `Send + Sync`; share it
-/// in an `Arc`.
+/// The ledger: a handle to the writer pipeline and to a reader thread. `Send + Sync`; share it
+/// in an `Arc`. Every method is async and never blocks the caller's thread on the database.
 pub struct Ledger {
     tx: Option<mpsc::Sender<Command>>,
-    reader: Mutex<Box<dyn Backend>>,
+    reads: Mutex<Option<std::sync::mpsc::Sender<ReadJob>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     operator_key: [u8; 32],
 }
@@ -149,26 +151,70 @@ impl Ledger {
     /// its writer.
     pub fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
         let key = load_or_create_key(&config.data_dir)?;
-        let mut writer_backend = open_backend(&config.data_dir, config.database_url.as_deref())?;
-        let reader = open_backend(&config.data_dir, config.database_url.as_deref())?;
-        let state = load_state(writer_backend.as_mut())?;
+        let operator_key = key.verifying_key().to_bytes();
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name).spawn(f).map_err(|e| LedgerError::Corrupt(format!("cannot start a ledger thread: {e}")))
+        };
+        // Backends are opened on their own threads: the PostgreSQL client blocks on a private
+        // runtime, which must not happen on a tokio worker (open may be called from async code).
+        let mut threads = vec![];
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), LedgerError>>();
+        let (reads, reads_rx) = std::sync::mpsc::channel::<ReadJob>();
+        {
+            let (dir, url, ready) = (config.data_dir.clone(), config.database_url.clone(), ready_tx.clone());
+            threads.push(spawn(
+                "ledger-reader".into(),
+                Box::new(move || {
+                    let mut b = match open_backend(&dir, url.as_deref()) {
+                        Ok(b) => b,
+                        Err(e) => return drop(ready.send(Err(e))),
+                    };
+                    drop(ready.send(Ok(())));
+                    while let Ok(job) = reads_rx.recv() {
+                        job(b.as_mut());
+                    }
+                }),
+            )?);
+        }
+        let (batches_tx, batches_rx) = sync_channel::<Vec<Checked>>(4);
+        {
+            let (dir, url, ready, fence) = (config.data_dir.clone(), config.database_url.clone(), ready_tx, config.fence.clone());
+            threads.push(spawn(
+                "ledger-writer".into(),
+                Box::new(move || {
+                    let opened = open_backend(&dir, url.as_deref()).and_then(|mut b| load_state(b.as_mut()).map(|s| (b, s)));
+                    let (backend, state) = match opened {
+                        Ok(x) => x,
+                        Err(e) => return drop(ready.send(Err(e))),
+                    };
+                    drop(ready.send(Ok(())));
+                    Writer { backend, state, key, fence }.run(batches_rx)
+                }),
+            )?);
+        }
         let (tx, rx) = mpsc::channel::<Command>(MAX_BATCH * 2);
         let rx = Arc::new(Mutex::new(rx));
-        let (batches_tx, batches_rx) = sync_channel::<Vec<Checked>>(4);
         let checkers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let mut threads = vec![];
         for i in 0..checkers {
-            let rx = rx.clone();
-            let out = batches_tx.clone();
-            let t = std::thread::Builder::new().name(format!("ledger-check-{i}")).spawn(move || check_loop(rx, out));
-            threads.push(t.map_err(|e| LedgerError::Corrupt(format!("cannot start a ledger thread: {e}")))?);
+            let (rx, out) = (rx.clone(), batches_tx.clone());
+            threads.push(spawn(format!("ledger-check-{i}"), Box::new(move || check_loop(rx, out)))?);
         }
         drop(batches_tx);
-        let operator_key = key.verifying_key().to_bytes();
-        let mut writer = Writer { backend: writer_backend, state, key, fence: config.fence };
-        let t = std::thread::Builder::new().name("ledger-writer".into()).spawn(move || writer.run(batches_rx));
-        threads.push(t.map_err(|e| LedgerError::Corrupt(format!("cannot start the ledger writer: {e}")))?);
-        Ok(Ledger { tx: Some(tx), reader: Mutex::new(reader), threads: Mutex::new(threads), operator_key })
+        let mut ledger = Ledger { tx: Some(tx), reads: Mutex::new(Some(reads)), threads: Mutex::new(threads), operator_key };
+        for _ in 0..2 {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    ledger.shutdown();
+                    return Err(e);
+                }
+                Err(_) => {
+                    ledger.shutdown();
+                    return Err(LedgerError::Closed);
+                }
+            }
+        }
+        Ok(ledger)
     }
 
     async fn send(&self, c: Command) -> Result<(), LedgerError> {
@@ -198,39 +244,54 @@ impl Ledger {
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 
-    fn read<T>(&self, f: impl FnOnce(&mut dyn Backend) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
-        let mut b = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        f(b.as_mut())
+    /// Runs `f` on the reader thread (which owns the read connection).
+    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&mut dyn Backend) -> Result<T, LedgerError> + Send + 'static) -> Result<T, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |b| drop(reply.send(f(b))));
+        {
+            let reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            reads.as_ref().ok_or(LedgerError::Closed)?.send(job).map_err(|_| LedgerError::Closed)?;
+        }
+        rx.await.map_err(|_| LedgerError::Closed)?
     }
 
     /// Usage and cost of a job's receipts so far.
-    pub fn job_usage(&self, job_uid: &str) -> Result<JobUsage, LedgerError> {
-        self.read(|b| b.job_usage(job_uid))
+    pub async fn job_usage(&self, job_uid: &str) -> Result<JobUsage, LedgerError> {
+        let job_uid = job_uid.to_string();
+        self.read(move |b| b.job_usage(&job_uid)).await
     }
 
     /// A node's pending earnings and the head backing them.
-    pub fn node_earnings(&self, node: &str) -> Result<NodeEarnings, LedgerError> {
-        self.read(|b| {
+    pub async fn node_earnings(&self, node: &str) -> Result<NodeEarnings, LedgerError> {
+        let node = node.to_string();
+        self.read(move |b| {
             // Head first: the totals read after it cover at least the entries it names.
             let head = head_of(b)?;
-            let t: NodeTotal = b.node_total(node)?;
-            Ok(NodeEarnings { node: node.to_string(), pending: t.total, receipts: t.receipts, head })
+            let t: NodeTotal = b.node_total(&node)?;
+            Ok(NodeEarnings { node, pending: t.total, receipts: t.receipts, head })
         })
+        .await
     }
 
     /// The last entry.
-    pub fn head(&self) -> Result<Option<Head>, LedgerError> {
-        self.read(head_of)
+    pub async fn head(&self) -> Result<Option<Head>, LedgerError> {
+        self.read(head_of).await
     }
 
     /// Receipts refused from `node`'s sessions, with reasons.
-    pub fn rejected(&self, node: &str) -> Result<Vec<RejectedReceipt>, LedgerError> {
-        self.read(|b| b.rejected(node))
+    pub async fn rejected(&self, node: &str) -> Result<Vec<RejectedReceipt>, LedgerError> {
+        let node = node.to_string();
+        self.read(move |b| b.rejected(&node)).await
     }
 
-    /// Streams entries in seq order (for export); `f` returns false to stop.
-    pub fn for_each_entry(&self, filter: &EntryFilter, f: &mut dyn FnMut(Result<entry::Entry, verify::BadEntry>) -> bool) -> Result<(), LedgerError> {
-        self.read(|b| b.for_each_entry(filter, f))
+    /// Stops the pipeline after the work already queued and waits for its threads.
+    fn shutdown(&mut self) {
+        // Closing the queues stops the checkers, which stops the writer after its last batch.
+        self.tx = None;
+        *self.reads.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        for t in self.threads.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            let _ = t.join();
+        }
     }
 
     /// The operator's ledger public key (signs checkpoints).
@@ -241,11 +302,7 @@ impl Ledger {
 
 impl Drop for Ledger {
     fn drop(&mut self) {
-        // Closing the queue stops the checkers, which stops the writer after its last batch.
-        self.tx = None;
-        for t in self.threads.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
-            let _ = t.join();
-        }
+        self.shutdown();
     }
 }
 

@@ -222,13 +222,13 @@ fn genuine_receipts_are_accepted_priced_and_totalled(env: &Env) {
             assert_eq!(l.submit(input(1, 1, s)).await.unwrap(), Verdict::Accepted { seq: s + 1, cost });
         }
     });
-    let job = l.job_usage("uid-1").unwrap();
+    let job = rt.block_on(l.job_usage("uid-1")).unwrap();
     assert_eq!((job.receipts, job.cost, job.usage.cpu_micros, job.usage.wall_millis), (3, Micros(cost.0 * 3), 21_000_000, 12_000));
-    let earnings = l.node_earnings("pn-1").unwrap();
-    let head = l.head().unwrap().unwrap();
+    let earnings = rt.block_on(l.node_earnings("pn-1")).unwrap();
+    let head = rt.block_on(l.head()).unwrap().unwrap();
     assert_eq!((earnings.pending, earnings.receipts, earnings.head), (Micros(cost.0 * 3), 3, Some(head)));
     assert_eq!(head.seq, 4);
-    assert_eq!(l.node_earnings("pn-2").unwrap().receipts, 0);
+    assert_eq!(rt.block_on(l.node_earnings("pn-2")).unwrap().receipts, 0);
     drop(l);
     let report = env.verify().unwrap();
     assert_eq!((report.entries, report.receipts, report.node_keys, report.total), (4, 3, 1, Micros(cost.0 * 3)));
@@ -268,9 +268,9 @@ fn duplicated_reordered_and_replayed_receipts_count_once(env: &Env) {
             }
         }
     });
-    assert_eq!(l.node_earnings("pn-1").unwrap().receipts, 20);
-    assert_eq!(l.node_earnings("pn-2").unwrap().receipts, 20);
-    assert_eq!(l.job_usage("uid-1").unwrap().receipts, 40);
+    assert_eq!(rt.block_on(l.node_earnings("pn-1")).unwrap().receipts, 20);
+    assert_eq!(rt.block_on(l.node_earnings("pn-2")).unwrap().receipts, 20);
+    assert_eq!(rt.block_on(l.job_usage("uid-1")).unwrap().receipts, 40);
     drop(l);
     assert_eq!(env.verify().unwrap().receipts, 40);
 }
@@ -308,13 +308,13 @@ fn forged_receipts_are_rejected_with_a_reason_and_kept_once(env: &Env) {
         }
         assert!(matches!(l.submit(genuine.clone()).await.unwrap(), Verdict::Accepted { .. }));
     });
-    let rejected = l.rejected("pn-1").unwrap();
-    let from_pn2 = l.rejected("pn-2").unwrap();
+    let rejected = rt.block_on(l.rejected("pn-1")).unwrap();
+    let from_pn2 = rt.block_on(l.rejected("pn-2")).unwrap();
     assert_eq!(rejected.len() + from_pn2.len(), forgeries.len(), "each forgery is stored once: {rejected:#?}");
     assert!(rejected.iter().chain(&from_pn2).all(|r| r.times == 2 && !r.reason.is_empty()));
     assert_eq!(from_pn2.len(), 1);
     assert_eq!((from_pn2[0].node.as_str(), from_pn2[0].sequence), ("pn-1", 5));
-    assert_eq!(l.node_earnings("pn-1").unwrap().receipts, 1, "only the genuine receipt counts");
+    assert_eq!(rt.block_on(l.node_earnings("pn-1")).unwrap().receipts, 1, "only the genuine receipt counts");
     drop(l);
     assert_eq!(env.verify().unwrap().receipts, 1);
 }
@@ -350,7 +350,7 @@ fn a_reused_sequence_or_a_metered_attempt_is_rejected(env: &Env) {
         let Verdict::Rejected { reason } = l.submit(again).await.unwrap() else { panic!() };
         assert!(reason.contains(&format!("attempt a-1-1-1 was already metered by ledger entry {seq}")), "{reason}");
     });
-    assert_eq!(l.rejected("pn-1").unwrap().len(), 2);
+    assert_eq!(rt.block_on(l.rejected("pn-1")).unwrap().len(), 2);
 }
 
 fn reopening_keeps_everything_and_dedup_still_holds(env: &Env) {
@@ -364,11 +364,11 @@ fn reopening_keeps_everything_and_dedup_still_holds(env: &Env) {
             }
             l.checkpoint().await.unwrap();
         });
-        l.head().unwrap().unwrap()
+        rt.block_on(l.head()).unwrap().unwrap()
     };
     let key_before = std::fs::read(env.dir.path().join("ledger.key")).unwrap();
     let l = env.open();
-    assert_eq!(l.head().unwrap(), Some(first_head));
+    assert_eq!(rt.block_on(l.head()).unwrap(), Some(first_head));
     rt.block_on(async {
         assert!(!l.register_node_key("pn-1", key_of(1)).await.unwrap(), "the key survived");
         for s in 1..=5 {
@@ -376,7 +376,7 @@ fn reopening_keeps_everything_and_dedup_still_holds(env: &Env) {
         }
         assert_eq!(l.submit(input(1, 1, 6)).await.unwrap(), Verdict::Accepted { seq: first_head.seq + 1, cost: check::check(&input(1, 1, 6)).unwrap().cost });
     });
-    assert_eq!(l.node_earnings("pn-1").unwrap().receipts, 6);
+    assert_eq!(rt.block_on(l.node_earnings("pn-1")).unwrap().receipts, 6);
     drop(l);
     assert_eq!(std::fs::read(env.dir.path().join("ledger.key")).unwrap(), key_before);
     #[cfg(unix)]
@@ -396,14 +396,14 @@ fn a_fenced_ledger_refuses_appends(env: &Env) {
         assert!(matches!(l.register_node_key("pn-1", key_of(1)).await, Err(LedgerError::Fenced(_))));
         assert!(matches!(l.submit(input(1, 1, 1)).await, Err(LedgerError::Fenced(_))));
         assert!(matches!(l.checkpoint().await, Err(LedgerError::Fenced(_))));
-        assert_eq!(l.head().unwrap(), None, "nothing was written");
+        assert_eq!(l.head().await.unwrap(), None, "nothing was written");
         fence.extend(std::time::Instant::now() + std::time::Duration::from_secs(60));
         l.register_node_key("pn-1", key_of(1)).await.unwrap();
         assert!(matches!(l.submit(input(1, 1, 1)).await.unwrap(), Verdict::Accepted { .. }));
         fence.close();
         assert!(matches!(l.submit(input(1, 1, 2)).await, Err(LedgerError::Fenced(_))));
     });
-    assert_eq!(l.head().unwrap().unwrap().seq, 2);
+    assert_eq!(rt.block_on(l.head()).unwrap().unwrap().seq, 2);
 }
 
 const COLUMNS: &[&str] = &[
