@@ -11,6 +11,7 @@ pub mod fence;
 pub mod fleet;
 pub mod gateway;
 pub mod job;
+pub mod ledger;
 pub mod metrics;
 pub mod pki;
 pub mod pricing;

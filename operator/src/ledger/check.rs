@@ -1,0 +1,402 @@
+//! Receipt checks before anything reaches the ledger: the node's signature, who sent it, which
+//! attempt it meters, and whether the usage is physically plausible. Pure: no I/O, no clock.
+
+use std::fmt;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use kommune_proto::receipt::{self, ReceiptError};
+use kommune_proto::v1::{ReceiptBody, Usage, UsageReceipt};
+
+use crate::pricing::{self, Micros, Rates};
+
+/// Wall time may exceed what the operator observed by this much (clock granularity, the agent
+/// starting its timer a little before the operator saw the attempt start)...
+pub const WALL_SLACK_MILLIS: u64 = 2_000;
+/// ...plus this many per mille of the observed duration (clock drift over long attempts).
+pub const WALL_SLACK_PER_MILLE: u64 = 10;
+/// CPU time may exceed assigned cores x wall time by this many per mille (accounting noise:
+/// the runtime's own threads, rounding of rusage)...
+pub const CPU_SLACK_PER_MILLE: u64 = 50;
+/// ...plus this much absolute CPU time (process start-up on very short attempts).
+pub const CPU_SLACK_MICROS: u64 = 100_000;
+
+/// What the operator knows about the attempt a receipt claims to meter (from its store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptFacts {
+    /// The attempt id the operator assigned.
+    pub attempt_id: String,
+    /// The ComputeJob's uid.
+    pub job_uid: String,
+    /// "namespace/name" of the ComputeJob.
+    pub job_key: String,
+    /// The node the attempt was assigned to.
+    pub node: String,
+    /// CPU assigned to the attempt, in millicores.
+    pub cpu_millis: u64,
+    /// When the operator saw the attempt start (assignment), Unix ms on the operator's clock.
+    pub observed_start_ms: i64,
+    /// When the operator saw the attempt end (terminal update), Unix ms on the operator's clock.
+    pub observed_end_ms: i64,
+}
+
+/// One receipt as the gateway hands it to the ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceiptInput {
+    /// The receipt exactly as the agent sent it.
+    pub receipt: UsageReceipt,
+    /// The node name of the authenticated session (from its client certificate).
+    pub session_node: String,
+    /// The node's registered ed25519 public key.
+    pub node_public_key: [u8; 32],
+    /// The attempt as the operator recorded it.
+    pub attempt: AttemptFacts,
+    /// The effective rates for this provider (cluster rates with its overrides applied).
+    pub rates: Rates,
+    /// When the operator received the receipt, Unix ms; becomes the entry's `recorded_ms`.
+    pub received_ms: i64,
+}
+
+/// A receipt that passed every check, priced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedReceipt {
+    /// The decoded body (its bytes are `input.receipt.body`).
+    pub body: ReceiptBody,
+    /// The usage the body carries.
+    pub usage: Usage,
+    /// Cost of the usage at the input's rates.
+    pub cost: Micros,
+}
+
+/// Why a receipt was refused. The Display text is meant for the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// The body is oversized or does not decode.
+    Malformed(String),
+    /// The signature is malformed or does not verify with the node's registered key.
+    BadSignature(String),
+    /// The node key given is not registered for the node.
+    UnregisteredKey { node: String },
+    /// The body names another node than the session that sent it.
+    WrongNode { body: String, session: String },
+    /// The attempt was assigned to another node.
+    NotAssigned { attempt_id: String, assigned: String, node: String },
+    /// The body meters another attempt than the one it was submitted for.
+    WrongAttempt { body: String, expected: String },
+    /// The body carries no usage.
+    NoUsage,
+    /// Wall time longer than what the operator observed (plus slack).
+    WallTooLong { wall_millis: u64, observed_millis: u64 },
+    /// CPU time more than assigned cores x wall time (plus slack).
+    CpuTooHigh { cpu_micros: u64, cpu_millis: u64, wall_millis: u64 },
+    /// A different receipt already uses this (node, epoch, sequence).
+    SequenceReused { node: String, epoch: u64, sequence: u64, seq: u64 },
+    /// The attempt was already metered by another receipt.
+    AttemptAlreadyMetered { attempt_id: String, seq: u64 },
+}
+
+fn secs(millis: u64) -> String {
+    format!("{}.{}s", millis / 1000, (millis % 1000) / 100)
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::Malformed(e) => write!(f, "malformed receipt: {e}; the agent must send the body it signed, unmodified"),
+            Rejection::BadSignature(e) => write!(f, "{e}; sign receipts with the node key registered at join"),
+            Rejection::UnregisteredKey { node } => write!(f, "the key presented is not registered for node {node}; re-join to register it"),
+            Rejection::WrongNode { body, session } => {
+                write!(f, "receipt is for node {body:?} but was sent by node {session:?}; a node may only submit its own receipts")
+            }
+            Rejection::NotAssigned { attempt_id, assigned, node } => {
+                write!(f, "attempt {attempt_id} was assigned to node {assigned:?}, not {node:?}; only the assigned node is paid for it")
+            }
+            Rejection::WrongAttempt { body, expected } => write!(f, "receipt meters attempt {body:?} but was submitted for attempt {expected:?}"),
+            Rejection::NoUsage => write!(f, "receipt carries no usage; measure the attempt and sign the usage"),
+            Rejection::WallTooLong { wall_millis, observed_millis } => {
+                write!(f, "wall time {} exceeds the {} the operator observed for the attempt", secs(*wall_millis), secs(*observed_millis))
+            }
+            Rejection::CpuTooHigh { cpu_micros, cpu_millis, wall_millis } => {
+                let cores = format!("{}", *cpu_millis as f64 / 1000.0);
+                write!(f, "cpu time {} exceeds {cores} cores x {} wall", secs(cpu_micros / 1000), secs(*wall_millis))
+            }
+            Rejection::SequenceReused { node, epoch, sequence, seq } => {
+                write!(
+                    f,
+                    "node {node} epoch {epoch} sequence {sequence} was already used by a different receipt (ledger entry {seq}); sequences must never be reused"
+                )
+            }
+            Rejection::AttemptAlreadyMetered { attempt_id, seq } => write!(f, "attempt {attempt_id} was already metered by ledger entry {seq}"),
+        }
+    }
+}
+
+/// Everything about a receipt except its signature: decode, identity, attempt and plausibility.
+/// Split out so the ledger can verify a batch of signatures at once.
+pub fn check_content(input: &ReceiptInput) -> Result<VerifiedReceipt, Rejection> {
+    let body = receipt::decode(&input.receipt).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let a = &input.attempt;
+    if body.node != input.session_node {
+        return Err(Rejection::WrongNode { body: body.node, session: input.session_node.clone() });
+    }
+    if a.node != body.node {
+        return Err(Rejection::NotAssigned { attempt_id: a.attempt_id.clone(), assigned: a.node.clone(), node: body.node });
+    }
+    if body.attempt_id != a.attempt_id {
+        return Err(Rejection::WrongAttempt { body: body.attempt_id, expected: a.attempt_id.clone() });
+    }
+    let Some(usage) = body.usage.clone() else {
+        return Err(Rejection::NoUsage);
+    };
+    let observed_millis = u64::try_from(a.observed_end_ms.saturating_sub(a.observed_start_ms)).unwrap_or(0);
+    let wall_limit = observed_millis.saturating_add(WALL_SLACK_MILLIS).saturating_add(observed_millis / 1000 * WALL_SLACK_PER_MILLE);
+    if usage.wall_millis > wall_limit {
+        return Err(Rejection::WallTooLong { wall_millis: usage.wall_millis, observed_millis });
+    }
+    // cores x wall in CPU micros: cpu_millis/1000 cores x wall_millis x 1000 us/ms.
+    let cpu_limit = (a.cpu_millis as u128 * usage.wall_millis as u128) * (1000 + CPU_SLACK_PER_MILLE) as u128 / 1000 + CPU_SLACK_MICROS as u128;
+    if usage.cpu_micros as u128 > cpu_limit {
+        return Err(Rejection::CpuTooHigh { cpu_micros: usage.cpu_micros, cpu_millis: a.cpu_millis, wall_millis: usage.wall_millis });
+    }
+    let cost = pricing::cost(&usage, &input.rates);
+    Ok(VerifiedReceipt { body, usage, cost })
+}
+
+/// The parsed signature material of a receipt, ready for single or batch verification.
+pub(crate) struct SignedMessage {
+    pub message: Vec<u8>,
+    pub signature: Signature,
+    pub key: VerifyingKey,
+}
+
+/// Parses key and signature; the error is the rejection a malformed one gets.
+pub(crate) fn signed_message(receipt: &UsageReceipt, public_key: &[u8]) -> Result<SignedMessage, Rejection> {
+    let bad = |e: ReceiptError| Rejection::BadSignature(e.to_string());
+    let key: [u8; 32] = public_key.try_into().map_err(|_| bad(ReceiptError::BadKey))?;
+    let key = VerifyingKey::from_bytes(&key).map_err(|_| bad(ReceiptError::BadKey))?;
+    let sig: [u8; 64] = receipt.signature.as_slice().try_into().map_err(|_| bad(ReceiptError::BadSignatureLength(receipt.signature.len())))?;
+    Ok(SignedMessage { message: receipt::signed_message(&receipt.body), signature: Signature::from_bytes(&sig), key })
+}
+
+/// Verifies many signatures, batching where possible; returns one verdict per message, in
+/// order. A failed batch falls back to single verification, which is authoritative.
+pub(crate) fn verify_signatures(msgs: &[&SignedMessage]) -> Vec<bool> {
+    if msgs.is_empty() {
+        return vec![];
+    }
+    let m: Vec<&[u8]> = msgs.iter().map(|s| s.message.as_slice()).collect();
+    let s: Vec<Signature> = msgs.iter().map(|s| s.signature).collect();
+    let k: Vec<VerifyingKey> = msgs.iter().map(|s| s.key).collect();
+    if ed25519_dalek::verify_batch(&m, &s, &k).is_ok() {
+        return vec![true; msgs.len()];
+    }
+    // The same (non-strict) check as `kommune_proto::receipt::verify`.
+    msgs.iter().map(|s| ed25519_dalek::Verifier::verify(&s.key, &s.message, &s.signature).is_ok()).collect()
+}
+
+/// Checks one receipt completely: signature first, then content.
+pub fn check(input: &ReceiptInput) -> Result<VerifiedReceipt, Rejection> {
+    check_many(std::slice::from_ref(input)).pop().expect("one input gives one verdict")
+}
+
+/// Checks many receipts, verifying their signatures as one batch.
+pub fn check_many(inputs: &[ReceiptInput]) -> Vec<Result<VerifiedReceipt, Rejection>> {
+    check_refs(&inputs.iter().collect::<Vec<_>>())
+}
+
+/// [`check_many`] over borrowed inputs.
+pub(crate) fn check_refs(inputs: &[&ReceiptInput]) -> Vec<Result<VerifiedReceipt, Rejection>> {
+    let parsed: Vec<Result<SignedMessage, Rejection>> = inputs
+        .iter()
+        .map(|i| {
+            if i.receipt.body.len() > receipt::MAX_BODY_BYTES {
+                return Err(Rejection::Malformed(ReceiptError::TooLarge(i.receipt.body.len()).to_string()));
+            }
+            signed_message(&i.receipt, &i.node_public_key)
+        })
+        .collect();
+    let ok: Vec<&SignedMessage> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
+    let mut verdicts = verify_signatures(&ok).into_iter();
+    inputs
+        .iter()
+        .zip(parsed)
+        .map(|(input, p)| {
+            p?;
+            if !verdicts.next().unwrap_or(false) {
+                return Err(Rejection::BadSignature(ReceiptError::BadSignature.to_string()));
+            }
+            check_content(input)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use kommune_proto::v1::AttemptState;
+
+    pub fn node_key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    pub fn facts(attempt: &str, node: &str) -> AttemptFacts {
+        AttemptFacts {
+            attempt_id: attempt.into(),
+            job_uid: "uid-1".into(),
+            job_key: "ns/job".into(),
+            node: node.into(),
+            cpu_millis: 2000,
+            observed_start_ms: 1_000_000,
+            observed_end_ms: 1_004_000,
+        }
+    }
+
+    pub fn body(node: &str, epoch: u64, sequence: u64, attempt: &str, usage: Usage) -> ReceiptBody {
+        ReceiptBody {
+            node: node.into(),
+            epoch,
+            sequence,
+            attempt_id: attempt.into(),
+            job: "ns/job".into(),
+            state: AttemptState::Succeeded as i32,
+            usage: Some(usage),
+            started_unix_millis: 1_000_000,
+            finished_unix_millis: 1_004_000,
+        }
+    }
+
+    pub fn usage() -> Usage {
+        Usage { wall_millis: 4000, cpu_micros: 7_000_000, memory_mib_millis: 100 * 4000, output_bytes: 1 << 20, source: "rusage".into(), ..Default::default() }
+    }
+
+    pub fn rates() -> Rates {
+        Rates { cpu_core_hour: Micros(36_000), memory_gib_hour: Micros(3_600), gpu_hour: Micros(1_000_000), output_gib: Micros(2_000) }
+    }
+
+    /// A genuine receipt from node `pn-<seed>` for attempt `a-<seed>-<sequence>`.
+    pub fn input(seed: u8, epoch: u64, sequence: u64) -> ReceiptInput {
+        let node = format!("pn-{seed}");
+        let attempt = format!("a-{seed}-{epoch}-{sequence}");
+        let key = node_key(seed);
+        ReceiptInput {
+            receipt: receipt::sign(&body(&node, epoch, sequence, &attempt, usage()), &key),
+            session_node: node.clone(),
+            node_public_key: key.verifying_key().to_bytes(),
+            attempt: facts(&attempt, &node),
+            rates: rates(),
+            received_ms: 1_004_100,
+        }
+    }
+
+    fn resign(mut i: ReceiptInput, f: impl FnOnce(&mut ReceiptBody)) -> ReceiptInput {
+        let mut b = receipt::decode(&i.receipt).unwrap();
+        f(&mut b);
+        i.receipt = receipt::sign(&b, &node_key(1));
+        i
+    }
+
+    #[test]
+    fn a_genuine_plausible_receipt_is_priced_at_the_given_rates() {
+        let v = check(&input(1, 1, 1)).unwrap();
+        assert_eq!(v.cost, pricing::cost(&usage(), &rates()));
+        assert_eq!(v.body.sequence, 1);
+    }
+
+    #[test]
+    fn each_way_a_receipt_can_be_wrong_gets_its_own_reason() {
+        let base = input(1, 1, 1);
+        let cases: Vec<(&str, ReceiptInput, &str)> = vec![
+            (
+                "flipped body byte",
+                {
+                    let mut i = base.clone();
+                    let n = i.receipt.body.len();
+                    i.receipt.body[n - 3] ^= 1;
+                    i
+                },
+                "signature does not verify",
+            ),
+            (
+                "flipped signature",
+                {
+                    let mut i = base.clone();
+                    i.receipt.signature[5] ^= 1;
+                    i
+                },
+                "signature does not verify",
+            ),
+            (
+                "short signature",
+                {
+                    let mut i = base.clone();
+                    i.receipt.signature.truncate(10);
+                    i
+                },
+                "not 64",
+            ),
+            ("another node's key", ReceiptInput { node_public_key: node_key(2).verifying_key().to_bytes(), ..base.clone() }, "signature does not verify"),
+            (
+                "signed by another key",
+                {
+                    let mut i = base.clone();
+                    i.receipt = receipt::sign(&receipt::decode(&i.receipt).unwrap(), &node_key(3));
+                    i
+                },
+                "signature does not verify",
+            ),
+            (
+                "garbage body",
+                {
+                    let mut i = base.clone();
+                    i.receipt = UsageReceipt { body: vec![0xff; 8], signature: vec![] };
+                    i
+                },
+                "not 64",
+            ),
+            (
+                "oversized body",
+                {
+                    let mut i = base.clone();
+                    i.receipt.body = vec![0; 5000];
+                    i
+                },
+                "malformed receipt",
+            ),
+            ("sent by another session", ReceiptInput { session_node: "pn-2".into(), ..base.clone() }, "sent by node \"pn-2\""),
+            ("attempt assigned elsewhere", ReceiptInput { attempt: facts("a-1-1-1", "pn-9"), ..base.clone() }, "assigned to node \"pn-9\""),
+            ("another attempt", ReceiptInput { attempt: facts("a-other", "pn-1"), ..base.clone() }, "submitted for attempt \"a-other\""),
+            ("no usage", resign(base.clone(), |b| b.usage = None), "no usage"),
+            ("wall too long", resign(base.clone(), |b| b.usage.as_mut().unwrap().wall_millis = 6_100), "wall time 6.1s exceeds the 4.0s"),
+            ("cpu too high", resign(base.clone(), |b| b.usage.as_mut().unwrap().cpu_micros = 9_200_000), "cpu time 9.2s exceeds 2 cores x 4.0s wall"),
+        ];
+        for (what, i, want) in cases {
+            let err = check(&i).expect_err(what).to_string();
+            assert!(err.contains(want), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn tolerances_admit_small_measurement_noise_and_nothing_more() {
+        let base = input(1, 1, 1);
+        // 4 s observed: wall up to 4 s + 2 s + 1% of 4 s = 6.04 s.
+        assert!(check(&resign(base.clone(), |b| b.usage.as_mut().unwrap().wall_millis = 6_040)).is_ok());
+        assert!(check(&resign(base.clone(), |b| b.usage.as_mut().unwrap().wall_millis = 6_041)).is_err());
+        // 2 cores x 4 s = 8 s, +5% = 8.4 s, +0.1 s = 8.5 s.
+        assert!(check(&resign(base.clone(), |b| b.usage.as_mut().unwrap().cpu_micros = 8_500_000)).is_ok());
+        assert!(check(&resign(base.clone(), |b| b.usage.as_mut().unwrap().cpu_micros = 8_500_001)).is_err());
+        // The operator's clock going backwards never makes a negative window.
+        let mut i = base.clone();
+        i.attempt.observed_end_ms = 0;
+        assert!(matches!(check(&i), Err(Rejection::WallTooLong { observed_millis: 0, .. })));
+    }
+
+    #[test]
+    fn a_batch_with_one_forgery_rejects_only_the_forgery() {
+        let mut inputs: Vec<ReceiptInput> = (1..=20).map(|s| input(1, 1, s)).collect();
+        inputs[7].receipt.signature[0] ^= 0x40;
+        let out = check_many(&inputs);
+        for (i, r) in out.iter().enumerate() {
+            assert_eq!(r.is_ok(), i != 7, "receipt {i}: {r:?}");
+        }
+    }
+}

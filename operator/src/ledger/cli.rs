@@ -1,0 +1,257 @@
+//! `kommune-operator ledger export|verify`: what a payment system and an auditor run against the
+//! operator's ledger (the SQLite file in the data directory, or PostgreSQL).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::backend::{Backend, EntryFilter};
+use super::entry::{Entry, EntryKind, fingerprint};
+use super::verify::{BadEntry, VerifyOptions};
+use super::{LedgerError, open_backend, verify_stored};
+
+/// `kommune-operator ledger ...`
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Writes ledger entries as JSON lines or CSV, for a payment system.
+    Export(ExportArgs),
+    /// Recomputes the whole chain, every signature and every total; names the first bad entry.
+    Verify(VerifyArgs),
+}
+
+/// Where the ledger is.
+#[derive(Debug, Args)]
+pub struct Location {
+    /// The operator's data directory (holds ledger.db).
+    #[arg(long, env = "KOMMUNE_DATA_DIR", default_value = "/var/lib/kommune")]
+    pub data_dir: PathBuf,
+    /// Read the ledger from PostgreSQL instead (postgres://...).
+    #[arg(long, env = "KOMMUNE_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+/// Output format of `ledger export`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Jsonl,
+    Csv,
+}
+
+/// `ledger export` arguments.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub location: Location,
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: Format,
+    /// Only entries recorded at or after this time (RFC 3339, e.g. 2025-01-01T00:00:00Z).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<i64>,
+    /// Only entries recorded before this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<i64>,
+    /// Only this provider node's receipts and key registrations.
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Write here instead of standard output.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+/// `ledger verify` arguments.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub location: Location,
+    /// Require every checkpoint to be signed by the operator key with this sha256 (hex, as
+    /// printed by an earlier verify).
+    #[arg(long)]
+    pub operator_key_sha256: Option<String>,
+}
+
+/// Why a ledger command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("no ledger at {0} (is --data-dir the operator's data directory, or should --database-url be set?)")]
+    NoLedger(String),
+    #[error("cannot write the export: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("ledger verification FAILED: {0}")]
+    Bad(BadEntry),
+    #[error("a stored entry does not read: {0}; run `kommune-operator ledger verify`")]
+    Unreadable(BadEntry),
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(s).map(|t| t.timestamp_millis()).map_err(|e| format!("{s:?} is not an RFC 3339 time like 2025-01-31T00:00:00Z: {e}"))
+}
+
+fn open(loc: &Location) -> Result<Box<dyn Backend>, CliError> {
+    if loc.database_url.is_none() && !loc.data_dir.join("ledger.db").exists() {
+        return Err(CliError::NoLedger(loc.data_dir.join("ledger.db").display().to_string()));
+    }
+    Ok(open_backend(&loc.data_dir, loc.database_url.as_deref())?)
+}
+
+/// Runs a ledger command, writing its result to `out`.
+pub fn run(cmd: LedgerCommand, out: &mut dyn Write) -> Result<(), CliError> {
+    match cmd {
+        LedgerCommand::Export(a) => {
+            let mut b = open(&a.location)?;
+            let filter = EntryFilter { since_ms: a.since, until_ms: a.until, node: a.provider.clone() };
+            match &a.output {
+                Some(p) => {
+                    let mut f = std::io::BufWriter::new(std::fs::File::create(p)?);
+                    export(b.as_mut(), &filter, a.format, &mut f)?;
+                    f.flush()?;
+                    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                }
+                None => export(b.as_mut(), &filter, a.format, &mut std::io::BufWriter::new(out))?,
+            }
+            Ok(())
+        }
+        LedgerCommand::Verify(a) => {
+            let mut b = open(&a.location)?;
+            let opts = VerifyOptions { operator_key_sha256: a.operator_key_sha256, threads: 0 };
+            let report = verify_stored(b.as_mut(), opts)?.map_err(CliError::Bad)?;
+            write!(out, "{report}")?;
+            Ok(())
+        }
+    }
+}
+
+/// Writes the entries `filter` selects.
+pub fn export(b: &mut dyn Backend, filter: &EntryFilter, format: Format, out: &mut dyn Write) -> Result<(), CliError> {
+    if format == Format::Csv {
+        writeln!(out, "{}", CSV_COLUMNS.join(","))?;
+    }
+    let mut failure: Option<CliError> = None;
+    b.for_each_entry(filter, &mut |e| {
+        let r = match e {
+            Err(bad) => Err(CliError::Unreadable(bad)),
+            Ok(e) => match format {
+                Format::Jsonl => serde_json::to_writer(&mut *out, &json(&e)).map_err(std::io::Error::from).and_then(|_| writeln!(out)).map_err(CliError::from),
+                Format::Csv => writeln!(out, "{}", csv_row(&e)).map_err(CliError::from),
+            },
+        };
+        match r {
+            Ok(()) => true,
+            Err(err) => {
+                failure = Some(err);
+                false
+            }
+        }
+    })?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(out.flush()?),
+    }
+}
+
+fn time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).unwrap_or_default()
+}
+
+/// One entry as a JSON object: every stored field (bytes in hex), plus the cost in credits and
+/// the key fingerprint for readability.
+pub fn json(e: &Entry) -> serde_json::Value {
+    serde_json::json!({
+        "seq": e.seq,
+        "kind": e.kind.name(),
+        "recorded_at": time(e.recorded_ms),
+        "recorded_ms": e.recorded_ms,
+        "node": e.node,
+        "epoch": e.epoch,
+        "sequence": e.sequence,
+        "attempt_id": e.attempt_id,
+        "job_uid": e.job_uid,
+        "job": e.job_key,
+        "usage": e.usage,
+        "rates": e.rates,
+        "cost_micros": e.cost.0,
+        "cost": e.cost.to_string(),
+        "public_key_sha256": if e.public_key.is_empty() { String::new() } else { fingerprint(&e.public_key) },
+        "body": hex::encode(&e.body),
+        "signature": hex::encode(&e.signature),
+        "public_key": hex::encode(&e.public_key),
+        "prev_hash": hex::encode(&e.prev_hash),
+        "hash": hex::encode(&e.hash),
+    })
+}
+
+const CSV_COLUMNS: &[&str] = &[
+    "seq",
+    "kind",
+    "recorded_at",
+    "node",
+    "epoch",
+    "sequence",
+    "attempt_id",
+    "job_uid",
+    "job",
+    "wall_millis",
+    "cpu_micros",
+    "memory_peak_bytes",
+    "memory_mib_millis",
+    "wasm_fuel",
+    "gpu_millis",
+    "output_bytes",
+    "rate_cpu_core_hour_micros",
+    "rate_memory_gib_hour_micros",
+    "rate_gpu_hour_micros",
+    "rate_output_gib_micros",
+    "cost_micros",
+    "cost",
+    "public_key_sha256",
+    "body",
+    "signature",
+    "prev_hash",
+    "hash",
+];
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+}
+
+fn csv_row(e: &Entry) -> String {
+    let u = &e.usage;
+    let r = &e.rates;
+    let fields: Vec<String> = vec![
+        e.seq.to_string(),
+        e.kind.name().into(),
+        time(e.recorded_ms),
+        csv_field(&e.node),
+        e.epoch.to_string(),
+        e.sequence.to_string(),
+        csv_field(&e.attempt_id),
+        csv_field(&e.job_uid),
+        csv_field(&e.job_key),
+        u.wall_millis.to_string(),
+        u.cpu_micros.to_string(),
+        u.memory_peak_bytes.to_string(),
+        u.memory_mib_millis.to_string(),
+        u.wasm_fuel.to_string(),
+        u.gpu_millis.to_string(),
+        u.output_bytes.to_string(),
+        r.cpu_core_hour.0.to_string(),
+        r.memory_gib_hour.0.to_string(),
+        r.gpu_hour.0.to_string(),
+        r.output_gib.0.to_string(),
+        e.cost.0.to_string(),
+        e.cost.to_string(),
+        if e.public_key.is_empty() || e.kind == EntryKind::Checkpoint { String::new() } else { fingerprint(&e.public_key) },
+        hex::encode(&e.body),
+        hex::encode(&e.signature),
+        hex::encode(&e.prev_hash),
+        hex::encode(&e.hash),
+    ];
+    fields.join(",")
+}
+
+/// Whether a path holds an embedded ledger.
+pub fn has_embedded_ledger(dir: &Path) -> bool {
+    dir.join("ledger.db").exists()
+}

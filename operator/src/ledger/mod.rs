@@ -1,0 +1,519 @@
+//! The payout ledger: verified, priced usage receipts appended to a hash chain with periodic
+//! operator-signed checkpoints, exactly once per (node, epoch, sequence), forever.
+//!
+//! Writes go through one writer thread that commits everything queued in one transaction
+//! (group commit); signatures are batch-verified on the other cores before that. Storage is
+//! SQLite in the data directory by default, PostgreSQL when a `database_url` is configured.
+
+pub mod backend;
+mod chain;
+pub mod check;
+pub mod cli;
+pub mod entry;
+pub mod postgres;
+pub mod sqlite;
+pub mod verify;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver as StdReceiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ed25519_dalek::SigningKey;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::fence::Fence;
+use backend::{Backend, EntryFilter, JobUsage, RejectedReceipt};
+pub use chain::Verdict;
+use chain::{Batch, ChainState};
+use check::{ReceiptInput, Rejection, VerifiedReceipt};
+use entry::{EntryKind, NodeTotal};
+
+/// A ledger failure; the message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger (sqlite): {op}: {source}")]
+    Sqlite { op: &'static str, source: rusqlite::Error },
+    #[error("ledger (postgresql): {op}: {source}; check that the database_url is reachable and the role may create tables")]
+    Postgres { op: &'static str, source: ::postgres::Error },
+    #[error("ledger: cannot create data directory {path}: {source}")]
+    Dir { path: String, source: std::io::Error },
+    #[error("ledger: operator ledger key {path}: {reason}")]
+    Key { path: String, reason: String },
+    #[error("ledger: {0}")]
+    Fenced(#[from] crate::fence::Fenced),
+    #[error("ledger: the writer has stopped (an earlier error or shutdown); restart the operator")]
+    Closed,
+    #[error("ledger: stored data is damaged: {0}; run `kommune-operator ledger verify`")]
+    Corrupt(String),
+    #[error("ledger: database_url {0:?} is not a postgres:// or postgresql:// URL")]
+    BadUrl(String),
+}
+
+/// Where the ledger lives and who may write it.
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    /// Holds `ledger.key` (the operator's checkpoint key) and, without a database URL,
+    /// `ledger.db`.
+    pub data_dir: PathBuf,
+    /// `postgres://...`: keep the ledger in PostgreSQL instead of SQLite.
+    pub database_url: Option<String>,
+    /// Leader-election fence; a fenced ledger refuses appends.
+    pub fence: Fence,
+}
+
+/// The chain head: the last entry's seq and hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+/// A node's pending earnings and the ledger head that backs the figure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEarnings {
+    pub node: String,
+    /// Total cost of the node's receipts (nothing is settled inside the ledger).
+    pub pending: crate::pricing::Micros,
+    pub receipts: u64,
+    pub head: Option<Head>,
+}
+
+/// Largest number of submissions taken into one batch.
+pub const MAX_BATCH: usize = 8192;
+
+/// Opens the configured backend (one connection or client).
+pub fn open_backend(data_dir: &Path, database_url: Option<&str>) -> Result<Box<dyn Backend>, LedgerError> {
+    match database_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Ok(Box::new(postgres::PostgresBackend::connect(url)?)),
+        Some(url) => Err(LedgerError::BadUrl(url.to_string())),
+        None => Ok(Box::new(sqlite::SqliteBackend::open(data_dir)?)),
+    }
+}
+
+/// Loads `<dir>/ledger.key` (PKCS#8 PEM), creating it with mode 0600 on first use.
+pub fn load_or_create_key(dir: &Path) -> Result<SigningKey, LedgerError> {
+    use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, spki::der::pem::LineEnding};
+    std::fs::create_dir_all(dir).map_err(|source| LedgerError::Dir { path: dir.display().to_string(), source })?;
+    let path = dir.join("ledger.key");
+    let err = |reason: String| LedgerError::Key { path: path.display().to_string(), reason };
+    match std::fs::read_to_string(&path) {
+        Ok(pem) => SigningKey::from_pkcs8_pem(&pem).map_err(|e| err(format!("is not an ed25519 PKCS#8 PEM key ({e}); restore it from backup"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| err(format!("cannot encode a new key: {e}")))?;
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts.open(&path).map_err(|e| err(format!("cannot create: {e}")))?;
+            std::io::Write::write_all(&mut f, pem.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| err(format!("cannot write: {e}")))?;
+            Ok(key)
+        }
+        Err(e) => Err(err(format!("cannot read: {e}"))),
+    }
+}
+
+type ReadJob = Box<dyn FnOnce(&mut dyn Backend) + Send>;
+
+enum Command {
+    Submit(Box<ReceiptInput>, oneshot::Sender<Result<Verdict, LedgerError>>),
+    RegisterKey { node: String, key: [u8; 32], recorded_ms: i64, reply: oneshot::Sender<Result<bool, LedgerError>> },
+    Checkpoint { recorded_ms: i64, reply: oneshot::Sender<Result<Head, LedgerError>> },
+}
+
+// Checked items sit in a Vec that is built once and consumed once: boxing the large variant
+// would add an allocation per receipt for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Checked {
+    Submit(Box<ReceiptInput>, Result<VerifiedReceipt, Rejection>, oneshot::Sender<Result<Verdict, LedgerError>>),
+    Other(Command),
+}
+
+/// The ledger: a handle to the writer pipeline and to a reader thread. `Send + Sync`; share it
+/// in an `Arc`. Every method is async and never blocks the caller's thread on the database.
+pub struct Ledger {
+    tx: Option<mpsc::Sender<Command>>,
+    reads: Mutex<Option<std::sync::mpsc::Sender<ReadJob>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    operator_key: [u8; 32],
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Ledger {
+    /// Opens the ledger (creating the database and the operator key on first use) and starts
+    /// its writer.
+    pub fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
+        let key = load_or_create_key(&config.data_dir)?;
+        let operator_key = key.verifying_key().to_bytes();
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name).spawn(f).map_err(|e| LedgerError::Corrupt(format!("cannot start a ledger thread: {e}")))
+        };
+        // Backends are opened on their own threads: the PostgreSQL client blocks on a private
+        // runtime, which must not happen on a tokio worker (open may be called from async code).
+        let mut threads = vec![];
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), LedgerError>>();
+        let (reads, reads_rx) = std::sync::mpsc::channel::<ReadJob>();
+        {
+            let (dir, url, ready) = (config.data_dir.clone(), config.database_url.clone(), ready_tx.clone());
+            threads.push(spawn(
+                "ledger-reader".into(),
+                Box::new(move || {
+                    let mut b = match open_backend(&dir, url.as_deref()) {
+                        Ok(b) => b,
+                        Err(e) => return drop(ready.send(Err(e))),
+                    };
+                    drop(ready.send(Ok(())));
+                    while let Ok(job) = reads_rx.recv() {
+                        job(b.as_mut());
+                    }
+                }),
+            )?);
+        }
+        let (batches_tx, batches_rx) = sync_channel::<Vec<Checked>>(4);
+        {
+            let (dir, url, ready, fence) = (config.data_dir.clone(), config.database_url.clone(), ready_tx, config.fence.clone());
+            threads.push(spawn(
+                "ledger-writer".into(),
+                Box::new(move || {
+                    let opened = open_backend(&dir, url.as_deref()).and_then(|mut b| load_state(b.as_mut()).map(|s| (b, s)));
+                    let (backend, state) = match opened {
+                        Ok(x) => x,
+                        Err(e) => return drop(ready.send(Err(e))),
+                    };
+                    drop(ready.send(Ok(())));
+                    Writer { backend, state, key, fence }.run(batches_rx)
+                }),
+            )?);
+        }
+        let (tx, rx) = mpsc::channel::<Command>(MAX_BATCH * 2);
+        let rx = Arc::new(Mutex::new(rx));
+        let checkers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        for i in 0..checkers {
+            let (rx, out) = (rx.clone(), batches_tx.clone());
+            threads.push(spawn(format!("ledger-check-{i}"), Box::new(move || check_loop(rx, out)))?);
+        }
+        drop(batches_tx);
+        let mut ledger = Ledger { tx: Some(tx), reads: Mutex::new(Some(reads)), threads: Mutex::new(threads), operator_key };
+        for _ in 0..2 {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    ledger.shutdown();
+                    return Err(e);
+                }
+                Err(_) => {
+                    ledger.shutdown();
+                    return Err(LedgerError::Closed);
+                }
+            }
+        }
+        Ok(ledger)
+    }
+
+    async fn send(&self, c: Command) -> Result<(), LedgerError> {
+        let tx = self.tx.as_ref().ok_or(LedgerError::Closed)?;
+        tx.send(c).await.map_err(|_| LedgerError::Closed)
+    }
+
+    /// Verifies, prices and durably records a receipt. Resolves once the verdict is durable.
+    pub async fn submit(&self, input: ReceiptInput) -> Result<Verdict, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Submit(Box::new(input), reply)).await?;
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Records that `node` signs with `key` (at join); keys are kept forever, and a node may
+    /// have several over time. Returns false when it was registered already.
+    pub async fn register_node_key(&self, node: &str, key: [u8; 32]) -> Result<bool, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::RegisterKey { node: node.to_string(), key, recorded_ms: now_ms(), reply }).await?;
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Appends a checkpoint now (one is also appended every `CHECKPOINT_EVERY` entries).
+    pub async fn checkpoint(&self) -> Result<Head, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Checkpoint { recorded_ms: now_ms(), reply }).await?;
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Runs `f` on the reader thread (which owns the read connection).
+    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&mut dyn Backend) -> Result<T, LedgerError> + Send + 'static) -> Result<T, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |b| drop(reply.send(f(b))));
+        {
+            let reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            reads.as_ref().ok_or(LedgerError::Closed)?.send(job).map_err(|_| LedgerError::Closed)?;
+        }
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Usage and cost of a job's receipts so far.
+    pub async fn job_usage(&self, job_uid: &str) -> Result<JobUsage, LedgerError> {
+        let job_uid = job_uid.to_string();
+        self.read(move |b| b.job_usage(&job_uid)).await
+    }
+
+    /// A node's pending earnings and the head backing them.
+    pub async fn node_earnings(&self, node: &str) -> Result<NodeEarnings, LedgerError> {
+        let node = node.to_string();
+        self.read(move |b| {
+            // Head first: the totals read after it cover at least the entries it names.
+            let head = head_of(b)?;
+            let t: NodeTotal = b.node_total(&node)?;
+            Ok(NodeEarnings { node, pending: t.total, receipts: t.receipts, head })
+        })
+        .await
+    }
+
+    /// The last entry.
+    pub async fn head(&self) -> Result<Option<Head>, LedgerError> {
+        self.read(head_of).await
+    }
+
+    /// Receipts refused from `node`'s sessions, with reasons.
+    pub async fn rejected(&self, node: &str) -> Result<Vec<RejectedReceipt>, LedgerError> {
+        let node = node.to_string();
+        self.read(move |b| b.rejected(&node)).await
+    }
+
+    /// Stops the pipeline after the work already queued and waits for its threads.
+    fn shutdown(&mut self) {
+        // Closing the queues stops the checkers, which stops the writer after its last batch.
+        self.tx = None;
+        *self.reads.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        for t in self.threads.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// The operator's ledger public key (signs checkpoints).
+    pub fn operator_key(&self) -> [u8; 32] {
+        self.operator_key
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn head_of(b: &mut dyn Backend) -> Result<Option<Head>, LedgerError> {
+    match b.head()? {
+        None => Ok(None),
+        Some((seq, hash)) => {
+            let hash = hash.try_into().map_err(|_| LedgerError::Corrupt(format!("entry {seq} has a hash that is not 32 bytes")))?;
+            Ok(Some(Head { seq, hash }))
+        }
+    }
+}
+
+fn load_state(b: &mut dyn Backend) -> Result<ChainState, LedgerError> {
+    let head = head_of(b)?;
+    let last_cp = b.last_checkpoint()?;
+    let per_node = b.node_totals()?;
+    let mut s = ChainState {
+        head_seq: head.map_or(0, |h| h.seq),
+        head_hash: head.map_or(entry::GENESIS, |h| h.hash),
+        receipts: per_node.values().map(|t| t.receipts).sum(),
+        total: per_node.values().fold(crate::pricing::Micros(0), |a, t| a.saturating_add(t.total)),
+        per_node,
+        ..Default::default()
+    };
+    s.head_is_checkpoint = last_cp != 0 && last_cp == s.head_seq;
+    s.since_checkpoint = s.head_seq - last_cp.min(s.head_seq);
+    for (node, key) in b.node_keys()? {
+        let key: [u8; 32] = key.try_into().map_err(|_| LedgerError::Corrupt(format!("a registered key of node {node} is not 32 bytes")))?;
+        s.keys.entry(node).or_default().insert(key);
+    }
+    Ok(s)
+}
+
+/// Takes everything queued (up to MAX_BATCH), verifies the receipts' signatures as one batch,
+/// and hands the result to the writer.
+fn check_loop(rx: Arc<Mutex<mpsc::Receiver<Command>>>, out: SyncSender<Vec<Checked>>) {
+    loop {
+        let mut cmds = Vec::new();
+        {
+            let mut rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(first) = rx.blocking_recv() else { return };
+            cmds.push(first);
+            while cmds.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => cmds.push(c),
+                    Err(_) => break,
+                }
+            }
+        }
+        let inputs: Vec<&ReceiptInput> = cmds.iter().filter_map(|c| if let Command::Submit(i, _) = c { Some(&**i) } else { None }).collect();
+        let mut results = check::check_refs(&inputs).into_iter();
+        let checked = cmds
+            .into_iter()
+            .map(|c| match c {
+                Command::Submit(i, reply) => Checked::Submit(i, results.next().expect("one result per input"), reply),
+                other => Checked::Other(other),
+            })
+            .collect();
+        if out.send(checked).is_err() {
+            return;
+        }
+    }
+}
+
+enum Reply {
+    Submit(oneshot::Sender<Result<Verdict, LedgerError>>, Verdict),
+    Key(oneshot::Sender<Result<bool, LedgerError>>, bool),
+    Checkpoint(oneshot::Sender<Result<Head, LedgerError>>, Head),
+}
+
+impl Reply {
+    fn send(self) {
+        // A caller that stopped waiting does not matter: the verdict is durable either way.
+        match self {
+            Reply::Submit(r, v) => drop(r.send(Ok(v))),
+            Reply::Key(r, v) => drop(r.send(Ok(v))),
+            Reply::Checkpoint(r, v) => drop(r.send(Ok(v))),
+        }
+    }
+
+    fn fail(self, e: impl Fn() -> LedgerError) {
+        match self {
+            Reply::Submit(r, _) => drop(r.send(Err(e()))),
+            Reply::Key(r, _) => drop(r.send(Err(e()))),
+            Reply::Checkpoint(r, _) => drop(r.send(Err(e()))),
+        }
+    }
+}
+
+/// For each verified receipt of a batch: the entry holding its key, the entry metering its attempt.
+type Lookups = (Vec<Option<backend::Existing>>, Vec<Option<u64>>);
+
+struct Writer {
+    backend: Box<dyn Backend>,
+    state: ChainState,
+    key: SigningKey,
+    fence: Fence,
+}
+
+impl Writer {
+    fn run(&mut self, rx: StdReceiver<Vec<Checked>>) {
+        while let Ok(first) = rx.recv() {
+            let mut work = first;
+            while work.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => work.extend(more),
+                    Err(_) => break,
+                }
+            }
+            self.commit(work);
+        }
+    }
+
+    fn commit(&mut self, work: Vec<Checked>) {
+        let mut replies = Vec::with_capacity(work.len());
+        if let Err(e) = self.fence.check() {
+            for c in work {
+                let err = || LedgerError::Fenced(e.clone());
+                match c {
+                    Checked::Submit(_, _, r) => drop(r.send(Err(err()))),
+                    Checked::Other(Command::Submit(_, r)) => drop(r.send(Err(err()))),
+                    Checked::Other(Command::RegisterKey { reply, .. }) => drop(reply.send(Err(err()))),
+                    Checked::Other(Command::Checkpoint { reply, .. }) => drop(reply.send(Err(err()))),
+                }
+            }
+            return;
+        }
+        let (in_db, attempts_in_db) = match self.lookups(&work) {
+            Ok(l) => l,
+            Err(e) => return fail_all(work, &e),
+        };
+        let mut batch = Batch::default();
+        let (mut in_db, mut attempts_in_db) = (in_db.into_iter(), attempts_in_db.into_iter());
+        for c in work {
+            match c {
+                Checked::Submit(input, checked, reply) => {
+                    let (existing, attempt) = if checked.is_ok() { (in_db.next().flatten(), attempts_in_db.next().flatten()) } else { (None, None) };
+                    let v = self.state.decide(&mut batch, &input, checked, existing.as_ref(), attempt, &self.key);
+                    replies.push(Reply::Submit(reply, v));
+                }
+                Checked::Other(Command::RegisterKey { node, key, recorded_ms, reply }) => {
+                    let new = self.state.register_key(&mut batch, &node, key, recorded_ms);
+                    replies.push(Reply::Key(reply, new));
+                }
+                Checked::Other(Command::Checkpoint { recorded_ms, reply }) => {
+                    if !self.state.head_is_checkpoint {
+                        self.state.checkpoint(&mut batch, recorded_ms, &self.key);
+                    }
+                    replies.push(Reply::Checkpoint(reply, Head { seq: self.state.head_seq, hash: self.state.head_hash }));
+                }
+                Checked::Other(Command::Submit(..)) => unreachable!("the checkers turn every submission into Checked::Submit"),
+            }
+        }
+        let result = if batch.entries.is_empty() && batch.rejected.is_empty() { Ok(()) } else { self.backend.append(&batch.entries, &batch.rejected) };
+        match result {
+            Ok(()) => replies.into_iter().for_each(Reply::send),
+            Err(e) => {
+                let msg = e.to_string();
+                // Nothing of this batch is stored: go back to what the database holds.
+                match load_state(self.backend.as_mut()) {
+                    Ok(s) => self.state = s,
+                    Err(e2) => tracing::error!(error = %e2, "ledger: cannot reload the chain head after a failed append"),
+                }
+                replies.into_iter().for_each(|r| r.fail(|| LedgerError::Corrupt(format!("append failed and was rolled back: {msg}"))));
+            }
+        }
+    }
+
+    fn lookups(&mut self, work: &[Checked]) -> Result<Lookups, LedgerError> {
+        let verified: Vec<&VerifiedReceipt> = work.iter().filter_map(|c| if let Checked::Submit(_, Ok(v), _) = c { Some(v) } else { None }).collect();
+        let keys: Vec<(&str, u64, u64)> = verified.iter().map(|v| (v.body.node.as_str(), v.body.epoch, v.body.sequence)).collect();
+        let ids: Vec<&str> = verified.iter().map(|v| v.body.attempt_id.as_str()).collect();
+        Ok((self.backend.lookup_receipts(&keys)?, self.backend.lookup_attempts(&ids)?))
+    }
+}
+
+fn fail_all(work: Vec<Checked>, e: &LedgerError) {
+    let msg = e.to_string();
+    let err = || LedgerError::Corrupt(format!("cannot read the ledger: {msg}"));
+    for c in work {
+        match c {
+            Checked::Submit(_, _, r) | Checked::Other(Command::Submit(_, r)) => drop(r.send(Err(err()))),
+            Checked::Other(Command::RegisterKey { reply, .. }) => drop(reply.send(Err(err()))),
+            Checked::Other(Command::Checkpoint { reply, .. }) => drop(reply.send(Err(err()))),
+        }
+    }
+}
+
+/// Verifies the whole stored chain (what `kommune-operator ledger verify` runs).
+pub fn verify_stored(b: &mut dyn Backend, opts: verify::VerifyOptions) -> Result<Result<verify::VerifyReport, verify::BadEntry>, LedgerError> {
+    let mut v = verify::ChainVerifier::new(opts);
+    let mut early: Option<verify::BadEntry> = None;
+    b.for_each_entry(&EntryFilter::default(), &mut |e| match e {
+        Ok(e) => v.push(&e).is_ok(),
+        Err(bad) => {
+            early = Some(bad);
+            false
+        }
+    })?;
+    let r = v.finish();
+    Ok(match (r, early) {
+        (Err(a), Some(b)) => Err(if a.seq <= b.seq { a } else { b }),
+        (Ok(_), Some(b)) => Err(b),
+        (r, None) => r,
+    })
+}
+
+impl EntryKind {
+    /// Whether entries of this kind carry a payout.
+    pub fn is_receipt(self) -> bool {
+        self == EntryKind::Receipt
+    }
+}

@@ -1,0 +1,434 @@
+//! The PostgreSQL ledger backend, selected by a `database_url`: the same tables, constraints and
+//! append-only rule as the embedded one. Batches travel as arrays (UNNEST), so a group commit
+//! is a few round trips, not one per receipt.
+
+use std::collections::BTreeMap;
+
+use postgres::{Client, NoTls, Row};
+
+use super::LedgerError;
+use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedReceipt, from_db, to_db};
+use super::entry::{Entry, EntryKind, NodeTotal, UsageFigures};
+use super::verify::BadEntry;
+use crate::pricing::{Micros, Rates};
+
+fn op(op: &'static str) -> impl FnOnce(postgres::Error) -> LedgerError {
+    move |source| LedgerError::Postgres { op, source }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ledger_entries (
+    seq                  BIGINT PRIMARY KEY,
+    kind                 BIGINT NOT NULL,
+    recorded_ms          BIGINT NOT NULL,
+    node                 TEXT NOT NULL,
+    epoch                BIGINT NOT NULL,
+    sequence             BIGINT NOT NULL,
+    attempt_id           TEXT NOT NULL,
+    job_uid              TEXT NOT NULL,
+    job_key              TEXT NOT NULL,
+    body                 BYTEA NOT NULL,
+    signature            BYTEA NOT NULL,
+    public_key           BYTEA NOT NULL,
+    rate_cpu_core_hour   BIGINT NOT NULL,
+    rate_memory_gib_hour BIGINT NOT NULL,
+    rate_gpu_hour        BIGINT NOT NULL,
+    rate_output_gib      BIGINT NOT NULL,
+    cost                 BIGINT NOT NULL,
+    wall_millis          BIGINT NOT NULL,
+    cpu_micros           BIGINT NOT NULL,
+    memory_peak_bytes    BIGINT NOT NULL,
+    memory_mib_millis    BIGINT NOT NULL,
+    wasm_fuel            BIGINT NOT NULL,
+    gpu_millis           BIGINT NOT NULL,
+    output_bytes         BIGINT NOT NULL,
+    prev_hash            BYTEA NOT NULL,
+    hash                 BYTEA NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS ledger_receipt_key ON ledger_entries (node, epoch, sequence) WHERE kind = 0;
+CREATE UNIQUE INDEX IF NOT EXISTS ledger_receipt_attempt ON ledger_entries (attempt_id) WHERE kind = 0;
+CREATE INDEX IF NOT EXISTS ledger_receipts_by_job ON ledger_entries (job_uid) WHERE kind = 0;
+CREATE INDEX IF NOT EXISTS ledger_other_kinds ON ledger_entries (kind, seq) WHERE kind <> 0;
+CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS
+    $$ BEGIN RAISE EXCEPTION 'ledger entries are append-only'; END $$;
+CREATE OR REPLACE TRIGGER ledger_entries_append_only BEFORE UPDATE OR DELETE ON ledger_entries
+    FOR EACH ROW EXECUTE FUNCTION ledger_append_only();
+CREATE TABLE IF NOT EXISTS ledger_rejected (
+    id           BIGSERIAL PRIMARY KEY,
+    digest       BYTEA NOT NULL UNIQUE,
+    first_ms     BIGINT NOT NULL,
+    last_ms      BIGINT NOT NULL,
+    times        BIGINT NOT NULL,
+    session_node TEXT NOT NULL,
+    node         TEXT NOT NULL,
+    epoch        BIGINT NOT NULL,
+    sequence     BIGINT NOT NULL,
+    attempt_id   TEXT NOT NULL,
+    body         BYTEA NOT NULL,
+    signature    BYTEA NOT NULL,
+    reason       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_rejected_by_node ON ledger_rejected (session_node, id);
+";
+
+use super::sqlite::ENTRY_COLUMNS;
+
+/// The PostgreSQL backend: one client connection.
+pub struct PostgresBackend {
+    client: Client,
+}
+
+impl PostgresBackend {
+    /// Connects to `url` and creates the tables if needed.
+    pub fn connect(url: &str) -> Result<PostgresBackend, LedgerError> {
+        let mut client = Client::connect(url, NoTls).map_err(op("connect"))?;
+        // Two operators starting at once must not race on CREATE ... IF NOT EXISTS.
+        let mut tx = client.transaction().map_err(op("begin schema"))?;
+        tx.execute("SELECT pg_advisory_xact_lock(7171717171)", &[]).map_err(op("lock schema"))?;
+        tx.batch_execute(SCHEMA).map_err(op("create ledger schema"))?;
+        tx.commit().map_err(op("commit schema"))?;
+        Ok(PostgresBackend { client })
+    }
+
+    /// The underlying client (tests tamper with rows through it).
+    #[cfg(test)]
+    pub(crate) fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+fn u(r: &Row, i: usize) -> Result<u64, postgres::Error> {
+    Ok(from_db(r.try_get(i)?))
+}
+
+fn row_to_entry(r: &Row) -> Result<Result<Entry, BadEntry>, postgres::Error> {
+    let seq = u(r, 0)?;
+    let code: i64 = r.try_get(1)?;
+    let Some(kind) = EntryKind::from_code(code) else {
+        return Ok(Err(BadEntry { seq, reason: format!("unknown entry kind {code}") }));
+    };
+    Ok(Ok(Entry {
+        seq,
+        kind,
+        recorded_ms: r.try_get(2)?,
+        node: r.try_get(3)?,
+        epoch: u(r, 4)?,
+        sequence: u(r, 5)?,
+        attempt_id: r.try_get(6)?,
+        job_uid: r.try_get(7)?,
+        job_key: r.try_get(8)?,
+        body: r.try_get(9)?,
+        signature: r.try_get(10)?,
+        public_key: r.try_get(11)?,
+        rates: Rates { cpu_core_hour: Micros(u(r, 12)?), memory_gib_hour: Micros(u(r, 13)?), gpu_hour: Micros(u(r, 14)?), output_gib: Micros(u(r, 15)?) },
+        cost: Micros(u(r, 16)?),
+        usage: UsageFigures {
+            wall_millis: u(r, 17)?,
+            cpu_micros: u(r, 18)?,
+            memory_peak_bytes: u(r, 19)?,
+            memory_mib_millis: u(r, 20)?,
+            wasm_fuel: u(r, 21)?,
+            gpu_millis: u(r, 22)?,
+            output_bytes: u(r, 23)?,
+        },
+        prev_hash: r.try_get(24)?,
+        hash: r.try_get(25)?,
+    }))
+}
+
+#[derive(Default)]
+struct Columns {
+    seq: Vec<i64>,
+    kind: Vec<i64>,
+    recorded_ms: Vec<i64>,
+    node: Vec<String>,
+    epoch: Vec<i64>,
+    sequence: Vec<i64>,
+    attempt_id: Vec<String>,
+    job_uid: Vec<String>,
+    job_key: Vec<String>,
+    body: Vec<Vec<u8>>,
+    signature: Vec<Vec<u8>>,
+    public_key: Vec<Vec<u8>>,
+    ints: [Vec<i64>; 12],
+    prev_hash: Vec<Vec<u8>>,
+    hash: Vec<Vec<u8>>,
+}
+
+impl Backend for PostgresBackend {
+    fn append(&mut self, entries: &[Entry], rejected: &[RejectedReceipt]) -> Result<(), LedgerError> {
+        let mut c = Columns::default();
+        for e in entries {
+            c.seq.push(to_db(e.seq));
+            c.kind.push(e.kind.code() as i64);
+            c.recorded_ms.push(e.recorded_ms);
+            c.node.push(e.node.clone());
+            c.epoch.push(to_db(e.epoch));
+            c.sequence.push(to_db(e.sequence));
+            c.attempt_id.push(e.attempt_id.clone());
+            c.job_uid.push(e.job_uid.clone());
+            c.job_key.push(e.job_key.clone());
+            c.body.push(e.body.clone());
+            c.signature.push(e.signature.clone());
+            c.public_key.push(e.public_key.clone());
+            let u = &e.usage;
+            let ints = [
+                e.rates.cpu_core_hour.0,
+                e.rates.memory_gib_hour.0,
+                e.rates.gpu_hour.0,
+                e.rates.output_gib.0,
+                e.cost.0,
+                u.wall_millis,
+                u.cpu_micros,
+                u.memory_peak_bytes,
+                u.memory_mib_millis,
+                u.wasm_fuel,
+                u.gpu_millis,
+                u.output_bytes,
+            ];
+            for (col, v) in c.ints.iter_mut().zip(ints) {
+                col.push(to_db(v));
+            }
+            c.prev_hash.push(e.prev_hash.clone());
+            c.hash.push(e.hash.clone());
+        }
+        let mut tx = self.client.transaction().map_err(op("begin append"))?;
+        if !entries.is_empty() {
+            let sql = format!(
+                "INSERT INTO ledger_entries ({ENTRY_COLUMNS})
+                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[], $9::text[],
+                    $10::bytea[], $11::bytea[], $12::bytea[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::bigint[],
+                    $19::bigint[], $20::bigint[], $21::bigint[], $22::bigint[], $23::bigint[], $24::bigint[], $25::bytea[], $26::bytea[])"
+            );
+            let i = &c.ints;
+            tx.execute(
+                &sql,
+                &[
+                    &c.seq,
+                    &c.kind,
+                    &c.recorded_ms,
+                    &c.node,
+                    &c.epoch,
+                    &c.sequence,
+                    &c.attempt_id,
+                    &c.job_uid,
+                    &c.job_key,
+                    &c.body,
+                    &c.signature,
+                    &c.public_key,
+                    &i[0],
+                    &i[1],
+                    &i[2],
+                    &i[3],
+                    &i[4],
+                    &i[5],
+                    &i[6],
+                    &i[7],
+                    &i[8],
+                    &i[9],
+                    &i[10],
+                    &i[11],
+                    &c.prev_hash,
+                    &c.hash,
+                ],
+            )
+            .map_err(op("insert ledger entries"))?;
+        }
+        if !rejected.is_empty() {
+            let stmt = tx
+                .prepare(
+                    "INSERT INTO ledger_rejected (digest, first_ms, last_ms, times, session_node, node, epoch, sequence, attempt_id, body, signature, reason)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                     ON CONFLICT (digest) DO UPDATE SET times = ledger_rejected.times + EXCLUDED.times, last_ms = GREATEST(ledger_rejected.last_ms, EXCLUDED.last_ms)",
+                )
+                .map_err(op("prepare rejected insert"))?;
+            for r in rejected {
+                tx.execute(
+                    &stmt,
+                    &[
+                        &r.digest,
+                        &r.first_ms,
+                        &r.last_ms,
+                        &to_db(r.times),
+                        &r.session_node,
+                        &r.node,
+                        &to_db(r.epoch),
+                        &to_db(r.sequence),
+                        &r.attempt_id,
+                        &r.body,
+                        &r.signature,
+                        &r.reason,
+                    ],
+                )
+                .map_err(op("insert rejected receipt"))?;
+            }
+        }
+        tx.commit().map_err(op("commit append"))
+    }
+
+    fn lookup_receipts(&mut self, keys: &[(&str, u64, u64)]) -> Result<Vec<Option<Existing>>, LedgerError> {
+        let mut out = vec![None; keys.len()];
+        if keys.is_empty() {
+            return Ok(out);
+        }
+        let nodes: Vec<&str> = keys.iter().map(|k| k.0).collect();
+        let epochs: Vec<i64> = keys.iter().map(|k| to_db(k.1)).collect();
+        let seqs: Vec<i64> = keys.iter().map(|k| to_db(k.2)).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT k.i, e.seq, e.body, e.cost FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS k(node, epoch, sequence, i)
+                 JOIN ledger_entries e ON e.kind = 0 AND e.node = k.node AND e.epoch = k.epoch AND e.sequence = k.sequence",
+                &[&nodes, &epochs, &seqs],
+            )
+            .map_err(op("look up receipts"))?;
+        for r in rows {
+            let i: i64 = r.try_get(0).map_err(op("read receipt lookup"))?;
+            let e = Existing {
+                seq: u(&r, 1).map_err(op("read receipt lookup"))?,
+                body: r.try_get(2).map_err(op("read receipt lookup"))?,
+                cost: Micros(u(&r, 3).map_err(op("read receipt lookup"))?),
+            };
+            if let Some(slot) = out.get_mut((i - 1) as usize) {
+                *slot = Some(e);
+            }
+        }
+        Ok(out)
+    }
+
+    fn lookup_attempts(&mut self, ids: &[&str]) -> Result<Vec<Option<u64>>, LedgerError> {
+        let mut out = vec![None; ids.len()];
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT k.i, e.seq FROM UNNEST($1::text[]) WITH ORDINALITY AS k(attempt_id, i) JOIN ledger_entries e ON e.kind = 0 AND e.attempt_id = k.attempt_id",
+                &[&ids],
+            )
+            .map_err(op("look up attempts"))?;
+        for r in rows {
+            let i: i64 = r.try_get(0).map_err(op("read attempt lookup"))?;
+            if let Some(slot) = out.get_mut((i - 1) as usize) {
+                *slot = Some(u(&r, 1).map_err(op("read attempt lookup"))?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn head(&mut self) -> Result<Option<(u64, Vec<u8>)>, LedgerError> {
+        let row = self.client.query_opt("SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1", &[]).map_err(op("read head"))?;
+        row.map(|r| Ok((u(&r, 0)?, r.try_get(1)?))).transpose().map_err(op("read head"))
+    }
+
+    fn last_checkpoint(&mut self) -> Result<u64, LedgerError> {
+        let r = self.client.query_one("SELECT COALESCE(MAX(seq), 0)::bigint FROM ledger_entries WHERE kind = 1", &[]).map_err(op("read last checkpoint"))?;
+        u(&r, 0).map_err(op("read last checkpoint"))
+    }
+
+    fn node_totals(&mut self) -> Result<BTreeMap<String, NodeTotal>, LedgerError> {
+        let rows = self
+            .client
+            .query("SELECT node, SUM(cost)::bigint, COUNT(*)::bigint FROM ledger_entries WHERE kind = 0 GROUP BY node", &[])
+            .map_err(op("read node totals"))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, NodeTotal { total: Micros(u(r, 1)?), receipts: u(r, 2)? })))
+            .collect::<Result<_, _>>()
+            .map_err(op("read node totals"))
+    }
+
+    fn node_total(&mut self, node: &str) -> Result<NodeTotal, LedgerError> {
+        let r = self
+            .client
+            .query_one("SELECT COALESCE(SUM(cost), 0)::bigint, COUNT(*)::bigint FROM ledger_entries WHERE kind = 0 AND node = $1", &[&node])
+            .map_err(op("read node total"))?;
+        Ok(NodeTotal { total: Micros(u(&r, 0).map_err(op("read node total"))?), receipts: u(&r, 1).map_err(op("read node total"))? })
+    }
+
+    fn node_keys(&mut self) -> Result<Vec<(String, Vec<u8>)>, LedgerError> {
+        let rows = self.client.query("SELECT node, public_key FROM ledger_entries WHERE kind = 2 ORDER BY seq", &[]).map_err(op("read node keys"))?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, _>>().map_err(op("read node keys"))
+    }
+
+    fn job_usage(&mut self, job_uid: &str) -> Result<JobUsage, LedgerError> {
+        let r = self
+            .client
+            .query_one(
+                "SELECT COUNT(*)::bigint, COALESCE(SUM(wall_millis), 0)::bigint, COALESCE(SUM(cpu_micros), 0)::bigint, COALESCE(MAX(memory_peak_bytes), 0)::bigint,
+                        COALESCE(SUM(memory_mib_millis), 0)::bigint, COALESCE(SUM(wasm_fuel), 0)::bigint, COALESCE(SUM(gpu_millis), 0)::bigint,
+                        COALESCE(SUM(output_bytes), 0)::bigint, COALESCE(SUM(cost), 0)::bigint
+                 FROM ledger_entries WHERE kind = 0 AND job_uid = $1",
+                &[&job_uid],
+            )
+            .map_err(op("read job usage"))?;
+        let g = |i| u(&r, i).map_err(op("read job usage"));
+        Ok(JobUsage {
+            receipts: g(0)?,
+            usage: UsageFigures {
+                wall_millis: g(1)?,
+                cpu_micros: g(2)?,
+                memory_peak_bytes: g(3)?,
+                memory_mib_millis: g(4)?,
+                wasm_fuel: g(5)?,
+                gpu_millis: g(6)?,
+                output_bytes: g(7)?,
+            },
+            cost: Micros(g(8)?),
+        })
+    }
+
+    fn rejected(&mut self, node: &str) -> Result<Vec<RejectedReceipt>, LedgerError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT digest, first_ms, last_ms, times, session_node, node, epoch, sequence, attempt_id, body, signature, reason
+                 FROM ledger_rejected WHERE session_node = $1 ORDER BY id",
+                &[&node],
+            )
+            .map_err(op("read rejected"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(RejectedReceipt {
+                    digest: r.try_get(0)?,
+                    first_ms: r.try_get(1)?,
+                    last_ms: r.try_get(2)?,
+                    times: u(r, 3)?,
+                    session_node: r.try_get(4)?,
+                    node: r.try_get(5)?,
+                    epoch: u(r, 6)?,
+                    sequence: u(r, 7)?,
+                    attempt_id: r.try_get(8)?,
+                    body: r.try_get(9)?,
+                    signature: r.try_get(10)?,
+                    reason: r.try_get(11)?,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(op("read rejected"))
+    }
+
+    fn for_each_entry(&mut self, filter: &EntryFilter, f: &mut dyn FnMut(Result<Entry, BadEntry>) -> bool) -> Result<(), LedgerError> {
+        let mut tx = self.client.transaction().map_err(op("begin entry scan"))?;
+        let stmt = tx
+            .prepare(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM ledger_entries
+                 WHERE ($1::bigint IS NULL OR recorded_ms >= $1) AND ($2::bigint IS NULL OR recorded_ms < $2) AND ($3::text IS NULL OR (node = $3 AND kind <> 1))
+                 ORDER BY seq"
+            ))
+            .map_err(op("prepare entry scan"))?;
+        let portal = tx.bind(&stmt, &[&filter.since_ms, &filter.until_ms, &filter.node]).map_err(op("scan entries"))?;
+        loop {
+            let rows = tx.query_portal(&portal, 4096).map_err(op("scan entries"))?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                if !f(row_to_entry(r).map_err(op("read entry"))?) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
