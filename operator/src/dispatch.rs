@@ -13,6 +13,9 @@ use tracing::{debug, info, warn};
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult, attempt_id, now_ms};
 use crate::fleet::{Fleet, NodeFacts, Outbound, SendError};
 use crate::job::{JobPolicy, Progress, TaskWorkload, progress};
+use crate::ledger::check::{AttemptFacts, ReceiptInput};
+use crate::ledger::{Ledger, Verdict};
+use crate::pricing::{self, BudgetCheck, Micros, RateBook};
 use crate::scheduler::{self, Explanation, Request, Resources};
 use crate::store::{Store, StoreError};
 
@@ -44,6 +47,10 @@ pub struct Synced {
     /// Why tasks that should run now could not be placed.
     pub unplaced: Option<Explanation>,
     pub placed: usize,
+    /// Why no further task may start within the job's budget.
+    pub budget_exhausted: Option<String>,
+    /// Usage and cost metered so far (None without a ledger).
+    pub usage: Option<crate::crd::JobUsage>,
 }
 
 /// Store failures bubble up; everything else is handled here.
@@ -55,13 +62,64 @@ pub struct Dispatcher {
     fleet: Arc<Fleet>,
     place_lock: tokio::sync::Mutex<()>,
     changed: mpsc::Sender<String>,
+    /// Where usage receipts are verified, priced and appended; None runs without metering.
+    ledger: Option<Arc<Ledger>>,
+    rates: Arc<RateBook>,
 }
 
 impl Dispatcher {
     /// `changed` receives "namespace/name" of jobs whose attempts changed, so the controller
     /// reconciles them; when it is full the periodic requeue catches up.
     pub fn new(store: Arc<Store>, fleet: Arc<Fleet>, changed: mpsc::Sender<String>) -> Self {
-        Dispatcher { store, fleet, place_lock: tokio::sync::Mutex::new(()), changed }
+        Dispatcher { store, fleet, place_lock: tokio::sync::Mutex::new(()), changed, ledger: None, rates: Arc::default() }
+    }
+
+    /// Meters through `ledger`: terminal updates are acknowledged only once their usage receipt
+    /// is in it (accepted, a duplicate, or rejected with the reason), priced at `rates`.
+    pub fn with_ledger(mut self, ledger: Arc<Ledger>, rates: Arc<RateBook>) -> Self {
+        self.ledger = Some(ledger);
+        self.rates = rates;
+        self
+    }
+
+    pub fn ledger(&self) -> Option<&Arc<Ledger>> {
+        self.ledger.as_ref()
+    }
+
+    pub fn rates(&self) -> &Arc<RateBook> {
+        &self.rates
+    }
+
+    /// The job's metered usage, for its status.
+    async fn job_usage(&self, job_uid: &str, budget: Option<Micros>) -> Result<Option<(crate::crd::JobUsage, Micros)>> {
+        let Some(ledger) = &self.ledger else { return Ok(None) };
+        let u = ledger.job_usage(job_uid).await.map_err(ledger_error)?;
+        let f = &u.usage;
+        let usage = crate::crd::JobUsage {
+            receipts: u.receipts,
+            cpu_seconds: format!("{:.3}", f.cpu_micros as f64 / 1e6),
+            wall_seconds: format!("{:.3}", f.wall_millis as f64 / 1e3),
+            memory_gib_hours: format!("{:.6}", f.memory_mib_millis as f64 / (1024.0 * 3_600_000.0)),
+            wasm_fuel: f.wasm_fuel,
+            output_bytes: f.output_bytes,
+            cost: u.cost.to_string(),
+            budget: budget.map(|b| b.to_string()),
+        };
+        Ok(Some((usage, u.cost)))
+    }
+
+    /// How many of `wanted` new tasks the job's budget admits, and why not all.
+    fn budget_admits(&self, policy: &JobPolicy, attempts: &[Attempt], spent: Micros, wanted: usize) -> (usize, Option<String>) {
+        let Some(budget) = policy.budget else { return (wanted, None) };
+        let reserved = attempts
+            .iter()
+            .filter(|a| !a.phase.is_terminal())
+            .map(|a| pricing::worst_case(a.cpu_millis, a.memory_bytes, policy.task_timeout, &self.rates.for_node(&a.node)))
+            .fold(Micros(0), Micros::saturating_add);
+        let next = pricing::worst_case(policy.cpu_millis, policy.memory_bytes, policy.task_timeout, &self.rates.ceiling());
+        let check = BudgetCheck { budget, spent, reserved, next };
+        let admits = usize::try_from(check.allows()).unwrap_or(usize::MAX);
+        if admits >= wanted { (wanted, None) } else { (admits, Some(check.explain())) }
     }
 
     pub fn fleet(&self) -> &Arc<Fleet> {
@@ -90,19 +148,23 @@ impl Dispatcher {
             self.cancel_attempt(&attempts, id, why)?;
         }
 
+        let metered = self.job_usage(&job.uid, policy.budget).await?;
+        let spent = metered.as_ref().map_or(Micros(0), |(_, cost)| *cost);
+        let (admitted, budget_exhausted) = self.budget_admits(policy, &attempts, spent, p.to_place.len());
+        let to_place = &p.to_place[..admitted];
+
         let mut placed = 0;
         let mut unplaced = None;
-        if !p.to_place.is_empty() {
+        if !to_place.is_empty() {
             let active = self.store.all_active()?;
             let mut candidates = self.fleet.candidates(&active);
             let request = Request {
                 resources: Resources { cpu_millis: policy.cpu_millis, memory_bytes: policy.memory_bytes },
                 runtime: policy.workload.runtime().to_string(),
             };
-            let (chosen, why) = scheduler::place(&mut candidates, &request, p.to_place.len());
+            let (chosen, why) = scheduler::place(&mut candidates, &request, to_place.len());
             unplaced = why;
-            let new: Vec<Attempt> = p
-                .to_place
+            let new: Vec<Attempt> = to_place
                 .iter()
                 .zip(&chosen)
                 .map(|(&(index, number), &node)| Attempt {
@@ -141,7 +203,7 @@ impl Dispatcher {
             attempts = self.store.attempts_for_job(&job.uid)?;
         }
         let p = progress(policy, &attempts, now);
-        Ok(Synced { progress: p, attempts, unplaced, placed })
+        Ok(Synced { progress: p, attempts, unplaced, placed, budget_exhausted, usage: metered.map(|(u, _)| u) })
     }
 
     fn cancel_attempt(&self, attempts: &[Attempt], id: &str, reason: &str) -> Result<()> {
@@ -238,17 +300,21 @@ impl Dispatcher {
         Ok((session, unwanted))
     }
 
-    /// Applies an agent's TaskUpdate. Returns whether to acknowledge it (terminal updates are
-    /// acknowledged once durable, including repeats, so the agent stops resending).
+    /// Applies an agent's TaskUpdate and returns the Ack to send, if any. A terminal update is
+    /// acknowledged once its result is durable and its usage receipt is in the ledger
+    /// (accepted, already there, or rejected with the reason), including repeats, so the agent
+    /// stops resending; if either write fails nothing is acknowledged and the agent resends.
+    /// `public_key` is the node's ed25519 key from its client certificate.
     #[tracing::instrument(skip_all, fields(node = %node, attempt = %update.attempt_id.chars().take(128).collect::<String>()))]
-    pub fn on_update(&self, node: &str, update: &v1::TaskUpdate) -> Result<bool> {
+    pub async fn on_update(&self, node: &str, public_key: &[u8; 32], update: &v1::TaskUpdate) -> Result<Option<v1::Ack>> {
+        let ack = |rejected: String, cost: Micros| v1::Ack { attempt_id: update.attempt_id.clone(), receipt_rejected: rejected, cost_micros: cost.0 };
         let Some(a) = self.store.attempt(&update.attempt_id)? else {
             warn!(node, attempt = %short(&update.attempt_id), "update for an unknown attempt; acknowledging so the agent drops it");
-            return Ok(true);
+            return Ok(Some(ack("no such attempt is recorded by the operator".into(), Micros(0))));
         };
         if a.node != node {
             warn!(node, attempt = %a.id, owner = %a.node, "update for an attempt placed on another node; ignored");
-            return Ok(true);
+            return Ok(Some(ack(format!("attempt {} was not assigned to {node}", a.id), Micros(0))));
         }
         let state = v1::AttemptState::try_from(update.state).unwrap_or(v1::AttemptState::Unspecified);
         let phase = match state {
@@ -256,7 +322,7 @@ impl Dispatcher {
                 if self.store.mark_running(&a.id)? {
                     self.notify(&a.job_key);
                 }
-                return Ok(false);
+                return Ok(None);
             }
             v1::AttemptState::Succeeded => AttemptPhase::Succeeded,
             v1::AttemptState::Failed => AttemptPhase::Failed,
@@ -265,16 +331,57 @@ impl Dispatcher {
             v1::AttemptState::Preempted => AttemptPhase::Cancelled,
             v1::AttemptState::Unspecified => {
                 warn!(node, attempt = %a.id, state = update.state, "update without a known state; ignored");
-                return Ok(false);
+                return Ok(None);
             }
         };
         let result = bounded_result(update.result.as_ref());
         if self.store.finish(&a.id, phase, Some(&result), now_ms())?.is_some() {
             debug!(node, attempt = %a.id, phase = phase.as_str(), exit = result.exit_code, "attempt finished");
-            self.notify(&a.job_key);
         }
-        Ok(true)
+        let (rejected, cost) = self.meter(node, public_key, &a, update.receipt.as_ref()).await?;
+        if !rejected.is_empty() {
+            warn!(node, attempt = %a.id, reason = %rejected, "usage receipt rejected");
+        }
+        // After metering, so the reconcile this triggers sees the usage too.
+        self.notify(&a.job_key);
+        Ok(Some(ack(rejected, cost)))
     }
+
+    /// Puts a terminal update's usage receipt in the ledger. Returns (why it was rejected, or
+    /// empty; what it was priced at).
+    async fn meter(&self, node: &str, public_key: &[u8; 32], a: &Attempt, receipt: Option<&v1::UsageReceipt>) -> Result<(String, Micros)> {
+        let Some(ledger) = &self.ledger else { return Ok((String::new(), Micros(0))) };
+        let Some(receipt) = receipt else {
+            warn!(node, attempt = %a.id, "terminal update without a usage receipt (an older agent?); nothing metered");
+            return Ok(("the update carried no usage receipt".into(), Micros(0)));
+        };
+        let now = now_ms();
+        let input = ReceiptInput {
+            receipt: receipt.clone(),
+            session_node: node.to_string(),
+            node_public_key: *public_key,
+            attempt: AttemptFacts {
+                attempt_id: a.id.clone(),
+                job_uid: a.job_uid.clone(),
+                job_key: a.job_key.clone(),
+                node: a.node.clone(),
+                cpu_millis: a.cpu_millis,
+                observed_start_ms: a.created_ms,
+                // The attempt cannot have run longer than from its placement to this report.
+                observed_end_ms: now,
+            },
+            rates: self.rates.for_node(node),
+            received_ms: now,
+        };
+        match ledger.submit(input).await.map_err(ledger_error)? {
+            Verdict::Accepted { cost, .. } | Verdict::Duplicate { cost, .. } => Ok((String::new(), cost)),
+            Verdict::Rejected { reason } => Ok((reason, Micros(0))),
+        }
+    }
+}
+
+fn ledger_error(e: crate::ledger::LedgerError) -> StoreError {
+    StoreError::Ledger(e.to_string())
 }
 
 fn short(s: &str) -> String {

@@ -17,7 +17,9 @@ use kommune_operator::dispatch::Dispatcher;
 use kommune_operator::fence::Fence;
 use kommune_operator::fleet::Fleet;
 use kommune_operator::gateway::{self, Gateway, GatewayConfig};
+use kommune_operator::ledger::{Ledger, LedgerConfig};
 use kommune_operator::metrics::Metrics;
+use kommune_operator::pricing::{Micros, RateBook, Rates};
 use kommune_operator::store::Store;
 use kommune_operator::tokens::SecretTokens;
 use tokio::sync::mpsc;
@@ -79,6 +81,38 @@ struct RunArgs {
     /// and exits; another replica takes over once it has expired.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
     lease_seconds: u64,
+    /// Keep the payout ledger in PostgreSQL (postgres://user:pass@host/db) instead of the
+    /// embedded `<data-dir>/ledger.db`.
+    #[arg(long, env = "KOMMUNE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Credits a provider earns per CPU-core-hour of measured CPU time (ProviderNode
+    /// `spec.pricing` may override each rate for its machine).
+    #[arg(long, env = "KOMMUNE_RATE_CPU_CORE_HOUR", default_value = "0.01", value_parser = parse_credits)]
+    rate_cpu_core_hour: Micros,
+    /// Credits per GiB-hour of measured memory.
+    #[arg(long, env = "KOMMUNE_RATE_MEMORY_GIB_HOUR", default_value = "0.002", value_parser = parse_credits)]
+    rate_memory_gib_hour: Micros,
+    /// Credits per GPU-hour.
+    #[arg(long, env = "KOMMUNE_RATE_GPU_HOUR", default_value = "0.5", value_parser = parse_credits)]
+    rate_gpu_hour: Micros,
+    /// Credits per GiB of output written.
+    #[arg(long, env = "KOMMUNE_RATE_OUTPUT_GIB", default_value = "0", value_parser = parse_credits)]
+    rate_output_gib: Micros,
+}
+
+fn parse_credits(s: &str) -> Result<Micros, String> {
+    Micros::parse_credits(s)
+}
+
+impl RunArgs {
+    fn rates(&self) -> Rates {
+        Rates {
+            cpu_core_hour: self.rate_cpu_core_hour,
+            memory_gib_hour: self.rate_memory_gib_hour,
+            gpu_hour: self.rate_gpu_hour,
+            output_gib: self.rate_output_gib,
+        }
+    }
 }
 
 fn default_identity() -> String {
@@ -183,12 +217,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (Fence::open(), None)
     };
 
-    let store = Arc::new(Store::open_fenced(&args.data_dir, fence).with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?);
+    let store = Arc::new(Store::open_fenced(&args.data_dir, fence.clone()).with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?);
+    let ledger = Arc::new(
+        Ledger::open(LedgerConfig { data_dir: args.data_dir.clone(), database_url: args.database_url.clone(), fence })
+            .context("cannot open the payout ledger")?,
+    );
+    let rates = Arc::new(RateBook::new(args.rates()));
+    info!(backend = if args.database_url.is_some() { "postgresql" } else { "embedded" }, rates = ?rates.cluster(), "payout ledger open");
     let blobs = Blobs::open(&args.data_dir)?;
     let (jobs_changed_tx, jobs_changed_rx) = mpsc::channel(1024);
     let (node_events_tx, node_events_rx) = mpsc::channel(1024);
     let (capacity_tx, capacity_rx) = mpsc::channel(1);
-    let dispatcher = Arc::new(Dispatcher::new(store, fleet.clone(), jobs_changed_tx));
+    let dispatcher = Arc::new(Dispatcher::new(store, fleet.clone(), jobs_changed_tx).with_ledger(ledger, rates));
 
     let config =
         GatewayConfig { heartbeat_interval: Duration::from_secs(args.heartbeat_seconds), session_timeout: Duration::from_secs(args.heartbeat_seconds * 3) };

@@ -127,6 +127,12 @@ pub fn node_name_of(cert_der: &[u8]) -> Option<String> {
     Some(cn)
 }
 
+/// The raw ed25519 public key (32 bytes) a certificate certifies; None for other key types.
+pub fn public_key_of(cert_der: &[u8]) -> Option<[u8; 32]> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    cert.public_key().subject_public_key.data.as_ref().try_into().ok()
+}
+
 /// sha256 of the subject public key (the raw key bits) of a certificate.
 pub fn public_key_sha256_of(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
@@ -163,6 +169,7 @@ mod tests {
         let der = pem_to_der(&pem).unwrap();
         assert_eq!(node_name_of(&der).as_deref(), Some("pn-assigned"));
         assert_eq!(public_key_sha256_of(&der).unwrap(), key_sha);
+        assert_eq!(public_key_of(&der).unwrap().as_slice(), key.public_key_raw());
         assert_eq!(key_sha, kommune_proto::sha256_hex(key.public_key_raw()));
     }
 

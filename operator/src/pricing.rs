@@ -126,6 +126,21 @@ impl RateBook {
         }
     }
 
+    /// The highest rate of each kind over the cluster's and every provider's: what a task not
+    /// yet placed could be charged at most.
+    pub fn ceiling(&self) -> Rates {
+        let map = self.overrides.read().unwrap_or_else(|p| p.into_inner());
+        map.values().fold(self.cluster, |r, o| {
+            let o = self.cluster.with(o);
+            Rates {
+                cpu_core_hour: r.cpu_core_hour.max(o.cpu_core_hour),
+                memory_gib_hour: r.memory_gib_hour.max(o.memory_gib_hour),
+                gpu_hour: r.gpu_hour.max(o.gpu_hour),
+                output_gib: r.output_gib.max(o.output_gib),
+            }
+        })
+    }
+
     /// Replaces `node`'s overrides (from its ProviderNode spec).
     pub fn set_overrides(&self, node: &str, o: RateOverrides) {
         let mut map = self.overrides.write().unwrap_or_else(|p| p.into_inner());
@@ -155,7 +170,7 @@ impl BudgetCheck {
     pub fn allows(&self) -> u64 {
         let committed = self.spent.0.saturating_add(self.reserved.0);
         let left = self.budget.0.saturating_sub(committed);
-        if self.next.0 == 0 { u64::MAX } else { left / self.next.0 }
+        left.checked_div(self.next.0).unwrap_or(u64::MAX)
     }
 
     /// Why no further task starts, for the `Scheduled` condition.
@@ -171,10 +186,8 @@ impl BudgetCheck {
 /// `timeout` at `rates`.
 pub fn worst_case(cpu_millis: u64, memory_bytes: u64, timeout: std::time::Duration, rates: &Rates) -> Micros {
     let hourly = hourly_ceiling(cpu_millis, memory_bytes, 0, rates).0 as u128;
-    let cost = hourly * timeout.as_millis() / MILLIS_PER_HOUR;
-    // Round up: a budget check must not under-reserve.
-    let exact = hourly * timeout.as_millis() % MILLIS_PER_HOUR != 0;
-    Micros(u64::try_from(cost + exact as u128).unwrap_or(u64::MAX))
+    // Rounded up: a budget check must not under-reserve.
+    Micros(u64::try_from((hourly * timeout.as_millis()).div_ceil(MILLIS_PER_HOUR)).unwrap_or(u64::MAX))
 }
 
 const MICROS_PER_HOUR: u128 = 3_600_000_000;
@@ -280,6 +293,9 @@ mod tests {
         book.set_overrides("cheap", RateOverrides { cpu_core_hour: Some(Micros(5)), ..Default::default() });
         assert_eq!(book.for_node("cheap").cpu_core_hour, Micros(5));
         assert_eq!(book.for_node("other").cpu_core_hour, Micros(10));
+        book.set_overrides("dear", RateOverrides { cpu_core_hour: Some(Micros(50)), ..Default::default() });
+        assert_eq!(book.ceiling().cpu_core_hour, Micros(50));
+        book.set_overrides("dear", RateOverrides::default());
         book.set_overrides("cheap", RateOverrides::default());
         assert_eq!(book.for_node("cheap").cpu_core_hour, Micros(10));
     }

@@ -22,6 +22,9 @@ pub enum StoreError {
     Corrupt { id: String, phase: String },
     #[error("store: {0}")]
     Fenced(#[from] crate::fence::Fenced),
+    /// The ledger (metering) could not record a receipt or answer a query.
+    #[error("{0}")]
+    Ledger(String),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;

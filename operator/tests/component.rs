@@ -17,15 +17,21 @@ use kommune_operator::attempt::AttemptPhase;
 use kommune_operator::blobs::Blobs;
 use kommune_operator::crd::{ComputeJobSpec, JobPhase};
 use kommune_operator::dispatch::{Dispatcher, JobRef, ModuleRef, Synced};
+use kommune_operator::fence::Fence;
 use kommune_operator::fleet::Fleet;
 use kommune_operator::gateway::{Gateway, GatewayConfig, NodeEvent};
 use kommune_operator::job::{JobPolicy, validate};
+use kommune_operator::ledger::{Ledger, LedgerConfig};
 use kommune_operator::pki::Ca;
+use kommune_operator::pricing::{Micros, RateBook, Rates};
 use kommune_operator::store::Store;
 use kommune_operator::tokens::MemoryTokens;
 use kommune_proto::token::JoinToken;
 use kommune_proto::v1::{Capacity, NodeFacts};
 use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// One credit per CPU-core-hour: a second of CPU earns 278 micro-credits.
+const RATES: Rates = Rates { cpu_core_hour: Micros(1_000_000), memory_gib_hour: Micros(0), gpu_hour: Micros(0), output_gib: Micros(0) };
 
 struct Operator {
     url: String,
@@ -60,7 +66,8 @@ async fn start_operator(dir: tempfile::TempDir, ca: Arc<Ca>, tokens: Arc<MemoryT
     let blobs = Blobs::open(dir.path()).unwrap();
     let fleet = Arc::new(Fleet::default());
     let (changed_tx, changed_rx) = mpsc::channel(1024);
-    let dispatcher = Arc::new(Dispatcher::new(store, fleet, changed_tx));
+    let ledger = Arc::new(Ledger::open(LedgerConfig { data_dir: dir.path().to_path_buf(), database_url: None, fence: Fence::open() }).unwrap());
+    let dispatcher = Arc::new(Dispatcher::new(store, fleet, changed_tx).with_ledger(ledger, Arc::new(RateBook::new(RATES))));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let events = Arc::new(std::sync::Mutex::new(vec![]));
@@ -106,7 +113,25 @@ impl Operator {
     /// store, CA, join tokens and port, as a restarted process would.
     async fn crash_and_restart(mut self) -> Operator {
         self.runtime.take().unwrap().shutdown_background();
-        start_operator(self.dir.take().unwrap(), self.ca.clone(), self.tokens.clone(), self.port).await
+        let (dir, ca, tokens, port) = (self.dir.take().unwrap(), self.ca.clone(), self.tokens.clone(), self.port);
+        // Everything of the old process goes before the new one opens the store and ledger.
+        drop(self);
+        start_operator(dir, ca, tokens, port).await
+    }
+
+    /// The job's receipts in the ledger.
+    /// The job's receipts in the ledger, once there are at least `at_least` (a result is
+    /// recorded a moment before its receipt), or whatever is there after 5 s.
+    async fn metered_at_least(&self, job_uid: &str, at_least: u64) -> kommune_operator::ledger::backend::JobUsage {
+        let ledger = self.dispatcher.ledger().unwrap();
+        for _ in 0..250 {
+            let u = ledger.job_usage(job_uid).await.unwrap();
+            if u.receipts >= at_least {
+                return u;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ledger.job_usage(job_uid).await.unwrap()
     }
 
     fn token(&self, uses: u32, ttl_secs: i64) -> String {
@@ -171,18 +196,25 @@ async fn join_only(op: &Operator, dir: &Path, name: &str, allow_exec: bool) -> A
     state
 }
 
+/// A task manager for `state` that signs usage receipts with the node key, as `run` sets up.
+fn tasks_for(state: &AgentState, allow_exec: bool, results: PathBuf) -> (Arc<Tasks>, mpsc::UnboundedReceiver<kommune_proto::v1::TaskUpdate>) {
+    let (tasks, updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(allow_exec), Spool::open(results).unwrap(), state.scratch_dir());
+    let key = kommune_proto::receipt::signing_key_from_pem(&state.key_pem).unwrap();
+    tasks.sign_receipts(kommune_agent::receipts::Receipts::start(state.receipts_dir(), &state.config.node_name, key).unwrap());
+    (tasks, updates)
+}
+
 /// Runs an agent's sessions in the background (exec allowed) until the operator rejects it;
 /// the handle tells how it ended.
 fn run_detached(state: &AgentState) -> tokio::task::JoinHandle<Result<(), session::SessionError>> {
-    let (tasks, mut updates) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(state.results_dir()).unwrap(), state.scratch_dir());
+    let (tasks, mut updates) = tasks_for(state, true, state.results_dir());
     let state = state.clone();
     tokio::spawn(async move { session::run(&state, &facts(true), &tasks, &mut updates, std::future::pending()).await })
 }
 
 async fn join_agent(op: &Operator, dir: &Path, name: &str, allow_exec: bool) -> Agent {
     let state = join_only(op, dir, name, allow_exec).await;
-    let (tasks, updates) =
-        Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(allow_exec), Spool::open(state.results_dir()).unwrap(), state.scratch_dir());
+    let (tasks, updates) = tasks_for(&state, allow_exec, state.results_dir());
     let mut agent = Agent { state, facts: facts(allow_exec), tasks, session: None, updates: Some(updates) };
     agent.connect();
     agent
@@ -292,6 +324,11 @@ async fn agents_join_and_run_wasm_and_exec_jobs_over_mtls() {
     // Same input, same output: the module is deterministic, so digests agree per index.
     let digests: std::collections::HashSet<_> = done.attempts.iter().map(|a| a.result.as_ref().unwrap().output_sha256.clone()).collect();
     assert_eq!(digests.len(), 4);
+    // Every attempt is metered once, from receipts the agents signed: fuel, CPU and output.
+    let m = op.metered_at_least("wasm-job", 4).await;
+    assert_eq!(m.receipts, 4);
+    assert!(m.usage.wasm_fuel > 4 * 100_000 && m.usage.cpu_micros > 0, "{m:?}");
+    assert_eq!(m.usage.output_bytes, done.attempts.iter().map(|a| a.result.as_ref().unwrap().output_bytes).sum::<u64>());
 
     // exec only lands on the agent that opted in.
     let exec = policy("workload:\n  exec:\n    command: ['/bin/sh', '-c', 'echo exec $KOMMUNE_TASK_INDEX of $KOMMUNE_TASK_COUNT']\ntasks: 3\n");
@@ -301,6 +338,9 @@ async fn agents_join_and_run_wasm_and_exec_jobs_over_mtls() {
     let mut outs: Vec<String> = done.attempts.iter().map(|a| String::from_utf8_lossy(&a.result.as_ref().unwrap().stdout_tail).into_owned()).collect();
     outs.sort();
     assert_eq!(outs, vec!["exec 0 of 3\n", "exec 1 of 3\n", "exec 2 of 3\n"]);
+    assert_eq!(op.metered_at_least("exec-job", 3).await.receipts, 3);
+    let earned = op.dispatcher.ledger().unwrap().node_earnings("agent-a").await.unwrap();
+    assert_eq!(earned.receipts, 2 + 3, "agent-a ran two wasm and three exec tasks");
 
     let events = op.events.lock().unwrap().clone();
     assert!(events.iter().any(|e| matches!(e, NodeEvent::Joined { node, .. } if node == "agent-a")));
@@ -342,6 +382,9 @@ async fn a_task_that_finishes_while_its_agent_is_disconnected_is_reported_once_a
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(a.tasks.known_ids().is_empty(), "the Ack cleared the agent's spool");
+    assert_eq!(op.metered_at_least("slow-job", 1).await.receipts, 1, "metered once");
+    let history = kommune_agent::receipts::history(&a.state.receipts_dir(), &[]);
+    assert_eq!(history.iter().map(|r| (r.attempt_id.as_str(), r.status.as_str())).collect::<Vec<_>>(), [("slow-job.0.1", "accepted")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -401,6 +444,7 @@ async fn an_operator_restart_mid_job_keeps_running_attempts_and_places_nothing_t
     for a in &done.attempts {
         assert_eq!(a.result.as_ref().unwrap().stdout_tail, format!("task {}\n", a.index).as_bytes());
     }
+    assert_eq!(op.metered_at_least("restart-job", 4).await.receipts, 4, "each attempt metered once across the restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -632,8 +676,7 @@ async fn an_agent_restarted_without_its_attempt_gets_it_marked_lost_and_retried(
     a.disconnect().await;
     wait_disconnected(&op, "rebooted").await;
     // A fresh process: same identity, empty task manager (the attempt died with the old one).
-    let (tasks, updates) =
-        Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(dir.path().join("other-results")).unwrap(), a.state.scratch_dir());
+    let (tasks, updates) = tasks_for(&a.state, true, dir.path().join("other-results"));
     a.tasks = tasks;
     a.updates = Some(updates);
     a.connect();
@@ -712,4 +755,149 @@ async fn bad_tokens_and_wrong_servers_get_clear_errors() {
     // The name n3 is bound to another machine's key.
     let err = join_with(op.token(1, 600), op.url.clone(), "n3").await;
     assert!(err.contains("taken by another machine"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_are_counted_once_and_forged_or_implausible_ones_are_rejected_with_a_reason() {
+    use kommune_proto::v1::{AgentMessage, AttemptState, Hello, ReceiptBody, TaskResult, TaskUpdate, Usage, UsageReceipt, agent_message, operator_message};
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = join_only(&op, dir.path(), "meter", true).await;
+    let key = kommune_proto::receipt::signing_key_from_pem(&state.key_pem).unwrap();
+    let mut client =
+        kommune_agent::connect::client(&kommune_agent::connect::parse_server(&op.url).unwrap(), &state.ca_pem, Some((&state.cert_pem, &state.key_pem)))
+            .await
+            .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let send = |kind: agent_message::Kind| {
+        let tx = tx.clone();
+        async move { tx.send(AgentMessage { kind: Some(kind) }).await.unwrap() }
+    };
+    send(agent_message::Kind::Hello(Hello { facts: Some(facts(true)), running_attempt_ids: vec![], paused: false })).await;
+    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert!(matches!(next(&mut inbound).await, Ok(Some(operator_message::Kind::Welcome(_)))));
+
+    let jr = job("metered-job");
+    let exec = policy("workload:\n  exec:\n    command: [echo]\ntasks: 2\nresources: {cpu: '1'}\n");
+    assert_eq!(op.dispatcher.sync(&jr, &exec, None).await.unwrap().placed, 2);
+    let mut ids = vec![];
+    for _ in 0..2 {
+        let Ok(Some(operator_message::Kind::Assign(a))) = next(&mut inbound).await else { panic!("no Assign") };
+        ids.push(a.attempt_id);
+    }
+    ids.sort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = |attempt: &str, sequence: u64, cpu_micros: u64| ReceiptBody {
+        node: "meter".into(),
+        epoch: 1,
+        sequence,
+        attempt_id: attempt.into(),
+        job: jr.key.clone(),
+        state: AttemptState::Succeeded as i32,
+        usage: Some(Usage { wall_millis: 200, cpu_micros, source: "proc".into(), ..Default::default() }),
+        started_unix_millis: 0,
+        finished_unix_millis: 200,
+    };
+    let update = |attempt: &str, receipt: UsageReceipt| {
+        agent_message::Kind::TaskUpdate(TaskUpdate {
+            attempt_id: attempt.into(),
+            state: AttemptState::Succeeded as i32,
+            result: Some(TaskResult { exit_code: 0, ..Default::default() }),
+            receipt: Some(receipt),
+        })
+    };
+    let ack = |m: Result<Option<operator_message::Kind>, tonic::Status>| match m {
+        Ok(Some(operator_message::Kind::Ack(a))) => a,
+        other => panic!("expected an Ack, got {other:?}"),
+    };
+
+    // Forged: signed by another key. Rejected with the reason, and it does not take the
+    // (node, epoch, sequence) the genuine receipt then uses.
+    let forger = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    send(update(&ids[0], kommune_proto::receipt::sign(&body(&ids[0], 1, 150_000), &forger))).await;
+    let a = ack(next(&mut inbound).await);
+    assert!(a.receipt_rejected.contains("signature"), "{a:?}");
+    assert_eq!(a.cost_micros, 0);
+    let genuine = kommune_proto::receipt::sign(&body(&ids[0], 1, 150_000), &key);
+    send(update(&ids[0], genuine.clone())).await;
+    let a = ack(next(&mut inbound).await);
+    assert_eq!((a.receipt_rejected.as_str(), a.cost_micros), ("", 150_000 * 1_000_000 / 3_600_000_000), "{a:?}");
+    // Replayed (same bytes) and duplicated: acknowledged as before, counted once.
+    send(update(&ids[0], genuine.clone())).await;
+    assert_eq!(ack(next(&mut inbound).await).receipt_rejected, "");
+    // Another receipt for an attempt already metered, under a new sequence: rejected.
+    send(update(&ids[0], kommune_proto::receipt::sign(&body(&ids[0], 2, 150_000), &key))).await;
+    assert!(!ack(next(&mut inbound).await).receipt_rejected.is_empty());
+    // Implausible: 10 s of CPU in a 200 ms attempt with one core.
+    send(update(&ids[1], kommune_proto::receipt::sign(&body(&ids[1], 3, 10_000_000), &key))).await;
+    let a = ack(next(&mut inbound).await);
+    assert!(a.receipt_rejected.contains("cpu"), "{a:?}");
+
+    let m = op.metered_at_least(&jr.uid, 1).await;
+    assert_eq!(m.receipts, 1, "only the genuine, plausible receipt counts: {m:?}");
+    assert_eq!(m.usage.cpu_micros, 150_000);
+    let rejected = op.dispatcher.ledger().unwrap().rejected("meter").await.unwrap();
+    assert!(rejected.len() >= 3, "forged, second and implausible receipts are kept with their reasons: {rejected:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_receipt_appended_before_the_operator_crashed_unacknowledged_is_counted_once() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = join_agent(&op, dir.path(), "crashy", true).await;
+    wait_connected(&op, &["crashy"]).await;
+    let slow = policy("workload:\n  exec:\n    command: ['/bin/sh', '-c', 'sleep 0.5; echo done']\n");
+    let jr = job("append-then-crash");
+    assert_eq!(op.dispatcher.sync(&jr, &slow, None).await.unwrap().placed, 1);
+    wait_running(&op, "append-then-crash.0.1").await;
+    // The task finishes while the agent is disconnected: its update and receipt are spooled.
+    a.disconnect().await;
+    wait_disconnected(&op, "crashy").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let spooled = a.tasks.unacknowledged();
+    assert_eq!(spooled.len(), 1);
+    // The operator appends the receipt to its ledger, then dies before the Ack goes out.
+    let attempt = op.dispatcher.store().attempt("append-then-crash.0.1").unwrap().unwrap();
+    let key = kommune_operator::pki::public_key_of(&pem_der(&a.state.cert_pem)).unwrap();
+    let verdict = op
+        .dispatcher
+        .ledger()
+        .unwrap()
+        .submit(kommune_operator::ledger::check::ReceiptInput {
+            receipt: spooled[0].receipt.clone().unwrap(),
+            session_node: "crashy".into(),
+            node_public_key: key,
+            attempt: kommune_operator::ledger::check::AttemptFacts {
+                attempt_id: attempt.id.clone(),
+                job_uid: attempt.job_uid.clone(),
+                job_key: attempt.job_key.clone(),
+                node: attempt.node.clone(),
+                cpu_millis: attempt.cpu_millis,
+                observed_start_ms: attempt.created_ms,
+                observed_end_ms: kommune_operator::attempt::now_ms(),
+            },
+            rates: RATES,
+            received_ms: kommune_operator::attempt::now_ms(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(verdict, kommune_operator::ledger::Verdict::Accepted { .. }), "{verdict:?}");
+    let op = op.crash_and_restart().await;
+    // The agent comes back and resends: the result is recorded, the receipt is a duplicate.
+    a.connect();
+    let done = op.run_to_end(&jr, &slow, None).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded);
+    for _ in 0..100 {
+        if a.tasks.unacknowledged().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.tasks.unacknowledged().is_empty(), "acknowledged after the restart");
+    assert_eq!(op.metered_at_least(&jr.uid, 1).await.receipts, 1, "in the ledger exactly once");
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD.decode(body).unwrap()
 }

@@ -138,6 +138,8 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
             module_sha256: module.as_ref().map(|m| m.sha256.as_str()),
             suspended: policy.suspended,
             now_ms: now,
+            budget_exhausted: synced.budget_exhausted.as_deref(),
+            usage: synced.usage.clone(),
         },
     );
     publish(ctx, job, &prev, &next).await?;

@@ -173,6 +173,26 @@ async fn write(api: &Api<ProviderNode>, store: &Store, ev: &NodeEvent) -> Result
     Ok(())
 }
 
+/// A node's earnings from the ledger, for its status (None without a ledger or on a read
+/// error, which is logged: the status keeps its last figures).
+async fn earnings(dispatcher: &Dispatcher, node: &str) -> Option<crate::crd::NodeEarnings> {
+    let ledger = dispatcher.ledger()?;
+    let read = async { Ok::<_, crate::ledger::LedgerError>((ledger.node_earnings(node).await?, ledger.rejected(node).await?.len() as u64)) };
+    match read.await {
+        Ok((e, rejected)) => Some(crate::crd::NodeEarnings {
+            pending: e.pending.to_string(),
+            receipts: e.receipts,
+            rejected,
+            ledger_seq: e.head.map_or(0, |h| h.seq),
+            ledger_head: e.head.map(|h| hex::encode(h.hash)).unwrap_or_default(),
+        }),
+        Err(e) => {
+            warn!(%node, error = %e, "cannot read the node's earnings from the ledger");
+            None
+        }
+    }
+}
+
 /// Brings phases of nodes without a session here up to date (Ready → NotReady → Offline),
 /// mirrors cordons into the fleet, and revokes nodes whose ProviderNode was deleted since the
 /// last sweep (only nodes seen before, so a just-joined node is not revoked before its object
@@ -188,7 +208,16 @@ async fn sweep_nodes(api: &Api<ProviderNode>, dispatcher: &Dispatcher, grace: Du
     for n in nodes.items {
         let name = n.name_any();
         fleet.set_cordoned(&name, n.spec.unschedulable);
+        match crate::pricing::overrides_from(n.spec.pricing.as_ref()) {
+            Ok(o) => dispatcher.rates().set_overrides(&name, o),
+            Err(e) => warn!(node = %name, error = %e, "ProviderNode pricing ignored; the cluster rates apply"),
+        }
         let status = n.status.clone().unwrap_or_default();
+        if let Some(earnings) = earnings(dispatcher, &name).await
+            && status.earnings.as_ref() != Some(&earnings)
+        {
+            api.patch_status(&name, &status_patch(), &Patch::Merge(&json!({ "status": { "earnings": earnings } }))).await?;
+        }
         let Some(absent) = fleet.absent_for(&name) else {
             // Connected: a cordoned node is Draining (its running tasks finish, none are added).
             let want = connected_phase(n.spec.unschedulable);

@@ -116,12 +116,19 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// The node a request comes from, proven by its client certificate and checked against the
 /// node registry (a node whose registration is gone cannot open a session).
 fn authenticated_node<T>(inner: &Inner, request: &Request<T>) -> Result<String, Status> {
+    authenticated_node_key(inner, request).map(|(node, _)| node)
+}
+
+/// Like [`authenticated_node`], also returning the node's ed25519 public key, which verifies
+/// its usage receipts.
+fn authenticated_node_key<T>(inner: &Inner, request: &Request<T>) -> Result<(String, [u8; 32]), Status> {
     let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate is required; run `kommune-agent join` first"))?;
     let leaf = certs.first().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     let node = pki::node_name_of(leaf).ok_or_else(|| Status::unauthenticated("the client certificate has no node name"))?;
     let key = pki::public_key_sha256_of(leaf).ok_or_else(|| Status::unauthenticated("the client certificate has no usable key"))?;
+    let raw = pki::public_key_of(leaf).ok_or_else(|| Status::unauthenticated("the client certificate's key is not ed25519"))?;
     match inner.dispatcher.store().node_key(&node) {
-        Ok(Some(k)) if k == key => Ok(node),
+        Ok(Some(k)) if k == key => Ok((node, raw)),
         Ok(_) => Err(Status::permission_denied(format!("node {node} is not registered with this key; join again with a new token"))),
         Err(e) => Err(Status::unavailable(e.to_string())),
     }
@@ -183,12 +190,17 @@ impl AgentGateway for Gateway {
     type SessionStream = SessionStream;
 
     async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
-        let node = authenticated_node(&self.inner, &request)?;
+        let (node, public_key) = authenticated_node_key(&self.inner, &request)?;
+        // The ledger keeps every key a node name ever had, so its receipts stay verifiable
+        // after the node leaves. Idempotent; done here so nodes joined before metering count.
+        if let Some(ledger) = self.inner.dispatcher.ledger() {
+            ledger.register_node_key(&node, public_key).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        }
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            session::run(inner, node, inbound, tx).await;
+            session::run(inner, node, public_key, inbound, tx).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

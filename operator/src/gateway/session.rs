@@ -19,7 +19,7 @@ async fn send(tx: &Tx, kind: OpKind) -> bool {
     tx.send(Ok(OperatorMessage { kind: Some(kind) })).await.is_ok()
 }
 
-pub(super) async fn run(inner: Arc<Inner>, node: String, mut inbound: Streaming<AgentMessage>, tx: Tx) {
+pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], mut inbound: Streaming<AgentMessage>, tx: Tx) {
     let hello = match timeout(inner.config.session_timeout, inbound.message()).await {
         Ok(Ok(Some(AgentMessage { kind: Some(agent_message::Kind::Hello(h)) }))) => h,
         Ok(Ok(Some(_))) => {
@@ -68,13 +68,13 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, mut inbound: Streaming<
                 inner.dispatcher.fleet().set_paused(&node, hb.paused);
                 let _ = inner.events.try_send(NodeEvent::Heartbeat { node: node.clone() });
             }
-            Some(agent_message::Kind::TaskUpdate(update)) => match inner.dispatcher.on_update(&node, &update) {
-                Ok(true) => {
-                    if !send(&tx, OpKind::Ack(v1::Ack { attempt_id: update.attempt_id, receipt_rejected: String::new(), cost_micros: 0 })).await {
+            Some(agent_message::Kind::TaskUpdate(update)) => match inner.dispatcher.on_update(&node, &public_key, &update).await {
+                Ok(Some(ack)) => {
+                    if !send(&tx, OpKind::Ack(ack)).await {
                         break "the session's stream closed".into();
                     }
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) => {
                     // Not acknowledged: the agent resends it on its next session.
                     warn!(%node, error = %e, "cannot record a task update");

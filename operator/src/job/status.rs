@@ -35,6 +35,10 @@ pub struct Observed<'a> {
     pub module_sha256: Option<&'a str>,
     pub suspended: bool,
     pub now_ms: i64,
+    /// Why no further task may start within the job's budget.
+    pub budget_exhausted: Option<&'a str>,
+    /// Metered usage and cost so far (None keeps what the status had).
+    pub usage: Option<crate::crd::JobUsage>,
 }
 
 /// The status for a job that is being run.
@@ -63,8 +67,14 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
     }
 
     let waiting = p.counts.pending;
+    if let Some(u) = &o.usage {
+        s.usage = Some(u.clone());
+    }
     let scheduled = match (o.unplaced, p.phase) {
         (_, JobPhase::Succeeded | JobPhase::Failed) => None,
+        _ if o.budget_exhausted.is_some() && waiting > 0 => {
+            Some(condition(SCHEDULED, false, "BudgetExhausted", format!("{waiting} task(s) waiting: {}", o.budget_exhausted.unwrap_or_default()), g))
+        }
         (Some(why), _) => Some(condition(
             SCHEDULED,
             false,
@@ -210,7 +220,18 @@ mod tests {
     }
 
     fn observed<'a>(p: &'a Progress, attempts: &'a [Attempt], unplaced: Option<&'a Explanation>) -> Observed<'a> {
-        Observed { generation: Some(2), runtime: "wasm", progress: p, attempts, unplaced, module_sha256: None, suspended: false, now_ms: 5_000 }
+        Observed {
+            generation: Some(2),
+            runtime: "wasm",
+            progress: p,
+            attempts,
+            unplaced,
+            module_sha256: None,
+            suspended: false,
+            now_ms: 5_000,
+            budget_exhausted: None,
+            usage: None,
+        }
     }
 
     #[test]
@@ -298,6 +319,21 @@ mod tests {
         assert!(events(&ComputeJobStatus::default(), &suspended).iter().any(|(sev, reason, _)| *sev == Severity::Normal && reason == "Suspended"));
         let resumed = summarize(&suspended, &observed(&p, &[], None));
         assert!(!resumed.conditions.iter().any(|c| c.type_ == SUSPENDED));
+    }
+
+    #[test]
+    fn an_exhausted_budget_is_a_scheduled_false_condition_with_a_warning_and_usage_is_shown() {
+        let p = progress(JobPhase::Running, TaskCounts { total: 5, pending: 3, running: 1, succeeded: 1, ..Default::default() });
+        let usage = crate::crd::JobUsage { receipts: 1, cost: "0.4".into(), budget: Some("1".into()), ..Default::default() };
+        let why = "budget 1 credits: 0.4 spent and up to 0.3 committed to running tasks; the next task could cost up to 0.3";
+        let s = summarize(&ComputeJobStatus::default(), &Observed { budget_exhausted: Some(why), usage: Some(usage.clone()), ..observed(&p, &[], None) });
+        let c = s.conditions.iter().find(|c| c.type_ == SCHEDULED).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "BudgetExhausted"));
+        assert_eq!(c.message, format!("3 task(s) waiting: {why}"));
+        assert_eq!(s.usage, Some(usage));
+        assert!(events(&ComputeJobStatus::default(), &s).iter().any(|(sev, reason, _)| *sev == Severity::Warning && reason == "BudgetExhausted"));
+        // Usage the sync could not read (None) keeps the last figures.
+        assert_eq!(summarize(&s, &observed(&p, &[], None)).usage, s.usage);
     }
 
     #[test]
