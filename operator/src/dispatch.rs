@@ -119,7 +119,12 @@ impl Dispatcher {
         let next = pricing::worst_case(policy.cpu_millis, policy.memory_bytes, policy.task_timeout, &self.rates.ceiling());
         let check = BudgetCheck { budget, spent, reserved, next };
         let admits = usize::try_from(check.allows()).unwrap_or(usize::MAX);
-        if admits >= wanted { (wanted, None) } else { (admits, Some(check.explain())) }
+        if admits >= wanted {
+            return (wanted, None);
+        }
+        // Said as it will be once the admitted tasks run: they are committed too.
+        let reserved = Micros(reserved.0.saturating_add(next.0.saturating_mul(admits as u64)));
+        (admits, Some(BudgetCheck { reserved, ..check }.explain()))
     }
 
     pub fn fleet(&self) -> &Arc<Fleet> {

@@ -901,3 +901,29 @@ fn pem_der(pem: &str) -> Vec<u8> {
     let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     base64::engine::general_purpose::STANDARD.decode(body).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_stops_placement_when_the_next_task_could_exceed_it() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = join_agent(&op, dir.path(), "thrifty", true).await;
+    wait_connected(&op, &["thrifty"]).await;
+    // At 1 credit per core-hour, a 1-core task with a one-hour limit may cost up to 1 credit:
+    // a budget of 2.5 admits two such tasks at a time, never the third.
+    let capped = policy(
+        "workload:\n  exec:\n    command: ['/bin/sh', '-c', 'sleep 0.3']\ntasks: 3\nresources: {cpu: 500m, memory: 1Mi}\ntimeouts: {taskSeconds: 3600}\npricing: {budget: '2.5'}\n",
+    );
+    let capped = JobPolicy { cpu_millis: 1000, ..capped };
+    let jr = job("budgeted");
+    let first = op.dispatcher.sync(&jr, &capped, None).await.unwrap();
+    assert_eq!(first.placed, 2);
+    let why = first.budget_exhausted.expect("the third task waits for the budget");
+    assert_eq!(why, "budget 2.5 credits: 0 spent and up to 2 committed to running tasks; the next task could cost up to 1");
+    assert_eq!(first.usage.as_ref().map(|u| u.budget.as_deref()), Some(Some("2.5")));
+    // Once the two finish, what they really cost (a few micro-credits) frees the room.
+    let done = op.run_to_end(&jr, &capped, None).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded);
+    assert_eq!(done.attempts.len(), 3);
+    let usage = op.metered_at_least(&jr.uid, 3).await;
+    assert!(usage.cost.0 < 1_000_000, "{usage:?}");
+}
