@@ -31,6 +31,37 @@ const ATTEMPT_LABEL: &str = "dev.kommune.attempt";
 const NODE_LABEL: &str = "dev.kommune.node";
 /// The user a container runs as when the agent itself runs as root under a rootful engine.
 const NOBODY: u32 = 65534;
+/// How often the engine's stats of a running container are read for the usage receipt. The
+/// first read is one interval after start, so a task shorter than that is measured as no CPU.
+const STATS_EVERY: Duration = Duration::from_millis(500);
+
+/// CPU and memory of one container as the engine's stats report them (cgroup accounting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EngineStats {
+    /// Total CPU time, nanoseconds (`cpu_stats.cpu_usage.total_usage`).
+    pub cpu_nanos: u64,
+    /// Memory in use now (`memory_stats.usage`).
+    pub memory_bytes: u64,
+    /// Peak memory when the engine knows it (`memory_stats.max_usage`, cgroup v1 only).
+    pub memory_peak_bytes: u64,
+}
+
+/// Reads a `/containers/{id}/stats?stream=false` reply (Docker and Podman use the same shape).
+/// None when the reply has no CPU figure (a container that has already stopped).
+pub(crate) fn parse_stats(v: &Value) -> Option<EngineStats> {
+    let cpu_nanos = v.pointer("/cpu_stats/cpu_usage/total_usage").and_then(Value::as_u64).filter(|n| *n > 0)?;
+    let memory_bytes = v.pointer("/memory_stats/usage").and_then(Value::as_u64).unwrap_or(0);
+    let memory_peak_bytes = v.pointer("/memory_stats/max_usage").and_then(Value::as_u64).unwrap_or(0);
+    Some(EngineStats { cpu_nanos, memory_bytes, memory_peak_bytes })
+}
+
+/// What the stats sampler saw of one container.
+#[derive(Debug)]
+struct StatsAccount {
+    cpu_nanos: u64,
+    memory: super::usage::MemoryIntegral,
+    samples: u32,
+}
 
 /// Runs `container` workloads through one engine socket.
 #[derive(Debug, Clone)]
@@ -161,8 +192,9 @@ impl ContainerRuntime {
         }
 
         let mut created = None;
+        let account = Mutex::new(StatsAccount { cpu_nanos: 0, memory: super::usage::MemoryIntegral::new(started), samples: 0 });
         let stopped = tokio::select! {
-            ended = self.start_and_wait(image, &spec, &mut created, ctx) => ended,
+            ended = self.start_and_wait(image, &spec, &mut created, ctx, &account) => ended,
             () = cancel.cancelled() => End::cancelled(),
             after = expired(deadline(started, ctx.timeout)) => End::timed_out(after),
         };
@@ -175,12 +207,41 @@ impl ContainerRuntime {
             self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         }
         let end = end.check_output(&stdout, &stderr);
-        Outcome::from_captures(end, &stdout, &stderr, started.elapsed(), Measured::none())
+        let wall = started.elapsed();
+        let account = account.into_inner().unwrap_or_else(|p| p.into_inner());
+        let (memory_peak_bytes, memory_mib_millis) = account.memory.finish(started + wall);
+        let measured = if account.samples == 0 {
+            Measured { gpu_millis: gpu_millis(gpus.len(), wall), ..Measured::none() }
+        } else {
+            Measured {
+                cpu_micros: account.cpu_nanos / 1000,
+                memory_peak_bytes,
+                memory_mib_millis,
+                gpu_millis: gpu_millis(gpus.len(), wall),
+                source: "engine-stats",
+                ..Measured::default()
+            }
+        };
+        Outcome::from_captures(end, &stdout, &stderr, wall, measured)
+    }
+
+    /// Reads the container's stats every [`STATS_EVERY`] into `account`, until dropped.
+    async fn sample_stats(&self, id: &str, account: &Mutex<StatsAccount>) {
+        loop {
+            tokio::time::sleep(STATS_EVERY).await;
+            let Ok(Some(reply)) = self.engine.find(&format!("/containers/{id}/stats?stream=false")).await else { continue };
+            let Some(stats) = parse_stats(&reply) else { continue };
+            let mut a = account.lock().unwrap_or_else(|p| p.into_inner());
+            a.cpu_nanos = a.cpu_nanos.max(stats.cpu_nanos);
+            a.memory.set(Instant::now(), stats.memory_bytes);
+            a.memory.observe_peak(stats.memory_peak_bytes);
+            a.samples += 1;
+        }
     }
 
     /// Pulls, creates, starts and waits for the container. `created` names it as soon as it
     /// exists, so the caller removes it even when this future is dropped half-way.
-    async fn start_and_wait(&self, image: &str, spec: &Value, created: &mut Option<String>, ctx: &AttemptContext) -> End {
+    async fn start_and_wait(&self, image: &str, spec: &Value, created: &mut Option<String>, ctx: &AttemptContext, account: &Mutex<StatsAccount>) -> End {
         if let Err(e) = self.ensure_image(image).await {
             return End::failed(format!("cannot pull image {image}: {e}"));
         }
@@ -196,7 +257,12 @@ impl ContainerRuntime {
         if let Err(e) = self.engine.call(Method::POST, &format!("/containers/{id}/start"), None).await {
             return End::failed(format!("cannot start container {}: {e}", short(&id)));
         }
-        let reply = match self.engine.call(Method::POST, &format!("/containers/{id}/wait"), None).await {
+        let wait_path = format!("/containers/{id}/wait");
+        let waited = tokio::select! {
+            waited = self.engine.call(Method::POST, &wait_path, None) => waited,
+            () = self.sample_stats(&id, account) => unreachable!("sampling never ends"),
+        };
+        let reply = match waited {
             Ok((_, reply)) => reply,
             Err(e) => return End::failed(format!("cannot wait for container {}: {e}", short(&id))),
         };
@@ -248,6 +314,11 @@ impl ContainerRuntime {
             _ => end,
         }
     }
+}
+
+/// GPU time of a task that held `gpus` GPUs for `wall`.
+fn gpu_millis(gpus: usize, wall: Duration) -> u64 {
+    (gpus as u64).saturating_mul(wall.as_millis().try_into().unwrap_or(u64::MAX))
 }
 
 /// The create request: everything that keeps the task in its box is decided here.

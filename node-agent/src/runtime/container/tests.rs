@@ -45,6 +45,10 @@ struct Script {
     rootless: bool,
     /// Containers `/containers/json` lists (ids), as a crashed agent leaves them.
     leftovers: Vec<&'static str>,
+    /// How long the wait takes before it returns `exit_code`.
+    wait_delay: Duration,
+    /// The stats reply of the running container; None answers 404.
+    stats: Option<Value>,
 }
 
 impl Default for Script {
@@ -58,6 +62,8 @@ impl Default for Script {
             logs: Vec::new(),
             rootless: false,
             leftovers: Vec::new(),
+            wait_delay: Duration::ZERO,
+            stats: None,
         }
     }
 }
@@ -132,8 +138,15 @@ async fn answer(request: Request<Incoming>, script: Arc<Script>, log: Arc<Mutex<
         }
         ("POST", "/v1.41/containers/create") => json_reply(script.create.0, script.create.1.clone()),
         ("POST", p) if p == format!("{container}/start") => reply(204, vec![]),
+        ("GET", p) if p == format!("{container}/stats?stream=false") => match &script.stats {
+            Some(stats) => json_reply(200, stats.clone()),
+            None => json_reply(404, json!({"message": "no stats"})),
+        },
         ("POST", p) if p == format!("{container}/wait") => match script.exit_code {
-            Some(code) => json_reply(200, json!({"StatusCode": code, "Error": null})),
+            Some(code) => {
+                tokio::time::sleep(script.wait_delay).await;
+                json_reply(200, json!({"StatusCode": code, "Error": null}))
+            }
             None => std::future::pending().await,
         },
         ("GET", p) if p == format!("{container}/json") => json_reply(200, json!({"State": {"OOMKilled": script.oom_killed}})),
@@ -233,6 +246,39 @@ async fn a_container_runs_locked_down_and_reports_its_demultiplexed_output() {
     for shared in ["PidMode", "IpcMode", "UsernsMode", "Devices", "VolumesFrom"] {
         assert!(host.get(shared).is_none(), "{shared} must stay unset: {host}");
     }
+}
+
+// Recorded from Docker 28 on cgroup v2 (trimmed to the fields the agent reads and a few more).
+const DOCKER_STATS: &str = r#"{"read":"2026-11-22T01:02:03.4Z","pids_stats":{"current":3},
+  "cpu_stats":{"cpu_usage":{"total_usage":300000000,"usage_in_kernelmode":40000000,"usage_in_usermode":260000000},"system_cpu_usage":9000000000,"online_cpus":2},
+  "memory_stats":{"usage":10485760,"stats":{"anon":9000000,"file":1000000},"limit":67108864}}"#;
+
+#[test]
+fn engine_stats_are_read_from_docker_and_podman_replies() {
+    let docker: Value = serde_json::from_str(DOCKER_STATS).unwrap();
+    assert_eq!(parse_stats(&docker), Some(EngineStats { cpu_nanos: 300_000_000, memory_bytes: 10 << 20, memory_peak_bytes: 0 }));
+    let v1 = json!({"cpu_stats": {"cpu_usage": {"total_usage": 5}}, "memory_stats": {"usage": 7, "max_usage": 9}});
+    assert_eq!(parse_stats(&v1), Some(EngineStats { cpu_nanos: 5, memory_bytes: 7, memory_peak_bytes: 9 }));
+    // A stopped container reports zeros: no figure rather than a wrong one.
+    assert_eq!(parse_stats(&json!({"cpu_stats": {"cpu_usage": {"total_usage": 0}}, "memory_stats": {}})), None);
+    assert_eq!(parse_stats(&json!({})), None);
+}
+
+#[tokio::test]
+async fn a_running_container_is_metered_from_the_engines_stats() {
+    let mut stats: Value = serde_json::from_str(DOCKER_STATS).unwrap();
+    stats["memory_stats"]["max_usage"] = json!(12 << 20);
+    let engine = FakeEngine::start(Script { wait_delay: Duration::from_millis(1300), stats: Some(stats), ..Script::default() }).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let outcome = run(&engine.runtime(), &context(scratch.path()), false, CancellationToken::new()).await;
+    assert_eq!(outcome.ending, Ending::Succeeded, "{}", outcome.message);
+    let u = &outcome.usage;
+    assert_eq!((u.source, u.cpu_micros, u.memory_peak_bytes), ("engine-stats", 300_000, 12 << 20), "{u:?}");
+    assert!(u.memory_mib_millis >= 10 * 500, "10 MiB for at least the time after the first sample: {u:?}");
+    // A container too short to sample says so rather than claiming zero work was measured.
+    let quick = FakeEngine::start(Script::default()).await;
+    let outcome = run(&quick.runtime(), &context(scratch.path()), false, CancellationToken::new()).await;
+    assert_eq!((outcome.usage.source, outcome.usage.cpu_micros), ("none", 0));
 }
 
 #[tokio::test]
