@@ -5,10 +5,23 @@
 # pointing at kube-apiserver + etcd (e2e/fetch-envtest.sh makes one); without either it prints
 # one "skipped: no cluster" line.
 #
+# The payout ledger's backend suite also runs against PostgreSQL: against
+# KOMMUNE_TEST_DATABASE_URL when set, else a throwaway server on loopback started here
+# (hack/postgres.sh) when PostgreSQL's server binaries are installed, else it prints one
+# "skipped: no PostgreSQL" line.
+#
 #   hack/test.sh
 #   KUBEBUILDER_ASSETS=~/.cache/kommune/envtest hack/test.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [[ -z "${KOMMUNE_TEST_DATABASE_URL:-}" ]] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    pg_env="$(bash hack/postgres.sh)"
+    eval "$pg_env"
+    pg_dir="$(sed -n 's/^# stop with: .* stop //p' <<<"$pg_env")"
+    trap 'bash hack/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true' EXIT
+    echo "PostgreSQL for the ledger tests: $KOMMUNE_TEST_DATABASE_URL" >&2
+fi
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --exclude kommune-e2e --no-fail-fast

@@ -402,6 +402,38 @@ async fn walking_skeleton() -> Result<()> {
     assert!(wasm.recent_results.iter().all(|r| r.stdout_tail.contains("primes below 20000")), "{:?}", wasm.recent_results);
     assert_eq!(wasm.completed_indexes.as_deref(), Some("0-3"));
 
+    // Metered: every task's signed receipt is in the ledger, and the job says what it cost.
+    let watch = jobs.clone();
+    eventually("hello-wasm's usage from 4 receipts", Duration::from_secs(30), move || {
+        let jobs = watch.clone();
+        async move { Ok(jobs.get("hello-wasm").await?.status.and_then(|s| s.usage).is_some_and(|u| u.receipts == 4)) }
+    })
+    .await?;
+    let usage = jobs.get("hello-wasm").await?.status.and_then(|s| s.usage).unwrap();
+    assert!(usage.wasm_fuel > 0 && !usage.cost.is_empty(), "{usage:?}");
+    println!("hello-wasm usage: {usage:?}");
+    let mut receipts = 0;
+    for name in ["e2e-a", "e2e-b"] {
+        let out = Command::new(&agent).args(["earnings", "--json", "--state-dir", h.work.path().join(name).to_str().unwrap()]).output()?;
+        assert!(out.status.success(), "earnings {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(lines.lines().all(|l| l.contains("\"status\":\"accepted\"")), "{name}: {lines}");
+        receipts += lines.lines().count();
+    }
+    assert!(receipts >= 4 + 2, "both examples' tasks are in the providers' receipt logs: {receipts}");
+    let watch = nodes.clone();
+    eventually("ProviderNode earnings", Duration::from_secs(30), move || {
+        let nodes = watch.clone();
+        async move {
+            let mut total = 0;
+            for name in ["e2e-a", "e2e-b"] {
+                total += nodes.get(name).await?.status.and_then(|s| s.earnings).map_or(0, |e| e.receipts);
+            }
+            Ok(total as usize == receipts)
+        }
+    })
+    .await?;
+
     // 5. Bad input ends in a clear condition and a Warning Event, never a silent Pending.
     let bad = [
         ("bad-container", "  workload:\n    container: {image: busybox}\n", "Failed", "InvalidSpec"),
@@ -484,6 +516,11 @@ async fn walking_skeleton() -> Result<()> {
     h.kill("operator");
     eventually("the standby to take over", Duration::from_secs(60), || async { Ok(http_status(standby_metrics, "/readyz") == Some(200)) }).await?;
     let takeover = killed.elapsed();
+    // The dead leader's ledger verifies end to end: chain, signatures, totals.
+    let out = Command::new(&operator).args(["ledger", "verify", "--data-dir", data.to_str().unwrap()]).output()?;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ledger verify: {report}");
+    println!("ledger verify: {report}");
     println!("leader takeover: standby ready {:.1}s after the leader was killed (lease {LEASE_SECONDS}s)", takeover.as_secs_f64());
     assert!(takeover < Duration::from_secs(LEASE_SECONDS.parse::<u64>()? + 10), "took {takeover:?}");
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &op_ns);
