@@ -247,10 +247,41 @@ fn fresh_database(url: &str) -> (String, String) {
     (db_url, name)
 }
 
+/// Single-thread cost of the pieces, so a missed target can be explained (stderr only).
+fn components() {
+    use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+    let keys = node_keys();
+    let receipts = signed(4096, &keys);
+    let msgs: Vec<Vec<u8>> = receipts.iter().map(|r| receipt::signed_message(&r.body)).collect();
+    let sigs: Vec<Signature> = receipts.iter().map(|r| Signature::from_slice(&r.signature).expect("64 bytes")).collect();
+    let vks: Vec<VerifyingKey> = (0..receipts.len()).map(|i| keys[i % NODES].verifying_key()).collect();
+    let t = Instant::now();
+    for i in 0..msgs.len() {
+        vks[i].verify(&msgs[i], &sigs[i]).expect("valid");
+    }
+    let single = t.elapsed().as_secs_f64() * 1e6 / msgs.len() as f64;
+    let t = Instant::now();
+    for c in 0..msgs.len() / 256 {
+        let r = c * 256..(c + 1) * 256;
+        let m: Vec<&[u8]> = msgs[r.clone()].iter().map(|m| m.as_slice()).collect();
+        ed25519_dalek::verify_batch(&m, &sigs[r.clone()], &vks[r]).expect("valid batch");
+    }
+    let batch = t.elapsed().as_secs_f64() * 1e6 / msgs.len() as f64;
+    let e = Entry::node_key(1, 1, "pn-1", [1; 32]);
+    let e = Entry { body: receipts[0].body.clone(), signature: receipts[0].signature.clone(), ..e };
+    let t = Instant::now();
+    for _ in 0..100_000 {
+        std::hint::black_box(std::hint::black_box(&e).compute_hash());
+    }
+    let hash = t.elapsed().as_secs_f64() * 1e6 / 100_000.0;
+    eprintln!("components (one thread): ed25519 verify {single:.1} us/sig, batch of 256 {batch:.1} us/sig, entry hash {hash:.2} us");
+}
+
 fn main() {
     // `cargo bench` passes --bench; there are no options to parse.
     let quick = std::env::var_os("KOMMUNE_BENCH_QUICK").is_some();
     let (receipts, verify_n, in_flight) = if quick { (20_000, 50_000, 256) } else { (300_000, 1_000_000, 1024) };
+    components();
     bench_submit("sqlite", None, receipts, in_flight);
     if let Ok(url) = std::env::var("DATABASE_URL") {
         let (db_url, name) = fresh_database(&url);
