@@ -47,6 +47,9 @@ enum Command {
     /// Manages join tokens for provider agents.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Exports and verifies the payout ledger.
+    #[command(subcommand)]
+    Ledger(kommune_operator::ledger::cli::LedgerCommand),
 }
 
 #[derive(Args, Clone)]
@@ -152,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Crdgen(args)) => crdgen(args),
         Some(Command::Token(TokenCommand::Create { ttl, uses, namespace })) => token_create(ttl, uses, &namespace).await,
+        Some(Command::Ledger(cmd)) => ledger(cmd),
         Some(Command::Run(args)) => run(args).await,
         None => run(cli.run).await,
     }
@@ -171,6 +175,14 @@ fn crdgen(args: CrdgenArgs) -> anyhow::Result<()> {
             eprintln!("wrote {}", path.display());
         }
     }
+    Ok(())
+}
+
+fn ledger(cmd: kommune_operator::ledger::cli::LedgerCommand) -> anyhow::Result<()> {
+    // The PostgreSQL client blocks on a runtime of its own, which must not run on a tokio worker.
+    std::thread::spawn(move || kommune_operator::ledger::cli::run(cmd, &mut std::io::stdout().lock()))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the ledger command panicked"))??;
     Ok(())
 }
 

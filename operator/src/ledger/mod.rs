@@ -82,8 +82,12 @@ pub struct NodeEarnings {
     pub head: Option<Head>,
 }
 
-/// Largest number of submissions taken into one batch.
+/// Largest number of submissions committed in one transaction.
 pub const MAX_BATCH: usize = 8192;
+
+/// Largest number of submissions one checker takes at a time: small enough that a burst is
+/// split across the checkers (one per core), large enough for batch verification to pay.
+const CHECK_CHUNK: usize = 256;
 
 /// Opens the configured backend (one connection or client).
 pub fn open_backend(data_dir: &Path, database_url: Option<&str>) -> Result<Box<dyn Backend>, LedgerError> {
@@ -176,7 +180,7 @@ impl Ledger {
                 }),
             )?);
         }
-        let (batches_tx, batches_rx) = sync_channel::<Vec<Checked>>(4);
+        let (batches_tx, batches_rx) = sync_channel::<Vec<Checked>>(MAX_BATCH / CHECK_CHUNK);
         {
             let (dir, url, ready, fence) = (config.data_dir.clone(), config.database_url.clone(), ready_tx, config.fence.clone());
             threads.push(spawn(
@@ -337,7 +341,7 @@ fn load_state(b: &mut dyn Backend) -> Result<ChainState, LedgerError> {
     Ok(s)
 }
 
-/// Takes everything queued (up to MAX_BATCH), verifies the receipts' signatures as one batch,
+/// Takes what is queued (up to CHECK_CHUNK), verifies the receipts' signatures as one batch,
 /// and hands the result to the writer.
 fn check_loop(rx: Arc<Mutex<mpsc::Receiver<Command>>>, out: SyncSender<Vec<Checked>>) {
     loop {
@@ -346,7 +350,7 @@ fn check_loop(rx: Arc<Mutex<mpsc::Receiver<Command>>>, out: SyncSender<Vec<Check
             let mut rx = rx.lock().unwrap_or_else(|p| p.into_inner());
             let Some(first) = rx.blocking_recv() else { return };
             cmds.push(first);
-            while cmds.len() < MAX_BATCH {
+            while cmds.len() < CHECK_CHUNK {
                 match rx.try_recv() {
                     Ok(c) => cmds.push(c),
                     Err(_) => break,

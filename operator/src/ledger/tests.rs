@@ -648,3 +648,33 @@ fn a_database_name_is_swapped_into_a_url() {
     assert_eq!(with_database("postgres://u:p@127.0.0.1:5432/postgres", "t1"), "postgres://u:p@127.0.0.1:5432/t1");
     assert_eq!(with_database("postgres://u@h:1?sslmode=disable", "t2"), "postgres://u@h:1/t2?sslmode=disable");
 }
+
+#[test]
+fn the_verify_command_prints_a_summary_and_names_the_first_bad_entry() {
+    let env = Env::sqlite();
+    let rt = rt();
+    let l = env.open();
+    rt.block_on(async {
+        l.register_node_key("pn-1", key_of(1)).await.unwrap();
+        for s in 1..=3 {
+            l.submit(input(1, 1, s)).await.unwrap();
+        }
+        l.checkpoint().await.unwrap();
+    });
+    drop(l);
+    let location = || cli::Location { data_dir: env.dir.path().to_path_buf(), database_url: None };
+    let mut out = Vec::new();
+    cli::run(cli::LedgerCommand::Verify(cli::VerifyArgs { location: location(), operator_key_sha256: None }), &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.starts_with("ledger OK: 5 entries (3 receipts, 1 checkpoints, 1 node keys)"), "{out}");
+    assert!(out.contains("pn-1: ") && out.contains("head: entry 5 hash ") && out.contains("operator ledger key sha256: "), "{out}");
+
+    let original = env.get(3, "cost");
+    env.put(3, "cost", &original.flipped(0));
+    let err = cli::run(cli::LedgerCommand::Verify(cli::VerifyArgs { location: location(), operator_key_sha256: None }), &mut Vec::new()).unwrap_err();
+    assert!(err.to_string().starts_with("ledger verification FAILED: entry 3: hash does not match its content (stored "), "{err}");
+
+    let missing = cli::Location { data_dir: env.dir.path().join("nope"), database_url: None };
+    let err = cli::run(cli::LedgerCommand::Verify(cli::VerifyArgs { location: missing, operator_key_sha256: None }), &mut Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("no ledger at"), "{err}");
+}
