@@ -927,3 +927,41 @@ async fn a_budget_stops_placement_when_the_next_task_could_exceed_it() {
     let usage = op.metered_at_least(&jr.uid, 3).await;
     assert!(usage.cost.0 < 1_000_000, "{usage:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_killed_around_sending_its_receipt_resends_it_and_it_counts_once() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = join_agent(&op, dir.path(), "killed", true).await;
+    wait_connected(&op, &["killed"]).await;
+    let quick = policy("workload:\n  exec:\n    command: ['/bin/sh', '-c', 'sleep 0.3; echo ok']\n");
+    let jr = job("kill-around-ack");
+    assert_eq!(op.dispatcher.sync(&jr, &quick, None).await.unwrap().placed, 1);
+    // Kill the agent (its session task aborted, its task manager gone: no graceful anything) the
+    // moment the operator has recorded the result, so the Ack is most likely still in flight.
+    for _ in 0..400 {
+        if op.dispatcher.store().attempt("kill-around-ack.0.1").unwrap().is_some_and(|a| a.phase == AttemptPhase::Succeeded) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_, handle) = a.session.take().unwrap();
+    handle.abort();
+    let spooled_at_kill = Spool::open(a.state.results_dir()).unwrap().all().len();
+    // A new process on the same state directory: it resends whatever its spool still holds.
+    let (tasks, updates) = tasks_for(&a.state, true, a.state.results_dir());
+    a.tasks = tasks;
+    a.updates = Some(updates);
+    a.connect();
+    for _ in 0..200 {
+        if a.tasks.unacknowledged().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.tasks.unacknowledged().is_empty(), "the restarted agent's spool was acknowledged");
+    let done = op.run_to_end(&jr, &quick, None).await;
+    assert_eq!((done.progress.phase, done.attempts.len()), (JobPhase::Succeeded, 1));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(op.metered_at_least(&jr.uid, 1).await.receipts, 1, "exactly once (the spool held {spooled_at_kill} unacknowledged update(s) at the kill)");
+}
