@@ -1,10 +1,12 @@
 //! The dispatcher: the kube-free core between the job controller and the gateway. It turns a
 //! job's progress into placements and Assign messages, and agents' updates into durable attempt
-//! transitions. Placement runs under one lock with reservations read from the store, so
-//! concurrent jobs never overcommit a node and a finished attempt frees its room at once.
+//! transitions. Placement runs under one lock against the fleet's in-memory pool of
+//! reservations (rebuilt from the store's active attempts on first use), so concurrent jobs
+//! never overcommit a node; every path that finishes an attempt releases its reservation.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kommune_proto::v1::{self, operator_message::Kind as OpKind};
 use tokio::sync::mpsc;
@@ -13,7 +15,7 @@ use tracing::{debug, info, warn};
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult, attempt_id, now_ms};
 use crate::fleet::{Fleet, NodeFacts, Outbound, SendError};
 use crate::job::{JobPolicy, Progress, TaskWorkload, progress};
-use crate::scheduler::{self, Explanation, Request, Resources};
+use crate::scheduler::{Demand, Explanation, GpuRequest, Request, Resources};
 use crate::store::{Store, StoreError};
 
 /// Longest output tail kept per stream.
@@ -55,13 +57,20 @@ pub struct Dispatcher {
     fleet: Arc<Fleet>,
     place_lock: tokio::sync::Mutex<()>,
     changed: mpsc::Sender<String>,
+    /// Reservations and reputations have been rebuilt from the store.
+    rebuilt: AtomicBool,
+}
+
+/// The namespace of a "namespace/name" job key.
+fn namespace_of(job_key: &str) -> &str {
+    job_key.split_once('/').map_or("", |(ns, _)| ns)
 }
 
 impl Dispatcher {
     /// `changed` receives "namespace/name" of jobs whose attempts changed, so the controller
     /// reconciles them; when it is full the periodic requeue catches up.
     pub fn new(store: Arc<Store>, fleet: Arc<Fleet>, changed: mpsc::Sender<String>) -> Self {
-        Dispatcher { store, fleet, place_lock: tokio::sync::Mutex::new(()), changed }
+        Dispatcher { store, fleet, place_lock: tokio::sync::Mutex::new(()), changed, rebuilt: AtomicBool::new(false) }
     }
 
     pub fn fleet(&self) -> &Arc<Fleet> {
@@ -74,6 +83,54 @@ impl Dispatcher {
 
     fn notify(&self, job_key: &str) {
         let _ = self.changed.try_send(job_key.to_string());
+    }
+
+    /// Rebuilds the pool's reservations (from active attempts) and node reputations (from
+    /// finished ones) the first time placement needs them. The store is read while the pool is
+    /// locked, and every finish releases after its store write, so an attempt finishing
+    /// meanwhile is either not read as active or released after being reserved: never leaked.
+    fn ensure_rebuilt(&self) -> Result<()> {
+        if self.rebuilt.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        {
+            let mut pool = self.fleet.pool();
+            if self.rebuilt.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            for a in self.store.all_active()? {
+                let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes: 0 };
+                pool.reserve(&a.id, &a.node, resources, &GpuRequest::default(), namespace_of(&a.job_key));
+            }
+            self.rebuilt.store(true, Ordering::Release);
+        }
+        for (node, succeeded, failed) in self.store.outcomes_by_node()? {
+            self.fleet.set_history(&node, succeeded, failed);
+        }
+        Ok(())
+    }
+
+    /// Finishes an attempt in the store, then frees its reservation and counts the outcome
+    /// towards its node's reputation. Every path that ends an attempt goes through here.
+    fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now: i64) -> Result<Option<Attempt>> {
+        let done = self.store.finish(id, phase, result, now)?;
+        // Released even when the store says it was already finished: release is idempotent.
+        self.fleet.pool().release(id);
+        if let Some(a) = &done {
+            match phase {
+                AttemptPhase::Succeeded => self.fleet.record_outcome(&a.node, true),
+                AttemptPhase::Failed | AttemptPhase::Lost => self.fleet.record_outcome(&a.node, false),
+                _ => {}
+            }
+        }
+        Ok(done)
+    }
+
+    /// Why a task of this job would not be placed right now (a full scan of the pool), or
+    /// None when it would fit. The same text the Scheduled condition carries.
+    pub fn explain(&self, policy: &JobPolicy) -> Option<Explanation> {
+        let e = self.fleet.pool().explain(&Request { replicas: 1, ..policy.request() });
+        (e.fitting() == 0).then_some(e)
     }
 
     /// Brings one job forward: cancels what must stop, places what may start, and returns the
@@ -90,36 +147,57 @@ impl Dispatcher {
             self.cancel_attempt(&attempts, id, why)?;
         }
 
+        self.ensure_rebuilt()?;
+        let request = Request { replicas: 1, ..policy.request() };
+        {
+            // Reservations rebuilt from the store know only cpu and memory; fill in the rest.
+            let mut pool = self.fleet.pool();
+            for a in attempts.iter().filter(|a| !a.phase.is_terminal()) {
+                let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes: request.resources.ephemeral_bytes };
+                pool.refresh(&a.id, resources, &request.gpu);
+            }
+        }
         let mut placed = 0;
         let mut unplaced = None;
-        if !p.to_place.is_empty() {
-            let active = self.store.all_active()?;
-            let mut candidates = self.fleet.candidates(&active);
-            let request = Request {
-                resources: Resources { cpu_millis: policy.cpu_millis, memory_bytes: policy.memory_bytes },
-                runtime: policy.workload.runtime().to_string(),
-            };
-            let (chosen, why) = scheduler::place(&mut candidates, &request, p.to_place.len());
-            unplaced = why;
-            let new: Vec<Attempt> = p
-                .to_place
+        if p.to_place.is_empty() {
+            self.fleet.pool().forget_demand(&job.key);
+        } else {
+            let tasks: Vec<Vec<String>> = p.to_place.iter().map(|&(index, number)| vec![attempt_id(&job.uid, index, number)]).collect();
+            let demand =
+                Demand { job: job.key.clone(), namespace: namespace_of(&job.key).to_string(), priority: policy.priority, request, remaining: 0, seen_ms: now };
+            let batch = self.fleet.pool().place_batch(demand, &tasks, now);
+            for other in &batch.held_for {
+                self.notify(other);
+            }
+            unplaced = batch.unplaced;
+            let new: Vec<Attempt> = batch
+                .placed
                 .iter()
-                .zip(&chosen)
-                .map(|(&(index, number), &node)| Attempt {
-                    id: attempt_id(&job.uid, index, number),
-                    job_uid: job.uid.clone(),
-                    job_key: job.key.clone(),
-                    index,
-                    number,
-                    node: candidates[node].name.clone(),
-                    phase: AttemptPhase::Assigned,
-                    cpu_millis: policy.cpu_millis,
-                    memory_bytes: policy.memory_bytes,
-                    created_ms: now,
-                    finished_ms: None,
-                    result: None,
+                .map(|pl| {
+                    let (index, number) = p.to_place[pl.task];
+                    Attempt {
+                        id: tasks[pl.task][0].clone(),
+                        job_uid: job.uid.clone(),
+                        job_key: job.key.clone(),
+                        index,
+                        number,
+                        node: pl.nodes[0].clone(),
+                        phase: AttemptPhase::Assigned,
+                        cpu_millis: policy.cpu_millis,
+                        memory_bytes: policy.memory_bytes,
+                        created_ms: now,
+                        finished_ms: None,
+                        result: None,
+                    }
                 })
                 .collect();
+            if let Err(e) = self.store.insert_attempts(&new) {
+                let mut pool = self.fleet.pool();
+                for a in &new {
+                    pool.release(&a.id);
+                }
+                return Err(e);
+            }
             // Durable first, then sent: a crash in between leaves an Assigned attempt that the
             // node's next Hello does not list, so it is marked Lost and retried.
             self.store.insert_attempts(&new)?;
@@ -127,7 +205,7 @@ impl Dispatcher {
                 let assign = OpKind::Assign(assign_message(a, policy, module));
                 if let Err(e) = self.fleet.send(&a.node, assign) {
                     warn!(attempt = %a.id, node = %a.node, error = ?e, "could not hand attempt to node; marking it lost");
-                    self.store.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("could not reach node: {e:?}"))), now)?;
+                    self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("could not reach node: {e:?}"))), now)?;
                 } else {
                     placed += 1;
                 }
@@ -147,7 +225,7 @@ impl Dispatcher {
     fn cancel_attempt(&self, attempts: &[Attempt], id: &str, reason: &str) -> Result<()> {
         let Some(a) = attempts.iter().find(|a| a.id == id) else { return Ok(()) };
         let _ = self.fleet.send(&a.node, OpKind::Cancel(v1::Cancel { attempt_id: id.to_string(), reason: reason.to_string() }));
-        self.store.finish(id, AttemptPhase::Cancelled, Some(&lost(reason)), now_ms())?;
+        self.finish(id, AttemptPhase::Cancelled, Some(&lost(reason)), now_ms())?;
         Ok(())
     }
 
@@ -161,7 +239,7 @@ impl Dispatcher {
         for a in self.store.all_active()? {
             let Some(absent) = self.fleet.absent_for(&a.node).filter(|d| *d > grace) else { continue };
             let why = format!("node {} has been unreachable for {}s (grace {}s)", a.node, absent.as_secs(), grace.as_secs());
-            if self.store.finish(&a.id, AttemptPhase::Lost, Some(&lost(&why)), now)?.is_some() {
+            if self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&why)), now)?.is_some() {
                 info!(attempt = %a.id, node = %a.node, "attempt lost with its node");
                 self.notify(&a.job_key);
                 expired += 1;
@@ -190,7 +268,7 @@ impl Dispatcher {
         let now = now_ms();
         let mut moved = 0;
         for a in self.store.active_on_node(node)? {
-            if self.store.finish(&a.id, phase, Some(&lost(&format!("node {node} {why}"))), now)?.is_some() {
+            if self.finish(&a.id, phase, Some(&lost(&format!("node {node} {why}"))), now)?.is_some() {
                 self.notify(&a.job_key);
                 moved += 1;
             }
@@ -203,6 +281,9 @@ impl Dispatcher {
     pub async fn cancel_job(&self, job_uid: &str) -> Result<usize> {
         let _guard = self.place_lock.lock().await;
         let attempts = self.store.attempts_for_job(job_uid)?;
+        if let Some(key) = attempts.first().map(|a| a.job_key.clone()) {
+            self.fleet.pool().forget_demand(&key);
+        }
         let active: Vec<String> = attempts.iter().filter(|a| !a.phase.is_terminal()).map(|a| a.id.clone()).collect();
         for id in &active {
             self.cancel_attempt(&attempts, id, "job deleted")?;
@@ -222,7 +303,7 @@ impl Dispatcher {
         let now = now_ms();
         for a in expected.iter().filter(|a| !running.contains(a.id.as_str())) {
             info!(attempt = %a.id, node, "node reconnected without this attempt; marking it lost");
-            self.store.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now)?;
+            self.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now)?;
             self.notify(&a.job_key);
         }
         let expected: HashSet<&str> = expected.iter().map(|a| a.id.as_str()).collect();
@@ -267,7 +348,7 @@ impl Dispatcher {
             }
         };
         let result = bounded_result(update.result.as_ref());
-        if self.store.finish(&a.id, phase, Some(&result), now_ms())?.is_some() {
+        if self.finish(&a.id, phase, Some(&result), now_ms())?.is_some() {
             debug!(node, attempt = %a.id, phase = phase.as_str(), exit = result.exit_code, "attempt finished");
             self.notify(&a.job_key);
         }
@@ -367,6 +448,11 @@ mod tests {
             job_deadline: None,
             suspended: false,
             workload,
+            ephemeral_bytes: 0,
+            gpu: Default::default(),
+            placement: Default::default(),
+            priority: 0,
+            max_price_per_hour: None,
         };
         let attempt = Attempt {
             id: attempt_id("uid", 2, 1),

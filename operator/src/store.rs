@@ -173,6 +173,25 @@ impl Store {
         query(&self.conn(), "WHERE phase IN ('Assigned', 'Running') ORDER BY id", params![])
     }
 
+    /// Finished attempts per node that count towards reputation: (node, succeeded, failed or
+    /// lost). Cancelled attempts do not count.
+    pub fn outcomes_by_node(&self) -> Result<Vec<(String, u64, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT node, SUM(phase = 'Succeeded'), SUM(phase IN ('Failed', 'Lost')) FROM attempts
+                 WHERE phase IN ('Succeeded', 'Failed', 'Lost') GROUP BY node ORDER BY node",
+            )
+            .map_err(op("prepare outcomes"))?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))).map_err(op("query outcomes"))?;
+        let mut out = vec![];
+        for row in rows {
+            let (node, ok, bad) = row.map_err(op("read outcomes"))?;
+            out.push((node, ok.max(0) as u64, bad.max(0) as u64));
+        }
+        Ok(out)
+    }
+
     /// Binds `name` to a node key, or reports that it is bound to another one.
     pub fn register_node(&self, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
         self.fence.check()?;

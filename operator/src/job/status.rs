@@ -193,7 +193,6 @@ mod tests {
     use crate::attempt::{AttemptPhase, AttemptResult};
     use crate::crd::{TaskCounts, is_true};
     use crate::scheduler::{Exclusion, Request, Resources};
-    use std::collections::BTreeMap;
 
     fn progress(phase: JobPhase, counts: TaskCounts) -> Progress {
         Progress {
@@ -216,11 +215,8 @@ mod tests {
     #[test]
     fn unschedulable_job_says_why_and_emits_a_warning_once() {
         let p = Progress { started_ms: None, ..progress(JobPhase::Pending, TaskCounts { total: 2, pending: 2, ..Default::default() }) };
-        let why = Explanation {
-            total: 2,
-            excluded: BTreeMap::from([(Exclusion::MissingRuntime, 2)]),
-            request: Request { resources: Resources { cpu_millis: 100, memory_bytes: 1 << 20 }, runtime: "exec".into() },
-        };
+        let mut why = Explanation::new(2, &Request::new("exec", Resources { cpu_millis: 100, memory_bytes: 1 << 20, ephemeral_bytes: 0 }));
+        why.excluded.insert(Exclusion::MissingRuntime, 2);
         let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], Some(&why)));
         let c = s.conditions.iter().find(|c| c.type_ == SCHEDULED).unwrap();
         assert_eq!(c.status, "False");
