@@ -479,4 +479,73 @@ mod tests {
         };
         assert_eq!(assign.workload.and_then(|w| w.kind), Some(v1::workload::Kind::Container(expected)));
     }
+
+    fn exec_policy(tasks: u32, cpu_millis: u64) -> JobPolicy {
+        JobPolicy {
+            tasks,
+            parallelism: tasks,
+            cpu_millis,
+            memory_bytes: 64 << 20,
+            max_attempts: 1,
+            backoff: Duration::from_secs(1),
+            task_timeout: Duration::from_secs(60),
+            job_deadline: None,
+            suspended: false,
+            workload: TaskWorkload::Exec { command: vec!["true".into()], env: vec![] },
+            ephemeral_bytes: 0,
+            gpu: Default::default(),
+            placement: crate::job::PlacementPolicy { replicas: 1, ..Default::default() },
+            priority: 0,
+            max_price_per_hour: None,
+        }
+    }
+
+    fn job(ns: &str, uid: &str) -> JobRef {
+        JobRef { uid: uid.into(), key: format!("{ns}/{uid}") }
+    }
+
+    #[tokio::test]
+    async fn room_is_reserved_in_memory_and_freed_the_moment_an_attempt_ends_or_is_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let fleet = Arc::new(Fleet::default());
+        let (changed, _changed_rx) = mpsc::channel(16);
+        let (tx, _session_rx) = mpsc::channel(16);
+        let facts = NodeFacts {
+            capacity: Resources { cpu_millis: 2000, memory_bytes: 4 << 30, ephemeral_bytes: 0 },
+            runtimes: vec!["exec".into()],
+            ..Default::default()
+        };
+        fleet.connect("n1", facts, tx);
+        let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+        let (a, b) = (job("team-a", "ua"), job("team-b", "ub"));
+
+        assert_eq!(d.sync(&a, &exec_policy(2, 1000), None).await.unwrap().placed, 2);
+        let waiting = d.sync(&b, &exec_policy(1, 1000), None).await.unwrap();
+        assert_eq!(waiting.placed, 0);
+        assert_eq!(waiting.unplaced.unwrap().to_string(), "0/1 nodes can run it: 1 insufficient cpu (need 1)");
+        assert_eq!(d.explain(&exec_policy(1, 1000)).unwrap().to_string(), "0/1 nodes can run it: 1 insufficient cpu (need 1)");
+
+        // An attempt of A succeeds: its room is free for B at once, and the node's record improves.
+        let done = v1::TaskUpdate { attempt_id: attempt_id("ua", 0, 1), state: v1::AttemptState::Succeeded as i32, ..Default::default() };
+        assert!(d.on_update("n1", &done).unwrap());
+        assert!(d.on_update("n1", &done).unwrap(), "a repeated update releases nothing twice");
+        assert_eq!(fleet.reputation("n1"), crate::scheduler::Reputation(666));
+        assert_eq!(d.sync(&b, &exec_policy(1, 1000), None).await.unwrap().placed, 1);
+        assert_eq!(fleet.pool().allocation("n1").resources.cpu_millis, 2000);
+
+        // Deleting A cancels its last attempt and frees its room.
+        assert_eq!(d.cancel_job("ua").await.unwrap(), 1);
+        assert_eq!(fleet.pool().allocation("n1").resources.cpu_millis, 1000);
+        assert_eq!(fleet.pool().reservations(), 1);
+        assert!(d.explain(&exec_policy(1, 1000)).is_none());
+
+        // A restarted operator rebuilds the same reservations from the store.
+        let fleet2 = Arc::new(Fleet::default());
+        let (changed2, _rx2) = mpsc::channel(16);
+        let d2 = Dispatcher::new(store, fleet2.clone(), changed2);
+        d2.ensure_rebuilt().unwrap();
+        assert_eq!(fleet2.pool().allocation("n1").resources.cpu_millis, 1000);
+        assert_eq!(fleet2.reputation("n1"), crate::scheduler::Reputation(666));
+    }
 }

@@ -318,6 +318,7 @@ pub struct EnvVar {
 
 /// Resources one task needs.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct Resources {
     /// CPU per task, as a Kubernetes quantity ("250m", "2"). Defaults to 250m.
     #[serde(default = "default_cpu")]

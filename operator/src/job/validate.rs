@@ -18,6 +18,10 @@ const MAX_TASKS: u32 = 1_000_000;
 const MIN_MEMORY: u64 = 1 << 20;
 /// Most replicas of one task.
 pub const MAX_REPLICAS: u32 = 16;
+/// Whether the dispatcher runs more than one replica per task. Until it tracks replica
+/// attempts and compares their outputs, a job asking for replicas is refused with a clear
+/// message rather than silently run once.
+const REPLICAS_RUN: bool = false;
 
 /// A validated job: everything the operator needs to place and run its tasks.
 #[derive(Debug, Clone, PartialEq)]
@@ -343,6 +347,12 @@ fn placement(p: &Placement, workload: &TaskWorkload) -> Result<PlacementPolicy, 
             "spec.placement.replicas: replicas are verified by comparing their outputs, which needs a deterministic runtime; exec tasks are not, use wasm",
         ));
     }
+    if p.replicas > 1 && !REPLICAS_RUN {
+        return Err(invalid(format!(
+            "spec.placement.replicas: {} replicas per task are not run by this operator version yet (the scheduler places replicas on distinct providers and owners, but attempts and verification do not track them); use 1",
+            p.replicas
+        )));
+    }
     Ok(PlacementPolicy { node_selector: p.node_selector.clone(), tolerations, arch, os, min_reputation, data_locality, replicas: p.replicas })
 }
 
@@ -408,6 +418,42 @@ mod tests {
     }
 
     #[test]
+    fn placement_resources_and_priority_map_into_the_request() {
+        let yaml = format!(
+            "{WASM}resources: {{cpu: '2', memory: 1Gi, ephemeralStorage: 10Gi, gpu: {{count: 2, model: 'A100*', minMemory: 40Gi}}}}
+placement:
+  nodeSelector: {{tier: fast, kommune.dev/pool: edge}}
+  tolerations: [{{key: dedicated, value: ml, effect: NoSchedule}}, {{operator: Exists}}]
+  arch: amd64
+  os: Linux
+  minReputation: '0.8'
+  dataLocality: {{region: eu-west, zone: eu-west-a}}
+priority: 7
+"
+        );
+        let p = validate(&spec(&yaml)).unwrap();
+        let r = p.request();
+        assert_eq!(r.resources, Resources { cpu_millis: 2000, memory_bytes: 1 << 30, ephemeral_bytes: 10 << 30 });
+        assert_eq!(r.gpu, GpuRequest { count: 2, model: Some(GpuPattern::parse("a100*").unwrap()), min_memory_bytes: 40 << 30 });
+        assert_eq!(r.node_selector.len(), 2);
+        assert_eq!(
+            r.tolerations,
+            vec![
+                Toleration { key: "dedicated".into(), operator: TolerationOperator::Equal, value: "ml".into(), effect: Some(TaintEffect::NoSchedule) },
+                Toleration { key: String::new(), operator: TolerationOperator::Exists, value: String::new(), effect: None },
+            ]
+        );
+        assert_eq!((r.arch.as_deref(), r.os.as_deref()), (Some("x86_64"), Some("linux")));
+        assert_eq!(r.min_reputation, Reputation(800));
+        assert_eq!(r.data_locality, Some(Locality { region: Some("eu-west".into()), zone: Some("eu-west-a".into()) }));
+        assert_eq!((r.replicas, p.priority, r.runtime.as_str()), (1, 7, "wasm"));
+        // Defaults: one replica, no GPU, no disk, priority 0, no constraint.
+        let d = validate(&spec(WASM)).unwrap();
+        assert_eq!(d.request(), Request::new("wasm", Resources { cpu_millis: 250, memory_bytes: 128 << 20, ephemeral_bytes: 0 }));
+        assert_eq!(d.priority, 0);
+    }
+
+    #[test]
     fn every_invalid_spec_names_its_field() {
         let sha = "a".repeat(64);
         let cases: Vec<(String, &str, &str)> = vec![
@@ -438,6 +484,27 @@ mod tests {
             (format!("{WASM}resources: {{memory: 1Ki}}\n"), "InvalidSpec", "at least 1Mi"),
             (format!("{WASM}retries: {{maxAttempts: 0}}\n"), "InvalidSpec", "maxAttempts"),
             (format!("{WASM}timeouts: {{taskSeconds: 0}}\n"), "InvalidSpec", "spec.timeouts"),
+            (format!("{WASM}resources: {{ephemeralStorage: lots}}\n"), "InvalidSpec", "spec.resources.ephemeralStorage"),
+            (format!("{WASM}resources: {{gpu: {{count: 0}}}}\n"), "InvalidSpec", "spec.resources.gpu.count must be between 1 and 64"),
+            (format!("{WASM}resources: {{gpu: {{model: 'a100[x]'}}}}\n"), "InvalidSpec", "spec.resources.gpu.model: \"a100[x]\" is not a GPU model pattern"),
+            (format!("{WASM}resources: {{gpu: {{minMemory: much}}}}\n"), "InvalidSpec", "spec.resources.gpu.minMemory"),
+            (
+                format!("{WASM}placement: {{nodeSelector: {{'bad key!': x}}}}\n"),
+                "InvalidSpec",
+                "spec.placement.nodeSelector: \"bad key!\" is not a valid label key",
+            ),
+            (format!("{WASM}placement: {{nodeSelector: {{tier: 'no spaces'}}}}\n"), "InvalidSpec", "spec.placement.nodeSelector.tier"),
+            (format!("{WASM}placement: {{tolerations: [{{operator: Equal, value: x}}]}}\n"), "InvalidSpec", "tolerations[0]: operator Equal needs a key"),
+            (format!("{WASM}placement: {{tolerations: [{{key: k, operator: Exists, value: x}}]}}\n"), "InvalidSpec", "operator Exists matches any value"),
+            (format!("{WASM}placement: {{arch: 'x86 64'}}\n"), "InvalidSpec", "spec.placement.arch"),
+            (format!("{WASM}placement: {{os: ''}}\n"), "InvalidSpec", "spec.placement.os"),
+            (format!("{WASM}placement: {{minReputation: '1.5'}}\n"), "InvalidSpec", "spec.placement.minReputation: \"1.5\" is not a reputation"),
+            (format!("{WASM}placement: {{minReputation: '80%'}}\n"), "InvalidSpec", "spec.placement.minReputation"),
+            (format!("{WASM}placement: {{dataLocality: {{}}}}\n"), "InvalidSpec", "spec.placement.dataLocality must set region, zone or both"),
+            (format!("{WASM}placement: {{replicas: 0}}\n"), "InvalidSpec", "spec.placement.replicas must be between 1 and 16"),
+            (format!("{WASM}placement: {{replicas: 17}}\n"), "InvalidSpec", "spec.placement.replicas must be between 1 and 16"),
+            ("workload:\n  exec:\n    command: [x]\nplacement: {replicas: 2}\n".into(), "InvalidSpec", "exec tasks are not, use wasm"),
+            (format!("{WASM}placement: {{replicas: 3}}\n"), "InvalidSpec", "3 replicas per task are not run by this operator version yet"),
         ];
         for (yaml, reason, needle) in cases {
             let err = validate(&spec(&yaml)).expect_err(&yaml);

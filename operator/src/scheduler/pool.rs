@@ -82,7 +82,27 @@ struct Class {
     facts: Node,
     /// Node ids in the order they joined the class.
     members: Vec<u32>,
+    /// Members not ready, cordoned (and ready), paused (and ready, not cordoned): kept
+    /// current so an explanation counts a class that fails a static filter in O(1).
+    unavailable: [u32; 3],
 }
+
+/// Which of a class's `unavailable` counters a node with `flags` belongs to.
+fn unavailable(flags: u8) -> Option<usize> {
+    if flags & READY == 0 {
+        Some(0)
+    } else if flags & CORDONED != 0 {
+        Some(1)
+    } else if flags & PAUSED != 0 {
+        Some(2)
+    } else {
+        None
+    }
+}
+
+/// A request's verdict on every class: the static reason it fails, or None, and the GPU
+/// devices the request accepts on the class's nodes.
+type Verdicts = Arc<[(Option<Exclusion>, u64)]>;
 
 /// A fitting class for one request: its id, its weighted class-level score (locality and
 /// price) and the GPU devices the request accepts on its nodes.
@@ -149,7 +169,7 @@ pub struct Pool {
     present: usize,
     reservations: HashMap<String, Reservation>,
     demands: BTreeMap<String, Demand>,
-    cache: HashMap<Request, (usize, Arc<[ClassPick]>)>,
+    cache: HashMap<Request, (usize, Arc<[ClassPick]>, Verdicts)>,
 }
 
 /// splitmix64: a fast, well-mixed, portable hash step.
@@ -233,6 +253,18 @@ impl Pool {
         id
     }
 
+    /// Adds (`on`) or removes a member's contribution to its class's counters.
+    fn account(&mut self, id: u32, on: bool) {
+        let h = &self.hot[id as usize];
+        if h.class == NO_CLASS || h.flags & PRESENT == 0 {
+            return;
+        }
+        if let Some(i) = unavailable(h.flags) {
+            let c = &mut self.classes[h.class as usize].unavailable[i];
+            *c = if on { *c + 1 } else { c.saturating_sub(1) };
+        }
+    }
+
     fn leave_class(&mut self, id: u32) {
         let class = self.hot[id as usize].class;
         if class != NO_CLASS {
@@ -260,12 +292,13 @@ impl Pool {
             None => {
                 let c = self.classes.len() as u32;
                 let facts = Node { name: String::new(), ..node.clone() };
-                self.classes.push(Class { facts, members: vec![] });
+                self.classes.push(Class { facts, members: vec![], unavailable: [0; 3] });
                 self.class_of.insert(key, c);
                 c
             }
         };
         let owner = self.owner_id(&node);
+        self.account(id, false);
         let h = &self.hot[id as usize];
         if h.flags & PRESENT != 0 {
             self.capacity = self.capacity.minus(Usage::of(h.capacity, self.nodes[id as usize].gpus.len() as u64));
@@ -284,10 +317,12 @@ impl Pool {
         h.class = class;
         h.capacity = node.capacity;
         self.nodes[id as usize] = node;
+        self.account(id, true);
     }
 
     fn set_flag(&mut self, name: &str, flag: u8, on: bool) {
         if let Some(&id) = self.by_name.get(name) {
+            self.account(id, false);
             let h = &mut self.hot[id as usize];
             if on {
                 h.flags |= flag;
@@ -300,6 +335,7 @@ impl Pool {
                 CORDONED => n.cordoned = on,
                 _ => n.paused = on,
             }
+            self.account(id, true);
         }
     }
 
@@ -332,6 +368,7 @@ impl Pool {
         if self.hot[id as usize].flags & PRESENT == 0 {
             return;
         }
+        self.account(id, false);
         self.leave_class(id);
         let h = &mut self.hot[id as usize];
         h.flags = 0;
@@ -429,18 +466,20 @@ impl Pool {
         true
     }
 
-    /// The fitting classes for `r`, best class-score first; cached until a class is added.
-    fn picks(&mut self, r: &Request) -> Arc<[ClassPick]> {
-        if let Some((n, picks)) = self.cache.get(r)
+    /// The fitting classes for `r`, best class-score first, and the verdict on every class;
+    /// cached per request until a class is added.
+    fn cached(&mut self, r: &Request) -> (Arc<[ClassPick]>, Verdicts) {
+        if let Some((n, picks, verdicts)) = self.cache.get(r)
             && *n == self.classes.len()
         {
-            return picks.clone();
+            return (picks.clone(), verdicts.clone());
         }
+        let verdicts: Verdicts = self.classes.iter().map(|c| (filter::static_exclusion(&c.facts, r), filter::matching_gpus(&c.facts.gpus, &r.gpu))).collect();
         let mut fit: Vec<(u32, Micros, u64, u64)> = vec![];
         for (i, c) in self.classes.iter().enumerate() {
-            if filter::static_exclusion(&c.facts, r).is_none() {
+            if verdicts[i].0.is_none() {
                 let loc = score::locality(&c.facts, r.data_locality.as_ref());
-                fit.push((i as u32, r.hourly_price(&c.facts.rates), loc, filter::matching_gpus(&c.facts.gpus, &r.gpu)));
+                fit.push((i as u32, r.hourly_price(&c.facts.rates), loc, verdicts[i].1));
             }
         }
         let cheapest = fit.iter().map(|f| f.1).min().unwrap_or_default();
@@ -454,14 +493,14 @@ impl Pool {
         if self.cache.len() >= 256 {
             self.cache.clear();
         }
-        self.cache.insert(r.clone(), (self.classes.len(), picks.clone()));
-        picks
+        self.cache.insert(r.clone(), (self.classes.len(), picks.clone(), verdicts.clone()));
+        (picks, verdicts)
     }
 
     /// Chooses `r.replicas` nodes on distinct owners, best score first, without reserving.
     fn choose(&mut self, r: &Request, salt: u64) -> Option<Vec<(u32, u64)>> {
         let replicas = r.replicas.max(1) as usize;
-        let picks = self.picks(r);
+        let (picks, _) = self.cached(r);
         let start = mix(self.seed ^ salt);
         let (wr, wb) = (self.weights.reputation as u64, self.weights.balance as u64);
         let mut found: Vec<(u64, u64, u32, u32, u64)> = Vec::with_capacity(SAMPLE + PER_CLASS);
@@ -556,28 +595,33 @@ impl Pool {
         Some(names)
     }
 
-    /// Counts, for each reason, the known nodes that cannot take `r` (a full scan).
-    pub fn explain(&self, r: &Request) -> Explanation {
+    /// Counts, for each reason, the known nodes that cannot take `r`. Exact: classes that
+    /// fail a static filter are counted from their counters, the members of the others one by
+    /// one.
+    pub fn explain(&mut self, r: &Request) -> Explanation {
         let mut e = Explanation::new(self.present, r);
-        let verdicts: Vec<(Option<Exclusion>, u64)> =
-            self.classes.iter().map(|c| (filter::static_exclusion(&c.facts, r), filter::matching_gpus(&c.facts.gpus, &r.gpu))).collect();
+        let (_, verdicts) = self.cached(r);
         let mut counts = [0usize; Exclusion::ALL.len()];
         let mut owners: Vec<u32> = vec![];
-        for h in self.hot.iter().filter(|h| h.flags & PRESENT != 0) {
-            let (verdict, matching) = verdicts[h.class as usize];
-            let why = if h.flags & READY == 0 {
-                Some(Exclusion::NotReady)
-            } else if h.flags & CORDONED != 0 {
-                Some(Exclusion::Cordoned)
-            } else if h.flags & PAUSED != 0 {
-                Some(Exclusion::Paused)
-            } else {
-                verdict.or_else(|| filter::dynamic_exclusion(h.reputation, h.capacity, h.allocated, h.gpus_used, matching, r))
-            };
-            match why {
-                Some(why) => counts[why as usize] += 1,
-                None if owners.len() < r.replicas as usize && !owners.contains(&h.owner) => owners.push(h.owner),
-                None => {}
+        for (class, (verdict, matching)) in self.classes.iter().zip(verdicts.iter()) {
+            let [unready, cordoned, paused] = class.unavailable.map(|n| n as usize);
+            counts[Exclusion::NotReady as usize] += unready;
+            counts[Exclusion::Cordoned as usize] += cordoned;
+            counts[Exclusion::Paused as usize] += paused;
+            if let Some(why) = verdict {
+                counts[*why as usize] += class.members.len().saturating_sub(unready + cordoned + paused);
+                continue;
+            }
+            for &id in &class.members {
+                let h = &self.hot[id as usize];
+                if h.flags != SCHEDULABLE {
+                    continue;
+                }
+                match filter::dynamic_exclusion(h.reputation, h.capacity, h.allocated, h.gpus_used, *matching, r) {
+                    Some(why) => counts[why as usize] += 1,
+                    None if owners.len() < r.replicas as usize && !owners.contains(&h.owner) => owners.push(h.owner),
+                    None => {}
+                }
             }
         }
         e.excluded = Exclusion::ALL.iter().zip(counts).filter(|(_, n)| *n > 0).map(|(w, n)| (*w, n)).collect();
@@ -585,6 +629,11 @@ impl Pool {
             e.owners = Some(owners.len());
         }
         e
+    }
+
+    /// Classes of alike nodes (for diagnostics and the benchmark).
+    pub fn classes(&self) -> usize {
+        self.classes.len()
     }
 
     /// Places a job's batch of tasks (each with one attempt id per replica) fairly: first
@@ -614,7 +663,6 @@ impl Pool {
                 held_for.push(job);
             }
         }
-        let held_tasks = held_for.len();
         let mut batch = Batch::default();
         let mut failed = false;
         for (t, ids) in tasks.iter().enumerate() {
@@ -645,7 +693,6 @@ impl Pool {
         } else if let Some(d) = self.demands.get_mut(&me.job) {
             d.remaining = remaining as u32;
         }
-        let _ = held_tasks;
         batch.held_for = held_for;
         batch
     }

@@ -371,6 +371,40 @@ proptest! {
     }
 
     #[test]
+    fn explanations_count_exactly_what_a_node_by_node_check_counts(
+        specs in prop::collection::vec(arb_spec(), 1..24),
+        asks in prop::collection::vec(arb_ask(), 1..30),
+        flips in prop::collection::vec((0usize..24, 0u8..4, any::<bool>()), 0..20),
+    ) {
+        let mut p = build(&specs, 6);
+        run(&mut p, &asks);
+        for (i, what, on) in flips {
+            let name = format!("n{:02}", i % specs.len());
+            match what {
+                0 => p.set_ready(&name, on),
+                1 => p.set_cordoned(&name, on),
+                2 => p.set_paused(&name, on),
+                _ => if on { p.remove(&name) } else if let Some(n) = p.nodes.get(i % specs.len()).cloned() { p.upsert(n) },
+            }
+        }
+        for a in &asks {
+            let r = Request { replicas: 1, ..request(a) };
+            let mut want: BTreeMap<Exclusion, usize> = BTreeMap::new();
+            for (name, &id) in &p.by_name {
+                let h = &p.hot[id as usize];
+                if h.flags & PRESENT == 0 {
+                    continue;
+                }
+                let node = p.node(name).unwrap();
+                if let Some(why) = filter::exclusion(node, h.allocated, h.gpus_used, &r) {
+                    *want.entry(why).or_default() += 1;
+                }
+            }
+            prop_assert_eq!(p.explain(&r).excluded, want);
+        }
+    }
+
+    #[test]
     fn releasing_every_attempt_frees_everything_exactly(specs in prop::collection::vec(arb_spec(), 1..24), asks in prop::collection::vec(arb_ask(), 1..60)) {
         let mut p = build(&specs, 4);
         run(&mut p, &asks);
