@@ -145,7 +145,7 @@ fn main() {
             let r = pick(&mix, &mut rng);
             seq += 1;
             let ids: Vec<String> = (0..r.replicas).map(|k| format!("a{seq}-{k}")).collect();
-            let ns = if seq % 3 == 0 { "team-b" } else { "team-a" };
+            let ns = if seq.is_multiple_of(3) { "team-b" } else { "team-a" };
             let t = Instant::now();
             let placed = pool.place(r, &ids, ns, salt(&ids[0]));
             let took = t.elapsed();

@@ -566,7 +566,7 @@ impl Pool {
     /// Places one task: `attempt_ids` has one id per replica (`r.replicas` of them), each put
     /// on a distinct provider with a distinct owner. All replicas are reserved or none. `salt`
     /// varies the sampling between tasks (use [`salt`] of the first attempt id).
-    pub fn place(&mut self, r: &Request, attempt_ids: &[String], namespace: &str, salt: u64) -> Result<Vec<String>, Explanation> {
+    pub fn place(&mut self, r: &Request, attempt_ids: &[String], namespace: &str, salt: u64) -> Result<Vec<String>, Box<Explanation>> {
         let r1;
         let r = if r.replicas as usize == attempt_ids.len() {
             r
@@ -576,7 +576,7 @@ impl Pool {
         };
         match self.place_quiet(r, attempt_ids, namespace, salt) {
             Some(nodes) => Ok(nodes),
-            None => Err(self.explain(r)),
+            None => Err(Box::new(self.explain(r))),
         }
     }
 

@@ -21,7 +21,7 @@ fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
 
-fn place1(p: &mut Pool, r: &Request, id: &str) -> Result<String, Explanation> {
+fn place1(p: &mut Pool, r: &Request, id: &str) -> Result<String, Box<Explanation>> {
     p.place(r, &[id.to_string()], "ns", salt(id)).map(|mut v| v.remove(0))
 }
 
