@@ -548,4 +548,39 @@ mod tests {
         assert_eq!(fleet2.pool().allocation("n1").resources.cpu_millis, 1000);
         assert_eq!(fleet2.reputation("n1"), crate::scheduler::Reputation(666));
     }
+
+    #[tokio::test]
+    async fn freed_room_goes_to_the_small_job_of_another_namespace_before_the_big_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let fleet = Arc::new(Fleet::default());
+        let (changed, mut changed_rx) = mpsc::channel(16);
+        let (tx, _session_rx) = mpsc::channel(64);
+        let facts = NodeFacts {
+            capacity: Resources { cpu_millis: 4000, memory_bytes: 4 << 30, ephemeral_bytes: 0 },
+            runtimes: vec!["exec".into()],
+            ..Default::default()
+        };
+        fleet.connect("n1", facts, tx);
+        let d = Dispatcher::new(store, fleet.clone(), changed);
+        let (big, small) = (job("team-a", "big"), job("team-b", "small"));
+
+        // The big job fills the node; the small one waits and says why.
+        assert_eq!(d.sync(&big, &exec_policy(100, 1000), None).await.unwrap().placed, 4);
+        let waiting = d.sync(&small, &exec_policy(2, 1000), None).await.unwrap();
+        assert_eq!((waiting.placed, waiting.unplaced.unwrap().to_string()), (0, "0/1 nodes can run it: 1 insufficient cpu (need 1)".to_string()));
+
+        // Two of the big job's attempts end; the big job syncs first but keeps their room.
+        for index in 0..2 {
+            let done = v1::TaskUpdate { attempt_id: attempt_id("big", index, 1), state: v1::AttemptState::Succeeded as i32, ..Default::default() };
+            d.on_update("n1", &done).unwrap();
+        }
+        while changed_rx.try_recv().is_ok() {}
+        let held = d.sync(&big, &exec_policy(100, 1000), None).await.unwrap();
+        assert_eq!(held.placed, 0);
+        assert_eq!(held.unplaced.unwrap().to_string(), "1/1 nodes can run it, but their room is kept for 2 task(s) of jobs ahead in the fair-share queue");
+        assert_eq!(changed_rx.try_recv().ok().as_deref(), Some("team-b/small"), "the job the room is kept for is woken");
+        let placed = d.sync(&small, &exec_policy(2, 1000), None).await.unwrap();
+        assert_eq!((placed.placed, placed.unplaced), (2, None));
+    }
 }
