@@ -368,6 +368,38 @@ mod tests {
     }
 
     #[test]
+    fn the_pool_sees_agent_facts_admin_labels_taints_owner_and_history() {
+        let fleet = Fleet::default();
+        // A ProviderNode whose agent never connected here is not scheduled on.
+        fleet.set_admin("idle", NodeAdmin { owner: "bob".into(), ..Default::default() });
+        assert!(fleet.node("idle").is_none());
+        let (tx, _rx) = mpsc::channel(1);
+        let facts = NodeFacts { region: "eu-west".into(), zone: "eu-west-a".into(), arch: "x86_64".into(), ..NodeFacts::default() };
+        fleet.connect("n", facts, tx);
+        let taint = Taint { key: "dedicated".into(), value: "ml".into(), ..Default::default() };
+        let labels = BTreeMap::from([("tier".to_string(), "fast".to_string()), (REGION_LABEL.to_string(), "typed-by-hand".to_string())]);
+        fleet.set_admin("n", NodeAdmin { owner: "alice".into(), cordoned: true, labels, taints: vec![taint.clone()], rates: Rates::default() });
+        fleet.record_outcome("n", true);
+        fleet.record_outcome("n", false);
+        let n = fleet.node("n").unwrap();
+        assert_eq!((n.owner.as_str(), n.cordoned, n.taints.clone()), ("alice", true, vec![taint]));
+        assert_eq!(n.labels.get("tier").map(String::as_str), Some("fast"));
+        assert_eq!(n.labels.get(REGION_LABEL).map(String::as_str), Some("eu-west"), "the agent's declared region wins");
+        assert_eq!(n.labels.get(ZONE_LABEL).map(String::as_str), Some("eu-west-a"));
+        assert_eq!(n.reputation, Reputation(500));
+        assert_eq!(fleet.reputation("n"), Reputation(500));
+        fleet.close("n", tonic::Status::permission_denied("revoked"));
+        assert!(fleet.node("n").is_none(), "a revoked node leaves the pool");
+    }
+
+    #[test]
+    fn architectures_are_named_the_rust_way() {
+        assert_eq!(normalize_arch("amd64"), "x86_64");
+        assert_eq!(normalize_arch("ARM64"), "aarch64");
+        assert_eq!(normalize_arch("riscv64"), "riscv64");
+    }
+
+    #[test]
     fn send_reports_full_and_missing_sessions() {
         let fleet = Fleet::default();
         let (tx, _rx) = mpsc::channel(1);
