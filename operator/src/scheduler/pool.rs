@@ -120,6 +120,8 @@ struct Reservation {
     resources: Resources,
     gpus: u64,
     namespace: u32,
+    /// Recorded by `reserve` from what the store knows; `refresh` may complete it once.
+    partial: bool,
 }
 
 /// Where one task's replicas went.
@@ -434,15 +436,20 @@ impl Pool {
         let ns = self.namespace_id(namespace);
         let h = &self.hot[id as usize];
         let gpus = pick_gpus(filter::matching_gpus(&self.nodes[id as usize].gpus, gpu) & !h.gpus_used, gpu.count);
-        self.apply(attempt_id, Reservation { node: id, resources, gpus, namespace: ns });
+        self.apply(attempt_id, Reservation { node: id, resources, gpus, namespace: ns, partial: true });
         true
     }
 
-    /// Brings an existing reservation up to `resources` and `gpu` (after a restart the store
-    /// knows only cpu and memory; the job's first sync fills in the rest). Never creates one,
-    /// so a release that raced ahead is not undone. Returns whether it changed anything.
+    /// Completes a reservation recorded by `reserve` with `resources` and `gpu` (after a
+    /// restart the store knows only cpu and memory; the job's first sync fills in the rest),
+    /// once. Never creates one, so a release that raced ahead is not undone, and never changes
+    /// one `place` made. Returns whether it changed anything.
     pub fn refresh(&mut self, attempt_id: &str, resources: Resources, gpu: &GpuRequest) -> bool {
-        let Some(old) = self.reservations.get(attempt_id) else { return false };
+        let Some(old) = self.reservations.get_mut(attempt_id) else { return false };
+        if !old.partial {
+            return false;
+        }
+        old.partial = false;
         if old.resources == resources && old.gpus.count_ones() == gpu.count {
             return false;
         }
@@ -450,7 +457,7 @@ impl Pool {
         self.release(attempt_id);
         let h = &self.hot[node as usize];
         let gpus = pick_gpus(filter::matching_gpus(&self.nodes[node as usize].gpus, gpu) & !h.gpus_used, gpu.count);
-        self.apply(attempt_id, Reservation { node, resources, gpus, namespace });
+        self.apply(attempt_id, Reservation { node, resources, gpus, namespace, partial: false });
         true
     }
 
@@ -589,7 +596,7 @@ impl Pool {
         let mut names = Vec::with_capacity(chosen.len());
         for ((node, matching), id) in chosen.into_iter().zip(attempt_ids) {
             let gpus = pick_gpus(matching & !self.hot[node as usize].gpus_used, r.gpu.count);
-            self.apply(id, Reservation { node, resources: r.resources, gpus, namespace: ns });
+            self.apply(id, Reservation { node, resources: r.resources, gpus, namespace: ns, partial: false });
             names.push(self.nodes[node as usize].name.clone());
         }
         Some(names)

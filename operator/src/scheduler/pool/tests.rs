@@ -180,6 +180,12 @@ fn reservations_survive_a_restart_before_their_node_reconnects() {
     // The first sync fills in what the store did not know; a released one stays released.
     assert!(p.refresh("old", res(3000, 2 * GI), &GpuRequest::default()));
     assert_eq!(p.allocation("a").resources, res(3000, 2 * GI));
+    assert!(!p.refresh("old", res(1, 1), &GpuRequest::default()), "completed once, then left alone");
+    p.release("new");
+    let placed = Request::new("wasm", res(500, GI));
+    assert_eq!(place1(&mut p, &placed, "fresh").unwrap(), "a");
+    assert!(!p.refresh("fresh", res(1000, GI), &GpuRequest::default()), "what place reserved is exact already");
+    p.release("fresh");
     p.release("old");
     assert!(!p.refresh("old", res(3000, 2 * GI), &GpuRequest::default()));
     assert_eq!(p.allocation("a"), Allocation::default());
