@@ -1,10 +1,12 @@
 //! The dispatcher: the kube-free core between the job controller and the gateway. It turns a
 //! job's progress into placements and Assign messages, and agents' updates into durable attempt
-//! transitions. Placement runs under one lock with reservations read from the store, so
-//! concurrent jobs never overcommit a node and a finished attempt frees its room at once.
+//! transitions. Placement runs under one lock against the fleet's in-memory pool of
+//! reservations (rebuilt from the store's active attempts on first use), so concurrent jobs
+//! never overcommit a node; every path that finishes an attempt releases its reservation.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kommune_proto::v1::{self, operator_message::Kind as OpKind};
 use tokio::sync::mpsc;
@@ -16,7 +18,7 @@ use crate::job::{JobPolicy, Progress, TaskWorkload, progress};
 use crate::ledger::check::{AttemptFacts, ReceiptInput};
 use crate::ledger::{Ledger, Verdict};
 use crate::pricing::{self, BudgetCheck, Micros, RateBook};
-use crate::scheduler::{self, Explanation, Request, Resources};
+use crate::scheduler::{Demand, Explanation, GpuRequest, Request, Resources};
 use crate::store::{Store, StoreError};
 
 /// Longest output tail kept per stream.
@@ -62,16 +64,23 @@ pub struct Dispatcher {
     fleet: Arc<Fleet>,
     place_lock: tokio::sync::Mutex<()>,
     changed: mpsc::Sender<String>,
+    /// Reservations and reputations have been rebuilt from the store.
+    rebuilt: AtomicBool,
     /// Where usage receipts are verified, priced and appended; None runs without metering.
     ledger: Option<Arc<Ledger>>,
     rates: Arc<RateBook>,
+}
+
+/// The namespace of a "namespace/name" job key.
+fn namespace_of(job_key: &str) -> &str {
+    job_key.split_once('/').map_or("", |(ns, _)| ns)
 }
 
 impl Dispatcher {
     /// `changed` receives "namespace/name" of jobs whose attempts changed, so the controller
     /// reconciles them; when it is full the periodic requeue catches up.
     pub fn new(store: Arc<Store>, fleet: Arc<Fleet>, changed: mpsc::Sender<String>) -> Self {
-        Dispatcher { store, fleet, place_lock: tokio::sync::Mutex::new(()), changed, ledger: None, rates: Arc::default() }
+        Dispatcher { store, fleet, place_lock: tokio::sync::Mutex::new(()), changed, rebuilt: AtomicBool::new(false), ledger: None, rates: Arc::default() }
     }
 
     /// Meters through `ledger`: terminal updates are acknowledged only once their usage receipt
@@ -139,6 +148,54 @@ impl Dispatcher {
         let _ = self.changed.try_send(job_key.to_string());
     }
 
+    /// Rebuilds the pool's reservations (from active attempts) and node reputations (from
+    /// finished ones) the first time placement needs them. The store is read while the pool is
+    /// locked, and every finish releases after its store write, so an attempt finishing
+    /// meanwhile is either not read as active or released after being reserved: never leaked.
+    fn ensure_rebuilt(&self) -> Result<()> {
+        if self.rebuilt.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        {
+            let mut pool = self.fleet.pool();
+            if self.rebuilt.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            for a in self.store.all_active()? {
+                let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes: 0 };
+                pool.reserve(&a.id, &a.node, resources, &GpuRequest::default(), namespace_of(&a.job_key));
+            }
+            self.rebuilt.store(true, Ordering::Release);
+        }
+        for (node, succeeded, failed) in self.store.outcomes_by_node()? {
+            self.fleet.set_history(&node, succeeded, failed);
+        }
+        Ok(())
+    }
+
+    /// Finishes an attempt in the store, then frees its reservation and counts the outcome
+    /// towards its node's reputation. Every path that ends an attempt goes through here.
+    fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now: i64) -> Result<Option<Attempt>> {
+        let done = self.store.finish(id, phase, result, now)?;
+        // Released even when the store says it was already finished: release is idempotent.
+        self.fleet.pool().release(id);
+        if let Some(a) = &done {
+            match phase {
+                AttemptPhase::Succeeded => self.fleet.record_outcome(&a.node, true),
+                AttemptPhase::Failed | AttemptPhase::Lost => self.fleet.record_outcome(&a.node, false),
+                _ => {}
+            }
+        }
+        Ok(done)
+    }
+
+    /// Why a task of this job would not be placed right now (a full scan of the pool), or
+    /// None when it would fit. The same text the Scheduled condition carries.
+    pub fn explain(&self, policy: &JobPolicy) -> Option<Explanation> {
+        let e = self.fleet.pool().explain(&Request { replicas: 1, ..policy.request() });
+        (e.fitting() == 0).then_some(e)
+    }
+
     /// Brings one job forward: cancels what must stop, places what may start, and returns the
     /// progress to publish. Idempotent: calling it again with nothing changed does nothing.
     #[tracing::instrument(skip_all, fields(job = %job.key))]
@@ -153,6 +210,16 @@ impl Dispatcher {
             self.cancel_attempt(&attempts, id, why)?;
         }
 
+        self.ensure_rebuilt()?;
+        let request = Request { replicas: 1, ..policy.request() };
+        {
+            // Reservations rebuilt from the store know only cpu and memory; fill in the rest.
+            let mut pool = self.fleet.pool();
+            for a in attempts.iter().filter(|a| !a.phase.is_terminal()) {
+                let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes: request.resources.ephemeral_bytes };
+                pool.refresh(&a.id, resources, &request.gpu);
+            }
+        }
         let metered = self.job_usage(&job.uid, policy.budget).await?;
         let spent = metered.as_ref().map_or(Micros(0), |(_, cost)| *cost);
         let (admitted, budget_exhausted) = self.budget_admits(policy, &attempts, spent, p.to_place.len());
@@ -160,41 +227,52 @@ impl Dispatcher {
 
         let mut placed = 0;
         let mut unplaced = None;
-        if !to_place.is_empty() {
-            let active = self.store.all_active()?;
-            let mut candidates = self.fleet.candidates(&active);
-            let request = Request {
-                resources: Resources { cpu_millis: policy.cpu_millis, memory_bytes: policy.memory_bytes },
-                runtime: policy.workload.runtime().to_string(),
-            };
-            let (chosen, why) = scheduler::place(&mut candidates, &request, to_place.len());
-            unplaced = why;
-            let new: Vec<Attempt> = to_place
+        if to_place.is_empty() {
+            self.fleet.pool().forget_demand(&job.key);
+        } else {
+            let tasks: Vec<Vec<String>> = to_place.iter().map(|&(index, number)| vec![attempt_id(&job.uid, index, number)]).collect();
+            let demand =
+                Demand { job: job.key.clone(), namespace: namespace_of(&job.key).to_string(), priority: policy.priority, request, remaining: 0, seen_ms: now };
+            let batch = self.fleet.pool().place_batch(demand, &tasks, now);
+            for other in &batch.held_for {
+                self.notify(other);
+            }
+            unplaced = batch.unplaced;
+            let new: Vec<Attempt> = batch
+                .placed
                 .iter()
-                .zip(&chosen)
-                .map(|(&(index, number), &node)| Attempt {
-                    id: attempt_id(&job.uid, index, number),
-                    job_uid: job.uid.clone(),
-                    job_key: job.key.clone(),
-                    index,
-                    number,
-                    node: candidates[node].name.clone(),
-                    phase: AttemptPhase::Assigned,
-                    cpu_millis: policy.cpu_millis,
-                    memory_bytes: policy.memory_bytes,
-                    created_ms: now,
-                    finished_ms: None,
-                    result: None,
+                .map(|pl| {
+                    let (index, number) = to_place[pl.task];
+                    Attempt {
+                        id: tasks[pl.task][0].clone(),
+                        job_uid: job.uid.clone(),
+                        job_key: job.key.clone(),
+                        index,
+                        number,
+                        node: pl.nodes[0].clone(),
+                        phase: AttemptPhase::Assigned,
+                        cpu_millis: policy.cpu_millis,
+                        memory_bytes: policy.memory_bytes,
+                        created_ms: now,
+                        finished_ms: None,
+                        result: None,
+                    }
                 })
                 .collect();
             // Durable first, then sent: a crash in between leaves an Assigned attempt that the
             // node's next Hello does not list, so it is marked Lost and retried.
-            self.store.insert_attempts(&new)?;
+            if let Err(e) = self.store.insert_attempts(&new) {
+                let mut pool = self.fleet.pool();
+                for a in &new {
+                    pool.release(&a.id);
+                }
+                return Err(e);
+            }
             for a in &new {
                 let assign = OpKind::Assign(assign_message(a, policy, module));
                 if let Err(e) = self.fleet.send(&a.node, assign) {
                     warn!(attempt = %a.id, node = %a.node, error = ?e, "could not hand attempt to node; marking it lost");
-                    self.store.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("could not reach node: {e:?}"))), now)?;
+                    self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("could not reach node: {e:?}"))), now)?;
                 } else {
                     placed += 1;
                 }
@@ -214,7 +292,7 @@ impl Dispatcher {
     fn cancel_attempt(&self, attempts: &[Attempt], id: &str, reason: &str) -> Result<()> {
         let Some(a) = attempts.iter().find(|a| a.id == id) else { return Ok(()) };
         let _ = self.fleet.send(&a.node, OpKind::Cancel(v1::Cancel { attempt_id: id.to_string(), reason: reason.to_string() }));
-        self.store.finish(id, AttemptPhase::Cancelled, Some(&lost(reason)), now_ms())?;
+        self.finish(id, AttemptPhase::Cancelled, Some(&lost(reason)), now_ms())?;
         Ok(())
     }
 
@@ -228,7 +306,7 @@ impl Dispatcher {
         for a in self.store.all_active()? {
             let Some(absent) = self.fleet.absent_for(&a.node).filter(|d| *d > grace) else { continue };
             let why = format!("node {} has been unreachable for {}s (grace {}s)", a.node, absent.as_secs(), grace.as_secs());
-            if self.store.finish(&a.id, AttemptPhase::Lost, Some(&lost(&why)), now)?.is_some() {
+            if self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&why)), now)?.is_some() {
                 info!(attempt = %a.id, node = %a.node, "attempt lost with its node");
                 self.notify(&a.job_key);
                 expired += 1;
@@ -257,7 +335,7 @@ impl Dispatcher {
         let now = now_ms();
         let mut moved = 0;
         for a in self.store.active_on_node(node)? {
-            if self.store.finish(&a.id, phase, Some(&lost(&format!("node {node} {why}"))), now)?.is_some() {
+            if self.finish(&a.id, phase, Some(&lost(&format!("node {node} {why}"))), now)?.is_some() {
                 self.notify(&a.job_key);
                 moved += 1;
             }
@@ -270,6 +348,9 @@ impl Dispatcher {
     pub async fn cancel_job(&self, job_uid: &str) -> Result<usize> {
         let _guard = self.place_lock.lock().await;
         let attempts = self.store.attempts_for_job(job_uid)?;
+        if let Some(key) = attempts.first().map(|a| a.job_key.clone()) {
+            self.fleet.pool().forget_demand(&key);
+        }
         let active: Vec<String> = attempts.iter().filter(|a| !a.phase.is_terminal()).map(|a| a.id.clone()).collect();
         for id in &active {
             self.cancel_attempt(&attempts, id, "job deleted")?;
@@ -289,7 +370,7 @@ impl Dispatcher {
         let now = now_ms();
         for a in expected.iter().filter(|a| !running.contains(a.id.as_str())) {
             info!(attempt = %a.id, node, "node reconnected without this attempt; marking it lost");
-            self.store.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now)?;
+            self.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now)?;
             self.notify(&a.job_key);
         }
         let expected: HashSet<&str> = expected.iter().map(|a| a.id.as_str()).collect();
@@ -340,7 +421,7 @@ impl Dispatcher {
             }
         };
         let result = bounded_result(update.result.as_ref());
-        if self.store.finish(&a.id, phase, Some(&result), now_ms())?.is_some() {
+        if self.finish(&a.id, phase, Some(&result), now_ms())?.is_some() {
             debug!(node, attempt = %a.id, phase = phase.as_str(), exit = result.exit_code, "attempt finished");
         }
         let (rejected, cost) = self.meter(node, public_key, &a, update.receipt.as_ref()).await?;
@@ -442,7 +523,7 @@ pub fn assign_message(a: &Attempt, policy: &JobPolicy, module: Option<&ModuleRef
         memory_bytes: policy.memory_bytes,
         cpu_millis: policy.cpu_millis,
         timeout_millis: policy.task_timeout.as_millis() as u64,
-        ..Default::default()
+        gpus: policy.gpu.count,
     }
 }
 
@@ -483,6 +564,11 @@ mod tests {
             suspended: false,
             budget: None,
             workload,
+            ephemeral_bytes: 0,
+            gpu: Default::default(),
+            placement: Default::default(),
+            priority: 0,
+            max_price_per_hour: None,
         };
         let attempt = Attempt {
             id: attempt_id("uid", 2, 1),
@@ -508,5 +594,110 @@ mod tests {
             network: true,
         };
         assert_eq!(assign.workload.and_then(|w| w.kind), Some(v1::workload::Kind::Container(expected)));
+    }
+
+    fn exec_policy(tasks: u32, cpu_millis: u64) -> JobPolicy {
+        JobPolicy {
+            tasks,
+            parallelism: tasks,
+            cpu_millis,
+            memory_bytes: 64 << 20,
+            max_attempts: 1,
+            backoff: Duration::from_secs(1),
+            task_timeout: Duration::from_secs(60),
+            job_deadline: None,
+            suspended: false,
+            budget: None,
+            workload: TaskWorkload::Exec { command: vec!["true".into()], env: vec![] },
+            ephemeral_bytes: 0,
+            gpu: Default::default(),
+            placement: crate::job::PlacementPolicy { replicas: 1, ..Default::default() },
+            priority: 0,
+            max_price_per_hour: None,
+        }
+    }
+
+    fn job(ns: &str, uid: &str) -> JobRef {
+        JobRef { uid: uid.into(), key: format!("{ns}/{uid}") }
+    }
+
+    #[tokio::test]
+    async fn room_is_reserved_in_memory_and_freed_the_moment_an_attempt_ends_or_is_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let fleet = Arc::new(Fleet::default());
+        let (changed, _changed_rx) = mpsc::channel(16);
+        let (tx, _session_rx) = mpsc::channel(16);
+        let facts = NodeFacts {
+            capacity: Resources { cpu_millis: 2000, memory_bytes: 4 << 30, ephemeral_bytes: 0 },
+            runtimes: vec!["exec".into()],
+            ..Default::default()
+        };
+        fleet.connect("n1", facts, tx);
+        let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+        let (a, b) = (job("team-a", "ua"), job("team-b", "ub"));
+
+        assert_eq!(d.sync(&a, &exec_policy(2, 1000), None).await.unwrap().placed, 2);
+        let waiting = d.sync(&b, &exec_policy(1, 1000), None).await.unwrap();
+        assert_eq!(waiting.placed, 0);
+        assert_eq!(waiting.unplaced.unwrap().to_string(), "0/1 nodes can run it: 1 insufficient cpu (need 1)");
+        assert_eq!(d.explain(&exec_policy(1, 1000)).unwrap().to_string(), "0/1 nodes can run it: 1 insufficient cpu (need 1)");
+
+        // An attempt of A succeeds: its room is free for B at once, and the node's record improves.
+        let done = v1::TaskUpdate { attempt_id: attempt_id("ua", 0, 1), state: v1::AttemptState::Succeeded as i32, ..Default::default() };
+        assert!(d.on_update("n1", &[0; 32], &done).await.unwrap().is_some());
+        assert!(d.on_update("n1", &[0; 32], &done).await.unwrap().is_some(), "a repeated update releases nothing twice");
+        assert_eq!(fleet.reputation("n1"), crate::scheduler::Reputation(666));
+        assert_eq!(d.sync(&b, &exec_policy(1, 1000), None).await.unwrap().placed, 1);
+        assert_eq!(fleet.pool().allocation("n1").resources.cpu_millis, 2000);
+
+        // Deleting A cancels its last attempt and frees its room.
+        assert_eq!(d.cancel_job("ua").await.unwrap(), 1);
+        assert_eq!(fleet.pool().allocation("n1").resources.cpu_millis, 1000);
+        assert_eq!(fleet.pool().reservations(), 1);
+        assert!(d.explain(&exec_policy(1, 1000)).is_none());
+
+        // A restarted operator rebuilds the same reservations from the store.
+        let fleet2 = Arc::new(Fleet::default());
+        let (changed2, _rx2) = mpsc::channel(16);
+        let d2 = Dispatcher::new(store, fleet2.clone(), changed2);
+        d2.ensure_rebuilt().unwrap();
+        assert_eq!(fleet2.pool().allocation("n1").resources.cpu_millis, 1000);
+        assert_eq!(fleet2.reputation("n1"), crate::scheduler::Reputation(666));
+    }
+
+    #[tokio::test]
+    async fn freed_room_goes_to_the_small_job_of_another_namespace_before_the_big_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let fleet = Arc::new(Fleet::default());
+        let (changed, mut changed_rx) = mpsc::channel(16);
+        let (tx, _session_rx) = mpsc::channel(64);
+        let facts = NodeFacts {
+            capacity: Resources { cpu_millis: 4000, memory_bytes: 4 << 30, ephemeral_bytes: 0 },
+            runtimes: vec!["exec".into()],
+            ..Default::default()
+        };
+        fleet.connect("n1", facts, tx);
+        let d = Dispatcher::new(store, fleet.clone(), changed);
+        let (big, small) = (job("team-a", "big"), job("team-b", "small"));
+
+        // The big job fills the node; the small one waits and says why.
+        assert_eq!(d.sync(&big, &exec_policy(100, 1000), None).await.unwrap().placed, 4);
+        let waiting = d.sync(&small, &exec_policy(2, 1000), None).await.unwrap();
+        assert_eq!((waiting.placed, waiting.unplaced.unwrap().to_string()), (0, "0/1 nodes can run it: 1 insufficient cpu (need 1)".to_string()));
+
+        // Two of the big job's attempts end; the big job syncs first but keeps their room.
+        for index in 0..2 {
+            let done = v1::TaskUpdate { attempt_id: attempt_id("big", index, 1), state: v1::AttemptState::Succeeded as i32, ..Default::default() };
+            d.on_update("n1", &[0; 32], &done).await.unwrap();
+        }
+        while changed_rx.try_recv().is_ok() {}
+        let held = d.sync(&big, &exec_policy(100, 1000), None).await.unwrap();
+        assert_eq!(held.placed, 0);
+        assert_eq!(held.unplaced.unwrap().to_string(), "1/1 nodes can run it, but their room is kept for 2 task(s) of jobs ahead in the fair-share queue");
+        assert_eq!(changed_rx.try_recv().ok().as_deref(), Some("team-b/small"), "the job the room is kept for is woken");
+        let placed = d.sync(&small, &exec_policy(2, 1000), None).await.unwrap();
+        assert_eq!((placed.placed, placed.unplaced), (2, None));
     }
 }

@@ -1,7 +1,8 @@
-//! The connected fleet: which nodes have a live session, what they offer, and the channel to
-//! each. In memory only: after a restart it refills as agents reconnect with Hello.
+//! The connected fleet: which nodes have a live session, what they offer, the channel to
+//! each, and the scheduler's pool built from them. In memory only: after a restart it refills
+//! as agents reconnect with Hello and the dispatcher rebuilds reservations from the store.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -9,19 +10,31 @@ use std::time::Instant;
 use kommune_proto::v1::{OperatorMessage, operator_message};
 use tokio::sync::mpsc;
 
-use crate::attempt::Attempt;
-use crate::scheduler::{Candidate, Resources};
+use crate::pricing::Rates;
+use crate::scheduler::{self, FairShare, Gpu, Node, Pool, REGION_LABEL, Reputation, Resources, Taint, Weights, ZONE_LABEL};
 
 /// What an agent says its machine offers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeFacts {
+    /// CPU, memory and ephemeral storage (0 when the agent does not report disk).
     pub capacity: Resources,
+    /// GPU devices (none when the agent does not report them).
+    pub gpus: Vec<Gpu>,
     pub runtimes: Vec<String>,
     pub arch: String,
     pub os: String,
     pub region: String,
     pub zone: String,
     pub agent_version: String,
+}
+
+/// Kubernetes and Go name architectures differently from Rust; the scheduler speaks Rust's.
+pub fn normalize_arch(arch: &str) -> String {
+    match arch.to_ascii_lowercase().as_str() {
+        "amd64" | "x86-64" | "x64" => "x86_64".into(),
+        "arm64" => "aarch64".into(),
+        other => other.into(),
+    }
 }
 
 impl NodeFacts {
@@ -35,14 +48,77 @@ impl NodeFacts {
         runtimes.sort();
         runtimes.dedup();
         NodeFacts {
-            capacity: Resources { cpu_millis: cap.cpu_millis, memory_bytes: cap.memory_bytes },
+            // The protocol does not carry disk or GPUs yet: both stay unknown (0, none).
+            capacity: Resources { cpu_millis: cap.cpu_millis, memory_bytes: cap.memory_bytes, ephemeral_bytes: 0 },
+            gpus: vec![],
             runtimes,
-            arch: short(&cap.arch),
-            os: short(&cap.os),
+            arch: normalize_arch(&short(&cap.arch)),
+            os: short(&cap.os).to_ascii_lowercase(),
             region: short(&f.region),
             zone: short(&f.zone),
             agent_version: short(&f.agent_version),
         }
+    }
+}
+
+/// What the admin says about a node, from its ProviderNode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeAdmin {
+    /// `spec.owner` (empty: the node is its own party).
+    pub owner: String,
+    /// `spec.unschedulable`.
+    pub cordoned: bool,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `spec.taints`.
+    pub taints: Vec<Taint>,
+    /// The node's effective rates (cluster rates with its overrides).
+    pub rates: Rates,
+}
+
+/// Everything known about one node, whatever the state of its session.
+#[derive(Debug, Clone, Default)]
+struct Known {
+    facts: NodeFacts,
+    admin: NodeAdmin,
+    paused: bool,
+    ready: bool,
+    /// Has had a session with this operator: only such nodes are in the pool.
+    seen: bool,
+    succeeded: u64,
+    failed: u64,
+}
+
+impl Known {
+    fn node(&self, name: &str) -> Node {
+        let mut labels = self.admin.labels.clone();
+        // The agent's declared topology wins over a label an admin typed by hand.
+        if !self.facts.region.is_empty() {
+            labels.insert(REGION_LABEL.into(), self.facts.region.clone());
+        }
+        if !self.facts.zone.is_empty() {
+            labels.insert(ZONE_LABEL.into(), self.facts.zone.clone());
+        }
+        Node {
+            name: name.to_string(),
+            owner: self.admin.owner.clone(),
+            ready: self.ready,
+            cordoned: self.admin.cordoned,
+            paused: self.paused,
+            runtimes: self.facts.runtimes.clone(),
+            arch: self.facts.arch.clone(),
+            os: self.facts.os.clone(),
+            labels,
+            taints: self.admin.taints.clone(),
+            capacity: self.facts.capacity,
+            gpus: self.facts.gpus.clone(),
+            reputation: self.reputation(),
+            rates: self.admin.rates,
+        }
+    }
+
+    fn reputation(&self) -> Reputation {
+        Reputation::from_history(self.succeeded, self.failed)
     }
 }
 
@@ -63,22 +139,15 @@ struct Session {
 pub struct Fleet {
     sessions: Mutex<HashMap<String, Session>>,
     gone: Mutex<HashMap<String, (Instant, NodeFacts)>>,
-    cordoned: Mutex<HashMap<String, bool>>,
-    paused: Mutex<HashMap<String, bool>>,
+    known: Mutex<HashMap<String, Known>>,
+    pool: Mutex<Pool>,
     next_id: AtomicU64,
     started: Instant,
 }
 
 impl Default for Fleet {
     fn default() -> Self {
-        Fleet {
-            sessions: Mutex::default(),
-            gone: Mutex::default(),
-            cordoned: Mutex::default(),
-            paused: Mutex::default(),
-            next_id: AtomicU64::new(0),
-            started: Instant::now(),
-        }
+        Fleet::new(0, Weights::default(), FairShare::default())
     }
 }
 
@@ -92,6 +161,36 @@ pub enum SendError {
 }
 
 impl Fleet {
+    /// A fleet whose scheduler uses `seed`, score `weights` and namespace weights `fair`.
+    pub fn new(seed: u64, weights: Weights, fair: FairShare) -> Self {
+        Fleet {
+            sessions: Mutex::default(),
+            gone: Mutex::default(),
+            known: Mutex::default(),
+            pool: Mutex::new(Pool::new(seed, weights, fair)),
+            next_id: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// The scheduler's pool. Lock order: never take another fleet lock while holding it.
+    pub fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes what is known about `node` and brings the pool up to date.
+    fn update(&self, node: &str, change: impl FnOnce(&mut Known)) {
+        let n = {
+            let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            let k = known.entry(node.to_string()).or_default();
+            change(k);
+            k.seen.then(|| k.node(node))
+        };
+        if let Some(n) = n {
+            self.pool().upsert(n);
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -105,7 +204,12 @@ impl Fleet {
     pub fn connect(&self, node: &str, facts: NodeFacts, tx: Outbound) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.gone().remove(node);
-        self.lock().insert(node.to_string(), Session { id, tx, facts, last_seen: Instant::now() });
+        self.lock().insert(node.to_string(), Session { id, tx, facts: facts.clone(), last_seen: Instant::now() });
+        self.update(node, |k| {
+            k.facts = facts;
+            k.ready = true;
+            k.seen = true;
+        });
         id
     }
 
@@ -116,6 +220,8 @@ impl Fleet {
             if let Some(s) = sessions.remove(node) {
                 self.gone().insert(node.to_string(), (s.last_seen, s.facts));
             }
+            drop(sessions);
+            self.update(node, |k| k.ready = false);
             true
         } else {
             false
@@ -152,6 +258,11 @@ impl Fleet {
     /// the node entirely. Returns whether a session was open.
     pub fn close(&self, node: &str, status: tonic::Status) -> bool {
         self.gone().remove(node);
+        if let Some(k) = self.known.lock().unwrap_or_else(|p| p.into_inner()).get_mut(node) {
+            k.ready = false;
+            k.seen = false;
+        }
+        self.pool().remove(node);
         match self.lock().remove(node) {
             Some(s) => {
                 let _ = s.tx.try_send(Err(status));
@@ -163,12 +274,54 @@ impl Fleet {
 
     /// Records whether the node's provider paused it (from Hello and every Heartbeat).
     pub fn set_paused(&self, node: &str, paused: bool) {
-        self.paused.lock().unwrap_or_else(|p| p.into_inner()).insert(node.to_string(), paused);
+        let changed = self.known.lock().unwrap_or_else(|p| p.into_inner()).get(node).is_none_or(|k| k.paused != paused);
+        if changed {
+            self.update(node, |k| k.paused = paused);
+        }
     }
 
     /// Records an admin's cordon (`spec.unschedulable`).
     pub fn set_cordoned(&self, node: &str, cordoned: bool) {
-        self.cordoned.lock().unwrap_or_else(|p| p.into_inner()).insert(node.to_string(), cordoned);
+        self.update(node, |k| k.admin.cordoned = cordoned);
+    }
+
+    /// Records what the admin says about a node (its ProviderNode spec and labels). Only
+    /// nodes that have a session or had one are scheduled on; this never adds a node.
+    pub fn set_admin(&self, node: &str, admin: NodeAdmin) {
+        let changed = self.known.lock().unwrap_or_else(|p| p.into_inner()).get(node).is_none_or(|k| k.admin != admin);
+        if changed {
+            self.update(node, |k| k.admin = admin);
+        }
+    }
+
+    /// Counts a finished attempt on `node` towards its reputation: a success, or (when
+    /// `success` is false) a failure or loss. Cancellations do not count.
+    pub fn record_outcome(&self, node: &str, success: bool) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let k = known.entry(node.to_string()).or_default();
+        if success {
+            k.succeeded += 1;
+        } else {
+            k.failed += 1;
+        }
+        let reputation = k.reputation();
+        drop(known);
+        self.pool().set_reputation(node, reputation);
+    }
+
+    /// Sets a node's history wholesale (rebuilt from the store at startup).
+    pub fn set_history(&self, node: &str, succeeded: u64, failed: u64) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let k = known.entry(node.to_string()).or_default();
+        (k.succeeded, k.failed) = (succeeded, failed);
+        let reputation = k.reputation();
+        drop(known);
+        self.pool().set_reputation(node, reputation);
+    }
+
+    /// A node's reputation from its finished attempts.
+    pub fn reputation(&self, node: &str) -> Reputation {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).get(node).map_or(Reputation::from_history(0, 0), Known::reputation)
     }
 
     /// Hands a message to a node's session without waiting.
@@ -181,32 +334,9 @@ impl Fleet {
         })
     }
 
-    /// The scheduler's view: every connected node, plus the disconnected ones as not ready (so
-    /// explanations count them), with reservations from `active` attempts.
-    pub fn candidates(&self, active: &[Attempt]) -> Vec<Candidate> {
-        let cordoned = self.cordoned.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let paused = self.paused.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let candidate = |name: &String, facts: &NodeFacts, ready: bool| Candidate {
-            name: name.clone(),
-            ready,
-            cordoned: cordoned.get(name).copied().unwrap_or(false),
-            paused: paused.get(name).copied().unwrap_or(false),
-            runtimes: facts.runtimes.clone(),
-            capacity: facts.capacity,
-            allocated: Resources::default(),
-            running: 0,
-        };
-        let mut out: Vec<Candidate> = self.lock().iter().map(|(name, s)| candidate(name, &s.facts, true)).collect();
-        out.extend(self.gone().iter().map(|(name, (_, facts))| candidate(name, facts, false)));
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        for a in active {
-            if let Ok(i) = out.binary_search_by(|c| c.name.as_str().cmp(&a.node)) {
-                let c = &mut out[i];
-                c.allocated = c.allocated.plus(Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes });
-                c.running += 1;
-            }
-        }
-        out
+    /// The scheduler's view of one node, as last updated.
+    pub fn node(&self, name: &str) -> Option<scheduler::Node> {
+        self.pool().node(name).cloned()
     }
 }
 
@@ -228,13 +358,45 @@ mod tests {
         assert!(fleet.disconnect("n", s2));
         assert!(!fleet.is_connected("n"));
         assert!(fleet.absent_for("n").is_some());
-        let c = fleet.candidates(&[]);
-        assert_eq!((c.len(), c[0].ready), (1, false), "a gone node is kept as not ready");
+        let known = fleet.pool().len();
+        assert_eq!((known, fleet.node("n").unwrap().ready), (1, false), "a gone node is kept as not ready");
         let (tx3, _rx3) = mpsc::channel(1);
         fleet.connect("n", NodeFacts::default(), tx3);
         assert_eq!(fleet.absent_for("n"), None);
-        assert!(fleet.candidates(&[])[0].ready);
+        assert!(fleet.node("n").unwrap().ready);
         assert!(fleet.absent_for("never-seen").is_some());
+    }
+
+    #[test]
+    fn the_pool_sees_agent_facts_admin_labels_taints_owner_and_history() {
+        let fleet = Fleet::default();
+        // A ProviderNode whose agent never connected here is not scheduled on.
+        fleet.set_admin("idle", NodeAdmin { owner: "bob".into(), ..Default::default() });
+        assert!(fleet.node("idle").is_none());
+        let (tx, _rx) = mpsc::channel(1);
+        let facts = NodeFacts { region: "eu-west".into(), zone: "eu-west-a".into(), arch: "x86_64".into(), ..NodeFacts::default() };
+        fleet.connect("n", facts, tx);
+        let taint = Taint { key: "dedicated".into(), value: "ml".into(), ..Default::default() };
+        let labels = BTreeMap::from([("tier".to_string(), "fast".to_string()), (REGION_LABEL.to_string(), "typed-by-hand".to_string())]);
+        fleet.set_admin("n", NodeAdmin { owner: "alice".into(), cordoned: true, labels, taints: vec![taint.clone()], rates: Rates::default() });
+        fleet.record_outcome("n", true);
+        fleet.record_outcome("n", false);
+        let n = fleet.node("n").unwrap();
+        assert_eq!((n.owner.as_str(), n.cordoned, n.taints.clone()), ("alice", true, vec![taint]));
+        assert_eq!(n.labels.get("tier").map(String::as_str), Some("fast"));
+        assert_eq!(n.labels.get(REGION_LABEL).map(String::as_str), Some("eu-west"), "the agent's declared region wins");
+        assert_eq!(n.labels.get(ZONE_LABEL).map(String::as_str), Some("eu-west-a"));
+        assert_eq!(n.reputation, Reputation(500));
+        assert_eq!(fleet.reputation("n"), Reputation(500));
+        fleet.close("n", tonic::Status::permission_denied("revoked"));
+        assert!(fleet.node("n").is_none(), "a revoked node leaves the pool");
+    }
+
+    #[test]
+    fn architectures_are_named_the_rust_way() {
+        assert_eq!(normalize_arch("amd64"), "x86_64");
+        assert_eq!(normalize_arch("ARM64"), "aarch64");
+        assert_eq!(normalize_arch("riscv64"), "riscv64");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use kommune_operator::gateway::{self, Gateway, GatewayConfig};
 use kommune_operator::ledger::{Ledger, LedgerConfig};
 use kommune_operator::metrics::Metrics;
 use kommune_operator::pricing::{Micros, RateBook, Rates};
+use kommune_operator::scheduler::{FairShare, Weights};
 use kommune_operator::store::Store;
 use kommune_operator::tokens::SecretTokens;
 use tokio::sync::mpsc;
@@ -77,6 +78,19 @@ struct RunArgs {
     /// writing anything; a standby replica waits (and reports not ready on /readyz).
     #[arg(long, env = "KOMMUNE_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set, default_missing_value = "true", num_args = 0..=1)]
     leader_election: bool,
+    /// Fair-share weight of a namespace, as namespace=weight (1..1000); repeat or separate with
+    /// commas. Namespaces not named weigh 1: with team-a=2, team-a gets twice the room of any
+    /// other namespace when both wait for it.
+    #[arg(long = "namespace-weight", env = "KOMMUNE_NAMESPACE_WEIGHTS", value_delimiter = ',')]
+    namespace_weight: Vec<String>,
+    /// Weight of a placement score criterion, as name=value (0..100): locality (default 4),
+    /// reputation (2), price (2), balance (1). Repeat or separate with commas.
+    #[arg(long = "score-weight", env = "KOMMUNE_SCORE_WEIGHTS", value_delimiter = ',')]
+    score_weight: Vec<String>,
+    /// Seed of the scheduler's sampling and tie-breaks: the same seed and inputs give the same
+    /// placements.
+    #[arg(long, env = "KOMMUNE_SCHEDULER_SEED", default_value_t = 0)]
+    scheduler_seed: u64,
     /// This replica's identity in the Lease (the pod name in-cluster).
     #[arg(long, env = "POD_NAME", default_value_t = default_identity())]
     leader_identity: String,
@@ -204,12 +218,19 @@ async fn token_create(ttl: Duration, uses: u32, namespace: &str) -> anyhow::Resu
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _telemetry = kommune_telemetry::init("kommune-operator");
+    let fair = FairShare::parse(args.namespace_weight.iter().map(String::as_str)).map_err(|e| anyhow::anyhow!("--namespace-weight: {e}"))?;
+    let mut weights = Weights::default();
+    for w in &args.score_weight {
+        weights.set(w).map_err(|e| anyhow::anyhow!("--score-weight: {e}"))?;
+    }
+    info!(%weights, namespace_weights = ?args.namespace_weight, "placement weights");
+
     let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API (is KUBECONFIG set, or are you in-cluster?)")?;
     let ca = Arc::new(ensure_ca(client.clone(), &args.namespace).await.context("cannot load or create the operator CA")?);
     info!(namespace = %args.namespace, ca_pin = %ca.pin(), "operator CA ready");
 
     // Health and metrics come up first: a standby replica is live but not ready.
-    let fleet = Arc::new(Fleet::default());
+    let fleet = Arc::new(Fleet::new(args.scheduler_seed, weights, fair));
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("cannot listen on {}", args.metrics_listen))?;

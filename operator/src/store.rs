@@ -85,9 +85,9 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
         let conn = Connection::open(dir.join("kommune.db")).map_err(op("open"))?;
         // WAL + synchronous=FULL: a committed transition survives a crash or power loss.
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(op("set busy timeout"))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(op("enable WAL"))?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(op("set synchronous"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(op("set busy timeout"))?;
         conn.execute_batch(SCHEMA).map_err(op("create schema"))?;
         Ok(Store { conn: Mutex::new(conn), fence })
     }
@@ -174,6 +174,25 @@ impl Store {
     /// Every attempt not finished, on any node (to rebuild reservations after a restart).
     pub fn all_active(&self) -> Result<Vec<Attempt>> {
         query(&self.conn(), "WHERE phase IN ('Assigned', 'Running') ORDER BY id", params![])
+    }
+
+    /// Finished attempts per node that count towards reputation: (node, succeeded, failed or
+    /// lost). Cancelled attempts do not count.
+    pub fn outcomes_by_node(&self) -> Result<Vec<(String, u64, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT node, SUM(phase = 'Succeeded'), SUM(phase IN ('Failed', 'Lost')) FROM attempts
+                 WHERE phase IN ('Succeeded', 'Failed', 'Lost') GROUP BY node ORDER BY node",
+            )
+            .map_err(op("prepare outcomes"))?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))).map_err(op("query outcomes"))?;
+        let mut out = vec![];
+        for row in rows {
+            let (node, ok, bad) = row.map_err(op("read outcomes"))?;
+            out.push((node, ok.max(0) as u64, bad.max(0) as u64));
+        }
+        Ok(out)
     }
 
     /// Binds `name` to a node key, or reports that it is bound to another one.

@@ -547,7 +547,7 @@ async fn a_paused_machine_takes_no_new_tasks_until_resumed() {
     a.state.set_paused(true).unwrap();
     // The agent tells the operator within about a second.
     for _ in 0..100 {
-        if op.dispatcher.fleet().candidates(&[]).iter().any(|c| c.paused) {
+        if op.dispatcher.fleet().pool().nodes().any(|n| n.paused) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -16,10 +16,11 @@ use tracing::{debug, warn};
 
 use super::MANAGER;
 use crate::crd::quantity::{format_cpu, format_memory};
-use crate::crd::{NodeAllocation, NodeCapacity, NodePhase, ProviderNode, ProviderNodeStatus, condition, set_condition};
+use crate::crd::{NodeAllocation, NodeCapacity, NodeGpu, NodePhase, ProviderNode, ProviderNodeStatus, condition, set_condition};
 use crate::dispatch::Dispatcher;
-use crate::fleet::NodeFacts;
+use crate::fleet::{NodeAdmin, NodeFacts};
 use crate::gateway::NodeEvent;
+use crate::scheduler::{Taint, TaintEffect};
 use crate::store::Store;
 
 /// Minimum time between two heartbeat writes of one node.
@@ -36,6 +37,8 @@ pub fn apply_event(prev: &ProviderNodeStatus, event: &NodeEvent, running: u32, a
         runtimes: f.runtimes.clone(),
         arch: f.arch.clone(),
         os: f.os.clone(),
+        ephemeral_storage: Some(f.capacity.ephemeral_bytes).filter(|b| *b > 0).map(format_memory),
+        gpus: f.gpus.iter().map(|g| NodeGpu { model: g.model.clone(), memory_bytes: g.memory_bytes }).collect(),
     };
     let non_empty = |v: &str| Some(v.to_string()).filter(|v| !v.is_empty());
     match event {
@@ -114,7 +117,7 @@ pub async fn run(
                     continue;
                 }
                 last_heartbeat_write.insert(node.clone(), Instant::now());
-                if let Err(e) = write(&api, dispatcher.store(), &ev).await {
+                if let Err(e) = write(&api, &dispatcher, &ev).await {
                     warn!(%node, error = %e, "cannot update ProviderNode");
                 }
                 if matches!(ev, NodeEvent::Connected { .. }) {
@@ -140,7 +143,8 @@ pub fn absent_phase(absent: Duration, grace: Duration) -> NodePhase {
     if absent > grace { NodePhase::Offline } else { NodePhase::NotReady }
 }
 
-async fn write(api: &Api<ProviderNode>, store: &Store, ev: &NodeEvent) -> Result<(), super::Error> {
+async fn write(api: &Api<ProviderNode>, dispatcher: &Dispatcher, ev: &NodeEvent) -> Result<(), super::Error> {
+    let store: &Store = dispatcher.store();
     let node = node_of(ev);
     if let NodeEvent::Left { .. } = ev {
         match api.delete(node, &Default::default()).await {
@@ -166,7 +170,8 @@ async fn write(api: &Api<ProviderNode>, store: &Store, ev: &NodeEvent) -> Result
     let active = store.active_on_node(node)?;
     let allocated = active.iter().fold((0, 0), |(c, m), a| (c + a.cpu_millis, m + a.memory_bytes));
     let prev = current.status.clone().unwrap_or_default();
-    let next = apply_event(&prev, ev, active.len() as u32, allocated, Timestamp::now());
+    let mut next = apply_event(&prev, ev, active.len() as u32, allocated, Timestamp::now());
+    next.reputation = Some(dispatcher.fleet().reputation(node).to_string());
     if next != prev {
         api.patch_status(node, &status_patch(), &Patch::Merge(&json!({ "status": next }))).await?;
     }
@@ -193,6 +198,31 @@ async fn earnings(dispatcher: &Dispatcher, node: &str) -> Option<crate::crd::Nod
     }
 }
 
+/// What the admin says about a node, for the scheduler.
+pub fn admin_of(n: &ProviderNode) -> NodeAdmin {
+    let mut labels = n.metadata.labels.clone().unwrap_or_default();
+    labels.retain(|k, _| k.len() <= 317);
+    NodeAdmin {
+        owner: n.spec.owner.clone().unwrap_or_default(),
+        cordoned: n.spec.unschedulable,
+        labels,
+        taints: n
+            .spec
+            .taints
+            .iter()
+            .map(|t| Taint {
+                key: t.key.clone(),
+                value: t.value.clone(),
+                effect: match t.effect {
+                    crate::crd::TaintEffect::NoSchedule => TaintEffect::NoSchedule,
+                },
+            })
+            .collect(),
+        // The caller fills in the effective rates (cluster rates with `spec.pricing` applied).
+        rates: Default::default(),
+    }
+}
+
 /// Brings phases of nodes without a session here up to date (Ready → NotReady → Offline),
 /// mirrors cordons into the fleet, and revokes nodes whose ProviderNode was deleted since the
 /// last sweep (only nodes seen before, so a just-joined node is not revoked before its object
@@ -207,11 +237,13 @@ async fn sweep_nodes(api: &Api<ProviderNode>, dispatcher: &Dispatcher, grace: Du
     *known = present;
     for n in nodes.items {
         let name = n.name_any();
-        fleet.set_cordoned(&name, n.spec.unschedulable);
         match crate::pricing::overrides_from(n.spec.pricing.as_ref()) {
             Ok(o) => dispatcher.rates().set_overrides(&name, o),
             Err(e) => warn!(node = %name, error = %e, "ProviderNode pricing ignored; the cluster rates apply"),
         }
+        let mut admin = admin_of(&n);
+        admin.rates = dispatcher.rates().for_node(&name);
+        fleet.set_admin(&name, admin);
         let status = n.status.clone().unwrap_or_default();
         if let Some(earnings) = earnings(dispatcher, &name).await
             && status.earnings.as_ref() != Some(&earnings)
@@ -256,7 +288,8 @@ mod tests {
 
     fn facts() -> NodeFacts {
         NodeFacts {
-            capacity: Resources { cpu_millis: 4000, memory_bytes: 8 << 30 },
+            capacity: Resources { cpu_millis: 4000, memory_bytes: 8 << 30, ephemeral_bytes: 0 },
+            gpus: vec![],
             runtimes: vec!["wasm".into()],
             arch: "x86_64".into(),
             os: "linux".into(),

@@ -1,11 +1,15 @@
 //! `ComputeJob`: a batch of independent tasks to run on provider machines, like an Indexed Job
 //! whose pods land on volunteer hardware instead of cluster nodes.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use super::TaintEffect;
 
 /// A batch of independent tasks to run on Kommune provider machines. Each task gets its index
 /// (0..tasks) in `KOMMUNE_TASK_INDEX`; the job succeeds when every index has succeeded once.
@@ -47,6 +51,18 @@ pub struct ComputeJobSpec {
     #[serde(default)]
     pub resources: Resources,
 
+    /// Where tasks may run: node selector, tolerations, architecture, OS, minimum reputation,
+    /// data locality and the number of replicas per task.
+    #[serde(default, skip_serializing_if = "Placement::is_default")]
+    pub placement: Placement,
+
+    /// Priority against other jobs waiting for room: higher goes first. Between jobs of equal
+    /// priority in different namespaces, room is shared by namespace weight (fair share).
+    /// Defaults to 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = -1000, max = 1000))]
+    pub priority: i32,
+
     /// How often a failed task is tried again.
     #[serde(default)]
     pub retries: Retries,
@@ -77,10 +93,135 @@ pub struct JobPricing {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
     pub budget: Option<String>,
+    /// The most one task may cost per hour on a provider, e.g. "0.05": its reserved CPU,
+    /// memory and GPUs fully used, at that provider's rates. Dearer providers are not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub max_price_per_hour: Option<String>,
 }
 
 fn default_tasks() -> u32 {
     1
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+/// Where a job's tasks may run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Labels a ProviderNode must carry (all of them, with these values) to run the tasks, like
+    /// a Pod's nodeSelector. The agent's region and zone appear as
+    /// `topology.kubernetes.io/region` and `topology.kubernetes.io/zone`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints of ProviderNodes (`spec.taints`) the tasks tolerate; a tainted node takes only
+    /// tasks that tolerate every one of its taints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+
+    /// CPU architecture the node must have: x86_64 (alias amd64) or aarch64 (alias arm64).
+    /// Any when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub arch: Option<String>,
+
+    /// Operating system the node must run: linux, macos or windows. Any when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub os: Option<String>,
+
+    /// Lowest node reputation accepted, a decimal string from "0" to "1" with at most three
+    /// decimals ("0.8"). A node's reputation is (succeeded + 1) / (finished + 2) over its
+    /// finished attempts, shown in ProviderNode status. Any when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(0(\.[0-9]{1,3})?|1(\.0{1,3})?)$"))]
+    pub min_reputation: Option<String>,
+
+    /// Where the job's input data lives; nodes in that zone, then that region, are preferred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_locality: Option<DataLocality>,
+
+    /// Copies of each task run for verification, each on a distinct provider with a distinct
+    /// owner (so they cannot collude). Defaults to 1.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 16))]
+    pub replicas: u32,
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            node_selector: BTreeMap::new(),
+            tolerations: vec![],
+            arch: None,
+            os: None,
+            min_reputation: None,
+            data_locality: None,
+            replicas: default_replicas(),
+        }
+    }
+}
+
+impl Placement {
+    fn is_default(&self) -> bool {
+        *self == Placement::default()
+    }
+}
+
+/// A toleration of ProviderNode taints, as in a Pod spec.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.operator != 'Exists' || !has(self.value) || self.value == ''").message("a toleration with operator Exists must not set a value"))]
+#[x_kube(validation = Rule::new("self.operator != 'Equal' || (has(self.key) && self.key != '')").message("a toleration with operator Equal needs a key"))]
+#[serde(rename_all = "camelCase")]
+pub struct Toleration {
+    /// Taint key this toleration applies to; empty with operator Exists tolerates every taint.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 253))]
+    pub key: String,
+    /// Equal (key and value must match; the default) or Exists (key must match).
+    #[serde(default)]
+    pub operator: TolerationOperator,
+    /// Taint value to match with operator Equal.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 63))]
+    pub value: String,
+    /// Taint effect to match; every effect when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<TaintEffect>,
+}
+
+/// How a toleration matches a taint.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TolerationOperator {
+    /// Key and value equal the taint's.
+    #[default]
+    Equal,
+    /// Key equals the taint's (or is empty: any key); the value is ignored.
+    Exists,
+}
+
+/// Where a job's input data lives.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DataLocality {
+    /// Region of the inputs, compared with a node's `topology.kubernetes.io/region`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub region: Option<String>,
+    /// Zone of the inputs, compared with a node's `topology.kubernetes.io/zone`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub zone: Option<String>,
 }
 
 /// What each task runs. Exactly one field must be set.
@@ -201,6 +342,7 @@ pub struct EnvVar {
 
 /// Resources one task needs.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct Resources {
     /// CPU per task, as a Kubernetes quantity ("250m", "2"). Defaults to 250m.
     #[serde(default = "default_cpu")]
@@ -209,12 +351,41 @@ pub struct Resources {
     /// Defaults to 128Mi.
     #[serde(default = "default_memory")]
     pub memory: Quantity,
+    /// Scratch disk per task, as a quantity ("10Gi"). Only nodes that report at least this much
+    /// free ephemeral storage take the task. None by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral_storage: Option<Quantity>,
+    /// GPUs per task. None by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuResources>,
 }
 
 impl Default for Resources {
     fn default() -> Self {
-        Resources { cpu: default_cpu(), memory: default_memory() }
+        Resources { cpu: default_cpu(), memory: default_memory(), ephemeral_storage: None, gpu: None }
     }
+}
+
+/// GPUs one task needs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuResources {
+    /// Number of GPU devices. Defaults to 1.
+    #[serde(default = "default_gpu_count")]
+    #[schemars(range(min = 1, max = 64))]
+    pub count: u32,
+    /// GPU model pattern, a case-insensitive glob: `*` matches any run of characters, `?` one
+    /// ("a100*", "*4090"). Any model when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub model: Option<String>,
+    /// Least memory each GPU must have, as a quantity ("40Gi"). Any when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_memory: Option<Quantity>,
+}
+
+fn default_gpu_count() -> u32 {
+    1
 }
 
 fn default_cpu() -> Quantity {

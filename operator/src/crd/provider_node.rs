@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Region", type_ = "string", json_path = ".status.region"),
     printcolumn(name = "Running", type_ = "integer", json_path = ".status.runningAttempts", priority = "1"),
     printcolumn(name = "Earned", type_ = "string", json_path = ".status.earnings.pending", priority = "1", description = "Credits earned, not yet paid out"),
+    printcolumn(name = "Reputation", type_ = "string", json_path = ".status.reputation", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -38,10 +39,40 @@ pub struct ProviderNodeSpec {
     #[serde(default)]
     pub unschedulable: bool,
 
+    /// Taints: only tasks whose job tolerates every taint (`spec.placement.tolerations`) are
+    /// placed here; running tasks are not affected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub taints: Vec<Taint>,
+
     /// This provider's own rates, in credits; each unset rate is the cluster's (the chart's
     /// `rates` values).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<NodePricing>,
+}
+
+/// A taint keeps tasks away from a node unless their job tolerates it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Taint {
+    /// Taint key, e.g. "dedicated".
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+    /// Taint value, e.g. "ml".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 63))]
+    pub value: String,
+    /// What the taint does. Only NoSchedule: no new task unless tolerated.
+    #[serde(default)]
+    pub effect: TaintEffect,
+}
+
+/// What a taint does.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TaintEffect {
+    /// No new task is placed unless its job tolerates the taint.
+    #[default]
+    NoSchedule,
 }
 
 /// Per-provider rates. Amounts are decimal strings of credits with at most 6 decimals.
@@ -115,6 +146,10 @@ pub struct ProviderNodeStatus {
     /// requests and its usage receipts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key_sha256: Option<String>,
+    /// Reputation from the node's finished attempts, (succeeded + 1) / (finished + 2), as a
+    /// decimal from "0" to "1"; failed and lost attempts lower it, cancelled ones do not count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reputation: Option<String>,
     /// What this provider has earned, from its accepted usage receipts in the ledger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub earnings: Option<NodeEarnings>,
@@ -155,6 +190,22 @@ pub struct NodeCapacity {
     pub arch: String,
     /// Operating system (linux, macos, windows).
     pub os: String,
+    /// Scratch disk offered to tasks, as a quantity; absent when the agent does not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral_storage: Option<String>,
+    /// GPU devices offered; absent when the agent reports none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<NodeGpu>,
+}
+
+/// One GPU device of a node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeGpu {
+    /// Model name as the agent reports it.
+    pub model: String,
+    /// Device memory in bytes.
+    pub memory_bytes: u64,
 }
 
 /// Resources reserved on a node.

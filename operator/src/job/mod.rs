@@ -8,4 +8,4 @@ pub mod status;
 pub mod validate;
 
 pub use progress::{Progress, progress};
-pub use validate::{Invalid, JobPolicy, ModuleSource, TaskWorkload, validate};
+pub use validate::{Invalid, JobPolicy, ModuleSource, PlacementPolicy, TaskWorkload, validate};

@@ -145,6 +145,11 @@ mod tests {
             suspended: false,
             budget: None,
             workload: TaskWorkload::Wasm { source: ModuleSource::Url { url: "https://x".into(), sha256: "0".repeat(64) }, args: vec![], env: vec![] },
+            ephemeral_bytes: 0,
+            gpu: Default::default(),
+            placement: Default::default(),
+            priority: 0,
+            max_price_per_hour: None,
         }
     }
 

@@ -78,7 +78,13 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
         (Some(why), _) => Some(condition(
             SCHEDULED,
             false,
-            if why.runtime_missing_everywhere() { "NoNodeOffersRuntime" } else { "Unschedulable" },
+            if why.runtime_missing_everywhere() {
+                "NoNodeOffersRuntime"
+            } else if why.held_for_others > 0 {
+                "WaitingForFairShare"
+            } else {
+                "Unschedulable"
+            },
             format!("{waiting} task(s) waiting: {why}"),
             g,
         )),
@@ -203,7 +209,6 @@ mod tests {
     use crate::attempt::{AttemptPhase, AttemptResult};
     use crate::crd::{TaskCounts, is_true};
     use crate::scheduler::{Exclusion, Request, Resources};
-    use std::collections::BTreeMap;
 
     fn progress(phase: JobPhase, counts: TaskCounts) -> Progress {
         Progress {
@@ -237,11 +242,8 @@ mod tests {
     #[test]
     fn unschedulable_job_says_why_and_emits_a_warning_once() {
         let p = Progress { started_ms: None, ..progress(JobPhase::Pending, TaskCounts { total: 2, pending: 2, ..Default::default() }) };
-        let why = Explanation {
-            total: 2,
-            excluded: BTreeMap::from([(Exclusion::MissingRuntime, 2)]),
-            request: Request { resources: Resources { cpu_millis: 100, memory_bytes: 1 << 20 }, runtime: "exec".into() },
-        };
+        let mut why = Explanation::new(2, &Request::new("exec", Resources { cpu_millis: 100, memory_bytes: 1 << 20, ephemeral_bytes: 0 }));
+        why.excluded.insert(Exclusion::MissingRuntime, 2);
         let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], Some(&why)));
         let c = s.conditions.iter().find(|c| c.type_ == SCHEDULED).unwrap();
         assert_eq!(c.status, "False");
@@ -254,6 +256,30 @@ mod tests {
         let again = summarize(&s, &observed(&p, &[], Some(&why)));
         assert_eq!(again, s);
         assert!(events(&s, &again).is_empty());
+    }
+
+    #[test]
+    fn the_scheduled_condition_carries_the_new_explanations() {
+        let p = Progress { started_ms: None, ..progress(JobPhase::Pending, TaskCounts { total: 3, pending: 3, ..Default::default() }) };
+        let mut r = Request::new("wasm", Resources { cpu_millis: 100, memory_bytes: 1 << 20, ephemeral_bytes: 0 });
+        r.gpu = crate::scheduler::GpuRequest { count: 1, model: Some(crate::scheduler::GpuPattern::parse("a100*").unwrap()), min_memory_bytes: 0 };
+        r.min_reputation = crate::scheduler::Reputation(800);
+        let mut why = Explanation::new(120, &r);
+        why.excluded.insert(Exclusion::NoMatchingGpu, 87);
+        why.excluded.insert(Exclusion::ReputationTooLow, 33);
+        let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], Some(&why)));
+        let c = s.conditions.iter().find(|c| c.type_ == SCHEDULED).unwrap();
+        assert_eq!(
+            (c.reason.as_str(), c.message.as_str()),
+            ("Unschedulable", "3 task(s) waiting: 0/120 nodes can run it: 87 no GPU matching a100*, 33 reputation below 0.8")
+        );
+
+        let mut wait = Explanation::new(4, &r);
+        wait.held_for_others = 2;
+        let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], Some(&wait)));
+        let c = s.conditions.iter().find(|c| c.type_ == SCHEDULED).unwrap();
+        assert_eq!(c.reason, "WaitingForFairShare");
+        assert_eq!(c.message, "3 task(s) waiting: 4/4 nodes can run it, but their room is kept for 2 task(s) of jobs ahead in the fair-share queue");
     }
 
     #[test]

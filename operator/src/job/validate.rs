@@ -1,10 +1,14 @@
 //! Checks a ComputeJob spec beyond what the CRD schema enforces (the schema may be older than
 //! the operator, and some rules need code) and turns it into the policy the operator runs.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::crd::quantity;
-use crate::crd::{ComputeJobSpec, EnvVar};
+use crate::crd::{ComputeJobSpec, EnvVar, Placement};
+use crate::fleet::normalize_arch;
+use crate::pricing::Micros;
+use crate::scheduler::{self, GpuPattern, GpuRequest, Locality, Reputation, Request, Resources, TaintEffect, Toleration, TolerationOperator};
 
 /// Default wall-clock limit of one attempt when the job sets none.
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -12,6 +16,12 @@ pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 const MAX_TASKS: u32 = 1_000_000;
 const MIN_MEMORY: u64 = 1 << 20;
+/// Most replicas of one task.
+pub const MAX_REPLICAS: u32 = 16;
+/// Whether the dispatcher runs more than one replica per task. Until it tracks replica
+/// attempts and compares their outputs, a job asking for replicas is refused with a clear
+/// message rather than silently run once.
+const REPLICAS_RUN: bool = false;
 
 /// A validated job: everything the operator needs to place and run its tasks.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +39,51 @@ pub struct JobPolicy {
     pub workload: TaskWorkload,
     /// `spec.pricing.budget`: the most the job may cost.
     pub budget: Option<crate::pricing::Micros>,
+    /// Scratch disk per task (`spec.resources.ephemeralStorage`), 0 when none is asked.
+    pub ephemeral_bytes: u64,
+    /// GPUs per task (`spec.resources.gpu`); count 0 when none.
+    pub gpu: GpuRequest,
+    /// Where tasks may run (`spec.placement`).
+    pub placement: PlacementPolicy,
+    /// `spec.priority`: higher goes first.
+    pub priority: i32,
+    /// Most one task may cost per hour on a node; None places regardless of price.
+    pub max_price_per_hour: Option<Micros>,
+}
+
+/// A validated `spec.placement`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PlacementPolicy {
+    pub node_selector: BTreeMap<String, String>,
+    pub tolerations: Vec<Toleration>,
+    /// Normalised to Rust's names (x86_64, aarch64).
+    pub arch: Option<String>,
+    /// Lowercase.
+    pub os: Option<String>,
+    pub min_reputation: Reputation,
+    pub data_locality: Option<Locality>,
+    /// Copies of each task, each on a distinct provider and owner; at least 1.
+    pub replicas: u32,
+}
+
+impl JobPolicy {
+    /// What the scheduler needs to place one task of this job.
+    pub fn request(&self) -> Request {
+        let p = &self.placement;
+        Request {
+            runtime: self.workload.runtime().to_string(),
+            resources: Resources { cpu_millis: self.cpu_millis, memory_bytes: self.memory_bytes, ephemeral_bytes: self.ephemeral_bytes },
+            gpu: self.gpu.clone(),
+            arch: p.arch.clone(),
+            os: p.os.clone(),
+            node_selector: p.node_selector.clone(),
+            tolerations: p.tolerations.clone(),
+            min_reputation: p.min_reputation,
+            max_price_per_hour: self.max_price_per_hour,
+            data_locality: p.data_locality.clone(),
+            replicas: p.replicas.max(1),
+        }
+    }
 }
 
 /// What each task runs.
@@ -181,11 +236,31 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
     if spec.timeouts.task_seconds == Some(0) || spec.timeouts.job_seconds == Some(0) {
         return Err(invalid("spec.timeouts values must be at least 1 second"));
     }
-
-    let budget = match spec.pricing.as_ref().and_then(|p| p.budget.as_deref()) {
-        Some(b) => Some(crate::pricing::Micros::parse_credits(b).map_err(|e| invalid(format!("spec.pricing.budget: {e}")))?),
-        None => None,
+    let ephemeral_bytes = match &spec.resources.ephemeral_storage {
+        Some(q) => quantity::memory_bytes("spec.resources.ephemeralStorage", &q.0).map_err(|e| invalid(e.to_string()))?,
+        None => 0,
     };
+    let gpu = match &spec.resources.gpu {
+        None => GpuRequest::default(),
+        Some(g) => {
+            if g.count == 0 || g.count as usize > scheduler::MAX_GPUS {
+                return Err(invalid(format!("spec.resources.gpu.count must be between 1 and {}, got {}", scheduler::MAX_GPUS, g.count)));
+            }
+            let model = g.model.as_deref().map(GpuPattern::parse).transpose().map_err(|e| invalid(format!("spec.resources.gpu.model: {e}")))?;
+            let min_memory_bytes = match &g.min_memory {
+                Some(q) => quantity::memory_bytes("spec.resources.gpu.minMemory", &q.0).map_err(|e| invalid(e.to_string()))?,
+                None => 0,
+            };
+            GpuRequest { count: g.count, model, min_memory_bytes }
+        }
+    };
+    let placement = placement(&spec.placement, &workload)?;
+
+    let credits = |field: &str, v: Option<&str>| -> Result<Option<Micros>, Invalid> {
+        v.map(|v| Micros::parse_credits(v).map_err(|e| invalid(format!("spec.pricing.{field}: {e}")))).transpose()
+    };
+    let budget = credits("budget", spec.pricing.as_ref().and_then(|p| p.budget.as_deref()))?;
+    let max_price_per_hour = credits("maxPricePerHour", spec.pricing.as_ref().and_then(|p| p.max_price_per_hour.as_deref()))?;
 
     Ok(JobPolicy {
         tasks: spec.tasks,
@@ -199,7 +274,95 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
         suspended: spec.suspend,
         workload,
         budget,
+        ephemeral_bytes,
+        gpu,
+        placement,
+        priority: spec.priority,
+        max_price_per_hour,
     })
+}
+
+/// A label key (optional DNS prefix and "/", then a name of up to 63 characters) or value.
+fn label_ok(s: &str, key: bool) -> bool {
+    let name_ok = |n: &str| {
+        n.len() <= 63
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && n.chars().next().is_none_or(|c| c.is_ascii_alphanumeric())
+            && n.chars().last().is_none_or(|c| c.is_ascii_alphanumeric())
+    };
+    if !key {
+        return name_ok(s);
+    }
+    let (prefix, name) = s.rsplit_once('/').unwrap_or(("", s));
+    !name.is_empty()
+        && name_ok(name)
+        && prefix.len() <= 253
+        && prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+        && !(s.contains('/') && prefix.is_empty())
+}
+
+fn placement(p: &Placement, workload: &TaskWorkload) -> Result<PlacementPolicy, Invalid> {
+    for (k, v) in &p.node_selector {
+        if !label_ok(k, true) {
+            return Err(invalid(format!("spec.placement.nodeSelector: {k:?} is not a valid label key")));
+        }
+        if !label_ok(v, false) {
+            return Err(invalid(format!("spec.placement.nodeSelector.{k}: {v:?} is not a valid label value")));
+        }
+    }
+    let mut tolerations = vec![];
+    for (i, t) in p.tolerations.iter().enumerate() {
+        let field = format!("spec.placement.tolerations[{i}]");
+        let operator = match t.operator {
+            crate::crd::TolerationOperator::Equal => TolerationOperator::Equal,
+            crate::crd::TolerationOperator::Exists => TolerationOperator::Exists,
+        };
+        if operator == TolerationOperator::Equal && t.key.is_empty() {
+            return Err(invalid(format!("{field}: operator Equal needs a key (use operator Exists with no key to tolerate every taint)")));
+        }
+        if operator == TolerationOperator::Exists && !t.value.is_empty() {
+            return Err(invalid(format!("{field}: operator Exists matches any value; remove value {:?} or use operator Equal", t.value)));
+        }
+        let effect = t.effect.map(|e| match e {
+            crate::crd::TaintEffect::NoSchedule => TaintEffect::NoSchedule,
+        });
+        tolerations.push(Toleration { key: t.key.clone(), operator, value: t.value.clone(), effect });
+    }
+    let word = |field: &str, v: &Option<String>, normalize: fn(&str) -> String| -> Result<Option<String>, Invalid> {
+        match v {
+            None => Ok(None),
+            Some(s) if !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => Ok(Some(normalize(s))),
+            Some(s) => Err(invalid(format!("{field}: {s:?} is not an architecture or OS name (like x86_64, aarch64, linux)"))),
+        }
+    };
+    let arch = word("spec.placement.arch", &p.arch, normalize_arch)?;
+    let os = word("spec.placement.os", &p.os, |s| s.to_ascii_lowercase())?;
+    let min_reputation = match &p.min_reputation {
+        Some(s) => Reputation::parse(s).map_err(|e| invalid(format!("spec.placement.minReputation: {e}")))?,
+        None => Reputation(0),
+    };
+    let data_locality = match &p.data_locality {
+        None => None,
+        Some(d) if d.region.as_deref().is_none_or(str::is_empty) && d.zone.as_deref().is_none_or(str::is_empty) => {
+            return Err(invalid("spec.placement.dataLocality must set region, zone or both"));
+        }
+        Some(d) => Some(Locality { region: d.region.clone().filter(|r| !r.is_empty()), zone: d.zone.clone().filter(|z| !z.is_empty()) }),
+    };
+    if p.replicas == 0 || p.replicas > MAX_REPLICAS {
+        return Err(invalid(format!("spec.placement.replicas must be between 1 and {MAX_REPLICAS}, got {}", p.replicas)));
+    }
+    if p.replicas > 1 && matches!(workload, TaskWorkload::Exec { .. }) {
+        return Err(invalid(
+            "spec.placement.replicas: replicas are verified by comparing their outputs, which needs a deterministic runtime; exec tasks are not, use wasm",
+        ));
+    }
+    if p.replicas > 1 && !REPLICAS_RUN {
+        return Err(invalid(format!(
+            "spec.placement.replicas: {} replicas per task are not run by this operator version yet (the scheduler places replicas on distinct providers and owners, but attempts and verification do not track them); use 1",
+            p.replicas
+        )));
+    }
+    Ok(PlacementPolicy { node_selector: p.node_selector.clone(), tolerations, arch, os, min_reputation, data_locality, replicas: p.replicas })
 }
 
 #[cfg(test)]
@@ -236,6 +399,11 @@ mod tests {
         let e = validate(&spec(&format!("{WASM}pricing: {{budget: \"lots\"}}\n"))).unwrap_err();
         assert_eq!(e.reason, "InvalidSpec");
         assert!(e.message.starts_with("spec.pricing.budget: \"lots\" is not an amount of credits"), "{}", e.message);
+        let p = validate(&spec(&format!("{WASM}pricing: {{maxPricePerHour: \"0.05\"}}\n"))).unwrap();
+        assert_eq!(p.max_price_per_hour, Some(crate::pricing::Micros(50_000)));
+        assert_eq!(p.request().max_price_per_hour, Some(crate::pricing::Micros(50_000)));
+        let e = validate(&spec(&format!("{WASM}pricing: {{maxPricePerHour: \"-1\"}}\n"))).unwrap_err();
+        assert!(e.message.starts_with("spec.pricing.maxPricePerHour:"), "{}", e.message);
     }
 
     #[test]
@@ -274,6 +442,42 @@ mod tests {
     }
 
     #[test]
+    fn placement_resources_and_priority_map_into_the_request() {
+        let yaml = format!(
+            "{WASM}resources: {{cpu: '2', memory: 1Gi, ephemeralStorage: 10Gi, gpu: {{count: 2, model: 'A100*', minMemory: 40Gi}}}}
+placement:
+  nodeSelector: {{tier: fast, kommune.dev/pool: edge}}
+  tolerations: [{{key: dedicated, value: ml, effect: NoSchedule}}, {{operator: Exists}}]
+  arch: amd64
+  os: Linux
+  minReputation: '0.8'
+  dataLocality: {{region: eu-west, zone: eu-west-a}}
+priority: 7
+"
+        );
+        let p = validate(&spec(&yaml)).unwrap();
+        let r = p.request();
+        assert_eq!(r.resources, Resources { cpu_millis: 2000, memory_bytes: 1 << 30, ephemeral_bytes: 10 << 30 });
+        assert_eq!(r.gpu, GpuRequest { count: 2, model: Some(GpuPattern::parse("a100*").unwrap()), min_memory_bytes: 40 << 30 });
+        assert_eq!(r.node_selector.len(), 2);
+        assert_eq!(
+            r.tolerations,
+            vec![
+                Toleration { key: "dedicated".into(), operator: TolerationOperator::Equal, value: "ml".into(), effect: Some(TaintEffect::NoSchedule) },
+                Toleration { key: String::new(), operator: TolerationOperator::Exists, value: String::new(), effect: None },
+            ]
+        );
+        assert_eq!((r.arch.as_deref(), r.os.as_deref()), (Some("x86_64"), Some("linux")));
+        assert_eq!(r.min_reputation, Reputation(800));
+        assert_eq!(r.data_locality, Some(Locality { region: Some("eu-west".into()), zone: Some("eu-west-a".into()) }));
+        assert_eq!((r.replicas, p.priority, r.runtime.as_str()), (1, 7, "wasm"));
+        // Defaults: one replica, no GPU, no disk, priority 0, no constraint.
+        let d = validate(&spec(WASM)).unwrap();
+        assert_eq!(d.request(), Request::new("wasm", Resources { cpu_millis: 250, memory_bytes: 128 << 20, ephemeral_bytes: 0 }));
+        assert_eq!(d.priority, 0);
+    }
+
+    #[test]
     fn every_invalid_spec_names_its_field() {
         let sha = "a".repeat(64);
         let cases: Vec<(String, &str, &str)> = vec![
@@ -304,6 +508,27 @@ mod tests {
             (format!("{WASM}resources: {{memory: 1Ki}}\n"), "InvalidSpec", "at least 1Mi"),
             (format!("{WASM}retries: {{maxAttempts: 0}}\n"), "InvalidSpec", "maxAttempts"),
             (format!("{WASM}timeouts: {{taskSeconds: 0}}\n"), "InvalidSpec", "spec.timeouts"),
+            (format!("{WASM}resources: {{ephemeralStorage: lots}}\n"), "InvalidSpec", "spec.resources.ephemeralStorage"),
+            (format!("{WASM}resources: {{gpu: {{count: 0}}}}\n"), "InvalidSpec", "spec.resources.gpu.count must be between 1 and 64"),
+            (format!("{WASM}resources: {{gpu: {{model: 'a100[x]'}}}}\n"), "InvalidSpec", "spec.resources.gpu.model: \"a100[x]\" is not a GPU model pattern"),
+            (format!("{WASM}resources: {{gpu: {{minMemory: much}}}}\n"), "InvalidSpec", "spec.resources.gpu.minMemory"),
+            (
+                format!("{WASM}placement: {{nodeSelector: {{'bad key!': x}}}}\n"),
+                "InvalidSpec",
+                "spec.placement.nodeSelector: \"bad key!\" is not a valid label key",
+            ),
+            (format!("{WASM}placement: {{nodeSelector: {{tier: 'no spaces'}}}}\n"), "InvalidSpec", "spec.placement.nodeSelector.tier"),
+            (format!("{WASM}placement: {{tolerations: [{{operator: Equal, value: x}}]}}\n"), "InvalidSpec", "tolerations[0]: operator Equal needs a key"),
+            (format!("{WASM}placement: {{tolerations: [{{key: k, operator: Exists, value: x}}]}}\n"), "InvalidSpec", "operator Exists matches any value"),
+            (format!("{WASM}placement: {{arch: 'x86 64'}}\n"), "InvalidSpec", "spec.placement.arch"),
+            (format!("{WASM}placement: {{os: ''}}\n"), "InvalidSpec", "spec.placement.os"),
+            (format!("{WASM}placement: {{minReputation: '1.5'}}\n"), "InvalidSpec", "spec.placement.minReputation: \"1.5\" is not a reputation"),
+            (format!("{WASM}placement: {{minReputation: '80%'}}\n"), "InvalidSpec", "spec.placement.minReputation"),
+            (format!("{WASM}placement: {{dataLocality: {{}}}}\n"), "InvalidSpec", "spec.placement.dataLocality must set region, zone or both"),
+            (format!("{WASM}placement: {{replicas: 0}}\n"), "InvalidSpec", "spec.placement.replicas must be between 1 and 16"),
+            (format!("{WASM}placement: {{replicas: 17}}\n"), "InvalidSpec", "spec.placement.replicas must be between 1 and 16"),
+            ("workload:\n  exec:\n    command: [x]\nplacement: {replicas: 2}\n".into(), "InvalidSpec", "exec tasks are not, use wasm"),
+            (format!("{WASM}placement: {{replicas: 3}}\n"), "InvalidSpec", "3 replicas per task are not run by this operator version yet"),
         ];
         for (yaml, reason, needle) in cases {
             let err = validate(&spec(&yaml)).expect_err(&yaml);

@@ -87,9 +87,11 @@ impl SqliteBackend {
     pub fn open(dir: &Path) -> Result<SqliteBackend, LedgerError> {
         std::fs::create_dir_all(dir).map_err(|source| LedgerError::Dir { path: dir.display().to_string(), source })?;
         let conn = Connection::open(dir.join("ledger.db")).map_err(op("open ledger.db"))?;
+        // The busy timeout first: the ledger's writer and reader open the file at the same
+        // moment, and switching to WAL needs a lock the other may hold for an instant.
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(op("set busy timeout"))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(op("enable WAL"))?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(op("set synchronous"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(op("set busy timeout"))?;
         conn.execute_batch(SCHEMA).map_err(op("create ledger schema"))?;
         Ok(SqliteBackend { conn })
     }
