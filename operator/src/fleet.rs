@@ -47,10 +47,11 @@ impl NodeFacts {
         let mut runtimes: Vec<String> = cap.runtimes.iter().filter(|r| known.contains(&r.as_str())).cloned().collect();
         runtimes.sort();
         runtimes.dedup();
+        // At most 64 GPUs per machine are believed; a longer list is cut, never padded.
+        let gpus = cap.gpus.iter().take(64).map(|g| crate::scheduler::Gpu { model: short(&g.model), memory_bytes: g.memory_bytes }).collect();
         NodeFacts {
-            // The protocol does not carry disk or GPUs yet: both stay unknown (0, none).
-            capacity: Resources { cpu_millis: cap.cpu_millis, memory_bytes: cap.memory_bytes, ephemeral_bytes: 0 },
-            gpus: vec![],
+            capacity: Resources { cpu_millis: cap.cpu_millis, memory_bytes: cap.memory_bytes, ephemeral_bytes: cap.ephemeral_storage_bytes },
+            gpus,
             runtimes,
             arch: normalize_arch(&short(&cap.arch)),
             os: short(&cap.os).to_ascii_lowercase(),
@@ -419,7 +420,10 @@ mod tests {
                 runtimes: vec!["exec".into(), "wasm".into(), "bogus".into(), "wasm".into()],
                 arch: "x".repeat(500),
                 os: "linux".into(),
-                ..Default::default()
+                gpus: (0..100)
+                    .map(|i| kommune_proto::v1::Gpu { model: "NVIDIA A100-SXM4-80GB".into(), memory_bytes: 80 << 30, uuid: format!("GPU-{i}") })
+                    .collect(),
+                ephemeral_storage_bytes: 20 << 30,
             }),
             agent_version: "1".into(),
             region: "eu".into(),
@@ -428,6 +432,9 @@ mod tests {
         let facts = NodeFacts::from_proto(Some(&f));
         assert_eq!(facts.runtimes, vec!["exec", "wasm"]);
         assert_eq!(facts.arch.len(), 63);
+        assert_eq!(facts.gpus.len(), 64, "GPUs the agent detected are believed, up to a bound");
+        assert_eq!(facts.gpus[0], crate::scheduler::Gpu { model: "NVIDIA A100-SXM4-80GB".into(), memory_bytes: 80 << 30 });
+        assert_eq!(facts.capacity.ephemeral_bytes, 20 << 30);
         assert_eq!(NodeFacts::from_proto(None), NodeFacts::default());
     }
 }
