@@ -221,6 +221,11 @@ pub struct RunArgs {
     /// for machines and job submitters you trust.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", help_heading = "Runtimes")]
     pub allow_exec: Option<bool>,
+    /// Run exec tasks as this unprivileged user (a name or a uid) rather than as the agent:
+    /// they then cannot read the agent's key or the provider's files. The agent must run as
+    /// root to switch users.
+    #[arg(long, value_name = "USER", help_heading = "Runtimes")]
+    pub exec_user: Option<String>,
     /// Also run `container` tasks through this Docker or Podman Engine API socket, e.g.
     /// /var/run/docker.sock or $XDG_RUNTIME_DIR/podman/podman.sock. Containers run images
     /// pinned by digest as this agent's user, with no privileges, no capabilities, a read-only
@@ -239,6 +244,7 @@ impl RunArgs {
             config: self.config.clone(),
             state_dir: self.state_dir.clone(),
             allow_exec: self.allow_exec,
+            exec_user: self.exec_user.clone(),
             container_socket: self.container_socket.clone(),
             allow_container_network: self.allow_container_network,
             cpus: self.cpus,

@@ -54,6 +54,7 @@ impl QuantityValue {
 pub struct FileSettings {
     pub state_dir: Option<PathBuf>,
     pub allow_exec: Option<bool>,
+    pub exec_user: Option<String>,
     pub container_socket: Option<PathBuf>,
     pub allow_container_network: Option<bool>,
     pub cpus: Option<QuantityValue>,
@@ -113,6 +114,7 @@ pub struct Flags {
     pub config: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub allow_exec: Option<bool>,
+    pub exec_user: Option<String>,
     pub container_socket: Option<PathBuf>,
     pub allow_container_network: Option<bool>,
     pub cpus: Option<u64>,
@@ -135,6 +137,8 @@ pub struct RunSettings {
     pub config_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub allow_exec: bool,
+    /// Run exec tasks as this user (a name or a uid) instead of the agent's own.
+    pub exec_user: Option<String>,
     pub container_socket: Option<PathBuf>,
     pub allow_container_network: bool,
     pub caps: Caps,
@@ -198,6 +202,7 @@ pub fn resolve(flags: &Flags, file: Option<(PathBuf, FileSettings)>, default_sta
         config_file: path,
         state_dir: flags.state_dir.clone().or(f.state_dir).unwrap_or(default_state_dir),
         allow_exec: flags.allow_exec.or(f.allow_exec).unwrap_or(false),
+        exec_user: flags.exec_user.clone().or(f.exec_user).filter(|u| !u.is_empty()),
         container_socket: flags.container_socket.clone().or(f.container_socket),
         allow_container_network: flags.allow_container_network.or(f.allow_container_network).unwrap_or(false),
         caps: Caps { cpu_millis: cpus, memory_bytes: memory, gpus: flags.max_gpus.or(f.max_gpus), disk_bytes: max_disk },
@@ -247,6 +252,9 @@ idle-resume-seconds = 120
 # --- Runtimes beyond wasm (always on). ---
 # Plain commands on this machine, outside the sandbox: trusted fleets only.
 allow-exec = false
+# Run exec tasks as this unprivileged user (name or uid) instead of the agent's own; needs the
+# agent to run as root. Recommended whenever exec is allowed on a shared machine.
+# exec-user = "kommune-task"
 # Docker or Podman Engine API socket for container tasks.
 # container-socket = "/var/run/docker.sock"
 # Give containers a network when their job asks for it.

@@ -104,7 +104,10 @@ fn describe(s: &RunSettings) -> String {
         or_all(s.caps.disk_bytes.map(format_memory)),
         if s.windows.is_empty() { "always".into() } else { schedule::describe(&s.windows) },
         s.preempt,
-        s.allow_exec,
+        match (&s.exec_user, s.allow_exec) {
+            (Some(user), true) => format!("true, as user {user}"),
+            (_, allowed) => allowed.to_string(),
+        },
         match &s.container_socket {
             Some(p) => format!("{}{}", p.display(), if s.allow_container_network { ", network when a job asks" } else { ", no network" }),
             None => "off".into(),
@@ -154,7 +157,16 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let wasm = WasmRuntime::new()?;
     let spool = Spool::open(state.results_dir()).with_context(|| format!("cannot open the result spool in {}", state.results_dir().display()))?;
     let live = container.clone();
-    let (tasks, mut updates) = Tasks::with_container(wasm, ExecRuntime::new(s.allow_exec), container, spool, state.scratch_dir());
+    let mut exec = ExecRuntime::new(s.allow_exec);
+    if let Some(user) = &s.exec_user {
+        if !s.allow_exec {
+            bail!("--exec-user {user} only applies with --allow-exec");
+        }
+        let (uid, gid) = kommune_agent::runtime::resolve_exec_user(user, nix::unistd::geteuid().is_root()).map_err(anyhow::Error::msg)?;
+        tracing::info!(user = %user, uid, gid, "exec tasks run as this user");
+        exec = exec.as_user(uid, gid);
+    }
+    let (tasks, mut updates) = Tasks::with_container(wasm, exec, container, spool, state.scratch_dir());
     let key = kommune_proto::receipt::signing_key_from_pem(&state.key_pem).map_err(|e| anyhow::anyhow!("{}: {e}", state.dir.join("node.key").display()))?;
     let receipts = Receipts::start(state.receipts_dir(), &state.config.node_name, key)
         .with_context(|| format!("cannot start the receipt epoch in {}", state.receipts_dir().display()))?;

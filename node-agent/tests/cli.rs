@@ -135,6 +135,11 @@ fn run_refuses_bad_config_and_a_missing_container_engine_before_connecting() {
     let o = agent(&["run", "--container-socket", socket.to_str().unwrap()], dir.path());
     fails_with(&o, &format!("no Docker/Podman socket at {}", socket.display()));
     fails_with(&o, "systemctl");
+
+    let o = agent(&["run", "--exec-user", "nobody"], dir.path());
+    fails_with(&o, "--exec-user nobody only applies with --allow-exec");
+    let o = agent(&["run", "--allow-exec", "--exec-user", "no-such-user-kommune"], dir.path());
+    fails_with(&o, "--exec-user no-such-user-kommune:");
 }
 
 #[test]

@@ -26,12 +26,40 @@ const READ_CHUNK: usize = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct ExecRuntime {
     allowed: bool,
+    /// Run tasks as this (uid, gid) instead of the agent's own user.
+    user: Option<(u32, u32)>,
+}
+
+/// The user exec tasks run as: a name or a uid, resolved to (uid, gid) through the system's
+/// user database. Switching to it needs root, so a non-root agent is told so up front.
+pub fn resolve_exec_user(user: &str, agent_is_root: bool) -> Result<(u32, u32), String> {
+    use nix::unistd::{Uid, User};
+    if !agent_is_root {
+        return Err(format!("--exec-user {user}: the agent must run as root to start tasks as another user (or drop --exec-user)"));
+    }
+    let found = match user.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(user),
+    };
+    match found {
+        Ok(Some(u)) if u.uid.is_root() => Err(format!("--exec-user {user}: that is root; name an unprivileged user")),
+        Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
+        Ok(None) => Err(format!("--exec-user {user}: no such user on this machine (create one, e.g. `useradd --system --no-create-home kommune-task`)")),
+        Err(e) => Err(format!("--exec-user {user}: cannot look it up: {e}")),
+    }
 }
 
 impl ExecRuntime {
     /// `allowed` comes from the agent's `--allow-exec`; when false every run fails with a hint.
     pub fn new(allowed: bool) -> Self {
-        Self { allowed }
+        Self { allowed, user: None }
+    }
+
+    /// Tasks run as `uid`:`gid` (see [`resolve_exec_user`]); their scratch directory is handed
+    /// to that user first. Supplementary groups are dropped.
+    pub fn as_user(mut self, uid: u32, gid: u32) -> Self {
+        self.user = Some((uid, gid));
+        self
     }
 
     pub fn is_allowed(&self) -> bool {
@@ -53,7 +81,15 @@ impl ExecRuntime {
         let Some((program, args)) = command.split_first() else {
             return Outcome::not_started("exec workload has an empty command");
         };
-        let mut child = match task_command(program, args, ctx).spawn() {
+        let mut command = task_command(program, args, ctx);
+        if let Some((uid, gid)) = self.user {
+            if let Err(e) = std::os::unix::fs::chown(&ctx.scratch_dir, Some(uid), Some(gid)) {
+                return Outcome::not_started(format!("cannot hand the scratch directory {} to uid {uid}: {e}", ctx.scratch_dir.display()));
+            }
+            // std drops supplementary groups when a root parent sets the uid.
+            command.uid(uid).gid(gid);
+        }
+        let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) => {
                 return Outcome::not_started(format!("cannot start {program}: {}", describe(&e)));

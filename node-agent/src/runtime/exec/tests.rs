@@ -210,3 +210,35 @@ async fn a_sleeping_task_uses_almost_no_cpu_and_a_cancelled_one_is_still_measure
     assert_eq!(outcome.usage.source, "proc");
     assert!(outcome.usage.cpu_micros >= 100_000, "{:?}", outcome.usage);
 }
+
+#[tokio::test]
+async fn with_an_exec_user_the_task_runs_as_that_user_and_owns_its_scratch() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: switching users needs root");
+        return;
+    }
+    let (uid, gid) = super::resolve_exec_user("65534", true).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    // The scratch directory's parent must be enterable by that user, as the agent's is.
+    std::fs::set_permissions(scratch.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let ctx = context(scratch.path());
+    let command = ["/bin/sh".to_owned(), "-c".to_owned(), "id -u; id -G; touch /scratch-test 2>/dev/null || echo no-root-write; touch ok".to_owned()];
+    let outcome = ExecRuntime::new(true).as_user(uid, gid).run(&command, &ctx, CancellationToken::new()).await;
+    assert_eq!(outcome.ending, Ending::Succeeded, "{}", outcome.message);
+    let out = text(&outcome.stdout_tail);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some(uid.to_string().as_str()), "{out}");
+    assert_eq!(lines.next(), Some(gid.to_string().as_str()), "only its own group, no supplementary ones: {out}");
+    assert_eq!(lines.next(), Some("no-root-write"), "{out}");
+    assert!(scratch.path().join("ok").exists(), "the scratch directory is writable for the task");
+}
+
+#[test]
+fn an_exec_user_is_resolved_or_refused_with_the_reason() {
+    let e = super::resolve_exec_user("nobody", false).unwrap_err();
+    assert!(e.contains("must run as root"), "{e}");
+    assert!(super::resolve_exec_user("root", true).unwrap_err().contains("that is root"));
+    assert!(super::resolve_exec_user("0", true).unwrap_err().contains("that is root"));
+    assert!(super::resolve_exec_user("no-such-user-kommune", true).unwrap_err().contains("no such user"));
+    assert_eq!(super::resolve_exec_user("65534", true).map(|(uid, _)| uid), Ok(65534));
+}
