@@ -335,10 +335,15 @@ impl Dispatcher {
             }
         };
         let result = bounded_result(update.result.as_ref());
-        if self.store.finish(&a.id, phase, Some(&result), now_ms())?.is_some() {
+        // The result (store) and its receipt (ledger) are made durable at the same time, each
+        // in a group commit shared with other sessions' updates; the Ack waits for both. If
+        // either fails nothing is acknowledged and the agent resends: both are idempotent.
+        let (finished, metered) =
+            tokio::join!(self.store.finish_batched(&a.id, phase, &result, now_ms()), self.meter(node, public_key, &a, update.receipt.as_ref()));
+        if finished? {
             debug!(node, attempt = %a.id, phase = phase.as_str(), exit = result.exit_code, "attempt finished");
         }
-        let (rejected, cost) = self.meter(node, public_key, &a, update.receipt.as_ref()).await?;
+        let (rejected, cost) = metered?;
         if !rejected.is_empty() {
             warn!(node, attempt = %a.id, reason = %rejected, "usage receipt rejected");
         }
