@@ -319,7 +319,9 @@ mod tests {
             let spool = Spool::open(dir.path().into()).unwrap();
             let (a, b, c) = (update("u.0.1"), update("u.1.1"), update("u.2.1"));
             let (ra, rb, rc) = tokio::join!(spool.put(&a), spool.put(&b), spool.put(&c));
-            (ra.unwrap(), rb.unwrap(), rc.unwrap());
+            for r in [ra, rb, rc] {
+                r.unwrap();
+            }
             spool.remove("u.1.1");
             assert!(spool.contains("u.0.1") && !spool.contains("u.1.1"));
         }

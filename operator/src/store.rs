@@ -417,7 +417,12 @@ mod tests {
         assert!(matches!(store.insert_attempts(&[attempt(1, "a")]), Err(StoreError::Fenced(_))));
         assert!(matches!(store.mark_running(&id), Err(StoreError::Fenced(_))));
         assert!(matches!(store.finish(&id, AttemptPhase::Failed, None, 1), Err(StoreError::Fenced(_))));
-        let batched = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(store.finish_batched(&id, AttemptPhase::Failed, &AttemptResult::default(), 1));
+        let batched = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(store.finish_batched(
+            &id,
+            AttemptPhase::Failed,
+            &AttemptResult::default(),
+            1,
+        ));
         assert!(matches!(batched, Err(StoreError::Fenced(_))));
         assert!(matches!(store.register_node("n", "k", 1), Err(StoreError::Fenced(_))));
         assert!(matches!(store.remove_node("n"), Err(StoreError::Fenced(_))));
