@@ -98,6 +98,8 @@ struct Operator {
     tokens: Arc<MemoryTokens>,
     dispatcher: Arc<Dispatcher>,
     blobs: Blobs,
+    /// How long the job loop waits after a notification before it syncs (0: at once).
+    debounce: Duration,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -126,7 +128,8 @@ fn start_operator(dir: &Path, config: GatewayConfig, workers: usize) -> (Operato
     let listener = runtime.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0))).unwrap();
     let port = listener.local_addr().unwrap().port();
     runtime.spawn(gateway.serve(listener, std::future::pending()));
-    let op = Operator { url: format!("https://127.0.0.1:{port}"), ca, tokens, dispatcher, blobs, runtime: Some(runtime) };
+    let debounce = Duration::from_millis(std::env::var("KOMMUNE_BENCH_DEBOUNCE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
+    let op = Operator { url: format!("https://127.0.0.1:{port}"), ca, tokens, dispatcher, blobs, debounce, runtime: Some(runtime) };
     (op, changed_rx, events_rx)
 }
 
@@ -151,8 +154,12 @@ impl Operator {
                 }
                 _ => {}
             }
-            // Like kube-runtime, many notifications for one job make one reconcile.
-            let _ = tokio::time::timeout(Duration::from_millis(200), changed.recv()).await;
+            // Like kube-runtime, many notifications for one job make one reconcile; with a
+            // debounce (KOMMUNE_BENCH_DEBOUNCE_MS, like kube-runtime's `Config::debounce`)
+            // those arriving within it too.
+            if tokio::time::timeout(Duration::from_millis(200), changed.recv()).await.is_ok() && !self.debounce.is_zero() {
+                tokio::time::sleep(self.debounce).await;
+            }
             while changed.try_recv().is_ok() {}
         }
     }
