@@ -45,7 +45,7 @@ pub struct Spool {
     /// Where the log's valid records end (a torn tail is cut off before appending).
     valid_len: u64,
     /// Started on the first write, so a process that only reads (`earnings`) never writes.
-    writer: Mutex<Option<Sender<LogOp>>>,
+    writer: Mutex<Option<(Sender<LogOp>, std::thread::JoinHandle<()>)>>,
 }
 
 /// One request to the writer thread.
@@ -136,7 +136,7 @@ impl Spool {
 
     fn writer(&self) -> std::io::Result<Sender<LogOp>> {
         let mut writer = lock(&self.writer);
-        if let Some(w) = writer.as_ref() {
+        if let Some((w, _)) = writer.as_ref() {
             return Ok(w.clone());
         }
         let path = self.dir.join(LOG);
@@ -151,8 +151,8 @@ impl Spool {
         let (tx, rx) = channel();
         let live_len = live.values().map(|r| r.len() as u64).sum();
         let log = LogWriter { dir: self.dir.clone(), file, len: self.valid_len, live, live_len };
-        std::thread::Builder::new().name("result-spool".into()).spawn(move || log.run(rx))?;
-        Ok(writer.insert(tx).clone())
+        let thread = std::thread::Builder::new().name("result-spool".into()).spawn(move || log.run(rx))?;
+        Ok(writer.insert((tx, thread)).0.clone())
     }
 
     /// Durably records a terminal update; resolves once it is on disk. Many concurrent calls
@@ -210,6 +210,17 @@ impl Spool {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+impl Drop for Spool {
+    /// Lets the writer finish what is queued (removals are not waited for otherwise), so a
+    /// spool opened again afterwards sees all of it.
+    fn drop(&mut self) {
+        if let Some((tx, thread)) = lock(&self.writer).take() {
+            drop(tx);
+            let _ = thread.join();
+        }
     }
 }
 
