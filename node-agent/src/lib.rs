@@ -16,6 +16,7 @@ pub mod receipts;
 pub mod runtime;
 pub mod schedule;
 pub mod session;
+pub mod spool;
 pub mod state;
 pub mod status;
 pub mod tasks;

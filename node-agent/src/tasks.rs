@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kommune_proto::v1::{self, AttemptState, Gpu, TaskResult, TaskUpdate, workload::Kind as WorkloadKind};
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -16,6 +15,8 @@ use tracing::{info, warn};
 use crate::gpu::GpuPool;
 use crate::receipts::Receipts;
 use crate::runtime::{AttemptContext, ContainerRuntime, Ending, ExecRuntime, Outcome, WasmRuntime};
+pub use crate::spool::Spool;
+use crate::spool::file_name;
 
 /// Largest module downloaded from a URL.
 const MAX_MODULE_BYTES: u64 = 64 << 20;
@@ -26,69 +27,6 @@ const DEFAULT_CPU_MILLIS: u64 = 1000;
 #[tonic::async_trait]
 pub trait ModuleSource: Send + Sync + 'static {
     async fn fetch(&self, sha256: &str) -> Result<Vec<u8>, String>;
-}
-
-/// Finished attempts waiting for the operator's Ack, one file each.
-pub struct Spool {
-    dir: PathBuf,
-}
-
-fn file_name(attempt_id: &str) -> Option<String> {
-    let ok = !attempt_id.is_empty() && attempt_id.len() <= 200 && attempt_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
-    (ok && !attempt_id.starts_with('.')).then(|| format!("{attempt_id}.pb"))
-}
-
-impl Spool {
-    pub fn open(dir: PathBuf) -> std::io::Result<Spool> {
-        std::fs::create_dir_all(&dir)?;
-        Ok(Spool { dir })
-    }
-
-    /// Durably records a terminal update (write, fsync, rename).
-    pub fn put(&self, update: &TaskUpdate) -> std::io::Result<()> {
-        use std::io::Write;
-        let name = file_name(&update.attempt_id).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad attempt id"))?;
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&update.encode_to_vec())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join(name))
-    }
-
-    pub fn remove(&self, attempt_id: &str) {
-        if let Some(name) = file_name(attempt_id) {
-            let _ = std::fs::remove_file(self.dir.join(name));
-        }
-    }
-
-    pub fn contains(&self, attempt_id: &str) -> bool {
-        file_name(attempt_id).is_some_and(|n| self.dir.join(n).exists())
-    }
-
-    /// The spooled update of one attempt.
-    pub fn get(&self, attempt_id: &str) -> Option<TaskUpdate> {
-        let name = file_name(attempt_id)?;
-        let bytes = std::fs::read(self.dir.join(name)).ok()?;
-        TaskUpdate::decode(bytes.as_slice()).ok()
-    }
-
-    /// Every spooled update; unreadable files are skipped with a warning, never fatal.
-    pub fn all(&self) -> Vec<TaskUpdate> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return vec![] };
-        let mut out: Vec<TaskUpdate> = entries
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".pb") && !e.file_name().to_string_lossy().starts_with('.'))
-            .filter_map(|e| match std::fs::read(e.path()).map(|b| TaskUpdate::decode(b.as_slice())) {
-                Ok(Ok(u)) => Some(u),
-                _ => {
-                    warn!(path = %e.path().display(), "unreadable spooled result skipped");
-                    None
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| a.attempt_id.cmp(&b.attempt_id));
-        out
-    }
 }
 
 /// Runs attempts and reports their updates.
@@ -173,7 +111,7 @@ impl Tasks {
     /// Attempts this agent knows: running, or finished and not yet acknowledged (for Hello).
     pub fn known_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.running().keys().cloned().collect();
-        ids.extend(self.spool.all().into_iter().map(|u| u.attempt_id));
+        ids.extend(self.spool.ids());
         ids.sort();
         ids.dedup();
         ids
@@ -233,7 +171,8 @@ impl Tasks {
             warn!(attempt = %id.chars().take(64).collect::<String>(), "assignment with an unusable attempt id ignored");
             return;
         }
-        if let Some(done) = self.spool.all().into_iter().find(|u| u.attempt_id == id) {
+        // One lookup, not a scan of the whole spool for every assignment.
+        if let Some(done) = self.spool.get(&id) {
             let _ = self.updates.send(done);
             return;
         }
@@ -272,7 +211,7 @@ impl Tasks {
                 r.issue(&id, &assign.job, state, usage, started_ms, started_ms.saturating_add(outcome.wall.as_millis() as i64))
             });
             let update = TaskUpdate { attempt_id: id.clone(), state: state as i32, result: Some(result), receipt };
-            if let Err(e) = me.spool.put(&update) {
+            if let Err(e) = me.spool.put(&update).await {
                 warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart");
             }
             me.running().remove(&id);
@@ -389,33 +328,6 @@ fn result_of(o: &Outcome) -> TaskResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spool_survives_reopen_and_ack_removes() {
-        let dir = tempfile::tempdir().unwrap();
-        let u = TaskUpdate {
-            attempt_id: "uid.0.1".into(),
-            state: AttemptState::Succeeded as i32,
-            result: Some(TaskResult { exit_code: 0, ..Default::default() }),
-            receipt: None,
-        };
-        Spool::open(dir.path().into()).unwrap().put(&u).unwrap();
-        let spool = Spool::open(dir.path().into()).unwrap();
-        assert_eq!(spool.all(), vec![u.clone()]);
-        assert!(spool.contains("uid.0.1"));
-        std::fs::write(dir.path().join("garbage.pb"), b"\xff\xff\xff").unwrap();
-        assert_eq!(spool.all(), vec![u]);
-        spool.remove("uid.0.1");
-        assert!(!spool.contains("uid.0.1"));
-    }
-
-    #[test]
-    fn attempt_ids_cannot_escape_the_spool() {
-        for bad in ["", "../x", "a/b", ".hidden", "x\0y"] {
-            assert_eq!(file_name(bad), None, "{bad:?}");
-        }
-        assert_eq!(file_name("0a9f-uid.3.1").as_deref(), Some("0a9f-uid.3.1.pb"));
-    }
 
     struct NoModules;
     #[tonic::async_trait]

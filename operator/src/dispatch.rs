@@ -177,16 +177,23 @@ impl Dispatcher {
     /// towards its node's reputation. Every path that ends an attempt goes through here.
     fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now: i64) -> Result<Option<Attempt>> {
         let done = self.store.finish(id, phase, result, now)?;
+        let node = done.as_ref().map_or("", |a| a.node.as_str());
+        self.released(id, node, phase, done.is_some());
+        Ok(done)
+    }
+
+    /// After an attempt was finished in the store: its room is free at once, and if this call
+    /// finished it (not a repeat) its node's record counts the outcome.
+    fn released(&self, id: &str, node: &str, phase: AttemptPhase, finished_now: bool) {
         // Released even when the store says it was already finished: release is idempotent.
         self.fleet.pool().release(id);
-        if let Some(a) = &done {
+        if finished_now {
             match phase {
-                AttemptPhase::Succeeded => self.fleet.record_outcome(&a.node, true),
-                AttemptPhase::Failed | AttemptPhase::Lost => self.fleet.record_outcome(&a.node, false),
+                AttemptPhase::Succeeded => self.fleet.record_outcome(node, true),
+                AttemptPhase::Failed | AttemptPhase::Lost => self.fleet.record_outcome(node, false),
                 _ => {}
             }
         }
-        Ok(done)
     }
 
     /// Why a task of this job would not be placed right now (a full scan of the pool), or
@@ -421,10 +428,17 @@ impl Dispatcher {
             }
         };
         let result = bounded_result(update.result.as_ref());
-        if self.finish(&a.id, phase, Some(&result), now_ms())?.is_some() {
+        // The result (store) and its receipt (ledger) are made durable at the same time, each
+        // in a group commit shared with other sessions' updates; the Ack waits for both. If
+        // either fails nothing is acknowledged and the agent resends: both are idempotent.
+        let (finished, metered) =
+            tokio::join!(self.store.finish_batched(&a.id, phase, &result, now_ms()), self.meter(node, public_key, &a, update.receipt.as_ref()));
+        let finished = finished?;
+        self.released(&a.id, &a.node, phase, finished);
+        if finished {
             debug!(node, attempt = %a.id, phase = phase.as_str(), exit = result.exit_code, "attempt finished");
         }
-        let (rejected, cost) = self.meter(node, public_key, &a, update.receipt.as_ref()).await?;
+        let (rejected, cost) = metered?;
         if !rejected.is_empty() {
             warn!(node, attempt = %a.id, reason = %rejected, "usage receipt rejected");
         }

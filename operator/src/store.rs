@@ -1,10 +1,15 @@
 //! The operator's embedded store (SQLite on the operator's volume): task attempts and the node
 //! registry. Kubernetes keeps desired state and a summary; the per-task truth lives here, so the
 //! hot path never writes one API object per task. Every transition is a guarded UPDATE, so
-//! replays and duplicates are no-ops.
+//! replays and duplicates are no-ops. Results from agents go through a group-commit writer
+//! thread: every finish queued while one transaction commits goes into the next, one fsync for
+//! all of them (the ledger does the same).
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -25,6 +30,9 @@ pub enum StoreError {
     /// The ledger (metering) could not record a receipt or answer a query.
     #[error("{0}")]
     Ledger(String),
+    /// A group commit failed; nothing of it was stored. The agent resends its result.
+    #[error("store: commit of queued results failed: {0}")]
+    Batch(String),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -70,9 +78,23 @@ CREATE TABLE IF NOT EXISTS nodes (
 
 /// The embedded SQLite store.
 pub struct Store {
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
     fence: Fence,
+    /// The group-commit writer's queue (see [`Store::finish_batched`]).
+    finishes: Mutex<Sender<Finish>>,
 }
+
+/// A terminal transition queued for the group-commit writer.
+struct Finish {
+    id: String,
+    phase: AttemptPhase,
+    json: Option<String>,
+    now_ms: i64,
+    done: oneshot::Sender<Result<bool>>,
+}
+
+/// Most finishes committed in one transaction.
+const MAX_FINISH_BATCH: usize = 4096;
 
 impl Store {
     /// Opens (creating if needed) `<dir>/kommune.db`, writable without leader election.
@@ -89,7 +111,14 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(op("enable WAL"))?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(op("set synchronous"))?;
         conn.execute_batch(SCHEMA).map_err(op("create schema"))?;
-        Ok(Store { conn: Mutex::new(conn), fence })
+        let conn = Arc::new(Mutex::new(conn));
+        let (tx, rx) = channel();
+        let (writer_conn, writer_fence) = (conn.clone(), fence.clone());
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || commit_finishes(&writer_conn, &writer_fence, rx))
+            .map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
+        Ok(Store { conn, fence, finishes: Mutex::new(tx) })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -131,10 +160,32 @@ impl Store {
 
     /// Marks an Assigned attempt Running. Returns false when it was not Assigned (a duplicate
     /// or late message).
+    ///
+    /// Committed without an fsync (synchronous=NORMAL; the next FULL commit makes it durable):
+    /// losing it in a crash is harmless, as Assigned and Running are both active and the
+    /// agent's next Hello reconciles them, and it keeps an fsync off every task's path.
     pub fn mark_running(&self, id: &str) -> Result<bool> {
         self.fence.check()?;
-        let n = self.conn().execute("UPDATE attempts SET phase = 'Running' WHERE id = ?1 AND phase = 'Assigned'", params![id]).map_err(op("mark running"))?;
-        Ok(n == 1)
+        let conn = self.conn();
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(op("relax synchronous"))?;
+        let n = conn.execute("UPDATE attempts SET phase = 'Running' WHERE id = ?1 AND phase = 'Assigned'", params![id]).map_err(op("mark running"));
+        conn.pragma_update(None, "synchronous", "FULL").map_err(op("restore synchronous"))?;
+        Ok(n? == 1)
+    }
+
+    /// Like [`Store::finish`], for results from agents: queued for the writer thread, which
+    /// commits everything queued in one transaction (one fsync for the batch), and awaited
+    /// without blocking the caller's thread. Resolves once the transition is durable; returns
+    /// whether the attempt changed (false when it was already terminal or does not exist).
+    pub async fn finish_batched(&self, id: &str, phase: AttemptPhase, result: &AttemptResult, now_ms: i64) -> Result<bool> {
+        debug_assert!(phase.is_terminal());
+        self.fence.check()?;
+        let json = Some(serde_json::to_string(result).expect("a result always serialises"));
+        let (done, durable) = oneshot::channel();
+        let closed = || StoreError::Batch("the store's writer thread has stopped; restart the operator".into());
+        let finish = Finish { id: id.to_string(), phase, json, now_ms, done };
+        self.finishes.lock().unwrap_or_else(|p| p.into_inner()).send(finish).map_err(|_| closed())?;
+        durable.await.map_err(|_| closed())?
     }
 
     /// Moves an active attempt to a terminal phase. Returns the updated attempt, or None when
@@ -225,6 +276,49 @@ impl Store {
     }
 }
 
+/// The group-commit writer: takes everything queued, commits it in one transaction, answers.
+fn commit_finishes(conn: &Mutex<Connection>, fence: &Fence, rx: Receiver<Finish>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_FINISH_BATCH {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = fence.check() {
+            batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Fenced(e.clone())))));
+            continue;
+        }
+        let changed = {
+            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            commit_batch(&mut conn, &batch)
+        };
+        match changed {
+            Ok(changed) => batch.into_iter().zip(changed).for_each(|(f, c)| drop(f.done.send(Ok(c)))),
+            Err(e) => {
+                let msg = e.to_string();
+                batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Batch(msg.clone())))));
+            }
+        }
+    }
+}
+
+fn commit_batch(conn: &mut Connection, batch: &[Finish]) -> Result<Vec<bool>> {
+    let tx = conn.transaction().map_err(op("begin finish batch"))?;
+    let mut changed = Vec::with_capacity(batch.len());
+    {
+        let mut stmt = tx
+            .prepare_cached("UPDATE attempts SET phase = ?2, finished_ms = ?3, result_json = ?4 WHERE id = ?1 AND phase IN ('Assigned', 'Running')")
+            .map_err(op("prepare finish"))?;
+        for f in batch {
+            changed.push(stmt.execute(params![f.id, f.phase.as_str(), f.now_ms, f.json]).map_err(op("finish attempt"))? == 1);
+        }
+    }
+    tx.commit().map_err(op("commit finish batch"))?;
+    Ok(changed)
+}
+
 const COLUMNS: &str =
     "SELECT id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms, finished_ms, result_json FROM attempts ";
 
@@ -308,6 +402,28 @@ mod tests {
         assert_eq!(store.all_active().unwrap().len(), 1);
     }
 
+    #[tokio::test]
+    async fn batched_finishes_commit_together_and_a_second_finish_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = AttemptResult { exit_code: 0, stdout_tail: b"ok".to_vec(), ..Default::default() };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.insert_attempts(&(0..50).map(|i| attempt(i, "a")).collect::<Vec<_>>()).unwrap();
+            assert!(store.mark_running(&attempt_id("uid", 0, 1)).unwrap());
+            let finishes = (0..50).map(|i| {
+                let (store, ok, id) = (&store, &ok, attempt_id("uid", i, 1));
+                async move { store.finish_batched(&id, AttemptPhase::Succeeded, ok, 7).await.unwrap() }
+            });
+            assert!(futures::future::join_all(finishes).await.into_iter().all(|changed| changed));
+            assert!(!store.finish_batched(&attempt_id("uid", 3, 1), AttemptPhase::Failed, &ok, 8).await.unwrap());
+            assert!(!store.finish_batched("nope", AttemptPhase::Failed, &ok, 8).await.unwrap());
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let all = store.attempts_for_job("uid").unwrap();
+        assert!(all.iter().all(|a| a.phase == AttemptPhase::Succeeded && a.finished_ms == Some(7) && a.result.as_ref() == Some(&ok)));
+        assert!(store.all_active().unwrap().is_empty());
+    }
+
     #[test]
     fn a_fenced_store_refuses_every_write_and_still_reads() {
         let dir = tempfile::tempdir().unwrap();
@@ -320,6 +436,13 @@ mod tests {
         assert!(matches!(store.insert_attempts(&[attempt(1, "a")]), Err(StoreError::Fenced(_))));
         assert!(matches!(store.mark_running(&id), Err(StoreError::Fenced(_))));
         assert!(matches!(store.finish(&id, AttemptPhase::Failed, None, 1), Err(StoreError::Fenced(_))));
+        let batched = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(store.finish_batched(
+            &id,
+            AttemptPhase::Failed,
+            &AttemptResult::default(),
+            1,
+        ));
+        assert!(matches!(batched, Err(StoreError::Fenced(_))));
         assert!(matches!(store.register_node("n", "k", 1), Err(StoreError::Fenced(_))));
         assert!(matches!(store.remove_node("n"), Err(StoreError::Fenced(_))));
         assert_eq!(store.attempts_for_job("uid").unwrap().len(), 1, "reads still work, nothing changed");

@@ -567,7 +567,7 @@ async fn leaving_with_unacknowledged_results_needs_force() {
     let dir = tempfile::tempdir().unwrap();
     let state = join_only(&op, dir.path(), "careful", true).await;
     let update = kommune_proto::v1::TaskUpdate { attempt_id: "some.0.1".into(), state: 2, result: None, receipt: None };
-    Spool::open(state.results_dir()).unwrap().put(&update).unwrap();
+    Spool::open(state.results_dir()).unwrap().put(&update).await.unwrap();
     let err = kommune_agent::leave::leave(&state, false).await.unwrap_err().to_string();
     assert!(err.contains("1 finished task result(s) are not acknowledged") && err.contains("--force"), "{err}");
     assert!(state.dir.join("node.key").exists(), "nothing was removed");

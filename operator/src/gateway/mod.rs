@@ -103,9 +103,21 @@ impl Gateway {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health_service)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming(listener), shutdown)
             .await
     }
+}
+
+/// Accepted connections with Nagle's algorithm off. tonic sets TCP_NODELAY only on sockets it
+/// binds itself; with it on, a small reply (an Ack, an Assign) waits for the peer's delayed
+/// ACK, about 40 ms on Linux, on every round trip.
+fn incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }
 
 /// Binds the gateway's listening socket.

@@ -51,6 +51,9 @@ pub fn progress(policy: &JobPolicy, attempts: &[Attempt], now_ms: i64) -> Progre
 
     let mut counts = TaskCounts { total: policy.tasks, ..Default::default() };
     let (mut completed, mut failed, mut active) = (vec![], vec![], vec![]);
+    // Active attempts of indexes that already succeeded, collected here in one pass (checking
+    // each active id against every attempt made large jobs quadratic).
+    let mut duplicates: Vec<String> = vec![];
     let mut eligible = vec![];
     let mut next_retry_ms: Option<i64> = None;
 
@@ -65,6 +68,7 @@ pub fn progress(policy: &JobPolicy, attempts: &[Attempt], now_ms: i64) -> Progre
             completed.push(index);
             // A second attempt still running after success (e.g. a late duplicate) is not needed.
             active.extend(running.iter().map(|a| a.id.clone()));
+            duplicates.extend(running.iter().map(|a| a.id.clone()));
         } else if !running.is_empty() {
             counts.running += 1;
             active.extend(running.iter().map(|a| a.id.clone()));
@@ -105,25 +109,18 @@ pub fn progress(policy: &JobPolicy, attempts: &[Attempt], now_ms: i64) -> Progre
         let phase = if started_ms.is_some() { JobPhase::Running } else { JobPhase::Pending };
         (phase, vec![], active)
     } else if all_done {
-        (JobPhase::Succeeded, vec![], active.into_iter().filter(|id| is_duplicate_of_success(id, attempts)).collect())
+        (JobPhase::Succeeded, vec![], duplicates)
     } else if failure.is_some() {
         (JobPhase::Failed, vec![], active)
     } else {
         let in_flight = counts.running;
         let room = policy.parallelism.saturating_sub(in_flight) as usize;
-        let duplicates = active.into_iter().filter(|id| is_duplicate_of_success(id, attempts)).collect();
         let phase = if started_ms.is_some() { JobPhase::Running } else { JobPhase::Pending };
         (phase, eligible.into_iter().take(room).collect(), duplicates)
     };
     let next_retry_ms = if phase == JobPhase::Running || phase == JobPhase::Pending { next_retry_ms } else { None };
 
     Progress { phase, counts, to_place, to_cancel, completed, failed, failure, next_retry_ms, started_ms }
-}
-
-/// True when `id` is an active attempt of an index that already succeeded.
-fn is_duplicate_of_success(id: &str, attempts: &[Attempt]) -> bool {
-    let Some(a) = attempts.iter().find(|a| a.id == id) else { return false };
-    attempts.iter().any(|b| b.index == a.index && b.job_uid == a.job_uid && b.phase == AttemptPhase::Succeeded)
 }
 
 #[cfg(test)]
