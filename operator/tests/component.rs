@@ -580,24 +580,36 @@ async fn next(inbound: &mut tonic::Streaming<kommune_proto::v1::OperatorMessage>
     tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.expect("a reply in time").map(|m| m.and_then(|m| m.kind))
 }
 
+/// A session spoken by hand as `state`'s node: Hello sent and Welcome received. Returns the
+/// outbound queue and the operator's messages.
+async fn raw_session(
+    op: &Operator,
+    state: &AgentState,
+) -> (mpsc::Sender<kommune_proto::v1::AgentMessage>, tonic::Streaming<kommune_proto::v1::OperatorMessage>) {
+    use kommune_proto::v1::{AgentMessage, Hello, agent_message, operator_message};
+    let mut client =
+        kommune_agent::connect::client(&kommune_agent::connect::parse_server(&op.url).unwrap(), &state.ca_pem, Some((&state.cert_pem, &state.key_pem)))
+            .await
+            .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let hello = Hello { facts: Some(facts(true)), running_attempt_ids: vec![], paused: false };
+    tx.send(AgentMessage { kind: Some(agent_message::Kind::Hello(hello)) }).await.unwrap();
+    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert!(matches!(next(&mut inbound).await, Ok(Some(operator_message::Kind::Welcome(_)))));
+    (tx, inbound)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
     use kommune_proto::v1::{AgentMessage, AttemptState, Hello, TaskResult, TaskUpdate, agent_message, operator_message};
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();
     let state = join_only(&op, dir.path(), "raw", true).await;
-    let mut client =
-        kommune_agent::connect::client(&kommune_agent::connect::parse_server(&op.url).unwrap(), &state.ca_pem, Some((&state.cert_pem, &state.key_pem)))
-            .await
-            .unwrap();
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, mut inbound) = raw_session(&op, &state).await;
     let send = |kind: agent_message::Kind| {
         let tx = tx.clone();
         async move { tx.send(AgentMessage { kind: Some(kind) }).await.unwrap() }
     };
-    send(agent_message::Kind::Hello(Hello { facts: Some(facts(true)), running_attempt_ids: vec![], paused: false })).await;
-    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    assert!(matches!(next(&mut inbound).await, Ok(Some(operator_message::Kind::Welcome(_)))));
 
     let jr = job("raw-job");
     let exec = policy("workload:\n  exec:\n    command: [echo]\n");
@@ -759,23 +771,16 @@ async fn bad_tokens_and_wrong_servers_get_clear_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_are_counted_once_and_forged_or_implausible_ones_are_rejected_with_a_reason() {
-    use kommune_proto::v1::{AgentMessage, AttemptState, Hello, ReceiptBody, TaskResult, TaskUpdate, Usage, UsageReceipt, agent_message, operator_message};
+    use kommune_proto::v1::{AgentMessage, AttemptState, ReceiptBody, TaskResult, TaskUpdate, Usage, UsageReceipt, agent_message, operator_message};
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();
     let state = join_only(&op, dir.path(), "meter", true).await;
     let key = kommune_proto::receipt::signing_key_from_pem(&state.key_pem).unwrap();
-    let mut client =
-        kommune_agent::connect::client(&kommune_agent::connect::parse_server(&op.url).unwrap(), &state.ca_pem, Some((&state.cert_pem, &state.key_pem)))
-            .await
-            .unwrap();
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, mut inbound) = raw_session(&op, &state).await;
     let send = |kind: agent_message::Kind| {
         let tx = tx.clone();
         async move { tx.send(AgentMessage { kind: Some(kind) }).await.unwrap() }
     };
-    send(agent_message::Kind::Hello(Hello { facts: Some(facts(true)), running_attempt_ids: vec![], paused: false })).await;
-    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    assert!(matches!(next(&mut inbound).await, Ok(Some(operator_message::Kind::Welcome(_)))));
 
     let jr = job("metered-job");
     let exec = policy("workload:\n  exec:\n    command: [echo]\ntasks: 2\nresources: {cpu: '1'}\n");
