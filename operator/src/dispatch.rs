@@ -566,24 +566,7 @@ mod tests {
             env: vec![("A".into(), "b".into())],
             network: true,
         };
-        let policy = JobPolicy {
-            tasks: 3,
-            parallelism: 3,
-            cpu_millis: 500,
-            memory_bytes: 64 << 20,
-            max_attempts: 1,
-            backoff: Duration::from_secs(1),
-            task_timeout: Duration::from_secs(60),
-            job_deadline: None,
-            suspended: false,
-            budget: None,
-            workload,
-            ephemeral_bytes: 0,
-            gpu: Default::default(),
-            placement: Default::default(),
-            priority: 0,
-            max_price_per_hour: None,
-        };
+        let policy = JobPolicy { workload, ..exec_policy(3, 500) };
         let attempt = Attempt {
             id: attempt_id("uid", 2, 1),
             job_uid: "uid".into(),
