@@ -161,28 +161,14 @@ impl Ledger {
         };
         // Backends are opened on their own threads: the PostgreSQL client blocks on a private
         // runtime, which must not happen on a tokio worker (open may be called from async code).
+        // The writer opens first and the reader only once it is ready: on a new SQLite file,
+        // switching to WAL takes a lock that SQLite may refuse at once (without waiting out
+        // the busy timeout) while a second connection opens the same file.
         let mut threads = vec![];
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), LedgerError>>();
-        let (reads, reads_rx) = std::sync::mpsc::channel::<ReadJob>();
-        {
-            let (dir, url, ready) = (config.data_dir.clone(), config.database_url.clone(), ready_tx.clone());
-            threads.push(spawn(
-                "ledger-reader".into(),
-                Box::new(move || {
-                    let mut b = match open_backend(&dir, url.as_deref()) {
-                        Ok(b) => b,
-                        Err(e) => return drop(ready.send(Err(e))),
-                    };
-                    drop(ready.send(Ok(())));
-                    while let Ok(job) = reads_rx.recv() {
-                        job(b.as_mut());
-                    }
-                }),
-            )?);
-        }
         let (batches_tx, batches_rx) = sync_channel::<Vec<Checked>>(MAX_BATCH / CHECK_CHUNK);
         {
-            let (dir, url, ready, fence) = (config.data_dir.clone(), config.database_url.clone(), ready_tx, config.fence.clone());
+            let (dir, url, ready, fence) = (config.data_dir.clone(), config.database_url.clone(), ready_tx.clone(), config.fence.clone());
             threads.push(spawn(
                 "ledger-writer".into(),
                 Box::new(move || {
@@ -196,28 +182,60 @@ impl Ledger {
                 }),
             )?);
         }
+        let (reads, reads_rx) = std::sync::mpsc::channel::<ReadJob>();
         let (tx, rx) = mpsc::channel::<Command>(MAX_BATCH * 2);
+        let mut ledger = Ledger { tx: Some(tx), reads: Mutex::new(Some(reads)), threads: Mutex::new(threads), operator_key };
+        let wait_ready = |ledger: &mut Ledger| match ready_rx.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                ledger.shutdown();
+                Err(e)
+            }
+            Err(_) => {
+                ledger.shutdown();
+                Err(LedgerError::Closed)
+            }
+        };
+        if let Err(e) = wait_ready(&mut ledger) {
+            drop(batches_tx);
+            return Err(e);
+        }
+        {
+            let (dir, url, ready) = (config.data_dir.clone(), config.database_url.clone(), ready_tx);
+            let reader = Box::new(move || {
+                let mut b = match open_backend(&dir, url.as_deref()) {
+                    Ok(b) => b,
+                    Err(e) => return drop(ready.send(Err(e))),
+                };
+                drop(ready.send(Ok(())));
+                while let Ok(job) = reads_rx.recv() {
+                    job(b.as_mut());
+                }
+            });
+            match spawn("ledger-reader".into(), reader) {
+                Ok(t) => ledger.threads.lock().unwrap().push(t),
+                Err(e) => {
+                    drop(batches_tx);
+                    ledger.shutdown();
+                    return Err(e);
+                }
+            }
+        }
         let rx = Arc::new(Mutex::new(rx));
         let checkers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         for i in 0..checkers {
             let (rx, out) = (rx.clone(), batches_tx.clone());
-            threads.push(spawn(format!("ledger-check-{i}"), Box::new(move || check_loop(rx, out)))?);
-        }
-        drop(batches_tx);
-        let mut ledger = Ledger { tx: Some(tx), reads: Mutex::new(Some(reads)), threads: Mutex::new(threads), operator_key };
-        for _ in 0..2 {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
+            match spawn(format!("ledger-check-{i}"), Box::new(move || check_loop(rx, out))) {
+                Ok(t) => ledger.threads.lock().unwrap().push(t),
+                Err(e) => {
+                    drop(batches_tx);
                     ledger.shutdown();
                     return Err(e);
                 }
-                Err(_) => {
-                    ledger.shutdown();
-                    return Err(LedgerError::Closed);
-                }
             }
         }
+        drop(batches_tx);
+        wait_ready(&mut ledger)?;
         Ok(ledger)
     }
 

@@ -678,3 +678,14 @@ fn the_verify_command_prints_a_summary_and_names_the_first_bad_entry() {
     let err = cli::run(cli::LedgerCommand::Verify(cli::VerifyArgs { location: missing, operator_key_sha256: None }), &mut Vec::new()).unwrap_err();
     assert!(err.to_string().contains("no ledger at"), "{err}");
 }
+
+/// On a new SQLite file the writer's switch to WAL used to race the reader's open and fail
+/// now and then with "database is locked"; the reader now opens only after the writer.
+#[test]
+fn a_new_sqlite_ledger_opens_every_time() {
+    for _ in 0..40 {
+        let env = Env::sqlite();
+        let l = env.open();
+        assert_eq!(rt().block_on(l.head()).unwrap(), None);
+    }
+}
