@@ -48,10 +48,15 @@ pub fn sign(body: &ReceiptBody, key: &SigningKey) -> UsageReceipt {
 /// Decodes a receipt body without checking the signature (for display and for storing a
 /// rejected receipt with its reason).
 pub fn decode(receipt: &UsageReceipt) -> Result<ReceiptBody, ReceiptError> {
-    if receipt.body.len() > MAX_BODY_BYTES {
-        return Err(ReceiptError::TooLarge(receipt.body.len()));
+    decode_body(&receipt.body)
+}
+
+/// Decodes a receipt body (the signed bytes) without checking any signature.
+pub fn decode_body(body: &[u8]) -> Result<ReceiptBody, ReceiptError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(ReceiptError::TooLarge(body.len()));
     }
-    ReceiptBody::decode(receipt.body.as_slice()).map_err(|e| ReceiptError::Malformed(e.to_string()))
+    ReceiptBody::decode(body).map_err(|e| ReceiptError::Malformed(e.to_string()))
 }
 
 /// Checks the signature over the body with `public_key` (32 raw bytes) and decodes the body.

@@ -168,13 +168,39 @@ pub(crate) struct SignedMessage {
     pub key: VerifyingKey,
 }
 
+/// Decompressed public keys by their 32 bytes. Decompressing a key costs about as much as
+/// batch-verifying a signature, and a ledger sees the same few keys over and over.
+#[derive(Default)]
+pub(crate) struct KeyCache {
+    keys: std::collections::HashMap<[u8; 32], VerifyingKey>,
+}
+
+impl KeyCache {
+    /// Most keys kept; past it the cache starts over (a bound, not a working-set policy:
+    /// fleets are far smaller).
+    const MAX: usize = 1 << 16;
+
+    /// The key for `bytes`, or the rejection a malformed one gets.
+    pub(crate) fn get(&mut self, bytes: &[u8]) -> Result<VerifyingKey, ReceiptError> {
+        let bytes: [u8; 32] = bytes.try_into().map_err(|_| ReceiptError::BadKey)?;
+        if let Some(k) = self.keys.get(&bytes) {
+            return Ok(*k);
+        }
+        let key = VerifyingKey::from_bytes(&bytes).map_err(|_| ReceiptError::BadKey)?;
+        if self.keys.len() >= Self::MAX {
+            self.keys.clear();
+        }
+        self.keys.insert(bytes, key);
+        Ok(key)
+    }
+}
+
 /// Parses key and signature; the error is the rejection a malformed one gets.
-pub(crate) fn signed_message(receipt: &UsageReceipt, public_key: &[u8]) -> Result<SignedMessage, Rejection> {
+pub(crate) fn signed_message(body: &[u8], signature: &[u8], public_key: &[u8], keys: &mut KeyCache) -> Result<SignedMessage, Rejection> {
     let bad = |e: ReceiptError| Rejection::BadSignature(e.to_string());
-    let key: [u8; 32] = public_key.try_into().map_err(|_| bad(ReceiptError::BadKey))?;
-    let key = VerifyingKey::from_bytes(&key).map_err(|_| bad(ReceiptError::BadKey))?;
-    let sig: [u8; 64] = receipt.signature.as_slice().try_into().map_err(|_| bad(ReceiptError::BadSignatureLength(receipt.signature.len())))?;
-    Ok(SignedMessage { message: receipt::signed_message(&receipt.body), signature: Signature::from_bytes(&sig), key })
+    let key = keys.get(public_key).map_err(bad)?;
+    let sig: [u8; 64] = signature.try_into().map_err(|_| bad(ReceiptError::BadSignatureLength(signature.len())))?;
+    Ok(SignedMessage { message: receipt::signed_message(body), signature: Signature::from_bytes(&sig), key })
 }
 
 /// Verifies many signatures, batching where possible; returns one verdict per message, in
@@ -200,18 +226,18 @@ pub fn check(input: &ReceiptInput) -> Result<VerifiedReceipt, Rejection> {
 
 /// Checks many receipts, verifying their signatures as one batch.
 pub fn check_many(inputs: &[ReceiptInput]) -> Vec<Result<VerifiedReceipt, Rejection>> {
-    check_refs(&inputs.iter().collect::<Vec<_>>())
+    check_refs(&inputs.iter().collect::<Vec<_>>(), &mut KeyCache::default())
 }
 
 /// [`check_many`] over borrowed inputs.
-pub(crate) fn check_refs(inputs: &[&ReceiptInput]) -> Vec<Result<VerifiedReceipt, Rejection>> {
+pub(crate) fn check_refs(inputs: &[&ReceiptInput], keys: &mut KeyCache) -> Vec<Result<VerifiedReceipt, Rejection>> {
     let parsed: Vec<Result<SignedMessage, Rejection>> = inputs
         .iter()
         .map(|i| {
             if i.receipt.body.len() > receipt::MAX_BODY_BYTES {
                 return Err(Rejection::Malformed(ReceiptError::TooLarge(i.receipt.body.len()).to_string()));
             }
-            signed_message(&i.receipt, &i.node_public_key)
+            signed_message(&i.receipt.body, &i.receipt.signature, &i.node_public_key, keys)
         })
         .collect();
     let ok: Vec<&SignedMessage> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();

@@ -107,7 +107,9 @@ pub fn load_or_create_key(dir: &Path) -> Result<SigningKey, LedgerError> {
     match std::fs::read_to_string(&path) {
         Ok(pem) => SigningKey::from_pkcs8_pem(&pem).map_err(|e| err(format!("is not an ed25519 PKCS#8 PEM key ({e}); restore it from backup"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            let mut seed = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+            let key = SigningKey::from_bytes(&seed);
             let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| err(format!("cannot encode a new key: {e}")))?;
             let mut opts = std::fs::OpenOptions::new();
             opts.write(true).create_new(true);
@@ -362,6 +364,7 @@ fn load_state(b: &mut dyn Backend) -> Result<ChainState, LedgerError> {
 /// Takes what is queued (up to CHECK_CHUNK), verifies the receipts' signatures as one batch,
 /// and hands the result to the writer.
 fn check_loop(rx: Arc<Mutex<mpsc::Receiver<Command>>>, out: SyncSender<Vec<Checked>>) {
+    let mut keys = check::KeyCache::default();
     loop {
         let mut cmds = Vec::new();
         {
@@ -376,7 +379,7 @@ fn check_loop(rx: Arc<Mutex<mpsc::Receiver<Command>>>, out: SyncSender<Vec<Check
             }
         }
         let inputs: Vec<&ReceiptInput> = cmds.iter().filter_map(|c| if let Command::Submit(i, _) = c { Some(&**i) } else { None }).collect();
-        let mut results = check::check_refs(&inputs).into_iter();
+        let mut results = check::check_refs(&inputs, &mut keys).into_iter();
         let checked = cmds
             .into_iter()
             .map(|c| match c {

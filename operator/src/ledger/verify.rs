@@ -9,10 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use kommune_proto::receipt;
-use kommune_proto::v1::UsageReceipt;
 use sha2::{Digest, Sha256};
 
-use super::check::{SignedMessage, signed_message, verify_signatures};
+use super::check::{KeyCache, SignedMessage, signed_message, verify_signatures};
 use super::entry::{Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, checkpoint_signature_ok, fingerprint, node_totals_sha256};
 use crate::pricing::{self, Micros};
 
@@ -155,6 +154,7 @@ pub struct ChainVerifier {
     receipt_keys: HashSet<u128>,
     attempts: HashSet<u128>,
     pending: Vec<(u64, SignedMessage)>,
+    key_cache: KeyCache,
     pool: SigPool,
     failed: Option<BadEntry>,
 }
@@ -172,6 +172,7 @@ impl ChainVerifier {
             receipt_keys: HashSet::new(),
             attempts: HashSet::new(),
             pending: Vec::with_capacity(SIG_CHUNK),
+            key_cache: KeyCache::default(),
             pool: SigPool::new(threads.max(1)),
             failed: None,
         }
@@ -220,8 +221,7 @@ impl ChainVerifier {
 
     fn check_receipt(&mut self, e: &Entry) -> Result<(), BadEntry> {
         let seq = e.seq;
-        let r = UsageReceipt { body: e.body.clone(), signature: e.signature.clone() };
-        let body = receipt::decode(&r).map_err(|err| bad(seq, format!("receipt {err}")))?;
+        let body = receipt::decode_body(&e.body).map_err(|err| bad(seq, format!("receipt {err}")))?;
         if (body.node.as_str(), body.epoch, body.sequence, body.attempt_id.as_str()) != (e.node.as_str(), e.epoch, e.sequence, e.attempt_id.as_str()) {
             return Err(bad(seq, "node, epoch, sequence or attempt id differ from the signed receipt body"));
         }
@@ -243,7 +243,7 @@ impl ChainVerifier {
         if !self.attempts.insert(key128(&[e.attempt_id.as_bytes()])) {
             return Err(bad(seq, format!("attempt {} is metered twice", e.attempt_id)));
         }
-        let msg = signed_message(&r, &key).map_err(|rej| bad(seq, rej.to_string()))?;
+        let msg = signed_message(&e.body, &e.signature, &key, &mut self.key_cache).map_err(|rej| bad(seq, rej.to_string()))?;
         self.pending.push((seq, msg));
         if self.pending.len() >= SIG_CHUNK {
             let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(SIG_CHUNK));
