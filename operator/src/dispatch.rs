@@ -12,13 +12,13 @@ use kommune_proto::v1::{self, operator_message::Kind as OpKind};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::attempt::{Attempt, AttemptPhase, AttemptResult, attempt_id, now_ms};
+use crate::attempt::{Attempt, AttemptPhase, AttemptResult, Held, now_ms, replica_attempt_id};
 use crate::fleet::{Fleet, NodeFacts, Outbound, SendError};
 use crate::job::{JobPolicy, Progress, TaskWorkload, progress};
 use crate::ledger::check::{AttemptFacts, ReceiptInput};
 use crate::ledger::{Ledger, Verdict};
 use crate::pricing::{self, BudgetCheck, Micros, RateBook};
-use crate::scheduler::{Demand, Explanation, GpuRequest, Request, Resources};
+use crate::scheduler::{Demand, Explanation, GpuRequest, Resources};
 use crate::store::{Store, StoreError};
 
 /// Longest output tail kept per stream.
@@ -117,7 +117,8 @@ impl Dispatcher {
         Ok(Some((usage, u.cost)))
     }
 
-    /// How many of `wanted` new tasks the job's budget admits, and why not all.
+    /// How many of `wanted` new tasks (rounds of `replicas` attempts each) the job's budget
+    /// admits, and why not all.
     fn budget_admits(&self, policy: &JobPolicy, attempts: &[Attempt], spent: Micros, wanted: usize) -> (usize, Option<String>) {
         let Some(budget) = policy.budget else { return (wanted, None) };
         let reserved = attempts
@@ -125,7 +126,9 @@ impl Dispatcher {
             .filter(|a| !a.phase.is_terminal())
             .map(|a| pricing::worst_case(a.cpu_millis, a.memory_bytes, policy.task_timeout, &self.rates.for_node(&a.node)))
             .fold(Micros(0), Micros::saturating_add);
-        let next = pricing::worst_case(policy.cpu_millis, policy.memory_bytes, policy.task_timeout, &self.rates.ceiling());
+        // A task is a round of all its replicas, each of which may cost the worst case.
+        let replica = pricing::worst_case(policy.cpu_millis, policy.memory_bytes, policy.task_timeout, &self.rates.ceiling());
+        let next = Micros(replica.0.saturating_mul(policy.placement.replicas.max(1) as u64));
         let check = BudgetCheck { budget, spent, reserved, next };
         let admits = usize::try_from(check.allows()).unwrap_or(usize::MAX);
         if admits >= wanted {
@@ -162,8 +165,14 @@ impl Dispatcher {
                 return Ok(());
             }
             for a in self.store.all_active()? {
-                let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes: 0 };
-                pool.reserve(&a.id, &a.node, resources, &GpuRequest::default(), namespace_of(&a.job_key));
+                let ns = namespace_of(&a.job_key);
+                let ephemeral_bytes = a.held.map_or(0, |h| h.ephemeral_bytes);
+                let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes };
+                match a.held {
+                    Some(held) => pool.reserve_exact(&a.id, &a.node, resources, held.gpu_mask, ns),
+                    // Recorded by an older operator: disk and GPUs are filled in by the job's next sync.
+                    None => pool.reserve(&a.id, &a.node, resources, &GpuRequest::default(), ns),
+                };
             }
             self.rebuilt.store(true, Ordering::Release);
         }
@@ -199,7 +208,7 @@ impl Dispatcher {
     /// Why a task of this job would not be placed right now (a full scan of the pool), or
     /// None when it would fit. The same text the Scheduled condition carries.
     pub fn explain(&self, policy: &JobPolicy) -> Option<Explanation> {
-        let e = self.fleet.pool().explain(&Request { replicas: 1, ..policy.request() });
+        let e = self.fleet.pool().explain(&policy.request());
         (e.fitting() == 0).then_some(e)
     }
 
@@ -218,9 +227,10 @@ impl Dispatcher {
         }
 
         self.ensure_rebuilt()?;
-        let request = Request { replicas: 1, ..policy.request() };
+        let request = policy.request();
         {
-            // Reservations rebuilt from the store know only cpu and memory; fill in the rest.
+            // Reservations rebuilt from attempts an older operator recorded know only cpu and
+            // memory; fill in the rest (exact ones are left alone).
             let mut pool = self.fleet.pool();
             for a in attempts.iter().filter(|a| !a.phase.is_terminal()) {
                 let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes: request.resources.ephemeral_bytes };
@@ -237,35 +247,50 @@ impl Dispatcher {
         if to_place.is_empty() {
             self.fleet.pool().forget_demand(&job.key);
         } else {
-            let tasks: Vec<Vec<String>> = to_place.iter().map(|&(index, number)| vec![attempt_id(&job.uid, index, number)]).collect();
-            let demand =
-                Demand { job: job.key.clone(), namespace: namespace_of(&job.key).to_string(), priority: policy.priority, request, remaining: 0, seen_ms: now };
+            // One round per task: all its replicas are placed together, on distinct owners, or none.
+            let tasks: Vec<Vec<String>> =
+                to_place.iter().map(|&(index, number)| (0..request.replicas).map(|k| replica_attempt_id(&job.uid, index, number, k)).collect()).collect();
+            let demand = Demand {
+                job: job.key.clone(),
+                namespace: namespace_of(&job.key).to_string(),
+                priority: policy.priority,
+                request: request.clone(),
+                remaining: 0,
+                seen_ms: now,
+            };
             let batch = self.fleet.pool().place_batch(demand, &tasks, now);
             for other in &batch.held_for {
                 self.notify(other);
             }
             unplaced = batch.unplaced;
-            let new: Vec<Attempt> = batch
-                .placed
-                .iter()
-                .map(|pl| {
-                    let (index, number) = to_place[pl.task];
-                    Attempt {
-                        id: tasks[pl.task][0].clone(),
-                        job_uid: job.uid.clone(),
-                        job_key: job.key.clone(),
-                        index,
-                        number,
-                        node: pl.nodes[0].clone(),
-                        phase: AttemptPhase::Assigned,
-                        cpu_millis: policy.cpu_millis,
-                        memory_bytes: policy.memory_bytes,
-                        created_ms: now,
-                        finished_ms: None,
-                        result: None,
-                    }
-                })
-                .collect();
+            let new: Vec<Attempt> = {
+                let pool = self.fleet.pool();
+                batch
+                    .placed
+                    .iter()
+                    .flat_map(|pl| pl.nodes.iter().zip(&tasks[pl.task]).enumerate().map(move |(k, (node, id))| (pl.task, k as u32, node, id)))
+                    .map(|(task, replica, node, id)| {
+                        let (index, number) = to_place[task];
+                        let gpu_mask = pool.held_gpus(id).unwrap_or(0);
+                        Attempt {
+                            id: id.clone(),
+                            job_uid: job.uid.clone(),
+                            job_key: job.key.clone(),
+                            index,
+                            number,
+                            replica,
+                            node: node.clone(),
+                            phase: AttemptPhase::Assigned,
+                            cpu_millis: policy.cpu_millis,
+                            memory_bytes: policy.memory_bytes,
+                            held: Some(Held { ephemeral_bytes: request.resources.ephemeral_bytes, gpu_mask }),
+                            created_ms: now,
+                            finished_ms: None,
+                            result: None,
+                        }
+                    })
+                    .collect()
+            };
             // Durable first, then sent: a crash in between leaves an Assigned attempt that the
             // node's next Hello does not list, so it is marked Lost and retried.
             if let Err(e) = self.store.insert_attempts(&new) {
@@ -280,6 +305,8 @@ impl Dispatcher {
                 if let Err(e) = self.fleet.send(&a.node, assign) {
                     warn!(attempt = %a.id, node = %a.node, error = ?e, "could not hand attempt to node; marking it lost");
                     self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("could not reach node: {e:?}"))), now)?;
+                    // With replicas, the round's other copies are now wasted: the next sync cancels them.
+                    self.notify(&job.key);
                 } else {
                     placed += 1;
                 }
@@ -555,6 +582,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::attempt::attempt_id;
 
     #[test]
     fn a_container_job_is_assigned_with_its_image_command_and_network_wish() {
@@ -573,10 +601,12 @@ mod tests {
             job_key: "ns/job".into(),
             index: 2,
             number: 1,
+            replica: 0,
             node: "n1".into(),
             phase: AttemptPhase::Assigned,
             cpu_millis: 500,
             memory_bytes: 64 << 20,
+            held: None,
             created_ms: 0,
             finished_ms: None,
             result: None,

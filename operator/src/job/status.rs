@@ -20,6 +20,8 @@ pub const SCHEDULED: &str = "Scheduled";
 pub const SUCCEEDED: &str = "Succeeded";
 pub const FAILED: &str = "Failed";
 pub const SUSPENDED: &str = "Suspended";
+/// Present while a task's replicas last returned different results (False, `ResultsDisagree`).
+pub const VERIFIED: &str = "Verified";
 
 fn ts(ms: i64) -> Time {
     Time(Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH))
@@ -120,10 +122,27 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
         (JobPhase::Failed, Some(FailureCause::TasksFailed(idx))) => {
             set_condition(&mut s.conditions, condition(FAILED, true, "TasksFailed", format!("task(s) {} failed on every attempt", compact(idx)), g));
         }
+        (JobPhase::Failed, Some(FailureCause::ResultsDisagree { failed, first })) => {
+            let message = format!("task(s) {} failed on every attempt; last of task {}: {first}", compact(failed), first.index);
+            set_condition(&mut s.conditions, condition(FAILED, true, "ResultsDisagree", message, g));
+        }
         (JobPhase::Failed, Some(FailureCause::DeadlineExceeded)) => {
             set_condition(&mut s.conditions, condition(FAILED, true, "DeadlineExceeded", "the job ran longer than timeouts.jobSeconds", g));
         }
         _ => {}
+    }
+
+    // Disagreements of tasks still being tried; a job that ended says it in Succeeded/Failed.
+    match p.disagreements.first() {
+        Some(first) if active => {
+            let more = match p.disagreements.len() {
+                1 => String::new(),
+                n => format!(" ({} other task(s) too)", n - 1),
+            };
+            let message = format!("{first}; the task is tried again{more}");
+            set_condition(&mut s.conditions, condition(VERIFIED, false, "ResultsDisagree", message, g));
+        }
+        _ => s.conditions.retain(|c| c.type_ != VERIFIED),
     }
 
     let mut finished: Vec<&Attempt> = o.attempts.iter().filter(|a| a.phase.is_terminal() && a.result.is_some()).collect();
@@ -137,6 +156,7 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
             TaskResultSummary {
                 index: a.index,
                 attempt: a.number,
+                replica: a.replica,
                 node: a.node.clone(),
                 exit_code: r.exit_code,
                 output_sha256: r.output_sha256.clone(),
@@ -182,13 +202,17 @@ pub fn events(prev: &ComputeJobStatus, next: &ComputeJobStatus) -> Vec<(Severity
     let mut out = vec![];
     for c in &next.conditions {
         let before = prev.conditions.iter().find(|p| p.type_ == c.type_);
-        if before.is_some_and(|b| b.status == c.status && b.reason == c.reason) {
+        // A new disagreement is news even when the condition already said there was one.
+        let same_news = |b: &&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition| {
+            b.status == c.status && b.reason == c.reason && (c.type_ != VERIFIED || b.message == c.message)
+        };
+        if before.is_some_and(|b| same_news(&b)) {
             continue;
         }
         let good = match c.type_.as_str() {
             FAILED => false,
             SUSPENDED => true,
-            VALID | SCHEDULED | SUCCEEDED => c.status == "True",
+            VALID | SCHEDULED | SUCCEEDED | VERIFIED => c.status == "True",
             _ => true,
         };
         if c.type_ == VALID && good {
@@ -219,6 +243,7 @@ mod tests {
             completed: vec![],
             failed: vec![],
             failure: None,
+            disagreements: vec![],
             next_retry_ms: None,
             started_ms: Some(1_000),
         }
@@ -293,10 +318,12 @@ mod tests {
                 job_key: "ns/j".into(),
                 index: i,
                 number: 1,
+                replica: 0,
                 node: "n".into(),
                 phase: AttemptPhase::Succeeded,
                 cpu_millis: 1,
                 memory_bytes: 1,
+                held: None,
                 created_ms: 1,
                 finished_ms: Some(10 + i as i64),
                 result: Some(AttemptResult { exit_code: 0, stdout_tail: vec![b'x'; 1000], ..Default::default() }),
