@@ -209,7 +209,8 @@ impl Dispatcher {
     /// None when it would fit. The same text the Scheduled condition carries.
     pub fn explain(&self, policy: &JobPolicy) -> Option<Explanation> {
         let e = self.fleet.pool().explain(&policy.request());
-        (e.fitting() == 0).then_some(e)
+        // With replicas, nodes may fit and still be too few owners.
+        (e.fitting() == 0 || e.owners.is_some()).then_some(e)
     }
 
     /// Brings one job forward: cancels what must stop, places what may start, and returns the
@@ -726,5 +727,113 @@ mod tests {
         assert_eq!(changed_rx.try_recv().ok().as_deref(), Some("team-b/small"), "the job the room is kept for is woken");
         let placed = d.sync(&small, &exec_policy(2, 1000), None).await.unwrap();
         assert_eq!((placed.placed, placed.unplaced), (2, None));
+    }
+
+    /// A wasm job of `tasks` tasks with `replicas` copies each, 500m per copy.
+    fn replicated_policy(tasks: u32, replicas: u32) -> JobPolicy {
+        let source = crate::job::ModuleSource::Url { url: "https://example.com/m.wasm".into(), sha256: "0".repeat(64) };
+        JobPolicy {
+            workload: TaskWorkload::Wasm { source, args: vec![], env: vec![] },
+            placement: crate::job::PlacementPolicy { replicas, ..Default::default() },
+            ..exec_policy(tasks, 500)
+        }
+    }
+
+    /// Connects `node` (1 cpu, 1Gi, wasm) owned by `owner`; returns its session's receiver.
+    fn provider(fleet: &Fleet, node: &str, owner: &str) -> mpsc::Receiver<std::result::Result<v1::OperatorMessage, tonic::Status>> {
+        let (tx, rx) = mpsc::channel(16);
+        let facts = NodeFacts {
+            capacity: Resources { cpu_millis: 1000, memory_bytes: 1 << 30, ephemeral_bytes: 0 },
+            runtimes: vec!["wasm".into()],
+            ..Default::default()
+        };
+        fleet.connect(node, facts, tx);
+        fleet.set_admin(node, crate::fleet::NodeAdmin { owner: owner.into(), ..Default::default() });
+        rx
+    }
+
+    #[tokio::test]
+    async fn a_three_replica_job_puts_each_round_on_three_owners_and_says_why_when_there_are_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let fleet = Arc::new(Fleet::default());
+        let (changed, _changed_rx) = mpsc::channel(16);
+        let _sessions = [provider(&fleet, "alice-1", "alice"), provider(&fleet, "alice-2", "alice"), provider(&fleet, "bob-1", "bob")];
+        let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+        let j = job("team-a", "rep");
+
+        // Three nodes, two owners: nothing is placed, not even two of the three copies.
+        let waiting = d.sync(&j, &replicated_policy(2, 3), None).await.unwrap();
+        let why = "3/3 nodes can run it, but they belong to 2 owner(s) and each task needs 3 replicas on distinct providers and owners";
+        assert_eq!((waiting.placed, waiting.unplaced.unwrap().to_string()), (0, why.to_string()));
+        assert_eq!(d.explain(&replicated_policy(2, 3)).unwrap().to_string(), why);
+        assert!(store.attempts_for_job("rep").unwrap().is_empty());
+        assert_eq!(fleet.pool().reservations(), 0);
+
+        // A third owner arrives: both tasks run, each copy on another owner.
+        let mut carol = provider(&fleet, "carol-1", "carol");
+        let synced = d.sync(&j, &replicated_policy(2, 3), None).await.unwrap();
+        assert_eq!((synced.placed, synced.unplaced.map(|e| e.to_string())), (6, None));
+        assert_eq!(synced.progress.counts.running, 2, "counts are tasks");
+        let owner = |node: &str| node.split('-').next().unwrap().to_string();
+        for index in 0..2 {
+            let round: Vec<&Attempt> = synced.attempts.iter().filter(|a| a.index == index).collect();
+            assert_eq!(round.iter().map(|a| (a.number, a.replica)).collect::<Vec<_>>(), vec![(1, 0), (1, 1), (1, 2)]);
+            assert_eq!(round.iter().map(|a| a.id.clone()).collect::<Vec<_>>(), (0..3).map(|k| replica_attempt_id("rep", index, 1, k)).collect::<Vec<_>>());
+            let owners: HashSet<String> = round.iter().map(|a| owner(&a.node)).collect();
+            assert_eq!(owners.len(), 3, "{round:?}");
+        }
+        let Some(Ok(v1::OperatorMessage { kind: Some(OpKind::Assign(assign)) })) = carol.try_recv().ok() else { panic!("carol got no assignment") };
+        assert!(assign.attempt_id.starts_with("rep.") && assign.task_count == 2);
+
+        // Their budget counts every copy: 3 copies of a 1-core hour task cost up to 3 credits.
+        let mut d = d;
+        d.rates = Arc::new(RateBook::new(pricing::Rates { cpu_core_hour: Micros(1_000_000), ..Default::default() }));
+        let hour = JobPolicy { cpu_millis: 1000, task_timeout: Duration::from_secs(3600), budget: Some(Micros(5_000_000)), ..replicated_policy(4, 3) };
+        assert_eq!(d.budget_admits(&hour, &[], Micros(0), 4).0, 1, "5 credits admit one task of three copies");
+        assert_eq!(
+            d.budget_admits(&JobPolicy { placement: crate::job::PlacementPolicy { replicas: 1, ..Default::default() }, ..hour }, &[], Micros(0), 4).0,
+            4
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restarted_operator_does_not_offer_a_running_attempts_gpu_or_disk_before_its_job_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let gpu_node = |fleet: &Fleet| {
+            let (tx, rx) = mpsc::channel(16);
+            let facts = NodeFacts {
+                capacity: Resources { cpu_millis: 8000, memory_bytes: 16 << 30, ephemeral_bytes: 30 << 30 },
+                gpus: vec![crate::scheduler::Gpu { model: "a100".into(), memory_bytes: 80 << 30 }],
+                runtimes: vec!["exec".into()],
+                ..Default::default()
+            };
+            fleet.connect("g1", facts, tx);
+            rx
+        };
+        let gpu = crate::scheduler::GpuRequest { count: 1, model: Some(crate::scheduler::GpuPattern::parse("a100*").unwrap()), min_memory_bytes: 0 };
+        let trainer = JobPolicy { gpu: gpu.clone(), ephemeral_bytes: 20 << 30, ..exec_policy(1, 1000) };
+        {
+            let fleet = Arc::new(Fleet::default());
+            let _session = gpu_node(&fleet);
+            let (changed, _rx) = mpsc::channel(16);
+            let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+            assert_eq!(d.sync(&job("team-a", "trainer"), &trainer, None).await.unwrap().placed, 1);
+            let held = store.attempt(&attempt_id("trainer", 0, 1)).unwrap().unwrap().held.unwrap();
+            assert_eq!((held.gpu_mask, held.ephemeral_bytes), (1, 20 << 30));
+        }
+
+        // The operator restarts; another job syncs first. The trainer has not synced since.
+        let fleet = Arc::new(Fleet::default());
+        let _session = gpu_node(&fleet);
+        let (changed, _rx) = mpsc::channel(16);
+        let d = Dispatcher::new(store, fleet.clone(), changed);
+        let other_gpu = d.sync(&job("team-b", "other"), &JobPolicy { gpu, ..exec_policy(1, 1000) }, None).await.unwrap();
+        assert_eq!((other_gpu.placed, other_gpu.unplaced.unwrap().to_string()), (0, "0/1 nodes can run it: 1 no free GPU matching a100*".to_string()));
+        let other_disk = d.sync(&job("team-b", "scratch"), &JobPolicy { ephemeral_bytes: 20 << 30, ..exec_policy(1, 1000) }, None).await.unwrap();
+        assert_eq!(other_disk.unplaced.unwrap().to_string(), "0/1 nodes can run it: 1 insufficient ephemeral storage (need 20Gi)");
+        let allocated = fleet.pool().allocation("g1");
+        assert_eq!((allocated.gpus, allocated.resources.ephemeral_bytes), (1, 20 << 30));
     }
 }

@@ -232,6 +232,7 @@ mod tests {
     use super::*;
     use crate::attempt::{AttemptPhase, AttemptResult};
     use crate::crd::{TaskCounts, is_true};
+    use crate::job::verify::{Answer, Disagreement};
     use crate::scheduler::{Exclusion, Request, Resources};
 
     fn progress(phase: JobPhase, counts: TaskCounts) -> Progress {
@@ -350,6 +351,49 @@ mod tests {
         let c = s.conditions.iter().find(|c| c.type_ == FAILED).unwrap();
         assert_eq!((c.reason.as_str(), c.message.as_str()), ("TasksFailed", "task(s) 1-2 failed on every attempt"));
         assert_eq!(s.failed_indexes.as_deref(), Some("1-2"));
+    }
+
+    fn disagreement(index: u32, number: u32) -> Disagreement {
+        let answer = |node: &str, digest: &str| Answer { node: node.into(), exit_code: Some(0), output_sha256: digest.repeat(64) };
+        Disagreement { index, number, answers: vec![answer("alice-1", "a"), answer("bob-1", "b")] }
+    }
+
+    #[test]
+    fn disagreeing_replicas_are_a_warning_naming_the_task_and_nodes_once_per_disagreement() {
+        let p = Progress { disagreements: vec![disagreement(3, 1)], ..progress(JobPhase::Running, TaskCounts { total: 5, pending: 5, ..Default::default() }) };
+        let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], None));
+        let c = s.conditions.iter().find(|c| c.type_ == VERIFIED).unwrap();
+        let said = "the replicas of task 3 (attempt 1) returned different results: node alice-1 exit 0 output aaaaaaaaaaaa, node bob-1 exit 0 output \
+                    bbbbbbbbbbbb; the task is tried again";
+        assert_eq!((c.status.as_str(), c.reason.as_str(), c.message.as_str()), ("False", "ResultsDisagree", said));
+        assert_eq!(events(&ComputeJobStatus::default(), &s), vec![(Severity::Warning, "ResultsDisagree".to_string(), said.to_string())]);
+        assert!(events(&s, &summarize(&s, &observed(&p, &[], None))).is_empty(), "the same disagreement is told once");
+
+        // The retry disagrees again, and another task too: news again.
+        let again = Progress { disagreements: vec![disagreement(3, 2), disagreement(4, 1)], ..p.clone() };
+        let s2 = summarize(&s, &observed(&again, &[], None));
+        let ev = events(&s, &s2);
+        assert_eq!(ev.len(), 1);
+        assert!(ev[0].2.starts_with("the replicas of task 3 (attempt 2)") && ev[0].2.ends_with("tried again (1 other task(s) too)"), "{ev:?}");
+
+        // Verified on retry: the condition goes away.
+        let fine = Progress { disagreements: vec![], ..p.clone() };
+        assert!(!summarize(&s2, &observed(&fine, &[], None)).conditions.iter().any(|c| c.type_ == VERIFIED));
+    }
+
+    #[test]
+    fn a_job_failed_by_disagreeing_replicas_says_so() {
+        let mut p = progress(JobPhase::Failed, TaskCounts { total: 4, failed: 2, succeeded: 2, ..Default::default() });
+        p.failed = vec![1, 2];
+        p.disagreements = vec![disagreement(2, 3)];
+        p.failure = Some(FailureCause::ResultsDisagree { failed: vec![1, 2], first: disagreement(2, 3) });
+        let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], None));
+        let c = s.conditions.iter().find(|c| c.type_ == FAILED).unwrap();
+        assert_eq!(c.reason, "ResultsDisagree");
+        assert!(c.message.starts_with("task(s) 1-2 failed on every attempt; last of task 2: the replicas of task 2 (attempt 3) returned different results"));
+        assert!(c.message.contains("node alice-1") && c.message.contains("node bob-1"));
+        assert!(!s.conditions.iter().any(|c| c.type_ == VERIFIED), "said once, by Failed");
+        assert!(events(&ComputeJobStatus::default(), &s).iter().any(|(sev, reason, _)| *sev == Severity::Warning && reason == "ResultsDisagree"));
     }
 
     #[test]
