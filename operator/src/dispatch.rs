@@ -836,4 +836,58 @@ mod tests {
         let allocated = fleet.pool().allocation("g1");
         assert_eq!((allocated.gpus, allocated.resources.ephemeral_bytes), (1, 20 << 30));
     }
+
+    #[tokio::test]
+    async fn a_failed_copy_cancels_its_twin_and_copies_that_keep_disagreeing_fail_the_job_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let fleet = Arc::new(Fleet::default());
+        let (changed, _changed_rx) = mpsc::channel(16);
+        let mut sessions = [provider(&fleet, "alice-1", "alice"), provider(&fleet, "bob-1", "bob")];
+        let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+        let j = job("team-a", "twin");
+        let policy = JobPolicy { max_attempts: 2, backoff: Duration::ZERO, ..replicated_policy(1, 2) };
+        let update = |id: String, state: v1::AttemptState, digest: &str| v1::TaskUpdate {
+            attempt_id: id,
+            state: state as i32,
+            result: Some(v1::TaskResult { exit_code: 0, output_sha256: digest.repeat(64), ..Default::default() }),
+            ..Default::default()
+        };
+        let node_of = |id: &str| store.attempt(id).unwrap().unwrap().node;
+
+        assert_eq!(d.sync(&j, &policy, None).await.unwrap().placed, 2);
+        let (first, twin) = (replica_attempt_id("twin", 0, 1, 0), replica_attempt_id("twin", 0, 1, 1));
+        d.on_update(&node_of(&twin), &[0; 32], &update(twin.clone(), v1::AttemptState::Failed, "a")).await.unwrap();
+        for s in sessions.iter_mut() {
+            while s.try_recv().is_ok() {}
+        }
+
+        // The failed copy fails the round: its twin is cancelled on its node, a new round starts.
+        let synced = d.sync(&j, &policy, None).await.unwrap();
+        assert_eq!(store.attempt(&first).unwrap().unwrap().phase, AttemptPhase::Cancelled);
+        let cancelled: Vec<String> = sessions
+            .iter_mut()
+            .flat_map(|s| std::iter::from_fn(|| s.try_recv().ok()))
+            .filter_map(|m| match m.ok()?.kind? {
+                OpKind::Cancel(c) => Some(c.attempt_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(cancelled, vec![first]);
+        assert_eq!((synced.placed, synced.progress.counts.running), (2, 1));
+
+        // The second round's copies disagree: the task has used its two attempts.
+        for (k, digest) in [(0, "a"), (1, "b")] {
+            let id = replica_attempt_id("twin", 0, 2, k);
+            d.on_update(&node_of(&id), &[0; 32], &update(id.clone(), v1::AttemptState::Succeeded, digest)).await.unwrap();
+        }
+        let done = d.sync(&j, &policy, None).await.unwrap();
+        assert_eq!(done.progress.phase, crate::crd::JobPhase::Failed);
+        let Some(crate::job::progress::FailureCause::ResultsDisagree { failed, first }) = done.progress.failure else { panic!("{:?}", done.progress.failure) };
+        assert_eq!((failed, first.index, first.number), (vec![0], 0, 2));
+        let mut nodes: Vec<String> = first.answers.iter().map(|a| a.node.clone()).collect();
+        nodes.sort();
+        assert_eq!(nodes, vec!["alice-1", "bob-1"]);
+        assert_eq!(fleet.pool().reservations(), 0, "every copy's room is free");
+    }
 }
