@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::TaintEffect;
 
 /// A batch of independent tasks to run on Kommune provider machines. Each task gets its index
-/// (0..tasks) in `KOMMUNE_TASK_INDEX`; the job succeeds when every index has succeeded once.
+/// (0..tasks) in `KOMMUNE_TASK_INDEX`; the job succeeds when every index has succeeded once
+/// (with `placement.replicas`, once with every copy agreeing).
 // kube's printcolumn(...) expands to repeated attributes, which clippy mistakes for duplicates.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
