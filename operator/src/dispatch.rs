@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult, Held, now_ms, replica_attempt_id};
+use crate::crd::JobPhase;
 use crate::fleet::{Fleet, NodeFacts, Outbound, SendError};
 use crate::job::{JobPolicy, Progress, TaskWorkload, progress};
 use crate::ledger::check::{AttemptFacts, ReceiptInput};
@@ -222,7 +223,12 @@ impl Dispatcher {
         let mut attempts = self.store.attempts_for_job(&job.uid)?;
         let p = progress(policy, &attempts, now);
 
-        let why = if policy.suspended { "job suspended" } else { "job finished" };
+        let why = match p.phase {
+            JobPhase::Succeeded | JobPhase::Failed => "job finished",
+            _ if policy.suspended => "job suspended",
+            // A late duplicate of a task that succeeded, or a copy of a round that can no longer verify.
+            _ => "not needed any more: its task succeeded, or another copy of its round failed, disagreed or stopped",
+        };
         for id in &p.to_cancel {
             self.cancel_attempt(&attempts, id, why)?;
         }
@@ -869,11 +875,11 @@ mod tests {
             .iter_mut()
             .flat_map(|s| std::iter::from_fn(|| s.try_recv().ok()))
             .filter_map(|m| match m.ok()?.kind? {
-                OpKind::Cancel(c) => Some(c.attempt_id),
+                OpKind::Cancel(c) => Some(format!("{}: {}", c.attempt_id, c.reason)),
                 _ => None,
             })
             .collect();
-        assert_eq!(cancelled, vec![first]);
+        assert_eq!(cancelled, vec![format!("{first}: not needed any more: its task succeeded, or another copy of its round failed, disagreed or stopped")]);
         assert_eq!((synced.placed, synced.progress.counts.running), (2, 1));
 
         // The second round's copies disagree: the task has used its two attempts.
@@ -882,7 +888,7 @@ mod tests {
             d.on_update(&node_of(&id), &[0; 32], &update(id.clone(), v1::AttemptState::Succeeded, digest)).await.unwrap();
         }
         let done = d.sync(&j, &policy, None).await.unwrap();
-        assert_eq!(done.progress.phase, crate::crd::JobPhase::Failed);
+        assert_eq!(done.progress.phase, JobPhase::Failed);
         let Some(crate::job::progress::FailureCause::ResultsDisagree { failed, first }) = done.progress.failure else { panic!("{:?}", done.progress.failure) };
         assert_eq!((failed, first.index, first.number), (vec![0], 0, 2));
         let mut nodes: Vec<String> = first.answers.iter().map(|a| a.node.clone()).collect();
