@@ -49,6 +49,7 @@ pub struct Synced {
     pub attempts: Vec<Attempt>,
     /// Why tasks that should run now could not be placed.
     pub unplaced: Option<Explanation>,
+    /// Attempts handed to nodes by this sync (with replicas, every copy counts).
     pub placed: usize,
     /// Why no further task may start within the job's budget.
     pub budget_exhausted: Option<String>,
@@ -319,7 +320,7 @@ impl Dispatcher {
                 }
             }
             if !new.is_empty() {
-                info!(job = %job.key, placed = new.len(), "placed tasks");
+                info!(job = %job.key, attempts = new.len(), tasks = batch.placed.len(), "placed tasks");
             }
         }
 

@@ -161,8 +161,9 @@ pub struct Placement {
     /// (the other copies are cancelled) and counts against `retries.maxAttempts`; a copy that
     /// is preempted or cancelled makes the attempt start over without using a retry.
     /// Disagreements are reported in the `Verified` condition with the nodes and results.
-    /// Each copy uses the job's resources and is metered and paid for. Not for exec tasks,
-    /// whose output is not deterministic.
+    /// Each copy uses the job's resources and is metered and paid for. Copies see the same
+    /// environment except `KOMMUNE_ATTEMPT_ID`, which is theirs: output that includes it
+    /// always disagrees. Not for exec tasks, whose output is not deterministic.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 16))]
     pub replicas: u32,
