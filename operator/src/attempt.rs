@@ -67,30 +67,57 @@ pub struct AttemptResult {
     pub wall_millis: u64,
 }
 
-/// One try at one task.
+/// One try at one task: with replicas, one of the round's copies (all copies of a round share
+/// `index` and `number` and differ in `replica`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
-    /// `<job uid>.<index>.<number>`: unique and stable.
+    /// `<job uid>.<index>.<number>` (replica 0) or `<job uid>.<index>.<number>.r<replica>`:
+    /// unique and stable (see [`replica_attempt_id`]).
     pub id: String,
     pub job_uid: String,
     /// "namespace/name" of the job.
     pub job_key: String,
     pub index: u32,
-    /// 1 for the first attempt of an index.
+    /// 1 for the first attempt (round) of an index.
     pub number: u32,
+    /// Which copy of the round this is, 0..replicas.
+    pub replica: u32,
     pub node: String,
     pub phase: AttemptPhase,
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// What the attempt holds on its node beyond cpu and memory, so reservations rebuilt
+    /// after a restart are exact. None for attempts recorded by an operator older than that
+    /// record: their disk and GPUs are filled in from the job's policy on its next sync.
+    pub held: Option<Held>,
     /// Unix milliseconds.
     pub created_ms: i64,
     pub finished_ms: Option<i64>,
     pub result: Option<AttemptResult>,
 }
 
-/// The id of attempt `number` of task `index` of the job with `job_uid`.
+/// Scratch disk and GPU devices an attempt holds on its node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    pub ephemeral_bytes: u64,
+    /// The node's GPU devices it holds, one bit per device in the scheduler pool's order.
+    pub gpu_mask: u64,
+}
+
+/// The id of attempt `number` of task `index` of the job with `job_uid` (its replica 0).
 pub fn attempt_id(job_uid: &str, index: u32, number: u32) -> String {
     format!("{job_uid}.{index}.{number}")
+}
+
+/// The id of replica `replica` of attempt `number` of task `index`. Replica 0 keeps the plain
+/// [`attempt_id`], so ids of jobs without replicas (and of agents and ledgers that know them)
+/// do not change; the others get a `.r<replica>` suffix. Ids stay within the characters agents
+/// accept for spool file names (alphanumerics, `.`, `-`, `_`).
+pub fn replica_attempt_id(job_uid: &str, index: u32, number: u32, replica: u32) -> String {
+    match replica {
+        0 => attempt_id(job_uid, index, number),
+        k => format!("{job_uid}.{index}.{number}.r{k}"),
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -113,5 +140,15 @@ mod tests {
         assert!(Succeeded.is_terminal() && Failed.is_terminal() && Cancelled.is_terminal() && Lost.is_terminal());
         assert!(Failed.is_failure() && Lost.is_failure());
         assert!(!Cancelled.is_failure() && !Succeeded.is_failure());
+    }
+
+    #[test]
+    fn replica_zero_keeps_the_plain_id_and_other_replicas_get_distinct_ones() {
+        assert_eq!(replica_attempt_id("u-1", 3, 2, 0), "u-1.3.2");
+        assert_eq!(replica_attempt_id("u-1", 3, 2, 1), "u-1.3.2.r1");
+        assert_eq!(replica_attempt_id("u-1", 3, 2, 15), "u-1.3.2.r15");
+        let ids: std::collections::HashSet<String> =
+            (0..3).flat_map(|i| (1..3).flat_map(move |n| (0..4).map(move |r| replica_attempt_id("u", i, n, r)))).collect();
+        assert_eq!(ids.len(), 3 * 2 * 4, "every (index, number, replica) has its own id");
     }
 }

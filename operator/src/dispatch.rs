@@ -12,13 +12,14 @@ use kommune_proto::v1::{self, operator_message::Kind as OpKind};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::attempt::{Attempt, AttemptPhase, AttemptResult, attempt_id, now_ms};
+use crate::attempt::{Attempt, AttemptPhase, AttemptResult, Held, now_ms, replica_attempt_id};
+use crate::crd::JobPhase;
 use crate::fleet::{Fleet, NodeFacts, Outbound, SendError};
 use crate::job::{JobPolicy, Progress, TaskWorkload, progress};
 use crate::ledger::check::{AttemptFacts, ReceiptInput};
 use crate::ledger::{Ledger, Verdict};
 use crate::pricing::{self, BudgetCheck, Micros, RateBook};
-use crate::scheduler::{Demand, Explanation, GpuRequest, Request, Resources};
+use crate::scheduler::{Demand, Explanation, GpuRequest, Resources};
 use crate::store::{Store, StoreError};
 
 /// Longest output tail kept per stream.
@@ -48,6 +49,7 @@ pub struct Synced {
     pub attempts: Vec<Attempt>,
     /// Why tasks that should run now could not be placed.
     pub unplaced: Option<Explanation>,
+    /// Attempts handed to nodes by this sync (with replicas, every copy counts).
     pub placed: usize,
     /// Why no further task may start within the job's budget.
     pub budget_exhausted: Option<String>,
@@ -117,7 +119,8 @@ impl Dispatcher {
         Ok(Some((usage, u.cost)))
     }
 
-    /// How many of `wanted` new tasks the job's budget admits, and why not all.
+    /// How many of `wanted` new tasks (rounds of `replicas` attempts each) the job's budget
+    /// admits, and why not all.
     fn budget_admits(&self, policy: &JobPolicy, attempts: &[Attempt], spent: Micros, wanted: usize) -> (usize, Option<String>) {
         let Some(budget) = policy.budget else { return (wanted, None) };
         let reserved = attempts
@@ -125,7 +128,9 @@ impl Dispatcher {
             .filter(|a| !a.phase.is_terminal())
             .map(|a| pricing::worst_case(a.cpu_millis, a.memory_bytes, policy.task_timeout, &self.rates.for_node(&a.node)))
             .fold(Micros(0), Micros::saturating_add);
-        let next = pricing::worst_case(policy.cpu_millis, policy.memory_bytes, policy.task_timeout, &self.rates.ceiling());
+        // A task is a round of all its replicas, each of which may cost the worst case.
+        let replica = pricing::worst_case(policy.cpu_millis, policy.memory_bytes, policy.task_timeout, &self.rates.ceiling());
+        let next = Micros(replica.0.saturating_mul(policy.placement.replicas.max(1) as u64));
         let check = BudgetCheck { budget, spent, reserved, next };
         let admits = usize::try_from(check.allows()).unwrap_or(usize::MAX);
         if admits >= wanted {
@@ -162,8 +167,14 @@ impl Dispatcher {
                 return Ok(());
             }
             for a in self.store.all_active()? {
-                let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes: 0 };
-                pool.reserve(&a.id, &a.node, resources, &GpuRequest::default(), namespace_of(&a.job_key));
+                let ns = namespace_of(&a.job_key);
+                let ephemeral_bytes = a.held.map_or(0, |h| h.ephemeral_bytes);
+                let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes };
+                match a.held {
+                    Some(held) => pool.reserve_exact(&a.id, &a.node, resources, held.gpu_mask, ns),
+                    // Recorded by an older operator: disk and GPUs are filled in by the job's next sync.
+                    None => pool.reserve(&a.id, &a.node, resources, &GpuRequest::default(), ns),
+                };
             }
             self.rebuilt.store(true, Ordering::Release);
         }
@@ -199,8 +210,9 @@ impl Dispatcher {
     /// Why a task of this job would not be placed right now (a full scan of the pool), or
     /// None when it would fit. The same text the Scheduled condition carries.
     pub fn explain(&self, policy: &JobPolicy) -> Option<Explanation> {
-        let e = self.fleet.pool().explain(&Request { replicas: 1, ..policy.request() });
-        (e.fitting() == 0).then_some(e)
+        let e = self.fleet.pool().explain(&policy.request());
+        // With replicas, nodes may fit and still be too few owners.
+        (e.fitting() == 0 || e.owners.is_some()).then_some(e)
     }
 
     /// Brings one job forward: cancels what must stop, places what may start, and returns the
@@ -212,15 +224,21 @@ impl Dispatcher {
         let mut attempts = self.store.attempts_for_job(&job.uid)?;
         let p = progress(policy, &attempts, now);
 
-        let why = if policy.suspended { "job suspended" } else { "job finished" };
+        let why = match p.phase {
+            JobPhase::Succeeded | JobPhase::Failed => "job finished",
+            _ if policy.suspended => "job suspended",
+            // A late duplicate of a task that succeeded, or a copy of a round that can no longer verify.
+            _ => "not needed any more: its task succeeded, or another copy of its round failed, disagreed or stopped",
+        };
         for id in &p.to_cancel {
             self.cancel_attempt(&attempts, id, why)?;
         }
 
         self.ensure_rebuilt()?;
-        let request = Request { replicas: 1, ..policy.request() };
+        let request = policy.request();
         {
-            // Reservations rebuilt from the store know only cpu and memory; fill in the rest.
+            // Reservations rebuilt from attempts an older operator recorded know only cpu and
+            // memory; fill in the rest (exact ones are left alone).
             let mut pool = self.fleet.pool();
             for a in attempts.iter().filter(|a| !a.phase.is_terminal()) {
                 let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes: request.resources.ephemeral_bytes };
@@ -237,35 +255,50 @@ impl Dispatcher {
         if to_place.is_empty() {
             self.fleet.pool().forget_demand(&job.key);
         } else {
-            let tasks: Vec<Vec<String>> = to_place.iter().map(|&(index, number)| vec![attempt_id(&job.uid, index, number)]).collect();
-            let demand =
-                Demand { job: job.key.clone(), namespace: namespace_of(&job.key).to_string(), priority: policy.priority, request, remaining: 0, seen_ms: now };
+            // One round per task: all its replicas are placed together, on distinct owners, or none.
+            let tasks: Vec<Vec<String>> =
+                to_place.iter().map(|&(index, number)| (0..request.replicas).map(|k| replica_attempt_id(&job.uid, index, number, k)).collect()).collect();
+            let demand = Demand {
+                job: job.key.clone(),
+                namespace: namespace_of(&job.key).to_string(),
+                priority: policy.priority,
+                request: request.clone(),
+                remaining: 0,
+                seen_ms: now,
+            };
             let batch = self.fleet.pool().place_batch(demand, &tasks, now);
             for other in &batch.held_for {
                 self.notify(other);
             }
             unplaced = batch.unplaced;
-            let new: Vec<Attempt> = batch
-                .placed
-                .iter()
-                .map(|pl| {
-                    let (index, number) = to_place[pl.task];
-                    Attempt {
-                        id: tasks[pl.task][0].clone(),
-                        job_uid: job.uid.clone(),
-                        job_key: job.key.clone(),
-                        index,
-                        number,
-                        node: pl.nodes[0].clone(),
-                        phase: AttemptPhase::Assigned,
-                        cpu_millis: policy.cpu_millis,
-                        memory_bytes: policy.memory_bytes,
-                        created_ms: now,
-                        finished_ms: None,
-                        result: None,
-                    }
-                })
-                .collect();
+            let new: Vec<Attempt> = {
+                let pool = self.fleet.pool();
+                batch
+                    .placed
+                    .iter()
+                    .flat_map(|pl| pl.nodes.iter().zip(&tasks[pl.task]).enumerate().map(move |(k, (node, id))| (pl.task, k as u32, node, id)))
+                    .map(|(task, replica, node, id)| {
+                        let (index, number) = to_place[task];
+                        let gpu_mask = pool.held_gpus(id).unwrap_or(0);
+                        Attempt {
+                            id: id.clone(),
+                            job_uid: job.uid.clone(),
+                            job_key: job.key.clone(),
+                            index,
+                            number,
+                            replica,
+                            node: node.clone(),
+                            phase: AttemptPhase::Assigned,
+                            cpu_millis: policy.cpu_millis,
+                            memory_bytes: policy.memory_bytes,
+                            held: Some(Held { ephemeral_bytes: request.resources.ephemeral_bytes, gpu_mask }),
+                            created_ms: now,
+                            finished_ms: None,
+                            result: None,
+                        }
+                    })
+                    .collect()
+            };
             // Durable first, then sent: a crash in between leaves an Assigned attempt that the
             // node's next Hello does not list, so it is marked Lost and retried.
             if let Err(e) = self.store.insert_attempts(&new) {
@@ -280,12 +313,14 @@ impl Dispatcher {
                 if let Err(e) = self.fleet.send(&a.node, assign) {
                     warn!(attempt = %a.id, node = %a.node, error = ?e, "could not hand attempt to node; marking it lost");
                     self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("could not reach node: {e:?}"))), now)?;
+                    // With replicas, the round's other copies are now wasted: the next sync cancels them.
+                    self.notify(&job.key);
                 } else {
                     placed += 1;
                 }
             }
             if !new.is_empty() {
-                info!(job = %job.key, placed = new.len(), "placed tasks");
+                info!(job = %job.key, attempts = new.len(), tasks = batch.placed.len(), "placed tasks");
             }
         }
 
@@ -555,6 +590,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::attempt::attempt_id;
 
     #[test]
     fn a_container_job_is_assigned_with_its_image_command_and_network_wish() {
@@ -573,10 +609,12 @@ mod tests {
             job_key: "ns/job".into(),
             index: 2,
             number: 1,
+            replica: 0,
             node: "n1".into(),
             phase: AttemptPhase::Assigned,
             cpu_millis: 500,
             memory_bytes: 64 << 20,
+            held: None,
             created_ms: 0,
             finished_ms: None,
             result: None,
@@ -696,5 +734,167 @@ mod tests {
         assert_eq!(changed_rx.try_recv().ok().as_deref(), Some("team-b/small"), "the job the room is kept for is woken");
         let placed = d.sync(&small, &exec_policy(2, 1000), None).await.unwrap();
         assert_eq!((placed.placed, placed.unplaced), (2, None));
+    }
+
+    /// A wasm job of `tasks` tasks with `replicas` copies each, 500m per copy.
+    fn replicated_policy(tasks: u32, replicas: u32) -> JobPolicy {
+        let source = crate::job::ModuleSource::Url { url: "https://example.com/m.wasm".into(), sha256: "0".repeat(64) };
+        JobPolicy {
+            workload: TaskWorkload::Wasm { source, args: vec![], env: vec![] },
+            placement: crate::job::PlacementPolicy { replicas, ..Default::default() },
+            ..exec_policy(tasks, 500)
+        }
+    }
+
+    /// Connects `node` (1 cpu, 1Gi, wasm) owned by `owner`; returns its session's receiver.
+    fn provider(fleet: &Fleet, node: &str, owner: &str) -> mpsc::Receiver<std::result::Result<v1::OperatorMessage, tonic::Status>> {
+        let (tx, rx) = mpsc::channel(16);
+        let facts = NodeFacts {
+            capacity: Resources { cpu_millis: 1000, memory_bytes: 1 << 30, ephemeral_bytes: 0 },
+            runtimes: vec!["wasm".into()],
+            ..Default::default()
+        };
+        fleet.connect(node, facts, tx);
+        fleet.set_admin(node, crate::fleet::NodeAdmin { owner: owner.into(), ..Default::default() });
+        rx
+    }
+
+    #[tokio::test]
+    async fn a_three_replica_job_puts_each_round_on_three_owners_and_says_why_when_there_are_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let fleet = Arc::new(Fleet::default());
+        let (changed, _changed_rx) = mpsc::channel(16);
+        let _sessions = [provider(&fleet, "alice-1", "alice"), provider(&fleet, "alice-2", "alice"), provider(&fleet, "bob-1", "bob")];
+        let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+        let j = job("team-a", "rep");
+
+        // Three nodes, two owners: nothing is placed, not even two of the three copies.
+        let waiting = d.sync(&j, &replicated_policy(2, 3), None).await.unwrap();
+        let why = "3/3 nodes can run it, but they belong to 2 owner(s) and each task needs 3 replicas on distinct providers and owners";
+        assert_eq!((waiting.placed, waiting.unplaced.unwrap().to_string()), (0, why.to_string()));
+        assert_eq!(d.explain(&replicated_policy(2, 3)).unwrap().to_string(), why);
+        assert!(store.attempts_for_job("rep").unwrap().is_empty());
+        assert_eq!(fleet.pool().reservations(), 0);
+
+        // A third owner arrives: both tasks run, each copy on another owner.
+        let mut carol = provider(&fleet, "carol-1", "carol");
+        let synced = d.sync(&j, &replicated_policy(2, 3), None).await.unwrap();
+        assert_eq!((synced.placed, synced.unplaced.map(|e| e.to_string())), (6, None));
+        assert_eq!(synced.progress.counts.running, 2, "counts are tasks");
+        let owner = |node: &str| node.split('-').next().unwrap().to_string();
+        for index in 0..2 {
+            let round: Vec<&Attempt> = synced.attempts.iter().filter(|a| a.index == index).collect();
+            assert_eq!(round.iter().map(|a| (a.number, a.replica)).collect::<Vec<_>>(), vec![(1, 0), (1, 1), (1, 2)]);
+            assert_eq!(round.iter().map(|a| a.id.clone()).collect::<Vec<_>>(), (0..3).map(|k| replica_attempt_id("rep", index, 1, k)).collect::<Vec<_>>());
+            let owners: HashSet<String> = round.iter().map(|a| owner(&a.node)).collect();
+            assert_eq!(owners.len(), 3, "{round:?}");
+        }
+        let Some(Ok(v1::OperatorMessage { kind: Some(OpKind::Assign(assign)) })) = carol.try_recv().ok() else { panic!("carol got no assignment") };
+        assert!(assign.attempt_id.starts_with("rep.") && assign.task_count == 2);
+
+        // Their budget counts every copy: 3 copies of a 1-core hour task cost up to 3 credits.
+        let mut d = d;
+        d.rates = Arc::new(RateBook::new(pricing::Rates { cpu_core_hour: Micros(1_000_000), ..Default::default() }));
+        let hour = JobPolicy { cpu_millis: 1000, task_timeout: Duration::from_secs(3600), budget: Some(Micros(5_000_000)), ..replicated_policy(4, 3) };
+        assert_eq!(d.budget_admits(&hour, &[], Micros(0), 4).0, 1, "5 credits admit one task of three copies");
+        assert_eq!(
+            d.budget_admits(&JobPolicy { placement: crate::job::PlacementPolicy { replicas: 1, ..Default::default() }, ..hour }, &[], Micros(0), 4).0,
+            4
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restarted_operator_does_not_offer_a_running_attempts_gpu_or_disk_before_its_job_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let gpu_node = |fleet: &Fleet| {
+            let (tx, rx) = mpsc::channel(16);
+            let facts = NodeFacts {
+                capacity: Resources { cpu_millis: 8000, memory_bytes: 16 << 30, ephemeral_bytes: 30 << 30 },
+                gpus: vec![crate::scheduler::Gpu { model: "a100".into(), memory_bytes: 80 << 30 }],
+                runtimes: vec!["exec".into()],
+                ..Default::default()
+            };
+            fleet.connect("g1", facts, tx);
+            rx
+        };
+        let gpu = crate::scheduler::GpuRequest { count: 1, model: Some(crate::scheduler::GpuPattern::parse("a100*").unwrap()), min_memory_bytes: 0 };
+        let trainer = JobPolicy { gpu: gpu.clone(), ephemeral_bytes: 20 << 30, ..exec_policy(1, 1000) };
+        {
+            let fleet = Arc::new(Fleet::default());
+            let _session = gpu_node(&fleet);
+            let (changed, _rx) = mpsc::channel(16);
+            let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+            assert_eq!(d.sync(&job("team-a", "trainer"), &trainer, None).await.unwrap().placed, 1);
+            let held = store.attempt(&attempt_id("trainer", 0, 1)).unwrap().unwrap().held.unwrap();
+            assert_eq!((held.gpu_mask, held.ephemeral_bytes), (1, 20 << 30));
+        }
+
+        // The operator restarts; another job syncs first. The trainer has not synced since.
+        let fleet = Arc::new(Fleet::default());
+        let _session = gpu_node(&fleet);
+        let (changed, _rx) = mpsc::channel(16);
+        let d = Dispatcher::new(store, fleet.clone(), changed);
+        let other_gpu = d.sync(&job("team-b", "other"), &JobPolicy { gpu, ..exec_policy(1, 1000) }, None).await.unwrap();
+        assert_eq!((other_gpu.placed, other_gpu.unplaced.unwrap().to_string()), (0, "0/1 nodes can run it: 1 no free GPU matching a100*".to_string()));
+        let other_disk = d.sync(&job("team-b", "scratch"), &JobPolicy { ephemeral_bytes: 20 << 30, ..exec_policy(1, 1000) }, None).await.unwrap();
+        assert_eq!(other_disk.unplaced.unwrap().to_string(), "0/1 nodes can run it: 1 insufficient ephemeral storage (need 20Gi)");
+        let allocated = fleet.pool().allocation("g1");
+        assert_eq!((allocated.gpus, allocated.resources.ephemeral_bytes), (1, 20 << 30));
+    }
+
+    #[tokio::test]
+    async fn a_failed_copy_cancels_its_twin_and_copies_that_keep_disagreeing_fail_the_job_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let fleet = Arc::new(Fleet::default());
+        let (changed, _changed_rx) = mpsc::channel(16);
+        let mut sessions = [provider(&fleet, "alice-1", "alice"), provider(&fleet, "bob-1", "bob")];
+        let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+        let j = job("team-a", "twin");
+        let policy = JobPolicy { max_attempts: 2, backoff: Duration::ZERO, ..replicated_policy(1, 2) };
+        let update = |id: String, state: v1::AttemptState, digest: &str| v1::TaskUpdate {
+            attempt_id: id,
+            state: state as i32,
+            result: Some(v1::TaskResult { exit_code: 0, output_sha256: digest.repeat(64), ..Default::default() }),
+            ..Default::default()
+        };
+        let node_of = |id: &str| store.attempt(id).unwrap().unwrap().node;
+
+        assert_eq!(d.sync(&j, &policy, None).await.unwrap().placed, 2);
+        let (first, twin) = (replica_attempt_id("twin", 0, 1, 0), replica_attempt_id("twin", 0, 1, 1));
+        d.on_update(&node_of(&twin), &[0; 32], &update(twin.clone(), v1::AttemptState::Failed, "a")).await.unwrap();
+        for s in sessions.iter_mut() {
+            while s.try_recv().is_ok() {}
+        }
+
+        // The failed copy fails the round: its twin is cancelled on its node, a new round starts.
+        let synced = d.sync(&j, &policy, None).await.unwrap();
+        assert_eq!(store.attempt(&first).unwrap().unwrap().phase, AttemptPhase::Cancelled);
+        let cancelled: Vec<String> = sessions
+            .iter_mut()
+            .flat_map(|s| std::iter::from_fn(|| s.try_recv().ok()))
+            .filter_map(|m| match m.ok()?.kind? {
+                OpKind::Cancel(c) => Some(format!("{}: {}", c.attempt_id, c.reason)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(cancelled, vec![format!("{first}: not needed any more: its task succeeded, or another copy of its round failed, disagreed or stopped")]);
+        assert_eq!((synced.placed, synced.progress.counts.running), (2, 1));
+
+        // The second round's copies disagree: the task has used its two attempts.
+        for (k, digest) in [(0, "a"), (1, "b")] {
+            let id = replica_attempt_id("twin", 0, 2, k);
+            d.on_update(&node_of(&id), &[0; 32], &update(id.clone(), v1::AttemptState::Succeeded, digest)).await.unwrap();
+        }
+        let done = d.sync(&j, &policy, None).await.unwrap();
+        assert_eq!(done.progress.phase, JobPhase::Failed);
+        let Some(crate::job::progress::FailureCause::ResultsDisagree { failed, first }) = done.progress.failure else { panic!("{:?}", done.progress.failure) };
+        assert_eq!((failed, first.index, first.number), (vec![0], 0, 2));
+        let mut nodes: Vec<String> = first.answers.iter().map(|a| a.node.clone()).collect();
+        nodes.sort();
+        assert_eq!(nodes, vec!["alice-1", "bob-1"]);
+        assert_eq!(fleet.pool().reservations(), 0, "every copy's room is free");
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
+use crate::attempt::{Attempt, AttemptPhase, AttemptResult, Held};
 use crate::fence::Fence;
 
 /// A store failure; the message names the operation.
@@ -65,7 +65,10 @@ CREATE TABLE IF NOT EXISTS attempts (
     memory_bytes  INTEGER NOT NULL,
     created_ms    INTEGER NOT NULL,
     finished_ms   INTEGER,
-    result_json   TEXT
+    result_json   TEXT,
+    replica       INTEGER NOT NULL DEFAULT 0,
+    ephemeral_bytes INTEGER,
+    gpu_mask      INTEGER
 );
 CREATE INDEX IF NOT EXISTS attempts_by_job ON attempts (job_uid);
 CREATE INDEX IF NOT EXISTS attempts_active_by_node ON attempts (node) WHERE phase IN ('Assigned', 'Running');
@@ -111,6 +114,7 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(op("enable WAL"))?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(op("set synchronous"))?;
         conn.execute_batch(SCHEMA).map_err(op("create schema"))?;
+        migrate(&conn)?;
         let conn = Arc::new(Mutex::new(conn));
         let (tx, rx) = channel();
         let (writer_conn, writer_fence) = (conn.clone(), fence.clone());
@@ -135,8 +139,8 @@ impl Store {
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO attempts (id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    "INSERT OR IGNORE INTO attempts (id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms, replica, ephemeral_bytes, gpu_mask)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 )
                 .map_err(op("prepare insert"))?;
             for a in attempts {
@@ -150,7 +154,11 @@ impl Store {
                     a.phase.as_str(),
                     a.cpu_millis as i64,
                     a.memory_bytes as i64,
-                    a.created_ms
+                    a.created_ms,
+                    a.replica,
+                    a.held.map(|h| h.ephemeral_bytes as i64),
+                    // The mask's bits as they are: SQLite integers are signed.
+                    a.held.map(|h| h.gpu_mask as i64)
                 ])
                 .map_err(op("insert attempt"))?;
             }
@@ -214,7 +222,7 @@ impl Store {
 
     /// Every attempt of a job.
     pub fn attempts_for_job(&self, job_uid: &str) -> Result<Vec<Attempt>> {
-        query(&self.conn(), "WHERE job_uid = ?1 ORDER BY task_index, number", params![job_uid])
+        query(&self.conn(), "WHERE job_uid = ?1 ORDER BY task_index, number, replica", params![job_uid])
     }
 
     /// Attempts placed on `node` and not finished.
@@ -276,6 +284,22 @@ impl Store {
     }
 }
 
+/// Brings a `kommune.db` written by an older operator up to the current columns. `CREATE
+/// TABLE IF NOT EXISTS` leaves an existing table as it was, so each column added since is
+/// added here when missing: existing attempts become replica 0, and their disk and GPUs stay
+/// unknown (NULL) rather than a wrong zero.
+fn migrate(conn: &Connection) -> Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('attempts')").map_err(op("read attempt columns"))?;
+    let columns: Vec<String> =
+        stmt.query_map([], |r| r.get(0)).map_err(op("read attempt columns"))?.collect::<rusqlite::Result<_>>().map_err(op("read attempt columns"))?;
+    for (column, definition) in [("replica", "INTEGER NOT NULL DEFAULT 0"), ("ephemeral_bytes", "INTEGER"), ("gpu_mask", "INTEGER")] {
+        if !columns.iter().any(|c| c == column) {
+            conn.execute_batch(&format!("ALTER TABLE attempts ADD COLUMN {column} {definition}")).map_err(op("add attempt column"))?;
+        }
+    }
+    Ok(())
+}
+
 /// The group-commit writer: takes everything queued, commits it in one transaction, answers.
 fn commit_finishes(conn: &Mutex<Connection>, fence: &Fence, rx: Receiver<Finish>) {
     while let Ok(first) = rx.recv() {
@@ -319,8 +343,8 @@ fn commit_batch(conn: &mut Connection, batch: &[Finish]) -> Result<Vec<bool>> {
     Ok(changed)
 }
 
-const COLUMNS: &str =
-    "SELECT id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms, finished_ms, result_json FROM attempts ";
+const COLUMNS: &str = "SELECT id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms, finished_ms, result_json, replica, \
+     ephemeral_bytes, gpu_mask FROM attempts ";
 
 fn query(conn: &Connection, filter: &str, params: impl rusqlite::Params) -> Result<Vec<Attempt>> {
     let mut stmt = conn.prepare_cached(&format!("{COLUMNS}{filter}")).map_err(op("prepare query"))?;
@@ -336,20 +360,43 @@ fn query_one(conn: &Connection, id: &str) -> Result<Option<Attempt>> {
     Ok(query(conn, "WHERE id = ?1", params![id])?.pop())
 }
 
-type Raw = (String, String, String, u32, u32, String, String, i64, i64, i64, Option<i64>, Option<String>);
+type Raw = ((String, String, String, u32, u32, String, String, i64, i64, i64, Option<i64>, Option<String>), (u32, Option<i64>, Option<i64>));
 
 fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?))
+    Ok((
+        (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?),
+        (r.get(12)?, r.get(13)?, r.get(14)?),
+    ))
 }
 
 fn raw_to_attempt(raw: Raw) -> Result<Attempt> {
-    let (id, job_uid, job_key, index, number, node, phase, cpu, mem, created_ms, finished_ms, result_json) = raw;
+    let ((id, job_uid, job_key, index, number, node, phase, cpu, mem, created_ms, finished_ms, result_json), (replica, ephemeral, gpu_mask)) = raw;
     let Some(phase) = AttemptPhase::parse(&phase) else {
         return Err(StoreError::Corrupt { id, phase });
     };
     // A result that no longer parses is kept as absent rather than failing the whole job.
     let result = result_json.and_then(|j| serde_json::from_str(&j).ok());
-    Ok(Attempt { id, job_uid, job_key, index, number, node, phase, cpu_millis: cpu as u64, memory_bytes: mem as u64, created_ms, finished_ms, result })
+    // Both columns are written together; a row with either missing predates them.
+    let held = match (ephemeral, gpu_mask) {
+        (Some(e), Some(g)) => Some(Held { ephemeral_bytes: e.max(0) as u64, gpu_mask: g as u64 }),
+        _ => None,
+    };
+    Ok(Attempt {
+        id,
+        job_uid,
+        job_key,
+        index,
+        number,
+        replica,
+        node,
+        phase,
+        cpu_millis: cpu as u64,
+        memory_bytes: mem as u64,
+        held,
+        created_ms,
+        finished_ms,
+        result,
+    })
 }
 
 #[cfg(test)]
@@ -364,10 +411,12 @@ mod tests {
             job_key: "ns/j".into(),
             index,
             number: 1,
+            replica: 0,
             node: node.into(),
             phase: AttemptPhase::Assigned,
             cpu_millis: 250,
             memory_bytes: 1 << 20,
+            held: Some(Held::default()),
             created_ms: 5,
             finished_ms: None,
             result: None,
@@ -447,6 +496,44 @@ mod tests {
         assert!(matches!(store.remove_node("n"), Err(StoreError::Fenced(_))));
         assert_eq!(store.attempts_for_job("uid").unwrap().len(), 1, "reads still work, nothing changed");
         assert_eq!(store.attempt(&id).unwrap().unwrap().phase, AttemptPhase::Assigned);
+    }
+
+    #[test]
+    fn replicas_and_held_disk_and_gpus_survive_reopen_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Held { ephemeral_bytes: 10 << 30, gpu_mask: 1 << 63 | 0b101 };
+        let copy = Attempt { id: crate::attempt::replica_attempt_id("uid", 0, 1, 2), replica: 2, held: Some(held), ..attempt(0, "b") };
+        Store::open(dir.path()).unwrap().insert_attempts(&[attempt(0, "a"), copy.clone()]).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let all = store.attempts_for_job("uid").unwrap();
+        assert_eq!(all, vec![attempt(0, "a"), copy.clone()], "ordered by index, number, replica");
+        assert_eq!(store.all_active().unwrap()[1].held, Some(held));
+    }
+
+    #[test]
+    fn a_store_written_by_an_older_operator_gains_the_new_columns_and_keeps_its_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("kommune.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE attempts (id TEXT PRIMARY KEY, job_uid TEXT NOT NULL, job_key TEXT NOT NULL, task_index INTEGER NOT NULL,
+                 number INTEGER NOT NULL, node TEXT NOT NULL, phase TEXT NOT NULL, cpu_millis INTEGER NOT NULL, memory_bytes INTEGER NOT NULL,
+                 created_ms INTEGER NOT NULL, finished_ms INTEGER, result_json TEXT);
+                 INSERT INTO attempts (id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms)
+                 VALUES ('uid.0.1', 'uid', 'ns/j', 0, 1, 'a', 'Running', 250, 1048576, 5);",
+            )
+            .unwrap();
+        }
+        for _ in 0..2 {
+            // Opening twice: the migration runs once and is a no-op after.
+            let store = Store::open(dir.path()).unwrap();
+            let old = store.attempt("uid.0.1").unwrap().unwrap();
+            assert_eq!((old.replica, old.held, old.phase), (0, None, AttemptPhase::Running), "disk and GPUs of old rows are unknown, not zero");
+        }
+        let store = Store::open(dir.path()).unwrap();
+        store.insert_attempts(&[attempt(1, "b")]).unwrap();
+        assert_eq!(store.attempts_for_job("uid").unwrap().len(), 2);
+        assert_eq!(store.attempt(&attempt_id("uid", 1, 1)).unwrap().unwrap().held, Some(Held::default()));
     }
 
     #[test]

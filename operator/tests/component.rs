@@ -18,7 +18,7 @@ use kommune_operator::blobs::Blobs;
 use kommune_operator::crd::{ComputeJobSpec, JobPhase};
 use kommune_operator::dispatch::{Dispatcher, JobRef, ModuleRef, Synced};
 use kommune_operator::fence::Fence;
-use kommune_operator::fleet::Fleet;
+use kommune_operator::fleet::{Fleet, NodeAdmin};
 use kommune_operator::gateway::{Gateway, GatewayConfig, NodeEvent};
 use kommune_operator::job::{JobPolicy, validate};
 use kommune_operator::ledger::{Ledger, LedgerConfig};
@@ -345,6 +345,45 @@ async fn agents_join_and_run_wasm_and_exec_jobs_over_mtls() {
     let events = op.events.lock().unwrap().clone();
     assert!(events.iter().any(|e| matches!(e, NodeEvent::Joined { node, .. } if node == "agent-a")));
     assert!(events.iter().any(|e| matches!(e, NodeEvent::Connected { node, .. } if node == "agent-b")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replicated_wasm_job_runs_each_task_on_two_owners_verifies_and_meters_every_copy_once() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = join_agent(&op, dir.path(), "alice-pc", false).await;
+    let _b = join_agent(&op, dir.path(), "bob-pc", false).await;
+    wait_connected(&op, &["alice-pc", "bob-pc"]).await;
+    for (node, owner) in [("alice-pc", "alice"), ("bob-pc", "bob")] {
+        op.dispatcher.fleet().set_admin(node, NodeAdmin { owner: owner.into(), ..Default::default() });
+    }
+
+    let sha = op.blobs.put(&hello_module()).unwrap();
+    let wasm = policy(
+        "workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\n    args: ['5000']\ntasks: 2\nresources: {cpu: 250m, memory: 64Mi}\nplacement: {replicas: 2}\n",
+    );
+    let done = op.run_to_end(&job("replicated"), &wasm, Some(&ModuleRef { sha256: sha, url: None })).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded, "{:?}", done.attempts);
+    assert_eq!(done.progress.counts.succeeded, 2, "counts are tasks");
+    assert!(done.progress.disagreements.is_empty());
+    assert_eq!(done.attempts.len(), 4, "two tasks, two copies each, each run once");
+    for index in 0..2 {
+        let copies: Vec<_> = done.attempts.iter().filter(|a| a.index == index).collect();
+        assert_eq!(
+            copies.iter().map(|a| (a.number, a.replica, a.phase)).collect::<Vec<_>>(),
+            vec![(1, 0, AttemptPhase::Succeeded), (1, 1, AttemptPhase::Succeeded)]
+        );
+        assert_ne!(copies[0].node, copies[1].node, "copies run on distinct owners' machines");
+        let (r0, r1) = (copies[0].result.as_ref().unwrap(), copies[1].result.as_ref().unwrap());
+        assert_eq!((r0.exit_code, r0.output_sha256.len()), (0, 64));
+        assert_eq!(r0.output_sha256, r1.output_sha256, "the module is deterministic: the copies agree");
+    }
+    // Every copy is metered once, from the receipt of the agent that ran it.
+    let m = op.metered_at_least("replicated", 4).await;
+    assert_eq!(m.receipts, 4);
+    for node in ["alice-pc", "bob-pc"] {
+        assert_eq!(op.dispatcher.ledger().unwrap().node_earnings(node).await.unwrap().receipts, 2, "{node} ran one copy of each task");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

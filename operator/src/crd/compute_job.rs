@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::TaintEffect;
 
 /// A batch of independent tasks to run on Kommune provider machines. Each task gets its index
-/// (0..tasks) in `KOMMUNE_TASK_INDEX`; the job succeeds when every index has succeeded once.
+/// (0..tasks) in `KOMMUNE_TASK_INDEX`; the job succeeds when every index has succeeded once
+/// (with `placement.replicas`, once with every copy agreeing).
 // kube's printcolumn(...) expands to repeated attributes, which clippy mistakes for duplicates.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -42,7 +43,8 @@ pub struct ComputeJobSpec {
     #[schemars(range(min = 1, max = 1000000))]
     pub tasks: u32,
 
-    /// Maximum number of tasks running at the same time. Defaults to all of them.
+    /// Maximum number of tasks running at the same time. Defaults to all of them. With
+    /// `placement.replicas`, a task counts once however many replicas it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000000))]
     pub parallelism: Option<u32>,
@@ -108,6 +110,10 @@ fn is_zero(v: &i32) -> bool {
     *v == 0
 }
 
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
 /// Where a job's tasks may run.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -148,7 +154,16 @@ pub struct Placement {
     pub data_locality: Option<DataLocality>,
 
     /// Copies of each task run for verification, each on a distinct provider with a distinct
-    /// owner (so they cannot collude). Defaults to 1.
+    /// owner (so they cannot collude). Defaults to 1. All copies of one attempt are placed
+    /// together or not at all, and the attempt succeeds only when every copy succeeds with the
+    /// same exit code and output sha256; there is no majority vote (two of three agreeing is a
+    /// disagreement too). A disagreement, or a copy that fails or is lost, fails the attempt
+    /// (the other copies are cancelled) and counts against `retries.maxAttempts`; a copy that
+    /// is preempted or cancelled makes the attempt start over without using a retry.
+    /// Disagreements are reported in the `Verified` condition with the nodes and results.
+    /// Each copy uses the job's resources and is metered and paid for. Copies see the same
+    /// environment except `KOMMUNE_ATTEMPT_ID`, which is theirs: output that includes it
+    /// always disagrees. Not for exec tasks, whose output is not deterministic.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 16))]
     pub replicas: u32,
@@ -400,7 +415,8 @@ fn default_memory() -> Quantity {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Retries {
-    /// Attempts per task before the task, and with it the job, fails. Defaults to 3.
+    /// Attempts per task before the task, and with it the job, fails. Defaults to 3. With
+    /// replicas, one attempt runs every copy once.
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 100))]
     pub max_attempts: u32,
@@ -549,6 +565,9 @@ pub struct TaskResultSummary {
     pub index: u32,
     /// Attempt number of this task, from 1.
     pub attempt: u32,
+    /// Which copy of the attempt (`placement.replicas`), from 0; absent for 0.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub replica: u32,
     /// ProviderNode that ran it.
     pub node: String,
     /// Exit code; -1 when the task did not exit on its own.

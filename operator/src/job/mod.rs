@@ -6,6 +6,7 @@ pub mod indexes;
 pub mod progress;
 pub mod status;
 pub mod validate;
+pub mod verify;
 
 pub use progress::{Progress, progress};
 pub use validate::{Invalid, JobPolicy, ModuleSource, PlacementPolicy, TaskWorkload, validate};

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::validate::{JobPolicy, MAX_BACKOFF};
-use crate::attempt::{Attempt, AttemptPhase};
+use super::verify::{Disagreement, Verdict, verdict};
+use crate::attempt::Attempt;
 use crate::crd::{JobPhase, TaskCounts};
 
 /// Why a job ended in Failed.
@@ -13,22 +14,31 @@ use crate::crd::{JobPhase, TaskCounts};
 pub enum FailureCause {
     /// These task indexes used up their attempts.
     TasksFailed(Vec<u32>),
+    /// These task indexes used up their attempts, and the last failed round of at least one
+    /// ended with replicas returning different results: `first` is the lowest such task's.
+    ResultsDisagree { failed: Vec<u32>, first: Disagreement },
     /// `timeouts.jobSeconds` passed.
     DeadlineExceeded,
 }
 
-/// What the operator should do next for one job, and how it stands.
+/// What the operator should do next for one job, and how it stands. With replicas, an
+/// "attempt" of a task is a round of `replicas` attempts sharing its number; counts, indexes
+/// and `to_place` are per task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
     pub phase: JobPhase,
     pub counts: TaskCounts,
-    /// (index, attempt number) pairs to place now, in index order, within parallelism.
+    /// (index, attempt number) pairs to place now, in index order, within parallelism. Each
+    /// is one round: all of the job's replicas.
     pub to_place: Vec<(u32, u32)>,
-    /// Ids of active attempts to cancel (the job has ended).
+    /// Ids of active attempts to cancel (the job has ended, or they are no longer needed).
     pub to_cancel: Vec<String>,
     pub completed: Vec<u32>,
     pub failed: Vec<u32>,
     pub failure: Option<FailureCause>,
+    /// Tasks not done whose last failed round ended with replicas that disagreed, in index
+    /// order (retried, or failed for good).
+    pub disagreements: Vec<Disagreement>,
     /// When a task waiting in backoff becomes eligible (Unix ms), so the caller can requeue.
     pub next_retry_ms: Option<i64>,
     /// When the first attempt was created.
@@ -42,52 +52,83 @@ pub fn retry_delay(backoff: Duration, number: u32) -> Duration {
 }
 
 /// Computes the progress of a job with `policy` whose attempts are `attempts`, at `now_ms`.
+/// A task succeeds when one round verifies (see [`verdict`]); a failed or disagreeing round
+/// uses up one of its `max_attempts`; a round that failed, disagreed or became void has its
+/// replicas still running cancelled, since they can no longer verify anything. Linear in the
+/// attempts (apart from sorting each task's own).
 pub fn progress(policy: &JobPolicy, attempts: &[Attempt], now_ms: i64) -> Progress {
     let mut by_index: BTreeMap<u32, Vec<&Attempt>> = BTreeMap::new();
     for a in attempts.iter().filter(|a| a.index < policy.tasks) {
         by_index.entry(a.index).or_default().push(a);
     }
     let started_ms = attempts.iter().map(|a| a.created_ms).min();
+    let replicas = policy.placement.replicas.max(1);
 
     let mut counts = TaskCounts { total: policy.tasks, ..Default::default() };
     let (mut completed, mut failed, mut active) = (vec![], vec![], vec![]);
-    // Active attempts of indexes that already succeeded, collected here in one pass (checking
-    // each active id against every attempt made large jobs quadratic).
-    let mut duplicates: Vec<String> = vec![];
+    // Active attempts no longer needed (their task succeeded, or their round cannot verify),
+    // collected here in one pass (checking each active id against every attempt made large
+    // jobs quadratic).
+    let mut unneeded: Vec<String> = vec![];
+    let mut disagreements = vec![];
     let mut eligible = vec![];
     let mut next_retry_ms: Option<i64> = None;
 
     for index in 0..policy.tasks {
-        let tries = by_index.get(&index).map(Vec::as_slice).unwrap_or(&[]);
-        let succeeded = tries.iter().any(|a| a.phase == AttemptPhase::Succeeded);
-        let running: Vec<&&Attempt> = tries.iter().filter(|a| !a.phase.is_terminal()).collect();
-        let failures = tries.iter().filter(|a| a.phase.is_failure()).count() as u32;
-        let next_number = tries.iter().map(|a| a.number).max().unwrap_or(0) + 1;
-        if succeeded {
-            counts.succeeded += 1;
-            completed.push(index);
-            // A second attempt still running after success (e.g. a late duplicate) is not needed.
-            active.extend(running.iter().map(|a| a.id.clone()));
-            duplicates.extend(running.iter().map(|a| a.id.clone()));
-        } else if !running.is_empty() {
-            counts.running += 1;
-            active.extend(running.iter().map(|a| a.id.clone()));
-        } else if failures >= policy.max_attempts {
-            counts.failed += 1;
-            failed.push(index);
-        } else {
-            counts.pending += 1;
-            let last_end = tries.iter().filter_map(|a| a.finished_ms).max();
-            let ready_at = match (failures, last_end) {
-                (0, _) | (_, None) => now_ms,
-                (_, Some(end)) => end + retry_delay(policy.backoff, next_number).as_millis() as i64,
-            };
-            if ready_at <= now_ms {
-                eligible.push((index, next_number));
-            } else {
-                next_retry_ms = Some(next_retry_ms.map_or(ready_at, |t: i64| t.min(ready_at)));
+        let mut tries = by_index.remove(&index).unwrap_or_default();
+        tries.sort_by_key(|a| (a.number, a.replica));
+        let (mut verified, mut failures) = (false, 0u32);
+        let (mut running, mut wasted) = (vec![], vec![]);
+        // The last failed round's disagreement, if it was one.
+        let mut last_failure: Option<Disagreement> = None;
+        for round in tries.chunk_by(|a, b| a.number == b.number) {
+            let v = verdict(round, replicas);
+            let still_active = round.iter().filter(|a| !a.phase.is_terminal()).map(|a| a.id.clone());
+            match &v {
+                Verdict::Running => running.extend(still_active),
+                _ => wasted.extend(still_active),
+            }
+            if v.is_failure() {
+                failures += 1;
+                last_failure = match v {
+                    Verdict::Disagree(d) => Some(d),
+                    _ => None,
+                };
+            } else if v == Verdict::Verified {
+                verified = true;
             }
         }
+        let next_number = tries.last().map_or(0, |a| a.number) + 1;
+        if verified {
+            counts.succeeded += 1;
+            completed.push(index);
+            // Rounds still running after success (e.g. a late duplicate) are not needed.
+            unneeded.extend(running.iter().cloned());
+            active.extend(running);
+        } else {
+            disagreements.extend(last_failure);
+            if !running.is_empty() {
+                counts.running += 1;
+                active.extend(running);
+            } else if failures >= policy.max_attempts {
+                counts.failed += 1;
+                failed.push(index);
+            } else {
+                counts.pending += 1;
+                let last_end = tries.iter().filter_map(|a| a.finished_ms).max();
+                let ready_at = match (failures, last_end) {
+                    (0, _) | (_, None) => now_ms,
+                    (_, Some(end)) => end + retry_delay(policy.backoff, next_number).as_millis() as i64,
+                };
+                if ready_at <= now_ms {
+                    eligible.push((index, next_number));
+                } else {
+                    next_retry_ms = Some(next_retry_ms.map_or(ready_at, |t: i64| t.min(ready_at)));
+                }
+            }
+        }
+        unneeded.extend(wasted.iter().cloned());
+        active.extend(wasted);
     }
 
     let deadline_passed = match (policy.job_deadline, started_ms) {
@@ -98,7 +139,10 @@ pub fn progress(policy: &JobPolicy, attempts: &[Attempt], now_ms: i64) -> Progre
     let failure = if all_done {
         None
     } else if !failed.is_empty() {
-        Some(FailureCause::TasksFailed(failed.clone()))
+        match disagreements.iter().find(|d| failed.binary_search(&d.index).is_ok()) {
+            Some(first) => Some(FailureCause::ResultsDisagree { failed: failed.clone(), first: first.clone() }),
+            None => Some(FailureCause::TasksFailed(failed.clone())),
+        }
     } else if deadline_passed {
         Some(FailureCause::DeadlineExceeded)
     } else {
@@ -109,24 +153,24 @@ pub fn progress(policy: &JobPolicy, attempts: &[Attempt], now_ms: i64) -> Progre
         let phase = if started_ms.is_some() { JobPhase::Running } else { JobPhase::Pending };
         (phase, vec![], active)
     } else if all_done {
-        (JobPhase::Succeeded, vec![], duplicates)
+        (JobPhase::Succeeded, vec![], unneeded)
     } else if failure.is_some() {
         (JobPhase::Failed, vec![], active)
     } else {
         let in_flight = counts.running;
         let room = policy.parallelism.saturating_sub(in_flight) as usize;
         let phase = if started_ms.is_some() { JobPhase::Running } else { JobPhase::Pending };
-        (phase, eligible.into_iter().take(room).collect(), duplicates)
+        (phase, eligible.into_iter().take(room).collect(), unneeded)
     };
     let next_retry_ms = if phase == JobPhase::Running || phase == JobPhase::Pending { next_retry_ms } else { None };
 
-    Progress { phase, counts, to_place, to_cancel, completed, failed, failure, next_retry_ms, started_ms }
+    Progress { phase, counts, to_place, to_cancel, completed, failed, failure, disagreements, next_retry_ms, started_ms }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attempt::attempt_id;
+    use crate::attempt::{AttemptPhase, AttemptResult, attempt_id, replica_attempt_id};
     use crate::job::validate::{ModuleSource, TaskWorkload};
 
     fn policy(tasks: u32, parallelism: u32, max_attempts: u32) -> JobPolicy {
@@ -157,10 +201,12 @@ mod tests {
             job_key: "ns/job".into(),
             index,
             number,
+            replica: 0,
             node: "n1".into(),
             phase,
             cpu_millis: 100,
             memory_bytes: 1 << 20,
+            held: None,
             created_ms: created,
             finished_ms: finished,
             result: None,
@@ -286,6 +332,209 @@ mod tests {
         let p = progress(&policy(1, 1, 1), &a, 100);
         assert_eq!(p.phase, JobPhase::Running);
         assert_eq!(p.to_place, vec![(0, 1)]);
+    }
+
+    /// A job of `tasks` tasks with `replicas` copies each.
+    fn replicated(tasks: u32, replicas: u32, max_attempts: u32) -> JobPolicy {
+        let mut p = policy(tasks, tasks, max_attempts);
+        p.placement.replicas = replicas;
+        p
+    }
+
+    /// Replica `replica` of attempt `number` of task `index`, on node `n<replica>`; succeeded
+    /// ones answer `digest`.
+    fn copy(index: u32, number: u32, replica: u32, phase: AttemptPhase, digest: &str) -> Attempt {
+        let result = (phase == AttemptPhase::Succeeded).then(|| AttemptResult { exit_code: 0, output_sha256: digest.repeat(64), ..Default::default() });
+        Attempt {
+            id: replica_attempt_id("uid", index, number, replica),
+            replica,
+            node: format!("n{replica}"),
+            result,
+            ..attempt(index, number, phase, 0, phase.is_terminal().then_some(1_000))
+        }
+    }
+
+    #[test]
+    fn replicated_tasks_succeed_fail_retry_and_cancel_by_round() {
+        use AttemptPhase::*;
+        struct Case {
+            name: &'static str,
+            policy: JobPolicy,
+            attempts: Vec<Attempt>,
+            phase: JobPhase,
+            to_place: Vec<(u32, u32)>,
+            to_cancel: Vec<String>,
+            disagreeing: Vec<u32>,
+        }
+        let suspended = JobPolicy { suspended: true, ..replicated(1, 2, 3) };
+        let deadline = JobPolicy { job_deadline: Some(Duration::from_secs(1)), ..replicated(1, 2, 3) };
+        let r = |index, number, replica| replica_attempt_id("uid", index, number, replica);
+        let cases = vec![
+            Case {
+                name: "all agree",
+                policy: replicated(1, 3, 3),
+                attempts: vec![copy(0, 1, 0, Succeeded, "a"), copy(0, 1, 1, Succeeded, "a"), copy(0, 1, 2, Succeeded, "a")],
+                phase: JobPhase::Succeeded,
+                to_place: vec![],
+                to_cancel: vec![],
+                disagreeing: vec![],
+            },
+            Case {
+                name: "one of two agreeing so far, the other still running",
+                policy: replicated(1, 2, 3),
+                attempts: vec![copy(0, 1, 0, Succeeded, "a"), copy(0, 1, 1, Running, "")],
+                phase: JobPhase::Running,
+                to_place: vec![],
+                to_cancel: vec![],
+                disagreeing: vec![],
+            },
+            Case {
+                name: "one disagrees: retried as a new round after the backoff",
+                policy: replicated(1, 2, 3),
+                attempts: vec![copy(0, 1, 0, Succeeded, "a"), copy(0, 1, 1, Succeeded, "b")],
+                phase: JobPhase::Running,
+                to_place: vec![(0, 2)],
+                to_cancel: vec![],
+                disagreeing: vec![0],
+            },
+            Case {
+                name: "two of three agree: no majority vote, the third still running is cancelled",
+                policy: replicated(1, 4, 3),
+                attempts: vec![copy(0, 1, 0, Succeeded, "a"), copy(0, 1, 1, Succeeded, "a"), copy(0, 1, 2, Succeeded, "b"), copy(0, 1, 3, Running, "")],
+                phase: JobPhase::Running,
+                to_place: vec![(0, 2)],
+                to_cancel: vec![r(0, 1, 3)],
+                disagreeing: vec![0],
+            },
+            Case {
+                name: "the retry after a disagreement verifies",
+                policy: replicated(1, 2, 3),
+                attempts: vec![copy(0, 1, 0, Succeeded, "a"), copy(0, 1, 1, Succeeded, "b"), copy(0, 2, 0, Succeeded, "c"), copy(0, 2, 1, Succeeded, "c")],
+                phase: JobPhase::Succeeded,
+                to_place: vec![],
+                to_cancel: vec![],
+                disagreeing: vec![],
+            },
+            Case {
+                name: "one lost: the round fails and the copy still running is cancelled",
+                policy: replicated(1, 2, 3),
+                attempts: vec![copy(0, 1, 0, Running, ""), copy(0, 1, 1, Lost, "")],
+                phase: JobPhase::Running,
+                to_place: vec![(0, 2)],
+                to_cancel: vec![r(0, 1, 0)],
+                disagreeing: vec![],
+            },
+            Case {
+                name: "one preempted: the round starts over without using a retry",
+                policy: replicated(1, 2, 1),
+                attempts: vec![copy(0, 1, 0, Running, ""), copy(0, 1, 1, Cancelled, "")],
+                phase: JobPhase::Running,
+                to_place: vec![(0, 2)],
+                to_cancel: vec![r(0, 1, 0)],
+                disagreeing: vec![],
+            },
+            Case {
+                name: "late duplicates of a verified task are cancelled",
+                policy: replicated(2, 2, 3),
+                attempts: vec![copy(0, 1, 0, Succeeded, "a"), copy(0, 1, 1, Succeeded, "a"), copy(0, 2, 0, Running, ""), copy(0, 2, 1, Assigned, "")],
+                phase: JobPhase::Running,
+                to_place: vec![(1, 1)],
+                to_cancel: vec![r(0, 2, 0), r(0, 2, 1)],
+                disagreeing: vec![],
+            },
+            Case {
+                name: "suspended: every running copy is cancelled, nothing placed",
+                policy: suspended,
+                attempts: vec![copy(0, 1, 0, Running, ""), copy(0, 1, 1, Succeeded, "a")],
+                phase: JobPhase::Running,
+                to_place: vec![],
+                to_cancel: vec![r(0, 1, 0)],
+                disagreeing: vec![],
+            },
+            Case {
+                name: "past the deadline: the job fails and every running copy is cancelled",
+                policy: deadline,
+                attempts: vec![copy(0, 1, 0, Running, ""), copy(0, 1, 1, Assigned, "")],
+                phase: JobPhase::Failed,
+                to_place: vec![],
+                to_cancel: vec![r(0, 1, 0), r(0, 1, 1)],
+                disagreeing: vec![],
+            },
+        ];
+        for c in cases {
+            let p = progress(&c.policy, &c.attempts, 20_000);
+            assert_eq!(p.phase, c.phase, "{}", c.name);
+            assert_eq!(p.to_place, c.to_place, "{}", c.name);
+            assert_eq!(p.to_cancel, c.to_cancel, "{}", c.name);
+            assert_eq!(p.disagreements.iter().map(|d| d.index).collect::<Vec<_>>(), c.disagreeing, "{}", c.name);
+            let k = &p.counts;
+            assert_eq!(k.pending + k.running + k.succeeded + k.failed, c.policy.tasks, "{}: counts are tasks, not attempts", c.name);
+        }
+    }
+
+    #[test]
+    fn a_task_whose_replicas_keep_disagreeing_fails_the_job_naming_the_nodes() {
+        use AttemptPhase::*;
+        let attempts = [
+            copy(0, 1, 0, Failed, ""),
+            copy(0, 1, 1, Succeeded, "a"),
+            copy(1, 1, 0, Succeeded, "a"),
+            copy(1, 1, 1, Succeeded, "b"),
+            copy(2, 1, 0, Running, ""),
+            copy(2, 1, 1, Running, ""),
+        ];
+        let p = progress(&replicated(3, 2, 1), &attempts, 20_000);
+        assert_eq!(p.phase, JobPhase::Failed);
+        assert_eq!(p.failed, vec![0, 1]);
+        let Some(FailureCause::ResultsDisagree { failed, first }) = &p.failure else { panic!("{:?}", p.failure) };
+        assert_eq!(failed, &vec![0, 1]);
+        assert_eq!((first.index, first.number), (1, 1));
+        assert_eq!(first.answers.iter().map(|a| a.node.as_str()).collect::<Vec<_>>(), vec!["n0", "n1"]);
+        assert_eq!(p.to_cancel, vec![replica_attempt_id("uid", 2, 1, 0), replica_attempt_id("uid", 2, 1, 1)]);
+        assert_eq!(p.counts, TaskCounts { total: 3, running: 1, failed: 2, ..Default::default() });
+        // Task 0 alone (a plain failure) is not a disagreement.
+        let p = progress(&replicated(1, 2, 1), &attempts[..2], 20_000);
+        assert_eq!(p.failure, Some(FailureCause::TasksFailed(vec![0])));
+    }
+
+    #[test]
+    fn parallelism_counts_tasks_not_replicas() {
+        use AttemptPhase::*;
+        let mut pol = replicated(3, 3, 3);
+        pol.parallelism = 2;
+        let running: Vec<Attempt> = (0..2).flat_map(|i| (0..3).map(move |k| copy(i, 1, k, Running, ""))).collect();
+        let p = progress(&pol, &running, 20_000);
+        assert_eq!((p.counts.running, p.to_place.clone()), (2, vec![]));
+        let p = progress(&pol, &running[..3], 20_000);
+        assert_eq!(p.to_place, vec![(1, 1)], "one task running with three copies leaves room for one more task");
+    }
+
+    #[test]
+    fn every_pair_of_replica_outcomes_is_accounted_for() {
+        use AttemptPhase::*;
+        let phases = [Assigned, Running, Succeeded, Failed, Cancelled, Lost];
+        for a in phases {
+            for b in phases {
+                for digest in ["a", "b"] {
+                    let atts = [copy(0, 1, 0, a, "a"), copy(0, 1, 1, b, digest)];
+                    let p = progress(&replicated(1, 2, 2), &atts, 20_000);
+                    let k = &p.counts;
+                    assert_eq!(k.pending + k.running + k.succeeded + k.failed, 1, "{a:?} {b:?} {digest}");
+                    let active: Vec<&str> = atts.iter().filter(|x| !x.phase.is_terminal()).map(|x| x.id.as_str()).collect();
+                    assert!(p.to_cancel.iter().all(|id| active.contains(&id.as_str())), "only active copies are cancelled: {a:?} {b:?}");
+                    let verified = a == Succeeded && b == Succeeded && digest == "a";
+                    assert_eq!(p.phase == JobPhase::Succeeded, verified, "{a:?} {b:?} {digest}");
+                    let one_failed = a.is_failure() || b.is_failure() || (a == Succeeded && b == Succeeded && digest == "b");
+                    let one_stopped = one_failed || a == Cancelled || b == Cancelled;
+                    if one_stopped {
+                        assert_eq!(p.to_cancel.len(), active.len(), "a round that cannot verify frees its copies: {a:?} {b:?} {digest}");
+                        assert_eq!(p.to_place, vec![(0, 2)], "{a:?} {b:?} {digest}");
+                    } else if !active.is_empty() {
+                        assert!(p.to_cancel.is_empty() && p.to_place.is_empty(), "{a:?} {b:?} {digest}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub const SCHEDULED: &str = "Scheduled";
 pub const SUCCEEDED: &str = "Succeeded";
 pub const FAILED: &str = "Failed";
 pub const SUSPENDED: &str = "Suspended";
+/// Present while a task's replicas last returned different results (False, `ResultsDisagree`).
+pub const VERIFIED: &str = "Verified";
 
 fn ts(ms: i64) -> Time {
     Time(Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH))
@@ -120,10 +122,27 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
         (JobPhase::Failed, Some(FailureCause::TasksFailed(idx))) => {
             set_condition(&mut s.conditions, condition(FAILED, true, "TasksFailed", format!("task(s) {} failed on every attempt", compact(idx)), g));
         }
+        (JobPhase::Failed, Some(FailureCause::ResultsDisagree { failed, first })) => {
+            let message = format!("task(s) {} failed on every attempt; last of task {}: {first}", compact(failed), first.index);
+            set_condition(&mut s.conditions, condition(FAILED, true, "ResultsDisagree", message, g));
+        }
         (JobPhase::Failed, Some(FailureCause::DeadlineExceeded)) => {
             set_condition(&mut s.conditions, condition(FAILED, true, "DeadlineExceeded", "the job ran longer than timeouts.jobSeconds", g));
         }
         _ => {}
+    }
+
+    // Disagreements of tasks still being tried; a job that ended says it in Succeeded/Failed.
+    match p.disagreements.first() {
+        Some(first) if active => {
+            let more = match p.disagreements.len() {
+                1 => String::new(),
+                n => format!(" ({} other task(s) too)", n - 1),
+            };
+            let message = format!("{first}; the task is tried again{more}");
+            set_condition(&mut s.conditions, condition(VERIFIED, false, "ResultsDisagree", message, g));
+        }
+        _ => s.conditions.retain(|c| c.type_ != VERIFIED),
     }
 
     let mut finished: Vec<&Attempt> = o.attempts.iter().filter(|a| a.phase.is_terminal() && a.result.is_some()).collect();
@@ -137,6 +156,7 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
             TaskResultSummary {
                 index: a.index,
                 attempt: a.number,
+                replica: a.replica,
                 node: a.node.clone(),
                 exit_code: r.exit_code,
                 output_sha256: r.output_sha256.clone(),
@@ -182,13 +202,17 @@ pub fn events(prev: &ComputeJobStatus, next: &ComputeJobStatus) -> Vec<(Severity
     let mut out = vec![];
     for c in &next.conditions {
         let before = prev.conditions.iter().find(|p| p.type_ == c.type_);
-        if before.is_some_and(|b| b.status == c.status && b.reason == c.reason) {
+        // A new disagreement is news even when the condition already said there was one.
+        let same_news = |b: &&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition| {
+            b.status == c.status && b.reason == c.reason && (c.type_ != VERIFIED || b.message == c.message)
+        };
+        if before.is_some_and(|b| same_news(&b)) {
             continue;
         }
         let good = match c.type_.as_str() {
             FAILED => false,
             SUSPENDED => true,
-            VALID | SCHEDULED | SUCCEEDED => c.status == "True",
+            VALID | SCHEDULED | SUCCEEDED | VERIFIED => c.status == "True",
             _ => true,
         };
         if c.type_ == VALID && good {
@@ -208,6 +232,7 @@ mod tests {
     use super::*;
     use crate::attempt::{AttemptPhase, AttemptResult};
     use crate::crd::{TaskCounts, is_true};
+    use crate::job::verify::{Answer, Disagreement};
     use crate::scheduler::{Exclusion, Request, Resources};
 
     fn progress(phase: JobPhase, counts: TaskCounts) -> Progress {
@@ -219,6 +244,7 @@ mod tests {
             completed: vec![],
             failed: vec![],
             failure: None,
+            disagreements: vec![],
             next_retry_ms: None,
             started_ms: Some(1_000),
         }
@@ -293,10 +319,12 @@ mod tests {
                 job_key: "ns/j".into(),
                 index: i,
                 number: 1,
+                replica: 0,
                 node: "n".into(),
                 phase: AttemptPhase::Succeeded,
                 cpu_millis: 1,
                 memory_bytes: 1,
+                held: None,
                 created_ms: 1,
                 finished_ms: Some(10 + i as i64),
                 result: Some(AttemptResult { exit_code: 0, stdout_tail: vec![b'x'; 1000], ..Default::default() }),
@@ -323,6 +351,49 @@ mod tests {
         let c = s.conditions.iter().find(|c| c.type_ == FAILED).unwrap();
         assert_eq!((c.reason.as_str(), c.message.as_str()), ("TasksFailed", "task(s) 1-2 failed on every attempt"));
         assert_eq!(s.failed_indexes.as_deref(), Some("1-2"));
+    }
+
+    fn disagreement(index: u32, number: u32) -> Disagreement {
+        let answer = |node: &str, digest: &str| Answer { node: node.into(), exit_code: Some(0), output_sha256: digest.repeat(64) };
+        Disagreement { index, number, answers: vec![answer("alice-1", "a"), answer("bob-1", "b")] }
+    }
+
+    #[test]
+    fn disagreeing_replicas_are_a_warning_naming_the_task_and_nodes_once_per_disagreement() {
+        let p = Progress { disagreements: vec![disagreement(3, 1)], ..progress(JobPhase::Running, TaskCounts { total: 5, pending: 5, ..Default::default() }) };
+        let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], None));
+        let c = s.conditions.iter().find(|c| c.type_ == VERIFIED).unwrap();
+        let said = "the replicas of task 3 (attempt 1) returned different results: node alice-1 exit 0 output aaaaaaaaaaaa, node bob-1 exit 0 output \
+                    bbbbbbbbbbbb; the task is tried again";
+        assert_eq!((c.status.as_str(), c.reason.as_str(), c.message.as_str()), ("False", "ResultsDisagree", said));
+        assert_eq!(events(&ComputeJobStatus::default(), &s), vec![(Severity::Warning, "ResultsDisagree".to_string(), said.to_string())]);
+        assert!(events(&s, &summarize(&s, &observed(&p, &[], None))).is_empty(), "the same disagreement is told once");
+
+        // The retry disagrees again, and another task too: news again.
+        let again = Progress { disagreements: vec![disagreement(3, 2), disagreement(4, 1)], ..p.clone() };
+        let s2 = summarize(&s, &observed(&again, &[], None));
+        let ev = events(&s, &s2);
+        assert_eq!(ev.len(), 1);
+        assert!(ev[0].2.starts_with("the replicas of task 3 (attempt 2)") && ev[0].2.ends_with("tried again (1 other task(s) too)"), "{ev:?}");
+
+        // Verified on retry: the condition goes away.
+        let fine = Progress { disagreements: vec![], ..p.clone() };
+        assert!(!summarize(&s2, &observed(&fine, &[], None)).conditions.iter().any(|c| c.type_ == VERIFIED));
+    }
+
+    #[test]
+    fn a_job_failed_by_disagreeing_replicas_says_so() {
+        let mut p = progress(JobPhase::Failed, TaskCounts { total: 4, failed: 2, succeeded: 2, ..Default::default() });
+        p.failed = vec![1, 2];
+        p.disagreements = vec![disagreement(2, 3)];
+        p.failure = Some(FailureCause::ResultsDisagree { failed: vec![1, 2], first: disagreement(2, 3) });
+        let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], None));
+        let c = s.conditions.iter().find(|c| c.type_ == FAILED).unwrap();
+        assert_eq!(c.reason, "ResultsDisagree");
+        assert!(c.message.starts_with("task(s) 1-2 failed on every attempt; last of task 2: the replicas of task 2 (attempt 3) returned different results"));
+        assert!(c.message.contains("node alice-1") && c.message.contains("node bob-1"));
+        assert!(!s.conditions.iter().any(|c| c.type_ == VERIFIED), "said once, by Failed");
+        assert!(events(&ComputeJobStatus::default(), &s).iter().any(|(sev, reason, _)| *sev == Severity::Warning && reason == "ResultsDisagree"));
     }
 
     #[test]

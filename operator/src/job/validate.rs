@@ -18,10 +18,6 @@ const MAX_TASKS: u32 = 1_000_000;
 const MIN_MEMORY: u64 = 1 << 20;
 /// Most replicas of one task.
 pub const MAX_REPLICAS: u32 = 16;
-/// Whether the dispatcher runs more than one replica per task. Until it tracks replica
-/// attempts and compares their outputs, a job asking for replicas is refused with a clear
-/// message rather than silently run once.
-const REPLICAS_RUN: bool = false;
 
 /// A validated job: everything the operator needs to place and run its tasks.
 #[derive(Debug, Clone, PartialEq)]
@@ -356,12 +352,6 @@ fn placement(p: &Placement, workload: &TaskWorkload) -> Result<PlacementPolicy, 
             "spec.placement.replicas: replicas are verified by comparing their outputs, which needs a deterministic runtime; exec tasks are not, use wasm",
         ));
     }
-    if p.replicas > 1 && !REPLICAS_RUN {
-        return Err(invalid(format!(
-            "spec.placement.replicas: {} replicas per task are not run by this operator version yet (the scheduler places replicas on distinct providers and owners, but attempts and verification do not track them); use 1",
-            p.replicas
-        )));
-    }
     Ok(PlacementPolicy { node_selector: p.node_selector.clone(), tolerations, arch, os, min_reputation, data_locality, replicas: p.replicas })
 }
 
@@ -475,6 +465,9 @@ priority: 7
         let d = validate(&spec(WASM)).unwrap();
         assert_eq!(d.request(), Request::new("wasm", Resources { cpu_millis: 250, memory_bytes: 128 << 20, ephemeral_bytes: 0 }));
         assert_eq!(d.priority, 0);
+        // Replicas of a deterministic workload are run (and verified) now.
+        let replicated = validate(&spec(&format!("{WASM}placement: {{replicas: 3}}\n"))).unwrap();
+        assert_eq!((replicated.placement.replicas, replicated.request().replicas), (3, 3));
     }
 
     #[test]
@@ -528,7 +521,6 @@ priority: 7
             (format!("{WASM}placement: {{replicas: 0}}\n"), "InvalidSpec", "spec.placement.replicas must be between 1 and 16"),
             (format!("{WASM}placement: {{replicas: 17}}\n"), "InvalidSpec", "spec.placement.replicas must be between 1 and 16"),
             ("workload:\n  exec:\n    command: [x]\nplacement: {replicas: 2}\n".into(), "InvalidSpec", "exec tasks are not, use wasm"),
-            (format!("{WASM}placement: {{replicas: 3}}\n"), "InvalidSpec", "3 replicas per task are not run by this operator version yet"),
         ];
         for (yaml, reason, needle) in cases {
             let err = validate(&spec(&yaml)).expect_err(&yaml);

@@ -440,6 +440,26 @@ impl Pool {
         true
     }
 
+    /// Records that `attempt_id` holds exactly `resources` and the GPU devices `gpu_mask` on
+    /// `node` (as [`Pool::held_gpus`] reported when it was placed), whether or not they fit:
+    /// how reservations are rebuilt from a store that recorded them. Exact, so `refresh`
+    /// leaves it alone. Idempotent like `reserve`.
+    pub fn reserve_exact(&mut self, attempt_id: &str, node: &str, resources: Resources, gpu_mask: u64, namespace: &str) -> bool {
+        if self.reservations.contains_key(attempt_id) {
+            return false;
+        }
+        let id = self.slot(node);
+        let ns = self.namespace_id(namespace);
+        self.apply(attempt_id, Reservation { node: id, resources, gpus: gpu_mask, namespace: ns, partial: false });
+        true
+    }
+
+    /// The GPU devices `attempt_id` holds on its node, one bit per device in the pool's order
+    /// of the node's GPUs; None when it holds no reservation.
+    pub fn held_gpus(&self, attempt_id: &str) -> Option<u64> {
+        self.reservations.get(attempt_id).map(|r| r.gpus)
+    }
+
     /// Completes a reservation recorded by `reserve` with `resources` and `gpu` (after a
     /// restart the store knows only cpu and memory; the job's first sync fills in the rest),
     /// once. Never creates one, so a release that raced ahead is not undone, and never changes

@@ -169,6 +169,40 @@ fn data_locality_reputation_and_price_steer_the_choice() {
 }
 
 #[test]
+fn an_exact_reservation_holds_the_same_gpu_devices_and_disk_and_is_never_refreshed() {
+    let mut p = pool();
+    let mut a = node("a", 8000, 8 * GI);
+    a.capacity.ephemeral_bytes = 30 * GI;
+    a.gpus = (0..2).map(|_| Gpu { model: "a100".into(), memory_bytes: 80 * GI }).collect();
+    p.upsert(a);
+    let gpu = GpuRequest { count: 1, model: Some(GpuPattern::parse("a100").unwrap()), min_memory_bytes: 0 };
+    let r = Request { gpu: gpu.clone(), ..Request::new("wasm", Resources { ephemeral_bytes: 20 * GI, ..res(1000, GI) }) };
+    assert_eq!(place1(&mut p, &r, "first").unwrap(), "a");
+    let mask = p.held_gpus("first").unwrap();
+    assert_eq!(mask.count_ones(), 1);
+    assert_eq!(p.held_gpus("nobody"), None);
+
+    // Rebuilt elsewhere from what the store recorded: the same device, the same disk.
+    let mut q = pool();
+    let held = Resources { ephemeral_bytes: 20 * GI, ..res(1000, GI) };
+    assert!(q.reserve_exact("first", "a", held, mask, "ns"));
+    assert!(!q.reserve_exact("first", "a", held, mask, "ns"), "idempotent");
+    let mut a = node("a", 8000, 8 * GI);
+    a.capacity.ephemeral_bytes = 30 * GI;
+    a.gpus = (0..2).map(|_| Gpu { model: "a100".into(), memory_bytes: 80 * GI }).collect();
+    q.upsert(a);
+    assert!(!q.refresh("first", res(1, 1), &GpuRequest::default()), "exact already");
+    assert_eq!(q.held_gpus("first"), Some(mask));
+    let gpu_only = Request { gpu, ..Request::new("wasm", res(1000, GI)) };
+    assert_eq!(place1(&mut q, &gpu_only, "second").unwrap(), "a");
+    assert_eq!(q.held_gpus("second").unwrap() & mask, 0, "the other device");
+    assert_eq!(place1(&mut q, &gpu_only, "third").unwrap_err().to_string(), "0/1 nodes can run it: 1 no free GPU matching a100");
+    q.release("first");
+    q.release("second");
+    assert_eq!(q.allocation("a"), Allocation::default());
+}
+
+#[test]
 fn reservations_survive_a_restart_before_their_node_reconnects() {
     let mut p = pool();
     // Rebuilt from the store: the node is not connected yet.
