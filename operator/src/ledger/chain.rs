@@ -123,14 +123,14 @@ impl ChainState {
         &mut self,
         batch: &mut Batch,
         input: &ReceiptInput,
-        checked: Result<VerifiedReceipt, Rejection>,
+        checked: &Result<VerifiedReceipt, Rejection>,
         in_db: Option<&Existing>,
         attempt_in_db: Option<u64>,
         key: &SigningKey,
     ) -> Verdict {
         let v = match checked {
             Ok(v) => v,
-            Err(why) => return Self::reject(batch, input, &why),
+            Err(why) => return Self::reject(batch, input, why),
         };
         let b = &v.body;
         if !self.keys.get(&b.node).is_some_and(|k| k.contains(&input.node_public_key)) {

@@ -53,6 +53,18 @@ pub enum LedgerError {
     BadUrl(String),
 }
 
+impl LedgerError {
+    /// Whether the database refused a write because a unique index already holds the key
+    /// (a receipt or attempt metered before, or an entry seq taken).
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            LedgerError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. } => e.code == rusqlite::ErrorCode::ConstraintViolation,
+            LedgerError::Postgres { source, .. } => source.code() == Some(&::postgres::error::SqlState::UNIQUE_VIOLATION),
+            _ => false,
+        }
+    }
+}
+
 /// Where the ledger lives and who may write it.
 #[derive(Debug, Clone)]
 pub struct LedgerConfig {
@@ -418,6 +430,13 @@ impl Reply {
     }
 }
 
+/// What the writer decided for one command, before the batch is durable.
+enum Decided {
+    Submit(Verdict),
+    Key(bool),
+    Checkpoint(Head),
+}
+
 /// For each verified receipt of a batch: the entry holding its key, the entry metering its attempt.
 type Lookups = (Vec<Option<backend::Existing>>, Vec<Option<u64>>);
 
@@ -456,33 +475,35 @@ impl Writer {
             }
             return;
         }
-        let (in_db, attempts_in_db) = match self.lookups(&work) {
-            Ok(l) => l,
-            Err(e) => return fail_all(work, &e),
-        };
-        let mut batch = Batch::default();
-        let (mut in_db, mut attempts_in_db) = (in_db.into_iter(), attempts_in_db.into_iter());
-        for c in work {
-            match c {
-                Checked::Submit(input, checked, reply) => {
-                    let (existing, attempt) = if checked.is_ok() { (in_db.next().flatten(), attempts_in_db.next().flatten()) } else { (None, None) };
-                    let v = self.state.decide(&mut batch, &input, checked, existing.as_ref(), attempt, &self.key);
-                    replies.push(Reply::Submit(reply, v));
-                }
-                Checked::Other(Command::RegisterKey { node, key, recorded_ms, reply }) => {
-                    let new = self.state.register_key(&mut batch, &node, key, recorded_ms);
-                    replies.push(Reply::Key(reply, new));
-                }
-                Checked::Other(Command::Checkpoint { recorded_ms, reply }) => {
-                    if !self.state.head_is_checkpoint {
-                        self.state.checkpoint(&mut batch, recorded_ms, &self.key);
-                    }
-                    replies.push(Reply::Checkpoint(reply, Head { seq: self.state.head_seq, hash: self.state.head_hash }));
-                }
-                Checked::Other(Command::Submit(..)) => unreachable!("the checkers turn every submission into Checked::Submit"),
+        // Optimistic first: a receipt is almost always new, so the batch is decided without
+        // looking each one up, and the unique indexes on (node, epoch, sequence) and attempt id
+        // catch the rare repeat. Then the batch is decided again with lookups, from the state
+        // as it was before.
+        let before = self.state.clone();
+        let (batch, verdicts) = self.decide_all(&work, None);
+        let mut result = self.append(&batch);
+        let verdicts = match result {
+            Err(ref e) if e.is_unique_violation() => {
+                self.state = before;
+                let lookups = match self.lookups(&work) {
+                    Ok(l) => l,
+                    Err(e) => return fail_all(work, &e),
+                };
+                let (batch, verdicts) = self.decide_all(&work, Some(lookups));
+                result = self.append(&batch);
+                verdicts
             }
+            _ => verdicts,
+        };
+        for (c, v) in work.into_iter().zip(verdicts) {
+            let reply = match (c, v) {
+                (Checked::Submit(_, _, reply), Decided::Submit(v)) => Reply::Submit(reply, v),
+                (Checked::Other(Command::RegisterKey { reply, .. }), Decided::Key(new)) => Reply::Key(reply, new),
+                (Checked::Other(Command::Checkpoint { reply, .. }), Decided::Checkpoint(head)) => Reply::Checkpoint(reply, head),
+                _ => unreachable!("one decision per command, of its kind"),
+            };
+            replies.push(reply);
         }
-        let result = if batch.entries.is_empty() && batch.rejected.is_empty() { Ok(()) } else { self.backend.append(&batch.entries, &batch.rejected) };
         match result {
             Ok(()) => replies.into_iter().for_each(Reply::send),
             Err(e) => {
@@ -495,6 +516,40 @@ impl Writer {
                 replies.into_iter().for_each(|r| r.fail(|| LedgerError::Corrupt(format!("append failed and was rolled back: {msg}"))));
             }
         }
+    }
+
+    fn append(&mut self, batch: &Batch) -> Result<(), LedgerError> {
+        if batch.entries.is_empty() && batch.rejected.is_empty() { Ok(()) } else { self.backend.append(&batch.entries, &batch.rejected) }
+    }
+
+    /// Decides every command of `work` against the chain state, with what the store holds for
+    /// each verified receipt when `lookups` is given (taken as "nothing" otherwise).
+    fn decide_all(&mut self, work: &[Checked], lookups: Option<Lookups>) -> (Batch, Vec<Decided>) {
+        let mut batch = Batch::default();
+        let (mut in_db, mut attempts_in_db) = lookups.map(|(a, b)| (a.into_iter(), b.into_iter())).unzip();
+        let decided = work
+            .iter()
+            .map(|c| match c {
+                Checked::Submit(input, checked, _) => {
+                    let (existing, attempt) = match (checked.is_ok(), in_db.as_mut(), attempts_in_db.as_mut()) {
+                        (true, Some(e), Some(a)) => (e.next().flatten(), a.next().flatten()),
+                        _ => (None, None),
+                    };
+                    Decided::Submit(self.state.decide(&mut batch, input, checked, existing.as_ref(), attempt, &self.key))
+                }
+                Checked::Other(Command::RegisterKey { node, key, recorded_ms, .. }) => {
+                    Decided::Key(self.state.register_key(&mut batch, node, *key, *recorded_ms))
+                }
+                Checked::Other(Command::Checkpoint { recorded_ms, .. }) => {
+                    if !self.state.head_is_checkpoint {
+                        self.state.checkpoint(&mut batch, *recorded_ms, &self.key);
+                    }
+                    Decided::Checkpoint(Head { seq: self.state.head_seq, hash: self.state.head_hash })
+                }
+                Checked::Other(Command::Submit(..)) => unreachable!("the checkers turn every submission into Checked::Submit"),
+            })
+            .collect();
+        (batch, decided)
     }
 
     fn lookups(&mut self, work: &[Checked]) -> Result<Lookups, LedgerError> {

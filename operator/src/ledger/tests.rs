@@ -200,6 +200,7 @@ macro_rules! backend_suite {
 backend_suite!(
     genuine_receipts_are_accepted_priced_and_totalled,
     duplicated_reordered_and_replayed_receipts_count_once,
+    a_replay_among_new_receipts_is_answered_with_its_entry_and_the_new_ones_still_append,
     forged_receipts_are_rejected_with_a_reason_and_kept_once,
     a_forgery_using_a_real_sequence_does_not_block_the_genuine_receipt,
     a_reused_sequence_or_a_metered_attempt_is_rejected,
@@ -273,6 +274,48 @@ fn duplicated_reordered_and_replayed_receipts_count_once(env: &Env) {
     assert_eq!(rt.block_on(l.job_usage("uid-1")).unwrap().receipts, 40);
     drop(l);
     assert_eq!(env.verify().unwrap().receipts, 40);
+}
+
+/// The writer appends a batch without looking receipts up first and falls back to lookups
+/// when a unique index refuses it: a replay mixed into a batch of new receipts must still be
+/// answered with its first entry, and the new ones must still append, once each.
+fn a_replay_among_new_receipts_is_answered_with_its_entry_and_the_new_ones_still_append(env: &Env) {
+    let rt = rt();
+    let l = env.open();
+    let stored = rt.block_on(async {
+        l.register_node_key("pn-1", key_of(1)).await.unwrap();
+        let mut seqs = vec![];
+        for s in 1..=5 {
+            match l.submit(input(1, 1, s)).await.unwrap() {
+                Verdict::Accepted { seq, .. } => seqs.push(seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        seqs
+    });
+    let verdicts = rt.block_on(async {
+        // Replays of stored receipts 2 and 4 between new receipts 6..=30, all at once.
+        let mut inputs: Vec<ReceiptInput> = (6..=30).map(|s| input(1, 1, s)).collect();
+        inputs.insert(3, input(1, 1, 2));
+        inputs.insert(17, input(1, 1, 4));
+        join_all(inputs.into_iter().map(|i| l.submit(i))).await
+    });
+    let mut accepted = vec![];
+    for (k, v) in verdicts.into_iter().enumerate() {
+        match (k, v.unwrap()) {
+            (3, Verdict::Duplicate { seq, .. }) => assert_eq!(seq, stored[1]),
+            (17, Verdict::Duplicate { seq, .. }) => assert_eq!(seq, stored[3]),
+            (3 | 17, other) => panic!("a replay got {other:?}"),
+            (_, Verdict::Accepted { seq, .. }) => accepted.push(seq),
+            (_, other) => panic!("a new receipt got {other:?}"),
+        }
+    }
+    accepted.sort_unstable();
+    assert_eq!(accepted, (stored[4] + 1..=stored[4] + 25).collect::<Vec<_>>(), "the new receipts take the next entries, none skipped");
+    assert_eq!(rt.block_on(l.node_earnings("pn-1")).unwrap().receipts, 30);
+    drop(l);
+    let report = env.verify().unwrap();
+    assert_eq!((report.receipts, report.entries), (30, 31));
 }
 
 fn forged_receipts_are_rejected_with_a_reason_and_kept_once(env: &Env) {
@@ -545,7 +588,7 @@ fn chain(receipts: u64) -> Vec<Entry> {
     state.register_key(&mut batch, "pn-1", key_of(1), 1);
     for s in 1..=receipts {
         let i = input(1, 1, s);
-        let v = state.decide(&mut batch, &i, check::check(&i), None, None, &key);
+        let v = state.decide(&mut batch, &i, &check::check(&i), None, None, &key);
         assert!(matches!(v, Verdict::Accepted { .. }));
     }
     state.checkpoint(&mut batch, 2, &key);
