@@ -1009,3 +1009,67 @@ async fn an_agent_killed_around_sending_its_receipt_resends_it_and_it_counts_onc
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(op.metered_at_least(&jr.uid, 1).await.receipts, 1, "exactly once (the spool held {spooled_at_kill} unacknowledged update(s) at the kill)");
 }
+
+/// A machine that goes silent without closing its connection (Wi-Fi gone, lid closed): the
+/// operator notices when the session timeout passes after its last message, keeps its attempt
+/// through the grace, and only then places it elsewhere. Prints the measured times (this
+/// harness: heartbeats every 200 ms, session timeout 2 s, grace 3 s; the operator's defaults
+/// are 5 s, 15 s and 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_is_noticed_after_the_session_timeout_and_its_work_moves_only_after_the_grace() {
+    use kommune_proto::v1::{AgentMessage, AttemptState, TaskUpdate, agent_message, operator_message};
+    const SESSION_TIMEOUT: Duration = Duration::from_secs(2);
+    const GRACE: Duration = Duration::from_secs(3);
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let silent = join_only(&op, dir.path(), "silent", true).await;
+    let (tx, mut inbound) = raw_session(&op, &silent).await;
+    wait_connected(&op, &["silent"]).await;
+    let work = policy("workload:\n  exec:\n    command: ['/bin/sh', '-c', 'echo done']\nretries: {maxAttempts: 2, backoffSeconds: 0}\n");
+    let jr = job("silence-job");
+    assert_eq!(op.dispatcher.sync(&jr, &work, None).await.unwrap().placed, 1);
+    let assigned = loop {
+        match next(&mut inbound).await {
+            Ok(Some(operator_message::Kind::Assign(a))) => break a.attempt_id,
+            Ok(Some(_)) => continue,
+            other => panic!("expected an Assign, got {other:?}"),
+        }
+    };
+    assert_eq!(assigned, "silence-job.0.1");
+    // The agent says it runs the attempt, then nothing more; the stream stays open.
+    let running = TaskUpdate { attempt_id: assigned.clone(), state: AttemptState::Running as i32, result: None, receipt: None };
+    tx.send(AgentMessage { kind: Some(agent_message::Kind::TaskUpdate(running)) }).await.unwrap();
+    let last_message = std::time::Instant::now();
+    wait_running(&op, &assigned).await;
+
+    let mut rescuer = join_agent(&op, dir.path(), "rescuer", true).await;
+    wait_connected(&op, &["rescuer"]).await;
+    let mut detected = None;
+    let moved = loop {
+        if detected.is_none() && !op.dispatcher.fleet().is_connected("silent") {
+            detected = Some(last_message.elapsed());
+        }
+        // What the operator's expiry loop does (every second there, every 50 ms here).
+        if op.dispatcher.expire_absent(GRACE).await.unwrap() > 0 {
+            break last_message.elapsed();
+        }
+        assert!(last_message.elapsed() < Duration::from_secs(30), "the silent node's attempt was never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let detected = detected.expect("the node is not connected once its attempt is expired");
+    println!(
+        "measured: silent agent noticed {:.2} s after its last message (session timeout {} s); its attempt was placed elsewhere {:.2} s after it (grace {} s)",
+        detected.as_secs_f64(),
+        SESSION_TIMEOUT.as_secs(),
+        moved.as_secs_f64(),
+        GRACE.as_secs()
+    );
+    assert!(detected >= SESSION_TIMEOUT, "a session is not dropped before its timeout ({detected:?})");
+    assert!(moved >= GRACE, "work is not moved within the grace ({moved:?})");
+    let done = op.run_to_end(&jr, &work, None).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded);
+    let runs: Vec<_> = done.attempts.iter().map(|a| (a.number, a.node.as_str(), a.phase)).collect();
+    assert_eq!(runs, vec![(1, "silent", AttemptPhase::Lost), (2, "rescuer", AttemptPhase::Succeeded)]);
+    drop(tx);
+    rescuer.disconnect().await;
+}
