@@ -1,6 +1,7 @@
 //! From a job's attempts to its progress: which tasks are done, which to place next, which
 //! attempts to cancel, and the phase. Pure: time comes in as an argument.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -42,12 +43,13 @@ pub fn retry_delay(backoff: Duration, number: u32) -> Duration {
 }
 
 /// Computes the progress of a job with `policy` whose attempts are `attempts`, at `now_ms`.
-pub fn progress(policy: &JobPolicy, attempts: &[Attempt], now_ms: i64) -> Progress {
+/// Attempts may be owned or shared (`Arc<Attempt>`, as the dispatcher holds them).
+pub fn progress<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: i64) -> Progress {
     let mut by_index: BTreeMap<u32, Vec<&Attempt>> = BTreeMap::new();
-    for a in attempts.iter().filter(|a| a.index < policy.tasks) {
+    for a in attempts.iter().map(Borrow::borrow).filter(|a: &&Attempt| a.index < policy.tasks) {
         by_index.entry(a.index).or_default().push(a);
     }
-    let started_ms = attempts.iter().map(|a| a.created_ms).min();
+    let started_ms = attempts.iter().map(|a| a.borrow().created_ms).min();
 
     let mut counts = TaskCounts { total: policy.tasks, ..Default::default() };
     let (mut completed, mut failed, mut active) = (vec![], vec![], vec![]);
@@ -169,7 +171,7 @@ mod tests {
 
     #[test]
     fn a_new_job_places_up_to_parallelism() {
-        let p = progress(&policy(5, 2, 3), &[], 1000);
+        let p = progress::<Attempt>(&policy(5, 2, 3), &[], 1000);
         assert_eq!(p.phase, JobPhase::Pending);
         assert_eq!(p.to_place, vec![(0, 1), (1, 1)]);
         assert_eq!(p.counts, TaskCounts { total: 5, pending: 5, ..Default::default() });
