@@ -2,7 +2,6 @@
 //! attempts to cancel, and the phase. Pure: time comes in as an argument.
 
 use std::borrow::Borrow;
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::validate::{JobPolicy, MAX_BACKOFF};
@@ -45,10 +44,13 @@ pub fn retry_delay(backoff: Duration, number: u32) -> Duration {
 /// Computes the progress of a job with `policy` whose attempts are `attempts`, at `now_ms`.
 /// Attempts may be owned or shared (`Arc<Attempt>`, as the dispatcher holds them).
 pub fn progress<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: i64) -> Progress {
-    let mut by_index: BTreeMap<u32, Vec<&Attempt>> = BTreeMap::new();
-    for a in attempts.iter().map(Borrow::borrow).filter(|a: &&Attempt| a.index < policy.tasks) {
-        by_index.entry(a.index).or_default().push(a);
+    // Grouped by index in one sorted Vec (a map of Vecs cost an allocation per task, and this
+    // runs on every sync); the store hands attempts over already in index order.
+    let mut by_index: Vec<&Attempt> = attempts.iter().map(Borrow::borrow).filter(|a| a.index < policy.tasks).collect();
+    if !by_index.is_sorted_by_key(|a| a.index) {
+        by_index.sort_by_key(|a| a.index);
     }
+    let mut rest = by_index.as_slice();
     let started_ms = attempts.iter().map(|a| a.borrow().created_ms).min();
 
     let mut counts = TaskCounts { total: policy.tasks, ..Default::default() };
@@ -60,7 +62,9 @@ pub fn progress<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: 
     let mut next_retry_ms: Option<i64> = None;
 
     for index in 0..policy.tasks {
-        let tries = by_index.get(&index).map(Vec::as_slice).unwrap_or(&[]);
+        let here = rest.iter().take_while(|a| a.index == index).count();
+        let (tries, after) = rest.split_at(here);
+        rest = after;
         let succeeded = tries.iter().any(|a| a.phase == AttemptPhase::Succeeded);
         let running: Vec<&&Attempt> = tries.iter().filter(|a| !a.phase.is_terminal()).collect();
         let failures = tries.iter().filter(|a| a.phase.is_failure()).count() as u32;
