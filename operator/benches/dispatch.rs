@@ -244,11 +244,17 @@ fn dispatch_and_roundtrip(sizes: &Sizes, dispatch: bool, roundtrip: bool) {
 
         if dispatch {
             let p = policy(sizes.tasks, sizes.parallelism);
-            let started = Instant::now();
+            let (started, cpu0) = (Instant::now(), cpu_seconds());
             let done = op.run_to_end(&mut changed, &job("throughput"), &p, &module).await;
-            let secs = started.elapsed().as_secs_f64();
+            let (secs, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
             assert_eq!(done.attempts.len(), sizes.tasks as usize, "every task ran exactly once");
-            println!("dispatch agents=2 tasks={} tasks_per_s={:.0}", sizes.tasks, f64::from(sizes.tasks) / secs);
+            // CPU per task (operator and agents together, all threads) compares runs on a busy machine.
+            println!(
+                "dispatch agents=2 tasks={} tasks_per_s={:.0} cpu_ms_per_task={:.3}",
+                sizes.tasks,
+                f64::from(sizes.tasks) / secs,
+                cpu * 1e3 / f64::from(sizes.tasks)
+            );
             let _ = std::io::stdout().flush();
         }
         if roundtrip {

@@ -46,7 +46,9 @@ pub struct ModuleRef {
 #[derive(Debug, Clone)]
 pub struct Synced {
     pub progress: Progress,
-    pub attempts: Vec<Attempt>,
+    /// Every attempt of the job, in (index, number) order; shared with the store's in-memory
+    /// copy, so a sync copies pointers, not attempts.
+    pub attempts: Vec<Arc<Attempt>>,
     /// Why tasks that should run now could not be placed.
     pub unplaced: Option<Explanation>,
     /// Attempts handed to nodes by this sync (with replicas, every copy counts).
@@ -121,7 +123,7 @@ impl Dispatcher {
 
     /// How many of `wanted` new tasks (rounds of `replicas` attempts each) the job's budget
     /// admits, and why not all.
-    fn budget_admits(&self, policy: &JobPolicy, attempts: &[Attempt], spent: Micros, wanted: usize) -> (usize, Option<String>) {
+    fn budget_admits(&self, policy: &JobPolicy, attempts: &[Arc<Attempt>], spent: Micros, wanted: usize) -> (usize, Option<String>) {
         let Some(budget) = policy.budget else { return (wanted, None) };
         let reserved = attempts
             .iter()
@@ -221,7 +223,7 @@ impl Dispatcher {
     pub async fn sync(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>) -> Result<Synced> {
         let _guard = self.place_lock.lock().await;
         let now = now_ms();
-        let mut attempts = self.store.attempts_for_job(&job.uid)?;
+        let mut attempts = self.store.job_attempts(&job.uid)?;
         let p = progress(policy, &attempts, now);
 
         let why = match p.phase {
@@ -325,13 +327,17 @@ impl Dispatcher {
         }
 
         if placed > 0 || !p.to_cancel.is_empty() || unplaced.is_some() {
-            attempts = self.store.attempts_for_job(&job.uid)?;
+            attempts = self.store.job_attempts(&job.uid)?;
         }
         let p = progress(policy, &attempts, now);
+        if matches!(p.phase, JobPhase::Succeeded | JobPhase::Failed) && attempts.iter().all(|a| a.phase.is_terminal()) {
+            // Nothing of it runs any more: free the memory; a later sync reads the store again.
+            self.store.forget_job(&job.uid);
+        }
         Ok(Synced { progress: p, attempts, unplaced, placed, budget_exhausted, usage: metered.map(|(u, _)| u) })
     }
 
-    fn cancel_attempt(&self, attempts: &[Attempt], id: &str, reason: &str) -> Result<()> {
+    fn cancel_attempt(&self, attempts: &[Arc<Attempt>], id: &str, reason: &str) -> Result<()> {
         let Some(a) = attempts.iter().find(|a| a.id == id) else { return Ok(()) };
         let _ = self.fleet.send(&a.node, OpKind::Cancel(v1::Cancel { attempt_id: id.to_string(), reason: reason.to_string() }));
         self.finish(id, AttemptPhase::Cancelled, Some(&lost(reason)), now_ms())?;
@@ -389,7 +395,7 @@ impl Dispatcher {
     /// Cancels every active attempt of a job (it is being deleted). Returns how many.
     pub async fn cancel_job(&self, job_uid: &str) -> Result<usize> {
         let _guard = self.place_lock.lock().await;
-        let attempts = self.store.attempts_for_job(job_uid)?;
+        let attempts = self.store.job_attempts(job_uid)?;
         if let Some(key) = attempts.first().map(|a| a.job_key.clone()) {
             self.fleet.pool().forget_demand(&key);
         }
@@ -397,6 +403,7 @@ impl Dispatcher {
         for id in &active {
             self.cancel_attempt(&attempts, id, "job deleted")?;
         }
+        self.store.forget_job(job_uid);
         Ok(active.len())
     }
 
@@ -447,9 +454,9 @@ impl Dispatcher {
         let state = v1::AttemptState::try_from(update.state).unwrap_or(v1::AttemptState::Unspecified);
         let phase = match state {
             v1::AttemptState::Running => {
-                if self.store.mark_running(&a.id)? {
-                    self.notify(&a.job_key);
-                }
+                // No reconcile: Assigned and Running count alike in progress and status, so it
+                // would change nothing (and it was half of all syncs of a busy job).
+                self.store.mark_running(&a.id)?;
                 return Ok(None);
             }
             v1::AttemptState::Succeeded => AttemptPhase::Succeeded,
@@ -784,7 +791,7 @@ mod tests {
         assert_eq!(synced.progress.counts.running, 2, "counts are tasks");
         let owner = |node: &str| node.split('-').next().unwrap().to_string();
         for index in 0..2 {
-            let round: Vec<&Attempt> = synced.attempts.iter().filter(|a| a.index == index).collect();
+            let round: Vec<&Attempt> = synced.attempts.iter().map(|a| &**a).filter(|a| a.index == index).collect();
             assert_eq!(round.iter().map(|a| (a.number, a.replica)).collect::<Vec<_>>(), vec![(1, 0), (1, 1), (1, 2)]);
             assert_eq!(round.iter().map(|a| a.id.clone()).collect::<Vec<_>>(), (0..3).map(|k| replica_attempt_id("rep", index, 1, k)).collect::<Vec<_>>());
             let owners: HashSet<String> = round.iter().map(|a| owner(&a.node)).collect();

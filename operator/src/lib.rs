@@ -3,6 +3,7 @@
 //! kube or tonic in it; controllers and the gateway are thin shells around it.
 
 pub mod attempt;
+pub mod attempt_index;
 pub mod blobs;
 pub mod controller;
 pub mod crd;

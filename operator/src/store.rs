@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult, Held};
+use crate::attempt_index::AttemptIndex;
 use crate::fence::Fence;
 
 /// A store failure; the message names the operation.
@@ -85,12 +86,16 @@ pub struct Store {
     fence: Fence,
     /// The group-commit writer's queue (see [`Store::finish_batched`]).
     finishes: Mutex<Sender<Finish>>,
+    /// The attempts of the jobs being synced, kept in step with every write (after it commits,
+    /// with the connection unlocked: a load holds the index lock while it reads).
+    index: Arc<AttemptIndex>,
 }
 
 /// A terminal transition queued for the group-commit writer.
 struct Finish {
     id: String,
     phase: AttemptPhase,
+    result: AttemptResult,
     json: Option<String>,
     now_ms: i64,
     done: oneshot::Sender<Result<bool>>,
@@ -117,12 +122,13 @@ impl Store {
         migrate(&conn)?;
         let conn = Arc::new(Mutex::new(conn));
         let (tx, rx) = channel();
-        let (writer_conn, writer_fence) = (conn.clone(), fence.clone());
+        let index = Arc::new(AttemptIndex::default());
+        let (writer_conn, writer_fence, writer_index) = (conn.clone(), fence.clone(), index.clone());
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || commit_finishes(&writer_conn, &writer_fence, rx))
+            .spawn(move || commit_finishes(&writer_conn, &writer_fence, &writer_index, rx))
             .map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
-        Ok(Store { conn, fence, finishes: Mutex::new(tx) })
+        Ok(Store { conn, fence, finishes: Mutex::new(tx), index })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -163,7 +169,10 @@ impl Store {
                 .map_err(op("insert attempt"))?;
             }
         }
-        tx.commit().map_err(op("commit insert"))
+        tx.commit().map_err(op("commit insert"))?;
+        drop(conn);
+        self.index.inserted(attempts);
+        Ok(())
     }
 
     /// Marks an Assigned attempt Running. Returns false when it was not Assigned (a duplicate
@@ -178,7 +187,12 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(op("relax synchronous"))?;
         let n = conn.execute("UPDATE attempts SET phase = 'Running' WHERE id = ?1 AND phase = 'Assigned'", params![id]).map_err(op("mark running"));
         conn.pragma_update(None, "synchronous", "FULL").map_err(op("restore synchronous"))?;
-        Ok(n? == 1)
+        drop(conn);
+        let changed = n? == 1;
+        if changed {
+            self.index.running(id);
+        }
+        Ok(changed)
     }
 
     /// Like [`Store::finish`], for results from agents: queued for the writer thread, which
@@ -191,7 +205,7 @@ impl Store {
         let json = Some(serde_json::to_string(result).expect("a result always serialises"));
         let (done, durable) = oneshot::channel();
         let closed = || StoreError::Batch("the store's writer thread has stopped; restart the operator".into());
-        let finish = Finish { id: id.to_string(), phase, json, now_ms, done };
+        let finish = Finish { id: id.to_string(), phase, result: result.clone(), json, now_ms, done };
         self.finishes.lock().unwrap_or_else(|p| p.into_inner()).send(finish).map_err(|_| closed())?;
         durable.await.map_err(|_| closed())?
     }
@@ -212,7 +226,10 @@ impl Store {
         if n == 0 {
             return Ok(None);
         }
-        query_one(&conn, id)
+        let done = query_one(&conn, id)?;
+        drop(conn);
+        self.index.finished(id, phase, result, now_ms);
+        Ok(done)
     }
 
     /// One attempt by id.
@@ -220,9 +237,21 @@ impl Store {
         query_one(&self.conn(), id)
     }
 
-    /// Every attempt of a job.
+    /// Every attempt of a job, read from the database.
     pub fn attempts_for_job(&self, job_uid: &str) -> Result<Vec<Attempt>> {
         query(&self.conn(), "WHERE job_uid = ?1 ORDER BY task_index, number, replica", params![job_uid])
+    }
+
+    /// Every attempt of a job, in the same order, from memory: read from the database once,
+    /// then kept in step with every write. What the sync loop reads.
+    pub fn job_attempts(&self, job_uid: &str) -> Result<Vec<Arc<Attempt>>> {
+        self.index.job(job_uid, || self.attempts_for_job(job_uid))
+    }
+
+    /// Drops a job's attempts from memory (it finished or was deleted); the database keeps
+    /// them and [`Store::job_attempts`] reads them again if asked.
+    pub fn forget_job(&self, job_uid: &str) {
+        self.index.forget(job_uid);
     }
 
     /// Attempts placed on `node` and not finished.
@@ -301,7 +330,7 @@ fn migrate(conn: &Connection) -> Result<()> {
 }
 
 /// The group-commit writer: takes everything queued, commits it in one transaction, answers.
-fn commit_finishes(conn: &Mutex<Connection>, fence: &Fence, rx: Receiver<Finish>) {
+fn commit_finishes(conn: &Mutex<Connection>, fence: &Fence, index: &AttemptIndex, rx: Receiver<Finish>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_FINISH_BATCH {
@@ -319,7 +348,13 @@ fn commit_finishes(conn: &Mutex<Connection>, fence: &Fence, rx: Receiver<Finish>
             commit_batch(&mut conn, &batch)
         };
         match changed {
-            Ok(changed) => batch.into_iter().zip(changed).for_each(|(f, c)| drop(f.done.send(Ok(c)))),
+            Ok(changed) => {
+                // In memory before anyone hears of it: a sync woken by the answer sees it.
+                for (f, _) in batch.iter().zip(&changed).filter(|(_, c)| **c) {
+                    index.finished(&f.id, f.phase, Some(&f.result), f.now_ms);
+                }
+                batch.into_iter().zip(changed).for_each(|(f, c)| drop(f.done.send(Ok(c))));
+            }
             Err(e) => {
                 let msg = e.to_string();
                 batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Batch(msg.clone())))));

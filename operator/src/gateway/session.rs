@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use kommune_proto::v1::{self, AgentMessage, OperatorMessage, agent_message, operator_message::Kind as OpKind};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::timeout;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
@@ -14,6 +14,11 @@ use super::{Inner, NodeEvent};
 use crate::fleet::NodeFacts;
 
 type Tx = mpsc::Sender<Result<OperatorMessage, Status>>;
+
+/// Results of one session being made durable at the same time. Waiting for each before reading
+/// the next capped an agent at one result per fsync; in flight together they share the store's
+/// and the ledger's group commits. The bound keeps a session's memory in check.
+const RESULTS_IN_FLIGHT: usize = 256;
 
 async fn send(tx: &Tx, kind: OpKind) -> bool {
     tx.send(Ok(OperatorMessage { kind: Some(kind) })).await.is_ok()
@@ -52,6 +57,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
     }
     let _ = inner.events.send(NodeEvent::Connected { node: node.clone(), facts }).await;
 
+    let in_flight = Arc::new(Semaphore::new(RESULTS_IN_FLIGHT));
     let reason = loop {
         let msg = match timeout(inner.config.session_timeout, inbound.message()).await {
             Ok(Ok(Some(m))) => m,
@@ -67,6 +73,25 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
             Some(agent_message::Kind::Heartbeat(hb)) => {
                 inner.dispatcher.fleet().set_paused(&node, hb.paused);
                 let _ = inner.events.try_send(NodeEvent::Heartbeat { node: node.clone() });
+            }
+            Some(agent_message::Kind::TaskUpdate(update)) if is_result(&update) => {
+                // A result waits for two fsyncs; the next message is read meanwhile. A Running
+                // update of the same attempt always came earlier and was applied inline.
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break "session closed".into() };
+                let (inner, node, tx) = (inner.clone(), node.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match inner.dispatcher.on_update(&node, &public_key, &update).await {
+                        Ok(Some(ack)) => drop(send(&tx, OpKind::Ack(ack)).await),
+                        Ok(None) => {}
+                        Err(e) => {
+                            // Not acknowledged: the agent resends it on its next session, which
+                            // this error makes it open.
+                            warn!(%node, error = %e, "cannot record a task update");
+                            let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                        }
+                    }
+                    drop(permit);
+                });
             }
             Some(agent_message::Kind::TaskUpdate(update)) => match inner.dispatcher.on_update(&node, &public_key, &update).await {
                 Ok(Some(ack)) => {
@@ -94,4 +119,9 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
         info!(%node, %reason, "session closed");
         let _ = inner.events.send(NodeEvent::Disconnected { node, reason }).await;
     }
+}
+
+/// Whether an update reports an attempt's end (what must be made durable before its Ack).
+fn is_result(update: &v1::TaskUpdate) -> bool {
+    !matches!(v1::AttemptState::try_from(update.state), Ok(v1::AttemptState::Running | v1::AttemptState::Unspecified) | Err(_))
 }

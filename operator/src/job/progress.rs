@@ -1,7 +1,7 @@
 //! From a job's attempts to its progress: which tasks are done, which to place next, which
 //! attempts to cancel, and the phase. Pure: time comes in as an argument.
 
-use std::collections::BTreeMap;
+use std::borrow::Borrow;
 use std::time::Duration;
 
 use super::validate::{JobPolicy, MAX_BACKOFF};
@@ -55,13 +55,17 @@ pub fn retry_delay(backoff: Duration, number: u32) -> Duration {
 /// A task succeeds when one round verifies (see [`verdict`]); a failed or disagreeing round
 /// uses up one of its `max_attempts`; a round that failed, disagreed or became void has its
 /// replicas still running cancelled, since they can no longer verify anything. Linear in the
-/// attempts (apart from sorting each task's own).
-pub fn progress(policy: &JobPolicy, attempts: &[Attempt], now_ms: i64) -> Progress {
-    let mut by_index: BTreeMap<u32, Vec<&Attempt>> = BTreeMap::new();
-    for a in attempts.iter().filter(|a| a.index < policy.tasks) {
-        by_index.entry(a.index).or_default().push(a);
+/// attempts (apart from sorting each task's own). Attempts may be owned or shared
+/// (`Arc<Attempt>`, as the dispatcher holds them).
+pub fn progress<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: i64) -> Progress {
+    // Grouped by index in one sorted Vec (a map of Vecs cost an allocation per task, and this
+    // runs on every sync); the store hands attempts over already in index order.
+    let mut by_index: Vec<&Attempt> = attempts.iter().map(Borrow::borrow).filter(|a| a.index < policy.tasks).collect();
+    if !by_index.is_sorted_by_key(|a| a.index) {
+        by_index.sort_by_key(|a| a.index);
     }
-    let started_ms = attempts.iter().map(|a| a.created_ms).min();
+    let mut rest = by_index.as_slice();
+    let started_ms = attempts.iter().map(|a| a.borrow().created_ms).min();
     let replicas = policy.placement.replicas.max(1);
 
     let mut counts = TaskCounts { total: policy.tasks, ..Default::default() };
@@ -75,7 +79,10 @@ pub fn progress(policy: &JobPolicy, attempts: &[Attempt], now_ms: i64) -> Progre
     let mut next_retry_ms: Option<i64> = None;
 
     for index in 0..policy.tasks {
-        let mut tries = by_index.remove(&index).unwrap_or_default();
+        let here = rest.iter().take_while(|a| a.index == index).count();
+        let (tries, after) = rest.split_at(here);
+        rest = after;
+        let mut tries = tries.to_vec();
         tries.sort_by_key(|a| (a.number, a.replica));
         let (mut verified, mut failures) = (false, 0u32);
         let (mut running, mut wasted) = (vec![], vec![]);
@@ -215,7 +222,7 @@ mod tests {
 
     #[test]
     fn a_new_job_places_up_to_parallelism() {
-        let p = progress(&policy(5, 2, 3), &[], 1000);
+        let p = progress::<Attempt>(&policy(5, 2, 3), &[], 1000);
         assert_eq!(p.phase, JobPhase::Pending);
         assert_eq!(p.to_place, vec![(0, 1), (1, 1)]);
         assert_eq!(p.counts, TaskCounts { total: 5, pending: 5, ..Default::default() });

@@ -32,7 +32,7 @@ pub struct Observed<'a> {
     pub generation: Option<i64>,
     pub runtime: &'a str,
     pub progress: &'a Progress,
-    pub attempts: &'a [Attempt],
+    pub attempts: &'a [std::sync::Arc<Attempt>],
     pub unplaced: Option<&'a Explanation>,
     pub module_sha256: Option<&'a str>,
     pub suspended: bool,
@@ -145,7 +145,7 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
         _ => s.conditions.retain(|c| c.type_ != VERIFIED),
     }
 
-    let mut finished: Vec<&Attempt> = o.attempts.iter().filter(|a| a.phase.is_terminal() && a.result.is_some()).collect();
+    let mut finished: Vec<&Attempt> = o.attempts.iter().map(|a| &**a).filter(|a| a.phase.is_terminal() && a.result.is_some()).collect();
     finished.sort_by(|a, b| b.finished_ms.cmp(&a.finished_ms).then(a.index.cmp(&b.index)));
     s.recent_results = finished
         .into_iter()
@@ -250,7 +250,7 @@ mod tests {
         }
     }
 
-    fn observed<'a>(p: &'a Progress, attempts: &'a [Attempt], unplaced: Option<&'a Explanation>) -> Observed<'a> {
+    fn observed<'a>(p: &'a Progress, attempts: &'a [std::sync::Arc<Attempt>], unplaced: Option<&'a Explanation>) -> Observed<'a> {
         Observed {
             generation: Some(2),
             runtime: "wasm",
@@ -312,7 +312,7 @@ mod tests {
     fn succeeded_job_has_condition_ranges_results_and_completion_time() {
         let mut p = progress(JobPhase::Succeeded, TaskCounts { total: 3, succeeded: 3, ..Default::default() });
         p.completed = vec![0, 1, 2];
-        let attempts: Vec<Attempt> = (0..3)
+        let attempts: Vec<std::sync::Arc<Attempt>> = (0..3)
             .map(|i| Attempt {
                 id: format!("u.{i}.1"),
                 job_uid: "u".into(),
@@ -329,6 +329,7 @@ mod tests {
                 finished_ms: Some(10 + i as i64),
                 result: Some(AttemptResult { exit_code: 0, stdout_tail: vec![b'x'; 1000], ..Default::default() }),
             })
+            .map(std::sync::Arc::new)
             .collect();
         let s = summarize(&ComputeJobStatus::default(), &observed(&p, &attempts, None));
         assert!(is_true(&s.conditions, SUCCEEDED));

@@ -84,6 +84,13 @@ pub trait Backend: Send {
     fn node_keys(&mut self) -> Result<Vec<(String, Vec<u8>)>, LedgerError>;
     /// Usage and cost of one job.
     fn job_usage(&mut self, job_uid: &str) -> Result<JobUsage, LedgerError>;
+    /// Usage and cost of one job with the seq of the last entry (of any kind) that the read
+    /// saw, both from one snapshot, so the ledger can keep running totals from there. None when
+    /// the backend cannot say (the ledger then reads `job_usage` every time).
+    fn job_usage_with_head(&mut self, job_uid: &str) -> Result<Option<(JobUsage, u64)>, LedgerError> {
+        let _ = job_uid;
+        Ok(None)
+    }
     /// Rejected receipts sent by `node`'s sessions, oldest first.
     fn rejected(&mut self, node: &str) -> Result<Vec<RejectedReceipt>, LedgerError>;
     /// Streams entries in seq order; `f` returns false to stop. A row that does not even read

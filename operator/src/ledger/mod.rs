@@ -10,6 +10,7 @@ mod chain;
 pub mod check;
 pub mod cli;
 pub mod entry;
+mod job_totals;
 pub mod postgres;
 pub mod sqlite;
 pub mod verify;
@@ -31,6 +32,7 @@ pub use chain::Verdict;
 use chain::{Batch, ChainState};
 use check::{ReceiptInput, Rejection, VerifiedReceipt};
 use entry::{EntryKind, NodeTotal};
+use job_totals::{JobTotals, LoadGuard};
 
 /// A ledger failure; the message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +160,8 @@ pub struct Ledger {
     reads: Mutex<Option<std::sync::mpsc::Sender<ReadJob>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     operator_key: [u8; 32],
+    /// Running usage totals of the jobs asked about, kept by the writer.
+    totals: Arc<JobTotals>,
 }
 
 fn now_ms() -> i64 {
@@ -179,10 +183,12 @@ impl Ledger {
         // switching to WAL takes a lock that SQLite may refuse at once (without waiting out
         // the busy timeout) while a second connection opens the same file.
         let mut threads = vec![];
+        let totals = Arc::new(JobTotals::default());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), LedgerError>>();
         let (batches_tx, batches_rx) = sync_channel::<Vec<Checked>>(MAX_BATCH / CHECK_CHUNK);
         {
-            let (dir, url, ready, fence) = (config.data_dir.clone(), config.database_url.clone(), ready_tx.clone(), config.fence.clone());
+            let (dir, url, ready, fence, totals) =
+                (config.data_dir.clone(), config.database_url.clone(), ready_tx.clone(), config.fence.clone(), totals.clone());
             threads.push(spawn(
                 "ledger-writer".into(),
                 Box::new(move || {
@@ -192,13 +198,13 @@ impl Ledger {
                         Err(e) => return drop(ready.send(Err(e))),
                     };
                     drop(ready.send(Ok(())));
-                    Writer { backend, state, key, fence }.run(batches_rx)
+                    Writer { backend, state, key, fence, totals }.run(batches_rx)
                 }),
             )?);
         }
         let (reads, reads_rx) = std::sync::mpsc::channel::<ReadJob>();
         let (tx, rx) = mpsc::channel::<Command>(MAX_BATCH * 2);
-        let mut ledger = Ledger { tx: Some(tx), reads: Mutex::new(Some(reads)), threads: Mutex::new(threads), operator_key };
+        let mut ledger = Ledger { tx: Some(tx), reads: Mutex::new(Some(reads)), threads: Mutex::new(threads), operator_key, totals };
         let wait_ready = |ledger: &mut Ledger| match ready_rx.recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
@@ -291,10 +297,27 @@ impl Ledger {
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 
-    /// Usage and cost of a job's receipts so far.
+    /// Usage and cost of a job's receipts so far. Read from the database the first time, then
+    /// kept as running totals that the writer updates as it appends (the same figures).
     pub async fn job_usage(&self, job_uid: &str) -> Result<JobUsage, LedgerError> {
-        let job_uid = job_uid.to_string();
-        self.read(move |b| b.job_usage(&job_uid)).await
+        if let Some(t) = self.totals.get(job_uid) {
+            return Ok(t);
+        }
+        let mut guard = LoadGuard { totals: &self.totals, job_uid, done: !self.totals.start(job_uid) };
+        let uid = job_uid.to_string();
+        let read = self
+            .read(move |b| match b.job_usage_with_head(&uid)? {
+                Some((usage, head)) => Ok((usage, Some(head))),
+                None => Ok((b.job_usage(&uid)?, None)),
+            })
+            .await?;
+        Ok(match read {
+            (usage, Some(head)) if !guard.done => {
+                guard.done = true;
+                self.totals.loaded(job_uid, usage, head)
+            }
+            (usage, _) => usage,
+        })
     }
 
     /// A node's pending earnings and the head backing them.
@@ -445,6 +468,7 @@ struct Writer {
     state: ChainState,
     key: SigningKey,
     fence: Fence,
+    totals: Arc<JobTotals>,
 }
 
 impl Writer {
@@ -480,21 +504,17 @@ impl Writer {
         // catch the rare repeat. Then the batch is decided again with lookups, from the state
         // as it was before.
         let before = self.state.clone();
-        let (batch, verdicts) = self.decide_all(&work, None);
+        let (mut batch, mut verdicts) = self.decide_all(&work, None);
         let mut result = self.append(&batch);
-        let verdicts = match result {
-            Err(ref e) if e.is_unique_violation() => {
-                self.state = before;
-                let lookups = match self.lookups(&work) {
-                    Ok(l) => l,
-                    Err(e) => return fail_all(work, &e),
-                };
-                let (batch, verdicts) = self.decide_all(&work, Some(lookups));
-                result = self.append(&batch);
-                verdicts
-            }
-            _ => verdicts,
-        };
+        if matches!(&result, Err(e) if e.is_unique_violation()) {
+            self.state = before;
+            let lookups = match self.lookups(&work) {
+                Ok(l) => l,
+                Err(e) => return fail_all(work, &e),
+            };
+            (batch, verdicts) = self.decide_all(&work, Some(lookups));
+            result = self.append(&batch);
+        }
         for (c, v) in work.into_iter().zip(verdicts) {
             let reply = match (c, v) {
                 (Checked::Submit(_, _, reply), Decided::Submit(v)) => Reply::Submit(reply, v),
@@ -505,7 +525,11 @@ impl Writer {
             replies.push(reply);
         }
         match result {
-            Ok(()) => replies.into_iter().for_each(Reply::send),
+            Ok(()) => {
+                // Before the replies: whoever hears of a receipt finds it in the job's totals.
+                self.totals.appended(&batch.entries);
+                replies.into_iter().for_each(Reply::send)
+            }
             Err(e) => {
                 let msg = e.to_string();
                 // Nothing of this batch is stored: go back to what the database holds.

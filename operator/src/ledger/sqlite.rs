@@ -288,16 +288,22 @@ impl Backend for SqliteBackend {
     }
 
     fn job_usage(&mut self, job_uid: &str) -> Result<JobUsage, LedgerError> {
+        Ok(self.job_usage_with_head(job_uid)?.map(|(u, _)| u).unwrap_or_default())
+    }
+
+    fn job_usage_with_head(&mut self, job_uid: &str) -> Result<Option<(JobUsage, u64)>, LedgerError> {
+        // One statement: the aggregate and the head come from the same snapshot.
         self.conn
             .prepare_cached(
                 "SELECT COUNT(*), COALESCE(SUM(wall_millis), 0), COALESCE(SUM(cpu_micros), 0), COALESCE(MAX(memory_peak_bytes), 0),
                         COALESCE(SUM(memory_mib_millis), 0), COALESCE(SUM(wasm_fuel), 0), COALESCE(SUM(gpu_millis), 0),
-                        COALESCE(SUM(output_bytes), 0), COALESCE(SUM(cost), 0)
+                        COALESCE(SUM(output_bytes), 0), COALESCE(SUM(cost), 0), (SELECT COALESCE(MAX(seq), 0) FROM ledger_entries)
                  FROM ledger_entries WHERE kind = 0 AND job_uid = ?1",
             )
             .and_then(|mut s| {
                 s.query_row(params![job_uid], |r| {
-                    Ok(JobUsage {
+                    let head = u(r, 9)?;
+                    let usage = JobUsage {
                         receipts: u(r, 0)?,
                         usage: UsageFigures {
                             wall_millis: u(r, 1)?,
@@ -309,7 +315,8 @@ impl Backend for SqliteBackend {
                             output_bytes: u(r, 7)?,
                         },
                         cost: Micros(u(r, 8)?),
-                    })
+                    };
+                    Ok(Some((usage, head)))
                 })
             })
             .map_err(op("read job usage"))

@@ -293,6 +293,8 @@ fn a_replay_among_new_receipts_is_answered_with_its_entry_and_the_new_ones_still
         }
         seqs
     });
+    // The job's running totals are now kept by the writer: the rolled-back try must not count.
+    assert_eq!(rt.block_on(l.job_usage("uid-1")).unwrap().receipts, 5);
     let verdicts = rt.block_on(async {
         // Replays of stored receipts 2 and 4 between new receipts 6..=30, all at once.
         let mut inputs: Vec<ReceiptInput> = (6..=30).map(|s| input(1, 1, s)).collect();
@@ -313,6 +315,7 @@ fn a_replay_among_new_receipts_is_answered_with_its_entry_and_the_new_ones_still
     accepted.sort_unstable();
     assert_eq!(accepted, (stored[4] + 1..=stored[4] + 25).collect::<Vec<_>>(), "the new receipts take the next entries, none skipped");
     assert_eq!(rt.block_on(l.node_earnings("pn-1")).unwrap().receipts, 30);
+    assert_eq!(rt.block_on(l.job_usage("uid-1")).unwrap().receipts, 30);
     drop(l);
     let report = env.verify().unwrap();
     assert_eq!((report.receipts, report.entries), (30, 31));

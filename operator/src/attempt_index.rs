@@ -1,0 +1,182 @@
+//! An in-memory, write-through copy of the attempts of the jobs being synced, so a sync reads
+//! its job's attempts without a SQLite query or parsing a result per attempt. The store stays
+//! the durable truth: a job is loaded from it on first use, and every store write is applied
+//! here after it is committed. Finished jobs can be dropped and are loaded again when needed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
+
+/// The attempts of one job, in (index, number, replica) order like the store's query.
+type JobAttempts = BTreeMap<(u32, u32, u32), Arc<Attempt>>;
+
+#[derive(Default)]
+struct Inner {
+    jobs: HashMap<String, JobAttempts>,
+    /// Attempt id → (job uid, index, number, replica), for the attempts of loaded jobs.
+    ids: HashMap<String, (String, u32, u32, u32)>,
+}
+
+/// The attempts of loaded jobs. Every change is an idempotent "set" guarded like the store's
+/// UPDATEs, so applying a write that a load already saw changes nothing.
+#[derive(Default)]
+pub struct AttemptIndex {
+    inner: Mutex<Inner>,
+}
+
+impl AttemptIndex {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every change below is complete before it can panic, so a poisoned lock is safe.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The job's attempts in (index, number, replica) order, loading them with `load` (a store read)
+    /// the first time. `load` runs under the index lock: a store write committed meanwhile is
+    /// applied after the load (writers take this lock only after their commit), never lost.
+    pub fn job<E>(&self, job_uid: &str, load: impl FnOnce() -> Result<Vec<Attempt>, E>) -> Result<Vec<Arc<Attempt>>, E> {
+        let mut inner = self.lock();
+        if let Some(job) = inner.jobs.get(job_uid) {
+            return Ok(job.values().cloned().collect());
+        }
+        let attempts = load()?;
+        let Inner { jobs, ids } = &mut *inner;
+        let job = jobs.entry(job_uid.to_string()).or_default();
+        for a in attempts {
+            ids.insert(a.id.clone(), (job_uid.to_string(), a.index, a.number, a.replica));
+            job.insert((a.index, a.number, a.replica), Arc::new(a));
+        }
+        Ok(job.values().cloned().collect())
+    }
+
+    /// After new attempts were committed: adds those of loaded jobs (an id already there is
+    /// kept, like the store's INSERT OR IGNORE).
+    pub fn inserted(&self, attempts: &[Attempt]) {
+        let mut inner = self.lock();
+        let Inner { jobs, ids } = &mut *inner;
+        for a in attempts {
+            let Some(job) = jobs.get_mut(&a.job_uid) else { continue };
+            if ids.contains_key(&a.id) {
+                continue;
+            }
+            ids.insert(a.id.clone(), (a.job_uid.clone(), a.index, a.number, a.replica));
+            job.insert((a.index, a.number, a.replica), Arc::new(a.clone()));
+        }
+    }
+
+    /// After an Assigned attempt was marked Running.
+    pub fn running(&self, id: &str) {
+        self.update(id, |a| {
+            if a.phase == AttemptPhase::Assigned {
+                a.phase = AttemptPhase::Running;
+            }
+        });
+    }
+
+    /// After an active attempt was finished (a no-op for one already terminal).
+    pub fn finished(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now_ms: i64) {
+        self.update(id, |a| {
+            if !a.phase.is_terminal() {
+                a.phase = phase;
+                a.finished_ms = Some(now_ms);
+                a.result = result.cloned();
+            }
+        });
+    }
+
+    /// Drops a job (finished or deleted); a later read loads it again from the store.
+    pub fn forget(&self, job_uid: &str) {
+        let mut inner = self.lock();
+        if let Some(job) = inner.jobs.remove(job_uid) {
+            for a in job.values() {
+                inner.ids.remove(&a.id);
+            }
+        }
+    }
+
+    fn update(&self, id: &str, change: impl FnOnce(&mut Attempt)) {
+        let mut inner = self.lock();
+        let Inner { jobs, ids } = &mut *inner;
+        let Some((uid, index, number, replica)) = ids.get(id) else { return };
+        if let Some(slot) = jobs.get_mut(uid).and_then(|j| j.get_mut(&(*index, *number, *replica))) {
+            // Readers hold clones of the Arc: they keep the attempt as it was when they read.
+            let mut a = Attempt::clone(slot);
+            change(&mut a);
+            if a != **slot {
+                *slot = Arc::new(a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attempt::attempt_id;
+
+    fn attempt(index: u32, number: u32) -> Attempt {
+        Attempt {
+            id: attempt_id("uid", index, number),
+            job_uid: "uid".into(),
+            job_key: "ns/j".into(),
+            index,
+            number,
+            replica: 0,
+            node: "n".into(),
+            phase: AttemptPhase::Assigned,
+            cpu_millis: 1,
+            memory_bytes: 1,
+            created_ms: 1,
+            finished_ms: None,
+            result: None,
+            held: None,
+        }
+    }
+
+    #[test]
+    fn the_replicas_of_one_round_are_kept_apart() {
+        let i = AttemptIndex::default();
+        let replica = |k: u32| Attempt { id: crate::attempt::replica_attempt_id("uid", 0, 1, k), replica: k, ..attempt(0, 1) };
+        i.job("uid", || Ok::<_, ()>(vec![replica(0)])).unwrap();
+        i.inserted(&[replica(1), replica(2)]);
+        i.finished(&replica(1).id, AttemptPhase::Succeeded, None, 5);
+        let seen: Vec<(u32, AttemptPhase)> = i.job("uid", || Ok::<_, ()>(vec![])).unwrap().iter().map(|a| (a.replica, a.phase)).collect();
+        assert_eq!(seen, vec![(0, AttemptPhase::Assigned), (1, AttemptPhase::Succeeded), (2, AttemptPhase::Assigned)]);
+    }
+
+    fn phases(i: &AttemptIndex) -> Vec<(u32, u32, AttemptPhase)> {
+        i.job("uid", || Ok::<_, ()>(vec![])).unwrap().iter().map(|a| (a.index, a.number, a.phase)).collect()
+    }
+
+    #[test]
+    fn a_loaded_job_follows_every_write_and_a_write_seen_by_the_load_changes_nothing() {
+        let index = AttemptIndex::default();
+        index.inserted(&[attempt(9, 1)]);
+        let loaded = index.job("uid", || Ok::<_, ()>(vec![attempt(1, 1), attempt(0, 1)])).unwrap();
+        assert_eq!(loaded.iter().map(|a| a.index).collect::<Vec<_>>(), vec![0, 1], "in index order; writes to unloaded jobs are not kept");
+
+        index.inserted(&[attempt(0, 2), attempt(1, 1)]);
+        index.running(&attempt_id("uid", 1, 1));
+        let ok = AttemptResult { exit_code: 0, ..Default::default() };
+        index.finished(&attempt_id("uid", 0, 1), AttemptPhase::Failed, None, 5);
+        index.finished(&attempt_id("uid", 0, 1), AttemptPhase::Succeeded, Some(&ok), 6);
+        index.finished(&attempt_id("uid", 1, 1), AttemptPhase::Succeeded, Some(&ok), 7);
+        index.running(&attempt_id("uid", 1, 1));
+        use AttemptPhase::*;
+        assert_eq!(phases(&index), vec![(0, 1, Failed), (0, 2, Assigned), (1, 1, Succeeded)]);
+        let done = index.job("uid", || Err(())).unwrap();
+        assert_eq!((done[2].finished_ms, done[2].result.as_ref()), (Some(7), Some(&ok)));
+
+        index.forget("uid");
+        assert_eq!(index.job("uid", || Ok::<_, ()>(vec![attempt(3, 1)])).unwrap().len(), 1, "a forgotten job is loaded again");
+    }
+
+    #[test]
+    fn what_a_reader_holds_does_not_change_under_it() {
+        let index = AttemptIndex::default();
+        let before = index.job("uid", || Ok::<_, ()>(vec![attempt(0, 1)])).unwrap();
+        index.finished(&attempt_id("uid", 0, 1), AttemptPhase::Lost, None, 5);
+        assert_eq!(before[0].phase, AttemptPhase::Assigned);
+        assert_eq!(index.job("uid", || Err(())).unwrap()[0].phase, AttemptPhase::Lost);
+    }
+}
