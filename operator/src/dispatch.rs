@@ -333,6 +333,9 @@ impl Dispatcher {
         if matches!(p.phase, JobPhase::Succeeded | JobPhase::Failed) && attempts.iter().all(|a| a.phase.is_terminal()) {
             // Nothing of it runs any more: free the memory; a later sync reads the store again.
             self.store.forget_job(&job.uid);
+            if let Some(l) = &self.ledger {
+                l.forget_job(&job.uid);
+            }
         }
         Ok(Synced { progress: p, attempts, unplaced, placed, budget_exhausted, usage: metered.map(|(u, _)| u) })
     }
@@ -404,6 +407,9 @@ impl Dispatcher {
             self.cancel_attempt(&attempts, id, "job deleted")?;
         }
         self.store.forget_job(job_uid);
+        if let Some(l) = &self.ledger {
+            l.forget_job(job_uid);
+        }
         Ok(active.len())
     }
 

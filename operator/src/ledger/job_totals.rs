@@ -74,6 +74,15 @@ impl JobTotals {
         read
     }
 
+    /// Stops keeping a job's totals. A read under way is left to finish (it keeps what it read,
+    /// which is still exact: the writer adds to it from then on).
+    pub fn forget(&self, job_uid: &str) {
+        let mut jobs = self.lock();
+        if matches!(jobs.get(job_uid), Some(Slot::Ready(_))) {
+            jobs.remove(job_uid);
+        }
+    }
+
     /// The read failed or was given up: nothing is kept.
     pub fn abandon(&self, job_uid: &str) {
         let mut jobs = self.lock();
@@ -155,6 +164,19 @@ mod tests {
         let now = t.get("j").unwrap();
         assert_eq!((now.receipts, now.usage.cpu_micros, now.cost), (4, 8, Micros(71)));
         assert_eq!(t.get("other"), None, "only jobs asked about are kept");
+    }
+
+    #[test]
+    fn a_forgotten_job_is_read_again_and_nothing_of_it_is_kept_meanwhile() {
+        let t = JobTotals::default();
+        assert!(t.start("j"));
+        t.loaded("j", JobUsage::default(), 0);
+        t.appended(&[receipt(1, "j", 1, 10)]);
+        assert_eq!(t.get("j").unwrap().receipts, 1);
+        t.forget("j");
+        assert_eq!(t.get("j"), None);
+        t.appended(&[receipt(2, "j", 1, 10)]);
+        assert!(t.start("j"), "the next ask reads the database again");
     }
 
     #[test]

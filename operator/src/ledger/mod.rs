@@ -297,6 +297,12 @@ impl Ledger {
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 
+    /// Stops keeping a job's running totals (it finished or was deleted); a later
+    /// [`Ledger::job_usage`] reads them from the database again, late receipts included.
+    pub fn forget_job(&self, job_uid: &str) {
+        self.totals.forget(job_uid);
+    }
+
     /// Usage and cost of a job's receipts so far. Read from the database the first time, then
     /// kept as running totals that the writer updates as it appends (the same figures).
     pub async fn job_usage(&self, job_uid: &str) -> Result<JobUsage, LedgerError> {
