@@ -366,6 +366,28 @@ impl Dispatcher {
         Ok(expired)
     }
 
+    /// Drains a node (its admin set `spec.drain`; the caller has cordoned it): every attempt
+    /// running there is stopped on the agent and Cancelled, so it is placed elsewhere at once
+    /// without counting against its retries. The agent still sends what the attempt used, which
+    /// is metered. Returns how many attempts moved.
+    pub async fn drain_node(&self, node: &str) -> Result<usize> {
+        let _guard = self.place_lock.lock().await;
+        let why = format!("node {node} is being drained by its admin");
+        let now = now_ms();
+        let mut moved = 0;
+        for a in self.store.active_on_node(node)? {
+            let _ = self.fleet.send(node, OpKind::Cancel(v1::Cancel { attempt_id: a.id.clone(), reason: why.clone() }));
+            if self.finish(&a.id, AttemptPhase::Cancelled, Some(&lost(&why)), now)?.is_some() {
+                self.notify(&a.job_key);
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            info!(node, moved, "node drained");
+        }
+        Ok(moved)
+    }
+
     /// Revokes a node (its ProviderNode was deleted): the registration goes, so its certificate
     /// opens no further session; an open session is ended with PermissionDenied, which makes
     /// the agent stop; its running attempts are Lost and placed elsewhere.

@@ -1073,3 +1073,37 @@ async fn a_silent_agent_is_noticed_after_the_session_timeout_and_its_work_moves_
     drop(tx);
     rescuer.disconnect().await;
 }
+
+/// `spec.drain` on a ProviderNode: the node is cordoned (what the ProviderNode sweep does
+/// first), its running attempt is stopped on the agent and placed elsewhere without using a
+/// retry, and what both attempts ran is metered once each. The drained agent stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_hands_its_running_task_to_another_without_using_a_retry() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut drained = join_agent(&op, dir.path(), "drained", true).await;
+    wait_connected(&op, &["drained"]).await;
+    // The first attempt would run for 30 s; the one placed after the drain finishes at once.
+    let once = policy(
+        "workload:\n  exec:\n    command: ['/bin/sh', '-c', 'case $KOMMUNE_ATTEMPT_ID in *.1) sleep 30;; esac; echo done']\nretries: {maxAttempts: 1}\n",
+    );
+    let jr = job("drain-job");
+    assert_eq!(op.dispatcher.sync(&jr, &once, None).await.unwrap().placed, 1);
+    wait_running(&op, "drain-job.0.1").await;
+    let mut spare = join_agent(&op, dir.path(), "spare", true).await;
+    wait_connected(&op, &["spare"]).await;
+
+    op.dispatcher.fleet().set_admin("drained", NodeAdmin { cordoned: true, ..Default::default() });
+    assert_eq!(op.dispatcher.drain_node("drained").await.unwrap(), 1);
+    assert_eq!(op.dispatcher.drain_node("drained").await.unwrap(), 0, "draining again moves nothing");
+    let done = op.run_to_end(&jr, &once, None).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded);
+    let runs: Vec<_> = done.attempts.iter().map(|a| (a.number, a.node.as_str(), a.phase)).collect();
+    assert_eq!(runs, vec![(1, "drained", AttemptPhase::Cancelled), (2, "spare", AttemptPhase::Succeeded)]);
+    let why = &done.attempts[0].result.as_ref().unwrap().message;
+    assert!(why.contains("drained"), "{why}");
+    assert_eq!(op.metered_at_least("drain-job", 2).await.receipts, 2, "the stopped attempt is metered too");
+    assert!(op.dispatcher.fleet().is_connected("drained"), "draining does not disconnect the agent");
+    drained.disconnect().await;
+    spare.disconnect().await;
+}

@@ -204,7 +204,7 @@ pub fn admin_of(n: &ProviderNode) -> NodeAdmin {
     labels.retain(|k, _| k.len() <= 317);
     NodeAdmin {
         owner: n.spec.owner.clone().unwrap_or_default(),
-        cordoned: n.spec.unschedulable,
+        cordoned: n.spec.unschedulable || n.spec.drain,
         labels,
         taints: n
             .spec
@@ -244,6 +244,10 @@ async fn sweep_nodes(api: &Api<ProviderNode>, dispatcher: &Dispatcher, grace: Du
         let mut admin = admin_of(&n);
         admin.rates = dispatcher.rates().for_node(&name);
         fleet.set_admin(&name, admin);
+        if n.spec.drain {
+            // Cordoned just above, so nothing drained comes back here.
+            dispatcher.drain_node(&name).await?;
+        }
         let status = n.status.clone().unwrap_or_default();
         if let Some(earnings) = earnings(dispatcher, &name).await
             && status.earnings.as_ref() != Some(&earnings)
@@ -252,7 +256,7 @@ async fn sweep_nodes(api: &Api<ProviderNode>, dispatcher: &Dispatcher, grace: Du
         }
         let Some(absent) = fleet.absent_for(&name) else {
             // Connected: a cordoned node is Draining (its running tasks finish, none are added).
-            let want = connected_phase(n.spec.unschedulable);
+            let want = connected_phase(n.spec.unschedulable || n.spec.drain);
             if matches!(status.phase, Some(NodePhase::Ready | NodePhase::Draining)) && status.phase != Some(want) {
                 api.patch_status(&name, &status_patch(), &Patch::Merge(&json!({ "status": { "phase": want } }))).await?;
             }
@@ -329,6 +333,15 @@ mod tests {
     fn a_cordoned_connected_node_is_draining() {
         assert_eq!(connected_phase(true), NodePhase::Draining);
         assert_eq!(connected_phase(false), NodePhase::Ready);
+    }
+
+    #[test]
+    fn a_cordon_or_a_drain_keeps_new_tasks_away() {
+        let node = |unschedulable: bool, drain: bool| {
+            let spec = crate::crd::ProviderNodeSpec { unschedulable, drain, ..Default::default() };
+            admin_of(&ProviderNode::new("n", spec)).cordoned
+        };
+        assert_eq!([node(false, false), node(true, false), node(false, true), node(true, true)], [false, true, true, true]);
     }
 
     #[test]

@@ -39,6 +39,12 @@ pub struct ProviderNodeSpec {
     #[serde(default)]
     pub unschedulable: bool,
 
+    /// Drain: when true, the node is cordoned and the tasks running here are stopped and placed
+    /// elsewhere within one sweep (10 s), without using any of their retries; what they ran is
+    /// still metered. Set it back to false to take tasks again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
+
     /// Taints: only tasks whose job tolerates every taint (`spec.placement.tolerations`) are
     /// placed here; running tasks are not affected.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
