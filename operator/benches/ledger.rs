@@ -165,7 +165,7 @@ fn build_chain(dir: &std::path::Path, n: usize) {
         *prev = e.hash32().expect("sealed");
         batch.push(e);
         if batch.len() >= 50_000 {
-            b.append(batch, &[]).expect("append");
+            b.append(batch, &[], None).expect("append");
             batch.clear();
         }
     };
@@ -217,7 +217,7 @@ fn build_chain(dir: &std::path::Path, n: usize) {
         push(e, &mut batch, &mut prev, &mut b);
     }
     if !batch.is_empty() {
-        b.append(&batch, &[]).expect("append");
+        b.append(&batch, &[], None).expect("append");
     }
     eprintln!("verify: wrote {n} entries in {:.1}s", t.elapsed().as_secs_f64());
 }

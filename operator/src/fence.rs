@@ -42,6 +42,15 @@ impl Fence {
         }
     }
 
+    /// Whether writes are under leader election (not `Fence::open()`). An elected writer also
+    /// claims a new epoch in each database it writes when it opens it, and checks inside every
+    /// write transaction that the epoch is still its own: a replica frozen past its Lease (whose
+    /// clock check above passed just before the freeze) cannot commit once another has claimed.
+    pub fn elected(&self) -> bool {
+        self.until.is_some()
+    }
+
+    /// Whether writes are allowed now, by the time since the last Lease renewal.
     pub fn check(&self) -> Result<(), Fenced> {
         match &self.until {
             None => Ok(()),

@@ -66,8 +66,13 @@ pub struct EntryFilter {
 /// One backend. Methods take `&mut self`: each thread that uses the ledger owns a handle.
 pub trait Backend: Send {
     /// Appends entries (already sealed, consecutive after the head) and rejected receipts, in
-    /// one durable transaction.
-    fn append(&mut self, entries: &[Entry], rejected: &[RejectedReceipt]) -> Result<(), LedgerError>;
+    /// one durable transaction. With `epoch`, the transaction first checks that the leader
+    /// epoch is still this one, under a lock a later claim must wait for, and refuses with
+    /// `LedgerError::Fenced` (writing nothing) if another writer has claimed since.
+    fn append(&mut self, entries: &[Entry], rejected: &[RejectedReceipt], epoch: Option<u64>) -> Result<(), LedgerError>;
+    /// Claims the next leader epoch (1 on a new ledger) for this writer and returns it. Waits
+    /// for the write transactions in progress, so none of an older epoch commits after it.
+    fn claim_epoch(&mut self, now_ms: i64) -> Result<u64, LedgerError>;
     /// For each (node, epoch, sequence), the receipt entry already using it.
     fn lookup_receipts(&mut self, keys: &[(&str, u64, u64)]) -> Result<Vec<Option<Existing>>, LedgerError>;
     /// For each attempt id, the seq of the receipt entry metering it.

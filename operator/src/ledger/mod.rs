@@ -192,13 +192,21 @@ impl Ledger {
             threads.push(spawn(
                 "ledger-writer".into(),
                 Box::new(move || {
-                    let opened = open_backend(&dir, url.as_deref()).and_then(|mut b| load_state(b.as_mut()).map(|s| (b, s)));
-                    let (backend, state) = match opened {
+                    // An elected writer claims its epoch before it reads the chain head: every
+                    // append of an earlier leader has committed or will be refused by then.
+                    let opened = open_backend(&dir, url.as_deref()).and_then(|mut b| {
+                        let epoch = if fence.elected() { Some(b.claim_epoch(now_ms())?) } else { None };
+                        load_state(b.as_mut()).map(|s| (b, s, epoch))
+                    });
+                    let (backend, state, epoch) = match opened {
                         Ok(x) => x,
                         Err(e) => return drop(ready.send(Err(e))),
                     };
+                    if let Some(epoch) = epoch {
+                        tracing::info!(epoch, "payout ledger: claimed the leader epoch");
+                    }
                     drop(ready.send(Ok(())));
-                    Writer { backend, state, key, fence, totals }.run(batches_rx)
+                    Writer { backend, state, key, fence, epoch, totals }.run(batches_rx)
                 }),
             )?);
         }
@@ -474,6 +482,8 @@ struct Writer {
     state: ChainState,
     key: SigningKey,
     fence: Fence,
+    /// The leader epoch this writer claimed (with leader election).
+    epoch: Option<u64>,
     totals: Arc<JobTotals>,
 }
 
@@ -494,16 +504,7 @@ impl Writer {
     fn commit(&mut self, work: Vec<Checked>) {
         let mut replies = Vec::with_capacity(work.len());
         if let Err(e) = self.fence.check() {
-            for c in work {
-                let err = || LedgerError::Fenced(e.clone());
-                match c {
-                    Checked::Submit(_, _, r) => drop(r.send(Err(err()))),
-                    Checked::Other(Command::Submit(_, r)) => drop(r.send(Err(err()))),
-                    Checked::Other(Command::RegisterKey { reply, .. }) => drop(reply.send(Err(err()))),
-                    Checked::Other(Command::Checkpoint { reply, .. }) => drop(reply.send(Err(err()))),
-                }
-            }
-            return;
+            return fenced_all(work, &e);
         }
         // Optimistic first: a receipt is almost always new, so the batch is decided without
         // looking each one up, and the unique indexes on (node, epoch, sequence) and attempt id
@@ -513,13 +514,21 @@ impl Writer {
         let (mut batch, mut verdicts) = self.decide_all(&work, None);
         let mut result = self.append(&batch);
         if matches!(&result, Err(e) if e.is_unique_violation()) {
-            self.state = before;
+            self.state = before.clone();
             let lookups = match self.lookups(&work) {
                 Ok(l) => l,
                 Err(e) => return fail_all(work, &e),
             };
             (batch, verdicts) = self.decide_all(&work, Some(lookups));
             result = self.append(&batch);
+        }
+        if let Err(LedgerError::Fenced(e)) = &result {
+            // Another replica claimed a later epoch: this one is no longer the leader, whatever
+            // its clock says. Nothing was written; stop writing at all.
+            tracing::error!("payout ledger: another operator replica has claimed the ledger; this replica stops writing");
+            self.fence.close();
+            self.state = before;
+            return fenced_all(work, e);
         }
         for (c, v) in work.into_iter().zip(verdicts) {
             let reply = match (c, v) {
@@ -549,7 +558,7 @@ impl Writer {
     }
 
     fn append(&mut self, batch: &Batch) -> Result<(), LedgerError> {
-        if batch.entries.is_empty() && batch.rejected.is_empty() { Ok(()) } else { self.backend.append(&batch.entries, &batch.rejected) }
+        if batch.entries.is_empty() && batch.rejected.is_empty() { Ok(()) } else { self.backend.append(&batch.entries, &batch.rejected, self.epoch) }
     }
 
     /// Decides every command of `work` against the chain state, with what the store holds for
@@ -587,6 +596,17 @@ impl Writer {
         let keys: Vec<(&str, u64, u64)> = verified.iter().map(|v| (v.body.node.as_str(), v.body.epoch, v.body.sequence)).collect();
         let ids: Vec<&str> = verified.iter().map(|v| v.body.attempt_id.as_str()).collect();
         Ok((self.backend.lookup_receipts(&keys)?, self.backend.lookup_attempts(&ids)?))
+    }
+}
+
+fn fenced_all(work: Vec<Checked>, e: &crate::fence::Fenced) {
+    let err = || LedgerError::Fenced(e.clone());
+    for c in work {
+        match c {
+            Checked::Submit(_, _, r) | Checked::Other(Command::Submit(_, r)) => drop(r.send(Err(err()))),
+            Checked::Other(Command::RegisterKey { reply, .. }) => drop(reply.send(Err(err()))),
+            Checked::Other(Command::Checkpoint { reply, .. }) => drop(reply.send(Err(err()))),
+        }
     }
 }
 

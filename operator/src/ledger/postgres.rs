@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS ledger_rejected (
     reason       TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_rejected_by_node ON ledger_rejected (session_node, id);
+CREATE TABLE IF NOT EXISTS ledger_leader (
+    id         BIGINT PRIMARY KEY CHECK (id = 1),
+    epoch      BIGINT NOT NULL,
+    claimed_ms BIGINT NOT NULL
+);
 ";
 
 use super::sqlite::ENTRY_COLUMNS;
@@ -156,7 +161,7 @@ struct Columns {
 }
 
 impl Backend for PostgresBackend {
-    fn append(&mut self, entries: &[Entry], rejected: &[RejectedReceipt]) -> Result<(), LedgerError> {
+    fn append(&mut self, entries: &[Entry], rejected: &[RejectedReceipt], epoch: Option<u64>) -> Result<(), LedgerError> {
         let mut c = Columns::default();
         for e in entries {
             c.seq.push(to_db(e.seq));
@@ -193,6 +198,14 @@ impl Backend for PostgresBackend {
             c.hash.push(e.hash.clone());
         }
         let mut tx = self.client.transaction().map_err(op("begin append"))?;
+        if let Some(mine) = epoch {
+            // FOR SHARE: a claim (an UPDATE of this row) waits until this transaction ends, so
+            // nothing of an older epoch commits after a newer one is claimed.
+            let row = tx.query_opt("SELECT epoch FROM ledger_leader WHERE id = 1 FOR SHARE", &[]).map_err(op("read leader epoch"))?;
+            if row.map(|r| r.get::<_, i64>(0)) != Some(to_db(mine)) {
+                return Err(LedgerError::Fenced(crate::fence::Fenced));
+            }
+        }
         if !entries.is_empty() {
             let sql = format!(
                 "INSERT INTO ledger_entries ({ENTRY_COLUMNS})
@@ -264,6 +277,20 @@ impl Backend for PostgresBackend {
             }
         }
         tx.commit().map_err(op("commit append"))
+    }
+
+    fn claim_epoch(&mut self, now_ms: i64) -> Result<u64, LedgerError> {
+        // The UPDATE waits for every transaction holding the row FOR SHARE (appends of the
+        // previous epoch) to end.
+        let row = self
+            .client
+            .query_one(
+                "INSERT INTO ledger_leader (id, epoch, claimed_ms) VALUES (1, 1, $1)
+                 ON CONFLICT (id) DO UPDATE SET epoch = ledger_leader.epoch + 1, claimed_ms = EXCLUDED.claimed_ms RETURNING epoch",
+                &[&now_ms],
+            )
+            .map_err(op("claim leader epoch"))?;
+        Ok(from_db(row.get::<_, i64>(0)))
     }
 
     fn lookup_receipts(&mut self, keys: &[(&str, u64, u64)]) -> Result<Vec<Option<Existing>>, LedgerError> {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::LedgerError;
 use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedReceipt, from_db, to_db};
@@ -71,6 +71,11 @@ CREATE TABLE IF NOT EXISTS ledger_rejected (
     reason       TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_rejected_by_node ON ledger_rejected (session_node, id);
+CREATE TABLE IF NOT EXISTS ledger_leader (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch      INTEGER NOT NULL,
+    claimed_ms INTEGER NOT NULL
+);
 ";
 
 pub(crate) const ENTRY_COLUMNS: &str = "seq, kind, recorded_ms, node, epoch, sequence, attempt_id, job_uid, job_key, body, signature, public_key, \
@@ -169,8 +174,17 @@ fn row_to_rejected(r: &Row<'_>) -> rusqlite::Result<RejectedReceipt> {
 }
 
 impl Backend for SqliteBackend {
-    fn append(&mut self, entries: &[Entry], rejected: &[RejectedReceipt]) -> Result<(), LedgerError> {
-        let tx = self.conn.transaction().map_err(op("begin append"))?;
+    fn append(&mut self, entries: &[Entry], rejected: &[RejectedReceipt], epoch: Option<u64>) -> Result<(), LedgerError> {
+        // IMMEDIATE: the write lock is taken at BEGIN, so the epoch read below stays true
+        // until the commit (a claim is itself a write and waits for the lock).
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(op("begin append"))?;
+        if let Some(mine) = epoch {
+            let current: Option<i64> =
+                tx.query_row("SELECT epoch FROM ledger_leader WHERE id = 1", [], |r| r.get(0)).optional().map_err(op("read leader epoch"))?;
+            if current != Some(to_db(mine)) {
+                return Err(LedgerError::Fenced(crate::fence::Fenced));
+            }
+        }
         {
             let mut ins = tx
                 .prepare_cached(&format!(
@@ -235,6 +249,20 @@ impl Backend for SqliteBackend {
             }
         }
         tx.commit().map_err(op("commit append"))
+    }
+
+    fn claim_epoch(&mut self, now_ms: i64) -> Result<u64, LedgerError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(op("begin epoch claim"))?;
+        let epoch: i64 = tx
+            .query_row(
+                "INSERT INTO ledger_leader (id, epoch, claimed_ms) VALUES (1, 1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET epoch = epoch + 1, claimed_ms = excluded.claimed_ms RETURNING epoch",
+                params![now_ms],
+                |r| r.get(0),
+            )
+            .map_err(op("claim leader epoch"))?;
+        tx.commit().map_err(op("commit epoch claim"))?;
+        Ok(from_db(epoch))
     }
 
     fn lookup_receipts(&mut self, keys: &[(&str, u64, u64)]) -> Result<Vec<Option<Existing>>, LedgerError> {

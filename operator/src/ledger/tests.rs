@@ -206,6 +206,7 @@ backend_suite!(
     a_reused_sequence_or_a_metered_attempt_is_rejected,
     reopening_keeps_everything_and_dedup_still_holds,
     a_fenced_ledger_refuses_appends,
+    a_leader_that_was_frozen_past_its_lease_cannot_append_after_the_next_leader_opened_the_ledger,
     changing_any_byte_of_any_stored_entry_fails_verification_naming_it,
     checkpoints_are_appended_every_n_entries_and_verify,
     export_selects_by_provider_and_time,
@@ -450,6 +451,34 @@ fn a_fenced_ledger_refuses_appends(env: &Env) {
         assert!(matches!(l.submit(input(1, 1, 2)).await, Err(LedgerError::Fenced(_))));
     });
     assert_eq!(rt.block_on(l.head()).unwrap().unwrap().seq, 2);
+}
+
+/// Two replicas, one ledger: the first is frozen with its clock fence still open (as a process
+/// stopped just after its check would be); the second becomes leader and opens the ledger. The
+/// first's appends are refused by the epoch check inside the transaction, write nothing, and
+/// close its fence; the second appends after the first's entries.
+fn a_leader_that_was_frozen_past_its_lease_cannot_append_after_the_next_leader_opened_the_ledger(env: &Env) {
+    let rt = rt();
+    let open_until = || std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let (fence_a, fence_b) = (Fence::closed(), Fence::closed());
+    fence_a.extend(open_until());
+    let a = Ledger::open(env.config(fence_a.clone())).unwrap();
+    rt.block_on(async {
+        a.register_node_key("pn-1", key_of(1)).await.unwrap();
+        assert!(matches!(a.submit(input(1, 1, 1)).await.unwrap(), Verdict::Accepted { seq: 2, .. }));
+    });
+    fence_b.extend(open_until());
+    let b = Ledger::open(env.config(fence_b.clone())).unwrap();
+    rt.block_on(async {
+        assert_eq!(fence_a.check(), Ok(()), "the first replica's clock still says it leads");
+        assert!(matches!(a.submit(input(1, 1, 2)).await, Err(LedgerError::Fenced(_))));
+        assert_eq!(fence_a.check(), Err(crate::fence::Fenced), "refused once, the first replica stops writing at all");
+        assert!(matches!(a.checkpoint().await, Err(LedgerError::Fenced(_))));
+        assert!(matches!(b.submit(input(1, 1, 2)).await.unwrap(), Verdict::Accepted { seq: 3, .. }), "the new leader continues the chain");
+    });
+    drop((a, b));
+    let report = env.verify().unwrap();
+    assert_eq!((report.entries, report.receipts), (3, 2));
 }
 
 const COLUMNS: &[&str] = &[
