@@ -166,6 +166,18 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         tracing::info!(user = %user, uid, gid, "exec tasks run as this user");
         exec = exec.as_user(uid, gid);
     }
+    // A run of the agent that was killed could not stop its tasks: stop them before any new
+    // one starts (the operator has already given their capacity to other work), and drop their
+    // scratch directories.
+    let leftover = kommune_agent::runtime::stop_leftover_tasks(Path::new("/proc"), &state.scratch_dir());
+    if !leftover.is_empty() {
+        tracing::warn!(process_groups = ?leftover, "stopped task processes left running by an earlier run of the agent");
+    }
+    if let Ok(dirs) = std::fs::read_dir(state.scratch_dir()) {
+        for dir in dirs.flatten() {
+            let _ = std::fs::remove_dir_all(dir.path());
+        }
+    }
     let (tasks, mut updates) = Tasks::with_container(wasm, exec, container, spool, state.scratch_dir());
     let key = kommune_proto::receipt::signing_key_from_pem(&state.key_pem).map_err(|e| anyhow::anyhow!("{}: {e}", state.dir.join("node.key").display()))?;
     let receipts = Receipts::start(state.receipts_dir(), &state.config.node_name, key)

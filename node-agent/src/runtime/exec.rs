@@ -288,5 +288,41 @@ fn kill_process_group(pgid: u32) {
     }
 }
 
+/// Stops the task processes an earlier run of the agent left behind: an agent that was killed
+/// (SIGKILL, OOM, power loss of the agent alone) could not stop its tasks, whose process groups
+/// then outlive it, holding CPU and memory the operator has already given to other work. Every
+/// process whose working directory is under `scratch_root` (where each attempt runs) has its
+/// process group SIGKILLed, never the agent's own group. Call it before any task starts.
+/// Returns the process groups stopped.
+pub fn stop_leftover_tasks(proc_root: &Path, scratch_root: &Path) -> Vec<i32> {
+    let Ok(scratch_root) = scratch_root.canonicalize() else { return vec![] };
+    let Ok(entries) = std::fs::read_dir(proc_root) else { return vec![] };
+    let own = nix::unistd::getpgrp().as_raw();
+    let mut groups: Vec<i32> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&scratch_root)))
+        .filter_map(|e| pgid_from_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?))
+        .filter(|&g| g > 1 && g != own)
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    for &g in &groups {
+        use nix::sys::signal::{Signal, killpg};
+        if let Err(e) = killpg(nix::unistd::Pid::from_raw(g), Signal::SIGKILL) {
+            tracing::warn!(pgid = g, error = %e, "cannot stop a task process group left by an earlier run");
+        }
+    }
+    groups
+}
+
+/// The process group id from the text of /proc/<pid>/stat: the fifth field, counted after the
+/// command name, which is in parentheses and may itself hold spaces and parentheses.
+pub fn pgid_from_stat(stat: &str) -> Option<i32> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // state, ppid, pgrp
+    after_name.split_whitespace().nth(2)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use container::ContainerRuntime;
-pub use exec::{ExecRuntime, resolve_exec_user};
+pub use exec::{ExecRuntime, pgid_from_stat, resolve_exec_user, stop_leftover_tasks};
 pub use usage::Measured;
 pub use wasm::WasmRuntime;
 

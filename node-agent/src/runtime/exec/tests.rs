@@ -243,3 +243,46 @@ fn an_exec_user_is_resolved_or_refused_with_the_reason() {
     assert!(super::resolve_exec_user("no-such-user-kommune", true).unwrap_err().contains("no such user"));
     assert_eq!(super::resolve_exec_user("65534", true).map(|(uid, _)| uid), Ok(65534));
 }
+
+#[test]
+fn the_process_group_is_read_from_proc_stat_even_with_odd_command_names() {
+    assert_eq!(super::pgid_from_stat("4242 (sleep) S 4200 4201 4200 0 -1 4194560 105 0"), Some(4201));
+    assert_eq!(super::pgid_from_stat("4242 (a) b (c d) R 1 77 77 0"), Some(77), "the name holds spaces and parentheses");
+    assert_eq!(super::pgid_from_stat("4242 (sleep) S 4200"), None);
+    assert_eq!(super::pgid_from_stat("garbage"), None);
+    assert_eq!(super::pgid_from_stat(""), None);
+}
+
+/// What an agent killed mid-task leaves behind: the task's process group, running in its
+/// scratch directory with nobody to stop it. The next run of the agent stops it, and nothing
+/// outside the scratch directory.
+#[test]
+fn task_processes_left_by_a_killed_agent_are_stopped_and_nothing_else() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let root = tempfile::tempdir().unwrap();
+    let scratch = root.path().join("scratch");
+    std::fs::create_dir_all(scratch.join("job.0.1")).unwrap();
+    let spawn = |dir: &std::path::Path| {
+        std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 60 & wait"])
+            .current_dir(dir)
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut leftover = spawn(&scratch.join("job.0.1"));
+    let mut bystander = spawn(root.path());
+    // The shell has started its sleep once the group has two processes in /proc.
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = super::stop_leftover_tasks(Path::new("/proc"), &scratch);
+    assert_eq!(stopped, vec![leftover.id() as i32]);
+    assert_eq!(leftover.wait().unwrap().signal(), Some(9));
+    assert!(bystander.try_wait().unwrap().is_none(), "a process outside the scratch directory is left alone");
+    assert!(super::stop_leftover_tasks(Path::new("/proc"), &scratch).is_empty(), "nothing left the second time");
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(bystander.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    bystander.wait().unwrap();
+    assert!(super::stop_leftover_tasks(Path::new("/proc"), &root.path().join("missing")).is_empty());
+}
