@@ -446,8 +446,17 @@ impl Dispatcher {
         let expected = self.store.active_on_node(node)?;
         let now = now_ms();
         for a in expected.iter().filter(|a| !running.contains(a.id.as_str())) {
-            info!(attempt = %a.id, node, "node reconnected without this attempt; marking it lost");
-            self.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now)?;
+            if a.phase == AttemptPhase::Assigned {
+                // Never confirmed running, and the node does not have it: the Assign was lost
+                // on the way (the session or the operator ended first). Nothing ran, so it is
+                // placed again without using a retry.
+                info!(attempt = %a.id, node, "node reconnected without an attempt it never confirmed; placing it again");
+                let why = "the assignment never reached the node (it reconnected without it); placed again without using a retry";
+                self.finish(&a.id, AttemptPhase::Cancelled, Some(&lost(why)), now)?;
+            } else {
+                info!(attempt = %a.id, node, "node reconnected without this attempt; marking it lost");
+                self.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now)?;
+            }
             self.notify(&a.job_key);
         }
         let expected: HashSet<&str> = expected.iter().map(|a| a.id.as_str()).collect();

@@ -486,6 +486,73 @@ async fn an_operator_restart_mid_job_keeps_running_attempts_and_places_nothing_t
     assert_eq!(op.metered_at_least("restart-job", 4).await.receipts, 4, "each attempt metered once across the restart");
 }
 
+/// The operator dies after placing two tasks and before either agent confirmed its task. One
+/// Assign never reached its agent, which reconnects without it: that task is placed again
+/// without using a retry (the job allows one attempt). The other agent got its Assign and
+/// reconnects listing it: it keeps it and finishes it. Nothing is lost, nothing runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_restart_between_placing_and_the_agents_acknowledgement_neither_loses_nor_doubles_work() {
+    use kommune_proto::v1::{AgentMessage, AttemptState, TaskResult, TaskUpdate, agent_message, operator_message};
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let missed = join_only(&op, dir.path(), "missed-it", true).await;
+    let got = join_only(&op, dir.path(), "got-it", true).await;
+    async fn assigned(inbound: &mut tonic::Streaming<kommune_proto::v1::OperatorMessage>) -> String {
+        match next(inbound).await {
+            Ok(Some(operator_message::Kind::Assign(a))) => a.attempt_id,
+            other => panic!("expected an Assign, got {other:?}"),
+        }
+    }
+    // The whole node for the first job, so the second lands on the other one.
+    let whole = policy("workload:\n  exec:\n    command: [echo]\nresources: {cpu: '2', memory: 64Mi}\nretries: {maxAttempts: 1}\n");
+    let small = policy("workload:\n  exec:\n    command: [echo]\nresources: {cpu: 500m, memory: 64Mi}\nretries: {maxAttempts: 1}\n");
+    let (lost_job, kept_job) = (job("in-flight-lost"), job("in-flight-kept"));
+    let (_missed_tx, mut missed_in) = raw_session(&op, &missed).await;
+    assert_eq!(op.dispatcher.sync(&lost_job, &whole, None).await.unwrap().placed, 1);
+    assert_eq!(assigned(&mut missed_in).await, "in-flight-lost.0.1");
+    let (_got_tx, mut got_in) = raw_session(&op, &got).await;
+    assert_eq!(op.dispatcher.sync(&kept_job, &small, None).await.unwrap().placed, 1);
+    assert_eq!(assigned(&mut got_in).await, "in-flight-kept.0.1");
+
+    // No Running from either agent yet: the operator crashes. "missed-it" comes back as if the
+    // Assign had been lost on the way, "got-it" as one that has it.
+    let op = op.crash_and_restart().await;
+    let (missed_tx, mut missed_in) = raw_session(&op, &missed).await;
+    let (got_tx, _got_in) = raw_session_running(&op, &got, vec!["in-flight-kept.0.1".into()]).await;
+    let first = op.dispatcher.store().attempt("in-flight-lost.0.1").unwrap().unwrap();
+    assert_eq!(first.phase, AttemptPhase::Cancelled, "an Assign that never arrived is not a failed attempt");
+    assert!(first.result.unwrap().message.contains("never reached"));
+    assert_eq!(op.dispatcher.store().attempt("in-flight-kept.0.1").unwrap().unwrap().phase, AttemptPhase::Assigned, "a task the agent has stays");
+
+    let finish = |id: &str| {
+        [AttemptState::Running, AttemptState::Succeeded].map(|state| AgentMessage {
+            kind: Some(agent_message::Kind::TaskUpdate(TaskUpdate {
+                attempt_id: id.into(),
+                state: state as i32,
+                result: (state == AttemptState::Succeeded).then(|| TaskResult { exit_code: 0, ..Default::default() }),
+                receipt: None,
+            })),
+        })
+    };
+    assert_eq!(op.dispatcher.sync(&lost_job, &whole, None).await.unwrap().placed, 1, "placed again although the job allows one attempt");
+    let again = assigned(&mut missed_in).await;
+    assert_eq!(again, "in-flight-lost.0.2");
+    for m in finish(&again) {
+        missed_tx.send(m).await.unwrap();
+    }
+    for m in finish("in-flight-kept.0.1") {
+        got_tx.send(m).await.unwrap();
+    }
+    let lost_done = op.run_to_end(&lost_job, &whole, None).await;
+    let kept_done = op.run_to_end(&kept_job, &small, None).await;
+    let runs = |s: &Synced| s.attempts.iter().map(|a| (a.number, a.node.clone(), a.phase)).collect::<Vec<_>>();
+    assert_eq!(lost_done.progress.phase, JobPhase::Succeeded);
+    assert_eq!(runs(&lost_done), vec![(1, "missed-it".to_string(), AttemptPhase::Cancelled), (2, "missed-it".to_string(), AttemptPhase::Succeeded)]);
+    assert_eq!(kept_done.progress.phase, JobPhase::Succeeded);
+    assert_eq!(runs(&kept_done), vec![(1, "got-it".to_string(), AttemptPhase::Succeeded)], "the task the agent had ran once");
+    assert_eq!(op.dispatcher.fleet().pool().reservations(), 0, "no capacity left reserved");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_job_stops_its_attempts_on_the_agent_and_frees_the_node() {
     let op = operator().await;
@@ -625,13 +692,22 @@ async fn raw_session(
     op: &Operator,
     state: &AgentState,
 ) -> (mpsc::Sender<kommune_proto::v1::AgentMessage>, tonic::Streaming<kommune_proto::v1::OperatorMessage>) {
+    raw_session_running(op, state, vec![]).await
+}
+
+/// As [`raw_session`], with a Hello that says the node runs `running`.
+async fn raw_session_running(
+    op: &Operator,
+    state: &AgentState,
+    running: Vec<String>,
+) -> (mpsc::Sender<kommune_proto::v1::AgentMessage>, tonic::Streaming<kommune_proto::v1::OperatorMessage>) {
     use kommune_proto::v1::{AgentMessage, Hello, agent_message, operator_message};
     let mut client =
         kommune_agent::connect::client(&kommune_agent::connect::parse_server(&op.url).unwrap(), &state.ca_pem, Some((&state.cert_pem, &state.key_pem)))
             .await
             .unwrap();
     let (tx, rx) = mpsc::channel(16);
-    let hello = Hello { facts: Some(facts(true)), running_attempt_ids: vec![], paused: false };
+    let hello = Hello { facts: Some(facts(true)), running_attempt_ids: running, paused: false };
     tx.send(AgentMessage { kind: Some(agent_message::Kind::Hello(hello)) }).await.unwrap();
     let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     assert!(matches!(next(&mut inbound).await, Ok(Some(operator_message::Kind::Welcome(_)))));
