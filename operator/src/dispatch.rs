@@ -73,6 +73,8 @@ pub struct Dispatcher {
     /// Where usage receipts are verified, priced and appended; None runs without metering.
     ledger: Option<Arc<Ledger>>,
     rates: Arc<RateBook>,
+    /// Leader-election fence for writes outside the store (the API server).
+    fence: crate::fence::Fence,
 }
 
 /// The namespace of a "namespace/name" job key.
@@ -84,7 +86,16 @@ impl Dispatcher {
     /// `changed` receives "namespace/name" of jobs whose attempts changed, so the controller
     /// reconciles them; when it is full the periodic requeue catches up.
     pub fn new(store: Arc<Store>, fleet: Arc<Fleet>, changed: mpsc::Sender<String>) -> Self {
-        Dispatcher { store, fleet, place_lock: tokio::sync::Mutex::new(()), changed, rebuilt: AtomicBool::new(false), ledger: None, rates: Arc::default() }
+        Dispatcher {
+            store,
+            fleet,
+            place_lock: tokio::sync::Mutex::new(()),
+            changed,
+            rebuilt: AtomicBool::new(false),
+            ledger: None,
+            rates: Arc::default(),
+            fence: crate::fence::Fence::open(),
+        }
     }
 
     /// Meters through `ledger`: terminal updates are acknowledged only once their usage receipt
@@ -93,6 +104,20 @@ impl Dispatcher {
         self.ledger = Some(ledger);
         self.rates = rates;
         self
+    }
+
+    /// Writes to the API server (status, Events, ProviderNodes) are made only while `fence`
+    /// allows, as the store's and the ledger's are.
+    pub fn with_fence(mut self, fence: crate::fence::Fence) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// Whether this replica may write now (leader election); checked right before each write to
+    /// the API server, so a leader frozen past its Lease does not publish a stale view when it
+    /// wakes.
+    pub fn may_write(&self) -> std::result::Result<(), crate::fence::Fenced> {
+        self.fence.check()
     }
 
     pub fn ledger(&self) -> Option<&Arc<Ledger>> {

@@ -252,7 +252,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let store = Arc::new(Store::open_fenced(&args.data_dir, fence.clone()).with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?);
     let ledger = Arc::new(
-        Ledger::open(LedgerConfig { data_dir: args.data_dir.clone(), database_url: args.database_url.clone(), fence })
+        Ledger::open(LedgerConfig { data_dir: args.data_dir.clone(), database_url: args.database_url.clone(), fence: fence.clone() })
             .context("cannot open the payout ledger")?,
     );
     let rates = Arc::new(RateBook::new(args.rates()));
@@ -261,7 +261,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (jobs_changed_tx, jobs_changed_rx) = mpsc::channel(1024);
     let (node_events_tx, node_events_rx) = mpsc::channel(1024);
     let (capacity_tx, capacity_rx) = mpsc::channel(1);
-    let dispatcher = Arc::new(Dispatcher::new(store, fleet.clone(), jobs_changed_tx).with_ledger(ledger, rates));
+    let dispatcher = Arc::new(Dispatcher::new(store, fleet.clone(), jobs_changed_tx).with_ledger(ledger, rates).with_fence(fence));
 
     let config =
         GatewayConfig { heartbeat_interval: Duration::from_secs(args.heartbeat_seconds), session_timeout: Duration::from_secs(args.heartbeat_seconds * 3) };

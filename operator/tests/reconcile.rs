@@ -87,12 +87,17 @@ impl JobFixture for ComputeJob {
 /// The controller's context over a real dispatcher, store and blob directory in a temp dir;
 /// the API server is the returned `ApiServer`. Keep the `TempDir` alive for the test.
 fn testbed() -> (Arc<Context>, ApiServer, tempfile::TempDir) {
+    testbed_fenced(kommune_operator::fence::Fence::open())
+}
+
+/// As [`testbed`], with writes under `fence` (leader election).
+fn testbed_fenced(fence: kommune_operator::fence::Fence) -> (Arc<Context>, ApiServer, tempfile::TempDir) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, NS);
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(Store::open(dir.path()).expect("store opens"));
     let (changed, _) = mpsc::channel(16);
-    let dispatcher = Arc::new(Dispatcher::new(store, Arc::new(Fleet::default()), changed));
+    let dispatcher = Arc::new(Dispatcher::new(store, Arc::new(Fleet::default()), changed).with_fence(fence));
     let blobs = Blobs::open(dir.path()).expect("blob dir opens");
     let ctx = Arc::new(Context::new(client, dispatcher, blobs, Arc::new(Metrics::default())));
     (ctx, ApiServer(handle), dir)
@@ -339,6 +344,23 @@ async fn an_exec_job_waits_while_no_agent_has_joined() {
     assert_eq!((scheduled.status.as_str(), scheduled.reason.as_str()), ("False", "Unschedulable"));
     assert_eq!(scheduled.message, "1 task(s) waiting: 0/0 nodes: no provider node is connected");
     assert_eq!(event.note.as_deref(), Some(scheduled.message.as_str()));
+    api.no_further_requests().await;
+}
+
+/// A replica whose Lease has lapsed (say it was frozen past it) and that has not noticed yet
+/// reconciles a job that needs a new status: it writes nothing to the API server, no status
+/// and no Event, and the reconcile fails as fenced.
+#[tokio::test]
+async fn a_replica_that_is_not_the_leader_writes_nothing_to_the_api_server() {
+    let fence = kommune_operator::fence::Fence::closed();
+    fence.extend(std::time::Instant::now() + Duration::from_secs(600));
+    let (ctx, mut api, _dir) = testbed_fenced(fence.clone());
+    let job = job("broken", "workload: {}\n").finalized();
+    fence.close();
+    let (result, ()) = reconcile_against(&job, &ctx, api.no_further_requests()).await;
+    let err = result.as_ref().expect_err("a fenced reconcile fails");
+    assert!(err.to_string().contains("not the leader"), "{err}");
+    error_policy(Arc::new(job.clone()), &result.unwrap_err(), ctx.clone());
     api.no_further_requests().await;
 }
 

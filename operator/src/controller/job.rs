@@ -172,6 +172,7 @@ async fn publish(ctx: &Context, job: &ComputeJob, prev: &ComputeJobStatus, next:
     let ns = job.namespace().unwrap_or_default();
     let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = json!({ "apiVersion": "kommune.dev/v1alpha1", "kind": "ComputeJob", "status": next });
+    ctx.dispatcher.may_write()?;
     api.patch_status(&job.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
     for (severity, reason, note) in status::events(prev, next) {
         event(ctx, job, severity, &reason, &note).await;
@@ -181,6 +182,9 @@ async fn publish(ctx: &Context, job: &ComputeJob, prev: &ComputeJobStatus, next:
 
 /// Publishes an Event; a failure to record one is logged, never fatal.
 async fn event(ctx: &Context, job: &ComputeJob, severity: Severity, reason: &str, note: &str) {
+    if ctx.dispatcher.may_write().is_err() {
+        return;
+    }
     let ev = Event {
         type_: match severity {
             Severity::Normal => EventType::Normal,

@@ -26,6 +26,8 @@ pub enum Error {
     CaSecret(String),
     #[error(transparent)]
     Blob(#[from] crate::blobs::BlobError),
+    #[error(transparent)]
+    Fenced(#[from] crate::fence::Fenced),
 }
 
 impl Error {
@@ -39,6 +41,7 @@ impl Error {
             Error::Pki(_) => "pki",
             Error::CaSecret(_) => "ca_secret",
             Error::Blob(_) => "blob",
+            Error::Fenced(_) => "fenced",
         }
     }
 }

@@ -144,6 +144,7 @@ pub fn absent_phase(absent: Duration, grace: Duration) -> NodePhase {
 }
 
 async fn write(api: &Api<ProviderNode>, dispatcher: &Dispatcher, ev: &NodeEvent) -> Result<(), super::Error> {
+    dispatcher.may_write()?;
     let store: &Store = dispatcher.store();
     let node = node_of(ev);
     if let NodeEvent::Left { .. } = ev {
@@ -228,6 +229,7 @@ pub fn admin_of(n: &ProviderNode) -> NodeAdmin {
 /// last sweep (only nodes seen before, so a just-joined node is not revoked before its object
 /// exists).
 async fn sweep_nodes(api: &Api<ProviderNode>, dispatcher: &Dispatcher, grace: Duration, known: &mut BTreeSet<String>) -> Result<(), super::Error> {
+    dispatcher.may_write()?;
     let fleet = dispatcher.fleet();
     let nodes = api.list(&ListParams::default()).await?;
     let present: BTreeSet<String> = nodes.items.iter().map(|n| n.name_any()).collect();
