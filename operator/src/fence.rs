@@ -42,6 +42,13 @@ impl Fence {
         }
     }
 
+    /// Whether this fence comes from leader election (anything but [`Fence::open`]): another
+    /// replica may lead after this one, so stores claim an epoch and check it in every write.
+    pub fn elected(&self) -> bool {
+        self.until.is_some()
+    }
+
+    /// Ok while the last extension has not run out; always Ok for [`Fence::open`].
     pub fn check(&self) -> Result<(), Fenced> {
         match &self.until {
             None => Ok(()),
@@ -61,7 +68,9 @@ mod tests {
     #[test]
     fn a_fence_opens_until_its_deadline() {
         assert_eq!(Fence::open().check(), Ok(()));
+        assert!(!Fence::open().elected());
         let f = Fence::closed();
+        assert!(f.elected());
         assert_eq!(f.check(), Err(Fenced));
         f.extend(Instant::now() + Duration::from_secs(60));
         assert_eq!(f.clone().check(), Ok(()));
