@@ -49,6 +49,9 @@ pub enum StoreError {
     /// The ledger (metering) could not record a receipt or answer a query.
     #[error("{0}")]
     Ledger(String),
+    /// The thread that owns a PostgreSQL connection could not start or has stopped.
+    #[error("store: the {0} thread could not start or has stopped; restart the operator")]
+    Thread(&'static str),
     /// A group commit failed; nothing of it was stored. The agent resends its result.
     #[error("store: commit of queued results failed: {0}")]
     Batch(String),
@@ -171,10 +174,6 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn thread_failed(source: std::io::Error) -> StoreError {
-    StoreError::Dir { path: "(store thread)".into(), source }
-}
-
 impl Store {
     /// Opens (creating if needed) `<dir>/kommune.db`, writable without leader election.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -222,8 +221,8 @@ impl Store {
                 drop(ready_tx.send(Ok(())));
                 commit_finishes(&db, &writer_fence, epoch, &writer_index, rx)
             })
-            .map_err(thread_failed)?;
-        ready.recv().map_err(|_| StoreError::Batch("the store's writer thread stopped while opening".into()))??;
+            .map_err(|_| StoreError::Thread("store-writer"))?;
+        ready.recv().map_err(|_| StoreError::Thread("store-writer"))??;
         tracing::info!(backend, epoch, "attempt store open");
         Ok(Store { db, fence, epoch, finishes: Mutex::new(tx), index })
     }
@@ -235,19 +234,11 @@ impl Store {
             // (transactions roll back), so a poisoned lock is safe to reuse.
             Conn::Local(db) => f(&mut **db.lock().unwrap_or_else(|p| p.into_inner())),
             Conn::Worker(jobs) => {
-                let stopped = || StoreError::Batch("the store's connection thread has stopped; restart the operator".into());
+                let stopped = || StoreError::Thread("store-db");
                 let (tx, rx) = sync_channel(1);
                 jobs.lock().unwrap_or_else(|p| p.into_inner()).send(Box::new(move |db: &mut dyn Db| drop(tx.send(f(db))))).map_err(|_| stopped())?;
                 rx.recv().map_err(|_| stopped())?
             }
-        }
-    }
-
-    /// Which backend holds the store: "sqlite" or "postgresql".
-    pub fn backend(&self) -> &'static str {
-        match self.db {
-            Conn::Local(_) => "sqlite",
-            Conn::Worker(_) => "postgresql",
         }
     }
 
@@ -410,8 +401,8 @@ fn spawn_worker(url: &str, elected: bool) -> Result<(Sender<Job>, Option<i64>)> 
                 job(&mut db);
             }
         })
-        .map_err(thread_failed)?;
-    let epoch = ready.recv().map_err(|_| StoreError::Batch("the store's connection thread stopped while opening".into()))??;
+        .map_err(|_| StoreError::Thread("store-db"))?;
+    let epoch = ready.recv().map_err(|_| StoreError::Thread("store-db"))??;
     Ok((jobs, epoch))
 }
 
