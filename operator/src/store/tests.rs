@@ -104,6 +104,7 @@ backend_suite!(
     a_replica_that_claims_the_store_fences_every_write_of_the_previous_one_though_its_lease_fence_is_open,
     a_new_leader_sees_exactly_the_attempts_the_old_one_placed_and_finishes_them,
     an_unelected_store_neither_claims_nor_checks_an_epoch,
+    a_store_opened_used_and_dropped_on_the_async_runtime_works,
 );
 
 fn rt() -> tokio::runtime::Runtime {
@@ -317,6 +318,22 @@ fn an_unelected_store_neither_claims_nor_checks_an_epoch(env: &Env) {
     assert_eq!((leader.epoch(), single.epoch()), (Some(1), None));
     single.insert_attempts(&[attempt(0, "a")]).unwrap();
     assert!(leader.mark_running(&attempt_id("uid", 0, 1)).unwrap(), "opening without election did not take the store from the leader");
+}
+
+/// The dispatcher and the gateway call the store from tokio workers: the PostgreSQL client,
+/// which blocks on a runtime of its own, must never run (or be dropped) there.
+fn a_store_opened_used_and_dropped_on_the_async_runtime_works(env: &Env) {
+    let id = attempt_id("uid", 0, 1);
+    rt().block_on(async {
+        let store = Store::open_with(env.config(leader_fence())).unwrap();
+        store.insert_attempts(&[attempt(0, "a")]).unwrap();
+        assert!(store.mark_running(&id).unwrap());
+        assert_eq!(store.job_attempts("uid").unwrap()[0].phase, AttemptPhase::Running);
+        assert_eq!(store.register_node("n1", "k1", 1).unwrap(), Registration::New);
+        assert!(store.finish_batched(&id, AttemptPhase::Succeeded, &AttemptResult::default(), 2).await.unwrap());
+        drop(store);
+    });
+    assert_eq!(env.open().attempt(&id).unwrap().unwrap().phase, AttemptPhase::Succeeded);
 }
 
 /// A leader frozen inside a write transaction while a successor claims the store: the claim
