@@ -5,7 +5,7 @@
 # pointing at kube-apiserver + etcd (e2e/fetch-envtest.sh makes one); without either it prints
 # one "skipped: no cluster" line.
 #
-# The payout ledger's backend suite also runs against PostgreSQL: against
+# The payout ledger's and the attempt store's backend suites also run against PostgreSQL: against
 # KOMMUNE_TEST_DATABASE_URL when set, else a throwaway server on loopback started here
 # (hack/postgres.sh) when PostgreSQL's server binaries are installed, else it prints one
 # "skipped: no PostgreSQL" line.
@@ -20,7 +20,7 @@ if [[ -z "${KOMMUNE_TEST_DATABASE_URL:-}" ]] && ls /usr/lib/postgresql/*/bin/ini
     eval "$pg_env"
     pg_dir="$(sed -n 's/^# stop with: .* stop //p' <<<"$pg_env")"
     trap 'bash hack/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true' EXIT
-    echo "PostgreSQL for the ledger tests: $KOMMUNE_TEST_DATABASE_URL" >&2
+    echo "PostgreSQL for the ledger and store tests: $KOMMUNE_TEST_DATABASE_URL" >&2
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then

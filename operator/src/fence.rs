@@ -70,7 +70,9 @@ mod tests {
     #[test]
     fn a_fence_opens_until_its_deadline() {
         assert_eq!(Fence::open().check(), Ok(()));
+        assert!(!Fence::open().elected());
         let f = Fence::closed();
+        assert!(f.elected());
         assert_eq!(f.check(), Err(Fenced));
         f.extend(Instant::now() + Duration::from_secs(60));
         assert_eq!(f.clone().check(), Ok(()));

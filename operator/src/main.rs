@@ -21,7 +21,7 @@ use kommune_operator::ledger::{Ledger, LedgerConfig};
 use kommune_operator::metrics::Metrics;
 use kommune_operator::pricing::{Micros, RateBook, Rates};
 use kommune_operator::scheduler::{FairShare, Weights};
-use kommune_operator::store::Store;
+use kommune_operator::store::{Store, StoreConfig};
 use kommune_operator::tokens::SecretTokens;
 use tokio::sync::mpsc;
 use tracing::info;
@@ -98,8 +98,9 @@ struct RunArgs {
     /// and exits; another replica takes over once it has expired.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
     lease_seconds: u64,
-    /// Keep the payout ledger in PostgreSQL (postgres://user:pass@host/db) instead of the
-    /// embedded `<data-dir>/ledger.db`.
+    /// Keep the payout ledger and the attempt store in PostgreSQL (postgres://user:pass@host/db)
+    /// instead of the embedded `<data-dir>/ledger.db` and `<data-dir>/kommune.db`: what lets
+    /// replicas under leader election take over each other's running work.
     #[arg(long, env = "KOMMUNE_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// Credits a provider earns per CPU-core-hour of measured CPU time (ProviderNode
@@ -250,7 +251,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (Fence::open(), None)
     };
 
-    let store = Arc::new(Store::open_fenced(&args.data_dir, fence.clone()).with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?);
+    // Opened once the Lease is held: under leader election, opening claims the store's next
+    // epoch, which fences every later write of a previous leader.
+    let store = Arc::new(
+        Store::open_with(StoreConfig { data_dir: args.data_dir.clone(), database_url: args.database_url.clone(), fence: fence.clone() })
+            .context("cannot open the attempt store")?,
+    );
     let ledger = Arc::new(
         Ledger::open(LedgerConfig { data_dir: args.data_dir.clone(), database_url: args.database_url.clone(), fence: fence.clone() })
             .context("cannot open the payout ledger")?,

@@ -16,7 +16,7 @@ pub mod sqlite;
 pub mod verify;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver as StdReceiver, SyncSender, sync_channel};

@@ -1,0 +1,472 @@
+//! The operator's store of task attempts and the node registry: SQLite on the operator's volume
+//! by default, PostgreSQL when a `database_url` is configured (what replicas under leader
+//! election share, so a takeover carries the running work over).
+//!
+//! Kubernetes keeps desired state and a summary; the per-task truth lives here, so the hot path
+//! never writes one API object per task. Every transition is a guarded UPDATE, so replays and
+//! duplicates are no-ops. Results from agents go through a group-commit writer thread: every
+//! finish queued while one transaction commits goes into the next, one fsync for all of them
+//! (the ledger does the same).
+//!
+//! Under leader election a write passes two fences: the time-based [`Fence`] before it, and an
+//! epoch inside its transaction. Opening an elected store claims the next epoch in
+//! `store_leader`; a write transaction that reads another epoch there rolls back. So a leader
+//! frozen past its Lease (SIGSTOP, a paused VM) writes nothing once its successor has opened
+//! the store, however long the freeze and wherever in a write it stopped.
+
+mod postgres;
+mod sqlite;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use crate::attempt::{Attempt, AttemptPhase, AttemptResult, Held};
+use crate::attempt_index::AttemptIndex;
+use crate::fence::{Fence, Fenced};
+
+/// A store failure; the message names the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {op}: {source}")]
+    Sqlite { op: &'static str, source: rusqlite::Error },
+    #[error("store (postgresql): {op}: {source}; check that the database_url is reachable and the role may create tables")]
+    Postgres { op: &'static str, source: ::postgres::Error },
+    #[error("store: database_url {0:?} is not a postgres:// or postgresql:// URL")]
+    Url(String),
+    #[error("store: cannot create data directory {path}: {source}")]
+    Dir { path: String, source: std::io::Error },
+    #[error("store: attempt {id} has an unknown phase {phase:?}")]
+    Corrupt { id: String, phase: String },
+    /// The time-based fence is closed, or another replica has claimed the store since this
+    /// one opened it.
+    #[error("store: {0}")]
+    Fenced(#[from] Fenced),
+    /// The ledger (metering) could not record a receipt or answer a query.
+    #[error("{0}")]
+    Ledger(String),
+    /// The thread that owns a PostgreSQL connection could not start or has stopped.
+    #[error("store: the {0} thread could not start or has stopped; restart the operator")]
+    Thread(&'static str),
+    /// A group commit failed; nothing of it was stored. The agent resends its result.
+    #[error("store: commit of queued results failed: {0}")]
+    Batch(String),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Outcome of registering a node name for a public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// The name was free and is now bound to the key.
+    New,
+    /// The name was already bound to this same key (a re-join).
+    SameKey,
+    /// The name belongs to another key.
+    Taken,
+}
+
+/// Where the store lives and who may write to it.
+#[derive(Clone)]
+pub struct StoreConfig {
+    /// Directory of `kommune.db` (used when `database_url` is None).
+    pub data_dir: PathBuf,
+    /// postgres://… : keep the attempts and nodes in this PostgreSQL database (the ledger's).
+    pub database_url: Option<String>,
+    /// Checked before every write; an elected fence also makes the store claim an epoch.
+    pub fence: Fence,
+}
+
+/// The store. `Send + Sync`; its methods block on the database, as SQLite always did.
+pub struct Store {
+    db: Conn,
+    fence: Fence,
+    /// This store's claim in `store_leader`, when opened under leader election.
+    epoch: Option<i64>,
+    /// The group-commit writer's queue (see [`Store::finish_batched`]).
+    finishes: Mutex<Sender<Finish>>,
+    /// The attempts of the jobs being synced, kept in step with every write (after it commits,
+    /// with the connection unlocked: a load holds the index lock while it reads).
+    index: Arc<AttemptIndex>,
+}
+
+/// A database connection behind a trait, so the store's logic is written once.
+type Shared = Arc<Mutex<Box<dyn Db>>>;
+
+/// How the store reaches its main connection.
+enum Conn {
+    /// SQLite: on the caller's thread, shared with the writer thread.
+    Local(Shared),
+    /// PostgreSQL: on a thread of its own, because the client blocks on a private runtime (it
+    /// panics on a tokio worker, even when dropped there).
+    Worker(Mutex<Sender<Job>>),
+}
+
+type Job = Box<dyn FnOnce(&mut dyn Db) + Send>;
+
+/// The group-commit writer's connection: SQLite's main one, or a PostgreSQL one of its own.
+enum WriterDb {
+    Shared(Shared),
+    Connect(String),
+}
+
+/// Which attempts to read.
+#[derive(Debug, Clone)]
+enum Select {
+    Id(String),
+    /// A job's, ordered by index, number and replica.
+    Job(String),
+    /// The active ones on a node, by id.
+    Node(String),
+    /// Every active one, by id.
+    Active,
+}
+
+/// One backend's connection. Each write takes `epoch`: this store's claim under leader
+/// election, checked inside the write's transaction (see the module doc), or None to skip it.
+trait Db: Send {
+    /// Takes the next epoch in `store_leader` (1 on an empty table) and returns it.
+    fn claim_epoch(&mut self, now_ms: i64) -> Result<i64>;
+    /// Inserts attempts in one transaction; an existing id is left as it is.
+    fn insert(&mut self, epoch: Option<i64>, attempts: &[Attempt]) -> Result<()>;
+    /// Assigned → Running; whether it changed.
+    fn mark_running(&mut self, epoch: Option<i64>, id: &str) -> Result<bool>;
+    /// Active → `phase`; the attempt as it is now, or None when it did not change.
+    fn finish(&mut self, epoch: Option<i64>, id: &str, phase: AttemptPhase, json: Option<&str>, now_ms: i64) -> Result<Option<Attempt>>;
+    /// Every finish of `batch` in one transaction; for each, whether it changed the attempt.
+    fn finish_batch(&mut self, epoch: Option<i64>, batch: &[Finish]) -> Result<Vec<bool>>;
+    fn select(&mut self, which: &Select) -> Result<Vec<Attempt>>;
+    fn outcomes_by_node(&mut self) -> Result<Vec<(String, u64, u64)>>;
+    fn register_node(&mut self, epoch: Option<i64>, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration>;
+    fn remove_node(&mut self, epoch: Option<i64>, name: &str) -> Result<bool>;
+    fn node_key(&mut self, name: &str) -> Result<Option<String>>;
+    /// Runs `hook` inside each insert's transaction just before it commits.
+    #[cfg(test)]
+    fn set_before_commit(&mut self, hook: Box<dyn Fn() + Send>) {
+        let _ = hook;
+    }
+}
+
+/// The refusal of a write whose transaction read another epoch than this store's claim.
+fn superseded(mine: i64, current: Option<i64>) -> StoreError {
+    tracing::warn!(epoch = mine, current, "another operator replica has claimed the store since this one opened it; refusing to write");
+    StoreError::Fenced(Fenced)
+}
+
+/// A terminal transition queued for the group-commit writer.
+struct Finish {
+    id: String,
+    phase: AttemptPhase,
+    result: AttemptResult,
+    json: Option<String>,
+    now_ms: i64,
+    done: oneshot::Sender<Result<bool>>,
+}
+
+/// Most finishes committed in one transaction.
+const MAX_FINISH_BATCH: usize = 4096;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Store {
+    /// Opens (creating if needed) `<dir>/kommune.db`, writable without leader election.
+    pub fn open(dir: &Path) -> Result<Self> {
+        Store::open_with(StoreConfig { data_dir: dir.to_path_buf(), database_url: None, fence: Fence::open() })
+    }
+
+    /// Opens `<dir>/kommune.db` so that every write first checks `fence` (leader election).
+    pub fn open_fenced(dir: &Path, fence: Fence) -> Result<Self> {
+        Store::open_with(StoreConfig { data_dir: dir.to_path_buf(), database_url: None, fence })
+    }
+
+    /// Opens the store `config` names. With an elected fence it claims the next epoch first:
+    /// open it only once the Lease is held, as the operator does.
+    pub fn open_with(config: StoreConfig) -> Result<Self> {
+        let StoreConfig { data_dir, database_url, fence } = config;
+        let elected = fence.elected();
+        let (db, writer, epoch, backend) = match database_url.as_deref() {
+            None => {
+                let mut db = sqlite::SqliteDb::open(&data_dir)?;
+                let epoch = if elected { Some(db.claim_epoch(now_ms())?) } else { None };
+                let db: Shared = Arc::new(Mutex::new(Box::new(db)));
+                (Conn::Local(db.clone()), WriterDb::Shared(db), epoch, "sqlite")
+            }
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                let (jobs, epoch) = spawn_worker(url, elected)?;
+                (Conn::Worker(Mutex::new(jobs)), WriterDb::Connect(url.to_string()), epoch, "postgresql")
+            }
+            Some(url) => return Err(StoreError::Url(url.to_string())),
+        };
+        let (tx, rx) = channel();
+        let index = Arc::new(AttemptIndex::default());
+        let (writer_fence, writer_index) = (fence.clone(), index.clone());
+        let (ready_tx, ready) = sync_channel(1);
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || {
+                // The writer's own PostgreSQL connection is made, used and closed on this thread.
+                let db: Shared = match writer {
+                    WriterDb::Shared(db) => db,
+                    WriterDb::Connect(url) => match postgres::PgDb::connect(&url) {
+                        Ok(db) => Arc::new(Mutex::new(Box::new(db))),
+                        Err(e) => return drop(ready_tx.send(Err(e))),
+                    },
+                };
+                drop(ready_tx.send(Ok(())));
+                commit_finishes(&db, &writer_fence, epoch, &writer_index, rx)
+            })
+            .map_err(|_| StoreError::Thread("store-writer"))?;
+        ready.recv().map_err(|_| StoreError::Thread("store-writer"))??;
+        tracing::info!(backend, epoch, "attempt store open");
+        Ok(Store { db, fence, epoch, finishes: Mutex::new(tx), index })
+    }
+
+    /// Runs `f` on the main connection, wherever it lives.
+    fn with<R: Send + 'static>(&self, f: impl FnOnce(&mut dyn Db) -> Result<R> + Send + 'static) -> Result<R> {
+        match &self.db {
+            // A panic while holding the lock cannot leave the database half-written
+            // (transactions roll back), so a poisoned lock is safe to reuse.
+            Conn::Local(db) => f(&mut **db.lock().unwrap_or_else(|p| p.into_inner())),
+            Conn::Worker(jobs) => {
+                let stopped = || StoreError::Thread("store-db");
+                let (tx, rx) = sync_channel(1);
+                jobs.lock().unwrap_or_else(|p| p.into_inner()).send(Box::new(move |db: &mut dyn Db| drop(tx.send(f(db))))).map_err(|_| stopped())?;
+                rx.recv().map_err(|_| stopped())?
+            }
+        }
+    }
+
+    /// This store's epoch in `store_leader` (None without leader election).
+    pub fn epoch(&self) -> Option<i64> {
+        self.epoch
+    }
+
+    /// Records new attempts in one transaction. Re-inserting an existing id is a no-op.
+    pub fn insert_attempts(&self, attempts: &[Attempt]) -> Result<()> {
+        self.fence.check()?;
+        let (epoch, owned) = (self.epoch, attempts.to_vec());
+        self.with(move |db| db.insert(epoch, &owned))?;
+        self.index.inserted(attempts);
+        Ok(())
+    }
+
+    /// Marks an Assigned attempt Running. Returns false when it was not Assigned (a duplicate
+    /// or late message).
+    ///
+    /// Committed without an fsync (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit
+    /// off; the next durable commit makes it durable): losing it in a crash is harmless, as
+    /// Assigned and Running are both active and the agent's next Hello reconciles them, and it
+    /// keeps an fsync off every task's path.
+    pub fn mark_running(&self, id: &str) -> Result<bool> {
+        self.fence.check()?;
+        let (epoch, owned) = (self.epoch, id.to_string());
+        let changed = self.with(move |db| db.mark_running(epoch, &owned))?;
+        if changed {
+            self.index.running(id);
+        }
+        Ok(changed)
+    }
+
+    /// Like [`Store::finish`], for results from agents: queued for the writer thread, which
+    /// commits everything queued in one transaction (one fsync for the batch), and awaited
+    /// without blocking the caller's thread. Resolves once the transition is durable; returns
+    /// whether the attempt changed (false when it was already terminal or does not exist).
+    pub async fn finish_batched(&self, id: &str, phase: AttemptPhase, result: &AttemptResult, now_ms: i64) -> Result<bool> {
+        debug_assert!(phase.is_terminal());
+        self.fence.check()?;
+        let json = Some(serde_json::to_string(result).expect("a result always serialises"));
+        let (done, durable) = oneshot::channel();
+        let closed = || StoreError::Batch("the store's writer thread has stopped; restart the operator".into());
+        let finish = Finish { id: id.to_string(), phase, result: result.clone(), json, now_ms, done };
+        self.finishes.lock().unwrap_or_else(|p| p.into_inner()).send(finish).map_err(|_| closed())?;
+        durable.await.map_err(|_| closed())?
+    }
+
+    /// Moves an active attempt to a terminal phase. Returns the updated attempt, or None when
+    /// it does not exist or was already terminal: finishing twice is a no-op.
+    pub fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now_ms: i64) -> Result<Option<Attempt>> {
+        debug_assert!(phase.is_terminal());
+        self.fence.check()?;
+        let json = result.map(|r| serde_json::to_string(r).expect("a result always serialises"));
+        let (epoch, owned) = (self.epoch, id.to_string());
+        let done = self.with(move |db| db.finish(epoch, &owned, phase, json.as_deref(), now_ms))?;
+        if done.is_some() {
+            self.index.finished(id, phase, result, now_ms);
+        }
+        Ok(done)
+    }
+
+    fn select(&self, which: Select) -> Result<Vec<Attempt>> {
+        self.with(move |db| db.select(&which))
+    }
+
+    /// One attempt by id.
+    pub fn attempt(&self, id: &str) -> Result<Option<Attempt>> {
+        Ok(self.select(Select::Id(id.to_string()))?.pop())
+    }
+
+    /// Every attempt of a job, read from the database.
+    pub fn attempts_for_job(&self, job_uid: &str) -> Result<Vec<Attempt>> {
+        self.select(Select::Job(job_uid.to_string()))
+    }
+
+    /// Every attempt of a job, in the same order, from memory: read from the database once,
+    /// then kept in step with every write. What the sync loop reads.
+    pub fn job_attempts(&self, job_uid: &str) -> Result<Vec<Arc<Attempt>>> {
+        self.index.job(job_uid, || self.attempts_for_job(job_uid))
+    }
+
+    /// Drops a job's attempts from memory (it finished or was deleted); the database keeps
+    /// them and [`Store::job_attempts`] reads them again if asked.
+    pub fn forget_job(&self, job_uid: &str) {
+        self.index.forget(job_uid);
+    }
+
+    /// Attempts placed on `node` and not finished.
+    pub fn active_on_node(&self, node: &str) -> Result<Vec<Attempt>> {
+        self.select(Select::Node(node.to_string()))
+    }
+
+    /// Every attempt not finished, on any node (to rebuild reservations after a restart or a
+    /// takeover).
+    pub fn all_active(&self) -> Result<Vec<Attempt>> {
+        self.select(Select::Active)
+    }
+
+    /// Finished attempts per node that count towards reputation: (node, succeeded, failed or
+    /// lost). Cancelled attempts do not count.
+    pub fn outcomes_by_node(&self) -> Result<Vec<(String, u64, u64)>> {
+        self.with(|db| db.outcomes_by_node())
+    }
+
+    /// Binds `name` to a node key, or reports that it is bound to another one.
+    pub fn register_node(&self, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
+        self.fence.check()?;
+        let (epoch, name, key) = (self.epoch, name.to_string(), public_key_sha256.to_string());
+        self.with(move |db| db.register_node(epoch, &name, &key, now_ms))
+    }
+
+    /// Forgets a node's registration: its certificate no longer opens sessions. Returns whether
+    /// it was registered.
+    pub fn remove_node(&self, name: &str) -> Result<bool> {
+        self.fence.check()?;
+        let (epoch, name) = (self.epoch, name.to_string());
+        self.with(move |db| db.remove_node(epoch, &name))
+    }
+
+    /// The key hash a node name is bound to.
+    pub fn node_key(&self, name: &str) -> Result<Option<String>> {
+        let name = name.to_string();
+        self.with(move |db| db.node_key(&name))
+    }
+
+    /// Runs `hook` inside each insert's transaction just before it commits (PostgreSQL only).
+    #[cfg(test)]
+    fn set_before_commit(&self, hook: Box<dyn Fn() + Send>) {
+        self.with(move |db| {
+            db.set_before_commit(hook);
+            Ok(())
+        })
+        .unwrap();
+    }
+}
+
+/// Starts the thread that owns the PostgreSQL main connection: it connects, claims an epoch
+/// when `elected`, then runs jobs until the store is dropped (and closes the connection there).
+fn spawn_worker(url: &str, elected: bool) -> Result<(Sender<Job>, Option<i64>)> {
+    let (jobs, rx) = channel::<Job>();
+    let (ready_tx, ready) = sync_channel(1);
+    let url = url.to_string();
+    std::thread::Builder::new()
+        .name("store-db".into())
+        .spawn(move || {
+            let opened = postgres::PgDb::connect(&url).and_then(|mut db| {
+                let epoch = if elected { Some(db.claim_epoch(now_ms())?) } else { None };
+                Ok((db, epoch))
+            });
+            let mut db = match opened {
+                Ok((db, epoch)) => {
+                    drop(ready_tx.send(Ok(epoch)));
+                    db
+                }
+                Err(e) => return drop(ready_tx.send(Err(e))),
+            };
+            while let Ok(job) = rx.recv() {
+                job(&mut db);
+            }
+        })
+        .map_err(|_| StoreError::Thread("store-db"))?;
+    let epoch = ready.recv().map_err(|_| StoreError::Thread("store-db"))??;
+    Ok((jobs, epoch))
+}
+
+/// The group-commit writer: takes everything queued, commits it in one transaction, answers.
+fn commit_finishes(db: &Mutex<Box<dyn Db>>, fence: &Fence, epoch: Option<i64>, index: &AttemptIndex, rx: Receiver<Finish>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_FINISH_BATCH {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = fence.check() {
+            batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Fenced(e.clone())))));
+            continue;
+        }
+        let changed = db.lock().unwrap_or_else(|p| p.into_inner()).finish_batch(epoch, &batch);
+        match changed {
+            Ok(changed) => {
+                // In memory before anyone hears of it: a sync woken by the answer sees it.
+                for (f, _) in batch.iter().zip(&changed).filter(|(_, c)| **c) {
+                    index.finished(&f.id, f.phase, Some(&f.result), f.now_ms);
+                }
+                batch.into_iter().zip(changed).for_each(|(f, c)| drop(f.done.send(Ok(c))));
+            }
+            Err(StoreError::Fenced(e)) => batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Fenced(e.clone()))))),
+            Err(e) => {
+                let msg = e.to_string();
+                batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Batch(msg.clone())))));
+            }
+        }
+    }
+}
+
+/// An attempt row as both backends read it.
+type Raw = ((String, String, String, u32, u32, String, String, i64, i64, i64, Option<i64>, Option<String>), (u32, Option<i64>, Option<i64>));
+
+fn raw_to_attempt(raw: Raw) -> Result<Attempt> {
+    let ((id, job_uid, job_key, index, number, node, phase, cpu, mem, created_ms, finished_ms, result_json), (replica, ephemeral, gpu_mask)) = raw;
+    let Some(phase) = AttemptPhase::parse(&phase) else {
+        return Err(StoreError::Corrupt { id, phase });
+    };
+    // A result that no longer parses is kept as absent rather than failing the whole job.
+    let result = result_json.and_then(|j| serde_json::from_str(&j).ok());
+    // Both columns are written together; a row with either missing predates them.
+    let held = match (ephemeral, gpu_mask) {
+        (Some(e), Some(g)) => Some(Held { ephemeral_bytes: e.max(0) as u64, gpu_mask: g as u64 }),
+        _ => None,
+    };
+    Ok(Attempt {
+        id,
+        job_uid,
+        job_key,
+        index,
+        number,
+        replica,
+        node,
+        phase,
+        cpu_millis: cpu as u64,
+        memory_bytes: mem as u64,
+        held,
+        created_ms,
+        finished_ms,
+        result,
+    })
+}

@@ -1,0 +1,259 @@
+//! The embedded store backend: SQLite in `<data-dir>/kommune.db`, one file per operator. WAL and
+//! synchronous=FULL, so a committed transition survives a crash or power loss.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use super::{Db, Finish, Raw, Registration, Result, Select, StoreError, raw_to_attempt, superseded};
+use crate::attempt::{Attempt, AttemptPhase};
+
+fn op(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { op, source }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS attempts (
+    id            TEXT PRIMARY KEY,
+    job_uid       TEXT NOT NULL,
+    job_key       TEXT NOT NULL,
+    task_index    INTEGER NOT NULL,
+    number        INTEGER NOT NULL,
+    node          TEXT NOT NULL,
+    phase         TEXT NOT NULL,
+    cpu_millis    INTEGER NOT NULL,
+    memory_bytes  INTEGER NOT NULL,
+    created_ms    INTEGER NOT NULL,
+    finished_ms   INTEGER,
+    result_json   TEXT,
+    replica       INTEGER NOT NULL DEFAULT 0,
+    ephemeral_bytes INTEGER,
+    gpu_mask      INTEGER
+);
+CREATE INDEX IF NOT EXISTS attempts_by_job ON attempts (job_uid);
+CREATE INDEX IF NOT EXISTS attempts_active_by_node ON attempts (node) WHERE phase IN ('Assigned', 'Running');
+CREATE TABLE IF NOT EXISTS nodes (
+    name              TEXT PRIMARY KEY,
+    public_key_sha256 TEXT NOT NULL,
+    joined_ms         INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS store_leader (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch      BIGINT NOT NULL,
+    claimed_ms BIGINT NOT NULL
+);
+";
+
+const FINISH: &str = "UPDATE attempts SET phase = ?2, finished_ms = ?3, result_json = ?4 WHERE id = ?1 AND phase IN ('Assigned', 'Running')";
+
+/// One connection to `<dir>/kommune.db`.
+pub(super) struct SqliteDb {
+    conn: Connection,
+}
+
+impl SqliteDb {
+    /// Opens (creating if needed) `<dir>/kommune.db` and brings its schema up to date.
+    pub(super) fn open(dir: &Path) -> Result<SqliteDb> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
+        let conn = Connection::open(dir.join("kommune.db")).map_err(op("open"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(op("set busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(op("enable WAL"))?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(op("set synchronous"))?;
+        conn.execute_batch(SCHEMA).map_err(op("create schema"))?;
+        migrate(&conn)?;
+        Ok(SqliteDb { conn })
+    }
+}
+
+/// Starts a write transaction. Under leader election (`epoch` is this store's claim) it takes
+/// the write lock at once (BEGIN IMMEDIATE) and reads the current epoch under it: no other
+/// connection can claim between that read and the commit, so a superseded store rolls back.
+fn begin(conn: &mut Connection, epoch: Option<i64>) -> Result<Transaction<'_>> {
+    let Some(mine) = epoch else {
+        return conn.transaction().map_err(op("begin"));
+    };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(op("begin"))?;
+    let current: Option<i64> = tx.query_row("SELECT epoch FROM store_leader WHERE id = 1", [], |r| r.get(0)).optional().map_err(op("read leader epoch"))?;
+    if current != Some(mine) {
+        return Err(superseded(mine, current));
+    }
+    Ok(tx)
+}
+
+impl Db for SqliteDb {
+    fn claim_epoch(&mut self, now_ms: i64) -> Result<i64> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(op("begin claim"))?;
+        let epoch = tx
+            .query_row(
+                "INSERT INTO store_leader (id, epoch, claimed_ms) VALUES (1, 1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET epoch = epoch + 1, claimed_ms = excluded.claimed_ms RETURNING epoch",
+                params![now_ms],
+                |r| r.get(0),
+            )
+            .map_err(op("claim leader epoch"))?;
+        tx.commit().map_err(op("commit claim"))?;
+        Ok(epoch)
+    }
+
+    fn insert(&mut self, epoch: Option<i64>, attempts: &[Attempt]) -> Result<()> {
+        let tx = begin(&mut self.conn, epoch)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO attempts (id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms, replica, ephemeral_bytes, gpu_mask)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                )
+                .map_err(op("prepare insert"))?;
+            for a in attempts {
+                stmt.execute(params![
+                    a.id,
+                    a.job_uid,
+                    a.job_key,
+                    a.index,
+                    a.number,
+                    a.node,
+                    a.phase.as_str(),
+                    a.cpu_millis as i64,
+                    a.memory_bytes as i64,
+                    a.created_ms,
+                    a.replica,
+                    a.held.map(|h| h.ephemeral_bytes as i64),
+                    // The mask's bits as they are: SQLite integers are signed.
+                    a.held.map(|h| h.gpu_mask as i64)
+                ])
+                .map_err(op("insert attempt"))?;
+            }
+        }
+        tx.commit().map_err(op("commit insert"))
+    }
+
+    fn mark_running(&mut self, epoch: Option<i64>, id: &str) -> Result<bool> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL").map_err(op("relax synchronous"))?;
+        let changed = (|| {
+            let tx = begin(&mut self.conn, epoch)?;
+            let n = tx.execute("UPDATE attempts SET phase = 'Running' WHERE id = ?1 AND phase = 'Assigned'", params![id]).map_err(op("mark running"))?;
+            tx.commit().map_err(op("commit running"))?;
+            Ok(n == 1)
+        })();
+        self.conn.pragma_update(None, "synchronous", "FULL").map_err(op("restore synchronous"))?;
+        changed
+    }
+
+    fn finish(&mut self, epoch: Option<i64>, id: &str, phase: AttemptPhase, json: Option<&str>, now_ms: i64) -> Result<Option<Attempt>> {
+        let tx = begin(&mut self.conn, epoch)?;
+        if tx.execute(FINISH, params![id, phase.as_str(), now_ms, json]).map_err(op("finish attempt"))? == 0 {
+            return Ok(None);
+        }
+        let done = query(&tx, &Select::Id(id.to_string()))?.pop();
+        tx.commit().map_err(op("commit finish"))?;
+        Ok(done)
+    }
+
+    fn finish_batch(&mut self, epoch: Option<i64>, batch: &[Finish]) -> Result<Vec<bool>> {
+        let tx = begin(&mut self.conn, epoch)?;
+        let mut changed = Vec::with_capacity(batch.len());
+        {
+            let mut stmt = tx.prepare_cached(FINISH).map_err(op("prepare finish"))?;
+            for f in batch {
+                changed.push(stmt.execute(params![f.id, f.phase.as_str(), f.now_ms, f.json]).map_err(op("finish attempt"))? == 1);
+            }
+        }
+        tx.commit().map_err(op("commit finish batch"))?;
+        Ok(changed)
+    }
+
+    fn select(&mut self, which: &Select) -> Result<Vec<Attempt>> {
+        query(&self.conn, which)
+    }
+
+    fn outcomes_by_node(&mut self) -> Result<Vec<(String, u64, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT node, SUM(phase = 'Succeeded'), SUM(phase IN ('Failed', 'Lost')) FROM attempts
+                 WHERE phase IN ('Succeeded', 'Failed', 'Lost') GROUP BY node ORDER BY node",
+            )
+            .map_err(op("prepare outcomes"))?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))).map_err(op("query outcomes"))?;
+        let mut out = vec![];
+        for row in rows {
+            let (node, ok, bad) = row.map_err(op("read outcomes"))?;
+            out.push((node, ok.max(0) as u64, bad.max(0) as u64));
+        }
+        Ok(out)
+    }
+
+    fn register_node(&mut self, epoch: Option<i64>, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
+        let tx = begin(&mut self.conn, epoch)?;
+        let existing: Option<String> =
+            tx.query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0)).optional().map_err(op("look up node"))?;
+        let registration = match existing {
+            Some(k) if k == public_key_sha256 => Registration::SameKey,
+            Some(_) => Registration::Taken,
+            None => {
+                tx.execute("INSERT INTO nodes (name, public_key_sha256, joined_ms) VALUES (?1, ?2, ?3)", params![name, public_key_sha256, now_ms])
+                    .map_err(op("register node"))?;
+                Registration::New
+            }
+        };
+        tx.commit().map_err(op("commit node"))?;
+        Ok(registration)
+    }
+
+    fn remove_node(&mut self, epoch: Option<i64>, name: &str) -> Result<bool> {
+        let tx = begin(&mut self.conn, epoch)?;
+        let n = tx.execute("DELETE FROM nodes WHERE name = ?1", params![name]).map_err(op("remove node"))?;
+        tx.commit().map_err(op("commit node removal"))?;
+        Ok(n == 1)
+    }
+
+    fn node_key(&mut self, name: &str) -> Result<Option<String>> {
+        self.conn.query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0)).optional().map_err(op("look up node"))
+    }
+}
+
+/// Brings a `kommune.db` written by an older operator up to the current columns. `CREATE
+/// TABLE IF NOT EXISTS` leaves an existing table as it was, so each column added since is
+/// added here when missing: existing attempts become replica 0, and their disk and GPUs stay
+/// unknown (NULL) rather than a wrong zero.
+fn migrate(conn: &Connection) -> Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('attempts')").map_err(op("read attempt columns"))?;
+    let columns: Vec<String> =
+        stmt.query_map([], |r| r.get(0)).map_err(op("read attempt columns"))?.collect::<rusqlite::Result<_>>().map_err(op("read attempt columns"))?;
+    for (column, definition) in [("replica", "INTEGER NOT NULL DEFAULT 0"), ("ephemeral_bytes", "INTEGER"), ("gpu_mask", "INTEGER")] {
+        if !columns.iter().any(|c| c == column) {
+            conn.execute_batch(&format!("ALTER TABLE attempts ADD COLUMN {column} {definition}")).map_err(op("add attempt column"))?;
+        }
+    }
+    Ok(())
+}
+
+const COLUMNS: &str = "SELECT id, job_uid, job_key, task_index, number, node, phase, cpu_millis, memory_bytes, created_ms, finished_ms, result_json, replica, \
+     ephemeral_bytes, gpu_mask FROM attempts ";
+
+fn query(conn: &Connection, which: &Select) -> Result<Vec<Attempt>> {
+    let (filter, arg) = match which {
+        Select::Id(id) => ("WHERE id = ?1", Some(id.as_str())),
+        Select::Job(uid) => ("WHERE job_uid = ?1 ORDER BY task_index, number, replica", Some(uid.as_str())),
+        Select::Node(node) => ("WHERE node = ?1 AND phase IN ('Assigned', 'Running') ORDER BY id", Some(node.as_str())),
+        Select::Active => ("WHERE phase IN ('Assigned', 'Running') ORDER BY id", None),
+    };
+    let mut stmt = conn.prepare_cached(&format!("{COLUMNS}{filter}")).map_err(op("prepare query"))?;
+    let rows = match arg {
+        Some(arg) => stmt.query_map(params![arg], row_to_raw),
+        None => stmt.query_map([], row_to_raw),
+    }
+    .map_err(op("query attempts"))?;
+    let mut out = vec![];
+    for row in rows {
+        out.push(raw_to_attempt(row.map_err(op("read attempt"))?)?);
+    }
+    Ok(out)
+}
+
+fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
+    Ok((
+        (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?),
+        (r.get(12)?, r.get(13)?, r.get(14)?),
+    ))
+}
