@@ -209,7 +209,7 @@ impl Provider {
 impl Drop for Provider {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).stderr(Stdio::null()).status();
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -65,7 +65,7 @@ impl Procs {
 impl Drop for Procs {
     fn drop(&mut self) {
         for (name, child) in &mut self.children {
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).stderr(Stdio::null()).status();
             let _ = child.kill();
             let _ = child.wait();
             if std::thread::panicking() {
@@ -240,13 +240,15 @@ async fn a_leader_frozen_past_its_lease_hands_running_work_to_the_standby_and_wr
     let service = ready_proxy(replicas.clone()).await?;
 
     // One agent, joined and connected through the "Service".
-    let out = Command::new(&operator).env("KUBECONFIG", &kubeconfig).args(["token", "create", "--uses", "1", "--ttl", "10m", "--namespace", &op_ns]).output()?;
+    let out =
+        Command::new(&operator).env("KUBECONFIG", &kubeconfig).args(["token", "create", "--uses", "1", "--ttl", "10m", "--namespace", &op_ns]).output()?;
     assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout)?.trim().to_string();
     let agent = binary("kommune-agent");
     let state = procs.work.path().join("ha-agent");
     let server = format!("https://127.0.0.1:{service}");
-    let out = Command::new(&agent).args(["join", "--server", &server, "--token", &token, "--name", "ha-agent", "--state-dir", state.to_str().unwrap()]).output()?;
+    let out =
+        Command::new(&agent).args(["join", "--server", &server, "--token", &token, "--name", "ha-agent", "--state-dir", state.to_str().unwrap()]).output()?;
     assert!(out.status.success(), "join: {}", String::from_utf8_lossy(&out.stderr));
     procs.spawn("agent", &agent, &kubeconfig, &["run", "--state-dir", state.to_str().unwrap(), "--allow-exec"])?;
     let nodes: Api<ProviderNode> = Api::all(client.clone());
@@ -324,4 +326,3 @@ async fn a_leader_frozen_past_its_lease_hands_running_work_to_the_standby_and_wr
     println!("HA: ledger verify: {}", report.trim());
     Ok(())
 }
-

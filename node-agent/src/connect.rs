@@ -146,8 +146,10 @@ pub async fn client(server: &Server, ca_pem: &str, identity: Option<(&str, &str)
         .tls_config(tls)
         .map_err(|e| ConnectError::Tls(e.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
+        // An operator that went silent (frozen, or a path that drops packets) is given up within
+        // 15 s, so the agent reconnects, through the gateway Service, to whichever replica leads.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
     let channel = endpoint.connect().await.map_err(|e| ConnectError::Unreachable { url: server.url.clone(), message: error_chain(&e) })?;
     Ok(AgentGatewayClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
