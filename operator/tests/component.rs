@@ -550,6 +550,13 @@ async fn an_operator_restart_between_placing_and_the_agents_acknowledgement_neit
     assert_eq!(runs(&lost_done), vec![(1, "missed-it".to_string(), AttemptPhase::Cancelled), (2, "missed-it".to_string(), AttemptPhase::Succeeded)]);
     assert_eq!(kept_done.progress.phase, JobPhase::Succeeded);
     assert_eq!(runs(&kept_done), vec![(1, "got-it".to_string(), AttemptPhase::Succeeded)], "the task the agent had ran once");
+    // The room is released just after the result commits (the store shows the end first).
+    for _ in 0..200 {
+        if op.dispatcher.fleet().pool().reservations() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(op.dispatcher.fleet().pool().reservations(), 0, "no capacity left reserved");
 }
 
