@@ -78,6 +78,16 @@ impl Harness {
         Ok(())
     }
 
+    /// Fails if the child process `name` has exited: a long wait should not outlive it.
+    pub fn ensure_running(&mut self, name: &str) -> Result<()> {
+        if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == name)
+            && let Some(status) = child.try_wait()?
+        {
+            bail!("{name} exited ({status}); see its log below");
+        }
+        Ok(())
+    }
+
     /// Kills a child process at once (SIGKILL), as a crash would.
     pub fn kill(&mut self, name: &str) {
         if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == name) {
