@@ -5,283 +5,38 @@
 //! Runs against `KUBECONFIG`, or starts kube-apiserver + etcd from `KUBEBUILDER_ASSETS`
 //! (e2e/envtest-apiserver.sh). With neither it prints one skip line and passes.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kommune_operator::crd::{ComputeJob, ProviderNode};
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::{Client, Config};
 
 use kommune_e2e::repo;
-
-/// The API server under test and everything started against it; stops it all on drop and, if
-/// the test is failing, prints the logs and objects first.
-struct Harness {
-    work: tempfile::TempDir,
-    kubeconfig: PathBuf,
-    envtest_dir: Option<PathBuf>,
-    children: Vec<(String, Child)>,
-    namespace: String,
-}
-
-impl Harness {
-    fn log(&self, name: &str) -> PathBuf {
-        self.work.path().join(format!("{name}.log"))
-    }
-
-    fn spawn(&mut self, name: &str, program: &Path, kubeconfig: &Path, args: &[&str]) -> Result<()> {
-        let log = std::fs::File::create(self.log(name))?;
-        let child = Command::new(program)
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kommune_operator=debug,kommune_agent=debug")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
-        self.children.push((name.to_string(), child));
-        Ok(())
-    }
-
-    /// Kills a child process at once (SIGKILL), as a crash would.
-    fn kill(&mut self, name: &str) {
-        if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == name) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn kubectl(&self, args: &[&str]) -> std::process::Output {
-        Command::new("kubectl").env("KUBECONFIG", &self.kubeconfig).args(args).output().expect("kubectl runs")
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("\n===== e2e failed: diagnostics =====");
-            for (name, _) in &self.children {
-                let text = std::fs::read_to_string(self.log(name)).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(80).collect();
-                eprintln!("----- {name} log (last 80 lines) -----");
-                for l in tail.iter().rev() {
-                    eprintln!("{l}");
-                }
-            }
-            for args in [
-                vec!["get", "computejobs", "-A", "-o", "yaml"],
-                vec!["get", "providernodes", "-o", "yaml"],
-                vec!["get", "events", "-n", self.namespace.as_str()],
-            ] {
-                let out = self.kubectl(&args);
-                eprintln!("----- kubectl {} -----\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-            }
-        }
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Some(dir) = &self.envtest_dir {
-            let _ = Command::new(repo().join("e2e/envtest-apiserver.sh")).arg("stop").arg(dir).status();
-        }
-    }
-}
-
-/// Finds an API server: KUBECONFIG first, then KUBEBUILDER_ASSETS. None means skip.
-fn harness() -> Result<Option<Harness>> {
-    let work = tempfile::Builder::new().prefix("kommune-e2e-").tempdir()?;
-    let namespace = format!("kommune-e2e-{}", std::process::id());
-    if let Some(kc) = std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty()) {
-        return Ok(Some(Harness { work, kubeconfig: kc.into(), envtest_dir: None, children: vec![], namespace }));
-    }
-    if std::env::var_os("KUBEBUILDER_ASSETS").is_some_and(|k| !k.is_empty()) {
-        let dir = work.path().join("apiserver");
-        let out = Command::new(repo().join("e2e/envtest-apiserver.sh")).arg("start").arg(&dir).stderr(Stdio::inherit()).output()?;
-        if !out.status.success() {
-            bail!("e2e/envtest-apiserver.sh start failed");
-        }
-        let kubeconfig = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-        return Ok(Some(Harness { work, kubeconfig, envtest_dir: Some(dir), children: vec![], namespace }));
-    }
-    Ok(None)
-}
-
-/// Lease duration for the e2e operators: short, so a takeover is quick to observe.
-const LEASE_SECONDS: &str = "6";
-
-/// The HTTP status of GET `path` on a loopback port, or None if nothing answers.
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
-    let mut head = [0u8; 12];
-    conn.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn binary(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
-    target.join("debug").join(name)
-}
-
-fn build_binaries() -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo).current_dir(repo()).args(["build", "-p", "kommune-operator", "-p", "kommune-agent"]).status()?;
-    if !status.success() {
-        bail!("cargo build of the binaries failed");
-    }
-    Ok(())
-}
-
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// `helm install`s the chart into `namespace` (StatefulSet scaled to 0: the operator runs as a
-/// local process). Returns the operator's ServiceAccount name.
-fn helm_install(h: &Harness, helm: &Path, namespace: &str, cel: bool) -> Result<String> {
-    let mut cmd = Command::new(helm);
-    cmd.env("KUBECONFIG", &h.kubeconfig).args(["install", "kommune"]).arg(repo().join("charts/kommune")).args([
-        "--namespace",
-        namespace,
-        "--set",
-        "replicas=0",
-    ]);
-    if !cel {
-        // helm's client-side schema check would refuse x-kubernetes-validations on such servers.
-        cmd.arg("--disable-openapi-validation");
-    }
-    let out = cmd.output()?;
-    if !out.status.success() {
-        bail!("helm install failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let rendered = kommune_e2e::render_chart(helm, namespace, &[])?;
-    kommune_e2e::documents(&rendered)?
-        .iter()
-        .find(|d| d["kind"] == "StatefulSet")
-        .and_then(|d| d["spec"]["template"]["spec"]["serviceAccountName"].as_str().map(str::to_string))
-        .context("the chart's StatefulSet names no serviceAccountName")
-}
-
-/// Applies crds/ directly, as `kubectl apply -f crds/` would.
-async fn apply_crds(client: &Client, cel: bool) -> Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for file in ["computejob.yaml", "providernode.yaml"] {
-        let mut crd: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(repo().join("crds").join(file))?)?;
-        if !cel {
-            strip_key(&mut crd, "x-kubernetes-validations");
-        }
-        let name = crd["metadata"]["name"].as_str().unwrap().to_string();
-        crds.patch(&name, &PatchParams::apply("kommune-e2e").force(), &Patch::Apply(&crd)).await?;
-    }
-    Ok(())
-}
-
-/// A copy of the admin kubeconfig that acts as the ServiceAccount (needs impersonation rights,
-/// which the admin of a test cluster has). Everything the operator does is then authorised by
-/// the chart's RBAC alone, so a missing rule fails the suite.
-fn impersonating_kubeconfig(h: &Harness, sa: &str, namespace: &str) -> Result<PathBuf> {
-    let mut kc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&h.kubeconfig)?)?;
-    let users = kc["users"].as_sequence_mut().context("kubeconfig has no users")?;
-    for u in users {
-        let user = u["user"].as_mapping_mut().context("kubeconfig user is not a mapping")?;
-        user.insert("as".into(), format!("system:serviceaccount:{namespace}:{sa}").into());
-        let groups: Vec<serde_yaml::Value> =
-            ["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{namespace}"), "system:authenticated".into()]
-                .into_iter()
-                .map(Into::into)
-                .collect();
-        user.insert("as-groups".into(), groups.into());
-    }
-    let path = h.work.path().join("operator.kubeconfig");
-    std::fs::write(&path, serde_yaml::to_string(&kc)?)?;
-    Ok(path)
-}
-
-/// Removes `key` everywhere in a JSON tree.
-fn strip_key(v: &mut serde_json::Value, key: &str) {
-    match v {
-        serde_json::Value::Object(m) => {
-            m.remove(key);
-            m.values_mut().for_each(|c| strip_key(c, key));
-        }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(|c| strip_key(c, key)),
-        _ => {}
-    }
-}
-
-fn condition(job: &ComputeJob, type_: &str) -> Option<(String, String, String)> {
-    job.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
+use support::{Installed, LEASE_SECONDS, SKIPPED, binary, build_binaries, condition, eventually, free_port, harness, http_status, install};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn walking_skeleton() -> Result<()> {
     let Some(mut h) = harness()? else {
-        println!("skipped: no cluster (set KUBECONFIG, or KUBEBUILDER_ASSETS to a dir with kube-apiserver and etcd; see e2e/README.md)");
+        println!("{SKIPPED}");
         return Ok(());
     };
     build_binaries()?;
-    let kubeconfig = Kubeconfig::read_from(&h.kubeconfig)?;
-    let client = Client::try_from(Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)?;
+    let client = h.client().await?;
     let ns = h.namespace.clone();
 
     let op_ns = format!("{ns}-system");
-    for n in [&ns, &op_ns] {
-        let out = h.kubectl(&["create", "namespace", n]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let version = client.apiserver_version().await?;
-    let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
-    let cel = version.major == "1" && minor >= 25;
-    if !cel {
-        println!("note: API server {}.{} predates CRD validation rules (1.25); the CRDs go in without x-kubernetes-validations", version.major, version.minor);
-    }
-
+    h.create_namespaces(&[&ns, &op_ns]);
     // 1. Install: with helm, the chart itself (CRDs, ServiceAccount, RBAC, Services, a
     //    StatefulSet scaled to 0 because the operator runs here as a local process, with exactly
     //    the chart's RBAC by impersonating its ServiceAccount). Without helm, crds/ directly and
     //    the admin's credentials.
-    let helm = kommune_e2e::helm();
-    let operator_kubeconfig = match &helm {
-        Some(helm) => {
-            let sa = helm_install(&h, helm, &op_ns, cel)?;
-            println!("installed the chart; the operator runs as {sa} with the chart's RBAC");
-            impersonating_kubeconfig(&h, &sa, &op_ns)?
-        }
-        None => {
-            println!("note: no helm found: applying crds/ and running the operator with the admin kubeconfig instead of the chart's RBAC");
-            apply_crds(&client, cel).await?;
-            h.kubeconfig.clone()
-        }
-    };
+    let Installed { operator_kubeconfig, helm } = install(&h, &client, &op_ns).await?;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for name in ["computejobs.kommune.dev", "providernodes.kommune.dev"] {
-        tokio::time::timeout(Duration::from_secs(30), await_condition(crds.clone(), name, conditions::is_crd_established())).await??;
-    }
 
     // 2. The operator binary, as a local process.
     let gateway = free_port();

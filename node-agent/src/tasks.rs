@@ -198,19 +198,8 @@ impl Tasks {
                 None => me.execute(&assign, modules, cancel).await,
             };
             lock(&me.gpus).release(&id);
-            let mut state = state_of(outcome.ending);
-            let mut result = result_of(&outcome);
-            // A task that finished just as it was preempted keeps its success.
-            if let Some(reason) = lock(&me.preempted).remove(&id).filter(|_| outcome.ending != Ending::Succeeded) {
-                state = AttemptState::Preempted;
-                result.message = format!("preempted: the provider needs the machine back ({reason})");
-            }
-            // Preempted work is metered too: the provider's machine did it.
-            let receipt = me.receipts.get().map(|r| {
-                let usage = outcome.usage.to_usage(outcome.wall, outcome.output_bytes);
-                r.issue(&id, &assign.job, state, usage, started_ms, started_ms.saturating_add(outcome.wall.as_millis() as i64))
-            });
-            let update = TaskUpdate { attempt_id: id.clone(), state: state as i32, result: Some(result), receipt };
+            let preempted = lock(&me.preempted).remove(&id);
+            let update = terminal_update(&id, &assign.job, &outcome, preempted.as_deref(), me.receipts.get(), started_ms);
             if let Err(e) = me.spool.put(&update).await {
                 warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart");
             }
@@ -303,6 +292,26 @@ async fn download(url: &str) -> Result<Vec<u8>, String> {
     })
     .await
     .map_err(|e| format!("download task failed: {e}"))?
+}
+
+/// The terminal update of a finished attempt: its state, its result and, with `receipts`, the
+/// usage receipt signed for it. `preempted` is why the provider took the machine back while it
+/// ran, if it did; `started_ms` is when it started (Unix ms). Public so that simulated agents
+/// (the e2e scale scenario) report results exactly as this agent does.
+pub fn terminal_update(attempt_id: &str, job: &str, outcome: &Outcome, preempted: Option<&str>, receipts: Option<&Receipts>, started_ms: i64) -> TaskUpdate {
+    let mut state = state_of(outcome.ending);
+    let mut result = result_of(outcome);
+    // A task that finished just as it was preempted keeps its success.
+    if let Some(reason) = preempted.filter(|_| outcome.ending != Ending::Succeeded) {
+        state = AttemptState::Preempted;
+        result.message = format!("preempted: the provider needs the machine back ({reason})");
+    }
+    // Preempted work is metered too: the provider's machine did it.
+    let receipt = receipts.map(|r| {
+        let usage = outcome.usage.to_usage(outcome.wall, outcome.output_bytes);
+        r.issue(attempt_id, job, state, usage, started_ms, started_ms.saturating_add(outcome.wall.as_millis() as i64))
+    });
+    TaskUpdate { attempt_id: attempt_id.to_string(), state: state as i32, result: Some(result), receipt }
 }
 
 fn state_of(e: Ending) -> AttemptState {
@@ -483,5 +492,20 @@ mod tests {
         tasks.cancel("u.3.1");
         let done = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
         assert_eq!(done.state, AttemptState::Cancelled as i32);
+    }
+
+    #[test]
+    fn a_simulated_success_is_reported_succeeded_with_a_receipt_the_node_key_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let public = key.verifying_key().to_bytes();
+        let receipts = Receipts::start(dir.path().join("receipts"), "sim-1", key).unwrap();
+        let update = terminal_update("u.1.1", "ns/j", &Outcome::simulated_success(), None, Some(&receipts), 1_000);
+        assert_eq!(update.state, AttemptState::Succeeded as i32);
+        let result = update.result.unwrap();
+        assert_eq!((result.exit_code, result.output_sha256.len()), (0, 64));
+        let body = kommune_proto::receipt::verify(&update.receipt.unwrap(), &public).unwrap();
+        assert_eq!((body.node.as_str(), body.attempt_id.as_str(), body.job.as_str(), body.sequence), ("sim-1", "u.1.1", "ns/j", 1));
+        assert_eq!(body.usage.unwrap().source, "simulated");
     }
 }

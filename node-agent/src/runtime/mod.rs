@@ -68,6 +68,19 @@ impl Outcome {
         }
     }
 
+    /// An attempt that succeeded at once with no output and no measured usage (`source`
+    /// "simulated"): what the e2e scale scenario's simulated agents report, since they run
+    /// nothing.
+    pub fn simulated_success() -> Self {
+        Self {
+            ending: Ending::Succeeded,
+            exit_code: 0,
+            message: String::new(),
+            usage: Measured { source: "simulated", ..Measured::none() },
+            ..Self::not_started("")
+        }
+    }
+
     fn from_captures(end: End, stdout: &SharedCapture, stderr: &SharedCapture, wall: Duration, usage: Measured) -> Self {
         Self {
             ending: end.ending,
