@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kommune_e2e::repo;
 use kommune_operator::attempt::{Attempt, AttemptPhase};
 use kommune_operator::blobs::Blobs;
 use kommune_operator::crd::{ComputeJobSpec, JobPhase};
@@ -32,6 +31,8 @@ use kommune_operator::store::Store;
 use kommune_operator::tokens::MemoryTokens;
 use kommune_proto::token::JoinToken;
 use tokio::sync::mpsc;
+
+mod support;
 
 const RATES: Rates = Rates { cpu_core_hour: Micros(1_000_000), memory_gib_hour: Micros(0), gpu_hour: Micros(0), output_gib: Micros(0) };
 
@@ -140,14 +141,11 @@ fn summary(attempts: &[Attempt]) -> Vec<(u32, String, AttemptPhase)> {
 }
 
 fn agent_binary() -> PathBuf {
+    // The same build as the other e2e tests (both binaries): building one package alone would
+    // resolve features differently and rebuild shared dependencies back and forth.
     static BUILT: std::sync::Once = std::sync::Once::new();
-    BUILT.call_once(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo).current_dir(repo()).args(["build", "-p", "kommune-agent"]).status().unwrap();
-        assert!(status.success(), "cargo build -p kommune-agent failed");
-    });
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
-    target.join("debug").join("kommune-agent")
+    BUILT.call_once(|| support::build_binaries().expect("cargo build of the binaries"));
+    support::binary("kommune-agent")
 }
 
 /// A provider machine: `kommune-agent join`, then `kommune-agent run` as a child process.

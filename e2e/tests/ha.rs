@@ -10,112 +10,28 @@
 //! (`KOMMUNE_TEST_DATABASE_URL`, which `hack/test.sh` provides when PostgreSQL is installed);
 //! without them it prints one skip line and passes.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kommune_e2e::repo;
 use kommune_operator::crd::{ComputeJob, ProviderNode};
 use kube::ResourceExt as _;
 use kube::api::Api;
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+
+mod support;
+use support::{binary, build_binaries, eventually, free_port, harness, http_status, http_status_within, install};
 
 const LEASE_SECONDS: u64 = 6;
 
-/// Processes started by the test, with their logs; all stopped on drop (and their logs printed
-/// if the test is failing), and the API server too when the test started it.
-struct Procs {
-    work: tempfile::TempDir,
-    children: Vec<(String, Child)>,
-    envtest_dir: Option<PathBuf>,
-}
-
-impl Procs {
-    fn log(&self, name: &str) -> PathBuf {
-        self.work.path().join(format!("{name}.log"))
-    }
-
-    fn spawn(&mut self, name: &str, program: &Path, kubeconfig: &Path, args: &[&str]) -> Result<()> {
-        let log = std::fs::File::create(self.log(name))?;
-        let child = Command::new(program)
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kommune_operator=debug,kommune_agent=debug")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
-        self.children.push((name.to_string(), child));
-        Ok(())
-    }
-
-    fn child(&mut self, name: &str) -> &mut Child {
-        &mut self.children.iter_mut().find(|(n, _)| n == name).expect("started").1
-    }
-
-    fn signal(&mut self, name: &str, signal: &str) {
-        let pid = self.child(name).id().to_string();
-        let status = Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("kill runs");
-        assert!(status.success(), "kill -{signal} {name}");
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (name, child) in &mut self.children {
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).stderr(Stdio::null()).status();
-            let _ = child.kill();
-            let _ = child.wait();
-            if std::thread::panicking() {
-                let text = std::fs::read_to_string(self.work.path().join(format!("{name}.log"))).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(60).collect();
-                eprintln!("----- {name} log (last 60 lines) -----");
-                tail.iter().rev().for_each(|l| eprintln!("{l}"));
-            }
-        }
-        if let Some(dir) = &self.envtest_dir {
-            let _ = Command::new(repo().join("e2e/envtest-apiserver.sh")).arg("stop").arg(dir).status();
-        }
-    }
-}
-
-fn binary(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
-    target.join("debug").join(name)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// The HTTP status of GET `path` on a loopback port, or None if nothing answers in time.
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
-    let mut head = [0u8; 12];
-    conn.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<Duration>
+/// How long `eventually` took.
+async fn timed<F, Fut>(what: &str, timeout: Duration, check: F) -> Result<Duration>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<bool>>,
 {
     let started = Instant::now();
-    loop {
-        if check().await? {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(what, timeout, check).await?;
+    Ok(started.elapsed())
 }
 
 /// What the chart's gateway Service does for agents: each new connection goes to the replica
@@ -128,10 +44,12 @@ async fn ready_proxy(backends: Vec<(u16, u16)>) -> Result<u16> {
         while let Ok((mut inbound, _)) = listener.accept().await {
             let backends = backends.clone();
             tokio::spawn(async move {
-                let ready = tokio::task::spawn_blocking(move || backends.iter().find(|(_, m)| http_status(*m, "/readyz") == Some(200)).map(|(g, _)| *g))
-                    .await
-                    .ok()
-                    .flatten();
+                let ready = tokio::task::spawn_blocking(move || {
+                    backends.iter().find(|(_, m)| http_status_within(*m, "/readyz", Duration::from_secs(1)) == Some(200)).map(|(g, _)| *g)
+                })
+                .await
+                .ok()
+                .flatten();
                 let Some(gateway) = ready else { return };
                 if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", gateway)).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
@@ -177,43 +95,22 @@ fn operator_args<'a>(gateway: &'a str, metrics: &'a str, data: &'a str, ns: &'a 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_frozen_past_its_lease_hands_running_work_to_the_standby_and_writes_nothing_when_it_thaws() -> Result<()> {
-    let work = tempfile::Builder::new().prefix("kommune-ha-").tempdir()?;
-    let mut procs = Procs { work, children: vec![], envtest_dir: None };
-    let kubeconfig = if let Some(kc) = std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty()) {
-        PathBuf::from(kc)
-    } else if std::env::var_os("KUBEBUILDER_ASSETS").is_some_and(|k| !k.is_empty()) {
-        let dir = procs.work.path().join("apiserver");
-        let out = Command::new(repo().join("e2e/envtest-apiserver.sh")).arg("start").arg(&dir).stderr(Stdio::inherit()).output()?;
-        procs.envtest_dir = Some(dir);
-        if !out.status.success() {
-            bail!("e2e/envtest-apiserver.sh start failed");
-        }
-        PathBuf::from(String::from_utf8(out.stdout)?.trim())
-    } else {
-        println!("skipped: no cluster (set KUBECONFIG, or KUBEBUILDER_ASSETS to a dir with kube-apiserver and etcd; see e2e/README.md)");
+    let Some(mut h) = harness()? else {
+        println!("{}", support::SKIPPED);
         return Ok(());
     };
     let Some(base_url) = std::env::var("KOMMUNE_TEST_DATABASE_URL").ok().filter(|u| !u.is_empty()) else {
         println!("skipped: no PostgreSQL (set KOMMUNE_TEST_DATABASE_URL; hack/test.sh starts one when PostgreSQL is installed)");
         return Ok(());
     };
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let built = Command::new(cargo).current_dir(repo()).args(["build", "-p", "kommune-operator", "-p", "kommune-agent"]).status()?;
-    assert!(built.success(), "cargo build of the binaries failed");
-
-    let client = Client::try_from(Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig)?, &KubeConfigOptions::default()).await?)?;
-    let kubectl = |args: &[&str]| Command::new("kubectl").env("KUBECONFIG", &kubeconfig).args(args).output().expect("kubectl runs");
-    let ns = format!("kommune-ha-{}", std::process::id());
+    build_binaries()?;
+    let client = h.client().await?;
+    let ns = h.namespace.clone();
     let op_ns = format!("{ns}-system");
-    for n in [&ns, &op_ns] {
-        let out = kubectl(&["create", "namespace", n]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
-    // --validate=false: an API server older than 1.25 does not know the CEL rules in crds/.
-    let out = kubectl(&["apply", "--validate=false", "-f", repo().join("crds").to_str().unwrap()]);
-    assert!(out.status.success(), "apply crds/: {}", String::from_utf8_lossy(&out.stderr));
-    let out = kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/computejobs.kommune.dev", "crd/providernodes.kommune.dev"]);
-    assert!(out.status.success(), "CRDs established: {}", String::from_utf8_lossy(&out.stderr));
+    h.create_namespaces(&[&ns, &op_ns]);
+    // The chart's CRDs and RBAC (with helm): both replicas run as its ServiceAccount.
+    let installed = install(&h, &client, &op_ns).await?;
+    let kubeconfig = installed.operator_kubeconfig.clone();
 
     // Two replicas on one database, each with its own data directory (its own disk).
     // The sync PostgreSQL client must not run on the test's async runtime.
@@ -224,10 +121,10 @@ async fn a_leader_frozen_past_its_lease_hands_running_work_to_the_standby_and_wr
     let mut replicas = vec![];
     for name in ["leader", "standby"] {
         let (gateway, metrics) = (free_port(), free_port());
-        let data = procs.work.path().join(format!("{name}-data"));
+        let data = h.work.path().join(format!("{name}-data"));
         let (g, m, d) = (format!("127.0.0.1:{gateway}"), format!("127.0.0.1:{metrics}"), data.display().to_string());
         let identity = format!("ha-{name}");
-        procs.spawn(name, &operator, &kubeconfig, &operator_args(&g, &m, &d, &op_ns, &identity, &url, &lease))?;
+        h.spawn(name, &operator, &kubeconfig, &operator_args(&g, &m, &d, &op_ns, &identity, &url, &lease))?;
         replicas.push((gateway, metrics));
         // The first becomes the leader before the second starts.
         eventually(&format!("{name} healthy"), Duration::from_secs(60), || async move { Ok(http_status(metrics, "/healthz") == Some(200)) }).await?;
@@ -241,16 +138,17 @@ async fn a_leader_frozen_past_its_lease_hands_running_work_to_the_standby_and_wr
 
     // One agent, joined and connected through the "Service".
     let out =
-        Command::new(&operator).env("KUBECONFIG", &kubeconfig).args(["token", "create", "--uses", "1", "--ttl", "10m", "--namespace", &op_ns]).output()?;
+        Command::new(&operator).env("KUBECONFIG", &h.kubeconfig).args(["token", "create", "--uses", "1", "--ttl", "10m", "--namespace", &op_ns]).output()?;
     assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout)?.trim().to_string();
     let agent = binary("kommune-agent");
-    let state = procs.work.path().join("ha-agent");
+    let state = h.work.path().join("ha-agent");
     let server = format!("https://127.0.0.1:{service}");
     let out =
         Command::new(&agent).args(["join", "--server", &server, "--token", &token, "--name", "ha-agent", "--state-dir", state.to_str().unwrap()]).output()?;
     assert!(out.status.success(), "join: {}", String::from_utf8_lossy(&out.stderr));
-    procs.spawn("agent", &agent, &kubeconfig, &["run", "--state-dir", state.to_str().unwrap(), "--allow-exec"])?;
+    let agent_kubeconfig = h.kubeconfig.clone();
+    h.spawn("agent", &agent, &agent_kubeconfig, &["run", "--state-dir", state.to_str().unwrap(), "--allow-exec"])?;
     let nodes: Api<ProviderNode> = Api::all(client.clone());
     eventually("ProviderNode ha-agent Ready", Duration::from_secs(60), || {
         let nodes = nodes.clone();
@@ -260,18 +158,18 @@ async fn a_leader_frozen_past_its_lease_hands_running_work_to_the_standby_and_wr
 
     // A task that runs across the takeover; one attempt allowed, so a re-run would fail it.
     let job_yaml = "apiVersion: kommune.dev/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: across-takeover\nspec:\n  tasks: 1\n  workload:\n    exec:\n      command: ['/bin/sh', '-c', 'sleep 12; echo survived']\n  resources: {cpu: 100m, memory: 32Mi}\n  retries: {maxAttempts: 1}\n";
-    let job_file = procs.work.path().join("job.yaml");
+    let job_file = h.work.path().join("job.yaml");
     std::fs::write(&job_file, job_yaml)?;
-    let out = kubectl(&["apply", "-n", &ns, "-f", job_file.to_str().unwrap()]);
+    let out = h.kubectl(&["apply", "-n", &ns, "-f", job_file.to_str().unwrap()]);
     assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
     let jobs: Api<ComputeJob> = Api::namespaced(client.clone(), &ns);
     let running = |jobs: Api<ComputeJob>| async move { Ok(jobs.get("across-takeover").await?.status.is_some_and(|s| s.tasks.running == 1)) };
     eventually("the task running", Duration::from_secs(60), || running(jobs.clone())).await?;
 
     // Freeze the leader for three Lease durations.
-    procs.signal("leader", "STOP");
+    h.signal("leader", "STOP");
     let frozen = Instant::now();
-    let takeover = eventually("the standby ready", Duration::from_secs(60), || async move { Ok(http_status(standby_metrics, "/readyz") == Some(200)) }).await?;
+    let takeover = timed("the standby ready", Duration::from_secs(60), || async move { Ok(http_status(standby_metrics, "/readyz") == Some(200)) }).await?;
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &op_ns);
     assert_eq!(leases.get("kommune-operator").await?.spec.and_then(|s| s.holder_identity).as_deref(), Some("ha-standby"));
     let done = |jobs: Api<ComputeJob>| async move {
@@ -282,7 +180,7 @@ async fn a_leader_frozen_past_its_lease_hands_running_work_to_the_standby_and_wr
         }
         Ok(status.tasks.succeeded == 1)
     };
-    eventually("the task finished under the new leader", Duration::from_secs(90), || done(jobs.clone())).await?;
+    timed("the task finished under the new leader", Duration::from_secs(90), || done(jobs.clone())).await?;
     let finished = frozen.elapsed();
     let status = jobs.get("across-takeover").await?.status.unwrap();
     let result = &status.recent_results[0];
@@ -302,10 +200,10 @@ async fn a_leader_frozen_past_its_lease_hands_running_work_to_the_standby_and_wr
 
     // The old leader thaws: it must see it lost the Lease and exit, writing nothing.
     let jobs_before = jobs.get("across-takeover").await?;
-    procs.signal("leader", "CONT");
+    h.signal("leader", "CONT");
     let thawed = Instant::now();
     let exit = loop {
-        if let Some(status) = procs.child("leader").try_wait()? {
+        if let Some(status) = h.try_wait("leader")? {
             break status;
         }
         assert!(thawed.elapsed() < Duration::from_secs(30), "the thawed leader is still running");
@@ -313,11 +211,11 @@ async fn a_leader_frozen_past_its_lease_hands_running_work_to_the_standby_and_wr
     };
     println!("HA: the thawed old leader exited after {:.1} s: {exit}", thawed.elapsed().as_secs_f64());
     assert!(!exit.success());
-    let log = std::fs::read_to_string(procs.log("leader"))?;
+    let log = std::fs::read_to_string(h.log("leader"))?;
     assert!(log.contains("lost the leader Lease") || log.contains("could not renew the leader Lease"), "the old leader says why it stopped");
     assert_eq!(jobs.get("across-takeover").await?.resource_version(), jobs_before.resource_version(), "the old leader wrote nothing to the job");
     assert_eq!(http_status(standby_metrics, "/readyz"), Some(200), "the new leader still leads");
-    assert_eq!(http_status(leader_metrics, "/readyz"), None);
+    assert_eq!(http_status_within(leader_metrics, "/readyz", Duration::from_secs(1)), None);
 
     // One ledger for both: it verifies, with the one receipt.
     let out = Command::new(&operator).args(["ledger", "verify", "--database-url", &url]).output()?;

@@ -96,6 +96,19 @@ impl Harness {
         }
     }
 
+    /// Sends `signal` (STOP, CONT, ...) to the child process `name`.
+    pub fn signal(&self, name: &str, signal: &str) {
+        let (_, child) = self.children.iter().find(|(n, _)| n == name).expect("started");
+        let status = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().expect("kill runs");
+        assert!(status.success(), "kill -{signal} {name}");
+    }
+
+    /// How the child process `name` ended, if it has.
+    pub fn try_wait(&mut self, name: &str) -> Result<Option<std::process::ExitStatus>> {
+        let (_, child) = self.children.iter_mut().find(|(n, _)| n == name).context("no such child")?;
+        Ok(child.try_wait()?)
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> std::process::Output {
         Command::new("kubectl").env("KUBECONFIG", &self.kubeconfig).args(args).output().expect("kubectl runs")
     }
@@ -153,9 +166,15 @@ pub const LEASE_SECONDS: &str = "6";
 
 /// The HTTP status of GET `path` on a loopback port, or None if nothing answers.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_status_within(port, path, Duration::from_secs(5))
+}
+
+/// As [`http_status`], giving up after `timeout` without an answer (a frozen process accepts
+/// connections but never answers).
+pub fn http_status_within(port: u16, path: &str, timeout: Duration) -> Option<u16> {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    conn.set_read_timeout(Some(timeout)).ok()?;
     write!(conn, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
     let mut head = [0u8; 12];
     conn.read_exact(&mut head).ok()?;
