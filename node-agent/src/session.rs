@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kommune_proto::STAGE_TARGET;
 use kommune_proto::v1::agent_gateway_client::AgentGatewayClient;
 use kommune_proto::v1::{AgentMessage, FetchBlobRequest, Heartbeat, Hello, NodeFacts, TaskUpdate, agent_message, operator_message};
 use rand::Rng;
@@ -11,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{info, trace, warn};
 
 use crate::availability::{self, Availability, Gate};
 use crate::connect::{self, ConnectError, Server};
@@ -216,7 +217,10 @@ async fn session(
                         heartbeat = tokio::time::interval(every);
                         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
-                    Some(operator_message::Kind::Assign(a)) => tasks.assign(a, modules.clone()),
+                    Some(operator_message::Kind::Assign(a)) => {
+                        trace!(target: STAGE_TARGET, attempt = %a.attempt_id, "assign received");
+                        tasks.assign(a, modules.clone())
+                    }
                     Some(operator_message::Kind::Cancel(c)) => tasks.cancel(&c.attempt_id),
                     Some(operator_message::Kind::Ack(a)) => tasks.acknowledge(&a),
                     None => {}
@@ -239,7 +243,9 @@ async fn session(
                 }
             }
             Some(u) = updates.recv() => {
+                let (attempt, state) = (u.attempt_id.clone(), u.state);
                 send(agent_message::Kind::TaskUpdate(u)).await?;
+                trace!(target: STAGE_TARGET, %attempt, state, "update sent");
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The result spool: finished attempts waiting for the operator's Ack. A terminal update is
-//! durable before it is sent, so neither a dropped connection nor a crash loses a result or
-//! its usage receipt.
+//! written as it is sent and kept until its Ack, so neither a dropped connection nor a crash
+//! after the write loses a result or its usage receipt (a crash before the write is durable is
+//! a crash before the result existed, unless the operator already recorded it).
 //!
 //! Updates are appended to one log, `spool.log`, by a writer thread that makes everything
 //! queued durable with a single fdatasync (group commit): one fsync per batch, not one file,
@@ -158,15 +159,22 @@ impl Spool {
     /// Durably records a terminal update; resolves once it is on disk. Many concurrent calls
     /// share one fdatasync.
     pub async fn put(&self, update: &TaskUpdate) -> std::io::Result<()> {
+        self.begin_put(update)?.await
+    }
+
+    /// Records a terminal update: it is pending at once (listed in Hello, resent, removed by
+    /// its Ack) and its write is queued before this returns, so a removal is always logged
+    /// after it; the returned future resolves once it is on disk. If the write fails the
+    /// update stays pending in memory, so this process still resends it until it is acked.
+    pub fn begin_put(&self, update: &TaskUpdate) -> std::io::Result<impl Future<Output = std::io::Result<()>> + use<>> {
         if file_name(&update.attempt_id).is_none() {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad attempt id"));
         }
         let (done, durable) = oneshot::channel();
         let closed = || std::io::Error::other("the result spool's writer has stopped");
         self.writer()?.send(LogOp::Put { id: update.attempt_id.clone(), bytes: record(PUT, &update.encode_to_vec()), done }).map_err(|_| closed())?;
-        durable.await.map_err(|_| closed())??;
         lock(&self.pending).insert(update.attempt_id.clone(), update.clone());
-        Ok(())
+        Ok(async move { durable.await.map_err(|_| closed())? })
     }
 
     /// Forgets an acknowledged attempt.
@@ -339,6 +347,24 @@ mod tests {
         let spool = Spool::open(dir.path().into()).unwrap();
         assert_eq!(spool.all(), vec![update("u.0.1"), update("u.2.1")]);
         assert_eq!(spool.get("u.2.1"), Some(update("u.2.1")));
+    }
+
+    #[tokio::test]
+    async fn an_update_is_pending_while_its_write_is_in_flight_and_an_ack_meanwhile_is_logged_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Spool::open(dir.path().into()).unwrap();
+            let durable = spool.begin_put(&update("fast.0.1")).unwrap();
+            let kept = spool.begin_put(&update("kept.0.1")).unwrap();
+            assert_eq!(spool.ids(), vec!["fast.0.1", "kept.0.1"], "listed (and resent) before the write is durable");
+            // The operator's Ack overtakes the fdatasync: the removal is queued behind the put.
+            spool.remove("fast.0.1");
+            durable.await.unwrap();
+            kept.await.unwrap();
+            assert_eq!(spool.ids(), vec!["kept.0.1"]);
+        }
+        assert_eq!(Spool::open(dir.path().into()).unwrap().ids(), vec!["kept.0.1"], "the acked update does not come back");
+        assert!(Spool::open(dir.path().into()).unwrap().begin_put(&update("../escape")).is_err());
     }
 
     #[tokio::test]

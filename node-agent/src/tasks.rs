@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use kommune_proto::STAGE_TARGET;
 use kommune_proto::v1::{self, AttemptState, Gpu, TaskResult, TaskUpdate, workload::Kind as WorkloadKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{info, trace, warn};
 
 use crate::gpu::GpuPool;
 use crate::receipts::Receipts;
@@ -195,17 +196,30 @@ impl Tasks {
                     lock(&me.preempted).insert(id.clone(), reason.clone());
                     Outcome::not_started(reason)
                 }
-                None => me.execute(&assign, modules, cancel).await,
+                None => {
+                    trace!(target: STAGE_TARGET, attempt = %id, "task starting");
+                    let outcome = me.execute(&assign, modules, cancel).await;
+                    trace!(target: STAGE_TARGET, attempt = %id, "task ended");
+                    outcome
+                }
             };
             lock(&me.gpus).release(&id);
             let preempted = lock(&me.preempted).remove(&id);
             let update = terminal_update(&id, &assign.job, &outcome, preempted.as_deref(), me.receipts.get(), started_ms);
-            if let Err(e) = me.spool.put(&update).await {
-                warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart");
-            }
+            // Sent while its spool write is in flight, not after: a crash before the write is
+            // durable loses no more than a crash before sending would have (and the operator
+            // may already have it); the Ack cannot overtake the queued write.
+            let durable = me.spool.begin_put(&update);
             me.running().remove(&id);
             info!(attempt = %id, ending = ?outcome.ending, exit = outcome.exit_code, "attempt finished");
             let _ = me.updates.send(update);
+            match durable {
+                Ok(durable) => match durable.await {
+                    Ok(()) => trace!(target: STAGE_TARGET, attempt = %id, "result spooled"),
+                    Err(e) => warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart"),
+                },
+                Err(e) => warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart"),
+            }
         });
     }
 

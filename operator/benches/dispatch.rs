@@ -13,6 +13,11 @@
 //! roundtrip,fanin` picks parts. The fan-in part runs the operator in a child process and the
 //! simulated agents in a grandchild, so the operator's RSS and CPU are read cleanly from
 //! /proc. docs/PERFORMANCE.md says what each figure means.
+//!
+//! `KOMMUNE_BENCH_STAGES=1` adds a breakdown of the round trip: the `kommune::stage` trace
+//! events of operator and agents (one process, one clock) and the bench's own marks, as the
+//! median and 99th percentile time of each stage from the placement sync's start. Recording
+//! them costs a little, so the headline round-trip figure is taken without it.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +45,7 @@ use kommune_operator::tokens::MemoryTokens;
 use kommune_proto::token::JoinToken;
 use kommune_proto::v1::{AgentMessage, Capacity, Heartbeat, Hello, NodeFacts, agent_message, operator_message};
 use tokio::sync::mpsc;
+use tracing_subscriber::layer::SubscriberExt;
 
 const RATES: Rates = Rates { cpu_core_hour: Micros(1_000_000), memory_gib_hour: Micros(0), gpu_hour: Micros(0), output_gib: Micros(0) };
 
@@ -73,6 +79,9 @@ impl Sizes {
 }
 
 fn main() {
+    if std::env::var("KOMMUNE_BENCH_STAGES").is_ok_and(|v| v == "1") {
+        stages::install();
+    }
     let role = std::env::var("KOMMUNE_BENCH_ROLE").unwrap_or_default();
     let sizes = Sizes::from_env();
     match role.as_str() {
@@ -145,7 +154,9 @@ impl Operator {
     async fn run_to_end(&self, changed: &mut mpsc::Receiver<String>, job: &JobRef, policy: &JobPolicy, module: &ModuleRef) -> Synced {
         let ledger = self.dispatcher.ledger().unwrap();
         loop {
+            stages::mark(&job.uid, "bench: sync starts");
             let synced = self.dispatcher.sync(job, policy, Some(module)).await.unwrap();
+            stages::mark(&job.uid, "bench: sync returned");
             match synced.progress.phase {
                 JobPhase::Succeeded if ledger.job_usage(&job.uid).await.unwrap().receipts >= u64::from(policy.tasks) => return synced,
                 JobPhase::Failed => {
@@ -160,6 +171,7 @@ impl Operator {
             if tokio::time::timeout(Duration::from_millis(200), changed.recv()).await.is_ok() && !self.debounce.is_zero() {
                 tokio::time::sleep(self.debounce).await;
             }
+            stages::mark(&job.uid, "bench: woken");
             while changed.try_recv().is_ok() {}
         }
     }
@@ -263,14 +275,19 @@ fn dispatch_and_roundtrip(sizes: &Sizes, dispatch: bool, roundtrip: bool) {
                 op.run_to_end(&mut changed, &job(&format!("rt-warm-{i}")), &p, &module).await;
             }
             let mut ms = Vec::with_capacity(sizes.roundtrips);
+            let mut trips = Vec::with_capacity(sizes.roundtrips);
+            stages::clear();
             for i in 0..sizes.roundtrips {
                 let j = job(&format!("rt-{i}"));
                 let started = Instant::now();
-                op.run_to_end(&mut changed, &j, &p, &module).await;
-                ms.push(started.elapsed().as_secs_f64() * 1e3);
+                let done = op.run_to_end(&mut changed, &j, &p, &module).await;
+                let ended = Instant::now();
+                ms.push((ended - started).as_secs_f64() * 1e3);
+                trips.push((started, ended, j.uid.clone(), done.attempts[0].id.clone()));
             }
             ms.sort_by(f64::total_cmp);
             println!("roundtrip p50_ms={:.2} p99_ms={:.2}", percentile(&ms, 0.5), percentile(&ms, 0.99));
+            stages::report(&trips);
             let _ = std::io::stdout().flush();
         }
     });
@@ -504,4 +521,133 @@ fn fanin_agents() {
         drop(kept);
     });
     rt.shutdown_background();
+}
+
+// ---- round-trip stages ---------------------------------------------------------------------
+
+/// The round trip's breakdown: every `kommune::stage` event (operator and agents alike) and the
+/// bench's own marks, with the time it happened, by attempt or job.
+mod stages {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    use kommune_proto::v1::AttemptState;
+    use tracing::field::{Field, Visit};
+    use tracing_subscriber::layer::{Context, Layer};
+
+    use super::{SubscriberExt, percentile};
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    /// (when, attempt id or job uid, what)
+    static SEEN: Mutex<Vec<(Instant, String, String)>> = Mutex::new(Vec::new());
+
+    pub fn install() {
+        let only_stages = tracing_subscriber::filter::Targets::new().with_target(kommune_proto::STAGE_TARGET, tracing::Level::TRACE);
+        let subscriber = tracing_subscriber::registry().with(Recorder.with_filter(only_stages));
+        tracing::subscriber::set_global_default(subscriber).expect("no other subscriber in the bench");
+        ON.store(true, Ordering::Relaxed);
+    }
+
+    pub fn clear() {
+        SEEN.lock().unwrap().clear();
+    }
+
+    /// A mark of the bench's own (keyed by job uid: the attempt id is not known yet).
+    pub fn mark(job_uid: &str, what: &str) {
+        if ON.load(Ordering::Relaxed) {
+            SEEN.lock().unwrap().push((Instant::now(), job_uid.to_string(), what.to_string()));
+        }
+    }
+
+    struct Recorder;
+
+    #[derive(Default)]
+    struct Fields {
+        attempt: String,
+        message: String,
+        state: Option<i64>,
+    }
+
+    impl Visit for Fields {
+        fn record_i64(&mut self, field: &Field, value: i64) {
+            if field.name() == "state" {
+                self.state = Some(value);
+            }
+        }
+
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            match field.name() {
+                "attempt" => self.attempt = format!("{value:?}"),
+                "message" => self.message = format!("{value:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    impl<S: tracing::Subscriber> Layer<S> for Recorder {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            let at = Instant::now();
+            let mut f = Fields::default();
+            event.record(&mut f);
+            let side = if event.metadata().module_path().is_some_and(|m| m.starts_with("kommune_agent")) { "agent" } else { "operator" };
+            let what = match f.state {
+                Some(s) if s == AttemptState::Running as i64 => format!("{side}: {} (Running)", f.message),
+                Some(_) => format!("{side}: {} (result)", f.message),
+                None => format!("{side}: {}", f.message),
+            };
+            SEEN.lock().unwrap().push((at, f.attempt, what));
+        }
+    }
+
+    /// Prints, for each stage, when it happened after the placement sync started (p50, p99 over
+    /// the round trips), in order of the median; a stage seen several times in one round trip
+    /// (the bench's syncs) counts its first and last occurrence as two stages.
+    pub fn report(trips: &[(Instant, Instant, String, String)]) {
+        if !ON.load(Ordering::Relaxed) {
+            return;
+        }
+        let seen = std::mem::take(&mut *SEEN.lock().unwrap());
+        let mut by_key: BTreeMap<&str, Vec<(Instant, &str)>> = BTreeMap::new();
+        for (at, key, what) in &seen {
+            by_key.entry(key.as_str()).or_default().push((*at, what.as_str()));
+        }
+        let mut offsets: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for (started, ended, uid, attempt) in trips {
+            let mut firsts: BTreeMap<String, f64> = BTreeMap::new();
+            let mut lasts: BTreeMap<String, f64> = BTreeMap::new();
+            for key in [uid.as_str(), attempt.as_str()] {
+                for (at, what) in by_key.get(key).into_iter().flatten() {
+                    if at < started || at > ended {
+                        continue;
+                    }
+                    let ms = (*at - *started).as_secs_f64() * 1e3;
+                    firsts.entry(what.to_string()).or_insert(ms);
+                    lasts.insert(what.to_string(), ms);
+                }
+            }
+            for (what, first) in &firsts {
+                let last = lasts[what];
+                if last > *first && what.starts_with("bench") {
+                    offsets.entry(format!("{what} (last)")).or_default().push(last);
+                }
+                offsets.entry(what.clone()).or_default().push(*first);
+            }
+            offsets.entry("bench: round trip ends".into()).or_default().push((*ended - *started).as_secs_f64() * 1e3);
+        }
+        let mut rows: Vec<(f64, f64, usize, String)> = offsets
+            .into_iter()
+            .map(|(what, mut ms)| {
+                ms.sort_by(f64::total_cmp);
+                (percentile(&ms, 0.5), percentile(&ms, 0.99), ms.len(), what)
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut previous = 0.0;
+        for (p50, p99, n, what) in rows {
+            println!("stage at_p50_ms={p50:.3} step_p50_ms={:.3} at_p99_ms={p99:.3} seen={n}/{} {what}", p50 - previous, trips.len());
+            previous = p50;
+        }
+    }
 }

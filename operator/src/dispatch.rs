@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use kommune_proto::v1::{self, operator_message::Kind as OpKind};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
+use crate::STAGE;
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult, Held, now_ms, replica_attempt_id};
 use crate::crd::JobPhase;
 use crate::fleet::{Fleet, NodeFacts, Outbound, SendError};
@@ -343,6 +344,7 @@ impl Dispatcher {
                     // With replicas, the round's other copies are now wasted: the next sync cancels them.
                     self.notify(&job.key);
                 } else {
+                    trace!(target: STAGE, attempt = %a.id, "assign queued");
                     placed += 1;
                 }
             }
@@ -535,8 +537,18 @@ impl Dispatcher {
         // The result (store) and its receipt (ledger) are made durable at the same time, each
         // in a group commit shared with other sessions' updates; the Ack waits for both. If
         // either fails nothing is acknowledged and the agent resends: both are idempotent.
-        let (finished, metered) =
-            tokio::join!(self.store.finish_batched(&a.id, phase, &result, now_ms()), self.meter(node, public_key, &a, update.receipt.as_ref()));
+        let (finished, metered) = tokio::join!(
+            async {
+                let r = self.store.finish_batched(&a.id, phase, &result, now_ms()).await;
+                trace!(target: STAGE, attempt = %a.id, "result stored");
+                r
+            },
+            async {
+                let r = self.meter(node, public_key, &a, update.receipt.as_ref()).await;
+                trace!(target: STAGE, attempt = %a.id, "receipt recorded");
+                r
+            }
+        );
         let finished = finished?;
         self.released(&a.id, &a.node, phase, finished);
         if finished {
@@ -548,6 +560,7 @@ impl Dispatcher {
         }
         // After metering, so the reconcile this triggers sees the usage too.
         self.notify(&a.job_key);
+        trace!(target: STAGE, attempt = %a.id, "job notified");
         Ok(Some(ack(rejected, cost)))
     }
 

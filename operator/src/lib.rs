@@ -19,3 +19,6 @@ pub mod pricing;
 pub mod scheduler;
 pub mod store;
 pub mod tokens;
+
+/// See [`kommune_proto::STAGE_TARGET`].
+pub(crate) const STAGE: &str = kommune_proto::STAGE_TARGET;

@@ -13,6 +13,13 @@ pub mod v1 {
 
 use sha2::{Digest, Sha256};
 
+/// The tracing target of the events that mark one attempt's way through the hot path (assign
+/// queued, received, task started and ended, result spooled, sent, received, stored, receipt
+/// recorded, ...), each with an `attempt` field. They are `trace` events: off unless a
+/// subscriber asks for this target (`RUST_LOG=kommune::stage=trace`, or the dispatch bench's
+/// stage breakdown).
+pub const STAGE_TARGET: &str = "kommune::stage";
+
 /// The DNS name every gateway certificate carries and every agent verifies, whatever address
 /// it dialled: trust comes from the pinned operator CA, not from DNS, so NAT, port forwards and
 /// changing addresses do not break TLS.

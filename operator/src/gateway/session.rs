@@ -8,9 +8,10 @@ use kommune_proto::v1::{self, AgentMessage, OperatorMessage, agent_message, oper
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::timeout;
 use tonic::{Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::{Inner, NodeEvent};
+use crate::STAGE;
 use crate::fleet::NodeFacts;
 
 type Tx = mpsc::Sender<Result<OperatorMessage, Status>>;
@@ -69,6 +70,9 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
             }
         };
         inner.dispatcher.fleet().touch(&node, session_id);
+        if let Some(agent_message::Kind::TaskUpdate(u)) = &msg.kind {
+            trace!(target: STAGE, attempt = %u.attempt_id, state = u.state, "update received");
+        }
         match msg.kind {
             Some(agent_message::Kind::Heartbeat(hb)) => {
                 inner.dispatcher.fleet().set_paused(&node, hb.paused);
@@ -81,7 +85,12 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
                 let (inner, node, tx) = (inner.clone(), node.clone(), tx.clone());
                 tokio::spawn(async move {
                     match inner.dispatcher.on_update(&node, &public_key, &update).await {
-                        Ok(Some(ack)) => drop(send(&tx, OpKind::Ack(ack)).await),
+                        Ok(Some(ack)) => {
+                            let attempt = ack.attempt_id.clone();
+                            if send(&tx, OpKind::Ack(ack)).await {
+                                trace!(target: STAGE, %attempt, "ack queued");
+                            }
+                        }
                         Ok(None) => {}
                         Err(e) => {
                             // Not acknowledged: the agent resends it on its next session, which
