@@ -243,9 +243,8 @@ async fn session(
                 }
             }
             Some(u) = updates.recv() => {
-                let (attempt, state) = (u.attempt_id.clone(), u.state);
+                trace!(target: STAGE_TARGET, attempt = %u.attempt_id, state = u.state, "update sent");
                 send(agent_message::Kind::TaskUpdate(u)).await?;
-                trace!(target: STAGE_TARGET, %attempt, state, "update sent");
             }
         }
     }

@@ -213,11 +213,12 @@ impl Tasks {
             me.running().remove(&id);
             info!(attempt = %id, ending = ?outcome.ending, exit = outcome.exit_code, "attempt finished");
             let _ = me.updates.send(update);
-            match durable {
-                Ok(durable) => match durable.await {
-                    Ok(()) => trace!(target: STAGE_TARGET, attempt = %id, "result spooled"),
-                    Err(e) => warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart"),
-                },
+            let spooled = match durable {
+                Ok(durable) => durable.await,
+                Err(e) => Err(e),
+            };
+            match spooled {
+                Ok(()) => trace!(target: STAGE_TARGET, attempt = %id, "result spooled"),
                 Err(e) => warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart"),
             }
         });

@@ -86,10 +86,8 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
                 tokio::spawn(async move {
                     match inner.dispatcher.on_update(&node, &public_key, &update).await {
                         Ok(Some(ack)) => {
-                            let attempt = ack.attempt_id.clone();
-                            if send(&tx, OpKind::Ack(ack)).await {
-                                trace!(target: STAGE, %attempt, "ack queued");
-                            }
+                            trace!(target: STAGE, attempt = %ack.attempt_id, "ack queued");
+                            let _ = send(&tx, OpKind::Ack(ack)).await;
                         }
                         Ok(None) => {}
                         Err(e) => {
