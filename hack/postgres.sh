@@ -4,7 +4,7 @@
 #
 #   eval "$(hack/postgres.sh)"
 #   cargo test -p kommune-operator --lib ledger          # runs the PostgreSQL suite too
-#   cargo bench -p kommune-operator --bench ledger       # adds a postgres line
+#   cargo bench -p kommune-store --bench ledger       # adds a postgres line
 #
 # Uses the server binaries under /usr/lib/postgresql/<version>/bin (Debian/Ubuntu:
 # apt-get install postgresql). PostgreSQL refuses to run as root, so as root the server runs

@@ -2,23 +2,33 @@
 //! the agents' gRPC gateway and the embedded store. Pure logic (`job`, `scheduler`) has no
 //! kube or tonic in it; controllers and the gateway are thin shells around it.
 
-pub mod attempt;
-pub mod attempt_index;
-pub mod blobs;
 pub mod controller;
 pub mod crd;
 pub mod dispatch;
-pub mod fence;
 pub mod fleet;
 pub mod gateway;
 pub mod job;
-pub mod ledger;
 pub mod metrics;
 pub mod pki;
-pub mod pricing;
-pub mod scheduler;
-pub mod store;
 pub mod tokens;
+
+// The pure core and the storage layer are crates of their own (see docs/ARCHITECTURE.md); the
+// operator reaches them under their old paths so its shells read the same.
+pub use kommune_core::{attempt_index, fence, scheduler};
+
+/// The core's attempts, plus the wall clock the shells read.
+pub mod attempt {
+    pub use kommune_core::attempt::*;
+    pub use kommune_proto::now_ms;
+}
+pub use kommune_store::attempts as store;
+pub use kommune_store::{blobs, ledger};
+
+/// The core's pricing, plus the conversion of a ProviderNode's `spec.pricing`.
+pub mod pricing {
+    pub use crate::crd::provider_node::overrides_from;
+    pub use kommune_core::pricing::*;
+}
 
 /// See [`kommune_proto::STAGE_TARGET`].
 pub(crate) const STAGE: &str = kommune_proto::STAGE_TARGET;

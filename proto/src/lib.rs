@@ -37,6 +37,12 @@ pub fn ca_pin(ca_der: &[u8]) -> String {
     hex::encode(Sha256::digest(ca_der))
 }
 
+/// Milliseconds since the Unix epoch: the one wall clock the operator, its store and the
+/// agent read (0 if the clock is before 1970). Pure code takes the time as an argument instead.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Lowercase hex sha256 of arbitrary bytes (module digests, output digests).
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))

@@ -10,6 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::TaintEffect;
+pub use kommune_core::job::{JobPhase, TaskCounts};
 
 /// A batch of independent tasks to run on Kommune provider machines. Each task gets its index
 /// (0..tasks) in `KOMMUNE_TASK_INDEX`; the job succeeds when every index has succeeded once
@@ -457,19 +458,6 @@ pub struct Timeouts {
     pub job_seconds: Option<u32>,
 }
 
-/// Where a job is in its life.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum JobPhase {
-    /// Accepted; no task has been placed yet.
-    Pending,
-    /// At least one task is placed or finished, and the job is not done.
-    Running,
-    /// Every task succeeded.
-    Succeeded,
-    /// A task used up its attempts, the deadline passed, or the spec is invalid.
-    Failed,
-}
-
 /// Observed state of a ComputeJob. A summary: it stays small for any number of tasks.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -539,22 +527,6 @@ pub struct JobUsage {
     /// The job's budget, when it has one, in credits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<String>,
-}
-
-/// Number of tasks in each state.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct TaskCounts {
-    /// All tasks of the job.
-    pub total: u32,
-    /// Not placed yet (including those waiting to retry).
-    pub pending: u32,
-    /// Placed on a provider and not finished.
-    pub running: u32,
-    /// Finished successfully.
-    pub succeeded: u32,
-    /// Used up their attempts.
-    pub failed: u32,
 }
 
 /// The outcome of one finished task attempt.

@@ -2,6 +2,7 @@
 //! keeps its status current from the agent's session; agents never write it themselves.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kommune_core::pricing::{Micros, RateOverrides};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -222,4 +223,37 @@ pub struct NodeAllocation {
     pub cpu: String,
     /// Memory reserved, as a quantity.
     pub memory: String,
+}
+
+/// A ProviderNode's `spec.pricing` as overrides. Each amount is checked; a bad one is an
+/// error naming the field (the CRD's pattern normally stops it at admission).
+pub fn overrides_from(p: Option<&NodePricing>) -> Result<RateOverrides, String> {
+    let Some(p) = p else { return Ok(RateOverrides::default()) };
+    let field = |name: &str, v: &Option<String>| -> Result<Option<Micros>, String> {
+        v.as_deref().map(|s| Micros::parse_credits(s).map_err(|e| format!("spec.pricing.{name}: {e}"))).transpose()
+    };
+    Ok(RateOverrides {
+        cpu_core_hour: field("cpuCoreHour", &p.cpu_core_hour)?,
+        memory_gib_hour: field("memoryGibHour", &p.memory_gib_hour)?,
+        gpu_hour: field("gpuHour", &p.gpu_hour)?,
+        output_gib: field("outputGib", &p.output_gib)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use {Micros, RateOverrides};
+
+    #[test]
+    fn provider_pricing_becomes_overrides_and_bad_amounts_name_their_field() {
+        let p = NodePricing { cpu_core_hour: Some("0.02".into()), gpu_hour: Some("1".into()), ..Default::default() };
+        assert_eq!(
+            overrides_from(Some(&p)),
+            Ok(RateOverrides { cpu_core_hour: Some(Micros(20_000)), gpu_hour: Some(Micros(1_000_000)), ..Default::default() })
+        );
+        assert_eq!(overrides_from(None), Ok(RateOverrides::default()));
+        let bad = NodePricing { memory_gib_hour: Some("cheap".into()), ..Default::default() };
+        assert!(overrides_from(Some(&bad)).unwrap_err().starts_with("spec.pricing.memoryGibHour: \"cheap\" is not an amount of credits"));
+    }
 }

@@ -2,11 +2,9 @@
 //! into a `JobPolicy` or says what is wrong; `progress` turns the job's attempts into what to
 //! place next, what to cancel and the summary that becomes status.
 
-pub mod indexes;
-pub mod progress;
 pub mod status;
 pub mod validate;
-pub mod verify;
 
-pub use progress::{Progress, progress};
+pub use kommune_core::job::{indexes, progress, verify};
+pub use progress::Progress;
 pub use validate::{Invalid, JobPolicy, ModuleSource, PlacementPolicy, TaskWorkload, validate};

@@ -1,134 +1,15 @@
 //! Checks a ComputeJob spec beyond what the CRD schema enforces (the schema may be older than
 //! the operator, and some rules need code) and turns it into the policy the operator runs.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::crd::quantity;
 use crate::crd::{ComputeJobSpec, EnvVar, Placement};
 use crate::fleet::normalize_arch;
 use crate::pricing::Micros;
-use crate::scheduler::{self, GpuPattern, GpuRequest, Locality, Reputation, Request, Resources, TaintEffect, Toleration, TolerationOperator};
+use crate::scheduler::{self, GpuPattern, GpuRequest, Locality, Reputation, TaintEffect, Toleration, TolerationOperator};
 
-/// Default wall-clock limit of one attempt when the job sets none.
-pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Upper bound of the retry backoff.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
-const MAX_TASKS: u32 = 1_000_000;
-const MIN_MEMORY: u64 = 1 << 20;
-/// Most replicas of one task.
-pub const MAX_REPLICAS: u32 = 16;
-
-/// A validated job: everything the operator needs to place and run its tasks.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobPolicy {
-    pub tasks: u32,
-    pub parallelism: u32,
-    pub cpu_millis: u64,
-    pub memory_bytes: u64,
-    pub max_attempts: u32,
-    pub backoff: Duration,
-    pub task_timeout: Duration,
-    pub job_deadline: Option<Duration>,
-    /// `spec.suspend`: cancel what runs, place nothing.
-    pub suspended: bool,
-    pub workload: TaskWorkload,
-    /// `spec.pricing.budget`: the most the job may cost.
-    pub budget: Option<crate::pricing::Micros>,
-    /// Scratch disk per task (`spec.resources.ephemeralStorage`), 0 when none is asked.
-    pub ephemeral_bytes: u64,
-    /// GPUs per task (`spec.resources.gpu`); count 0 when none.
-    pub gpu: GpuRequest,
-    /// Where tasks may run (`spec.placement`).
-    pub placement: PlacementPolicy,
-    /// `spec.priority`: higher goes first.
-    pub priority: i32,
-    /// Most one task may cost per hour on a node; None places regardless of price.
-    pub max_price_per_hour: Option<Micros>,
-}
-
-/// A validated `spec.placement`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PlacementPolicy {
-    pub node_selector: BTreeMap<String, String>,
-    pub tolerations: Vec<Toleration>,
-    /// Normalised to Rust's names (x86_64, aarch64).
-    pub arch: Option<String>,
-    /// Lowercase.
-    pub os: Option<String>,
-    pub min_reputation: Reputation,
-    pub data_locality: Option<Locality>,
-    /// Copies of each task, each on a distinct provider and owner; at least 1.
-    pub replicas: u32,
-}
-
-impl JobPolicy {
-    /// What the scheduler needs to place one task of this job.
-    pub fn request(&self) -> Request {
-        let p = &self.placement;
-        Request {
-            runtime: self.workload.runtime().to_string(),
-            resources: Resources { cpu_millis: self.cpu_millis, memory_bytes: self.memory_bytes, ephemeral_bytes: self.ephemeral_bytes },
-            gpu: self.gpu.clone(),
-            arch: p.arch.clone(),
-            os: p.os.clone(),
-            node_selector: p.node_selector.clone(),
-            tolerations: p.tolerations.clone(),
-            min_reputation: p.min_reputation,
-            max_price_per_hour: self.max_price_per_hour,
-            data_locality: p.data_locality.clone(),
-            replicas: p.replicas.max(1),
-        }
-    }
-}
-
-/// What each task runs.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TaskWorkload {
-    Wasm {
-        source: ModuleSource,
-        args: Vec<String>,
-        env: Vec<(String, String)>,
-    },
-    Exec {
-        command: Vec<String>,
-        env: Vec<(String, String)>,
-    },
-    /// `image` is pinned by digest.
-    Container {
-        image: String,
-        command: Vec<String>,
-        args: Vec<String>,
-        env: Vec<(String, String)>,
-        network: bool,
-    },
-}
-
-/// Where a wasm module comes from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ModuleSource {
-    ConfigMap { name: String, key: String, sha256: Option<String> },
-    Url { url: String, sha256: String },
-}
-
-impl TaskWorkload {
-    /// The runtime a node must offer to run this workload.
-    pub fn runtime(&self) -> &'static str {
-        match self {
-            TaskWorkload::Wasm { .. } => kommune_proto::runtime::WASM,
-            TaskWorkload::Exec { .. } => kommune_proto::runtime::EXEC,
-            TaskWorkload::Container { .. } => kommune_proto::runtime::CONTAINER,
-        }
-    }
-}
-
-/// Why a spec cannot run. `reason` becomes the condition reason and the Event reason.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct Invalid {
-    pub reason: &'static str,
-    pub message: String,
-}
+pub use kommune_core::job::policy::*;
 
 fn invalid(message: impl Into<String>) -> Invalid {
     Invalid { reason: "InvalidSpec", message: message.into() }
@@ -358,6 +239,7 @@ fn placement(p: &Placement, workload: &TaskWorkload) -> Result<PlacementPolicy, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::{Request, Resources};
 
     fn spec(yaml: &str) -> ComputeJobSpec {
         serde_yaml::from_str(yaml).expect("fixture parses")

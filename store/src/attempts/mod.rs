@@ -23,11 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 
+use kommune_proto::now_ms;
 use tokio::sync::oneshot;
 
-use crate::attempt::{Attempt, AttemptPhase, AttemptResult, Held};
-use crate::attempt_index::AttemptIndex;
-use crate::fence::{Fence, Fenced};
+use kommune_core::attempt::{Attempt, AttemptPhase, AttemptResult, Held};
+use kommune_core::attempt_index::AttemptIndex;
+use kommune_core::fence::{Fence, Fenced};
 
 /// A store failure; the message names the operation.
 #[derive(Debug, thiserror::Error)]
@@ -169,10 +170,6 @@ struct Finish {
 
 /// Most finishes committed in one transaction.
 const MAX_FINISH_BATCH: usize = 4096;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 impl Store {
     /// Opens (creating if needed) `<dir>/kommune.db`, writable without leader election.

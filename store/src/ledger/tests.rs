@@ -9,12 +9,12 @@ use kommune_proto::receipt;
 use kommune_proto::v1::ReceiptBody;
 
 use super::backend::{Backend, EntryFilter};
-use super::check::ReceiptInput;
-use super::check::tests::{input, node_key};
-use super::entry::{CHECKPOINT_EVERY, Entry, EntryKind, GENESIS};
-use super::verify::{BadEntry, VerifyOptions, verify};
 use super::*;
-use crate::pricing::Micros;
+use kommune_core::pricing::Micros;
+use kommune_ledger::check::ReceiptInput;
+use kommune_ledger::check::tests::{input, node_key};
+use kommune_ledger::entry::{CHECKPOINT_EVERY, Entry, EntryKind, GENESIS};
+use kommune_ledger::verify::{BadEntry, VerifyOptions, verify};
 
 /// Where one test's ledger lives.
 pub(crate) struct Env {
@@ -338,8 +338,8 @@ fn forged_receipts_are_rejected_with_a_reason_and_kept_once(env: &Env) {
         (resign(input(1, 1, 3), &node_key(9), |_| {}), "signature does not verify"),
         (ReceiptInput { node_public_key: key_of(9), ..resign(input(1, 1, 4), &node_key(9), |_| {}) }, "not registered for node pn-1"),
         (ReceiptInput { session_node: "pn-2".into(), ..input(1, 1, 5) }, "sent by node \"pn-2\""),
-        (ReceiptInput { attempt: check::tests::facts("a-1-1-6", "pn-7"), ..input(1, 1, 6) }, "assigned to node \"pn-7\""),
-        (ReceiptInput { attempt: check::tests::facts("a-x", "pn-1"), ..input(1, 1, 7) }, "submitted for attempt \"a-x\""),
+        (ReceiptInput { attempt: kommune_ledger::check::tests::facts("a-1-1-6", "pn-7"), ..input(1, 1, 6) }, "assigned to node \"pn-7\""),
+        (ReceiptInput { attempt: kommune_ledger::check::tests::facts("a-x", "pn-1"), ..input(1, 1, 7) }, "submitted for attempt \"a-x\""),
         (resign(input(1, 1, 8), &node_key(1), |b| b.usage.as_mut().unwrap().cpu_micros = 60_000_000), "cpu time 60.0s exceeds 2 cores x 4.0s wall"),
         (resign(input(1, 1, 9), &node_key(1), |b| b.usage.as_mut().unwrap().wall_millis = 600_000), "wall time 600.0s exceeds"),
     ];
@@ -472,7 +472,7 @@ fn a_leader_that_was_frozen_past_its_lease_cannot_append_after_the_next_leader_o
     rt.block_on(async {
         assert_eq!(fence_a.check(), Ok(()), "the first replica's clock still says it leads");
         assert!(matches!(a.submit(input(1, 1, 2)).await, Err(LedgerError::Fenced(_))));
-        assert_eq!(fence_a.check(), Err(crate::fence::Fenced), "refused once, the first replica stops writing at all");
+        assert_eq!(fence_a.check(), Err(kommune_core::fence::Fenced), "refused once, the first replica stops writing at all");
         assert!(matches!(a.checkpoint().await, Err(LedgerError::Fenced(_))));
         assert!(matches!(b.submit(input(1, 1, 2)).await.unwrap(), Verdict::Accepted { seq: 3, .. }), "the new leader continues the chain");
     });
@@ -650,7 +650,7 @@ fn a_rewritten_and_rehashed_entry_is_caught_by_the_next_checkpoint() {
     // An attacker lowers a cost, re-prices it consistently? No: they change the rates and the
     // cost together and rehash the whole chain; only the operator-signed checkpoint disagrees.
     c[3].rates.cpu_core_hour = Micros(0);
-    c[3].cost = crate::pricing::cost(&check::tests::usage(), &c[3].rates);
+    c[3].cost = kommune_core::pricing::cost(&kommune_ledger::check::tests::usage(), &c[3].rates);
     reseal(&mut c);
     let err = verify(&c, VerifyOptions::default()).unwrap_err();
     assert_eq!(err.seq, 12, "{err}");

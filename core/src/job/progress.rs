@@ -4,10 +4,10 @@
 use std::borrow::Borrow;
 use std::time::Duration;
 
-use super::validate::{JobPolicy, MAX_BACKOFF};
+use super::policy::{JobPolicy, MAX_BACKOFF};
 use super::verify::{Disagreement, Verdict, verdict};
+use super::{JobPhase, TaskCounts};
 use crate::attempt::Attempt;
-use crate::crd::{JobPhase, TaskCounts};
 
 /// Why a job ended in Failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,7 +178,7 @@ pub fn progress<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: 
 mod tests {
     use super::*;
     use crate::attempt::{AttemptPhase, AttemptResult, attempt_id, replica_attempt_id};
-    use crate::job::validate::{ModuleSource, TaskWorkload};
+    use crate::job::policy::{ModuleSource, TaskWorkload};
 
     fn policy(tasks: u32, parallelism: u32, max_attempts: u32) -> JobPolicy {
         JobPolicy {

@@ -11,9 +11,9 @@ use std::thread::JoinHandle;
 use kommune_proto::receipt;
 use sha2::{Digest, Sha256};
 
-use super::check::{KeyCache, SignedMessage, signed_message, verify_signatures};
-use super::entry::{Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, checkpoint_signature_ok, fingerprint, node_totals_sha256};
-use crate::pricing::{self, Micros};
+use crate::check::{KeyCache, SignedMessage, signed_message, verify_signatures};
+use crate::entry::{Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, checkpoint_signature_ok, fingerprint, node_totals_sha256};
+use kommune_core::pricing::{self, Micros};
 
 /// The first entry that does not verify, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

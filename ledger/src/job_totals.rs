@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::backend::JobUsage;
-use super::entry::{Entry, EntryKind, UsageFigures};
-use crate::pricing::Micros;
+use crate::entry::{Entry, EntryKind, UsageFigures};
+use crate::records::JobUsage;
+use kommune_core::pricing::Micros;
 
 enum Slot {
     /// Totals up to date with every appended entry.
@@ -19,7 +19,7 @@ enum Slot {
 
 /// The totals of the jobs asked about so far.
 #[derive(Default)]
-pub(crate) struct JobTotals {
+pub struct JobTotals {
     jobs: Mutex<HashMap<String, Slot>>,
 }
 
@@ -108,7 +108,7 @@ impl JobTotals {
 }
 
 /// Abandons a load that did not finish (its future was dropped), so the job is read again.
-pub(crate) struct LoadGuard<'a> {
+pub struct LoadGuard<'a> {
     pub totals: &'a JobTotals,
     pub job_uid: &'a str,
     pub done: bool,

@@ -7,7 +7,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use kommune_proto::receipt::{self, ReceiptError};
 use kommune_proto::v1::{ReceiptBody, Usage, UsageReceipt};
 
-use crate::pricing::{self, Micros, Rates};
+use kommune_core::pricing::{self, Micros, Rates};
 
 /// Wall time may exceed what the operator observed by this much (clock granularity, the agent
 /// starting its timer a little before the operator saw the attempt start)...
@@ -162,7 +162,7 @@ pub fn check_content(input: &ReceiptInput) -> Result<VerifiedReceipt, Rejection>
 }
 
 /// The parsed signature material of a receipt, ready for single or batch verification.
-pub(crate) struct SignedMessage {
+pub struct SignedMessage {
     pub message: Vec<u8>,
     pub signature: Signature,
     pub key: VerifyingKey,
@@ -171,7 +171,7 @@ pub(crate) struct SignedMessage {
 /// Decompressed public keys by their 32 bytes. Decompressing a key costs about as much as
 /// batch-verifying a signature, and a ledger sees the same few keys over and over.
 #[derive(Default)]
-pub(crate) struct KeyCache {
+pub struct KeyCache {
     keys: std::collections::HashMap<[u8; 32], VerifyingKey>,
 }
 
@@ -181,7 +181,7 @@ impl KeyCache {
     const MAX: usize = 1 << 16;
 
     /// The key for `bytes`, or the rejection a malformed one gets.
-    pub(crate) fn get(&mut self, bytes: &[u8]) -> Result<VerifyingKey, ReceiptError> {
+    pub fn get(&mut self, bytes: &[u8]) -> Result<VerifyingKey, ReceiptError> {
         let bytes: [u8; 32] = bytes.try_into().map_err(|_| ReceiptError::BadKey)?;
         if let Some(k) = self.keys.get(&bytes) {
             return Ok(*k);
@@ -196,7 +196,7 @@ impl KeyCache {
 }
 
 /// Parses key and signature; the error is the rejection a malformed one gets.
-pub(crate) fn signed_message(body: &[u8], signature: &[u8], public_key: &[u8], keys: &mut KeyCache) -> Result<SignedMessage, Rejection> {
+pub fn signed_message(body: &[u8], signature: &[u8], public_key: &[u8], keys: &mut KeyCache) -> Result<SignedMessage, Rejection> {
     let bad = |e: ReceiptError| Rejection::BadSignature(e.to_string());
     let key = keys.get(public_key).map_err(bad)?;
     let sig: [u8; 64] = signature.try_into().map_err(|_| bad(ReceiptError::BadSignatureLength(signature.len())))?;
@@ -205,7 +205,7 @@ pub(crate) fn signed_message(body: &[u8], signature: &[u8], public_key: &[u8], k
 
 /// Verifies many signatures, batching where possible; returns one verdict per message, in
 /// order. A failed batch falls back to single verification, which is authoritative.
-pub(crate) fn verify_signatures(msgs: &[&SignedMessage]) -> Vec<bool> {
+pub fn verify_signatures(msgs: &[&SignedMessage]) -> Vec<bool> {
     if msgs.is_empty() {
         return vec![];
     }
@@ -230,7 +230,7 @@ pub fn check_many(inputs: &[ReceiptInput]) -> Vec<Result<VerifiedReceipt, Reject
 }
 
 /// [`check_many`] over borrowed inputs.
-pub(crate) fn check_refs(inputs: &[&ReceiptInput], keys: &mut KeyCache) -> Vec<Result<VerifiedReceipt, Rejection>> {
+pub fn check_refs(inputs: &[&ReceiptInput], keys: &mut KeyCache) -> Vec<Result<VerifiedReceipt, Rejection>> {
     let parsed: Vec<Result<SignedMessage, Rejection>> = inputs
         .iter()
         .map(|i| {
@@ -255,8 +255,8 @@ pub(crate) fn check_refs(inputs: &[&ReceiptInput], keys: &mut KeyCache) -> Vec<R
         .collect()
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+#[cfg(any(test, feature = "testing"))]
+pub mod tests {
     use super::*;
     use ed25519_dalek::SigningKey;
     use kommune_proto::v1::AttemptState;
@@ -314,6 +314,7 @@ pub(crate) mod tests {
         }
     }
 
+    #[cfg(test)]
     fn resign(mut i: ReceiptInput, f: impl FnOnce(&mut ReceiptBody)) -> ReceiptInput {
         let mut b = receipt::decode(&i.receipt).unwrap();
         f(&mut b);

@@ -5,7 +5,7 @@
 use std::fmt;
 
 use super::{Gpu, GpuRequest, MAX_GPUS, Node, Request, Resources};
-use crate::crd::quantity::{format_cpu, format_memory};
+use kommune_proto::quantity::{format_cpu, format_memory};
 
 /// A GPU model pattern: a case-insensitive glob where `*` matches any run of characters and
 /// `?` one character ("a100*", "*4090", "h100").

@@ -6,7 +6,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::{Db, Finish, Raw, Registration, Result, Select, StoreError, raw_to_attempt, superseded};
-use crate::attempt::{Attempt, AttemptPhase};
+use kommune_core::attempt::{Attempt, AttemptPhase};
 
 fn op(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { op, source }

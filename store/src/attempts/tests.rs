@@ -5,7 +5,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::attempt::attempt_id;
+use kommune_core::attempt::attempt_id;
 
 /// Where one test's store lives.
 struct Env {
@@ -208,7 +208,7 @@ fn a_fenced_store_refuses_every_write_and_still_reads(env: &Env) {
 
 fn replicas_and_held_disk_and_gpus_survive_reopen_bit_for_bit(env: &Env) {
     let held = Held { ephemeral_bytes: 10 << 30, gpu_mask: 1 << 63 | 0b101 };
-    let copy = Attempt { id: crate::attempt::replica_attempt_id("uid", 0, 1, 2), replica: 2, held: Some(held), ..attempt(0, "b") };
+    let copy = Attempt { id: kommune_core::attempt::replica_attempt_id("uid", 0, 1, 2), replica: 2, held: Some(held), ..attempt(0, "b") };
     env.open().insert_attempts(&[attempt(0, "a"), copy.clone()]).unwrap();
     let store = env.open();
     let all = store.attempts_for_job("uid").unwrap();

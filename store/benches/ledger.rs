@@ -7,7 +7,7 @@
 //! * `verify_entries=N seconds=S`: a chain of N entries written to the embedded store in big
 //!   transactions, then the full `verify` (hashes, every signature, costs, checkpoints).
 //!
-//! `cargo bench -p kommune-operator --bench ledger`; `KOMMUNE_BENCH_QUICK=1` for a smoke run.
+//! `cargo bench -p kommune-store --bench ledger`; `KOMMUNE_BENCH_QUICK=1` for a smoke run.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,16 +15,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use kommune_operator::fence::Fence;
-use kommune_operator::ledger::backend::Backend;
-use kommune_operator::ledger::check::{AttemptFacts, ReceiptInput};
-use kommune_operator::ledger::entry::{CHECKPOINT_EVERY, Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, node_totals_sha256};
-use kommune_operator::ledger::sqlite::SqliteBackend;
-use kommune_operator::ledger::verify::VerifyOptions;
-use kommune_operator::ledger::{Ledger, LedgerConfig, Verdict, verify_stored};
-use kommune_operator::pricing::{Micros, Rates, cost};
+use kommune_core::fence::Fence;
+use kommune_core::pricing::{Micros, Rates, cost};
 use kommune_proto::receipt;
 use kommune_proto::v1::{AttemptState, ReceiptBody, Usage};
+use kommune_store::ledger::backend::Backend;
+use kommune_store::ledger::check::{AttemptFacts, ReceiptInput};
+use kommune_store::ledger::entry::{CHECKPOINT_EVERY, Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, node_totals_sha256};
+use kommune_store::ledger::sqlite::SqliteBackend;
+use kommune_store::ledger::verify::VerifyOptions;
+use kommune_store::ledger::{Ledger, LedgerConfig, Verdict, verify_stored};
 
 const NODES: usize = 64;
 const RATES: Rates = Rates { cpu_core_hour: Micros(36_000), memory_gib_hour: Micros(3_600), gpu_hour: Micros(1_000_000), output_gib: Micros(2_000) };

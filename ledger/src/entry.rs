@@ -8,7 +8,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use kommune_proto::v1::Usage;
 use sha2::{Digest, Sha256};
 
-use crate::pricing::{Micros, Rates};
+use kommune_core::pricing::{Micros, Rates};
 
 /// The `prev_hash` of entry 1.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -312,6 +312,13 @@ pub fn node_totals_sha256(totals: &BTreeMap<String, NodeTotal>) -> [u8; 32] {
 /// Hex sha256 of a public key: how keys are named to humans.
 pub fn fingerprint(key: &[u8]) -> String {
     hex::encode(Sha256::digest(key))
+}
+
+impl EntryKind {
+    /// Whether entries of this kind carry a payout.
+    pub fn is_receipt(self) -> bool {
+        self == EntryKind::Receipt
+    }
 }
 
 #[cfg(test)]

@@ -6,14 +6,13 @@
 //! SQLite in the data directory by default, PostgreSQL when a `database_url` is configured.
 
 pub mod backend;
-mod chain;
-pub mod check;
 pub mod cli;
-pub mod entry;
-mod job_totals;
 pub mod postgres;
 pub mod sqlite;
-pub mod verify;
+
+// The format and the pure rules live in `kommune-ledger`; re-exported so one path reaches both.
+pub use kommune_ledger::{Head, NodeEarnings};
+pub use kommune_ledger::{chain, check, entry, job_totals, records, verify};
 
 #[cfg(test)]
 pub(crate) mod tests;
@@ -24,15 +23,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use ed25519_dalek::SigningKey;
+use kommune_proto::now_ms;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::fence::Fence;
 use backend::{Backend, EntryFilter, JobUsage, RejectedReceipt};
 pub use chain::Verdict;
 use chain::{Batch, ChainState};
 use check::{ReceiptInput, Rejection, VerifiedReceipt};
-use entry::{EntryKind, NodeTotal};
+use entry::NodeTotal;
 use job_totals::{JobTotals, LoadGuard};
+use kommune_core::fence::Fence;
 
 /// A ledger failure; the message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ pub enum LedgerError {
     #[error("ledger: operator ledger key {path}: {reason}")]
     Key { path: String, reason: String },
     #[error("ledger: {0}")]
-    Fenced(#[from] crate::fence::Fenced),
+    Fenced(#[from] kommune_core::fence::Fenced),
     #[error("ledger: the writer has stopped (an earlier error or shutdown); restart the operator")]
     Closed,
     #[error("ledger: stored data is damaged: {0}; run `kommune-operator ledger verify`")]
@@ -77,23 +77,6 @@ pub struct LedgerConfig {
     pub database_url: Option<String>,
     /// Leader-election fence; a fenced ledger refuses appends.
     pub fence: Fence,
-}
-
-/// The chain head: the last entry's seq and hash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Head {
-    pub seq: u64,
-    pub hash: [u8; 32],
-}
-
-/// A node's pending earnings and the ledger head that backs the figure.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeEarnings {
-    pub node: String,
-    /// Total cost of the node's receipts (nothing is settled inside the ledger).
-    pub pending: crate::pricing::Micros,
-    pub receipts: u64,
-    pub head: Option<Head>,
 }
 
 /// Largest number of submissions committed in one transaction.
@@ -162,10 +145,6 @@ pub struct Ledger {
     operator_key: [u8; 32],
     /// Running usage totals of the jobs asked about, kept by the writer.
     totals: Arc<JobTotals>,
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 impl Ledger {
@@ -397,7 +376,7 @@ fn load_state(b: &mut dyn Backend) -> Result<ChainState, LedgerError> {
         head_seq: head.map_or(0, |h| h.seq),
         head_hash: head.map_or(entry::GENESIS, |h| h.hash),
         receipts: per_node.values().map(|t| t.receipts).sum(),
-        total: per_node.values().fold(crate::pricing::Micros(0), |a, t| a.saturating_add(t.total)),
+        total: per_node.values().fold(kommune_core::pricing::Micros(0), |a, t| a.saturating_add(t.total)),
         per_node,
         ..Default::default()
     };
@@ -599,7 +578,7 @@ impl Writer {
     }
 }
 
-fn fenced_all(work: Vec<Checked>, e: &crate::fence::Fenced) {
+fn fenced_all(work: Vec<Checked>, e: &kommune_core::fence::Fenced) {
     let err = || LedgerError::Fenced(e.clone());
     for c in work {
         match c {
@@ -639,11 +618,4 @@ pub fn verify_stored(b: &mut dyn Backend, opts: verify::VerifyOptions) -> Result
         (Ok(_), Some(b)) => Err(b),
         (r, None) => r,
     })
-}
-
-impl EntryKind {
-    /// Whether entries of this kind carry a payout.
-    pub fn is_receipt(self) -> bool {
-        self == EntryKind::Receipt
-    }
 }

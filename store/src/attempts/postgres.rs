@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use postgres::{Client, NoTls, Row, Statement, Transaction};
 
 use super::{Db, Finish, Raw, Registration, Result, Select, StoreError, raw_to_attempt, superseded};
-use crate::attempt::{Attempt, AttemptPhase};
+use kommune_core::attempt::{Attempt, AttemptPhase};
 
 fn op(op: &'static str) -> impl FnOnce(postgres::Error) -> StoreError {
     move |source| StoreError::Postgres { op, source }

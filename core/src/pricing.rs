@@ -86,21 +86,6 @@ impl Rates {
     }
 }
 
-/// A ProviderNode's `spec.pricing` as overrides. Each amount is checked; a bad one is an
-/// error naming the field (the CRD's pattern normally stops it at admission).
-pub fn overrides_from(p: Option<&crate::crd::NodePricing>) -> Result<RateOverrides, String> {
-    let Some(p) = p else { return Ok(RateOverrides::default()) };
-    let field = |name: &str, v: &Option<String>| -> Result<Option<Micros>, String> {
-        v.as_deref().map(|s| Micros::parse_credits(s).map_err(|e| format!("spec.pricing.{name}: {e}"))).transpose()
-    };
-    Ok(RateOverrides {
-        cpu_core_hour: field("cpuCoreHour", &p.cpu_core_hour)?,
-        memory_gib_hour: field("memoryGibHour", &p.memory_gib_hour)?,
-        gpu_hour: field("gpuHour", &p.gpu_hour)?,
-        output_gib: field("outputGib", &p.output_gib)?,
-    })
-}
-
 /// The cluster's rates and every provider's overrides, shared by the dispatcher (pricing
 /// receipts, budgets) and the node controller (which keeps the overrides current).
 #[derive(Debug, Default)]
@@ -273,18 +258,6 @@ mod tests {
         assert_eq!(worst_case(1000, 0, std::time::Duration::from_millis(1), &rates), Micros(1));
         assert_eq!(worst_case(1, 0, std::time::Duration::from_millis(1), &rates), Micros(1), "rounded up, not down to zero");
         assert_eq!(worst_case(1000, 0, std::time::Duration::ZERO, &rates), Micros(0));
-    }
-
-    #[test]
-    fn provider_pricing_becomes_overrides_and_bad_amounts_name_their_field() {
-        let p = crate::crd::NodePricing { cpu_core_hour: Some("0.02".into()), gpu_hour: Some("1".into()), ..Default::default() };
-        assert_eq!(
-            overrides_from(Some(&p)),
-            Ok(RateOverrides { cpu_core_hour: Some(Micros(20_000)), gpu_hour: Some(Micros(1_000_000)), ..Default::default() })
-        );
-        assert_eq!(overrides_from(None), Ok(RateOverrides::default()));
-        let bad = crate::crd::NodePricing { memory_gib_hour: Some("cheap".into()), ..Default::default() };
-        assert!(overrides_from(Some(&bad)).unwrap_err().starts_with("spec.pricing.memoryGibHour: \"cheap\" is not an amount of credits"));
     }
 
     #[test]

@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
 
-use super::backend::{Existing, RejectedReceipt};
-use super::check::{ReceiptInput, Rejection, VerifiedReceipt};
-use super::entry::{CHECKPOINT_EVERY, Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, node_totals_sha256};
-use crate::pricing::Micros;
+use crate::check::{ReceiptInput, Rejection, VerifiedReceipt};
+use crate::entry::{CHECKPOINT_EVERY, Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, node_totals_sha256};
+use crate::records::{Existing, RejectedReceipt};
+use kommune_core::pricing::Micros;
 
 /// What happened to a submitted receipt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +24,7 @@ pub enum Verdict {
 
 /// The chain's head and totals as the writer keeps them between batches.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct ChainState {
+pub struct ChainState {
     pub head_seq: u64,
     pub head_hash: [u8; 32],
     pub since_checkpoint: u64,
@@ -36,7 +36,7 @@ pub(crate) struct ChainState {
 }
 
 /// The digest identifying a rejected receipt: who sent which bytes.
-pub(crate) fn rejected_digest(session_node: &str, body: &[u8], signature: &[u8]) -> Vec<u8> {
+pub fn rejected_digest(session_node: &str, body: &[u8], signature: &[u8]) -> Vec<u8> {
     let mut h = Sha256::new();
     for p in [session_node.as_bytes(), body, signature] {
         h.update((p.len() as u32).to_be_bytes());
@@ -47,7 +47,7 @@ pub(crate) fn rejected_digest(session_node: &str, body: &[u8], signature: &[u8])
 
 /// A batch being assembled: new entries, rejected records and what this batch already used.
 #[derive(Default)]
-pub(crate) struct Batch {
+pub struct Batch {
     pub entries: Vec<Entry>,
     pub rejected: Vec<RejectedReceipt>,
     rejected_at: HashMap<Vec<u8>, usize>,

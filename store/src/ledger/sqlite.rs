@@ -8,9 +8,9 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::LedgerError;
 use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedReceipt, from_db, to_db};
-use super::entry::{Entry, EntryKind, NodeTotal, UsageFigures};
-use super::verify::BadEntry;
-use crate::pricing::{Micros, Rates};
+use kommune_core::pricing::{Micros, Rates};
+use kommune_ledger::entry::{Entry, EntryKind, NodeTotal, UsageFigures};
+use kommune_ledger::verify::BadEntry;
 
 fn op(op: &'static str) -> impl FnOnce(rusqlite::Error) -> LedgerError {
     move |source| LedgerError::Sqlite { op, source }
@@ -182,7 +182,7 @@ impl Backend for SqliteBackend {
             let current: Option<i64> =
                 tx.query_row("SELECT epoch FROM ledger_leader WHERE id = 1", [], |r| r.get(0)).optional().map_err(op("read leader epoch"))?;
             if current != Some(to_db(mine)) {
-                return Err(LedgerError::Fenced(crate::fence::Fenced));
+                return Err(LedgerError::Fenced(kommune_core::fence::Fenced));
             }
         }
         {

@@ -8,9 +8,9 @@ use postgres::{Client, NoTls, Row};
 
 use super::LedgerError;
 use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedReceipt, from_db, to_db};
-use super::entry::{Entry, EntryKind, NodeTotal, UsageFigures};
-use super::verify::BadEntry;
-use crate::pricing::{Micros, Rates};
+use kommune_core::pricing::{Micros, Rates};
+use kommune_ledger::entry::{Entry, EntryKind, NodeTotal, UsageFigures};
+use kommune_ledger::verify::BadEntry;
 
 fn op(op: &'static str) -> impl FnOnce(postgres::Error) -> LedgerError {
     move |source| LedgerError::Postgres { op, source }
@@ -203,7 +203,7 @@ impl Backend for PostgresBackend {
             // nothing of an older epoch commits after a newer one is claimed.
             let row = tx.query_opt("SELECT epoch FROM ledger_leader WHERE id = 1 FOR SHARE", &[]).map_err(op("read leader epoch"))?;
             if row.map(|r| r.get::<_, i64>(0)) != Some(to_db(mine)) {
-                return Err(LedgerError::Fenced(crate::fence::Fenced));
+                return Err(LedgerError::Fenced(kommune_core::fence::Fenced));
             }
         }
         if !entries.is_empty() {

@@ -1,0 +1,12 @@
+//! The ComputeJob state machine as plain functions over plain data: `policy` is a validated
+//! job, `progress` turns its attempts into what to place next, what to cancel and a summary.
+
+pub mod indexes;
+pub mod phase;
+pub mod policy;
+pub mod progress;
+pub mod verify;
+
+pub use phase::{JobPhase, TaskCounts};
+pub use policy::{JobPolicy, ModuleSource, PlacementPolicy, TaskWorkload};
+pub use progress::{Progress, progress};
