@@ -122,11 +122,7 @@ pub fn desired_status(node: &ProviderNode, change: &Change<'_>, now: Timestamp) 
                         let (reason, message) = match phase {
                             NodePhase::Offline => (
                                 NodeReason::Offline,
-                                format!(
-                                    "no session for {}s, longer than the {}s grace; its attempts were placed elsewhere",
-                                    absent.as_secs(),
-                                    grace.as_secs()
-                                ),
+                                format!("no session for {}s, longer than the {}s grace; its attempts were placed elsewhere", absent.as_secs(), grace.as_secs()),
                             ),
                             _ => (NodeReason::NoSession, "the agent has no session with this operator".to_string()),
                         };
@@ -216,15 +212,17 @@ pub fn transition(prev: &ProviderNodeStatus, next: &ProviderNodeStatus) -> Optio
         return None;
     }
     let ready = |s: &ProviderNodeStatus| s.conditions.iter().find(|c| c.type_ == "Ready").map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
-    let (reason, note) = match ready(next) {
-        Some((status, reason, message)) if ready(prev).is_none_or(|(s, r, _)| (s, r) != (status.clone(), reason.clone())) => {
-            (parse_reason(&reason)?, message)
+    let (prev_ready, next_ready) = (ready(prev), ready(next));
+    let condition_moved = next_ready.as_ref().is_some_and(|(s, r, _)| prev_ready.as_ref().is_none_or(|(ps, pr, _)| (ps, pr) != (s, r)));
+    let (reason, note) = match (prev.phase, phase, next_ready) {
+        (_, _, Some((_, reason, message))) if condition_moved => (parse_reason(&reason)?, message),
+        (Some(NodePhase::Ready), NodePhase::Draining, _) => {
+            (NodeReason::Cordoned, "cordoned by its admin: running tasks finish, no new task is placed".to_string())
         }
-        _ => match phase {
-            NodePhase::Draining => (NodeReason::Cordoned, "cordoned by its admin: running tasks finish, no new task is placed".to_string()),
-            NodePhase::Ready => (NodeReason::Uncordoned, "the cordon was lifted: tasks are placed here again".to_string()),
-            _ => return None,
-        },
+        (Some(NodePhase::Draining), NodePhase::Ready, _) => (NodeReason::Uncordoned, "the cordon was lifted: tasks are placed here again".to_string()),
+        // A phase change its condition does not explain (a status edited by hand): say where it is.
+        (_, _, Some((_, reason, message))) => (parse_reason(&reason)?, message),
+        (_, _, None) => return None,
     };
     let note = match phase {
         NodePhase::Draining if reason != NodeReason::Cordoned => format!("{note}; cordoned by its admin, so it drains"),

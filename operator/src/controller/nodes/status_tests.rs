@@ -18,7 +18,8 @@ fn facts() -> NodeFacts {
 #[test]
 fn lifecycle_join_connect_heartbeat_disconnect() {
     let now = Timestamp::now();
-    let joined = apply_event(&ProviderNodeStatus::default(), &NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into() }, 0, (0, 0), now);
+    let joined =
+        apply_event(&ProviderNodeStatus::default(), &NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into() }, 0, (0, 0), now);
     assert_eq!(joined.phase, Some(NodePhase::NotReady));
     assert_eq!(joined.capacity.as_ref().unwrap().cpu, "4");
     assert_eq!(joined.capacity.as_ref().unwrap().memory, "8Gi");
@@ -224,12 +225,15 @@ fn status_of(n: &ProviderNode) -> ProviderNodeStatus {
     n.status.clone().unwrap_or_default()
 }
 
+/// The Event a row expects: its type and reason.
+type Told = (Severity, NodeReason);
+
 #[test]
 fn each_phase_change_is_one_event_with_its_reason() {
     use NodePhase::*;
     let (w, n) = (Severity::Warning, Severity::Normal);
     #[rustfmt::skip]
-    let table: Vec<(&str, ProviderNode, ProviderNode, Option<(Severity, NodeReason)>)> = vec![
+    let table: Vec<(&str, ProviderNode, ProviderNode, Option<Told>)> = vec![
         ("join", node(false, None, None), node(false, Some(NotReady), Some((false, NodeReason::Joined))), Some((n, NodeReason::Joined))),
         ("connect", node(false, Some(NotReady), Some((false, NodeReason::Joined))), node(false, Some(Ready), Some((true, NodeReason::SessionOpen))), Some((n, NodeReason::SessionOpen))),
         ("disconnect", node(false, Some(Ready), Some((true, NodeReason::SessionOpen))), node(false, Some(NotReady), Some((false, NodeReason::SessionClosed))), Some((w, NodeReason::SessionClosed))),
@@ -238,6 +242,7 @@ fn each_phase_change_is_one_event_with_its_reason() {
         ("cordon", node(false, Some(Ready), Some((true, NodeReason::SessionOpen))), node(true, Some(Draining), Some((true, NodeReason::SessionOpen))), Some((n, NodeReason::Cordoned))),
         ("uncordon", node(true, Some(Draining), Some((true, NodeReason::SessionOpen))), node(false, Some(Ready), Some((true, NodeReason::SessionOpen))), Some((n, NodeReason::Uncordoned))),
         ("cordoned reconnect", node(true, Some(NotReady), Some((false, NodeReason::SessionClosed))), node(true, Some(Draining), Some((true, NodeReason::SessionOpen))), Some((n, NodeReason::SessionOpen))),
+        ("a phase its unchanged condition explains", node(false, Some(NotReady), Some((true, NodeReason::SessionOpen))), node(false, Some(Ready), Some((true, NodeReason::SessionOpen))), Some((n, NodeReason::SessionOpen))),
         ("heartbeat", node(false, Some(Ready), Some((true, NodeReason::SessionOpen))), node(false, Some(Ready), Some((true, NodeReason::SessionOpen))), None),
         ("a new reason in the same phase", node(false, Some(NotReady), Some((false, NodeReason::Joined))), node(false, Some(NotReady), Some((false, NodeReason::SessionClosed))), None),
     ];
