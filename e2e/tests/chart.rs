@@ -24,6 +24,7 @@ const NEEDS: &[(&str, &str, &str, bool)] = &[
     ("kommune.dev", "computejobs/status", "patch", true),
     ("kommune.dev", "providernodes", "get", true),
     ("kommune.dev", "providernodes", "list", true),
+    ("kommune.dev", "providernodes", "watch", true),  // the ProviderNode writer's reflector
     ("kommune.dev", "providernodes", "create", true), // server-side apply of a new node
     ("kommune.dev", "providernodes", "patch", true),
     ("kommune.dev", "providernodes/status", "patch", true),

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -48,7 +48,7 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: kube::Client, dispatcher: Arc<Dispatcher>, blobs: Blobs, metrics: Arc<Metrics>) -> Self {
-        let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() });
+        let recorder = super::recorder(client.clone());
         Context { client, dispatcher, blobs, recorder, metrics }
     }
 }

@@ -9,6 +9,11 @@ pub mod nodes;
 /// The field manager of every write the operator makes.
 pub const MANAGER: &str = "kommune-operator";
 
+/// The Event recorder of every controller: reported as the operator, by pod when it knows it.
+pub fn recorder(client: kube::Client) -> kube::runtime::events::Recorder {
+    kube::runtime::events::Recorder::new(client, kube::runtime::events::Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() })
+}
+
 /// A controller failure; the variant names the step, and becomes the Event/metric label.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

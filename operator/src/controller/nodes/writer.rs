@@ -1,0 +1,272 @@
+//! Writes ProviderNodes from gateway events and the sweep: one forced server-side apply of
+//! `/status` per change and none when the cached object already shows it, one Event per change.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, warn};
+
+use super::HEARTBEAT_WRITE;
+use super::status::{Change, NodeReason, admin_of, desired_status, node_of, transition};
+use crate::controller::{Error, MANAGER};
+use crate::crd::{NodeEarnings, ProviderNode, ProviderNodeStatus};
+use crate::dispatch::Dispatcher;
+use crate::gateway::NodeEvent;
+use crate::job::status::Severity;
+
+/// The ProviderNode writer: its state lives between events and sweeps of one leader.
+pub struct NodeWriter {
+    api: Api<ProviderNode>,
+    dispatcher: Arc<Dispatcher>,
+    recorder: Recorder,
+    cache: Store<ProviderNode>,
+    /// The object each status write returned, until the watch delivers that version. The cache
+    /// lags this writer's own writes by a round trip, and an apply drops the fields the previous
+    /// apply set but this one leaves out, so a status computed on the lagging cache could lose
+    /// fields (the key hash written at join, say). While it leads, this process is the only
+    /// writer of ProviderNode status (a replica that loses the Lease exits).
+    written: HashMap<String, ProviderNode>,
+    last_heartbeat_write: HashMap<String, Instant>,
+    /// ProviderNodes the last sweep saw, so that one an admin deleted is noticed and revoked.
+    known: BTreeMap<String, ObjectReference>,
+    /// Nodes that left and whose ProviderNode this writer deleted: gone, but not revoked.
+    left: BTreeSet<String>,
+}
+
+impl NodeWriter {
+    /// A writer reading ProviderNodes from `cache`, a reflector's store.
+    pub fn new(client: kube::Client, dispatcher: Arc<Dispatcher>, cache: Store<ProviderNode>) -> Self {
+        NodeWriter {
+            api: Api::all(client.clone()),
+            dispatcher,
+            recorder: crate::controller::recorder(client),
+            cache,
+            written: HashMap::new(),
+            last_heartbeat_write: HashMap::new(),
+            known: BTreeMap::new(),
+            left: BTreeSet::new(),
+        }
+    }
+
+    /// Takes note of what the watch delivered (the reflector has already cached it): once a
+    /// version this writer wrote is in the cache, the cache is the newest view again.
+    pub fn observe(&mut self, event: &watcher::Event<ProviderNode>) {
+        match event {
+            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                if self.written.get(&o.name_any()).is_some_and(|w| w.resource_version() == o.resource_version()) {
+                    self.written.remove(&o.name_any());
+                }
+            }
+            watcher::Event::Delete(o) => {
+                self.written.remove(&o.name_any());
+            }
+            watcher::Event::Init | watcher::Event::InitDone => {}
+        }
+    }
+
+    /// Writes what one gateway event changes. Heartbeats are written at most every
+    /// `HEARTBEAT_WRITE` per node, so thousands of agents are not thousands of writes a second.
+    pub async fn on_event(&mut self, event: &NodeEvent) -> Result<(), Error> {
+        let node = node_of(event).to_string();
+        if matches!(event, NodeEvent::Heartbeat { .. }) && self.last_heartbeat_write.get(&node).is_some_and(|t| t.elapsed() < HEARTBEAT_WRITE) {
+            return Ok(());
+        }
+        self.last_heartbeat_write.insert(node.clone(), Instant::now());
+        match event {
+            NodeEvent::Left { .. } => return self.delete(&node).await,
+            NodeEvent::Joined { .. } => {
+                let adopted = self.adopt(&node).await?;
+                self.written.insert(node.clone(), adopted);
+            }
+            _ => {}
+        }
+        let Some(base) = self.current_or_get(&node).await? else {
+            debug!(%node, "no ProviderNode yet; status not written");
+            return Ok(());
+        };
+        let active = self.dispatcher.store().active_on_node(&node)?;
+        let allocated = active.iter().fold((0, 0), |(c, m), a| (c + a.cpu_millis, m + a.memory_bytes));
+        let reputation = self.dispatcher.fleet().reputation(&node).to_string();
+        let change = Change::Event { event, running: active.len() as u32, allocated, reputation };
+        let desired = desired_status(&base, &change, Timestamp::now());
+        self.publish(&base, desired).await
+    }
+
+    /// Compares every cached ProviderNode with the live sessions: phases of nodes without a
+    /// session here move on (Ready → NotReady → Offline past `grace`), cordons, taints, pricing
+    /// and drains reach the scheduler, earnings come from the ledger, and a ProviderNode that
+    /// disappeared since the last sweep revokes its node (only nodes seen before, so a node that
+    /// just joined is not revoked before its object is cached).
+    pub async fn sweep(&mut self, grace: Duration) -> Result<(), Error> {
+        self.dispatcher.may_write()?;
+        let nodes = self.cache.state();
+        let present: BTreeMap<String, ObjectReference> = nodes.iter().map(|n| (n.name_any(), n.object_ref(&()))).collect();
+        let gone: Vec<(String, ObjectReference)> = self.known.iter().filter(|(k, _)| !present.contains_key(*k)).map(|(k, r)| (k.clone(), r.clone())).collect();
+        for (name, regarding) in gone {
+            self.dispatcher.revoke_node(&name).await?;
+            self.known.remove(&name);
+            self.written.remove(&name);
+            self.last_heartbeat_write.remove(&name);
+            if !self.left.remove(&name) {
+                let note = "the ProviderNode was deleted: the node's registration is removed, its session ended and its attempts are placed elsewhere";
+                self.event(&regarding, Severity::Warning, NodeReason::Revoked, note).await;
+            }
+        }
+        self.known = present;
+        let fleet = self.dispatcher.fleet().clone();
+        for n in nodes {
+            let name = n.name_any();
+            match crate::pricing::overrides_from(n.spec.pricing.as_ref()) {
+                Ok(o) => self.dispatcher.rates().set_overrides(&name, o),
+                Err(e) => warn!(node = %name, error = %e, "ProviderNode pricing ignored; the cluster rates apply"),
+            }
+            let mut admin = admin_of(&n);
+            admin.rates = self.dispatcher.rates().for_node(&name);
+            fleet.set_admin(&name, admin);
+            if n.spec.drain {
+                // Cordoned just above, so nothing drained comes back here.
+                let moved = self.dispatcher.drain_node(&name).await?;
+                if moved > 0 {
+                    let note = format!("spec.drain: stopped {moved} running attempt(s); they are placed elsewhere without using a retry");
+                    self.event(&n.object_ref(&()), Severity::Normal, NodeReason::Drained, &note).await;
+                }
+            }
+            let earnings = earnings(&self.dispatcher, &name).await;
+            let base = self.current(&name).unwrap_or_else(|| (*n).clone());
+            let change = Change::Sweep { absent: fleet.absent_for(&name), grace, earnings };
+            let desired = desired_status(&base, &change, Timestamp::now());
+            self.publish(&base, desired).await?;
+        }
+        Ok(())
+    }
+
+    /// The node as the cache shows it, with the status of this writer's newer write if the
+    /// watch has not delivered that yet.
+    fn current(&self, node: &str) -> Option<ProviderNode> {
+        let cached = self.cache.get(&ObjectRef::new(node)).map(|n| ProviderNode::clone(&n));
+        match (cached, self.written.get(node)) {
+            (Some(mut n), Some(w)) => {
+                n.status = w.status.clone();
+                Some(n)
+            }
+            (cached, written) => cached.or_else(|| written.cloned()),
+        }
+    }
+
+    /// As [`Self::current`], asking the API server when the cache has not seen the node (it may
+    /// still be listing after a restart, while agents reconnect): a Connected event dropped
+    /// here would leave the node NotReady until its next session.
+    async fn current_or_get(&self, node: &str) -> Result<Option<ProviderNode>, Error> {
+        if let Some(n) = self.current(node) {
+            return Ok(Some(n));
+        }
+        self.dispatcher.may_write()?;
+        Ok(self.api.get_opt(node).await?)
+    }
+
+    /// Applies `desired` as the node's status unless `base` already shows it, and records the
+    /// Event the change deserves.
+    async fn publish(&mut self, base: &ProviderNode, desired: ProviderNodeStatus) -> Result<(), Error> {
+        let prev = base.status.clone().unwrap_or_default();
+        if desired == prev {
+            return Ok(());
+        }
+        let name = base.name_any();
+        let patch = json!({ "apiVersion": ProviderNode::api_version(&()), "kind": ProviderNode::kind(&()), "status": desired });
+        self.dispatcher.may_write()?;
+        match self.api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
+            Ok(written) => {
+                self.written.insert(name, written);
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                debug!(node = %name, "ProviderNode deleted meanwhile; status not written");
+                self.written.remove(&name);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if let Some((severity, reason, note)) = transition(&prev, &desired) {
+            self.event(&base.object_ref(&()), severity, reason, &note).await;
+        }
+        Ok(())
+    }
+
+    /// Creates (or adopts) a joined node's object; the operator owns only its label, never the
+    /// admin's spec, so this apply is not forced.
+    async fn adopt(&self, node: &str) -> Result<ProviderNode, Error> {
+        let obj = json!({
+            "apiVersion": ProviderNode::api_version(&()),
+            "kind": ProviderNode::kind(&()),
+            "metadata": { "name": node, "labels": { "app.kubernetes.io/managed-by": MANAGER } },
+            "spec": {},
+        });
+        self.dispatcher.may_write()?;
+        Ok(self.api.patch(node, &PatchParams::apply(MANAGER), &Patch::Apply(&obj)).await?)
+    }
+
+    /// A node left the pool: its ProviderNode goes (already gone is fine).
+    async fn delete(&mut self, node: &str) -> Result<(), Error> {
+        self.dispatcher.may_write()?;
+        match self.api.delete(node, &Default::default()).await {
+            Ok(_) => {
+                if self.known.contains_key(node) {
+                    self.left.insert(node.to_string());
+                }
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.written.remove(node);
+        self.last_heartbeat_write.remove(node);
+        Ok(())
+    }
+
+    /// Publishes an Event about a node; a failure to record one is logged, never fatal.
+    async fn event(&self, regarding: &ObjectReference, severity: Severity, reason: NodeReason, note: &str) {
+        if self.dispatcher.may_write().is_err() {
+            return;
+        }
+        let ev = Event {
+            type_: match severity {
+                Severity::Normal => EventType::Normal,
+                Severity::Warning => EventType::Warning,
+            },
+            reason: reason.to_string(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, regarding).await {
+            warn!(node = ?regarding.name, error = %e, "cannot record event");
+        }
+    }
+}
+
+/// A node's earnings from the ledger, for its status (None without a ledger or on a read
+/// error, which is logged: the status keeps its last figures).
+async fn earnings(dispatcher: &Dispatcher, node: &str) -> Option<NodeEarnings> {
+    let ledger = dispatcher.ledger()?;
+    let read = async { Ok::<_, crate::ledger::LedgerError>((ledger.node_earnings(node).await?, ledger.rejected(node).await?.len() as u64)) };
+    match read.await {
+        Ok((e, rejected)) => Some(NodeEarnings {
+            pending: e.pending.to_string(),
+            receipts: e.receipts,
+            rejected,
+            ledger_seq: e.head.map_or(0, |h| h.seq),
+            ledger_head: e.head.map(|h| hex::encode(h.hash)).unwrap_or_default(),
+        }),
+        Err(e) => {
+            warn!(%node, error = %e, "cannot read the node's earnings from the ledger");
+            None
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! The ProviderNode writer without a cluster: a `tower_test` mock plays the API server and
+//! asserts every request, so a merge patch, a redundant write or a missing Event fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use kommune_operator::controller::MANAGER;
+use kommune_operator::controller::nodes::NodeWriter;
+use kommune_operator::crd::{NodePhase, ProviderNode, ProviderNodeSpec, ProviderNodeStatus};
+use kommune_operator::dispatch::Dispatcher;
+use kommune_operator::fence::Fence;
+use kommune_operator::fleet::{Fleet, NodeFacts};
+use kommune_operator::gateway::NodeEvent;
+use kommune_operator::scheduler::Resources;
+use kommune_operator::store::Store;
+use kube::client::Body;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tower_test::mock::{self, Handle, SendResponse};
+
+const NODES: &str = "/apis/kommune.dev/v1alpha1/providernodes";
+/// Events about cluster-scoped objects go to `default`, as kube-runtime's recorder does.
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+/// Every status write: server-side apply, forced, under the operator's field manager.
+const STATUS_APPLY_QUERY: &str = "&force=true&fieldManager=kommune-operator";
+const STEP: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(300);
+const GRACE: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+fn facts() -> NodeFacts {
+    NodeFacts {
+        capacity: Resources { cpu_millis: 4000, memory_bytes: 8 << 30, ephemeral_bytes: 0 },
+        gpus: vec![],
+        runtimes: vec!["wasm".into()],
+        arch: "x86_64".into(),
+        os: "linux".into(),
+        region: "eu-west".into(),
+        zone: String::new(),
+        agent_version: "0.1.0".into(),
+    }
+}
+
+/// A ProviderNode as the API server hands it out, with the status a row of a test gives it.
+fn provider_node(name: &str, status: Option<ProviderNodeStatus>) -> ProviderNode {
+    let mut n = ProviderNode::new(name, ProviderNodeSpec::default());
+    n.metadata.uid = Some(format!("uid-{name}"));
+    n.metadata.resource_version = Some("1".into());
+    n.status = status;
+    n
+}
+
+/// The status an earlier leader wrote for a node with a session: Ready.
+fn ready_status() -> ProviderNodeStatus {
+    serde_json::from_value(json!({
+        "phase": "Ready",
+        "conditions": [{ "type": "Ready", "status": "True", "reason": "SessionOpen", "message": "the agent's session is open",
+                         "lastTransitionTime": "2026-01-01T00:00:00Z" }],
+        "capacity": { "cpu": "4", "memory": "8Gi", "runtimes": ["wasm"], "arch": "x86_64", "os": "linux" },
+        "publicKeySha256": "k",
+    }))
+    .expect("fixture status parses")
+}
+
+/// The same node after its session closed.
+fn not_ready_status() -> ProviderNodeStatus {
+    let mut s = ready_status();
+    s.phase = Some(NodePhase::NotReady);
+    let c = &mut s.conditions[0];
+    (c.status, c.reason, c.message) = ("False".into(), "SessionClosed".into(), "no message for 15s".into());
+    s
+}
+
+/// The writer over a real dispatcher and store, a reflector cache the test fills, and the
+/// scripted API server.
+struct Testbed {
+    writer: NodeWriter,
+    cache: Writer<ProviderNode>,
+    dispatcher: Arc<Dispatcher>,
+    api: ApiServer,
+    _dir: tempfile::TempDir,
+}
+
+fn testbed() -> Testbed {
+    testbed_fenced(Fence::open())
+}
+
+fn testbed_fenced(fence: Fence) -> Testbed {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store opens"));
+    let (changed, _) = mpsc::channel(16);
+    let dispatcher = Arc::new(Dispatcher::new(store, Arc::new(Fleet::default()), changed).with_fence(fence));
+    let (reader, cache) = reflector::store();
+    let writer = NodeWriter::new(client, dispatcher.clone(), reader);
+    Testbed { writer, cache, dispatcher, api: ApiServer(handle), _dir: dir }
+}
+
+impl Testbed {
+    /// The watch delivers `node`: the reflector caches it and the writer takes note.
+    fn watch_delivers(&mut self, node: &ProviderNode) {
+        let ev = watcher::Event::Apply(node.clone());
+        self.cache.apply_watcher_event(&ev);
+        self.writer.observe(&ev);
+    }
+
+    fn watch_deletes(&mut self, node: &ProviderNode) {
+        let ev = watcher::Event::Delete(node.clone());
+        self.cache.apply_watcher_event(&ev);
+        self.writer.observe(&ev);
+    }
+
+    /// Handles one gateway event while `script` plays the API server.
+    async fn on_event<T>(&mut self, event: NodeEvent, script: impl AsyncFnOnce(&mut ApiServer) -> T) -> T {
+        let (result, out) =
+            timeout(STEP * 2, async { tokio::join!(self.writer.on_event(&event), script(&mut self.api)) }).await.expect("the write did not finish");
+        result.expect("the write succeeds");
+        out
+    }
+
+    /// Runs one sweep while `script` plays the API server.
+    async fn sweep<T>(&mut self, script: impl AsyncFnOnce(&mut ApiServer) -> T) -> T {
+        let (result, out) = timeout(STEP * 2, async { tokio::join!(self.writer.sweep(GRACE), script(&mut self.api)) }).await.expect("the sweep did not finish");
+        result.expect("the sweep succeeds");
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scripted API server
+
+struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+struct Call {
+    method: Method,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+    respond: SendResponse<Response<Body>>,
+}
+
+impl Call {
+    fn is(&self, method: Method, path: &str, query: &str) {
+        assert_eq!((&self.method, self.path.as_str(), self.query.as_str()), (&method, path, query), "unexpected request; body: {}", self.body);
+    }
+
+    fn reply(self, code: StatusCode, body: &impl Serialize) {
+        let bytes = serde_json::to_vec(body).expect("response serialises");
+        self.respond.send_response(Response::builder().status(code).body(Body::from(bytes)).expect("response builds"));
+    }
+}
+
+impl ApiServer {
+    async fn next(&mut self, expected: &str) -> Call {
+        let (request, respond) = timeout(STEP, self.0.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("expected {expected}, but the writer made no request within {STEP:?}"))
+            .unwrap_or_else(|| panic!("expected {expected}, but the client is gone"));
+        let (parts, body) = request.into_parts();
+        let bytes = body.collect_bytes().await.expect("request body");
+        Call {
+            method: parts.method,
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().unwrap_or_default().to_string(),
+            content_type: parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.to_str().expect("ascii header").to_string()).unwrap_or_default(),
+            body: if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("request body is JSON") },
+            respond,
+        }
+    }
+
+    /// One forced server-side apply of the node's `/status`, never a merge patch. Replies with
+    /// the node carrying the applied status (resourceVersion moved on) and returns that node.
+    async fn status_applied(&mut self, node: &ProviderNode) -> ProviderNode {
+        let name = node.metadata.name.as_deref().expect("fixture has a name");
+        let call = self.next("the status apply PATCH").await;
+        call.is(Method::PATCH, &format!("{NODES}/{name}/status"), STATUS_APPLY_QUERY);
+        assert!(call.query.contains(&format!("fieldManager={MANAGER}")));
+        assert_eq!(call.content_type, "application/apply-patch+yaml");
+        assert_eq!((&call.body["apiVersion"], &call.body["kind"]), (&json!("kommune.dev/v1alpha1"), &json!("ProviderNode")));
+        assert_eq!(call.body.as_object().map(|o| o.len()), Some(3), "only apiVersion, kind and status are applied: {}", call.body);
+        let status: ProviderNodeStatus = serde_json::from_value(call.body["status"].clone()).expect("the patch carries a ProviderNodeStatus");
+        let mut written = node.clone();
+        written.status = Some(status);
+        let rv: u64 = node.metadata.resource_version.as_deref().unwrap_or("1").parse().expect("numeric fixture resourceVersion");
+        written.metadata.resource_version = Some((rv + 1).to_string());
+        call.reply(StatusCode::OK, &written);
+        written
+    }
+
+    /// A new Event about the node. Returns it.
+    async fn event_created(&mut self, node: &ProviderNode, type_: &str, reason: &str) -> K8sEvent {
+        let call = self.next(&format!("the POST of a {type_} {reason} Event")).await;
+        call.is(Method::POST, EVENTS, "");
+        let event: K8sEvent = serde_json::from_value(call.body.clone()).expect("an events.k8s.io/v1 Event");
+        assert_eq!((event.type_.as_deref(), event.reason.as_deref()), (Some(type_), Some(reason)), "{event:#?}");
+        assert_eq!(event.reporting_controller.as_deref(), Some(MANAGER));
+        let regarding = event.regarding.clone().expect("the Event names its node");
+        assert_eq!(
+            (regarding.kind.as_deref(), regarding.name.as_deref(), regarding.uid.as_deref()),
+            (Some("ProviderNode"), node.metadata.name.as_deref(), node.metadata.uid.as_deref())
+        );
+        call.reply(StatusCode::CREATED, &event);
+        event
+    }
+
+    fn not_found(call: Call, name: &str) {
+        call.reply(
+            StatusCode::NOT_FOUND,
+            &json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "NotFound",
+                     "message": format!("providernodes.kommune.dev \"{name}\" not found"), "details": { "name": name }, "code": 404 }),
+        );
+    }
+
+    async fn no_further_requests(&mut self) {
+        if let Ok(Some((request, _))) = timeout(QUIET, self.0.next_request()).await {
+            panic!("unexpected request: {} {}", request.method(), request.uri());
+        }
+    }
+}
+
+fn ready(status: &ProviderNodeStatus) -> (&str, &str, &str) {
+    let c = status.conditions.iter().find(|c| c.type_ == "Ready").expect("a Ready condition");
+    (c.status.as_str(), c.reason.as_str(), c.message.as_str())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+#[tokio::test]
+async fn a_connecting_node_is_one_status_apply_and_one_event() {
+    let mut t = testbed();
+    let node = provider_node("n", Some(not_ready_status()));
+    t.watch_delivers(&node);
+
+    let (written, event) = t
+        .on_event(NodeEvent::Connected { node: "n".into(), facts: facts() }, async |api| {
+            let written = api.status_applied(&node).await;
+            let event = api.event_created(&node, "Normal", "SessionOpen").await;
+            api.no_further_requests().await;
+            (written, event)
+        })
+        .await;
+
+    let status = written.status.expect("status applied");
+    assert_eq!(status.phase, Some(NodePhase::Ready));
+    assert_eq!(ready(&status), ("True", "SessionOpen", "the agent's session is open"));
+    assert_eq!(status.public_key_sha256.as_deref(), Some("k"), "fields set earlier are applied again, or the apply would drop them");
+    assert!(status.last_heartbeat_time.is_some());
+    assert_eq!(status.allocated.as_ref().map(|a| (a.cpu.as_str(), a.memory.as_str())), Some(("0", "0")));
+    assert_eq!(event.note.as_deref(), Some("the agent's session is open"));
+}
+
+#[tokio::test]
+async fn a_heartbeat_right_after_a_write_sends_nothing() {
+    let mut t = testbed();
+    let node = provider_node("n", Some(ready_status()));
+    t.watch_delivers(&node);
+    t.on_event(NodeEvent::Heartbeat { node: "n".into() }, async |api| {
+        // The first heartbeat moves lastHeartbeatTime: one apply, and no Event (no phase change).
+        let written = api.status_applied(&node).await;
+        assert!(written.status.as_ref().unwrap().last_heartbeat_time.is_some());
+        api.no_further_requests().await;
+    })
+    .await;
+
+    t.on_event(NodeEvent::Heartbeat { node: "n".into() }, ApiServer::no_further_requests).await;
+}
+
+#[tokio::test]
+async fn the_same_change_twice_is_written_once() {
+    let mut t = testbed();
+    let node = provider_node("n", Some(ready_status()));
+    t.watch_delivers(&node);
+    let closed = || NodeEvent::Disconnected { node: "n".into(), reason: "no message for 15s".into() };
+    let written = t
+        .on_event(closed(), async |api| {
+            let written = api.status_applied(&node).await;
+            api.event_created(&node, "Warning", "SessionClosed").await;
+            written
+        })
+        .await;
+    assert_eq!(ready(written.status.as_ref().unwrap()), ("False", "SessionClosed", "no message for 15s"));
+
+    // Before the watch delivers the write, the writer knows what it wrote...
+    t.on_event(closed(), ApiServer::no_further_requests).await;
+    // ...and after, the cache shows it.
+    t.watch_delivers(&written);
+    t.on_event(closed(), ApiServer::no_further_requests).await;
+}
+
+#[tokio::test]
+async fn a_join_applies_the_object_then_its_status() {
+    let mut t = testbed();
+    let fresh = provider_node("n", None);
+    let written = t
+        .on_event(NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "abc".into() }, async |api| {
+            let call = api.next("the apply creating the ProviderNode").await;
+            call.is(Method::PATCH, &format!("{NODES}/n"), "&fieldManager=kommune-operator");
+            assert_eq!(call.content_type, "application/apply-patch+yaml");
+            assert_eq!(call.body["metadata"]["labels"], json!({ "app.kubernetes.io/managed-by": MANAGER }));
+            assert_eq!(call.body["spec"], json!({}), "the admin's spec is never applied");
+            call.reply(StatusCode::CREATED, &fresh);
+            let written = api.status_applied(&fresh).await;
+            api.event_created(&fresh, "Normal", "Joined").await;
+            api.no_further_requests().await;
+            written
+        })
+        .await;
+    let status = written.status.unwrap();
+    assert_eq!((status.phase, status.public_key_sha256.as_deref()), (Some(NodePhase::NotReady), Some("abc")));
+    assert_eq!(status.capacity.map(|c| c.cpu), Some("4".to_string()));
+}
+
+#[tokio::test]
+async fn a_node_the_cache_has_not_seen_is_read_from_the_api_server() {
+    let mut t = testbed();
+    let node = provider_node("n", Some(not_ready_status()));
+    t.on_event(NodeEvent::Connected { node: "n".into(), facts: facts() }, async |api| {
+        let call = api.next("the GET of the uncached node").await;
+        call.is(Method::GET, &format!("{NODES}/n"), "");
+        call.reply(StatusCode::OK, &node);
+        api.status_applied(&node).await;
+        api.event_created(&node, "Normal", "SessionOpen").await;
+        api.no_further_requests().await;
+    })
+    .await;
+
+    t.on_event(NodeEvent::Heartbeat { node: "other".into() }, async |api| {
+        let call = api.next("the GET of a node without an object").await;
+        call.is(Method::GET, &format!("{NODES}/other"), "");
+        ApiServer::not_found(call, "other");
+        api.no_further_requests().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_sweep_marks_a_node_without_a_session_not_ready_once() {
+    let mut t = testbed();
+    let node = provider_node("n", Some(ready_status()));
+    t.watch_delivers(&node);
+
+    let written = t
+        .sweep(async |api| {
+            let written = api.status_applied(&node).await;
+            let event = api.event_created(&node, "Warning", "NoSession").await;
+            assert_eq!(event.note.as_deref(), Some("the agent has no session with this operator"));
+            api.no_further_requests().await;
+            written
+        })
+        .await;
+    let status = written.status.clone().unwrap();
+    assert_eq!((status.phase, ready(&status).1), (Some(NodePhase::NotReady), "NoSession"));
+    assert_eq!(status.public_key_sha256.as_deref(), Some("k"));
+
+    t.sweep(ApiServer::no_further_requests).await;
+    t.watch_delivers(&written);
+    t.sweep(ApiServer::no_further_requests).await;
+}
+
+#[tokio::test]
+async fn a_sweep_with_nothing_to_change_sends_nothing() {
+    let mut t = testbed();
+    t.watch_delivers(&provider_node("n", Some(not_ready_status())));
+    t.watch_delivers(&provider_node("fresh", None));
+    t.sweep(ApiServer::no_further_requests).await;
+}
+
+#[tokio::test]
+async fn a_deleted_provider_node_revokes_its_node_with_one_event() {
+    let mut t = testbed();
+    let node = provider_node("n", Some(not_ready_status()));
+    t.dispatcher.store().register_node("n", "k", 0).expect("node registered");
+    t.watch_delivers(&node);
+    t.sweep(ApiServer::no_further_requests).await;
+
+    t.watch_deletes(&node);
+    let event = t
+        .sweep(async |api| {
+            let event = api.event_created(&node, "Warning", "Revoked").await;
+            api.no_further_requests().await;
+            event
+        })
+        .await;
+    assert!(event.note.as_deref().is_some_and(|n| n.contains("deleted")), "{event:?}");
+    assert_eq!(t.dispatcher.store().node_key("n").expect("store reads"), None, "the registration is removed");
+    t.sweep(ApiServer::no_further_requests).await;
+}
+
+#[tokio::test]
+async fn a_node_that_left_is_deleted_and_not_revoked() {
+    let mut t = testbed();
+    let node = provider_node("n", Some(ready_status()));
+    t.watch_delivers(&node);
+    t.sweep(async |api| {
+        api.status_applied(&node).await;
+        api.event_created(&node, "Warning", "NoSession").await;
+    })
+    .await;
+
+    t.on_event(NodeEvent::Left { node: "n".into() }, async |api| {
+        let call = api.next("the DELETE of the node that left").await;
+        call.is(Method::DELETE, &format!("{NODES}/n"), "");
+        call.reply(StatusCode::OK, &node);
+        api.no_further_requests().await;
+    })
+    .await;
+    t.watch_deletes(&node);
+    t.sweep(ApiServer::no_further_requests).await;
+}
+
+#[tokio::test]
+async fn a_replica_that_is_not_the_leader_sends_nothing() {
+    let fence = Fence::closed();
+    let mut t = testbed_fenced(fence);
+    t.watch_delivers(&provider_node("n", Some(ready_status())));
+
+    let connected = NodeEvent::Connected { node: "n".into(), facts: facts() };
+    let (event, ()) = tokio::join!(t.writer.on_event(&connected), t.api.no_further_requests());
+    assert!(event.expect_err("a fenced write fails").to_string().contains("not the leader"));
+    let (sweep, ()) = tokio::join!(t.writer.sweep(GRACE), t.api.no_further_requests());
+    assert!(sweep.is_err(), "a fenced sweep fails");
+}
