@@ -4,6 +4,7 @@
 
 pub mod attempts;
 pub mod blobs;
+pub mod db;
 pub mod ledger;
 
 pub use attempts::{Registration, Store, StoreConfig, StoreError};

@@ -30,6 +30,8 @@ use kommune_core::attempt::{Attempt, AttemptPhase, AttemptResult, Held};
 use kommune_core::attempt_index::AttemptIndex;
 use kommune_core::fence::{Fence, Fenced};
 
+use crate::db::epoch::BeginError;
+
 /// A store failure; the message names the operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -152,10 +154,22 @@ trait Db: Send {
     }
 }
 
-/// The refusal of a write whose transaction read another epoch than this store's claim.
-fn superseded(mine: i64, current: Option<i64>) -> StoreError {
-    tracing::warn!(epoch = mine, current, "another operator replica has claimed the store since this one opened it; refusing to write");
-    StoreError::Fenced(Fenced)
+impl From<BeginError<rusqlite::Error>> for StoreError {
+    fn from(e: BeginError<rusqlite::Error>) -> Self {
+        match e {
+            BeginError::Db { op, source } => StoreError::Sqlite { op, source },
+            BeginError::Superseded { .. } => StoreError::Fenced(Fenced),
+        }
+    }
+}
+
+impl From<BeginError<::postgres::Error>> for StoreError {
+    fn from(e: BeginError<::postgres::Error>) -> Self {
+        match e {
+            BeginError::Db { op, source } => StoreError::Postgres { op, source },
+            BeginError::Superseded { .. } => StoreError::Fenced(Fenced),
+        }
+    }
 }
 
 /// A terminal transition queued for the group-commit writer.

@@ -6,7 +6,8 @@ use std::collections::{HashMap, HashSet};
 
 use postgres::{Client, NoTls, Row, Statement, Transaction};
 
-use super::{Db, Finish, Raw, Registration, Result, Select, StoreError, raw_to_attempt, superseded};
+use super::{Db, Finish, Raw, Registration, Result, Select, StoreError, raw_to_attempt};
+use crate::db::epoch::{self, Guarded};
 use kommune_core::attempt::{Attempt, AttemptPhase};
 
 fn op(op: &'static str) -> impl FnOnce(postgres::Error) -> StoreError {
@@ -40,11 +41,6 @@ CREATE TABLE IF NOT EXISTS nodes (
     name              TEXT PRIMARY KEY,
     public_key_sha256 TEXT NOT NULL,
     joined_ms         BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS store_leader (
-    id         INTEGER PRIMARY KEY CHECK (id = 1),
-    epoch      BIGINT NOT NULL,
-    claimed_ms BIGINT NOT NULL
 );
 ";
 
@@ -98,6 +94,7 @@ impl PgDb {
             let mut tx = client.transaction().map_err(op("begin schema"))?;
             tx.execute("SELECT pg_advisory_xact_lock(7171717172)", &[]).map_err(op("lock schema"))?;
             tx.batch_execute(SCHEMA).map_err(op("create store schema"))?;
+            tx.batch_execute(&Guarded::Store.schema()).map_err(op("create store leader table"))?;
             tx.commit().map_err(op("commit schema"))?;
         }
         Ok(PgDb {
@@ -119,33 +116,13 @@ impl PgDb {
     }
 }
 
-/// Starts a write transaction. Under leader election (`epoch` is this store's claim) it reads
-/// the current epoch with a share lock on the row: a successor's claim (an UPDATE of that row)
-/// waits until this transaction ends, and a transaction begun after the claim reads the new
-/// epoch and rolls back. Either way nothing this store writes lands after the claim.
 fn begin(client: &mut Client, epoch: Option<i64>) -> Result<Transaction<'_>> {
-    let mut tx = client.transaction().map_err(op("begin"))?;
-    if let Some(mine) = epoch {
-        let current: Option<i64> =
-            tx.query_opt("SELECT epoch FROM store_leader WHERE id = 1 FOR SHARE", &[]).map_err(op("read leader epoch"))?.map(|r| r.get(0));
-        if current != Some(mine) {
-            return Err(superseded(mine, current));
-        }
-    }
-    Ok(tx)
+    Ok(epoch::postgres::begin(client, Guarded::Store, epoch)?)
 }
 
 impl Db for PgDb {
     fn claim_epoch(&mut self, now_ms: i64) -> Result<i64> {
-        let row = self
-            .client
-            .query_one(
-                "INSERT INTO store_leader (id, epoch, claimed_ms) VALUES (1, 1, $1)
-                 ON CONFLICT (id) DO UPDATE SET epoch = store_leader.epoch + 1, claimed_ms = EXCLUDED.claimed_ms RETURNING epoch",
-                &[&now_ms],
-            )
-            .map_err(op("claim leader epoch"))?;
-        Ok(row.get(0))
+        Ok(epoch::postgres::claim(&mut self.client, Guarded::Store, now_ms)?)
     }
 
     fn insert(&mut self, epoch: Option<i64>, attempts: &[Attempt]) -> Result<()> {

@@ -3,9 +3,10 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::{Db, Finish, Raw, Registration, Result, Select, StoreError, raw_to_attempt, superseded};
+use super::{Db, Finish, Raw, Registration, Result, Select, StoreError, raw_to_attempt};
+use crate::db::epoch::{self, Guarded};
 use kommune_core::attempt::{Attempt, AttemptPhase};
 
 fn op(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
@@ -37,11 +38,6 @@ CREATE TABLE IF NOT EXISTS nodes (
     public_key_sha256 TEXT NOT NULL,
     joined_ms         INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS store_leader (
-    id         INTEGER PRIMARY KEY CHECK (id = 1),
-    epoch      BIGINT NOT NULL,
-    claimed_ms BIGINT NOT NULL
-);
 ";
 
 const FINISH: &str = "UPDATE attempts SET phase = ?2, finished_ms = ?3, result_json = ?4 WHERE id = ?1 AND phase IN ('Assigned', 'Running')";
@@ -60,39 +56,19 @@ impl SqliteDb {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(op("enable WAL"))?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(op("set synchronous"))?;
         conn.execute_batch(SCHEMA).map_err(op("create schema"))?;
+        conn.execute_batch(&Guarded::Store.schema()).map_err(op("create leader table"))?;
         migrate(&conn)?;
         Ok(SqliteDb { conn })
     }
 }
 
-/// Starts a write transaction. Under leader election (`epoch` is this store's claim) it takes
-/// the write lock at once (BEGIN IMMEDIATE) and reads the current epoch under it: no other
-/// connection can claim between that read and the commit, so a superseded store rolls back.
 fn begin(conn: &mut Connection, epoch: Option<i64>) -> Result<Transaction<'_>> {
-    let Some(mine) = epoch else {
-        return conn.transaction().map_err(op("begin"));
-    };
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(op("begin"))?;
-    let current: Option<i64> = tx.query_row("SELECT epoch FROM store_leader WHERE id = 1", [], |r| r.get(0)).optional().map_err(op("read leader epoch"))?;
-    if current != Some(mine) {
-        return Err(superseded(mine, current));
-    }
-    Ok(tx)
+    Ok(epoch::sqlite::begin(conn, Guarded::Store, epoch)?)
 }
 
 impl Db for SqliteDb {
     fn claim_epoch(&mut self, now_ms: i64) -> Result<i64> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(op("begin claim"))?;
-        let epoch = tx
-            .query_row(
-                "INSERT INTO store_leader (id, epoch, claimed_ms) VALUES (1, 1, ?1)
-                 ON CONFLICT (id) DO UPDATE SET epoch = epoch + 1, claimed_ms = excluded.claimed_ms RETURNING epoch",
-                params![now_ms],
-                |r| r.get(0),
-            )
-            .map_err(op("claim leader epoch"))?;
-        tx.commit().map_err(op("commit claim"))?;
-        Ok(epoch)
+        Ok(epoch::sqlite::claim(&mut self.conn, Guarded::Store, now_ms)?)
     }
 
     fn insert(&mut self, epoch: Option<i64>, attempts: &[Attempt]) -> Result<()> {

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod cli;
 pub mod postgres;
+pub mod row;
 pub mod sqlite;
 
 // The format and the pure rules live in `kommune-ledger`; re-exported so one path reaches both.
@@ -33,6 +34,8 @@ use check::{ReceiptInput, Rejection, VerifiedReceipt};
 use entry::NodeTotal;
 use job_totals::{JobTotals, LoadGuard};
 use kommune_core::fence::Fence;
+
+use crate::db::epoch::BeginError;
 
 /// A ledger failure; the message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,24 @@ impl LedgerError {
             LedgerError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. } => e.code == rusqlite::ErrorCode::ConstraintViolation,
             LedgerError::Postgres { source, .. } => source.code() == Some(&::postgres::error::SqlState::UNIQUE_VIOLATION),
             _ => false,
+        }
+    }
+}
+
+impl From<BeginError<rusqlite::Error>> for LedgerError {
+    fn from(e: BeginError<rusqlite::Error>) -> Self {
+        match e {
+            BeginError::Db { op, source } => LedgerError::Sqlite { op, source },
+            BeginError::Superseded { .. } => LedgerError::Fenced(kommune_core::fence::Fenced),
+        }
+    }
+}
+
+impl From<BeginError<::postgres::Error>> for LedgerError {
+    fn from(e: BeginError<::postgres::Error>) -> Self {
+        match e {
+            BeginError::Db { op, source } => LedgerError::Postgres { op, source },
+            BeginError::Superseded { .. } => LedgerError::Fenced(kommune_core::fence::Fenced),
         }
     }
 }

@@ -8,9 +8,12 @@ use postgres::{Client, NoTls, Row};
 
 use super::LedgerError;
 use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedReceipt, from_db, to_db};
-use kommune_core::pricing::{Micros, Rates};
-use kommune_ledger::entry::{Entry, EntryKind, NodeTotal, UsageFigures};
+use super::row::{ColumnType, ENTRY_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values};
+use crate::db::epoch::{self, Guarded};
+use kommune_core::pricing::Micros;
+use kommune_ledger::entry::{Entry, NodeTotal, UsageFigures};
 use kommune_ledger::verify::BadEntry;
+use postgres::types::ToSql;
 
 fn op(op: &'static str) -> impl FnOnce(postgres::Error) -> LedgerError {
     move |source| LedgerError::Postgres { op, source }
@@ -69,14 +72,7 @@ CREATE TABLE IF NOT EXISTS ledger_rejected (
     reason       TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_rejected_by_node ON ledger_rejected (session_node, id);
-CREATE TABLE IF NOT EXISTS ledger_leader (
-    id         BIGINT PRIMARY KEY CHECK (id = 1),
-    epoch      BIGINT NOT NULL,
-    claimed_ms BIGINT NOT NULL
-);
 ";
-
-use super::sqlite::ENTRY_COLUMNS;
 
 /// The PostgreSQL backend: one client connection.
 pub struct PostgresBackend {
@@ -91,6 +87,7 @@ impl PostgresBackend {
         let mut tx = client.transaction().map_err(op("begin schema"))?;
         tx.execute("SELECT pg_advisory_xact_lock(7171717171)", &[]).map_err(op("lock schema"))?;
         tx.batch_execute(SCHEMA).map_err(op("create ledger schema"))?;
+        tx.batch_execute(&Guarded::Ledger.schema()).map_err(op("create ledger leader table"))?;
         tx.commit().map_err(op("commit schema"))?;
         Ok(PostgresBackend { client })
     }
@@ -106,146 +103,79 @@ fn u(r: &Row, i: usize) -> Result<u64, postgres::Error> {
     Ok(from_db(r.try_get(i)?))
 }
 
-fn row_to_entry(r: &Row) -> Result<Result<Entry, BadEntry>, postgres::Error> {
-    let seq = u(r, 0)?;
-    let code: i64 = r.try_get(1)?;
-    let Some(kind) = EntryKind::from_code(code) else {
-        return Ok(Err(BadEntry { seq, reason: format!("unknown entry kind {code}") }));
-    };
-    Ok(Ok(Entry {
-        seq,
-        kind,
-        recorded_ms: r.try_get(2)?,
-        node: r.try_get(3)?,
-        epoch: u(r, 4)?,
-        sequence: u(r, 5)?,
-        attempt_id: r.try_get(6)?,
-        job_uid: r.try_get(7)?,
-        job_key: r.try_get(8)?,
-        body: r.try_get(9)?,
-        signature: r.try_get(10)?,
-        public_key: r.try_get(11)?,
-        rates: Rates { cpu_core_hour: Micros(u(r, 12)?), memory_gib_hour: Micros(u(r, 13)?), gpu_hour: Micros(u(r, 14)?), output_gib: Micros(u(r, 15)?) },
-        cost: Micros(u(r, 16)?),
-        usage: UsageFigures {
-            wall_millis: u(r, 17)?,
-            cpu_micros: u(r, 18)?,
-            memory_peak_bytes: u(r, 19)?,
-            memory_mib_millis: u(r, 20)?,
-            wasm_fuel: u(r, 21)?,
-            gpu_millis: u(r, 22)?,
-            output_bytes: u(r, 23)?,
-        },
-        prev_hash: r.try_get(24)?,
-        hash: r.try_get(25)?,
-    }))
+impl RowReader for Row {
+    type Error = postgres::Error;
+    fn int(&self, i: usize) -> Result<i64, postgres::Error> {
+        self.try_get(i)
+    }
+    fn text(&self, i: usize) -> Result<String, postgres::Error> {
+        self.try_get(i)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, postgres::Error> {
+        self.try_get(i)
+    }
 }
 
-#[derive(Default)]
-struct Columns {
-    seq: Vec<i64>,
-    kind: Vec<i64>,
-    recorded_ms: Vec<i64>,
-    node: Vec<String>,
-    epoch: Vec<i64>,
-    sequence: Vec<i64>,
-    attempt_id: Vec<String>,
-    job_uid: Vec<String>,
-    job_key: Vec<String>,
-    body: Vec<Vec<u8>>,
-    signature: Vec<Vec<u8>>,
-    public_key: Vec<Vec<u8>>,
-    ints: [Vec<i64>; 12],
-    prev_hash: Vec<Vec<u8>>,
-    hash: Vec<Vec<u8>>,
+/// One column of a batch of entries, sent as an array and expanded by UNNEST.
+enum Column<'a> {
+    Int(Vec<i64>),
+    Text(Vec<&'a str>),
+    Bytes(Vec<&'a [u8]>),
+}
+
+impl Column<'_> {
+    fn param(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            Column::Int(v) => v,
+            Column::Text(v) => v,
+            Column::Bytes(v) => v,
+        }
+    }
+}
+
+/// The batch as one array per column, and the INSERT that expands them.
+fn entry_columns(entries: &[Entry]) -> (String, Vec<Column<'_>>) {
+    let mut cols: Vec<Column<'_>> = ENTRY_COLUMNS
+        .iter()
+        .map(|(_, ty)| match ty {
+            ColumnType::Int => Column::Int(Vec::with_capacity(entries.len())),
+            ColumnType::Text => Column::Text(Vec::with_capacity(entries.len())),
+            ColumnType::Bytes => Column::Bytes(Vec::with_capacity(entries.len())),
+        })
+        .collect();
+    for e in entries {
+        for (col, v) in cols.iter_mut().zip(entry_values(e)) {
+            match (col, v) {
+                (Column::Int(c), Value::Int(v)) => c.push(v),
+                (Column::Text(c), Value::Text(v)) => c.push(v),
+                (Column::Bytes(c), Value::Bytes(v)) => c.push(v),
+                _ => unreachable!("entry_values gives each column its declared type (tested)"),
+            }
+        }
+    }
+    let arrays = ENTRY_COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| {
+            let t = match ty {
+                ColumnType::Int => "bigint",
+                ColumnType::Text => "text",
+                ColumnType::Bytes => "bytea",
+            };
+            format!("${}::{t}[]", i + 1)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    (format!("INSERT INTO ledger_entries ({}) SELECT * FROM UNNEST({arrays})", entry_column_list()), cols)
 }
 
 impl Backend for PostgresBackend {
     fn append(&mut self, entries: &[Entry], rejected: &[RejectedReceipt], epoch: Option<u64>) -> Result<(), LedgerError> {
-        let mut c = Columns::default();
-        for e in entries {
-            c.seq.push(to_db(e.seq));
-            c.kind.push(e.kind.code() as i64);
-            c.recorded_ms.push(e.recorded_ms);
-            c.node.push(e.node.clone());
-            c.epoch.push(to_db(e.epoch));
-            c.sequence.push(to_db(e.sequence));
-            c.attempt_id.push(e.attempt_id.clone());
-            c.job_uid.push(e.job_uid.clone());
-            c.job_key.push(e.job_key.clone());
-            c.body.push(e.body.clone());
-            c.signature.push(e.signature.clone());
-            c.public_key.push(e.public_key.clone());
-            let u = &e.usage;
-            let ints = [
-                e.rates.cpu_core_hour.0,
-                e.rates.memory_gib_hour.0,
-                e.rates.gpu_hour.0,
-                e.rates.output_gib.0,
-                e.cost.0,
-                u.wall_millis,
-                u.cpu_micros,
-                u.memory_peak_bytes,
-                u.memory_mib_millis,
-                u.wasm_fuel,
-                u.gpu_millis,
-                u.output_bytes,
-            ];
-            for (col, v) in c.ints.iter_mut().zip(ints) {
-                col.push(to_db(v));
-            }
-            c.prev_hash.push(e.prev_hash.clone());
-            c.hash.push(e.hash.clone());
-        }
-        let mut tx = self.client.transaction().map_err(op("begin append"))?;
-        if let Some(mine) = epoch {
-            // FOR SHARE: a claim (an UPDATE of this row) waits until this transaction ends, so
-            // nothing of an older epoch commits after a newer one is claimed.
-            let row = tx.query_opt("SELECT epoch FROM ledger_leader WHERE id = 1 FOR SHARE", &[]).map_err(op("read leader epoch"))?;
-            if row.map(|r| r.get::<_, i64>(0)) != Some(to_db(mine)) {
-                return Err(LedgerError::Fenced(kommune_core::fence::Fenced));
-            }
-        }
+        let mut tx = epoch::postgres::begin(&mut self.client, Guarded::Ledger, epoch.map(to_db))?;
         if !entries.is_empty() {
-            let sql = format!(
-                "INSERT INTO ledger_entries ({ENTRY_COLUMNS})
-                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[], $9::text[],
-                    $10::bytea[], $11::bytea[], $12::bytea[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::bigint[],
-                    $19::bigint[], $20::bigint[], $21::bigint[], $22::bigint[], $23::bigint[], $24::bigint[], $25::bytea[], $26::bytea[])"
-            );
-            let i = &c.ints;
-            tx.execute(
-                &sql,
-                &[
-                    &c.seq,
-                    &c.kind,
-                    &c.recorded_ms,
-                    &c.node,
-                    &c.epoch,
-                    &c.sequence,
-                    &c.attempt_id,
-                    &c.job_uid,
-                    &c.job_key,
-                    &c.body,
-                    &c.signature,
-                    &c.public_key,
-                    &i[0],
-                    &i[1],
-                    &i[2],
-                    &i[3],
-                    &i[4],
-                    &i[5],
-                    &i[6],
-                    &i[7],
-                    &i[8],
-                    &i[9],
-                    &i[10],
-                    &i[11],
-                    &c.prev_hash,
-                    &c.hash,
-                ],
-            )
-            .map_err(op("insert ledger entries"))?;
+            let (sql, cols) = entry_columns(entries);
+            let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(Column::param).collect();
+            tx.execute(&sql, &params).map_err(op("insert ledger entries"))?;
         }
         if !rejected.is_empty() {
             let stmt = tx
@@ -280,17 +210,9 @@ impl Backend for PostgresBackend {
     }
 
     fn claim_epoch(&mut self, now_ms: i64) -> Result<u64, LedgerError> {
-        // The UPDATE waits for every transaction holding the row FOR SHARE (appends of the
+        // The claim waits for every transaction holding the row FOR SHARE (appends of the
         // previous epoch) to end.
-        let row = self
-            .client
-            .query_one(
-                "INSERT INTO ledger_leader (id, epoch, claimed_ms) VALUES (1, 1, $1)
-                 ON CONFLICT (id) DO UPDATE SET epoch = ledger_leader.epoch + 1, claimed_ms = EXCLUDED.claimed_ms RETURNING epoch",
-                &[&now_ms],
-            )
-            .map_err(op("claim leader epoch"))?;
-        Ok(from_db(row.get::<_, i64>(0)))
+        Ok(from_db(epoch::postgres::claim(&mut self.client, Guarded::Ledger, now_ms)?))
     }
 
     fn lookup_receipts(&mut self, keys: &[(&str, u64, u64)]) -> Result<Vec<Option<Existing>>, LedgerError> {
@@ -439,9 +361,10 @@ impl Backend for PostgresBackend {
         let mut tx = self.client.transaction().map_err(op("begin entry scan"))?;
         let stmt = tx
             .prepare(&format!(
-                "SELECT {ENTRY_COLUMNS} FROM ledger_entries
+                "SELECT {} FROM ledger_entries
                  WHERE ($1::bigint IS NULL OR recorded_ms >= $1) AND ($2::bigint IS NULL OR recorded_ms < $2) AND ($3::text IS NULL OR (node = $3 AND kind <> 1))
-                 ORDER BY seq"
+                 ORDER BY seq",
+                entry_column_list()
             ))
             .map_err(op("prepare entry scan"))?;
         let portal = tx.bind(&stmt, &[&filter.since_ms, &filter.until_ms, &filter.node]).map_err(op("scan entries"))?;
@@ -451,7 +374,7 @@ impl Backend for PostgresBackend {
                 break;
             }
             for r in &rows {
-                if !f(row_to_entry(r).map_err(op("read entry"))?) {
+                if !f(entry_from_row(r).map_err(op("read entry"))?) {
                     return Ok(());
                 }
             }

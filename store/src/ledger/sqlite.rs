@@ -4,13 +4,16 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::LedgerError;
 use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedReceipt, from_db, to_db};
-use kommune_core::pricing::{Micros, Rates};
-use kommune_ledger::entry::{Entry, EntryKind, NodeTotal, UsageFigures};
+use super::row::{ENTRY_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values};
+use crate::db::epoch::{self, Guarded};
+use kommune_core::pricing::Micros;
+use kommune_ledger::entry::{Entry, NodeTotal, UsageFigures};
 use kommune_ledger::verify::BadEntry;
+use rusqlite::types::{ToSql, ToSqlOutput};
 
 fn op(op: &'static str) -> impl FnOnce(rusqlite::Error) -> LedgerError {
     move |source| LedgerError::Sqlite { op, source }
@@ -71,16 +74,7 @@ CREATE TABLE IF NOT EXISTS ledger_rejected (
     reason       TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_rejected_by_node ON ledger_rejected (session_node, id);
-CREATE TABLE IF NOT EXISTS ledger_leader (
-    id         INTEGER PRIMARY KEY CHECK (id = 1),
-    epoch      INTEGER NOT NULL,
-    claimed_ms INTEGER NOT NULL
-);
 ";
-
-pub(crate) const ENTRY_COLUMNS: &str = "seq, kind, recorded_ms, node, epoch, sequence, attempt_id, job_uid, job_key, body, signature, public_key, \
-     rate_cpu_core_hour, rate_memory_gib_hour, rate_gpu_hour, rate_output_gib, cost, \
-     wall_millis, cpu_micros, memory_peak_bytes, memory_mib_millis, wasm_fuel, gpu_millis, output_bytes, prev_hash, hash";
 
 /// The SQLite backend: one connection.
 pub struct SqliteBackend {
@@ -98,6 +92,7 @@ impl SqliteBackend {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(op("enable WAL"))?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(op("set synchronous"))?;
         conn.execute_batch(SCHEMA).map_err(op("create ledger schema"))?;
+        conn.execute_batch(&Guarded::Ledger.schema()).map_err(op("create ledger leader table"))?;
         Ok(SqliteBackend { conn })
     }
 
@@ -121,39 +116,27 @@ fn u(r: &Row<'_>, i: usize) -> rusqlite::Result<u64> {
     Ok(from_db(r.get(i)?))
 }
 
-fn row_to_entry(r: &Row<'_>) -> rusqlite::Result<Result<Entry, BadEntry>> {
-    let seq = u(r, 0)?;
-    let code: i64 = r.get(1)?;
-    let Some(kind) = EntryKind::from_code(code) else {
-        return Ok(Err(BadEntry { seq, reason: format!("unknown entry kind {code}") }));
-    };
-    Ok(Ok(Entry {
-        seq,
-        kind,
-        recorded_ms: r.get(2)?,
-        node: text(r, 3)?,
-        epoch: u(r, 4)?,
-        sequence: u(r, 5)?,
-        attempt_id: text(r, 6)?,
-        job_uid: text(r, 7)?,
-        job_key: text(r, 8)?,
-        body: blob(r, 9)?,
-        signature: blob(r, 10)?,
-        public_key: blob(r, 11)?,
-        rates: Rates { cpu_core_hour: Micros(u(r, 12)?), memory_gib_hour: Micros(u(r, 13)?), gpu_hour: Micros(u(r, 14)?), output_gib: Micros(u(r, 15)?) },
-        cost: Micros(u(r, 16)?),
-        usage: UsageFigures {
-            wall_millis: u(r, 17)?,
-            cpu_micros: u(r, 18)?,
-            memory_peak_bytes: u(r, 19)?,
-            memory_mib_millis: u(r, 20)?,
-            wasm_fuel: u(r, 21)?,
-            gpu_millis: u(r, 22)?,
-            output_bytes: u(r, 23)?,
-        },
-        prev_hash: blob(r, 24)?,
-        hash: blob(r, 25)?,
-    }))
+impl RowReader for Row<'_> {
+    type Error = rusqlite::Error;
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
+    }
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        text(self, i)
+    }
+    fn bytes(&self, i: usize) -> rusqlite::Result<Vec<u8>> {
+        blob(self, i)
+    }
+}
+
+impl ToSql for Value<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match *self {
+            Value::Int(v) => ToSqlOutput::from(v),
+            Value::Text(v) => ToSqlOutput::from(v),
+            Value::Bytes(v) => ToSqlOutput::from(v),
+        })
+    }
 }
 
 fn row_to_rejected(r: &Row<'_>) -> rusqlite::Result<RejectedReceipt> {
@@ -175,53 +158,14 @@ fn row_to_rejected(r: &Row<'_>) -> rusqlite::Result<RejectedReceipt> {
 
 impl Backend for SqliteBackend {
     fn append(&mut self, entries: &[Entry], rejected: &[RejectedReceipt], epoch: Option<u64>) -> Result<(), LedgerError> {
-        // IMMEDIATE: the write lock is taken at BEGIN, so the epoch read below stays true
-        // until the commit (a claim is itself a write and waits for the lock).
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(op("begin append"))?;
-        if let Some(mine) = epoch {
-            let current: Option<i64> =
-                tx.query_row("SELECT epoch FROM ledger_leader WHERE id = 1", [], |r| r.get(0)).optional().map_err(op("read leader epoch"))?;
-            if current != Some(to_db(mine)) {
-                return Err(LedgerError::Fenced(kommune_core::fence::Fenced));
-            }
-        }
+        let tx = epoch::sqlite::begin(&mut self.conn, Guarded::Ledger, epoch.map(to_db))?;
         {
+            let placeholders = (1..=ENTRY_COLUMNS.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
             let mut ins = tx
-                .prepare_cached(&format!(
-                    "INSERT INTO ledger_entries ({ENTRY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
-                ))
+                .prepare_cached(&format!("INSERT INTO ledger_entries ({}) VALUES ({placeholders})", entry_column_list()))
                 .map_err(op("prepare entry insert"))?;
             for e in entries {
-                let u = &e.usage;
-                ins.execute(params![
-                    to_db(e.seq),
-                    e.kind.code(),
-                    e.recorded_ms,
-                    e.node,
-                    to_db(e.epoch),
-                    to_db(e.sequence),
-                    e.attempt_id,
-                    e.job_uid,
-                    e.job_key,
-                    e.body,
-                    e.signature,
-                    e.public_key,
-                    to_db(e.rates.cpu_core_hour.0),
-                    to_db(e.rates.memory_gib_hour.0),
-                    to_db(e.rates.gpu_hour.0),
-                    to_db(e.rates.output_gib.0),
-                    to_db(e.cost.0),
-                    to_db(u.wall_millis),
-                    to_db(u.cpu_micros),
-                    to_db(u.memory_peak_bytes),
-                    to_db(u.memory_mib_millis),
-                    to_db(u.wasm_fuel),
-                    to_db(u.gpu_millis),
-                    to_db(u.output_bytes),
-                    e.prev_hash,
-                    e.hash,
-                ])
-                .map_err(op("insert ledger entry"))?;
+                ins.execute(rusqlite::params_from_iter(entry_values(e))).map_err(op("insert ledger entry"))?;
             }
             let mut rej = tx
                 .prepare_cached(
@@ -252,17 +196,7 @@ impl Backend for SqliteBackend {
     }
 
     fn claim_epoch(&mut self, now_ms: i64) -> Result<u64, LedgerError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(op("begin epoch claim"))?;
-        let epoch: i64 = tx
-            .query_row(
-                "INSERT INTO ledger_leader (id, epoch, claimed_ms) VALUES (1, 1, ?1)
-                 ON CONFLICT (id) DO UPDATE SET epoch = epoch + 1, claimed_ms = excluded.claimed_ms RETURNING epoch",
-                params![now_ms],
-                |r| r.get(0),
-            )
-            .map_err(op("claim leader epoch"))?;
-        tx.commit().map_err(op("commit epoch claim"))?;
-        Ok(from_db(epoch))
+        Ok(from_db(epoch::sqlite::claim(&mut self.conn, Guarded::Ledger, now_ms)?))
     }
 
     fn lookup_receipts(&mut self, keys: &[(&str, u64, u64)]) -> Result<Vec<Option<Existing>>, LedgerError> {
@@ -366,14 +300,15 @@ impl Backend for SqliteBackend {
         let mut stmt = self
             .conn
             .prepare(&format!(
-                "SELECT {ENTRY_COLUMNS} FROM ledger_entries
+                "SELECT {} FROM ledger_entries
                  WHERE (?1 IS NULL OR recorded_ms >= ?1) AND (?2 IS NULL OR recorded_ms < ?2) AND (?3 IS NULL OR (node = ?3 AND kind <> 1))
-                 ORDER BY seq"
+                 ORDER BY seq",
+                entry_column_list()
             ))
             .map_err(op("prepare entry scan"))?;
         let mut rows = stmt.query(params![filter.since_ms, filter.until_ms, filter.node]).map_err(op("scan entries"))?;
         while let Some(r) = rows.next().map_err(op("scan entries"))? {
-            let e = row_to_entry(r).map_err(op("read entry"))?;
+            let e = entry_from_row(r).map_err(op("read entry"))?;
             if !f(e) {
                 break;
             }
