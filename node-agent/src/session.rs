@@ -16,7 +16,6 @@ use tracing::{info, trace, warn};
 
 use crate::availability::{self, Availability, Gate};
 use crate::connect::{self, ConnectError, Server};
-use crate::idle::IdleConfig;
 use crate::schedule;
 use crate::state::AgentState;
 use crate::status::{self, AgentStatus, OfferedGpu, StatusFile};
@@ -76,15 +75,9 @@ fn initial_status(state: &AgentState, facts: &NodeFacts, gate: &Gate) -> AgentSt
         offered_gpus: cap.gpus.iter().map(|g| OfferedGpu { model: g.model.clone(), memory_bytes: g.memory_bytes }).collect(),
         runtimes: cap.runtimes,
         windows: schedule::describe(&gate.windows),
-        idle_only: gate.idle.as_ref().map(|(p, _)| describe_idle(p.config())).unwrap_or_default(),
+        idle_only: gate.idle.as_ref().map(|(p, _)| p.config().to_string()).unwrap_or_default(),
         ..Default::default()
     }
-}
-
-/// "busy above 30% cpu, input within 300s, on battery; back after 120s idle".
-fn describe_idle(c: &IdleConfig) -> String {
-    let battery = if c.pause_on_battery { ", on battery" } else { "" };
-    format!("busy above {:.0}% cpu, input within {}s{battery}; back after {}s idle", c.cpu_threshold_percent, c.input_idle.as_secs(), c.resume_after.as_secs())
 }
 
 /// Runs sessions until `shutdown` resolves or the operator rejects this node, pausing only when
