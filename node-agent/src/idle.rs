@@ -68,6 +68,21 @@ impl Default for IdleConfig {
     }
 }
 
+/// The settings in one line, as `kommune-agent config check` and `status` show them:
+/// "busy above 30% cpu, input within 300s, on battery; back after 120s idle".
+impl fmt::Display for IdleConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let battery = if self.pause_on_battery { ", on battery" } else { "" };
+        write!(
+            f,
+            "busy above {:.0}% cpu, input within {}s{battery}; back after {}s idle",
+            self.cpu_threshold_percent,
+            self.input_idle.as_secs(),
+            self.resume_after.as_secs()
+        )
+    }
+}
+
 /// Why the owner needs the machine.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum BusyReason {
@@ -371,6 +386,13 @@ impl LoadSource for MachineLoad {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_settings_read_as_one_line() {
+        assert_eq!(IdleConfig::default().to_string(), "busy above 30% cpu, input within 300s, on battery; back after 120s idle");
+        let mains_only = IdleConfig { pause_on_battery: false, cpu_threshold_percent: 12.4, ..Default::default() };
+        assert_eq!(mains_only.to_string(), "busy above 12% cpu, input within 300s; back after 120s idle");
+    }
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)

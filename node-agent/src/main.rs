@@ -85,13 +85,7 @@ fn settings(a: &RunArgs) -> anyhow::Result<RunSettings> {
 fn describe(s: &RunSettings) -> String {
     let or_all = |v: Option<String>| v.unwrap_or_else(|| "all".into());
     let idle = match &s.idle {
-        Some(c) => format!(
-            "on: busy above {:.0}% cpu, input within {}s{}; back after {}s idle",
-            c.cpu_threshold_percent,
-            c.input_idle.as_secs(),
-            if c.pause_on_battery { ", on battery" } else { "" },
-            c.resume_after.as_secs()
-        ),
+        Some(c) => format!("on: {c}"),
         None => "off".into(),
     };
     format!(

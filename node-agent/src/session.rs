@@ -16,7 +16,6 @@ use tracing::{info, trace, warn};
 
 use crate::availability::{self, Availability, Gate};
 use crate::connect::{self, ConnectError, Server};
-use crate::idle::IdleConfig;
 use crate::schedule;
 use crate::state::AgentState;
 use crate::status::{self, AgentStatus, OfferedGpu, StatusFile};
@@ -76,15 +75,9 @@ fn initial_status(state: &AgentState, facts: &NodeFacts, gate: &Gate) -> AgentSt
         offered_gpus: cap.gpus.iter().map(|g| OfferedGpu { model: g.model.clone(), memory_bytes: g.memory_bytes }).collect(),
         runtimes: cap.runtimes,
         windows: schedule::describe(&gate.windows),
-        idle_only: gate.idle.as_ref().map(|(p, _)| describe_idle(p.config())).unwrap_or_default(),
+        idle_only: gate.idle.as_ref().map(|(p, _)| p.config().to_string()).unwrap_or_default(),
         ..Default::default()
     }
-}
-
-/// "busy above 30% cpu, input within 300s, on battery; back after 120s idle".
-fn describe_idle(c: &IdleConfig) -> String {
-    let battery = if c.pause_on_battery { ", on battery" } else { "" };
-    format!("busy above {:.0}% cpu, input within {}s{battery}; back after {}s idle", c.cpu_threshold_percent, c.input_idle.as_secs(), c.resume_after.as_secs())
 }
 
 /// Runs sessions until `shutdown` resolves or the operator rejects this node, pausing only when
@@ -114,51 +107,134 @@ pub async fn run_with(
     status.write(|_| {});
     let (tx, available) = watch::channel(gate.initial(state.is_paused()));
     let watcher = availability::watch(gate, state.pause_file(), tasks.clone(), tx, status.clone());
+    let uplink = Uplink { server, state, facts, tasks, updates, available, status: &status };
     tokio::select! {
-        r = sessions(&server, state, facts, tasks, updates, available, &status, shutdown) => r,
+        r = uplink.sessions(shutdown) => r,
         () = watcher => Ok(()),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn sessions(
-    server: &Server,
-    state: &AgentState,
-    facts: &NodeFacts,
-    tasks: &Arc<Tasks>,
-    updates: &mut mpsc::UnboundedReceiver<TaskUpdate>,
-    mut available: watch::Receiver<Availability>,
-    status: &StatusFile,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), SessionError> {
-    let mut backoff = Duration::ZERO;
-    tokio::pin!(shutdown);
-    loop {
-        let started = Instant::now();
-        let result = tokio::select! {
-            r = session(server, state, facts, tasks, updates, &mut available, status) => r,
-            _ = &mut shutdown => return Ok(()),
-        };
-        let err = match result {
-            Ok(()) => SessionError::Ended("the operator closed the session".into()),
-            Err(e) => e,
-        };
-        let message = err.to_string();
-        status.write(|s| {
-            s.connected = false;
-            s.last_error = message;
-        });
-        if err.is_fatal() {
-            return Err(err);
+/// This node's link to the operator, which outlives each session on it: where to dial, who
+/// this node is and what it offers, its tasks and their updates, whether it may take work,
+/// and the status file `kommune-agent status` reads.
+struct Uplink<'a> {
+    server: Server,
+    state: &'a AgentState,
+    facts: &'a NodeFacts,
+    tasks: &'a Arc<Tasks>,
+    updates: &'a mut mpsc::UnboundedReceiver<TaskUpdate>,
+    available: watch::Receiver<Availability>,
+    status: &'a StatusFile,
+}
+
+impl Uplink<'_> {
+    /// Opens sessions one after another, with backoff, until `shutdown` or a fatal error.
+    async fn sessions(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), SessionError> {
+        let mut backoff = Duration::ZERO;
+        tokio::pin!(shutdown);
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                r = self.session() => r,
+                _ = &mut shutdown => return Ok(()),
+            };
+            let err = match result {
+                Ok(()) => SessionError::Ended("the operator closed the session".into()),
+                Err(e) => e,
+            };
+            let message = err.to_string();
+            self.status.write(|s| {
+                s.connected = false;
+                s.last_error = message;
+            });
+            if err.is_fatal() {
+                return Err(err);
+            }
+            if started.elapsed() > STABLE_SESSION {
+                backoff = Duration::ZERO;
+            }
+            backoff = next_backoff(backoff);
+            warn!(error = %err, retry_in = ?backoff, "session lost; reconnecting");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = &mut shutdown => return Ok(()),
+            }
         }
-        if started.elapsed() > STABLE_SESSION {
-            backoff = Duration::ZERO;
+    }
+
+    /// One session: Hello, resend unacknowledged results, then serve the operator's messages,
+    /// heartbeats and task updates until the stream ends.
+    async fn session(&mut self) -> Result<(), SessionError> {
+        let (server, state, facts, tasks, status) = (&self.server, self.state, self.facts, self.tasks, self.status);
+        let (updates, available) = (&mut *self.updates, &mut self.available);
+        let mut client = connect::client(server, &state.ca_pem, Some((&state.cert_pem, &state.key_pem))).await?;
+        let (tx, rx) = mpsc::channel::<AgentMessage>(256);
+        let send = |kind: agent_message::Kind| {
+            let tx = tx.clone();
+            async move { tx.send(AgentMessage { kind: Some(kind) }).await.map_err(|_| SessionError::Ended("outbound stream closed".into())) }
+        };
+        let mut paused = available.borrow_and_update().paused;
+        send(agent_message::Kind::Hello(Hello { facts: Some(facts.clone()), running_attempt_ids: tasks.known_ids(), paused })).await?;
+        let mut inbound = client.session(ReceiverStream::new(rx)).await.map_err(status_error)?.into_inner();
+        let modules: Arc<dyn ModuleSource> = Arc::new(OperatorModules(client.clone()));
+
+        // Whatever finished while disconnected is in the spool; drop the stale channel copies.
+        while updates.try_recv().is_ok() {}
+        for u in tasks.unacknowledged() {
+            send(agent_message::Kind::TaskUpdate(u)).await?;
         }
-        backoff = next_backoff(backoff);
-        warn!(error = %err, retry_in = ?backoff, "session lost; reconnecting");
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = &mut shutdown => return Ok(()),
+
+        let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = inbound.message() => {
+                    let msg = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return Ok(()),
+                        Err(s) => return Err(status_error(s)),
+                    };
+                    match msg.kind {
+                        Some(operator_message::Kind::Welcome(w)) => {
+                            info!(node = %w.node_name, "session open");
+                            status.write(|s| {
+                                s.connected = true;
+                                s.last_error.clear();
+                            });
+                            let every = Duration::from_millis(w.heartbeat_interval_millis).clamp(Duration::from_millis(100), Duration::from_secs(300));
+                            heartbeat = tokio::time::interval(every);
+                            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
+                        Some(operator_message::Kind::Assign(a)) => {
+                            trace!(target: STAGE_TARGET, attempt = %a.attempt_id, "assign received");
+                            tasks.assign(a, modules.clone())
+                        }
+                        Some(operator_message::Kind::Cancel(c)) => tasks.cancel(&c.attempt_id),
+                        Some(operator_message::Kind::Ack(a)) => tasks.acknowledge(&a),
+                        None => {}
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let running = tasks.running_ids();
+                    send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: running.clone(), paused })).await?;
+                    status.write(|s| {
+                        s.last_heartbeat_ms = status::now_ms();
+                        s.running = running;
+                    });
+                }
+                // Pause, resume, a window or the owner: the operator hears of a change at once.
+                Ok(()) = available.changed() => {
+                    let now = available.borrow_and_update().paused;
+                    if now != paused {
+                        paused = now;
+                        send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: tasks.running_ids(), paused })).await?;
+                    }
+                }
+                Some(u) = updates.recv() => {
+                    trace!(target: STAGE_TARGET, attempt = %u.attempt_id, state = u.state, "update sent");
+                    send(agent_message::Kind::TaskUpdate(u)).await?;
+                }
+            }
         }
     }
 }
@@ -167,101 +243,5 @@ fn status_error(s: tonic::Status) -> SessionError {
     match s.code() {
         Code::Unauthenticated | Code::PermissionDenied => SessionError::Rejected(s.message().to_string()),
         _ => SessionError::Ended(format!("{}: {}", s.code(), s.message())),
-    }
-}
-
-async fn session(
-    server: &Server,
-    state: &AgentState,
-    facts: &NodeFacts,
-    tasks: &Arc<Tasks>,
-    updates: &mut mpsc::UnboundedReceiver<TaskUpdate>,
-    available: &mut watch::Receiver<Availability>,
-    status: &StatusFile,
-) -> Result<(), SessionError> {
-    let mut client = connect::client(server, &state.ca_pem, Some((&state.cert_pem, &state.key_pem))).await?;
-    let (tx, rx) = mpsc::channel::<AgentMessage>(256);
-    let send = |kind: agent_message::Kind| {
-        let tx = tx.clone();
-        async move { tx.send(AgentMessage { kind: Some(kind) }).await.map_err(|_| SessionError::Ended("outbound stream closed".into())) }
-    };
-    let mut paused = available.borrow_and_update().paused;
-    send(agent_message::Kind::Hello(Hello { facts: Some(facts.clone()), running_attempt_ids: tasks.known_ids(), paused })).await?;
-    let mut inbound = client.session(ReceiverStream::new(rx)).await.map_err(status_error)?.into_inner();
-    let modules: Arc<dyn ModuleSource> = Arc::new(OperatorModules(client.clone()));
-
-    // Whatever finished while disconnected is in the spool; drop the stale channel copies.
-    while updates.try_recv().is_ok() {}
-    for u in tasks.unacknowledged() {
-        send(agent_message::Kind::TaskUpdate(u)).await?;
-    }
-
-    let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            msg = inbound.message() => {
-                let msg = match msg {
-                    Ok(Some(m)) => m,
-                    Ok(None) => return Ok(()),
-                    Err(s) => return Err(status_error(s)),
-                };
-                match msg.kind {
-                    Some(operator_message::Kind::Welcome(w)) => {
-                        info!(node = %w.node_name, "session open");
-                        status.write(|s| {
-                            s.connected = true;
-                            s.last_error.clear();
-                        });
-                        let every = Duration::from_millis(w.heartbeat_interval_millis).clamp(Duration::from_millis(100), Duration::from_secs(300));
-                        heartbeat = tokio::time::interval(every);
-                        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    }
-                    Some(operator_message::Kind::Assign(a)) => {
-                        trace!(target: STAGE_TARGET, attempt = %a.attempt_id, "assign received");
-                        tasks.assign(a, modules.clone())
-                    }
-                    Some(operator_message::Kind::Cancel(c)) => tasks.cancel(&c.attempt_id),
-                    Some(operator_message::Kind::Ack(a)) => tasks.acknowledge(&a),
-                    None => {}
-                }
-            }
-            _ = heartbeat.tick() => {
-                let running = tasks.running_ids();
-                send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: running.clone(), paused })).await?;
-                status.write(|s| {
-                    s.last_heartbeat_ms = status::now_ms();
-                    s.running = running;
-                });
-            }
-            // Pause, resume, a window or the owner: the operator hears of a change at once.
-            Ok(()) = available.changed() => {
-                let now = available.borrow_and_update().paused;
-                if now != paused {
-                    paused = now;
-                    send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: tasks.running_ids(), paused })).await?;
-                }
-            }
-            Some(u) = updates.recv() => {
-                trace!(target: STAGE_TARGET, attempt = %u.attempt_id, state = u.state, "update sent");
-                send(agent_message::Kind::TaskUpdate(u)).await?;
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_a_cap_with_jitter() {
-        let mut b = Duration::ZERO;
-        for _ in 0..20 {
-            let next = next_backoff(b);
-            assert!(next >= MIN_BACKOFF.mul_f64(0.8) && next <= MAX_BACKOFF.mul_f64(1.2), "{next:?}");
-            b = next;
-        }
-        assert!(b >= MAX_BACKOFF.mul_f64(0.8));
     }
 }

@@ -2,7 +2,8 @@
 //! reconnects, and every finished attempt is spooled to disk until the operator acknowledges
 //! it, so neither a dropped connection nor an agent restart loses a result.
 
-use std::collections::HashMap;
+mod table;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, trace, warn};
 
-use crate::gpu::GpuPool;
+use self::table::TaskTable;
 use crate::receipts::Receipts;
 use crate::runtime::{AttemptContext, ContainerRuntime, Ending, ExecRuntime, Outcome, WasmRuntime};
 pub use crate::spool::Spool;
@@ -32,7 +33,8 @@ pub trait ModuleSource: Send + Sync + 'static {
 
 /// Runs attempts and reports their updates.
 pub struct Tasks {
-    running: Mutex<HashMap<String, CancellationToken>>,
+    /// Running attempts, their GPUs and preemption, under one lock.
+    table: Mutex<TaskTable>,
     wasm: WasmRuntime,
     exec: ExecRuntime,
     /// None unless the agent was given an engine socket.
@@ -43,12 +45,6 @@ pub struct Tasks {
     scratch_root: PathBuf,
     // Unbounded: at most two updates per assigned attempt, and the operator bounds assignments.
     updates: mpsc::UnboundedSender<TaskUpdate>,
-    /// The GPUs offered, and which attempt holds each.
-    gpus: Mutex<GpuPool>,
-    /// Set while the provider needs the machine back: why. New assignments are handed back.
-    preempting: Mutex<Option<String>>,
-    /// Running attempts stopped because the provider needs the machine, with why.
-    preempted: Mutex<HashMap<String, String>>,
 }
 
 impl Tasks {
@@ -65,53 +61,35 @@ impl Tasks {
         scratch_root: PathBuf,
     ) -> (Arc<Tasks>, mpsc::UnboundedReceiver<TaskUpdate>) {
         let (updates, rx) = mpsc::unbounded_channel();
-        let tasks = Tasks {
-            running: Mutex::new(HashMap::new()),
-            wasm,
-            exec,
-            container,
-            spool,
-            receipts: OnceLock::new(),
-            scratch_root,
-            updates,
-            gpus: Mutex::default(),
-            preempting: Mutex::default(),
-            preempted: Mutex::default(),
-        };
+        let tasks = Tasks { table: Mutex::default(), wasm, exec, container, spool, receipts: OnceLock::new(), scratch_root, updates };
         (Arc::new(tasks), rx)
     }
 
     /// The GPUs container tasks may be given (what the agent offers).
     pub fn offer_gpus(&self, gpus: &[Gpu]) {
-        *lock(&self.gpus) = GpuPool::new(gpus);
+        self.table().offer_gpus(gpus);
     }
 
     /// The provider needs the machine back: stops every running attempt and hands it back to
     /// the operator as PREEMPTED (not a failure of the task), and hands back new assignments
     /// at once, until [`Tasks::stop_preempting`].
     pub fn preempt_all(&self, reason: &str) {
-        *lock(&self.preempting) = Some(reason.to_string());
-        let running = self.running();
-        let mut preempted = lock(&self.preempted);
-        for (id, cancel) in running.iter() {
-            info!(attempt = %id, reason, "preempting: the provider needs the machine");
-            preempted.insert(id.clone(), reason.to_string());
-            cancel.cancel();
-        }
+        self.table().preempt_all(reason);
     }
 
     /// Takes assignments again after [`Tasks::preempt_all`].
     pub fn stop_preempting(&self) {
-        *lock(&self.preempting) = None;
+        self.table().stop_preempting();
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
-        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    /// A poisoned lock only means a panic elsewhere; the table is still usable.
+    fn table(&self) -> std::sync::MutexGuard<'_, TaskTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Attempts this agent knows: running, or finished and not yet acknowledged (for Hello).
     pub fn known_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.running().keys().cloned().collect();
+        let mut ids = self.table().ids();
         ids.extend(self.spool.ids());
         ids.sort();
         ids.dedup();
@@ -120,9 +98,7 @@ impl Tasks {
 
     /// Ids of attempts running right now (for Heartbeat).
     pub fn running_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.running().keys().cloned().collect();
-        ids.sort();
-        ids
+        self.table().ids()
     }
 
     /// Finished attempts not yet acknowledged, to resend after (re)connecting.
@@ -158,9 +134,8 @@ impl Tasks {
 
     /// Stops an attempt if it is running.
     pub fn cancel(&self, attempt_id: &str) {
-        if let Some(t) = self.running().get(attempt_id) {
+        if self.table().cancel(attempt_id) {
             info!(attempt = attempt_id, "cancelling");
-            t.cancel();
         }
     }
 
@@ -178,24 +153,17 @@ impl Tasks {
             return;
         }
         let cancel = CancellationToken::new();
-        {
-            let mut running = self.running();
-            if running.contains_key(&id) {
-                return;
-            }
-            running.insert(id.clone(), cancel.clone());
+        if !self.table().start(&id, cancel.clone()) {
+            return;
         }
         let me = self.clone();
         tokio::spawn(async move {
             let _ = me.updates.send(TaskUpdate { attempt_id: id.clone(), state: AttemptState::Running as i32, result: None, receipt: None });
             info!(attempt = %id, job = %assign.job, index = assign.task_index, "attempt started");
             let started_ms = crate::status::now_ms();
-            let preempting = lock(&me.preempting).clone();
-            let outcome = match preempting {
-                Some(reason) => {
-                    lock(&me.preempted).insert(id.clone(), reason.clone());
-                    Outcome::not_started(reason)
-                }
+            let refused = me.table().refuse_while_preempting(&id);
+            let outcome = match refused {
+                Some(reason) => Outcome::not_started(reason),
                 None => {
                     trace!(target: STAGE_TARGET, attempt = %id, "task starting");
                     let outcome = me.execute(&assign, modules, cancel).await;
@@ -203,14 +171,13 @@ impl Tasks {
                     outcome
                 }
             };
-            lock(&me.gpus).release(&id);
-            let preempted = lock(&me.preempted).remove(&id);
+            let preempted = me.table().ended(&id);
             let update = terminal_update(&id, &assign.job, &outcome, preempted.as_deref(), me.receipts.get(), started_ms);
             // Sent while its spool write is in flight, not after: a crash before the write is
             // durable loses no more than a crash before sending would have (and the operator
             // may already have it); the Ack cannot overtake the queued write.
             let durable = me.spool.begin_put(&update);
-            me.running().remove(&id);
+            me.table().remove(&id);
             info!(attempt = %id, ending = ?outcome.ending, exit = outcome.exit_code, "attempt finished");
             let _ = me.updates.send(update);
             let spooled = match durable {
@@ -228,7 +195,7 @@ impl Tasks {
         let kind = a.workload.as_ref().and_then(|w| w.kind.as_ref());
         let gpus = match (a.gpus, kind) {
             (0, _) => vec![],
-            (n, Some(WorkloadKind::Container(_))) => match lock(&self.gpus).take(&a.attempt_id, n) {
+            (n, Some(WorkloadKind::Container(_))) => match self.table().take_gpus(&a.attempt_id, n) {
                 Ok(devices) => devices,
                 Err(message) => return Outcome::not_started(message),
             },
@@ -291,11 +258,6 @@ impl Tasks {
         };
         self.wasm.load(&w.module_sha256, &bytes).map_err(|e| e.to_string())
     }
-}
-
-/// A poisoned lock only means a panic elsewhere; the data is still usable.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Downloads a module over http(s), bounded in size. The caller checks its digest.

@@ -22,6 +22,43 @@ fn committed_crds_match_the_code() {
     }
 }
 
+/// `kubectl explain` wraps descriptions itself: a line break inside a paragraph, left over
+/// from a doc comment's wrapping, would cut a sentence in two. Only paragraph breaks and list
+/// items may start a new line.
+#[test]
+fn no_generated_description_breaks_a_line_inside_a_paragraph() {
+    let mut seen = 0;
+    for (file, generated) in crd::all() {
+        let mut descriptions = vec![];
+        collect_descriptions(&serde_json::to_value(&generated).unwrap(), &mut descriptions);
+        for text in &descriptions {
+            for (before, after) in text.split("\n\n").flat_map(|p| p.lines().zip(p.lines().skip(1))) {
+                assert!(crd::description::is_list_item(after), "{file}: a line break between {before:?} and {after:?} in {text:?}");
+            }
+        }
+        seen += descriptions.len();
+    }
+    assert!(seen > 50, "expected the CRDs' field descriptions, found {seen}");
+    let wasm = "A WebAssembly (WASI preview 1) command module: sandboxed, portable, deterministic. The recommended runtime for untrusted providers.";
+    let text = std::fs::read_to_string(repo().join("crds/computejob.yaml")).unwrap();
+    assert!(text.contains(wasm), "crds/computejob.yaml lacks {wasm:?}");
+}
+
+fn collect_descriptions(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                match v {
+                    serde_json::Value::String(text) if key == "description" => out.push(text.clone()),
+                    other => collect_descriptions(other, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_descriptions(v, out)),
+        _ => {}
+    }
+}
+
 #[test]
 fn examples_are_valid_compute_jobs() {
     let mut seen = 0;

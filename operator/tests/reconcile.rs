@@ -208,6 +208,19 @@ impl ApiServer {
         status
     }
 
+    /// The status write is refused, as it is when the operator's Role lacks `computejobs/status`.
+    async fn status_refused(&mut self, job: &ComputeJob) {
+        let call = self.next("the status apply PATCH").await;
+        call.is(Method::PATCH, &format!("{JOBS}/{}/status", job.name_any()), STATUS_APPLY_QUERY);
+        call.reply(
+            StatusCode::FORBIDDEN,
+            &json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "computejobs.kommune.dev \"refused\" is forbidden", "reason": "Forbidden", "code": 403,
+            }),
+        );
+    }
+
     /// A wasm job's module is looked up in its ConfigMap; this one does not exist.
     async fn configmap_not_found(&mut self, name: &str) {
         let call = self.next("the GET of the module's ConfigMap").await;
@@ -492,6 +505,25 @@ async fn a_failing_reconcile_is_told_to_the_jobs_owner_with_a_warning_event() {
 
     assert_eq!(action, Action::requeue(Duration::from_secs(15)));
     assert!(event.note.as_deref().is_some_and(|n| n.contains("could not reconcile") && n.contains("unlucky")), "{event:?}");
+}
+
+/// A failure is counted under the step that failed: a refused status write is a `status_patch`
+/// error, not a `finalizer` one (kube's finalizer helper wraps every step's error).
+#[tokio::test]
+async fn a_refused_status_write_is_counted_as_a_status_patch_failure() {
+    let (ctx, mut api, _dir) = testbed();
+    let job = job("refused", EXEC).finalized();
+
+    let (result, ()) = reconcile_against(&job, &ctx, api.status_refused(&job)).await;
+    let error = result.expect_err("a refused status write fails the reconcile");
+    assert_eq!(error.label(), "status_patch", "{error}");
+
+    error_policy(Arc::new(job.clone()), &error, ctx.clone());
+    let event = api.event_created(&job, "Warning", "ReconcileError").await;
+    assert!(event.note.as_deref().is_some_and(|n| n.contains("(status_patch)") && n.contains("forbidden")), "{event:?}");
+    let metrics = ctx.metrics.render(&Fleet::default());
+    assert!(metrics.contains("kommune_reconcile_errors_total{error=\"status_patch\"} 1\n"), "{metrics}");
+    assert!(!metrics.contains("error=\"finalizer\""), "{metrics}");
 }
 
 /// The spec is editable: once fixed (a new generation), a job that failed validation is no

@@ -94,7 +94,7 @@ pub async fn reconcile(job: Arc<ComputeJob>, ctx: Arc<Context>) -> Result<Action
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(e.to_string()))
+    .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 fn job_ref(job: &ComputeJob) -> Result<JobRef, Error> {
@@ -173,7 +173,7 @@ async fn publish(ctx: &Context, job: &ComputeJob, prev: &ComputeJobStatus, next:
     let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = json!({ "apiVersion": "kommune.dev/v1alpha1", "kind": "ComputeJob", "status": next });
     ctx.dispatcher.may_write()?;
-    api.patch_status(&job.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    api.patch_status(&job.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await.map_err(Error::StatusPatch)?;
     for (severity, reason, note) in status::events(prev, next) {
         event(ctx, job, severity, &reason, &note).await;
     }

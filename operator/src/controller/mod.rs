@@ -6,6 +6,8 @@ pub mod job;
 pub mod lease;
 pub mod nodes;
 
+use kube::runtime::finalizer::Error as FinalizerError;
+
 /// The field manager of every write the operator makes.
 pub const MANAGER: &str = "kommune-operator";
 
@@ -21,8 +23,12 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error("finalizer: {0}")]
-    Finalizer(String),
+    /// Failures of reconcile's own steps arrive wrapped here by kube's finalizer helper; kept
+    /// typed so [`Error::label`] can name the step that failed rather than the wrapper.
+    #[error(transparent)]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("writing status: {0}")]
+    StatusPatch(#[source] kube::Error),
     #[error("ComputeJob {0} has no namespace or uid")]
     MissingMetadata(String),
     #[error(transparent)]
@@ -41,12 +47,38 @@ impl Error {
         match self {
             Error::Kube(_) => "kube",
             Error::Store(_) => "store",
-            Error::Finalizer(_) => "finalizer",
+            Error::Finalizer(e) => match e.as_ref() {
+                FinalizerError::ApplyFailed(inner) | FinalizerError::CleanupFailed(inner) => inner.label(),
+                _ => "finalizer",
+            },
+            Error::StatusPatch(_) => "status_patch",
             Error::MissingMetadata(_) => "metadata",
             Error::Pki(_) => "pki",
             Error::CaSecret(_) => "ca_secret",
             Error::Blob(_) => "blob",
             Error::Fenced(_) => "fenced",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> kube::Error {
+        let status = kube::core::Status::failure("forbidden", "Forbidden").with_code(403);
+        kube::Error::Api(Box::new(status))
+    }
+
+    /// The finalizer helper wraps every step's error; the label still names the step.
+    #[test]
+    fn a_step_failing_inside_the_finalizer_is_labelled_by_the_step() {
+        let apply = Error::Finalizer(Box::new(FinalizerError::ApplyFailed(Error::StatusPatch(refused()))));
+        assert_eq!(apply.label(), "status_patch");
+        let cleanup = Error::Finalizer(Box::new(FinalizerError::CleanupFailed(Error::MissingMetadata("j".into()))));
+        assert_eq!(cleanup.label(), "metadata");
+        // The helper's own writes are the finalizer step.
+        assert_eq!(Error::Finalizer(Box::new(FinalizerError::AddFinalizer(refused()))).label(), "finalizer");
+        assert!(apply.to_string().contains("writing status"), "{apply}");
     }
 }
