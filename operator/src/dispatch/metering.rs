@@ -1,0 +1,93 @@
+//! Metering: usage receipts into the ledger, a job's metered usage for its status, and how
+//! many more tasks its budget admits.
+
+use std::sync::Arc;
+
+use kommune_proto::v1;
+use tracing::warn;
+
+use super::{Dispatcher, Result};
+use crate::attempt::{Attempt, now_ms};
+use crate::job::JobPolicy;
+use crate::ledger::Verdict;
+use crate::ledger::check::{AttemptFacts, ReceiptInput};
+use crate::pricing::{self, BudgetCheck, Micros};
+use crate::store::StoreError;
+
+impl Dispatcher {
+    /// The job's metered usage, for its status.
+    pub(super) async fn job_usage(&self, job_uid: &str, budget: Option<Micros>) -> Result<Option<(crate::crd::JobUsage, Micros)>> {
+        let Some(ledger) = &self.ledger else { return Ok(None) };
+        let u = ledger.job_usage(job_uid).await.map_err(ledger_error)?;
+        let f = &u.usage;
+        let usage = crate::crd::JobUsage {
+            receipts: u.receipts,
+            cpu_seconds: format!("{:.3}", f.cpu_micros as f64 / 1e6),
+            wall_seconds: format!("{:.3}", f.wall_millis as f64 / 1e3),
+            memory_gib_hours: format!("{:.6}", f.memory_mib_millis as f64 / (1024.0 * 3_600_000.0)),
+            wasm_fuel: f.wasm_fuel,
+            output_bytes: f.output_bytes,
+            cost: u.cost.to_string(),
+            budget: budget.map(|b| b.to_string()),
+        };
+        Ok(Some((usage, u.cost)))
+    }
+
+    /// How many of `wanted` new tasks (rounds of `replicas` attempts each) the job's budget
+    /// admits, and why not all.
+    pub(super) fn budget_admits(&self, policy: &JobPolicy, attempts: &[Arc<Attempt>], spent: Micros, wanted: usize) -> (usize, Option<String>) {
+        let Some(budget) = policy.budget else { return (wanted, None) };
+        let reserved = attempts
+            .iter()
+            .filter(|a| !a.phase.is_terminal())
+            .map(|a| pricing::worst_case(a.cpu_millis, a.memory_bytes, policy.task_timeout, &self.rates.for_node(&a.node)))
+            .fold(Micros(0), Micros::saturating_add);
+        // A task is a round of all its replicas, each of which may cost the worst case.
+        let replica = pricing::worst_case(policy.cpu_millis, policy.memory_bytes, policy.task_timeout, &self.rates.ceiling());
+        let next = Micros(replica.0.saturating_mul(policy.placement.replicas.max(1) as u64));
+        let check = BudgetCheck { budget, spent, reserved, next };
+        let admits = usize::try_from(check.allows()).unwrap_or(usize::MAX);
+        if admits >= wanted {
+            return (wanted, None);
+        }
+        // Said as it will be once the admitted tasks run: they are committed too.
+        let reserved = Micros(reserved.0.saturating_add(next.0.saturating_mul(admits as u64)));
+        (admits, Some(BudgetCheck { reserved, ..check }.explain()))
+    }
+
+    /// Puts a terminal update's usage receipt in the ledger. Returns (why it was rejected, or
+    /// empty; what it was priced at).
+    pub(super) async fn meter(&self, node: &str, public_key: &[u8; 32], a: &Attempt, receipt: Option<&v1::UsageReceipt>) -> Result<(String, Micros)> {
+        let Some(ledger) = &self.ledger else { return Ok((String::new(), Micros(0))) };
+        let Some(receipt) = receipt else {
+            warn!(node, attempt = %a.id, "terminal update without a usage receipt (an older agent?); nothing metered");
+            return Ok(("the update carried no usage receipt".into(), Micros(0)));
+        };
+        let now = now_ms();
+        let input = ReceiptInput {
+            receipt: receipt.clone(),
+            session_node: node.to_string(),
+            node_public_key: *public_key,
+            attempt: AttemptFacts {
+                attempt_id: a.id.clone(),
+                job_uid: a.job_uid.clone(),
+                job_key: a.job_key.clone(),
+                node: a.node.clone(),
+                cpu_millis: a.cpu_millis,
+                observed_start_ms: a.created_ms,
+                // The attempt cannot have run longer than from its placement to this report.
+                observed_end_ms: now,
+            },
+            rates: self.rates.for_node(node),
+            received_ms: now,
+        };
+        match ledger.submit(input).await.map_err(ledger_error)? {
+            Verdict::Accepted { cost, .. } | Verdict::Duplicate { cost, .. } => Ok((String::new(), cost)),
+            Verdict::Rejected { reason } => Ok((reason, Micros(0))),
+        }
+    }
+}
+
+fn ledger_error(e: crate::ledger::LedgerError) -> StoreError {
+    StoreError::Ledger(e.to_string())
+}

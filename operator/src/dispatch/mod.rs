@@ -1,0 +1,401 @@
+//! The dispatcher: the kube-free core between the job controller and the gateway. It turns a
+//! job's progress into placements and Assign messages, and agents' updates into durable attempt
+//! transitions. Placement runs under one lock against the fleet's in-memory pool of
+//! reservations (rebuilt from the store's active attempts on first use), so concurrent jobs
+//! never overcommit a node; every path that finishes an attempt releases its reservation.
+//!
+//! `sync` is a pipeline of named steps (below); the attempts it records are built by the pure
+//! functions of `build`. Node lifecycle is in `node`, agents' updates in `update`, receipts and
+//! budgets in `metering`, protocol messages in `wire`.
+
+mod build;
+mod metering;
+mod node;
+mod update;
+mod wire;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kommune_proto::v1::operator_message::Kind as OpKind;
+use tokio::sync::mpsc;
+use tracing::{info, trace, warn};
+
+pub use self::wire::{TAIL_LIMIT, assign_message};
+use crate::STAGE;
+use crate::attempt::{Attempt, AttemptPhase, AttemptResult, now_ms};
+use crate::crd::JobPhase;
+use crate::fleet::Fleet;
+use crate::job::{JobPolicy, Progress, progress};
+use crate::ledger::Ledger;
+use crate::pricing::{Micros, RateBook};
+use crate::scheduler::pool::Batch;
+use crate::scheduler::{Demand, Explanation, GpuRequest, Request, Resources};
+use crate::store::{Store, StoreError};
+
+/// A job as the dispatcher knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRef {
+    pub uid: String,
+    /// "namespace/name".
+    pub key: String,
+}
+
+/// The module a wasm job runs, resolved by the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleRef {
+    pub sha256: String,
+    /// Where agents download it; None means from the operator (FetchBlob).
+    pub url: Option<String>,
+}
+
+/// The result of one sync of a job.
+#[derive(Debug, Clone)]
+pub struct Synced {
+    pub progress: Progress,
+    /// Every attempt of the job, in (index, number) order; shared with the store's in-memory
+    /// copy, so a sync copies pointers, not attempts.
+    pub attempts: Vec<Arc<Attempt>>,
+    /// Why tasks that should run now could not be placed.
+    pub unplaced: Option<Explanation>,
+    /// Attempts handed to nodes by this sync (with replicas, every copy counts).
+    pub placed: usize,
+    /// Why no further task may start within the job's budget.
+    pub budget_exhausted: Option<String>,
+    /// Usage and cost metered so far (None without a ledger).
+    pub usage: Option<crate::crd::JobUsage>,
+}
+
+/// Store failures bubble up; everything else is handled here.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The kube-free job engine.
+pub struct Dispatcher {
+    store: Arc<Store>,
+    fleet: Arc<Fleet>,
+    place_lock: tokio::sync::Mutex<()>,
+    changed: mpsc::Sender<String>,
+    /// Reservations and reputations have been rebuilt from the store.
+    rebuilt: AtomicBool,
+    /// Where usage receipts are verified, priced and appended; None runs without metering.
+    ledger: Option<Arc<Ledger>>,
+    rates: Arc<RateBook>,
+    /// Leader-election fence for writes outside the store (the API server).
+    fence: crate::fence::Fence,
+}
+
+/// The namespace of a "namespace/name" job key.
+fn namespace_of(job_key: &str) -> &str {
+    job_key.split_once('/').map_or("", |(ns, _)| ns)
+}
+
+/// The result recorded for an attempt that ended without one of its own.
+fn lost(message: &str) -> AttemptResult {
+    AttemptResult { exit_code: -1, message: message.to_string(), ..Default::default() }
+}
+
+impl Dispatcher {
+    /// `changed` receives "namespace/name" of jobs whose attempts changed, so the controller
+    /// reconciles them; when it is full the periodic requeue catches up.
+    pub fn new(store: Arc<Store>, fleet: Arc<Fleet>, changed: mpsc::Sender<String>) -> Self {
+        Dispatcher {
+            store,
+            fleet,
+            place_lock: tokio::sync::Mutex::new(()),
+            changed,
+            rebuilt: AtomicBool::new(false),
+            ledger: None,
+            rates: Arc::default(),
+            fence: crate::fence::Fence::open(),
+        }
+    }
+
+    /// Meters through `ledger`: terminal updates are acknowledged only once their usage receipt
+    /// is in it (accepted, a duplicate, or rejected with the reason), priced at `rates`.
+    pub fn with_ledger(mut self, ledger: Arc<Ledger>, rates: Arc<RateBook>) -> Self {
+        self.ledger = Some(ledger);
+        self.rates = rates;
+        self
+    }
+
+    /// Writes to the API server (status, Events, ProviderNodes) are made only while `fence`
+    /// allows, as the store's and the ledger's are.
+    pub fn with_fence(mut self, fence: crate::fence::Fence) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// Whether this replica may write now (leader election); checked right before each write to
+    /// the API server, so a leader frozen past its Lease does not publish a stale view when it
+    /// wakes.
+    pub fn may_write(&self) -> std::result::Result<(), crate::fence::Fenced> {
+        self.fence.check()
+    }
+
+    pub fn ledger(&self) -> Option<&Arc<Ledger>> {
+        self.ledger.as_ref()
+    }
+
+    pub fn rates(&self) -> &Arc<RateBook> {
+        &self.rates
+    }
+
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn notify(&self, job_key: &str) {
+        let _ = self.changed.try_send(job_key.to_string());
+    }
+
+    /// Rebuilds the pool's reservations (from active attempts) and node reputations (from
+    /// finished ones) the first time placement needs them. The store is read while the pool is
+    /// locked, and every finish releases after its store write, so an attempt finishing
+    /// meanwhile is either not read as active or released after being reserved: never leaked.
+    fn ensure_rebuilt(&self) -> Result<()> {
+        if self.rebuilt.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        {
+            let mut pool = self.fleet.pool();
+            if self.rebuilt.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            for a in self.store.all_active()? {
+                let ns = namespace_of(&a.job_key);
+                let ephemeral_bytes = a.held.map_or(0, |h| h.ephemeral_bytes);
+                let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes };
+                match a.held {
+                    Some(held) => pool.reserve_exact(&a.id, &a.node, resources, held.gpu_mask, ns),
+                    // Recorded by an older operator: disk and GPUs are filled in by the job's next sync.
+                    None => pool.reserve(&a.id, &a.node, resources, &GpuRequest::default(), ns),
+                };
+            }
+            self.rebuilt.store(true, Ordering::Release);
+        }
+        for (node, succeeded, failed) in self.store.outcomes_by_node()? {
+            self.fleet.set_history(&node, succeeded, failed);
+        }
+        Ok(())
+    }
+
+    /// Finishes an attempt in the store, then frees its reservation and counts the outcome
+    /// towards its node's reputation. Every path that ends an attempt goes through here.
+    fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now: i64) -> Result<Option<Attempt>> {
+        let done = self.store.finish(id, phase, result, now)?;
+        let node = done.as_ref().map_or("", |a| a.node.as_str());
+        self.released(id, node, phase, done.is_some());
+        Ok(done)
+    }
+
+    /// After an attempt was finished in the store: its room is free at once, and if this call
+    /// finished it (not a repeat) its node's record counts the outcome.
+    fn released(&self, id: &str, node: &str, phase: AttemptPhase, finished_now: bool) {
+        // Released even when the store says it was already finished: release is idempotent.
+        self.fleet.pool().release(id);
+        if finished_now {
+            match phase {
+                AttemptPhase::Succeeded => self.fleet.record_outcome(node, true),
+                AttemptPhase::Failed | AttemptPhase::Lost => self.fleet.record_outcome(node, false),
+                _ => {}
+            }
+        }
+    }
+
+    /// Why a task of this job would not be placed right now (a full scan of the pool), or
+    /// None when it would fit. The same text the Scheduled condition carries.
+    pub fn explain(&self, policy: &JobPolicy) -> Option<Explanation> {
+        let e = self.fleet.pool().explain(&policy.request());
+        // With replicas, nodes may fit and still be too few owners.
+        (e.fitting() == 0 || e.owners.is_some()).then_some(e)
+    }
+
+    /// Brings one job forward: cancels what must stop, places what may start, and returns the
+    /// progress to publish. Idempotent: calling it again with nothing changed does nothing.
+    #[tracing::instrument(skip_all, fields(job = %job.key))]
+    pub async fn sync(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>) -> Result<Synced> {
+        let _guard = self.place_lock.lock().await;
+        let now = now_ms();
+        let attempts = self.store.job_attempts(&job.uid)?;
+        let before = progress(policy, &attempts, now);
+        self.cancel_unneeded(policy, &before, &attempts)?;
+        self.ensure_rebuilt()?;
+        let request = policy.request();
+        self.complete_reservations(&request, &attempts);
+        let metered = self.job_usage(&job.uid, policy.budget).await?;
+        let spent = metered.as_ref().map_or(Micros(0), |(_, cost)| *cost);
+        let (admitted, budget_exhausted) = self.budget_admits(policy, &attempts, spent, before.to_place.len());
+        let (placed, unplaced) = self.place(job, policy, module, &request, &before.to_place[..admitted], now)?;
+        let changed = placed > 0 || !before.to_cancel.is_empty() || unplaced.is_some();
+        let (progress, attempts) = self.progress_after(job, policy, attempts, changed, now)?;
+        self.forget_if_done(&job.uid, &progress, &attempts);
+        Ok(Synced { progress, attempts, unplaced, placed, budget_exhausted, usage: metered.map(|(u, _)| u) })
+    }
+
+    /// Cancels the attempts the job's progress no longer needs, telling their nodes why.
+    fn cancel_unneeded(&self, policy: &JobPolicy, p: &Progress, attempts: &[Arc<Attempt>]) -> Result<()> {
+        let why = match p.phase {
+            JobPhase::Succeeded | JobPhase::Failed => "job finished",
+            _ if policy.suspended => "job suspended",
+            // A late duplicate of a task that succeeded, or a copy of a round that can no longer verify.
+            _ => "not needed any more: its task succeeded, or another copy of its round failed, disagreed or stopped",
+        };
+        for id in &p.to_cancel {
+            self.cancel_attempt(attempts, id, why)?;
+        }
+        Ok(())
+    }
+
+    /// Completes the reservations of the job's active attempts that were rebuilt from an older
+    /// operator's records, which know only cpu and memory (exact ones are left alone).
+    fn complete_reservations(&self, request: &Request, attempts: &[Arc<Attempt>]) {
+        let mut pool = self.fleet.pool();
+        for a in attempts.iter().filter(|a| !a.phase.is_terminal()) {
+            let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes: request.resources.ephemeral_bytes };
+            pool.refresh(&a.id, resources, &request.gpu);
+        }
+    }
+
+    /// Places the admitted rounds (`to_place`: (index, number) each), records their attempts
+    /// and hands them to their nodes. Returns (attempts handed over, why the rest waits).
+    fn place(
+        &self,
+        job: &JobRef,
+        policy: &JobPolicy,
+        module: Option<&ModuleRef>,
+        request: &Request,
+        to_place: &[(u32, u32)],
+        now: i64,
+    ) -> Result<(usize, Option<Explanation>)> {
+        if to_place.is_empty() {
+            self.fleet.pool().forget_demand(&job.key);
+            return Ok((0, None));
+        }
+        let ids = build::round_ids(&job.uid, to_place, request.replicas);
+        let batch = self.schedule(job, policy, request, &ids, now);
+        let new = self.build_attempts(job, request, to_place, &ids, &batch, now);
+        self.persist(&new)?;
+        let placed = self.send_assigns(job, policy, module, &new, now)?;
+        if !new.is_empty() {
+            info!(job = %job.key, attempts = new.len(), tasks = batch.placed.len(), "placed tasks");
+        }
+        Ok((placed, batch.unplaced))
+    }
+
+    /// Asks the pool to place one round per task (all its replicas on distinct owners, or
+    /// none) and wakes the jobs whose room it kept free.
+    fn schedule(&self, job: &JobRef, policy: &JobPolicy, request: &Request, ids: &[Vec<String>], now: i64) -> Batch {
+        let demand = Demand {
+            job: job.key.clone(),
+            namespace: namespace_of(&job.key).to_string(),
+            priority: policy.priority,
+            request: request.clone(),
+            remaining: 0,
+            seen_ms: now,
+        };
+        let batch = self.fleet.pool().place_batch(demand, ids, now);
+        for other in &batch.held_for {
+            self.notify(other);
+        }
+        batch
+    }
+
+    /// Reads the GPUs the pool gave each placed copy, then builds the attempts (pure).
+    fn build_attempts(&self, job: &JobRef, request: &Request, slots: &[(u32, u32)], ids: &[Vec<String>], batch: &Batch, now: i64) -> Vec<Attempt> {
+        let gpu_masks: HashMap<&str, u64> = {
+            let pool = self.fleet.pool();
+            batch.placed.iter().flat_map(|pl| &ids[pl.task]).map(|id| (id.as_str(), pool.held_gpus(id).unwrap_or(0))).collect()
+        };
+        build::attempts(&build::Rounds { job, resources: request.resources, slots, ids, placed: &batch.placed, gpu_masks: &gpu_masks, now_ms: now })
+    }
+
+    /// Records the new attempts before any is sent; if that fails their reservations are
+    /// released, so nothing is held for attempts that do not exist.
+    fn persist(&self, new: &[Attempt]) -> Result<()> {
+        // Durable first, then sent: a crash in between leaves an Assigned attempt that the
+        // node's next Hello does not list, so it is marked Lost and retried.
+        if let Err(e) = self.store.insert_attempts(new) {
+            let mut pool = self.fleet.pool();
+            for a in new {
+                pool.release(&a.id);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Sends each new attempt's Assign to its node; one that cannot be sent is Lost. Returns
+    /// how many were sent.
+    fn send_assigns(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>, new: &[Attempt], now: i64) -> Result<usize> {
+        let mut sent = 0;
+        for a in new {
+            let assign = OpKind::Assign(assign_message(a, policy, module));
+            if let Err(e) = self.fleet.send(&a.node, assign) {
+                warn!(attempt = %a.id, node = %a.node, error = ?e, "could not hand attempt to node; marking it lost");
+                self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("could not reach node: {e:?}"))), now)?;
+                // With replicas, the round's other copies are now wasted: the next sync cancels them.
+                self.notify(&job.key);
+            } else {
+                trace!(target: STAGE, attempt = %a.id, "assign queued");
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    }
+
+    /// The job's progress after this sync: its attempts are read again only if the sync
+    /// `changed` them, so a sync that did nothing costs one read.
+    fn progress_after(&self, job: &JobRef, policy: &JobPolicy, attempts: Vec<Arc<Attempt>>, changed: bool, now: i64) -> Result<(Progress, Vec<Arc<Attempt>>)> {
+        let attempts = if changed { self.store.job_attempts(&job.uid)? } else { attempts };
+        Ok((progress(policy, &attempts, now), attempts))
+    }
+
+    /// Frees the memory the store and ledger keep for a job that ended with nothing of it
+    /// running any more; a later sync reads the store again.
+    fn forget_if_done(&self, job_uid: &str, p: &Progress, attempts: &[Arc<Attempt>]) {
+        if matches!(p.phase, JobPhase::Succeeded | JobPhase::Failed) && attempts.iter().all(|a| a.phase.is_terminal()) {
+            self.forget_job(job_uid);
+        }
+    }
+
+    /// Drops the job from the store's and the ledger's in-memory caches.
+    fn forget_job(&self, job_uid: &str) {
+        self.store.forget_job(job_uid);
+        if let Some(l) = &self.ledger {
+            l.forget_job(job_uid);
+        }
+    }
+
+    /// Stops one of `attempts` on its node and records it Cancelled with `reason`.
+    fn cancel_attempt(&self, attempts: &[Arc<Attempt>], id: &str, reason: &str) -> Result<()> {
+        let Some(a) = attempts.iter().find(|a| a.id == id) else { return Ok(()) };
+        let _ = self.fleet.send(&a.node, wire::cancel_message(id, reason));
+        self.finish(id, AttemptPhase::Cancelled, Some(&lost(reason)), now_ms())?;
+        Ok(())
+    }
+
+    /// Cancels every active attempt of a job (it is being deleted). Returns how many.
+    pub async fn cancel_job(&self, job_uid: &str) -> Result<usize> {
+        let _guard = self.place_lock.lock().await;
+        let attempts = self.store.job_attempts(job_uid)?;
+        if let Some(key) = attempts.first().map(|a| a.job_key.clone()) {
+            self.fleet.pool().forget_demand(&key);
+        }
+        let active: Vec<String> = attempts.iter().filter(|a| !a.phase.is_terminal()).map(|a| a.id.clone()).collect();
+        for id in &active {
+            self.cancel_attempt(&attempts, id, "job deleted")?;
+        }
+        self.forget_job(job_uid);
+        Ok(active.len())
+    }
+}

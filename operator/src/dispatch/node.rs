@@ -1,0 +1,120 @@
+//! Node lifecycle: a session opening (reconciled against what the node should run), a node
+//! gone past its grace, drained, revoked or leaving, and what becomes of its attempts.
+
+use std::collections::HashSet;
+
+use tracing::info;
+
+use super::{Dispatcher, Result, lost, wire};
+use crate::attempt::{AttemptPhase, now_ms};
+use crate::fleet::{NodeFacts, Outbound};
+
+impl Dispatcher {
+    /// Gives up on attempts whose node has had no session for longer than `grace`: they become
+    /// Lost (a failure, retried elsewhere with backoff). A node back within the grace keeps
+    /// them. Returns how many were expired.
+    pub async fn expire_absent(&self, grace: std::time::Duration) -> Result<usize> {
+        let _guard = self.place_lock.lock().await;
+        let now = now_ms();
+        let mut expired = 0;
+        for a in self.store.all_active()? {
+            let Some(absent) = self.fleet.absent_for(&a.node).filter(|d| *d > grace) else { continue };
+            let why = format!("node {} has been unreachable for {}s (grace {}s)", a.node, absent.as_secs(), grace.as_secs());
+            if self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&why)), now)?.is_some() {
+                info!(attempt = %a.id, node = %a.node, "attempt lost with its node");
+                self.notify(&a.job_key);
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Drains a node (its admin set `spec.drain`; the caller has cordoned it): every attempt
+    /// running there is stopped on the agent and Cancelled, so it is placed elsewhere at once
+    /// without counting against its retries. The agent still sends what the attempt used, which
+    /// is metered. Returns how many attempts moved.
+    pub async fn drain_node(&self, node: &str) -> Result<usize> {
+        let _guard = self.place_lock.lock().await;
+        let why = format!("node {node} is being drained by its admin");
+        let now = now_ms();
+        let mut moved = 0;
+        for a in self.store.active_on_node(node)? {
+            let _ = self.fleet.send(node, wire::cancel_message(&a.id, &why));
+            if self.finish(&a.id, AttemptPhase::Cancelled, Some(&lost(&why)), now)?.is_some() {
+                self.notify(&a.job_key);
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            info!(node, moved, "node drained");
+        }
+        Ok(moved)
+    }
+
+    /// Revokes a node (its ProviderNode was deleted): the registration goes, so its certificate
+    /// opens no further session; an open session is ended with PermissionDenied, which makes
+    /// the agent stop; its running attempts are Lost and placed elsewhere.
+    pub async fn revoke_node(&self, node: &str) -> Result<usize> {
+        self.remove_node(node, "was removed from the pool by an admin", AttemptPhase::Lost).await
+    }
+
+    /// A node leaves of its own accord: like a revocation, but its attempts are Cancelled, so
+    /// they are placed elsewhere without counting against their retries. Returns how many.
+    pub async fn leave(&self, node: &str) -> Result<usize> {
+        self.remove_node(node, "left the pool", AttemptPhase::Cancelled).await
+    }
+
+    /// Removes the node's registration, ends its session and finishes its attempts as `phase`.
+    async fn remove_node(&self, node: &str, why: &str, phase: AttemptPhase) -> Result<usize> {
+        let _guard = self.place_lock.lock().await;
+        self.store.remove_node(node)?;
+        let closed = self.fleet.close(node, tonic::Status::permission_denied(format!("node {node} {why}")));
+        let now = now_ms();
+        let mut moved = 0;
+        for a in self.store.active_on_node(node)? {
+            if self.finish(&a.id, phase, Some(&lost(&format!("node {node} {why}"))), now)?.is_some() {
+                self.notify(&a.job_key);
+                moved += 1;
+            }
+        }
+        info!(node, closed, moved, why, "node removed");
+        Ok(moved)
+    }
+
+    /// Opens a node's session: reconciles what the node runs with what the store says it should
+    /// run, then registers the session, both under the placement lock so no placement lands in
+    /// between. Attempts the node should run but does not know are Lost; attempts it runs that
+    /// it should not are returned for cancelling. Returns (session id, attempts to cancel).
+    #[tracing::instrument(skip_all, fields(node = %node))]
+    pub async fn open_session(&self, node: &str, facts: NodeFacts, tx: Outbound, running: &[String]) -> Result<(u64, Vec<String>)> {
+        let _guard = self.place_lock.lock().await;
+        let running: HashSet<&str> = running.iter().map(String::as_str).collect();
+        let expected = self.store.active_on_node(node)?;
+        let now = now_ms();
+        for a in expected.iter().filter(|a| !running.contains(a.id.as_str())) {
+            if a.phase == AttemptPhase::Assigned {
+                // Never confirmed running, and the node does not have it: the Assign was lost
+                // on the way (the session or the operator ended first). Nothing ran, so it is
+                // placed again without using a retry.
+                info!(attempt = %a.id, node, "node reconnected without an attempt it never confirmed; placing it again");
+                let why = "the assignment never reached the node (it reconnected without it); placed again without using a retry";
+                self.finish(&a.id, AttemptPhase::Cancelled, Some(&lost(why)), now)?;
+            } else {
+                info!(attempt = %a.id, node, "node reconnected without this attempt; marking it lost");
+                self.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now)?;
+            }
+            self.notify(&a.job_key);
+        }
+        let expected: HashSet<&str> = expected.iter().map(|a| a.id.as_str()).collect();
+        let mut unwanted = vec![];
+        for id in running.iter().filter(|id| !expected.contains(**id)) {
+            // Finished-but-unacknowledged attempts are listed too; their TaskUpdate follows.
+            match self.store.attempt(id)? {
+                Some(a) if a.node == node && a.phase.is_terminal() => {}
+                _ => unwanted.push(id.to_string()),
+            }
+        }
+        let session = self.fleet.connect(node, facts, tx);
+        Ok((session, unwanted))
+    }
+}

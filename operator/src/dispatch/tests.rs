@@ -1,0 +1,229 @@
+//! The dispatcher's tests: reservations, fair sharing, replicas and restarts, driven through
+//! `sync` and `on_update` against a real store and fleet.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kommune_proto::v1::{self, operator_message::Kind as OpKind};
+use tokio::sync::mpsc;
+
+use super::fixtures::{exec_policy, job, provider, replicated_policy};
+use super::*;
+use crate::attempt::{AttemptPhase, attempt_id, replica_attempt_id};
+use crate::crd::JobPhase;
+use crate::fleet::{Fleet, NodeFacts};
+use crate::job::JobPolicy;
+use crate::pricing::{self, Micros, RateBook};
+use crate::scheduler::Resources;
+use crate::store::Store;
+
+#[tokio::test]
+async fn room_is_reserved_in_memory_and_freed_the_moment_an_attempt_ends_or_is_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let fleet = Arc::new(Fleet::default());
+    let (changed, _changed_rx) = mpsc::channel(16);
+    let (tx, _session_rx) = mpsc::channel(16);
+    let facts =
+        NodeFacts { capacity: Resources { cpu_millis: 2000, memory_bytes: 4 << 30, ephemeral_bytes: 0 }, runtimes: vec!["exec".into()], ..Default::default() };
+    fleet.connect("n1", facts, tx);
+    let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+    let (a, b) = (job("team-a", "ua"), job("team-b", "ub"));
+
+    assert_eq!(d.sync(&a, &exec_policy(2, 1000), None).await.unwrap().placed, 2);
+    let waiting = d.sync(&b, &exec_policy(1, 1000), None).await.unwrap();
+    assert_eq!(waiting.placed, 0);
+    assert_eq!(waiting.unplaced.unwrap().to_string(), "0/1 nodes can run it: 1 insufficient cpu (need 1)");
+    assert_eq!(d.explain(&exec_policy(1, 1000)).unwrap().to_string(), "0/1 nodes can run it: 1 insufficient cpu (need 1)");
+
+    // An attempt of A succeeds: its room is free for B at once, and the node's record improves.
+    let done = v1::TaskUpdate { attempt_id: attempt_id("ua", 0, 1), state: v1::AttemptState::Succeeded as i32, ..Default::default() };
+    assert!(d.on_update("n1", &[0; 32], &done).await.unwrap().is_some());
+    assert!(d.on_update("n1", &[0; 32], &done).await.unwrap().is_some(), "a repeated update releases nothing twice");
+    assert_eq!(fleet.reputation("n1"), crate::scheduler::Reputation(666));
+    assert_eq!(d.sync(&b, &exec_policy(1, 1000), None).await.unwrap().placed, 1);
+    assert_eq!(fleet.pool().allocation("n1").resources.cpu_millis, 2000);
+
+    // Deleting A cancels its last attempt and frees its room.
+    assert_eq!(d.cancel_job("ua").await.unwrap(), 1);
+    assert_eq!(fleet.pool().allocation("n1").resources.cpu_millis, 1000);
+    assert_eq!(fleet.pool().reservations(), 1);
+    assert!(d.explain(&exec_policy(1, 1000)).is_none());
+
+    // A restarted operator rebuilds the same reservations from the store.
+    let fleet2 = Arc::new(Fleet::default());
+    let (changed2, _rx2) = mpsc::channel(16);
+    let d2 = Dispatcher::new(store, fleet2.clone(), changed2);
+    d2.ensure_rebuilt().unwrap();
+    assert_eq!(fleet2.pool().allocation("n1").resources.cpu_millis, 1000);
+    assert_eq!(fleet2.reputation("n1"), crate::scheduler::Reputation(666));
+}
+
+#[tokio::test]
+async fn freed_room_goes_to_the_small_job_of_another_namespace_before_the_big_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let fleet = Arc::new(Fleet::default());
+    let (changed, mut changed_rx) = mpsc::channel(16);
+    let (tx, _session_rx) = mpsc::channel(64);
+    let facts =
+        NodeFacts { capacity: Resources { cpu_millis: 4000, memory_bytes: 4 << 30, ephemeral_bytes: 0 }, runtimes: vec!["exec".into()], ..Default::default() };
+    fleet.connect("n1", facts, tx);
+    let d = Dispatcher::new(store, fleet.clone(), changed);
+    let (big, small) = (job("team-a", "big"), job("team-b", "small"));
+
+    // The big job fills the node; the small one waits and says why.
+    assert_eq!(d.sync(&big, &exec_policy(100, 1000), None).await.unwrap().placed, 4);
+    let waiting = d.sync(&small, &exec_policy(2, 1000), None).await.unwrap();
+    assert_eq!((waiting.placed, waiting.unplaced.unwrap().to_string()), (0, "0/1 nodes can run it: 1 insufficient cpu (need 1)".to_string()));
+
+    // Two of the big job's attempts end; the big job syncs first but keeps their room.
+    for index in 0..2 {
+        let done = v1::TaskUpdate { attempt_id: attempt_id("big", index, 1), state: v1::AttemptState::Succeeded as i32, ..Default::default() };
+        d.on_update("n1", &[0; 32], &done).await.unwrap();
+    }
+    while changed_rx.try_recv().is_ok() {}
+    let held = d.sync(&big, &exec_policy(100, 1000), None).await.unwrap();
+    assert_eq!(held.placed, 0);
+    assert_eq!(held.unplaced.unwrap().to_string(), "1/1 nodes can run it, but their room is kept for 2 task(s) of jobs ahead in the fair-share queue");
+    assert_eq!(changed_rx.try_recv().ok().as_deref(), Some("team-b/small"), "the job the room is kept for is woken");
+    let placed = d.sync(&small, &exec_policy(2, 1000), None).await.unwrap();
+    assert_eq!((placed.placed, placed.unplaced), (2, None));
+}
+
+#[tokio::test]
+async fn a_three_replica_job_puts_each_round_on_three_owners_and_says_why_when_there_are_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let fleet = Arc::new(Fleet::default());
+    let (changed, _changed_rx) = mpsc::channel(16);
+    let _sessions = [provider(&fleet, "alice-1", "alice"), provider(&fleet, "alice-2", "alice"), provider(&fleet, "bob-1", "bob")];
+    let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+    let j = job("team-a", "rep");
+
+    // Three nodes, two owners: nothing is placed, not even two of the three copies.
+    let waiting = d.sync(&j, &replicated_policy(2, 3), None).await.unwrap();
+    let why = "3/3 nodes can run it, but they belong to 2 owner(s) and each task needs 3 replicas on distinct providers and owners";
+    assert_eq!((waiting.placed, waiting.unplaced.unwrap().to_string()), (0, why.to_string()));
+    assert_eq!(d.explain(&replicated_policy(2, 3)).unwrap().to_string(), why);
+    assert!(store.attempts_for_job("rep").unwrap().is_empty());
+    assert_eq!(fleet.pool().reservations(), 0);
+
+    // A third owner arrives: both tasks run, each copy on another owner.
+    let mut carol = provider(&fleet, "carol-1", "carol");
+    let synced = d.sync(&j, &replicated_policy(2, 3), None).await.unwrap();
+    assert_eq!((synced.placed, synced.unplaced.map(|e| e.to_string())), (6, None));
+    assert_eq!(synced.progress.counts.running, 2, "counts are tasks");
+    let owner = |node: &str| node.split('-').next().unwrap().to_string();
+    for index in 0..2 {
+        let round: Vec<&Attempt> = synced.attempts.iter().map(|a| &**a).filter(|a| a.index == index).collect();
+        assert_eq!(round.iter().map(|a| (a.number, a.replica)).collect::<Vec<_>>(), vec![(1, 0), (1, 1), (1, 2)]);
+        assert_eq!(round.iter().map(|a| a.id.clone()).collect::<Vec<_>>(), (0..3).map(|k| replica_attempt_id("rep", index, 1, k)).collect::<Vec<_>>());
+        let owners: HashSet<String> = round.iter().map(|a| owner(&a.node)).collect();
+        assert_eq!(owners.len(), 3, "{round:?}");
+    }
+    let Some(Ok(v1::OperatorMessage { kind: Some(OpKind::Assign(assign)) })) = carol.try_recv().ok() else { panic!("carol got no assignment") };
+    assert!(assign.attempt_id.starts_with("rep.") && assign.task_count == 2);
+
+    // Their budget counts every copy: 3 copies of a 1-core hour task cost up to 3 credits.
+    let mut d = d;
+    d.rates = Arc::new(RateBook::new(pricing::Rates { cpu_core_hour: Micros(1_000_000), ..Default::default() }));
+    let hour = JobPolicy { cpu_millis: 1000, task_timeout: Duration::from_secs(3600), budget: Some(Micros(5_000_000)), ..replicated_policy(4, 3) };
+    assert_eq!(d.budget_admits(&hour, &[], Micros(0), 4).0, 1, "5 credits admit one task of three copies");
+    assert_eq!(d.budget_admits(&JobPolicy { placement: crate::job::PlacementPolicy { replicas: 1, ..Default::default() }, ..hour }, &[], Micros(0), 4).0, 4);
+}
+
+#[tokio::test]
+async fn a_restarted_operator_does_not_offer_a_running_attempts_gpu_or_disk_before_its_job_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let gpu_node = |fleet: &Fleet| {
+        let (tx, rx) = mpsc::channel(16);
+        let facts = NodeFacts {
+            capacity: Resources { cpu_millis: 8000, memory_bytes: 16 << 30, ephemeral_bytes: 30 << 30 },
+            gpus: vec![crate::scheduler::Gpu { model: "a100".into(), memory_bytes: 80 << 30 }],
+            runtimes: vec!["exec".into()],
+            ..Default::default()
+        };
+        fleet.connect("g1", facts, tx);
+        rx
+    };
+    let gpu = crate::scheduler::GpuRequest { count: 1, model: Some(crate::scheduler::GpuPattern::parse("a100*").unwrap()), min_memory_bytes: 0 };
+    let trainer = JobPolicy { gpu: gpu.clone(), ephemeral_bytes: 20 << 30, ..exec_policy(1, 1000) };
+    {
+        let fleet = Arc::new(Fleet::default());
+        let _session = gpu_node(&fleet);
+        let (changed, _rx) = mpsc::channel(16);
+        let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+        assert_eq!(d.sync(&job("team-a", "trainer"), &trainer, None).await.unwrap().placed, 1);
+        let held = store.attempt(&attempt_id("trainer", 0, 1)).unwrap().unwrap().held.unwrap();
+        assert_eq!((held.gpu_mask, held.ephemeral_bytes), (1, 20 << 30));
+    }
+
+    // The operator restarts; another job syncs first. The trainer has not synced since.
+    let fleet = Arc::new(Fleet::default());
+    let _session = gpu_node(&fleet);
+    let (changed, _rx) = mpsc::channel(16);
+    let d = Dispatcher::new(store, fleet.clone(), changed);
+    let other_gpu = d.sync(&job("team-b", "other"), &JobPolicy { gpu, ..exec_policy(1, 1000) }, None).await.unwrap();
+    assert_eq!((other_gpu.placed, other_gpu.unplaced.unwrap().to_string()), (0, "0/1 nodes can run it: 1 no free GPU matching a100*".to_string()));
+    let other_disk = d.sync(&job("team-b", "scratch"), &JobPolicy { ephemeral_bytes: 20 << 30, ..exec_policy(1, 1000) }, None).await.unwrap();
+    assert_eq!(other_disk.unplaced.unwrap().to_string(), "0/1 nodes can run it: 1 insufficient ephemeral storage (need 20Gi)");
+    let allocated = fleet.pool().allocation("g1");
+    assert_eq!((allocated.gpus, allocated.resources.ephemeral_bytes), (1, 20 << 30));
+}
+
+#[tokio::test]
+async fn a_failed_copy_cancels_its_twin_and_copies_that_keep_disagreeing_fail_the_job_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let fleet = Arc::new(Fleet::default());
+    let (changed, _changed_rx) = mpsc::channel(16);
+    let mut sessions = [provider(&fleet, "alice-1", "alice"), provider(&fleet, "bob-1", "bob")];
+    let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+    let j = job("team-a", "twin");
+    let policy = JobPolicy { max_attempts: 2, backoff: Duration::ZERO, ..replicated_policy(1, 2) };
+    let update = |id: String, state: v1::AttemptState, digest: &str| v1::TaskUpdate {
+        attempt_id: id,
+        state: state as i32,
+        result: Some(v1::TaskResult { exit_code: 0, output_sha256: digest.repeat(64), ..Default::default() }),
+        ..Default::default()
+    };
+    let node_of = |id: &str| store.attempt(id).unwrap().unwrap().node;
+
+    assert_eq!(d.sync(&j, &policy, None).await.unwrap().placed, 2);
+    let (first, twin) = (replica_attempt_id("twin", 0, 1, 0), replica_attempt_id("twin", 0, 1, 1));
+    d.on_update(&node_of(&twin), &[0; 32], &update(twin.clone(), v1::AttemptState::Failed, "a")).await.unwrap();
+    for s in sessions.iter_mut() {
+        while s.try_recv().is_ok() {}
+    }
+
+    // The failed copy fails the round: its twin is cancelled on its node, a new round starts.
+    let synced = d.sync(&j, &policy, None).await.unwrap();
+    assert_eq!(store.attempt(&first).unwrap().unwrap().phase, AttemptPhase::Cancelled);
+    let cancelled: Vec<String> = sessions
+        .iter_mut()
+        .flat_map(|s| std::iter::from_fn(|| s.try_recv().ok()))
+        .filter_map(|m| match m.ok()?.kind? {
+            OpKind::Cancel(c) => Some(format!("{}: {}", c.attempt_id, c.reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancelled, vec![format!("{first}: not needed any more: its task succeeded, or another copy of its round failed, disagreed or stopped")]);
+    assert_eq!((synced.placed, synced.progress.counts.running), (2, 1));
+
+    // The second round's copies disagree: the task has used its two attempts.
+    for (k, digest) in [(0, "a"), (1, "b")] {
+        let id = replica_attempt_id("twin", 0, 2, k);
+        d.on_update(&node_of(&id), &[0; 32], &update(id.clone(), v1::AttemptState::Succeeded, digest)).await.unwrap();
+    }
+    let done = d.sync(&j, &policy, None).await.unwrap();
+    assert_eq!(done.progress.phase, JobPhase::Failed);
+    let Some(crate::job::progress::FailureCause::ResultsDisagree { failed, first }) = done.progress.failure else { panic!("{:?}", done.progress.failure) };
+    assert_eq!((failed, first.index, first.number), (vec![0], 0, 2));
+    let mut nodes: Vec<String> = first.answers.iter().map(|a| a.node.clone()).collect();
+    nodes.sort();
+    assert_eq!(nodes, vec!["alice-1", "bob-1"]);
+    assert_eq!(fleet.pool().reservations(), 0, "every copy's room is free");
+}

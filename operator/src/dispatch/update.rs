@@ -1,0 +1,72 @@
+//! Agents' updates: a TaskUpdate becomes a durable attempt transition and a metered receipt,
+//! and the Ack that tells the agent it may forget the result.
+
+use kommune_proto::v1;
+use tracing::{debug, trace, warn};
+
+use super::wire::{self, Reported};
+use super::{Dispatcher, Result};
+use crate::STAGE;
+use crate::pricing::Micros;
+
+impl Dispatcher {
+    /// Applies an agent's TaskUpdate and returns the Ack to send, if any. A terminal update is
+    /// acknowledged once its result is durable and its usage receipt is in the ledger
+    /// (accepted, already there, or rejected with the reason), including repeats, so the agent
+    /// stops resending; if either write fails nothing is acknowledged and the agent resends.
+    /// `public_key` is the node's ed25519 key from its client certificate.
+    #[tracing::instrument(skip_all, fields(node = %node, attempt = %update.attempt_id.chars().take(128).collect::<String>()))]
+    pub async fn on_update(&self, node: &str, public_key: &[u8; 32], update: &v1::TaskUpdate) -> Result<Option<v1::Ack>> {
+        let ack = |rejected: String, cost: Micros| v1::Ack { attempt_id: update.attempt_id.clone(), receipt_rejected: rejected, cost_micros: cost.0 };
+        let Some(a) = self.store.attempt(&update.attempt_id)? else {
+            warn!(node, attempt = %wire::short(&update.attempt_id), "update for an unknown attempt; acknowledging so the agent drops it");
+            return Ok(Some(ack("no such attempt is recorded by the operator".into(), Micros(0))));
+        };
+        if a.node != node {
+            warn!(node, attempt = %a.id, owner = %a.node, "update for an attempt placed on another node; ignored");
+            return Ok(Some(ack(format!("attempt {} was not assigned to {node}", a.id), Micros(0))));
+        }
+        let phase = match wire::reported(update.state) {
+            Reported::Running => {
+                // No reconcile: Assigned and Running count alike in progress and status, so it
+                // would change nothing (and it was half of all syncs of a busy job).
+                self.store.mark_running(&a.id)?;
+                return Ok(None);
+            }
+            Reported::Ended(phase) => phase,
+            Reported::Unknown => {
+                warn!(node, attempt = %a.id, state = update.state, "update without a known state; ignored");
+                return Ok(None);
+            }
+        };
+        let result = wire::bounded_result(update.result.as_ref());
+        // The result (store) and its receipt (ledger) are made durable at the same time, each
+        // in a group commit shared with other sessions' updates; the Ack waits for both. If
+        // either fails nothing is acknowledged and the agent resends: both are idempotent.
+        let (finished, metered) = tokio::join!(
+            async {
+                let r = self.store.finish_batched(&a.id, phase, &result, crate::attempt::now_ms()).await;
+                trace!(target: STAGE, attempt = %a.id, "result stored");
+                r
+            },
+            async {
+                let r = self.meter(node, public_key, &a, update.receipt.as_ref()).await;
+                trace!(target: STAGE, attempt = %a.id, "receipt recorded");
+                r
+            }
+        );
+        let finished = finished?;
+        self.released(&a.id, &a.node, phase, finished);
+        if finished {
+            debug!(node, attempt = %a.id, phase = phase.as_str(), exit = result.exit_code, "attempt finished");
+        }
+        let (rejected, cost) = metered?;
+        if !rejected.is_empty() {
+            warn!(node, attempt = %a.id, reason = %rejected, "usage receipt rejected");
+        }
+        // After metering, so the reconcile this triggers sees the usage too.
+        self.notify(&a.job_key);
+        trace!(target: STAGE, attempt = %a.id, "job notified");
+        Ok(Some(ack(rejected, cost)))
+    }
+}

@@ -1,0 +1,167 @@
+//! Wire conversion: the agent protocol's messages to and from the dispatcher's domain types,
+//! bounding everything an agent sends before it is stored.
+
+use kommune_proto::v1;
+
+use super::{ModuleRef, lost};
+use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
+use crate::fleet::SendError;
+use crate::job::{JobPolicy, TaskWorkload};
+
+/// Longest output tail kept per stream.
+pub const TAIL_LIMIT: usize = 4096;
+const MESSAGE_LIMIT: usize = 1024;
+
+/// What an agent's reported attempt state means for the attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reported {
+    Running,
+    /// It ended in this phase.
+    Ended(AttemptPhase),
+    /// A state this operator does not know (a newer or broken agent).
+    Unknown,
+}
+
+/// Reads a TaskUpdate's `state`.
+pub(super) fn reported(state: i32) -> Reported {
+    match v1::AttemptState::try_from(state).unwrap_or(v1::AttemptState::Unspecified) {
+        v1::AttemptState::Running => Reported::Running,
+        v1::AttemptState::Succeeded => Reported::Ended(AttemptPhase::Succeeded),
+        v1::AttemptState::Failed => Reported::Ended(AttemptPhase::Failed),
+        v1::AttemptState::Cancelled => Reported::Ended(AttemptPhase::Cancelled),
+        // The provider took its machine back: re-placed like a cancel, no retry used up.
+        v1::AttemptState::Preempted => Reported::Ended(AttemptPhase::Cancelled),
+        v1::AttemptState::Unspecified => Reported::Unknown,
+    }
+}
+
+/// At most 128 characters of an id an agent sent, for logs.
+pub(super) fn short(s: &str) -> String {
+    s.chars().take(128).collect()
+}
+
+/// Copies a result from an agent, bounding every field.
+pub(super) fn bounded_result(r: Option<&v1::TaskResult>) -> AttemptResult {
+    let Some(r) = r else { return lost("the agent sent no result") };
+    let tail = |b: &[u8]| b[b.len().saturating_sub(TAIL_LIMIT)..].to_vec();
+    AttemptResult {
+        exit_code: r.exit_code,
+        output_sha256: if kommune_proto::is_sha256_hex(&r.output_sha256) { r.output_sha256.clone() } else { String::new() },
+        output_bytes: r.output_bytes,
+        stdout_tail: tail(&r.stdout_tail),
+        stderr_tail: tail(&r.stderr_tail),
+        message: r.message.chars().take(MESSAGE_LIMIT).collect(),
+        wall_millis: r.wall_millis,
+    }
+}
+
+/// The Cancel message for an attempt.
+pub(super) fn cancel_message(attempt_id: &str, reason: &str) -> v1::operator_message::Kind {
+    v1::operator_message::Kind::Cancel(v1::Cancel { attempt_id: attempt_id.to_string(), reason: reason.to_string() })
+}
+
+/// The Assign message for an attempt.
+pub fn assign_message(a: &Attempt, policy: &JobPolicy, module: Option<&ModuleRef>) -> v1::Assign {
+    let workload = match &policy.workload {
+        TaskWorkload::Wasm { args, env, .. } => {
+            let m = module.cloned().unwrap_or(ModuleRef { sha256: String::new(), url: None });
+            v1::workload::Kind::Wasm(v1::WasmWorkload {
+                module_sha256: m.sha256,
+                url: m.url.unwrap_or_default(),
+                args: args.clone(),
+                env: env.iter().cloned().collect(),
+            })
+        }
+        TaskWorkload::Exec { command, env } => v1::workload::Kind::Exec(v1::ExecWorkload { command: command.clone(), env: env.iter().cloned().collect() }),
+        TaskWorkload::Container { image, command, args, env, network } => v1::workload::Kind::Container(v1::ContainerWorkload {
+            image: image.clone(),
+            command: command.clone(),
+            args: args.clone(),
+            env: env.iter().cloned().collect(),
+            network: *network,
+        }),
+    };
+    v1::Assign {
+        attempt_id: a.id.clone(),
+        job: a.job_key.clone(),
+        task_index: a.index,
+        task_count: policy.tasks,
+        workload: Some(v1::Workload { kind: Some(workload) }),
+        memory_bytes: policy.memory_bytes,
+        cpu_millis: policy.cpu_millis,
+        timeout_millis: policy.task_timeout.as_millis() as u64,
+        gpus: policy.gpu.count,
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::NotConnected => write!(f, "no session"),
+            SendError::Full => write!(f, "session queue full"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attempt::attempt_id;
+    use crate::dispatch::fixtures::exec_policy;
+
+    #[test]
+    fn a_container_job_is_assigned_with_its_image_command_and_network_wish() {
+        let image = format!("busybox@sha256:{}", "a".repeat(64));
+        let workload = TaskWorkload::Container {
+            image: image.clone(),
+            command: vec!["sh".into(), "-c".into()],
+            args: vec!["echo $A".into()],
+            env: vec![("A".into(), "b".into())],
+            network: true,
+        };
+        let policy = JobPolicy { workload, ..exec_policy(3, 500) };
+        let attempt = Attempt {
+            id: attempt_id("uid", 2, 1),
+            job_uid: "uid".into(),
+            job_key: "ns/job".into(),
+            index: 2,
+            number: 1,
+            replica: 0,
+            node: "n1".into(),
+            phase: AttemptPhase::Assigned,
+            cpu_millis: 500,
+            memory_bytes: 64 << 20,
+            held: None,
+            created_ms: 0,
+            finished_ms: None,
+            result: None,
+        };
+        let assign = assign_message(&attempt, &policy, None);
+        assert_eq!((assign.task_index, assign.task_count, assign.cpu_millis, assign.memory_bytes, assign.timeout_millis), (2, 3, 500, 64 << 20, 60_000));
+        let expected = v1::ContainerWorkload {
+            image,
+            command: vec!["sh".into(), "-c".into()],
+            args: vec!["echo $A".into()],
+            env: [("A".to_owned(), "b".to_owned())].into(),
+            network: true,
+        };
+        assert_eq!(assign.workload.and_then(|w| w.kind), Some(v1::workload::Kind::Container(expected)));
+    }
+
+    #[test]
+    fn reported_states_map_to_phases_and_a_preemption_reads_as_a_cancel() {
+        use v1::AttemptState as S;
+        let cases = [
+            (S::Running as i32, Reported::Running),
+            (S::Succeeded as i32, Reported::Ended(AttemptPhase::Succeeded)),
+            (S::Failed as i32, Reported::Ended(AttemptPhase::Failed)),
+            (S::Cancelled as i32, Reported::Ended(AttemptPhase::Cancelled)),
+            (S::Preempted as i32, Reported::Ended(AttemptPhase::Cancelled)),
+            (S::Unspecified as i32, Reported::Unknown),
+            (999, Reported::Unknown),
+        ];
+        for (state, want) in cases {
+            assert_eq!(reported(state), want, "state {state}");
+        }
+    }
+}
