@@ -31,6 +31,11 @@ impl AttemptIndex {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The job's attempts in (index, number, replica) order, when the job is loaded.
+    pub fn get(&self, job_uid: &str) -> Option<Vec<Arc<Attempt>>> {
+        self.lock().jobs.get(job_uid).map(|job| job.values().cloned().collect())
+    }
+
     /// The job's attempts in (index, number, replica) order, loading them with `load` (a store read)
     /// the first time. `load` runs under the index lock: a store write committed meanwhile is
     /// applied after the load (writers take this lock only after their commit), never lost.

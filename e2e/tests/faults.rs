@@ -104,8 +104,8 @@ impl Operator {
         t.to_string()
     }
 
-    fn attempts(&self, job: &JobRef) -> Vec<Attempt> {
-        let mut a = self.dispatcher.store().attempts_for_job(&job.uid).unwrap();
+    async fn attempts(&self, job: &JobRef) -> Vec<Attempt> {
+        let mut a = self.dispatcher.store().attempts_for_job(&job.uid).await.unwrap();
         a.sort_by_key(|a| a.number);
         a
     }
@@ -117,7 +117,7 @@ impl Operator {
         let mut changed = self.changed.lock().await;
         loop {
             self.dispatcher.sync(job, policy, None).await.unwrap();
-            let attempts = self.attempts(job);
+            let attempts = self.attempts(job).await;
             if check(&attempts) {
                 return started.elapsed();
             }
@@ -257,7 +257,7 @@ fn running_on(attempts: &[Attempt]) -> Option<String> {
 /// Whatever happened, afterwards: one success, no reservation left, and the ledger's receipts
 /// are for distinct attempts of this job (each metered at most once).
 async fn assert_clean_end(op: &Operator, job: &JobRef, expected: &[(u32, &str, AttemptPhase)]) {
-    let attempts = op.attempts(job);
+    let attempts = op.attempts(job).await;
     let got: Vec<(u32, &str, AttemptPhase)> = attempts.iter().map(|a| (a.number, a.node.as_str(), a.phase)).collect();
     assert_eq!(got, expected);
     // The room is released just after the result commits (the store shows the end first).
@@ -290,7 +290,7 @@ async fn an_agent_process_killed_mid_task_loses_its_attempt_after_the_grace_and_
     let job = JobRef { uid: "killed-agent".into(), key: "default/killed-agent".into() };
     let work = sleeper(10);
     op.sync_until(&job, &work, Duration::from_secs(30), "the task runs", |a| running_on(a).is_some()).await;
-    let victim_name = running_on(&op.attempts(&job)).unwrap();
+    let victim_name = running_on(&op.attempts(&job).await).unwrap();
     let (victim, survivor) = if victim_name == a.name { (&mut a, &b) } else { (&mut b, &a) };
     let scratch = victim.state_dir.join("scratch");
     assert!(!processes_in(&scratch).is_empty(), "the task's processes run in its scratch directory");
@@ -352,12 +352,12 @@ async fn a_frozen_agent_keeps_its_task_within_the_grace_and_loses_it_past_the_gr
     let short = JobRef { uid: "short-freeze".into(), key: "default/short-freeze".into() };
     let work = sleeper(4);
     op.sync_until(&short, &work, Duration::from_secs(30), "the task runs", |a| running_on(a).is_some()).await;
-    let frozen = by_name(&running_on(&op.attempts(&short)).unwrap());
+    let frozen = by_name(&running_on(&op.attempts(&short).await).unwrap());
     frozen.signal("STOP");
     let stopped = Instant::now();
     let detected = op.wait_connected(&frozen.name, false, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(20).saturating_sub(stopped.elapsed())).await;
-    assert!(op.attempts(&short).iter().all(|a| a.number == 1), "nothing moved within the grace: {:?}", summary(&op.attempts(&short)));
+    assert!(op.attempts(&short).await.iter().all(|a| a.number == 1), "nothing moved within the grace: {:?}", summary(&op.attempts(&short).await));
     frozen.signal("CONT");
     let back = op.wait_connected(&frozen.name, true, Duration::from_secs(30)).await;
     op.sync_until(&short, &work, Duration::from_secs(30), "the task finishes where it ran", |a| a.iter().any(|a| a.phase == AttemptPhase::Succeeded)).await;
@@ -374,7 +374,7 @@ async fn a_frozen_agent_keeps_its_task_within_the_grace_and_loses_it_past_the_gr
     // 2. Frozen past the grace.
     let long = JobRef { uid: "long-freeze".into(), key: "default/long-freeze".into() };
     op.sync_until(&long, &work, Duration::from_secs(30), "the task runs", |a| running_on(a).is_some()).await;
-    let frozen = by_name(&running_on(&op.attempts(&long)).unwrap());
+    let frozen = by_name(&running_on(&op.attempts(&long).await).unwrap());
     let other = if frozen.name == a.name { &b } else { &a };
     frozen.signal("STOP");
     let stopped = Instant::now();

@@ -267,7 +267,7 @@ async fn wait_disconnected(op: &Operator, name: &str) {
 /// Waits until the agent has confirmed it runs the attempt (it received the Assign).
 async fn wait_running(op: &Operator, attempt: &str) {
     for _ in 0..200 {
-        if op.dispatcher.store().attempt(attempt).unwrap().is_some_and(|a| a.phase == AttemptPhase::Running) {
+        if op.dispatcher.store().attempt(attempt).await.unwrap().is_some_and(|a| a.phase == AttemptPhase::Running) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -440,7 +440,7 @@ async fn attempts_of_a_node_gone_past_its_grace_are_placed_elsewhere() {
     let jr = job("grace-job");
     assert_eq!(op.dispatcher.sync(&jr, &hangs_once, None).await.unwrap().placed, 1);
     wait_running(&op, "grace-job.0.1").await;
-    let first = op.dispatcher.store().attempt("grace-job.0.1").unwrap().unwrap();
+    let first = op.dispatcher.store().attempt("grace-job.0.1").await.unwrap().unwrap();
     let (gone, stays) = if first.node == "keep-a" { (&mut a, "keep-b") } else { (&mut b, "keep-a") };
     gone.disconnect().await;
     wait_disconnected(&op, &first.node).await;
@@ -519,10 +519,10 @@ async fn an_operator_restart_between_placing_and_the_agents_acknowledgement_neit
     let op = op.crash_and_restart().await;
     let (missed_tx, mut missed_in) = raw_session(&op, &missed).await;
     let (got_tx, _got_in) = raw_session_running(&op, &got, vec!["in-flight-kept.0.1".into()]).await;
-    let first = op.dispatcher.store().attempt("in-flight-lost.0.1").unwrap().unwrap();
+    let first = op.dispatcher.store().attempt("in-flight-lost.0.1").await.unwrap().unwrap();
     assert_eq!(first.phase, AttemptPhase::Cancelled, "an Assign that never arrived is not a failed attempt");
     assert!(first.result.unwrap().message.contains("never reached"));
-    assert_eq!(op.dispatcher.store().attempt("in-flight-kept.0.1").unwrap().unwrap().phase, AttemptPhase::Assigned, "a task the agent has stays");
+    assert_eq!(op.dispatcher.store().attempt("in-flight-kept.0.1").await.unwrap().unwrap().phase, AttemptPhase::Assigned, "a task the agent has stays");
 
     let finish = |id: &str| {
         [AttemptState::Running, AttemptState::Succeeded].map(|state| AgentMessage {
@@ -573,9 +573,9 @@ async fn deleting_a_job_stops_its_attempts_on_the_agent_and_frees_the_node() {
     wait_running(&op, "doomed.1.1").await;
 
     assert_eq!(op.dispatcher.cancel_job(&jr.uid).await.unwrap(), 2);
-    let attempts = op.dispatcher.store().attempts_for_job(&jr.uid).unwrap();
+    let attempts = op.dispatcher.store().attempts_for_job(&jr.uid).await.unwrap();
     assert!(attempts.iter().all(|a| a.phase == AttemptPhase::Cancelled), "{attempts:?}");
-    assert!(op.dispatcher.store().active_on_node("worker").unwrap().is_empty(), "the node's room is free at once");
+    assert!(op.dispatcher.store().active_on_node("worker").await.unwrap().is_empty(), "the node's room is free at once");
     for _ in 0..200 {
         if a.tasks.running_ids().is_empty() {
             return;
@@ -600,7 +600,7 @@ async fn a_revoked_node_is_disconnected_its_agent_stops_and_its_certificate_is_r
     let ended = tokio::time::timeout(Duration::from_secs(10), agent).await.expect("the agent stops").unwrap();
     let err = ended.expect_err("a revoked agent does not keep retrying").to_string();
     assert!(err.contains("removed from the pool") && err.contains("join again"), "{err}");
-    assert_eq!(op.dispatcher.store().attempt("evictee.0.1").unwrap().unwrap().phase, AttemptPhase::Lost);
+    assert_eq!(op.dispatcher.store().attempt("evictee.0.1").await.unwrap().unwrap().phase, AttemptPhase::Lost);
     // Its certificate no longer opens a session.
     let mut client =
         kommune_agent::connect::client(&kommune_agent::connect::parse_server(&op.url).unwrap(), &state.ca_pem, Some((&state.cert_pem, &state.key_pem)))
@@ -641,7 +641,7 @@ async fn a_provider_leaves_its_tasks_move_without_losing_a_retry_and_its_identit
     assert!(ended.unwrap_err().to_string().contains("left the pool"));
     assert!(!state.dir.join("node.key").exists(), "the identity is deleted");
     // Cancelled, not failed: the job still has its one attempt to give, and waits for a node.
-    assert_eq!(op.dispatcher.store().attempt("left-behind.0.1").unwrap().unwrap().phase, AttemptPhase::Cancelled);
+    assert_eq!(op.dispatcher.store().attempt("left-behind.0.1").await.unwrap().unwrap().phase, AttemptPhase::Cancelled);
     let after = op.dispatcher.sync(&jr, &long, None).await.unwrap();
     assert_eq!(after.progress.phase, JobPhase::Running);
     assert_eq!(after.progress.to_place, vec![(0, 2)]);
@@ -756,7 +756,7 @@ async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
     assert_eq!(ack(next(&mut inbound).await), id);
     send(update(AttemptState::Succeeded, 0, b"second copy".to_vec())).await;
     assert_eq!(ack(next(&mut inbound).await), id);
-    let stored = op.dispatcher.store().attempt(&id).unwrap().unwrap();
+    let stored = op.dispatcher.store().attempt(&id).await.unwrap().unwrap();
     assert_eq!(stored.phase, AttemptPhase::Succeeded);
     let result = stored.result.unwrap();
     assert_eq!(result.stdout_tail.len(), kommune_operator::dispatch::TAIL_LIMIT, "tails are bounded");
@@ -766,13 +766,13 @@ async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
     send(update(AttemptState::Running, -1, vec![])).await;
     send(update(AttemptState::Failed, 1, vec![])).await;
     assert_eq!(ack(next(&mut inbound).await), id, "the Running update gets no Ack; the Failed one does");
-    assert_eq!(op.dispatcher.store().attempt(&id).unwrap().unwrap().phase, AttemptPhase::Succeeded);
+    assert_eq!(op.dispatcher.store().attempt(&id).await.unwrap().unwrap().phase, AttemptPhase::Succeeded);
 
     // Updates for attempts that are not this node's are acknowledged (so they stop) and ignored.
     send(agent_message::Kind::TaskUpdate(TaskUpdate { attempt_id: "no-such-attempt".into(), state: AttemptState::Failed as i32, result: None, receipt: None }))
         .await;
     assert_eq!(ack(next(&mut inbound).await), "no-such-attempt");
-    assert_eq!(op.dispatcher.store().attempt("no-such-attempt").unwrap(), None);
+    assert_eq!(op.dispatcher.store().attempt("no-such-attempt").await.unwrap(), None);
 
     // A second Hello is a protocol error that ends the session with a clear status.
     send(agent_message::Kind::Hello(Hello::default())).await;
@@ -984,7 +984,7 @@ async fn a_receipt_appended_before_the_operator_crashed_unacknowledged_is_counte
     let spooled = a.tasks.unacknowledged();
     assert_eq!(spooled.len(), 1);
     // The operator appends the receipt to its ledger, then dies before the Ack goes out.
-    let attempt = op.dispatcher.store().attempt("append-then-crash.0.1").unwrap().unwrap();
+    let attempt = op.dispatcher.store().attempt("append-then-crash.0.1").await.unwrap().unwrap();
     let key = kommune_operator::pki::public_key_of(&pem_der(&a.state.cert_pem)).unwrap();
     let verdict = op
         .dispatcher
@@ -1067,7 +1067,7 @@ async fn an_agent_killed_around_sending_its_receipt_resends_it_and_it_counts_onc
     // Kill the agent (its session task aborted, its task manager gone: no graceful anything) the
     // moment the operator has recorded the result, so the Ack is most likely still in flight.
     for _ in 0..400 {
-        if op.dispatcher.store().attempt("kill-around-ack.0.1").unwrap().is_some_and(|a| a.phase == AttemptPhase::Succeeded) {
+        if op.dispatcher.store().attempt("kill-around-ack.0.1").await.unwrap().is_some_and(|a| a.phase == AttemptPhase::Succeeded) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

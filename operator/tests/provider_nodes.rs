@@ -380,7 +380,7 @@ async fn a_sweep_with_nothing_to_change_sends_nothing() {
 async fn a_deleted_provider_node_revokes_its_node_with_one_event() {
     let mut t = testbed();
     let node = provider_node("n", Some(not_ready_status()));
-    t.dispatcher.store().register_node("n", "k", 0).expect("node registered");
+    t.dispatcher.store().register_node("n", "k", 0).await.expect("node registered");
     t.watch_delivers(&node);
     t.sweep(ApiServer::no_further_requests).await;
 
@@ -393,7 +393,7 @@ async fn a_deleted_provider_node_revokes_its_node_with_one_event() {
         })
         .await;
     assert!(event.note.as_deref().is_some_and(|n| n.contains("deleted")), "{event:?}");
-    assert_eq!(t.dispatcher.store().node_key("n").expect("store reads"), None, "the registration is removed");
+    assert_eq!(t.dispatcher.store().node_key("n").await.expect("store reads"), None, "the registration is removed");
     t.sweep(ApiServer::no_further_requests).await;
 }
 

@@ -468,7 +468,7 @@ async fn a_deleted_job_cancels_its_running_attempts_before_releasing_the_finaliz
         finished_ms: None,
         result: None,
     };
-    ctx.dispatcher.store().insert_attempts(&[running]).expect("attempt recorded");
+    ctx.dispatcher.store().insert_attempts(&[running]).await.expect("attempt recorded");
 
     let (action, event) = reconcile_against(&job, &ctx, async {
         let event = api.event_created(&job, "Normal", "Cancelled").await;
@@ -479,7 +479,7 @@ async fn a_deleted_job_cancels_its_running_attempts_before_releasing_the_finaliz
 
     assert_eq!(action.expect("cleanup succeeds"), Action::await_change());
     assert_eq!(event.note.as_deref(), Some("cancelled 1 running attempt(s) of the deleted job"));
-    let attempts = ctx.dispatcher.store().attempts_for_job(&uid).expect("store reads");
+    let attempts = ctx.dispatcher.store().attempts_for_job(&uid).await.expect("store reads");
     assert_eq!(attempts.iter().map(|a| a.phase).collect::<Vec<_>>(), vec![AttemptPhase::Cancelled]);
     api.no_further_requests().await;
 }

@@ -23,6 +23,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
     /// Failures of reconcile's own steps arrive wrapped here by kube's finalizer helper; kept
     /// typed so [`Error::label`] can name the step that failed rather than the wrapper.
     #[error(transparent)]
@@ -41,12 +43,22 @@ pub enum Error {
     Fenced(#[from] crate::fence::Fenced),
 }
 
+impl From<crate::dispatch::DispatchError> for Error {
+    fn from(e: crate::dispatch::DispatchError) -> Self {
+        match e {
+            crate::dispatch::DispatchError::Store(e) => Error::Store(e),
+            crate::dispatch::DispatchError::Ledger(e) => Error::Ledger(e),
+        }
+    }
+}
+
 impl Error {
     /// A short label for metrics and logs.
     pub fn label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
             Error::Store(_) => "store",
+            Error::Ledger(_) => "ledger",
             Error::Finalizer(e) => match e.as_ref() {
                 FinalizerError::ApplyFailed(inner) | FinalizerError::CleanupFailed(inner) => inner.label(),
                 _ => "finalizer",

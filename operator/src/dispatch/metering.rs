@@ -12,13 +12,12 @@ use crate::job::JobPolicy;
 use crate::ledger::Verdict;
 use crate::ledger::check::{AttemptFacts, ReceiptInput};
 use crate::pricing::{self, BudgetCheck, Micros};
-use crate::store::StoreError;
 
 impl Dispatcher {
     /// The job's metered usage, for its status.
     pub(super) async fn job_usage(&self, job_uid: &str, budget: Option<Micros>) -> Result<Option<(crate::crd::JobUsage, Micros)>> {
         let Some(ledger) = &self.ledger else { return Ok(None) };
-        let u = ledger.job_usage(job_uid).await.map_err(ledger_error)?;
+        let u = ledger.job_usage(job_uid).await?;
         let f = &u.usage;
         let usage = crate::crd::JobUsage {
             receipts: u.receipts,
@@ -81,13 +80,9 @@ impl Dispatcher {
             rates: self.rates.for_node(node),
             received_ms: now,
         };
-        match ledger.submit(input).await.map_err(ledger_error)? {
+        match ledger.submit(input).await? {
             Verdict::Accepted { cost, .. } | Verdict::Duplicate { cost, .. } => Ok((String::new(), cost)),
             Verdict::Rejected { reason } => Ok((reason, Micros(0))),
         }
     }
-}
-
-fn ledger_error(e: crate::ledger::LedgerError) -> StoreError {
-    StoreError::Ledger(e.to_string())
 }

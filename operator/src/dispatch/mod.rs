@@ -19,7 +19,7 @@ mod fixtures;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -73,7 +73,17 @@ pub struct Synced {
 }
 
 /// Store failures bubble up; everything else is handled here.
-pub type Result<T> = std::result::Result<T, StoreError>;
+/// Why a dispatch step failed: the attempt store or the ledger, each with its own typed error,
+/// so the controller's label, the gateway's status and the tests can tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+}
+
+pub type Result<T> = std::result::Result<T, DispatchError>;
 
 /// The kube-free job engine.
 pub struct Dispatcher {
@@ -159,19 +169,23 @@ impl Dispatcher {
     }
 
     /// Rebuilds the pool's reservations (from active attempts) and node reputations (from
-    /// finished ones) the first time placement needs them. The store is read while the pool is
-    /// locked, and every finish releases after its store write, so an attempt finishing
-    /// meanwhile is either not read as active or released after being reserved: never leaked.
-    fn ensure_rebuilt(&self) -> Result<()> {
+    /// finished ones) the first time placement needs them. Every finish releases after its
+    /// store write, so an attempt finishing meanwhile must not stay reserved: the active set is
+    /// read, reserved, then read again, and what is no longer active is released. An attempt
+    /// whose finish commits after the second read began is released by that finish, which
+    /// comes after the reservation: never leaked. (The pool is not locked across a store read:
+    /// the read is awaited, and the pool's lock is a plain mutex.)
+    async fn ensure_rebuilt(&self) -> Result<()> {
         if self.rebuilt.load(Ordering::Acquire) {
             return Ok(());
         }
+        let active = self.store.all_active().await?;
         {
             let mut pool = self.fleet.pool();
             if self.rebuilt.load(Ordering::Acquire) {
                 return Ok(());
             }
-            for a in self.store.all_active()? {
+            for a in &active {
                 let ns = namespace_of(&a.job_key);
                 let ephemeral_bytes = a.held.map_or(0, |h| h.ephemeral_bytes);
                 let resources = Resources { cpu_millis: a.cpu_millis, memory_bytes: a.memory_bytes, ephemeral_bytes };
@@ -183,7 +197,14 @@ impl Dispatcher {
             }
             self.rebuilt.store(true, Ordering::Release);
         }
-        for (node, succeeded, failed) in self.store.outcomes_by_node()? {
+        let still: HashSet<String> = self.store.all_active().await?.into_iter().map(|a| a.id).collect();
+        {
+            let mut pool = self.fleet.pool();
+            for a in active.iter().filter(|a| !still.contains(&a.id)) {
+                pool.release(&a.id);
+            }
+        }
+        for (node, succeeded, failed) in self.store.outcomes_by_node().await? {
             self.fleet.set_history(&node, succeeded, failed);
         }
         Ok(())
@@ -191,8 +212,8 @@ impl Dispatcher {
 
     /// Finishes an attempt in the store, then frees its reservation and counts the outcome
     /// towards its node's reputation. Every path that ends an attempt goes through here.
-    fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now: i64) -> Result<Option<Attempt>> {
-        let done = self.store.finish(id, phase, result, now)?;
+    async fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now: i64) -> Result<Option<Attempt>> {
+        let done = self.store.finish(id, phase, result, now).await?;
         let node = done.as_ref().map_or("", |a| a.node.as_str());
         self.released(id, node, phase, done.is_some());
         Ok(done)
@@ -226,24 +247,24 @@ impl Dispatcher {
     pub async fn sync(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>) -> Result<Synced> {
         let _guard = self.place_lock.lock().await;
         let now = now_ms();
-        let attempts = self.store.job_attempts(&job.uid)?;
+        let attempts = self.store.job_attempts(&job.uid).await?;
         let before = progress(policy, &attempts, now);
-        self.cancel_unneeded(policy, &before, &attempts)?;
-        self.ensure_rebuilt()?;
+        self.cancel_unneeded(policy, &before, &attempts).await?;
+        self.ensure_rebuilt().await?;
         let request = policy.request();
         self.complete_reservations(&request, &attempts);
         let metered = self.job_usage(&job.uid, policy.budget).await?;
         let spent = metered.as_ref().map_or(Micros(0), |(_, cost)| *cost);
         let (admitted, budget_exhausted) = self.budget_admits(policy, &attempts, spent, before.to_place.len());
-        let (placed, unplaced) = self.place(job, policy, module, &request, &before.to_place[..admitted], now)?;
+        let (placed, unplaced) = self.place(job, policy, module, &request, &before.to_place[..admitted], now).await?;
         let changed = placed > 0 || !before.to_cancel.is_empty() || unplaced.is_some();
-        let (progress, attempts) = self.progress_after(job, policy, attempts, changed, now)?;
+        let (progress, attempts) = self.progress_after(job, policy, attempts, changed, now).await?;
         self.forget_if_done(&job.uid, &progress, &attempts);
         Ok(Synced { progress, attempts, unplaced, placed, budget_exhausted, usage: metered.map(|(u, _)| u) })
     }
 
     /// Cancels the attempts the job's progress no longer needs, telling their nodes why.
-    fn cancel_unneeded(&self, policy: &JobPolicy, p: &Progress, attempts: &[Arc<Attempt>]) -> Result<()> {
+    async fn cancel_unneeded(&self, policy: &JobPolicy, p: &Progress, attempts: &[Arc<Attempt>]) -> Result<()> {
         let why = match p.phase {
             JobPhase::Succeeded | JobPhase::Failed => "job finished",
             _ if policy.suspended => "job suspended",
@@ -251,7 +272,7 @@ impl Dispatcher {
             _ => "not needed any more: its task succeeded, or another copy of its round failed, disagreed or stopped",
         };
         for id in &p.to_cancel {
-            self.cancel_attempt(attempts, id, why)?;
+            self.cancel_attempt(attempts, id, why).await?;
         }
         Ok(())
     }
@@ -268,7 +289,7 @@ impl Dispatcher {
 
     /// Places the admitted rounds (`to_place`: (index, number) each), records their attempts
     /// and hands them to their nodes. Returns (attempts handed over, why the rest waits).
-    fn place(
+    async fn place(
         &self,
         job: &JobRef,
         policy: &JobPolicy,
@@ -284,8 +305,8 @@ impl Dispatcher {
         let ids = build::round_ids(&job.uid, to_place, request.replicas);
         let batch = self.schedule(job, policy, request, &ids, now);
         let new = self.build_attempts(job, request, to_place, &ids, &batch, now);
-        self.persist(&new)?;
-        let placed = self.send_assigns(job, policy, module, &new, now)?;
+        self.persist(&new).await?;
+        let placed = self.send_assigns(job, policy, module, &new, now).await?;
         if !new.is_empty() {
             info!(job = %job.key, attempts = new.len(), tasks = batch.placed.len(), "placed tasks");
         }
@@ -321,28 +342,28 @@ impl Dispatcher {
 
     /// Records the new attempts before any is sent; if that fails their reservations are
     /// released, so nothing is held for attempts that do not exist.
-    fn persist(&self, new: &[Attempt]) -> Result<()> {
+    async fn persist(&self, new: &[Attempt]) -> Result<()> {
         // Durable first, then sent: a crash in between leaves an Assigned attempt that the
         // node's next Hello does not list, so it is marked Lost and retried.
-        if let Err(e) = self.store.insert_attempts(new) {
+        if let Err(e) = self.store.insert_attempts(new).await {
             let mut pool = self.fleet.pool();
             for a in new {
                 pool.release(&a.id);
             }
-            return Err(e);
+            return Err(e.into());
         }
         Ok(())
     }
 
     /// Sends each new attempt's Assign to its node; one that cannot be sent is Lost. Returns
     /// how many were sent.
-    fn send_assigns(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>, new: &[Attempt], now: i64) -> Result<usize> {
+    async fn send_assigns(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>, new: &[Attempt], now: i64) -> Result<usize> {
         let mut sent = 0;
         for a in new {
             let assign = OpKind::Assign(assign_message(a, policy, module));
             if let Err(e) = self.fleet.send(&a.node, assign) {
                 warn!(attempt = %a.id, node = %a.node, error = ?e, "could not hand attempt to node; marking it lost");
-                self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("could not reach node: {e:?}"))), now)?;
+                self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("could not reach node: {e:?}"))), now).await?;
                 // With replicas, the round's other copies are now wasted: the next sync cancels them.
                 self.notify(&job.key);
             } else {
@@ -355,8 +376,15 @@ impl Dispatcher {
 
     /// The job's progress after this sync: its attempts are read again only if the sync
     /// `changed` them, so a sync that did nothing costs one read.
-    fn progress_after(&self, job: &JobRef, policy: &JobPolicy, attempts: Vec<Arc<Attempt>>, changed: bool, now: i64) -> Result<(Progress, Vec<Arc<Attempt>>)> {
-        let attempts = if changed { self.store.job_attempts(&job.uid)? } else { attempts };
+    async fn progress_after(
+        &self,
+        job: &JobRef,
+        policy: &JobPolicy,
+        attempts: Vec<Arc<Attempt>>,
+        changed: bool,
+        now: i64,
+    ) -> Result<(Progress, Vec<Arc<Attempt>>)> {
+        let attempts = if changed { self.store.job_attempts(&job.uid).await? } else { attempts };
         Ok((progress(policy, &attempts, now), attempts))
     }
 
@@ -377,23 +405,23 @@ impl Dispatcher {
     }
 
     /// Stops one of `attempts` on its node and records it Cancelled with `reason`.
-    fn cancel_attempt(&self, attempts: &[Arc<Attempt>], id: &str, reason: &str) -> Result<()> {
+    async fn cancel_attempt(&self, attempts: &[Arc<Attempt>], id: &str, reason: &str) -> Result<()> {
         let Some(a) = attempts.iter().find(|a| a.id == id) else { return Ok(()) };
         let _ = self.fleet.send(&a.node, wire::cancel_message(id, reason));
-        self.finish(id, AttemptPhase::Cancelled, Some(&lost(reason)), now_ms())?;
+        self.finish(id, AttemptPhase::Cancelled, Some(&lost(reason)), now_ms()).await?;
         Ok(())
     }
 
     /// Cancels every active attempt of a job (it is being deleted). Returns how many.
     pub async fn cancel_job(&self, job_uid: &str) -> Result<usize> {
         let _guard = self.place_lock.lock().await;
-        let attempts = self.store.job_attempts(job_uid)?;
+        let attempts = self.store.job_attempts(job_uid).await?;
         if let Some(key) = attempts.first().map(|a| a.job_key.clone()) {
             self.fleet.pool().forget_demand(&key);
         }
         let active: Vec<String> = attempts.iter().filter(|a| !a.phase.is_terminal()).map(|a| a.id.clone()).collect();
         for id in &active {
-            self.cancel_attempt(&attempts, id, "job deleted")?;
+            self.cancel_attempt(&attempts, id, "job deleted").await?;
         }
         self.forget_job(job_uid);
         Ok(active.len())

@@ -17,10 +17,10 @@ impl Dispatcher {
         let _guard = self.place_lock.lock().await;
         let now = now_ms();
         let mut expired = 0;
-        for a in self.store.all_active()? {
+        for a in self.store.all_active().await? {
             let Some(absent) = self.fleet.absent_for(&a.node).filter(|d| *d > grace) else { continue };
             let why = format!("node {} has been unreachable for {}s (grace {}s)", a.node, absent.as_secs(), grace.as_secs());
-            if self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&why)), now)?.is_some() {
+            if self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&why)), now).await?.is_some() {
                 info!(attempt = %a.id, node = %a.node, "attempt lost with its node");
                 self.notify(&a.job_key);
                 expired += 1;
@@ -38,9 +38,9 @@ impl Dispatcher {
         let why = format!("node {node} is being drained by its admin");
         let now = now_ms();
         let mut moved = 0;
-        for a in self.store.active_on_node(node)? {
+        for a in self.store.active_on_node(node).await? {
             let _ = self.fleet.send(node, wire::cancel_message(&a.id, &why));
-            if self.finish(&a.id, AttemptPhase::Cancelled, Some(&lost(&why)), now)?.is_some() {
+            if self.finish(&a.id, AttemptPhase::Cancelled, Some(&lost(&why)), now).await?.is_some() {
                 self.notify(&a.job_key);
                 moved += 1;
             }
@@ -67,12 +67,12 @@ impl Dispatcher {
     /// Removes the node's registration, ends its session and finishes its attempts as `phase`.
     async fn remove_node(&self, node: &str, why: &str, phase: AttemptPhase) -> Result<usize> {
         let _guard = self.place_lock.lock().await;
-        self.store.remove_node(node)?;
+        self.store.remove_node(node).await?;
         let closed = self.fleet.close(node, tonic::Status::permission_denied(format!("node {node} {why}")));
         let now = now_ms();
         let mut moved = 0;
-        for a in self.store.active_on_node(node)? {
-            if self.finish(&a.id, phase, Some(&lost(&format!("node {node} {why}"))), now)?.is_some() {
+        for a in self.store.active_on_node(node).await? {
+            if self.finish(&a.id, phase, Some(&lost(&format!("node {node} {why}"))), now).await?.is_some() {
                 self.notify(&a.job_key);
                 moved += 1;
             }
@@ -89,7 +89,7 @@ impl Dispatcher {
     pub async fn open_session(&self, node: &str, facts: NodeFacts, tx: Outbound, running: &[String]) -> Result<(u64, Vec<String>)> {
         let _guard = self.place_lock.lock().await;
         let running: HashSet<&str> = running.iter().map(String::as_str).collect();
-        let expected = self.store.active_on_node(node)?;
+        let expected = self.store.active_on_node(node).await?;
         let now = now_ms();
         for a in expected.iter().filter(|a| !running.contains(a.id.as_str())) {
             if a.phase == AttemptPhase::Assigned {
@@ -98,10 +98,10 @@ impl Dispatcher {
                 // placed again without using a retry.
                 info!(attempt = %a.id, node, "node reconnected without an attempt it never confirmed; placing it again");
                 let why = "the assignment never reached the node (it reconnected without it); placed again without using a retry";
-                self.finish(&a.id, AttemptPhase::Cancelled, Some(&lost(why)), now)?;
+                self.finish(&a.id, AttemptPhase::Cancelled, Some(&lost(why)), now).await?;
             } else {
                 info!(attempt = %a.id, node, "node reconnected without this attempt; marking it lost");
-                self.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now)?;
+                self.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now).await?;
             }
             self.notify(&a.job_key);
         }
@@ -109,7 +109,7 @@ impl Dispatcher {
         let mut unwanted = vec![];
         for id in running.iter().filter(|id| !expected.contains(**id)) {
             // Finished-but-unacknowledged attempts are listed too; their TaskUpdate follows.
-            match self.store.attempt(id)? {
+            match self.store.attempt(id).await? {
                 Some(a) if a.node == node && a.phase.is_terminal() => {}
                 _ => unwanted.push(id.to_string()),
             }

@@ -55,7 +55,7 @@ async fn room_is_reserved_in_memory_and_freed_the_moment_an_attempt_ends_or_is_c
     let fleet2 = Arc::new(Fleet::default());
     let (changed2, _rx2) = mpsc::channel(16);
     let d2 = Dispatcher::new(store, fleet2.clone(), changed2);
-    d2.ensure_rebuilt().unwrap();
+    d2.ensure_rebuilt().await.unwrap();
     assert_eq!(fleet2.pool().allocation("n1").resources.cpu_millis, 1000);
     assert_eq!(fleet2.reputation("n1"), crate::scheduler::Reputation(666));
 }
@@ -107,7 +107,7 @@ async fn a_three_replica_job_puts_each_round_on_three_owners_and_says_why_when_t
     let why = "3/3 nodes can run it, but they belong to 2 owner(s) and each task needs 3 replicas on distinct providers and owners";
     assert_eq!((waiting.placed, waiting.unplaced.unwrap().to_string()), (0, why.to_string()));
     assert_eq!(d.explain(&replicated_policy(2, 3)).unwrap().to_string(), why);
-    assert!(store.attempts_for_job("rep").unwrap().is_empty());
+    assert!(store.attempts_for_job("rep").await.unwrap().is_empty());
     assert_eq!(fleet.pool().reservations(), 0);
 
     // A third owner arrives: both tasks run, each copy on another owner.
@@ -157,7 +157,7 @@ async fn a_restarted_operator_does_not_offer_a_running_attempts_gpu_or_disk_befo
         let (changed, _rx) = mpsc::channel(16);
         let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
         assert_eq!(d.sync(&job("team-a", "trainer"), &trainer, None).await.unwrap().placed, 1);
-        let held = store.attempt(&attempt_id("trainer", 0, 1)).unwrap().unwrap().held.unwrap();
+        let held = store.attempt(&attempt_id("trainer", 0, 1)).await.unwrap().unwrap().held.unwrap();
         assert_eq!((held.gpu_mask, held.ephemeral_bytes), (1, 20 << 30));
     }
 
@@ -190,18 +190,17 @@ async fn a_failed_copy_cancels_its_twin_and_copies_that_keep_disagreeing_fail_th
         result: Some(v1::TaskResult { exit_code: 0, output_sha256: digest.repeat(64), ..Default::default() }),
         ..Default::default()
     };
-    let node_of = |id: &str| store.attempt(id).unwrap().unwrap().node;
 
     assert_eq!(d.sync(&j, &policy, None).await.unwrap().placed, 2);
     let (first, twin) = (replica_attempt_id("twin", 0, 1, 0), replica_attempt_id("twin", 0, 1, 1));
-    d.on_update(&node_of(&twin), &[0; 32], &update(twin.clone(), v1::AttemptState::Failed, "a")).await.unwrap();
+    d.on_update(&node_of(&store, &twin).await, &[0; 32], &update(twin.clone(), v1::AttemptState::Failed, "a")).await.unwrap();
     for s in sessions.iter_mut() {
         while s.try_recv().is_ok() {}
     }
 
     // The failed copy fails the round: its twin is cancelled on its node, a new round starts.
     let synced = d.sync(&j, &policy, None).await.unwrap();
-    assert_eq!(store.attempt(&first).unwrap().unwrap().phase, AttemptPhase::Cancelled);
+    assert_eq!(store.attempt(&first).await.unwrap().unwrap().phase, AttemptPhase::Cancelled);
     let cancelled: Vec<String> = sessions
         .iter_mut()
         .flat_map(|s| std::iter::from_fn(|| s.try_recv().ok()))
@@ -216,7 +215,7 @@ async fn a_failed_copy_cancels_its_twin_and_copies_that_keep_disagreeing_fail_th
     // The second round's copies disagree: the task has used its two attempts.
     for (k, digest) in [(0, "a"), (1, "b")] {
         let id = replica_attempt_id("twin", 0, 2, k);
-        d.on_update(&node_of(&id), &[0; 32], &update(id.clone(), v1::AttemptState::Succeeded, digest)).await.unwrap();
+        d.on_update(&node_of(&store, &id).await, &[0; 32], &update(id.clone(), v1::AttemptState::Succeeded, digest)).await.unwrap();
     }
     let done = d.sync(&j, &policy, None).await.unwrap();
     assert_eq!(done.progress.phase, JobPhase::Failed);
@@ -226,4 +225,8 @@ async fn a_failed_copy_cancels_its_twin_and_copies_that_keep_disagreeing_fail_th
     nodes.sort();
     assert_eq!(nodes, vec!["alice-1", "bob-1"]);
     assert_eq!(fleet.pool().reservations(), 0, "every copy's room is free");
+}
+
+async fn node_of(store: &Store, id: &str) -> String {
+    store.attempt(id).await.unwrap().unwrap().node
 }

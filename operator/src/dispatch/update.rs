@@ -18,7 +18,7 @@ impl Dispatcher {
     #[tracing::instrument(skip_all, fields(node = %node, attempt = %update.attempt_id.chars().take(128).collect::<String>()))]
     pub async fn on_update(&self, node: &str, public_key: &[u8; 32], update: &v1::TaskUpdate) -> Result<Option<v1::Ack>> {
         let ack = |rejected: String, cost: Micros| v1::Ack { attempt_id: update.attempt_id.clone(), receipt_rejected: rejected, cost_micros: cost.0 };
-        let Some(a) = self.store.attempt(&update.attempt_id)? else {
+        let Some(a) = self.store.attempt(&update.attempt_id).await? else {
             warn!(node, attempt = %wire::short(&update.attempt_id), "update for an unknown attempt; acknowledging so the agent drops it");
             return Ok(Some(ack("no such attempt is recorded by the operator".into(), Micros(0))));
         };
@@ -30,7 +30,7 @@ impl Dispatcher {
             Reported::Running => {
                 // No reconcile: Assigned and Running count alike in progress and status, so it
                 // would change nothing (and it was half of all syncs of a busy job).
-                self.store.mark_running(&a.id)?;
+                self.store.mark_running(&a.id).await?;
                 return Ok(None);
             }
             Reported::Ended(phase) => phase,

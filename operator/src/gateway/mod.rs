@@ -125,25 +125,31 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// The node a request comes from, proven by its client certificate and checked against the
-/// node registry (a node whose registration is gone cannot open a session).
-fn authenticated_node<T>(inner: &Inner, request: &Request<T>) -> Result<String, Status> {
-    authenticated_node_key(inner, request).map(|(node, _)| node)
+/// The node a request comes from, by its client certificate, once the certificate's key is
+/// the one registered for that name. Returns the name and the node's ed25519 public key, which
+/// verifies its usage receipts.
+async fn authenticated_node_key<T>(inner: &Inner, request: &Request<T>) -> Result<(String, [u8; 32]), Status> {
+    // Read from the certificate before the store is asked: the request is not held across it.
+    let (node, key, raw) = peer_identity(request)?;
+    match inner.dispatcher.store().node_key(&node).await {
+        Ok(Some(k)) if k == key => Ok((node, raw)),
+        Ok(_) => Err(Status::permission_denied(format!("node {node} is not registered with this key; join again with a new token"))),
+        Err(e) => Err(Status::unavailable(e.to_string())),
+    }
 }
 
-/// Like [`authenticated_node`], also returning the node's ed25519 public key, which verifies
-/// its usage receipts.
-fn authenticated_node_key<T>(inner: &Inner, request: &Request<T>) -> Result<(String, [u8; 32]), Status> {
+async fn authenticated_node<T>(inner: &Inner, request: &Request<T>) -> Result<String, Status> {
+    authenticated_node_key(inner, request).await.map(|(node, _)| node)
+}
+
+/// (node name, sha256 of its public key, the ed25519 public key) from the client certificate.
+fn peer_identity<T>(request: &Request<T>) -> Result<(String, String, [u8; 32]), Status> {
     let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate is required; run `kommune-agent join` first"))?;
     let leaf = certs.first().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     let node = pki::node_name_of(leaf).ok_or_else(|| Status::unauthenticated("the client certificate has no node name"))?;
     let key = pki::public_key_sha256_of(leaf).ok_or_else(|| Status::unauthenticated("the client certificate has no usable key"))?;
     let raw = pki::public_key_of(leaf).ok_or_else(|| Status::unauthenticated("the client certificate's key is not ed25519"))?;
-    match inner.dispatcher.store().node_key(&node) {
-        Ok(Some(k)) if k == key => Ok((node, raw)),
-        Ok(_) => Err(Status::permission_denied(format!("node {node} is not registered with this key; join again with a new token"))),
-        Err(e) => Err(Status::unavailable(e.to_string())),
-    }
+    Ok((node, key, raw))
 }
 
 /// A DNS-1123 label, as ProviderNode names must be.
@@ -179,7 +185,7 @@ impl AgentGateway for Gateway {
         }
         // Sign before redeeming so a malformed request does not use up the token.
         let (certificate_pem, key_sha) = self.inner.ca.sign_node(&req.csr_der, &name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Ok(Some(existing)) = self.inner.dispatcher.store().node_key(&name)
+        if let Ok(Some(existing)) = self.inner.dispatcher.store().node_key(&name).await
             && existing != key_sha
         {
             return Err(Status::already_exists(format!("node name {name} is taken by another machine; choose another with --name")));
@@ -188,7 +194,7 @@ impl AgentGateway for Gateway {
             TokenRejection::Backend(_) => Status::unavailable(e.to_string()),
             _ => Status::unauthenticated(e.to_string()),
         })?;
-        match self.inner.dispatcher.store().register_node(&name, &key_sha, now_ms()) {
+        match self.inner.dispatcher.store().register_node(&name, &key_sha, now_ms()).await {
             Ok(Registration::New | Registration::SameKey) => {}
             Ok(Registration::Taken) => return Err(Status::already_exists(format!("node name {name} is taken by another machine; choose another with --name"))),
             Err(e) => return Err(Status::unavailable(e.to_string())),
@@ -202,7 +208,7 @@ impl AgentGateway for Gateway {
     type SessionStream = SessionStream;
 
     async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
-        let (node, public_key) = authenticated_node_key(&self.inner, &request)?;
+        let (node, public_key) = authenticated_node_key(&self.inner, &request).await?;
         // The ledger keeps every key a node name ever had, so its receipts stay verifiable
         // after the node leaves. Idempotent; done here so nodes joined before metering count.
         if let Some(ledger) = self.inner.dispatcher.ledger() {
@@ -218,14 +224,14 @@ impl AgentGateway for Gateway {
     }
 
     async fn leave(&self, request: Request<v1::LeaveRequest>) -> Result<Response<v1::LeaveResponse>, Status> {
-        let node = authenticated_node(&self.inner, &request)?;
+        let node = authenticated_node(&self.inner, &request).await?;
         let moved = self.inner.dispatcher.leave(&node).await.map_err(|e| Status::unavailable(e.to_string()))?;
         let _ = self.inner.events.send(NodeEvent::Left { node: node.clone() }).await;
         Ok(Response::new(v1::LeaveResponse { node_name: node, moved_attempts: moved as u32 }))
     }
 
     async fn fetch_blob(&self, request: Request<v1::FetchBlobRequest>) -> Result<Response<v1::Blob>, Status> {
-        let node = authenticated_node(&self.inner, &request)?;
+        let node = authenticated_node(&self.inner, &request).await?;
         let sha = request.into_inner().sha256;
         match self.inner.blobs.get(&sha) {
             Ok(Some(data)) => Ok(Response::new(v1::Blob { data })),

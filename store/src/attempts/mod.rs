@@ -20,8 +20,8 @@ mod sqlite;
 mod tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::mpsc::sync_channel;
 
 use kommune_proto::now_ms;
 use tokio::sync::oneshot;
@@ -31,6 +31,7 @@ use kommune_core::attempt_index::AttemptIndex;
 use kommune_core::fence::{Fence, Fenced};
 
 use crate::db::epoch::BeginError;
+use crate::db::{Batching, Closed, DbThread};
 
 /// A store failure; the message names the operation.
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +50,6 @@ pub enum StoreError {
     /// one opened it.
     #[error("store: {0}")]
     Fenced(#[from] Fenced),
-    /// The ledger (metering) could not record a receipt or answer a query.
-    #[error("{0}")]
-    Ledger(String),
     /// The thread that owns a PostgreSQL connection could not start or has stopped.
     #[error("store: the {0} thread could not start or has stopped; restart the operator")]
     Thread(&'static str),
@@ -84,37 +82,26 @@ pub struct StoreConfig {
     pub fence: Fence,
 }
 
-/// The store. `Send + Sync`; its methods block on the database, as SQLite always did.
+/// The store. `Send + Sync`; share it in an `Arc`. Every method that reaches the database is
+/// async and runs on the store's own connection threads, never on the caller's.
 pub struct Store {
-    db: Conn,
+    /// Reads, inserts and single transitions.
+    main: DbThread<Box<dyn Db>>,
+    /// The group-commit writer for results from agents (see [`Store::finish_batched`]), on a
+    /// connection of its own so a commit's fsync never holds up a read.
+    writer: DbThread<Box<dyn Db>, Finish>,
     fence: Fence,
     /// This store's claim in `store_leader`, when opened under leader election.
     epoch: Option<i64>,
-    /// The group-commit writer's queue (see [`Store::finish_batched`]).
-    finishes: Mutex<Sender<Finish>>,
     /// The attempts of the jobs being synced, kept in step with every write (after it commits,
     /// with the connection unlocked: a load holds the index lock while it reads).
     index: Arc<AttemptIndex>,
 }
 
-/// A database connection behind a trait, so the store's logic is written once.
-type Shared = Arc<Mutex<Box<dyn Db>>>;
-
-/// How the store reaches its main connection.
-enum Conn {
-    /// SQLite: on the caller's thread, shared with the writer thread.
-    Local(Shared),
-    /// PostgreSQL: on a thread of its own, because the client blocks on a private runtime (it
-    /// panics on a tokio worker, even when dropped there).
-    Worker(Mutex<Sender<Job>>),
-}
-
-type Job = Box<dyn FnOnce(&mut dyn Db) + Send>;
-
-/// The group-commit writer's connection: SQLite's main one, or a PostgreSQL one of its own.
-enum WriterDb {
-    Shared(Shared),
-    Connect(String),
+impl From<Closed> for StoreError {
+    fn from(c: Closed) -> Self {
+        StoreError::Thread(c.0)
+    }
 }
 
 /// Which attempts to read.
@@ -185,6 +172,15 @@ struct Finish {
 /// Most finishes committed in one transaction.
 const MAX_FINISH_BATCH: usize = 4096;
 
+/// Opens one connection to the configured backend.
+fn connect(data_dir: &Path, database_url: Option<&str>) -> Result<Box<dyn Db>> {
+    match database_url {
+        None => Ok(Box::new(sqlite::SqliteDb::open(data_dir)?)),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Ok(Box::new(postgres::PgDb::connect(url)?)),
+        Some(url) => Err(StoreError::Url(url.to_string())),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) `<dir>/kommune.db`, writable without leader election.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -197,60 +193,39 @@ impl Store {
     }
 
     /// Opens the store `config` names. With an elected fence it claims the next epoch first:
-    /// open it only once the Lease is held, as the operator does.
+    /// open it only once the Lease is held, as the operator does. Blocks while it connects.
     pub fn open_with(config: StoreConfig) -> Result<Self> {
         let StoreConfig { data_dir, database_url, fence } = config;
-        let elected = fence.elected();
-        let (db, writer, epoch, backend) = match database_url.as_deref() {
-            None => {
-                let mut db = sqlite::SqliteDb::open(&data_dir)?;
-                let epoch = if elected { Some(db.claim_epoch(now_ms())?) } else { None };
-                let db: Shared = Arc::new(Mutex::new(Box::new(db)));
-                (Conn::Local(db.clone()), WriterDb::Shared(db), epoch, "sqlite")
-            }
-            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                let (jobs, epoch) = spawn_worker(url, elected)?;
-                (Conn::Worker(Mutex::new(jobs)), WriterDb::Connect(url.to_string()), epoch, "postgresql")
-            }
-            Some(url) => return Err(StoreError::Url(url.to_string())),
-        };
-        let (tx, rx) = channel();
+        if let Some(url) = database_url.as_deref().filter(|u| !(u.starts_with("postgres://") || u.starts_with("postgresql://"))) {
+            return Err(StoreError::Url(url.to_string()));
+        }
+        let (elected, backend) = (fence.elected(), if database_url.is_some() { "postgresql" } else { "sqlite" });
+        // The main connection opens first (it creates the schema and claims the epoch), the
+        // writer's only once it is ready.
+        let (claimed, epoch_rx) = sync_channel(1);
+        let (dir, url) = (data_dir.clone(), database_url.clone());
+        let main = DbThread::spawn("store-db", move || {
+            let mut db = connect(&dir, url.as_deref())?;
+            let epoch = if elected { Some(db.claim_epoch(now_ms())?) } else { None };
+            let _ = claimed.send(epoch);
+            Ok::<_, StoreError>(db)
+        })?;
+        let epoch = epoch_rx.try_recv().map_err(|_| StoreError::Thread("store-db"))?;
         let index = Arc::new(AttemptIndex::default());
         let (writer_fence, writer_index) = (fence.clone(), index.clone());
-        let (ready_tx, ready) = sync_channel(1);
-        std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || {
-                // The writer's own PostgreSQL connection is made, used and closed on this thread.
-                let db: Shared = match writer {
-                    WriterDb::Shared(db) => db,
-                    WriterDb::Connect(url) => match postgres::PgDb::connect(&url) {
-                        Ok(db) => Arc::new(Mutex::new(Box::new(db))),
-                        Err(e) => return drop(ready_tx.send(Err(e))),
-                    },
-                };
-                drop(ready_tx.send(Ok(())));
-                commit_finishes(&db, &writer_fence, epoch, &writer_index, rx)
-            })
-            .map_err(|_| StoreError::Thread("store-writer"))?;
-        ready.recv().map_err(|_| StoreError::Thread("store-writer"))??;
+        let batching = Batching {
+            max_weight: MAX_FINISH_BATCH,
+            weight: |_| 1,
+            commit: Box::new(move |db: &mut Box<dyn Db>, batch: Vec<Finish>| commit_finishes(db.as_mut(), &writer_fence, epoch, &writer_index, batch)),
+        };
+        let writer = DbThread::spawn_batched("store-writer", None, move || connect(&data_dir, database_url.as_deref()), batching)?;
         tracing::info!(backend, epoch, "attempt store open");
-        Ok(Store { db, fence, epoch, finishes: Mutex::new(tx), index })
+        Ok(Store { main, writer, fence, epoch, index })
     }
 
-    /// Runs `f` on the main connection, wherever it lives.
-    fn with<R: Send + 'static>(&self, f: impl FnOnce(&mut dyn Db) -> Result<R> + Send + 'static) -> Result<R> {
-        match &self.db {
-            // A panic while holding the lock cannot leave the database half-written
-            // (transactions roll back), so a poisoned lock is safe to reuse.
-            Conn::Local(db) => f(&mut **db.lock().unwrap_or_else(|p| p.into_inner())),
-            Conn::Worker(jobs) => {
-                let stopped = || StoreError::Thread("store-db");
-                let (tx, rx) = sync_channel(1);
-                jobs.lock().unwrap_or_else(|p| p.into_inner()).send(Box::new(move |db: &mut dyn Db| drop(tx.send(f(db))))).map_err(|_| stopped())?;
-                rx.recv().map_err(|_| stopped())?
-            }
-        }
+    /// Runs `f` on the main connection.
+    async fn with<R: Send + 'static>(&self, f: impl FnOnce(&mut dyn Db) -> Result<R> + Send + 'static) -> Result<R> {
+        self.main.run(move |db| f(db.as_mut())).await?
     }
 
     /// This store's epoch in `store_leader` (None without leader election).
@@ -259,10 +234,10 @@ impl Store {
     }
 
     /// Records new attempts in one transaction. Re-inserting an existing id is a no-op.
-    pub fn insert_attempts(&self, attempts: &[Attempt]) -> Result<()> {
+    pub async fn insert_attempts(&self, attempts: &[Attempt]) -> Result<()> {
         self.fence.check()?;
         let (epoch, owned) = (self.epoch, attempts.to_vec());
-        self.with(move |db| db.insert(epoch, &owned))?;
+        self.with(move |db| db.insert(epoch, &owned)).await?;
         self.index.inserted(attempts);
         Ok(())
     }
@@ -274,20 +249,20 @@ impl Store {
     /// off; the next durable commit makes it durable): losing it in a crash is harmless, as
     /// Assigned and Running are both active and the agent's next Hello reconciles them, and it
     /// keeps an fsync off every task's path.
-    pub fn mark_running(&self, id: &str) -> Result<bool> {
+    pub async fn mark_running(&self, id: &str) -> Result<bool> {
         self.fence.check()?;
         let (epoch, owned) = (self.epoch, id.to_string());
-        let changed = self.with(move |db| db.mark_running(epoch, &owned))?;
+        let changed = self.with(move |db| db.mark_running(epoch, &owned)).await?;
         if changed {
             self.index.running(id);
         }
         Ok(changed)
     }
 
-    /// Like [`Store::finish`], for results from agents: queued for the writer thread, which
-    /// commits everything queued in one transaction (one fsync for the batch), and awaited
-    /// without blocking the caller's thread. Resolves once the transition is durable; returns
-    /// whether the attempt changed (false when it was already terminal or does not exist).
+    /// Like [`Store::finish`], for results from agents: queued for the writer, which commits
+    /// everything queued in one transaction (one fsync for the batch). Resolves once the
+    /// transition is durable; returns whether the attempt changed (false when it was already
+    /// terminal or does not exist).
     pub async fn finish_batched(&self, id: &str, phase: AttemptPhase, result: &AttemptResult, now_ms: i64) -> Result<bool> {
         debug_assert!(phase.is_terminal());
         self.fence.check()?;
@@ -295,42 +270,47 @@ impl Store {
         let (done, durable) = oneshot::channel();
         let closed = || StoreError::Batch("the store's writer thread has stopped; restart the operator".into());
         let finish = Finish { id: id.to_string(), phase, result: result.clone(), json, now_ms, done };
-        self.finishes.lock().unwrap_or_else(|p| p.into_inner()).send(finish).map_err(|_| closed())?;
+        self.writer.queue(finish).map_err(|_| closed())?;
         durable.await.map_err(|_| closed())?
     }
 
     /// Moves an active attempt to a terminal phase. Returns the updated attempt, or None when
     /// it does not exist or was already terminal: finishing twice is a no-op.
-    pub fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now_ms: i64) -> Result<Option<Attempt>> {
+    pub async fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now_ms: i64) -> Result<Option<Attempt>> {
         debug_assert!(phase.is_terminal());
         self.fence.check()?;
         let json = result.map(|r| serde_json::to_string(r).expect("a result always serialises"));
         let (epoch, owned) = (self.epoch, id.to_string());
-        let done = self.with(move |db| db.finish(epoch, &owned, phase, json.as_deref(), now_ms))?;
+        let done = self.with(move |db| db.finish(epoch, &owned, phase, json.as_deref(), now_ms)).await?;
         if done.is_some() {
             self.index.finished(id, phase, result, now_ms);
         }
         Ok(done)
     }
 
-    fn select(&self, which: Select) -> Result<Vec<Attempt>> {
-        self.with(move |db| db.select(&which))
+    async fn select(&self, which: Select) -> Result<Vec<Attempt>> {
+        self.with(move |db| db.select(&which)).await
     }
 
     /// One attempt by id.
-    pub fn attempt(&self, id: &str) -> Result<Option<Attempt>> {
-        Ok(self.select(Select::Id(id.to_string()))?.pop())
+    pub async fn attempt(&self, id: &str) -> Result<Option<Attempt>> {
+        Ok(self.select(Select::Id(id.to_string())).await?.pop())
     }
 
     /// Every attempt of a job, read from the database.
-    pub fn attempts_for_job(&self, job_uid: &str) -> Result<Vec<Attempt>> {
-        self.select(Select::Job(job_uid.to_string()))
+    pub async fn attempts_for_job(&self, job_uid: &str) -> Result<Vec<Attempt>> {
+        self.select(Select::Job(job_uid.to_string())).await
     }
 
     /// Every attempt of a job, in the same order, from memory: read from the database once,
     /// then kept in step with every write. What the sync loop reads.
-    pub fn job_attempts(&self, job_uid: &str) -> Result<Vec<Arc<Attempt>>> {
-        self.index.job(job_uid, || self.attempts_for_job(job_uid))
+    pub async fn job_attempts(&self, job_uid: &str) -> Result<Vec<Arc<Attempt>>> {
+        if let Some(loaded) = self.index.get(job_uid) {
+            return Ok(loaded);
+        }
+        // The load runs on the connection's thread, under the index lock (see AttemptIndex::job).
+        let (index, uid) = (self.index.clone(), job_uid.to_string());
+        self.with(move |db| index.job(&uid, || db.select(&Select::Job(uid.clone())))).await
     }
 
     /// Drops a job's attempts from memory (it finished or was deleted); the database keeps
@@ -340,111 +320,72 @@ impl Store {
     }
 
     /// Attempts placed on `node` and not finished.
-    pub fn active_on_node(&self, node: &str) -> Result<Vec<Attempt>> {
-        self.select(Select::Node(node.to_string()))
+    pub async fn active_on_node(&self, node: &str) -> Result<Vec<Attempt>> {
+        self.select(Select::Node(node.to_string())).await
     }
 
     /// Every attempt not finished, on any node (to rebuild reservations after a restart or a
     /// takeover).
-    pub fn all_active(&self) -> Result<Vec<Attempt>> {
-        self.select(Select::Active)
+    pub async fn all_active(&self) -> Result<Vec<Attempt>> {
+        self.select(Select::Active).await
     }
 
     /// Finished attempts per node that count towards reputation: (node, succeeded, failed or
     /// lost). Cancelled attempts do not count.
-    pub fn outcomes_by_node(&self) -> Result<Vec<(String, u64, u64)>> {
-        self.with(|db| db.outcomes_by_node())
+    pub async fn outcomes_by_node(&self) -> Result<Vec<(String, u64, u64)>> {
+        self.with(|db| db.outcomes_by_node()).await
     }
 
     /// Binds `name` to a node key, or reports that it is bound to another one.
-    pub fn register_node(&self, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
+    pub async fn register_node(&self, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
         self.fence.check()?;
         let (epoch, name, key) = (self.epoch, name.to_string(), public_key_sha256.to_string());
-        self.with(move |db| db.register_node(epoch, &name, &key, now_ms))
+        self.with(move |db| db.register_node(epoch, &name, &key, now_ms)).await
     }
 
     /// Forgets a node's registration: its certificate no longer opens sessions. Returns whether
     /// it was registered.
-    pub fn remove_node(&self, name: &str) -> Result<bool> {
+    pub async fn remove_node(&self, name: &str) -> Result<bool> {
         self.fence.check()?;
         let (epoch, name) = (self.epoch, name.to_string());
-        self.with(move |db| db.remove_node(epoch, &name))
+        self.with(move |db| db.remove_node(epoch, &name)).await
     }
 
     /// The key hash a node name is bound to.
-    pub fn node_key(&self, name: &str) -> Result<Option<String>> {
+    pub async fn node_key(&self, name: &str) -> Result<Option<String>> {
         let name = name.to_string();
-        self.with(move |db| db.node_key(&name))
+        self.with(move |db| db.node_key(&name)).await
     }
 
     /// Runs `hook` inside each insert's transaction just before it commits (PostgreSQL only).
     #[cfg(test)]
-    fn set_before_commit(&self, hook: Box<dyn Fn() + Send>) {
+    async fn set_before_commit(&self, hook: Box<dyn Fn() + Send>) {
         self.with(move |db| {
             db.set_before_commit(hook);
             Ok(())
         })
+        .await
         .unwrap();
     }
 }
 
-/// Starts the thread that owns the PostgreSQL main connection: it connects, claims an epoch
-/// when `elected`, then runs jobs until the store is dropped (and closes the connection there).
-fn spawn_worker(url: &str, elected: bool) -> Result<(Sender<Job>, Option<i64>)> {
-    let (jobs, rx) = channel::<Job>();
-    let (ready_tx, ready) = sync_channel(1);
-    let url = url.to_string();
-    std::thread::Builder::new()
-        .name("store-db".into())
-        .spawn(move || {
-            let opened = postgres::PgDb::connect(&url).and_then(|mut db| {
-                let epoch = if elected { Some(db.claim_epoch(now_ms())?) } else { None };
-                Ok((db, epoch))
-            });
-            let mut db = match opened {
-                Ok((db, epoch)) => {
-                    drop(ready_tx.send(Ok(epoch)));
-                    db
-                }
-                Err(e) => return drop(ready_tx.send(Err(e))),
-            };
-            while let Ok(job) = rx.recv() {
-                job(&mut db);
+/// The group-commit writer's commit: everything queued, in one transaction, then the answers.
+fn commit_finishes(db: &mut dyn Db, fence: &Fence, epoch: Option<i64>, index: &AttemptIndex, batch: Vec<Finish>) {
+    if let Err(e) = fence.check() {
+        return batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Fenced(e.clone())))));
+    }
+    match db.finish_batch(epoch, &batch) {
+        Ok(changed) => {
+            // In memory before anyone hears of it: a sync woken by the answer sees it.
+            for (f, _) in batch.iter().zip(&changed).filter(|(_, c)| **c) {
+                index.finished(&f.id, f.phase, Some(&f.result), f.now_ms);
             }
-        })
-        .map_err(|_| StoreError::Thread("store-db"))?;
-    let epoch = ready.recv().map_err(|_| StoreError::Thread("store-db"))??;
-    Ok((jobs, epoch))
-}
-
-/// The group-commit writer: takes everything queued, commits it in one transaction, answers.
-fn commit_finishes(db: &Mutex<Box<dyn Db>>, fence: &Fence, epoch: Option<i64>, index: &AttemptIndex, rx: Receiver<Finish>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_FINISH_BATCH {
-            match rx.try_recv() {
-                Ok(f) => batch.push(f),
-                Err(_) => break,
-            }
+            batch.into_iter().zip(changed).for_each(|(f, c)| drop(f.done.send(Ok(c))));
         }
-        if let Err(e) = fence.check() {
-            batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Fenced(e.clone())))));
-            continue;
-        }
-        let changed = db.lock().unwrap_or_else(|p| p.into_inner()).finish_batch(epoch, &batch);
-        match changed {
-            Ok(changed) => {
-                // In memory before anyone hears of it: a sync woken by the answer sees it.
-                for (f, _) in batch.iter().zip(&changed).filter(|(_, c)| **c) {
-                    index.finished(&f.id, f.phase, Some(&f.result), f.now_ms);
-                }
-                batch.into_iter().zip(changed).for_each(|(f, c)| drop(f.done.send(Ok(c))));
-            }
-            Err(StoreError::Fenced(e)) => batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Fenced(e.clone()))))),
-            Err(e) => {
-                let msg = e.to_string();
-                batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Batch(msg.clone())))));
-            }
+        Err(StoreError::Fenced(e)) => batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Fenced(e.clone()))))),
+        Err(e) => {
+            let msg = e.to_string();
+            batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Batch(msg.clone())))));
         }
     }
 }

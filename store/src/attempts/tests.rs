@@ -50,18 +50,27 @@ impl Env {
 
     /// Runs SQL on the backend directly, as an older operator (or an operator of the database)
     /// would.
+    /// On a thread of its own: the synchronous PostgreSQL client must not run on a tokio worker.
     fn raw(&self, sql: &str) {
-        match &self.url {
-            None => rusqlite::Connection::open(self.dir.path().join("kommune.db")).unwrap().execute_batch(sql).unwrap(),
-            Some(url) => ::postgres::Client::connect(url, ::postgres::NoTls).unwrap().batch_execute(sql).unwrap(),
-        }
+        std::thread::scope(|s| {
+            s.spawn(|| match &self.url {
+                None => rusqlite::Connection::open(self.dir.path().join("kommune.db")).unwrap().execute_batch(sql).unwrap(),
+                Some(url) => ::postgres::Client::connect(url, ::postgres::NoTls).unwrap().batch_execute(sql).unwrap(),
+            });
+        });
     }
 
     /// How many sessions on this test's database wait for a lock (PostgreSQL).
     fn sessions_waiting_on_a_lock(&self) -> i64 {
         let (base, name) = self.admin.as_ref().expect("a PostgreSQL test");
-        let mut admin = ::postgres::Client::connect(base, ::postgres::NoTls).unwrap();
-        admin.query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'", &[name]).unwrap().get(0)
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut admin = ::postgres::Client::connect(base, ::postgres::NoTls).unwrap();
+                admin.query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'", &[name]).unwrap().get(0)
+            })
+            .join()
+            .unwrap()
+        })
     }
 }
 
@@ -78,15 +87,15 @@ impl Drop for Env {
 macro_rules! backend_suite {
     ($($name:ident),* $(,)?) => {
         mod on_sqlite {
-            $(#[test] fn $name() { super::$name(&super::Env::sqlite()); })*
+            $(#[test] fn $name() { super::rt().block_on(super::$name(&super::Env::sqlite())); })*
         }
         mod on_postgres {
-            $(#[test] fn $name() { if let Some(env) = super::Env::postgres() { super::$name(&env); } })*
+            $(#[test] fn $name() { if let Some(env) = super::Env::postgres() { super::rt().block_on(super::$name(&env)); } })*
 
             #[test]
             fn an_old_leaders_write_open_during_a_claim_commits_before_the_claim_and_its_next_write_is_refused() {
                 if let Some(env) = super::Env::postgres() {
-                    super::an_old_leaders_write_open_during_a_claim_commits_before_the_claim_and_its_next_write_is_refused(&env);
+                    super::rt().block_on(super::an_old_leaders_write_open_during_a_claim_commits_before_the_claim_and_its_next_write_is_refused(&env));
                 }
             }
         }
@@ -141,38 +150,38 @@ fn ids(attempts: &[Attempt]) -> Vec<&str> {
     attempts.iter().map(|a| a.id.as_str()).collect()
 }
 
-fn attempts_survive_reopen_and_transitions_are_idempotent(env: &Env) {
+async fn attempts_survive_reopen_and_transitions_are_idempotent(env: &Env) {
     let result = AttemptResult { exit_code: 0, output_sha256: "ab".into(), stdout_tail: b"hi".to_vec(), ..Default::default() };
     {
         let store = env.open();
-        store.insert_attempts(&[attempt(0, "a"), attempt(1, "b")]).unwrap();
-        store.insert_attempts(&[attempt(0, "a")]).unwrap();
-        assert!(store.mark_running(&attempt_id("uid", 0, 1)).unwrap());
-        assert!(!store.mark_running(&attempt_id("uid", 0, 1)).unwrap());
-        let done = store.finish(&attempt_id("uid", 0, 1), AttemptPhase::Succeeded, Some(&result), 9).unwrap().unwrap();
+        store.insert_attempts(&[attempt(0, "a"), attempt(1, "b")]).await.unwrap();
+        store.insert_attempts(&[attempt(0, "a")]).await.unwrap();
+        assert!(store.mark_running(&attempt_id("uid", 0, 1)).await.unwrap());
+        assert!(!store.mark_running(&attempt_id("uid", 0, 1)).await.unwrap());
+        let done = store.finish(&attempt_id("uid", 0, 1), AttemptPhase::Succeeded, Some(&result), 9).await.unwrap().unwrap();
         assert_eq!(done.phase, AttemptPhase::Succeeded);
         assert_eq!(done.result.as_ref(), Some(&result));
-        assert_eq!(store.finish(&attempt_id("uid", 0, 1), AttemptPhase::Failed, None, 10).unwrap(), None);
-        assert!(!store.mark_running(&attempt_id("uid", 0, 1)).unwrap());
-        assert_eq!(store.finish("nope", AttemptPhase::Failed, None, 10).unwrap(), None);
+        assert_eq!(store.finish(&attempt_id("uid", 0, 1), AttemptPhase::Failed, None, 10).await.unwrap(), None);
+        assert!(!store.mark_running(&attempt_id("uid", 0, 1)).await.unwrap());
+        assert_eq!(store.finish("nope", AttemptPhase::Failed, None, 10).await.unwrap(), None);
     }
     let store = env.open();
-    let all = store.attempts_for_job("uid").unwrap();
+    let all = store.attempts_for_job("uid").await.unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].phase, AttemptPhase::Succeeded);
     assert_eq!(all[0].finished_ms, Some(9));
     assert_eq!(all[0].result.as_ref().unwrap().stdout_tail, b"hi");
-    assert_eq!(store.active_on_node("b").unwrap().len(), 1);
-    assert!(store.active_on_node("a").unwrap().is_empty());
-    assert_eq!(store.all_active().unwrap().len(), 1);
+    assert_eq!(store.active_on_node("b").await.unwrap().len(), 1);
+    assert!(store.active_on_node("a").await.unwrap().is_empty());
+    assert_eq!(store.all_active().await.unwrap().len(), 1);
 }
 
-fn batched_finishes_commit_together_and_a_second_finish_changes_nothing(env: &Env) {
+async fn batched_finishes_commit_together_and_a_second_finish_changes_nothing(env: &Env) {
     let ok = AttemptResult { exit_code: 0, stdout_tail: b"ok".to_vec(), ..Default::default() };
-    rt().block_on(async {
+    {
         let store = env.open();
-        store.insert_attempts(&(0..50).map(|i| attempt(i, "a")).collect::<Vec<_>>()).unwrap();
-        assert!(store.mark_running(&attempt_id("uid", 0, 1)).unwrap());
+        store.insert_attempts(&(0..50).map(|i| attempt(i, "a")).collect::<Vec<_>>()).await.unwrap();
+        assert!(store.mark_running(&attempt_id("uid", 0, 1)).await.unwrap());
         let finishes = (0..50).map(|i| {
             let (store, ok, id) = (&store, &ok, attempt_id("uid", i, 1));
             async move { store.finish_batched(&id, AttemptPhase::Succeeded, ok, 7).await.unwrap() }
@@ -180,43 +189,43 @@ fn batched_finishes_commit_together_and_a_second_finish_changes_nothing(env: &En
         assert!(futures::future::join_all(finishes).await.into_iter().all(|changed| changed));
         assert!(!store.finish_batched(&attempt_id("uid", 3, 1), AttemptPhase::Failed, &ok, 8).await.unwrap());
         assert!(!store.finish_batched("nope", AttemptPhase::Failed, &ok, 8).await.unwrap());
-    });
+    }
     let store = env.open();
-    let all = store.attempts_for_job("uid").unwrap();
+    let all = store.attempts_for_job("uid").await.unwrap();
     assert_eq!(all.len(), 50);
     assert!(all.iter().all(|a| a.phase == AttemptPhase::Succeeded && a.finished_ms == Some(7) && a.result.as_ref() == Some(&ok)));
-    assert!(store.all_active().unwrap().is_empty());
+    assert!(store.all_active().await.unwrap().is_empty());
 }
 
-fn a_fenced_store_refuses_every_write_and_still_reads(env: &Env) {
+async fn a_fenced_store_refuses_every_write_and_still_reads(env: &Env) {
     let fence = Fence::closed();
     let store = env.open_fenced(fence.clone());
     fence.extend(Instant::now() + Duration::from_secs(60));
-    store.insert_attempts(&[attempt(0, "a")]).unwrap();
+    store.insert_attempts(&[attempt(0, "a")]).await.unwrap();
     fence.close();
     let id = attempt_id("uid", 0, 1);
-    assert!(matches!(store.insert_attempts(&[attempt(1, "a")]), Err(StoreError::Fenced(_))));
-    assert!(matches!(store.mark_running(&id), Err(StoreError::Fenced(_))));
-    assert!(matches!(store.finish(&id, AttemptPhase::Failed, None, 1), Err(StoreError::Fenced(_))));
-    let batched = rt().block_on(store.finish_batched(&id, AttemptPhase::Failed, &AttemptResult::default(), 1));
+    assert!(matches!(store.insert_attempts(&[attempt(1, "a")]).await, Err(StoreError::Fenced(_))));
+    assert!(matches!(store.mark_running(&id).await, Err(StoreError::Fenced(_))));
+    assert!(matches!(store.finish(&id, AttemptPhase::Failed, None, 1).await, Err(StoreError::Fenced(_))));
+    let batched = store.finish_batched(&id, AttemptPhase::Failed, &AttemptResult::default(), 1).await;
     assert!(matches!(batched, Err(StoreError::Fenced(_))));
-    assert!(matches!(store.register_node("n", "k", 1), Err(StoreError::Fenced(_))));
-    assert!(matches!(store.remove_node("n"), Err(StoreError::Fenced(_))));
-    assert_eq!(store.attempts_for_job("uid").unwrap().len(), 1, "reads still work, nothing changed");
-    assert_eq!(store.attempt(&id).unwrap().unwrap().phase, AttemptPhase::Assigned);
+    assert!(matches!(store.register_node("n", "k", 1).await, Err(StoreError::Fenced(_))));
+    assert!(matches!(store.remove_node("n").await, Err(StoreError::Fenced(_))));
+    assert_eq!(store.attempts_for_job("uid").await.unwrap().len(), 1, "reads still work, nothing changed");
+    assert_eq!(store.attempt(&id).await.unwrap().unwrap().phase, AttemptPhase::Assigned);
 }
 
-fn replicas_and_held_disk_and_gpus_survive_reopen_bit_for_bit(env: &Env) {
+async fn replicas_and_held_disk_and_gpus_survive_reopen_bit_for_bit(env: &Env) {
     let held = Held { ephemeral_bytes: 10 << 30, gpu_mask: 1 << 63 | 0b101 };
     let copy = Attempt { id: kommune_core::attempt::replica_attempt_id("uid", 0, 1, 2), replica: 2, held: Some(held), ..attempt(0, "b") };
-    env.open().insert_attempts(&[attempt(0, "a"), copy.clone()]).unwrap();
+    env.open().insert_attempts(&[attempt(0, "a"), copy.clone()]).await.unwrap();
     let store = env.open();
-    let all = store.attempts_for_job("uid").unwrap();
+    let all = store.attempts_for_job("uid").await.unwrap();
     assert_eq!(all, vec![attempt(0, "a"), copy.clone()], "ordered by index, number, replica");
-    assert_eq!(store.all_active().unwrap()[1].held, Some(held));
+    assert_eq!(store.all_active().await.unwrap()[1].held, Some(held));
 }
 
-fn a_store_written_by_an_older_operator_gains_the_new_columns_and_keeps_its_attempts(env: &Env) {
+async fn a_store_written_by_an_older_operator_gains_the_new_columns_and_keeps_its_attempts(env: &Env) {
     let old_table = "CREATE TABLE attempts (id TEXT PRIMARY KEY, job_uid TEXT NOT NULL, job_key TEXT NOT NULL, task_index INTEGER NOT NULL,
          number INTEGER NOT NULL, node TEXT NOT NULL, phase TEXT NOT NULL, cpu_millis INTEGER NOT NULL, memory_bytes INTEGER NOT NULL,
          created_ms INTEGER NOT NULL, finished_ms INTEGER, result_json TEXT);
@@ -228,43 +237,43 @@ fn a_store_written_by_an_older_operator_gains_the_new_columns_and_keeps_its_atte
     for _ in 0..2 {
         // Opening twice: the migration runs once and is a no-op after.
         let store = env.open();
-        let old = store.attempt("uid.0.1").unwrap().unwrap();
+        let old = store.attempt("uid.0.1").await.unwrap().unwrap();
         assert_eq!((old.replica, old.held, old.phase), (0, None, AttemptPhase::Running), "disk and GPUs of old rows are unknown, not zero");
     }
     let store = env.open();
-    store.insert_attempts(&[attempt(1, "b")]).unwrap();
-    assert_eq!(store.attempts_for_job("uid").unwrap().len(), 2);
-    assert_eq!(store.attempt(&attempt_id("uid", 1, 1)).unwrap().unwrap().held, Some(Held::default()));
+    store.insert_attempts(&[attempt(1, "b")]).await.unwrap();
+    assert_eq!(store.attempts_for_job("uid").await.unwrap().len(), 2);
+    assert_eq!(store.attempt(&attempt_id("uid", 1, 1)).await.unwrap().unwrap().held, Some(Held::default()));
 }
 
-fn node_names_are_bound_to_one_key(env: &Env) {
+async fn node_names_are_bound_to_one_key(env: &Env) {
     let store = env.open();
-    assert_eq!(store.register_node("n1", "k1", 1).unwrap(), Registration::New);
-    assert_eq!(store.register_node("n1", "k1", 2).unwrap(), Registration::SameKey);
-    assert_eq!(store.register_node("n1", "k2", 3).unwrap(), Registration::Taken);
-    assert_eq!(store.node_key("n1").unwrap().as_deref(), Some("k1"));
-    assert_eq!(store.node_key("n2").unwrap(), None);
-    assert!(store.remove_node("n1").unwrap());
-    assert!(!store.remove_node("n1").unwrap());
-    assert_eq!(store.register_node("n1", "k2", 4).unwrap(), Registration::New);
+    assert_eq!(store.register_node("n1", "k1", 1).await.unwrap(), Registration::New);
+    assert_eq!(store.register_node("n1", "k1", 2).await.unwrap(), Registration::SameKey);
+    assert_eq!(store.register_node("n1", "k2", 3).await.unwrap(), Registration::Taken);
+    assert_eq!(store.node_key("n1").await.unwrap().as_deref(), Some("k1"));
+    assert_eq!(store.node_key("n2").await.unwrap(), None);
+    assert!(store.remove_node("n1").await.unwrap());
+    assert!(!store.remove_node("n1").await.unwrap());
+    assert_eq!(store.register_node("n1", "k2", 4).await.unwrap(), Registration::New);
 }
 
-fn finished_attempts_count_towards_their_nodes_outcomes(env: &Env) {
+async fn finished_attempts_count_towards_their_nodes_outcomes(env: &Env) {
     let store = env.open();
-    store.insert_attempts(&[attempt(0, "b"), attempt(1, "b"), attempt(2, "a"), attempt(3, "a"), attempt(4, "a")]).unwrap();
-    store.finish(&attempt_id("uid", 0, 1), AttemptPhase::Succeeded, None, 1).unwrap();
-    store.finish(&attempt_id("uid", 1, 1), AttemptPhase::Lost, None, 1).unwrap();
-    store.finish(&attempt_id("uid", 2, 1), AttemptPhase::Failed, None, 1).unwrap();
-    store.finish(&attempt_id("uid", 3, 1), AttemptPhase::Cancelled, None, 1).unwrap();
-    assert_eq!(store.outcomes_by_node().unwrap(), vec![("a".to_string(), 0, 1), ("b".to_string(), 1, 1)], "cancelled and active ones do not count");
+    store.insert_attempts(&[attempt(0, "b"), attempt(1, "b"), attempt(2, "a"), attempt(3, "a"), attempt(4, "a")]).await.unwrap();
+    store.finish(&attempt_id("uid", 0, 1), AttemptPhase::Succeeded, None, 1).await.unwrap();
+    store.finish(&attempt_id("uid", 1, 1), AttemptPhase::Lost, None, 1).await.unwrap();
+    store.finish(&attempt_id("uid", 2, 1), AttemptPhase::Failed, None, 1).await.unwrap();
+    store.finish(&attempt_id("uid", 3, 1), AttemptPhase::Cancelled, None, 1).await.unwrap();
+    assert_eq!(store.outcomes_by_node().await.unwrap(), vec![("a".to_string(), 0, 1), ("b".to_string(), 1, 1)], "cancelled and active ones do not count");
 }
 
-fn a_replica_that_claims_the_store_fences_every_write_of_the_previous_one_though_its_lease_fence_is_open(env: &Env) {
+async fn a_replica_that_claims_the_store_fences_every_write_of_the_previous_one_though_its_lease_fence_is_open(env: &Env) {
     let old_fence = leader_fence();
     let old = env.open_fenced(old_fence.clone());
-    old.insert_attempts(&[attempt(0, "a"), attempt(1, "a")]).unwrap();
-    old.register_node("n1", "k1", 1).unwrap();
-    let before: Vec<Attempt> = old.job_attempts("uid").unwrap().iter().map(|a| (**a).clone()).collect();
+    old.insert_attempts(&[attempt(0, "a"), attempt(1, "a")]).await.unwrap();
+    old.register_node("n1", "k1", 1).await.unwrap();
+    let before: Vec<Attempt> = old.job_attempts("uid").await.unwrap().iter().map(|a| (**a).clone()).collect();
 
     // The old leader was frozen past its Lease; a new one took the Lease and opened the store.
     let new = env.open_fenced(leader_fence());
@@ -272,74 +281,74 @@ fn a_replica_that_claims_the_store_fences_every_write_of_the_previous_one_though
     assert_eq!(old_fence.check(), Ok(()), "the old leader's own fence still lets it write: only the epoch can stop it");
 
     let (id0, id1) = (attempt_id("uid", 0, 1), attempt_id("uid", 1, 1));
-    assert!(matches!(old.insert_attempts(&[attempt(2, "a")]), Err(StoreError::Fenced(_))));
-    assert!(matches!(old.mark_running(&id0), Err(StoreError::Fenced(_))));
-    assert!(matches!(old.finish(&id1, AttemptPhase::Failed, None, 9), Err(StoreError::Fenced(_))));
-    let batched = rt().block_on(old.finish_batched(&id1, AttemptPhase::Failed, &AttemptResult::default(), 9));
+    assert!(matches!(old.insert_attempts(&[attempt(2, "a")]).await, Err(StoreError::Fenced(_))));
+    assert!(matches!(old.mark_running(&id0).await, Err(StoreError::Fenced(_))));
+    assert!(matches!(old.finish(&id1, AttemptPhase::Failed, None, 9).await, Err(StoreError::Fenced(_))));
+    let batched = old.finish_batched(&id1, AttemptPhase::Failed, &AttemptResult::default(), 9).await;
     assert!(matches!(batched, Err(StoreError::Fenced(_))), "{batched:?}");
-    assert!(matches!(old.register_node("n2", "k2", 2), Err(StoreError::Fenced(_))));
-    assert!(matches!(old.remove_node("n1"), Err(StoreError::Fenced(_))));
+    assert!(matches!(old.register_node("n2", "k2", 2).await, Err(StoreError::Fenced(_))));
+    assert!(matches!(old.remove_node("n1").await, Err(StoreError::Fenced(_))));
 
-    assert_eq!(new.attempts_for_job("uid").unwrap(), before, "the refused writes changed nothing in the database");
-    assert_eq!((new.node_key("n1").unwrap().as_deref(), new.node_key("n2").unwrap()), (Some("k1"), None));
-    let in_memory: Vec<Attempt> = old.job_attempts("uid").unwrap().iter().map(|a| (**a).clone()).collect();
+    assert_eq!(new.attempts_for_job("uid").await.unwrap(), before, "the refused writes changed nothing in the database");
+    assert_eq!((new.node_key("n1").await.unwrap().as_deref(), new.node_key("n2").await.unwrap()), (Some("k1"), None));
+    let in_memory: Vec<Attempt> = old.job_attempts("uid").await.unwrap().iter().map(|a| (**a).clone()).collect();
     assert_eq!(in_memory, before, "nor in the old leader's memory");
-    assert!(new.mark_running(&id0).unwrap(), "the new leader writes");
+    assert!(new.mark_running(&id0).await.unwrap(), "the new leader writes");
 }
 
-fn a_new_leader_sees_exactly_the_attempts_the_old_one_placed_and_finishes_them(env: &Env) {
+async fn a_new_leader_sees_exactly_the_attempts_the_old_one_placed_and_finishes_them(env: &Env) {
     let ok = AttemptResult { exit_code: 0, stdout_tail: b"ok".to_vec(), ..Default::default() };
     let (id0, id1, id2) = (attempt_id("uid", 0, 1), attempt_id("uid", 1, 1), attempt_id("uid", 2, 1));
     let old = env.open_fenced(leader_fence());
-    old.insert_attempts(&[attempt(0, "a"), attempt(1, "b"), attempt(2, "a")]).unwrap();
-    assert!(old.mark_running(&id0).unwrap());
-    assert!(old.mark_running(&id1).unwrap());
-    old.finish(&id2, AttemptPhase::Succeeded, Some(&ok), 7).unwrap().unwrap();
-    let placed: Vec<Attempt> = old.job_attempts("uid").unwrap().iter().map(|a| (**a).clone()).collect();
+    old.insert_attempts(&[attempt(0, "a"), attempt(1, "b"), attempt(2, "a")]).await.unwrap();
+    assert!(old.mark_running(&id0).await.unwrap());
+    assert!(old.mark_running(&id1).await.unwrap());
+    old.finish(&id2, AttemptPhase::Succeeded, Some(&ok), 7).await.unwrap().unwrap();
+    let placed: Vec<Attempt> = old.job_attempts("uid").await.unwrap().iter().map(|a| (**a).clone()).collect();
 
     let new = env.open_fenced(leader_fence());
-    let active = new.all_active().unwrap();
+    let active = new.all_active().await.unwrap();
     assert_eq!(ids(&active), [id0.as_str(), id1.as_str()]);
     assert!(active.iter().all(|a| a.phase == AttemptPhase::Running));
-    let seen: Vec<Attempt> = new.job_attempts("uid").unwrap().iter().map(|a| (**a).clone()).collect();
+    let seen: Vec<Attempt> = new.job_attempts("uid").await.unwrap().iter().map(|a| (**a).clone()).collect();
     assert_eq!(seen, placed, "the running work carries over as the old leader left it");
-    assert_eq!(ids(&new.active_on_node("a").unwrap()), [id0.as_str()]);
+    assert_eq!(ids(&new.active_on_node("a").await.unwrap()), [id0.as_str()]);
 
-    assert!(rt().block_on(new.finish_batched(&id0, AttemptPhase::Succeeded, &ok, 8)).unwrap());
-    assert_eq!(new.finish(&id1, AttemptPhase::Lost, None, 8).unwrap().map(|a| a.phase), Some(AttemptPhase::Lost));
-    assert!(new.all_active().unwrap().is_empty());
-    let phases: Vec<AttemptPhase> = new.job_attempts("uid").unwrap().iter().map(|a| a.phase).collect();
+    assert!(new.finish_batched(&id0, AttemptPhase::Succeeded, &ok, 8).await.unwrap());
+    assert_eq!(new.finish(&id1, AttemptPhase::Lost, None, 8).await.unwrap().map(|a| a.phase), Some(AttemptPhase::Lost));
+    assert!(new.all_active().await.unwrap().is_empty());
+    let phases: Vec<AttemptPhase> = new.job_attempts("uid").await.unwrap().iter().map(|a| a.phase).collect();
     assert_eq!(phases, [AttemptPhase::Succeeded, AttemptPhase::Lost, AttemptPhase::Succeeded]);
 }
 
-fn an_unelected_store_neither_claims_nor_checks_an_epoch(env: &Env) {
+async fn an_unelected_store_neither_claims_nor_checks_an_epoch(env: &Env) {
     let leader = env.open_fenced(leader_fence());
     let single = env.open();
     assert_eq!((leader.epoch(), single.epoch()), (Some(1), None));
-    single.insert_attempts(&[attempt(0, "a")]).unwrap();
-    assert!(leader.mark_running(&attempt_id("uid", 0, 1)).unwrap(), "opening without election did not take the store from the leader");
+    single.insert_attempts(&[attempt(0, "a")]).await.unwrap();
+    assert!(leader.mark_running(&attempt_id("uid", 0, 1)).await.unwrap(), "opening without election did not take the store from the leader");
 }
 
 /// The dispatcher and the gateway call the store from tokio workers: the PostgreSQL client,
 /// which blocks on a runtime of its own, must never run (or be dropped) there.
-fn a_store_opened_used_and_dropped_on_the_async_runtime_works(env: &Env) {
+async fn a_store_opened_used_and_dropped_on_the_async_runtime_works(env: &Env) {
     let id = attempt_id("uid", 0, 1);
-    rt().block_on(async {
+    {
         let store = Store::open_with(env.config(leader_fence())).unwrap();
-        store.insert_attempts(&[attempt(0, "a")]).unwrap();
-        assert!(store.mark_running(&id).unwrap());
-        assert_eq!(store.job_attempts("uid").unwrap()[0].phase, AttemptPhase::Running);
-        assert_eq!(store.register_node("n1", "k1", 1).unwrap(), Registration::New);
+        store.insert_attempts(&[attempt(0, "a")]).await.unwrap();
+        assert!(store.mark_running(&id).await.unwrap());
+        assert_eq!(store.job_attempts("uid").await.unwrap()[0].phase, AttemptPhase::Running);
+        assert_eq!(store.register_node("n1", "k1", 1).await.unwrap(), Registration::New);
         assert!(store.finish_batched(&id, AttemptPhase::Succeeded, &AttemptResult::default(), 2).await.unwrap());
         drop(store);
-    });
-    assert_eq!(env.open().attempt(&id).unwrap().unwrap().phase, AttemptPhase::Succeeded);
+    }
+    assert_eq!(env.open().attempt(&id).await.unwrap().unwrap().phase, AttemptPhase::Succeeded);
 }
 
 /// A leader frozen inside a write transaction while a successor claims the store: the claim
 /// waits for that transaction, so the write lands before the claim (never after it), and the
 /// old leader's next write is refused.
-fn an_old_leaders_write_open_during_a_claim_commits_before_the_claim_and_its_next_write_is_refused(env: &Env) {
+async fn an_old_leaders_write_open_during_a_claim_commits_before_the_claim_and_its_next_write_is_refused(env: &Env) {
     let old = Arc::new(env.open_fenced(leader_fence()));
     let (entered_tx, entered) = std::sync::mpsc::channel();
     let (release, release_rx) = std::sync::mpsc::channel::<()>();
@@ -347,10 +356,11 @@ fn an_old_leaders_write_open_during_a_claim_commits_before_the_claim_and_its_nex
         let _ = entered_tx.send(());
         // Returns at once when the test has let go (the sender is dropped).
         let _ = release_rx.recv();
-    }));
+    }))
+    .await;
     let write = {
         let old = old.clone();
-        std::thread::spawn(move || old.insert_attempts(&[attempt(0, "a")]))
+        tokio::spawn(async move { old.insert_attempts(&[attempt(0, "a")]).await })
     };
     entered.recv().unwrap();
 
@@ -365,9 +375,9 @@ fn an_old_leaders_write_open_during_a_claim_commits_before_the_claim_and_its_nex
     assert!(!claim.is_finished());
     drop(release);
 
-    write.join().unwrap().expect("the write that was open before the claim commits");
+    write.await.unwrap().expect("the write that was open before the claim commits");
     let new = claim.join().unwrap().expect("the claim goes through once it has");
-    assert_eq!(ids(&new.attempts_for_job("uid").unwrap()), [attempt_id("uid", 0, 1)]);
-    assert!(matches!(old.insert_attempts(&[attempt(1, "a")]), Err(StoreError::Fenced(_))));
-    assert_eq!(new.attempts_for_job("uid").unwrap().len(), 1);
+    assert_eq!(ids(&new.attempts_for_job("uid").await.unwrap()), [attempt_id("uid", 0, 1)]);
+    assert!(matches!(old.insert_attempts(&[attempt(1, "a")]).await, Err(StoreError::Fenced(_))));
+    assert_eq!(new.attempts_for_job("uid").await.unwrap().len(), 1);
 }

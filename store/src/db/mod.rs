@@ -10,4 +10,4 @@
 pub mod epoch;
 mod thread;
 
-pub use thread::{Closed, DbThread};
+pub use thread::{Batching, Closed, DbThread, NoBatch};

@@ -35,11 +35,14 @@ impl<D, B> Queue<D, B> {
     }
 }
 
+/// Commits a batch of queued items on the connection.
+pub type Commit<D, B> = Box<dyn FnMut(&mut D, Vec<B>) + Send>;
+
 /// How queued items are committed: at most `max_weight` of them (by `weight`) per call.
 pub struct Batching<D, B> {
     pub max_weight: usize,
     pub weight: fn(&B) -> usize,
-    pub commit: Box<dyn FnMut(&mut D, Vec<B>) + Send>,
+    pub commit: Commit<D, B>,
 }
 
 /// No batching: the connection only runs closures.

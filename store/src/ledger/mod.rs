@@ -19,8 +19,7 @@ pub use kommune_ledger::{chain, check, entry, job_totals, records, verify};
 pub(crate) mod tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver as StdReceiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use ed25519_dalek::SigningKey;
@@ -36,6 +35,7 @@ use job_totals::{JobTotals, LoadGuard};
 use kommune_core::fence::Fence;
 
 use crate::db::epoch::BeginError;
+use crate::db::{Batching, Closed, DbThread};
 
 /// A ledger failure; the message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -141,8 +141,6 @@ pub fn load_or_create_key(dir: &Path) -> Result<SigningKey, LedgerError> {
     }
 }
 
-type ReadJob = Box<dyn FnOnce(&mut dyn Backend) + Send>;
-
 enum Command {
     Submit(Box<ReceiptInput>, oneshot::Sender<Result<Verdict, LedgerError>>),
     RegisterKey { node: String, key: [u8; 32], recorded_ms: i64, reply: oneshot::Sender<Result<bool, LedgerError>> },
@@ -157,15 +155,24 @@ enum Checked {
     Other(Command),
 }
 
-/// The ledger: a handle to the writer pipeline and to a reader thread. `Send + Sync`; share it
-/// in an `Arc`. Every method is async and never blocks the caller's thread on the database.
+/// The ledger: a handle to the writer pipeline and to a reader connection. `Send + Sync`; share
+/// it in an `Arc`. Every method is async and never blocks the caller's thread on the database.
 pub struct Ledger {
     tx: Option<mpsc::Sender<Command>>,
-    reads: Mutex<Option<std::sync::mpsc::Sender<ReadJob>>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Signature checkers: threads between `tx` and the writer.
+    checkers: Mutex<Vec<JoinHandle<()>>>,
+    /// The writer's connection and chain state; committed batches come from the checkers.
+    writer: Arc<DbThread<Writer, Vec<Checked>>>,
+    reader: DbThread<Box<dyn Backend>>,
     operator_key: [u8; 32],
     /// Running usage totals of the jobs asked about, kept by the writer.
     totals: Arc<JobTotals>,
+}
+
+impl From<Closed> for LedgerError {
+    fn from(_: Closed) -> Self {
+        LedgerError::Closed
+    }
 }
 
 impl Ledger {
@@ -174,96 +181,44 @@ impl Ledger {
     pub fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
         let key = load_or_create_key(&config.data_dir)?;
         let operator_key = key.verifying_key().to_bytes();
-        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name).spawn(f).map_err(|e| LedgerError::Corrupt(format!("cannot start a ledger thread: {e}")))
-        };
-        // Backends are opened on their own threads: the PostgreSQL client blocks on a private
-        // runtime, which must not happen on a tokio worker (open may be called from async code).
+        let totals = Arc::new(JobTotals::default());
         // The writer opens first and the reader only once it is ready: on a new SQLite file,
         // switching to WAL takes a lock that SQLite may refuse at once (without waiting out
         // the busy timeout) while a second connection opens the same file.
-        let mut threads = vec![];
-        let totals = Arc::new(JobTotals::default());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), LedgerError>>();
-        let (batches_tx, batches_rx) = sync_channel::<Vec<Checked>>(MAX_BATCH / CHECK_CHUNK);
-        {
-            let (dir, url, ready, fence, totals) =
-                (config.data_dir.clone(), config.database_url.clone(), ready_tx.clone(), config.fence.clone(), totals.clone());
-            threads.push(spawn(
-                "ledger-writer".into(),
-                Box::new(move || {
-                    // An elected writer claims its epoch before it reads the chain head: every
-                    // append of an earlier leader has committed or will be refused by then.
-                    let opened = open_backend(&dir, url.as_deref()).and_then(|mut b| {
-                        let epoch = if fence.elected() { Some(b.claim_epoch(now_ms())?) } else { None };
-                        load_state(b.as_mut()).map(|s| (b, s, epoch))
-                    });
-                    let (backend, state, epoch) = match opened {
-                        Ok(x) => x,
-                        Err(e) => return drop(ready.send(Err(e))),
-                    };
-                    if let Some(epoch) = epoch {
-                        tracing::info!(epoch, "payout ledger: claimed the leader epoch");
-                    }
-                    drop(ready.send(Ok(())));
-                    Writer { backend, state, key, fence, epoch, totals }.run(batches_rx)
-                }),
-            )?);
-        }
-        let (reads, reads_rx) = std::sync::mpsc::channel::<ReadJob>();
-        let (tx, rx) = mpsc::channel::<Command>(MAX_BATCH * 2);
-        let mut ledger = Ledger { tx: Some(tx), reads: Mutex::new(Some(reads)), threads: Mutex::new(threads), operator_key, totals };
-        let wait_ready = |ledger: &mut Ledger| match ready_rx.recv() {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                ledger.shutdown();
-                Err(e)
+        let (dir, url, fence, writer_totals) = (config.data_dir.clone(), config.database_url.clone(), config.fence.clone(), totals.clone());
+        let open_writer = move || {
+            let mut backend = open_backend(&dir, url.as_deref())?;
+            // An elected writer claims its epoch before it reads the chain head: every append
+            // of an earlier leader has committed or will be refused by then.
+            let epoch = if fence.elected() { Some(backend.claim_epoch(now_ms())?) } else { None };
+            let state = load_state(backend.as_mut())?;
+            if let Some(epoch) = epoch {
+                tracing::info!(epoch, "payout ledger: claimed the leader epoch");
             }
-            Err(_) => {
-                ledger.shutdown();
-                Err(LedgerError::Closed)
-            }
+            Ok::<_, LedgerError>(Writer { backend, state, key, fence, epoch, totals: writer_totals })
         };
-        if let Err(e) = wait_ready(&mut ledger) {
-            drop(batches_tx);
-            return Err(e);
-        }
-        {
-            let (dir, url, ready) = (config.data_dir.clone(), config.database_url.clone(), ready_tx);
-            let reader = Box::new(move || {
-                let mut b = match open_backend(&dir, url.as_deref()) {
-                    Ok(b) => b,
-                    Err(e) => return drop(ready.send(Err(e))),
-                };
-                drop(ready.send(Ok(())));
-                while let Ok(job) = reads_rx.recv() {
-                    job(b.as_mut());
-                }
-            });
-            match spawn("ledger-reader".into(), reader) {
-                Ok(t) => ledger.threads.lock().unwrap().push(t),
-                Err(e) => {
-                    drop(batches_tx);
-                    ledger.shutdown();
-                    return Err(e);
-                }
-            }
-        }
+        let batching = Batching {
+            max_weight: MAX_BATCH,
+            weight: Vec::len,
+            commit: Box::new(|w: &mut Writer, chunks: Vec<Vec<Checked>>| w.commit(chunks.into_iter().flatten().collect())),
+        };
+        let writer = Arc::new(DbThread::spawn_batched("ledger-writer", Some(MAX_BATCH / CHECK_CHUNK), open_writer, batching)?);
+        let (dir, url) = (config.data_dir.clone(), config.database_url.clone());
+        let reader = DbThread::spawn("ledger-reader", move || open_backend(&dir, url.as_deref()))?;
+        let (tx, rx) = mpsc::channel::<Command>(MAX_BATCH * 2);
+        let mut ledger = Ledger { tx: Some(tx), checkers: Mutex::new(vec![]), writer, reader, operator_key, totals };
         let rx = Arc::new(Mutex::new(rx));
         let checkers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         for i in 0..checkers {
-            let (rx, out) = (rx.clone(), batches_tx.clone());
-            match spawn(format!("ledger-check-{i}"), Box::new(move || check_loop(rx, out))) {
-                Ok(t) => ledger.threads.lock().unwrap().push(t),
+            let (rx, out) = (rx.clone(), ledger.writer.clone());
+            match std::thread::Builder::new().name(format!("ledger-check-{i}")).spawn(move || check_loop(rx, &out)) {
+                Ok(t) => ledger.checkers.get_mut().unwrap_or_else(PoisonError::into_inner).push(t),
                 Err(e) => {
-                    drop(batches_tx);
                     ledger.shutdown();
-                    return Err(e);
+                    return Err(LedgerError::Corrupt(format!("cannot start a ledger thread: {e}")));
                 }
             }
         }
-        drop(batches_tx);
-        wait_ready(&mut ledger)?;
         Ok(ledger)
     }
 
@@ -294,15 +249,9 @@ impl Ledger {
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 
-    /// Runs `f` on the reader thread (which owns the read connection).
+    /// Runs `f` on the reader's connection.
     async fn read<T: Send + 'static>(&self, f: impl FnOnce(&mut dyn Backend) -> Result<T, LedgerError> + Send + 'static) -> Result<T, LedgerError> {
-        let (reply, rx) = oneshot::channel();
-        let job: ReadJob = Box::new(move |b| drop(reply.send(f(b))));
-        {
-            let reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-            reads.as_ref().ok_or(LedgerError::Closed)?.send(job).map_err(|_| LedgerError::Closed)?;
-        }
-        rx.await.map_err(|_| LedgerError::Closed)?
+        self.reader.run(move |b| f(b.as_mut())).await?
     }
 
     /// Stops keeping a job's running totals (it finished or was deleted); a later
@@ -359,12 +308,14 @@ impl Ledger {
 
     /// Stops the pipeline after the work already queued and waits for its threads.
     fn shutdown(&mut self) {
-        // Closing the queues stops the checkers, which stops the writer after its last batch.
+        // Closing the queue stops the checkers once it is empty; the writer then commits what
+        // they handed it and stops.
         self.tx = None;
-        *self.reads.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        for t in self.threads.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for t in self.checkers.get_mut().unwrap_or_else(PoisonError::into_inner).drain(..) {
             let _ = t.join();
         }
+        self.writer.close();
+        self.reader.close();
     }
 
     /// The operator's ledger public key (signs checkpoints).
@@ -412,7 +363,7 @@ fn load_state(b: &mut dyn Backend) -> Result<ChainState, LedgerError> {
 
 /// Takes what is queued (up to CHECK_CHUNK), verifies the receipts' signatures as one batch,
 /// and hands the result to the writer.
-fn check_loop(rx: Arc<Mutex<mpsc::Receiver<Command>>>, out: SyncSender<Vec<Checked>>) {
+fn check_loop(rx: Arc<Mutex<mpsc::Receiver<Command>>>, out: &DbThread<Writer, Vec<Checked>>) {
     let mut keys = check::KeyCache::default();
     loop {
         let mut cmds = Vec::new();
@@ -436,7 +387,7 @@ fn check_loop(rx: Arc<Mutex<mpsc::Receiver<Command>>>, out: SyncSender<Vec<Check
                 other => Checked::Other(other),
             })
             .collect();
-        if out.send(checked).is_err() {
+        if out.queue(checked).is_err() {
             return;
         }
     }
@@ -488,19 +439,6 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(&mut self, rx: StdReceiver<Vec<Checked>>) {
-        while let Ok(first) = rx.recv() {
-            let mut work = first;
-            while work.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(more) => work.extend(more),
-                    Err(_) => break,
-                }
-            }
-            self.commit(work);
-        }
-    }
-
     fn commit(&mut self, work: Vec<Checked>) {
         let mut replies = Vec::with_capacity(work.len());
         if let Err(e) = self.fence.check() {

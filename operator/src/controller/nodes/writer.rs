@@ -93,7 +93,7 @@ impl NodeWriter {
             debug!(%node, "no ProviderNode yet; status not written");
             return Ok(());
         };
-        let active = self.dispatcher.store().active_on_node(&node)?;
+        let active = self.dispatcher.store().active_on_node(&node).await?;
         let allocated = active.iter().fold((0, 0), |(c, m), a| (c + a.cpu_millis, m + a.memory_bytes));
         let reputation = self.dispatcher.fleet().reputation(&node).to_string();
         let change = Change::Event { event, running: active.len() as u32, allocated, reputation };
