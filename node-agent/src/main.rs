@@ -211,7 +211,7 @@ fn status_cmd(a: StateArgs) -> anyhow::Result<()> {
     let current = status::AgentStatus::load(&state.dir);
     // Linux tells whether the writer still runs; elsewhere the file's age decides.
     let alive = current.as_ref().is_none_or(|s| !Path::new("/proc/self").exists() || Path::new(&format!("/proc/{}", s.pid)).exists());
-    print!("{}", status::render(&state.config.node_name, &state.config.server, current.as_ref(), alive, status::now_ms()));
+    print!("{}", status::render(&state.config.node_name, &state.config.server, current.as_ref(), alive, kommune_proto::now_ms()));
     Ok(())
 }
 

@@ -95,7 +95,7 @@ impl Receipts {
     pub fn start(dir: PathBuf, node: &str, key: SigningKey) -> std::io::Result<Receipts> {
         std::fs::create_dir_all(&dir)?;
         let previous = std::fs::read_to_string(epoch_path(&dir)).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
-        let now = u64::try_from(crate::status::now_ms()).unwrap_or(0);
+        let now = u64::try_from(kommune_proto::now_ms()).unwrap_or(0);
         let epoch = previous.saturating_add(1).max(now);
         let tmp = dir.join(".epoch.tmp");
         let mut f = std::fs::File::create(&tmp)?;

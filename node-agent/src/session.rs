@@ -18,7 +18,7 @@ use crate::availability::{self, Availability, Gate};
 use crate::connect::{self, ConnectError, Server};
 use crate::schedule;
 use crate::state::AgentState;
-use crate::status::{self, AgentStatus, OfferedGpu, StatusFile};
+use crate::status::{AgentStatus, OfferedGpu, StatusFile};
 use crate::tasks::{ModuleSource, Tasks};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
@@ -218,7 +218,7 @@ impl Uplink<'_> {
                     let running = tasks.running_ids();
                     send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: running.clone(), paused })).await?;
                     status.write(|s| {
-                        s.last_heartbeat_ms = status::now_ms();
+                        s.last_heartbeat_ms = kommune_proto::now_ms();
                         s.running = running;
                     });
                 }

@@ -73,7 +73,7 @@ impl StatusFile {
     pub fn write(&self, change: impl FnOnce(&mut AgentStatus)) {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         change(&mut status);
-        status.updated_ms = now_ms();
+        status.updated_ms = kommune_proto::now_ms();
         if let Err(e) = status.save(&self.dir) {
             tracing::debug!(error = %e, "cannot write status.json");
         }
@@ -101,11 +101,6 @@ impl AgentStatus {
     pub fn load(dir: &Path) -> Option<AgentStatus> {
         serde_json::from_slice(&std::fs::read(dir.join("status.json")).ok()?).ok()
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// A status file older than this means the agent that wrote it is not running any more.

@@ -160,7 +160,7 @@ impl Tasks {
         tokio::spawn(async move {
             let _ = me.updates.send(TaskUpdate { attempt_id: id.clone(), state: AttemptState::Running as i32, result: None, receipt: None });
             info!(attempt = %id, job = %assign.job, index = assign.task_index, "attempt started");
-            let started_ms = crate::status::now_ms();
+            let started_ms = kommune_proto::now_ms();
             let refused = me.table().refuse_while_preempting(&id);
             let outcome = match refused {
                 Some(reason) => Outcome::not_started(reason),

@@ -14,13 +14,7 @@ pub mod tokens;
 
 // The pure core and the storage layer are crates of their own (see docs/ARCHITECTURE.md); the
 // operator reaches them under their old paths so its shells read the same.
-pub use kommune_core::{attempt_index, fence, scheduler};
-
-/// The core's attempts, plus the wall clock the shells read.
-pub mod attempt {
-    pub use kommune_core::attempt::*;
-    pub use kommune_proto::now_ms;
-}
+pub use kommune_core::{attempt, attempt_index, fence, scheduler};
 pub use kommune_store::attempts as store;
 pub use kommune_store::{blobs, ledger};
 

@@ -627,7 +627,7 @@ async fn a_provider_leaves_its_tasks_move_without_losing_a_retry_and_its_identit
     let mut shown = String::new();
     for _ in 0..100 {
         let status = kommune_agent::status::AgentStatus::load(&state.dir);
-        shown = kommune_agent::status::render("leaver", &op.url, status.as_ref(), true, kommune_agent::status::now_ms());
+        shown = kommune_agent::status::render("leaver", &op.url, status.as_ref(), true, kommune_proto::now_ms());
         if shown.contains("session:    connected") && shown.contains("left-behind.0.1") {
             break;
         }
@@ -1001,10 +1001,10 @@ async fn a_receipt_appended_before_the_operator_crashed_unacknowledged_is_counte
                 node: attempt.node.clone(),
                 cpu_millis: attempt.cpu_millis,
                 observed_start_ms: attempt.created_ms,
-                observed_end_ms: kommune_operator::attempt::now_ms(),
+                observed_end_ms: kommune_proto::now_ms(),
             },
             rates: RATES,
-            received_ms: kommune_operator::attempt::now_ms(),
+            received_ms: kommune_proto::now_ms(),
         })
         .await
         .unwrap();

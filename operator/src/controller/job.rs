@@ -20,13 +20,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use super::{Error, MANAGER};
-use crate::attempt::now_ms;
 use crate::blobs::Blobs;
 use crate::crd::{ComputeJob, ComputeJobStatus, JobPhase};
 use crate::dispatch::{Dispatcher, JobRef, ModuleRef};
 use crate::job::status::{self, Observed, Severity};
 use crate::job::{JobPolicy, ModuleSource, TaskWorkload, validate};
 use crate::metrics::Metrics;
+use kommune_proto::now_ms;
 
 /// Finalizer that holds a deleted job until its attempts are cancelled.
 pub const FINALIZER: &str = "kommune.dev/cleanup";

@@ -7,11 +7,12 @@ use kommune_proto::v1;
 use tracing::warn;
 
 use super::{Dispatcher, Result};
-use crate::attempt::{Attempt, now_ms};
+use crate::attempt::Attempt;
 use crate::job::JobPolicy;
 use crate::ledger::Verdict;
 use crate::ledger::check::{AttemptFacts, ReceiptInput};
 use crate::pricing::{self, BudgetCheck, Micros};
+use kommune_proto::now_ms;
 
 impl Dispatcher {
     /// The job's metered usage, for its status.

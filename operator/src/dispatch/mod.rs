@@ -29,7 +29,7 @@ use tracing::{info, trace, warn};
 
 pub use self::wire::{TAIL_LIMIT, assign_message};
 use crate::STAGE;
-use crate::attempt::{Attempt, AttemptPhase, AttemptResult, now_ms};
+use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
 use crate::crd::JobPhase;
 use crate::fleet::Fleet;
 use crate::job::{JobPolicy, Progress, progress};
@@ -38,6 +38,7 @@ use crate::pricing::{Micros, RateBook};
 use crate::scheduler::pool::Batch;
 use crate::scheduler::{Demand, Explanation, GpuRequest, Request, Resources};
 use crate::store::{Store, StoreError};
+use kommune_proto::now_ms;
 
 /// A job as the dispatcher knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

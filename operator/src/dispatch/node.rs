@@ -6,8 +6,9 @@ use std::collections::HashSet;
 use tracing::info;
 
 use super::{Dispatcher, Result, lost, wire};
-use crate::attempt::{AttemptPhase, now_ms};
+use crate::attempt::AttemptPhase;
 use crate::fleet::{NodeFacts, Outbound};
+use kommune_proto::now_ms;
 
 impl Dispatcher {
     /// Gives up on attempts whose node has had no session for longer than `grace`: they become

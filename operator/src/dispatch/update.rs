@@ -45,7 +45,7 @@ impl Dispatcher {
         // either fails nothing is acknowledged and the agent resends: both are idempotent.
         let (finished, metered) = tokio::join!(
             async {
-                let r = self.store.finish_batched(&a.id, phase, &result, crate::attempt::now_ms()).await;
+                let r = self.store.finish_batched(&a.id, phase, &result, kommune_proto::now_ms()).await;
                 trace!(target: STAGE, attempt = %a.id, "result stored");
                 r
             },

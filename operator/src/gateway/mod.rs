@@ -21,13 +21,13 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::attempt::now_ms;
 use crate::blobs::Blobs;
 use crate::dispatch::Dispatcher;
 use crate::fleet::NodeFacts;
 use crate::pki::{self, Ca};
 use crate::store::Registration;
 use crate::tokens::{JoinTokens, TokenRejection};
+use kommune_proto::now_ms;
 
 /// Largest message either side sends (a wasm module in FetchBlob).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
