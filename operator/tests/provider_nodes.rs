@@ -18,11 +18,13 @@ use kommune_operator::store::Store;
 use kube::client::Body;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
-use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
-use tower_test::mock::{self, Handle, SendResponse};
+use tower_test::mock;
+
+mod support;
+use support::{ApiHandle, Call, next_call};
 
 const NODES: &str = "/apis/kommune.dev/v1alpha1/providernodes";
 /// Events about cluster-scoped objects go to `default`, as kube-runtime's recorder does.
@@ -138,44 +140,11 @@ impl Testbed {
 // ---------------------------------------------------------------------------------------------
 // The scripted API server
 
-struct ApiServer(Handle<Request<Body>, Response<Body>>);
-
-struct Call {
-    method: Method,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
-    respond: SendResponse<Response<Body>>,
-}
-
-impl Call {
-    fn is(&self, method: Method, path: &str, query: &str) {
-        assert_eq!((&self.method, self.path.as_str(), self.query.as_str()), (&method, path, query), "unexpected request; body: {}", self.body);
-    }
-
-    fn reply(self, code: StatusCode, body: &impl Serialize) {
-        let bytes = serde_json::to_vec(body).expect("response serialises");
-        self.respond.send_response(Response::builder().status(code).body(Body::from(bytes)).expect("response builds"));
-    }
-}
+struct ApiServer(ApiHandle);
 
 impl ApiServer {
     async fn next(&mut self, expected: &str) -> Call {
-        let (request, respond) = timeout(STEP, self.0.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("expected {expected}, but the writer made no request within {STEP:?}"))
-            .unwrap_or_else(|| panic!("expected {expected}, but the client is gone"));
-        let (parts, body) = request.into_parts();
-        let bytes = body.collect_bytes().await.expect("request body");
-        Call {
-            method: parts.method,
-            path: parts.uri.path().to_string(),
-            query: parts.uri.query().unwrap_or_default().to_string(),
-            content_type: parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.to_str().expect("ascii header").to_string()).unwrap_or_default(),
-            body: if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("request body is JSON") },
-            respond,
-        }
+        next_call(&mut self.0, STEP, expected).await
     }
 
     /// One forced server-side apply of the node's `/status`, never a merge patch. Replies with

@@ -22,11 +22,13 @@ use kommune_proto::now_ms;
 use kube::ResourceExt;
 use kube::client::Body;
 use kube::runtime::controller::Action;
-use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
-use tower_test::mock::{self, Handle, SendResponse};
+use tower_test::mock;
+
+mod support;
+use support::{ApiHandle, Call, next_call};
 
 const NS: &str = "default";
 const JOBS: &str = "/apis/kommune.dev/v1alpha1/namespaces/default/computejobs";
@@ -117,49 +119,12 @@ fn condition<'a>(status: &'a ComputeJobStatus, type_: &str) -> &'a Condition {
 // ---------------------------------------------------------------------------------------------
 // The scripted API server
 
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
-
 /// Answers the controller's requests one by one, asserting each is the one expected.
 struct ApiServer(ApiHandle);
 
-/// One request the controller made, with its body parsed as JSON.
-struct Call {
-    method: Method,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
-    respond: SendResponse<Response<Body>>,
-}
-
-impl Call {
-    fn is(&self, method: Method, path: &str, query: &str) {
-        assert_eq!((&self.method, self.path.as_str(), self.query.as_str()), (&method, path, query), "unexpected request; body: {}", self.body);
-    }
-
-    fn reply(self, code: StatusCode, body: &impl Serialize) {
-        let bytes = serde_json::to_vec(body).expect("response serialises");
-        let response = Response::builder().status(code).body(Body::from(bytes)).expect("response builds");
-        self.respond.send_response(response);
-    }
-}
-
 impl ApiServer {
     async fn next(&mut self, expected: &str) -> Call {
-        let (request, respond) = timeout(STEP, self.0.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("expected {expected}, but the controller made no request within {STEP:?}"))
-            .unwrap_or_else(|| panic!("expected {expected}, but the client is gone"));
-        let (parts, body) = request.into_parts();
-        let bytes = body.collect_bytes().await.expect("request body");
-        Call {
-            method: parts.method,
-            path: parts.uri.path().to_string(),
-            query: parts.uri.query().unwrap_or_default().to_string(),
-            content_type: parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.to_str().expect("ascii header").to_string()).unwrap_or_default(),
-            body: if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("request body is JSON") },
-            respond,
-        }
+        next_call(&mut self.0, STEP, expected).await
     }
 
     /// The finalizer helper adds the finalizer with a JSON patch that first tests the list is

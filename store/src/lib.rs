@@ -6,5 +6,7 @@ pub mod attempts;
 pub mod blobs;
 pub mod db;
 pub mod ledger;
+#[cfg(test)]
+mod testing;
 
 pub use attempts::{Registration, Store, StoreConfig, StoreError};

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -180,24 +180,9 @@ async fn publish(ctx: &Context, job: &ComputeJob, prev: &ComputeJobStatus, next:
     Ok(())
 }
 
-/// Publishes an Event; a failure to record one is logged, never fatal.
+/// Publishes an Event about the job.
 async fn event(ctx: &Context, job: &ComputeJob, severity: Severity, reason: &str, note: &str) {
-    if ctx.dispatcher.may_write().is_err() {
-        return;
-    }
-    let ev = Event {
-        type_: match severity {
-            Severity::Normal => EventType::Normal,
-            Severity::Warning => EventType::Warning,
-        },
-        reason: reason.chars().take(128).collect(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
-        warn!(job = %job.name_any(), error = %e, "cannot record event");
-    }
+    super::publish_event(&ctx.recorder, &ctx.dispatcher, &job.object_ref(&()), severity, reason, note).await;
 }
 
 /// Finds the module a wasm job runs. Ok(Err((reason, message))) when it is not available yet.

@@ -16,6 +16,36 @@ pub fn recorder(client: kube::Client) -> kube::runtime::events::Recorder {
     kube::runtime::events::Recorder::new(client, kube::runtime::events::Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() })
 }
 
+/// Publishes an Event about `regarding` unless this replica may not write (it is not the
+/// leader); a failure to record one is logged, never fatal. The recorder folds repeats into one
+/// Event with a count, as Kubernetes' own components do.
+pub async fn publish_event(
+    recorder: &kube::runtime::events::Recorder,
+    dispatcher: &crate::dispatch::Dispatcher,
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    severity: crate::job::status::Severity,
+    reason: &str,
+    note: &str,
+) {
+    use kube::runtime::events::{Event, EventType};
+    if dispatcher.may_write().is_err() {
+        return;
+    }
+    let ev = Event {
+        type_: match severity {
+            crate::job::status::Severity::Normal => EventType::Normal,
+            crate::job::status::Severity::Warning => EventType::Warning,
+        },
+        reason: reason.chars().take(128).collect(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, regarding).await {
+        tracing::warn!(kind = ?regarding.kind, name = ?regarding.name, error = %e, "cannot record event");
+    }
+}
+
 /// A controller failure; the variant names the step, and becomes the Event/metric label.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -30,7 +30,7 @@ use kommune_core::attempt::{Attempt, AttemptPhase, AttemptResult, Held};
 use kommune_core::attempt_index::AttemptIndex;
 use kommune_core::fence::{Fence, Fenced};
 
-use crate::db::epoch::BeginError;
+use crate::db::epoch::DbError;
 use crate::db::{Batching, Closed, DbThread};
 
 /// A store failure; the message names the operation.
@@ -141,20 +141,20 @@ trait Db: Send {
     }
 }
 
-impl From<BeginError<rusqlite::Error>> for StoreError {
-    fn from(e: BeginError<rusqlite::Error>) -> Self {
+impl From<DbError<rusqlite::Error>> for StoreError {
+    fn from(e: DbError<rusqlite::Error>) -> Self {
         match e {
-            BeginError::Db { op, source } => StoreError::Sqlite { op, source },
-            BeginError::Superseded { .. } => StoreError::Fenced(Fenced),
+            DbError::Db { op, source } => StoreError::Sqlite { op, source },
+            DbError::Superseded { .. } => StoreError::Fenced(Fenced),
         }
     }
 }
 
-impl From<BeginError<::postgres::Error>> for StoreError {
-    fn from(e: BeginError<::postgres::Error>) -> Self {
+impl From<DbError<::postgres::Error>> for StoreError {
+    fn from(e: DbError<::postgres::Error>) -> Self {
         match e {
-            BeginError::Db { op, source } => StoreError::Postgres { op, source },
-            BeginError::Superseded { .. } => StoreError::Fenced(Fenced),
+            DbError::Db { op, source } => StoreError::Postgres { op, source },
+            DbError::Superseded { .. } => StoreError::Fenced(Fenced),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use postgres::{Client, NoTls, Row, Statement, Transaction};
+use postgres::{Client, NoTls, Row, Statement};
 
 use super::{Db, Finish, Raw, Registration, Result, Select, StoreError, raw_to_attempt};
 use crate::db::epoch::{self, Guarded};
@@ -116,10 +116,6 @@ impl PgDb {
     }
 }
 
-fn begin(client: &mut Client, epoch: Option<i64>) -> Result<Transaction<'_>> {
-    Ok(epoch::postgres::begin(client, Guarded::Store, epoch)?)
-}
-
 impl Db for PgDb {
     fn claim_epoch(&mut self, now_ms: i64) -> Result<i64> {
         Ok(epoch::postgres::claim(&mut self.client, Guarded::Store, now_ms)?)
@@ -136,7 +132,7 @@ impl Db for PgDb {
         let ephemeral: Vec<Option<i64>> = attempts.iter().map(|a| a.held.map(|h| h.ephemeral_bytes as i64)).collect();
         // The mask's bits as they are, in a signed column.
         let gpu_mask: Vec<Option<i64>> = attempts.iter().map(|a| a.held.map(|h| h.gpu_mask as i64)).collect();
-        let mut tx = begin(&mut self.client, epoch)?;
+        let mut tx = epoch::postgres::begin(&mut self.client, Guarded::Store, epoch)?;
         tx.execute(&stmt, &[&id, &job_uid, &job_key, &index, &number, &node, &phase, &cpu, &memory, &created, &replica, &ephemeral, &gpu_mask])
             .map_err(op("insert attempts"))?;
         #[cfg(test)]
@@ -148,7 +144,7 @@ impl Db for PgDb {
 
     fn mark_running(&mut self, epoch: Option<i64>, id: &str) -> Result<bool> {
         let stmt = self.prepared(MARK_RUNNING)?;
-        let mut tx = begin(&mut self.client, epoch)?;
+        let mut tx = epoch::postgres::begin(&mut self.client, Guarded::Store, epoch)?;
         // Committed without waiting for the WAL flush, as SQLite's synchronous=NORMAL: losing it
         // in a crash is harmless (Assigned and Running are both active; the agent's next Hello
         // reconciles them).
@@ -159,7 +155,7 @@ impl Db for PgDb {
     }
 
     fn finish(&mut self, epoch: Option<i64>, id: &str, phase: AttemptPhase, json: Option<&str>, now_ms: i64) -> Result<Option<Attempt>> {
-        let mut tx = begin(&mut self.client, epoch)?;
+        let mut tx = epoch::postgres::begin(&mut self.client, Guarded::Store, epoch)?;
         let row = tx
             .query_opt(
                 &format!(
@@ -183,7 +179,7 @@ impl Db for PgDb {
         let phases: Vec<&str> = sent().map(|f| f.phase.as_str()).collect();
         let times: Vec<i64> = sent().map(|f| f.now_ms).collect();
         let json: Vec<Option<&str>> = sent().map(|f| f.json.as_deref()).collect();
-        let mut tx = begin(&mut self.client, epoch)?;
+        let mut tx = epoch::postgres::begin(&mut self.client, Guarded::Store, epoch)?;
         let rows = tx.query(&stmt, &[&ids, &phases, &times, &json]).map_err(op("finish attempts"))?;
         tx.commit().map_err(op("commit finish batch"))?;
         let changed: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
@@ -219,7 +215,7 @@ impl Db for PgDb {
     }
 
     fn register_node(&mut self, epoch: Option<i64>, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
-        let mut tx = begin(&mut self.client, epoch)?;
+        let mut tx = epoch::postgres::begin(&mut self.client, Guarded::Store, epoch)?;
         let inserted = tx
             .execute(
                 "INSERT INTO nodes (name, public_key_sha256, joined_ms) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
@@ -237,7 +233,7 @@ impl Db for PgDb {
     }
 
     fn remove_node(&mut self, epoch: Option<i64>, name: &str) -> Result<bool> {
-        let mut tx = begin(&mut self.client, epoch)?;
+        let mut tx = epoch::postgres::begin(&mut self.client, Guarded::Store, epoch)?;
         let n = tx.execute("DELETE FROM nodes WHERE name = $1", &[&name]).map_err(op("remove node"))?;
         tx.commit().map_err(op("commit node removal"))?;
         Ok(n == 1)

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Db, Finish, Raw, Registration, Result, Select, StoreError, raw_to_attempt};
 use crate::db::epoch::{self, Guarded};
@@ -51,19 +51,10 @@ impl SqliteDb {
     /// Opens (creating if needed) `<dir>/kommune.db` and brings its schema up to date.
     pub(super) fn open(dir: &Path) -> Result<SqliteDb> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
-        let conn = Connection::open(dir.join("kommune.db")).map_err(op("open"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(op("set busy timeout"))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(op("enable WAL"))?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(op("set synchronous"))?;
-        conn.execute_batch(SCHEMA).map_err(op("create schema"))?;
-        conn.execute_batch(&Guarded::Store.schema()).map_err(op("create leader table"))?;
+        let conn = crate::db::sqlite::open(&dir.join("kommune.db"), SCHEMA, Guarded::Store)?;
         migrate(&conn)?;
         Ok(SqliteDb { conn })
     }
-}
-
-fn begin(conn: &mut Connection, epoch: Option<i64>) -> Result<Transaction<'_>> {
-    Ok(epoch::sqlite::begin(conn, Guarded::Store, epoch)?)
 }
 
 impl Db for SqliteDb {
@@ -72,7 +63,7 @@ impl Db for SqliteDb {
     }
 
     fn insert(&mut self, epoch: Option<i64>, attempts: &[Attempt]) -> Result<()> {
-        let tx = begin(&mut self.conn, epoch)?;
+        let tx = epoch::sqlite::begin(&mut self.conn, Guarded::Store, epoch)?;
         {
             let mut stmt = tx
                 .prepare_cached(
@@ -106,7 +97,7 @@ impl Db for SqliteDb {
     fn mark_running(&mut self, epoch: Option<i64>, id: &str) -> Result<bool> {
         self.conn.pragma_update(None, "synchronous", "NORMAL").map_err(op("relax synchronous"))?;
         let changed = (|| {
-            let tx = begin(&mut self.conn, epoch)?;
+            let tx = epoch::sqlite::begin(&mut self.conn, Guarded::Store, epoch)?;
             let n = tx.execute("UPDATE attempts SET phase = 'Running' WHERE id = ?1 AND phase = 'Assigned'", params![id]).map_err(op("mark running"))?;
             tx.commit().map_err(op("commit running"))?;
             Ok(n == 1)
@@ -116,7 +107,7 @@ impl Db for SqliteDb {
     }
 
     fn finish(&mut self, epoch: Option<i64>, id: &str, phase: AttemptPhase, json: Option<&str>, now_ms: i64) -> Result<Option<Attempt>> {
-        let tx = begin(&mut self.conn, epoch)?;
+        let tx = epoch::sqlite::begin(&mut self.conn, Guarded::Store, epoch)?;
         if tx.execute(FINISH, params![id, phase.as_str(), now_ms, json]).map_err(op("finish attempt"))? == 0 {
             return Ok(None);
         }
@@ -126,7 +117,7 @@ impl Db for SqliteDb {
     }
 
     fn finish_batch(&mut self, epoch: Option<i64>, batch: &[Finish]) -> Result<Vec<bool>> {
-        let tx = begin(&mut self.conn, epoch)?;
+        let tx = epoch::sqlite::begin(&mut self.conn, Guarded::Store, epoch)?;
         let mut changed = Vec::with_capacity(batch.len());
         {
             let mut stmt = tx.prepare_cached(FINISH).map_err(op("prepare finish"))?;
@@ -160,7 +151,7 @@ impl Db for SqliteDb {
     }
 
     fn register_node(&mut self, epoch: Option<i64>, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
-        let tx = begin(&mut self.conn, epoch)?;
+        let tx = epoch::sqlite::begin(&mut self.conn, Guarded::Store, epoch)?;
         let existing: Option<String> =
             tx.query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0)).optional().map_err(op("look up node"))?;
         let registration = match existing {
@@ -177,7 +168,7 @@ impl Db for SqliteDb {
     }
 
     fn remove_node(&mut self, epoch: Option<i64>, name: &str) -> Result<bool> {
-        let tx = begin(&mut self.conn, epoch)?;
+        let tx = epoch::sqlite::begin(&mut self.conn, Guarded::Store, epoch)?;
         let n = tx.execute("DELETE FROM nodes WHERE name = ?1", params![name]).map_err(op("remove node"))?;
         tx.commit().map_err(op("commit node removal"))?;
         Ok(n == 1)

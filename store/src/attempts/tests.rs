@@ -1,38 +1,23 @@
 //! The store's behaviour, run against every backend: SQLite always, PostgreSQL when
 //! `KOMMUNE_TEST_DATABASE_URL` is set (each test in a fresh database of its own).
 
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::testing::TestDb;
 use kommune_core::attempt::attempt_id;
 
 /// Where one test's store lives.
-struct Env {
-    dir: tempfile::TempDir,
-    url: Option<String>,
-    admin: Option<(String, String)>,
-}
-
-static SKIP_NOTICE: Once = Once::new();
+struct Env(TestDb);
 
 impl Env {
     fn sqlite() -> Env {
-        Env { dir: tempfile::tempdir().unwrap(), url: None, admin: None }
+        Env(TestDb::sqlite())
     }
 
-    /// A fresh database on the server named by KOMMUNE_TEST_DATABASE_URL, or None (after one
-    /// notice line) when it is not set.
+    /// A fresh database on the server named by KOMMUNE_TEST_DATABASE_URL, or None.
     fn postgres() -> Option<Env> {
-        let Ok(base) = std::env::var("KOMMUNE_TEST_DATABASE_URL") else {
-            SKIP_NOTICE.call_once(|| println!("skipped: no PostgreSQL (set KOMMUNE_TEST_DATABASE_URL)"));
-            return None;
-        };
-        let name = format!("kommune_store_test_{}_{}", std::process::id(), rand::random::<u32>());
-        let mut admin = ::postgres::Client::connect(&base, ::postgres::NoTls).expect("connect to KOMMUNE_TEST_DATABASE_URL");
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).expect("create a test database");
-        let url = crate::ledger::tests::with_database(&base, &name);
-        Some(Env { dir: tempfile::tempdir().unwrap(), url: Some(url), admin: Some((base, name)) })
+        TestDb::postgres("kommune_store_test").map(Env)
     }
 
     fn config(&self, fence: Fence) -> StoreConfig {
@@ -74,13 +59,10 @@ impl Env {
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some((base, name)) = &self.admin
-            && let Ok(mut c) = ::postgres::Client::connect(base, ::postgres::NoTls)
-        {
-            let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
-        }
+impl std::ops::Deref for Env {
+    type Target = TestDb;
+    fn deref(&self) -> &TestDb {
+        &self.0
     }
 }
 

@@ -37,23 +37,24 @@ impl Guarded {
     }
 }
 
-/// Why a write transaction could not start.
+/// A database step that failed (with the backend's own error), or a write refused because this
+/// replica no longer leads. The attempt store's and the ledger's errors convert from it.
 #[derive(Debug)]
-pub enum BeginError<E> {
+pub enum DbError<E> {
     /// The database failed at step `op`.
     Db { op: &'static str, source: E },
     /// Another replica claimed a later epoch since this one opened the tables.
     Superseded { mine: i64, current: Option<i64> },
 }
 
-fn superseded<E>(guarded: Guarded, mine: i64, current: Option<i64>) -> BeginError<E> {
+fn superseded<E>(guarded: Guarded, mine: i64, current: Option<i64>) -> DbError<E> {
     tracing::warn!(
         table = guarded.table(),
         epoch = mine,
         current,
         "another operator replica has claimed these tables since this one opened them; refusing to write"
     );
-    BeginError::Superseded { mine, current }
+    DbError::Superseded { mine, current }
 }
 
 pub mod sqlite {
@@ -61,14 +62,14 @@ pub mod sqlite {
 
     use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
-    use super::{BeginError, Guarded, superseded};
+    use super::{DbError, Guarded, superseded};
 
-    fn db(op: &'static str) -> impl Fn(rusqlite::Error) -> BeginError<rusqlite::Error> {
-        move |source| BeginError::Db { op, source }
+    pub(crate) fn db(op: &'static str) -> impl Fn(rusqlite::Error) -> DbError<rusqlite::Error> {
+        move |source| DbError::Db { op, source }
     }
 
     /// Takes the next epoch (1 on an empty table) and returns it.
-    pub fn claim(conn: &mut Connection, guarded: Guarded, now_ms: i64) -> Result<i64, BeginError<rusqlite::Error>> {
+    pub fn claim(conn: &mut Connection, guarded: Guarded, now_ms: i64) -> Result<i64, DbError<rusqlite::Error>> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db("begin epoch claim"))?;
         let epoch = tx.query_row(&guarded.claim_sql("?1"), params![now_ms], |r| r.get(0)).map_err(db("claim leader epoch"))?;
         tx.commit().map_err(db("commit epoch claim"))?;
@@ -79,7 +80,7 @@ pub mod sqlite {
     /// second connection's write waits for it instead of failing on a stale snapshot, and under
     /// leader election (`epoch` is this replica's claim) it reads the current epoch under that
     /// lock: no claim can come between that read and the commit.
-    pub fn begin(conn: &mut Connection, guarded: Guarded, epoch: Option<i64>) -> Result<Transaction<'_>, BeginError<rusqlite::Error>> {
+    pub fn begin(conn: &mut Connection, guarded: Guarded, epoch: Option<i64>) -> Result<Transaction<'_>, DbError<rusqlite::Error>> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db("begin"))?;
         if let Some(mine) = epoch {
             let sql = format!("SELECT epoch FROM {} WHERE id = 1", guarded.table());
@@ -99,20 +100,20 @@ pub mod postgres {
 
     use postgres::{Client, Transaction};
 
-    use super::{BeginError, Guarded, superseded};
+    use super::{DbError, Guarded, superseded};
 
-    fn db(op: &'static str) -> impl Fn(postgres::Error) -> BeginError<postgres::Error> {
-        move |source| BeginError::Db { op, source }
+    fn db(op: &'static str) -> impl Fn(postgres::Error) -> DbError<postgres::Error> {
+        move |source| DbError::Db { op, source }
     }
 
     /// Takes the next epoch (1 on an empty table) and returns it.
-    pub fn claim(client: &mut Client, guarded: Guarded, now_ms: i64) -> Result<i64, BeginError<postgres::Error>> {
+    pub fn claim(client: &mut Client, guarded: Guarded, now_ms: i64) -> Result<i64, DbError<postgres::Error>> {
         let row = client.query_one(&guarded.claim_sql("$1"), &[&now_ms]).map_err(db("claim leader epoch"))?;
         Ok(row.get(0))
     }
 
     /// Starts a write transaction, checking the epoch under leader election.
-    pub fn begin(client: &mut Client, guarded: Guarded, epoch: Option<i64>) -> Result<Transaction<'_>, BeginError<postgres::Error>> {
+    pub fn begin(client: &mut Client, guarded: Guarded, epoch: Option<i64>) -> Result<Transaction<'_>, DbError<postgres::Error>> {
         let mut tx = client.transaction().map_err(db("begin"))?;
         if let Some(mine) = epoch {
             let sql = format!("SELECT epoch FROM {} WHERE id = 1 FOR SHARE", guarded.table());
@@ -153,9 +154,9 @@ mod tests {
         let mut conn = db();
         let old = sqlite::claim(&mut conn, Guarded::Store, 1).unwrap();
         let new = sqlite::claim(&mut conn, Guarded::Store, 2).unwrap();
-        assert!(matches!(sqlite::begin(&mut conn, Guarded::Store, Some(old)), Err(BeginError::Superseded { mine: 1, current: Some(2) })));
+        assert!(matches!(sqlite::begin(&mut conn, Guarded::Store, Some(old)), Err(DbError::Superseded { mine: 1, current: Some(2) })));
         assert!(sqlite::begin(&mut conn, Guarded::Store, Some(new)).is_ok());
         assert!(sqlite::begin(&mut conn, Guarded::Store, None).is_ok(), "without leader election there is nothing to check");
-        assert!(matches!(sqlite::begin(&mut conn, Guarded::Ledger, Some(1)), Err(BeginError::Superseded { mine: 1, current: None })));
+        assert!(matches!(sqlite::begin(&mut conn, Guarded::Ledger, Some(1)), Err(DbError::Superseded { mine: 1, current: None })));
     }
 }

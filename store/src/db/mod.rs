@@ -8,6 +8,7 @@
 //! behind the same async boundary.
 
 pub mod epoch;
+pub mod sqlite;
 mod thread;
 
 pub use thread::{Batching, Closed, DbThread, NoBatch};

@@ -243,13 +243,18 @@ mod tests {
         assert_eq!(err, Some(Failed("no such file".into())));
     }
 
+    /// Keeps the thread busy until the returned sender sends, so what is queued meanwhile waits.
+    fn hold(db: &DbThread<Vec<u32>, u32>) -> SyncSender<()> {
+        let (go, wait) = sync_channel::<()>(0);
+        db.send(Work::Run(Box::new(move |_| wait.recv().unwrap()))).unwrap();
+        go
+    }
+
     #[test]
     fn items_queued_while_the_thread_is_busy_commit_together_and_in_order() {
         let log = Log::default();
         let db = batched(log.clone(), 100);
-        // Hold the thread so everything below is queued before it looks again.
-        let (go, wait) = sync_channel::<()>(0);
-        db.send(Work::Run(Box::new(move |_| wait.recv().unwrap()))).unwrap();
+        let go = hold(&db);
         for i in 0..=5 {
             db.queue(i).unwrap();
         }
@@ -262,8 +267,7 @@ mod tests {
     fn a_batch_stops_at_its_weight_and_at_a_closure() {
         let log = Log::default();
         let db = batched(log.clone(), 2);
-        let (go, wait) = sync_channel::<()>(0);
-        db.send(Work::Run(Box::new(move |_| wait.recv().unwrap()))).unwrap();
+        let go = hold(&db);
         for i in 1..=3 {
             db.queue(i).unwrap();
         }

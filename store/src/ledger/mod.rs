@@ -34,7 +34,7 @@ use entry::NodeTotal;
 use job_totals::{JobTotals, LoadGuard};
 use kommune_core::fence::Fence;
 
-use crate::db::epoch::BeginError;
+use crate::db::epoch::DbError;
 use crate::db::{Batching, Closed, DbThread};
 
 /// A ledger failure; the message says what to do about it.
@@ -70,20 +70,20 @@ impl LedgerError {
     }
 }
 
-impl From<BeginError<rusqlite::Error>> for LedgerError {
-    fn from(e: BeginError<rusqlite::Error>) -> Self {
+impl From<DbError<rusqlite::Error>> for LedgerError {
+    fn from(e: DbError<rusqlite::Error>) -> Self {
         match e {
-            BeginError::Db { op, source } => LedgerError::Sqlite { op, source },
-            BeginError::Superseded { .. } => LedgerError::Fenced(kommune_core::fence::Fenced),
+            DbError::Db { op, source } => LedgerError::Sqlite { op, source },
+            DbError::Superseded { .. } => LedgerError::Fenced(kommune_core::fence::Fenced),
         }
     }
 }
 
-impl From<BeginError<::postgres::Error>> for LedgerError {
-    fn from(e: BeginError<::postgres::Error>) -> Self {
+impl From<DbError<::postgres::Error>> for LedgerError {
+    fn from(e: DbError<::postgres::Error>) -> Self {
         match e {
-            BeginError::Db { op, source } => LedgerError::Postgres { op, source },
-            BeginError::Superseded { .. } => LedgerError::Fenced(kommune_core::fence::Fenced),
+            DbError::Db { op, source } => LedgerError::Postgres { op, source },
+            DbError::Superseded { .. } => LedgerError::Fenced(kommune_core::fence::Fenced),
         }
     }
 }

@@ -8,10 +8,13 @@ use postgres::{Client, NoTls, Row};
 
 use super::LedgerError;
 use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedReceipt, from_db, to_db};
-use super::row::{ColumnType, ENTRY_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values};
+use super::row::{
+    ColumnType, ENTRY_COLUMNS, REJECTED_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values, job_usage_from_row, job_usage_select,
+    rejected_from_row, rejected_values,
+};
 use crate::db::epoch::{self, Guarded};
 use kommune_core::pricing::Micros;
-use kommune_ledger::entry::{Entry, NodeTotal, UsageFigures};
+use kommune_ledger::entry::{Entry, NodeTotal};
 use kommune_ledger::verify::BadEntry;
 use postgres::types::ToSql;
 
@@ -116,6 +119,15 @@ impl RowReader for Row {
     }
 }
 
+/// One value as a statement parameter.
+fn value_param<'a>(v: &'a Value<'a>) -> &'a (dyn ToSql + Sync) {
+    match v {
+        Value::Int(i) => i,
+        Value::Text(t) => t,
+        Value::Bytes(b) => b,
+    }
+}
+
 /// One column of a batch of entries, sent as an array and expanded by UNNEST.
 enum Column<'a> {
     Int(Vec<i64>),
@@ -179,31 +191,17 @@ impl Backend for PostgresBackend {
         }
         if !rejected.is_empty() {
             let stmt = tx
-                .prepare(
-                    "INSERT INTO ledger_rejected (digest, first_ms, last_ms, times, session_node, node, epoch, sequence, attempt_id, body, signature, reason)
+                .prepare(&format!(
+                    "INSERT INTO ledger_rejected ({REJECTED_COLUMNS})
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-                     ON CONFLICT (digest) DO UPDATE SET times = ledger_rejected.times + EXCLUDED.times, last_ms = GREATEST(ledger_rejected.last_ms, EXCLUDED.last_ms)",
+                     ON CONFLICT (digest) DO UPDATE SET times = ledger_rejected.times + EXCLUDED.times, last_ms = GREATEST(ledger_rejected.last_ms, EXCLUDED.last_ms)"
+                )
                 )
                 .map_err(op("prepare rejected insert"))?;
             for r in rejected {
-                tx.execute(
-                    &stmt,
-                    &[
-                        &r.digest,
-                        &r.first_ms,
-                        &r.last_ms,
-                        &to_db(r.times),
-                        &r.session_node,
-                        &r.node,
-                        &to_db(r.epoch),
-                        &to_db(r.sequence),
-                        &r.attempt_id,
-                        &r.body,
-                        &r.signature,
-                        &r.reason,
-                    ],
-                )
-                .map_err(op("insert rejected receipt"))?;
+                let values = rejected_values(r);
+                let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(value_param).collect();
+                tx.execute(&stmt, &params).map_err(op("insert rejected receipt"))?;
             }
         }
         tx.commit().map_err(op("commit append"))
@@ -301,60 +299,15 @@ impl Backend for PostgresBackend {
     }
 
     fn job_usage(&mut self, job_uid: &str) -> Result<JobUsage, LedgerError> {
-        let r = self
-            .client
-            .query_one(
-                "SELECT COUNT(*)::bigint, COALESCE(SUM(wall_millis), 0)::bigint, COALESCE(SUM(cpu_micros), 0)::bigint, COALESCE(MAX(memory_peak_bytes), 0)::bigint,
-                        COALESCE(SUM(memory_mib_millis), 0)::bigint, COALESCE(SUM(wasm_fuel), 0)::bigint, COALESCE(SUM(gpu_millis), 0)::bigint,
-                        COALESCE(SUM(output_bytes), 0)::bigint, COALESCE(SUM(cost), 0)::bigint
-                 FROM ledger_entries WHERE kind = 0 AND job_uid = $1",
-                &[&job_uid],
-            )
-            .map_err(op("read job usage"))?;
-        let g = |i| u(&r, i).map_err(op("read job usage"));
-        Ok(JobUsage {
-            receipts: g(0)?,
-            usage: UsageFigures {
-                wall_millis: g(1)?,
-                cpu_micros: g(2)?,
-                memory_peak_bytes: g(3)?,
-                memory_mib_millis: g(4)?,
-                wasm_fuel: g(5)?,
-                gpu_millis: g(6)?,
-                output_bytes: g(7)?,
-            },
-            cost: Micros(g(8)?),
-        })
+        let sql = format!("SELECT {} FROM ledger_entries WHERE kind = 0 AND job_uid = $1", job_usage_select(Some("bigint")));
+        let r = self.client.query_one(&sql, &[&job_uid]).map_err(op("read job usage"))?;
+        job_usage_from_row(&r).map_err(op("read job usage"))
     }
 
     fn rejected(&mut self, node: &str) -> Result<Vec<RejectedReceipt>, LedgerError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT digest, first_ms, last_ms, times, session_node, node, epoch, sequence, attempt_id, body, signature, reason
-                 FROM ledger_rejected WHERE session_node = $1 ORDER BY id",
-                &[&node],
-            )
-            .map_err(op("read rejected"))?;
-        rows.iter()
-            .map(|r| {
-                Ok(RejectedReceipt {
-                    digest: r.try_get(0)?,
-                    first_ms: r.try_get(1)?,
-                    last_ms: r.try_get(2)?,
-                    times: u(r, 3)?,
-                    session_node: r.try_get(4)?,
-                    node: r.try_get(5)?,
-                    epoch: u(r, 6)?,
-                    sequence: u(r, 7)?,
-                    attempt_id: r.try_get(8)?,
-                    body: r.try_get(9)?,
-                    signature: r.try_get(10)?,
-                    reason: r.try_get(11)?,
-                })
-            })
-            .collect::<Result<_, _>>()
-            .map_err(op("read rejected"))
+        let sql = format!("SELECT {REJECTED_COLUMNS} FROM ledger_rejected WHERE session_node = $1 ORDER BY id");
+        let rows = self.client.query(&sql, &[&node]).map_err(op("read rejected"))?;
+        rows.iter().map(rejected_from_row).collect::<Result<_, _>>().map_err(op("read rejected"))
     }
 
     fn for_each_entry(&mut self, filter: &EntryFilter, f: &mut dyn FnMut(Result<Entry, BadEntry>) -> bool) -> Result<(), LedgerError> {

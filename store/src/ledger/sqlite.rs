@@ -8,10 +8,13 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::LedgerError;
 use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedReceipt, from_db, to_db};
-use super::row::{ENTRY_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values};
+use super::row::{
+    ENTRY_COLUMNS, REJECTED_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values, job_usage_from_row, job_usage_select,
+    rejected_from_row, rejected_values,
+};
 use crate::db::epoch::{self, Guarded};
 use kommune_core::pricing::Micros;
-use kommune_ledger::entry::{Entry, NodeTotal, UsageFigures};
+use kommune_ledger::entry::{Entry, NodeTotal};
 use kommune_ledger::verify::BadEntry;
 use rusqlite::types::{ToSql, ToSqlOutput};
 
@@ -85,14 +88,7 @@ impl SqliteBackend {
     /// Opens (creating if needed) `<dir>/ledger.db`.
     pub fn open(dir: &Path) -> Result<SqliteBackend, LedgerError> {
         std::fs::create_dir_all(dir).map_err(|source| LedgerError::Dir { path: dir.display().to_string(), source })?;
-        let conn = Connection::open(dir.join("ledger.db")).map_err(op("open ledger.db"))?;
-        // The busy timeout first: the ledger's writer and reader open the file at the same
-        // moment, and switching to WAL needs a lock the other may hold for an instant.
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(op("set busy timeout"))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(op("enable WAL"))?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(op("set synchronous"))?;
-        conn.execute_batch(SCHEMA).map_err(op("create ledger schema"))?;
-        conn.execute_batch(&Guarded::Ledger.schema()).map_err(op("create ledger leader table"))?;
+        let conn = crate::db::sqlite::open(&dir.join("ledger.db"), SCHEMA, Guarded::Ledger)?;
         Ok(SqliteBackend { conn })
     }
 
@@ -139,23 +135,6 @@ impl ToSql for Value<'_> {
     }
 }
 
-fn row_to_rejected(r: &Row<'_>) -> rusqlite::Result<RejectedReceipt> {
-    Ok(RejectedReceipt {
-        digest: blob(r, 0)?,
-        first_ms: r.get(1)?,
-        last_ms: r.get(2)?,
-        times: u(r, 3)?,
-        session_node: text(r, 4)?,
-        node: text(r, 5)?,
-        epoch: u(r, 6)?,
-        sequence: u(r, 7)?,
-        attempt_id: text(r, 8)?,
-        body: blob(r, 9)?,
-        signature: blob(r, 10)?,
-        reason: text(r, 11)?,
-    })
-}
-
 impl Backend for SqliteBackend {
     fn append(&mut self, entries: &[Entry], rejected: &[RejectedReceipt], epoch: Option<u64>) -> Result<(), LedgerError> {
         let tx = epoch::sqlite::begin(&mut self.conn, Guarded::Ledger, epoch.map(to_db))?;
@@ -168,28 +147,14 @@ impl Backend for SqliteBackend {
                 ins.execute(rusqlite::params_from_iter(entry_values(e))).map_err(op("insert ledger entry"))?;
             }
             let mut rej = tx
-                .prepare_cached(
-                    "INSERT INTO ledger_rejected (digest, first_ms, last_ms, times, session_node, node, epoch, sequence, attempt_id, body, signature, reason)
+                .prepare_cached(&format!(
+                    "INSERT INTO ledger_rejected ({REJECTED_COLUMNS})
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-                     ON CONFLICT (digest) DO UPDATE SET times = times + excluded.times, last_ms = max(last_ms, excluded.last_ms)",
-                )
+                     ON CONFLICT (digest) DO UPDATE SET times = times + excluded.times, last_ms = max(last_ms, excluded.last_ms)"
+                ))
                 .map_err(op("prepare rejected insert"))?;
             for r in rejected {
-                rej.execute(params![
-                    r.digest,
-                    r.first_ms,
-                    r.last_ms,
-                    to_db(r.times),
-                    r.session_node,
-                    r.node,
-                    to_db(r.epoch),
-                    to_db(r.sequence),
-                    r.attempt_id,
-                    r.body,
-                    r.signature,
-                    r.reason
-                ])
-                .map_err(op("insert rejected receipt"))?;
+                rej.execute(rusqlite::params_from_iter(rejected_values(r))).map_err(op("insert rejected receipt"))?;
             }
         }
         tx.commit().map_err(op("commit append"))
@@ -256,43 +221,20 @@ impl Backend for SqliteBackend {
     fn job_usage_with_head(&mut self, job_uid: &str) -> Result<Option<(JobUsage, u64)>, LedgerError> {
         // One statement: the aggregate and the head come from the same snapshot.
         self.conn
-            .prepare_cached(
-                "SELECT COUNT(*), COALESCE(SUM(wall_millis), 0), COALESCE(SUM(cpu_micros), 0), COALESCE(MAX(memory_peak_bytes), 0),
-                        COALESCE(SUM(memory_mib_millis), 0), COALESCE(SUM(wasm_fuel), 0), COALESCE(SUM(gpu_millis), 0),
-                        COALESCE(SUM(output_bytes), 0), COALESCE(SUM(cost), 0), (SELECT COALESCE(MAX(seq), 0) FROM ledger_entries)
-                 FROM ledger_entries WHERE kind = 0 AND job_uid = ?1",
-            )
-            .and_then(|mut s| {
-                s.query_row(params![job_uid], |r| {
-                    let head = u(r, 9)?;
-                    let usage = JobUsage {
-                        receipts: u(r, 0)?,
-                        usage: UsageFigures {
-                            wall_millis: u(r, 1)?,
-                            cpu_micros: u(r, 2)?,
-                            memory_peak_bytes: u(r, 3)?,
-                            memory_mib_millis: u(r, 4)?,
-                            wasm_fuel: u(r, 5)?,
-                            gpu_millis: u(r, 6)?,
-                            output_bytes: u(r, 7)?,
-                        },
-                        cost: Micros(u(r, 8)?),
-                    };
-                    Ok(Some((usage, head)))
-                })
-            })
+            .prepare_cached(&format!(
+                "SELECT {}, (SELECT COALESCE(MAX(seq), 0) FROM ledger_entries) FROM ledger_entries WHERE kind = 0 AND job_uid = ?1",
+                job_usage_select(None)
+            ))
+            .and_then(|mut s| s.query_row(params![job_uid], |r| Ok(Some((job_usage_from_row(r)?, u(r, 9)?)))))
             .map_err(op("read job usage"))
     }
 
     fn rejected(&mut self, node: &str) -> Result<Vec<RejectedReceipt>, LedgerError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT digest, first_ms, last_ms, times, session_node, node, epoch, sequence, attempt_id, body, signature, reason
-                 FROM ledger_rejected WHERE session_node = ?1 ORDER BY id",
-            )
+            .prepare_cached(&format!("SELECT {REJECTED_COLUMNS} FROM ledger_rejected WHERE session_node = ?1 ORDER BY id"))
             .map_err(op("prepare rejected"))?;
-        let rows = stmt.query_map(params![node], row_to_rejected).map_err(op("read rejected"))?;
+        let rows = stmt.query_map(params![node], |r| rejected_from_row(r)).map_err(op("read rejected"))?;
         rows.collect::<rusqlite::Result<_>>().map_err(op("read rejected"))
     }
 

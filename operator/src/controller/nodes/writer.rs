@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -230,24 +230,9 @@ impl NodeWriter {
         Ok(())
     }
 
-    /// Publishes an Event about a node; a failure to record one is logged, never fatal.
+    /// Publishes an Event about a node.
     async fn event(&self, regarding: &ObjectReference, severity: Severity, reason: NodeReason, note: &str) {
-        if self.dispatcher.may_write().is_err() {
-            return;
-        }
-        let ev = Event {
-            type_: match severity {
-                Severity::Normal => EventType::Normal,
-                Severity::Warning => EventType::Warning,
-            },
-            reason: reason.to_string(),
-            note: Some(note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, regarding).await {
-            warn!(node = ?regarding.name, error = %e, "cannot record event");
-        }
+        crate::controller::publish_event(&self.recorder, &self.dispatcher, regarding, severity, &reason.to_string(), note).await;
     }
 }
 
