@@ -31,6 +31,13 @@ impl AttemptIndex {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// One attempt of a loaded job, by id.
+    pub fn attempt(&self, id: &str) -> Option<Arc<Attempt>> {
+        let inner = self.lock();
+        let (uid, index, number, replica) = inner.ids.get(id)?;
+        inner.jobs.get(uid)?.get(&(*index, *number, *replica)).cloned()
+    }
+
     /// The job's attempts in (index, number, replica) order, when the job is loaded.
     pub fn get(&self, job_uid: &str) -> Option<Vec<Arc<Attempt>>> {
         self.lock().jobs.get(job_uid).map(|job| job.values().cloned().collect())
@@ -136,6 +143,18 @@ mod tests {
             result: None,
             held: None,
         }
+    }
+
+    #[test]
+    fn an_attempt_of_a_loaded_job_is_found_by_id_and_follows_its_writes() {
+        let index = AttemptIndex::default();
+        assert!(index.attempt(&attempt_id("uid", 0, 1)).is_none(), "nothing loaded yet");
+        index.job("uid", || Ok::<_, ()>(vec![attempt(0, 1)])).unwrap();
+        assert_eq!(index.attempt(&attempt_id("uid", 0, 1)).unwrap().phase, AttemptPhase::Assigned);
+        index.running(&attempt_id("uid", 0, 1));
+        assert_eq!(index.attempt(&attempt_id("uid", 0, 1)).unwrap().phase, AttemptPhase::Running);
+        index.forget("uid");
+        assert!(index.attempt(&attempt_id("uid", 0, 1)).is_none(), "a forgotten job is read from the store again");
     }
 
     #[test]

@@ -30,7 +30,9 @@ impl Dispatcher {
             Reported::Running => {
                 // No reconcile: Assigned and Running count alike in progress and status, so it
                 // would change nothing (and it was half of all syncs of a busy job).
-                self.store.mark_running(&a.id).await?;
+                // Handed over without waiting, so the session reads the agent's next message at
+                // once: the store's thread applies it before anything queued after it.
+                self.store.mark_running_soon(&a.id)?;
                 return Ok(None);
             }
             Reported::Ended(phase) => phase,

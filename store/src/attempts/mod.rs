@@ -85,11 +85,13 @@ pub struct StoreConfig {
 /// The store. `Send + Sync`; share it in an `Arc`. Every method that reaches the database is
 /// async and runs on the store's own connection threads, never on the caller's.
 pub struct Store {
-    /// Reads, inserts and single transitions.
-    main: DbThread<Box<dyn Db>>,
-    /// The group-commit writer for results from agents (see [`Store::finish_batched`]), on a
-    /// connection of its own so a commit's fsync never holds up a read.
-    writer: DbThread<Box<dyn Db>, Finish>,
+    /// Reads, inserts and single transitions; with SQLite also the group commit of results.
+    main: DbThread<Box<dyn Db>, Finish>,
+    /// With PostgreSQL, the group-commit writer for results from agents (see
+    /// [`Store::finish_batched`]) on a connection of its own, so a commit's round trips never
+    /// hold up a read. SQLite commits them on the main connection: a second writer to one file
+    /// would only wait for the first one's lock (measured: half the dispatch throughput).
+    writer: Option<DbThread<Box<dyn Db>, Finish>>,
     fence: Fence,
     /// This store's claim in `store_leader`, when opened under leader election.
     epoch: Option<i64>,
@@ -166,6 +168,8 @@ struct Finish {
     result: AttemptResult,
     json: Option<String>,
     now_ms: i64,
+    /// The queuing store's claim (the same for every finish of one store).
+    epoch: Option<i64>,
     done: oneshot::Sender<Result<bool>>,
 }
 
@@ -204,21 +208,23 @@ impl Store {
         // writer's only once it is ready.
         let (claimed, epoch_rx) = sync_channel(1);
         let (dir, url) = (data_dir.clone(), database_url.clone());
-        let main = DbThread::spawn("store-db", move || {
-            let mut db = connect(&dir, url.as_deref())?;
-            let epoch = if elected { Some(db.claim_epoch(now_ms())?) } else { None };
-            let _ = claimed.send(epoch);
-            Ok::<_, StoreError>(db)
-        })?;
-        let epoch = epoch_rx.try_recv().map_err(|_| StoreError::Thread("store-db"))?;
         let index = Arc::new(AttemptIndex::default());
-        let (writer_fence, writer_index) = (fence.clone(), index.clone());
-        let batching = Batching {
-            max_weight: MAX_FINISH_BATCH,
-            weight: |_| 1,
-            commit: Box::new(move |db: &mut Box<dyn Db>, batch: Vec<Finish>| commit_finishes(db.as_mut(), &writer_fence, epoch, &writer_index, batch)),
+        let main = DbThread::spawn_batched(
+            "store-db",
+            None,
+            move || {
+                let mut db = connect(&dir, url.as_deref())?;
+                let epoch = if elected { Some(db.claim_epoch(now_ms())?) } else { None };
+                let _ = claimed.send(epoch);
+                Ok::<_, StoreError>(db)
+            },
+            finish_batching(&fence, &index),
+        )?;
+        let epoch = epoch_rx.try_recv().map_err(|_| StoreError::Thread("store-db"))?;
+        let writer = match database_url {
+            Some(url) => Some(DbThread::spawn_batched("store-writer", None, move || connect(&data_dir, Some(&url)), finish_batching(&fence, &index))?),
+            None => None,
         };
-        let writer = DbThread::spawn_batched("store-writer", None, move || connect(&data_dir, database_url.as_deref()), batching)?;
         tracing::info!(backend, epoch, "attempt store open");
         Ok(Store { main, writer, fence, epoch, index })
     }
@@ -259,6 +265,21 @@ impl Store {
         Ok(changed)
     }
 
+    /// Like [`Store::mark_running`], without waiting: the transition is handed to the store's
+    /// connection and the caller goes on (an agent's session reads its next message at once).
+    /// Nothing depends on its outcome: the later finish is guarded the same way, and a lost or
+    /// failed mark is harmless (see `mark_running`), so a failure is only logged.
+    pub fn mark_running_soon(&self, id: &str) -> Result<()> {
+        self.fence.check()?;
+        let (epoch, id, index) = (self.epoch, id.to_string(), self.index.clone());
+        self.main.spawn_run(move |db| match db.mark_running(epoch, &id) {
+            Ok(true) => index.running(&id),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(attempt = %id, error = %e, "cannot mark the attempt Running; its result will finish it"),
+        })?;
+        Ok(())
+    }
+
     /// Like [`Store::finish`], for results from agents: queued for the writer, which commits
     /// everything queued in one transaction (one fsync for the batch). Resolves once the
     /// transition is durable; returns whether the attempt changed (false when it was already
@@ -269,8 +290,8 @@ impl Store {
         let json = Some(serde_json::to_string(result).expect("a result always serialises"));
         let (done, durable) = oneshot::channel();
         let closed = || StoreError::Batch("the store's writer thread has stopped; restart the operator".into());
-        let finish = Finish { id: id.to_string(), phase, result: result.clone(), json, now_ms, done };
-        self.writer.queue(finish).map_err(|_| closed())?;
+        let finish = Finish { id: id.to_string(), phase, result: result.clone(), json, now_ms, epoch: self.epoch, done };
+        self.writer.as_ref().unwrap_or(&self.main).queue(finish).map_err(|_| closed())?;
         durable.await.map_err(|_| closed())?
     }
 
@@ -292,8 +313,12 @@ impl Store {
         self.with(move |db| db.select(&which)).await
     }
 
-    /// One attempt by id.
+    /// One attempt by id: from memory when its job is loaded (kept in step with every write,
+    /// so an agent's update costs no database read), else from the database.
     pub async fn attempt(&self, id: &str) -> Result<Option<Attempt>> {
+        if let Some(a) = self.index.attempt(id) {
+            return Ok(Some(Attempt::clone(&a)));
+        }
         Ok(self.select(Select::Id(id.to_string())).await?.pop())
     }
 
@@ -369,8 +394,15 @@ impl Store {
     }
 }
 
-/// The group-commit writer's commit: everything queued, in one transaction, then the answers.
-fn commit_finishes(db: &mut dyn Db, fence: &Fence, epoch: Option<i64>, index: &AttemptIndex, batch: Vec<Finish>) {
+/// How queued results are committed: up to `MAX_FINISH_BATCH` in one transaction.
+fn finish_batching(fence: &Fence, index: &Arc<AttemptIndex>) -> Batching<Box<dyn Db>, Finish> {
+    let (fence, index) = (fence.clone(), index.clone());
+    Batching { max_weight: MAX_FINISH_BATCH, weight: |_| 1, commit: Box::new(move |db, batch| commit_finishes(db.as_mut(), &fence, &index, batch)) }
+}
+
+/// The group commit: everything queued, in one transaction, then the answers.
+fn commit_finishes(db: &mut dyn Db, fence: &Fence, index: &AttemptIndex, batch: Vec<Finish>) {
+    let epoch = batch.first().and_then(|f| f.epoch);
     if let Err(e) = fence.check() {
         return batch.into_iter().for_each(|f| drop(f.done.send(Err(StoreError::Fenced(e.clone())))));
     }

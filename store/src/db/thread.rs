@@ -140,6 +140,12 @@ impl<D: 'static, B: Send + 'static> DbThread<D, B> {
         answer.recv().map_err(|_| Closed(self.name))
     }
 
+    /// Runs `f` on the connection's thread without waiting for it: for writes whose outcome
+    /// the caller does not need (`f` reports its own failure).
+    pub fn spawn_run(&self, f: impl FnOnce(&mut D) + Send + 'static) -> Result<(), Closed> {
+        self.send(Work::Run(Box::new(f)))
+    }
+
     /// Queues `item` for the next group commit.
     pub fn queue(&self, item: B) -> Result<(), Closed> {
         self.send(Work::Queued(item))
@@ -277,6 +283,14 @@ mod tests {
         between.unwrap();
         assert_eq!(db.run_blocking(|d: &mut Vec<u32>| d.clone()).unwrap(), vec![1, 2, 3, 99, 4]);
         assert_eq!(*log.lock().unwrap(), vec![vec![1, 2], vec![3], vec![4]]);
+    }
+
+    #[test]
+    fn work_handed_over_without_waiting_runs_in_order() {
+        let db = batched(Log::default(), 100);
+        db.spawn_run(|d| d.push(7)).unwrap();
+        db.queue(8).unwrap();
+        assert_eq!(db.run_blocking(|d: &mut Vec<u32>| d.clone()).unwrap(), vec![7, 8]);
     }
 
     #[tokio::test]
