@@ -200,9 +200,6 @@ impl Store {
     /// open it only once the Lease is held, as the operator does. Blocks while it connects.
     pub fn open_with(config: StoreConfig) -> Result<Self> {
         let StoreConfig { data_dir, database_url, fence } = config;
-        if let Some(url) = database_url.as_deref().filter(|u| !(u.starts_with("postgres://") || u.starts_with("postgresql://"))) {
-            return Err(StoreError::Url(url.to_string()));
-        }
         let (elected, backend) = (fence.elected(), if database_url.is_some() { "postgresql" } else { "sqlite" });
         // The main connection opens first (it creates the schema and claims the epoch), the
         // writer's only once it is ready.

@@ -363,3 +363,12 @@ async fn an_old_leaders_write_open_during_a_claim_commits_before_the_claim_and_i
     assert!(matches!(old.insert_attempts(&[attempt(1, "a")]).await, Err(StoreError::Fenced(_))));
     assert_eq!(new.attempts_for_job("uid").await.unwrap().len(), 1);
 }
+
+#[test]
+fn a_database_url_that_is_not_postgresql_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { data_dir: dir.path().to_path_buf(), database_url: Some("mysql://db/kommune".into()), fence: Fence::open() };
+    let err = Store::open_with(config).err().expect("refused");
+    assert!(matches!(&err, StoreError::Url(u) if u == "mysql://db/kommune"), "{err}");
+    assert!(err.to_string().contains("\"mysql://db/kommune\" is not a postgres:// or postgresql:// URL"), "{err}");
+}

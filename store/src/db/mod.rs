@@ -11,4 +11,4 @@ pub mod epoch;
 pub mod sqlite;
 mod thread;
 
-pub use thread::{Batching, Closed, DbThread, NoBatch};
+pub use thread::{Batching, Closed, Commit, DbThread, NoBatch};

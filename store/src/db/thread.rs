@@ -132,9 +132,9 @@ impl<D: 'static, B: Send + 'static> DbThread<D, B> {
         answer.await.map_err(|_| Closed(self.name))
     }
 
-    /// Runs `f` on the connection's thread and blocks until it returns: for callers that are
-    /// threads themselves (commands, tests), never for async code.
-    pub fn run_blocking<R: Send + 'static>(&self, f: impl FnOnce(&mut D) -> R + Send + 'static) -> Result<R, Closed> {
+    /// Runs `f` on the connection's thread and blocks until it returns (tests).
+    #[cfg(test)]
+    fn run_blocking<R: Send + 'static>(&self, f: impl FnOnce(&mut D) -> R + Send + 'static) -> Result<R, Closed> {
         let (reply, answer) = sync_channel(1);
         self.send(Work::Run(Box::new(move |db| drop(reply.send(f(db))))))?;
         answer.recv().map_err(|_| Closed(self.name))
@@ -150,7 +150,9 @@ impl<D: 'static, B: Send + 'static> DbThread<D, B> {
     pub fn queue(&self, item: B) -> Result<(), Closed> {
         self.send(Work::Queued(item))
     }
+}
 
+impl<D, B> DbThread<D, B> {
     /// Stops taking work, lets the thread finish what is queued, and waits for it.
     pub fn close(&self) {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -162,10 +164,7 @@ impl<D: 'static, B: Send + 'static> DbThread<D, B> {
 
 impl<D, B> Drop for DbThread<D, B> {
     fn drop(&mut self) {
-        self.queue.get_mut().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(t) = self.thread.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
-            let _ = t.join();
-        }
+        self.close();
     }
 }
 
