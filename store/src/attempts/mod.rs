@@ -19,9 +19,10 @@ mod sqlite;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
 
 use kommune_proto::now_ms;
 use tokio::sync::oneshot;
@@ -98,6 +99,9 @@ pub struct Store {
     /// The attempts of the jobs being synced, kept in step with every write (after it commits,
     /// with the connection unlocked: a load holds the index lock while it reads).
     index: Arc<AttemptIndex>,
+    /// Attempts whose Running mark is handed over and not applied yet: an agent repeating its
+    /// Running report queues nothing more, so it cannot grow the store's queue.
+    running_soon: Arc<Mutex<HashSet<String>>>,
 }
 
 impl From<Closed> for StoreError {
@@ -176,6 +180,11 @@ struct Finish {
 /// Most finishes committed in one transaction.
 const MAX_FINISH_BATCH: usize = 4096;
 
+/// A set only changed in one step, so a poisoned lock is safe to reuse.
+fn lock(set: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    set.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Opens one connection to the configured backend.
 fn connect(data_dir: &Path, database_url: Option<&str>) -> Result<Box<dyn Db>> {
     match database_url {
@@ -223,7 +232,7 @@ impl Store {
             None => None,
         };
         tracing::info!(backend, epoch, "attempt store open");
-        Ok(Store { main, writer, fence, epoch, index })
+        Ok(Store { main, writer, fence, epoch, index, running_soon: Arc::default() })
     }
 
     /// Runs `f` on the main connection.
@@ -268,13 +277,28 @@ impl Store {
     /// failed mark is harmless (see `mark_running`), so a failure is only logged.
     pub fn mark_running_soon(&self, id: &str) -> Result<()> {
         self.fence.check()?;
-        let (epoch, id, index) = (self.epoch, id.to_string(), self.index.clone());
-        self.main.spawn_run(move |db| match db.mark_running(epoch, &id) {
-            Ok(true) => index.running(&id),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(attempt = %id, error = %e, "cannot mark the attempt Running; its result will finish it"),
-        })?;
-        Ok(())
+        if !lock(&self.running_soon).insert(id.to_string()) {
+            return Ok(());
+        }
+        let (epoch, owned, index, pending) = (self.epoch, id.to_string(), self.index.clone(), self.running_soon.clone());
+        let handed = self.main.spawn_run(move |db| {
+            match db.mark_running(epoch, &owned) {
+                Ok(true) => index.running(&owned),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(attempt = %owned, error = %e, "cannot mark the attempt Running; its result will finish it"),
+            }
+            lock(&pending).remove(&owned);
+        });
+        if handed.is_err() {
+            lock(&self.running_soon).remove(id);
+        }
+        Ok(handed?)
+    }
+
+    /// How many Running marks wait to be applied.
+    #[cfg(test)]
+    fn running_marks_pending(&self) -> usize {
+        lock(&self.running_soon).len()
     }
 
     /// Like [`Store::finish`], for results from agents: queued for the writer, which commits

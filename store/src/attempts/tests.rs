@@ -372,3 +372,25 @@ fn a_database_url_that_is_not_postgresql_is_refused_naming_it() {
     assert!(matches!(&err, StoreError::Url(u) if u == "mysql://db/kommune"), "{err}");
     assert!(err.to_string().contains("\"mysql://db/kommune\" is not a postgres:// or postgresql:// URL"), "{err}");
 }
+
+/// An agent repeating its Running report as fast as it can: at most one mark per attempt waits
+/// on the store's thread, and the attempt ends Running.
+#[test]
+fn a_flood_of_running_reports_queues_at_most_one_mark_per_attempt() {
+    let env = Env::sqlite();
+    rt().block_on(async {
+        let store = env.open();
+        store.insert_attempts(&[attempt(0, "a")]).await.unwrap();
+        let id = attempt_id("uid", 0, 1);
+        // Keep the store's thread busy so the marks cannot drain while they are sent.
+        let (go, wait) = std::sync::mpsc::sync_channel::<()>(0);
+        store.main.spawn_run(move |_| wait.recv().unwrap()).unwrap();
+        for _ in 0..100_000 {
+            store.mark_running_soon(&id).unwrap();
+        }
+        assert_eq!(store.running_marks_pending(), 1);
+        go.send(()).unwrap();
+        assert_eq!(store.attempt(&id).await.unwrap().unwrap().phase, AttemptPhase::Running);
+        assert_eq!(store.running_marks_pending(), 0);
+    });
+}
