@@ -17,6 +17,10 @@ pub enum AttemptPhase {
     Failed,
     /// Stopped by the operator (job deleted, failed or past its deadline).
     Cancelled,
+    /// Stopped by its provider (the machine was needed, paused or shutting down): placed again
+    /// without using a retry, but counted against the node for this job (see
+    /// [`crate::job::conduct`]), so a node cannot keep a task from finishing this way.
+    Preempted,
     /// The node no longer knows it (it reconnected without it); counts as a failure.
     Lost,
 }
@@ -24,6 +28,12 @@ pub enum AttemptPhase {
 impl AttemptPhase {
     pub fn is_terminal(self) -> bool {
         !matches!(self, AttemptPhase::Assigned | AttemptPhase::Running)
+    }
+
+    /// Stopped before it could finish, by the operator or the provider: its round is void and
+    /// placed again without using a retry.
+    pub fn is_stopped(self) -> bool {
+        matches!(self, AttemptPhase::Cancelled | AttemptPhase::Preempted)
     }
 
     /// Counts against the task's `retries.maxAttempts`.
@@ -38,6 +48,7 @@ impl AttemptPhase {
             AttemptPhase::Succeeded => "Succeeded",
             AttemptPhase::Failed => "Failed",
             AttemptPhase::Cancelled => "Cancelled",
+            AttemptPhase::Preempted => "Preempted",
             AttemptPhase::Lost => "Lost",
         }
     }
@@ -49,6 +60,7 @@ impl AttemptPhase {
             "Succeeded" => AttemptPhase::Succeeded,
             "Failed" => AttemptPhase::Failed,
             "Cancelled" => AttemptPhase::Cancelled,
+            "Preempted" => AttemptPhase::Preempted,
             "Lost" => AttemptPhase::Lost,
             _ => return None,
         })
@@ -127,14 +139,15 @@ mod tests {
     #[test]
     fn phases_round_trip_and_classify() {
         use AttemptPhase::*;
-        for p in [Assigned, Running, Succeeded, Failed, Cancelled, Lost] {
+        for p in [Assigned, Running, Succeeded, Failed, Cancelled, Preempted, Lost] {
             assert_eq!(AttemptPhase::parse(p.as_str()), Some(p));
         }
         assert_eq!(AttemptPhase::parse("running"), None);
         assert!(!Assigned.is_terminal() && !Running.is_terminal());
         assert!(Succeeded.is_terminal() && Failed.is_terminal() && Cancelled.is_terminal() && Lost.is_terminal());
         assert!(Failed.is_failure() && Lost.is_failure());
-        assert!(!Cancelled.is_failure() && !Succeeded.is_failure());
+        assert!(!Cancelled.is_failure() && !Succeeded.is_failure() && !Preempted.is_failure());
+        assert!(Preempted.is_terminal() && Preempted.is_stopped());
     }
 
     #[test]

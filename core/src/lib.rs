@@ -4,6 +4,7 @@
 
 pub mod attempt;
 pub mod attempt_index;
+pub mod bounds;
 pub mod fence;
 pub mod job;
 pub mod pricing;

@@ -167,14 +167,6 @@ impl BudgetCheck {
     }
 }
 
-/// The worst-case cost of a task that reserves `cpu_millis` and `memory_bytes` and may run for
-/// `timeout` at `rates`.
-pub fn worst_case(cpu_millis: u64, memory_bytes: u64, timeout: std::time::Duration, rates: &Rates) -> Micros {
-    let hourly = hourly_ceiling(cpu_millis, memory_bytes, 0, rates).0 as u128;
-    // Rounded up: a budget check must not under-reserve.
-    Micros(u64::try_from((hourly * timeout.as_millis()).div_ceil(MILLIS_PER_HOUR)).unwrap_or(u64::MAX))
-}
-
 const MICROS_PER_HOUR: u128 = 3_600_000_000;
 const MILLIS_PER_HOUR: u128 = 3_600_000;
 const MIB_PER_GIB: u128 = 1024;
@@ -248,16 +240,6 @@ mod tests {
         assert_eq!(BudgetCheck { spent: Micros(2_000), ..check }.allows(), 0, "overspent (an implausible old receipt) never underflows");
         assert_eq!(BudgetCheck { next: Micros(0), ..check }.allows(), u64::MAX, "free tasks are never limited");
         assert_eq!(check.explain(), "budget 0.001 credits: 0.0003 spent and up to 0.0002 committed to running tasks; the next task could cost up to 0.00015");
-    }
-
-    #[test]
-    fn the_worst_case_is_the_hourly_ceiling_over_the_timeout_rounded_up() {
-        let rates = Rates { cpu_core_hour: Micros(3_600_000), memory_gib_hour: Micros(0), gpu_hour: Micros(0), output_gib: Micros(0) };
-        assert_eq!(worst_case(1000, 0, std::time::Duration::from_secs(3600), &rates), Micros(3_600_000));
-        assert_eq!(worst_case(1000, 0, std::time::Duration::from_secs(1), &rates), Micros(1_000));
-        assert_eq!(worst_case(1000, 0, std::time::Duration::from_millis(1), &rates), Micros(1));
-        assert_eq!(worst_case(1, 0, std::time::Duration::from_millis(1), &rates), Micros(1), "rounded up, not down to zero");
-        assert_eq!(worst_case(1000, 0, std::time::Duration::ZERO, &rates), Micros(0));
     }
 
     #[test]

@@ -1,5 +1,10 @@
 //! Receipt checks before anything reaches the ledger: the node's signature, who sent it, which
-//! attempt it meters, and whether the usage is physically plausible. Pure: no I/O, no clock.
+//! attempt it meters, and whether the usage is possible. Every figure is a claim of the node's,
+//! checked against what the operator assigned and observed (`kommune_core::bounds`): wall time
+//! against the observed span and the task timeout, CPU against the cores the attempt could use,
+//! memory against what it could hold, GPU time against the GPUs it held, output against the
+//! output limit. A receipt over any bound is refused whole and costs nothing. Pure: no I/O, no
+//! clock.
 
 use std::fmt;
 
@@ -7,6 +12,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use kommune_proto::receipt::{self, ReceiptError};
 use kommune_proto::v1::{ReceiptBody, Usage, UsageReceipt};
 
+use kommune_core::bounds::UsageBounds;
 use kommune_core::pricing::{self, Micros, Rates};
 
 /// Wall time may exceed what the operator observed by this much (clock granularity, the agent
@@ -19,6 +25,11 @@ pub const WALL_SLACK_PER_MILLE: u64 = 10;
 pub const CPU_SLACK_PER_MILLE: u64 = 50;
 /// ...plus this much absolute CPU time (process start-up on very short attempts).
 pub const CPU_SLACK_MICROS: u64 = 100_000;
+/// Memory and GPU time may exceed their bound x wall time by this many per mille (sampling
+/// steps of the memory integral, device clocks)...
+pub const RESOURCE_SLACK_PER_MILLE: u64 = 50;
+/// ...and a memory peak its bound by this much (the runtime's own pages).
+pub const MEMORY_PEAK_SLACK_BYTES: u64 = 64 << 20;
 
 /// What the operator knows about the attempt a receipt claims to meter (from its store).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +42,8 @@ pub struct AttemptFacts {
     pub job_key: String,
     /// The node the attempt was assigned to.
     pub node: String,
-    /// CPU assigned to the attempt, in millicores.
-    pub cpu_millis: u64,
+    /// The most the attempt could have used (see `kommune_core::bounds`).
+    pub bounds: UsageBounds,
     /// When the operator saw the attempt start (assignment), Unix ms on the operator's clock.
     pub observed_start_ms: i64,
     /// When the operator saw the attempt end (terminal update), Unix ms on the operator's clock.
@@ -86,8 +97,16 @@ pub enum Rejection {
     NoUsage,
     /// Wall time longer than what the operator observed (plus slack).
     WallTooLong { wall_millis: u64, observed_millis: u64 },
-    /// CPU time more than assigned cores x wall time (plus slack).
+    /// Wall time longer than the task's timeout (plus slack): the agent stops a task there.
+    WallPastTimeout { wall_millis: u64, timeout_millis: u64 },
+    /// CPU time more than the cores the attempt could use x wall time (plus slack).
     CpuTooHigh { cpu_micros: u64, cpu_millis: u64, wall_millis: u64 },
+    /// Memory (integral or peak) above what the attempt could hold (plus slack).
+    MemoryTooHigh { claimed: String, memory_bytes: u64 },
+    /// GPU time more than the GPUs the attempt held x wall time (plus slack).
+    GpuTooHigh { gpu_millis: u64, gpus: u32, wall_millis: u64 },
+    /// More output than an attempt may write.
+    OutputTooLarge { output_bytes: u64, limit: u64 },
     /// A different receipt already uses this (node, epoch, sequence).
     SequenceReused { node: String, epoch: u64, sequence: u64, seq: u64 },
     /// The attempt was already metered by another receipt.
@@ -115,10 +134,20 @@ impl fmt::Display for Rejection {
             Rejection::WallTooLong { wall_millis, observed_millis } => {
                 write!(f, "wall time {} exceeds the {} the operator observed for the attempt", secs(*wall_millis), secs(*observed_millis))
             }
+            Rejection::WallPastTimeout { wall_millis, timeout_millis } => {
+                write!(f, "wall time {} exceeds the task timeout of {}", secs(*wall_millis), secs(*timeout_millis))
+            }
             Rejection::CpuTooHigh { cpu_micros, cpu_millis, wall_millis } => {
                 let cores = format!("{}", *cpu_millis as f64 / 1000.0);
                 write!(f, "cpu time {} exceeds {cores} cores x {} wall", secs(cpu_micros / 1000), secs(*wall_millis))
             }
+            Rejection::MemoryTooHigh { claimed, memory_bytes } => {
+                write!(f, "{claimed} exceeds the {} MiB the attempt could hold", memory_bytes >> 20)
+            }
+            Rejection::GpuTooHigh { gpu_millis, gpus, wall_millis } => {
+                write!(f, "gpu time {} exceeds {gpus} GPU(s) x {} wall", secs(*gpu_millis), secs(*wall_millis))
+            }
+            Rejection::OutputTooLarge { output_bytes, limit } => write!(f, "output of {output_bytes} bytes exceeds the limit of {limit} bytes"),
             Rejection::SequenceReused { node, epoch, sequence, seq } => {
                 write!(
                     f,
@@ -147,18 +176,56 @@ pub fn check_content(input: &ReceiptInput) -> Result<VerifiedReceipt, Rejection>
     let Some(usage) = body.usage.clone() else {
         return Err(Rejection::NoUsage);
     };
-    let observed_millis = u64::try_from(a.observed_end_ms.saturating_sub(a.observed_start_ms)).unwrap_or(0);
-    let wall_limit = observed_millis.saturating_add(WALL_SLACK_MILLIS).saturating_add(observed_millis / 1000 * WALL_SLACK_PER_MILLE);
-    if usage.wall_millis > wall_limit {
-        return Err(Rejection::WallTooLong { wall_millis: usage.wall_millis, observed_millis });
-    }
-    // cores x wall in CPU micros: cpu_millis/1000 cores x wall_millis x 1000 us/ms.
-    let cpu_limit = (a.cpu_millis as u128 * usage.wall_millis as u128) * (1000 + CPU_SLACK_PER_MILLE) as u128 / 1000 + CPU_SLACK_MICROS as u128;
-    if usage.cpu_micros as u128 > cpu_limit {
-        return Err(Rejection::CpuTooHigh { cpu_micros: usage.cpu_micros, cpu_millis: a.cpu_millis, wall_millis: usage.wall_millis });
-    }
+    within_bounds(&usage, a)?;
     let cost = pricing::cost(&usage, &input.rates);
     Ok(VerifiedReceipt { body, usage, cost })
+}
+
+/// `millis` plus the wall-time slack.
+fn with_wall_slack(millis: u64) -> u64 {
+    millis.saturating_add(WALL_SLACK_MILLIS).saturating_add(millis / 1000 * WALL_SLACK_PER_MILLE)
+}
+
+/// `per_ms` x `wall_millis` plus `per_mille` of it: a resource's ceiling over the wall time.
+fn over_wall(per_ms: u64, wall_millis: u64, per_mille: u64) -> u128 {
+    per_ms as u128 * wall_millis as u128 * (1000 + per_mille) as u128 / 1000
+}
+
+/// Every usage figure against what the attempt could have used. The wall time is checked
+/// first: every other bound is a rate over it.
+fn within_bounds(usage: &Usage, a: &AttemptFacts) -> Result<(), Rejection> {
+    let b = &a.bounds;
+    let wall = usage.wall_millis;
+    let observed_millis = u64::try_from(a.observed_end_ms.saturating_sub(a.observed_start_ms)).unwrap_or(0);
+    if wall > with_wall_slack(observed_millis) {
+        return Err(Rejection::WallTooLong { wall_millis: wall, observed_millis });
+    }
+    if let Some(timeout) = b.timeout {
+        let timeout_millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        if wall > with_wall_slack(timeout_millis) {
+            return Err(Rejection::WallPastTimeout { wall_millis: wall, timeout_millis });
+        }
+    }
+    // cores x wall in CPU micros: cpu_millis/1000 cores x wall_millis x 1000 us/ms.
+    if usage.cpu_micros as u128 > over_wall(b.cpu_millis, wall, CPU_SLACK_PER_MILLE) + CPU_SLACK_MICROS as u128 {
+        return Err(Rejection::CpuTooHigh { cpu_micros: usage.cpu_micros, cpu_millis: b.cpu_millis, wall_millis: wall });
+    }
+    // MiB x ms, with the bound rounded up to whole MiB.
+    if usage.memory_mib_millis as u128 > over_wall(b.memory_bytes.div_ceil(1 << 20), wall, RESOURCE_SLACK_PER_MILLE) {
+        let claimed = format!("memory of {} MiB-seconds over {}", usage.memory_mib_millis / 1000, secs(wall));
+        return Err(Rejection::MemoryTooHigh { claimed, memory_bytes: b.memory_bytes });
+    }
+    if usage.memory_peak_bytes > b.memory_bytes.saturating_add(b.memory_bytes / 1000 * RESOURCE_SLACK_PER_MILLE).saturating_add(MEMORY_PEAK_SLACK_BYTES) {
+        let claimed = format!("a memory peak of {} MiB", usage.memory_peak_bytes >> 20);
+        return Err(Rejection::MemoryTooHigh { claimed, memory_bytes: b.memory_bytes });
+    }
+    if usage.gpu_millis as u128 > over_wall(b.gpus as u64, wall, RESOURCE_SLACK_PER_MILLE) {
+        return Err(Rejection::GpuTooHigh { gpu_millis: usage.gpu_millis, gpus: b.gpus, wall_millis: wall });
+    }
+    if usage.output_bytes > b.output_bytes {
+        return Err(Rejection::OutputTooLarge { output_bytes: usage.output_bytes, limit: b.output_bytes });
+    }
+    Ok(())
 }
 
 /// The parsed signature material of a receipt, ready for single or batch verification.
@@ -271,7 +338,13 @@ pub mod tests {
             job_uid: "uid-1".into(),
             job_key: "ns/job".into(),
             node: node.into(),
-            cpu_millis: 2000,
+            bounds: UsageBounds {
+                cpu_millis: 2000,
+                memory_bytes: 256 << 20,
+                gpus: 0,
+                output_bytes: kommune_proto::limits::MAX_STDOUT_BYTES,
+                timeout: Some(std::time::Duration::from_secs(60)),
+            },
             observed_start_ms: 1_000_000,
             observed_end_ms: 1_004_000,
         }
@@ -395,6 +468,19 @@ pub mod tests {
             ("no usage", resign(base.clone(), |b| b.usage = None), "no usage"),
             ("wall too long", resign(base.clone(), |b| b.usage.as_mut().unwrap().wall_millis = 6_100), "wall time 6.1s exceeds the 4.0s"),
             ("cpu too high", resign(base.clone(), |b| b.usage.as_mut().unwrap().cpu_micros = 9_200_000), "cpu time 9.2s exceeds 2 cores x 4.0s wall"),
+            ("gpu time without a gpu", resign(base.clone(), |b| b.usage.as_mut().unwrap().gpu_millis = 1 << 63), "exceeds 0 GPU(s) x 4.0s wall"),
+            ("memory integral", resign(base.clone(), |b| b.usage.as_mut().unwrap().memory_mib_millis = u64::MAX), "exceeds the 256 MiB"),
+            ("memory peak", resign(base.clone(), |b| b.usage.as_mut().unwrap().memory_peak_bytes = 1 << 40), "a memory peak of 1048576 MiB exceeds the 256 MiB"),
+            ("output", resign(base.clone(), |b| b.usage.as_mut().unwrap().output_bytes = u64::MAX), "exceeds the limit of 16777216 bytes"),
+            (
+                "past the timeout",
+                {
+                    let mut i = resign(base.clone(), |b| b.usage.as_mut().unwrap().wall_millis = 4_000);
+                    i.attempt.bounds.timeout = Some(std::time::Duration::from_secs(1));
+                    i
+                },
+                "wall time 4.0s exceeds the task timeout of 1.0s",
+            ),
         ];
         for (what, i, want) in cases {
             let err = check(&i).expect_err(what).to_string();
@@ -415,6 +501,53 @@ pub mod tests {
         let mut i = base.clone();
         i.attempt.observed_end_ms = 0;
         assert!(matches!(check(&i), Err(Rejection::WallTooLong { observed_millis: 0, .. })));
+    }
+
+    #[test]
+    fn every_bound_admits_its_honest_maximum_and_refuses_one_unit_more() {
+        // 4 s wall; bounds: 2 cores, 256 MiB, 1 GPU, 16 MiB of output, 60 s timeout.
+        let mut base = input(1, 1, 1);
+        base.attempt.bounds.gpus = 1;
+        let at = |f: fn(&mut Usage, u64), v: u64| {
+            let mut i = resign(base.clone(), |b| f(b.usage.as_mut().unwrap(), v));
+            i.attempt.bounds.gpus = 1;
+            check(&i)
+        };
+        type Set = fn(&mut Usage, u64);
+        let cases: [(&str, Set, u64); 4] = [
+            // 256 MiB x 4,000 ms x 1.05.
+            ("memory integral", |u, v| u.memory_mib_millis = v, 256 * 4000 * 1050 / 1000),
+            // 256 MiB + 5% + 64 MiB.
+            ("memory peak", |u, v| u.memory_peak_bytes = v, (256 << 20) + (256 << 20) / 1000 * 50 + (64 << 20)),
+            // 1 GPU x 4,000 ms x 1.05.
+            ("gpu", |u, v| u.gpu_millis = v, 4200),
+            ("output", |u, v| u.output_bytes = v, kommune_proto::limits::MAX_STDOUT_BYTES),
+        ];
+        for (what, f, max) in cases {
+            assert!(at(f, max).is_ok(), "{what}: the maximum is honest");
+            assert!(at(f, max + 1).is_err(), "{what}: one more is refused");
+        }
+    }
+
+    #[test]
+    fn a_cpu_bound_wasm_task_at_a_quarter_core_is_paid_for_its_whole_thread() {
+        // The request is 250m but a wasm guest is not throttled to it: one thread, one core.
+        let mut i = input(1, 1, 1);
+        i.attempt.bounds = kommune_core::bounds::for_attempt(&kommune_core::bounds::Assigned {
+            runtime: Some(kommune_proto::runtime::WASM),
+            cpu_millis: 250,
+            memory_bytes: 64 << 20,
+            ..Default::default()
+        });
+        let i = resign(
+            ReceiptInput { attempt: AttemptFacts { bounds: i.attempt.bounds, ..i.attempt.clone() }, ..i },
+            |b| {
+                let u = b.usage.as_mut().unwrap();
+                (u.cpu_micros, u.memory_mib_millis, u.output_bytes) = (3_990_000, 64 * 4000, 12);
+            },
+        );
+        let v = check(&i).expect("an honest single-threaded guest is within its bound");
+        assert!(v.cost.0 > 0);
     }
 
     #[test]

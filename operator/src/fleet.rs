@@ -336,6 +336,15 @@ impl Fleet {
     }
 
     /// The scheduler's view of one node, as last updated.
+    /// The most any known node offers of each resource (each maximum on its own).
+    pub fn largest_capacity(&self) -> Resources {
+        self.pool().nodes().fold(Resources::default(), |m, n| Resources {
+            cpu_millis: m.cpu_millis.max(n.capacity.cpu_millis),
+            memory_bytes: m.memory_bytes.max(n.capacity.memory_bytes),
+            ephemeral_bytes: m.ephemeral_bytes.max(n.capacity.ephemeral_bytes),
+        })
+    }
+
     pub fn node(&self, name: &str) -> Option<scheduler::Node> {
         self.pool().node(name).cloned()
     }

@@ -14,7 +14,7 @@ pub mod tokens;
 
 // The pure core and the storage layer are crates of their own (see docs/ARCHITECTURE.md); the
 // operator reaches them under their old paths so its shells read the same.
-pub use kommune_core::{attempt, attempt_index, fence, scheduler};
+pub use kommune_core::{attempt, attempt_index, bounds, fence, scheduler};
 pub use kommune_store::attempts as store;
 pub use kommune_store::{blobs, ledger};
 

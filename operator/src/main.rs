@@ -74,6 +74,10 @@ struct RunArgs {
     /// placed elsewhere; an agent back within it keeps them.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     node_grace_seconds: u64,
+    /// How long past its task timeout (`spec.timeouts.taskSeconds`) an attempt may stay without
+    /// a result before the operator fails it and places it again, whatever its agent says.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    task_grace_seconds: u64,
     /// Elect a leader through the coordination.k8s.io Lease `kommune-operator` before placing or
     /// writing anything; a standby replica waits (and reports not ready on /readyz).
     #[arg(long, env = "KOMMUNE_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set, default_missing_value = "true", num_args = 0..=1)]
@@ -267,7 +271,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (jobs_changed_tx, jobs_changed_rx) = mpsc::channel(1024);
     let (node_events_tx, node_events_rx) = mpsc::channel(1024);
     let (capacity_tx, capacity_rx) = mpsc::channel(1);
-    let dispatcher = Arc::new(Dispatcher::new(store, fleet.clone(), jobs_changed_tx).with_ledger(ledger, rates).with_fence(fence));
+    let dispatcher = Arc::new(
+        Dispatcher::new(store, fleet.clone(), jobs_changed_tx)
+            .with_ledger(ledger, rates)
+            .with_fence(fence)
+            .with_task_grace(Duration::from_secs(args.task_grace_seconds)),
+    );
 
     let config =
         GatewayConfig { heartbeat_interval: Duration::from_secs(args.heartbeat_seconds), session_timeout: Duration::from_secs(args.heartbeat_seconds * 3) };
@@ -290,6 +299,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tick.tick().await;
                 if let Err(e) = dispatcher.expire_absent(grace).await {
                     tracing::warn!(error = %e, "cannot expire attempts of unreachable nodes");
+                }
+                if let Err(e) = dispatcher.enforce_timeouts().await {
+                    tracing::warn!(error = %e, "cannot fail attempts past their task timeout");
                 }
             }
         }

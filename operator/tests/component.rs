@@ -999,7 +999,11 @@ async fn a_receipt_appended_before_the_operator_crashed_unacknowledged_is_counte
                 job_uid: attempt.job_uid.clone(),
                 job_key: attempt.job_key.clone(),
                 node: attempt.node.clone(),
-                cpu_millis: attempt.cpu_millis,
+                bounds: kommune_operator::bounds::for_attempt(&kommune_operator::bounds::Assigned {
+                    cpu_millis: attempt.cpu_millis,
+                    memory_bytes: attempt.memory_bytes,
+                    ..Default::default()
+                }),
                 observed_start_ms: attempt.created_ms,
                 observed_end_ms: kommune_proto::now_ms(),
             },
@@ -1035,18 +1039,19 @@ async fn a_budget_stops_placement_when_the_next_task_could_exceed_it() {
     let dir = tempfile::tempdir().unwrap();
     let _a = join_agent(&op, dir.path(), "thrifty", true).await;
     wait_connected(&op, &["thrifty"]).await;
-    // At 1 credit per core-hour, a 1-core task with a one-hour limit may cost up to 1 credit:
-    // a budget of 2.5 admits two such tasks at a time, never the third.
+    // At 1 credit per core-hour, an exec task with a one-hour limit may cost up to 2 credits on
+    // this 2-core node (exec tasks are not throttled to their request: they may keep every core
+    // the node offers busy): a budget of 5 admits two such tasks at a time, never the third.
     let capped = policy(
-        "workload:\n  exec:\n    command: ['/bin/sh', '-c', 'sleep 0.3']\ntasks: 3\nresources: {cpu: 500m, memory: 1Mi}\ntimeouts: {taskSeconds: 3600}\npricing: {budget: '2.5'}\n",
+        "workload:\n  exec:\n    command: ['/bin/sh', '-c', 'sleep 0.3']\ntasks: 3\nresources: {cpu: 500m, memory: 1Mi}\ntimeouts: {taskSeconds: 3600}\npricing: {budget: '5'}\n",
     );
     let capped = JobPolicy { cpu_millis: 1000, ..capped };
     let jr = job("budgeted");
     let first = op.dispatcher.sync(&jr, &capped, None).await.unwrap();
     assert_eq!(first.placed, 2);
     let why = first.budget_exhausted.expect("the third task waits for the budget");
-    assert_eq!(why, "budget 2.5 credits: 0 spent and up to 2 committed to running tasks; the next task could cost up to 1");
-    assert_eq!(first.usage.as_ref().map(|u| u.budget.as_deref()), Some(Some("2.5")));
+    assert_eq!(why, "budget 5 credits: 0 spent and up to 4 committed to running tasks; the next task could cost up to 2");
+    assert_eq!(first.usage.as_ref().map(|u| u.budget.as_deref()), Some(Some("5")));
     // Once the two finish, what they really cost (a few micro-credits) frees the room.
     let done = op.run_to_end(&jr, &capped, None).await;
     assert_eq!(done.progress.phase, JobPhase::Succeeded);

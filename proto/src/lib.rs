@@ -26,6 +26,15 @@ pub const STAGE_TARGET: &str = "kommune::stage";
 pub const GATEWAY_SERVER_NAME: &str = "gateway.kommune.internal";
 
 /// Name of the runtimes, as advertised in `Capacity.runtimes` and used in ComputeJob specs.
+/// Limits both sides of the protocol rely on.
+pub mod limits {
+    /// Most stdout one attempt may write: past it the agent fails the attempt rather than report
+    /// a digest of a prefix, and the operator refuses a receipt claiming more output.
+    pub const MAX_STDOUT_BYTES: u64 = 16 << 20;
+    /// Most stderr one attempt may write (not metered as output).
+    pub const MAX_STDERR_BYTES: u64 = 1 << 20;
+}
+
 pub mod runtime {
     pub const WASM: &str = "wasm";
     pub const EXEC: &str = "exec";

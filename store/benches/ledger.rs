@@ -84,7 +84,7 @@ fn input(i: usize, r: kommune_proto::v1::UsageReceipt, keys: &[SigningKey]) -> R
             job_uid: "6b1c-uid".into(),
             job_key: b.job,
             node: b.node,
-            cpu_millis: 1000,
+            bounds: kommune_core::bounds::for_attempt(&kommune_core::bounds::Assigned { cpu_millis: 1000, memory_bytes: 1 << 30, ..Default::default() }),
             observed_start_ms: 1_700_000_000_000,
             observed_end_ms: 1_700_000_005_000,
         },

@@ -1,6 +1,7 @@
 //! The ComputeJob state machine as plain functions over plain data: `policy` is a validated
 //! job, `progress` turns its attempts into what to place next, what to cancel and a summary.
 
+pub mod conduct;
 pub mod indexes;
 pub mod phase;
 pub mod policy;

@@ -75,6 +75,7 @@ impl JobPolicy {
             max_price_per_hour: self.max_price_per_hour,
             data_locality: p.data_locality.clone(),
             replicas: p.replicas.max(1),
+            avoid: vec![],
         }
     }
 }

@@ -519,7 +519,7 @@ mod tests {
     #[test]
     fn every_pair_of_replica_outcomes_is_accounted_for() {
         use AttemptPhase::*;
-        let phases = [Assigned, Running, Succeeded, Failed, Cancelled, Lost];
+        let phases = [Assigned, Running, Succeeded, Failed, Cancelled, Preempted, Lost];
         for a in phases {
             for b in phases {
                 for digest in ["a", "b"] {
@@ -532,7 +532,7 @@ mod tests {
                     let verified = a == Succeeded && b == Succeeded && digest == "a";
                     assert_eq!(p.phase == JobPhase::Succeeded, verified, "{a:?} {b:?} {digest}");
                     let one_failed = a.is_failure() || b.is_failure() || (a == Succeeded && b == Succeeded && digest == "b");
-                    let one_stopped = one_failed || a == Cancelled || b == Cancelled;
+                    let one_stopped = one_failed || a.is_stopped() || b.is_stopped();
                     if one_stopped {
                         assert_eq!(p.to_cancel.len(), active.len(), "a round that cannot verify frees its copies: {a:?} {b:?} {digest}");
                         assert_eq!(p.to_place, vec![(0, 2)], "{a:?} {b:?} {digest}");
@@ -548,7 +548,7 @@ mod tests {
     fn counts_always_add_up() {
         // Every combination of phases for three tasks with up to two attempts each.
         use AttemptPhase::*;
-        let phases = [Assigned, Running, Succeeded, Failed, Cancelled, Lost];
+        let phases = [Assigned, Running, Succeeded, Failed, Cancelled, Preempted, Lost];
         for a in &phases {
             for b in &phases {
                 for c in &phases {

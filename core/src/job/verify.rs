@@ -91,7 +91,7 @@ pub fn verdict(round: &[&Attempt], replicas: u32) -> Verdict {
             return Verdict::Disagree(Disagreement { index, number, answers: succeeded.iter().map(|a| answer(a)).collect() });
         }
     }
-    if round.iter().any(|a| a.phase == AttemptPhase::Cancelled) {
+    if round.iter().any(|a| a.phase.is_stopped()) {
         Verdict::Void
     } else if round.iter().any(|a| !a.phase.is_terminal()) {
         Verdict::Running

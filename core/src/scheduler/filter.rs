@@ -79,6 +79,8 @@ pub enum Exclusion {
     NoMatchingGpu,
     AbovePriceCeiling,
     ReputationTooLow,
+    /// Stopped or lost too many of this job's tasks (`Request::avoid`).
+    AvoidedByJob,
     InsufficientCpu,
     InsufficientMemory,
     InsufficientEphemeralStorage,
@@ -87,7 +89,7 @@ pub enum Exclusion {
 
 impl Exclusion {
     /// Every reason, in check order.
-    pub const ALL: [Exclusion; 15] = [
+    pub const ALL: [Exclusion; 16] = [
         Exclusion::NotReady,
         Exclusion::Cordoned,
         Exclusion::Paused,
@@ -99,6 +101,7 @@ impl Exclusion {
         Exclusion::NoMatchingGpu,
         Exclusion::AbovePriceCeiling,
         Exclusion::ReputationTooLow,
+        Exclusion::AvoidedByJob,
         Exclusion::InsufficientCpu,
         Exclusion::InsufficientMemory,
         Exclusion::InsufficientEphemeralStorage,
@@ -124,6 +127,7 @@ impl Exclusion {
                 format!("price above {} per hour", r.max_price_per_hour.map_or_else(|| "?".into(), |m| m.to_string()))
             }
             Exclusion::ReputationTooLow => format!("reputation below {}", r.min_reputation),
+            Exclusion::AvoidedByJob => "preempted or lost too many of this job's tasks".into(),
             Exclusion::InsufficientCpu => format!("insufficient cpu (need {})", format_cpu(r.resources.cpu_millis)),
             Exclusion::InsufficientMemory => format!("insufficient memory (need {})", format_memory(r.resources.memory_bytes)),
             Exclusion::InsufficientEphemeralStorage => format!("insufficient ephemeral storage (need {})", format_memory(r.resources.ephemeral_bytes)),
@@ -192,9 +196,12 @@ pub fn static_exclusion(node: &Node, r: &Request) -> Option<Exclusion> {
 }
 
 /// The reason from a node's standing and free room that it cannot take `r`, given what is
-/// allocated on it (`gpus_used`: a mask of devices in use; `matching`: devices `r` accepts).
+/// allocated on it (`gpus_used`: a mask of devices in use; `matching`: devices `r` accepts;
+/// `avoided`: the node is in `r.avoid`).
+#[allow(clippy::too_many_arguments)]
 pub fn dynamic_exclusion(
     node_rep: super::Reputation,
+    avoided: bool,
     capacity: Resources,
     allocated: Resources,
     gpus_used: u64,
@@ -203,6 +210,9 @@ pub fn dynamic_exclusion(
 ) -> Option<Exclusion> {
     if node_rep < r.min_reputation {
         return Some(Exclusion::ReputationTooLow);
+    }
+    if avoided {
+        return Some(Exclusion::AvoidedByJob);
     }
     let free = capacity.saturating_sub(allocated);
     if free.cpu_millis < r.resources.cpu_millis {
@@ -230,7 +240,7 @@ pub fn exclusion(node: &Node, allocated: Resources, gpus_used: u64, r: &Request)
     if node.paused {
         return Some(Exclusion::Paused);
     }
-    static_exclusion(node, r).or_else(|| dynamic_exclusion(node.reputation, node.capacity, allocated, gpus_used, matching_gpus(&node.gpus, &r.gpu), r))
+    static_exclusion(node, r).or_else(|| dynamic_exclusion(node.reputation, r.avoid.contains(&node.name), node.capacity, allocated, gpus_used, matching_gpus(&node.gpus, &r.gpu), r))
 }
 
 #[cfg(test)]
@@ -310,6 +320,7 @@ mod tests {
                 Exclusion::AbovePriceCeiling,
             ),
             ("reputation", Box::new(|_, r, _, _| r.min_reputation = Reputation(950)), Exclusion::ReputationTooLow),
+            ("avoided by the job", Box::new(|n, r, _, _| r.avoid = vec![n.name.clone()]), Exclusion::AvoidedByJob),
             ("cpu", Box::new(|_, _, a, _| a.cpu_millis = 3600), Exclusion::InsufficientCpu),
             ("memory", Box::new(|_, r, _, _| r.resources.memory_bytes = 9 * GI), Exclusion::InsufficientMemory),
             ("storage unknown", Box::new(|_, r, _, _| r.resources.ephemeral_bytes = 1), Exclusion::InsufficientEphemeralStorage),
@@ -410,6 +421,7 @@ mod tests {
             (Exclusion::NoMatchingGpu, "no GPU matching a100*"),
             (Exclusion::AbovePriceCeiling, "price above 0.5 per hour"),
             (Exclusion::ReputationTooLow, "reputation below 0.8"),
+            (Exclusion::AvoidedByJob, "preempted or lost too many of this job's tasks"),
             (Exclusion::InsufficientCpu, "insufficient cpu (need 500m)"),
             (Exclusion::InsufficientMemory, "insufficient memory (need 1Gi)"),
             (Exclusion::InsufficientEphemeralStorage, "insufficient ephemeral storage (need 10Gi)"),

@@ -245,6 +245,9 @@ pub struct Request {
     pub data_locality: Option<Locality>,
     /// Copies of each task, each on a distinct provider and a distinct owner. At least 1.
     pub replicas: u32,
+    /// Nodes this job no longer uses (they preempted or lost too many of its tasks, see
+    /// `job::conduct`), sorted. Short: a few nodes per job at most.
+    pub avoid: Vec<String>,
 }
 
 impl Request {

@@ -237,6 +237,11 @@ impl Pool {
         id
     }
 
+    /// The slots of the nodes `r` avoids (unknown names are skipped).
+    fn avoided(&self, r: &Request) -> Vec<u32> {
+        r.avoid.iter().filter_map(|n| self.by_name.get(n).copied()).collect()
+    }
+
     fn owner_id(&mut self, node: &Node) -> u32 {
         // An empty owner is its own party: a key no real owner can collide with.
         let key = if node.owner.is_empty() { format!("\0node/{}", node.name) } else { node.owner.clone() };
@@ -528,6 +533,7 @@ impl Pool {
     fn choose(&mut self, r: &Request, salt: u64) -> Option<Vec<(u32, u64)>> {
         let replicas = r.replicas.max(1) as usize;
         let (picks, _) = self.cached(r);
+        let avoid = self.avoided(r);
         let start = mix(self.seed ^ salt);
         let (wr, wb) = (self.weights.reputation as u64, self.weights.balance as u64);
         let mut found: Vec<(u64, u64, u32, u32, u64)> = Vec::with_capacity(SAMPLE + PER_CLASS);
@@ -556,7 +562,7 @@ impl Pool {
                 for j in 0..members.len() {
                     let id = members[(offset + j) % members.len()];
                     let h = &self.hot[id as usize];
-                    if h.flags != SCHEDULABLE || filter::dynamic_exclusion(h.reputation, h.capacity, h.allocated, h.gpus_used, pick.matching, r).is_some() {
+                    if h.flags != SCHEDULABLE || filter::dynamic_exclusion(h.reputation, avoid.contains(&id), h.capacity, h.allocated, h.gpus_used, pick.matching, r).is_some() {
                         continue;
                     }
                     let s = pick.score + wr * h.reputation.0 as u64 + wb * score::balance(h.capacity, h.allocated, r);
@@ -628,6 +634,7 @@ impl Pool {
     pub fn explain(&mut self, r: &Request) -> Explanation {
         let mut e = Explanation::new(self.present, r);
         let (_, verdicts) = self.cached(r);
+        let avoid = self.avoided(r);
         let mut counts = [0usize; Exclusion::ALL.len()];
         let mut owners: Vec<u32> = vec![];
         for (class, (verdict, matching)) in self.classes.iter().zip(verdicts.iter()) {
@@ -644,7 +651,7 @@ impl Pool {
                 if h.flags != SCHEDULABLE {
                     continue;
                 }
-                match filter::dynamic_exclusion(h.reputation, h.capacity, h.allocated, h.gpus_used, *matching, r) {
+                match filter::dynamic_exclusion(h.reputation, avoid.contains(&id), h.capacity, h.allocated, h.gpus_used, *matching, r) {
                     Some(why) => counts[why as usize] += 1,
                     None if owners.len() < r.replicas as usize && !owners.contains(&h.owner) => owners.push(h.owner),
                     None => {}

@@ -14,8 +14,8 @@ use super::{TAIL_BYTES, human_bytes};
 
 /// Nothing is buffered past the tail, so these caps are about what a result may claim to be:
 /// a task that prints more fails rather than being reported under a digest of a prefix.
-pub(crate) const STDOUT_LIMIT: u64 = 16 << 20;
-pub(crate) const STDERR_LIMIT: u64 = 1 << 20;
+pub(crate) const STDOUT_LIMIT: u64 = kommune_proto::limits::MAX_STDOUT_BYTES;
+pub(crate) const STDERR_LIMIT: u64 = kommune_proto::limits::MAX_STDERR_BYTES;
 
 #[derive(Debug)]
 struct Capture {

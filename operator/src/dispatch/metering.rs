@@ -11,7 +11,8 @@ use crate::attempt::Attempt;
 use crate::job::JobPolicy;
 use crate::ledger::Verdict;
 use crate::ledger::check::{AttemptFacts, ReceiptInput};
-use crate::pricing::{self, BudgetCheck, Micros};
+use crate::bounds;
+use crate::pricing::{BudgetCheck, Micros};
 use kommune_proto::now_ms;
 
 impl Dispatcher {
@@ -37,13 +38,23 @@ impl Dispatcher {
     /// admits, and why not all.
     pub(super) fn budget_admits(&self, policy: &JobPolicy, attempts: &[Arc<Attempt>], spent: Micros, wanted: usize) -> (usize, Option<String>) {
         let Some(budget) = policy.budget else { return (wanted, None) };
+        // What each attempt may cost is what its receipt may claim and still be accepted.
         let reserved = attempts
             .iter()
             .filter(|a| !a.phase.is_terminal())
-            .map(|a| pricing::worst_case(a.cpu_millis, a.memory_bytes, policy.task_timeout, &self.rates.for_node(&a.node)))
+            .map(|a| bounds::worst_case(&self.usage_bounds(a), policy.task_timeout, &self.rates.for_node(&a.node)))
             .fold(Micros(0), Micros::saturating_add);
-        // A task is a round of all its replicas, each of which may cost the worst case.
-        let replica = pricing::worst_case(policy.cpu_millis, policy.memory_bytes, policy.task_timeout, &self.rates.ceiling());
+        // A task is a round of all its replicas, each of which may cost the worst case on
+        // whichever node it lands (an exec task may use all of the largest one).
+        let unplaced = bounds::for_attempt(&bounds::Assigned {
+            runtime: Some(policy.workload.runtime()),
+            cpu_millis: policy.cpu_millis,
+            memory_bytes: policy.memory_bytes,
+            gpus: policy.gpu.count,
+            node_capacity: Some(self.fleet.largest_capacity()),
+            timeout: Some(policy.task_timeout),
+        });
+        let replica = bounds::worst_case(&unplaced, policy.task_timeout, &self.rates.ceiling());
         let next = Micros(replica.0.saturating_mul(policy.placement.replicas.max(1) as u64));
         let check = BudgetCheck { budget, spent, reserved, next };
         let admits = usize::try_from(check.allows()).unwrap_or(usize::MAX);
@@ -73,7 +84,7 @@ impl Dispatcher {
                 job_uid: a.job_uid.clone(),
                 job_key: a.job_key.clone(),
                 node: a.node.clone(),
-                cpu_millis: a.cpu_millis,
+                bounds: self.usage_bounds(a),
                 observed_start_ms: a.created_ms,
                 // The attempt cannot have run longer than from its placement to this report.
                 observed_end_ms: now,

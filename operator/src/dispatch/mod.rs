@@ -11,6 +11,7 @@
 mod build;
 mod metering;
 mod node;
+mod timeouts;
 mod update;
 mod wire;
 
@@ -32,7 +33,7 @@ use crate::STAGE;
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
 use crate::crd::JobPhase;
 use crate::fleet::Fleet;
-use crate::job::{JobPolicy, Progress, progress};
+use crate::job::{JobPolicy, Progress, conduct, progress};
 use crate::ledger::Ledger;
 use crate::pricing::{Micros, RateBook};
 use crate::scheduler::pool::Batch;
@@ -99,6 +100,13 @@ pub struct Dispatcher {
     rates: Arc<RateBook>,
     /// Leader-election fence for writes outside the store (the API server).
     fence: crate::fence::Fence,
+    /// What bounds each known job's attempts (runtime, task timeout), by job uid: set by every
+    /// sync, dropped when the job is deleted. Kept after a job finishes, so a late receipt is
+    /// still held to its job's timeout.
+    jobs: std::sync::Mutex<HashMap<String, timeouts::JobLimits>>,
+    /// How long past its task timeout an attempt may stay unreported before the operator
+    /// fails it (the agent's own timer starts later: after the module download).
+    task_grace: std::time::Duration,
 }
 
 /// The namespace of a "namespace/name" job key.
@@ -124,7 +132,15 @@ impl Dispatcher {
             ledger: None,
             rates: Arc::default(),
             fence: crate::fence::Fence::open(),
+            jobs: Default::default(),
+            task_grace: timeouts::DEFAULT_TASK_GRACE,
         }
+    }
+
+    /// Fails attempts that run `grace` past their task timeout (see [`Dispatcher::enforce_timeouts`]).
+    pub fn with_task_grace(mut self, grace: std::time::Duration) -> Self {
+        self.task_grace = grace;
+        self
     }
 
     /// Meters through `ledger`: terminal updates are acknowledged only once their usage receipt
@@ -248,11 +264,14 @@ impl Dispatcher {
     pub async fn sync(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>) -> Result<Synced> {
         let _guard = self.place_lock.lock().await;
         let now = now_ms();
+        self.remember_limits(&job.uid, policy);
         let attempts = self.store.job_attempts(&job.uid).await?;
         let before = progress(policy, &attempts, now);
         self.cancel_unneeded(policy, &before, &attempts).await?;
         self.ensure_rebuilt().await?;
-        let request = policy.request();
+        let mut request = policy.request();
+        // Nodes that keep preempting or losing this job's tasks get no more of them.
+        request.avoid = conduct::avoided_nodes(&attempts, conduct::MAX_INTERRUPTIONS_PER_NODE);
         self.complete_reservations(&request, &attempts);
         let metered = self.job_usage(&job.uid, policy.budget).await?;
         let spent = metered.as_ref().map_or(Micros(0), |(_, cost)| *cost);
@@ -425,6 +444,7 @@ impl Dispatcher {
             self.cancel_attempt(&attempts, id, "job deleted").await?;
         }
         self.forget_job(job_uid);
+        self.forget_limits(job_uid);
         Ok(active.len())
     }
 }

@@ -230,3 +230,102 @@ async fn a_failed_copy_cancels_its_twin_and_copies_that_keep_disagreeing_fail_th
 async fn node_of(store: &Store, id: &str) -> String {
     store.attempt(id).await.unwrap().unwrap().node
 }
+
+/// The one active attempt of `job_uid`.
+async fn active_attempt(d: &Dispatcher, job_uid: &str) -> Option<Arc<Attempt>> {
+    d.store.job_attempts(job_uid).await.unwrap().into_iter().find(|a| !a.phase.is_terminal())
+}
+
+#[tokio::test]
+async fn a_node_that_preempts_every_task_it_gets_is_avoided_by_that_job_and_the_task_finishes_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Arc::new(Fleet::default());
+    let (changed, _changed_rx) = mpsc::channel(1024);
+    let d = Dispatcher::new(Arc::new(Store::open(dir.path()).unwrap()), fleet.clone(), changed);
+    let _bad = provider(&fleet, "bad", "mallory");
+    let (j, policy) = (job("ns", "u"), replicated_policy(1, 1));
+
+    // Only the preempting node is there: it gets the task until it has preempted it three times.
+    for round in 1..=conduct::MAX_INTERRUPTIONS_PER_NODE {
+        assert_eq!(d.sync(&j, &policy, None).await.unwrap().placed, 1, "round {round}");
+        let a = active_attempt(&d, "u").await.unwrap();
+        let preempted = v1::TaskUpdate { attempt_id: a.id.clone(), state: v1::AttemptState::Preempted as i32, ..Default::default() };
+        d.on_update("bad", &[0; 32], &preempted).await.unwrap();
+        assert_eq!(d.store.attempt(&a.id).await.unwrap().unwrap().phase, AttemptPhase::Preempted);
+    }
+    let synced = d.sync(&j, &policy, None).await.unwrap();
+    assert_eq!(synced.placed, 0, "a fourth copy is not handed to the node that preempted three");
+    assert_eq!(synced.unplaced.unwrap().to_string(), "0/1 nodes can run it: 1 preempted or lost too many of this job's tasks");
+    assert_eq!(synced.progress.counts.pending, 1, "preemptions used none of the task's retries: it is still pending, not failed");
+
+    // An honest node arrives and finishes it; the preempting node is still free for other jobs.
+    let _good = provider(&fleet, "good", "alice");
+    assert_eq!(d.sync(&j, &policy, None).await.unwrap().placed, 1);
+    let a = active_attempt(&d, "u").await.unwrap();
+    assert_eq!(a.node, "good");
+    let done = v1::TaskUpdate { attempt_id: a.id.clone(), state: v1::AttemptState::Succeeded as i32, ..Default::default() };
+    d.on_update("good", &[0; 32], &done).await.unwrap();
+    assert_eq!(d.sync(&j, &policy, None).await.unwrap().progress.phase, JobPhase::Succeeded);
+    let other = d.sync(&job("ns", "other"), &replicated_policy(2, 1), None).await.unwrap();
+    assert_eq!(other.placed, 2, "another job still uses both nodes");
+}
+
+#[tokio::test]
+async fn an_attempt_past_its_timeout_is_failed_by_the_operator_even_while_its_node_stays_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Arc::new(Fleet::default());
+    let (changed, _changed_rx) = mpsc::channel(1024);
+    let d = Dispatcher::new(Arc::new(Store::open(dir.path()).unwrap()), fleet.clone(), changed).with_task_grace(Duration::from_millis(100));
+    let mut silent = provider(&fleet, "silent", "mallory");
+    let policy = JobPolicy { task_timeout: Duration::from_millis(200), max_attempts: 2, backoff: Duration::ZERO, ..replicated_policy(1, 1) };
+    let j = job("ns", "u");
+    assert_eq!(d.sync(&j, &policy, None).await.unwrap().placed, 1);
+    let first = active_attempt(&d, "u").await.unwrap();
+    let running = v1::TaskUpdate { attempt_id: first.id.clone(), state: v1::AttemptState::Running as i32, ..Default::default() };
+    d.on_update("silent", &[0; 32], &running).await.unwrap();
+
+    // Within the timeout and its grace nothing happens, however often the sweep runs.
+    assert_eq!(d.enforce_timeouts().await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(d.enforce_timeouts().await.unwrap(), 1, "200 ms timeout + 100 ms grace have passed");
+    assert_eq!(d.enforce_timeouts().await.unwrap(), 0, "failed once");
+    let failed = d.store.attempt(&first.id).await.unwrap().unwrap();
+    assert_eq!(failed.phase, AttemptPhase::Failed);
+    let message = failed.result.unwrap().message;
+    assert!(message.contains("ran past its task timeout") && message.contains("node silent"), "{message}");
+    // The node is told to stop it.
+    let mut cancelled = false;
+    while let Ok(Ok(m)) = silent.try_recv() {
+        cancelled |= matches!(m.kind, Some(OpKind::Cancel(ref c)) if c.attempt_id == first.id);
+    }
+    assert!(cancelled, "the agent is told to stop the attempt");
+    assert_eq!(fleet.pool().allocation("silent").resources.cpu_millis, 0, "its room is free");
+
+    // It counts as a failure of the task and is placed again, within the task's retries.
+    let synced = d.sync(&j, &policy, None).await.unwrap();
+    assert_eq!(synced.placed, 1);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(d.enforce_timeouts().await.unwrap(), 1);
+    let synced = d.sync(&j, &policy, None).await.unwrap();
+    assert_eq!((synced.placed, synced.progress.phase), (0, JobPhase::Failed), "two attempts were all the job allowed");
+}
+
+#[tokio::test]
+async fn attempts_of_a_job_not_synced_since_a_restart_are_left_until_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let fleet = Arc::new(Fleet::default());
+    let (changed, _rx) = mpsc::channel(1024);
+    let d = Dispatcher::new(store.clone(), fleet.clone(), changed).with_task_grace(Duration::ZERO);
+    let _n = provider(&fleet, "n", "alice");
+    let policy = JobPolicy { task_timeout: Duration::from_millis(10), ..replicated_policy(1, 1) };
+    d.sync(&job("ns", "u"), &policy, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+
+    // A new operator on the same store does not know the job's timeout until it syncs the job.
+    let (changed2, _rx2) = mpsc::channel(1024);
+    let d2 = Dispatcher::new(store, fleet.clone(), changed2).with_task_grace(Duration::ZERO);
+    assert_eq!(d2.enforce_timeouts().await.unwrap(), 0);
+    d2.sync(&job("ns", "u"), &policy, None).await.unwrap();
+    assert_eq!(d2.enforce_timeouts().await.unwrap(), 1);
+}

@@ -29,8 +29,9 @@ pub(super) fn reported(state: i32) -> Reported {
         v1::AttemptState::Succeeded => Reported::Ended(AttemptPhase::Succeeded),
         v1::AttemptState::Failed => Reported::Ended(AttemptPhase::Failed),
         v1::AttemptState::Cancelled => Reported::Ended(AttemptPhase::Cancelled),
-        // The provider took its machine back: re-placed like a cancel, no retry used up.
-        v1::AttemptState::Preempted => Reported::Ended(AttemptPhase::Cancelled),
+        // The provider took its machine back: re-placed without using a retry, but counted
+        // against the node for this job (`job::conduct`).
+        v1::AttemptState::Preempted => Reported::Ended(AttemptPhase::Preempted),
         v1::AttemptState::Unspecified => Reported::Unknown,
     }
 }
@@ -156,7 +157,7 @@ mod tests {
             (S::Succeeded as i32, Reported::Ended(AttemptPhase::Succeeded)),
             (S::Failed as i32, Reported::Ended(AttemptPhase::Failed)),
             (S::Cancelled as i32, Reported::Ended(AttemptPhase::Cancelled)),
-            (S::Preempted as i32, Reported::Ended(AttemptPhase::Cancelled)),
+            (S::Preempted as i32, Reported::Ended(AttemptPhase::Preempted)),
             (S::Unspecified as i32, Reported::Unknown),
             (999, Reported::Unknown),
         ];

@@ -5,6 +5,6 @@
 pub mod status;
 pub mod validate;
 
-pub use kommune_core::job::{indexes, progress, verify};
+pub use kommune_core::job::{conduct, indexes, progress, verify};
 pub use progress::Progress;
 pub use validate::{Invalid, JobPolicy, ModuleSource, PlacementPolicy, TaskWorkload, validate};

@@ -1,0 +1,89 @@
+//! Time the operator enforces itself: an attempt that runs past its task timeout is failed
+//! and placed again even if its agent stays silent or keeps heartbeating, and every receipt is
+//! bounded by what its attempt could have used, including that timeout.
+
+use std::time::Duration;
+
+use tracing::info;
+
+use super::{Dispatcher, Result, lost, wire};
+use crate::attempt::{Attempt, AttemptPhase};
+use crate::bounds::{self, Assigned, UsageBounds};
+use crate::job::JobPolicy;
+use kommune_proto::now_ms;
+
+/// How long past its task timeout an attempt may stay unreported by default. The agent's
+/// timer starts when the task starts, after the module download and the sandbox set-up, and
+/// its report may wait for a reconnect; this covers both with room to spare.
+pub const DEFAULT_TASK_GRACE: Duration = Duration::from_secs(60);
+
+/// What bounds a job's attempts, remembered from its last sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    pub runtime: &'static str,
+    pub task_timeout: Duration,
+}
+
+impl Dispatcher {
+    pub(super) fn remember_limits(&self, job_uid: &str, policy: &JobPolicy) {
+        let limits = JobLimits { runtime: policy.workload.runtime(), task_timeout: policy.task_timeout };
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if jobs.get(job_uid) != Some(&limits) {
+            jobs.insert(job_uid.to_string(), limits);
+        }
+    }
+
+    pub(super) fn forget_limits(&self, job_uid: &str) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(job_uid);
+    }
+
+    fn limits(&self, job_uid: &str) -> Option<JobLimits> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(job_uid).copied()
+    }
+
+    /// The most `a` could have used: its reservation, the runtime's rules, what its node
+    /// offers and its job's timeout (`crate::bounds`).
+    pub(super) fn usage_bounds(&self, a: &Attempt) -> UsageBounds {
+        let job = self.limits(&a.job_uid);
+        bounds::for_attempt(&Assigned {
+            runtime: job.map(|j| j.runtime),
+            cpu_millis: a.cpu_millis,
+            memory_bytes: a.memory_bytes,
+            gpus: a.held.map_or(0, |h| h.gpu_mask.count_ones()),
+            node_capacity: self.fleet.node(&a.node).map(|n| n.capacity),
+            timeout: job.map(|j| j.task_timeout),
+        })
+    }
+
+    /// Fails every active attempt that has run longer than its task timeout plus the grace
+    /// without a result: its node is told to stop it, it counts as a failure of its task (so
+    /// it is retried elsewhere with backoff, within `retries.maxAttempts`), and any receipt
+    /// its node sends later is still bounded by the timeout. Attempts of jobs not synced since
+    /// this operator started are left for after their first sync. Returns how many were failed.
+    pub async fn enforce_timeouts(&self) -> Result<usize> {
+        let _guard = self.place_lock.lock().await;
+        let now = now_ms();
+        let mut failed = 0;
+        for a in self.store.all_active().await? {
+            let Some(job) = self.limits(&a.job_uid) else { continue };
+            let limit = job.task_timeout.saturating_add(self.task_grace);
+            let ran = Duration::from_millis(u64::try_from(now.saturating_sub(a.created_ms)).unwrap_or(0));
+            if ran <= limit {
+                continue;
+            }
+            let why = format!(
+                "ran past its task timeout of {}s (+{}s grace) without a result from node {}; stopped by the operator",
+                job.task_timeout.as_secs(),
+                self.task_grace.as_secs(),
+                a.node
+            );
+            let _ = self.fleet.send(&a.node, wire::cancel_message(&a.id, &why));
+            if self.finish(&a.id, AttemptPhase::Failed, Some(&lost(&why)), now).await?.is_some() {
+                info!(attempt = %a.id, node = %a.node, "attempt failed by the operator past its timeout");
+                self.notify(&a.job_key);
+                failed += 1;
+            }
+        }
+        Ok(failed)
+    }
+}
