@@ -16,12 +16,12 @@ use tracing::{info, trace, warn};
 
 use self::table::TaskTable;
 use crate::receipts::Receipts;
+use crate::fetch::UrlPolicy;
 use crate::runtime::{AttemptContext, ContainerRuntime, Ending, ExecRuntime, Outcome, WasmRuntime};
 pub use crate::spool::Spool;
 use crate::spool::file_name;
 
 /// Largest module downloaded from a URL.
-const MAX_MODULE_BYTES: u64 = 64 << 20;
 /// CPU a task gets when its assignment names none (an operator older than the field): one core.
 const DEFAULT_CPU_MILLIS: u64 = 1000;
 
@@ -35,7 +35,8 @@ pub trait ModuleSource: Send + Sync + 'static {
 pub struct Tasks {
     /// Running attempts, their GPUs and preemption, under one lock.
     table: Mutex<TaskTable>,
-    wasm: WasmRuntime,
+    /// Shared with the blocking threads that compile modules.
+    wasm: Arc<WasmRuntime>,
     exec: ExecRuntime,
     /// None unless the agent was given an engine socket.
     container: Option<ContainerRuntime>,
@@ -43,6 +44,8 @@ pub struct Tasks {
     /// Signs usage receipts; unset, terminal updates carry none (tests of other parts).
     receipts: OnceLock<Receipts>,
     scratch_root: PathBuf,
+    /// What wasm module URLs may reach; unset: public addresses only.
+    url_policy: OnceLock<UrlPolicy>,
     // Unbounded: at most two updates per assigned attempt, and the operator bounds assignments.
     updates: mpsc::UnboundedSender<TaskUpdate>,
 }
@@ -61,8 +64,14 @@ impl Tasks {
         scratch_root: PathBuf,
     ) -> (Arc<Tasks>, mpsc::UnboundedReceiver<TaskUpdate>) {
         let (updates, rx) = mpsc::unbounded_channel();
-        let tasks = Tasks { table: Mutex::default(), wasm, exec, container, spool, receipts: OnceLock::new(), scratch_root, updates };
+        let tasks = Tasks { table: Mutex::default(), wasm: Arc::new(wasm), exec, container, spool, receipts: OnceLock::new(), scratch_root, url_policy: OnceLock::new(), updates };
         (Arc::new(tasks), rx)
+    }
+
+    /// What module URLs may reach (set once, before the first assignment; public addresses
+    /// only when never set).
+    pub fn set_url_policy(&self, policy: UrlPolicy) {
+        let _ = self.url_policy.set(policy);
     }
 
     /// The GPUs container tasks may be given (what the agent offers).
@@ -254,21 +263,15 @@ impl Tasks {
         let bytes = if w.url.is_empty() {
             modules.fetch(&w.module_sha256).await.map_err(|e| format!("cannot fetch module {} from the operator: {e}", w.module_sha256))?
         } else {
-            download(&w.url).await?
+            crate::fetch::download(&w.url, *self.url_policy.get().unwrap_or(&UrlPolicy::default())).await?
         };
-        self.wasm.load(&w.module_sha256, &bytes).map_err(|e| e.to_string())
+        // Compiling a large module takes seconds of CPU: on a blocking thread, so the session's
+        // heartbeats and other attempts' messages keep flowing meanwhile.
+        let (wasm, sha256) = (self.wasm.clone(), w.module_sha256.clone());
+        tokio::task::spawn_blocking(move || wasm.load(&sha256, &bytes).map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| format!("module compilation failed: {e}"))?
     }
-}
-
-/// Downloads a module over http(s), bounded in size. The caller checks its digest.
-async fn download(url: &str) -> Result<Vec<u8>, String> {
-    let url = url.to_string();
-    tokio::task::spawn_blocking(move || {
-        let mut resp = ureq::get(&url).call().map_err(|e| format!("cannot download module from {url}: {e}"))?;
-        resp.body_mut().with_config().limit(MAX_MODULE_BYTES).read_to_vec().map_err(|e| format!("cannot download module from {url}: {e}"))
-    })
-    .await
-    .map_err(|e| format!("download task failed: {e}"))?
 }
 
 /// The terminal update of a finished attempt: its state, its result and, with `receipts`, the
@@ -432,6 +435,8 @@ mod tests {
     async fn a_module_from_a_url_is_downloaded_checked_and_run() {
         let dir = tempfile::tempdir().unwrap();
         let (tasks, mut rx) = tasks(dir.path(), false);
+        // The test's server is on loopback, which only a provider's explicit allowance opens.
+        tasks.set_url_policy(UrlPolicy { allow_private: true });
         let module = hello_module();
         let url = serve_once(module.clone()).await;
         tasks.assign(wasm_assign("u.4.1", &url, &kommune_proto::sha256_hex(&module)), Arc::new(NoModules));
@@ -442,9 +447,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn by_default_a_module_url_on_the_providers_own_network_fails_the_attempt_unfetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tasks, mut rx) = tasks(dir.path(), false);
+        let module = hello_module();
+        let url = serve_once(module.clone()).await;
+        tasks.assign(wasm_assign("u.7.1", &url, &kommune_proto::sha256_hex(&module)), Arc::new(NoModules));
+        let done = loop {
+            let u = rx.recv().await.unwrap();
+            if u.state != AttemptState::Running as i32 {
+                break u;
+            }
+        };
+        assert_eq!(done.state, AttemptState::Failed as i32);
+        let message = done.result.unwrap().message;
+        assert!(message.contains("non-public addresses"), "{message}");
+    }
+
+    #[tokio::test]
     async fn a_downloaded_module_with_the_wrong_digest_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (tasks, mut rx) = tasks(dir.path(), false);
+        tasks.set_url_policy(UrlPolicy { allow_private: true });
         let url = serve_once(hello_module()).await;
         let wrong = "0".repeat(64);
         tasks.assign(wasm_assign("u.5.1", &url, &wrong), Arc::new(NoModules));

@@ -29,13 +29,48 @@ const SCRATCH_GUEST_PATH: &str = "/scratch";
 /// Table elements cost host memory the memory cap does not see; 1 Mi elements is 8 MiB.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+/// Most compiled modules kept; an evicted one is compiled again when next assigned.
+pub const MAX_CACHED_MODULES: usize = 32;
+
+/// Compiled modules by digest, with the order they were compiled in.
+#[derive(Default)]
+struct ModuleCache {
+    by_digest: HashMap<String, InstancePre<TaskState>>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl ModuleCache {
+    fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    fn contains_key(&self, sha256: &str) -> bool {
+        self.by_digest.contains_key(sha256)
+    }
+
+    fn get(&self, sha256: &str) -> Option<&InstancePre<TaskState>> {
+        self.by_digest.get(sha256)
+    }
+
+    fn insert(&mut self, sha256: String, pre: InstancePre<TaskState>) {
+        if self.by_digest.insert(sha256.clone(), pre).is_none() {
+            self.order.push_back(sha256);
+        }
+        while self.by_digest.len() > MAX_CACHED_MODULES {
+            let Some(oldest) = self.order.pop_front() else { break };
+            self.by_digest.remove(&oldest);
+        }
+    }
+}
+
 /// Compiles WASI modules once and runs attempts of them, each in a fresh store.
 pub struct WasmRuntime {
     engine: Engine,
     linker: Linker<TaskState>,
-    /// Keyed by lowercase sha256 of the module bytes. Never evicted: a node runs few distinct
-    /// modules and the operator names them by digest.
-    modules: Mutex<HashMap<String, InstancePre<TaskState>>>,
+    /// Keyed by lowercase sha256 of the module bytes, at most [`MAX_CACHED_MODULES`]: past it
+    /// the module compiled longest ago is dropped (submitters choose how many distinct modules
+    /// a node sees, and each compiled module holds its machine code in memory).
+    modules: Mutex<ModuleCache>,
     _ticker: EpochTicker,
 }
 
@@ -58,7 +93,7 @@ impl WasmRuntime {
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state: &mut TaskState| &mut state.wasi)
             .map_err(|e| RuntimeError::Engine(format!("cannot link WASI: {e:#}")))?;
         let ticker = EpochTicker::start(engine.clone()).map_err(|e| RuntimeError::Engine(format!("cannot start the epoch thread: {e}")))?;
-        Ok(Self { engine, linker, modules: Mutex::new(HashMap::new()), _ticker: ticker })
+        Ok(Self { engine, linker, modules: Mutex::new(ModuleCache::default()), _ticker: ticker })
     }
 
     /// Checks `bytes` against `sha256`, compiles them and caches the result; a module already
@@ -124,7 +159,7 @@ impl WasmRuntime {
         Outcome::from_captures(end, &stdout, &stderr, started.elapsed(), measured)
     }
 
-    fn cache(&self) -> MutexGuard<'_, HashMap<String, InstancePre<TaskState>>> {
+    fn cache(&self) -> MutexGuard<'_, ModuleCache> {
         self.modules.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -490,3 +490,21 @@ async fn the_guest_has_no_socket_to_use() {
     let outcome = run_wat(TRY_EVERY_SOCKET, &context(scratch.path())).await;
     assert_eq!((outcome.ending, outcome.exit_code), (Ending::Succeeded, 0), "{}", outcome.message);
 }
+
+#[test]
+fn the_compiled_module_cache_keeps_the_most_recent_modules_and_no_more() {
+    let rt = WasmRuntime::new().unwrap();
+    let n = super::MAX_CACHED_MODULES + 3;
+    let modules: Vec<String> = (0..n).map(|i| format!("(module (func (export \"_start\")) (global i32 (i32.const {i})))")).collect();
+    for m in &modules {
+        rt.load(&sha256_hex(m.as_bytes()), m.as_bytes()).unwrap();
+    }
+    assert_eq!(rt.cache().len(), super::MAX_CACHED_MODULES);
+    for (i, m) in modules.iter().enumerate() {
+        assert_eq!(rt.is_cached(&sha256_hex(m.as_bytes())), i >= 3, "module {i}");
+    }
+    // An evicted module compiles again when it comes back.
+    rt.load(&sha256_hex(modules[0].as_bytes()), modules[0].as_bytes()).unwrap();
+    assert!(rt.is_cached(&sha256_hex(modules[0].as_bytes())));
+    assert_eq!(rt.cache().len(), super::MAX_CACHED_MODULES);
+}
