@@ -87,6 +87,12 @@ struct RunArgs {
     /// other namespace when both wait for it.
     #[arg(long = "namespace-weight", env = "KOMMUNE_NAMESPACE_WEIGHTS", value_delimiter = ',')]
     namespace_weight: Vec<String>,
+    /// Highest `spec.priority` a namespace's jobs may use, as namespace=priority (-1000..1000);
+    /// repeat or separate with commas. Priority ranks jobs across namespaces, so it is granted
+    /// here: a namespace not named may use at most 0 (a job asking for more is ranked at the
+    /// cap, and told so with a Warning Event).
+    #[arg(long = "namespace-max-priority", env = "KOMMUNE_NAMESPACE_MAX_PRIORITY", value_delimiter = ',')]
+    namespace_max_priority: Vec<String>,
     /// Weight of a placement score criterion, as name=value (0..100): locality (default 4),
     /// reputation (2), price (2), balance (1). Repeat or separate with commas.
     #[arg(long = "score-weight", env = "KOMMUNE_SCORE_WEIGHTS", value_delimiter = ',')]
@@ -223,7 +229,10 @@ async fn token_create(ttl: Duration, uses: u32, namespace: &str) -> anyhow::Resu
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _telemetry = kommune_telemetry::init("kommune-operator");
-    let fair = FairShare::parse(args.namespace_weight.iter().map(String::as_str)).map_err(|e| anyhow::anyhow!("--namespace-weight: {e}"))?;
+    let fair = FairShare::parse(args.namespace_weight.iter().map(String::as_str))
+        .map_err(|e| anyhow::anyhow!("--namespace-weight: {e}"))?
+        .with_max_priorities(args.namespace_max_priority.iter().map(String::as_str))
+        .map_err(|e| anyhow::anyhow!("--namespace-max-priority: {e}"))?;
     let mut weights = Weights::default();
     for w in &args.score_weight {
         weights.set(w).map_err(|e| anyhow::anyhow!("--score-weight: {e}"))?;

@@ -70,11 +70,18 @@ pub struct Demand {
     pub seen_ms: i64,
 }
 
-/// Namespace weights (`--namespace-weight team-a=2`); unnamed namespaces weigh 1.
+/// Namespace weights (`--namespace-weight team-a=2`); unnamed namespaces weigh 1. And the
+/// highest `spec.priority` each namespace's jobs may use (`--namespace-max-priority team-a=100`):
+/// priority is ranked across namespaces, so it is the cluster admin's to grant; a namespace not
+/// named may order its own jobs below 0 but never rank above another namespace's default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FairShare {
     weights: BTreeMap<String, u32>,
+    max_priority: BTreeMap<String, i32>,
 }
+
+/// The highest priority a namespace may use unless the admin grants more.
+pub const DEFAULT_MAX_PRIORITY: i32 = 0;
 
 impl FairShare {
     /// Weights from "namespace=weight" entries (weight 1..=1000).
@@ -89,7 +96,35 @@ impl FairShare {
             }
             weights.insert(ns.trim().to_string(), w);
         }
-        Ok(FairShare { weights })
+        Ok(FairShare { weights, max_priority: BTreeMap::new() })
+    }
+
+    /// These weights with priority grants from "namespace=max" entries (max -1000..=1000).
+    pub fn with_max_priorities<'a>(mut self, entries: impl IntoIterator<Item = &'a str>) -> Result<FairShare, String> {
+        for e in entries {
+            let (ns, p) = e.split_once('=').ok_or_else(|| format!("{e:?} is not namespace=priority (e.g. batch-urgent=100)"))?;
+            let p: i32 = p
+                .trim()
+                .parse()
+                .ok()
+                .filter(|p| (-1000..=1000).contains(p))
+                .ok_or_else(|| format!("{e:?}: the priority must be an integer from -1000 to 1000"))?;
+            if ns.trim().is_empty() {
+                return Err(format!("{e:?}: the namespace is empty"));
+            }
+            self.max_priority.insert(ns.trim().to_string(), p);
+        }
+        Ok(self)
+    }
+
+    /// The highest priority `namespace` may use.
+    pub fn max_priority(&self, namespace: &str) -> i32 {
+        self.max_priority.get(namespace).copied().unwrap_or(DEFAULT_MAX_PRIORITY)
+    }
+
+    /// The priority a job of `namespace` asking for `priority` is ranked at.
+    pub fn effective_priority(&self, namespace: &str, priority: i32) -> i32 {
+        priority.min(self.max_priority(namespace))
     }
 
     /// The weight of `namespace`.
@@ -195,6 +230,20 @@ mod tests {
         assert_eq!(owed(&a, [a.clone(), b.clone()].iter(), &usage, TOTAL, &FairShare::default()), vec![("b/j".to_string(), 50)]);
         let weighted = FairShare::parse(["b=3"]).unwrap();
         assert_eq!(owed(&a, [a.clone(), b.clone()].iter(), &usage, TOTAL, &weighted), vec![("b/j".to_string(), 75)]);
+    }
+
+    #[test]
+    fn priority_above_what_the_admin_granted_a_namespace_is_capped() {
+        let fair = FairShare::parse(["team-a=2"]).unwrap().with_max_priorities(["urgent=100", "batch=-10"]).unwrap();
+        assert_eq!(fair.effective_priority("anyone", 1000), 0, "ungranted namespaces rank at most at 0");
+        assert_eq!(fair.effective_priority("anyone", -5), -5, "lowering one's own jobs is always allowed");
+        assert_eq!(fair.effective_priority("urgent", 1000), 100);
+        assert_eq!(fair.effective_priority("urgent", 50), 50);
+        assert_eq!(fair.effective_priority("batch", 0), -10);
+        assert_eq!(fair.weight("team-a"), 2, "weights are kept");
+        for bad in ["urgent", "=5", "x=1001", "x=high"] {
+            assert!(FairShare::default().with_max_priorities([bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

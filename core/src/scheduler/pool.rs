@@ -676,7 +676,9 @@ impl Pool {
     /// and frees the kept room again. Stops at the first task that does not fit.
     pub fn place_batch(&mut self, demand: Demand, tasks: &[Vec<String>], now_ms: i64) -> Batch {
         self.demands.retain(|_, d| d.seen_ms + DEMAND_TTL_MS > now_ms);
-        let me = Demand { remaining: tasks.len() as u32, seen_ms: now_ms, ..demand };
+        // Ranked at the priority the admin lets its namespace use, whatever the job asked for.
+        let priority = self.fair.effective_priority(&demand.namespace, demand.priority);
+        let me = Demand { remaining: tasks.len() as u32, seen_ms: now_ms, priority, ..demand };
         self.demands.insert(me.job.clone(), me.clone());
         let usage: HashMap<String, Usage> = self.namespaces.iter().map(|(n, &i)| (n.clone(), self.ns_usage[i as usize])).collect();
         let owed = fair::owed(&me, self.demands.values(), &usage, self.capacity, &self.fair);
@@ -729,6 +731,11 @@ impl Pool {
         }
         batch.held_for = held_for;
         batch
+    }
+
+    /// The namespace weights and priority grants placement follows.
+    pub fn fair(&self) -> &FairShare {
+        &self.fair
     }
 
     /// Forgets a job's waiting demand (it was deleted, finished or suspended).

@@ -104,6 +104,10 @@ fn job_ref(job: &ComputeJob) -> Result<JobRef, Error> {
     }
 }
 
+fn namespace_of_job(job: &ComputeJob) -> &str {
+    job.metadata.namespace.as_deref().unwrap_or_default()
+}
+
 async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
     let generation = job.metadata.generation;
     let prev = job.status.clone().unwrap_or_default();
@@ -116,6 +120,17 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
+
+    // Told once per generation: the status and placement follow the cap on every sync.
+    let cap = ctx.dispatcher.fleet().pool().fair().max_priority(namespace_of_job(job));
+    if policy.priority > cap && prev.observed_generation != generation {
+        let note = format!(
+            "spec.priority {} is above the {cap} the cluster admin lets namespace {} use (--namespace-max-priority): the job is ranked at {cap}",
+            policy.priority,
+            namespace_of_job(job)
+        );
+        event(ctx, job, Severity::Warning, "PriorityCapped", &note).await;
+    }
 
     let module = match resolve_module(ctx, job, &policy).await? {
         Ok(m) => m,

@@ -266,6 +266,26 @@ fn a_refused_batch_says_when_its_room_is_kept_for_a_job_ahead() {
     assert_eq!(p.demands().map(|d| d.job.as_str()).collect::<Vec<_>>(), ["a/big"]);
 }
 
+#[test]
+fn a_namespace_cannot_jump_the_queue_with_a_priority_the_admin_did_not_grant() {
+    let r = Request::new("wasm", res(1000, GI));
+    let demand = |job: &str, ns: &str, priority| Demand { job: job.into(), namespace: ns.into(), priority, request: r.clone(), remaining: 1, seen_ms: 0 };
+    // "a-small" waits first; "greedy" then asks for priority 1000. Ungranted, it ranks at 0,
+    // behind a-small (equal priority and usage: by name), and room is kept for a-small;
+    // granted, it ranks first and nothing is kept.
+    for (grants, kept_for_small) in [(vec![], true), (vec!["greedy=1000"], false)] {
+        let fair = FairShare::default().with_max_priorities(grants.iter().copied()).unwrap();
+        let mut p = Pool::new(1, Weights::default(), fair);
+        p.upsert(node("a", 2000, 4 * GI));
+        p.reserve("other", "a", res(2000, GI), &GpuRequest::default(), "c");
+        assert!(p.place_batch(demand("a-small/j", "a-small", 0), &[vec!["s-0".into()]], 0).placed.is_empty());
+        p.release("other");
+        let greedy = p.place_batch(demand("greedy/j", "greedy", 1000), &[vec!["g-0".into()], vec!["g-1".into()]], 1);
+        assert_eq!(greedy.held_for.contains(&"a-small/j".to_string()), kept_for_small, "grants {grants:?}");
+        assert_eq!(greedy.placed.len(), if kept_for_small { 1 } else { 2 }, "grants {grants:?}");
+    }
+}
+
 // ---- properties ----
 
 #[derive(Debug, Clone)]
