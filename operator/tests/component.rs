@@ -16,8 +16,8 @@ use kommune_operator::attempt::AttemptPhase;
 use kommune_operator::crd::JobPhase;
 use kommune_operator::dispatch::{ModuleRef, Synced};
 use kommune_operator::fleet::NodeAdmin;
-use kommune_operator::job::JobPolicy;
 use kommune_operator::gateway::NodeEvent;
+use kommune_operator::job::JobPolicy;
 use kommune_operator::pki::Ca;
 use kommune_proto::token::JoinToken;
 use tokio::sync::mpsc;
@@ -416,7 +416,6 @@ async fn leaving_with_unacknowledged_results_needs_force() {
     assert!(!state.dir.join("node.key").exists());
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
     use kommune_proto::v1::{AgentMessage, AttemptState, Hello, TaskResult, TaskUpdate, agent_message, operator_message};
@@ -515,7 +514,6 @@ async fn an_agent_restarted_without_its_attempt_gets_it_marked_lost_and_retried(
     let phases: Vec<_> = done.attempts.iter().map(|a| (a.number, a.phase)).collect();
     assert_eq!(phases, vec![(1, AttemptPhase::Lost), (2, AttemptPhase::Succeeded)]);
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_and_wrong_servers_get_clear_errors() {
@@ -714,7 +712,6 @@ async fn a_receipt_appended_before_the_operator_crashed_unacknowledged_is_counte
     assert!(a.tasks.unacknowledged().is_empty(), "acknowledged after the restart");
     assert_eq!(op.metered_at_least(&jr.uid, 1).await.receipts, 1, "in the ledger exactly once");
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_stops_placement_when_the_next_task_could_exceed_it() {

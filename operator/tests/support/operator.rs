@@ -321,7 +321,9 @@ pub fn job(uid: &str) -> JobRef {
 }
 
 /// The next message from the operator on a raw session, or the stream's error.
-pub async fn next(inbound: &mut tonic::Streaming<kommune_proto::v1::OperatorMessage>) -> Result<Option<kommune_proto::v1::operator_message::Kind>, tonic::Status> {
+pub async fn next(
+    inbound: &mut tonic::Streaming<kommune_proto::v1::OperatorMessage>,
+) -> Result<Option<kommune_proto::v1::operator_message::Kind>, tonic::Status> {
     tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.expect("a reply in time").map(|m| m.and_then(|m| m.kind))
 }
 
