@@ -155,7 +155,6 @@ async fn a_flood_of_two_thousand_oversized_rejected_receipts_leaves_disk_and_mem
 /// tasks are not throttled to their request, so it uses a whole core; today its receipt is
 /// rejected (`cpu time 5s exceeds 0.25 cores x 5s wall`) and the provider is not paid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs lead: receipt bounds (CPU bounded by what the runtime could use, not the request)"]
 async fn an_honest_cpu_bound_wasm_task_at_250m_running_5_s_is_metered_and_paid() {
     let op = operator_with(PRICED).await;
     let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use kommune_operator::attempt::AttemptPhase;
 use kommune_operator::crd::JobPhase;
 use kommune_operator::fleet::NodeAdmin;
-use kommune_operator::pricing::{Micros, worst_case};
+use kommune_operator::bounds;
+use kommune_operator::job::conduct;
+use kommune_operator::pricing::Micros;
 use kommune_proto::v1::AttemptState;
 
 use crate::agent::{HostileAgent, claims};
@@ -16,7 +18,6 @@ use crate::{PRICED, plausible};
 /// A node heartbeats and says it runs its task with `taskSeconds: 2`, and never reports. Today
 /// only the agent enforces the timeout, so the attempt runs forever on the operator's books.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs lead: the operator fails attempts past taskSeconds + grace and caps a receipt's wall at the timeout"]
 async fn a_heartbeating_agent_that_never_reports_loses_its_task_past_the_timeout_and_its_late_receipt_is_capped() {
     let op = operator_with(PRICED).await;
     op.expire_every_tick(Duration::from_secs(1));
@@ -55,22 +56,33 @@ async fn a_heartbeating_agent_that_never_reports_loses_its_task_past_the_timeout
     assert_eq!(runs, vec![(1, "holder"), (2, "punctual")]);
     let honest_cost = op.metered_at_least(&jr.uid, 1).await.cost;
 
-    // The holder then bills the whole time it held the task, at full use of its reservation.
-    let wall = assigned_at.elapsed().as_millis() as u64;
-    let late = kommune_proto::v1::Usage { memory_mib_millis: 64 * wall, ..plausible(wall, 500) };
-    let ack = holder.report(&assign, AttemptState::Succeeded, late).await;
-    let bound = worst_case(250, 64 << 20, Duration::from_millis(2000 + 2000), &PRICED);
-    println!("late receipt claiming {wall} ms: rejected {:?}, cost {} (bound at the timeout plus slack {})", ack.receipt_rejected, ack.cost_micros, bound.0);
-    assert!(ack.cost_micros <= bound.0, "the wall is capped at the timeout: {ack:?}");
+    // The holder then bills far more time than the task may run, at full use of its
+    // reservation: refused, nothing paid.
+    let claimed = 10 * assigned_at.elapsed().as_millis() as u64;
+    let absurd = kommune_proto::v1::Usage { memory_mib_millis: 64 * claimed, ..plausible(claimed, 500) };
+    let ack = holder.report(&assign, AttemptState::Succeeded, absurd).await;
+    println!("late receipt claiming {claimed} ms: rejected {:?}, cost {}", ack.receipt_rejected, ack.cost_micros);
+    assert!(!ack.receipt_rejected.is_empty() && ack.cost_micros == 0, "{ack:?}");
+    // What it may bill is bounded by the timeout (plus the clock slack): a 2-core exec node for
+    // 2 s + 2 s + 1%.
+    let wall = 2000 + kommune_operator::ledger::check::WALL_SLACK_MILLIS + 20;
+    let bound = bounds::for_attempt(&bounds::Assigned {
+        runtime: Some(kommune_proto::runtime::EXEC),
+        cpu_millis: 250,
+        memory_bytes: 64 << 20,
+        node_capacity: Some(kommune_operator::scheduler::Resources { cpu_millis: 2000, memory_bytes: 2 << 30, ephemeral_bytes: 0 }),
+        timeout: Some(Duration::from_millis(wall)),
+        ..Default::default()
+    });
+    let worst = bounds::worst_case(&bound, Duration::from_millis(wall), &PRICED);
     let total = op.metered_at_least(&jr.uid, 1).await.cost;
-    assert!(total.0 <= honest_cost.0 + bound.0, "job cost {total:?}");
+    assert!(total.0 <= honest_cost.0 + worst.0, "job cost {total:?} beyond the honest {honest_cost:?} + the held task's bound {worst:?}");
 }
 
 /// A node preferred by the job's data locality reports PREEMPTED for every attempt it gets,
 /// with a plausible receipt. A preempted attempt does not use a retry, so today the task goes
 /// back to the same node without end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs lead: repeated preemptions from one node count against it and past a limit the node is skipped for the job"]
 async fn a_node_that_preempts_every_task_is_skipped_after_a_few_and_an_honest_node_finishes_it() {
     /// The most preempted copies a node may be given before it is skipped for the job.
     const LIMIT_AT_MOST: usize = 5;
@@ -108,6 +120,17 @@ async fn a_node_that_preempts_every_task_is_skipped_after_a_few_and_an_honest_no
     assert!(preempted >= 1, "the attack ran: the preferred node got the task first");
     let last = done.attempts.last().unwrap();
     assert_eq!((last.node.as_str(), last.phase), ("stayer", AttemptPhase::Succeeded));
-    let bound = worst_case(250, 64 << 20, Duration::from_secs(60), &PRICED);
-    assert!(paid.0 <= preempted as u64 * bound.0, "preempted copies are paid within their bounds: {paid}");
+    assert!(preempted <= conduct::MAX_INTERRUPTIONS_PER_NODE as usize, "skipped once it had preempted the limit: {preempted}");
+    // Each preempted copy is paid at most the worst case of its bounds: an exec task may use
+    // every core and all the memory the node offers, for the whole timeout.
+    let bound = bounds::for_attempt(&bounds::Assigned {
+        runtime: Some(kommune_proto::runtime::EXEC),
+        cpu_millis: 250,
+        memory_bytes: 64 << 20,
+        node_capacity: Some(kommune_operator::scheduler::Resources { cpu_millis: 2000, memory_bytes: 2 << 30, ephemeral_bytes: 0 }),
+        timeout: Some(Duration::from_secs(60)),
+        ..Default::default()
+    });
+    let worst = bounds::worst_case(&bound, Duration::from_secs(60), &PRICED);
+    assert!(paid.0 <= preempted as u64 * worst.0, "preempted copies are paid within their bounds: {paid}");
 }

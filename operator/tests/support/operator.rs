@@ -73,7 +73,9 @@ pub async fn start_operator(dir: tempfile::TempDir, ca: Arc<Ca>, tokens: Arc<Mem
     let fleet = Arc::new(Fleet::default());
     let (changed_tx, changed_rx) = mpsc::channel(1024);
     let ledger = Arc::new(Ledger::open(LedgerConfig { data_dir: dir.path().to_path_buf(), database_url: None, fence: Fence::open() }).unwrap());
-    let dispatcher = Arc::new(Dispatcher::new(store, fleet, changed_tx).with_ledger(ledger, Arc::new(RateBook::new(rates))));
+    // A short grace past a task's timeout, so tests of the operator's own timeout run quickly.
+    let dispatcher =
+        Arc::new(Dispatcher::new(store, fleet, changed_tx).with_ledger(ledger, Arc::new(RateBook::new(rates))).with_task_grace(Duration::from_secs(1)));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let events = Arc::new(std::sync::Mutex::new(vec![]));
@@ -127,7 +129,8 @@ impl Operator {
     }
 
     /// Runs the operator's expiry loop on its runtime, as `main` does (every 100 ms here, every
-    /// second there): attempts of nodes gone past `grace` are lost and placed again.
+    /// second there): attempts of nodes gone past `grace` are lost and placed again, attempts
+    /// past their task timeout (plus the dispatcher's grace) are failed.
     pub fn expire_every_tick(&self, grace: Duration) {
         let dispatcher = self.dispatcher.clone();
         self.runtime.as_ref().unwrap().spawn(async move {
@@ -136,6 +139,9 @@ impl Operator {
                 tick.tick().await;
                 if let Err(e) = dispatcher.expire_absent(grace).await {
                     eprintln!("expiry: {e}");
+                }
+                if let Err(e) = dispatcher.enforce_timeouts().await {
+                    eprintln!("timeouts: {e}");
                 }
             }
         });
