@@ -325,8 +325,8 @@ fn forged_receipts_are_rejected_with_a_reason_and_kept_once(env: &Env) {
         }
         assert!(matches!(l.submit(genuine.clone()).await.unwrap(), Verdict::Accepted { .. }));
     });
-    let rejected = rt.block_on(l.rejected("pn-1")).unwrap();
-    let from_pn2 = rt.block_on(l.rejected("pn-2")).unwrap();
+    let rejected = rt.block_on(l.rejected("pn-1", 100)).unwrap();
+    let from_pn2 = rt.block_on(l.rejected("pn-2", 100)).unwrap();
     assert_eq!(rejected.len() + from_pn2.len(), forgeries.len(), "each forgery is stored once: {rejected:#?}");
     assert!(rejected.iter().chain(&from_pn2).all(|r| r.times == 2 && !r.reason.is_empty()));
     assert_eq!(from_pn2.len(), 1);
@@ -367,7 +367,7 @@ fn a_reused_sequence_or_a_metered_attempt_is_rejected(env: &Env) {
         let Verdict::Rejected { reason } = l.submit(again).await.unwrap() else { panic!() };
         assert!(reason.contains(&format!("attempt a-1-1-1 was already metered by ledger entry {seq}")), "{reason}");
     });
-    assert_eq!(rt.block_on(l.rejected("pn-1")).unwrap().len(), 2);
+    assert_eq!(rt.block_on(l.rejected("pn-1", 100)).unwrap().len(), 2);
 }
 
 fn reopening_keeps_everything_and_dedup_still_holds(env: &Env) {
