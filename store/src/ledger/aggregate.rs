@@ -51,12 +51,7 @@ impl Aggregate {
 /// The select list of `figures`, each expression cast to `cast` when given (PostgreSQL's SUM
 /// of a bigint is numeric).
 pub fn aggregate_select(figures: &[Aggregate], cast: Option<&str>) -> String {
-    figures
-        .iter()
-        .flat_map(|f| f.exprs())
-        .map(|e| cast.map_or_else(|| e.clone(), |t| format!("({e})::{t}")))
-        .collect::<Vec<_>>()
-        .join(", ")
+    figures.iter().flat_map(|f| f.exprs()).map(|e| cast.map_or_else(|| e.clone(), |t| format!("({e})::{t}"))).collect::<Vec<_>>().join(", ")
 }
 
 /// How many columns [`aggregate_select`] gives for `figures`.

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::LedgerError;
 use kommune_ledger::entry::{Entry, NodeTotal};
+use kommune_ledger::records::REJECTED_KEPT_PER_NODE;
 pub use kommune_ledger::records::{EntryFilter, Existing, JobUsage, RejectedCount, RejectedReceipt};
 use kommune_ledger::verify::BadEntry;
 
@@ -61,4 +62,35 @@ pub fn to_db(v: u64) -> i64 {
 
 pub fn from_db(v: i64) -> u64 {
     v as u64
+}
+
+/// A batch's rejected receipts by sender, as both backends store them.
+#[derive(Default)]
+pub struct PerNode<'a>(pub BTreeMap<&'a str, NodeRejections<'a>>);
+
+/// One sender's part of a batch: receptions, and the receipts not stored before, in order.
+#[derive(Default)]
+pub struct NodeRejections<'a> {
+    pub received: u64,
+    pub fresh: Vec<&'a RejectedReceipt>,
+}
+
+impl<'a> PerNode<'a> {
+    /// Counts `r`; `repeat` when its digest is stored already (its row was updated).
+    pub fn add(&mut self, r: &'a RejectedReceipt, repeat: bool) {
+        let n = self.0.entry(&r.session_node).or_default();
+        n.received = n.received.saturating_add(r.times);
+        if !repeat {
+            n.fresh.push(r);
+        }
+    }
+}
+
+impl<'a> NodeRejections<'a> {
+    /// The new receipts to store (the newest, at most `REJECTED_KEPT_PER_NODE`) and how many
+    /// older ones of this batch are evicted before they are ever stored.
+    pub fn kept_fresh(&self) -> (&[&'a RejectedReceipt], u64) {
+        let skip = self.fresh.len().saturating_sub(REJECTED_KEPT_PER_NODE as usize);
+        (&self.fresh[skip..], skip as u64)
+    }
 }

@@ -17,6 +17,8 @@ pub use kommune_ledger::{Head, NodeEarnings};
 pub use kommune_ledger::{chain, check, entry, job_totals, records, verify};
 
 #[cfg(test)]
+mod bounds_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 
 use std::path::{Path, PathBuf};

@@ -8,12 +8,14 @@ use postgres::{Client, NoTls, Row, Transaction};
 
 use super::LedgerError;
 use super::aggregate::{JOB_USAGE, NODE_TOTAL, aggregate_select, job_usage_from_row, node_total_from_row};
-use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedCount, RejectedReceipt, from_db, to_db};
-use super::row::{ColumnType, ENTRY_COLUMNS, REJECTED_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values, rejected_from_row, rejected_values};
-use kommune_ledger::records::{REJECTED_BODY_PREFIX, REJECTED_KEPT_PER_NODE, REJECTED_NAME_MAX, REJECTED_REASON_MAX};
+use super::backend::{Backend, EntryFilter, Existing, JobUsage, PerNode, RejectedCount, RejectedReceipt, from_db, to_db};
+use super::row::{
+    ColumnType, ENTRY_COLUMNS, REJECTED_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values, rejected_from_row, rejected_values,
+};
 use crate::db::epoch::{self, Guarded};
 use kommune_core::pricing::Micros;
 use kommune_ledger::entry::{Entry, NodeTotal};
+use kommune_ledger::records::{REJECTED_BODY_PREFIX, REJECTED_KEPT_PER_NODE, REJECTED_NAME_MAX, REJECTED_REASON_MAX};
 use kommune_ledger::verify::BadEntry;
 use postgres::types::ToSql;
 
@@ -339,25 +341,19 @@ impl Backend for PostgresBackend {
     }
 }
 
-/// Stores a batch's rejected receipts in the append's transaction; as the SQLite backend does
-/// (a repeat adds to its row, each sender keeps its newest rows, counters account for all).
+/// Stores a batch's rejected receipts in the append's transaction, as the SQLite backend does
+/// (a repeat adds to its row, each sender never holds more than the cap, counters account for all).
 fn append_rejected(tx: &mut Transaction<'_>, rejected: &[RejectedReceipt]) -> Result<(), LedgerError> {
     let again = tx
         .prepare("UPDATE ledger_rejected SET times = times + $2, last_ms = GREATEST(last_ms, $3) WHERE digest = $1")
         .map_err(op("prepare rejected update"))?;
+    let mut per_node = PerNode::default();
+    for r in rejected {
+        let repeat = tx.execute(&again, &[&r.digest, &to_db(r.times), &r.last_ms]).map_err(op("count rejected receipt"))? > 0;
+        per_node.add(r, repeat);
+    }
     let placeholders = (1..=13).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
     let ins = tx.prepare(&format!("INSERT INTO ledger_rejected ({REJECTED_COLUMNS}) VALUES ({placeholders})")).map_err(op("prepare rejected insert"))?;
-    let mut per_node: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-    for r in rejected {
-        let counts = per_node.entry(&r.session_node).or_default();
-        counts.0 = counts.0.saturating_add(r.times);
-        if tx.execute(&again, &[&r.digest, &to_db(r.times), &r.last_ms]).map_err(op("count rejected receipt"))? == 0 {
-            let values = rejected_values(r);
-            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(value_param).collect();
-            tx.execute(&ins, &params).map_err(op("insert rejected receipt"))?;
-            counts.1 += 1;
-        }
-    }
     let count = tx
         .prepare(
             "INSERT INTO ledger_rejected_counts (session_node, received, distinct_rows, evicted) VALUES ($1, $2, $3, $4)
@@ -366,19 +362,26 @@ fn append_rejected(tx: &mut Transaction<'_>, rejected: &[RejectedReceipt]) -> Re
                  evicted = ledger_rejected_counts.evicted + EXCLUDED.evicted",
         )
         .map_err(op("prepare rejected counters"))?;
-    for (node, (received, new)) in per_node {
-        let evicted = if new > 0 { evict(tx, node)? } else { 0 };
-        tx.execute(&count, &[&node, &to_db(received), &to_db(new), &to_db(evicted)]).map_err(op("count rejected receipts"))?;
+    for (node, n) in per_node.0 {
+        let (kept, skipped) = n.kept_fresh();
+        let evicted = if n.fresh.is_empty() { 0 } else { evict(tx, node, REJECTED_KEPT_PER_NODE - kept.len() as u64)? };
+        for r in kept {
+            let values = rejected_values(r);
+            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(value_param).collect();
+            tx.execute(&ins, &params).map_err(op("insert rejected receipt"))?;
+        }
+        let fresh = n.fresh.len() as u64;
+        tx.execute(&count, &[&node, &to_db(n.received), &to_db(fresh), &to_db(evicted + skipped)]).map_err(op("count rejected receipts"))?;
     }
     Ok(())
 }
 
-/// Deletes `node`'s rejected receipts beyond the newest `REJECTED_KEPT_PER_NODE`; returns how many.
-fn evict(tx: &mut Transaction<'_>, node: &str) -> Result<u64, LedgerError> {
+/// Deletes `node`'s rejected receipts but the newest `keep`; returns how many.
+fn evict(tx: &mut Transaction<'_>, node: &str, keep: u64) -> Result<u64, LedgerError> {
     tx.execute(
         "DELETE FROM ledger_rejected WHERE session_node = $1
          AND id <= (SELECT id FROM ledger_rejected WHERE session_node = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
-        &[&node, &to_db(REJECTED_KEPT_PER_NODE)],
+        &[&node, &to_db(keep)],
     )
     .map_err(op("evict rejected receipts"))
 }
@@ -411,7 +414,7 @@ fn migrate(tx: &mut Transaction<'_>) -> Result<(), LedgerError> {
         .map_err(op("read rejected counters"))?;
     for r in over {
         let node: String = r.try_get(0).map_err(op("read rejected counters"))?;
-        let evicted = evict(tx, &node)?;
+        let evicted = evict(tx, &node, REJECTED_KEPT_PER_NODE)?;
         tx.execute("UPDATE ledger_rejected_counts SET evicted = evicted + $2 WHERE session_node = $1", &[&node, &to_db(evicted)])
             .map_err(op("count evicted receipts"))?;
     }

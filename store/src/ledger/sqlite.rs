@@ -8,12 +8,12 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::LedgerError;
 use super::aggregate::{JOB_USAGE, NODE_TOTAL, aggregate_select, aggregate_width, job_usage_from_row, node_total_from_row};
-use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedCount, RejectedReceipt, from_db, to_db};
+use super::backend::{Backend, EntryFilter, Existing, JobUsage, PerNode, RejectedCount, RejectedReceipt, from_db, to_db};
 use super::row::{ENTRY_COLUMNS, REJECTED_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values, rejected_from_row, rejected_values};
-use kommune_ledger::records::{REJECTED_BODY_PREFIX, REJECTED_KEPT_PER_NODE, REJECTED_NAME_MAX, REJECTED_REASON_MAX};
 use crate::db::epoch::{self, Guarded};
 use kommune_core::pricing::Micros;
 use kommune_ledger::entry::{Entry, NodeTotal};
+use kommune_ledger::records::{REJECTED_BODY_PREFIX, REJECTED_KEPT_PER_NODE, REJECTED_NAME_MAX, REJECTED_REASON_MAX};
 use kommune_ledger::verify::BadEntry;
 use rusqlite::types::{ToSql, ToSqlOutput};
 
@@ -202,10 +202,8 @@ impl Backend for SqliteBackend {
     }
 
     fn node_total(&mut self, node: &str, key: Option<&[u8; 32]>) -> Result<NodeTotal, LedgerError> {
-        let sql = format!(
-            "SELECT {} FROM ledger_entries WHERE kind = 0 AND node = ?1 AND (?2 IS NULL OR public_key = ?2)",
-            aggregate_select(&NODE_TOTAL, None)
-        );
+        let sql =
+            format!("SELECT {} FROM ledger_entries WHERE kind = 0 AND node = ?1 AND (?2 IS NULL OR public_key = ?2)", aggregate_select(&NODE_TOTAL, None));
         self.conn
             .prepare_cached(&sql)
             .and_then(|mut s| s.query_row(params![node, key.map(|k| &k[..])], |r| node_total_from_row(r, 0)))
@@ -272,26 +270,21 @@ impl Backend for SqliteBackend {
 }
 
 /// Stores a batch's rejected receipts (`tx` is the append's transaction): a repeat adds to its
-/// row, a new one is inserted, then each sender's oldest rows beyond the cap are evicted and
-/// its counters updated, so the counts never need the rows.
+/// row; for new ones, each sender's oldest rows are evicted first so that with them it keeps at
+/// most `REJECTED_KEPT_PER_NODE` (never more, even inside the transaction), and its counters
+/// account for all of it, so the counts never need the rows.
 fn append_rejected(tx: &rusqlite::Transaction<'_>, rejected: &[RejectedReceipt]) -> Result<(), LedgerError> {
     let mut again = tx
         .prepare_cached("UPDATE ledger_rejected SET times = times + ?2, last_ms = max(last_ms, ?3) WHERE digest = ?1")
         .map_err(op("prepare rejected update"))?;
-    let placeholders = (1..=13).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
-    let mut ins = tx
-        .prepare_cached(&format!("INSERT INTO ledger_rejected ({REJECTED_COLUMNS}) VALUES ({placeholders})"))
-        .map_err(op("prepare rejected insert"))?;
-    // Per sender: receptions, new rows.
-    let mut per_node: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    let mut per_node = PerNode::default();
     for r in rejected {
-        let counts = per_node.entry(&r.session_node).or_default();
-        counts.0 = counts.0.saturating_add(r.times);
-        if again.execute(params![r.digest, to_db(r.times), r.last_ms]).map_err(op("count rejected receipt"))? == 0 {
-            ins.execute(rusqlite::params_from_iter(rejected_values(r))).map_err(op("insert rejected receipt"))?;
-            counts.1 += 1;
-        }
+        let repeat = again.execute(params![r.digest, to_db(r.times), r.last_ms]).map_err(op("count rejected receipt"))? > 0;
+        per_node.add(r, repeat);
     }
+    let placeholders = (1..=13).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let mut ins =
+        tx.prepare_cached(&format!("INSERT INTO ledger_rejected ({REJECTED_COLUMNS}) VALUES ({placeholders})")).map_err(op("prepare rejected insert"))?;
     let mut count = tx
         .prepare_cached(
             "INSERT INTO ledger_rejected_counts (session_node, received, distinct_rows, evicted) VALUES (?1, ?2, ?3, ?4)
@@ -299,20 +292,25 @@ fn append_rejected(tx: &rusqlite::Transaction<'_>, rejected: &[RejectedReceipt])
                  distinct_rows = distinct_rows + excluded.distinct_rows, evicted = evicted + excluded.evicted",
         )
         .map_err(op("prepare rejected counters"))?;
-    for (node, (received, new)) in per_node {
-        let evicted = if new > 0 { evict(tx, node)? } else { 0 };
-        count.execute(params![node, to_db(received), to_db(new), to_db(evicted)]).map_err(op("count rejected receipts"))?;
+    for (node, n) in per_node.0 {
+        let (kept, skipped) = n.kept_fresh();
+        let evicted = if n.fresh.is_empty() { 0 } else { evict(tx, node, REJECTED_KEPT_PER_NODE - kept.len() as u64)? };
+        for r in kept {
+            ins.execute(rusqlite::params_from_iter(rejected_values(r))).map_err(op("insert rejected receipt"))?;
+        }
+        let fresh = n.fresh.len() as u64;
+        count.execute(params![node, to_db(n.received), to_db(fresh), to_db(evicted + skipped)]).map_err(op("count rejected receipts"))?;
     }
     Ok(())
 }
 
-/// Deletes `node`'s rejected receipts beyond the newest `REJECTED_KEPT_PER_NODE`; returns how many.
-fn evict(conn: &Connection, node: &str) -> Result<u64, LedgerError> {
+/// Deletes `node`'s rejected receipts but the newest `keep`; returns how many.
+fn evict(conn: &Connection, node: &str, keep: u64) -> Result<u64, LedgerError> {
     conn.prepare_cached(
         "DELETE FROM ledger_rejected WHERE session_node = ?1
          AND id <= (SELECT id FROM ledger_rejected WHERE session_node = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
     )
-    .and_then(|mut s| s.execute(params![node, to_db(REJECTED_KEPT_PER_NODE)]))
+    .and_then(|mut s| s.execute(params![node, to_db(keep)]))
     .map(|n| n as u64)
     .map_err(op("evict rejected receipts"))
 }
@@ -352,7 +350,7 @@ fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
         .and_then(|mut s| s.query_map(params![to_db(REJECTED_KEPT_PER_NODE)], |r| text(r, 0))?.collect())
         .map_err(op("read rejected counters"))?;
     for node in over {
-        let evicted = evict(&tx, &node)?;
+        let evicted = evict(&tx, &node, REJECTED_KEPT_PER_NODE)?;
         tx.execute("UPDATE ledger_rejected_counts SET evicted = evicted + ?2 WHERE session_node = ?1", params![node, to_db(evicted)])
             .map_err(op("count evicted receipts"))?;
     }
