@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::check::{ReceiptInput, Rejection, VerifiedReceipt};
 use crate::entry::{CHECKPOINT_EVERY, Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, node_totals_sha256};
-use crate::records::{Existing, RejectedReceipt};
+use crate::records::{Existing, REJECTED_BODY_PREFIX, REJECTED_NAME_MAX, REJECTED_REASON_MAX, RejectedReceipt, capped};
 use kommune_core::pricing::Micros;
 
 /// What happened to a submitted receipt.
@@ -100,19 +100,22 @@ impl ChainState {
         }
         let body = kommune_proto::receipt::decode(r).ok();
         batch.rejected_at.insert(digest.clone(), batch.rejected.len());
+        // Kept as a bounded digest: a node sending oversized junk costs a few hundred bytes per
+        // distinct receipt, and the store keeps at most REJECTED_KEPT_PER_NODE of them.
         batch.rejected.push(RejectedReceipt {
             digest,
             first_ms: input.received_ms,
             last_ms: input.received_ms,
             times: 1,
             session_node: input.session_node.clone(),
-            node: body.as_ref().map(|b| b.node.clone()).unwrap_or_default(),
+            node: body.as_ref().map(|b| capped(&b.node, REJECTED_NAME_MAX)).unwrap_or_default(),
             epoch: body.as_ref().map_or(0, |b| b.epoch),
             sequence: body.as_ref().map_or(0, |b| b.sequence),
-            attempt_id: body.as_ref().map(|b| b.attempt_id.clone()).unwrap_or_default(),
-            body: r.body.clone(),
-            signature: r.signature.clone(),
-            reason: reason.clone(),
+            attempt_id: body.as_ref().map(|b| capped(&b.attempt_id, REJECTED_NAME_MAX)).unwrap_or_default(),
+            body_bytes: r.body.len() as u64,
+            signature_bytes: r.signature.len() as u64,
+            body_prefix: r.body[..r.body.len().min(REJECTED_BODY_PREFIX)].to_vec(),
+            reason: capped(&reason, REJECTED_REASON_MAX),
         });
         Verdict::Rejected { reason }
     }

@@ -23,17 +23,19 @@ pub struct JobTotals {
     jobs: Mutex<HashMap<String, Slot>>,
 }
 
-/// Adds one receipt to a job's totals, as the database aggregate computes them.
+/// Adds one receipt to a job's totals, as the database aggregate computes them: exact sums,
+/// shown as u64::MAX once they pass it (adding saturated figures one receipt at a time gives
+/// the same figure as saturating the exact sum, so the two never disagree).
 fn add(t: &mut JobUsage, u: &UsageFigures, cost: Micros) {
     let s = &mut t.usage;
-    t.receipts += 1;
-    s.wall_millis = s.wall_millis.wrapping_add(u.wall_millis);
-    s.cpu_micros = s.cpu_micros.wrapping_add(u.cpu_micros);
+    t.receipts = t.receipts.saturating_add(1);
+    s.wall_millis = s.wall_millis.saturating_add(u.wall_millis);
+    s.cpu_micros = s.cpu_micros.saturating_add(u.cpu_micros);
     s.memory_peak_bytes = s.memory_peak_bytes.max(u.memory_peak_bytes);
-    s.memory_mib_millis = s.memory_mib_millis.wrapping_add(u.memory_mib_millis);
-    s.wasm_fuel = s.wasm_fuel.wrapping_add(u.wasm_fuel);
-    s.gpu_millis = s.gpu_millis.wrapping_add(u.gpu_millis);
-    s.output_bytes = s.output_bytes.wrapping_add(u.output_bytes);
+    s.memory_mib_millis = s.memory_mib_millis.saturating_add(u.memory_mib_millis);
+    s.wasm_fuel = s.wasm_fuel.saturating_add(u.wasm_fuel);
+    s.gpu_millis = s.gpu_millis.saturating_add(u.gpu_millis);
+    s.output_bytes = s.output_bytes.saturating_add(u.output_bytes);
     t.cost = t.cost.saturating_add(cost);
 }
 
@@ -177,6 +179,19 @@ mod tests {
         assert_eq!(t.get("j"), None);
         t.appended(&[receipt(2, "j", 1, 10)]);
         assert!(t.start("j"), "the next ask reads the database again");
+    }
+
+    #[test]
+    fn running_totals_saturate_instead_of_wrapping() {
+        let t = JobTotals::default();
+        assert!(t.start("j"));
+        t.loaded("j", JobUsage::default(), 0);
+        let mut huge = receipt(1, "j", u64::MAX - 1, u64::MAX - 1);
+        huge.usage.gpu_millis = 1 << 63;
+        t.appended(&[huge.clone(), Entry { seq: 2, ..huge.clone() }, Entry { seq: 3, ..huge }]);
+        let got = t.get("j").unwrap();
+        assert_eq!((got.receipts, got.usage.cpu_micros, got.usage.gpu_millis, got.cost), (3, u64::MAX, u64::MAX, Micros(u64::MAX)));
+        assert_eq!(got.usage.memory_peak_bytes, u64::MAX - 1, "a peak is the largest, not a sum");
     }
 
     #[test]

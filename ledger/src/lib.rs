@@ -10,4 +10,4 @@ pub mod records;
 pub mod verify;
 
 pub use chain::Verdict;
-pub use records::{EntryFilter, Existing, Head, JobUsage, NodeEarnings, RejectedReceipt};
+pub use records::{EntryFilter, Existing, Head, JobUsage, NodeEarnings, RejectedCount, RejectedReceipt};

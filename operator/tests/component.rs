@@ -652,8 +652,9 @@ async fn receipts_are_counted_once_and_forged_or_implausible_ones_are_rejected_w
     let m = op.metered_at_least(&jr.uid, 1).await;
     assert_eq!(m.receipts, 1, "only the genuine, plausible receipt counts: {m:?}");
     assert_eq!(m.usage.cpu_micros, 150_000);
-    let rejected = op.dispatcher.ledger().unwrap().rejected("meter").await.unwrap();
+    let rejected = op.dispatcher.ledger().unwrap().rejected("meter", 100).await.unwrap();
     assert!(rejected.len() >= 3, "forged, second and implausible receipts are kept with their reasons: {rejected:?}");
+    assert_eq!(op.dispatcher.ledger().unwrap().rejected_count("meter").await.unwrap().distinct, rejected.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

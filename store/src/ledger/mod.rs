@@ -5,6 +5,7 @@
 //! (group commit); signatures are batch-verified on the other cores before that. Storage is
 //! SQLite in the data directory by default, PostgreSQL when a `database_url` is configured.
 
+pub mod aggregate;
 pub mod backend;
 pub mod cli;
 pub mod postgres;
@@ -16,6 +17,8 @@ pub use kommune_ledger::{Head, NodeEarnings};
 pub use kommune_ledger::{chain, check, entry, job_totals, records, verify};
 
 #[cfg(test)]
+mod bounds_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 
 use std::path::{Path, PathBuf};
@@ -26,7 +29,7 @@ use ed25519_dalek::SigningKey;
 use kommune_proto::now_ms;
 use tokio::sync::{mpsc, oneshot};
 
-use backend::{Backend, EntryFilter, JobUsage, RejectedReceipt};
+use backend::{Backend, EntryFilter, JobUsage, RejectedCount, RejectedReceipt};
 pub use chain::Verdict;
 use chain::{Batch, ChainState};
 use check::{ReceiptInput, Rejection, VerifiedReceipt};
@@ -285,11 +288,21 @@ impl Ledger {
 
     /// A node's pending earnings and the head backing them.
     pub async fn node_earnings(&self, node: &str) -> Result<NodeEarnings, LedgerError> {
+        self.earnings(node, None).await
+    }
+
+    /// A node's pending earnings from the receipts signed with `key` only: what one identity
+    /// earned under a name, even if that name was ever used with another key.
+    pub async fn node_earnings_of_key(&self, node: &str, key: [u8; 32]) -> Result<NodeEarnings, LedgerError> {
+        self.earnings(node, Some(key)).await
+    }
+
+    async fn earnings(&self, node: &str, key: Option<[u8; 32]>) -> Result<NodeEarnings, LedgerError> {
         let node = node.to_string();
         self.read(move |b| {
             // Head first: the totals read after it cover at least the entries it names.
             let head = head_of(b)?;
-            let t: NodeTotal = b.node_total(&node)?;
+            let t: NodeTotal = b.node_total(&node, key.as_ref())?;
             Ok(NodeEarnings { node, pending: t.total, receipts: t.receipts, head })
         })
         .await
@@ -300,10 +313,18 @@ impl Ledger {
         self.read(head_of).await
     }
 
-    /// Receipts refused from `node`'s sessions, with reasons.
-    pub async fn rejected(&self, node: &str) -> Result<Vec<RejectedReceipt>, LedgerError> {
+    /// The `limit` receipts most recently refused from `node`'s sessions (first seen), newest
+    /// first, as bounded digests with their reasons; at most `REJECTED_KEPT_PER_NODE` are kept.
+    pub async fn rejected(&self, node: &str, limit: u64) -> Result<Vec<RejectedReceipt>, LedgerError> {
         let node = node.to_string();
-        self.read(move |b| b.rejected(&node)).await
+        self.read(move |b| b.rejected(&node, limit)).await
+    }
+
+    /// How many receipts `node`'s sessions had refused (all of them, evicted ones included),
+    /// from counters: one indexed row, whatever the node sent.
+    pub async fn rejected_count(&self, node: &str) -> Result<RejectedCount, LedgerError> {
+        let node = node.to_string();
+        self.read(move |b| b.rejected_count(&node)).await
     }
 
     /// Stops the pipeline after the work already queued and waits for its threads.

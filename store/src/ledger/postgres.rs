@@ -4,17 +4,18 @@
 
 use std::collections::BTreeMap;
 
-use postgres::{Client, NoTls, Row};
+use postgres::{Client, NoTls, Row, Transaction};
 
 use super::LedgerError;
-use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedReceipt, from_db, to_db};
+use super::aggregate::{JOB_USAGE, NODE_TOTAL, aggregate_select, job_usage_from_row, node_total_from_row};
+use super::backend::{Backend, EntryFilter, Existing, JobUsage, PerNode, RejectedCount, RejectedReceipt, from_db, to_db};
 use super::row::{
-    ColumnType, ENTRY_COLUMNS, REJECTED_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values, job_usage_from_row, job_usage_select,
-    rejected_from_row, rejected_values,
+    ColumnType, ENTRY_COLUMNS, REJECTED_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values, rejected_from_row, rejected_values,
 };
 use crate::db::epoch::{self, Guarded};
 use kommune_core::pricing::Micros;
 use kommune_ledger::entry::{Entry, NodeTotal};
+use kommune_ledger::records::{REJECTED_BODY_PREFIX, REJECTED_KEPT_PER_NODE, REJECTED_NAME_MAX, REJECTED_REASON_MAX};
 use kommune_ledger::verify::BadEntry;
 use postgres::types::ToSql;
 
@@ -60,21 +61,28 @@ CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger LANGUAGE plpgsql
 CREATE OR REPLACE TRIGGER ledger_entries_append_only BEFORE UPDATE OR DELETE ON ledger_entries
     FOR EACH ROW EXECUTE FUNCTION ledger_append_only();
 CREATE TABLE IF NOT EXISTS ledger_rejected (
-    id           BIGSERIAL PRIMARY KEY,
-    digest       BYTEA NOT NULL UNIQUE,
-    first_ms     BIGINT NOT NULL,
-    last_ms      BIGINT NOT NULL,
-    times        BIGINT NOT NULL,
-    session_node TEXT NOT NULL,
-    node         TEXT NOT NULL,
-    epoch        BIGINT NOT NULL,
-    sequence     BIGINT NOT NULL,
-    attempt_id   TEXT NOT NULL,
-    body         BYTEA NOT NULL,
-    signature    BYTEA NOT NULL,
-    reason       TEXT NOT NULL
+    id              BIGSERIAL PRIMARY KEY,
+    digest          BYTEA NOT NULL UNIQUE,
+    first_ms        BIGINT NOT NULL,
+    last_ms         BIGINT NOT NULL,
+    times           BIGINT NOT NULL,
+    session_node    TEXT NOT NULL,
+    node            TEXT NOT NULL,
+    epoch           BIGINT NOT NULL,
+    sequence        BIGINT NOT NULL,
+    attempt_id      TEXT NOT NULL,
+    body_bytes      BIGINT NOT NULL,
+    signature_bytes BIGINT NOT NULL,
+    body_prefix     BYTEA NOT NULL,
+    reason          TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_rejected_by_node ON ledger_rejected (session_node, id);
+CREATE TABLE IF NOT EXISTS ledger_rejected_counts (
+    session_node  TEXT PRIMARY KEY,
+    received      BIGINT NOT NULL,
+    distinct_rows BIGINT NOT NULL,
+    evicted       BIGINT NOT NULL
+);
 ";
 
 /// The PostgreSQL backend: one client connection.
@@ -91,6 +99,7 @@ impl PostgresBackend {
         tx.execute("SELECT pg_advisory_xact_lock(7171717171)", &[]).map_err(op("lock schema"))?;
         tx.batch_execute(SCHEMA).map_err(op("create ledger schema"))?;
         tx.batch_execute(&Guarded::Ledger.schema()).map_err(op("create ledger leader table"))?;
+        migrate(&mut tx)?;
         tx.commit().map_err(op("commit schema"))?;
         Ok(PostgresBackend { client })
     }
@@ -190,19 +199,7 @@ impl Backend for PostgresBackend {
             tx.execute(&sql, &params).map_err(op("insert ledger entries"))?;
         }
         if !rejected.is_empty() {
-            let stmt = tx
-                .prepare(&format!(
-                    "INSERT INTO ledger_rejected ({REJECTED_COLUMNS})
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-                     ON CONFLICT (digest) DO UPDATE SET times = ledger_rejected.times + EXCLUDED.times, last_ms = GREATEST(ledger_rejected.last_ms, EXCLUDED.last_ms)"
-                )
-                )
-                .map_err(op("prepare rejected insert"))?;
-            for r in rejected {
-                let values = rejected_values(r);
-                let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(value_param).collect();
-                tx.execute(&stmt, &params).map_err(op("insert rejected receipt"))?;
-            }
+            append_rejected(&mut tx, rejected)?;
         }
         tx.commit().map_err(op("commit append"))
     }
@@ -275,22 +272,19 @@ impl Backend for PostgresBackend {
     }
 
     fn node_totals(&mut self) -> Result<BTreeMap<String, NodeTotal>, LedgerError> {
-        let rows = self
-            .client
-            .query("SELECT node, SUM(cost)::bigint, COUNT(*)::bigint FROM ledger_entries WHERE kind = 0 GROUP BY node", &[])
-            .map_err(op("read node totals"))?;
-        rows.iter()
-            .map(|r| Ok((r.try_get(0)?, NodeTotal { total: Micros(u(r, 1)?), receipts: u(r, 2)? })))
-            .collect::<Result<_, _>>()
-            .map_err(op("read node totals"))
+        let sql = format!("SELECT node, {} FROM ledger_entries WHERE kind = 0 GROUP BY node", aggregate_select(&NODE_TOTAL, Some("bigint")));
+        let rows = self.client.query(&sql, &[]).map_err(op("read node totals"))?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, node_total_from_row(r, 1)?))).collect::<Result<_, _>>().map_err(op("read node totals"))
     }
 
-    fn node_total(&mut self, node: &str) -> Result<NodeTotal, LedgerError> {
-        let r = self
-            .client
-            .query_one("SELECT COALESCE(SUM(cost), 0)::bigint, COUNT(*)::bigint FROM ledger_entries WHERE kind = 0 AND node = $1", &[&node])
-            .map_err(op("read node total"))?;
-        Ok(NodeTotal { total: Micros(u(&r, 0).map_err(op("read node total"))?), receipts: u(&r, 1).map_err(op("read node total"))? })
+    fn node_total(&mut self, node: &str, key: Option<&[u8; 32]>) -> Result<NodeTotal, LedgerError> {
+        let sql = format!(
+            "SELECT {} FROM ledger_entries WHERE kind = 0 AND node = $1 AND ($2::bytea IS NULL OR public_key = $2)",
+            aggregate_select(&NODE_TOTAL, Some("bigint"))
+        );
+        let key = key.map(|k| &k[..]);
+        let r = self.client.query_one(&sql, &[&node, &key]).map_err(op("read node total"))?;
+        node_total_from_row(&r, 0).map_err(op("read node total"))
     }
 
     fn node_keys(&mut self) -> Result<Vec<(String, Vec<u8>)>, LedgerError> {
@@ -299,15 +293,26 @@ impl Backend for PostgresBackend {
     }
 
     fn job_usage(&mut self, job_uid: &str) -> Result<JobUsage, LedgerError> {
-        let sql = format!("SELECT {} FROM ledger_entries WHERE kind = 0 AND job_uid = $1", job_usage_select(Some("bigint")));
+        let sql = format!("SELECT {} FROM ledger_entries WHERE kind = 0 AND job_uid = $1", aggregate_select(&JOB_USAGE, Some("bigint")));
         let r = self.client.query_one(&sql, &[&job_uid]).map_err(op("read job usage"))?;
         job_usage_from_row(&r).map_err(op("read job usage"))
     }
 
-    fn rejected(&mut self, node: &str) -> Result<Vec<RejectedReceipt>, LedgerError> {
-        let sql = format!("SELECT {REJECTED_COLUMNS} FROM ledger_rejected WHERE session_node = $1 ORDER BY id");
-        let rows = self.client.query(&sql, &[&node]).map_err(op("read rejected"))?;
+    fn rejected(&mut self, node: &str, limit: u64) -> Result<Vec<RejectedReceipt>, LedgerError> {
+        let sql = format!("SELECT {REJECTED_COLUMNS} FROM ledger_rejected WHERE session_node = $1 ORDER BY id DESC LIMIT $2");
+        let rows = self.client.query(&sql, &[&node, &to_db(limit.min(i64::MAX as u64))]).map_err(op("read rejected"))?;
         rows.iter().map(rejected_from_row).collect::<Result<_, _>>().map_err(op("read rejected"))
+    }
+
+    fn rejected_count(&mut self, node: &str) -> Result<RejectedCount, LedgerError> {
+        let row = self
+            .client
+            .query_opt("SELECT received, distinct_rows, evicted FROM ledger_rejected_counts WHERE session_node = $1", &[&node])
+            .map_err(op("read rejected count"))?;
+        row.map(|r| Ok(RejectedCount { received: u(&r, 0)?, distinct: u(&r, 1)?, evicted: u(&r, 2)? }))
+            .transpose()
+            .map(Option::unwrap_or_default)
+            .map_err(op("read rejected count"))
     }
 
     fn for_each_entry(&mut self, filter: &EntryFilter, f: &mut dyn FnMut(Result<Entry, BadEntry>) -> bool) -> Result<(), LedgerError> {
@@ -334,4 +339,85 @@ impl Backend for PostgresBackend {
         }
         Ok(())
     }
+}
+
+/// Stores a batch's rejected receipts in the append's transaction, as the SQLite backend does
+/// (a repeat adds to its row, each sender never holds more than the cap, counters account for all).
+fn append_rejected(tx: &mut Transaction<'_>, rejected: &[RejectedReceipt]) -> Result<(), LedgerError> {
+    let again = tx
+        .prepare("UPDATE ledger_rejected SET times = times + $2, last_ms = GREATEST(last_ms, $3) WHERE digest = $1")
+        .map_err(op("prepare rejected update"))?;
+    let mut per_node = PerNode::default();
+    for r in rejected {
+        let repeat = tx.execute(&again, &[&r.digest, &to_db(r.times), &r.last_ms]).map_err(op("count rejected receipt"))? > 0;
+        per_node.add(r, repeat);
+    }
+    let placeholders = (1..=13).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+    let ins = tx.prepare(&format!("INSERT INTO ledger_rejected ({REJECTED_COLUMNS}) VALUES ({placeholders})")).map_err(op("prepare rejected insert"))?;
+    let count = tx
+        .prepare(
+            "INSERT INTO ledger_rejected_counts (session_node, received, distinct_rows, evicted) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (session_node) DO UPDATE SET received = ledger_rejected_counts.received + EXCLUDED.received,
+                 distinct_rows = ledger_rejected_counts.distinct_rows + EXCLUDED.distinct_rows,
+                 evicted = ledger_rejected_counts.evicted + EXCLUDED.evicted",
+        )
+        .map_err(op("prepare rejected counters"))?;
+    for (node, n) in per_node.0 {
+        let (kept, skipped) = n.kept_fresh();
+        let evicted = if n.fresh.is_empty() { 0 } else { evict(tx, node, REJECTED_KEPT_PER_NODE - kept.len() as u64)? };
+        for r in kept {
+            let values = rejected_values(r);
+            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(value_param).collect();
+            tx.execute(&ins, &params).map_err(op("insert rejected receipt"))?;
+        }
+        let fresh = n.fresh.len() as u64;
+        tx.execute(&count, &[&node, &to_db(n.received), &to_db(fresh), &to_db(evicted + skipped)]).map_err(op("count rejected receipts"))?;
+    }
+    Ok(())
+}
+
+/// Deletes `node`'s rejected receipts but the newest `keep`; returns how many.
+fn evict(tx: &mut Transaction<'_>, node: &str, keep: u64) -> Result<u64, LedgerError> {
+    tx.execute(
+        "DELETE FROM ledger_rejected WHERE session_node = $1
+         AND id <= (SELECT id FROM ledger_rejected WHERE session_node = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+        &[&node, &to_db(keep)],
+    )
+    .map_err(op("evict rejected receipts"))
+}
+
+/// Brings a ledger written before rejected receipts were bounded to the bounded shape, as the
+/// SQLite backend does; runs under the schema lock, in the schema's transaction.
+fn migrate(tx: &mut Transaction<'_>) -> Result<(), LedgerError> {
+    let old = tx
+        .query_opt(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'ledger_rejected' AND column_name = 'signature'",
+            &[],
+        )
+        .map_err(op("read rejected columns"))?;
+    if old.is_none() {
+        return Ok(());
+    }
+    tx.batch_execute(&format!(
+        "ALTER TABLE ledger_rejected ADD COLUMN body_bytes BIGINT NOT NULL DEFAULT 0,
+             ADD COLUMN signature_bytes BIGINT NOT NULL DEFAULT 0, ADD COLUMN body_prefix BYTEA NOT NULL DEFAULT '\\x';
+         UPDATE ledger_rejected SET body_bytes = length(body), signature_bytes = length(signature),
+             body_prefix = substring(body from 1 for {REJECTED_BODY_PREFIX}), node = left(node, {REJECTED_NAME_MAX}),
+             attempt_id = left(attempt_id, {REJECTED_NAME_MAX}), reason = left(reason, {REJECTED_REASON_MAX});
+         ALTER TABLE ledger_rejected DROP COLUMN body, DROP COLUMN signature;
+         INSERT INTO ledger_rejected_counts (session_node, received, distinct_rows, evicted)
+             SELECT session_node, SUM(times)::bigint, COUNT(*), 0 FROM ledger_rejected GROUP BY session_node;"
+    ))
+    .map_err(op("migrate rejected receipts"))?;
+    let over = tx
+        .query("SELECT session_node FROM ledger_rejected_counts WHERE distinct_rows > $1", &[&to_db(REJECTED_KEPT_PER_NODE)])
+        .map_err(op("read rejected counters"))?;
+    for r in over {
+        let node: String = r.try_get(0).map_err(op("read rejected counters"))?;
+        let evicted = evict(tx, &node, REJECTED_KEPT_PER_NODE)?;
+        tx.execute("UPDATE ledger_rejected_counts SET evicted = evicted + $2 WHERE session_node = $1", &[&node, &to_db(evicted)])
+            .map_err(op("count evicted receipts"))?;
+    }
+    tracing::info!("payout ledger: rejected receipts are now kept as bounded digests");
+    Ok(())
 }

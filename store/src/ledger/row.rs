@@ -1,13 +1,13 @@
 //! The one mapping between the ledger's records and their rows, used by both backends: for
 //! `ledger_entries` the column list, each column's type, the values of an entry and the entry
-//! of a row; for `ledger_rejected` and the job-usage aggregate, the record of a row. A new
-//! column is added here once, not once per backend.
+//! of a row; for `ledger_rejected`, the record of a row. A new column is added here once, not
+//! once per backend.
 
 use kommune_core::pricing::{Micros, Rates};
 use kommune_ledger::entry::{Entry, EntryKind, UsageFigures};
 use kommune_ledger::verify::BadEntry;
 
-use super::backend::{JobUsage, RejectedReceipt, from_db, to_db};
+use super::backend::{RejectedReceipt, from_db, to_db};
 
 /// What a column holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,10 +143,11 @@ pub fn entry_from_row<R: RowReader>(r: &R) -> Result<Result<Entry, BadEntry>, R:
 }
 
 /// `ledger_rejected`'s columns, in the order [`rejected_from_row`] reads them.
-pub const REJECTED_COLUMNS: &str = "digest, first_ms, last_ms, times, session_node, node, epoch, sequence, attempt_id, body, signature, reason";
+pub const REJECTED_COLUMNS: &str =
+    "digest, first_ms, last_ms, times, session_node, node, epoch, sequence, attempt_id, body_bytes, signature_bytes, body_prefix, reason";
 
 /// A refused receipt's values in [`REJECTED_COLUMNS`] order.
-pub fn rejected_values(r: &RejectedReceipt) -> [Value<'_>; 12] {
+pub fn rejected_values(r: &RejectedReceipt) -> [Value<'_>; 13] {
     let int = |v: u64| Value::Int(to_db(v));
     [
         Value::Bytes(&r.digest),
@@ -158,8 +159,9 @@ pub fn rejected_values(r: &RejectedReceipt) -> [Value<'_>; 12] {
         int(r.epoch),
         int(r.sequence),
         Value::Text(&r.attempt_id),
-        Value::Bytes(&r.body),
-        Value::Bytes(&r.signature),
+        int(r.body_bytes),
+        int(r.signature_bytes),
+        Value::Bytes(&r.body_prefix),
         Value::Text(&r.reason),
     ]
 }
@@ -177,46 +179,10 @@ pub fn rejected_from_row<R: RowReader>(r: &R) -> Result<RejectedReceipt, R::Erro
         epoch: u(6)?,
         sequence: u(7)?,
         attempt_id: r.text(8)?,
-        body: r.bytes(9)?,
-        signature: r.bytes(10)?,
-        reason: r.text(11)?,
-    })
-}
-
-/// The aggregate of a job's receipts, one expression per figure.
-pub const JOB_USAGE_AGGREGATE: [&str; 9] = [
-    "COUNT(*)",
-    "COALESCE(SUM(wall_millis), 0)",
-    "COALESCE(SUM(cpu_micros), 0)",
-    "COALESCE(MAX(memory_peak_bytes), 0)",
-    "COALESCE(SUM(memory_mib_millis), 0)",
-    "COALESCE(SUM(wasm_fuel), 0)",
-    "COALESCE(SUM(gpu_millis), 0)",
-    "COALESCE(SUM(output_bytes), 0)",
-    "COALESCE(SUM(cost), 0)",
-];
-
-/// [`JOB_USAGE_AGGREGATE`] as a select list, each expression cast to `cast` when given
-/// (PostgreSQL's SUM of a bigint is numeric).
-pub fn job_usage_select(cast: Option<&str>) -> String {
-    JOB_USAGE_AGGREGATE.iter().map(|e| cast.map_or_else(|| e.to_string(), |t| format!("({e})::{t}"))).collect::<Vec<_>>().join(", ")
-}
-
-/// A job's usage from the first nine columns of a row selected with [`job_usage_select`].
-pub fn job_usage_from_row<R: RowReader>(r: &R) -> Result<JobUsage, R::Error> {
-    let u = |i| r.int(i).map(from_db);
-    Ok(JobUsage {
-        receipts: u(0)?,
-        usage: UsageFigures {
-            wall_millis: u(1)?,
-            cpu_micros: u(2)?,
-            memory_peak_bytes: u(3)?,
-            memory_mib_millis: u(4)?,
-            wasm_fuel: u(5)?,
-            gpu_millis: u(6)?,
-            output_bytes: u(7)?,
-        },
-        cost: Micros(u(8)?),
+        body_bytes: u(9)?,
+        signature_bytes: u(10)?,
+        body_prefix: r.bytes(11)?,
+        reason: r.text(12)?,
     })
 }
 
@@ -311,8 +277,9 @@ mod tests {
             epoch: 1,
             sequence: u64::MAX,
             attempt_id: "a".into(),
-            body: vec![2],
-            signature: vec![3],
+            body_bytes: 4096,
+            signature_bytes: 64,
+            body_prefix: vec![2],
             reason: "forged".into(),
         };
         let row = Row(rejected_values(&r).into_iter().map(leak).collect());

@@ -7,14 +7,13 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::LedgerError;
-use super::backend::{Backend, EntryFilter, Existing, JobUsage, RejectedReceipt, from_db, to_db};
-use super::row::{
-    ENTRY_COLUMNS, REJECTED_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values, job_usage_from_row, job_usage_select,
-    rejected_from_row, rejected_values,
-};
+use super::aggregate::{JOB_USAGE, NODE_TOTAL, aggregate_select, aggregate_width, job_usage_from_row, node_total_from_row};
+use super::backend::{Backend, EntryFilter, Existing, JobUsage, PerNode, RejectedCount, RejectedReceipt, from_db, to_db};
+use super::row::{ENTRY_COLUMNS, REJECTED_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values, rejected_from_row, rejected_values};
 use crate::db::epoch::{self, Guarded};
 use kommune_core::pricing::Micros;
 use kommune_ledger::entry::{Entry, NodeTotal};
+use kommune_ledger::records::{REJECTED_BODY_PREFIX, REJECTED_KEPT_PER_NODE, REJECTED_NAME_MAX, REJECTED_REASON_MAX};
 use kommune_ledger::verify::BadEntry;
 use rusqlite::types::{ToSql, ToSqlOutput};
 
@@ -62,21 +61,28 @@ CREATE TRIGGER IF NOT EXISTS ledger_entries_no_update BEFORE UPDATE ON ledger_en
 CREATE TRIGGER IF NOT EXISTS ledger_entries_no_delete BEFORE DELETE ON ledger_entries
     BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
 CREATE TABLE IF NOT EXISTS ledger_rejected (
-    id           INTEGER PRIMARY KEY,
-    digest       BLOB NOT NULL UNIQUE,
-    first_ms     INTEGER NOT NULL,
-    last_ms      INTEGER NOT NULL,
-    times        INTEGER NOT NULL,
-    session_node TEXT NOT NULL,
-    node         TEXT NOT NULL,
-    epoch        INTEGER NOT NULL,
-    sequence     INTEGER NOT NULL,
-    attempt_id   TEXT NOT NULL,
-    body         BLOB NOT NULL,
-    signature    BLOB NOT NULL,
-    reason       TEXT NOT NULL
+    id              INTEGER PRIMARY KEY,
+    digest          BLOB NOT NULL UNIQUE,
+    first_ms        INTEGER NOT NULL,
+    last_ms         INTEGER NOT NULL,
+    times           INTEGER NOT NULL,
+    session_node    TEXT NOT NULL,
+    node            TEXT NOT NULL,
+    epoch           INTEGER NOT NULL,
+    sequence        INTEGER NOT NULL,
+    attempt_id      TEXT NOT NULL,
+    body_bytes      INTEGER NOT NULL,
+    signature_bytes INTEGER NOT NULL,
+    body_prefix     BLOB NOT NULL,
+    reason          TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_rejected_by_node ON ledger_rejected (session_node, id);
+CREATE TABLE IF NOT EXISTS ledger_rejected_counts (
+    session_node  TEXT PRIMARY KEY,
+    received      INTEGER NOT NULL,
+    distinct_rows INTEGER NOT NULL,
+    evicted       INTEGER NOT NULL
+);
 ";
 
 /// The SQLite backend: one connection.
@@ -88,7 +94,8 @@ impl SqliteBackend {
     /// Opens (creating if needed) `<dir>/ledger.db`.
     pub fn open(dir: &Path) -> Result<SqliteBackend, LedgerError> {
         std::fs::create_dir_all(dir).map_err(|source| LedgerError::Dir { path: dir.display().to_string(), source })?;
-        let conn = crate::db::sqlite::open(&dir.join("ledger.db"), SCHEMA, Guarded::Ledger)?;
+        let mut conn = crate::db::sqlite::open(&dir.join("ledger.db"), SCHEMA, Guarded::Ledger)?;
+        migrate(&mut conn)?;
         Ok(SqliteBackend { conn })
     }
 
@@ -146,16 +153,9 @@ impl Backend for SqliteBackend {
             for e in entries {
                 ins.execute(rusqlite::params_from_iter(entry_values(e))).map_err(op("insert ledger entry"))?;
             }
-            let mut rej = tx
-                .prepare_cached(&format!(
-                    "INSERT INTO ledger_rejected ({REJECTED_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-                     ON CONFLICT (digest) DO UPDATE SET times = times + excluded.times, last_ms = max(last_ms, excluded.last_ms)"
-                ))
-                .map_err(op("prepare rejected insert"))?;
-            for r in rejected {
-                rej.execute(rusqlite::params_from_iter(rejected_values(r))).map_err(op("insert rejected receipt"))?;
-            }
+        }
+        if !rejected.is_empty() {
+            append_rejected(&tx, rejected)?;
         }
         tx.commit().map_err(op("commit append"))
     }
@@ -195,16 +195,18 @@ impl Backend for SqliteBackend {
     }
 
     fn node_totals(&mut self) -> Result<BTreeMap<String, NodeTotal>, LedgerError> {
-        let mut stmt =
-            self.conn.prepare("SELECT node, SUM(cost), COUNT(*) FROM ledger_entries WHERE kind = 0 GROUP BY node").map_err(op("prepare node totals"))?;
-        let rows = stmt.query_map([], |r| Ok((text(r, 0)?, NodeTotal { total: Micros(u(r, 1)?), receipts: u(r, 2)? }))).map_err(op("read node totals"))?;
+        let sql = format!("SELECT node, {} FROM ledger_entries WHERE kind = 0 GROUP BY node", aggregate_select(&NODE_TOTAL, None));
+        let mut stmt = self.conn.prepare(&sql).map_err(op("prepare node totals"))?;
+        let rows = stmt.query_map([], |r| Ok((text(r, 0)?, node_total_from_row(r, 1)?))).map_err(op("read node totals"))?;
         rows.collect::<rusqlite::Result<_>>().map_err(op("read node totals"))
     }
 
-    fn node_total(&mut self, node: &str) -> Result<NodeTotal, LedgerError> {
+    fn node_total(&mut self, node: &str, key: Option<&[u8; 32]>) -> Result<NodeTotal, LedgerError> {
+        let sql =
+            format!("SELECT {} FROM ledger_entries WHERE kind = 0 AND node = ?1 AND (?2 IS NULL OR public_key = ?2)", aggregate_select(&NODE_TOTAL, None));
         self.conn
-            .prepare_cached("SELECT COALESCE(SUM(cost), 0), COUNT(*) FROM ledger_entries WHERE kind = 0 AND node = ?1")
-            .and_then(|mut s| s.query_row(params![node], |r| Ok(NodeTotal { total: Micros(u(r, 0)?), receipts: u(r, 1)? })))
+            .prepare_cached(&sql)
+            .and_then(|mut s| s.query_row(params![node, key.map(|k| &k[..])], |r| node_total_from_row(r, 0)))
             .map_err(op("read node total"))
     }
 
@@ -223,19 +225,27 @@ impl Backend for SqliteBackend {
         self.conn
             .prepare_cached(&format!(
                 "SELECT {}, (SELECT COALESCE(MAX(seq), 0) FROM ledger_entries) FROM ledger_entries WHERE kind = 0 AND job_uid = ?1",
-                job_usage_select(None)
+                aggregate_select(&JOB_USAGE, None)
             ))
-            .and_then(|mut s| s.query_row(params![job_uid], |r| Ok(Some((job_usage_from_row(r)?, u(r, 9)?)))))
+            .and_then(|mut s| s.query_row(params![job_uid], |r| Ok(Some((job_usage_from_row(r)?, u(r, aggregate_width(&JOB_USAGE))?)))))
             .map_err(op("read job usage"))
     }
 
-    fn rejected(&mut self, node: &str) -> Result<Vec<RejectedReceipt>, LedgerError> {
+    fn rejected(&mut self, node: &str, limit: u64) -> Result<Vec<RejectedReceipt>, LedgerError> {
         let mut stmt = self
             .conn
-            .prepare_cached(&format!("SELECT {REJECTED_COLUMNS} FROM ledger_rejected WHERE session_node = ?1 ORDER BY id"))
+            .prepare_cached(&format!("SELECT {REJECTED_COLUMNS} FROM ledger_rejected WHERE session_node = ?1 ORDER BY id DESC LIMIT ?2"))
             .map_err(op("prepare rejected"))?;
-        let rows = stmt.query_map(params![node], |r| rejected_from_row(r)).map_err(op("read rejected"))?;
+        let rows = stmt.query_map(params![node, to_db(limit.min(i64::MAX as u64))], |r| rejected_from_row(r)).map_err(op("read rejected"))?;
         rows.collect::<rusqlite::Result<_>>().map_err(op("read rejected"))
+    }
+
+    fn rejected_count(&mut self, node: &str) -> Result<RejectedCount, LedgerError> {
+        self.conn
+            .prepare_cached("SELECT received, distinct_rows, evicted FROM ledger_rejected_counts WHERE session_node = ?1")
+            .and_then(|mut s| s.query_row(params![node], |r| Ok(RejectedCount { received: u(r, 0)?, distinct: u(r, 1)?, evicted: u(r, 2)? })).optional())
+            .map(Option::unwrap_or_default)
+            .map_err(op("read rejected count"))
     }
 
     fn for_each_entry(&mut self, filter: &EntryFilter, f: &mut dyn FnMut(Result<Entry, BadEntry>) -> bool) -> Result<(), LedgerError> {
@@ -257,4 +267,94 @@ impl Backend for SqliteBackend {
         }
         Ok(())
     }
+}
+
+/// Stores a batch's rejected receipts (`tx` is the append's transaction): a repeat adds to its
+/// row; for new ones, each sender's oldest rows are evicted first so that with them it keeps at
+/// most `REJECTED_KEPT_PER_NODE` (never more, even inside the transaction), and its counters
+/// account for all of it, so the counts never need the rows.
+fn append_rejected(tx: &rusqlite::Transaction<'_>, rejected: &[RejectedReceipt]) -> Result<(), LedgerError> {
+    let mut again = tx
+        .prepare_cached("UPDATE ledger_rejected SET times = times + ?2, last_ms = max(last_ms, ?3) WHERE digest = ?1")
+        .map_err(op("prepare rejected update"))?;
+    let mut per_node = PerNode::default();
+    for r in rejected {
+        let repeat = again.execute(params![r.digest, to_db(r.times), r.last_ms]).map_err(op("count rejected receipt"))? > 0;
+        per_node.add(r, repeat);
+    }
+    let placeholders = (1..=13).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let mut ins =
+        tx.prepare_cached(&format!("INSERT INTO ledger_rejected ({REJECTED_COLUMNS}) VALUES ({placeholders})")).map_err(op("prepare rejected insert"))?;
+    let mut count = tx
+        .prepare_cached(
+            "INSERT INTO ledger_rejected_counts (session_node, received, distinct_rows, evicted) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (session_node) DO UPDATE SET received = received + excluded.received,
+                 distinct_rows = distinct_rows + excluded.distinct_rows, evicted = evicted + excluded.evicted",
+        )
+        .map_err(op("prepare rejected counters"))?;
+    for (node, n) in per_node.0 {
+        let (kept, skipped) = n.kept_fresh();
+        let evicted = if n.fresh.is_empty() { 0 } else { evict(tx, node, REJECTED_KEPT_PER_NODE - kept.len() as u64)? };
+        for r in kept {
+            ins.execute(rusqlite::params_from_iter(rejected_values(r))).map_err(op("insert rejected receipt"))?;
+        }
+        let fresh = n.fresh.len() as u64;
+        count.execute(params![node, to_db(n.received), to_db(fresh), to_db(evicted + skipped)]).map_err(op("count rejected receipts"))?;
+    }
+    Ok(())
+}
+
+/// Deletes `node`'s rejected receipts but the newest `keep`; returns how many.
+fn evict(conn: &Connection, node: &str, keep: u64) -> Result<u64, LedgerError> {
+    conn.prepare_cached(
+        "DELETE FROM ledger_rejected WHERE session_node = ?1
+         AND id <= (SELECT id FROM ledger_rejected WHERE session_node = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+    )
+    .and_then(|mut s| s.execute(params![node, to_db(keep)]))
+    .map(|n| n as u64)
+    .map_err(op("evict rejected receipts"))
+}
+
+/// Brings a ledger written before rejected receipts were bounded to the bounded shape: each
+/// stored body and signature becomes its sizes and a prefix, texts are capped, the counters
+/// start from the rows (so no count is lost), and each node keeps its newest rows only. Runs
+/// once, in one transaction; the writer and the reader may both try, the second finds it done.
+fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
+    let old_shape = |c: &Connection| {
+        c.query_row("SELECT COUNT(*) FROM pragma_table_info('ledger_rejected') WHERE name = 'signature'", [], |r| r.get::<_, i64>(0))
+            .map(|n| n > 0)
+            .map_err(op("read rejected columns"))
+    };
+    if !old_shape(conn)? {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(op("begin migration"))?;
+    if !old_shape(&tx)? {
+        return Ok(());
+    }
+    tx.execute_batch(&format!(
+        "ALTER TABLE ledger_rejected ADD COLUMN body_bytes INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE ledger_rejected ADD COLUMN signature_bytes INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE ledger_rejected ADD COLUMN body_prefix BLOB NOT NULL DEFAULT x'';
+         UPDATE ledger_rejected SET body_bytes = length(body), signature_bytes = length(signature),
+             body_prefix = substr(body, 1, {REJECTED_BODY_PREFIX}), node = substr(node, 1, {REJECTED_NAME_MAX}),
+             attempt_id = substr(attempt_id, 1, {REJECTED_NAME_MAX}), reason = substr(reason, 1, {REJECTED_REASON_MAX});
+         ALTER TABLE ledger_rejected DROP COLUMN body;
+         ALTER TABLE ledger_rejected DROP COLUMN signature;
+         INSERT INTO ledger_rejected_counts (session_node, received, distinct_rows, evicted)
+             SELECT session_node, SUM(times), COUNT(*), 0 FROM ledger_rejected GROUP BY session_node;"
+    ))
+    .map_err(op("migrate rejected receipts"))?;
+    let over: Vec<String> = tx
+        .prepare("SELECT session_node FROM ledger_rejected_counts WHERE distinct_rows > ?1")
+        .and_then(|mut s| s.query_map(params![to_db(REJECTED_KEPT_PER_NODE)], |r| text(r, 0))?.collect())
+        .map_err(op("read rejected counters"))?;
+    for node in over {
+        let evicted = evict(&tx, &node, REJECTED_KEPT_PER_NODE)?;
+        tx.execute("UPDATE ledger_rejected_counts SET evicted = evicted + ?2 WHERE session_node = ?1", params![node, to_db(evicted)])
+            .map_err(op("count evicted receipts"))?;
+    }
+    tx.commit().map_err(op("commit migration"))?;
+    tracing::info!("payout ledger: rejected receipts are now kept as bounded digests (the freed space is reused; VACUUM returns it to the disk)");
+    Ok(())
 }

@@ -19,12 +19,12 @@ use kommune_ledger::verify::{BadEntry, VerifyOptions, verify};
 pub(crate) struct Env(TestDb);
 
 impl Env {
-    fn sqlite() -> Env {
+    pub fn sqlite() -> Env {
         Env(TestDb::sqlite())
     }
 
     /// A fresh database on the server named by KOMMUNE_TEST_DATABASE_URL, or None.
-    fn postgres() -> Option<Env> {
+    pub fn postgres() -> Option<Env> {
         TestDb::postgres("kommune_test").map(Env)
     }
 
@@ -40,7 +40,7 @@ impl Env {
         open_backend(self.dir.path(), self.url.as_deref()).unwrap()
     }
 
-    fn verify(&self) -> Result<verify::VerifyReport, BadEntry> {
+    pub fn verify(&self) -> Result<verify::VerifyReport, BadEntry> {
         verify_stored(self.backend().as_mut(), VerifyOptions::default()).unwrap()
     }
 
@@ -140,16 +140,16 @@ impl std::ops::Deref for Env {
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-fn key_of(seed: u8) -> [u8; 32] {
+pub(crate) fn key_of(seed: u8) -> [u8; 32] {
     node_key(seed).verifying_key().to_bytes()
 }
 
 /// Re-signs an input's receipt after changing its body, with `key`.
-fn resign(mut i: ReceiptInput, key: &SigningKey, f: impl FnOnce(&mut ReceiptBody)) -> ReceiptInput {
+pub(crate) fn resign(mut i: ReceiptInput, key: &SigningKey, f: impl FnOnce(&mut ReceiptBody)) -> ReceiptInput {
     let mut b = receipt::decode(&i.receipt).unwrap();
     f(&mut b);
     i.receipt = receipt::sign(&b, key);
@@ -325,8 +325,8 @@ fn forged_receipts_are_rejected_with_a_reason_and_kept_once(env: &Env) {
         }
         assert!(matches!(l.submit(genuine.clone()).await.unwrap(), Verdict::Accepted { .. }));
     });
-    let rejected = rt.block_on(l.rejected("pn-1")).unwrap();
-    let from_pn2 = rt.block_on(l.rejected("pn-2")).unwrap();
+    let rejected = rt.block_on(l.rejected("pn-1", 100)).unwrap();
+    let from_pn2 = rt.block_on(l.rejected("pn-2", 100)).unwrap();
     assert_eq!(rejected.len() + from_pn2.len(), forgeries.len(), "each forgery is stored once: {rejected:#?}");
     assert!(rejected.iter().chain(&from_pn2).all(|r| r.times == 2 && !r.reason.is_empty()));
     assert_eq!(from_pn2.len(), 1);
@@ -367,7 +367,7 @@ fn a_reused_sequence_or_a_metered_attempt_is_rejected(env: &Env) {
         let Verdict::Rejected { reason } = l.submit(again).await.unwrap() else { panic!() };
         assert!(reason.contains(&format!("attempt a-1-1-1 was already metered by ledger entry {seq}")), "{reason}");
     });
-    assert_eq!(rt.block_on(l.rejected("pn-1")).unwrap().len(), 2);
+    assert_eq!(rt.block_on(l.rejected("pn-1", 100)).unwrap().len(), 2);
 }
 
 fn reopening_keeps_everything_and_dedup_still_holds(env: &Env) {

@@ -240,7 +240,7 @@ impl NodeWriter {
 /// error, which is logged: the status keeps its last figures).
 async fn earnings(dispatcher: &Dispatcher, node: &str) -> Option<NodeEarnings> {
     let ledger = dispatcher.ledger()?;
-    let read = async { Ok::<_, crate::ledger::LedgerError>((ledger.node_earnings(node).await?, ledger.rejected(node).await?.len() as u64)) };
+    let read = async { Ok::<_, crate::ledger::LedgerError>((ledger.node_earnings(node).await?, ledger.rejected_count(node).await?.distinct)) };
     match read.await {
         Ok((e, rejected)) => Some(NodeEarnings {
             pending: e.pending.to_string(),
