@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, trace, warn};
 
 use self::table::TaskTable;
-use crate::receipts::Receipts;
 use crate::fetch::UrlPolicy;
+use crate::receipts::Receipts;
 use crate::runtime::{AttemptContext, ContainerRuntime, Ending, ExecRuntime, Outcome, WasmRuntime};
 pub use crate::spool::Spool;
 use crate::spool::file_name;
@@ -64,7 +64,17 @@ impl Tasks {
         scratch_root: PathBuf,
     ) -> (Arc<Tasks>, mpsc::UnboundedReceiver<TaskUpdate>) {
         let (updates, rx) = mpsc::unbounded_channel();
-        let tasks = Tasks { table: Mutex::default(), wasm: Arc::new(wasm), exec, container, spool, receipts: OnceLock::new(), scratch_root, url_policy: OnceLock::new(), updates };
+        let tasks = Tasks {
+            table: Mutex::default(),
+            wasm: Arc::new(wasm),
+            exec,
+            container,
+            spool,
+            receipts: OnceLock::new(),
+            scratch_root,
+            url_policy: OnceLock::new(),
+            updates,
+        };
         (Arc::new(tasks), rx)
     }
 

@@ -8,12 +8,15 @@ use tracing::warn;
 
 use super::{Dispatcher, Result};
 use crate::attempt::Attempt;
+use crate::bounds;
 use crate::job::JobPolicy;
 use crate::ledger::Verdict;
 use crate::ledger::check::{AttemptFacts, ReceiptInput};
-use crate::bounds;
 use crate::pricing::{BudgetCheck, Micros};
 use kommune_proto::now_ms;
+
+/// Longest rejection reason sent back in an Ack.
+const REASON_LIMIT: usize = 512;
 
 impl Dispatcher {
     /// The job's metered usage, for its status.
@@ -94,7 +97,8 @@ impl Dispatcher {
         };
         match ledger.submit(input).await? {
             Verdict::Accepted { cost, .. } | Verdict::Duplicate { cost, .. } => Ok((String::new(), cost)),
-            Verdict::Rejected { reason } => Ok((reason, Micros(0))),
+            // The reason may quote what the agent sent (a node name from the body): bounded.
+            Verdict::Rejected { reason } => Ok((reason.chars().take(REASON_LIMIT).collect(), Micros(0))),
         }
     }
 }

@@ -16,7 +16,6 @@ use crate::{PRICED, cordon, plausible};
 /// output near u64::MAX. Today they are priced (at u64::MAX, saturated) and two of them
 /// overflow the ledger's job sum.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs lead: receipt bounds (gpu, memory, output by what was assigned); needs ledger: overflow-proof sums"]
 async fn a_receipt_claiming_2_pow_63_gpu_ms_on_a_gpu_less_task_is_rejected_and_the_ledger_still_opens() {
     let op = operator_with(PRICED).await;
     let dir = tempfile::tempdir().unwrap();
@@ -79,7 +78,6 @@ async fn a_receipt_claiming_2_pow_63_gpu_ms_on_a_gpu_less_task_is_rejected_and_t
 /// another attempt than the one it reports, all for one attempt the node holds. Today every
 /// copy is stored whole and the node sweep loads them all to count them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs ledger: rejected receipts kept as a bounded digest with a per-node cap, counted without loading rows"]
 async fn a_flood_of_two_thousand_oversized_rejected_receipts_leaves_disk_and_memory_bounded() {
     const FLOOD: usize = 2000;
     let op = operator_with(PRICED).await;
@@ -120,9 +118,12 @@ async fn a_flood_of_two_thousand_oversized_rejected_receipts_leaves_disk_and_mem
     sending.await.unwrap();
     assert_eq!(rejected, FLOOD, "every receipt of the flood is rejected with a reason");
 
-    // What the node sweep reads every 10 s.
+    // What the node sweep reads every 10 s: counters, not rows; and what is kept is capped.
     let ledger = op.dispatcher.ledger().unwrap();
-    let kept = ledger.rejected(&flooder.name).await.unwrap();
+    let count = ledger.rejected_count(&flooder.name).await.unwrap();
+    assert_eq!((count.received, count.distinct), (FLOOD as u64, FLOOD as u64), "every refused receipt is counted: {count:?}");
+    let kept = ledger.rejected(&flooder.name, u64::MAX).await.unwrap();
+    assert!(kept.len() as u64 <= kommune_operator::ledger::records::REJECTED_KEPT_PER_NODE, "{} rows kept", kept.len());
     let after = Footprint::of(op.data_dir());
     println!(
         "flood of {FLOOD} receipts, {:.2} MiB sent: before {before}; after {after}; rows the sweep loads: {}",
@@ -167,7 +168,7 @@ async fn an_honest_cpu_bound_wasm_task_at_250m_running_5_s_is_metered_and_paid()
     assert_eq!(done.progress.phase, JobPhase::Succeeded, "{:?}", done.attempts);
     let m = op.metered_at_least(&jr.uid, 1).await;
     println!("metered: {m:?}");
-    let rejected = op.dispatcher.ledger().unwrap().rejected("honest-cruncher").await.unwrap();
+    let rejected = op.dispatcher.ledger().unwrap().rejected("honest-cruncher", 10).await.unwrap();
     println!("rejected: {:?}", rejected.iter().map(|r| &r.reason).collect::<Vec<_>>());
     let history = kommune_agent::receipts::history(&agent.state.receipts_dir(), &[]);
     assert_eq!(m.receipts, 1, "the honest receipt is accepted: {history:?}");

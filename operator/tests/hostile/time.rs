@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use kommune_operator::attempt::AttemptPhase;
+use kommune_operator::bounds;
 use kommune_operator::crd::JobPhase;
 use kommune_operator::fleet::NodeAdmin;
-use kommune_operator::bounds;
 use kommune_operator::job::conduct;
 use kommune_operator::pricing::Micros;
 use kommune_proto::v1::AttemptState;
