@@ -64,6 +64,12 @@ impl Operator {
     /// Joins and runs the agent's sessions in the background until its node is connected.
     async fn join_and_connect(&self, dir: &Path, token: &str, name: &str, facts: NodeFacts) -> AgentState {
         let state = self.join(dir, token, name, facts.clone()).await.unwrap();
+        self.run_agent(&state, facts).await;
+        state
+    }
+
+    /// Runs a joined agent's sessions in the background until its node is connected.
+    async fn run_agent(&self, state: &AgentState, facts: NodeFacts) {
         let (tasks, mut updates) = kommune_agent::tasks::Tasks::new(
             kommune_agent::runtime::WasmRuntime::new().unwrap(),
             kommune_agent::runtime::ExecRuntime::new(true),
@@ -72,9 +78,13 @@ impl Operator {
         );
         let s = state.clone();
         tokio::spawn(async move { kommune_agent::session::run(&s, &facts, &tasks, &mut updates, std::future::pending()).await });
-        for _ in 0..200 {
+        self.wait_connected(&state.config.node_name).await;
+    }
+
+    async fn wait_connected(&self, name: &str) {
+        for _ in 0..400 {
             if self.dispatcher.fleet().is_connected(name) {
-                return state;
+                return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -178,6 +188,86 @@ async fn what_an_agent_claims_is_capped_by_its_token_and_the_admins_region_wins(
     let labels = [(REGION_LABEL.to_string(), "us-east".to_string())].into();
     op.dispatcher.fleet().set_admin("boaster", NodeAdmin { labels, ..Default::default() });
     assert_eq!(op.dispatcher.fleet().node("boaster").unwrap().labels.get(REGION_LABEL).map(String::as_str), Some("us-east"));
+}
+
+/// (not before, not after) of a PEM certificate, unix seconds.
+fn validity(pem: &str) -> (i64, i64) {
+    let der = pem_der(pem);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp())
+}
+
+fn now_secs() -> i64 {
+    kommune_proto::now_ms() / 1000
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_renews_its_ageing_certificate_over_its_session_and_reconnects_with_the_new_one() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Joined with a certificate that expires in 3 s: well inside the last third of its life.
+    op.ca.set_node_validity(Duration::from_secs(3));
+    let state = op.join(dir.path(), &op.token(1, None, CapacityLimits::default()), "renewer", facts(2000, "")).await.unwrap();
+    op.ca.set_node_validity(Duration::from_secs(90 * 86400));
+    let old = state.cert_pem.clone();
+    op.run_agent(&state, facts(2000, "")).await;
+
+    let mut renewed = String::new();
+    for _ in 0..200 {
+        renewed = std::fs::read_to_string(state.dir.join("node.crt")).unwrap();
+        if renewed != old {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_ne!(renewed, old, "the agent renewed its certificate at session start");
+    assert!(validity(&renewed).1 > now_secs() + 89 * 86400, "the new certificate has the operator's full lifetime");
+    let key_of = |pem: &str| kommune_operator::pki::public_key_sha256_of(&pem_der(pem)).unwrap();
+    assert_eq!(key_of(&renewed), key_of(&old), "same key: the ledger's key for the node still verifies its receipts");
+    assert_eq!(kommune_operator::pki::node_name_of(&pem_der(&renewed)).as_deref(), Some("renewer"));
+
+    // Once the old certificate has expired, the gateway's TLS refuses it: the agent gets back in
+    // only with the renewed one.
+    while now_secs() <= validity(&old).1 + 1 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(op.dispatcher.fleet().close("renewer", tonic::Status::unavailable("test: reconnect")));
+    op.wait_connected("renewer").await;
+    assert_eq!(AgentState::load(&state.dir).unwrap().cert_pem, renewed, "a restarted agent also starts with the new certificate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_for_another_key_or_name_is_refused_and_renewals_are_rate_limited() {
+    use kommune_proto::v1::{AgentMessage, Hello, RenewCertificate, agent_message, operator_message};
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = op.join(dir.path(), &op.token(1, None, CapacityLimits::default()), "asker", facts(2000, "")).await.unwrap();
+    let server = kommune_agent::connect::parse_server(&op.url).unwrap();
+    let mut client = kommune_agent::connect::client(&server, &state.ca_pem, Some((&state.cert_pem, &state.key_pem))).await.unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(AgentMessage { kind: Some(agent_message::Kind::Hello(Hello { facts: Some(facts(2000, "")), ..Default::default() })) }).await.unwrap();
+    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert!(matches!(inbound.message().await.unwrap().unwrap().kind, Some(operator_message::Kind::Welcome(_))));
+    let mut ask = async |csr_der: Vec<u8>| {
+        tx.send(AgentMessage { kind: Some(agent_message::Kind::Renew(RenewCertificate { csr_der })) }).await.unwrap();
+        loop {
+            if let Some(operator_message::Kind::Certificate(c)) = inbound.message().await.unwrap().unwrap().kind {
+                return c;
+            }
+        }
+    };
+
+    let other_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let stolen = ask(kommune_agent::renew::request(&other_key.serialize_pem(), "asker").unwrap()).await;
+    assert!(stolen.certificate_pem.is_empty() && stolen.refused.contains("another key"), "{stolen:?}");
+    let victim = ask(kommune_agent::renew::request(&state.key_pem, "victim").unwrap()).await;
+    assert!(victim.certificate_pem.is_empty() && victim.refused.contains("victim"), "{victim:?}");
+
+    let own = ask(kommune_agent::renew::request(&state.key_pem, "asker").unwrap()).await;
+    assert!(own.refused.is_empty(), "{own:?}");
+    assert_eq!(kommune_operator::pki::node_name_of(&pem_der(&own.certificate_pem)).as_deref(), Some("asker"));
+    let again = ask(kommune_agent::renew::request(&state.key_pem, "asker").unwrap()).await;
+    assert!(again.refused.contains("less than 60s ago"), "{again:?}");
 }
 
 fn pem_der(pem: &str) -> Vec<u8> {

@@ -2,6 +2,7 @@
 //! for a node certificate; `Session` is one long-lived mTLS stream per node; `FetchBlob` serves
 //! wasm modules by digest. Handlers are thin: decisions live in the dispatcher and the store.
 
+mod renew;
 mod session;
 
 use std::net::SocketAddr;
