@@ -14,6 +14,7 @@ pub mod inventory;
 pub mod join;
 pub mod leave;
 pub mod receipts;
+pub mod renew;
 pub mod runtime;
 pub mod schedule;
 pub mod session;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use kommune_proto::STAGE_TARGET;
 use kommune_proto::v1::agent_gateway_client::AgentGatewayClient;
-use kommune_proto::v1::{AgentMessage, FetchBlobRequest, Heartbeat, Hello, NodeFacts, TaskUpdate, agent_message, operator_message};
+use kommune_proto::v1::{AgentMessage, FetchBlobRequest, Heartbeat, Hello, NodeFacts, RenewCertificate, TaskUpdate, agent_message, operator_message};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,10 +16,10 @@ use tracing::{info, trace, warn};
 
 use crate::availability::{self, Availability, Gate};
 use crate::connect::{self, ConnectError, Server};
-use crate::schedule;
 use crate::state::AgentState;
 use crate::status::{AgentStatus, OfferedGpu, StatusFile};
 use crate::tasks::{ModuleSource, Tasks};
+use crate::{renew, schedule};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -107,7 +107,7 @@ pub async fn run_with(
     status.write(|_| {});
     let (tx, available) = watch::channel(gate.initial(state.is_paused()));
     let watcher = availability::watch(gate, state.pause_file(), tasks.clone(), tx, status.clone());
-    let uplink = Uplink { server, state, facts, tasks, updates, available, status: &status };
+    let uplink = Uplink { server, state, cert_pem: state.cert_pem.clone(), facts, tasks, updates, available, status: &status };
     tokio::select! {
         r = uplink.sessions(shutdown) => r,
         () = watcher => Ok(()),
@@ -120,6 +120,8 @@ pub async fn run_with(
 struct Uplink<'a> {
     server: Server,
     state: &'a AgentState,
+    /// The client certificate the next connection presents: the state's, or a renewed one.
+    cert_pem: String,
     facts: &'a NodeFacts,
     tasks: &'a Arc<Tasks>,
     updates: &'a mut mpsc::UnboundedReceiver<TaskUpdate>,
@@ -166,8 +168,8 @@ impl Uplink<'_> {
     /// heartbeats and task updates until the stream ends.
     async fn session(&mut self) -> Result<(), SessionError> {
         let (server, state, facts, tasks, status) = (&self.server, self.state, self.facts, self.tasks, self.status);
-        let (updates, available) = (&mut *self.updates, &mut self.available);
-        let mut client = connect::client(server, &state.ca_pem, Some((&state.cert_pem, &state.key_pem))).await?;
+        let (updates, available, cert_pem) = (&mut *self.updates, &mut self.available, &mut self.cert_pem);
+        let mut client = connect::client(server, &state.ca_pem, Some((cert_pem.as_str(), &state.key_pem))).await?;
         let (tx, rx) = mpsc::channel::<AgentMessage>(256);
         let send = |kind: agent_message::Kind| {
             let tx = tx.clone();
@@ -186,6 +188,9 @@ impl Uplink<'_> {
 
         let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is at once: a session opened with an ageing certificate renews it.
+        let mut renew_check = tokio::time::interval(renew::CHECK_EVERY);
+        let mut renewing = false;
         loop {
             tokio::select! {
                 msg = inbound.message() => {
@@ -211,7 +216,33 @@ impl Uplink<'_> {
                         }
                         Some(operator_message::Kind::Cancel(c)) => tasks.cancel(&c.attempt_id),
                         Some(operator_message::Kind::Ack(a)) => tasks.acknowledge(&a),
+                        Some(operator_message::Kind::Certificate(c)) => {
+                            renewing = false;
+                            if !c.refused.is_empty() {
+                                warn!(reason = %c.refused, "the operator refused to renew the node certificate; keeping the current one");
+                            } else {
+                                match renew::install(&state.dir, &state.key_pem, &c.certificate_pem) {
+                                    Ok(()) => {
+                                        info!("node certificate renewed; the next connection uses it");
+                                        *cert_pem = c.certificate_pem;
+                                    }
+                                    Err(e) => warn!(error = %e, "cannot keep the renewed node certificate"),
+                                }
+                            }
+                        }
                         None => {}
+                    }
+                }
+                _ = renew_check.tick(), if !renewing => {
+                    if renew::needs_renewal(cert_pem, kommune_proto::now_ms() / 1000) {
+                        match renew::request(&state.key_pem, &state.config.node_name) {
+                            Ok(csr_der) => {
+                                info!("the node certificate is in the last third of its lifetime; asking the operator to renew it");
+                                renewing = true;
+                                send(agent_message::Kind::Renew(RenewCertificate { csr_der })).await?;
+                            }
+                            Err(e) => warn!(error = %e, "cannot ask for a renewed node certificate"),
+                        }
                     }
                 }
                 _ = heartbeat.tick() => {

@@ -366,7 +366,7 @@ fn fanin_operator(sizes: &Sizes) {
             let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
             let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
             let (cert_pem, key_sha) = op.ca.sign_node(csr.der(), &name).unwrap();
-            rt.block_on(store.register_node(&name, &key_sha, 0)).unwrap();
+            rt.block_on(store.register_node(&name, &key_sha, &Default::default(), 0)).unwrap();
             serde_json::to_writer(&mut w, &Identity { name, cert_pem, key_pem: key.serialize_pem() }).unwrap();
             w.write_all(b"\n").unwrap();
         }

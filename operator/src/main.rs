@@ -22,7 +22,8 @@ use kommune_operator::metrics::Metrics;
 use kommune_operator::pricing::{Micros, RateBook, Rates};
 use kommune_operator::scheduler::{FairShare, Weights};
 use kommune_operator::store::{Store, StoreConfig};
-use kommune_operator::tokens::SecretTokens;
+use kommune_operator::tokens::{CapacityLimits, SecretTokens};
+use kommune_proto::quantity;
 use tokio::sync::mpsc;
 use tracing::info;
 
@@ -171,7 +172,28 @@ enum TokenCommand {
         /// Namespace of the operator (where the token Secret is created).
         #[arg(long, env = "POD_NAMESPACE", default_value = "kommune-system")]
         namespace: String,
+        /// Who the machines joined with this token belong to (their ProviderNodes' spec.owner):
+        /// machines of one owner never hold two copies of a replicated task. Default: the token
+        /// itself (`token:<id>`), so all machines joined with one token are one owner.
+        #[arg(long, value_parser = owner_arg)]
+        owner: Option<String>,
+        /// Most CPU a machine joined with this token is believed to offer, e.g. 8 or 3500m.
+        #[arg(long, value_parser = |v: &str| quantity::cpu_millis("--max-cpu", v).map_err(|e| e.to_string()))]
+        max_cpu: Option<u64>,
+        /// Most memory a machine joined with this token is believed to offer, e.g. 16Gi.
+        #[arg(long, value_parser = |v: &str| quantity::memory_bytes("--max-memory", v).map_err(|e| e.to_string()))]
+        max_memory: Option<u64>,
+        /// Most scratch disk a machine joined with this token is believed to offer, e.g. 100Gi.
+        #[arg(long, value_parser = |v: &str| quantity::memory_bytes("--max-ephemeral-storage", v).map_err(|e| e.to_string()))]
+        max_ephemeral_storage: Option<u64>,
+        /// Most GPUs a machine joined with this token is believed to have (0: none).
+        #[arg(long)]
+        max_gpus: Option<u32>,
     },
+}
+
+fn owner_arg(v: &str) -> Result<String, String> {
+    kommune_operator::tokens::valid_owner(v).map(|()| v.to_string())
 }
 
 #[tokio::main]
@@ -179,7 +201,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Crdgen(args)) => crdgen(args),
-        Some(Command::Token(TokenCommand::Create { ttl, uses, namespace })) => token_create(ttl, uses, &namespace).await,
+        Some(Command::Token(TokenCommand::Create { ttl, uses, namespace, owner, max_cpu, max_memory, max_ephemeral_storage, max_gpus })) => {
+            let limits = CapacityLimits { cpu_millis: max_cpu, memory_bytes: max_memory, ephemeral_bytes: max_ephemeral_storage, gpus: max_gpus };
+            token_create(ttl, uses, &namespace, owner.as_deref(), limits).await
+        }
         Some(Command::Ledger(cmd)) => ledger(cmd),
         Some(Command::Run(args)) => run(args).await,
         None => run(cli.run).await,
@@ -211,17 +236,18 @@ fn ledger(cmd: kommune_operator::ledger::cli::LedgerCommand) -> anyhow::Result<(
     Ok(())
 }
 
-async fn token_create(ttl: Duration, uses: u32, namespace: &str) -> anyhow::Result<()> {
+async fn token_create(ttl: Duration, uses: u32, namespace: &str, owner: Option<&str>, limits: CapacityLimits) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API (is KUBECONFIG set, or are you in-cluster?)")?;
     let ca = ensure_ca(client.clone(), namespace).await.with_context(|| format!("cannot load or create the operator CA in namespace {namespace}"))?;
     let token = SecretTokens::new(client, namespace)
-        .create(&ca.pin(), ttl, uses)
+        .create(&ca.pin(), ttl, uses, owner, limits)
         .await
         .with_context(|| format!("cannot create the token Secret in namespace {namespace}"))?;
     println!("{token}");
     eprintln!(
-        "join token {} valid for {} and {uses} use(s); on the provider run:\n  kommune-agent join --server https://<gateway address>:<port> --token <token>",
+        "join token {} of owner {} valid for {} and {uses} use(s); on the provider run:\n  kommune-agent join --server https://<gateway address>:<port> --token <token>",
         token.id,
+        owner.map_or_else(|| kommune_operator::tokens::default_owner(&token.id), str::to_string),
         humantime::format_duration(ttl)
     );
     Ok(())

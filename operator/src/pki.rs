@@ -6,9 +6,12 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PublicKeyData, SanType,
 };
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use time::{Duration, OffsetDateTime};
 
-/// How long a node's client certificate is valid. Rotation arrives with the provider lifecycle.
+/// How long a node's client certificate is valid by default. Agents renew it over their
+/// session once less than a third of it remains (see [`Ca::renew_node`]).
 pub const NODE_CERT_VALIDITY: Duration = Duration::days(90);
 const CA_VALIDITY: Duration = Duration::days(3650);
 const SERVER_CERT_VALIDITY: Duration = Duration::days(365);
@@ -24,6 +27,10 @@ pub enum PkiError {
     BadCsr(rcgen::Error),
     #[error("the certificate signing request uses {0}; node keys must be ed25519")]
     WrongKeyType(String),
+    #[error("the renewal request is for another key than the one registered for node {0}")]
+    OtherKey(String),
+    #[error("the renewal request names {named:?}, not this session's node {node}")]
+    OtherName { node: String, named: String },
 }
 
 /// The operator CA: certificate and signing key.
@@ -32,6 +39,8 @@ pub struct Ca {
     cert_der: Vec<u8>,
     key_pem: String,
     issuer: Issuer<'static, KeyPair>,
+    /// Lifetime of node certificates signed from now on, in seconds.
+    node_validity_secs: AtomicI64,
 }
 
 fn validity(params: &mut CertificateParams, length: Duration) {
@@ -55,7 +64,7 @@ impl Ca {
         validity(&mut params, CA_VALIDITY);
         let cert = params.self_signed(&key).map_err(PkiError::Issue)?;
         let key_pem = key.serialize_pem();
-        Ok(Ca { cert_pem: cert.pem(), cert_der: cert.der().to_vec(), key_pem, issuer: Issuer::new(params, key) })
+        Ok(Ca { cert_pem: cert.pem(), cert_der: cert.der().to_vec(), key_pem, issuer: Issuer::new(params, key), node_validity_secs: default_node_validity() })
     }
 
     /// Loads a CA kept as PEM (e.g. in the `kommune-ca` Secret).
@@ -63,7 +72,16 @@ impl Ca {
         let key = KeyPair::from_pem(key_pem).map_err(PkiError::LoadCa)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(PkiError::LoadCa)?;
         let der = pem_to_der(cert_pem).ok_or(PkiError::LoadCa(rcgen::Error::CouldNotParseCertificate))?;
-        Ok(Ca { cert_pem: cert_pem.to_string(), cert_der: der, key_pem: key_pem.to_string(), issuer })
+        Ok(Ca { cert_pem: cert_pem.to_string(), cert_der: der, key_pem: key_pem.to_string(), issuer, node_validity_secs: default_node_validity() })
+    }
+
+    /// Sets how long node certificates signed from now on are valid (tests use seconds).
+    pub fn set_node_validity(&self, validity: std::time::Duration) {
+        self.node_validity_secs.store(i64::try_from(validity.as_secs()).unwrap_or(i64::MAX).max(1), Ordering::Relaxed);
+    }
+
+    fn node_validity(&self) -> Duration {
+        Duration::seconds(self.node_validity_secs.load(Ordering::Relaxed))
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -98,10 +116,43 @@ impl Ca {
     /// Signs a node's CSR. The subject is set by the operator (CN = node name), never taken from
     /// the request. Returns (certificate PEM, sha256 of the node's public key).
     pub fn sign_node(&self, csr_der: &[u8], node_name: &str) -> Result<(String, String), PkiError> {
-        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into()).map_err(PkiError::BadCsr)?;
-        if csr.public_key.algorithm() != &rcgen::PKCS_ED25519 {
-            return Err(PkiError::WrongKeyType(format!("{:?}", csr.public_key.algorithm())));
+        let csr = parse_node_csr(csr_der)?;
+        self.sign_parsed(csr, node_name)
+    }
+
+    /// Signs a renewal on a node's live session: only for that session's node name and the key
+    /// registered for it (`registered_key_sha256`), so a node cannot obtain a certificate for
+    /// another name or move its name to another key. A subject or DNS name in the request must
+    /// name the node. Returns the certificate PEM.
+    pub fn renew_node(&self, csr_der: &[u8], node_name: &str, registered_key_sha256: &str) -> Result<String, PkiError> {
+        let csr = parse_node_csr(csr_der)?;
+        if kommune_proto::sha256_hex(csr.public_key.der_bytes()) != registered_key_sha256 {
+            return Err(PkiError::OtherKey(node_name.to_string()));
         }
+        let other = |named: String| PkiError::OtherName { node: node_name.to_string(), named };
+        for (kind, value) in csr.params.distinguished_name.iter() {
+            if *kind == DnType::CommonName {
+                let named = match value {
+                    rcgen::DnValue::Utf8String(s) => s.clone(),
+                    rcgen::DnValue::PrintableString(s) => s.as_str().to_string(),
+                    rcgen::DnValue::Ia5String(s) => s.as_str().to_string(),
+                    other_value => format!("{other_value:?}"),
+                };
+                if named != node_name {
+                    return Err(other(named));
+                }
+            }
+        }
+        for san in &csr.params.subject_alt_names {
+            match san {
+                SanType::DnsName(n) if n.as_str() == node_name => {}
+                other_san => return Err(other(format!("{other_san:?}"))),
+            }
+        }
+        Ok(self.sign_parsed(csr, node_name)?.0)
+    }
+
+    fn sign_parsed(&self, csr: CertificateSigningRequestParams, node_name: &str) -> Result<(String, String), PkiError> {
         let key_sha = kommune_proto::sha256_hex(csr.public_key.der_bytes());
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, node_name);
@@ -109,10 +160,23 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
-        validity(&mut params, NODE_CERT_VALIDITY);
+        validity(&mut params, self.node_validity());
         let cert = params.signed_by(&csr.public_key, &self.issuer).map_err(PkiError::Issue)?;
         Ok((cert.pem(), key_sha))
     }
+}
+
+fn default_node_validity() -> AtomicI64 {
+    AtomicI64::new(NODE_CERT_VALIDITY.whole_seconds())
+}
+
+/// A node's CSR, checked: well-formed, self-signed, for an ed25519 key.
+fn parse_node_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams, PkiError> {
+    let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into()).map_err(PkiError::BadCsr)?;
+    if csr.public_key.algorithm() != &rcgen::PKCS_ED25519 {
+        return Err(PkiError::WrongKeyType(format!("{:?}", csr.public_key.algorithm())));
+    }
+    Ok(csr)
 }
 
 fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
@@ -171,6 +235,60 @@ mod tests {
         assert_eq!(public_key_sha256_of(&der).unwrap(), key_sha);
         assert_eq!(public_key_of(&der).unwrap().as_slice(), key.public_key_raw());
         assert_eq!(key_sha, kommune_proto::sha256_hex(key.public_key_raw()));
+    }
+
+    /// A renewal request as the agent makes it: subject and DNS name are the node's.
+    fn renewal_csr(key: &KeyPair, name: &str) -> Vec<u8> {
+        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.serialize_request(key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn renewals_are_signed_only_for_the_sessions_name_and_registered_key() {
+        let ca = Ca::generate().unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let csr = renewal_csr(&key, "n1");
+        let (_, key_sha) = ca.sign_node(&csr, "n1").unwrap();
+        let pem = ca.renew_node(&csr, "n1", &key_sha).unwrap();
+        let der = pem_to_der(&pem).unwrap();
+        assert_eq!((node_name_of(&der).as_deref(), public_key_sha256_of(&der)), (Some("n1"), Some(key_sha.clone())));
+        assert_eq!(public_key_of(&der).unwrap().as_slice(), key.public_key_raw());
+        // Another key under this node's name: refused.
+        let other_key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        assert!(matches!(ca.renew_node(&renewal_csr(&other_key, "n1"), "n1", &key_sha), Err(PkiError::OtherKey(_))));
+        // This key asking for another node's name: refused, by DNS name or by subject.
+        let mut by_san = CertificateParams::new(vec!["victim".to_string()]).unwrap();
+        by_san.distinguished_name = DistinguishedName::new();
+        let by_san = by_san.serialize_request(&key).unwrap();
+        assert!(matches!(ca.renew_node(by_san.der(), "n1", &key_sha), Err(PkiError::OtherName { .. })), "the SAN names another node");
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "victim");
+        let by_cn = params.serialize_request(&key).unwrap();
+        let err = ca.renew_node(by_cn.der(), "n1", &key_sha).unwrap_err().to_string();
+        assert!(err.contains("victim") && err.contains("n1"), "{err}");
+        // An empty subject is fine: the operator sets it.
+        let mut bare = CertificateParams::new(Vec::<String>::new()).unwrap();
+        bare.distinguished_name = DistinguishedName::new();
+        let bare = bare.serialize_request(&key).unwrap();
+        ca.renew_node(bare.der(), "n1", &key_sha).unwrap();
+    }
+
+    #[test]
+    fn node_certificates_last_the_configured_lifetime() {
+        let ca = Ca::generate().unwrap();
+        let (_, csr) = node_csr("n");
+        let lifetime = |pem: &str| {
+            let der = pem_to_der(pem).unwrap();
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            cert.validity().not_after.timestamp() - OffsetDateTime::now_utc().unix_timestamp()
+        };
+        let days90 = lifetime(&ca.sign_node(&csr, "n").unwrap().0);
+        assert!((NODE_CERT_VALIDITY.whole_seconds() - 5..=NODE_CERT_VALIDITY.whole_seconds()).contains(&days90), "{days90}");
+        ca.set_node_validity(std::time::Duration::from_secs(30));
+        assert!((25..=30).contains(&lifetime(&ca.sign_node(&csr, "n").unwrap().0)));
     }
 
     #[test]

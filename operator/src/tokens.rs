@@ -1,14 +1,20 @@
 //! Join tokens on the operator side: redeeming one (the gateway's Join) and minting one
 //! (`kommune-operator token create`). Tokens live as Secrets `kommune-join-<id>` in the
 //! operator's namespace, like kubeadm's bootstrap tokens in kube-system.
+//!
+//! A token belongs to an owner (`token:<id>` unless the admin named one) and may cap what the
+//! machines joined with it can claim: both are what redeeming it grants (a [`NodeGrant`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
+use kommune_proto::quantity;
 use kommune_proto::token::JoinToken;
 use kube::api::{Api, ObjectMeta, PostParams};
+
+pub use crate::store::{CapacityLimits, NodeGrant};
 
 /// Secret type of join-token Secrets.
 pub const SECRET_TYPE: &str = "kommune.dev/join-token";
@@ -32,8 +38,8 @@ pub enum TokenRejection {
 /// Where tokens are checked and consumed.
 #[tonic::async_trait]
 pub trait JoinTokens: Send + Sync + 'static {
-    /// Checks a token and consumes one use of it.
-    async fn redeem(&self, token: &JoinToken) -> Result<(), TokenRejection>;
+    /// Checks a token and consumes one use of it; returns what it grants the joining node.
+    async fn redeem(&self, token: &JoinToken) -> Result<NodeGrant, TokenRejection>;
 }
 
 /// A stored token's state, the same whether in a Secret or in memory.
@@ -42,6 +48,30 @@ pub struct TokenRecord {
     pub secret: String,
     pub expires: Timestamp,
     pub uses_left: u32,
+    /// The owner the admin gave the token; None: the token is its own owner.
+    pub owner: Option<String>,
+    pub limits: CapacityLimits,
+}
+
+impl TokenRecord {
+    /// What redeeming this record grants: every machine joined with one token is one owner,
+    /// so `replicas: 2` cannot be met by two machines of whoever holds the token.
+    pub fn grant(&self, token_id: &str) -> NodeGrant {
+        NodeGrant { owner: self.owner.clone().unwrap_or_else(|| default_owner(token_id)), limits: self.limits }
+    }
+}
+
+/// The owner of a token created without `--owner`.
+pub fn default_owner(token_id: &str) -> String {
+    format!("token:{token_id}")
+}
+
+/// Checks an owner name given to `token create --owner`: what `spec.owner` accepts.
+pub fn valid_owner(owner: &str) -> Result<(), String> {
+    if owner.trim().is_empty() || owner.len() > 253 || owner.chars().any(char::is_control) {
+        return Err(format!("owner {:?} is not valid: use 1 to 253 printable characters", owner.chars().take(80).collect::<String>()));
+    }
+    Ok(())
 }
 
 /// Pure check of a presented token against its record; returns the record after one use.
@@ -58,6 +88,34 @@ pub fn check(token: &JoinToken, record: &TokenRecord, now: Timestamp) -> Result<
     Ok(TokenRecord { uses_left: record.uses_left - 1, ..record.clone() })
 }
 
+/// The Secret keys of a token's caps, with how each is written and read.
+const LIMIT_KEYS: [&str; 4] = ["max-cpu", "max-memory", "max-ephemeral-storage", "max-gpus"];
+
+/// Caps as Secret fields (Kubernetes quantities; GPUs a count).
+fn limit_fields(l: &CapacityLimits) -> Vec<(String, String)> {
+    let values = [
+        l.cpu_millis.map(quantity::format_cpu),
+        l.memory_bytes.map(quantity::format_memory),
+        l.ephemeral_bytes.map(quantity::format_memory),
+        l.gpus.map(|g| g.to_string()),
+    ];
+    LIMIT_KEYS.iter().zip(values).filter_map(|(k, v)| Some((k.to_string(), v?))).collect()
+}
+
+/// Caps from Secret fields; an unreadable one is an error naming it (the token is then refused
+/// rather than letting its machines claim anything).
+fn limits_of(get: impl Fn(&str) -> Option<String>) -> Result<CapacityLimits, String> {
+    let q = |key: &'static str, parse: fn(&'static str, &str) -> Result<u64, quantity::QuantityError>| {
+        get(key).map(|v| parse(key, &v).map_err(|e| e.to_string())).transpose()
+    };
+    Ok(CapacityLimits {
+        cpu_millis: q("max-cpu", quantity::cpu_millis)?,
+        memory_bytes: q("max-memory", quantity::memory_bytes)?,
+        ephemeral_bytes: q("max-ephemeral-storage", quantity::memory_bytes)?,
+        gpus: get("max-gpus").map(|v| v.trim().parse::<u32>().map_err(|_| format!("max-gpus: {v:?} is not a count"))).transpose()?,
+    })
+}
+
 /// Tokens in memory, for tests and single-process setups.
 #[derive(Default)]
 pub struct MemoryTokens {
@@ -65,19 +123,27 @@ pub struct MemoryTokens {
 }
 
 impl MemoryTokens {
+    /// A token of its own owner (`token:<id>`), without caps.
     pub fn insert(&self, token: &JoinToken, expires: Timestamp, uses: u32) {
-        self.records.lock().unwrap().insert(token.id.clone(), TokenRecord { secret: token.secret.clone(), expires, uses_left: uses });
+        self.insert_owned(token, expires, uses, None, CapacityLimits::default());
+    }
+
+    /// A token of `owner` whose machines may claim at most `limits`.
+    pub fn insert_owned(&self, token: &JoinToken, expires: Timestamp, uses: u32, owner: Option<&str>, limits: CapacityLimits) {
+        let record = TokenRecord { secret: token.secret.clone(), expires, uses_left: uses, owner: owner.map(str::to_string), limits };
+        self.records.lock().unwrap().insert(token.id.clone(), record);
     }
 }
 
 #[tonic::async_trait]
 impl JoinTokens for MemoryTokens {
-    async fn redeem(&self, token: &JoinToken) -> Result<(), TokenRejection> {
+    async fn redeem(&self, token: &JoinToken) -> Result<NodeGrant, TokenRejection> {
         let mut records = self.records.lock().unwrap();
         let record = records.get(&token.id).ok_or_else(|| TokenRejection::Unknown(token.id.clone()))?;
         let next = check(token, record, Timestamp::now())?;
+        let grant = next.grant(&token.id);
         records.insert(token.id.clone(), next);
-        Ok(())
+        Ok(grant)
     }
 }
 
@@ -91,10 +157,27 @@ impl SecretTokens {
         SecretTokens { api: Api::namespaced(client, namespace) }
     }
 
-    /// Mints a token valid for `ttl` and `uses` joins, stored as a Secret.
-    pub async fn create(&self, ca_pin: &str, ttl: std::time::Duration, uses: u32) -> Result<JoinToken, kube::Error> {
+    /// Mints a token valid for `ttl` and `uses` joins, owned by `owner` (None: `token:<id>`)
+    /// and capping its machines' claims at `limits`, stored as a Secret.
+    pub async fn create(
+        &self,
+        ca_pin: &str,
+        ttl: std::time::Duration,
+        uses: u32,
+        owner: Option<&str>,
+        limits: CapacityLimits,
+    ) -> Result<JoinToken, kube::Error> {
         let token = JoinToken::generate(ca_pin);
         let expires = Timestamp::now() + jiff_span(ttl);
+        let mut fields = BTreeMap::from([
+            ("token-id".to_string(), token.id.clone()),
+            ("token-secret".to_string(), token.secret.clone()),
+            ("expiration".to_string(), expires.to_string()),
+            ("usages-remaining".to_string(), uses.to_string()),
+            // Written out even when defaulted, so `kubectl get secret` shows whose it is.
+            ("owner".to_string(), owner.map_or_else(|| default_owner(&token.id), str::to_string)),
+        ]);
+        fields.extend(limit_fields(&limits));
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(token.secret_name()),
@@ -102,12 +185,7 @@ impl SecretTokens {
                 ..Default::default()
             },
             type_: Some(SECRET_TYPE.into()),
-            string_data: Some(BTreeMap::from([
-                ("token-id".to_string(), token.id.clone()),
-                ("token-secret".to_string(), token.secret.clone()),
-                ("expiration".to_string(), expires.to_string()),
-                ("usages-remaining".to_string(), uses.to_string()),
-            ])),
+            string_data: Some(fields),
             ..Default::default()
         };
         self.api.create(&PostParams::default(), &secret).await?;
@@ -123,7 +201,8 @@ fn field(secret: &Secret, key: &str) -> Option<String> {
     secret.data.as_ref()?.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok())
 }
 
-/// Reads a token Secret; None when it is not a well-formed token Secret.
+/// Reads a token Secret; None when it is not a well-formed token Secret (a cap that does not
+/// parse makes it malformed: its machines are refused rather than left uncapped).
 pub fn record_of(secret: &Secret) -> Option<TokenRecord> {
     if secret.type_.as_deref() != Some(SECRET_TYPE) {
         return None;
@@ -132,12 +211,15 @@ pub fn record_of(secret: &Secret) -> Option<TokenRecord> {
         secret: field(secret, "token-secret")?,
         expires: field(secret, "expiration")?.parse().ok()?,
         uses_left: field(secret, "usages-remaining")?.parse().ok()?,
+        // Tokens minted before owners were recorded are their own owner.
+        owner: field(secret, "owner").filter(|o| valid_owner(o).is_ok()),
+        limits: limits_of(|k| field(secret, k)).ok()?,
     })
 }
 
 #[tonic::async_trait]
 impl JoinTokens for SecretTokens {
-    async fn redeem(&self, token: &JoinToken) -> Result<(), TokenRejection> {
+    async fn redeem(&self, token: &JoinToken) -> Result<NodeGrant, TokenRejection> {
         // Optimistic concurrency: two agents racing for the last use cannot both win.
         for _ in 0..5 {
             let secret = match self.api.get_opt(&token.secret_name()).await {
@@ -150,7 +232,7 @@ impl JoinTokens for SecretTokens {
             let mut updated = secret.clone();
             updated.string_data = Some(BTreeMap::from([("usages-remaining".to_string(), next.uses_left.to_string())]));
             match self.api.replace(&token.secret_name(), &PostParams::default(), &updated).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(next.grant(&token.id)),
                 Err(kube::Error::Api(s)) if s.code == 409 => continue,
                 Err(e) => return Err(TokenRejection::Backend(e.to_string())),
             }
@@ -166,7 +248,7 @@ mod tests {
     const PIN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     fn record(token: &JoinToken, expires: Timestamp, uses: u32) -> TokenRecord {
-        TokenRecord { secret: token.secret.clone(), expires, uses_left: uses }
+        TokenRecord { secret: token.secret.clone(), expires, uses_left: uses, owner: None, limits: CapacityLimits::default() }
     }
 
     #[test]
@@ -193,7 +275,7 @@ mod tests {
         let tokens = MemoryTokens::default();
         let t = JoinToken::generate(PIN);
         tokens.insert(&t, Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(60), 1);
-        tokens.redeem(&t).await.unwrap();
+        assert_eq!(tokens.redeem(&t).await.unwrap().owner, format!("token:{}", t.id), "a token is its own owner by default");
         assert_eq!(tokens.redeem(&t).await, Err(TokenRejection::UsedUp(t.id.clone())));
         assert!(tokens.redeem(&JoinToken::generate(PIN)).await.unwrap_err().to_string().contains("unknown"));
     }
@@ -209,8 +291,41 @@ mod tests {
             ("usages-remaining".to_string(), ByteString(b"3".to_vec())),
         ]));
         let r = record_of(&s).unwrap();
-        assert_eq!(r.uses_left, 3);
+        assert_eq!((r.uses_left, r.owner.as_deref(), r.limits), (3, None, CapacityLimits::default()), "a token minted before owners");
+        assert_eq!(r.grant(&t.id).owner, format!("token:{}", t.id));
         s.type_ = Some("Opaque".into());
         assert_eq!(record_of(&s), None);
+    }
+
+    #[test]
+    fn owners_and_caps_round_trip_through_the_secret_and_a_bad_cap_refuses_the_token() {
+        use k8s_openapi::ByteString;
+        let t = JoinToken::generate(PIN);
+        let limits = CapacityLimits { cpu_millis: Some(2500), memory_bytes: Some(8 << 30), ephemeral_bytes: None, gpus: Some(1) };
+        let mut data = BTreeMap::from([
+            ("token-secret".to_string(), t.secret.clone()),
+            ("expiration".to_string(), "2030-01-01T00:00:00Z".to_string()),
+            ("usages-remaining".to_string(), "2".to_string()),
+            ("owner".to_string(), "alice".to_string()),
+        ]);
+        data.extend(limit_fields(&limits));
+        assert_eq!(data.get("max-cpu").map(String::as_str), Some("2500m"));
+        let secret = |data: &BTreeMap<String, String>| Secret {
+            type_: Some(SECRET_TYPE.into()),
+            data: Some(data.iter().map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes()))).collect()),
+            ..Default::default()
+        };
+        let r = record_of(&secret(&data)).unwrap();
+        assert_eq!(r.grant(&t.id), NodeGrant { owner: "alice".into(), limits });
+        data.insert("max-memory".into(), "lots".into());
+        assert_eq!(record_of(&secret(&data)), None);
+    }
+
+    #[test]
+    fn owners_are_checked() {
+        assert!(valid_owner("alice@example.org").is_ok());
+        for bad in ["", "  ", &"a".repeat(254), "a\nb"] {
+            assert!(valid_owner(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -8,13 +8,13 @@ use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kommune_operator::controller::MANAGER;
 use kommune_operator::controller::nodes::NodeWriter;
-use kommune_operator::crd::{NodePhase, ProviderNode, ProviderNodeSpec, ProviderNodeStatus};
+use kommune_operator::crd::{NodePhase, ProviderNode, ProviderNodeSpec, ProviderNodeStatus, limits_spec};
 use kommune_operator::dispatch::Dispatcher;
 use kommune_operator::fence::Fence;
 use kommune_operator::fleet::{Fleet, NodeFacts};
 use kommune_operator::gateway::NodeEvent;
 use kommune_operator::scheduler::Resources;
-use kommune_operator::store::Store;
+use kommune_operator::store::{CapacityLimits, NodeGrant, Store};
 use kube::client::Body;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
@@ -272,7 +272,7 @@ async fn a_join_applies_the_object_then_its_status() {
     let mut t = testbed();
     let fresh = provider_node("n", None);
     let written = t
-        .on_event(NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "abc".into() }, async |api| {
+        .on_event(NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "abc".into(), grant: Default::default() }, async |api| {
             let call = api.next("the apply creating the ProviderNode").await;
             call.is(Method::PATCH, &format!("{NODES}/n"), "&fieldManager=kommune-operator");
             assert_eq!(call.content_type, "application/apply-patch+yaml");
@@ -288,6 +288,33 @@ async fn a_join_applies_the_object_then_its_status() {
     let status = written.status.unwrap();
     assert_eq!((status.phase, status.public_key_sha256.as_deref()), (Some(NodePhase::NotReady), Some("abc")));
     assert_eq!(status.capacity.map(|c| c.cpu), Some("4".to_string()));
+}
+
+#[tokio::test]
+async fn a_join_copies_its_tokens_owner_and_caps_into_the_spec_where_the_admin_set_none() {
+    let mut t = testbed();
+    // The admin created the object first and named its owner: that owner stays.
+    let mut precreated = provider_node("n", None);
+    precreated.spec.owner = Some("alice".into());
+    let limits = CapacityLimits { cpu_millis: Some(4000), memory_bytes: Some(8 << 30), ..Default::default() };
+    let grant = NodeGrant { owner: "token:t1".into(), limits };
+    let mut patched = precreated.clone();
+    patched.spec.capacity_limits = limits_spec(&limits);
+    t.on_event(NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "abc".into(), grant }, async |api| {
+        let call = api.next("the apply adopting the ProviderNode").await;
+        call.is(Method::PATCH, &format!("{NODES}/n"), "&fieldManager=kommune-operator");
+        assert_eq!(call.body["spec"], json!({}), "the apply never carries spec fields");
+        call.reply(StatusCode::OK, &precreated);
+        let call = api.next("the merge patch of the unset spec fields").await;
+        call.is(Method::PATCH, &format!("{NODES}/n"), "&fieldManager=kommune-operator");
+        assert_eq!(call.content_type, "application/merge-patch+json");
+        assert_eq!(call.body, json!({ "spec": { "capacityLimits": { "cpu": "4", "memory": "8Gi" } } }), "the admin's owner is not overwritten");
+        call.reply(StatusCode::OK, &patched);
+        api.status_applied(&patched).await;
+        api.event_created(&patched, "Normal", "Joined").await;
+        api.no_further_requests().await;
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -349,7 +376,7 @@ async fn a_sweep_with_nothing_to_change_sends_nothing() {
 async fn a_deleted_provider_node_revokes_its_node_with_one_event() {
     let mut t = testbed();
     let node = provider_node("n", Some(not_ready_status()));
-    t.dispatcher.store().register_node("n", "k", 0).await.expect("node registered");
+    t.dispatcher.store().register_node("n", "k", &Default::default(), 0).await.expect("node registered");
     t.watch_delivers(&node);
     t.sweep(ApiServer::no_further_requests).await;
 

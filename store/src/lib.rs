@@ -9,4 +9,4 @@ pub mod ledger;
 #[cfg(test)]
 mod testing;
 
-pub use attempts::{Registration, Store, StoreConfig, StoreError};
+pub use attempts::{CapacityLimits, NodeGrant, NodeRecord, Registration, Removal, Store, StoreConfig, StoreError};

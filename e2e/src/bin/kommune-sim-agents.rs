@@ -202,7 +202,8 @@ async fn session(
                             }
                         }
                     }
-                    Some(operator_message::Kind::Cancel(_)) | None => {}
+                    // Simulated agents never ask for a renewed certificate.
+                    Some(operator_message::Kind::Cancel(_) | operator_message::Kind::Certificate(_)) | None => {}
                 }
             }
             _ = heartbeat.tick(), if permit.is_none() => {

@@ -1,8 +1,10 @@
 //! `ProviderNode`: one joined provider machine. The operator creates it when an agent joins and
 //! keeps its status current from the agent's session; agents never write it themselves.
 
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kommune_core::pricing::{Micros, RateOverrides};
+use kommune_proto::quantity;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -31,10 +33,18 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct ProviderNodeSpec {
     /// The provider's payout account; machines with the same owner count as one party when
-    /// replicas must not collude.
+    /// replicas must not collude. Set at join to the join token's owner (`token:<id>` unless the
+    /// token was created with --owner) when the admin has not set it; an admin's value wins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub owner: Option<String>,
+
+    /// The most this node is believed to offer, whatever its agent claims: placement uses the
+    /// smaller of the claim and the cap (see status.allocatable). Set at join from the join
+    /// token's --max-* flags; each cap set here wins over the token's. A resource without any
+    /// cap is bounded by a built-in ceiling (128 CPUs, 1Ti memory, 16Ti scratch disk, 8 GPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_limits: Option<NodeCapacityLimits>,
 
     /// Cordon: when true, no new task is placed here; running tasks finish.
     #[serde(default)]
@@ -56,6 +66,25 @@ pub struct ProviderNodeSpec {
     /// `rates` values).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<NodePricing>,
+}
+
+/// Caps on what a node's agent may claim; an unset one is not capped here.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCapacityLimits {
+    /// Most CPU believed, as a Kubernetes quantity ("8", "3500m").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Most memory believed, as a quantity ("16Gi").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// Most scratch disk believed, as a quantity ("100Gi").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral_storage: Option<Quantity>,
+    /// Most GPUs believed (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 64))]
+    pub gpus: Option<u32>,
 }
 
 /// A taint keeps tasks away from a node unless their job tolerates it.
@@ -128,9 +157,13 @@ pub struct ProviderNodeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// What the machine offers to Kommune, as measured by its agent.
+    /// What the machine offers to Kommune, as its agent claims it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<NodeCapacity>,
+    /// What placement uses: the claimed capacity, each resource capped by spec.capacityLimits,
+    /// else by the join token's caps, else by the built-in ceiling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocatable: Option<NodeAllocatable>,
     /// Resources reserved by attempts placed here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocated: Option<NodeAllocation>,
@@ -215,6 +248,25 @@ pub struct NodeGpu {
     pub memory_bytes: u64,
 }
 
+/// Resources placement counts on for a node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAllocatable {
+    /// CPU, as a quantity.
+    pub cpu: String,
+    /// Memory, as a quantity.
+    pub memory: String,
+    /// Scratch disk, as a quantity; absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral_storage: Option<String>,
+    /// GPUs.
+    #[serde(default)]
+    pub gpus: u32,
+    /// Whether any claimed resource was cut to its cap.
+    #[serde(default)]
+    pub capped: bool,
+}
+
 /// Resources reserved on a node.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -240,10 +292,47 @@ pub fn overrides_from(p: Option<&NodePricing>) -> Result<RateOverrides, String> 
     })
 }
 
+/// A ProviderNode's `spec.capacityLimits` as caps. A bad quantity is an error naming the field
+/// (quantities normally stop it at admission).
+pub fn limits_from(l: Option<&NodeCapacityLimits>) -> Result<crate::store::CapacityLimits, String> {
+    let Some(l) = l else { return Ok(Default::default()) };
+    let q = |name: &'static str, v: &Option<Quantity>, parse: fn(&'static str, &str) -> Result<u64, quantity::QuantityError>| {
+        v.as_ref().map(|q| parse(name, &q.0).map_err(|e| e.to_string())).transpose()
+    };
+    Ok(crate::store::CapacityLimits {
+        cpu_millis: q("spec.capacityLimits.cpu", &l.cpu, quantity::cpu_millis)?,
+        memory_bytes: q("spec.capacityLimits.memory", &l.memory, quantity::memory_bytes)?,
+        ephemeral_bytes: q("spec.capacityLimits.ephemeralStorage", &l.ephemeral_storage, quantity::memory_bytes)?,
+        gpus: l.gpus,
+    })
+}
+
+/// Caps as `spec.capacityLimits` (what a join copies from its token); None when there are none.
+pub fn limits_spec(l: &crate::store::CapacityLimits) -> Option<NodeCapacityLimits> {
+    (!l.is_empty()).then(|| NodeCapacityLimits {
+        cpu: l.cpu_millis.map(|m| Quantity(quantity::format_cpu(m))),
+        memory: l.memory_bytes.map(|b| Quantity(quantity::format_memory(b))),
+        ephemeral_storage: l.ephemeral_bytes.map(|b| Quantity(quantity::format_memory(b))),
+        gpus: l.gpus,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use {Micros, RateOverrides};
+
+    #[test]
+    fn capacity_limits_become_caps_both_ways_and_bad_quantities_name_their_field() {
+        let caps = crate::store::CapacityLimits { cpu_millis: Some(3500), memory_bytes: Some(16 << 30), ephemeral_bytes: None, gpus: Some(0) };
+        let spec = limits_spec(&caps).unwrap();
+        assert_eq!((spec.cpu.as_ref().unwrap().0.as_str(), spec.memory.as_ref().unwrap().0.as_str()), ("3500m", "16Gi"));
+        assert_eq!(limits_from(Some(&spec)), Ok(caps));
+        assert_eq!(limits_from(None), Ok(Default::default()));
+        assert_eq!(limits_spec(&Default::default()), None);
+        let bad = NodeCapacityLimits { memory: Some(Quantity("a lot".into())), ..Default::default() };
+        assert!(limits_from(Some(&bad)).unwrap_err().contains("spec.capacityLimits.memory"));
+    }
 
     #[test]
     fn provider_pricing_becomes_overrides_and_bad_amounts_name_their_field() {

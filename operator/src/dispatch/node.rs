@@ -8,6 +8,7 @@ use tracing::info;
 use super::{Dispatcher, Result, lost, wire};
 use crate::attempt::AttemptPhase;
 use crate::fleet::{NodeFacts, Outbound};
+use crate::store::Removal;
 use kommune_proto::now_ms;
 
 impl Dispatcher {
@@ -56,19 +57,19 @@ impl Dispatcher {
     /// opens no further session; an open session is ended with PermissionDenied, which makes
     /// the agent stop; its running attempts are Lost and placed elsewhere.
     pub async fn revoke_node(&self, node: &str) -> Result<usize> {
-        self.remove_node(node, "was removed from the pool by an admin", AttemptPhase::Lost).await
+        self.remove_node(node, "was removed from the pool by an admin", AttemptPhase::Lost, Removal::Revoked).await
     }
 
     /// A node leaves of its own accord: like a revocation, but its attempts are Cancelled, so
     /// they are placed elsewhere without counting against their retries. Returns how many.
     pub async fn leave(&self, node: &str) -> Result<usize> {
-        self.remove_node(node, "left the pool", AttemptPhase::Cancelled).await
+        self.remove_node(node, "left the pool", AttemptPhase::Cancelled, Removal::Left).await
     }
 
     /// Removes the node's registration, ends its session and finishes its attempts as `phase`.
-    async fn remove_node(&self, node: &str, why: &str, phase: AttemptPhase) -> Result<usize> {
+    async fn remove_node(&self, node: &str, why: &str, phase: AttemptPhase, removal: Removal) -> Result<usize> {
         let _guard = self.place_lock.lock().await;
-        self.store.remove_node(node).await?;
+        self.store.remove_node(node, removal, now_ms()).await?;
         let closed = self.fleet.close(node, tonic::Status::permission_denied(format!("node {node} {why}")));
         let now = now_ms();
         let mut moved = 0;

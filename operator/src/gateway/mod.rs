@@ -2,6 +2,7 @@
 //! for a node certificate; `Session` is one long-lived mTLS stream per node; `FetchBlob` serves
 //! wasm modules by digest. Handlers are thin: decisions live in the dispatcher and the store.
 
+mod renew;
 mod session;
 
 use std::net::SocketAddr;
@@ -23,9 +24,9 @@ use tracing::{info, warn};
 
 use crate::blobs::Blobs;
 use crate::dispatch::Dispatcher;
-use crate::fleet::NodeFacts;
+use crate::fleet::{NodeFacts, NodeRegistration};
 use crate::pki::{self, Ca};
-use crate::store::Registration;
+use crate::store::{NodeGrant, NodeRecord, Registration, Removal};
 use crate::tokens::{JoinTokens, TokenRejection};
 use kommune_proto::now_ms;
 
@@ -37,8 +38,9 @@ const SESSION_QUEUE: usize = 256;
 /// What happened to a node, for whoever keeps ProviderNode objects current.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeEvent {
-    /// A new identity was issued.
-    Joined { node: String, facts: NodeFacts, public_key_sha256: String },
+    /// A new identity was issued, with what its join token granted (copied into the new
+    /// ProviderNode's spec unless the admin set those fields).
+    Joined { node: String, facts: NodeFacts, public_key_sha256: String, grant: NodeGrant },
     /// A session opened (after Hello).
     Connected { node: String, facts: NodeFacts },
     /// A heartbeat arrived.
@@ -126,20 +128,20 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// The node a request comes from, by its client certificate, once the certificate's key is
-/// the one registered for that name. Returns the name and the node's ed25519 public key, which
-/// verifies its usage receipts.
-async fn authenticated_node_key<T>(inner: &Inner, request: &Request<T>) -> Result<(String, [u8; 32]), Status> {
+/// the one registered for that name and the name is not retired. Returns the name, the node's
+/// ed25519 public key (which verifies its usage receipts) and its registration.
+async fn authenticated_node_key<T>(inner: &Inner, request: &Request<T>) -> Result<(String, [u8; 32], NodeRecord), Status> {
     // Read from the certificate before the store is asked: the request is not held across it.
     let (node, key, raw) = peer_identity(request)?;
-    match inner.dispatcher.store().node_key(&node).await {
-        Ok(Some(k)) if k == key => Ok((node, raw)),
+    match inner.dispatcher.store().node(&node).await {
+        Ok(Some(r)) if r.removed.is_none() && r.public_key_sha256 == key => Ok((node, raw, r)),
         Ok(_) => Err(Status::permission_denied(format!("node {node} is not registered with this key; join again with a new token"))),
         Err(e) => Err(Status::unavailable(e.to_string())),
     }
 }
 
 async fn authenticated_node<T>(inner: &Inner, request: &Request<T>) -> Result<String, Status> {
-    authenticated_node_key(inner, request).await.map(|(node, _)| node)
+    authenticated_node_key(inner, request).await.map(|(node, _, _)| node)
 }
 
 /// (node name, sha256 of its public key, the ed25519 public key) from the client certificate.
@@ -167,6 +169,31 @@ fn generated_name() -> String {
     format!("provider-{suffix}")
 }
 
+/// Refuses a Join for a name the registry already has, unless it is a re-join of the same
+/// registered key.
+fn refuse_taken(name: &str, key_sha: &str, record: &NodeRecord) -> Result<(), Status> {
+    match record.removed {
+        Some((at_ms, reason)) => Err(retired(name, at_ms, reason)),
+        None if record.public_key_sha256 != key_sha => Err(taken(name)),
+        None => Ok(()),
+    }
+}
+
+fn taken(name: &str) -> Status {
+    Status::already_exists(format!("node name {name} is taken by another machine; choose another with --name"))
+}
+
+/// A retired name is refused whatever the key: the ledger keys earnings by name, so a name
+/// given to a second key would merge two identities' earnings.
+fn retired(name: &str, at_ms: i64, reason: Removal) -> Status {
+    let when = k8s_openapi::jiff::Timestamp::from_millisecond(at_ms).map_or_else(|_| format!("{at_ms} ms"), |t| t.to_string());
+    let how = match reason {
+        Removal::Left => "left the pool",
+        Removal::Revoked => "was removed from the pool by an admin",
+    };
+    Status::already_exists(format!("node name {name} belonged to a node that {how} at {when}; names are never reused: choose another with --name"))
+}
+
 type SessionStream = Pin<Box<dyn Stream<Item = Result<OperatorMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -185,30 +212,40 @@ impl AgentGateway for Gateway {
         }
         // Sign before redeeming so a malformed request does not use up the token.
         let (certificate_pem, key_sha) = self.inner.ca.sign_node(&req.csr_der, &name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Ok(Some(existing)) = self.inner.dispatcher.store().node_key(&name).await
-            && existing != key_sha
-        {
-            return Err(Status::already_exists(format!("node name {name} is taken by another machine; choose another with --name")));
+        // Checked before redeeming too, so a refused name does not use up the token.
+        match self.inner.dispatcher.store().node(&name).await {
+            Ok(Some(record)) => refuse_taken(&name, &key_sha, &record)?,
+            Ok(None) => {}
+            Err(e) => return Err(Status::unavailable(e.to_string())),
         }
-        self.inner.tokens.redeem(&token).await.map_err(|e| match e {
+        let grant = self.inner.tokens.redeem(&token).await.map_err(|e| match e {
             TokenRejection::Backend(_) => Status::unavailable(e.to_string()),
             _ => Status::unauthenticated(e.to_string()),
         })?;
-        match self.inner.dispatcher.store().register_node(&name, &key_sha, now_ms()).await {
-            Ok(Registration::New | Registration::SameKey) => {}
-            Ok(Registration::Taken) => return Err(Status::already_exists(format!("node name {name} is taken by another machine; choose another with --name"))),
+        let grant = match self.inner.dispatcher.store().register_node(&name, &key_sha, &grant, now_ms()).await {
+            Ok(Registration::New) => grant,
+            // A re-join keeps what the first registration granted, whatever this token says.
+            Ok(Registration::SameKey) => match self.inner.dispatcher.store().node(&name).await {
+                Ok(Some(r)) => NodeGrant { owner: r.owner.unwrap_or_default(), limits: r.limits },
+                Ok(None) => grant,
+                Err(e) => return Err(Status::unavailable(e.to_string())),
+            },
+            Ok(Registration::Taken) => return Err(taken(&name)),
+            Ok(Registration::Retired { at_ms, reason }) => return Err(retired(&name, at_ms, reason)),
             Err(e) => return Err(Status::unavailable(e.to_string())),
-        }
+        };
         let facts = NodeFacts::from_proto(req.facts.as_ref());
-        info!(node = %name, token = %token.id, ?peer, "node joined");
-        let _ = self.inner.events.send(NodeEvent::Joined { node: name.clone(), facts, public_key_sha256: key_sha }).await;
+        info!(node = %name, token = %token.id, owner = %grant.owner, ?peer, "node joined");
+        let _ = self.inner.events.send(NodeEvent::Joined { node: name.clone(), facts, public_key_sha256: key_sha, grant }).await;
         Ok(Response::new(v1::JoinResponse { node_name: name, certificate_pem, ca_pem: self.inner.ca.cert_pem().to_string() }))
     }
 
     type SessionStream = SessionStream;
 
     async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
-        let (node, public_key) = authenticated_node_key(&self.inner, &request).await?;
+        let (node, public_key, record) = authenticated_node_key(&self.inner, &request).await?;
+        // Before the session opens, so its first placement sees the token's owner and caps.
+        self.inner.dispatcher.fleet().set_registration(&node, NodeRegistration { owner: record.owner, limits: record.limits });
         // The ledger keeps every key a node name ever had, so its receipts stay verifiable
         // after the node leaves. Idempotent; done here so nodes joined before metering count.
         if let Some(ledger) = self.inner.dispatcher.ledger() {

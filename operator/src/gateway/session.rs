@@ -59,6 +59,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
     let _ = inner.events.send(NodeEvent::Connected { node: node.clone(), facts }).await;
 
     let in_flight = Arc::new(Semaphore::new(RESULTS_IN_FLIGHT));
+    let mut last_renewal = None;
     let reason = loop {
         let msg = match timeout(inner.config.session_timeout, inbound.message()).await {
             Ok(Ok(Some(m))) => m,
@@ -114,6 +115,12 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
                     break format!("store error: {e}");
                 }
             },
+            Some(agent_message::Kind::Renew(r)) => {
+                let reply = super::renew::renew(&inner, &node, &public_key, &r.csr_der, &mut last_renewal).await;
+                if !send(&tx, OpKind::Certificate(reply)).await {
+                    break "the session's stream closed".into();
+                }
+            }
             Some(agent_message::Kind::Hello(_)) => {
                 let _ = tx.send(Err(Status::failed_precondition("Hello may only be sent once per session"))).await;
                 break "protocol error: a second Hello".into();

@@ -14,6 +14,7 @@
 //! frozen past its Lease (SIGSTOP, a paused VM) writes nothing once its successor has opened
 //! the store, however long the freeze and wherever in a write it stopped.
 
+mod nodes;
 mod postgres;
 mod sqlite;
 #[cfg(test)]
@@ -61,16 +62,7 @@ pub enum StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// Outcome of registering a node name for a public key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Registration {
-    /// The name was free and is now bound to the key.
-    New,
-    /// The name was already bound to this same key (a re-join).
-    SameKey,
-    /// The name belongs to another key.
-    Taken,
-}
+pub use nodes::{CapacityLimits, NodeGrant, NodeRecord, Registration, Removal};
 
 /// Where the store lives and who may write to it.
 #[derive(Clone)]
@@ -137,9 +129,10 @@ trait Db: Send {
     fn finish_batch(&mut self, epoch: Option<i64>, batch: &[Finish]) -> Result<Vec<bool>>;
     fn select(&mut self, which: &Select) -> Result<Vec<Attempt>>;
     fn outcomes_by_node(&mut self) -> Result<Vec<(String, u64, u64)>>;
-    fn register_node(&mut self, epoch: Option<i64>, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration>;
-    fn remove_node(&mut self, epoch: Option<i64>, name: &str) -> Result<bool>;
-    fn node_key(&mut self, name: &str) -> Result<Option<String>>;
+    fn register_node(&mut self, epoch: Option<i64>, name: &str, public_key_sha256: &str, grant: &NodeGrant, now_ms: i64) -> Result<Registration>;
+    /// Retires a registered name (sets its tombstone); whether it was registered.
+    fn remove_node(&mut self, epoch: Option<i64>, name: &str, removal: Removal, now_ms: i64) -> Result<bool>;
+    fn node(&mut self, name: &str) -> Result<Option<NodeRecord>>;
     /// Runs `hook` inside each insert's transaction just before it commits.
     #[cfg(test)]
     fn set_before_commit(&mut self, hook: Box<dyn Fn() + Send>) {
@@ -380,27 +373,6 @@ impl Store {
     /// lost). Cancelled attempts do not count.
     pub async fn outcomes_by_node(&self) -> Result<Vec<(String, u64, u64)>> {
         self.with(|db| db.outcomes_by_node()).await
-    }
-
-    /// Binds `name` to a node key, or reports that it is bound to another one.
-    pub async fn register_node(&self, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
-        self.fence.check()?;
-        let (epoch, name, key) = (self.epoch, name.to_string(), public_key_sha256.to_string());
-        self.with(move |db| db.register_node(epoch, &name, &key, now_ms)).await
-    }
-
-    /// Forgets a node's registration: its certificate no longer opens sessions. Returns whether
-    /// it was registered.
-    pub async fn remove_node(&self, name: &str) -> Result<bool> {
-        self.fence.check()?;
-        let (epoch, name) = (self.epoch, name.to_string());
-        self.with(move |db| db.remove_node(epoch, &name)).await
-    }
-
-    /// The key hash a node name is bound to.
-    pub async fn node_key(&self, name: &str) -> Result<Option<String>> {
-        let name = name.to_string();
-        self.with(move |db| db.node_key(&name)).await
     }
 
     /// Runs `hook` inside each insert's transaction just before it commits (PostgreSQL only).

@@ -6,7 +6,8 @@ use std::collections::{HashMap, HashSet};
 
 use postgres::{Client, NoTls, Row, Statement};
 
-use super::{Db, Finish, Raw, Registration, Result, Select, StoreError, raw_to_attempt};
+use super::nodes::{limits_from_json, limits_to_json};
+use super::{Db, Finish, NodeGrant, NodeRecord, Raw, Registration, Removal, Result, Select, StoreError, raw_to_attempt};
 use crate::db::epoch::{self, Guarded};
 use kommune_core::attempt::{Attempt, AttemptPhase};
 
@@ -42,13 +43,19 @@ CREATE TABLE IF NOT EXISTS nodes (
     public_key_sha256 TEXT NOT NULL,
     joined_ms         BIGINT NOT NULL
 );
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS owner TEXT;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS limits_json TEXT;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS removed_ms BIGINT;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS removed_reason TEXT;
 ";
 
 /// Whether every table, index and column of SCHEMA exists (in the connection's schema).
 const SCHEMA_IS_CURRENT: &str = "SELECT to_regclass('store_leader') IS NOT NULL AND to_regclass('nodes') IS NOT NULL
      AND to_regclass('attempts_by_job') IS NOT NULL AND to_regclass('attempts_active_by_node') IS NOT NULL
      AND (SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'attempts'
-          AND column_name IN ('replica', 'ephemeral_bytes', 'gpu_mask')) = 3";
+          AND column_name IN ('replica', 'ephemeral_bytes', 'gpu_mask')) = 3
+     AND (SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'nodes'
+          AND column_name IN ('owner', 'limits_json', 'removed_ms', 'removed_reason')) = 4";
 
 /// The columns read into an attempt, in `Raw`'s order. (Lists sort ids with COLLATE "C":
 /// bytewise, as SQLite does, whatever the database's collation.)
@@ -214,39 +221,53 @@ impl Db for PgDb {
         Ok(rows.iter().map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64, r.get::<_, i64>(2).max(0) as u64)).collect())
     }
 
-    fn register_node(&mut self, epoch: Option<i64>, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
+    fn register_node(&mut self, epoch: Option<i64>, name: &str, public_key_sha256: &str, grant: &NodeGrant, now_ms: i64) -> Result<Registration> {
         let mut tx = epoch::postgres::begin(&mut self.client, Guarded::Store, epoch)?;
+        let limits = limits_to_json(&grant.limits);
         let inserted = tx
             .execute(
-                "INSERT INTO nodes (name, public_key_sha256, joined_ms) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
-                &[&name, &public_key_sha256, &now_ms],
+                "INSERT INTO nodes (name, public_key_sha256, joined_ms, owner, limits_json) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+                &[&name, &public_key_sha256, &now_ms, &grant.owner, &limits],
             )
             .map_err(op("register node"))?;
         let registration = if inserted == 1 {
             Registration::New
         } else {
-            let key: String = tx.query_one("SELECT public_key_sha256 FROM nodes WHERE name = $1", &[&name]).map_err(op("look up node"))?.get(0);
-            if key == public_key_sha256 { Registration::SameKey } else { Registration::Taken }
+            let row = tx.query_one(&format!("{NODE} WHERE name = $1"), &[&name]).map_err(op("look up node"))?;
+            match node_record(&row) {
+                NodeRecord { removed: Some((at_ms, reason)), .. } => Registration::Retired { at_ms, reason },
+                r if r.public_key_sha256 == public_key_sha256 => Registration::SameKey,
+                _ => Registration::Taken,
+            }
         };
         tx.commit().map_err(op("commit node"))?;
         Ok(registration)
     }
 
-    fn remove_node(&mut self, epoch: Option<i64>, name: &str) -> Result<bool> {
+    fn remove_node(&mut self, epoch: Option<i64>, name: &str, removal: Removal, now_ms: i64) -> Result<bool> {
         let mut tx = epoch::postgres::begin(&mut self.client, Guarded::Store, epoch)?;
-        let n = tx.execute("DELETE FROM nodes WHERE name = $1", &[&name]).map_err(op("remove node"))?;
+        let n = tx
+            .execute("UPDATE nodes SET removed_ms = $2, removed_reason = $3 WHERE name = $1 AND removed_ms IS NULL", &[&name, &now_ms, &removal.as_str()])
+            .map_err(op("retire node"))?;
         tx.commit().map_err(op("commit node removal"))?;
         Ok(n == 1)
     }
 
-    fn node_key(&mut self, name: &str) -> Result<Option<String>> {
-        Ok(self.client.query_opt("SELECT public_key_sha256 FROM nodes WHERE name = $1", &[&name]).map_err(op("look up node"))?.map(|r| r.get(0)))
+    fn node(&mut self, name: &str) -> Result<Option<NodeRecord>> {
+        Ok(self.client.query_opt(&format!("{NODE} WHERE name = $1"), &[&name]).map_err(op("look up node"))?.map(|r| node_record(&r)))
     }
 
     #[cfg(test)]
     fn set_before_commit(&mut self, hook: Box<dyn Fn() + Send>) {
         self.before_commit = Some(hook);
     }
+}
+
+const NODE: &str = "SELECT public_key_sha256, joined_ms, owner, limits_json, removed_ms, removed_reason FROM nodes";
+
+fn node_record(r: &Row) -> NodeRecord {
+    let removed = r.get::<_, Option<i64>>(4).map(|at| (at, Removal::parse(r.get::<_, Option<&str>>(5).unwrap_or_default())));
+    NodeRecord { public_key_sha256: r.get(0), joined_ms: r.get(1), owner: r.get(2), limits: limits_from_json(r.get(3)), removed }
 }
 
 fn row_to_raw(r: &Row) -> std::result::Result<Raw, postgres::Error> {

@@ -5,7 +5,8 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Db, Finish, Raw, Registration, Result, Select, StoreError, raw_to_attempt};
+use super::nodes::{limits_from_json, limits_to_json};
+use super::{Db, Finish, NodeGrant, NodeRecord, Raw, Registration, Removal, Result, Select, StoreError, raw_to_attempt};
 use crate::db::epoch::{self, Guarded};
 use kommune_core::attempt::{Attempt, AttemptPhase};
 
@@ -36,7 +37,11 @@ CREATE INDEX IF NOT EXISTS attempts_active_by_node ON attempts (node) WHERE phas
 CREATE TABLE IF NOT EXISTS nodes (
     name              TEXT PRIMARY KEY,
     public_key_sha256 TEXT NOT NULL,
-    joined_ms         INTEGER NOT NULL
+    joined_ms         INTEGER NOT NULL,
+    owner             TEXT,
+    limits_json       TEXT,
+    removed_ms        INTEGER,
+    removed_reason    TEXT
 );
 ";
 
@@ -150,16 +155,19 @@ impl Db for SqliteDb {
         Ok(out)
     }
 
-    fn register_node(&mut self, epoch: Option<i64>, name: &str, public_key_sha256: &str, now_ms: i64) -> Result<Registration> {
+    fn register_node(&mut self, epoch: Option<i64>, name: &str, public_key_sha256: &str, grant: &NodeGrant, now_ms: i64) -> Result<Registration> {
         let tx = epoch::sqlite::begin(&mut self.conn, Guarded::Store, epoch)?;
-        let existing: Option<String> =
-            tx.query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0)).optional().map_err(op("look up node"))?;
+        let existing = node_row(&tx, name)?;
         let registration = match existing {
-            Some(k) if k == public_key_sha256 => Registration::SameKey,
+            Some(NodeRecord { removed: Some((at_ms, reason)), .. }) => Registration::Retired { at_ms, reason },
+            Some(r) if r.public_key_sha256 == public_key_sha256 => Registration::SameKey,
             Some(_) => Registration::Taken,
             None => {
-                tx.execute("INSERT INTO nodes (name, public_key_sha256, joined_ms) VALUES (?1, ?2, ?3)", params![name, public_key_sha256, now_ms])
-                    .map_err(op("register node"))?;
+                tx.execute(
+                    "INSERT INTO nodes (name, public_key_sha256, joined_ms, owner, limits_json) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![name, public_key_sha256, now_ms, grant.owner, limits_to_json(&grant.limits)],
+                )
+                .map_err(op("register node"))?;
                 Registration::New
             }
         };
@@ -167,16 +175,30 @@ impl Db for SqliteDb {
         Ok(registration)
     }
 
-    fn remove_node(&mut self, epoch: Option<i64>, name: &str) -> Result<bool> {
+    fn remove_node(&mut self, epoch: Option<i64>, name: &str, removal: Removal, now_ms: i64) -> Result<bool> {
         let tx = epoch::sqlite::begin(&mut self.conn, Guarded::Store, epoch)?;
-        let n = tx.execute("DELETE FROM nodes WHERE name = ?1", params![name]).map_err(op("remove node"))?;
+        let n = tx
+            .execute("UPDATE nodes SET removed_ms = ?2, removed_reason = ?3 WHERE name = ?1 AND removed_ms IS NULL", params![name, now_ms, removal.as_str()])
+            .map_err(op("retire node"))?;
         tx.commit().map_err(op("commit node removal"))?;
         Ok(n == 1)
     }
 
-    fn node_key(&mut self, name: &str) -> Result<Option<String>> {
-        self.conn.query_row("SELECT public_key_sha256 FROM nodes WHERE name = ?1", params![name], |r| r.get(0)).optional().map_err(op("look up node"))
+    fn node(&mut self, name: &str) -> Result<Option<NodeRecord>> {
+        node_row(&self.conn, name)
     }
+}
+
+fn node_row(conn: &Connection, name: &str) -> Result<Option<NodeRecord>> {
+    conn.query_row("SELECT public_key_sha256, joined_ms, owner, limits_json, removed_ms, removed_reason FROM nodes WHERE name = ?1", params![name], |r| {
+        let removed = match (r.get::<_, Option<i64>>(4)?, r.get::<_, Option<String>>(5)?) {
+            (Some(at), reason) => Some((at, Removal::parse(reason.as_deref().unwrap_or_default()))),
+            (None, _) => None,
+        };
+        Ok(NodeRecord { public_key_sha256: r.get(0)?, joined_ms: r.get(1)?, owner: r.get(2)?, limits: limits_from_json(r.get(3)?), removed })
+    })
+    .optional()
+    .map_err(op("look up node"))
 }
 
 /// Brings a `kommune.db` written by an older operator up to the current columns. `CREATE
@@ -191,6 +213,19 @@ fn migrate(conn: &Connection) -> Result<()> {
         if !columns.iter().any(|c| c == column) {
             conn.execute_batch(&format!("ALTER TABLE attempts ADD COLUMN {column} {definition}")).map_err(op("add attempt column"))?;
         }
+    }
+    // Nodes registered before owners, limits and tombstones have them NULL: no owner recorded
+    // (the fleet falls back to the node's name), no limits, registered.
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('nodes')").map_err(op("read node columns"))?;
+    let columns: Vec<String> =
+        stmt.query_map([], |r| r.get(0)).map_err(op("read node columns"))?.collect::<rusqlite::Result<_>>().map_err(op("read node columns"))?;
+    for column in ["owner", "limits_json", "removed_reason"] {
+        if !columns.iter().any(|c| c == column) {
+            conn.execute_batch(&format!("ALTER TABLE nodes ADD COLUMN {column} TEXT")).map_err(op("add node column"))?;
+        }
+    }
+    if !columns.iter().any(|c| c == "removed_ms") {
+        conn.execute_batch("ALTER TABLE nodes ADD COLUMN removed_ms INTEGER").map_err(op("add node column"))?;
     }
     Ok(())
 }

@@ -91,6 +91,8 @@ backend_suite!(
     replicas_and_held_disk_and_gpus_survive_reopen_bit_for_bit,
     a_store_written_by_an_older_operator_gains_the_new_columns_and_keeps_its_attempts,
     node_names_are_bound_to_one_key,
+    tombstones_owners_and_limits_survive_a_reopen,
+    nodes_registered_by_an_older_operator_keep_their_key_and_have_no_owner,
     finished_attempts_count_towards_their_nodes_outcomes,
     a_replica_that_claims_the_store_fences_every_write_of_the_previous_one_though_its_lease_fence_is_open,
     a_new_leader_sees_exactly_the_attempts_the_old_one_placed_and_finishes_them,
@@ -191,8 +193,8 @@ async fn a_fenced_store_refuses_every_write_and_still_reads(env: &Env) {
     assert!(matches!(store.finish(&id, AttemptPhase::Failed, None, 1).await, Err(StoreError::Fenced(_))));
     let batched = store.finish_batched(&id, AttemptPhase::Failed, &AttemptResult::default(), 1).await;
     assert!(matches!(batched, Err(StoreError::Fenced(_))));
-    assert!(matches!(store.register_node("n", "k", 1).await, Err(StoreError::Fenced(_))));
-    assert!(matches!(store.remove_node("n").await, Err(StoreError::Fenced(_))));
+    assert!(matches!(store.register_node("n", "k", &grant("o"), 1).await, Err(StoreError::Fenced(_))));
+    assert!(matches!(store.remove_node("n", Removal::Left, 1).await, Err(StoreError::Fenced(_))));
     assert_eq!(store.attempts_for_job("uid").await.unwrap().len(), 1, "reads still work, nothing changed");
     assert_eq!(store.attempt(&id).await.unwrap().unwrap().phase, AttemptPhase::Assigned);
 }
@@ -228,16 +230,57 @@ async fn a_store_written_by_an_older_operator_gains_the_new_columns_and_keeps_it
     assert_eq!(store.attempt(&attempt_id("uid", 1, 1)).await.unwrap().unwrap().held, Some(Held::default()));
 }
 
+fn grant(owner: &str) -> NodeGrant {
+    NodeGrant { owner: owner.into(), limits: CapacityLimits::default() }
+}
+
 async fn node_names_are_bound_to_one_key(env: &Env) {
     let store = env.open();
-    assert_eq!(store.register_node("n1", "k1", 1).await.unwrap(), Registration::New);
-    assert_eq!(store.register_node("n1", "k1", 2).await.unwrap(), Registration::SameKey);
-    assert_eq!(store.register_node("n1", "k2", 3).await.unwrap(), Registration::Taken);
+    assert_eq!(store.register_node("n1", "k1", &grant("alice"), 1).await.unwrap(), Registration::New);
+    assert_eq!(store.register_node("n1", "k1", &grant("mallory"), 2).await.unwrap(), Registration::SameKey);
+    assert_eq!(store.register_node("n1", "k2", &grant("alice"), 3).await.unwrap(), Registration::Taken);
     assert_eq!(store.node_key("n1").await.unwrap().as_deref(), Some("k1"));
+    assert_eq!(store.node("n1").await.unwrap().unwrap().owner.as_deref(), Some("alice"), "a re-join keeps the first owner");
     assert_eq!(store.node_key("n2").await.unwrap(), None);
-    assert!(store.remove_node("n1").await.unwrap());
-    assert!(!store.remove_node("n1").await.unwrap());
-    assert_eq!(store.register_node("n1", "k2", 4).await.unwrap(), Registration::New);
+    assert!(store.remove_node("n1", Removal::Left, 5).await.unwrap());
+    assert!(!store.remove_node("n1", Removal::Revoked, 6).await.unwrap(), "a retired name is retired once, with its first reason");
+    // Before tombstones, a removed name went free here and a new key could take it (and its
+    // earnings in the ledger).
+    let retired = Registration::Retired { at_ms: 5, reason: Removal::Left };
+    assert_eq!(store.register_node("n1", "k2", &grant("alice"), 7).await.unwrap(), retired);
+    assert_eq!(store.register_node("n1", "k1", &grant("alice"), 8).await.unwrap(), retired, "not even its own key takes a retired name back");
+    assert_eq!(store.node_key("n1").await.unwrap(), None, "a retired node's certificate opens no session");
+}
+
+async fn tombstones_owners_and_limits_survive_a_reopen(env: &Env) {
+    let limits = CapacityLimits { cpu_millis: Some(4000), memory_bytes: Some(8 << 30), ephemeral_bytes: None, gpus: Some(0) };
+    {
+        let store = env.open();
+        store.register_node("kept", "k1", &NodeGrant { owner: "token:abc".into(), limits }, 1).await.unwrap();
+        store.register_node("revoked", "k2", &grant("bob"), 2).await.unwrap();
+        assert!(store.remove_node("revoked", Removal::Revoked, 3).await.unwrap());
+    }
+    let store = env.open();
+    let kept = store.node("kept").await.unwrap().unwrap();
+    assert_eq!((kept.owner.as_deref(), kept.limits, kept.removed, kept.joined_ms), (Some("token:abc"), limits, None, 1));
+    let revoked = store.node("revoked").await.unwrap().unwrap();
+    assert_eq!((revoked.public_key_sha256.as_str(), revoked.removed), ("k2", Some((3, Removal::Revoked))));
+    assert_eq!(store.register_node("revoked", "k2", &grant("bob"), 4).await.unwrap(), Registration::Retired { at_ms: 3, reason: Removal::Revoked });
+    assert_eq!(store.node_key("revoked").await.unwrap(), None);
+}
+
+async fn nodes_registered_by_an_older_operator_keep_their_key_and_have_no_owner(env: &Env) {
+    let old_table = "CREATE TABLE nodes (name TEXT PRIMARY KEY, public_key_sha256 TEXT NOT NULL, joined_ms INTEGER NOT NULL);
+         INSERT INTO nodes (name, public_key_sha256, joined_ms) VALUES ('old', 'k0', 1);";
+    env.raw(&if env.url.is_some() { old_table.replace("INTEGER", "BIGINT") } else { old_table.to_string() });
+    for _ in 0..2 {
+        let store = env.open();
+        let old = store.node("old").await.unwrap().unwrap();
+        assert_eq!((old.public_key_sha256.as_str(), old.owner, old.limits, old.removed), ("k0", None, CapacityLimits::default(), None));
+    }
+    let store = env.open();
+    assert!(store.remove_node("old", Removal::Left, 2).await.unwrap());
+    assert!(matches!(store.register_node("old", "k9", &grant("x"), 3).await.unwrap(), Registration::Retired { .. }));
 }
 
 async fn finished_attempts_count_towards_their_nodes_outcomes(env: &Env) {
@@ -254,7 +297,7 @@ async fn a_replica_that_claims_the_store_fences_every_write_of_the_previous_one_
     let old_fence = leader_fence();
     let old = env.open_fenced(old_fence.clone());
     old.insert_attempts(&[attempt(0, "a"), attempt(1, "a")]).await.unwrap();
-    old.register_node("n1", "k1", 1).await.unwrap();
+    old.register_node("n1", "k1", &grant("o"), 1).await.unwrap();
     let before: Vec<Attempt> = old.job_attempts("uid").await.unwrap().iter().map(|a| (**a).clone()).collect();
 
     // The old leader was frozen past its Lease; a new one took the Lease and opened the store.
@@ -268,8 +311,8 @@ async fn a_replica_that_claims_the_store_fences_every_write_of_the_previous_one_
     assert!(matches!(old.finish(&id1, AttemptPhase::Failed, None, 9).await, Err(StoreError::Fenced(_))));
     let batched = old.finish_batched(&id1, AttemptPhase::Failed, &AttemptResult::default(), 9).await;
     assert!(matches!(batched, Err(StoreError::Fenced(_))), "{batched:?}");
-    assert!(matches!(old.register_node("n2", "k2", 2).await, Err(StoreError::Fenced(_))));
-    assert!(matches!(old.remove_node("n1").await, Err(StoreError::Fenced(_))));
+    assert!(matches!(old.register_node("n2", "k2", &grant("o"), 2).await, Err(StoreError::Fenced(_))));
+    assert!(matches!(old.remove_node("n1", Removal::Revoked, 2).await, Err(StoreError::Fenced(_))));
 
     assert_eq!(new.attempts_for_job("uid").await.unwrap(), before, "the refused writes changed nothing in the database");
     assert_eq!((new.node_key("n1").await.unwrap().as_deref(), new.node_key("n2").await.unwrap()), (Some("k1"), None));
@@ -320,7 +363,7 @@ async fn a_store_opened_used_and_dropped_on_the_async_runtime_works(env: &Env) {
         store.insert_attempts(&[attempt(0, "a")]).await.unwrap();
         assert!(store.mark_running(&id).await.unwrap());
         assert_eq!(store.job_attempts("uid").await.unwrap()[0].phase, AttemptPhase::Running);
-        assert_eq!(store.register_node("n1", "k1", 1).await.unwrap(), Registration::New);
+        assert_eq!(store.register_node("n1", "k1", &grant("o"), 1).await.unwrap(), Registration::New);
         assert!(store.finish_batched(&id, AttemptPhase::Succeeded, &AttemptResult::default(), 2).await.unwrap());
         drop(store);
     }

@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::quantity::{format_cpu, format_memory};
-use crate::crd::{NodeAllocation, NodeCapacity, NodeEarnings, NodeGpu, NodePhase, ProviderNode, ProviderNodeStatus, condition, set_condition};
+use crate::crd::{NodeAllocatable, NodeAllocation, NodeCapacity, NodeEarnings, NodeGpu, NodePhase, ProviderNode, ProviderNodeStatus, condition, set_condition};
 use crate::fleet::{NodeAdmin, NodeFacts};
 use crate::gateway::NodeEvent;
 use crate::job::status::Severity;
@@ -237,6 +237,16 @@ fn parse_reason(s: &str) -> Option<NodeReason> {
         .find(|r| r.as_str() == s)
 }
 
+/// What placement counts on for a node (the fleet's bounded view of it), against what its agent
+/// claimed.
+pub fn allocatable(node: &crate::scheduler::Node, claimed: &NodeCapacity) -> NodeAllocatable {
+    let ephemeral = Some(node.capacity.ephemeral_bytes).filter(|b| *b > 0).map(format_memory);
+    let cpu = format_cpu(node.capacity.cpu_millis);
+    let memory = format_memory(node.capacity.memory_bytes);
+    let capped = cpu != claimed.cpu || memory != claimed.memory || ephemeral != claimed.ephemeral_storage || node.gpus.len() != claimed.gpus.len();
+    NodeAllocatable { cpu, memory, ephemeral_storage: ephemeral, gpus: node.gpus.len() as u32, capped }
+}
+
 /// The node a gateway event is about.
 pub fn node_of(event: &NodeEvent) -> &str {
     match event {
@@ -254,6 +264,8 @@ pub fn admin_of(n: &ProviderNode) -> NodeAdmin {
     labels.retain(|k, _| k.len() <= 317);
     NodeAdmin {
         owner: n.spec.owner.clone().unwrap_or_default(),
+        // A bad quantity leaves that node to its token's caps and the ceiling; the sweep warns.
+        limits: crate::crd::limits_from(n.spec.capacity_limits.as_ref()).unwrap_or_default(),
         cordoned: n.spec.unschedulable || n.spec.drain,
         labels,
         taints: n

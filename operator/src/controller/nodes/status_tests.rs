@@ -18,8 +18,13 @@ fn facts() -> NodeFacts {
 #[test]
 fn lifecycle_join_connect_heartbeat_disconnect() {
     let now = Timestamp::now();
-    let joined =
-        apply_event(&ProviderNodeStatus::default(), &NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into() }, 0, (0, 0), now);
+    let joined = apply_event(
+        &ProviderNodeStatus::default(),
+        &NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into(), grant: Default::default() },
+        0,
+        (0, 0),
+        now,
+    );
     assert_eq!(joined.phase, Some(NodePhase::NotReady));
     assert_eq!(joined.capacity.as_ref().unwrap().cpu, "4");
     assert_eq!(joined.capacity.as_ref().unwrap().memory, "8Gi");
@@ -68,7 +73,8 @@ fn an_absent_node_is_not_ready_then_offline_after_the_grace() {
 fn rejoining_a_ready_node_keeps_it_ready() {
     let now = Timestamp::now();
     let ready = apply_event(&ProviderNodeStatus::default(), &NodeEvent::Connected { node: "n".into(), facts: facts() }, 0, (0, 0), now);
-    let rejoined = apply_event(&ready, &NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into() }, 0, (0, 0), now);
+    let rejoined =
+        apply_event(&ready, &NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into(), grant: Default::default() }, 0, (0, 0), now);
     assert_eq!(rejoined.phase, Some(NodePhase::Ready));
 }
 
@@ -129,7 +135,7 @@ fn desired_status_follows_sessions_cordons_and_the_grace() {
     use NodePhase::*;
     use NodeReason as R;
     let connected = NodeEvent::Connected { node: "n".into(), facts: facts() };
-    let joined = NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into() };
+    let joined = NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into(), grant: Default::default() };
     let closed = NodeEvent::Disconnected { node: "n".into(), reason: "bye".into() };
     let heartbeat = NodeEvent::Heartbeat { node: "n".into() };
     let event = |e: &'static NodeEvent| Change::Event { event: e, running: 0, allocated: (0, 0), reputation: "0.5".into() };

@@ -16,12 +16,13 @@ use serde_json::json;
 use tracing::{debug, warn};
 
 use super::HEARTBEAT_WRITE;
-use super::status::{Change, NodeReason, admin_of, desired_status, node_of, transition};
+use super::status::{Change, NodeReason, admin_of, allocatable, desired_status, node_of, transition};
 use crate::controller::{Error, MANAGER};
-use crate::crd::{NodeEarnings, ProviderNode, ProviderNodeStatus};
+use crate::crd::{NodeEarnings, ProviderNode, ProviderNodeStatus, limits_spec};
 use crate::dispatch::Dispatcher;
 use crate::gateway::NodeEvent;
 use crate::job::status::Severity;
+use crate::store::NodeGrant;
 
 /// The ProviderNode writer: its state lives between events and sweeps of one leader.
 pub struct NodeWriter {
@@ -83,8 +84,8 @@ impl NodeWriter {
         self.last_heartbeat_write.insert(node.clone(), Instant::now());
         match event {
             NodeEvent::Left { .. } => return self.delete(&node).await,
-            NodeEvent::Joined { .. } => {
-                let adopted = self.adopt(&node).await?;
+            NodeEvent::Joined { grant, .. } => {
+                let adopted = self.adopt(&node, grant).await?;
                 self.written.insert(node.clone(), adopted);
             }
             _ => {}
@@ -97,8 +98,17 @@ impl NodeWriter {
         let allocated = active.iter().fold((0, 0), |(c, m), a| (c + a.cpu_millis, m + a.memory_bytes));
         let reputation = self.dispatcher.fleet().reputation(&node).to_string();
         let change = Change::Event { event, running: active.len() as u32, allocated, reputation };
-        let desired = desired_status(&base, &change, Timestamp::now());
+        let desired = self.with_allocatable(&node, desired_status(&base, &change, Timestamp::now()));
         self.publish(&base, desired).await
+    }
+
+    /// `status` with what placement counts on for the node, once the fleet has it (after the
+    /// node's first session here).
+    fn with_allocatable(&self, node: &str, mut status: ProviderNodeStatus) -> ProviderNodeStatus {
+        if let (Some(n), Some(claimed)) = (self.dispatcher.fleet().node(node), status.capacity.as_ref()) {
+            status.allocatable = Some(allocatable(&n, claimed));
+        }
+        status
     }
 
     /// Compares every cached ProviderNode with the live sessions: phases of nodes without a
@@ -129,6 +139,9 @@ impl NodeWriter {
                 Ok(o) => self.dispatcher.rates().set_overrides(&name, o),
                 Err(e) => warn!(node = %name, error = %e, "ProviderNode pricing ignored; the cluster rates apply"),
             }
+            if let Err(e) = crate::crd::limits_from(n.spec.capacity_limits.as_ref()) {
+                warn!(node = %name, error = %e, "ProviderNode capacityLimits ignored; the join token's caps and the ceiling apply");
+            }
             let mut admin = admin_of(&n);
             admin.rates = self.dispatcher.rates().for_node(&name);
             fleet.set_admin(&name, admin);
@@ -143,7 +156,7 @@ impl NodeWriter {
             let earnings = earnings(&self.dispatcher, &name).await;
             let base = self.current(&name).unwrap_or_else(|| (*n).clone());
             let change = Change::Sweep { absent: fleet.absent_for(&name), grace, earnings };
-            let desired = desired_status(&base, &change, Timestamp::now());
+            let desired = self.with_allocatable(&name, desired_status(&base, &change, Timestamp::now()));
             self.publish(&base, desired).await?;
         }
         Ok(())
@@ -201,8 +214,10 @@ impl NodeWriter {
     }
 
     /// Creates (or adopts) a joined node's object; the operator owns only its label, never the
-    /// admin's spec, so this apply is not forced.
-    async fn adopt(&self, node: &str) -> Result<ProviderNode, Error> {
+    /// admin's spec, so this apply is not forced. Then fills in what the join token granted
+    /// (owner, caps) where the admin has not set it: a merge patch of only the unset fields, so an
+    /// admin's value always wins and a later apply of this manager never removes them.
+    async fn adopt(&self, node: &str, grant: &NodeGrant) -> Result<ProviderNode, Error> {
         let obj = json!({
             "apiVersion": ProviderNode::api_version(&()),
             "kind": ProviderNode::kind(&()),
@@ -210,7 +225,21 @@ impl NodeWriter {
             "spec": {},
         });
         self.dispatcher.may_write()?;
-        Ok(self.api.patch(node, &PatchParams::apply(MANAGER), &Patch::Apply(&obj)).await?)
+        let adopted = self.api.patch(node, &PatchParams::apply(MANAGER), &Patch::Apply(&obj)).await?;
+        let mut spec = serde_json::Map::new();
+        if adopted.spec.owner.is_none() && !grant.owner.is_empty() {
+            spec.insert("owner".into(), json!(grant.owner));
+        }
+        if adopted.spec.capacity_limits.is_none()
+            && let Some(limits) = limits_spec(&grant.limits)
+        {
+            spec.insert("capacityLimits".into(), json!(limits));
+        }
+        if spec.is_empty() {
+            return Ok(adopted);
+        }
+        let patch = json!({ "spec": spec });
+        Ok(self.api.patch(node, &PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &Patch::Merge(&patch)).await?)
     }
 
     /// A node left the pool: its ProviderNode goes (already gone is fine).

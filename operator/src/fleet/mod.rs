@@ -10,63 +10,21 @@ use std::time::Instant;
 use kommune_proto::v1::{OperatorMessage, operator_message};
 use tokio::sync::mpsc;
 
+mod claims;
+
+pub use claims::{CEILING, NodeFacts, bounded, normalize_arch};
+
 use crate::pricing::Rates;
-use crate::scheduler::{self, FairShare, Gpu, Node, Pool, REGION_LABEL, Reputation, Resources, Taint, Weights, ZONE_LABEL};
-
-/// What an agent says its machine offers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeFacts {
-    /// CPU, memory and ephemeral storage (0 when the agent does not report disk).
-    pub capacity: Resources,
-    /// GPU devices (none when the agent does not report them).
-    pub gpus: Vec<Gpu>,
-    pub runtimes: Vec<String>,
-    pub arch: String,
-    pub os: String,
-    pub region: String,
-    pub zone: String,
-    pub agent_version: String,
-}
-
-/// Kubernetes and Go name architectures differently from Rust; the scheduler speaks Rust's.
-pub fn normalize_arch(arch: &str) -> String {
-    match arch.to_ascii_lowercase().as_str() {
-        "amd64" | "x86-64" | "x64" => "x86_64".into(),
-        "arm64" => "aarch64".into(),
-        other => other.into(),
-    }
-}
-
-impl NodeFacts {
-    /// Converts and bounds what the agent sent: strings are truncated, unknown runtimes dropped.
-    pub fn from_proto(f: Option<&kommune_proto::v1::NodeFacts>) -> NodeFacts {
-        let Some(f) = f else { return NodeFacts::default() };
-        let cap = f.capacity.clone().unwrap_or_default();
-        let short = |s: &str| s.chars().take(63).collect::<String>();
-        let known = [kommune_proto::runtime::WASM, kommune_proto::runtime::EXEC, kommune_proto::runtime::CONTAINER];
-        let mut runtimes: Vec<String> = cap.runtimes.iter().filter(|r| known.contains(&r.as_str())).cloned().collect();
-        runtimes.sort();
-        runtimes.dedup();
-        // At most 64 GPUs per machine are believed; a longer list is cut, never padded.
-        let gpus = cap.gpus.iter().take(64).map(|g| crate::scheduler::Gpu { model: short(&g.model), memory_bytes: g.memory_bytes }).collect();
-        NodeFacts {
-            capacity: Resources { cpu_millis: cap.cpu_millis, memory_bytes: cap.memory_bytes, ephemeral_bytes: cap.ephemeral_storage_bytes },
-            gpus,
-            runtimes,
-            arch: normalize_arch(&short(&cap.arch)),
-            os: short(&cap.os).to_ascii_lowercase(),
-            region: short(&f.region),
-            zone: short(&f.zone),
-            agent_version: short(&f.agent_version),
-        }
-    }
-}
+use crate::scheduler::{self, FairShare, Node, Pool, REGION_LABEL, Reputation, Taint, Weights, ZONE_LABEL};
+use crate::store::CapacityLimits;
 
 /// What the admin says about a node, from its ProviderNode.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeAdmin {
-    /// `spec.owner` (empty: the node is its own party).
+    /// `spec.owner` (empty: none set; the join token's owner applies).
     pub owner: String,
+    /// `spec.capacityLimits`: each cap set here wins over the join token's.
+    pub limits: CapacityLimits,
     /// `spec.unschedulable`.
     pub cordoned: bool,
     /// `metadata.labels`.
@@ -77,11 +35,21 @@ pub struct NodeAdmin {
     pub rates: Rates,
 }
 
+/// What the node's registration says (the store's, from its join token).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeRegistration {
+    /// The join token's owner; None for nodes registered before owners were recorded.
+    pub owner: Option<String>,
+    /// The join token's caps.
+    pub limits: CapacityLimits,
+}
+
 /// Everything known about one node, whatever the state of its session.
 #[derive(Debug, Clone, Default)]
 struct Known {
     facts: NodeFacts,
     admin: NodeAdmin,
+    registration: NodeRegistration,
     paused: bool,
     ready: bool,
     /// Has had a session with this operator: only such nodes are in the pool.
@@ -93,16 +61,17 @@ struct Known {
 impl Known {
     fn node(&self, name: &str) -> Node {
         let mut labels = self.admin.labels.clone();
-        // The agent's declared topology wins over a label an admin typed by hand.
-        if !self.facts.region.is_empty() {
-            labels.insert(REGION_LABEL.into(), self.facts.region.clone());
+        // The agent's declared topology only fills in what the admin left unset: an agent may
+        // say anything, and jobs pin regions for data residency.
+        for (label, declared) in [(REGION_LABEL, &self.facts.region), (ZONE_LABEL, &self.facts.zone)] {
+            if !declared.is_empty() {
+                labels.entry(label.to_string()).or_insert_with(|| declared.clone());
+            }
         }
-        if !self.facts.zone.is_empty() {
-            labels.insert(ZONE_LABEL.into(), self.facts.zone.clone());
-        }
+        let (capacity, gpus) = bounded(&self.facts, &self.limits());
         Node {
             name: name.to_string(),
-            owner: self.admin.owner.clone(),
+            owner: self.owner(name),
             ready: self.ready,
             cordoned: self.admin.cordoned,
             paused: self.paused,
@@ -111,10 +80,34 @@ impl Known {
             os: self.facts.os.clone(),
             labels,
             taints: self.admin.taints.clone(),
-            capacity: self.facts.capacity,
-            gpus: self.facts.gpus.clone(),
+            capacity,
+            gpus,
             reputation: self.reputation(),
             rates: self.admin.rates,
+        }
+    }
+
+    /// The party the node belongs to for replica placement, never empty: the admin's
+    /// `spec.owner`, else its join token's owner, else (only for nodes registered before owners
+    /// were recorded) the node itself.
+    fn owner(&self, name: &str) -> String {
+        if !self.admin.owner.is_empty() {
+            return self.admin.owner.clone();
+        }
+        match self.registration.owner.as_deref() {
+            Some(owner) if !owner.is_empty() => owner.to_string(),
+            _ => format!("node:{name}"),
+        }
+    }
+
+    /// The caps on the agent's claims: each of the admin's, else the join token's.
+    fn limits(&self) -> CapacityLimits {
+        let (a, t) = (&self.admin.limits, &self.registration.limits);
+        CapacityLimits {
+            cpu_millis: a.cpu_millis.or(t.cpu_millis),
+            memory_bytes: a.memory_bytes.or(t.memory_bytes),
+            ephemeral_bytes: a.ephemeral_bytes.or(t.ephemeral_bytes),
+            gpus: a.gpus.or(t.gpus),
         }
     }
 
@@ -281,6 +274,15 @@ impl Fleet {
         }
     }
 
+    /// Records what the node's registration says (owner and caps from its join token). Called
+    /// before its session opens, so its first placement already sees them.
+    pub fn set_registration(&self, node: &str, registration: NodeRegistration) {
+        let changed = self.known.lock().unwrap_or_else(|p| p.into_inner()).get(node).is_none_or(|k| k.registration != registration);
+        if changed {
+            self.update(node, |k| k.registration = registration);
+        }
+    }
+
     /// Records an admin's cordon (`spec.unschedulable`).
     pub fn set_cordoned(&self, node: &str, cordoned: bool) {
         self.update(node, |k| k.admin.cordoned = cordoned);
@@ -353,6 +355,7 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::Resources;
 
     #[test]
     fn a_newer_session_replaces_the_older_and_the_older_cannot_remove_it() {
@@ -388,14 +391,14 @@ mod tests {
         fleet.connect("n", facts, tx);
         let taint = Taint { key: "dedicated".into(), value: "ml".into(), ..Default::default() };
         let labels = BTreeMap::from([("tier".to_string(), "fast".to_string()), (REGION_LABEL.to_string(), "typed-by-hand".to_string())]);
-        fleet.set_admin("n", NodeAdmin { owner: "alice".into(), cordoned: true, labels, taints: vec![taint.clone()], rates: Rates::default() });
+        fleet.set_admin("n", NodeAdmin { owner: "alice".into(), cordoned: true, labels, taints: vec![taint.clone()], ..Default::default() });
         fleet.record_outcome("n", true);
         fleet.record_outcome("n", false);
         let n = fleet.node("n").unwrap();
         assert_eq!((n.owner.as_str(), n.cordoned, n.taints.clone()), ("alice", true, vec![taint]));
         assert_eq!(n.labels.get("tier").map(String::as_str), Some("fast"));
-        assert_eq!(n.labels.get(REGION_LABEL).map(String::as_str), Some("eu-west"), "the agent's declared region wins");
-        assert_eq!(n.labels.get(ZONE_LABEL).map(String::as_str), Some("eu-west-a"));
+        assert_eq!(n.labels.get(REGION_LABEL).map(String::as_str), Some("typed-by-hand"), "the admin's region wins over the agent's");
+        assert_eq!(n.labels.get(ZONE_LABEL).map(String::as_str), Some("eu-west-a"), "the agent's zone fills in where the admin set none");
         assert_eq!(n.reputation, Reputation(500));
         assert_eq!(fleet.reputation("n"), Reputation(500));
         fleet.close("n", tonic::Status::permission_denied("revoked"));
@@ -421,29 +424,33 @@ mod tests {
     }
 
     #[test]
-    fn facts_from_agents_are_bounded() {
-        let f = kommune_proto::v1::NodeFacts {
-            capacity: Some(kommune_proto::v1::Capacity {
-                cpu_millis: 4000,
-                memory_bytes: 1 << 30,
-                runtimes: vec!["exec".into(), "wasm".into(), "bogus".into(), "wasm".into()],
-                arch: "x".repeat(500),
-                os: "linux".into(),
-                gpus: (0..100)
-                    .map(|i| kommune_proto::v1::Gpu { model: "NVIDIA A100-SXM4-80GB".into(), memory_bytes: 80 << 30, uuid: format!("GPU-{i}") })
-                    .collect(),
-                ephemeral_storage_bytes: 20 << 30,
-            }),
-            agent_version: "1".into(),
-            region: "eu".into(),
-            zone: String::new(),
-        };
-        let facts = NodeFacts::from_proto(Some(&f));
-        assert_eq!(facts.runtimes, vec!["exec", "wasm"]);
-        assert_eq!(facts.arch.len(), 63);
-        assert_eq!(facts.gpus.len(), 64, "GPUs the agent detected are believed, up to a bound");
-        assert_eq!(facts.gpus[0], crate::scheduler::Gpu { model: "NVIDIA A100-SXM4-80GB".into(), memory_bytes: 80 << 30 });
-        assert_eq!(facts.capacity.ephemeral_bytes, 20 << 30);
-        assert_eq!(NodeFacts::from_proto(None), NodeFacts::default());
+    fn a_nodes_owner_is_the_admins_else_its_tokens_else_its_own_name_and_never_empty() {
+        let fleet = Fleet::default();
+        let (tx, _rx) = mpsc::channel(1);
+        fleet.connect("old", NodeFacts::default(), tx.clone());
+        assert_eq!(fleet.node("old").unwrap().owner, "node:old", "registered before owners: a party of its own");
+        for n in ["a", "b"] {
+            fleet.set_registration(n, NodeRegistration { owner: Some("token:t1".into()), ..Default::default() });
+            fleet.connect(n, NodeFacts::default(), tx.clone());
+        }
+        assert_eq!((fleet.node("a").unwrap().owner, fleet.node("b").unwrap().owner), ("token:t1".to_string(), "token:t1".to_string()), "one token, one owner");
+        fleet.set_admin("b", NodeAdmin { owner: "bob".into(), ..Default::default() });
+        assert_eq!(fleet.node("b").unwrap().owner, "bob", "the admin's spec.owner wins");
+    }
+
+    #[test]
+    fn placement_sees_claims_capped_by_the_admin_else_the_token_else_the_ceiling() {
+        let fleet = Fleet::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let claim = NodeFacts { capacity: Resources { cpu_millis: 1_000_000_000, memory_bytes: 1 << 50, ephemeral_bytes: 0 }, ..NodeFacts::default() };
+        fleet.connect("n", claim, tx);
+        assert_eq!(fleet.node("n").unwrap().capacity.cpu_millis, CEILING.cpu_millis.unwrap(), "10^6 cores are not believed");
+        let token = CapacityLimits { cpu_millis: Some(4000), memory_bytes: Some(8 << 30), ..Default::default() };
+        fleet.set_registration("n", NodeRegistration { owner: None, limits: token });
+        let n = fleet.node("n").unwrap();
+        assert_eq!((n.capacity.cpu_millis, n.capacity.memory_bytes), (4000, 8 << 30));
+        fleet.set_admin("n", NodeAdmin { limits: CapacityLimits { cpu_millis: Some(2000), ..Default::default() }, ..Default::default() });
+        let n = fleet.node("n").unwrap();
+        assert_eq!((n.capacity.cpu_millis, n.capacity.memory_bytes), (2000, 8 << 30), "the admin's cap wins; the token's fills in");
     }
 }
