@@ -339,8 +339,8 @@ impl Fleet {
 
     /// The scheduler's view of one node, as last updated.
     /// The most any known node offers of each resource (each maximum on its own).
-    pub fn largest_capacity(&self) -> Resources {
-        self.pool().nodes().fold(Resources::default(), |m, n| Resources {
+    pub fn largest_capacity(&self) -> scheduler::Resources {
+        self.pool().nodes().fold(scheduler::Resources::default(), |m, n| scheduler::Resources {
             cpu_millis: m.cpu_millis.max(n.capacity.cpu_millis),
             memory_bytes: m.memory_bytes.max(n.capacity.memory_bytes),
             ephemeral_bytes: m.ephemeral_bytes.max(n.capacity.ephemeral_bytes),

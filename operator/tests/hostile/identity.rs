@@ -14,7 +14,6 @@ use crate::harness::{hello_module, job, join_agent, operator_with, policy, wait_
 /// A provider leaves (and another is revoked); a new key then joins under each freed name.
 /// Today the names are free again, and the ledger would merge two identities' earnings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs identity: name tombstones (a used name is never given to another key)"]
 async fn a_name_that_left_or_was_revoked_is_never_given_to_a_new_key() {
     let op = operator_with(PRICED).await;
     let dir = tempfile::tempdir().unwrap();
@@ -40,7 +39,6 @@ async fn a_name_that_left_or_was_revoked_is_never_given_to_a_new_key() {
 /// Two machines joined with one token (no owner set by the admin) try to hold both copies of
 /// a task under `replicas: 2`. Today an empty owner is "a party of its own", so they can.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs identity: machines of one join token are one owner for replica placement"]
 async fn two_machines_from_one_token_never_hold_both_copies_of_a_task() {
     let op = operator_with(PRICED).await;
     let dir = tempfile::tempdir().unwrap();
@@ -71,13 +69,18 @@ async fn two_machines_from_one_token_never_hold_both_copies_of_a_task() {
 }
 
 /// A node claims a million cores and a pebibyte, and a region its admin labelled otherwise.
-/// Today the balance score sends it every task, and its claimed region replaces the label.
+/// Before claims were bounded the balance score sent it every task, and its claimed region
+/// replaced the label. Its token allows 4 cores and 8 GiB, so that is what placement believes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs identity: capacity claims bounded (token limits / admin caps) and admin labels win over the agent's region"]
 async fn an_absurd_capacity_claim_does_not_take_every_task_and_a_claimed_region_does_not_override_the_admin() {
     let op = operator_with(PRICED).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut giant = HostileAgent::join(&op, dir.path(), "giant", claims(1_000_000_000, 1 << 50, "claimed-region")).await.unwrap();
+    let capped = kommune_proto::token::JoinToken::generate(&op.ca.pin());
+    let limits = kommune_operator::tokens::CapacityLimits { cpu_millis: Some(4000), memory_bytes: Some(8 << 30), ..Default::default() };
+    let expires = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(600);
+    op.tokens.insert_owned(&capped, expires, 1, None, limits);
+    let mut giant =
+        HostileAgent::join_with_token(&op, dir.path(), "giant", claims(1_000_000_000, 1 << 50, "claimed-region"), &capped.to_string()).await.unwrap();
     giant.connect(&op).await;
     let labels = BTreeMap::from([(REGION_LABEL.to_string(), "admin-region".to_string())]);
     op.dispatcher.fleet().set_admin(&giant.name, NodeAdmin { labels, ..Default::default() });
@@ -89,6 +92,8 @@ async fn an_absurd_capacity_claim_does_not_take_every_task_and_a_claimed_region_
     let spread = op.dispatcher.sync(&job("spread"), &wide, Some(&ModuleRef { sha256: sha, url: None })).await.unwrap();
     let on_honest = spread.attempts.iter().filter(|a| a.node == "modest").count();
     println!("8 tasks: {} on the giant, {on_honest} on the idle honest node", spread.attempts.len() - on_honest);
+    let believed = op.dispatcher.fleet().node("giant").unwrap().capacity;
+    assert_eq!((believed.cpu_millis, believed.memory_bytes), (4000, 8 << 30), "the token's caps bound the claim");
     let region = op.dispatcher.fleet().pool().nodes().find(|n| n.name == "giant").map(|n| n.labels.get(REGION_LABEL).cloned());
     println!("the giant's region label: {region:?}");
     assert!(on_honest > 0, "the claim is bounded: the idle honest node gets some of the tasks");
