@@ -56,6 +56,9 @@ struct Known {
     seen: bool,
     succeeded: u64,
     failed: u64,
+    /// The ed25519 key of its sessions' certificate: its earnings are the receipts signed
+    /// with it, even if the name had another key in an older ledger.
+    public_key: Option<[u8; 32]>,
 }
 
 impl Known {
@@ -266,6 +269,16 @@ impl Fleet {
         }
     }
 
+    /// Records the key the node's session authenticated with (its certificate's).
+    pub fn set_public_key(&self, node: &str, key: [u8; 32]) {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).entry(node.to_string()).or_default().public_key = Some(key);
+    }
+
+    /// The key the node's sessions authenticate with, once one has opened on this operator.
+    pub fn public_key(&self, node: &str) -> Option<[u8; 32]> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).get(node).and_then(|k| k.public_key)
+    }
+
     /// Records whether the node's provider paused it (from Hello and every Heartbeat).
     pub fn set_paused(&self, node: &str, paused: bool) {
         let changed = self.known.lock().unwrap_or_else(|p| p.into_inner()).get(node).is_none_or(|k| k.paused != paused);
@@ -378,6 +391,16 @@ mod tests {
         assert_eq!(fleet.absent_for("n"), None);
         assert!(fleet.node("n").unwrap().ready);
         assert!(fleet.absent_for("never-seen").is_some());
+    }
+
+    #[test]
+    fn a_nodes_key_is_the_one_its_latest_session_authenticated_with() {
+        let fleet = Fleet::default();
+        assert_eq!(fleet.public_key("n"), None, "not known before a session");
+        fleet.set_public_key("n", [1; 32]);
+        fleet.set_public_key("n", [2; 32]);
+        assert_eq!(fleet.public_key("n"), Some([2; 32]));
+        assert!(fleet.node("n").is_none(), "knowing a key does not put the node in the pool");
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
 
     let facts = NodeFacts::from_proto(hello.facts.as_ref());
     inner.dispatcher.fleet().set_paused(&node, hello.paused);
+    inner.dispatcher.fleet().set_public_key(&node, public_key);
     let (session_id, unwanted) = match inner.dispatcher.open_session(&node, facts.clone(), tx.clone(), &hello.running_attempt_ids).await {
         Ok(opened) => opened,
         Err(e) => {

@@ -269,7 +269,16 @@ impl NodeWriter {
 /// error, which is logged: the status keeps its last figures).
 async fn earnings(dispatcher: &Dispatcher, node: &str) -> Option<NodeEarnings> {
     let ledger = dispatcher.ledger()?;
-    let read = async { Ok::<_, crate::ledger::LedgerError>((ledger.node_earnings(node).await?, ledger.rejected_count(node).await?.distinct)) };
+    // Only what the node's own key signed: a name that had another key in an older ledger
+    // (before names were retired for good) never shows that identity's earnings.
+    let key = dispatcher.fleet().public_key(node);
+    let read = async {
+        let e = match key {
+            Some(k) => ledger.node_earnings_of_key(node, k).await?,
+            None => ledger.node_earnings(node).await?,
+        };
+        Ok::<_, crate::ledger::LedgerError>((e, ledger.rejected_count(node).await?.distinct))
+    };
     match read.await {
         Ok((e, rejected)) => Some(NodeEarnings {
             pending: e.pending.to_string(),
