@@ -65,6 +65,10 @@ pub fn is_sha256_hex(s: &str) -> bool {
 /// True when `image` is pinned by digest, `name@sha256:<64 lowercase hex>`, with a plausible
 /// name (lowercase letters, digits and `._-/:`; a tag before the digest is allowed). Both ends
 /// check it: a tag can be moved to other content, a digest cannot, so results stay reproducible.
+/// [`is_pinned_image`] as a regular expression, for the CRD schema: the API server refuses an
+/// unpinned image at `kubectl apply`, before the operator sees it.
+pub const PINNED_IMAGE_PATTERN: &str = r"^[a-z0-9][a-z0-9._/:-]{0,511}@sha256:[0-9a-f]{64}$";
+
 pub fn is_pinned_image(image: &str) -> bool {
     let Some((name, digest)) = image.rsplit_once('@') else { return false };
     let name_ok = !name.is_empty()
@@ -97,5 +101,24 @@ mod tests {
         ] {
             assert!(!is_pinned_image(&bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_schema_pattern_agrees_with_the_check() {
+        let re = regex::Regex::new(PINNED_IMAGE_PATTERN).unwrap();
+        let hex = "0123456789abcdef".repeat(4);
+        let names = ["busybox", "docker.io/library/busybox:1.36", "localhost:5000/a/b", "a", "", "Busybox", "busy box", "/b", ".b", "-b", ":b", "b.", "ü"];
+        let digests = [format!("sha256:{hex}"), format!("sha512:{hex}"), format!("sha256:{}", &hex[1..]), format!("sha256:{}", hex.to_uppercase()), String::new()];
+        for name in names {
+            for digest in &digests {
+                for image in [format!("{name}@{digest}"), format!("{name}{digest}"), format!("{name}@{digest}@{digest}")] {
+                    assert_eq!(re.is_match(&image), is_pinned_image(&image), "{image}");
+                }
+            }
+        }
+        let long = format!("{}@sha256:{hex}", "a".repeat(512));
+        assert_eq!(re.is_match(&long), is_pinned_image(&long));
+        let too_long = format!("{}@sha256:{hex}", "a".repeat(513));
+        assert_eq!(re.is_match(&too_long), is_pinned_image(&too_long));
     }
 }

@@ -326,8 +326,9 @@ pub struct ExecWorkload {
 #[serde(rename_all = "camelCase")]
 pub struct ContainerWorkload {
     /// Image reference pinned by digest, `name@sha256:<64 hex>`: a tag can be moved to other
-    /// content, a digest cannot. The task's scratch directory is mounted at `/scratch`.
-    #[schemars(length(min = 1, max = 1024))]
+    /// content, a digest cannot, so an image without one is refused at admission. The task's
+    /// scratch directory is mounted at `/scratch`.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = kommune_proto::PINNED_IMAGE_PATTERN))]
     pub image: String,
     /// Overrides the image entrypoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
