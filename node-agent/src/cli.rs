@@ -65,6 +65,29 @@ pub enum Command {
     /// Works with the `run` config file: print an example, or check one.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Internal: how `run` starts an exec task (Landlock-confined, with no process left
+    /// behind). Not for people; see docs/SECURITY.md.
+    #[command(hide = true)]
+    SandboxExec(SandboxExecArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SandboxExecArgs {
+    /// The attempt's scratch directory, the only tree the command may write.
+    #[arg(long, value_name = "DIR", required_unless_present = "probe")]
+    pub scratch: Option<PathBuf>,
+    /// Run the command even without Landlock.
+    #[arg(long)]
+    pub allow_unsandboxed: bool,
+    /// The confining stage, started by the supervisor stage.
+    #[arg(long)]
+    pub inner: bool,
+    /// Only report how far this kernel confines a task.
+    #[arg(long, conflicts_with_all = ["inner", "scratch"])]
+    pub probe: bool,
+    /// The command and its arguments.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -226,6 +249,11 @@ pub struct RunArgs {
     /// root to switch users.
     #[arg(long, value_name = "USER", help_heading = "Runtimes")]
     pub exec_user: Option<String>,
+    /// Run exec tasks even where the kernel has no Landlock, so nothing stops them reading
+    /// this agent's node key and state (see docs/SECURITY.md). Without it the agent refuses
+    /// to start with --allow-exec on such a kernel.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", help_heading = "Runtimes")]
+    pub allow_unsandboxed_exec: Option<bool>,
     /// Also run `container` tasks through this Docker or Podman Engine API socket, e.g.
     /// /var/run/docker.sock or $XDG_RUNTIME_DIR/podman/podman.sock. Containers run images
     /// pinned by digest as this agent's user, with no privileges, no capabilities, a read-only
