@@ -470,7 +470,11 @@ pub mod tests {
             ("cpu too high", resign(base.clone(), |b| b.usage.as_mut().unwrap().cpu_micros = 9_200_000), "cpu time 9.2s exceeds 2 cores x 4.0s wall"),
             ("gpu time without a gpu", resign(base.clone(), |b| b.usage.as_mut().unwrap().gpu_millis = 1 << 63), "exceeds 0 GPU(s) x 4.0s wall"),
             ("memory integral", resign(base.clone(), |b| b.usage.as_mut().unwrap().memory_mib_millis = u64::MAX), "exceeds the 256 MiB"),
-            ("memory peak", resign(base.clone(), |b| b.usage.as_mut().unwrap().memory_peak_bytes = 1 << 40), "a memory peak of 1048576 MiB exceeds the 256 MiB"),
+            (
+                "memory peak",
+                resign(base.clone(), |b| b.usage.as_mut().unwrap().memory_peak_bytes = 1 << 40),
+                "a memory peak of 1048576 MiB exceeds the 256 MiB",
+            ),
             ("output", resign(base.clone(), |b| b.usage.as_mut().unwrap().output_bytes = u64::MAX), "exceeds the limit of 16777216 bytes"),
             (
                 "past the timeout",
@@ -539,13 +543,10 @@ pub mod tests {
             memory_bytes: 64 << 20,
             ..Default::default()
         });
-        let i = resign(
-            ReceiptInput { attempt: AttemptFacts { bounds: i.attempt.bounds, ..i.attempt.clone() }, ..i },
-            |b| {
-                let u = b.usage.as_mut().unwrap();
-                (u.cpu_micros, u.memory_mib_millis, u.output_bytes) = (3_990_000, 64 * 4000, 12);
-            },
-        );
+        let i = resign(ReceiptInput { attempt: AttemptFacts { bounds: i.attempt.bounds, ..i.attempt.clone() }, ..i }, |b| {
+            let u = b.usage.as_mut().unwrap();
+            (u.cpu_micros, u.memory_mib_millis, u.output_bytes) = (3_990_000, 64 * 4000, 12);
+        });
         let v = check(&i).expect("an honest single-threaded guest is within its bound");
         assert!(v.cost.0 > 0);
     }

@@ -236,9 +236,15 @@ fn exec_sandbox(exec: ExecRuntime, allow_unsandboxed: bool, state_dir: &Path) ->
     use kommune_agent::runtime::sandbox;
     let own = std::env::current_exe().context("cannot find this agent's binary to start exec tasks through")?;
     if let Some(root) = sandbox::exposed_by(state_dir) {
-        bail!("the state directory {} lies under {root}, which exec tasks may read (and with it the node key): move it, or run without --allow-exec", state_dir.display());
+        bail!(
+            "the state directory {} lies under {root}, which exec tasks may read (and with it the node key): move it, or run without --allow-exec",
+            state_dir.display()
+        );
     }
-    let probe = std::process::Command::new(&own).args(["sandbox-exec", "--probe"]).output().with_context(|| format!("cannot run {} sandbox-exec --probe", own.display()))?;
+    let probe = std::process::Command::new(&own)
+        .args(["sandbox-exec", "--probe"])
+        .output()
+        .with_context(|| format!("cannot run {} sandbox-exec --probe", own.display()))?;
     let said = String::from_utf8_lossy(&probe.stdout).trim().to_owned();
     if probe.status.success() {
         tracing::info!(sandbox = %said, "exec tasks are confined");
@@ -246,7 +252,9 @@ fn exec_sandbox(exec: ExecRuntime, allow_unsandboxed: bool, state_dir: &Path) ->
         tracing::warn!(sandbox = %said, "exec tasks run UNCONFINED (--allow-unsandboxed-exec): they can read this agent's node key");
         eprintln!("warning: exec tasks run unconfined ({said}): they can read this agent's node key and state");
     } else {
-        bail!("cannot confine exec tasks on this machine: {said}. Use a kernel with Landlock (Linux 5.13+, landlock in lsm=), or accept the risk with --allow-unsandboxed-exec (tasks can then read the node key unless --exec-user keeps them out)");
+        bail!(
+            "cannot confine exec tasks on this machine: {said}. Use a kernel with Landlock (Linux 5.13+, landlock in lsm=), or accept the risk with --allow-unsandboxed-exec (tasks can then read the node key unless --exec-user keeps them out)"
+        );
     }
     Ok(exec.sandboxed(own, allow_unsandboxed))
 }

@@ -135,11 +135,7 @@ async fn a_setsid_process_does_not_outlive_its_attempt() {
     }
     let state = StateDir::new();
     // setsid leaves the task's process group; the double fork re-parents it away from the shell.
-    let outcome = sh(
-        "(setsid sleep 30 >/dev/null 2>&1 & echo $! > escaped.pid) ; echo started",
-        &state.context(Duration::from_secs(20)),
-    )
-    .await;
+    let outcome = sh("(setsid sleep 30 >/dev/null 2>&1 & echo $! > escaped.pid) ; echo started", &state.context(Duration::from_secs(20))).await;
     assert_eq!(outcome.ending, Ending::Succeeded, "{outcome:?}");
     let escaped = read_pid(&state.root.join("scratch/attempt-a/escaped.pid"));
     assert!(wait_until_dead(escaped).await, "setsid'd process {escaped} outlived its attempt");
@@ -156,6 +152,24 @@ async fn a_setsid_process_is_stopped_with_a_timed_out_attempt() {
     assert!(outcome.wall < Duration::from_secs(3), "{:?}", outcome.wall);
     let escaped = read_pid(&state.root.join("scratch/attempt-a/escaped.pid"));
     assert!(wait_until_dead(escaped).await, "setsid'd process {escaped} survived the timeout");
+}
+
+#[tokio::test]
+async fn a_task_cannot_see_the_machines_unix_sockets() {
+    if !landlock_or_skip() {
+        return;
+    }
+    // A listening socket in /run stands in for the D-Bus session bus or docker.sock, which
+    // Landlock before ABI 9 would let a task connect to.
+    let path = PathBuf::from(format!("/run/kommune-sandbox-test-{}.sock", std::process::id()));
+    let Ok(_listener) = std::os::unix::net::UnixListener::bind(&path) else {
+        println!("skipped: cannot create a socket in /run as this user");
+        return;
+    };
+    let state = StateDir::new();
+    let outcome = sh(&format!("test -S {0}; echo seen=$?", path.display()), &state.context(Duration::from_secs(20))).await;
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(String::from_utf8_lossy(&outcome.stdout_tail), "seen=1\n", "{outcome:?}");
 }
 
 #[tokio::test]

@@ -240,7 +240,8 @@ pub fn exclusion(node: &Node, allocated: Resources, gpus_used: u64, r: &Request)
     if node.paused {
         return Some(Exclusion::Paused);
     }
-    static_exclusion(node, r).or_else(|| dynamic_exclusion(node.reputation, r.avoid.contains(&node.name), node.capacity, allocated, gpus_used, matching_gpus(&node.gpus, &r.gpu), r))
+    static_exclusion(node, r)
+        .or_else(|| dynamic_exclusion(node.reputation, r.avoid.contains(&node.name), node.capacity, allocated, gpus_used, matching_gpus(&node.gpus, &r.gpu), r))
 }
 
 #[cfg(test)]

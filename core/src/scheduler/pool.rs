@@ -562,7 +562,9 @@ impl Pool {
                 for j in 0..members.len() {
                     let id = members[(offset + j) % members.len()];
                     let h = &self.hot[id as usize];
-                    if h.flags != SCHEDULABLE || filter::dynamic_exclusion(h.reputation, avoid.contains(&id), h.capacity, h.allocated, h.gpus_used, pick.matching, r).is_some() {
+                    if h.flags != SCHEDULABLE
+                        || filter::dynamic_exclusion(h.reputation, avoid.contains(&id), h.capacity, h.allocated, h.gpus_used, pick.matching, r).is_some()
+                    {
                         continue;
                     }
                     let s = pick.score + wr * h.reputation.0 as u64 + wb * score::balance(h.capacity, h.allocated, r);

@@ -12,7 +12,9 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-use landlock::{ABI, Access, AccessFs, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope};
+use landlock::{
+    ABI, Access, AccessFs, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
+};
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::wait::{WaitStatus, waitpid};
@@ -26,9 +28,14 @@ pub const CANNOT_START: i32 = 127;
 /// Starts the line the inner stage writes to stderr before exiting with one of the codes above.
 pub const MARKER: &str = "kommune-sandbox: ";
 
-/// The newest ABI whose rights this code names; the crate downgrades to what the kernel has
-/// (best effort) and [`Confinement`] says what was actually enforced.
-const TARGET_ABI: ABI = ABI::V6;
+mod sockets;
+
+pub use sockets::{Hidden, hide_socket_dirs};
+
+/// The newest ABI whose rights this code names (ABI 9 confines connect() to pathname unix
+/// sockets); the crate downgrades to what the kernel has (best effort) and [`Confinement`]
+/// says what was actually enforced.
+const TARGET_ABI: ABI = ABI::V9;
 
 /// System trees a command may read and execute: what a shell, coreutils, an interpreter and
 /// its libraries need. Nothing of the agent's own state may lie beneath these (checked).
@@ -97,13 +104,18 @@ pub fn confine(scratch: Option<&Path>) -> Result<Confinement, String> {
     }
     if let Some(scratch) = scratch {
         let fd = PathFd::new(scratch).map_err(|e| format!("cannot open the scratch directory {}: {e}", scratch.display()))?;
-        created = created.add_rule(PathBeneath::new(fd, AccessFs::from_all(TARGET_ABI))).map_err(|e| format!("landlock rule for the scratch directory: {e}"))?;
+        created =
+            created.add_rule(PathBeneath::new(fd, AccessFs::from_all(TARGET_ABI))).map_err(|e| format!("landlock rule for the scratch directory: {e}"))?;
     }
     let status = created.restrict_self().map_err(|e| format!("landlock: {e}"))?;
     let abi = match status.landlock {
         LandlockStatus::Available { effective_abi, .. } => effective_abi as i32,
-        LandlockStatus::NotEnabled => return Ok(Confinement::None { why: "Landlock is built into this kernel but not enabled at boot (add landlock to lsm=)".into() }),
-        LandlockStatus::NotImplemented => return Ok(Confinement::None { why: "this kernel has no Landlock (Linux 5.13 or later with CONFIG_SECURITY_LANDLOCK)".into() }),
+        LandlockStatus::NotEnabled => {
+            return Ok(Confinement::None { why: "Landlock is built into this kernel but not enabled at boot (add landlock to lsm=)".into() });
+        }
+        LandlockStatus::NotImplemented => {
+            return Ok(Confinement::None { why: "this kernel has no Landlock (Linux 5.13 or later with CONFIG_SECURITY_LANDLOCK)".into() });
+        }
     };
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => Confinement::Full { abi },
@@ -125,6 +137,9 @@ fn missing_rights(abi: i32) -> String {
     }
     if abi < 6 {
         missing.push("the task may signal same-user processes and reach abstract unix sockets (ABI 6, Linux 6.12)");
+    }
+    if abi < 9 {
+        missing.push("connecting to pathname unix sockets is not confined (ABI 9, Linux 7.1)");
     }
     missing.join("; ")
 }
@@ -152,6 +167,11 @@ pub fn run_inner(request: &SandboxRequest) -> ! {
         && let Some(root) = exposed_by(state)
     {
         fail(SANDBOX_FAILED, &format!("the agent's state directory {} lies under {root}, which exec tasks may read: move it (--state-dir)", state.display()));
+    }
+    // Before Landlock, which forbids mounting once in force.
+    match hide_socket_dirs(Some(&request.scratch)) {
+        Ok(_) => {}
+        Err(e) => fail(SANDBOX_FAILED, &format!("cannot hide the socket directories: {e}")),
     }
     match confine(Some(&request.scratch)) {
         Err(e) => fail(SANDBOX_FAILED, &format!("cannot set up the exec sandbox: {e}")),
@@ -273,10 +293,15 @@ pub fn descendants(proc_root: &Path, root: i32) -> Vec<i32> {
 /// `sandbox-exec --probe`: confines a throwaway process and says how far that went, so the
 /// agent can refuse exec tasks up front on a kernel without Landlock.
 pub fn probe() -> i32 {
+    let (hidden, broken) = match hide_socket_dirs(None) {
+        Ok(Hidden::Dirs(dirs)) => (format!("socket dirs hidden: {}", dirs.join(" ")), false),
+        Ok(Hidden::Unavailable(why)) => (format!("socket dirs NOT hidden ({why})"), false),
+        Err(e) => (format!("cannot hide the socket dirs ({e}), so exec tasks would fail to start"), true),
+    };
     match confine(None) {
         Ok(c) => {
-            println!("{c}");
-            if c.is_enforced() { 0 } else { 3 }
+            println!("{c}; {hidden}");
+            if c.is_enforced() && !broken { 0 } else { 3 }
         }
         Err(e) => {
             println!("no Landlock ({e})");

@@ -8,10 +8,10 @@ use tracing::warn;
 
 use super::{Dispatcher, Result};
 use crate::attempt::Attempt;
+use crate::bounds;
 use crate::job::JobPolicy;
 use crate::ledger::Verdict;
 use crate::ledger::check::{AttemptFacts, ReceiptInput};
-use crate::bounds;
 use crate::pricing::{BudgetCheck, Micros};
 use kommune_proto::now_ms;
 
