@@ -240,8 +240,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS", help_heading = "When")]
     pub idle_resume_seconds: Option<u64>,
 
-    /// Also run `exec` tasks: plain commands on this machine, outside the wasm sandbox. Only
-    /// for machines and job submitters you trust.
+    /// Also run `exec` tasks: plain commands on this machine, confined by Landlock to their
+    /// scratch dir and the system's read-only trees, but with network access and no CPU or
+    /// memory limit (docs/SECURITY.md). Only for job submitters you trust.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", help_heading = "Runtimes")]
     pub allow_exec: Option<bool>,
     /// Run exec tasks as this unprivileged user (a name or a uid) rather than as the agent:
@@ -336,6 +337,21 @@ mod tests {
         let a = run_args(&["--window", "Mon-Fri 18:00-08:00", "--window", "Sat 00:00-24:00", "--max-disk", "20Gi", "--max-gpus", "1"]);
         assert_eq!(a.window.len(), 2);
         assert_eq!((a.max_disk, a.max_gpus), (Some(20 << 30), Some(1)));
+    }
+
+    #[test]
+    fn the_sandbox_subcommand_parses_but_is_not_advertised() {
+        assert_eq!(run_args(&["--allow-unsandboxed-exec"]).allow_unsandboxed_exec, Some(true));
+        match parse(&["sandbox-exec", "--scratch", "/s/scratch/a", "--", "/bin/sh", "-c", "echo --scratch"]).unwrap().command {
+            Command::SandboxExec(a) => {
+                assert_eq!(a.scratch.as_deref(), Some(std::path::Path::new("/s/scratch/a")));
+                assert_eq!(a.command, ["/bin/sh", "-c", "echo --scratch"]);
+                assert!(!a.inner && !a.allow_unsandboxed && !a.probe);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["sandbox-exec", "--", "/bin/true"]).is_err(), "a task needs its scratch dir");
+        assert!(!Cli::command().render_help().to_string().contains("sandbox-exec"));
     }
 
     #[test]

@@ -197,6 +197,11 @@ async fn usage_through_the_sandbox_still_counts_the_command() {
     assert!(u.cpu_micros >= 100_000, "cpu {}us over {:?}", u.cpu_micros, outcome.wall);
     assert!(u.cpu_micros <= outcome.wall.as_micros() as u64 + 50_000, "cpu {}us > wall {:?}", u.cpu_micros, outcome.wall);
     assert!(u.memory_peak_bytes > 0 && u.memory_mib_millis > 0, "{u:?}");
+
+    // The peak is the command's, not the small supervisor's: a shell holding 40 MB.
+    let outcome = sh("x=$(head -c 40000000 /dev/zero | tr '\\0' a); sleep 0.4; echo ${#x}", &state.context(Duration::from_secs(20))).await;
+    assert_eq!(String::from_utf8_lossy(&outcome.stdout_tail), "40000000\n", "{outcome:?}");
+    assert!(outcome.usage.memory_peak_bytes >= 40_000_000, "{:?}", outcome.usage);
 }
 
 #[tokio::test]

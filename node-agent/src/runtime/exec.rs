@@ -89,7 +89,9 @@ impl ExecRuntime {
 
     /// Runs `command` with a clean environment in `ctx.scratch_dir`, in a process group of its
     /// own that is killed as a whole on timeout, cancel, output past its cap, when the command
-    /// exits (stragglers) and when the returned future is dropped.
+    /// exits (stragglers) and when the returned future is dropped. Sandboxed (the agent's
+    /// case), the group leader is the `sandbox-exec` supervisor, which is asked to stop first
+    /// because only it can find processes that left the group with setsid.
     ///
     /// `ctx.memory_bytes` is NOT enforced for exec yet: RLIMIT_AS would break runtimes that
     /// reserve address space up front, and a per-task cgroup needs privileges the agent does
