@@ -55,14 +55,7 @@ fn sandbox_exec(a: SandboxExecArgs) -> ExitCode {
     if a.inner {
         sandbox::run_inner(&request);
     }
-    let own = match std::env::current_exe() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("{}cannot find the agent binary: {e}", sandbox::MARKER);
-            return ExitCode::from(sandbox::SANDBOX_FAILED as u8);
-        }
-    };
-    ExitCode::from(sandbox::supervise(&request, &own).clamp(0, 255) as u8)
+    ExitCode::from(sandbox::supervise(&request, &sandbox::own_binary()).clamp(0, 255) as u8)
 }
 
 async fn agent(cli: Cli) -> ExitCode {
@@ -234,7 +227,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
 /// kernel can confine them, so a provider learns it at start rather than from failed tasks.
 fn exec_sandbox(exec: ExecRuntime, allow_unsandboxed: bool, state_dir: &Path) -> anyhow::Result<ExecRuntime> {
     use kommune_agent::runtime::sandbox;
-    let own = std::env::current_exe().context("cannot find this agent's binary to start exec tasks through")?;
+    let own = sandbox::own_binary();
     if let Some(root) = sandbox::exposed_by(state_dir) {
         bail!(
             "the state directory {} lies under {root}, which exec tasks may read (and with it the node key): move it, or run without --allow-exec",

@@ -2,7 +2,7 @@
 //! The agent starts it through its sandbox supervisor (`sandbox.rs`): Landlock, no leftovers.
 
 use std::io;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -108,6 +108,8 @@ impl ExecRuntime {
             None => task_command(program.as_ref(), args, ctx),
             Some(sandbox) => {
                 let mut command = task_command(sandbox.trampoline.as_os_str(), ["sandbox-exec".to_owned(), "--scratch".to_owned()], ctx);
+                // What `ps` shows, whatever path started the binary (/proc/self/exe).
+                command.as_std_mut().arg0("kommune-agent");
                 command.arg(&ctx.scratch_dir);
                 if sandbox.allow_unsandboxed {
                     command.arg("--allow-unsandboxed");

@@ -151,6 +151,14 @@ pub fn exposed_by(dir: &Path) -> Option<&'static str> {
     READ_ONLY_ROOTS.iter().copied().find(|root| dir.starts_with(root))
 }
 
+/// The path that starts this very binary again: `/proc/self/exe`, resolved by each new child
+/// (a copy of this process), still names it after an upgrade replaced the file on disk, where
+/// the path `current_exe` reads would end in " (deleted)".
+pub fn own_binary() -> PathBuf {
+    let proc_exe = Path::new("/proc/self/exe");
+    if proc_exe.exists() { proc_exe.to_path_buf() } else { std::env::current_exe().unwrap_or_else(|_| proc_exe.to_path_buf()) }
+}
+
 /// Writes `message` as the sandbox's own failure and exits with `code`.
 fn fail(code: i32, message: &str) -> ! {
     eprintln!("{MARKER}{message}");
@@ -202,7 +210,7 @@ pub fn supervise(request: &SandboxRequest, own_exe: &Path) -> i32 {
         fail(SANDBOX_FAILED, &format!("cannot block signals: {e}"));
     }
     let mut inner = std::process::Command::new(own_exe);
-    inner.arg("sandbox-exec").arg("--inner").arg("--scratch").arg(&request.scratch);
+    inner.arg0("kommune-agent").arg("sandbox-exec").arg("--inner").arg("--scratch").arg(&request.scratch);
     if request.allow_unsandboxed {
         inner.arg("--allow-unsandboxed");
     }
