@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kommune_agent::runtime::{AttemptContext, Ending, ExecRuntime, Outcome};
+use kommune_agent::runtime::{AttemptContext, Ending, ExecRuntime, Outcome, stop_leftover_tasks};
 use tokio_util::sync::CancellationToken;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kommune-agent");
@@ -234,4 +234,39 @@ async fn a_state_dir_under_a_readable_system_tree_is_refused() {
     let outcome = exec.run(&["/bin/true".to_owned()], &ctx, CancellationToken::new()).await;
     assert_eq!((outcome.ending, outcome.exit_code), (Ending::Failed, 125));
     assert!(outcome.message.contains("lies under /usr"), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn a_restarted_agent_stops_what_a_killed_one_left_even_setsid_elsewhere() {
+    if !landlock_or_skip() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let state = StateDir::new();
+    let scratch = state.root.join("scratch/attempt-a");
+    // The supervisor of a task whose agent was SIGKILLed: still running, its task has moved a
+    // setsid'd process out of the scratch dir, where a search by working directory misses it.
+    let script =
+        format!("cd /usr && setsid sleep 60 >/dev/null 2>&1 & echo $! > {0}/escaped.tmp && mv {0}/escaped.tmp {0}/escaped.pid; sleep 60", scratch.display());
+    let mut supervisor = std::process::Command::new(AGENT)
+        .args(["sandbox-exec", "--scratch"])
+        .arg(&scratch)
+        .args(["--", "/bin/sh", "-c", &script])
+        .current_dir(&scratch)
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid_file = scratch.join("escaped.pid");
+    let until = Instant::now() + Duration::from_secs(5);
+    while !pid_file.exists() {
+        assert!(Instant::now() < until, "the task never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let escaped = read_pid(&pid_file);
+    assert!(!is_dead(escaped));
+    let stopped = stop_leftover_tasks(Path::new("/proc"), &state.root.join("scratch"));
+    assert!(stopped.contains(&(supervisor.id() as i32)), "{stopped:?}");
+    assert!(wait_until_dead(escaped).await, "the setsid'd process {escaped} survived the restart");
+    let _ = supervisor.wait();
 }
