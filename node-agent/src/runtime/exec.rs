@@ -401,11 +401,9 @@ pub fn stop_leftover_tasks(proc_root: &Path, scratch_root: &Path) -> Vec<i32> {
         })
         .filter(|&(pid, g)| g > 1 && g != own && pid != me)
         .collect();
-    for &(pid, _) in &leftovers {
-        for descendant in sandbox::descendants(proc_root, pid) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(descendant), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
+    // Found before anything dies: a process whose parent is killed is re-parented and no
+    // longer shows as a descendant.
+    let descendants: Vec<i32> = leftovers.iter().flat_map(|&(pid, _)| sandbox::descendants(proc_root, pid)).collect();
     let mut groups: Vec<i32> = leftovers.into_iter().map(|(_, g)| g).collect();
     groups.sort_unstable();
     groups.dedup();
@@ -414,6 +412,9 @@ pub fn stop_leftover_tasks(proc_root: &Path, scratch_root: &Path) -> Vec<i32> {
         if let Err(e) = killpg(nix::unistd::Pid::from_raw(g), Signal::SIGKILL) {
             tracing::warn!(pgid = g, error = %e, "cannot stop a task process group left by an earlier run");
         }
+    }
+    for pid in descendants {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
     groups
 }
