@@ -65,6 +65,29 @@ pub enum Command {
     /// Works with the `run` config file: print an example, or check one.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Internal: how `run` starts an exec task (Landlock-confined, with no process left
+    /// behind). Not for people; see docs/SECURITY.md.
+    #[command(hide = true)]
+    SandboxExec(SandboxExecArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SandboxExecArgs {
+    /// The attempt's scratch directory, the only tree the command may write.
+    #[arg(long, value_name = "DIR", required_unless_present = "probe")]
+    pub scratch: Option<PathBuf>,
+    /// Run the command even without Landlock.
+    #[arg(long)]
+    pub allow_unsandboxed: bool,
+    /// The confining stage, started by the supervisor stage.
+    #[arg(long)]
+    pub inner: bool,
+    /// Only report how far this kernel confines a task.
+    #[arg(long, conflicts_with_all = ["inner", "scratch"])]
+    pub probe: bool,
+    /// The command and its arguments.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,8 +240,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS", help_heading = "When")]
     pub idle_resume_seconds: Option<u64>,
 
-    /// Also run `exec` tasks: plain commands on this machine, outside the wasm sandbox. Only
-    /// for machines and job submitters you trust.
+    /// Also run `exec` tasks: plain commands on this machine, confined by Landlock to their
+    /// scratch dir and the system's read-only trees, but with network access and no CPU or
+    /// memory limit (docs/SECURITY.md). Only for job submitters you trust.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", help_heading = "Runtimes")]
     pub allow_exec: Option<bool>,
     /// Run exec tasks as this unprivileged user (a name or a uid) rather than as the agent:
@@ -226,6 +250,11 @@ pub struct RunArgs {
     /// root to switch users.
     #[arg(long, value_name = "USER", help_heading = "Runtimes")]
     pub exec_user: Option<String>,
+    /// Run exec tasks even where the kernel has no Landlock, so nothing stops them reading
+    /// this agent's node key and state (see docs/SECURITY.md). Without it the agent refuses
+    /// to start with --allow-exec on such a kernel.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", help_heading = "Runtimes")]
+    pub allow_unsandboxed_exec: Option<bool>,
     /// Also run `container` tasks through this Docker or Podman Engine API socket, e.g.
     /// /var/run/docker.sock or $XDG_RUNTIME_DIR/podman/podman.sock. Containers run images
     /// pinned by digest as this agent's user, with no privileges, no capabilities, a read-only
@@ -308,6 +337,21 @@ mod tests {
         let a = run_args(&["--window", "Mon-Fri 18:00-08:00", "--window", "Sat 00:00-24:00", "--max-disk", "20Gi", "--max-gpus", "1"]);
         assert_eq!(a.window.len(), 2);
         assert_eq!((a.max_disk, a.max_gpus), (Some(20 << 30), Some(1)));
+    }
+
+    #[test]
+    fn the_sandbox_subcommand_parses_but_is_not_advertised() {
+        assert_eq!(run_args(&["--allow-unsandboxed-exec"]).allow_unsandboxed_exec, Some(true));
+        match parse(&["sandbox-exec", "--scratch", "/s/scratch/a", "--", "/bin/sh", "-c", "echo --scratch"]).unwrap().command {
+            Command::SandboxExec(a) => {
+                assert_eq!(a.scratch.as_deref(), Some(std::path::Path::new("/s/scratch/a")));
+                assert_eq!(a.command, ["/bin/sh", "-c", "echo --scratch"]);
+                assert!(!a.inner && !a.allow_unsandboxed && !a.probe);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["sandbox-exec", "--", "/bin/true"]).is_err(), "a task needs its scratch dir");
+        assert!(!Cli::command().render_help().to_string().contains("sandbox-exec"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Parser;
 use kommune_agent::availability::Gate;
-use kommune_agent::cli::{Cli, Command, ConfigCommand, EarningsArgs, JoinArgs, LeaveArgs, RunArgs, StateArgs};
+use kommune_agent::cli::{Cli, Command, ConfigCommand, EarningsArgs, JoinArgs, LeaveArgs, RunArgs, SandboxExecArgs, StateArgs};
 use kommune_agent::config::{self, FileSettings, RunSettings};
 use kommune_agent::idle::{IdlePolicy, LoadSource, MachineLoad};
 use kommune_agent::inventory::{self, Caps, Machine, Offered};
@@ -29,9 +29,36 @@ fn facts(machine: &Machine, caps: &Caps, offered: Offered, region: &str, zone: &
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The exec sandbox runs before any runtime starts: its supervisor waits for signals with
+    // sigwait, which needs them blocked in every thread, and it must stay small and quiet.
+    if let Command::SandboxExec(a) = cli.command {
+        return sandbox_exec(a);
+    }
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(agent(cli)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn sandbox_exec(a: SandboxExecArgs) -> ExitCode {
+    use kommune_agent::runtime::sandbox::{self, SandboxRequest};
+    if a.probe {
+        return ExitCode::from(sandbox::probe() as u8);
+    }
+    let Some(scratch) = a.scratch else { return ExitCode::from(sandbox::SANDBOX_FAILED as u8) };
+    let request = SandboxRequest { scratch, allow_unsandboxed: a.allow_unsandboxed, command: a.command };
+    if a.inner {
+        sandbox::run_inner(&request);
+    }
+    ExitCode::from(sandbox::supervise(&request, &sandbox::own_binary()).clamp(0, 255) as u8)
+}
+
+async fn agent(cli: Cli) -> ExitCode {
     let _telemetry = kommune_telemetry::init("kommune-agent");
     let result = match cli.command {
         Command::Join(a) => join_cmd(a).await,
@@ -46,6 +73,7 @@ async fn main() -> ExitCode {
             Ok(())
         }
         Command::Config(ConfigCommand::Check(a)) => settings(&a).map(|s| print!("{}", describe(&s))),
+        Command::SandboxExec(_) => unreachable!("handled before the runtime starts"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -152,6 +180,9 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let spool = Spool::open(state.results_dir()).with_context(|| format!("cannot open the result spool in {}", state.results_dir().display()))?;
     let live = container.clone();
     let mut exec = ExecRuntime::new(s.allow_exec);
+    if s.allow_exec {
+        exec = exec_sandbox(exec, a.allow_unsandboxed_exec.unwrap_or(false), &state.dir)?;
+    }
     if let Some(user) = &s.exec_user {
         if !s.allow_exec {
             bail!("--exec-user {user} only applies with --allow-exec");
@@ -190,6 +221,35 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// Exec tasks start through this binary's `sandbox-exec`; a probe says up front whether this
+/// kernel can confine them, so a provider learns it at start rather than from failed tasks.
+fn exec_sandbox(exec: ExecRuntime, allow_unsandboxed: bool, state_dir: &Path) -> anyhow::Result<ExecRuntime> {
+    use kommune_agent::runtime::sandbox;
+    let own = sandbox::own_binary();
+    if let Some(root) = sandbox::exposed_by(state_dir) {
+        bail!(
+            "the state directory {} lies under {root}, which exec tasks may read (and with it the node key): move it, or run without --allow-exec",
+            state_dir.display()
+        );
+    }
+    let probe = std::process::Command::new(&own)
+        .args(["sandbox-exec", "--probe"])
+        .output()
+        .with_context(|| format!("cannot run {} sandbox-exec --probe", own.display()))?;
+    let said = String::from_utf8_lossy(&probe.stdout).trim().to_owned();
+    if probe.status.success() {
+        tracing::info!(sandbox = %said, "exec tasks are confined");
+    } else if allow_unsandboxed {
+        tracing::warn!(sandbox = %said, "exec tasks run UNCONFINED (--allow-unsandboxed-exec): they can read this agent's node key");
+        eprintln!("warning: exec tasks run unconfined ({said}): they can read this agent's node key and state");
+    } else {
+        bail!(
+            "cannot confine exec tasks on this machine: {said}. Use a kernel with Landlock (Linux 5.13+, landlock in lsm=), or accept the risk with --allow-unsandboxed-exec (tasks can then read the node key unless --exec-user keeps them out)"
+        );
+    }
+    Ok(exec.sandboxed(own, allow_unsandboxed))
 }
 
 fn earnings_cmd(a: EarningsArgs) -> anyhow::Result<()> {

@@ -1,9 +1,9 @@
 //! Exec runtime: runs a host command in the attempt's scratch dir, when the agent allows it.
-//! Not a sandbox: the command has the agent's privileges, so it is off unless `--allow-exec`.
+//! The agent starts it through its sandbox supervisor (`sandbox.rs`): Landlock, no leftovers.
 
 use std::io;
-use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use super::output::SharedCapture;
+use super::sandbox;
 use super::usage::{self, MemoryIntegral};
 use super::{AttemptContext, End, Measured, Outcome, deadline, expired};
 
@@ -21,6 +22,9 @@ const TASK_PATH: &str = "/usr/bin:/bin";
 /// means a process that left the group (setsid) still holds them; it is then abandoned.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 16 * 1024;
+/// How long the sandbox supervisor gets, after SIGTERM, to kill the task's processes and exit
+/// before its whole process group is SIGKILLed.
+const SUPERVISOR_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs `exec` workloads: argv straight to the kernel, no shell unless the job asks for one.
 #[derive(Debug, Clone)]
@@ -28,6 +32,15 @@ pub struct ExecRuntime {
     allowed: bool,
     /// Run tasks as this (uid, gid) instead of the agent's own user.
     user: Option<(u32, u32)>,
+    /// Start tasks through the agent's own binary (`sandbox-exec`); `None` runs them directly,
+    /// unconfined, which only tests and embedders that sandbox otherwise should do.
+    sandbox: Option<Sandbox>,
+}
+
+#[derive(Debug, Clone)]
+struct Sandbox {
+    trampoline: PathBuf,
+    allow_unsandboxed: bool,
 }
 
 /// The user exec tasks run as: a name or a uid, resolved to (uid, gid) through the system's
@@ -52,7 +65,15 @@ pub fn resolve_exec_user(user: &str, agent_is_root: bool) -> Result<(u32, u32), 
 impl ExecRuntime {
     /// `allowed` comes from the agent's `--allow-exec`; when false every run fails with a hint.
     pub fn new(allowed: bool) -> Self {
-        Self { allowed, user: None }
+        Self { allowed, user: None, sandbox: None }
+    }
+
+    /// Tasks start through `trampoline` (the agent binary, whose hidden `sandbox-exec`
+    /// confines them with Landlock and kills whatever they leave behind). Where the kernel has
+    /// no Landlock, tasks fail to start unless `allow_unsandboxed`.
+    pub fn sandboxed(mut self, trampoline: PathBuf, allow_unsandboxed: bool) -> Self {
+        self.sandbox = Some(Sandbox { trampoline, allow_unsandboxed });
+        self
     }
 
     /// Tasks run as `uid`:`gid` (see [`resolve_exec_user`]); their scratch directory is handed
@@ -68,7 +89,9 @@ impl ExecRuntime {
 
     /// Runs `command` with a clean environment in `ctx.scratch_dir`, in a process group of its
     /// own that is killed as a whole on timeout, cancel, output past its cap, when the command
-    /// exits (stragglers) and when the returned future is dropped.
+    /// exits (stragglers) and when the returned future is dropped. Sandboxed (the agent's
+    /// case), the group leader is the `sandbox-exec` supervisor, which is asked to stop first
+    /// because only it can find processes that left the group with setsid.
     ///
     /// `ctx.memory_bytes` is NOT enforced for exec yet: RLIMIT_AS would break runtimes that
     /// reserve address space up front, and a per-task cgroup needs privileges the agent does
@@ -81,7 +104,22 @@ impl ExecRuntime {
         let Some((program, args)) = command.split_first() else {
             return Outcome::not_started("exec workload has an empty command");
         };
-        let mut command = task_command(program, args, ctx);
+        let mut command = match &self.sandbox {
+            None => task_command(program.as_ref(), args, ctx),
+            Some(sandbox) => {
+                let mut command = task_command(sandbox.trampoline.as_os_str(), ["sandbox-exec".to_owned(), "--scratch".to_owned()], ctx);
+                // What `ps` shows, whatever path started the binary (/proc/self/exe).
+                command.as_std_mut().arg0("kommune-agent");
+                command.arg(&ctx.scratch_dir);
+                if sandbox.allow_unsandboxed {
+                    command.arg("--allow-unsandboxed");
+                }
+                // The supervisor must get its SIGTERM (to clean up) before anything SIGKILLs it.
+                command.arg("--").arg(program).args(args).kill_on_drop(false);
+                command
+            }
+        };
+        let supervised = self.sandbox.is_some();
         if let Some((uid, gid)) = self.user {
             if let Err(e) = std::os::unix::fs::chown(&ctx.scratch_dir, Some(uid), Some(gid)) {
                 return Outcome::not_started(format!("cannot hand the scratch directory {} to uid {uid}: {e}", ctx.scratch_dir.display()));
@@ -96,7 +134,7 @@ impl ExecRuntime {
             }
         };
         let pid = child.id();
-        let group = pid.map(ProcessGroup);
+        let group = pid.map(|pid| ProcessGroup { pgid: pid, supervised });
         let sampler = pid.map(|pid| MemorySampler::start(pid, started));
 
         let stdout = SharedCapture::stdout();
@@ -118,6 +156,13 @@ impl ExecRuntime {
         };
         if stopped.is_some() {
             // Stop paths: kill the leader (and, below, its group) so it exits, then account it.
+            // A supervisor is asked first: it alone can find the task's setsid'd processes.
+            if supervised && let Some(pid) = pid {
+                terminate(pid);
+                if tokio::time::timeout(SUPERVISOR_GRACE, leader_exited(Some(pid))).await.is_err() {
+                    tracing::warn!(attempt = %ctx.attempt_id, "the sandbox supervisor did not stop; killing its process group");
+                }
+            }
             let _ = child.start_kill();
             leader_exited(pid).await;
         }
@@ -126,9 +171,15 @@ impl ExecRuntime {
         let times = pid.and_then(|pid| usage::proc_times(Path::new("/proc"), pid));
         // Whatever happened, nothing of the task outlives the attempt: background processes
         // included. The unreaped leader keeps the group id from being reused meanwhile.
-        drop(group);
+        if let Some(group) = group {
+            group.finish();
+        }
         let status = child.wait().await;
-        let end = stopped.unwrap_or_else(|| exit_end(status));
+        let end = match stopped {
+            Some(end) => end,
+            None if supervised => sandbox_end(status, &stderr),
+            None => exit_end(status),
+        };
         if tokio::time::timeout(DRAIN_GRACE, async { while readers.join_next().await.is_some() {} }).await.is_err() {
             tracing::warn!(attempt = %ctx.attempt_id, "task output still open after its process group was killed; giving up on it");
             readers.abort_all();
@@ -148,7 +199,7 @@ impl ExecRuntime {
     }
 }
 
-fn task_command(program: &str, args: &[String], ctx: &AttemptContext) -> Command {
+fn task_command<A: AsRef<std::ffi::OsStr>>(program: &std::ffi::OsStr, args: impl IntoIterator<Item = A>, ctx: &AttemptContext) -> Command {
     let mut command = Command::new(program);
     command
         .args(args)
@@ -181,6 +232,28 @@ async fn drain(mut pipe: impl AsyncRead + Unpin, capture: SharedCapture, over_li
                 }
             }
         }
+    }
+}
+
+/// The supervisor's status is the command's, except when the sandbox itself or the start of
+/// the command failed: then its stderr's last line says why. A task that forges that line only
+/// changes its own failure message; its usage is measured all the same.
+fn sandbox_end(status: io::Result<ExitStatus>, stderr: &SharedCapture) -> End {
+    let code = status.as_ref().ok().and_then(|s| s.code());
+    if let Some(code @ (sandbox::SANDBOX_FAILED | sandbox::CANNOT_START)) = code {
+        let tail = String::from_utf8_lossy(&stderr.tail()).into_owned();
+        if let Some(line) = tail.lines().last().and_then(|l| l.strip_prefix(sandbox::MARKER)) {
+            return End { exit_code: code, ..End::failed(line) };
+        }
+    }
+    exit_end(status)
+}
+
+/// Asks a sandbox supervisor to stop its task (it kills every process of it, then exits).
+fn terminate(pid: u32) {
+    use nix::sys::signal::{Signal, kill};
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
     }
 }
 
@@ -257,12 +330,29 @@ fn describe(error: &io::Error) -> String {
     }
 }
 
-/// The task's process group (its leader's pid); dropping it SIGKILLs every process still in it.
-struct ProcessGroup(u32);
+/// The task's process group (its leader's pid). Dropped without [`ProcessGroup::finish`] (the
+/// run's future was dropped), it SIGKILLs every process still in it, or, when the leader is a
+/// sandbox supervisor, asks that to stop the task, since only it can find setsid'd processes.
+struct ProcessGroup {
+    pgid: u32,
+    supervised: bool,
+}
+
+impl ProcessGroup {
+    /// The leader has exited (and is not reaped yet): SIGKILL whatever is left in the group.
+    fn finish(self) {
+        kill_process_group(self.pgid);
+        std::mem::forget(self);
+    }
+}
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        kill_process_group(self.0);
+        if self.supervised {
+            terminate(self.pgid);
+        } else {
+            kill_process_group(self.pgid);
+        }
     }
 }
 
@@ -288,41 +378,8 @@ fn kill_process_group(pgid: u32) {
     }
 }
 
-/// Stops the task processes an earlier run of the agent left behind: an agent that was killed
-/// (SIGKILL, OOM, power loss of the agent alone) could not stop its tasks, whose process groups
-/// then outlive it, holding CPU and memory the operator has already given to other work. Every
-/// process whose working directory is under `scratch_root` (where each attempt runs) has its
-/// process group SIGKILLed, never the agent's own group. Call it before any task starts.
-/// Returns the process groups stopped.
-pub fn stop_leftover_tasks(proc_root: &Path, scratch_root: &Path) -> Vec<i32> {
-    let Ok(scratch_root) = scratch_root.canonicalize() else { return vec![] };
-    let Ok(entries) = std::fs::read_dir(proc_root) else { return vec![] };
-    let own = nix::unistd::getpgrp().as_raw();
-    let mut groups: Vec<i32> = entries
-        .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
-        .filter(|e| std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&scratch_root)))
-        .filter_map(|e| pgid_from_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?))
-        .filter(|&g| g > 1 && g != own)
-        .collect();
-    groups.sort_unstable();
-    groups.dedup();
-    for &g in &groups {
-        use nix::sys::signal::{Signal, killpg};
-        if let Err(e) = killpg(nix::unistd::Pid::from_raw(g), Signal::SIGKILL) {
-            tracing::warn!(pgid = g, error = %e, "cannot stop a task process group left by an earlier run");
-        }
-    }
-    groups
-}
-
-/// The process group id from the text of /proc/<pid>/stat: the fifth field, counted after the
-/// command name, which is in parentheses and may itself hold spaces and parentheses.
-pub fn pgid_from_stat(stat: &str) -> Option<i32> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    // state, ppid, pgrp
-    after_name.split_whitespace().nth(2)?.parse().ok()
-}
+mod leftovers;
+pub use leftovers::{pgid_from_stat, stop_leftover_tasks};
 
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,7 @@
 mod container;
 mod exec;
 mod output;
+pub mod sandbox;
 pub mod usage;
 mod wasm;
 

@@ -137,7 +137,8 @@ fn children(proc: &Path, pid: u32) -> Vec<u32> {
     out
 }
 
-/// Resident memory of `root` and its descendants, and `root`'s own high-water mark.
+/// Resident memory of `root` and its descendants, and the highest high-water mark among them
+/// (the leader may be the small exec-sandbox supervisor; the command's own peak is what counts).
 pub(crate) fn tree_memory(proc: &Path, root: u32) -> (u64, u64) {
     let mut rss = 0;
     let mut hwm = 0;
@@ -150,9 +151,7 @@ pub(crate) fn tree_memory(proc: &Path, root: u32) -> (u64, u64) {
         }
         let Ok(status) = std::fs::read_to_string(proc.join(pid.to_string()).join("status")) else { continue };
         rss += status_bytes(&status, "VmRSS").unwrap_or(0);
-        if pid == root {
-            hwm = status_bytes(&status, "VmHWM").unwrap_or(0);
-        }
+        hwm = hwm.max(status_bytes(&status, "VmHWM").unwrap_or(0));
         stack.extend(children(proc, pid));
     }
     (rss, hwm)
