@@ -34,7 +34,36 @@ const NEEDS: &[(&str, &str, &str, bool)] = &[
     ("", "secrets", "get", false), // CA and join tokens, own namespace only
     ("", "secrets", "create", false),
     ("", "secrets", "update", false), // token uses are decremented with replace
+    ("", "secrets", "delete", false), // used-up and expired tokens
+    ("kommune.dev", "computejobs", "update", true), // finalizer removal on older API servers
+    ("kommune.dev", "computejobs/status", "get", true),
+    ("kommune.dev", "computejobs/status", "update", true),
+    ("kommune.dev", "computejobs/finalizers", "update", true), // OwnerReferencesPermissionEnforcement
+    ("kommune.dev", "providernodes", "update", true),
+    ("kommune.dev", "providernodes", "delete", true), // a node that leaves
+    ("kommune.dev", "providernodes/status", "get", true),
+    ("kommune.dev", "providernodes/status", "update", true),
+    ("", "events", "create", false), // the same Events through the core group
+    ("", "events", "patch", false),
+    ("coordination.k8s.io", "leases", "get", false), // leader election, when enabled
+    ("coordination.k8s.io", "leases", "create", false),
+    ("coordination.k8s.io", "leases", "update", false),
 ];
+
+/// Every (group, resource, verb) `rules` grant, wildcards left as they are.
+fn granted(rules: &[PolicyRule]) -> Vec<(String, String, String)> {
+    let mut out = vec![];
+    for r in rules {
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                for v in &r.verbs {
+                    out.push((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    out
+}
 
 fn grants(rules: &[PolicyRule], group: &str, resource: &str, verb: &str) -> bool {
     rules.iter().any(|r| {
@@ -108,6 +137,11 @@ fn chart_renders_typed_objects_with_the_rbac_the_operator_needs() -> anyhow::Res
         assert!(ok, "the chart does not let the operator {verb} {resource} ({group:?}){}", if *cluster_wide { " cluster-wide" } else { "" });
     }
     assert!(!grants(&bound_cluster, "", "secrets", "get"), "Secrets must only be readable in the operator's namespace");
+    // And nothing more: every grant is one the code uses (least privilege).
+    for (g, res, v) in granted(&bound_cluster).into_iter().chain(granted(&bound_ns)) {
+        let needed = NEEDS.iter().any(|(ng, nr, nv, _)| *ng == g && *nr == res && *nv == v);
+        assert!(needed, "the chart grants {v} on {res} ({g:?}), which the operator never calls");
+    }
 
     // Restricted pod security and a gateway Service that reaches the container port.
     let container = &pod.containers[0];

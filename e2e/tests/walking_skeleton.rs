@@ -230,6 +230,15 @@ async fn walking_skeleton() -> Result<()> {
     let out = h.kubectl(&["apply", "-n", &ns, "-f", zero.to_str().unwrap()]);
     assert!(!out.status.success(), "tasks: 0 was accepted");
     assert!(String::from_utf8_lossy(&out.stderr).contains("spec.tasks"), "{}", String::from_utf8_lossy(&out.stderr));
+    // So is a container image not pinned by digest: a tag can be moved to other content.
+    let unpinned = h.work.path().join("unpinned.yaml");
+    std::fs::write(
+        &unpinned,
+        "apiVersion: kommune.dev/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: unpinned\nspec:\n  workload:\n    container: {image: 'busybox:latest'}\n",
+    )?;
+    let out = h.kubectl(&["apply", "-n", &ns, "-f", unpinned.to_str().unwrap()]);
+    assert!(!out.status.success(), "an unpinned image was accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.workload.container.image"), "{}", String::from_utf8_lossy(&out.stderr));
 
     // 6. Deleting a job runs its finalizer and the object goes away.
     for name in ["hello-wasm", "hello-exec", "bad-container", "bad-module"] {
