@@ -33,8 +33,8 @@ const NEEDS: &[(&str, &str, &str, bool)] = &[
     ("events.k8s.io", "events", "patch", false),
     ("", "secrets", "get", false), // CA and join tokens, own namespace only
     ("", "secrets", "create", false),
-    ("", "secrets", "update", false), // token uses are decremented with replace
-    ("", "secrets", "delete", false), // used-up and expired tokens
+    ("", "secrets", "update", false),               // token uses are decremented with replace
+    ("", "secrets", "delete", false),               // used-up and expired tokens
     ("kommune.dev", "computejobs", "update", true), // finalizer removal on older API servers
     ("kommune.dev", "computejobs/status", "get", true),
     ("kommune.dev", "computejobs/status", "update", true),

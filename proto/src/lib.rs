@@ -108,7 +108,8 @@ mod tests {
         let re = regex::Regex::new(PINNED_IMAGE_PATTERN).unwrap();
         let hex = "0123456789abcdef".repeat(4);
         let names = ["busybox", "docker.io/library/busybox:1.36", "localhost:5000/a/b", "a", "", "Busybox", "busy box", "/b", ".b", "-b", ":b", "b.", "ü"];
-        let digests = [format!("sha256:{hex}"), format!("sha512:{hex}"), format!("sha256:{}", &hex[1..]), format!("sha256:{}", hex.to_uppercase()), String::new()];
+        let digests =
+            [format!("sha256:{hex}"), format!("sha512:{hex}"), format!("sha256:{}", &hex[1..]), format!("sha256:{}", hex.to_uppercase()), String::new()];
         for name in names {
             for digest in &digests {
                 for image in [format!("{name}@{digest}"), format!("{name}{digest}"), format!("{name}@{digest}@{digest}")] {
