@@ -264,6 +264,11 @@ pub struct RunArgs {
     /// Give containers a network when their job asks for it [default: never].
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", help_heading = "Runtimes")]
     pub allow_container_network: Option<bool>,
+    /// Let jobs' module URLs reach loopback, private and link-local addresses (this machine,
+    /// its home or office network, cloud metadata) [default: public addresses only]. Only for
+    /// a pool on one private network you control.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", help_heading = "Runtimes")]
+    pub allow_private_urls: Option<bool>,
 }
 
 impl RunArgs {
@@ -276,6 +281,7 @@ impl RunArgs {
             exec_user: self.exec_user.clone(),
             container_socket: self.container_socket.clone(),
             allow_container_network: self.allow_container_network,
+            allow_private_urls: self.allow_private_urls,
             cpus: self.cpus,
             memory: self.memory,
             max_gpus: self.max_gpus,

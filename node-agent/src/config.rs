@@ -57,6 +57,7 @@ pub struct FileSettings {
     pub exec_user: Option<String>,
     pub container_socket: Option<PathBuf>,
     pub allow_container_network: Option<bool>,
+    pub allow_private_urls: Option<bool>,
     pub cpus: Option<QuantityValue>,
     pub memory: Option<QuantityValue>,
     pub max_gpus: Option<u32>,
@@ -117,6 +118,7 @@ pub struct Flags {
     pub exec_user: Option<String>,
     pub container_socket: Option<PathBuf>,
     pub allow_container_network: Option<bool>,
+    pub allow_private_urls: Option<bool>,
     pub cpus: Option<u64>,
     pub memory: Option<u64>,
     pub max_gpus: Option<u32>,
@@ -141,6 +143,8 @@ pub struct RunSettings {
     pub exec_user: Option<String>,
     pub container_socket: Option<PathBuf>,
     pub allow_container_network: bool,
+    /// Module URLs may reach non-public addresses.
+    pub allow_private_urls: bool,
     pub caps: Caps,
     /// Empty: always available.
     pub windows: Vec<Window>,
@@ -205,6 +209,7 @@ pub fn resolve(flags: &Flags, file: Option<(PathBuf, FileSettings)>, default_sta
         exec_user: flags.exec_user.clone().or(f.exec_user).filter(|u| !u.is_empty()),
         container_socket: flags.container_socket.clone().or(f.container_socket),
         allow_container_network: flags.allow_container_network.or(f.allow_container_network).unwrap_or(false),
+        allow_private_urls: flags.allow_private_urls.or(f.allow_private_urls).unwrap_or(false),
         caps: Caps { cpu_millis: cpus, memory_bytes: memory, gpus: flags.max_gpus.or(f.max_gpus), disk_bytes: max_disk },
         windows,
         preempt: flags.preempt.or(f.preempt).unwrap_or(false),
@@ -259,6 +264,9 @@ allow-exec = false
 # container-socket = "/var/run/docker.sock"
 # Give containers a network when their job asks for it.
 allow-container-network = false
+# Let jobs' module URLs reach loopback, private and link-local addresses (a pool on one private
+# network only): by default a job cannot make this machine fetch from its own network.
+allow-private-urls = false
 "#;
 
 #[cfg(test)]
@@ -312,6 +320,14 @@ mod tests {
 
         let s = resolve(&Flags::default(), None, "/default".into()).unwrap();
         assert_eq!((s.allow_exec, s.preempt, s.idle.is_none(), s.windows.is_empty(), s.caps), (false, false, true, true, Caps::default()));
+    }
+
+    #[test]
+    fn private_urls_stay_closed_unless_the_file_or_a_flag_opens_them() {
+        assert!(!resolve_text(&Flags::default(), "").unwrap().allow_private_urls);
+        assert!(resolve_text(&Flags::default(), "allow-private-urls = true\n").unwrap().allow_private_urls);
+        let closed = Flags { allow_private_urls: Some(false), ..Flags::default() };
+        assert!(!resolve_text(&closed, "allow-private-urls = true\n").unwrap().allow_private_urls);
     }
 
     #[test]

@@ -209,6 +209,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot start the receipt epoch in {}", state.receipts_dir().display()))?;
     tracing::info!(epoch = receipts.epoch(), "usage receipts are signed with the node key");
     tasks.sign_receipts(receipts);
+    tasks.set_url_policy(kommune_agent::fetch::UrlPolicy { allow_private: s.allow_private_urls });
     tasks.offer_gpus(&facts.capacity.as_ref().map(|c| c.gpus.clone()).unwrap_or_default());
     let idle = s.idle.clone().map(|c| {
         let ids = move || live.as_ref().map(ContainerRuntime::live_ids).unwrap_or_default();
