@@ -61,7 +61,8 @@ pub struct ComputeJobSpec {
 
     /// Priority against other jobs waiting for room: higher goes first. Between jobs of equal
     /// priority in different namespaces, room is shared by namespace weight (fair share).
-    /// Defaults to 0.
+    /// Defaults to 0. A job is ranked at most at what the cluster admin grants its namespace
+    /// (0 unless granted; a PriorityCapped Event says so).
     #[serde(default, skip_serializing_if = "is_zero")]
     #[schemars(range(min = -1000, max = 1000))]
     pub priority: i32,
