@@ -191,9 +191,7 @@ async fn walking_skeleton() -> Result<()> {
 
     // 5. Bad input ends in a clear condition and a Warning Event, never a silent Pending. (An
     // unpinned image no longer gets this far: the schema refuses it, below.)
-    let bad = [
-        ("bad-module", "  workload:\n    wasm:\n      configMapRef: {name: does-not-exist, key: module.wasm}\n", "Scheduled", "ModuleUnavailable"),
-    ];
+    let bad = [("bad-module", "  workload:\n    wasm:\n      configMapRef: {name: does-not-exist, key: module.wasm}\n", "Scheduled", "ModuleUnavailable")];
     for (name, spec, cond, reason) in bad {
         let manifest = format!("apiVersion: kommune.dev/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: {name}\nspec:\n{spec}");
         let path = h.work.path().join(format!("{name}.yaml"));
