@@ -12,17 +12,6 @@ use kommune_core::pricing::{self, Micros, Rates};
 use kommune_ledger::check::tests::{input, node_key};
 use kommune_ledger::records::{REJECTED_BODY_PREFIX, REJECTED_KEPT_PER_NODE, REJECTED_NAME_MAX, REJECTED_REASON_MAX, RejectedCount};
 
-macro_rules! backend_suite {
-    ($($name:ident),* $(,)?) => {
-        mod on_sqlite {
-            $(#[test] fn $name() { super::$name(&super::Env::sqlite()); })*
-        }
-        mod on_postgres {
-            $(#[test] fn $name() { if let Some(env) = super::Env::postgres() { super::$name(&env); } })*
-        }
-    };
-}
-
 backend_suite!(
     receipts_with_huge_figures_stored_past_the_checks_still_open_sum_saturated_and_verify,
     earnings_are_read_per_key_so_a_name_used_by_two_keys_never_merges_them,

@@ -16,10 +16,12 @@ pub mod sqlite;
 pub use kommune_ledger::{Head, NodeEarnings};
 pub use kommune_ledger::{chain, check, entry, job_totals, records, verify};
 
+// `tests` first: it defines the `backend_suite!` macro `bounds_tests` uses too.
+#[cfg(test)]
+#[macro_use]
+pub(crate) mod tests;
 #[cfg(test)]
 mod bounds_tests;
-#[cfg(test)]
-pub(crate) mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
