@@ -85,7 +85,7 @@ pub async fn start_operator(dir: tempfile::TempDir, ca: Arc<Ca>, tokens: Arc<Mem
             sink.lock().unwrap().push(e);
         }
     });
-    let config = GatewayConfig { heartbeat_interval: Duration::from_millis(200), session_timeout: Duration::from_secs(2) };
+    let config = GatewayConfig { heartbeat_interval: Duration::from_millis(200), session_timeout: Duration::from_secs(2), ..GatewayConfig::default() };
     let gateway = Gateway::new(dispatcher.clone(), tokens.clone(), ca.clone(), blobs.clone(), events_tx, config);
     // After a crash the old runtime lets go of the port a moment later.
     let listener = runtime
@@ -211,10 +211,18 @@ pub struct Agent {
 
 /// Joins a machine with a fresh single-use token and returns its state.
 pub async fn join_only(op: &Operator, dir: &Path, name: &str, allow_exec: bool) -> AgentState {
-    let token = op.token(1, 600);
+    join_as(op, dir, name, allow_exec, &op.token(1, 600)).await
+}
+
+/// Joins a machine (wasm only) with `token` and returns its state.
+pub async fn join_only_with(op: &Operator, dir: &Path, name: &str, token: &str) -> AgentState {
+    join_as(op, dir, name, false, token).await
+}
+
+async fn join_as(op: &Operator, dir: &Path, name: &str, allow_exec: bool, token: &str) -> AgentState {
     let state = join::join(JoinOptions {
         server: &op.url,
-        token: &token,
+        token,
         name: Some(name),
         region: "",
         zone: "",
