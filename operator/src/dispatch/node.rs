@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 
+use futures::StreamExt;
+
 use tracing::info;
 
 use super::{Dispatcher, Result, lost, wire};
@@ -10,6 +12,9 @@ use crate::attempt::AttemptPhase;
 use crate::fleet::{LiveSession, NodeFacts, Outbound};
 use crate::store::Removal;
 use kommune_proto::now_ms;
+
+/// Store reads of a Hello's unknown ids in flight at once.
+const LOOKUPS_IN_FLIGHT: usize = 32;
 
 impl Dispatcher {
     /// Gives up on attempts whose node has had no session for longer than `grace`: they become
@@ -117,15 +122,20 @@ impl Dispatcher {
             let expected: HashSet<String> = expected.into_iter().map(|a| a.id).collect();
             (self.fleet.connect_session(node, facts, tx), expected)
         };
+        // Finished-but-unacknowledged attempts are listed too; their TaskUpdate follows. An
+        // attempt of this node that is still active was placed after the lock was released
+        // (its Assign is on its way on this session), so it is not cancelled. Several reads
+        // are in flight at once, so the store's thread answers them back to back.
+        let unknown: Vec<String> = running.iter().filter(|id| !expected.contains(**id)).map(|id| id.to_string()).collect();
+        let store = &self.store;
+        let mut lookups = futures::stream::iter(unknown.into_iter().map(|id| async move {
+            let known_here = store.attempt(&id).await?.is_some_and(|a| a.node == node);
+            Ok::<_, crate::store::StoreError>((!known_here).then_some(id))
+        }))
+        .buffer_unordered(LOOKUPS_IN_FLIGHT);
         let mut unwanted = vec![];
-        for id in running.iter().filter(|id| !expected.contains(**id)) {
-            // Finished-but-unacknowledged attempts are listed too; their TaskUpdate follows. An
-            // attempt of this node that is still active was placed after the lock was
-            // released (its Assign is on its way on this session), so it is not cancelled.
-            match self.store.attempt(id).await? {
-                Some(a) if a.node == node => {}
-                _ => unwanted.push(id.to_string()),
-            }
+        while let Some(found) = lookups.next().await {
+            unwanted.extend(found?);
         }
         Ok((session, unwanted))
     }
