@@ -29,8 +29,8 @@ use crate::fleet::{NodeFacts, NodeRegistration};
 use crate::pki::{self, Ca};
 use crate::store::{NodeGrant, NodeRecord, Registration, Removal};
 use crate::tokens::{JoinTokens, TokenRejection};
-use limits::{Rate, RateLimiter, retry_hint, source_key};
 use kommune_proto::now_ms;
+use limits::{Rate, RateLimiter, retry_hint, source_key};
 
 /// Largest message either side sends (a wasm module in FetchBlob).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;

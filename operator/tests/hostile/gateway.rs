@@ -82,7 +82,7 @@ async fn a_hello_listing_200000_unknown_attempts_does_not_hold_up_placement() {
         );
         assert!(slowest < Duration::from_secs(1), "a placement waited {slowest:?} on a Hello of {listed} ids");
         if listed > MAX_RUNNING_IDS {
-            let refused = answer.err().expect("an oversized Hello is refused");
+            let refused = answer.expect_err("an oversized Hello is refused");
             assert_eq!(refused.code(), Code::InvalidArgument);
             assert!(refused.message().contains(&format!("at most {MAX_RUNNING_IDS}")), "{refused:?}");
             continue;
@@ -150,11 +150,8 @@ async fn ten_thousand_joins_a_second_from_one_address_are_refused_quickly() {
 
     let code = |c: Code| outcomes.iter().filter(|(e, _)| e.as_ref().is_some_and(|s| s.code() == c)).count();
     let (exhausted, unauthenticated) = (code(Code::ResourceExhausted), code(Code::Unauthenticated));
-    let mut refused: Vec<f64> = outcomes
-        .iter()
-        .filter(|(e, _)| e.as_ref().is_some_and(|s| s.code() == Code::ResourceExhausted))
-        .map(|(_, d)| d.as_secs_f64() * 1e3)
-        .collect();
+    let mut refused: Vec<f64> =
+        outcomes.iter().filter(|(e, _)| e.as_ref().is_some_and(|s| s.code() == Code::ResourceExhausted)).map(|(_, d)| d.as_secs_f64() * 1e3).collect();
     refused.sort_by(f64::total_cmp);
     let pct = |p: f64| refused[((refused.len() - 1) as f64 * p) as usize];
     println!(
