@@ -73,7 +73,7 @@ impl Operator {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let (events_tx, mut events_rx) = mpsc::channel(1024);
         runtime.spawn(async move { while events_rx.recv().await.is_some() {} });
-        let config = GatewayConfig { heartbeat_interval: heartbeat, session_timeout: heartbeat * 3 };
+        let config = GatewayConfig { heartbeat_interval: heartbeat, session_timeout: heartbeat * 3, ..GatewayConfig::default() };
         let gateway = Gateway::new(dispatcher.clone(), tokens.clone(), ca.clone(), blobs, events_tx, config);
         let listener = runtime.spawn(tokio::net::TcpListener::bind(("127.0.0.1", 0))).await.unwrap().unwrap();
         let port = listener.local_addr().unwrap().port();

@@ -237,7 +237,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn dispatch_and_roundtrip(sizes: &Sizes, dispatch: bool, roundtrip: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let config = GatewayConfig { heartbeat_interval: Duration::from_secs(5), session_timeout: Duration::from_secs(30) };
+    let config = GatewayConfig { heartbeat_interval: Duration::from_secs(5), session_timeout: Duration::from_secs(30), ..GatewayConfig::default() };
     let (op, mut changed, mut events) = start_operator(&dir.path().join("operator"), config, 2);
     // Nobody keeps ProviderNode objects here: drain the events.
     op.runtime.as_ref().unwrap().spawn(async move { while events.recv().await.is_some() {} });
@@ -342,7 +342,7 @@ fn rss_mib() -> f64 {
 /// itself over the steady window.
 fn fanin_operator(sizes: &Sizes) {
     let dir = tempfile::tempdir().unwrap();
-    let config = GatewayConfig { heartbeat_interval: sizes.heartbeat, session_timeout: sizes.heartbeat * 3 };
+    let config = GatewayConfig { heartbeat_interval: sizes.heartbeat, session_timeout: sizes.heartbeat * 3, ..GatewayConfig::default() };
     let (op, _changed, mut events) = start_operator(&dir.path().join("operator"), config, 2);
     let rt = op.runtime.as_ref().unwrap();
     // Heartbeat arrivals, by node: the gateway emits the event right after fleet.touch.

@@ -16,6 +16,7 @@ use kommune_operator::crd;
 use kommune_operator::dispatch::Dispatcher;
 use kommune_operator::fence::Fence;
 use kommune_operator::fleet::Fleet;
+use kommune_operator::gateway::limits::Rate;
 use kommune_operator::gateway::{self, Gateway, GatewayConfig};
 use kommune_operator::ledger::{Ledger, LedgerConfig};
 use kommune_operator::metrics::Metrics;
@@ -41,6 +42,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at startup: the size of the run variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Runs the operator (the default).
     Run(RunArgs),
@@ -127,6 +130,26 @@ struct RunArgs {
     /// Credits per GiB of output written.
     #[arg(long, env = "KOMMUNE_RATE_OUTPUT_GIB", default_value = "0", value_parser = parse_credits)]
     rate_output_gib: Micros,
+    /// Joins the gateway accepts at once from one source address (an IPv4 address or an IPv6
+    /// /64) before the steady rate applies; more get ResourceExhausted with a retry hint.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    join_burst: u32,
+    /// Joins per second from one source address once its burst is spent.
+    #[arg(long, default_value_t = 2.0)]
+    joins_per_second: f64,
+    /// Sessions a node may open at once before the steady rate applies (a newer session
+    /// replaces the node's older one).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    session_burst: u32,
+    /// Sessions per second a node may open once its burst is spent.
+    #[arg(long, default_value_t = 1.0)]
+    sessions_per_second: f64,
+    /// Seconds a connection to the gateway has to complete its TLS handshake.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    tls_handshake_timeout_seconds: u64,
+    /// Seconds a gateway request (Join, Leave, FetchBlob, a Session's opening) may take.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    request_timeout_seconds: u64,
 }
 
 fn parse_credits(s: &str) -> Result<Micros, String> {
@@ -313,8 +336,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_task_grace(Duration::from_secs(args.task_grace_seconds)),
     );
 
-    let config =
-        GatewayConfig { heartbeat_interval: Duration::from_secs(args.heartbeat_seconds), session_timeout: Duration::from_secs(args.heartbeat_seconds * 3) };
+    anyhow::ensure!(args.joins_per_second > 0.0 && args.sessions_per_second > 0.0, "--joins-per-second and --sessions-per-second must be positive");
+    let config = GatewayConfig {
+        heartbeat_interval: Duration::from_secs(args.heartbeat_seconds),
+        session_timeout: Duration::from_secs(args.heartbeat_seconds * 3),
+        join_rate: Rate { burst: args.join_burst, per_second: args.joins_per_second },
+        session_rate: Rate { burst: args.session_burst, per_second: args.sessions_per_second },
+        handshake_timeout: Duration::from_secs(args.tls_handshake_timeout_seconds),
+        request_timeout: Duration::from_secs(args.request_timeout_seconds),
+    };
     let tokens = Arc::new(SecretTokens::new(client.clone(), &args.namespace));
     let gateway = Gateway::new(dispatcher.clone(), tokens, ca.clone(), blobs.clone(), node_events_tx, config);
     let listener = gateway::bind(args.gateway_listen).await.with_context(|| format!("cannot listen on {}", args.gateway_listen))?;

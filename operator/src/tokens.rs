@@ -2,6 +2,9 @@
 //! (`kommune-operator token create`). Tokens live as Secrets `kommune-join-<id>` in the
 //! operator's namespace, like kubeadm's bootstrap tokens in kube-system.
 //!
+//! A token whose last use is redeemed, or that is found expired, has its Secret deleted: a
+//! cluster does not collect spent credentials.
+//!
 //! A token belongs to an owner (`token:<id>` unless the admin named one) and may cap what the
 //! machines joined with it can claim: both are what redeeming it grants (a [`NodeGrant`]).
 
@@ -12,7 +15,8 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kommune_proto::quantity;
 use kommune_proto::token::JoinToken;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, Preconditions};
+use tracing::{info, warn};
 
 pub use crate::store::{CapacityLimits, NodeGrant};
 
@@ -20,7 +24,13 @@ pub use crate::store::{CapacityLimits, NodeGrant};
 pub const SECRET_TYPE: &str = "kommune.dev/join-token";
 const LABEL: &str = "kommune.dev/join-token";
 
-/// Why a token was not accepted. Messages are shown to the provider as they are.
+/// What a joining machine is told about any token that is not valid, whatever the reason: one
+/// message and one code (Unauthenticated), so that which token ids exist, which are used up and
+/// which expired cannot be learnt by trying. The reason goes to the operator's log.
+pub const NOT_VALID: &str = "join token is not valid; ask the cluster admin for a new one";
+
+/// Why a token was not accepted: for the operator's log (the joining machine is told
+/// [`NOT_VALID`]) and for `kommune-operator` commands run by the admin.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenRejection {
     #[error("join token {0} is not valid (unknown or deleted); ask the cluster admin for a new one")]
@@ -35,10 +45,25 @@ pub enum TokenRejection {
     Backend(String),
 }
 
+impl TokenRejection {
+    /// The status a joining machine gets: [`NOT_VALID`] for every bad token, Unavailable when
+    /// the token store could not be asked.
+    pub fn to_status(&self) -> tonic::Status {
+        match self {
+            TokenRejection::Backend(_) => tonic::Status::unavailable("cannot check the join token right now; try again later"),
+            _ => tonic::Status::unauthenticated(NOT_VALID),
+        }
+    }
+}
+
 /// Where tokens are checked and consumed.
 #[tonic::async_trait]
 pub trait JoinTokens: Send + Sync + 'static {
+    /// Checks a token without using it (what Join does before anything else); returns what it
+    /// would grant. An expired token is deleted.
+    async fn check(&self, token: &JoinToken) -> Result<NodeGrant, TokenRejection>;
     /// Checks a token and consumes one use of it; returns what it grants the joining node.
+    /// The last use deletes the token; so does finding it expired.
     async fn redeem(&self, token: &JoinToken) -> Result<NodeGrant, TokenRejection>;
 }
 
@@ -135,14 +160,39 @@ impl MemoryTokens {
     }
 }
 
+impl MemoryTokens {
+    /// Whether a token with this id is stored (spent and expired ones are not).
+    pub fn contains(&self, token_id: &str) -> bool {
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).contains_key(token_id)
+    }
+
+    /// Checks `token`; the record after one use. An expired record is removed.
+    fn checked(records: &mut HashMap<String, TokenRecord>, token: &JoinToken) -> Result<TokenRecord, TokenRejection> {
+        let record = records.get(&token.id).ok_or_else(|| TokenRejection::Unknown(token.id.clone()))?;
+        let checked = check(token, record, Timestamp::now());
+        if let Err(TokenRejection::Expired { .. }) = checked {
+            records.remove(&token.id);
+        }
+        checked
+    }
+}
+
 #[tonic::async_trait]
 impl JoinTokens for MemoryTokens {
+    async fn check(&self, token: &JoinToken) -> Result<NodeGrant, TokenRejection> {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        Self::checked(&mut records, token).map(|next| next.grant(&token.id))
+    }
+
     async fn redeem(&self, token: &JoinToken) -> Result<NodeGrant, TokenRejection> {
-        let mut records = self.records.lock().unwrap();
-        let record = records.get(&token.id).ok_or_else(|| TokenRejection::Unknown(token.id.clone()))?;
-        let next = check(token, record, Timestamp::now())?;
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let next = Self::checked(&mut records, token)?;
         let grant = next.grant(&token.id);
-        records.insert(token.id.clone(), next);
+        if next.uses_left == 0 {
+            records.remove(&token.id);
+        } else {
+            records.insert(token.id.clone(), next);
+        }
         Ok(grant)
     }
 }
@@ -217,23 +267,60 @@ pub fn record_of(secret: &Secret) -> Option<TokenRecord> {
     })
 }
 
+/// Deletes `secret` only if it is still the version that was read: a token whose last use is
+/// being redeemed by two agents at once is deleted by one of them, and the other sees 409.
+fn unchanged(secret: &Secret) -> DeleteParams {
+    let preconditions = Preconditions { resource_version: secret.metadata.resource_version.clone(), uid: secret.metadata.uid.clone() };
+    DeleteParams { preconditions: Some(preconditions), ..Default::default() }
+}
+
+impl SecretTokens {
+    /// The token's Secret and its record after one use. A token found expired has its Secret
+    /// deleted (best effort: the next presentation tries again).
+    async fn read(&self, token: &JoinToken) -> Result<(Secret, TokenRecord), TokenRejection> {
+        let secret = match self.api.get_opt(&token.secret_name()).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err(TokenRejection::Unknown(token.id.clone())),
+            Err(e) => return Err(TokenRejection::Backend(e.to_string())),
+        };
+        let record = record_of(&secret).ok_or_else(|| TokenRejection::Unknown(token.id.clone()))?;
+        match check(token, &record, Timestamp::now()) {
+            Ok(next) => Ok((secret, next)),
+            Err(e @ TokenRejection::Expired { .. }) => {
+                match self.api.delete(&token.secret_name(), &unchanged(&secret)).await {
+                    Ok(_) => info!(token = %token.id, "expired join token deleted"),
+                    Err(err) => warn!(token = %token.id, error = %err, "cannot delete an expired join token"),
+                }
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl JoinTokens for SecretTokens {
+    async fn check(&self, token: &JoinToken) -> Result<NodeGrant, TokenRejection> {
+        self.read(token).await.map(|(_, next)| next.grant(&token.id))
+    }
+
     async fn redeem(&self, token: &JoinToken) -> Result<NodeGrant, TokenRejection> {
         // Optimistic concurrency: two agents racing for the last use cannot both win.
         for _ in 0..5 {
-            let secret = match self.api.get_opt(&token.secret_name()).await {
-                Ok(Some(s)) => s,
-                Ok(None) => return Err(TokenRejection::Unknown(token.id.clone())),
-                Err(e) => return Err(TokenRejection::Backend(e.to_string())),
+            let (secret, next) = self.read(token).await?;
+            let written = if next.uses_left == 0 {
+                // The last use: the Secret goes (deleted only if nobody used it meanwhile).
+                self.api.delete(&token.secret_name(), &unchanged(&secret)).await.map(|_| info!(token = %token.id, "join token used up and deleted"))
+            } else {
+                let mut updated = secret.clone();
+                updated.string_data = Some(BTreeMap::from([("usages-remaining".to_string(), next.uses_left.to_string())]));
+                self.api.replace(&token.secret_name(), &PostParams::default(), &updated).await.map(|_| ())
             };
-            let record = record_of(&secret).ok_or_else(|| TokenRejection::Unknown(token.id.clone()))?;
-            let next = check(token, &record, Timestamp::now())?;
-            let mut updated = secret.clone();
-            updated.string_data = Some(BTreeMap::from([("usages-remaining".to_string(), next.uses_left.to_string())]));
-            match self.api.replace(&token.secret_name(), &PostParams::default(), &updated).await {
-                Ok(_) => return Ok(next.grant(&token.id)),
+            match written {
+                Ok(()) => return Ok(next.grant(&token.id)),
                 Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                // Deleted between the read and the write: another agent took the last use.
+                Err(kube::Error::Api(s)) if s.code == 404 => return Err(TokenRejection::UsedUp(token.id.clone())),
                 Err(e) => return Err(TokenRejection::Backend(e.to_string())),
             }
         }
@@ -275,9 +362,32 @@ mod tests {
         let tokens = MemoryTokens::default();
         let t = JoinToken::generate(PIN);
         tokens.insert(&t, Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(60), 1);
+        assert_eq!(tokens.check(&t).await.unwrap().owner, format!("token:{}", t.id), "checking does not use the token");
         assert_eq!(tokens.redeem(&t).await.unwrap().owner, format!("token:{}", t.id), "a token is its own owner by default");
-        assert_eq!(tokens.redeem(&t).await, Err(TokenRejection::UsedUp(t.id.clone())));
+        // The last use deleted it: it is now as unknown as one never made.
+        assert!(!tokens.contains(&t.id), "a used-up token is deleted");
+        assert_eq!(tokens.redeem(&t).await, Err(TokenRejection::Unknown(t.id.clone())));
         assert!(tokens.redeem(&JoinToken::generate(PIN)).await.unwrap_err().to_string().contains("unknown"));
+    }
+
+    #[tokio::test]
+    async fn an_expired_memory_token_is_deleted_when_presented_and_every_rejection_reads_the_same() {
+        let tokens = MemoryTokens::default();
+        let (expired, two) = (JoinToken::generate(PIN), JoinToken::generate(PIN));
+        tokens.insert(&expired, Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(1), 3);
+        tokens.insert(&two, Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(60), 2);
+        let rejection = tokens.check(&expired).await.unwrap_err();
+        assert!(matches!(rejection, TokenRejection::Expired { .. }), "{rejection:?}");
+        assert!(!tokens.contains(&expired.id), "an expired token is deleted once found");
+        tokens.redeem(&two).await.unwrap();
+        assert!(tokens.contains(&two.id), "one use of two left");
+        let wrong = JoinToken { secret: "x".repeat(two.secret.len()), ..two.clone() };
+        let statuses = [rejection, tokens.check(&wrong).await.unwrap_err(), TokenRejection::UsedUp("u".into()), TokenRejection::Unknown("k".into())]
+            .map(|r| r.to_status());
+        for s in &statuses {
+            assert_eq!((s.code(), s.message()), (tonic::Code::Unauthenticated, NOT_VALID));
+        }
+        assert_eq!(TokenRejection::Backend("down".into()).to_status().code(), tonic::Code::Unavailable);
     }
 
     #[test]

@@ -40,7 +40,7 @@ async fn operator() -> Operator {
     let dispatcher = Arc::new(Dispatcher::new(store, Arc::new(Fleet::default()), changed));
     let (events, mut sink) = mpsc::channel(1024);
     tokio::spawn(async move { while sink.recv().await.is_some() {} });
-    let config = GatewayConfig { heartbeat_interval: Duration::from_millis(200), session_timeout: Duration::from_secs(2) };
+    let config = GatewayConfig { heartbeat_interval: Duration::from_millis(200), session_timeout: Duration::from_secs(2), ..GatewayConfig::default() };
     let gateway = Gateway::new(dispatcher.clone(), tokens.clone(), ca.clone(), Blobs::open(dir.path()).unwrap(), events, config);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
     let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());

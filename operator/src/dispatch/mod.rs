@@ -85,6 +85,10 @@ pub enum DispatchError {
     Ledger(#[from] crate::ledger::LedgerError),
 }
 
+/// Most attempt ids a Hello may list (running plus finished-but-unacknowledged): far more than
+/// any machine runs at once, and few enough that looking each up stays cheap.
+pub const MAX_RUNNING_IDS: usize = 4096;
+
 pub type Result<T> = std::result::Result<T, DispatchError>;
 
 /// The kube-free job engine.

@@ -3,13 +3,18 @@
 
 use std::collections::HashSet;
 
+use futures::StreamExt;
+
 use tracing::info;
 
 use super::{Dispatcher, Result, lost, wire};
 use crate::attempt::AttemptPhase;
-use crate::fleet::{NodeFacts, Outbound};
+use crate::fleet::{LiveSession, NodeFacts, Outbound};
 use crate::store::Removal;
 use kommune_proto::now_ms;
+
+/// Store reads of a Hello's unknown ids in flight at once.
+const LOOKUPS_IN_FLIGHT: usize = 32;
 
 impl Dispatcher {
     /// Gives up on attempts whose node has had no session for longer than `grace`: they become
@@ -84,39 +89,54 @@ impl Dispatcher {
     }
 
     /// Opens a node's session: reconciles what the node runs with what the store says it should
-    /// run, then registers the session, both under the placement lock so no placement lands in
-    /// between. Attempts the node should run but does not know are Lost; attempts it runs that
-    /// it should not are returned for cancelling. Returns (session id, attempts to cancel).
+    /// run, then registers the session (replacing any older one of the node). Only the node's
+    /// expected attempts are read under the placement lock, so no placement lands between that
+    /// read and the registration; the ids the agent lists that it should not run are looked up
+    /// after the lock is released, so a Hello full of unknown ids delays only its own session.
+    /// Attempts the node should run but does not list are Lost (or placed again, if it never
+    /// confirmed them); attempts it runs that it should not are returned for cancelling.
+    ///
+    /// The caller bounds `running` (the gateway refuses a Hello listing more than
+    /// [`super::MAX_RUNNING_IDS`] before calling this): each unknown id costs a store read.
     #[tracing::instrument(skip_all, fields(node = %node))]
-    pub async fn open_session(&self, node: &str, facts: NodeFacts, tx: Outbound, running: &[String]) -> Result<(u64, Vec<String>)> {
-        let _guard = self.place_lock.lock().await;
+    pub async fn open_session(&self, node: &str, facts: NodeFacts, tx: Outbound, running: &[String]) -> Result<(LiveSession, Vec<String>)> {
         let running: HashSet<&str> = running.iter().map(String::as_str).collect();
-        let expected = self.store.active_on_node(node).await?;
-        let now = now_ms();
-        for a in expected.iter().filter(|a| !running.contains(a.id.as_str())) {
-            if a.phase == AttemptPhase::Assigned {
-                // Never confirmed running, and the node does not have it: the Assign was lost
-                // on the way (the session or the operator ended first). Nothing ran, so it is
-                // placed again without using a retry.
-                info!(attempt = %a.id, node, "node reconnected without an attempt it never confirmed; placing it again");
-                let why = "the assignment never reached the node (it reconnected without it); placed again without using a retry";
-                self.finish(&a.id, AttemptPhase::Cancelled, Some(&lost(why)), now).await?;
-            } else {
-                info!(attempt = %a.id, node, "node reconnected without this attempt; marking it lost");
-                self.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now).await?;
+        let (session, expected) = {
+            let _guard = self.place_lock.lock().await;
+            let expected = self.store.active_on_node(node).await?;
+            let now = now_ms();
+            for a in expected.iter().filter(|a| !running.contains(a.id.as_str())) {
+                if a.phase == AttemptPhase::Assigned {
+                    // Never confirmed running, and the node does not have it: the Assign was
+                    // lost on the way (the session or the operator ended first). Nothing ran,
+                    // so it is placed again without using a retry.
+                    info!(attempt = %a.id, node, "node reconnected without an attempt it never confirmed; placing it again");
+                    let why = "the assignment never reached the node (it reconnected without it); placed again without using a retry";
+                    self.finish(&a.id, AttemptPhase::Cancelled, Some(&lost(why)), now).await?;
+                } else {
+                    info!(attempt = %a.id, node, "node reconnected without this attempt; marking it lost");
+                    self.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now).await?;
+                }
+                self.notify(&a.job_key);
             }
-            self.notify(&a.job_key);
-        }
-        let expected: HashSet<&str> = expected.iter().map(|a| a.id.as_str()).collect();
+            let expected: HashSet<String> = expected.into_iter().map(|a| a.id).collect();
+            (self.fleet.connect_session(node, facts, tx), expected)
+        };
+        // Finished-but-unacknowledged attempts are listed too; their TaskUpdate follows. An
+        // attempt of this node that is still active was placed after the lock was released
+        // (its Assign is on its way on this session), so it is not cancelled. Several reads
+        // are in flight at once, so the store's thread answers them back to back.
+        let unknown: Vec<String> = running.iter().filter(|id| !expected.contains(**id)).map(|id| id.to_string()).collect();
+        let store = &self.store;
+        let mut lookups = futures::stream::iter(unknown.into_iter().map(|id| async move {
+            let known_here = store.attempt(&id).await?.is_some_and(|a| a.node == node);
+            Ok::<_, crate::store::StoreError>((!known_here).then_some(id))
+        }))
+        .buffer_unordered(LOOKUPS_IN_FLIGHT);
         let mut unwanted = vec![];
-        for id in running.iter().filter(|id| !expected.contains(**id)) {
-            // Finished-but-unacknowledged attempts are listed too; their TaskUpdate follows.
-            match self.store.attempt(id).await? {
-                Some(a) if a.node == node && a.phase.is_terminal() => {}
-                _ => unwanted.push(id.to_string()),
-            }
+        while let Some(found) = lookups.next().await {
+            unwanted.extend(found?);
         }
-        let session = self.fleet.connect(node, facts, tx);
         Ok((session, unwanted))
     }
 }

@@ -3,12 +3,12 @@
 //! as agents reconnect with Hello and the dispatcher rebuilds reservations from the store.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kommune_proto::v1::{OperatorMessage, operator_message};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 mod claims;
 
@@ -125,10 +125,21 @@ pub type Outbound = mpsc::Sender<Result<OperatorMessage, tonic::Status>>;
 struct Session {
     id: u64,
     tx: Outbound,
+    /// Told when a newer session of the node replaces this one, so its task ends at once
+    /// rather than when its agent next goes quiet.
+    replaced: Arc<Notify>,
     facts: NodeFacts,
     /// When the agent last said anything: a silent loss is counted from here, not from when
     /// the operator noticed it.
     last_seen: Instant,
+}
+
+/// A session registered by [`Fleet::connect_session`].
+#[derive(Debug, Clone)]
+pub struct LiveSession {
+    pub id: u64,
+    /// Notified once, when a newer session of the same node replaces this one.
+    pub replaced: Arc<Notify>,
 }
 
 /// Live sessions by node name, and the nodes whose session went away (kept, not ready, so
@@ -196,18 +207,31 @@ impl Fleet {
         self.gone.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a session, replacing (and so closing) any older one for the same node.
-    /// Returns the session id to pass to `disconnect`.
+    /// Registers a session, replacing any older one for the same node. Returns the session id
+    /// to pass to `disconnect`.
     pub fn connect(&self, node: &str, facts: NodeFacts, tx: Outbound) -> u64 {
+        self.connect_session(node, facts, tx).id
+    }
+
+    /// Registers a session as the node's only live one. An older session of the node is ended:
+    /// its stream gets Aborted ("replaced by a newer session") and its task is told through
+    /// its [`LiveSession::replaced`], so a loop of session opens never holds more than one.
+    pub fn connect_session(&self, node: &str, facts: NodeFacts, tx: Outbound) -> LiveSession {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let replaced = Arc::new(Notify::new());
         self.gone().remove(node);
-        self.lock().insert(node.to_string(), Session { id, tx, facts: facts.clone(), last_seen: Instant::now() });
+        let session = Session { id, tx, replaced: replaced.clone(), facts: facts.clone(), last_seen: Instant::now() };
+        if let Some(old) = self.lock().insert(node.to_string(), session) {
+            let _ = old.tx.try_send(Err(tonic::Status::aborted(format!("session of node {node} replaced by a newer session"))));
+            // A permit is stored if the old task is not waiting yet, so it cannot miss this.
+            old.replaced.notify_one();
+        }
         self.update(node, |k| {
             k.facts = facts;
             k.ready = true;
             k.seen = true;
         });
-        id
+        LiveSession { id, replaced }
     }
 
     /// Forgets the session if it is still the current one for the node. Returns true if it was.
@@ -263,6 +287,7 @@ impl Fleet {
         match self.lock().remove(node) {
             Some(s) => {
                 let _ = s.tx.try_send(Err(status));
+                s.replaced.notify_one();
                 true
             }
             None => false,
@@ -375,10 +400,15 @@ mod tests {
         let fleet = Fleet::default();
         let (tx1, mut rx1) = mpsc::channel(1);
         let (tx2, _rx2) = mpsc::channel(1);
-        let s1 = fleet.connect("n", NodeFacts::default(), tx1);
+        let s1 = fleet.connect_session("n", NodeFacts::default(), tx1);
         let s2 = fleet.connect("n", NodeFacts::default(), tx2);
-        // The old session's sender was dropped: its stream ends.
-        assert!(rx1.try_recv().is_err());
+        // The old session's stream ends with a status saying why, and its task is told.
+        let ended = rx1.try_recv().expect("the old stream gets a status").unwrap_err();
+        assert_eq!(ended.code(), tonic::Code::Aborted);
+        assert!(ended.message().contains("replaced by a newer session"), "{ended:?}");
+        let told = s1.replaced.notified();
+        assert!(futures::FutureExt::now_or_never(told).is_some(), "the old task is told it was replaced");
+        let s1 = s1.id;
         assert!(!fleet.disconnect("n", s1));
         assert!(fleet.is_connected("n"));
         assert!(fleet.disconnect("n", s2));

@@ -2,10 +2,11 @@
 //! for a node certificate; `Session` is one long-lived mTLS stream per node; `FetchBlob` serves
 //! wasm modules by digest. Handlers are thin: decisions live in the dispatcher and the store.
 
+pub mod limits;
 mod renew;
 mod session;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::blobs::Blobs;
 use crate::dispatch::Dispatcher;
@@ -29,6 +30,7 @@ use crate::pki::{self, Ca};
 use crate::store::{NodeGrant, NodeRecord, Registration, Removal};
 use crate::tokens::{JoinTokens, TokenRejection};
 use kommune_proto::now_ms;
+use limits::{Rate, RateLimiter, retry_hint, source_key};
 
 /// Largest message either side sends (a wasm module in FetchBlob).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -58,6 +60,30 @@ pub struct GatewayConfig {
     pub heartbeat_interval: Duration,
     /// A session without any message for this long is closed.
     pub session_timeout: Duration,
+    /// Joins per source address (IPv4 address or IPv6 /64): Join is unauthenticated.
+    pub join_rate: Rate,
+    /// Session opens per node.
+    pub session_rate: Rate,
+    /// A connection that has not completed its TLS handshake by then is closed.
+    pub handshake_timeout: Duration,
+    /// Longest a unary request (Join, Leave, FetchBlob) or a Session's opening may take.
+    pub request_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    /// What `kommune-operator run` uses unless told otherwise.
+    fn default() -> Self {
+        GatewayConfig {
+            heartbeat_interval: Duration::from_secs(5),
+            session_timeout: Duration::from_secs(15),
+            // A site joining a rack of machines at once, then a few a second.
+            join_rate: Rate { burst: 20, per_second: 2.0 },
+            // An agent reconnects with backoff from 0.5 s; ten quick reconnects, then one a second.
+            session_rate: Rate { burst: 10, per_second: 1.0 },
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// The AgentGateway service.
@@ -73,6 +99,8 @@ struct Inner {
     blobs: Blobs,
     events: mpsc::Sender<NodeEvent>,
     config: GatewayConfig,
+    joins: RateLimiter<IpAddr>,
+    session_opens: RateLimiter<String>,
 }
 
 impl Gateway {
@@ -84,7 +112,9 @@ impl Gateway {
         events: mpsc::Sender<NodeEvent>,
         config: GatewayConfig,
     ) -> Self {
-        Gateway { inner: Arc::new(Inner { dispatcher, tokens, ca, blobs, events, config }) }
+        let joins = RateLimiter::new(config.join_rate);
+        let session_opens = RateLimiter::new(config.session_rate);
+        Gateway { inner: Arc::new(Inner { dispatcher, tokens, ca, blobs, events, config, joins, session_opens }) }
     }
 
     /// Serves on `listener` until `shutdown` resolves: the gateway plus the gRPC health service.
@@ -95,12 +125,17 @@ impl Gateway {
             .client_ca_root(Certificate::from_pem(self.inner.ca.cert_pem()))
             // Join has no client certificate yet; Session and FetchBlob require one (checked
             // in the handlers).
-            .client_auth_optional(true);
+            .client_auth_optional(true)
+            // tonic runs handshakes concurrently; this ends one whose peer never finishes it.
+            .timeout(self.inner.config.handshake_timeout);
+        let request_timeout = self.inner.config.request_timeout;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentGatewayServer<Gateway>>().await;
         let service = AgentGatewayServer::new(self).max_decoding_message_size(1 << 20).max_encoding_message_size(MAX_MESSAGE_BYTES);
         Server::builder()
             .tls_config(tls)?
+            // Covers a handler until its response starts: a Session's stream then lives on.
+            .timeout(request_timeout)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health_service)
@@ -194,6 +229,22 @@ fn retired(name: &str, at_ms: i64, reason: Removal) -> Status {
     Status::already_exists(format!("node name {name} belonged to a node that {how} at {when}; names are never reused: choose another with --name"))
 }
 
+/// A join whose token was refused: logged with its reason, answered with the one status every
+/// bad token gets.
+fn refused(rejection: &TokenRejection, peer: Option<SocketAddr>) -> Status {
+    info!(?peer, reason = %rejection, "join refused");
+    rejection.to_status()
+}
+
+/// ResourceExhausted with the wait also as `retry-after-ms` metadata, for clients that read it.
+fn exhausted(message: String, after: Duration) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    if let Ok(v) = after.as_millis().max(1).to_string().parse() {
+        status.metadata_mut().insert("retry-after-ms", v);
+    }
+    status
+}
+
 type SessionStream = Pin<Box<dyn Stream<Item = Result<OperatorMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -201,8 +252,19 @@ impl AgentGateway for Gateway {
     #[tracing::instrument(skip_all, fields(peer = ?request.remote_addr()))]
     async fn join(&self, request: Request<v1::JoinRequest>) -> Result<Response<v1::JoinResponse>, Status> {
         let peer = request.remote_addr();
+        if let Err(after) = self.inner.joins.check(&source_key(peer)) {
+            debug!(?peer, "join refused: rate limit");
+            return Err(exhausted(format!("too many joins from this address; retry in {}", retry_hint(after)), after));
+        }
         let req = request.into_inner();
-        let token: JoinToken = req.token.parse().map_err(|e: kommune_proto::token::TokenError| Status::invalid_argument(e.to_string()))?;
+        // The token first, before the name or the CSR is looked at: whoever holds no valid
+        // token learns nothing (which names are taken, which token ids exist), and every bad
+        // token reads the same. The reason is logged for the admin.
+        let token: JoinToken = req.token.parse().map_err(|e: kommune_proto::token::TokenError| {
+            info!(?peer, error = %e, "join refused: malformed token");
+            Status::unauthenticated(crate::tokens::NOT_VALID)
+        })?;
+        self.inner.tokens.check(&token).await.map_err(|e| refused(&e, peer))?;
         let name = if req.requested_name.is_empty() { generated_name() } else { req.requested_name.clone() };
         if !valid_node_name(&name) {
             return Err(Status::invalid_argument(format!(
@@ -218,10 +280,7 @@ impl AgentGateway for Gateway {
             Ok(None) => {}
             Err(e) => return Err(Status::unavailable(e.to_string())),
         }
-        let grant = self.inner.tokens.redeem(&token).await.map_err(|e| match e {
-            TokenRejection::Backend(_) => Status::unavailable(e.to_string()),
-            _ => Status::unauthenticated(e.to_string()),
-        })?;
+        let grant = self.inner.tokens.redeem(&token).await.map_err(|e| refused(&e, peer))?;
         let grant = match self.inner.dispatcher.store().register_node(&name, &key_sha, &grant, now_ms()).await {
             Ok(Registration::New) => grant,
             // A re-join keeps what the first registration granted, whatever this token says.
@@ -244,6 +303,10 @@ impl AgentGateway for Gateway {
 
     async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
         let (node, public_key, record) = authenticated_node_key(&self.inner, &request).await?;
+        if let Err(after) = self.inner.session_opens.check(&node) {
+            debug!(%node, "session refused: rate limit");
+            return Err(exhausted(format!("node {node} opens sessions too often; retry in {}", retry_hint(after)), after));
+        }
         // Before the session opens, so its first placement sees the token's owner and caps.
         self.inner.dispatcher.fleet().set_registration(&node, NodeRegistration { owner: record.owner, limits: record.limits });
         // The ledger keeps every key a node name ever had, so its receipts stay verifiable

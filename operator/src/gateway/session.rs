@@ -12,6 +12,7 @@ use tracing::{debug, info, trace, warn};
 
 use super::{Inner, NodeEvent};
 use crate::STAGE;
+use crate::dispatch::MAX_RUNNING_IDS;
 use crate::fleet::NodeFacts;
 
 type Tx = mpsc::Sender<Result<OperatorMessage, Status>>;
@@ -39,10 +40,16 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
         }
     };
 
+    if hello.running_attempt_ids.len() > MAX_RUNNING_IDS {
+        warn!(%node, listed = hello.running_attempt_ids.len(), "Hello refused: too many attempt ids");
+        let why = format!("the Hello lists {} attempts; a node may list at most {MAX_RUNNING_IDS}", hello.running_attempt_ids.len());
+        let _ = tx.send(Err(Status::invalid_argument(why))).await;
+        return;
+    }
     let facts = NodeFacts::from_proto(hello.facts.as_ref());
     inner.dispatcher.fleet().set_paused(&node, hello.paused);
     inner.dispatcher.fleet().set_public_key(&node, public_key);
-    let (session_id, unwanted) = match inner.dispatcher.open_session(&node, facts.clone(), tx.clone(), &hello.running_attempt_ids).await {
+    let (session, unwanted) = match inner.dispatcher.open_session(&node, facts.clone(), tx.clone(), &hello.running_attempt_ids).await {
         Ok(opened) => opened,
         Err(e) => {
             warn!(%node, error = %e, "cannot reconcile the node's attempts");
@@ -50,6 +57,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
             return;
         }
     };
+    let session_id = session.id;
     info!(%node, running = hello.running_attempt_ids.len(), "session opened");
     let welcome = v1::Welcome { node_name: node.clone(), heartbeat_interval_millis: inner.config.heartbeat_interval.as_millis() as u64 };
     if send(&tx, OpKind::Welcome(welcome)).await {
@@ -62,7 +70,12 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
     let in_flight = Arc::new(Semaphore::new(RESULTS_IN_FLIGHT));
     let mut last_renewal = None;
     let reason = loop {
-        let msg = match timeout(inner.config.session_timeout, inbound.message()).await {
+        let next = tokio::select! {
+            // The fleet already sent the stream its status (replaced, or the node revoked).
+            () = session.replaced.notified() => break "ended by the operator: replaced by a newer session or removed".to_string(),
+            next = timeout(inner.config.session_timeout, inbound.message()) => next,
+        };
+        let msg = match next {
             Ok(Ok(Some(m))) => m,
             Ok(Ok(None)) => break "the agent closed the session".to_string(),
             Ok(Err(status)) => break format!("stream error: {}", status.message()),

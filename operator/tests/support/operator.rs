@@ -32,6 +32,10 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 /// One credit per CPU-core-hour: a second of CPU earns 278 micro-credits.
 pub const RATES: Rates = Rates { cpu_core_hour: Micros(1_000_000), memory_gib_hour: Micros(0), gpu_hour: Micros(0), output_gib: Micros(0) };
 
+/// How long the test gateway waits for a TLS handshake: loopback handshakes take milliseconds,
+/// and the attack test waits this long.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
 pub struct Operator {
     pub url: String,
     pub ca: Arc<Ca>,
@@ -85,7 +89,12 @@ pub async fn start_operator(dir: tempfile::TempDir, ca: Arc<Ca>, tokens: Arc<Mem
             sink.lock().unwrap().push(e);
         }
     });
-    let config = GatewayConfig { heartbeat_interval: Duration::from_millis(200), session_timeout: Duration::from_secs(2) };
+    let config = GatewayConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        session_timeout: Duration::from_secs(2),
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        ..GatewayConfig::default()
+    };
     let gateway = Gateway::new(dispatcher.clone(), tokens.clone(), ca.clone(), blobs.clone(), events_tx, config);
     // After a crash the old runtime lets go of the port a moment later.
     let listener = runtime
@@ -211,10 +220,18 @@ pub struct Agent {
 
 /// Joins a machine with a fresh single-use token and returns its state.
 pub async fn join_only(op: &Operator, dir: &Path, name: &str, allow_exec: bool) -> AgentState {
-    let token = op.token(1, 600);
+    join_as(op, dir, name, allow_exec, &op.token(1, 600)).await
+}
+
+/// Joins a machine (wasm only) with `token` and returns its state.
+pub async fn join_only_with(op: &Operator, dir: &Path, name: &str, token: &str) -> AgentState {
+    join_as(op, dir, name, false, token).await
+}
+
+async fn join_as(op: &Operator, dir: &Path, name: &str, allow_exec: bool, token: &str) -> AgentState {
     let state = join::join(JoinOptions {
         server: &op.url,
-        token: &token,
+        token,
         name: Some(name),
         region: "",
         zone: "",
