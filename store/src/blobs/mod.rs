@@ -27,7 +27,7 @@ pub enum BlobError {
     Io { path: String, source: std::io::Error },
     /// Storing the module would take its namespace over its quota; nothing was stored.
     #[error(
-        "a module of {bytes} bytes would bring the modules held for namespace {namespace} to {total} bytes, over its quota of {quota} bytes (modules its jobs reference, plus those they let go of in the last {grace_secs} s, kept that long for attempts already assigned); delete or finish jobs of this namespace, or ask the cluster admin for a larger --namespace-blob-quota"
+        "a module of {bytes} bytes would bring the modules held for namespace {namespace} to {total} bytes, over its quota of {quota} bytes (modules its jobs reference, plus those they let go of in the last {grace_secs} s, kept that long for attempts already assigned); delete or finish jobs of this namespace, or ask the cluster admin for a larger quota (--blob-quota, --namespace-blob-quota)"
     )]
     QuotaExceeded { namespace: String, bytes: u64, total: u64, quota: u64, grace_secs: u64 },
 }

@@ -139,7 +139,12 @@ impl Owners {
     }
 
     fn let_go(&mut self, job_uid: &str, old: Held, now_ms: i64) {
-        let r = self.released.entry(old.sha256).or_insert_with(|| Released { since_ms: now_ms, bytes: old.bytes, namespaces: BTreeSet::new(), jobs: BTreeSet::new() });
+        let r = self.released.entry(old.sha256).or_insert_with(|| Released {
+            since_ms: now_ms,
+            bytes: old.bytes,
+            namespaces: BTreeSet::new(),
+            jobs: BTreeSet::new(),
+        });
         r.since_ms = r.since_ms.max(now_ms);
         r.namespaces.insert(old.namespace);
         r.jobs.insert(job_uid.to_string());
