@@ -40,6 +40,8 @@ struct Cli {
     run: RunArgs,
 }
 
+// Parsed once at start-up: the size of the run flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Runs the operator (the default).
