@@ -30,7 +30,7 @@ use kommune_agent::runtime::{ExecRuntime, WasmRuntime};
 use kommune_agent::session;
 use kommune_agent::tasks::{Spool, Tasks};
 use kommune_operator::attempt::AttemptPhase;
-use kommune_operator::blobs::Blobs;
+use kommune_operator::blobs::{BlobOwner, Blobs};
 use kommune_operator::crd::{ComputeJobSpec, JobPhase};
 use kommune_operator::dispatch::{Dispatcher, JobRef, ModuleRef, Synced};
 use kommune_operator::fence::Fence;
@@ -249,7 +249,9 @@ fn dispatch_and_roundtrip(sizes: &Sizes, dispatch: bool, roundtrip: bool) {
         while op.dispatcher.fleet().connected().len() < 2 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let module = ModuleRef { sha256: op.blobs.put(NOOP_WAT.as_bytes()).unwrap(), url: None };
+        // Held by the warm-up job, the only one whose attempts fetch it: the agents keep it after.
+        let sha256 = op.blobs.put_for(BlobOwner { job_uid: "warm-up", namespace: "bench" }, NOOP_WAT.as_bytes()).unwrap();
+        let module = ModuleRef { sha256, url: None };
         // Warm up: both agents fetch and compile the module once, connections are hot.
         let warm = op.run_to_end(&mut changed, &job("warm-up"), &policy(20, 20), &module).await;
         assert!(warm.attempts.iter().any(|a| a.node == "agent-a") && warm.attempts.iter().any(|a| a.node == "agent-b"));

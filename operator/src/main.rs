@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use kommune_operator::blobs::Blobs;
+use kommune_operator::blobs::{BlobLimits, Blobs};
 use kommune_operator::controller::lease::LeaderElector;
 use kommune_operator::controller::{self, ca::ensure_ca};
 use kommune_operator::crd;
@@ -41,6 +41,8 @@ struct Cli {
     run: RunArgs,
 }
 
+// Parsed once at start-up: the size of the run flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 // Parsed once at startup: the size of the run variant costs nothing worth a Box.
 #[allow(clippy::large_enum_variant)]
@@ -117,6 +119,19 @@ struct RunArgs {
     /// replicas under leader election take over each other's running work.
     #[arg(long, env = "KOMMUNE_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// Bytes of wasm modules (stored from ConfigMaps) the jobs of one namespace may hold on the
+    /// operator's volume, e.g. 256Mi. A module that would exceed it is not stored; its job
+    /// waits with reason BlobQuotaExceeded.
+    #[arg(long, env = "KOMMUNE_BLOB_QUOTA", default_value = "256Mi", value_parser = |v: &str| quantity::memory_bytes("--blob-quota", v).map_err(|e| e.to_string()))]
+    blob_quota: u64,
+    /// A namespace's own module quota, as namespace=quantity (e.g. team-a=1Gi); repeat or
+    /// separate with commas. Replaces --blob-quota for that namespace.
+    #[arg(long = "namespace-blob-quota", env = "KOMMUNE_NAMESPACE_BLOB_QUOTAS", value_delimiter = ',', value_parser = namespace_quota)]
+    namespace_blob_quota: Vec<(String, u64)>,
+    /// How long a module no job holds any more is kept (and still served to the attempts
+    /// assigned before its job let go of it) before the sweep deletes it.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    blob_grace_seconds: u64,
     /// Credits a provider earns per CPU-core-hour of measured CPU time (ProviderNode
     /// `spec.pricing` may override each rate for its machine).
     #[arg(long, env = "KOMMUNE_RATE_CPU_CORE_HOUR", default_value = "0.01", value_parser = parse_credits)]
@@ -150,6 +165,14 @@ struct RunArgs {
     /// Seconds a gateway request (Join, Leave, FetchBlob, a Session's opening) may take.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     request_timeout_seconds: u64,
+}
+
+fn namespace_quota(s: &str) -> Result<(String, u64), String> {
+    let (ns, q) = s.split_once('=').ok_or_else(|| format!("{s:?} is not namespace=quantity (e.g. team-a=1Gi)"))?;
+    if ns.is_empty() {
+        return Err(format!("{s:?} names no namespace"));
+    }
+    Ok((ns.to_string(), quantity::memory_bytes("--namespace-blob-quota", q).map_err(|e| e.to_string())?))
 }
 
 fn parse_credits(s: &str) -> Result<Micros, String> {
@@ -218,6 +241,9 @@ enum TokenCommand {
 fn owner_arg(v: &str) -> Result<String, String> {
     kommune_operator::tokens::valid_owner(v).map(|()| v.to_string())
 }
+
+/// How often module blobs no job holds are looked for.
+const BLOB_SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -325,7 +351,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let rates = Arc::new(RateBook::new(args.rates()));
     info!(backend = if args.database_url.is_some() { "postgresql" } else { "embedded" }, rates = ?rates.cluster(), "payout ledger open");
-    let blobs = Blobs::open(&args.data_dir)?;
+    let blob_limits = BlobLimits {
+        quota_bytes: args.blob_quota,
+        namespace_quota: args.namespace_blob_quota.iter().cloned().collect(),
+        grace: Duration::from_secs(args.blob_grace_seconds),
+    };
+    let blobs = Blobs::open_with(&args.data_dir, blob_limits).context("cannot open the module blobs")?;
     let (jobs_changed_tx, jobs_changed_rx) = mpsc::channel(1024);
     let (node_events_tx, node_events_rx) = mpsc::channel(1024);
     let (capacity_tx, capacity_rx) = mpsc::channel(1);
@@ -351,7 +382,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(addr = %listener.local_addr()?, "agent gateway listening");
     ready.store(true, Ordering::Relaxed);
 
-    let ctx = Arc::new(controller::job::Context::new(client.clone(), dispatcher.clone(), blobs, metrics.clone()));
+    let ctx = Arc::new(controller::job::Context::new(client.clone(), dispatcher.clone(), blobs.clone(), metrics.clone()));
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -371,6 +402,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
+    // Deletes modules no job has held for the grace (the blob store's locking keeps a module
+    // being stored safe); off the async workers, as it reads the directory.
+    let sweep = async move {
+        let mut tick = tokio::time::interval(BLOB_SWEEP_EVERY);
+        loop {
+            tick.tick().await;
+            let blobs = blobs.clone();
+            match tokio::task::spawn_blocking(move || blobs.sweep()).await {
+                Ok(Ok(s)) if s.deleted > 0 => info!(deleted = s.deleted, freed_bytes = s.freed_bytes, kept = s.kept, "swept module blobs no job holds"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep module blobs"),
+                Err(e) => tracing::warn!(error = %e, "the blob sweep panicked"),
+            }
+        }
+    };
     let leadership = async {
         match &elector {
             Some(e) => e.hold().await,
@@ -382,6 +428,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::select! {
         lost = leadership => anyhow::bail!("{lost}; exiting so another replica can lead"),
         _ = expiry => {},
+        _ = sweep => {},
         r = gateway.serve(listener, shutdown) => r.context("agent gateway failed")?,
         _ = controller::job::run(ctx, jobs_changed_rx, capacity_rx) => info!("ComputeJob controller stopped"),
         _ = controller::nodes::run(client, dispatcher.clone(), node_events_rx, capacity_tx, grace) => info!("ProviderNode writer stopped"),

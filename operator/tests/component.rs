@@ -31,7 +31,7 @@ async fn agents_join_and_run_wasm_and_exec_jobs_over_mtls() {
     wait_connected(&op, &["agent-a", "agent-b"]).await;
 
     // The wasm example: 4 tasks spread over both agents, module served by digest.
-    let sha = op.blobs.put(&hello_module()).unwrap();
+    let sha = op.store_module("wasm-job", &hello_module());
     let wasm = policy(
         "workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\n    args: ['20000']\n    env: [{name: GREETING, value: hello}]\ntasks: 4\nresources: {cpu: 250m, memory: 64Mi}\n",
     );
@@ -86,7 +86,7 @@ async fn a_replicated_wasm_job_runs_each_task_on_two_owners_verifies_and_meters_
         op.dispatcher.fleet().set_admin(node, NodeAdmin { owner: owner.into(), ..Default::default() });
     }
 
-    let sha = op.blobs.put(&hello_module()).unwrap();
+    let sha = op.store_module("replicated", &hello_module());
     let wasm = policy(
         "workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\n    args: ['5000']\ntasks: 2\nresources: {cpu: 250m, memory: 64Mi}\nplacement: {replicas: 2}\n",
     );

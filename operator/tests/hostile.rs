@@ -12,6 +12,8 @@ mod harness;
 // A crate root finds its modules next to it, so each names its file under hostile/.
 #[path = "hostile/agent.rs"]
 mod agent;
+#[path = "hostile/blobs.rs"]
+mod blobs;
 #[path = "hostile/gateway.rs"]
 mod gateway;
 #[path = "hostile/identity.rs"]

@@ -10,7 +10,7 @@ use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kommune_operator::attempt::{Attempt, AttemptPhase, attempt_id};
-use kommune_operator::blobs::Blobs;
+use kommune_operator::blobs::{BlobLimits, BlobOwner, Blobs};
 use kommune_operator::controller::job::{Context, FINALIZER, error_policy, reconcile};
 use kommune_operator::controller::{Error, MANAGER};
 use kommune_operator::crd::{ComputeJob, ComputeJobSpec, ComputeJobStatus, JobPhase};
@@ -95,13 +95,18 @@ fn testbed() -> (Arc<Context>, ApiServer, tempfile::TempDir) {
 
 /// As [`testbed`], with writes under `fence` (leader election).
 fn testbed_fenced(fence: kommune_operator::fence::Fence) -> (Arc<Context>, ApiServer, tempfile::TempDir) {
+    testbed_with(fence, BlobLimits::default())
+}
+
+/// As [`testbed`], with module blobs held to `limits`.
+fn testbed_with(fence: kommune_operator::fence::Fence, limits: BlobLimits) -> (Arc<Context>, ApiServer, tempfile::TempDir) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, NS);
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(Store::open(dir.path()).expect("store opens"));
     let (changed, _) = mpsc::channel(16);
     let dispatcher = Arc::new(Dispatcher::new(store, Arc::new(Fleet::default()), changed).with_fence(fence));
-    let blobs = Blobs::open(dir.path()).expect("blob dir opens");
+    let blobs = Blobs::open_with(dir.path(), limits).expect("blob dir opens");
     let ctx = Arc::new(Context::new(client, dispatcher, blobs, Arc::new(Metrics::default())));
     (ctx, ApiServer(handle), dir)
 }
@@ -198,6 +203,18 @@ impl ApiServer {
                 "message": format!("configmaps \"{name}\" not found"), "reason": "NotFound",
                 "details": { "name": name, "kind": "configmaps" }, "code": 404,
             }),
+        );
+    }
+
+    /// The module's ConfigMap exists and holds `module` under `module.wasm`.
+    async fn configmap_found(&mut self, name: &str, module: &[u8]) {
+        use base64::Engine as _;
+        let call = self.next("the GET of the module's ConfigMap").await;
+        call.is(Method::GET, &format!("{CONFIGMAPS}/{name}"), "");
+        let data = base64::engine::general_purpose::STANDARD.encode(module);
+        call.reply(
+            StatusCode::OK,
+            &json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": name, "namespace": NS }, "binaryData": { "module.wasm": data } }),
         );
     }
 
@@ -529,4 +546,91 @@ async fn a_fixed_spec_clears_the_failed_condition() {
             status.conditions
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Module blobs
+
+/// Blob files in the testbed's blob directory.
+fn stored_blobs(dir: &tempfile::TempDir) -> usize {
+    std::fs::read_dir(dir.path().join("blobs")).unwrap().filter(|e| e.as_ref().unwrap().file_name().len() == 64).count()
+}
+
+/// A namespace user puts a module larger than the namespace's blob quota in the job's
+/// ConfigMap. Nothing is stored; the job waits and says why (BlobQuotaExceeded).
+#[tokio::test]
+async fn a_module_over_the_namespace_blob_quota_is_not_stored_and_the_job_says_why() {
+    let limits = BlobLimits { quota_bytes: 1000, ..BlobLimits::default() };
+    let (ctx, mut api, dir) = testbed_with(kommune_operator::fence::Fence::open(), limits);
+    let job = job("greedy", WASM_FROM_CONFIGMAP).finalized();
+
+    let (action, (status, event)) = reconcile_against(&job, &ctx, async {
+        api.configmap_found("hello-module", &[7; 2000]).await;
+        let status = api.status_applied(&job).await;
+        let event = api.event_created(&job, "Warning", "BlobQuotaExceeded").await;
+        (status, event)
+    })
+    .await;
+
+    assert_eq!(action.expect("a refused module is not a reconcile error"), Action::requeue(Duration::from_secs(30)));
+    assert_eq!(status.phase, Some(JobPhase::Pending));
+    let scheduled = condition(&status, "Scheduled");
+    println!("{}", scheduled.message);
+    assert_eq!((scheduled.status.as_str(), scheduled.reason.as_str()), ("False", "BlobQuotaExceeded"));
+    assert!(scheduled.message.contains("namespace default") && scheduled.message.contains("quota of 1000 bytes"), "{}", scheduled.message);
+    assert_eq!(event.note.as_deref(), Some(scheduled.message.as_str()));
+    assert_eq!(stored_blobs(&dir), 0, "the module was not stored");
+    api.no_further_requests().await;
+}
+
+/// A wasm job whose only task succeeded: its module is let go of without its ConfigMap being
+/// read, and the sweep deletes it once the grace has passed. A deleted job's module goes too.
+#[tokio::test]
+async fn a_job_that_ended_or_was_deleted_lets_go_of_its_module() {
+    let (ctx, mut api, dir) = testbed();
+    let ended = job("ended", WASM_FROM_CONFIGMAP).finalized();
+    let uid = ended.uid().unwrap();
+    let sha = ctx.blobs.put_for(BlobOwner { job_uid: &uid, namespace: NS }, b"ended module").unwrap();
+    let done = Attempt {
+        id: attempt_id(&uid, 0, 1),
+        job_uid: uid.clone(),
+        job_key: format!("{NS}/ended"),
+        index: 0,
+        number: 1,
+        replica: 0,
+        node: "node-a".into(),
+        phase: AttemptPhase::Running,
+        cpu_millis: 250,
+        memory_bytes: 128 << 20,
+        held: None,
+        created_ms: now_ms(),
+        finished_ms: None,
+        result: None,
+    };
+    ctx.dispatcher.store().insert_attempts(std::slice::from_ref(&done)).await.unwrap();
+    let ok = kommune_operator::attempt::AttemptResult { exit_code: 0, ..Default::default() };
+    ctx.dispatcher.store().finish(&done.id, AttemptPhase::Succeeded, Some(&ok), now_ms()).await.unwrap();
+
+    let (action, status) = reconcile_against(&ended, &ctx, async {
+        let status = api.status_applied(&ended).await;
+        // Whatever Events the ending deserves; never a GET of the ConfigMap.
+        while let Ok(Some((request, send))) = timeout(QUIET, api.0.next_request()).await {
+            assert_eq!((request.method(), request.uri().path()), (&Method::POST, EVENTS), "only Events after the status");
+            send.send_response(Response::builder().status(StatusCode::CREATED).body(Body::from(b"{}".to_vec())).unwrap());
+        }
+        status
+    })
+    .await;
+    assert_eq!(action.expect("reconcile succeeds"), Action::await_change());
+    assert_eq!(status.phase, Some(JobPhase::Succeeded));
+
+    let deleted = job("deleted", WASM_FROM_CONFIGMAP).finalized().deleted();
+    let other = ctx.blobs.put_for(BlobOwner { job_uid: &deleted.uid().unwrap(), namespace: NS }, b"deleted module").unwrap();
+    let (action, ()) = reconcile_against(&deleted, &ctx, api.finalizer_removed(&deleted)).await;
+    action.expect("cleanup succeeds");
+
+    assert_eq!(stored_blobs(&dir), 2, "kept for the grace");
+    let swept = ctx.blobs.sweep_at(now_ms() + ctx.blobs.limits().grace.as_millis() as i64 + 1).unwrap();
+    assert_eq!(swept.deleted, 2);
+    assert_eq!((ctx.blobs.get(&sha).unwrap(), ctx.blobs.get(&other).unwrap()), (None, None));
 }

@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use super::{Error, MANAGER};
-use crate::blobs::Blobs;
+use crate::blobs::{BlobError, BlobOwner, Blobs};
 use crate::crd::{ComputeJob, ComputeJobStatus, JobPhase};
 use crate::dispatch::{Dispatcher, JobRef, ModuleRef};
 use crate::job::status::{self, Observed, Severity};
@@ -132,12 +132,25 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
         event(ctx, job, Severity::Warning, "PriorityCapped", &note).await;
     }
 
-    let module = match resolve_module(ctx, job, &policy).await? {
-        Ok(m) => m,
-        Err((reason, message)) => {
-            publish(ctx, job, &prev, &status::waiting_for_module(&prev, generation, reason, &message)).await?;
-            return Ok(Action::requeue(ACTIVE_REQUEUE));
+    // A job that has ended lets go of its module (the sweep deletes it after the grace unless
+    // another job holds it), and its ConfigMap is not read or stored again.
+    let ended = ctx.dispatcher.job_ended(&jr.uid, &policy).await?;
+    let module = if ended {
+        ctx.blobs.release(&jr.uid)?;
+        None
+    } else {
+        match resolve_module(ctx, job, &policy).await? {
+            Ok(m) => m,
+            Err((reason, message)) => {
+                publish(ctx, job, &prev, &status::waiting_for_module(&prev, generation, reason, &message)).await?;
+                return Ok(Action::requeue(ACTIVE_REQUEUE));
+            }
         }
+    };
+    let module_sha256 = match &module {
+        Some(m) => Some(m.sha256.as_str()),
+        None if ended => prev.module_sha256.as_deref(),
+        None => None,
     };
 
     let synced = ctx.dispatcher.sync(&jr, &policy, module.as_ref()).await?;
@@ -150,7 +163,7 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
             progress: &synced.progress,
             attempts: &synced.attempts,
             unplaced: synced.unplaced.as_ref(),
-            module_sha256: module.as_ref().map(|m| m.sha256.as_str()),
+            module_sha256,
             suspended: policy.suspended,
             now_ms: now,
             budget_exhausted: synced.budget_exhausted.as_deref(),
@@ -172,6 +185,8 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
 async fn cleanup(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
     let jr = job_ref(job)?;
     let cancelled = ctx.dispatcher.cancel_job(&jr.uid).await?;
+    // Its attempts are cancelled, so none will fetch the module: it goes after the grace.
+    ctx.blobs.release(&jr.uid)?;
     if cancelled > 0 {
         info!(job = %jr.key, cancelled, "cancelled attempts of a deleted job");
         event(ctx, job, Severity::Normal, "Cancelled", &format!("cancelled {cancelled} running attempt(s) of the deleted job")).await;
@@ -202,9 +217,17 @@ async fn event(ctx: &Context, job: &ComputeJob, severity: Severity, reason: &str
 
 /// Finds the module a wasm job runs. Ok(Err((reason, message))) when it is not available yet.
 async fn resolve_module(ctx: &Context, job: &ComputeJob, policy: &JobPolicy) -> Result<Result<Option<ModuleRef>, (&'static str, String)>, Error> {
-    let TaskWorkload::Wasm { source, .. } = &policy.workload else { return Ok(Ok(None)) };
+    let uid = job.uid().unwrap_or_default();
+    // A job whose spec moved off a ConfigMap module holds none on the operator's volume.
+    let TaskWorkload::Wasm { source, .. } = &policy.workload else {
+        ctx.blobs.release(&uid)?;
+        return Ok(Ok(None));
+    };
     let (name, key, expected) = match source {
-        ModuleSource::Url { url, sha256 } => return Ok(Ok(Some(ModuleRef { sha256: sha256.clone(), url: Some(url.clone()) }))),
+        ModuleSource::Url { url, sha256 } => {
+            ctx.blobs.release(&uid)?;
+            return Ok(Ok(Some(ModuleRef { sha256: sha256.clone(), url: Some(url.clone()) })));
+        }
         ModuleSource::ConfigMap { name, key, sha256 } => (name, key, sha256),
     };
     let ns = job.namespace().unwrap_or_default();
@@ -232,6 +255,11 @@ async fn resolve_module(ctx: &Context, job: &ComputeJob, policy: &JobPolicy) -> 
     {
         return Ok(Err(("ModuleDigestMismatch", format!("ConfigMap {ns}/{name} key {key:?} has sha256 {sha}, but spec.workload.wasm.sha256 is {want}"))));
     }
-    ctx.blobs.put(&bytes)?;
-    Ok(Ok(Some(ModuleRef { sha256: sha, url: None })))
+    // Stored as this job's module; the one it held before is let go of. Over the namespace's
+    // quota nothing is stored and the job keeps what it held (attempts running it go on).
+    match ctx.blobs.put_for(BlobOwner { job_uid: &uid, namespace: &ns }, &bytes) {
+        Ok(_) => Ok(Ok(Some(ModuleRef { sha256: sha, url: None }))),
+        Err(e @ BlobError::QuotaExceeded { .. }) => Ok(Err(("BlobQuotaExceeded", e.to_string()))),
+        Err(e) => Err(e.into()),
+    }
 }

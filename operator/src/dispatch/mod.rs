@@ -10,6 +10,7 @@
 
 mod build;
 mod metering;
+mod modules;
 mod node;
 mod timeouts;
 mod update;

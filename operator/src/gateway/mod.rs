@@ -330,9 +330,20 @@ impl AgentGateway for Gateway {
         Ok(Response::new(v1::LeaveResponse { node_name: node, moved_attempts: moved as u32 }))
     }
 
+    /// Serves a module only to a node holding an active attempt of a job whose module it is
+    /// (or was, within the blob grace). Everyone else gets the same refusal whether or not the
+    /// blob exists, so a digest cannot be probed.
     async fn fetch_blob(&self, request: Request<v1::FetchBlobRequest>) -> Result<Response<v1::Blob>, Status> {
         let node = authenticated_node(&self.inner, &request).await?;
         let sha = request.into_inner().sha256;
+        if !kommune_proto::is_sha256_hex(&sha) {
+            return Err(Status::invalid_argument(format!("{:?} is not a sha256 digest", sha.chars().take(80).collect::<String>())));
+        }
+        let users = self.inner.blobs.users(&sha);
+        let allowed = !users.is_empty() && self.inner.dispatcher.node_holds_attempt_of(&node, &users).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        if !allowed {
+            return Err(Status::permission_denied(format!("node {node} holds no assigned or running attempt that needs module sha256 {sha}")));
+        }
         match self.inner.blobs.get(&sha) {
             Ok(Some(data)) => Ok(Response::new(v1::Blob { data })),
             Ok(None) => Err(Status::not_found(format!("no module with sha256 {sha} is stored by the operator"))),

@@ -47,7 +47,7 @@ async fn two_machines_from_one_token_never_hold_both_copies_of_a_task() {
     let mut b = HostileAgent::join_with_token(&op, dir.path(), "twin-b", claims(2000, 2 << 30, ""), &shared).await.unwrap();
     a.connect(&op).await;
     b.connect(&op).await;
-    let sha = op.blobs.put(&hello_module()).unwrap();
+    let sha = op.store_module("twins", &hello_module());
     let module = ModuleRef { sha256: sha, url: None };
     let replicated =
         policy("workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\ntasks: 2\nresources: {cpu: 250m, memory: 64Mi}\nplacement: {replicas: 2}\n");
@@ -87,7 +87,7 @@ async fn an_absurd_capacity_claim_does_not_take_every_task_and_a_claimed_region_
     let _honest = join_agent(&op, dir.path(), "modest", false).await;
     wait_connected(&op, &["giant", "modest"]).await;
 
-    let sha = op.blobs.put(&hello_module()).unwrap();
+    let sha = op.store_module("spread", &hello_module());
     let wide = policy("workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\ntasks: 8\nresources: {cpu: 250m, memory: 64Mi}\n");
     let spread = op.dispatcher.sync(&job("spread"), &wide, Some(&ModuleRef { sha256: sha, url: None })).await.unwrap();
     let on_honest = spread.attempts.iter().filter(|a| a.node == "modest").count();

@@ -21,7 +21,7 @@ async fn a_receipt_claiming_2_pow_63_gpu_ms_on_a_gpu_less_task_is_rejected_and_t
     let dir = tempfile::tempdir().unwrap();
     let mut liar = HostileAgent::join(&op, dir.path(), "gpu-liar", claims(2000, 2 << 30, "")).await.unwrap();
     liar.connect(&op).await;
-    let sha = op.blobs.put(&hello_module()).unwrap();
+    let sha = op.store_module("gpu-claims", &hello_module());
     let module = ModuleRef { sha256: sha, url: None };
     let wasm = policy("workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\ntasks: 4\nresources: {cpu: 250m, memory: 64Mi}\n");
     let attacked = job("gpu-claims");
@@ -53,6 +53,7 @@ async fn a_receipt_claiming_2_pow_63_gpu_ms_on_a_gpu_less_task_is_rejected_and_t
     let _honest = join_agent(&op, dir.path(), "honest-gpu-less", false).await;
     wait_connected(&op, &["honest-gpu-less"]).await;
     let honest = job("honest-after-claims");
+    op.store_module(&honest.uid, &hello_module());
     let done = op.run_to_end(&honest, &wasm, Some(&module)).await;
     assert_eq!(done.progress.phase, JobPhase::Succeeded);
     assert_eq!(op.metered_at_least(&honest.uid, 4).await.receipts, 4);
@@ -161,7 +162,7 @@ async fn an_honest_cpu_bound_wasm_task_at_250m_running_5_s_is_metered_and_paid()
     let dir = tempfile::tempdir().unwrap();
     let agent = join_agent(&op, dir.path(), "honest-cruncher", false).await;
     wait_connected(&op, &["honest-cruncher"]).await;
-    let sha = op.blobs.put(&crate::wasm::cpu_burner(5)).unwrap();
+    let sha = op.store_module("cpu-bound", &crate::wasm::cpu_burner(5));
     let burn = policy("workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\nresources: {cpu: 250m, memory: 64Mi}\n");
     let jr = job("cpu-bound");
     let done = op.run_to_end(&jr, &burn, Some(&ModuleRef { sha256: sha, url: None })).await;

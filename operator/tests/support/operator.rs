@@ -13,7 +13,7 @@ use kommune_agent::session;
 use kommune_agent::state::AgentState;
 use kommune_agent::tasks::{Spool, Tasks};
 use kommune_operator::attempt::AttemptPhase;
-use kommune_operator::blobs::Blobs;
+use kommune_operator::blobs::{BlobOwner, Blobs};
 use kommune_operator::crd::{ComputeJobSpec, JobPhase};
 use kommune_operator::dispatch::{Dispatcher, JobRef, ModuleRef, Synced};
 use kommune_operator::fence::Fence;
@@ -154,6 +154,13 @@ impl Operator {
                 }
             }
         });
+    }
+
+    /// Stores `module` as the module of job `uid` of namespace `default` (what `job(uid)`
+    /// makes), as the controller does for a ConfigMap module: only that job's attempts may
+    /// fetch it. Returns its digest.
+    pub fn store_module(&self, uid: &str, module: &[u8]) -> String {
+        self.blobs.put_for(BlobOwner { job_uid: uid, namespace: "default" }, module).unwrap()
     }
 
     /// The operator's data directory (store, ledger, blobs).

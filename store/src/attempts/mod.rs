@@ -352,6 +352,11 @@ impl Store {
         self.with(move |db| index.job(&uid, || db.select(&Select::Job(uid.clone())))).await
     }
 
+    /// A job's attempts from memory, or None when it is not loaded (nothing is read).
+    pub fn loaded_job_attempts(&self, job_uid: &str) -> Option<Vec<Arc<Attempt>>> {
+        self.index.get(job_uid)
+    }
+
     /// Drops a job's attempts from memory (it finished or was deleted); the database keeps
     /// them and [`Store::job_attempts`] reads them again if asked.
     pub fn forget_job(&self, job_uid: &str) {
