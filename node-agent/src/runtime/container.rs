@@ -273,9 +273,17 @@ impl ContainerRuntime {
             return End::failed(format!("cannot wait for container {}: the engine sent no exit code", short(&id)));
         };
         let code = i32::try_from(code).unwrap_or(-1);
-        // 137 is SIGKILL; only the engine knows whether the memory cap sent it.
-        if code == 137 && self.oom_killed(&id).await {
-            return End { exit_code: code, ..End::failed(format!("out of memory: the task needed more than {}", human_bytes(ctx.memory_bytes))) };
+        // 137 is SIGKILL; only the engine knows whether the memory cap sent it, and not every
+        // engine does: Podman on cgroup v1 (conmon misses the kernel's OOM event) reports
+        // OOMKilled false for a task the memory cgroup killed, so the limit is named either way.
+        if code == 137 {
+            let limit = human_bytes(ctx.memory_bytes);
+            let message = if self.oom_killed(&id).await {
+                format!("out of memory: the task needed more than {limit}")
+            } else {
+                format!("killed by SIGKILL (exit code 137): out of memory if the task reached its {limit} limit (the engine did not say)")
+            };
+            return End { exit_code: code, ..End::failed(message) };
         }
         End::exited(code)
     }
