@@ -8,7 +8,7 @@
 # The payout ledger's and the attempt store's backend suites also run against PostgreSQL: against
 # KOMMUNE_TEST_DATABASE_URL when set, else a throwaway server on loopback started here
 # (hack/postgres.sh) when PostgreSQL's server binaries are installed, else it prints one
-# "skipped: no PostgreSQL" line.
+# "skipped: no PostgreSQL" line. Likewise the container runtime's suite and Podman (below).
 #
 #   hack/test.sh
 #   KUBEBUILDER_ASSETS=~/.cache/kommune/envtest hack/test.sh
@@ -21,6 +21,18 @@ if [[ -z "${KOMMUNE_TEST_DATABASE_URL:-}" ]] && ls /usr/lib/postgresql/*/bin/ini
     pg_dir="$(sed -n 's/^# stop with: .* stop //p' <<<"$pg_env")"
     trap 'bash hack/postgres.sh stop "$pg_dir" >/dev/null 2>&1 || true' EXIT
     echo "PostgreSQL for the ledger and store tests: $KOMMUNE_TEST_DATABASE_URL" >&2
+fi
+
+# The container runtime's real-engine suite runs against KOMMUNE_TEST_CONTAINER_SOCKET when set,
+# else against a Podman service started here (hack/podman.sh) when podman and runc are installed
+# (.ci/run installs them), else it prints one "skipped: no container engine" line.
+if [[ -z "${KOMMUNE_TEST_CONTAINER_SOCKET:-}" ]] && command -v podman >/dev/null && command -v runc >/dev/null; then
+    if podman_env="$(bash hack/podman.sh)"; then
+        eval "$podman_env"
+        echo "Podman for the container runtime's tests: $KOMMUNE_TEST_CONTAINER_SOCKET" >&2
+    else
+        echo "warning: podman is installed but hack/podman.sh could not start it; the real-engine tests are skipped" >&2
+    fi
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then
