@@ -41,11 +41,9 @@ struct Cli {
     run: RunArgs,
 }
 
-// Parsed once at start-up: the size of the run flags does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Subcommand)]
 // Parsed once at startup: the size of the run variant costs nothing worth a Box.
 #[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
 enum Command {
     /// Runs the operator (the default).
     Run(RunArgs),
