@@ -61,24 +61,34 @@ impl Dispatcher {
     /// its node sends later is still bounded by the timeout. Attempts of jobs not synced since
     /// this operator started are left for after their first sync. Returns how many were failed.
     pub async fn enforce_timeouts(&self) -> Result<usize> {
-        let _guard = self.place_lock.lock().await;
         let now = now_ms();
+        // Read without the placement lock (it is a scan of every active attempt); finishing is
+        // conditional on the attempt still being active, so one that ends meanwhile is left be.
+        let overdue: Vec<(Attempt, JobLimits)> = self
+            .store
+            .all_active()
+            .await?
+            .into_iter()
+            .filter_map(|a| {
+                let job = self.limits(&a.job_uid)?;
+                let ran = Duration::from_millis(u64::try_from(now.saturating_sub(a.created_ms)).unwrap_or(0));
+                (ran > job.task_timeout.saturating_add(self.task_grace)).then_some((a, job))
+            })
+            .collect();
+        if overdue.is_empty() {
+            return Ok(0);
+        }
+        let _guard = self.place_lock.lock().await;
         let mut failed = 0;
-        for a in self.store.all_active().await? {
-            let Some(job) = self.limits(&a.job_uid) else { continue };
-            let limit = job.task_timeout.saturating_add(self.task_grace);
-            let ran = Duration::from_millis(u64::try_from(now.saturating_sub(a.created_ms)).unwrap_or(0));
-            if ran <= limit {
-                continue;
-            }
+        for (a, job) in overdue {
             let why = format!(
                 "ran past its task timeout of {}s (+{}s grace) without a result from node {}; stopped by the operator",
                 job.task_timeout.as_secs(),
                 self.task_grace.as_secs(),
                 a.node
             );
-            let _ = self.fleet.send(&a.node, wire::cancel_message(&a.id, &why));
             if self.finish(&a.id, AttemptPhase::Failed, Some(&lost(&why)), now).await?.is_some() {
+                let _ = self.fleet.send(&a.node, wire::cancel_message(&a.id, &why));
                 info!(attempt = %a.id, node = %a.node, "attempt failed by the operator past its timeout");
                 self.notify(&a.job_key);
                 failed += 1;
