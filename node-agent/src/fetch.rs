@@ -112,6 +112,9 @@ fn download_blocking(url: &str, policy: UrlPolicy) -> Result<Vec<u8>, String> {
         .timeout_global(Some(TOTAL_TIMEOUT))
         .max_redirects(MAX_REDIRECTS)
         .http_status_as_error(true)
+        // Direct connections only: through a proxy from the environment the proxy would
+        // resolve the job's host, past the address check.
+        .proxy(None)
         .build();
     let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), GuardedResolver { policy, inner: DefaultResolver::default() });
     let fail = |e: ureq::Error| format!("cannot download module from {host}: {}", describe(&e));
