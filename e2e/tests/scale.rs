@@ -81,6 +81,12 @@ async fn many_simulated_agents_run_one_large_job_and_every_receipt_is_metered_on
             // the leader exited: this scenario measures placement, so it gets a longer Lease.
             "--lease-seconds",
             "60",
+            // Every simulated agent joins from 127.0.0.1, as a lab behind one NAT would: the
+            // admin raises the per-address join budget (burst 20, then 2/s by default).
+            "--join-burst",
+            "5000",
+            "--joins-per-second",
+            "1000",
         ],
     )?;
     eventually("the operator's gateway", Duration::from_secs(60), || async { Ok(std::net::TcpStream::connect(("127.0.0.1", gateway)).is_ok()) }).await?;

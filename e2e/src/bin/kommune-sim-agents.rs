@@ -94,7 +94,8 @@ fn say(line: String) {
 }
 
 /// Joins one agent, retrying while the operator answers Unavailable (a token Secret update that
-/// lost a race with other joins: the operator retries a few times, then gives up).
+/// lost a race with other joins: the operator retries a few times, then gives up) or
+/// ResourceExhausted (the gateway's join budget for this address is spent for now).
 async fn join_one(args: &Args, name: &str, counters: &Counters) -> Result<AgentState> {
     let mut delay = Duration::from_millis(100);
     for _ in 0..20 {
@@ -110,7 +111,7 @@ async fn join_one(args: &Args, name: &str, counters: &Counters) -> Result<AgentS
         };
         match join::join(opts).await {
             Ok(state) => return Ok(state),
-            Err(JoinError::Refused(why)) if why.contains("Unavailable") => {
+            Err(JoinError::Refused(why)) if why.contains("Unavailable") || why.contains("ResourceExhausted") => {
                 counters.join_retries.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
