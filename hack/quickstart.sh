@@ -36,7 +36,9 @@ TAG=dev
 JOB=hello-wasm
 JOB_FILE=examples/hello-wasm.yaml
 WORK="$ROOT/.quickstart"
-AGENT_NAME=quickstart-agent
+# A name of its own per run: the operator never gives a used name to another key, and each run
+# joins with a fresh identity.
+AGENT_NAME="quickstart-$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 WAIT_TIMEOUT=180s
 
 log() { printf '\n==> %s\n' "$*" >&2; }
@@ -244,15 +246,21 @@ case "$MODE" in
 esac
 [[ -n "$TOKEN" ]] || die "token create printed no token"
 
-# Start from a clean provider each run: a fresh identity, and no node left over from
-# an earlier run under the same name.
+# Start from a clean provider each run: a fresh identity under a new name, and the node of the
+# previous run removed from the pool.
+if [[ -f "$WORK/agent-name" ]]; then
+    k delete providernode "$(cat "$WORK/agent-name")" --ignore-not-found --timeout=60s
+fi
 rm -rf "$WORK/agent"
-k delete providernode "$AGENT_NAME" --ignore-not-found --timeout=60s
+echo "$AGENT_NAME" >"$WORK/agent-name"
 log "joining this machine as provider '$AGENT_NAME' via $GATEWAY"
 "$AGENT" join --server "$GATEWAY" --token "$TOKEN" --state-dir "$WORK/agent" --name "$AGENT_NAME"
 
+# Exec tasks too where this kernel can confine them (Landlock); the main job is wasm either way.
+EXEC=()
+if "$AGENT" sandbox-exec --probe >/dev/null 2>&1; then EXEC=(--allow-exec); fi
 log "running the agent (log: .quickstart/agent.log)"
-"$AGENT" run --state-dir "$WORK/agent" --allow-exec >"$WORK/agent.log" 2>&1 &
+"$AGENT" run --state-dir "$WORK/agent" "${EXEC[@]}" >"$WORK/agent.log" 2>&1 &
 PIDS+=($!)
 
 log "submitting $JOB_FILE"
