@@ -430,15 +430,12 @@ async fn a_deleted_job_releases_its_finalizer_without_touching_status() {
     api.no_further_requests().await;
 }
 
-#[tokio::test]
-async fn a_deleted_job_cancels_its_running_attempts_before_releasing_the_finalizer() {
-    let (ctx, mut api, _dir) = testbed();
-    let job = job("busy", EXEC).finalized().deleted();
-    let uid = job.uid().expect("fixture has a uid");
-    let running = Attempt {
-        id: attempt_id(&uid, 0, 1),
-        job_uid: uid.clone(),
-        job_key: format!("{NS}/busy"),
+/// Task 0's first attempt of job `name` (uid `uid`), running on node-a.
+fn running_attempt(uid: &str, name: &str) -> Attempt {
+    Attempt {
+        id: attempt_id(uid, 0, 1),
+        job_uid: uid.to_string(),
+        job_key: format!("{NS}/{name}"),
         index: 0,
         number: 1,
         replica: 0,
@@ -450,7 +447,15 @@ async fn a_deleted_job_cancels_its_running_attempts_before_releasing_the_finaliz
         created_ms: now_ms(),
         finished_ms: None,
         result: None,
-    };
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_job_cancels_its_running_attempts_before_releasing_the_finalizer() {
+    let (ctx, mut api, _dir) = testbed();
+    let job = job("busy", EXEC).finalized().deleted();
+    let uid = job.uid().expect("fixture has a uid");
+    let running = running_attempt(&uid, "busy");
     ctx.dispatcher.store().insert_attempts(&[running]).await.expect("attempt recorded");
 
     let (action, event) = reconcile_against(&job, &ctx, async {
@@ -591,22 +596,7 @@ async fn a_job_that_ended_or_was_deleted_lets_go_of_its_module() {
     let ended = job("ended", WASM_FROM_CONFIGMAP).finalized();
     let uid = ended.uid().unwrap();
     let sha = ctx.blobs.put_for(BlobOwner { job_uid: &uid, namespace: NS }, b"ended module").unwrap();
-    let done = Attempt {
-        id: attempt_id(&uid, 0, 1),
-        job_uid: uid.clone(),
-        job_key: format!("{NS}/ended"),
-        index: 0,
-        number: 1,
-        replica: 0,
-        node: "node-a".into(),
-        phase: AttemptPhase::Running,
-        cpu_millis: 250,
-        memory_bytes: 128 << 20,
-        held: None,
-        created_ms: now_ms(),
-        finished_ms: None,
-        result: None,
-    };
+    let done = running_attempt(&uid, "ended");
     ctx.dispatcher.store().insert_attempts(std::slice::from_ref(&done)).await.unwrap();
     let ok = kommune_operator::attempt::AttemptResult { exit_code: 0, ..Default::default() };
     ctx.dispatcher.store().finish(&done.id, AttemptPhase::Succeeded, Some(&ok), now_ms()).await.unwrap();
