@@ -8,4 +8,5 @@ pub mod bounds;
 pub mod fence;
 pub mod job;
 pub mod pricing;
+pub mod reputation;
 pub mod scheduler;

@@ -15,6 +15,7 @@
 //! the store, however long the freeze and wherever in a write it stopped.
 
 mod nodes;
+mod observations;
 mod postgres;
 mod sqlite;
 #[cfg(test)]
@@ -31,6 +32,7 @@ use tokio::sync::oneshot;
 use kommune_core::attempt::{Attempt, AttemptPhase, AttemptResult, Held};
 use kommune_core::attempt_index::AttemptIndex;
 use kommune_core::fence::{Fence, Fenced};
+use kommune_core::reputation::Observation;
 
 use crate::db::epoch::DbError;
 use crate::db::{Batching, Closed, DbThread};
@@ -133,6 +135,13 @@ trait Db: Send {
     /// Retires a registered name (sets its tombstone); whether it was registered.
     fn remove_node(&mut self, epoch: Option<i64>, name: &str, removal: Removal, now_ms: i64) -> Result<bool>;
     fn node(&mut self, name: &str) -> Result<Option<NodeRecord>>;
+    /// Records observations in one transaction; one already recorded (same attempt and kind)
+    /// is left as it is.
+    fn observe(&mut self, epoch: Option<i64>, observations: &[Observation]) -> Result<()>;
+    /// Observations at or after `since_ms`, oldest first.
+    fn observations_since(&mut self, since_ms: i64) -> Result<Vec<Observation>>;
+    /// A node's newest `limit` observations, newest first.
+    fn observations_of(&mut self, node: &str, limit: u32) -> Result<Vec<Observation>>;
     /// Runs `hook` inside each insert's transaction just before it commits.
     #[cfg(test)]
     fn set_before_commit(&mut self, hook: Box<dyn Fn() + Send>) {
@@ -378,6 +387,29 @@ impl Store {
     /// lost). Cancelled attempts do not count.
     pub async fn outcomes_by_node(&self) -> Result<Vec<(String, u64, u64)>> {
         self.with(|db| db.outcomes_by_node()).await
+    }
+
+    /// Records what was observed of providers' attempts (verification outcomes, lost or
+    /// timed-out attempts): the history reputation is computed from. Idempotent per attempt
+    /// and kind.
+    pub async fn observe(&self, observations: Vec<Observation>) -> Result<()> {
+        if observations.is_empty() {
+            return Ok(());
+        }
+        self.fence.check()?;
+        let epoch = self.epoch;
+        self.with(move |db| db.observe(epoch, &observations)).await
+    }
+
+    /// Every observation at or after `since_ms`, oldest first (to rebuild reputations).
+    pub async fn observations_since(&self, since_ms: i64) -> Result<Vec<Observation>> {
+        self.with(move |db| db.observations_since(since_ms)).await
+    }
+
+    /// A node's newest `limit` observations, newest first.
+    pub async fn observations_of(&self, node: &str, limit: u32) -> Result<Vec<Observation>> {
+        let node = node.to_string();
+        self.with(move |db| db.observations_of(&node, limit)).await
     }
 
     /// Runs `hook` inside each insert's transaction just before it commits (PostgreSQL only).

@@ -7,9 +7,11 @@ use std::collections::{HashMap, HashSet};
 use postgres::{Client, NoTls, Row, Statement};
 
 use super::nodes::{limits_from_json, limits_to_json};
+use super::observations;
 use super::{Db, Finish, NodeGrant, NodeRecord, Raw, Registration, Removal, Result, Select, StoreError, raw_to_attempt};
 use crate::db::epoch::{self, Guarded};
 use kommune_core::attempt::{Attempt, AttemptPhase};
+use kommune_core::reputation::Observation;
 
 fn op(op: &'static str) -> impl FnOnce(postgres::Error) -> StoreError {
     move |source| StoreError::Postgres { op, source }
@@ -51,7 +53,7 @@ ALTER TABLE nodes ADD COLUMN IF NOT EXISTS removed_reason TEXT;
 
 /// Whether every table, index and column of SCHEMA exists (in the connection's schema).
 const SCHEMA_IS_CURRENT: &str = "SELECT to_regclass('store_leader') IS NOT NULL AND to_regclass('nodes') IS NOT NULL
-     AND to_regclass('attempts_by_job') IS NOT NULL AND to_regclass('attempts_active_by_node') IS NOT NULL
+     AND to_regclass('attempts_by_job') IS NOT NULL AND to_regclass('observations_by_node') IS NOT NULL AND to_regclass('attempts_active_by_node') IS NOT NULL
      AND (SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'attempts'
           AND column_name IN ('replica', 'ephemeral_bytes', 'gpu_mask')) = 3
      AND (SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'nodes'
@@ -100,7 +102,7 @@ impl PgDb {
             // Two operators starting at once must not race on CREATE ... IF NOT EXISTS.
             let mut tx = client.transaction().map_err(op("begin schema"))?;
             tx.execute("SELECT pg_advisory_xact_lock(7171717172)", &[]).map_err(op("lock schema"))?;
-            tx.batch_execute(SCHEMA).map_err(op("create store schema"))?;
+            tx.batch_execute(&format!("{SCHEMA}{}", observations::SCHEMA_POSTGRES)).map_err(op("create store schema"))?;
             tx.batch_execute(&Guarded::Store.schema()).map_err(op("create store leader table"))?;
             tx.commit().map_err(op("commit schema"))?;
         }
@@ -251,6 +253,18 @@ impl Db for PgDb {
             .map_err(op("retire node"))?;
         tx.commit().map_err(op("commit node removal"))?;
         Ok(n == 1)
+    }
+
+    fn observe(&mut self, epoch: Option<i64>, observations: &[Observation]) -> Result<()> {
+        observations::postgres::observe(&mut self.client, epoch, observations)
+    }
+
+    fn observations_since(&mut self, since_ms: i64) -> Result<Vec<Observation>> {
+        observations::postgres::since(&mut self.client, since_ms)
+    }
+
+    fn observations_of(&mut self, node: &str, limit: u32) -> Result<Vec<Observation>> {
+        observations::postgres::of(&mut self.client, node, limit)
     }
 
     fn node(&mut self, name: &str) -> Result<Option<NodeRecord>> {

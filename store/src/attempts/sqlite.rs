@@ -6,9 +6,11 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::nodes::{limits_from_json, limits_to_json};
+use super::observations;
 use super::{Db, Finish, NodeGrant, NodeRecord, Raw, Registration, Removal, Result, Select, StoreError, raw_to_attempt};
 use crate::db::epoch::{self, Guarded};
 use kommune_core::attempt::{Attempt, AttemptPhase};
+use kommune_core::reputation::Observation;
 
 fn op(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { op, source }
@@ -56,7 +58,7 @@ impl SqliteDb {
     /// Opens (creating if needed) `<dir>/kommune.db` and brings its schema up to date.
     pub(super) fn open(dir: &Path) -> Result<SqliteDb> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
-        let conn = crate::db::sqlite::open(&dir.join("kommune.db"), SCHEMA, Guarded::Store)?;
+        let conn = crate::db::sqlite::open(&dir.join("kommune.db"), &format!("{SCHEMA}{}", observations::SCHEMA_SQLITE), Guarded::Store)?;
         migrate(&conn)?;
         Ok(SqliteDb { conn })
     }
@@ -186,6 +188,18 @@ impl Db for SqliteDb {
 
     fn node(&mut self, name: &str) -> Result<Option<NodeRecord>> {
         node_row(&self.conn, name)
+    }
+
+    fn observe(&mut self, epoch: Option<i64>, observations: &[Observation]) -> Result<()> {
+        observations::sqlite::observe(&mut self.conn, epoch, observations)
+    }
+
+    fn observations_since(&mut self, since_ms: i64) -> Result<Vec<Observation>> {
+        observations::sqlite::since(&self.conn, since_ms)
+    }
+
+    fn observations_of(&mut self, node: &str, limit: u32) -> Result<Vec<Observation>> {
+        observations::sqlite::of(&self.conn, node, limit)
     }
 }
 

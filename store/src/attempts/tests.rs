@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::testing::TestDb;
 use kommune_core::attempt::attempt_id;
+use kommune_core::reputation::Observed;
 
 /// Where one test's store lives.
 struct Env(TestDb);
@@ -94,6 +95,7 @@ backend_suite!(
     tombstones_owners_and_limits_survive_a_reopen,
     nodes_registered_by_an_older_operator_keep_their_key_and_have_no_owner,
     finished_attempts_count_towards_their_nodes_outcomes,
+    observations_are_kept_once_per_attempt_and_kind_and_read_back_by_time_and_node,
     a_replica_that_claims_the_store_fences_every_write_of_the_previous_one_though_its_lease_fence_is_open,
     a_new_leader_sees_exactly_the_attempts_the_old_one_placed_and_finishes_them,
     an_unelected_store_neither_claims_nor_checks_an_epoch,
@@ -291,6 +293,25 @@ async fn finished_attempts_count_towards_their_nodes_outcomes(env: &Env) {
     store.finish(&attempt_id("uid", 2, 1), AttemptPhase::Failed, None, 1).await.unwrap();
     store.finish(&attempt_id("uid", 3, 1), AttemptPhase::Cancelled, None, 1).await.unwrap();
     assert_eq!(store.outcomes_by_node().await.unwrap(), vec![("a".to_string(), 0, 1), ("b".to_string(), 1, 1)], "cancelled and active ones do not count");
+}
+
+fn seen(node: &str, attempt: &str, observed: Observed, at_ms: i64) -> Observation {
+    Observation { node: node.into(), workload: "wasm:abc".into(), job_uid: "uid".into(), attempt_id: attempt.into(), observed, at_ms }
+}
+
+async fn observations_are_kept_once_per_attempt_and_kind_and_read_back_by_time_and_node(env: &Env) {
+    let store = env.open();
+    let first = vec![seen("a", "x1", Observed::Unverified, 10), seen("b", "x2", Observed::Completed, 20), seen("a", "x3", Observed::Lost, 30)];
+    store.observe(first.clone()).await.unwrap();
+    // The same again (a replayed result) changes nothing; a later check adds to x1.
+    store.observe(vec![seen("a", "x1", Observed::Unverified, 99), seen("a", "x1", Observed::Outvoted, 40)]).await.unwrap();
+    store.observe(vec![]).await.unwrap();
+    let reopened = env.open();
+    let all = reopened.observations_since(0).await.unwrap();
+    assert_eq!(all, vec![first[0].clone(), first[1].clone(), first[2].clone(), seen("a", "x1", Observed::Outvoted, 40)]);
+    assert_eq!(reopened.observations_since(30).await.unwrap().len(), 2);
+    assert_eq!(reopened.observations_of("a", 2).await.unwrap(), vec![seen("a", "x1", Observed::Outvoted, 40), seen("a", "x3", Observed::Lost, 30)]);
+    assert!(reopened.observations_of("nobody", 5).await.unwrap().is_empty());
 }
 
 async fn a_replica_that_claims_the_store_fences_every_write_of_the_previous_one_though_its_lease_fence_is_open(env: &Env) {
