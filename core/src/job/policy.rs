@@ -118,6 +118,19 @@ impl TaskWorkload {
             TaskWorkload::Container { .. } => kommune_proto::runtime::CONTAINER,
         }
     }
+
+    /// The kind of work, for trust earned per workload (`Observation::workload`): the runtime
+    /// and what it runs (the module's pinned digest, else where it comes from; the pinned image;
+    /// the program), not the arguments, which differ per task.
+    pub fn class(&self) -> String {
+        match self {
+            TaskWorkload::Wasm { source: ModuleSource::Url { sha256, .. }, .. } => format!("wasm:{sha256}"),
+            TaskWorkload::Wasm { source: ModuleSource::ConfigMap { sha256: Some(sha256), .. }, .. } => format!("wasm:{sha256}"),
+            TaskWorkload::Wasm { source: ModuleSource::ConfigMap { name, key, sha256: None }, .. } => format!("wasm:configmap/{name}/{key}"),
+            TaskWorkload::Exec { command, .. } => format!("exec:{}", command.first().map_or("", String::as_str)),
+            TaskWorkload::Container { image, .. } => format!("container:{image}"),
+        }
+    }
 }
 
 /// Why a spec cannot run. `reason` becomes the condition reason and the Event reason.
@@ -126,4 +139,25 @@ impl TaskWorkload {
 pub struct Invalid {
     pub reason: &'static str,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workload_class_names_what_runs_not_how_each_task_is_called() {
+        let wasm = |source, args: &[&str]| TaskWorkload::Wasm { source, args: args.iter().map(|a| a.to_string()).collect(), env: vec![] };
+        let url = || ModuleSource::Url { url: "https://x/m.wasm".into(), sha256: "ab".into() };
+        assert_eq!(wasm(url(), &["1"]).class(), wasm(url(), &["2"]).class());
+        assert_eq!(wasm(url(), &[]).class(), "wasm:ab");
+        let cm = |sha256: Option<&str>| ModuleSource::ConfigMap { name: "m".into(), key: "k".into(), sha256: sha256.map(Into::into) };
+        assert_eq!(wasm(cm(Some("cd")), &[]).class(), "wasm:cd");
+        assert_eq!(wasm(cm(None), &[]).class(), "wasm:configmap/m/k");
+        let exec = TaskWorkload::Exec { command: vec!["/bin/sh".into(), "-c".into(), "x".into()], env: vec![] };
+        assert_eq!(exec.class(), "exec:/bin/sh");
+        let image = "r/i@sha256:00".to_string();
+        let container = TaskWorkload::Container { image: image.clone(), command: vec![], args: vec!["a".into()], env: vec![], network: false };
+        assert_eq!(container.class(), format!("container:{image}"));
+    }
 }
