@@ -78,15 +78,15 @@ if [[ -z "${HELM:-}" ]]; then
 fi
 log "$("$HELM" version --short)"
 
-# The chart ships copies of the generated CRDs (Helm can only read files inside the
-# chart). A stale copy would install an old schema, so any drift fails here.
-log "checking charts/kommune/files/crds against crds/"
+# The chart ships copies of the generated CRDs in its crds/ (Helm can only read files inside
+# the chart). A stale copy would install an old schema, so any drift fails here.
+log "checking charts/kommune/crds against crds/"
 shopt -s nullglob
 for src in crds/*.yaml; do
-    copy="$CHART/files/crds/$(basename "$src")"
-    cmp -s "$src" "$copy" || die "$copy differs from $src: run 'cp crds/*.yaml charts/kommune/files/crds/'"
+    copy="$CHART/crds/$(basename "$src")"
+    cmp -s "$src" "$copy" || die "$copy differs from $src: run 'cargo run -p kommune-operator -- crdgen'"
 done
-for copy in "$CHART"/files/crds/*.yaml; do
+for copy in "$CHART"/crds/*.yaml; do
     [[ -e "crds/$(basename "$copy")" ]] || die "$copy has no source in crds/: remove it"
 done
 shopt -u nullglob
@@ -122,8 +122,7 @@ cp "$OUT/default.yaml" "$ROOT/target/helm-rendered.yaml"
 render postgres "${POSTGRES[@]}"
 render postgres-ha "${POSTGRES[@]}" --set replicas=2
 render loadbalancer --set gateway.service.type=LoadBalancer --set gateway.service.nodePort=null
-render no-crds --set crds.install=false
-render crds-not-kept --set crds.keep=false
+render no-crd-upgrade --set crds.upgrade=false
 render no-metrics --set metrics.enabled=false
 render other-release-name --set fullnameOverride=pool
 
@@ -132,6 +131,7 @@ render other-release-name --set fullnameOverride=pool
 NOTES_CHART="$(mktemp -d)/kommune"
 trap 'rm -rf "$(dirname "$NOTES_CHART")"' EXIT
 cp -r "$CHART" "$NOTES_CHART"
+mkdir -p "$NOTES_CHART/files"
 cp "$CHART/templates/NOTES.txt" "$NOTES_CHART/files/notes.txt"
 printf '%s\n' 'apiVersion: v1' 'kind: ConfigMap' 'metadata:' '  name: notes' 'data:' '  notes: |' \
     '{{ tpl (.Files.Get "files/notes.txt") . | indent 4 }}' >"$NOTES_CHART/templates/notes-rendered.yaml"
@@ -200,10 +200,14 @@ assert any("leases" in r["resources"] for r in role["rules"])
 assert default[("ClusterRole", "kommune-edit")]["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
 assert default[("ClusterRole", "kommune-view")]["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
 
-for kind, name in default:
-    if kind == "CustomResourceDefinition":
-        assert default[(kind, name)]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep", name
-assert not any(k == "CustomResourceDefinition" for k, _ in objects("no-crds"))
+# CRDs come from the chart's crds/ directory, never from templates (a templated CRD is owned by
+# one release and cannot be installed by another after an uninstall).
+assert not any(k == "CustomResourceDefinition" for k, _ in default), "a templated CRD"
+args = default[("StatefulSet", "kommune")]["spec"]["template"]["spec"]["containers"][0]["args"]
+assert "--upgrade-crds=true" in args, args
+crd_rules = [r for r in default[("ClusterRole", "kommune")]["rules"] if "customresourcedefinitions" in r["resources"]]
+assert [sorted(r["resourceNames"]) for r in crd_rules] == [["computejobs.kommune.dev", "providernodes.kommune.dev"]], crd_rules
+assert not any("customresourcedefinitions" in r["resources"] for r in objects("no-crd-upgrade")[("ClusterRole", "kommune")]["rules"])
 
 pg = objects("postgres")[("StatefulSet", "kommune")]["spec"]["template"]["spec"]["containers"][0]
 url = next(e for e in pg["env"] if e["name"] == "KOMMUNE_DATABASE_URL")

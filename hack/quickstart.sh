@@ -197,10 +197,9 @@ start_operator_kind() {
     # The tag stays "dev" across rebuilds, so name the image id in the pod template:
     # a new build then rolls the operator instead of leaving the old one running.
     chart_args+=(--set-string "podAnnotations.kommune\.dev/image-id=$(docker image inspect -f '{{.Id}}' "$IMAGE_REPO/kommune-operator:$TAG" | tr ':' '-')")
-    if ! compgen -G "charts/kommune/files/crds/*.yaml" >/dev/null; then
+    if ! compgen -G "charts/kommune/crds/*.yaml" >/dev/null; then
         # The chart has no CRD copies yet: install them from crds/ directly.
         apply_crds
-        chart_args+=(--set crds.install=false)
     fi
     log "installing the chart"
     "$HELM" upgrade --install "$RELEASE" charts/kommune --kube-context "kind-$CLUSTER" \

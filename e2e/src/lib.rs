@@ -22,8 +22,13 @@ pub fn helm() -> Option<PathBuf> {
 
 /// Renders the chart as `helm template kommune charts/kommune -n <namespace>` with `--set` pairs.
 pub fn render_chart(helm: &std::path::Path, namespace: &str, set: &[&str]) -> anyhow::Result<String> {
+    render_release(helm, "kommune", namespace, set)
+}
+
+/// [`render_chart`] as release `release`.
+pub fn render_release(helm: &std::path::Path, release: &str, namespace: &str, set: &[&str]) -> anyhow::Result<String> {
     let mut cmd = Command::new(helm);
-    cmd.args(["template", "kommune"]).arg(repo().join("charts/kommune")).args(["--namespace", namespace]);
+    cmd.args(["template", release]).arg(repo().join("charts/kommune")).args(["--namespace", namespace]);
     for s in set {
         cmd.args(["--set", s]);
     }

@@ -1,5 +1,5 @@
 //! The Helm chart as an admin installs it: every rendered object parses into its typed
-//! Kubernetes struct, the chart's CRDs are the generated ones, its appVersion is the crate's
+//! Kubernetes struct, the chart's CRDs (in its crds/) are the generated ones, its appVersion is the crate's
 //! version, and its RBAC grants every API call the operator's code makes (and no Secrets
 //! outside its namespace). Needs a helm binary (see `kommune_e2e::helm`); prints one skip line
 //! without one.
@@ -48,6 +48,8 @@ const NEEDS: &[(&str, &str, &str, bool)] = &[
     ("coordination.k8s.io", "leases", "get", false), // leader election, when enabled
     ("coordination.k8s.io", "leases", "create", false),
     ("coordination.k8s.io", "leases", "update", false),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "get", true), // --upgrade-crds, its two CRDs by name
+    ("apiextensions.k8s.io", "customresourcedefinitions", "patch", true),
 ];
 
 /// Every (group, resource, verb) `rules` grant, wildcards left as they are.
@@ -100,15 +102,19 @@ fn chart_renders_typed_objects_with_the_rbac_the_operator_needs() -> anyhow::Res
         assert!(known.contains(&kind.as_str()), "the chart renders a {kind} this test does not parse");
     }
 
-    // The chart's CRDs are exactly the generated ones (helm annotations aside).
-    assert_eq!(crds.len(), 2);
-    for mut crd in crds {
+    // The CRDs live in the chart's crds/ (created by `helm install` when missing, never owned by
+    // a release), so templates render none; `helm show crds` gives exactly the generated ones.
+    assert!(crds.is_empty(), "the chart templates a CRD: it would be owned by (and adopted only into) one release");
+    let out = std::process::Command::new(&helm).args(["show", "crds"]).arg(repo().join("charts/kommune")).output()?;
+    anyhow::ensure!(out.status.success(), "helm show crds: {}", String::from_utf8_lossy(&out.stderr));
+    let shipped: Vec<CustomResourceDefinition> =
+        documents(&String::from_utf8(out.stdout)?)?.into_iter().map(serde_yaml::from_value).collect::<Result<_, _>>()?;
+    assert_eq!(shipped.len(), 2);
+    for crd in shipped {
         let name = crd.metadata.name.clone().unwrap();
         let file = if name.starts_with("computejobs") { "computejob.yaml" } else { "providernode.yaml" };
         let want: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(repo().join("crds").join(file))?)?;
-        crd.metadata.annotations = None;
-        crd.metadata.labels = None;
-        assert_eq!(crd.spec, want.spec, "{name} in the chart differs from crds/{file}");
+        assert_eq!(crd, want, "{name} in the chart differs from crds/{file}");
     }
 
     // appVersion follows the crate, so the default image tag is the binary's version.
@@ -137,6 +143,16 @@ fn chart_renders_typed_objects_with_the_rbac_the_operator_needs() -> anyhow::Res
         assert!(ok, "the chart does not let the operator {verb} {resource} ({group:?}){}", if *cluster_wide { " cluster-wide" } else { "" });
     }
     assert!(!grants(&bound_cluster, "", "secrets", "get"), "Secrets must only be readable in the operator's namespace");
+    // CRDs: only its own two, by name.
+    for r in bound_cluster.iter().filter(|r| r.resources.iter().flatten().any(|res| res == "customresourcedefinitions")) {
+        let mut names = r.resource_names.clone().unwrap_or_default();
+        names.sort();
+        assert_eq!(names, ["computejobs.kommune.dev", "providernodes.kommune.dev"], "CRD access must be limited to Kommune's two");
+    }
+    let args = &pod.containers[0].args.clone().unwrap_or_default();
+    assert!(args.iter().any(|a| a == "--upgrade-crds=true"), "the operator upgrades its CRDs by default: {args:?}");
+    let off = render_chart(&helm, NS, &["crds.upgrade=false"])?;
+    assert!(off.contains("--upgrade-crds=false") && !off.contains("customresourcedefinitions"), "crds.upgrade=false drops the flag's permission too");
     // And nothing more: every grant is one the code uses (least privilege).
     for (g, res, v) in granted(&bound_cluster).into_iter().chain(granted(&bound_ns)) {
         let needed = NEEDS.iter().any(|(ng, nr, nv, _)| *ng == g && *nr == res && *nv == v);

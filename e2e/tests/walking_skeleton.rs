@@ -63,6 +63,8 @@ async fn walking_skeleton() -> Result<()> {
             "e2e-operator-a",
             "--lease-seconds",
             LEASE_SECONDS,
+            // As the chart runs it: its schema over the installed CRDs, with the chart's RBAC.
+            "--upgrade-crds",
         ],
     )?;
     eventually("the operator's gateway", Duration::from_secs(60), || async { Ok(std::net::TcpStream::connect(("127.0.0.1", gateway)).is_ok()) }).await?;
@@ -294,13 +296,56 @@ async fn walking_skeleton() -> Result<()> {
     let _ = nodes.delete("e2e-a", &Default::default()).await;
     h.kill("standby");
     if let Some(helm) = &helm {
-        let out = Command::new(helm).env("KUBECONFIG", &h.kubeconfig).args(["uninstall", "kommune", "--namespace", &op_ns]).output()?;
+        let release = support::release_name(&op_ns);
+        let out = Command::new(helm).env("KUBECONFIG", &h.kubeconfig).args(["uninstall", &release, "--namespace", &op_ns]).output()?;
         assert!(out.status.success(), "helm uninstall: {}", String::from_utf8_lossy(&out.stderr));
         let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(client.clone());
-        assert!(roles.get_opt("kommune").await?.is_none(), "the release's ClusterRole is gone");
+        assert!(roles.get_opt(&release).await?.is_none(), "the release's ClusterRole is gone");
         for name in ["computejobs.kommune.dev", "providernodes.kommune.dev"] {
             assert!(crds.get_opt(name).await?.is_some(), "{name} is kept on uninstall");
         }
+
+        // 11. Reinstall into another namespace: the kept CRDs belong to no release, so the new
+        //     one installs beside them (a templated CRD would still name the old release).
+        let other_ns = format!("{op_ns}-again");
+        h.create_namespaces(&[&other_ns]);
+        let Installed { operator_kubeconfig, .. } = install(&h, &client, &other_ns).await?;
+
+        // 12. Upgrade with a changed CRD: Helm never upgrades crds/, the operator does. Make
+        //     the installed schema an older one (a printer column missing), start the new
+        //     release's operator with the chart's RBAC, and see its schema come back.
+        let column = |crd: &CustomResourceDefinition| crd.spec.versions[0].additional_printer_columns.clone().unwrap_or_default().len();
+        let current = crds.get("computejobs.kommune.dev").await?;
+        let want = column(&current);
+        let mut older: serde_json::Value = serde_json::to_value(&current)?;
+        older["spec"]["versions"][0]["additionalPrinterColumns"].as_array_mut().unwrap().pop();
+        older["metadata"] = serde_json::json!({"name": "computejobs.kommune.dev", "resourceVersion": current.metadata.resource_version});
+        crds.replace("computejobs.kommune.dev", &Default::default(), &serde_json::from_value(older)?).await?;
+        assert_eq!(column(&crds.get("computejobs.kommune.dev").await?), want - 1);
+        h.spawn(
+            "upgrader",
+            &operator,
+            &operator_kubeconfig,
+            &[
+                "--gateway-listen",
+                &format!("127.0.0.1:{}", free_port()),
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", free_port()),
+                "--data-dir",
+                h.work.path().join("upgrader-data").to_str().unwrap(),
+                "--namespace",
+                &other_ns,
+                "--upgrade-crds",
+            ],
+        )?;
+        eventually("the operator to upgrade the ComputeJob CRD", Duration::from_secs(60), || async {
+            Ok(column(&crds.get("computejobs.kommune.dev").await?) == want)
+        })
+        .await?;
+        h.kill("upgrader");
+        let out =
+            Command::new(helm).env("KUBECONFIG", &h.kubeconfig).args(["uninstall", &support::release_name(&other_ns), "--namespace", &other_ns]).output()?;
+        assert!(out.status.success(), "helm uninstall: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }

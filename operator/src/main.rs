@@ -68,6 +68,11 @@ struct RunArgs {
     /// Namespace holding the operator's CA Secret and the join-token Secrets.
     #[arg(long, env = "POD_NAMESPACE", default_value = "kommune-system")]
     namespace: String,
+    /// Apply this operator's ComputeJob and ProviderNode CRDs over the installed ones at start
+    /// (server-side apply), so a new version's schema arrives with it: Helm installs CRDs from
+    /// the chart's crds/ once and never upgrades them. Needs get and patch on the two CRDs.
+    #[arg(long, env = "KOMMUNE_UPGRADE_CRDS", default_value_t = false, action = clap::ArgAction::Set, default_missing_value = "true", num_args = 0..=1)]
+    upgrade_crds: bool,
     /// Address of the HTTP server for /metrics, /healthz and /readyz.
     #[arg(long, env = "KOMMUNE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
@@ -196,7 +201,7 @@ fn default_identity() -> String {
 #[derive(Args)]
 struct CrdgenArgs {
     /// Directories to write computejob.yaml and providernode.yaml into.
-    #[arg(long = "out", default_values = ["crds", "charts/kommune/files/crds"])]
+    #[arg(long = "out", default_values = ["crds", "charts/kommune/crds"])]
     out: Vec<PathBuf>,
     /// Print the CRDs to stdout instead of writing files.
     #[arg(long)]
@@ -262,7 +267,7 @@ fn crdgen(args: CrdgenArgs) -> anyhow::Result<()> {
     for (file, crd) in crd::all() {
         let yaml = crd::to_yaml(&crd);
         if args.stdout {
-            print!("---\n{yaml}");
+            print!("{yaml}");
             continue;
         }
         for dir in &args.out {
@@ -313,6 +318,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(%weights, namespace_weights = ?args.namespace_weight, "placement weights");
 
     let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API (is KUBECONFIG set, or are you in-cluster?)")?;
+    if args.upgrade_crds {
+        // Before anything reads a ComputeJob: a job written for the new schema must not be
+        // read through the old one.
+        let done = kommune_operator::controller::crds::upgrade(client.clone()).await.context("--upgrade-crds")?;
+        info!(crds = ?done.names, without_cel_rules = done.without_cel, "CRDs at this operator's schema");
+    }
     let ca = Arc::new(ensure_ca(client.clone(), &args.namespace).await.context("cannot load or create the operator CA")?);
     info!(namespace = %args.namespace, ca_pin = %ca.pin(), "operator CA ready");
 

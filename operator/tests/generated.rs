@@ -14,7 +14,7 @@ fn repo() -> PathBuf {
 fn committed_crds_match_the_code() {
     for (file, generated) in crd::all() {
         let want = crd::to_yaml(&generated);
-        for dir in ["crds", "charts/kommune/files/crds"] {
+        for dir in ["crds", "charts/kommune/crds"] {
             let path = repo().join(dir).join(file);
             let have = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(have == want, "{} is out of date: run `cargo run -p kommune-operator -- crdgen`", path.display());

@@ -216,16 +216,18 @@ where
     }
 }
 
-/// `helm install`s the chart into `namespace` (StatefulSet scaled to 0: the operator runs as a
-/// local process). Returns the operator's ServiceAccount name.
+/// The Helm release of a test run: named after its namespace, so runs against one persistent
+/// cluster do not share (and so fight over) its cluster-scoped RBAC objects.
+pub fn release_name(namespace: &str) -> String {
+    namespace.to_string()
+}
+
+/// `helm install`s the chart into `namespace` as [`release_name`] (StatefulSet scaled to 0: the
+/// operator runs as a local process). Returns the operator's ServiceAccount name.
 pub fn helm_install(h: &Harness, helm: &Path, namespace: &str, cel: bool) -> Result<String> {
+    let release = release_name(namespace);
     let mut cmd = Command::new(helm);
-    cmd.env("KUBECONFIG", &h.kubeconfig).args(["install", "kommune"]).arg(repo().join("charts/kommune")).args([
-        "--namespace",
-        namespace,
-        "--set",
-        "replicas=0",
-    ]);
+    cmd.env("KUBECONFIG", &h.kubeconfig).args(["install", &release]).arg(repo().join("charts/kommune")).args(["--namespace", namespace, "--set", "replicas=0"]);
     if !cel {
         // helm's client-side schema check would refuse x-kubernetes-validations on such servers.
         cmd.arg("--disable-openapi-validation");
@@ -234,7 +236,7 @@ pub fn helm_install(h: &Harness, helm: &Path, namespace: &str, cel: bool) -> Res
     if !out.status.success() {
         bail!("helm install failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let rendered = kommune_e2e::render_chart(helm, namespace, &[])?;
+    let rendered = kommune_e2e::render_release(helm, &release, namespace, &[])?;
     kommune_e2e::documents(&rendered)?
         .iter()
         .find(|d| d["kind"] == "StatefulSet")
