@@ -11,6 +11,7 @@ pub mod cli;
 pub mod postgres;
 pub mod row;
 pub mod sqlite;
+pub mod series;
 
 // The format and the pure rules live in `kommune-ledger`; re-exported so one path reaches both.
 pub use kommune_ledger::{Head, NodeEarnings};
