@@ -18,9 +18,8 @@ pub struct DashboardArgs {
     /// Namespace the operator runs in.
     #[arg(long, short = 'n', default_value = "kommune-system")]
     pub namespace: String,
-    /// The operator's Service (the chart's `<release>-kommune` without a release prefix:
-    /// `kommune-operator`).
-    #[arg(long, default_value = "kommune-operator")]
+    /// The operator's dashboard Service (the chart's `<fullname>-dashboard`).
+    #[arg(long, default_value = "kommune-dashboard")]
     pub service: String,
     /// The Service's dashboard port.
     #[arg(long, default_value_t = 8444)]
@@ -81,7 +80,12 @@ async fn port_forward(args: &DashboardArgs) -> anyhow::Result<(u16, tokio::proce
             return Ok((port, child));
         }
     }
-    anyhow::bail!("kubectl port-forward to svc/{} in {} ended before forwarding (does the Service exist, with the dashboard on port {}?)", args.service, args.namespace, args.remote_port)
+    anyhow::bail!(
+        "kubectl port-forward to svc/{} in {} ended before forwarding (does the Service exist, with the dashboard on port {}?)",
+        args.service,
+        args.namespace,
+        args.remote_port
+    )
 }
 
 /// The local port of kubectl's "Forwarding from 127.0.0.1:PORT -> REMOTE" line.

@@ -56,7 +56,19 @@ impl Source for Fixed {
         offline.ready = false;
         let providers = vec![provider("pn-berlin-1", "eu-central", 2000, 2, 1_250_000), offline, provider("pn-ohio-1", "us-east", 3000, 3, 4_500_000)];
         let jobs = vec![
-            JobFacts { namespace: "team-a".into(), name: "render".into(), phase: "Running".into(), runtime: "wasm".into(), total: 10, running: 4, succeeded: 4, pending: 2, cost: "0.412000".into(), budget: Some("5".into()), ..JobFacts::default() },
+            JobFacts {
+                namespace: "team-a".into(),
+                name: "render".into(),
+                phase: "Running".into(),
+                runtime: "wasm".into(),
+                total: 10,
+                running: 4,
+                succeeded: 4,
+                pending: 2,
+                cost: "0.412000".into(),
+                budget: Some("5".into()),
+                ..JobFacts::default()
+            },
             JobFacts {
                 namespace: "team-b".into(),
                 name: "crunch".into(),
@@ -110,7 +122,10 @@ async fn the_overview_needs_a_token_the_api_server_accepts_and_a_grant() {
 }
 
 fn chromium() -> Option<String> {
-    ["chromium", "chromium-browser", "google-chrome"].into_iter().find(|c| std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success())).map(str::to_string)
+    ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .map(str::to_string)
 }
 
 fn headless(chromium: &str, extra: &[&str], url: &str) -> std::process::Output {

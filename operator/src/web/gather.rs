@@ -77,7 +77,13 @@ pub fn pool_facts(dispatcher: &Dispatcher) -> Vec<ProviderFacts> {
 
 /// A ComputeJob's status as the dashboard's facts; a job without status is Pending.
 pub fn job_facts(job: &ComputeJob) -> JobFacts {
-    let mut f = JobFacts { namespace: job.namespace().unwrap_or_default(), name: job.name_any(), phase: "Pending".into(), total: job.spec.tasks, ..JobFacts::default() };
+    let mut f = JobFacts {
+        namespace: job.namespace().unwrap_or_default(),
+        name: job.name_any(),
+        phase: "Pending".into(),
+        total: job.spec.tasks,
+        ..JobFacts::default()
+    };
     let Some(s) = &job.status else { return f };
     if let Some(p) = s.phase {
         f.phase = format!("{p:?}");

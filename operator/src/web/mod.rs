@@ -66,7 +66,10 @@ fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
 fn refusal(r: Refusal) -> Response {
     match r {
         Refusal::Unauthenticated => {
-            let mut resp = json(StatusCode::UNAUTHORIZED, &serde_json::json!({ "error": "Unauthorized: send a bearer token the API server accepts, or a client certificate of the cluster's client CA (kubectl kommune dashboard does)" }));
+            let mut resp = json(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({ "error": "Unauthorized: send a bearer token the API server accepts, or a client certificate of the cluster's client CA (kubectl kommune dashboard does)" }),
+            );
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             resp
         }

@@ -264,7 +264,15 @@ mod tests {
     use super::*;
 
     fn provider(name: &str, region: &str, cpu: u64, used: u64) -> ProviderFacts {
-        ProviderFacts { name: name.into(), region: region.into(), ready: true, capacity_cpu_millis: cpu, used_cpu_millis: used, reputation: 750, ..Default::default() }
+        ProviderFacts {
+            name: name.into(),
+            region: region.into(),
+            ready: true,
+            capacity_cpu_millis: cpu,
+            used_cpu_millis: used,
+            reputation: 750,
+            ..Default::default()
+        }
     }
 
     fn job(ns: &str, name: &str, total: u32, succeeded: u32) -> JobFacts {

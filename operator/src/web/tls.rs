@@ -61,7 +61,8 @@ pub fn server_config(chain_pem: &str, key_pem: &str, client_ca_pem: Option<&str>
         CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>().map_err(|source| TlsError::Pem { what: "the serving chain", source })?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| TlsError::Pem { what: "the serving key", source })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = match client_ca_pem {
         Some(pem) => {
             let mut roots = rustls::RootCertStore::empty();
