@@ -51,7 +51,7 @@ fn kommune_store_hour() -> i64 {
 }
 
 impl Source for Fixed {
-    fn facts(&self) -> BoxFuture<'_, Result<(Vec<ProviderFacts>, Vec<JobFacts>), String>> {
+    fn facts(&self) -> BoxFuture<'_, Result<web::Facts, String>> {
         let mut offline = provider("pn-berlin-2", "eu-central", 0, 0, 0);
         offline.ready = false;
         let providers = vec![provider("pn-berlin-1", "eu-central", 2000, 2, 1_250_000), offline, provider("pn-ohio-1", "us-east", 3000, 3, 4_500_000)];

@@ -113,13 +113,15 @@ const CACHE_MAX: usize = 4096;
 pub const MAX_NAMESPACE_REVIEWS: usize = 64;
 
 type Decision = (Instant, Option<UserInfo>);
+/// (user, resource, namespace) of a SubjectAccessReview.
+type GrantKey = (UserInfo, &'static str, String);
 
 /// Authenticates and authorizes dashboard requests through an [`Authority`], caching answers
 /// for [`DECISION_TTL`].
 pub struct Gatekeeper {
     authority: Arc<dyn Authority>,
     tokens: Mutex<HashMap<[u8; 32], Decision>>,
-    grants: Mutex<HashMap<(UserInfo, &'static str, String), (Instant, bool)>>,
+    grants: Mutex<HashMap<GrantKey, (Instant, bool)>>,
     ttl: Duration,
 }
 
@@ -243,7 +245,7 @@ mod tests {
     impl Authority for FakeAuthority {
         fn review_token(&self, token: String) -> BoxFuture<'_, Result<Option<UserInfo>, AuthError>> {
             self.token_reviews.fetch_add(1, Ordering::Relaxed);
-            Box::pin(async move { Ok((token == "good").then(|| alice())) })
+            Box::pin(async move { Ok((token == "good").then(alice)) })
         }
         fn allowed(&self, user: UserInfo, _verb: &'static str, resource: &'static str, ns: String) -> BoxFuture<'_, Result<bool, AuthError>> {
             self.access_reviews.fetch_add(1, Ordering::Relaxed);

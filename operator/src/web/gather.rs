@@ -24,7 +24,7 @@ pub struct OperatorSource {
 }
 
 impl Source for OperatorSource {
-    fn facts(&self) -> BoxFuture<'_, Result<(Vec<ProviderFacts>, Vec<JobFacts>), String>> {
+    fn facts(&self) -> BoxFuture<'_, Result<super::Facts, String>> {
         Box::pin(async move {
             let mut providers = pool_facts(&self.dispatcher);
             let outcomes = self.dispatcher.store().outcomes_by_node().await.map_err(|e| format!("cannot read the attempt store: {e}"))?;

@@ -21,10 +21,13 @@ use auth::{Gatekeeper, Refusal, credential};
 use overview::{JobFacts, ProviderFacts};
 use tls::{Peer, TlsListener};
 
+/// The providers and jobs the dashboard is built from.
+pub type Facts = (Vec<ProviderFacts>, Vec<JobFacts>);
+
 /// Where the dashboard's facts come from: the operator's fleet, store, ledger and ComputeJob
 /// cache in production, fixed facts in tests.
 pub trait Source: Send + Sync {
-    fn facts(&self) -> BoxFuture<'_, Result<(Vec<ProviderFacts>, Vec<JobFacts>), String>>;
+    fn facts(&self) -> BoxFuture<'_, Result<Facts, String>>;
 }
 
 #[derive(Clone)]

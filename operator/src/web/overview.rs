@@ -185,7 +185,7 @@ pub fn overview(providers: &[ProviderFacts], jobs: &[JobFacts], access: &Access)
 }
 
 fn percent(part: u64, whole: u64) -> u32 {
-    if whole == 0 { 0 } else { (part.min(whole) * 100 / whole) as u32 }
+    (part.min(whole) * 100).checked_div(whole).map_or(0, |p| p as u32)
 }
 
 /// Credits from micro-credits with six decimals, as the ledger and the job status print them.
