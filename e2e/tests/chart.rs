@@ -43,6 +43,8 @@ const NEEDS: &[(&str, &str, &str, bool)] = &[
     ("kommune.dev", "providernodes", "delete", true), // a node that leaves
     ("kommune.dev", "providernodes/status", "get", true),
     ("kommune.dev", "providernodes/status", "update", true),
+    ("authentication.k8s.io", "tokenreviews", "create", true), // the dashboard's callers
+    ("authorization.k8s.io", "subjectaccessreviews", "create", true),
     ("", "events", "create", false), // the same Events through the core group
     ("", "events", "patch", false),
     ("coordination.k8s.io", "leases", "get", false), // leader election, when enabled

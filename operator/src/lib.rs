@@ -11,6 +11,7 @@ pub mod job;
 pub mod metrics;
 pub mod pki;
 pub mod tokens;
+pub mod web;
 
 // The pure core and the storage layer are crates of their own (see docs/ARCHITECTURE.md); the
 // operator reaches them under their old paths so its shells read the same.

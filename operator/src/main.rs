@@ -76,6 +76,11 @@ struct RunArgs {
     /// Address of the HTTP server for /metrics, /healthz and /readyz.
     #[arg(long, env = "KOMMUNE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
+    /// Address of the read-only web dashboard (HTTPS; `kubectl kommune dashboard` reaches it).
+    /// Off unless given: the chart turns it on. Callers authenticate as to the API server and
+    /// see only what they may list (docs/ARCHITECTURE.md, "The dashboard").
+    #[arg(long, env = "KOMMUNE_WEB_LISTEN")]
+    web_listen: Option<SocketAddr>,
     /// How often agents heartbeat, in seconds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
     heartbeat_seconds: u64,
@@ -389,6 +394,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let gateway = Gateway::new(dispatcher.clone(), tokens, ca.clone(), blobs.clone(), node_events_tx, config);
     let listener = gateway::bind(args.gateway_listen).await.with_context(|| format!("cannot listen on {}", args.gateway_listen))?;
     info!(addr = %listener.local_addr()?, "agent gateway listening");
+    let web_server = start_web(&args, &client, &ca, &dispatcher).await?;
     ready.store(true, Ordering::Relaxed);
 
     let ctx = Arc::new(controller::job::Context::new(client.clone(), dispatcher.clone(), blobs.clone(), metrics.clone()));
@@ -446,6 +452,35 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = controller::job::run(ctx, jobs_changed_rx, capacity_rx) => info!("ComputeJob controller stopped"),
         _ = controller::nodes::run(client, dispatcher.clone(), node_events_rx, capacity_tx, grace) => info!("ProviderNode writer stopped"),
         r = metrics_server => r.context("metrics server task failed")?.context("metrics server failed")?,
+        r = web_server => r.context("dashboard task failed")?.context("dashboard server failed")?,
     }
     Ok(())
+}
+
+/// Starts the dashboard when `--web-listen` is given (else a task that never ends): a watch-fed
+/// cache of ComputeJobs, TLS with a certificate of the operator CA, and the cluster's client CA
+/// so kubeconfigs with client certificates work as well as tokens.
+async fn start_web(
+    args: &RunArgs,
+    client: &kube::Client,
+    ca: &kommune_operator::pki::Ca,
+    dispatcher: &Arc<Dispatcher>,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    use futures::StreamExt as _;
+    use kommune_operator::web;
+    use kube::runtime::{WatchStreamExt as _, reflector, watcher};
+    let Some(addr) = args.web_listen else {
+        return Ok(tokio::spawn(std::future::pending()));
+    };
+    let (jobs, writer) = reflector::store();
+    let stream = watcher(kube::Api::<crd::ComputeJob>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(writer).applied_objects();
+    tokio::spawn(stream.for_each(|_| async {}));
+    let (chain, key) = ca.issue_server(&["localhost".into(), "kommune-operator".into()]).context("cannot issue the dashboard's serving certificate")?;
+    let client_ca = web::cluster_client_ca(client.clone()).await;
+    let config = web::tls::server_config(&chain, &key, client_ca.as_deref()).context("dashboard TLS")?;
+    let listener = web::tls::TlsListener::bind(addr, config).await?;
+    info!(addr = %addr, client_certificates = client_ca.is_some(), "dashboard listening");
+    let gate = Arc::new(web::auth::Gatekeeper::new(Arc::new(web::auth::KubeAuthority::new(client.clone()))));
+    let source = Arc::new(web::gather::OperatorSource { dispatcher: dispatcher.clone(), jobs });
+    Ok(tokio::spawn(web::serve(listener, web::router(gate, source))))
 }

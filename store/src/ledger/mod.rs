@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cli;
 pub mod postgres;
 pub mod row;
+pub mod series;
 pub mod sqlite;
 
 // The format and the pure rules live in `kommune-ledger`; re-exported so one path reaches both.

@@ -201,6 +201,13 @@ fn genuine_receipts_are_accepted_priced_and_totalled(env: &Env) {
     assert_eq!((earnings.pending, earnings.receipts, earnings.head), (Micros(cost.0 * 3), 3, Some(head)));
     assert_eq!(head.seq, 4);
     assert_eq!(rt.block_on(l.node_earnings("pn-2")).unwrap().receipts, 0);
+    // The dashboard's series: the same three receipts, in the hour they were recorded.
+    let series = rt.block_on(l.earnings_by_hour(0)).unwrap();
+    let hours = &series["pn-1"];
+    assert_eq!(hours.len(), 1);
+    assert_eq!(hours[0].1, cost.0 * 3);
+    assert_eq!(hours[0].0 % super::series::HOUR_MS, 0);
+    assert!(rt.block_on(l.earnings_by_hour(kommune_proto::now_ms() + 60_000)).unwrap().is_empty(), "nothing after now");
     drop(l);
     let report = env.verify().unwrap();
     assert_eq!((report.entries, report.receipts, report.node_keys, report.total), (4, 3, 1, Micros(cost.0 * 3)));

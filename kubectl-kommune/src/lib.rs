@@ -1,0 +1,4 @@
+//! `kubectl kommune`: a kubectl plugin. Each subcommand is a module; they reach the operator
+//! with the user's own kubeconfig credentials, so Kubernetes RBAC decides what they see.
+
+pub mod dashboard;
