@@ -107,7 +107,6 @@ pub fn init_with(service: &'static str, traces: Traces) -> Guard {
     let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)).with_filter(LevelFilter::INFO));
     let installed = tracing_subscriber::registry().with(fmt).with(otel).try_init().is_ok();
     if installed && provider.is_some() {
-        opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
         EXPORTING.store(true, Ordering::Relaxed);
         tracing::info!("exporting traces over OTLP");
     }
