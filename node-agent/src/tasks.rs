@@ -197,7 +197,7 @@ impl Tasks {
             let report = kommune_telemetry::span!("report", ending = ?outcome.ending, exit = outcome.exit_code);
             async {
                 let mut update = terminal_update(&id, &assign.job, &outcome, preempted.as_deref(), me.receipts.get(), started_ms);
-                update.trace = trace::context(&attempt_span);
+                update.trace = trace::for_result(&attempt_span, &assign);
                 // Sent while its spool write is in flight, not after: a crash before the write is
                 // durable loses no more than a crash before sending would have (and the operator
                 // may already have it); the Ack cannot overtake the queued write.
