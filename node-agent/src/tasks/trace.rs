@@ -6,8 +6,13 @@ use kommune_proto::v1;
 /// The span of one attempt (fetch, run, report), parented to the operator's span that sent
 /// `assign` when it carries a usable trace context.
 pub(super) fn attempt_span(assign: &v1::Assign) -> tracing::Span {
-    let id: String = assign.attempt_id.chars().take(128).collect();
-    let span = kommune_telemetry::span!("attempt", attempt = %id, job = %assign.job, task_index = assign.task_index, runtime = runtime_of(assign));
+    let span = kommune_telemetry::span!(
+        "attempt",
+        attempt = %assign.attempt_id.chars().take(128).collect::<String>(),
+        job = %assign.job,
+        task_index = assign.task_index,
+        runtime = runtime_of(assign)
+    );
     let parent = assign.trace.as_ref().map(|t| kommune_telemetry::TraceParent { traceparent: t.traceparent.clone(), tracestate: t.tracestate.clone() });
     kommune_telemetry::set_remote_parent(&span, parent.as_ref());
     span
