@@ -179,7 +179,7 @@ impl Tasks {
         let me = self.clone();
         let span = trace::attempt_span(&assign);
         let attempt_span = span.clone();
-        tokio::spawn(async move {
+        let run = async move {
             let _ = me.updates.send(TaskUpdate { attempt_id: id.clone(), state: AttemptState::Running as i32, result: None, receipt: None, trace: None });
             info!(attempt = %id, job = %assign.job, index = assign.task_index, "attempt started");
             let started_ms = kommune_proto::now_ms();
@@ -194,29 +194,28 @@ impl Tasks {
                 }
             };
             let preempted = me.table().ended(&id);
-            let report = kommune_telemetry::span!("report", ending = ?outcome.ending, exit = outcome.exit_code);
-            async {
-                let mut update = terminal_update(&id, &assign.job, &outcome, preempted.as_deref(), me.receipts.get(), started_ms);
-                update.trace = trace::for_result(&attempt_span, &assign);
-                // Sent while its spool write is in flight, not after: a crash before the write is
-                // durable loses no more than a crash before sending would have (and the operator
-                // may already have it); the Ack cannot overtake the queued write.
-                let durable = me.spool.begin_put(&update);
-                me.table().remove(&id);
-                info!(attempt = %id, ending = ?outcome.ending, exit = outcome.exit_code, "attempt finished");
-                let _ = me.updates.send(update);
-                let spooled = match durable {
-                    Ok(durable) => durable.await,
-                    Err(e) => Err(e),
-                };
-                match spooled {
-                    Ok(()) => trace!(target: STAGE_TARGET, attempt = %id, "result spooled"),
-                    Err(e) => warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart"),
-                }
+            // Entered only while nothing is awaited: the spool's fsync is waited for after it.
+            let report = kommune_telemetry::span!("report", ending = ?outcome.ending, exit = outcome.exit_code).entered();
+            let mut update = terminal_update(&id, &assign.job, &outcome, preempted.as_deref(), me.receipts.get(), started_ms);
+            update.trace = trace::for_result(&attempt_span, &assign);
+            // Sent while its spool write is in flight, not after: a crash before the write is
+            // durable loses no more than a crash before sending would have (and the operator
+            // may already have it); the Ack cannot overtake the queued write.
+            let durable = me.spool.begin_put(&update);
+            me.table().remove(&id);
+            info!(attempt = %id, ending = ?outcome.ending, exit = outcome.exit_code, "attempt finished");
+            let _ = me.updates.send(update);
+            drop(report);
+            let spooled = match durable {
+                Ok(durable) => durable.await,
+                Err(e) => Err(e),
+            };
+            match spooled {
+                Ok(()) => trace!(target: STAGE_TARGET, attempt = %id, "result spooled"),
+                Err(e) => warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart"),
             }
-            .instrument(report)
-            .await;
-        }.instrument(span));
+        };
+        tokio::spawn(run.instrument(span));
     }
 
     async fn execute(&self, a: &v1::Assign, modules: Arc<dyn ModuleSource>, cancel: CancellationToken) -> Outcome {
@@ -264,7 +263,9 @@ impl Tasks {
                 ctx.env.sort();
                 match &self.container {
                     // Pulling the image is part of this span: the engine does it on create.
-                    Some(runtime) => runtime.run_with_gpus(&c.image, &c.command, &c.args, &ctx, c.network, &gpus, cancel).instrument(run_span("container")).await,
+                    Some(runtime) => {
+                        runtime.run_with_gpus(&c.image, &c.command, &c.args, &ctx, c.network, &gpus, cancel).instrument(run_span("container")).await
+                    }
                     None => Outcome::not_started("container runtime disabled: start the agent with --container-socket PATH"),
                 }
             }

@@ -466,8 +466,14 @@ async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
     assert_eq!(op.dispatcher.store().attempt(&id).await.unwrap().unwrap().phase, AttemptPhase::Succeeded);
 
     // Updates for attempts that are not this node's are acknowledged (so they stop) and ignored.
-    send(agent_message::Kind::TaskUpdate(TaskUpdate { attempt_id: "no-such-attempt".into(), state: AttemptState::Failed as i32, result: None, receipt: None, trace: None }))
-        .await;
+    send(agent_message::Kind::TaskUpdate(TaskUpdate {
+        attempt_id: "no-such-attempt".into(),
+        state: AttemptState::Failed as i32,
+        result: None,
+        receipt: None,
+        trace: None,
+    }))
+    .await;
     assert_eq!(ack(next(&mut inbound).await), "no-such-attempt");
     assert_eq!(op.dispatcher.store().attempt("no-such-attempt").await.unwrap(), None);
 

@@ -105,9 +105,7 @@ async fn one_tasks_spans_form_one_trace_across_operator_and_agent() {
         assert_eq!(found.len(), 1, "one {name} span in the task's trace: {:?}", trace.iter().map(|s| &s.name).collect::<Vec<_>>());
         found[0]
     };
-    let parent_of = |child: &Received| -> &str {
-        trace.iter().find(|s| s.span_id == child.parent_span_id).map_or("<none in this trace>", |s| s.name.as_str())
-    };
+    let parent_of = |child: &Received| -> &str { trace.iter().find(|s| s.span_id == child.parent_span_id).map_or("<none in this trace>", |s| s.name.as_str()) };
     // Operator: sync (the reconcile's work) → place → assign.
     let sync = named("sync");
     assert!(sync.parent_span_id.is_empty(), "sync is the root here (the controller's reconcile span is its parent in a cluster)");

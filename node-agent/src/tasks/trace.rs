@@ -56,7 +56,8 @@ mod tests {
     async fn an_agent_that_exports_nothing_echoes_the_assigns_trace_context_in_its_result() {
         assert!(!kommune_telemetry::exporting());
         let dir = tempfile::tempdir().unwrap();
-        let (tasks, mut rx) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(dir.path().join("results")).unwrap(), dir.path().join("scratch"));
+        let (tasks, mut rx) =
+            Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(dir.path().join("results")).unwrap(), dir.path().join("scratch"));
         let trace = v1::TraceContext { traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(), tracestate: "k=v".into() };
         let exec = v1::ExecWorkload { command: vec!["/bin/true".into()], env: Default::default() };
         let assign = v1::Assign {
