@@ -250,6 +250,7 @@ mod tests {
             state: v1::AttemptState::Succeeded as i32,
             result: None,
             receipt: Some(r.issue(id, "ns/j", v1::AttemptState::Succeeded, usage, 10, 1510)),
+            trace: None,
         }
     }
 

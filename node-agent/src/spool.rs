@@ -328,6 +328,7 @@ mod tests {
             state: AttemptState::Succeeded as i32,
             result: Some(TaskResult { exit_code: 0, ..Default::default() }),
             receipt: None,
+            trace: None,
         }
     }
 

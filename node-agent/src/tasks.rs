@@ -3,6 +3,7 @@
 //! it, so neither a dropped connection nor an agent restart loses a result.
 
 mod table;
+mod trace;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -12,7 +13,7 @@ use kommune_proto::STAGE_TARGET;
 use kommune_proto::v1::{self, AttemptState, Gpu, TaskResult, TaskUpdate, workload::Kind as WorkloadKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, trace, warn};
+use tracing::{Instrument as _, info, trace, warn};
 
 use self::table::TaskTable;
 use crate::fetch::UrlPolicy;
@@ -176,8 +177,10 @@ impl Tasks {
             return;
         }
         let me = self.clone();
-        tokio::spawn(async move {
-            let _ = me.updates.send(TaskUpdate { attempt_id: id.clone(), state: AttemptState::Running as i32, result: None, receipt: None });
+        let span = trace::attempt_span(&assign);
+        let attempt_span = span.clone();
+        let run = async move {
+            let _ = me.updates.send(TaskUpdate { attempt_id: id.clone(), state: AttemptState::Running as i32, result: None, receipt: None, trace: None });
             info!(attempt = %id, job = %assign.job, index = assign.task_index, "attempt started");
             let started_ms = kommune_proto::now_ms();
             let refused = me.table().refuse_while_preempting(&id);
@@ -191,7 +194,10 @@ impl Tasks {
                 }
             };
             let preempted = me.table().ended(&id);
-            let update = terminal_update(&id, &assign.job, &outcome, preempted.as_deref(), me.receipts.get(), started_ms);
+            // Entered only while nothing is awaited: the spool's fsync is waited for after it.
+            let report = kommune_telemetry::span!("report", ending = ?outcome.ending, exit = outcome.exit_code).entered();
+            let mut update = terminal_update(&id, &assign.job, &outcome, preempted.as_deref(), me.receipts.get(), started_ms);
+            update.trace = trace::for_result(&attempt_span, &assign);
             // Sent while its spool write is in flight, not after: a crash before the write is
             // durable loses no more than a crash before sending would have (and the operator
             // may already have it); the Ack cannot overtake the queued write.
@@ -199,6 +205,7 @@ impl Tasks {
             me.table().remove(&id);
             info!(attempt = %id, ending = ?outcome.ending, exit = outcome.exit_code, "attempt finished");
             let _ = me.updates.send(update);
+            drop(report);
             let spooled = match durable {
                 Ok(durable) => durable.await,
                 Err(e) => Err(e),
@@ -207,7 +214,8 @@ impl Tasks {
                 Ok(()) => trace!(target: STAGE_TARGET, attempt = %id, "result spooled"),
                 Err(e) => warn!(attempt = %id, error = %e, "cannot spool the result; it is sent but will not survive a restart"),
             }
-        });
+        };
+        tokio::spawn(run.instrument(span));
     }
 
     async fn execute(&self, a: &v1::Assign, modules: Arc<dyn ModuleSource>, cancel: CancellationToken) -> Outcome {
@@ -239,21 +247,25 @@ impl Tasks {
             Some(WorkloadKind::Wasm(w)) => {
                 ctx.env = w.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 ctx.env.sort();
-                match self.ensure_module(w, modules).await {
-                    Ok(()) => self.wasm.run(&w.module_sha256, &w.args, &ctx, cancel).await,
+                let fetch = kommune_telemetry::span!("fetch", module = %w.module_sha256.chars().take(64).collect::<String>(), from_url = !w.url.is_empty());
+                match self.ensure_module(w, modules).instrument(fetch).await {
+                    Ok(()) => self.wasm.run(&w.module_sha256, &w.args, &ctx, cancel).instrument(run_span("wasm")).await,
                     Err(message) => Outcome::not_started(message),
                 }
             }
             Some(WorkloadKind::Exec(e)) => {
                 ctx.env = e.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 ctx.env.sort();
-                self.exec.run(&e.command, &ctx, cancel).await
+                self.exec.run(&e.command, &ctx, cancel).instrument(run_span("exec")).await
             }
             Some(WorkloadKind::Container(c)) => {
                 ctx.env = c.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 ctx.env.sort();
                 match &self.container {
-                    Some(runtime) => runtime.run_with_gpus(&c.image, &c.command, &c.args, &ctx, c.network, &gpus, cancel).await,
+                    // Pulling the image is part of this span: the engine does it on create.
+                    Some(runtime) => {
+                        runtime.run_with_gpus(&c.image, &c.command, &c.args, &ctx, c.network, &gpus, cancel).instrument(run_span("container")).await
+                    }
                     None => Outcome::not_started("container runtime disabled: start the agent with --container-socket PATH"),
                 }
             }
@@ -284,6 +296,11 @@ impl Tasks {
     }
 }
 
+/// The span of running a task (after its module is fetched), when traces are exported.
+fn run_span(runtime: &'static str) -> tracing::Span {
+    kommune_telemetry::span!("run", runtime)
+}
+
 /// The terminal update of a finished attempt: its state, its result and, with `receipts`, the
 /// usage receipt signed for it. `preempted` is why the provider took the machine back while it
 /// ran, if it did; `started_ms` is when it started (Unix ms). Public so that simulated agents
@@ -301,7 +318,7 @@ pub fn terminal_update(attempt_id: &str, job: &str, outcome: &Outcome, preempted
         let usage = outcome.usage.to_usage(outcome.wall, outcome.output_bytes);
         r.issue(attempt_id, job, state, usage, started_ms, started_ms.saturating_add(outcome.wall.as_millis() as i64))
     });
-    TaskUpdate { attempt_id: attempt_id.to_string(), state: state as i32, result: Some(result), receipt }
+    TaskUpdate { attempt_id: attempt_id.to_string(), state: state as i32, result: Some(result), receipt, trace: None }
 }
 
 fn state_of(e: Ending) -> AttemptState {

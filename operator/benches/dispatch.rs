@@ -14,6 +14,9 @@
 //! simulated agents in a grandchild, so the operator's RSS and CPU are read cleanly from
 //! /proc. docs/PERFORMANCE.md says what each figure means.
 //!
+//! `KOMMUNE_BENCH_TRACES=logs|otlp` runs the dispatch and round-trip parts with the binaries'
+//! telemetry: logs only, or spans exported to an in-process OTLP sink (`support/traces.rs`).
+//!
 //! `KOMMUNE_BENCH_STAGES=1` adds a breakdown of the round trip: the `kommune::stage` trace
 //! events of operator and agents (one process, one clock) and the bench's own marks, as the
 //! median and 99th percentile time of each stage from the placement sync's start. Recording
@@ -45,6 +48,9 @@ use kommune_operator::tokens::MemoryTokens;
 use kommune_proto::token::JoinToken;
 use kommune_proto::v1::{AgentMessage, Capacity, Heartbeat, Hello, NodeFacts, agent_message, operator_message};
 use tokio::sync::mpsc;
+
+#[path = "support/traces.rs"]
+mod traces;
 use tracing_subscriber::layer::SubscriberExt;
 
 const RATES: Rates = Rates { cpu_core_hour: Micros(1_000_000), memory_gib_hour: Micros(0), gpu_hour: Micros(0), output_gib: Micros(0) };
@@ -88,6 +94,7 @@ fn main() {
         "fanin-operator" => fanin_operator(&sizes),
         "fanin-agents" => fanin_agents(),
         _ => {
+            let traces = traces::BenchTraces::from_env();
             let only = std::env::var("KOMMUNE_BENCH_ONLY").unwrap_or_else(|_| "dispatch,roundtrip,fanin".into());
             let wants = |part: &str| only.split(',').any(|p| p.trim() == part);
             if wants("dispatch") || wants("roundtrip") {
@@ -95,6 +102,9 @@ fn main() {
             }
             if wants("fanin") {
                 fanin(&sizes);
+            }
+            if !traces.mode.is_empty() {
+                println!("traces mode={} spans_exported={}", traces.mode, traces.exported());
             }
         }
     }

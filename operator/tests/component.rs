@@ -259,6 +259,7 @@ async fn an_operator_restart_between_placing_and_the_agents_acknowledgement_neit
                 state: state as i32,
                 result: (state == AttemptState::Succeeded).then(|| TaskResult { exit_code: 0, ..Default::default() }),
                 receipt: None,
+                trace: None,
             })),
         })
     };
@@ -407,7 +408,7 @@ async fn leaving_with_unacknowledged_results_needs_force() {
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();
     let state = join_only(&op, dir.path(), "careful", true).await;
-    let update = kommune_proto::v1::TaskUpdate { attempt_id: "some.0.1".into(), state: 2, result: None, receipt: None };
+    let update = kommune_proto::v1::TaskUpdate { attempt_id: "some.0.1".into(), state: 2, result: None, receipt: None, trace: None };
     Spool::open(state.results_dir()).unwrap().put(&update).await.unwrap();
     let err = kommune_agent::leave::leave(&state, false).await.unwrap_err().to_string();
     assert!(err.contains("1 finished task result(s) are not acknowledged") && err.contains("--force"), "{err}");
@@ -439,6 +440,7 @@ async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
             state: state as i32,
             result: Some(TaskResult { exit_code: exit, stdout_tail: tail, output_sha256: "not-a-digest".into(), ..Default::default() }),
             receipt: None,
+            trace: None,
         })
     };
     let ack = |m: Result<Option<operator_message::Kind>, tonic::Status>| match m {
@@ -464,8 +466,14 @@ async fn duplicated_reordered_and_bogus_agent_messages_change_nothing() {
     assert_eq!(op.dispatcher.store().attempt(&id).await.unwrap().unwrap().phase, AttemptPhase::Succeeded);
 
     // Updates for attempts that are not this node's are acknowledged (so they stop) and ignored.
-    send(agent_message::Kind::TaskUpdate(TaskUpdate { attempt_id: "no-such-attempt".into(), state: AttemptState::Failed as i32, result: None, receipt: None }))
-        .await;
+    send(agent_message::Kind::TaskUpdate(TaskUpdate {
+        attempt_id: "no-such-attempt".into(),
+        state: AttemptState::Failed as i32,
+        result: None,
+        receipt: None,
+        trace: None,
+    }))
+    .await;
     assert_eq!(ack(next(&mut inbound).await), "no-such-attempt");
     assert_eq!(op.dispatcher.store().attempt("no-such-attempt").await.unwrap(), None);
 
@@ -642,6 +650,7 @@ async fn receipts_are_counted_once_and_forged_or_implausible_ones_are_rejected_w
             state: AttemptState::Succeeded as i32,
             result: Some(TaskResult { exit_code: 0, ..Default::default() }),
             receipt: Some(receipt),
+            trace: None,
         })
     };
     let ack = |m: Result<Option<operator_message::Kind>, tonic::Status>| match m {
@@ -832,7 +841,7 @@ async fn a_silent_agent_is_noticed_after_the_session_timeout_and_its_work_moves_
     };
     assert_eq!(assigned, "silence-job.0.1");
     // The agent says it runs the attempt, then nothing more; the stream stays open.
-    let running = TaskUpdate { attempt_id: assigned.clone(), state: AttemptState::Running as i32, result: None, receipt: None };
+    let running = TaskUpdate { attempt_id: assigned.clone(), state: AttemptState::Running as i32, result: None, receipt: None, trace: None };
     tx.send(AgentMessage { kind: Some(agent_message::Kind::TaskUpdate(running)) }).await.unwrap();
     let last_message = std::time::Instant::now();
     wait_running(&op, &assigned).await;

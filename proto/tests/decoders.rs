@@ -202,6 +202,7 @@ fn write_seed_corpus() {
                     ..Default::default()
                 }),
                 receipt: Some(receipt),
+                trace: None,
             }),
         ),
     ];

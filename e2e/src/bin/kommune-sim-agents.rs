@@ -187,7 +187,7 @@ async fn session(
                         }
                         counters.assigned.fetch_add(1, Ordering::Relaxed);
                         let started_ms = kommune_proto::now_ms();
-                        let running = TaskUpdate { attempt_id: a.attempt_id.clone(), state: AttemptState::Running as i32, result: None, receipt: None };
+                        let running = TaskUpdate { attempt_id: a.attempt_id.clone(), state: AttemptState::Running as i32, result: None, receipt: None, trace: None };
                         send(agent_message::Kind::TaskUpdate(running)).await?;
                         let done = terminal_update(&a.attempt_id, &a.job, &Outcome::simulated_success(), None, Some(receipts), started_ms);
                         unacked.insert(a.attempt_id.clone(), done.clone());

@@ -17,7 +17,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use super::{Error, MANAGER};
 use crate::blobs::{BlobError, BlobOwner, Blobs};
@@ -87,12 +87,15 @@ pub async fn reconcile(job: Arc<ComputeJob>, ctx: Arc<Context>) -> Result<Action
     ctx.metrics.reconciled();
     let ns = job.namespace().ok_or_else(|| Error::MissingMetadata(job.name_any()))?;
     let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
+    // The root of a task's trace when traces are exported: placement and its Assigns are children.
+    let span = kommune_telemetry::span!("reconcile", job = %format!("{ns}/{}", job.name_any()), generation = job.metadata.generation.unwrap_or_default());
     finalizer(&api, FINALIZER, job, |event| async {
         match event {
             Finalizer::Apply(job) => apply(&job, &ctx).await,
             Finalizer::Cleanup(job) => cleanup(&job, &ctx).await,
         }
     })
+    .instrument(span)
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }

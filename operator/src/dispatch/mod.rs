@@ -27,9 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use kommune_proto::v1::operator_message::Kind as OpKind;
 use tokio::sync::mpsc;
-use tracing::{info, trace, warn};
+use tracing::{Instrument as _, info, trace, warn};
 
-pub use self::wire::{TAIL_LIMIT, assign_message};
+pub(crate) use self::wire::short;
+pub use self::wire::{TAIL_LIMIT, assign_message, result_span, trace_context};
 use crate::STAGE;
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
 use crate::crd::JobPhase;
@@ -281,7 +282,9 @@ impl Dispatcher {
         let metered = self.job_usage(&job.uid, policy.budget).await?;
         let spent = metered.as_ref().map_or(Micros(0), |(_, cost)| *cost);
         let (admitted, budget_exhausted) = self.budget_admits(policy, &attempts, spent, before.to_place.len());
-        let (placed, unplaced) = self.place(job, policy, module, &request, &before.to_place[..admitted], now).await?;
+        let place_span = kommune_telemetry::span!("place", job = %job.key, tasks_placed = tracing::field::Empty);
+        let (placed, unplaced) = self.place(job, policy, module, &request, &before.to_place[..admitted], now).instrument(place_span.clone()).await?;
+        place_span.record("tasks_placed", placed);
         let changed = placed > 0 || !before.to_cancel.is_empty() || unplaced.is_some();
         let (progress, attempts) = self.progress_after(job, policy, attempts, changed, now).await?;
         self.forget_if_done(&job.uid, &progress, &attempts);
@@ -385,8 +388,13 @@ impl Dispatcher {
     async fn send_assigns(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>, new: &[Attempt], now: i64) -> Result<usize> {
         let mut sent = 0;
         for a in new {
-            let assign = OpKind::Assign(assign_message(a, policy, module));
-            if let Err(e) = self.fleet.send(&a.node, assign) {
+            let mut assign = assign_message(a, policy, module);
+            // One span per attempt sent; the agent's spans of the attempt are its children.
+            let span = kommune_telemetry::span!("assign", job = %a.job_key, task_index = a.index, attempt = %a.id, node = %a.node);
+            assign.trace = wire::trace_context(&span);
+            let sent_to = self.fleet.send(&a.node, OpKind::Assign(assign));
+            drop(span);
+            if let Err(e) = sent_to {
                 warn!(attempt = %a.id, node = %a.node, error = ?e, "could not hand attempt to node; marking it lost");
                 self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&format!("could not reach node: {e:?}"))), now).await?;
                 // With replicas, the round's other copies are now wasted: the next sync cancels them.

@@ -2,7 +2,7 @@
 //! and the Ack that tells the agent it may forget the result.
 
 use kommune_proto::v1;
-use tracing::{debug, trace, warn};
+use tracing::{Instrument as _, debug, trace, warn};
 
 use super::wire::{self, Reported};
 use super::{Dispatcher, Result};
@@ -47,12 +47,14 @@ impl Dispatcher {
         // either fails nothing is acknowledged and the agent resends: both are idempotent.
         let (finished, metered) = tokio::join!(
             async {
-                let r = self.store.finish_batched(&a.id, phase, &result, kommune_proto::now_ms()).await;
+                let span = kommune_telemetry::span!("record", job = %a.job_key, task_index = a.index, attempt = %a.id, phase = phase.as_str());
+                let r = self.store.finish_batched(&a.id, phase, &result, kommune_proto::now_ms()).instrument(span).await;
                 trace!(target: STAGE, attempt = %a.id, "result stored");
                 r
             },
             async {
-                let r = self.meter(node, public_key, &a, update.receipt.as_ref()).await;
+                let span = kommune_telemetry::span!("receipt", job = %a.job_key, task_index = a.index, attempt = %a.id, node = %node);
+                let r = self.meter(node, public_key, &a, update.receipt.as_ref()).instrument(span).await;
                 trace!(target: STAGE, attempt = %a.id, "receipt recorded");
                 r
             }

@@ -37,7 +37,7 @@ pub(super) fn reported(state: i32) -> Reported {
 }
 
 /// At most 128 characters of an id an agent sent, for logs.
-pub(super) fn short(s: &str) -> String {
+pub(crate) fn short(s: &str) -> String {
     s.chars().take(128).collect()
 }
 
@@ -54,6 +54,22 @@ pub(super) fn bounded_result(r: Option<&v1::TaskResult>) -> AttemptResult {
         message: r.message.chars().take(MESSAGE_LIMIT).collect(),
         wall_millis: r.wall_millis,
     }
+}
+
+/// The protocol's form of `span`'s trace context; None unless traces are exported.
+pub fn trace_context(span: &tracing::Span) -> Option<v1::TraceContext> {
+    kommune_telemetry::context_of(span).map(|t| v1::TraceContext { traceparent: t.traceparent, tracestate: t.tracestate })
+}
+
+/// The span that records an agent's result: a child of the agent's span of the attempt (the
+/// update's trace context), so the task's trace continues across the operator. The context is
+/// the agent's word, used for diagnostics only: a provider can at worst misfile its own
+/// attempts' operator spans.
+pub fn result_span(node: &str, update: &v1::TaskUpdate) -> tracing::Span {
+    let span = kommune_telemetry::span!("result", node = %node, attempt = %short(&update.attempt_id), state = update.state);
+    let parent = update.trace.as_ref().map(|t| kommune_telemetry::TraceParent { traceparent: t.traceparent.clone(), tracestate: t.tracestate.clone() });
+    kommune_telemetry::set_remote_parent(&span, parent.as_ref());
+    span
 }
 
 /// The Cancel message for an attempt.
@@ -92,6 +108,7 @@ pub fn assign_message(a: &Attempt, policy: &JobPolicy, module: Option<&ModuleRef
         cpu_millis: policy.cpu_millis,
         timeout_millis: policy.task_timeout.as_millis() as u64,
         gpus: policy.gpu.count,
+        trace: None,
     }
 }
 

@@ -8,7 +8,7 @@ use kommune_proto::v1::{self, AgentMessage, OperatorMessage, agent_message, oper
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::timeout;
 use tonic::{Status, Streaming};
-use tracing::{debug, info, trace, warn};
+use tracing::{Instrument as _, debug, info, trace, warn};
 
 use super::{Inner, NodeEvent};
 use crate::STAGE;
@@ -98,11 +98,13 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
                 // update of the same attempt always came earlier and was applied inline.
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break "session closed".into() };
                 let (inner, node, tx) = (inner.clone(), node.clone(), tx.clone());
+                let span = crate::dispatch::result_span(&node, &update);
                 tokio::spawn(async move {
-                    match inner.dispatcher.on_update(&node, &public_key, &update).await {
+                    match inner.dispatcher.on_update(&node, &public_key, &update).instrument(span.clone()).await {
                         Ok(Some(ack)) => {
                             trace!(target: STAGE, attempt = %ack.attempt_id, "ack queued");
-                            let _ = send(&tx, OpKind::Ack(ack)).await;
+                            let acked = kommune_telemetry::span!(parent: &span, "ack", attempt = %crate::dispatch::short(&ack.attempt_id), receipt_rejected = !ack.receipt_rejected.is_empty(), cost_micros = ack.cost_micros);
+                            let _ = send(&tx, OpKind::Ack(ack)).instrument(acked).await;
                         }
                         Ok(None) => {}
                         Err(e) => {

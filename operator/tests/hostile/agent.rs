@@ -195,7 +195,7 @@ impl HostileAgent {
     /// Says the attempt runs, and lists it in heartbeats from now on.
     pub async fn say_running(&mut self, attempt: &str) {
         self.running.lock().unwrap().push(attempt.to_string());
-        let update = TaskUpdate { attempt_id: attempt.into(), state: AttemptState::Running as i32, result: None, receipt: None };
+        let update = TaskUpdate { attempt_id: attempt.into(), state: AttemptState::Running as i32, result: None, receipt: None, trace: None };
         self.sender().send(AgentMessage { kind: Some(agent_message::Kind::TaskUpdate(update)) }).await.unwrap();
     }
 
@@ -221,7 +221,7 @@ impl HostileAgent {
     /// The terminal update of `attempt` in `state` carrying `receipt` (exit 0).
     pub fn update(attempt: &str, state: AttemptState, receipt: UsageReceipt) -> AgentMessage {
         let result = TaskResult { exit_code: 0, message: format!("{state:?} (hostile)"), ..Default::default() };
-        let update = TaskUpdate { attempt_id: attempt.into(), state: state as i32, result: Some(result), receipt: Some(receipt) };
+        let update = TaskUpdate { attempt_id: attempt.into(), state: state as i32, result: Some(result), receipt: Some(receipt), trace: None };
         AgentMessage { kind: Some(agent_message::Kind::TaskUpdate(update)) }
     }
 
