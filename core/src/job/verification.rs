@@ -52,7 +52,7 @@ pub struct Adaptive {
 impl Default for Adaptive {
     /// Tuned with `cargo bench --bench verification` (docs/VERIFICATION.md).
     fn default() -> Self {
-        Adaptive { trusted_after: 10, min_check_ppm: 50_000, max_replicas: 3 }
+        Adaptive { trusted_after: 6, min_check_ppm: 50_000, max_replicas: 3 }
     }
 }
 
@@ -115,12 +115,14 @@ pub fn trust(observations: &[Observation], node: &str, workload: &str) -> Trust 
 
 /// The chance (ppm) that a result of a provider with `trust` is checked under `a`: always
 /// for a new, rarely seen or ever-outvoted provider; after `trusted_after` agreed results in
-/// a row, `trusted_after / streak` (trust grows with the run) but never below the minimum.
+/// a row, `(trusted_after / streak)²` (trust grows fast with the run, so a liar that slipped
+/// through its first checks is still checked often) but never below the minimum.
 pub fn check_probability(a: &Adaptive, trust: Trust) -> u32 {
     if trust.outvoted > 0 || trust.agreed_streak < a.trusted_after.max(1) {
         return PPM;
     }
-    let p = (a.trusted_after as u64 * PPM as u64 / trust.agreed_streak as u64) as u32;
+    let (t, s) = (a.trusted_after as u64, trust.agreed_streak as u64);
+    let p = (t * t * PPM as u64 / (s * s)) as u32;
     p.clamp(a.min_check_ppm.min(PPM), PPM)
 }
 
@@ -201,8 +203,8 @@ mod tests {
             (Trust { agreed_streak: 0, outvoted: 0 }, PPM),
             (Trust { agreed_streak: 9, outvoted: 0 }, PPM),
             (Trust { agreed_streak: 10, outvoted: 0 }, PPM),
-            (Trust { agreed_streak: 20, outvoted: 0 }, PPM / 2),
-            (Trust { agreed_streak: 100, outvoted: 0 }, PPM / 10),
+            (Trust { agreed_streak: 20, outvoted: 0 }, PPM / 4),
+            (Trust { agreed_streak: 40, outvoted: 0 }, PPM / 16),
             (Trust { agreed_streak: 10_000, outvoted: 0 }, 50_000),
             (Trust { agreed_streak: 10_000, outvoted: 1 }, PPM),
         ];
