@@ -389,6 +389,27 @@ mod tests {
     }
 
     #[test]
+    fn verification_counts_overhead_and_capped_disputes_are_shown_with_a_verified_condition() {
+        use kommune_core::job::phase::VerificationCounts;
+        let counts = VerificationCounts { verified: 3, unverified: 5, disputed: 10, extra_attempts: 2 };
+        let p = Progress {
+            verification: counts.clone(),
+            disputes: (0..10).map(|i| disagreement(i, 1)).collect(),
+            ..progress(JobPhase::Succeeded, TaskCounts { total: 8, succeeded: 8, ..Default::default() })
+        };
+        let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], None));
+        let v = s.verification.clone().unwrap();
+        assert_eq!((v.counts, v.overhead_percent.as_str(), v.disputes.len()), (counts, "25.0", DISPUTES_IN_STATUS));
+        assert!(v.disputes[0].contains("node alice-1 exit 0"), "{}", v.disputes[0]);
+        let c = s.conditions.iter().find(|c| c.type_ == VERIFIED).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Verified"));
+        assert_eq!(c.message, "3 task(s) verified by a quorum, 5 accepted unchecked, 10 disputed; 2 extra attempt(s) (25.0% overhead)");
+        // Without verification there is nothing to show.
+        let plain = progress(JobPhase::Succeeded, TaskCounts { total: 1, succeeded: 1, ..Default::default() });
+        assert!(summarize(&ComputeJobStatus::default(), &observed(&plain, &[], None)).verification.is_none());
+    }
+
+    #[test]
     fn disagreeing_replicas_are_a_warning_naming_the_task_and_nodes_once_per_disagreement() {
         let p = Progress { disagreements: vec![disagreement(3, 1)], ..progress(JobPhase::Running, TaskCounts { total: 5, pending: 5, ..Default::default() }) };
         let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], None));

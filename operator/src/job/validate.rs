@@ -347,6 +347,40 @@ mod tests {
     }
 
     #[test]
+    fn verification_modes_fill_their_defaults_and_placement_replicas_keeps_meaning_unanimity() {
+        let mode = |v: &str| validate(&spec(&format!("{WASM}verification: {v}\n"))).map(|p| (p.verification.mode, p.round_rule().initial));
+        let cases = [
+            ("{mode: none}", Mode::None, 1),
+            ("{mode: replicate}", Mode::Replicate { replicas: 2, quorum: 2, max_replicas: 3 }, 2),
+            ("{mode: replicate, replicas: 3, quorum: 2, maxReplicas: 5}", Mode::Replicate { replicas: 3, quorum: 2, max_replicas: 5 }, 3),
+            ("{mode: spotCheck, fraction: '0.25'}", Mode::SpotCheck { fraction_ppm: PPM / 4, max_replicas: 3 }, 1),
+            ("{mode: spotCheck, fraction: '1'}", Mode::SpotCheck { fraction_ppm: PPM, max_replicas: 3 }, 1),
+            ("{mode: adaptive, maxReplicas: 4}", Mode::Adaptive(Adaptive { max_replicas: 4, ..Adaptive::default() }), 1),
+        ];
+        for (yaml, want, initial) in cases {
+            assert_eq!(mode(yaml).unwrap(), (want, initial), "{yaml}");
+        }
+        let legacy = validate(&spec(&format!("{WASM}placement: {{replicas: 3}}\n"))).unwrap();
+        assert_eq!(legacy.round_rule(), kommune_core::job::verification::RoundRule { initial: 3, quorum: 3, max: 3, sampled: false });
+        let bad = [
+            ("{mode: replicate, replicas: 2, quorum: 3}", "spec.verification.quorum (3) cannot exceed replicas (2)"),
+            ("{mode: replicate, replicas: 3, maxReplicas: 2}", "spec.verification.maxReplicas must be between 3 and 16, got 2"),
+            ("{mode: spotCheck}", "spec.verification.fraction is required by mode spotCheck"),
+            ("{mode: spotCheck, fraction: '1.5'}", "spec.verification.fraction: \"1.5\" is not a number from 0 to 1"),
+            ("{mode: adaptive, fraction: '0.1'}", "spec.verification.fraction does not apply to mode Adaptive"),
+            ("{quorum: 2}", "spec.verification.quorum does not apply to mode None"),
+        ];
+        for (yaml, want) in bad {
+            let e = mode(yaml).unwrap_err();
+            assert!(e.message.contains(want), "{yaml}: {}", e.message);
+        }
+        let both = validate(&spec(&format!("{WASM}placement: {{replicas: 2}}\nverification: {{mode: adaptive}}\n"))).unwrap_err();
+        assert!(both.message.contains("use spec.verification alone"), "{}", both.message);
+        let exec = validate(&spec("workload:\n  exec:\n    command: [x]\nverification: {mode: adaptive}\n")).unwrap_err();
+        assert!(exec.message.contains("exec tasks are not"), "{}", exec.message);
+    }
+
+    #[test]
     fn container_job_pinned_by_digest() {
         let image = format!("docker.io/library/busybox@sha256:{}", "b".repeat(64));
         let yaml = format!(
