@@ -70,7 +70,8 @@ impl Sim {
     fn pick(&mut self, taken: &[usize]) -> usize {
         loop {
             let i = (self.rng.next() % PROVIDERS as u64) as usize;
-            if !taken.contains(&i) && !(self.quarantine && self.providers[i].outvoted >= QUARANTINE_AFTER) {
+            let quarantined = self.quarantine && self.providers[i].outvoted >= QUARANTINE_AFTER;
+            if !taken.contains(&i) && !quarantined {
                 return i;
             }
         }
@@ -113,7 +114,14 @@ impl Sim {
         self.clock += 1;
         let pr = &mut self.providers[p];
         pr.outvoted += (observed == Observed::Outvoted) as u32;
-        pr.record.push(Observation { node: Self::node(p), workload: CLASS.into(), job_uid: "sim".into(), attempt_id: attempt_id.into(), observed, at_ms: self.clock });
+        pr.record.push(Observation {
+            node: Self::node(p),
+            workload: CLASS.into(),
+            job_uid: "sim".into(),
+            attempt_id: attempt_id.into(),
+            observed,
+            at_ms: self.clock,
+        });
         if pr.record.len() > WINDOW {
             pr.record.remove(0);
         }
@@ -151,7 +159,11 @@ impl Sim {
                     Verdict::Verified(d) => {
                         let node_of = |id: &str| round.iter().find(|(a, _)| a.id == id).map(|(_, p)| *p).expect("a copy of the round");
                         let winner = d.agreed.first().or(d.unverified.as_ref()).expect("a verified round names its answer").clone();
-                        let wrong = round.iter().find(|(a, _)| a.id == winner).and_then(|(a, _)| a.result.as_ref()).is_some_and(|r| r.output_sha256 != format!("{:064x}", 0));
+                        let wrong = round
+                            .iter()
+                            .find(|(a, _)| a.id == winner)
+                            .and_then(|(a, _)| a.result.as_ref())
+                            .is_some_and(|r| r.output_sha256 != format!("{:064x}", 0));
                         if rule.max > 1 {
                             for id in &d.agreed {
                                 self.observe(node_of(id), id, Observed::Agreed);

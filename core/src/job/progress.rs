@@ -4,8 +4,8 @@
 use std::borrow::Borrow;
 use std::time::Duration;
 
-use super::policy::{JobPolicy, MAX_BACKOFF};
 use super::phase::VerificationCounts;
+use super::policy::{JobPolicy, MAX_BACKOFF};
 use super::verify::{Disagreement, Verdict, verdict};
 use super::{JobPhase, TaskCounts};
 use crate::attempt::Attempt;

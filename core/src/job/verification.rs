@@ -222,6 +222,8 @@ mod tests {
         let spot = Mode::SpotCheck { fraction_ppm: PPM, max_replicas: 3 };
         assert!(should_check(&spot, Trust::default(), PPM - 1), "fraction 1.0 checks every result");
         assert!(!should_check(&Mode::SpotCheck { fraction_ppm: 0, max_replicas: 3 }, Trust::default(), 0));
-        assert!(!should_check(&Mode::None, Trust::default(), 0) && !should_check(&Mode::Replicate { replicas: 2, quorum: 2, max_replicas: 2 }, Trust::default(), 0));
+        assert!(
+            !should_check(&Mode::None, Trust::default(), 0) && !should_check(&Mode::Replicate { replicas: 2, quorum: 2, max_replicas: 2 }, Trust::default(), 0)
+        );
     }
 }

@@ -366,7 +366,10 @@ async fn run_with_a_liar(uid: &str, policy: &JobPolicy, two_first: bool) -> (Syn
 async fn a_lying_provider_is_outvoted_under_a_quorum_and_caught_by_a_spot_check_and_its_outcome_is_observed() {
     use kommune_core::job::verification::{Mode, PPM};
     use kommune_core::reputation::Observed;
-    let modes = [("quorum", Mode::Replicate { replicas: 2, quorum: 2, max_replicas: 3 }, true), ("spot", Mode::SpotCheck { fraction_ppm: PPM, max_replicas: 3 }, false)];
+    let modes = [
+        ("quorum", Mode::Replicate { replicas: 2, quorum: 2, max_replicas: 3 }, true),
+        ("spot", Mode::SpotCheck { fraction_ppm: PPM, max_replicas: 3 }, false),
+    ];
     for (uid, mode, two_first) in modes {
         let mut policy = replicated_policy(1, 1);
         policy.verification.mode = mode;

@@ -10,9 +10,9 @@ use super::{Dispatcher, JobRef, ModuleRef, Result, build, namespace_of};
 use crate::attempt::{Attempt, AttemptPhase, replica_attempt_id};
 use crate::job::JobPolicy;
 use crate::job::progress::Extension;
-use kommune_core::reputation::{Observation, Observed};
 use crate::scheduler::{Explanation, Placement, Request};
 use kommune_core::job::verification::{draw, should_check, trust};
+use kommune_core::reputation::{Observation, Observed};
 
 /// How many of a provider's newest observations its trust is computed from.
 pub const TRUST_WINDOW: u32 = 512;
@@ -84,7 +84,8 @@ impl Dispatcher {
                 now_ms: now,
             };
             // `build` numbers copies from 0; these continue the round's numbering.
-            let new: Vec<Attempt> = build::attempts(&rounds).into_iter().enumerate().map(|(k, a)| Attempt { replica: ext.first_replica + k as u32, ..a }).collect();
+            let new: Vec<Attempt> =
+                build::attempts(&rounds).into_iter().enumerate().map(|(k, a)| Attempt { replica: ext.first_replica + k as u32, ..a }).collect();
             self.persist(&new).await?;
             sent += self.send_assigns(job, policy, module, &new, now).await?;
             info!(job = %job.key, task = ext.index, copies = new.len(), "placed verification copies");
@@ -95,7 +96,13 @@ impl Dispatcher {
     /// Records the verification outcomes of the job's decided rounds (once per attempt and
     /// outcome), and refuses payment for outvoted results, and for results of the same
     /// provider on this job that were accepted unchecked before it was caught.
-    pub(super) async fn record_verifications(&self, job: &JobRef, policy: &JobPolicy, observed: &[(String, Observed)], attempts: &[std::sync::Arc<Attempt>]) -> Result<()> {
+    pub(super) async fn record_verifications(
+        &self,
+        job: &JobRef,
+        policy: &JobPolicy,
+        observed: &[(String, Observed)],
+        attempts: &[std::sync::Arc<Attempt>],
+    ) -> Result<()> {
         let fresh: Vec<&(String, Observed)> = {
             let recorded = self.recorded.lock().expect("recorded lock");
             observed.iter().filter(|(id, o)| !recorded.contains(&(id.clone(), *o))).collect()
@@ -109,12 +116,19 @@ impl Dispatcher {
             .iter()
             .filter_map(|(id, o)| {
                 let node = node_of.get(id.as_str())?;
-                Some(Observation { node: node.to_string(), workload: class.clone(), job_uid: job.uid.clone(), attempt_id: id.clone(), observed: *o, at_ms: now })
+                Some(Observation {
+                    node: node.to_string(),
+                    workload: class.clone(),
+                    job_uid: job.uid.clone(),
+                    attempt_id: id.clone(),
+                    observed: *o,
+                    at_ms: now,
+                })
             })
             .collect();
         let outvoted: Vec<&Observation> = observations.iter().filter(|o| o.observed == Observed::Outvoted).collect();
         for o in &outvoted {
-            self.refuse_payment(&[o.attempt_id.clone()], &format!("its result was outvoted by a quorum of other providers (job {})", job.key));
+            self.refuse_payment(std::slice::from_ref(&o.attempt_id), &format!("its result was outvoted by a quorum of other providers (job {})", job.key));
             // Its unchecked results on this job are disproved with it.
             let unchecked: Vec<String> = observed
                 .iter()

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use crate::crd::quantity;
 use crate::crd::{ComputeJobSpec, EnvVar, Placement, VerificationMode, VerificationSpec};
-use kommune_core::job::verification::{Adaptive, MAX_COPIES, Mode, PPM, Verification};
 use crate::fleet::normalize_arch;
 use crate::pricing::Micros;
 use crate::scheduler::{self, GpuPattern, GpuRequest, Locality, Reputation, TaintEffect, Toleration, TolerationOperator};
+use kommune_core::job::verification::{Adaptive, MAX_COPIES, Mode, PPM, Verification};
 
 pub use kommune_core::job::policy::*;
 
