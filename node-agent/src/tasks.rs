@@ -235,6 +235,7 @@ impl Tasks {
         let timeout = (a.timeout_millis > 0).then(|| Duration::from_millis(a.timeout_millis));
         let mut ctx = AttemptContext {
             attempt_id: a.attempt_id.clone(),
+            task_identity: a.task_identity.clone(),
             task_index: a.task_index,
             task_count: a.task_count,
             memory_bytes: a.memory_bytes,

@@ -33,6 +33,7 @@ impl StateDir {
     fn context(&self, timeout: Duration) -> AttemptContext {
         AttemptContext {
             attempt_id: "attempt-a".into(),
+            task_identity: String::new(),
             task_index: 0,
             task_count: 1,
             memory_bytes: 64 << 20,

@@ -24,6 +24,8 @@ mod measure;
 mod receipts;
 #[path = "hostile/time.rs"]
 mod time;
+#[path = "hostile/verification.rs"]
+mod verification;
 #[path = "hostile/wasm.rs"]
 mod wasm;
 

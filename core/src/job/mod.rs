@@ -6,6 +6,7 @@ pub mod indexes;
 pub mod phase;
 pub mod policy;
 pub mod progress;
+pub mod verification;
 pub mod verify;
 
 pub use phase::{JobPhase, TaskCounts};

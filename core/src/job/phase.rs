@@ -32,3 +32,18 @@ pub struct TaskCounts {
     /// Used up their attempts.
     pub failed: u32,
 }
+
+/// How a job's finished tasks were verified (`spec.verification`), and what it cost.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerificationCounts {
+    /// Succeeded tasks whose result a quorum of copies on distinct owners agreed on.
+    pub verified: u32,
+    /// Succeeded tasks whose result was accepted without comparison (mode none, or not chosen
+    /// by a spot check or adaptive replication).
+    pub unverified: u32,
+    /// Tasks where copies returned different results (outvoted, or no quorum yet or ever).
+    pub disputed: u32,
+    /// Copies run beyond the first of each round: the verification overhead, in attempts.
+    pub extra_attempts: u64,
+}

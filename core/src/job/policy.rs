@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::verification::{Mode, RoundRule, Verification};
 use crate::pricing::Micros;
 use crate::scheduler::{GpuRequest, Locality, Reputation, Request, Resources, Toleration};
 
@@ -42,6 +43,8 @@ pub struct JobPolicy {
     pub priority: i32,
     /// Most one task may cost per hour on a node; None places regardless of price.
     pub max_price_per_hour: Option<Micros>,
+    /// `spec.verification`: how results are verified.
+    pub verification: Verification,
 }
 
 /// A validated `spec.placement`.
@@ -60,6 +63,15 @@ pub struct PlacementPolicy {
 }
 
 impl JobPolicy {
+    /// How each round of a task is judged. `placement.replicas` without a verification mode
+    /// means what it always did: every copy must agree (a quorum of all of them).
+    pub fn round_rule(&self) -> RoundRule {
+        match (self.verification.mode, self.placement.replicas) {
+            (Mode::None, r) if r > 1 => Mode::Replicate { replicas: r, quorum: r, max_replicas: r }.round_rule(),
+            (mode, _) => mode.round_rule(),
+        }
+    }
+
     /// What the scheduler needs to place one task of this job.
     pub fn request(&self) -> Request {
         let p = &self.placement;
@@ -74,8 +86,9 @@ impl JobPolicy {
             min_reputation: p.min_reputation,
             max_price_per_hour: self.max_price_per_hour,
             data_locality: p.data_locality.clone(),
-            replicas: p.replicas.max(1),
+            replicas: self.round_rule().initial,
             avoid: vec![],
+            distinct_from: vec![],
         }
     }
 }

@@ -4,10 +4,28 @@
 use std::borrow::Borrow;
 use std::time::Duration;
 
+use super::phase::VerificationCounts;
 use super::policy::{JobPolicy, MAX_BACKOFF};
 use super::verify::{Disagreement, Verdict, verdict};
 use super::{JobPhase, TaskCounts};
 use crate::attempt::Attempt;
+use crate::reputation::Observed;
+
+/// Most disputes a progress keeps (status shows a few; counts cover all).
+pub const MAX_DISPUTES: usize = 32;
+
+/// More copies for a round that is still running (a tie to break, a lost copy to make up, a
+/// result chosen for a check).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extension {
+    pub index: u32,
+    pub number: u32,
+    /// The replica number of the first new copy (one past the round's highest).
+    pub first_replica: u32,
+    pub count: u32,
+    /// Nodes of the round's copies: the new ones go to other owners.
+    pub nodes: Vec<String>,
+}
 
 /// Why a job ended in Failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +57,16 @@ pub struct Progress {
     /// Tasks not done whose last failed round ended with replicas that disagreed, in index
     /// order (retried, or failed for good).
     pub disagreements: Vec<Disagreement>,
+    /// More copies to place for rounds already running (not limited by parallelism: their
+    /// tasks are running already).
+    pub to_extend: Vec<Extension>,
+    /// How finished tasks were verified.
+    pub verification: VerificationCounts,
+    /// Verification outcomes of the copies of decided rounds (attempt id, outcome), for
+    /// reputation: only when results were compared or sampled (not under mode none).
+    pub observed: Vec<(String, Observed)>,
+    /// Verified tasks where some copy was outvoted, in index order, at most [`MAX_DISPUTES`].
+    pub disputes: Vec<Disagreement>,
     /// When a task waiting in backoff becomes eligible (Unix ms), so the caller can requeue.
     pub next_retry_ms: Option<i64>,
     /// When the first attempt was created.
@@ -58,6 +86,13 @@ pub fn retry_delay(backoff: Duration, number: u32) -> Duration {
 /// attempts (apart from sorting each task's own). Attempts may be owned or shared
 /// (`Arc<Attempt>`, as the dispatcher holds them).
 pub fn progress<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: i64) -> Progress {
+    progress_with(policy, attempts, now_ms, &|_| true)
+}
+
+/// [`progress`] with the operator's decisions: `check(first copy)` says whether the lone
+/// result of a sampled round (spot check, adaptive) is checked; it must answer the same for
+/// the same attempt every time.
+pub fn progress_with<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: i64, check: &dyn Fn(&Attempt) -> bool) -> Progress {
     // Grouped by index in one sorted Vec (a map of Vecs cost an allocation per task, and this
     // runs on every sync); the store hands attempts over already in index order.
     let mut by_index: Vec<&Attempt> = attempts.iter().map(Borrow::borrow).filter(|a| a.index < policy.tasks).collect();
@@ -66,7 +101,11 @@ pub fn progress<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: 
     }
     let mut rest = by_index.as_slice();
     let started_ms = attempts.iter().map(|a| a.borrow().created_ms).min();
-    let replicas = policy.placement.replicas.max(1);
+    let rule = policy.round_rule();
+    // Outcomes are observed only where results are compared or sampled.
+    let observe = rule.max > 1;
+    let mut verification = VerificationCounts::default();
+    let (mut to_extend, mut observed, mut disputes) = (vec![], vec![], vec![]);
 
     let mut counts = TaskCounts { total: policy.tasks, ..Default::default() };
     let (mut completed, mut failed, mut active) = (vec![], vec![], vec![]);
@@ -88,23 +127,57 @@ pub fn progress<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: 
         let (mut running, mut wasted) = (vec![], vec![]);
         // The last failed round's disagreement, if it was one.
         let mut last_failure: Option<Disagreement> = None;
+        let (mut disputed, mut extending) = (false, false);
         for round in tries.chunk_by(|a, b| a.number == b.number) {
-            let v = verdict(round, replicas);
+            verification.extra_attempts += round.len() as u64 - 1;
+            let first = round.iter().min_by_key(|a| a.replica).expect("chunks are not empty");
+            let v = verdict(round, rule, check(first));
             let still_active = round.iter().filter(|a| !a.phase.is_terminal()).map(|a| a.id.clone());
             match &v {
-                Verdict::Running => running.extend(still_active),
+                Verdict::Running | Verdict::Extend(_) => running.extend(still_active),
                 _ => wasted.extend(still_active),
             }
             if v.is_failure() {
                 failures += 1;
                 last_failure = match v {
-                    Verdict::Disagree(d) => Some(d),
+                    Verdict::Disagree(d) => {
+                        disputed = true;
+                        Some(d)
+                    }
                     _ => None,
                 };
-            } else if v == Verdict::Verified {
+            } else if let Verdict::Extend(count) = v {
+                if !verified {
+                    extending = true;
+                    disputed |= super::verify::answers_differ(round);
+                    let first_replica = round.iter().map(|a| a.replica).max().unwrap_or(0) + 1;
+                    let nodes = round.iter().map(|a| a.node.clone()).collect();
+                    to_extend.push(Extension { index, number: first.number, first_replica, count, nodes });
+                }
+            } else if let Verdict::Verified(d) = v {
+                if verified {
+                    continue;
+                }
                 verified = true;
+                if d.unverified.is_some() {
+                    verification.unverified += 1;
+                } else {
+                    verification.verified += 1;
+                }
+                if observe {
+                    observed.extend(d.agreed.into_iter().map(|id| (id, Observed::Agreed)));
+                    observed.extend(d.outvoted.into_iter().map(|id| (id, Observed::Outvoted)));
+                    observed.extend(d.unverified.into_iter().map(|id| (id, Observed::Unverified)));
+                }
+                if let Some(dispute) = d.dispute {
+                    disputed = true;
+                    if disputes.len() < MAX_DISPUTES {
+                        disputes.push(dispute);
+                    }
+                }
             }
         }
+        verification.disputed += disputed as u32;
         let next_number = tries.last().map_or(0, |a| a.number) + 1;
         if verified {
             counts.succeeded += 1;
@@ -114,7 +187,7 @@ pub fn progress<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: 
             active.extend(running);
         } else {
             disagreements.extend(last_failure);
-            if !running.is_empty() {
+            if !running.is_empty() || extending {
                 counts.running += 1;
                 active.extend(running);
             } else if failures >= policy.max_attempts {
@@ -171,7 +244,24 @@ pub fn progress<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: 
     };
     let next_retry_ms = if phase == JobPhase::Running || phase == JobPhase::Pending { next_retry_ms } else { None };
 
-    Progress { phase, counts, to_place, to_cancel, completed, failed, failure, disagreements, next_retry_ms, started_ms }
+    // Extensions of rounds that stopped mattering (the job ended or is suspended) are dropped.
+    let to_extend = if phase == JobPhase::Running && !policy.suspended { to_extend } else { vec![] };
+    Progress {
+        phase,
+        counts,
+        to_place,
+        to_cancel,
+        completed,
+        failed,
+        failure,
+        disagreements,
+        to_extend,
+        verification,
+        observed,
+        disputes,
+        next_retry_ms,
+        started_ms,
+    }
 }
 
 #[cfg(test)]
@@ -198,6 +288,7 @@ mod tests {
             placement: Default::default(),
             priority: 0,
             max_price_per_hour: None,
+            verification: Default::default(),
         }
     }
 
@@ -359,6 +450,64 @@ mod tests {
             result,
             ..attempt(index, number, phase, 0, phase.is_terminal().then_some(1_000))
         }
+    }
+
+    fn verifying(tasks: u32, mode: crate::job::verification::Mode) -> JobPolicy {
+        let mut p = policy(tasks, tasks, 3);
+        p.verification.mode = mode;
+        p
+    }
+
+    #[test]
+    fn a_quorum_extends_rounds_on_other_owners_and_observes_who_agreed_and_who_was_outvoted() {
+        use crate::job::verification::Mode;
+        use AttemptPhase::*;
+        let pol = verifying(3, Mode::Replicate { replicas: 2, quorum: 2, max_replicas: 3 });
+        let attempts = [
+            // Task 0: the copies agree.
+            copy(0, 1, 0, Succeeded, "a"),
+            copy(0, 1, 1, Succeeded, "a"),
+            // Task 1: a tie, broken by a third copy against copy 1.
+            copy(1, 1, 0, Succeeded, "a"),
+            copy(1, 1, 1, Succeeded, "b"),
+            copy(1, 1, 2, Succeeded, "a"),
+            // Task 2: a tie: one more copy, on an owner other than n0's and n1's.
+            copy(2, 1, 0, Succeeded, "a"),
+            copy(2, 1, 1, Succeeded, "b"),
+        ];
+        let p = progress(&pol, &attempts, 20_000);
+        assert_eq!(p.phase, JobPhase::Running);
+        assert_eq!(p.to_extend, vec![Extension { index: 2, number: 1, first_replica: 2, count: 1, nodes: vec!["n0".into(), "n1".into()] }]);
+        assert!(p.to_place.is_empty(), "a task whose round grows is running, not placed again");
+        assert_eq!((p.counts.succeeded, p.counts.running), (2, 1));
+        assert_eq!(p.verification, VerificationCounts { verified: 2, unverified: 0, disputed: 2, extra_attempts: 4 });
+        let r = |i, k| replica_attempt_id("uid", i, 1, k);
+        assert_eq!(
+            p.observed,
+            vec![
+                (r(0, 0), Observed::Agreed),
+                (r(0, 1), Observed::Agreed),
+                (r(1, 0), Observed::Agreed),
+                (r(1, 2), Observed::Agreed),
+                (r(1, 1), Observed::Outvoted)
+            ]
+        );
+        assert_eq!(p.disputes.iter().map(|d| d.index).collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn a_spot_check_follows_the_decision_and_mode_none_observes_nothing() {
+        use crate::job::verification::{Mode, PPM};
+        use AttemptPhase::*;
+        let pol = verifying(2, Mode::SpotCheck { fraction_ppm: PPM / 2, max_replicas: 3 });
+        let attempts = [copy(0, 1, 0, Succeeded, "a"), copy(1, 1, 0, Succeeded, "a")];
+        let p = progress_with(&pol, &attempts, 20_000, &|a| a.index == 1);
+        assert_eq!(p.to_extend.iter().map(|e| (e.index, e.first_replica, e.count)).collect::<Vec<_>>(), vec![(1, 1, 1)]);
+        assert_eq!(p.observed, vec![(replica_attempt_id("uid", 0, 1, 0), Observed::Unverified)]);
+        assert_eq!(p.verification, VerificationCounts { unverified: 1, ..Default::default() });
+        let p = progress(&policy(2, 2, 3), &attempts, 20_000);
+        assert!(p.observed.is_empty() && p.to_extend.is_empty());
+        assert_eq!(p.verification, VerificationCounts { unverified: 2, ..Default::default() });
     }
 
     #[test]

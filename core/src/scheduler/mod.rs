@@ -248,6 +248,9 @@ pub struct Request {
     /// Nodes this job no longer uses (they preempted or lost too many of its tasks, see
     /// `job::conduct`), sorted. Short: a few nodes per job at most.
     pub avoid: Vec<String>,
+    /// Nodes whose owners the copies must not share: the other copies of the round being
+    /// extended (a verification check runs on another owner). Empty for a new round.
+    pub distinct_from: Vec<String>,
 }
 
 impl Request {

@@ -534,6 +534,7 @@ impl Pool {
         let replicas = r.replicas.max(1) as usize;
         let (picks, _) = self.cached(r);
         let avoid = self.avoided(r);
+        let taboo: Vec<u32> = r.distinct_from.iter().filter_map(|n| self.by_name.get(n)).map(|&id| self.hot[id as usize].owner).collect();
         let start = mix(self.seed ^ salt);
         let (wr, wb) = (self.weights.reputation as u64, self.weights.balance as u64);
         let mut found: Vec<(u64, u64, u32, u32, u64)> = Vec::with_capacity(SAMPLE + PER_CLASS);
@@ -563,6 +564,7 @@ impl Pool {
                     let id = members[(offset + j) % members.len()];
                     let h = &self.hot[id as usize];
                     if h.flags != SCHEDULABLE
+                        || taboo.contains(&h.owner)
                         || filter::dynamic_exclusion(h.reputation, avoid.contains(&id), h.capacity, h.allocated, h.gpus_used, pick.matching, r).is_some()
                     {
                         continue;

@@ -143,6 +143,9 @@ impl End {
 #[derive(Debug, Clone)]
 pub struct AttemptContext {
     pub attempt_id: String,
+    /// What the task sees as `KOMMUNE_ATTEMPT_ID`: the same for every copy of a verified task,
+    /// so honest copies' output matches; empty means `attempt_id`.
+    pub task_identity: String,
     pub task_index: u32,
     pub task_count: u32,
     /// Hard cap on the task's memory (wasm linear memory, container cgroup; not enforced for
@@ -175,7 +178,7 @@ impl AttemptContext {
             .chain([
                 (TASK_INDEX_VAR.to_owned(), self.task_index.to_string()),
                 (TASK_COUNT_VAR.to_owned(), self.task_count.to_string()),
-                (ATTEMPT_ID_VAR.to_owned(), self.attempt_id.clone()),
+                (ATTEMPT_ID_VAR.to_owned(), if self.task_identity.is_empty() { &self.attempt_id } else { &self.task_identity }.clone()),
             ])
             .collect()
     }
@@ -231,6 +234,7 @@ mod tests {
     fn task_env_puts_agent_variables_last_and_drops_job_overrides() {
         let ctx = AttemptContext {
             attempt_id: "job-1-2-a1".into(),
+            task_identity: String::new(),
             task_index: 2,
             task_count: 4,
             memory_bytes: 1 << 20,
@@ -242,6 +246,9 @@ mod tests {
         let env = ctx.task_env();
         let names: Vec<_> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         assert_eq!(names, ["GREETING=hi", "KOMMUNE_TASK_INDEX=2", "KOMMUNE_TASK_COUNT=4", "KOMMUNE_ATTEMPT_ID=job-1-2-a1"]);
+        // A copy of a verified task sees its task's identity, not its own attempt id.
+        let copy = AttemptContext { attempt_id: "job-1-2-a1.r1".into(), task_identity: "job-1-2-a1".into(), ..ctx };
+        assert_eq!(copy.task_env().last(), Some(&("KOMMUNE_ATTEMPT_ID".to_string(), "job-1-2-a1".to_string())));
     }
 
     #[test]

@@ -49,6 +49,7 @@ impl Fixture {
     fn context(&self, timeout: Duration) -> AttemptContext {
         AttemptContext {
             attempt_id: format!("{}-a1", self.node),
+            task_identity: String::new(),
             task_index: 1,
             task_count: 2,
             memory_bytes: MEMORY,

@@ -84,6 +84,11 @@ pub struct ComputeJobSpec {
     /// measure and sign, at the cluster's rates or a provider's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<JobPricing>,
+
+    /// How results are checked before they are accepted and paid: `none`, `replicate`,
+    /// `spotCheck` or `adaptive`. See docs/VERIFICATION.md.
+    #[serde(default, skip_serializing_if = "crate::crd::VerificationSpec::is_default")]
+    pub verification: crate::crd::VerificationSpec,
 }
 
 /// Spending limits of a job. Amounts are decimal strings of credits with at most 6 decimals.
@@ -164,8 +169,9 @@ pub struct Placement {
     /// is preempted or cancelled makes the attempt start over without using a retry.
     /// Disagreements are reported in the `Verified` condition with the nodes and results.
     /// Each copy uses the job's resources and is metered and paid for. Copies see the same
-    /// environment except `KOMMUNE_ATTEMPT_ID`, which is theirs: output that includes it
-    /// always disagrees. Not for exec tasks, whose output is not deterministic.
+    /// environment and task identity (`KOMMUNE_ATTEMPT_ID` is the first copy's). Means
+    /// `verification: {mode: replicate, replicas: R, quorum: R, maxReplicas: R}` (every copy
+    /// must agree) unless `spec.verification` sets a mode, which then decides the copies. Not for exec tasks, whose output is not deterministic.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 16))]
     pub replicas: u32,
@@ -504,6 +510,25 @@ pub struct ComputeJobStatus {
     /// Usage and cost metered so far, from the providers' signed receipts in the ledger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<JobUsage>,
+    /// How the finished tasks' results were verified and what verification cost (present when
+    /// results are compared or sampled: `spec.verification` or `placement.replicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<JobVerification>,
+}
+
+/// How a job's results were verified.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobVerification {
+    /// Task counts by how they were verified, and the extra copies run.
+    #[serde(flatten)]
+    pub counts: kommune_core::job::phase::VerificationCounts,
+    /// Extra copies per succeeded task, in percent, e.g. "12.5".
+    pub overhead_percent: String,
+    /// Tasks whose copies returned different results (at most 8): the task, the attempt and
+    /// each node's answer; an outvoted result is neither accepted nor paid.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disputes: Vec<String>,
 }
 
 /// Metered usage of a job, summed over the accepted receipts of its attempts.

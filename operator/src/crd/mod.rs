@@ -4,10 +4,12 @@
 pub mod compute_job;
 pub mod description;
 pub mod provider_node;
+pub mod verification;
 pub use kommune_proto::quantity;
 
 pub use compute_job::*;
 pub use provider_node::*;
+pub use verification::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};

@@ -30,6 +30,7 @@ pub fn exec_policy(tasks: u32, cpu_millis: u64) -> JobPolicy {
         placement: crate::job::PlacementPolicy { replicas: 1, ..Default::default() },
         priority: 0,
         max_price_per_hour: None,
+        verification: Default::default(),
     }
 }
 

@@ -14,6 +14,7 @@ mod modules;
 mod node;
 mod timeouts;
 mod update;
+mod verification;
 mod wire;
 
 #[cfg(test)]
@@ -35,7 +36,8 @@ use crate::STAGE;
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
 use crate::crd::JobPhase;
 use crate::fleet::Fleet;
-use crate::job::{JobPolicy, Progress, conduct, progress};
+use crate::job::progress::progress_with;
+use crate::job::{JobPolicy, Progress, conduct};
 use crate::ledger::Ledger;
 use crate::pricing::{Micros, RateBook};
 use crate::scheduler::pool::Batch;
@@ -113,6 +115,12 @@ pub struct Dispatcher {
     /// How long past its task timeout an attempt may stay unreported before the operator
     /// fails it (the agent's own timer starts later: after the module download).
     task_grace: std::time::Duration,
+    /// Whether each sampled result is checked, by attempt id (see `verification`).
+    checks: std::sync::Mutex<HashMap<String, bool>>,
+    /// Verification outcomes already recorded, so each is written once.
+    recorded: std::sync::Mutex<HashSet<(String, kommune_core::reputation::Observed)>>,
+    /// This operator's secret for spot-check draws: providers cannot predict them.
+    verification_key: u64,
 }
 
 /// The namespace of a "namespace/name" job key.
@@ -140,6 +148,9 @@ impl Dispatcher {
             fence: crate::fence::Fence::open(),
             jobs: Default::default(),
             task_grace: timeouts::DEFAULT_TASK_GRACE,
+            checks: Default::default(),
+            recorded: Default::default(),
+            verification_key: rand::random(),
         }
     }
 
@@ -272,7 +283,8 @@ impl Dispatcher {
         let now = now_ms();
         self.remember_limits(&job.uid, policy);
         let attempts = self.store.job_attempts(&job.uid).await?;
-        let before = progress(policy, &attempts, now);
+        let checks = self.decide_checks(policy, &attempts).await?;
+        let before = progress_with(policy, &attempts, now, &|a| checks.get(&a.id).copied().unwrap_or(true));
         self.cancel_unneeded(policy, &before, &attempts).await?;
         self.ensure_rebuilt().await?;
         let mut request = policy.request();
@@ -283,10 +295,13 @@ impl Dispatcher {
         let spent = metered.as_ref().map_or(Micros(0), |(_, cost)| *cost);
         let (admitted, budget_exhausted) = self.budget_admits(policy, &attempts, spent, before.to_place.len());
         let place_span = kommune_telemetry::span!("place", job = %job.key, tasks_placed = tracing::field::Empty);
+        let (extended, unextended) = self.place_extensions(job, policy, module, &request, &before.to_extend, now).instrument(place_span.clone()).await?;
         let (placed, unplaced) = self.place(job, policy, module, &request, &before.to_place[..admitted], now).instrument(place_span.clone()).await?;
+        let (placed, unplaced) = (placed + extended, unplaced.or(unextended));
         place_span.record("tasks_placed", placed);
         let changed = placed > 0 || !before.to_cancel.is_empty() || unplaced.is_some();
-        let (progress, attempts) = self.progress_after(job, policy, attempts, changed, now).await?;
+        let (progress, attempts) = self.progress_after(job, policy, attempts, changed, &checks, now).await?;
+        self.record_verifications(job, policy, &progress.observed, &attempts).await?;
         self.forget_if_done(&job.uid, &progress, &attempts);
         Ok(Synced { progress, attempts, unplaced, placed, budget_exhausted, usage: metered.map(|(u, _)| u) })
     }
@@ -415,10 +430,11 @@ impl Dispatcher {
         policy: &JobPolicy,
         attempts: Vec<Arc<Attempt>>,
         changed: bool,
+        checks: &HashMap<String, bool>,
         now: i64,
     ) -> Result<(Progress, Vec<Arc<Attempt>>)> {
         let attempts = if changed { self.store.job_attempts(&job.uid).await? } else { attempts };
-        Ok((progress(policy, &attempts, now), attempts))
+        Ok((progress_with(policy, &attempts, now, &|a| checks.get(&a.id).copied().unwrap_or(true)), attempts))
     }
 
     /// Frees the memory the store and ledger keep for a job that ended with nothing of it
@@ -432,6 +448,7 @@ impl Dispatcher {
     /// Drops the job from the store's and the ledger's in-memory caches.
     fn forget_job(&self, job_uid: &str) {
         self.store.forget_job(job_uid);
+        self.forget_verification(job_uid);
         if let Some(l) = &self.ledger {
             l.forget_job(job_uid);
         }

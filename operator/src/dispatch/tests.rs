@@ -329,3 +329,77 @@ async fn attempts_of_a_job_not_synced_since_a_restart_are_left_until_it_is() {
     d2.sync(&job("ns", "u"), &policy, None).await.unwrap();
     assert_eq!(d2.enforce_timeouts().await.unwrap(), 1);
 }
+
+/// Runs `policy` for job `uid` with providers alice-1, bob-1 (who always returns a wrong
+/// digest) and carol-1; bob (and alice, with `two_first`) alone at first so the first copy is
+/// his: every copy handed out is reported finished, until the job ends. Returns the last sync
+/// and the store.
+async fn run_with_a_liar(uid: &str, policy: &JobPolicy, two_first: bool) -> (Synced, Arc<Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let fleet = Arc::new(Fleet::default());
+    let (changed, _changed_rx) = mpsc::channel(64);
+    let d = Dispatcher::new(store.clone(), fleet.clone(), changed);
+    let j = job("team-a", uid);
+    let _bob = provider(&fleet, "bob-1", "bob");
+    let _alice = two_first.then(|| provider(&fleet, "alice-1", "alice"));
+    let mut synced = d.sync(&j, policy, None).await.unwrap();
+    let _alice = _alice.unwrap_or_else(|| provider(&fleet, "alice-1", "alice"));
+    let _carol = provider(&fleet, "carol-1", "carol");
+    for _ in 0..6 {
+        for a in synced.attempts.iter().filter(|a| !a.phase.is_terminal()) {
+            let digest = if a.node == "bob-1" { "b".repeat(64) } else { "a".repeat(64) };
+            let result = v1::TaskResult { exit_code: 0, output_sha256: digest, ..Default::default() };
+            let done = v1::TaskUpdate { attempt_id: a.id.clone(), state: v1::AttemptState::Succeeded as i32, result: Some(result), ..Default::default() };
+            d.on_update(&a.node, &[0; 32], &done).await.unwrap();
+        }
+        synced = d.sync(&j, policy, None).await.unwrap();
+        if synced.progress.phase == JobPhase::Succeeded {
+            break;
+        }
+    }
+    std::mem::forget(dir);
+    (synced, store)
+}
+
+#[tokio::test]
+async fn a_lying_provider_is_outvoted_under_a_quorum_and_caught_by_a_spot_check_and_its_outcome_is_observed() {
+    use kommune_core::job::verification::{Mode, PPM};
+    use kommune_core::reputation::Observed;
+    let modes = [
+        ("quorum", Mode::Replicate { replicas: 2, quorum: 2, max_replicas: 3 }, true),
+        ("spot", Mode::SpotCheck { fraction_ppm: PPM, max_replicas: 3 }, false),
+    ];
+    for (uid, mode, two_first) in modes {
+        let mut policy = replicated_policy(1, 1);
+        policy.verification.mode = mode;
+        let (synced, store) = run_with_a_liar(uid, &policy, two_first).await;
+        assert_eq!(synced.progress.phase, JobPhase::Succeeded, "{uid}");
+        let v = &synced.progress.verification;
+        assert_eq!((v.verified, v.unverified, v.disputed), (1, 0, 1), "{uid}: verified by a quorum, after a dispute");
+        let by_node = |node: &str| synced.attempts.iter().filter(|a| a.node == node).count();
+        assert_eq!((by_node("bob-1"), synced.attempts.len()), (1, 3), "{uid}: the liar ran the first copy; two others outvoted it");
+        let bob = store.observations_of("bob-1", 10).await.unwrap();
+        assert_eq!(bob.iter().map(|o| o.observed).collect::<Vec<_>>(), vec![Observed::Outvoted], "{uid}");
+        assert_eq!(bob[0].workload, policy.workload.class());
+        for honest in ["alice-1", "carol-1"] {
+            let o = store.observations_of(honest, 10).await.unwrap();
+            assert_eq!(o.iter().map(|o| o.observed).collect::<Vec<_>>(), vec![Observed::Agreed], "{uid} {honest}");
+        }
+        let winner = synced.attempts.iter().find(|a| a.node != "bob-1").unwrap();
+        assert_eq!(winner.result.as_ref().unwrap().output_sha256, "a".repeat(64));
+    }
+}
+
+#[tokio::test]
+async fn a_result_not_chosen_for_a_spot_check_is_accepted_unchecked_and_observed_so() {
+    use kommune_core::job::verification::Mode;
+    use kommune_core::reputation::Observed;
+    let mut policy = replicated_policy(1, 1);
+    policy.verification.mode = Mode::SpotCheck { fraction_ppm: 0, max_replicas: 3 };
+    let (synced, store) = run_with_a_liar("unchecked", &policy, false).await;
+    assert_eq!((synced.progress.phase, synced.attempts.len()), (JobPhase::Succeeded, 1));
+    assert_eq!(synced.progress.verification.unverified, 1);
+    let o = store.observations_of("bob-1", 10).await.unwrap();
+    assert_eq!(o.iter().map(|o| o.observed).collect::<Vec<_>>(), vec![Observed::Unverified]);
+}

@@ -109,6 +109,8 @@ pub fn assign_message(a: &Attempt, policy: &JobPolicy, module: Option<&ModuleRef
         timeout_millis: policy.task_timeout.as_millis() as u64,
         gpus: policy.gpu.count,
         trace: None,
+        // Every copy of a round sees the round's first id, so their outputs can match.
+        task_identity: crate::attempt::attempt_id(&a.job_uid, a.index, a.number),
     }
 }
 
@@ -164,6 +166,9 @@ mod tests {
             network: true,
         };
         assert_eq!(assign.workload.and_then(|w| w.kind), Some(v1::workload::Kind::Container(expected)));
+        let copy = Attempt { id: crate::attempt::replica_attempt_id("uid", 2, 1, 2), replica: 2, ..attempt };
+        let assign = assign_message(&copy, &policy, None);
+        assert_eq!((assign.attempt_id.as_str(), assign.task_identity), (copy.id.as_str(), attempt_id("uid", 2, 1)), "copies share the task identity");
     }
 
     #[test]

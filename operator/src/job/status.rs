@@ -27,6 +27,21 @@ fn ts(ms: i64) -> Time {
     Time(Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
+/// Disputes shown in status.
+pub const DISPUTES_IN_STATUS: usize = 8;
+
+/// The status's verification summary: None when nothing was compared or sampled.
+fn verification(p: &Progress) -> Option<crate::crd::JobVerification> {
+    let c = &p.verification;
+    if c.verified == 0 && c.disputed == 0 && c.extra_attempts == 0 && p.observed.is_empty() {
+        return None;
+    }
+    let tasks = (c.verified + c.unverified).max(1) as u64;
+    let tenths = c.extra_attempts * 1000 / tasks;
+    let disputes = p.disputes.iter().chain(&p.disagreements).take(DISPUTES_IN_STATUS).map(|d| d.to_string()).collect();
+    Some(crate::crd::JobVerification { counts: c.clone(), overhead_percent: format!("{}.{}", tenths / 10, tenths % 10), disputes })
+}
+
 /// What a sync produced, for the status.
 pub struct Observed<'a> {
     pub generation: Option<i64>,
@@ -145,6 +160,16 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
         _ => s.conditions.retain(|c| c.type_ != VERIFIED),
     }
 
+    s.verification = verification(p);
+    if let Some(v) = s.verification.as_ref().filter(|_| !s.conditions.iter().any(|c| c.type_ == VERIFIED && c.status == "False")) {
+        let c = &v.counts;
+        let message = format!(
+            "{} task(s) verified by a quorum, {} accepted unchecked, {} disputed; {} extra attempt(s) ({}% overhead)",
+            c.verified, c.unverified, c.disputed, c.extra_attempts, v.overhead_percent
+        );
+        set_condition(&mut s.conditions, condition(VERIFIED, true, "Verified", message, g));
+    }
+
     let mut finished: Vec<&Attempt> = o.attempts.iter().map(|a| &**a).filter(|a| a.phase.is_terminal() && a.result.is_some()).collect();
     finished.sort_by(|a, b| b.finished_ms.cmp(&a.finished_ms).then(a.index.cmp(&b.index)));
     s.recent_results = finished
@@ -245,6 +270,10 @@ mod tests {
             failed: vec![],
             failure: None,
             disagreements: vec![],
+            to_extend: vec![],
+            verification: Default::default(),
+            observed: vec![],
+            disputes: vec![],
             next_retry_ms: None,
             started_ms: Some(1_000),
         }
@@ -357,6 +386,27 @@ mod tests {
     fn disagreement(index: u32, number: u32) -> Disagreement {
         let answer = |node: &str, digest: &str| Answer { node: node.into(), exit_code: Some(0), output_sha256: digest.repeat(64) };
         Disagreement { index, number, answers: vec![answer("alice-1", "a"), answer("bob-1", "b")] }
+    }
+
+    #[test]
+    fn verification_counts_overhead_and_capped_disputes_are_shown_with_a_verified_condition() {
+        use kommune_core::job::phase::VerificationCounts;
+        let counts = VerificationCounts { verified: 3, unverified: 5, disputed: 10, extra_attempts: 2 };
+        let p = Progress {
+            verification: counts.clone(),
+            disputes: (0..10).map(|i| disagreement(i, 1)).collect(),
+            ..progress(JobPhase::Succeeded, TaskCounts { total: 8, succeeded: 8, ..Default::default() })
+        };
+        let s = summarize(&ComputeJobStatus::default(), &observed(&p, &[], None));
+        let v = s.verification.clone().unwrap();
+        assert_eq!((v.counts, v.overhead_percent.as_str(), v.disputes.len()), (counts, "25.0", DISPUTES_IN_STATUS));
+        assert!(v.disputes[0].contains("node alice-1 exit 0"), "{}", v.disputes[0]);
+        let c = s.conditions.iter().find(|c| c.type_ == VERIFIED).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Verified"));
+        assert_eq!(c.message, "3 task(s) verified by a quorum, 5 accepted unchecked, 10 disputed; 2 extra attempt(s) (25.0% overhead)");
+        // Without verification there is nothing to show.
+        let plain = progress(JobPhase::Succeeded, TaskCounts { total: 1, succeeded: 1, ..Default::default() });
+        assert!(summarize(&ComputeJobStatus::default(), &observed(&plain, &[], None)).verification.is_none());
     }
 
     #[test]

@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use crate::crd::quantity;
-use crate::crd::{ComputeJobSpec, EnvVar, Placement};
+use crate::crd::{ComputeJobSpec, EnvVar, Placement, VerificationMode, VerificationSpec};
 use crate::fleet::normalize_arch;
 use crate::pricing::Micros;
 use crate::scheduler::{self, GpuPattern, GpuRequest, Locality, Reputation, TaintEffect, Toleration, TolerationOperator};
+use kommune_core::job::verification::{Adaptive, MAX_COPIES, Mode, PPM, Verification};
 
 pub use kommune_core::job::policy::*;
 
@@ -132,6 +133,7 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
         }
     };
     let placement = placement(&spec.placement, &workload)?;
+    let verification = verification(&spec.verification, &placement, &workload)?;
 
     let credits = |field: &str, v: Option<&str>| -> Result<Option<Micros>, Invalid> {
         v.map(|v| Micros::parse_credits(v).map_err(|e| invalid(format!("spec.pricing.{field}: {e}")))).transpose()
@@ -156,7 +158,60 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
         placement,
         priority: spec.priority,
         max_price_per_hour,
+        verification,
     })
+}
+
+/// `spec.verification` as a [`Verification`]: each mode's fields checked against each other.
+fn verification(v: &VerificationSpec, placement: &PlacementPolicy, workload: &TaskWorkload) -> Result<Verification, Invalid> {
+    let field = |name: &str, set: bool| if set { Err(invalid(format!("spec.verification.{name} does not apply to mode {:?}", v.mode))) } else { Ok(()) };
+    let copies = |n: Option<u32>, name: &str, min: u32| match n {
+        Some(n) if !(min..=MAX_COPIES).contains(&n) => Err(invalid(format!("spec.verification.{name} must be between {min} and {MAX_COPIES}, got {n}"))),
+        _ => Ok(n),
+    };
+    let mode = match v.mode {
+        VerificationMode::None => {
+            field("replicas", v.replicas.is_some())?;
+            field("quorum", v.quorum.is_some())?;
+            field("maxReplicas", v.max_replicas.is_some())?;
+            field("fraction", v.fraction.is_some())?;
+            Mode::None
+        }
+        VerificationMode::Replicate => {
+            field("fraction", v.fraction.is_some())?;
+            let replicas = copies(v.replicas, "replicas", 2)?.unwrap_or(2);
+            let quorum = copies(v.quorum, "quorum", 2)?.unwrap_or(replicas);
+            if quorum > replicas {
+                return Err(invalid(format!("spec.verification.quorum ({quorum}) cannot exceed replicas ({replicas})")));
+            }
+            let max_replicas = copies(v.max_replicas, "maxReplicas", replicas)?.unwrap_or((replicas + 1).min(MAX_COPIES));
+            Mode::Replicate { replicas, quorum, max_replicas }
+        }
+        VerificationMode::SpotCheck | VerificationMode::Adaptive => {
+            field("replicas", v.replicas.is_some())?;
+            field("quorum", v.quorum.is_some())?;
+            let max_replicas = copies(v.max_replicas, "maxReplicas", 2)?.unwrap_or(3);
+            if v.mode == VerificationMode::Adaptive {
+                field("fraction", v.fraction.is_some())?;
+                Mode::Adaptive(Adaptive { max_replicas, ..Adaptive::default() })
+            } else {
+                let Some(f) = v.fraction.as_deref() else { return Err(invalid("spec.verification.fraction is required by mode spotCheck")) };
+                let fraction_ppm = Micros::parse_credits(f)
+                    .ok()
+                    .filter(|m| m.0 <= PPM as u64)
+                    .ok_or_else(|| invalid(format!("spec.verification.fraction: {f:?} is not a number from 0 to 1 with at most 6 decimals")))?
+                    .0 as u32;
+                Mode::SpotCheck { fraction_ppm, max_replicas }
+            }
+        }
+    };
+    if mode != Mode::None && placement.replicas > 1 {
+        return Err(invalid("spec.placement.replicas and spec.verification.mode both set copies: use spec.verification alone"));
+    }
+    if mode != Mode::None && matches!(workload, TaskWorkload::Exec { .. }) {
+        return Err(invalid("spec.verification: results are verified by comparing outputs, which needs a deterministic runtime; exec tasks are not, use wasm"));
+    }
+    Ok(Verification { mode, outputs: vec![] })
 }
 
 /// A label key (optional DNS prefix and "/", then a name of up to 63 characters) or value.
@@ -289,6 +344,40 @@ mod tests {
         let p = validate(&spec("workload:\n  exec:\n    command: [echo, hi]\n    env: [{name: A, value: b}]\ntasks: 2\n")).unwrap();
         assert_eq!(p.workload.runtime(), "exec");
         assert_eq!(p.workload, TaskWorkload::Exec { command: vec!["echo".into(), "hi".into()], env: vec![("A".into(), "b".into())] });
+    }
+
+    #[test]
+    fn verification_modes_fill_their_defaults_and_placement_replicas_keeps_meaning_unanimity() {
+        let mode = |v: &str| validate(&spec(&format!("{WASM}verification: {v}\n"))).map(|p| (p.verification.mode, p.round_rule().initial));
+        let cases = [
+            ("{mode: none}", Mode::None, 1),
+            ("{mode: replicate}", Mode::Replicate { replicas: 2, quorum: 2, max_replicas: 3 }, 2),
+            ("{mode: replicate, replicas: 3, quorum: 2, maxReplicas: 5}", Mode::Replicate { replicas: 3, quorum: 2, max_replicas: 5 }, 3),
+            ("{mode: spotCheck, fraction: '0.25'}", Mode::SpotCheck { fraction_ppm: PPM / 4, max_replicas: 3 }, 1),
+            ("{mode: spotCheck, fraction: '1'}", Mode::SpotCheck { fraction_ppm: PPM, max_replicas: 3 }, 1),
+            ("{mode: adaptive, maxReplicas: 4}", Mode::Adaptive(Adaptive { max_replicas: 4, ..Adaptive::default() }), 1),
+        ];
+        for (yaml, want, initial) in cases {
+            assert_eq!(mode(yaml).unwrap(), (want, initial), "{yaml}");
+        }
+        let legacy = validate(&spec(&format!("{WASM}placement: {{replicas: 3}}\n"))).unwrap();
+        assert_eq!(legacy.round_rule(), kommune_core::job::verification::RoundRule { initial: 3, quorum: 3, max: 3, sampled: false });
+        let bad = [
+            ("{mode: replicate, replicas: 2, quorum: 3}", "spec.verification.quorum (3) cannot exceed replicas (2)"),
+            ("{mode: replicate, replicas: 3, maxReplicas: 2}", "spec.verification.maxReplicas must be between 3 and 16, got 2"),
+            ("{mode: spotCheck}", "spec.verification.fraction is required by mode spotCheck"),
+            ("{mode: spotCheck, fraction: '1.5'}", "spec.verification.fraction: \"1.5\" is not a number from 0 to 1"),
+            ("{mode: adaptive, fraction: '0.1'}", "spec.verification.fraction does not apply to mode Adaptive"),
+            ("{quorum: 2}", "spec.verification.quorum does not apply to mode None"),
+        ];
+        for (yaml, want) in bad {
+            let e = mode(yaml).unwrap_err();
+            assert!(e.message.contains(want), "{yaml}: {}", e.message);
+        }
+        let both = validate(&spec(&format!("{WASM}placement: {{replicas: 2}}\nverification: {{mode: adaptive}}\n"))).unwrap_err();
+        assert!(both.message.contains("use spec.verification alone"), "{}", both.message);
+        let exec = validate(&spec("workload:\n  exec:\n    command: [x]\nverification: {mode: adaptive}\n")).unwrap_err();
+        assert!(exec.message.contains("exec tasks are not"), "{}", exec.message);
     }
 
     #[test]

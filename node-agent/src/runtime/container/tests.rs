@@ -179,6 +179,7 @@ fn frame(stream: u8, payload: &[u8]) -> Vec<u8> {
 fn context(scratch: &Path) -> AttemptContext {
     AttemptContext {
         attempt_id: "hello-container-1-a1".into(),
+        task_identity: String::new(),
         task_index: 1,
         task_count: 2,
         memory_bytes: 64 << 20,

@@ -11,6 +11,7 @@ use super::super::{AttemptContext, Ending, ExecRuntime, Outcome, TAIL_BYTES};
 fn context(scratch: &Path) -> AttemptContext {
     AttemptContext {
         attempt_id: "hello-exec-1-a1".into(),
+        task_identity: String::new(),
         task_index: 1,
         task_count: 2,
         memory_bytes: 64 << 20,

@@ -17,6 +17,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 fn context(scratch: &Path) -> AttemptContext {
     AttemptContext {
         attempt_id: "hello-2-a1".into(),
+        task_identity: String::new(),
         task_index: 2,
         task_count: 4,
         memory_bytes: 64 << 20,
