@@ -84,13 +84,19 @@ pub fn error_policy(job: Arc<ComputeJob>, error: &Error, ctx: Arc<Context>) -> A
 
 /// Reconciles one ComputeJob.
 pub async fn reconcile(job: Arc<ComputeJob>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciled();
+    let started = std::time::Instant::now();
+    let result = reconcile_job(job, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed(), result.is_ok());
+    result
+}
+
+async fn reconcile_job(job: Arc<ComputeJob>, ctx: &Arc<Context>) -> Result<Action, Error> {
     let ns = job.namespace().ok_or_else(|| Error::MissingMetadata(job.name_any()))?;
     let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, job, |event| async {
         match event {
-            Finalizer::Apply(job) => apply(&job, &ctx).await,
-            Finalizer::Cleanup(job) => cleanup(&job, &ctx).await,
+            Finalizer::Apply(job) => apply(&job, ctx).await,
+            Finalizer::Cleanup(job) => cleanup(&job, ctx).await,
         }
     })
     .await
