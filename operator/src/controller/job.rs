@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::Recorder;
+use crate::controller::events::EventWriter;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -42,7 +42,7 @@ pub struct Context {
     pub client: kube::Client,
     pub dispatcher: Arc<Dispatcher>,
     pub blobs: Blobs,
-    pub recorder: Recorder,
+    pub recorder: EventWriter,
     pub metrics: Arc<Metrics>,
 }
 
@@ -159,8 +159,12 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
         None => None,
     };
 
+    let sync_started = now_ms();
     let synced = ctx.dispatcher.sync(&jr, &policy, module.as_ref()).await?;
     let now = now_ms();
+    if let Some(note) = super::job_events::retries(&synced.attempts, sync_started) {
+        event(ctx, job, Severity::Normal, "Retrying", &note).await;
+    }
     let next = status::summarize(
         &prev,
         &Observed {
