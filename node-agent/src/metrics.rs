@@ -159,7 +159,9 @@ mod tests {
             attempt_id: id.into(),
             job: "ns/j".into(),
             task_count: 1,
-            workload: Some(v1::Workload { kind: Some(WorkloadKind::Exec(v1::ExecWorkload { command: vec!["/bin/sh".into(), "-c".into(), script.into()], env: Default::default() })) }),
+            workload: Some(v1::Workload {
+                kind: Some(WorkloadKind::Exec(v1::ExecWorkload { command: vec!["/bin/sh".into(), "-c".into(), script.into()], env: Default::default() })),
+            }),
             memory_bytes: 64 << 20,
             cpu_millis: 100,
             timeout_millis: 10_000,
@@ -185,7 +187,8 @@ mod tests {
     #[tokio::test]
     async fn the_listener_reports_tasks_failures_spool_and_availability() {
         let dir = tempfile::tempdir().unwrap();
-        let (tasks, mut rx) = Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(dir.path().join("results")).unwrap(), dir.path().join("scratch"));
+        let (tasks, mut rx) =
+            Tasks::new(WasmRuntime::new().unwrap(), ExecRuntime::new(true), Spool::open(dir.path().join("results")).unwrap(), dir.path().join("scratch"));
         tasks.assign(exec("u.0.1", "true"), Arc::new(NoModules));
         tasks.assign(exec("u.1.1", "exit 3"), Arc::new(NoModules));
         let mut wasm = exec("u.2.1", "");

@@ -30,7 +30,11 @@ pub fn retries(attempts: &[Arc<Attempt>], since_ms: i64) -> Option<String> {
                 || "previous attempt unknown".to_string(),
                 |p| {
                     let message = p.result.as_ref().map(|r| r.message.chars().take(120).collect::<String>()).unwrap_or_default();
-                    if message.is_empty() { format!("attempt {} {}", p.number, p.phase.as_str()) } else { format!("attempt {} {}: {message}", p.number, p.phase.as_str()) }
+                    if message.is_empty() {
+                        format!("attempt {} {}", p.number, p.phase.as_str())
+                    } else {
+                        format!("attempt {} {}: {message}", p.number, p.phase.as_str())
+                    }
                 },
             );
             format!("task {} attempt {} on {} ({why})", a.index, a.number, a.node)

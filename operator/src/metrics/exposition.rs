@@ -57,10 +57,7 @@ fn labels(text: &str) -> Option<BTreeMap<String, String>> {
 /// samples that match (so `("kommune_attempts_ended_total", [("phase", "succeeded")])` adds
 /// up every runtime). None when no sample matches.
 pub fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let matching: Vec<f64> = samples
-        .iter()
-        .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
-        .map(|s| s.value)
-        .collect();
+    let matching: Vec<f64> =
+        samples.iter().filter(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))).map(|s| s.value).collect();
     (!matching.is_empty()).then(|| matching.iter().sum())
 }
