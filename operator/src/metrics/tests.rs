@@ -34,7 +34,7 @@ fn bounded_series_start_at_zero() {
     assert_eq!(value(&s, "kommune_attempts_ended_total", &[("phase", "lost"), ("runtime", "wasm")]), Some(0.0));
     // No series per node, job or attempt: every label is one of a fixed set of names.
     for sample in &s {
-        for (k, _) in &sample.labels {
+        for k in sample.labels.keys() {
             assert!(["result", "error", "outcome", "reason", "runtime", "phase", "verdict", "direction", "kind", "le"].contains(&k.as_str()), "{sample:?}");
         }
     }
