@@ -45,7 +45,7 @@ const NEEDS: &[(&str, &str, &str, bool)] = &[
     ("kommune.dev", "providernodes/status", "update", true),
     ("authentication.k8s.io", "tokenreviews", "create", true), // the dashboard's callers
     ("authorization.k8s.io", "subjectaccessreviews", "create", true),
-    ("", "events", "create", false), // the same Events through the core group
+    ("", "events", "create", false), // node Events on API servers before 1.22 (controller/events.rs)
     ("", "events", "patch", false),
     ("coordination.k8s.io", "leases", "get", false), // leader election, when enabled
     ("coordination.k8s.io", "leases", "create", false),
@@ -172,5 +172,81 @@ fn chart_renders_typed_objects_with_the_rbac_the_operator_needs() -> anyhow::Res
     assert_eq!(port.node_port, Some(30443), "kind-config.yaml maps 30443");
     let kind: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(repo().join("kind-config.yaml"))?)?;
     assert_eq!(kind["nodes"][0]["extraPortMappings"][0]["containerPort"].as_i64(), Some(30443));
+    Ok(())
+}
+
+/// Every series name `/metrics` can carry: counters with `_total`, histograms with their
+/// `_bucket`, `_sum` and `_count`, read from the `# TYPE` lines of a registry where every
+/// labelled family has a series (an empty family is not written at all).
+fn exported_series() -> Vec<String> {
+    let m = kommune_operator::metrics::Metrics::default();
+    m.reconcile_error("kube");
+    m.session_closed("timeout");
+    m.message("sent", "ack", 1);
+    let mut why = kommune_operator::scheduler::Explanation::new(1, &Default::default());
+    why.held_for_others = 1;
+    m.placement(1, 0, std::time::Duration::ZERO, Some(&why));
+    let text = m.render(&kommune_operator::fleet::Fleet::default());
+    let mut out = vec![];
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else { continue };
+        let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+        match kind {
+            "counter" => out.push(format!("{name}_total")),
+            "histogram" => out.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}"))),
+            _ => out.push(name.to_string()),
+        }
+    }
+    out
+}
+
+#[test]
+fn the_service_monitor_and_the_grafana_dashboard_render_behind_their_switches() -> anyhow::Result<()> {
+    let Some(helm) = helm() else {
+        println!("skipped: no helm (run .ci/helm-check.sh once to cache a pinned one, or set HELM)");
+        return Ok(());
+    };
+    let kinds = |docs: &[serde_yaml::Value]| docs.iter().map(|d| d["kind"].as_str().unwrap_or_default().to_string()).collect::<Vec<_>>();
+    // Off by default: a cluster without the Prometheus Operator's CRDs installs the chart.
+    let plain = documents(&render_chart(&helm, NS, &[])?)?;
+    assert!(!kinds(&plain).iter().any(|k| k == "ServiceMonitor" || k == "ConfigMap"), "{:?}", kinds(&plain));
+
+    let switches = ["metrics.serviceMonitor.enabled=true", "metrics.grafanaDashboard.enabled=true", "metrics.serviceMonitor.labels.release=prom"];
+    let docs = documents(&render_chart(&helm, NS, &switches)?)?;
+    let monitor = docs.iter().find(|d| d["kind"] == "ServiceMonitor").expect("a ServiceMonitor");
+    assert_eq!(monitor["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    assert_eq!(monitor["metadata"]["labels"]["release"].as_str(), Some("prom"));
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"].as_str(), Some("metrics"));
+    assert_eq!(monitor["spec"]["endpoints"][0]["path"].as_str(), Some("/metrics"));
+    // It selects the metrics Service, which has the port it names, and not the gateway's.
+    let selector: BTreeMap<String, String> = serde_yaml::from_value(monitor["spec"]["selector"]["matchLabels"].clone())?;
+    let services: Vec<Service> = docs.iter().filter(|d| d["kind"] == "Service").map(|d| serde_yaml::from_value(d.clone())).collect::<Result<_, _>>()?;
+    let selected: Vec<&Service> =
+        services.iter().filter(|s| selector.iter().all(|(k, v)| s.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))).collect();
+    assert_eq!(selected.len(), 1, "the ServiceMonitor selects exactly one Service");
+    assert!(selected[0].metadata.name.as_deref().is_some_and(|n| n.ends_with("-metrics")));
+    assert!(selected[0].spec.as_ref().unwrap().ports.iter().flatten().any(|p| p.name.as_deref() == Some("metrics")));
+
+    // The dashboard is a ConfigMap the sidecar picks up, and every series its panels query is
+    // one the operator exports (a renamed series would leave a panel empty).
+    let map: k8s_openapi::api::core::v1::ConfigMap =
+        serde_yaml::from_value(docs.iter().find(|d| d["kind"] == "ConfigMap").expect("a dashboard ConfigMap").clone())?;
+    assert_eq!(map.metadata.labels.as_ref().and_then(|l| l.get("grafana_dashboard")).map(String::as_str), Some("1"));
+    let json: serde_json::Value = serde_json::from_str(&map.data.as_ref().unwrap()["kommune.json"])?;
+    let panels = json["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 15, "{} panels", panels.len());
+    let exported = exported_series();
+    let mut queried = 0;
+    for expr in panels.iter().flat_map(|p| p["targets"].as_array().into_iter().flatten()).filter_map(|t| t["expr"].as_str()) {
+        for name in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("kommune_")) {
+            assert!(exported.iter().any(|e| e == name), "the dashboard queries {name}, which the operator does not export");
+            queried += 1;
+        }
+    }
+    assert!(queried >= 20, "{queried}");
+
+    // helm lint passes with both switches on.
+    let lint = std::process::Command::new(&helm).args(["lint"]).arg(repo().join("charts/kommune")).args(switches.iter().flat_map(|s| ["--set", s])).output()?;
+    assert!(lint.status.success(), "helm lint: {}{}", String::from_utf8_lossy(&lint.stdout), String::from_utf8_lossy(&lint.stderr));
     Ok(())
 }

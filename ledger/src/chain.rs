@@ -18,8 +18,9 @@ pub enum Verdict {
     Accepted { seq: u64, cost: Micros },
     /// The same receipt is already entry `seq`: treat as accepted, so the agent stops resending.
     Duplicate { seq: u64, cost: Micros },
-    /// Refused and recorded with the reason; the agent should drop it.
-    Rejected { reason: String },
+    /// Refused and recorded with the reason; the agent should drop it. `kind` is the bounded
+    /// name of the rule it broke ([`Rejection::kind`]), for metrics.
+    Rejected { reason: String, kind: &'static str },
 }
 
 /// The chain's head and totals as the writer keeps them between batches.
@@ -90,13 +91,14 @@ impl ChainState {
 
     fn reject(batch: &mut Batch, input: &ReceiptInput, why: &Rejection) -> Verdict {
         let reason = why.to_string();
+        let kind = why.kind();
         let r = &input.receipt;
         let digest = rejected_digest(&input.session_node, &r.body, &r.signature);
         if let Some(&i) = batch.rejected_at.get(&digest) {
             let prev = &mut batch.rejected[i];
             prev.times += 1;
             prev.last_ms = prev.last_ms.max(input.received_ms);
-            return Verdict::Rejected { reason };
+            return Verdict::Rejected { reason, kind };
         }
         let body = kommune_proto::receipt::decode(r).ok();
         batch.rejected_at.insert(digest.clone(), batch.rejected.len());
@@ -117,7 +119,7 @@ impl ChainState {
             body_prefix: r.body[..r.body.len().min(REJECTED_BODY_PREFIX)].to_vec(),
             reason: capped(&reason, REJECTED_REASON_MAX),
         });
-        Verdict::Rejected { reason }
+        Verdict::Rejected { reason, kind }
     }
 
     /// Decides one checked receipt. `in_db` and `attempt_in_db` are what the store holds for its

@@ -113,6 +113,49 @@ pub enum Rejection {
     AttemptAlreadyMetered { attempt_id: String, seq: u64 },
 }
 
+impl Rejection {
+    /// Every kind [`Rejection::kind`] returns: a bounded label set for metrics.
+    pub const KINDS: [&'static str; 15] = [
+        "malformed",
+        "bad_signature",
+        "unregistered_key",
+        "wrong_node",
+        "not_assigned",
+        "wrong_attempt",
+        "no_usage",
+        "wall_too_long",
+        "wall_past_timeout",
+        "cpu_too_high",
+        "memory_too_high",
+        "gpu_too_high",
+        "output_too_large",
+        "sequence_reused",
+        "attempt_already_metered",
+    ];
+
+    /// The rule the receipt broke, as a fixed snake_case name (no values from the receipt), so
+    /// it can label a metric without making one series per provider or attempt.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Rejection::Malformed(_) => "malformed",
+            Rejection::BadSignature(_) => "bad_signature",
+            Rejection::UnregisteredKey { .. } => "unregistered_key",
+            Rejection::WrongNode { .. } => "wrong_node",
+            Rejection::NotAssigned { .. } => "not_assigned",
+            Rejection::WrongAttempt { .. } => "wrong_attempt",
+            Rejection::NoUsage => "no_usage",
+            Rejection::WallTooLong { .. } => "wall_too_long",
+            Rejection::WallPastTimeout { .. } => "wall_past_timeout",
+            Rejection::CpuTooHigh { .. } => "cpu_too_high",
+            Rejection::MemoryTooHigh { .. } => "memory_too_high",
+            Rejection::GpuTooHigh { .. } => "gpu_too_high",
+            Rejection::OutputTooLarge { .. } => "output_too_large",
+            Rejection::SequenceReused { .. } => "sequence_reused",
+            Rejection::AttemptAlreadyMetered { .. } => "attempt_already_metered",
+        }
+    }
+}
+
 fn secs(millis: u64) -> String {
     format!("{}.{}s", millis / 1000, (millis % 1000) / 100)
 }

@@ -269,6 +269,11 @@ pub struct RunArgs {
     /// a pool on one private network you control.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", help_heading = "Runtimes")]
     pub allow_private_urls: Option<bool>,
+
+    /// Serve this agent's Prometheus metrics on http://ADDR/metrics (tasks finished, failures
+    /// by reason, spool depth, availability), e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl RunArgs {

@@ -13,6 +13,7 @@ pub mod idle;
 pub mod inventory;
 pub mod join;
 pub mod leave;
+pub mod metrics;
 pub mod receipts;
 pub mod renew;
 pub mod runtime;

@@ -216,11 +216,30 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         (IdlePolicy::new(c), Box::new(MachineLoad::new(std::sync::Arc::new(ids))) as Box<dyn LoadSource>)
     });
     let gate = Gate::new(s.windows.clone(), s.preempt, idle);
+    if let Some(addr) = a.metrics_listen {
+        serve_metrics(addr, tasks.clone(), state.dir.clone()).await?;
+    }
     tracing::info!(node = %state.config.node_name, server = %state.config.server, exec = s.allow_exec, container = offered.container, "agent starting");
     session::run_with(&state, &facts, &tasks, &mut updates, gate, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
+    Ok(())
+}
+
+/// Serves the agent's metrics on `addr` in the background. Bound before the session starts, so
+/// a taken port is an error at start, not a silent gap.
+async fn serve_metrics(addr: std::net::SocketAddr, tasks: std::sync::Arc<Tasks>, state_dir: std::path::PathBuf) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "--metrics-listen is not a loopback address: anyone who can reach it sees this machine's task counts");
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+    tracing::info!(%addr, "serving metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, kommune_agent::metrics::router(tasks, state_dir)).await {
+            tracing::warn!(error = %e, "the metrics server stopped");
+        }
+    });
     Ok(())
 }
 

@@ -49,6 +49,8 @@ pub struct Tasks {
     url_policy: OnceLock<UrlPolicy>,
     // Unbounded: at most two updates per assigned attempt, and the operator bounds assignments.
     updates: mpsc::UnboundedSender<TaskUpdate>,
+    /// Counted whether or not `run --metrics-listen` serves them: a counter is cheap.
+    metrics: crate::metrics::AgentMetrics,
 }
 
 impl Tasks {
@@ -75,6 +77,7 @@ impl Tasks {
             scratch_root,
             url_policy: OnceLock::new(),
             updates,
+            metrics: Default::default(),
         };
         (Arc::new(tasks), rx)
     }
@@ -159,6 +162,11 @@ impl Tasks {
         }
     }
 
+    /// The agent's metrics (`run --metrics-listen`).
+    pub fn metrics(&self) -> &crate::metrics::AgentMetrics {
+        &self.metrics
+    }
+
     /// Starts an attempt. Idempotent by attempt id: a repeated Assign for a running attempt is
     /// ignored, and one for a finished attempt re-sends its result.
     pub fn assign(self: &Arc<Self>, assign: v1::Assign, modules: Arc<dyn ModuleSource>) {
@@ -201,6 +209,7 @@ impl Tasks {
             // Sent while its spool write is in flight, not after: a crash before the write is
             // durable loses no more than a crash before sending would have (and the operator
             // may already have it); the Ack cannot overtake the queued write.
+            me.metrics.finished(crate::metrics::runtime_of(&assign), &update);
             let durable = me.spool.begin_put(&update);
             me.table().remove(&id);
             info!(attempt = %id, ending = ?outcome.ending, exit = outcome.exit_code, "attempt finished");

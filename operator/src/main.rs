@@ -335,6 +335,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Health and metrics come up first: a standby replica is live but not ready.
     let fleet = Arc::new(Fleet::new(args.scheduler_seed, weights, fair));
     let metrics = Arc::new(Metrics::default());
+    metrics.watch_data_dir(args.data_dir.clone());
     let ready = Arc::new(AtomicBool::new(false));
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
     let metrics_server = axum::serve(metrics_listener, kommune_operator::metrics::router(metrics.clone(), fleet.clone(), ready.clone()));
@@ -378,7 +379,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Dispatcher::new(store, fleet.clone(), jobs_changed_tx)
             .with_ledger(ledger, rates)
             .with_fence(fence)
-            .with_task_grace(Duration::from_secs(args.task_grace_seconds)),
+            .with_task_grace(Duration::from_secs(args.task_grace_seconds))
+            .with_metrics(metrics.clone()),
     );
 
     anyhow::ensure!(args.joins_per_second > 0.0 && args.sessions_per_second > 0.0, "--joins-per-second and --sessions-per-second must be positive");

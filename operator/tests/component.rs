@@ -911,3 +911,42 @@ async fn a_drained_node_hands_its_running_task_to_another_without_using_a_retry(
     drained.disconnect().await;
     spare.disconnect().await;
 }
+
+/// After a run, `/metrics` says what happened: N tasks placed, run and metered, two sessions,
+/// the messages that carried them, and the module on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_after_a_run_count_its_tasks_receipts_sessions_and_messages() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = join_agent(&op, dir.path(), "metrics-a", false).await;
+    let _b = join_agent(&op, dir.path(), "metrics-b", false).await;
+    wait_connected(&op, &["metrics-a", "metrics-b"]).await;
+    let sha = op.store_module("metrics-job", &hello_module());
+    let wasm = policy("workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\ntasks: 5\nresources: {cpu: 250m, memory: 64Mi}\n");
+    let done = op.run_to_end(&job("metrics-job"), &wasm, Some(&ModuleRef { sha256: sha, url: None })).await;
+    assert_eq!(done.progress.phase, JobPhase::Succeeded);
+    assert_eq!(op.metered_at_least("metrics-job", 5).await.receipts, 5);
+
+    assert_eq!(op.metric("kommune_agents_connected", &[]), 2.0);
+    assert_eq!(op.metric("kommune_agent_sessions_opened_total", &[]), 2.0);
+    assert_eq!(op.metric("kommune_placement_decisions_total", &[("outcome", "placed")]), 5.0);
+    assert_eq!(op.metric("kommune_placement_decisions_total", &[("outcome", "unschedulable")]), 0.0);
+    assert_eq!(op.metric("kommune_attempts_started_total", &[("runtime", "wasm")]), 5.0);
+    assert_eq!(op.metric("kommune_attempts_retried_total", &[]), 0.0);
+    assert_eq!(op.metric("kommune_attempts_ended_total", &[("phase", "succeeded"), ("runtime", "wasm")]), 5.0);
+    assert_eq!(op.metric("kommune_attempts_ended_total", &[("phase", "failed")]), 0.0);
+    assert_eq!(op.metric("kommune_receipts_total", &[("verdict", "accepted")]), 5.0);
+    assert_eq!(op.metric("kommune_receipts_total", &[("verdict", "rejected")]), 0.0);
+    assert_eq!(op.metric("kommune_ledger_append_duration_seconds_count", &[]), 5.0);
+    // Two node keys, then five receipts: the head is past both.
+    assert!(op.metric("kommune_ledger_head_sequence", &[]) >= 5.0);
+    assert_eq!(op.metric("kommune_gateway_messages_total", &[("direction", "sent"), ("kind", "assign")]), 5.0);
+    assert_eq!(op.metric("kommune_gateway_messages_total", &[("direction", "sent"), ("kind", "ack")]), 5.0);
+    assert_eq!(op.metric("kommune_gateway_messages_total", &[("direction", "received"), ("kind", "hello")]), 2.0);
+    // Each task reports Running, then its result.
+    assert_eq!(op.metric("kommune_gateway_messages_total", &[("direction", "received"), ("kind", "task_update")]), 10.0);
+    assert!(op.metric("kommune_gateway_message_bytes_total", &[("direction", "sent")]) > 0.0);
+    assert_eq!(op.metric("kommune_blobs", &[]), 1.0);
+    assert_eq!(op.metric("kommune_blobs_size_bytes", &[]), hello_module().len() as f64);
+    assert!(op.metric("kommune_store_size_bytes", &[]) > 0.0);
+}

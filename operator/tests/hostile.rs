@@ -20,6 +20,8 @@ mod gateway;
 mod identity;
 #[path = "hostile/measure.rs"]
 mod measure;
+#[path = "hostile/metrics.rs"]
+mod metrics;
 #[path = "hostile/receipts.rs"]
 mod receipts;
 #[path = "hostile/time.rs"]

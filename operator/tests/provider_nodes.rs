@@ -205,6 +205,69 @@ fn ready(status: &ProviderNodeStatus) -> (&str, &str, &str) {
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 
+/// API servers before 1.22 refuse an events.k8s.io Event about a cluster-scoped object in
+/// `default` (the envtest 1.20 one answers exactly this). The writer then records it as a core
+/// Event in `default` without an eventTime, which they accept, folds a repeat into it with a
+/// count, and goes to the core API directly from then on.
+#[tokio::test]
+async fn an_api_server_refusing_cluster_scoped_events_gets_core_events_in_default() {
+    const CORE_EVENTS: &str = "/api/v1/namespaces/default/events";
+    let mut t = testbed();
+    let node = provider_node("n", Some(ready_status()));
+    t.watch_delivers(&node);
+    let closed = |why: &str| NodeEvent::Disconnected { node: "n".into(), reason: why.into() };
+    let written = t
+        .on_event(closed("no message for 15s"), async |api| {
+            let written = api.status_applied(&node).await;
+            let call = api.next("the events.k8s.io POST").await;
+            call.is(Method::POST, EVENTS, "");
+            call.reply(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &json!({
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Invalid", "code": 422,
+                    "message": "Event.events.k8s.io \"n.1\" is invalid: involvedObject.namespace: Invalid value: \"\": does not match event.namespace",
+                }),
+            );
+            let call = api.next("the core Event POST").await;
+            call.is(Method::POST, CORE_EVENTS, "");
+            let event: k8s_openapi::api::core::v1::Event = serde_json::from_value(call.body.clone()).expect("a core/v1 Event");
+            assert_eq!(event.metadata.namespace.as_deref(), Some("default"));
+            assert_eq!(event.event_time, None, "the old validation accepts `default` only without an eventTime");
+            assert_eq!((event.type_.as_deref(), event.reason.as_deref(), event.count), (Some("Warning"), Some("SessionClosed"), Some(1)));
+            assert_eq!((event.involved_object.kind.as_deref(), event.involved_object.name.as_deref()), (Some("ProviderNode"), Some("n")));
+            call.reply(StatusCode::CREATED, &event);
+            api.no_further_requests().await;
+            written
+        })
+        .await;
+    t.watch_delivers(&written);
+
+    // The node comes back and goes again with the same reason: the status is written twice,
+    // and the second SessionClosed is a count on the first Event, straight through the core API.
+    let open = t
+        .on_event(NodeEvent::Connected { node: "n".into(), facts: facts() }, async |api| {
+            let open = api.status_applied(&written).await;
+            let call = api.next("the core SessionOpen Event").await;
+            call.is(Method::POST, CORE_EVENTS, "");
+            let body = call.body.clone();
+            call.reply(StatusCode::CREATED, &body);
+            open
+        })
+        .await;
+    t.watch_delivers(&open);
+    t.on_event(closed("no message for 15s"), async |api| {
+        api.status_applied(&open).await;
+        let call = api.next("the count PATCH").await;
+        assert_eq!(call.method, Method::PATCH);
+        assert!(call.path.starts_with(&format!("{CORE_EVENTS}/n.")), "{}", call.path);
+        assert_eq!(call.body["count"], json!(2));
+        let body = call.body.clone();
+        call.reply(StatusCode::OK, &body);
+        api.no_further_requests().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_connecting_node_is_one_status_apply_and_one_event() {
     let mut t = testbed();

@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::controller::events::EventWriter;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::Recorder;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -42,7 +42,7 @@ pub struct Context {
     pub client: kube::Client,
     pub dispatcher: Arc<Dispatcher>,
     pub blobs: Blobs,
-    pub recorder: Recorder,
+    pub recorder: EventWriter,
     pub metrics: Arc<Metrics>,
 }
 
@@ -84,15 +84,21 @@ pub fn error_policy(job: Arc<ComputeJob>, error: &Error, ctx: Arc<Context>) -> A
 
 /// Reconciles one ComputeJob.
 pub async fn reconcile(job: Arc<ComputeJob>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciled();
+    let started = std::time::Instant::now();
+    let result = reconcile_job(job, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed(), result.is_ok());
+    result
+}
+
+async fn reconcile_job(job: Arc<ComputeJob>, ctx: &Arc<Context>) -> Result<Action, Error> {
     let ns = job.namespace().ok_or_else(|| Error::MissingMetadata(job.name_any()))?;
     let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
     // The root of a task's trace when traces are exported: placement and its Assigns are children.
     let span = kommune_telemetry::span!("reconcile", job = %format!("{ns}/{}", job.name_any()), generation = job.metadata.generation.unwrap_or_default());
     finalizer(&api, FINALIZER, job, |event| async {
         match event {
-            Finalizer::Apply(job) => apply(&job, &ctx).await,
-            Finalizer::Cleanup(job) => cleanup(&job, &ctx).await,
+            Finalizer::Apply(job) => apply(&job, ctx).await,
+            Finalizer::Cleanup(job) => cleanup(&job, ctx).await,
         }
     })
     .instrument(span)
@@ -156,8 +162,12 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
         None => None,
     };
 
+    let sync_started = now_ms();
     let synced = ctx.dispatcher.sync(&jr, &policy, module.as_ref()).await?;
     let now = now_ms();
+    if let Some(note) = super::job_events::retries(&synced.attempts, sync_started) {
+        event(ctx, job, Severity::Normal, "Retrying", &note).await;
+    }
     let next = status::summarize(
         &prev,
         &Observed {

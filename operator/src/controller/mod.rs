@@ -3,7 +3,9 @@
 
 pub mod ca;
 pub mod crds;
+pub mod events;
 pub mod job;
+pub mod job_events;
 pub mod lease;
 pub mod nodes;
 
@@ -12,16 +14,16 @@ use kube::runtime::finalizer::Error as FinalizerError;
 /// The field manager of every write the operator makes.
 pub const MANAGER: &str = "kommune-operator";
 
-/// The Event recorder of every controller: reported as the operator, by pod when it knows it.
-pub fn recorder(client: kube::Client) -> kube::runtime::events::Recorder {
-    kube::runtime::events::Recorder::new(client, kube::runtime::events::Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() })
+/// The Event writer of every controller: reported as the operator, by pod when it knows it.
+pub fn recorder(client: kube::Client) -> events::EventWriter {
+    events::EventWriter::new(client)
 }
 
 /// Publishes an Event about `regarding` unless this replica may not write (it is not the
 /// leader); a failure to record one is logged, never fatal. The recorder folds repeats into one
 /// Event with a count, as Kubernetes' own components do.
 pub async fn publish_event(
-    recorder: &kube::runtime::events::Recorder,
+    recorder: &events::EventWriter,
     dispatcher: &crate::dispatch::Dispatcher,
     regarding: &k8s_openapi::api::core::v1::ObjectReference,
     severity: crate::job::status::Severity,

@@ -95,10 +95,13 @@ impl Dispatcher {
             rates: self.rates.for_node(node),
             received_ms: now,
         };
-        match ledger.submit(input).await? {
+        let started = std::time::Instant::now();
+        let verdict = ledger.submit(input).await?;
+        self.metrics.receipt(&verdict, started.elapsed());
+        match verdict {
             Verdict::Accepted { cost, .. } | Verdict::Duplicate { cost, .. } => Ok((String::new(), cost)),
             // The reason may quote what the agent sent (a node name from the body): bounded.
-            Verdict::Rejected { reason } => Ok((reason.chars().take(REASON_LIMIT).collect(), Micros(0))),
+            Verdict::Rejected { reason, .. } => Ok((reason.chars().take(REASON_LIMIT).collect(), Micros(0))),
         }
     }
 }

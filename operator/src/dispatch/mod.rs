@@ -121,6 +121,7 @@ pub struct Dispatcher {
     recorded: std::sync::Mutex<HashSet<(String, kommune_core::reputation::Observed)>>,
     /// This operator's secret for spot-check draws: providers cannot predict them.
     verification_key: u64,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The namespace of a "namespace/name" job key.
@@ -151,6 +152,7 @@ impl Dispatcher {
             checks: Default::default(),
             recorded: Default::default(),
             verification_key: rand::random(),
+            metrics: Arc::default(),
         }
     }
 
@@ -180,6 +182,16 @@ impl Dispatcher {
     /// wakes.
     pub fn may_write(&self) -> std::result::Result<(), crate::fence::Fenced> {
         self.fence.check()
+    }
+
+    /// Counts placements, attempts and receipts into `metrics` (the operator's one registry).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     pub fn ledger(&self) -> Option<&Arc<Ledger>> {
@@ -259,6 +271,9 @@ impl Dispatcher {
         // Released even when the store says it was already finished: release is idempotent.
         self.fleet.pool().release(id);
         if finished_now {
+            // Attempt ids start with their job's uid (`attempt::attempt_id`).
+            let job_uid = id.split('.').next().unwrap_or_default();
+            self.metrics.attempt_ended(phase, self.limits(job_uid).map(|l| l.runtime));
             match phase {
                 AttemptPhase::Succeeded => self.fleet.record_outcome(node, true),
                 AttemptPhase::Failed | AttemptPhase::Lost => self.fleet.record_outcome(node, false),
@@ -349,6 +364,9 @@ impl Dispatcher {
         let batch = self.schedule(job, policy, request, &ids, now);
         let new = self.build_attempts(job, request, to_place, &ids, &batch, now);
         self.persist(&new).await?;
+        for a in &new {
+            self.metrics.attempt_started(policy.workload.runtime(), a.number);
+        }
         let placed = self.send_assigns(job, policy, module, &new, now).await?;
         if !new.is_empty() {
             info!(job = %job.key, attempts = new.len(), tasks = batch.placed.len(), "placed tasks");
@@ -367,7 +385,9 @@ impl Dispatcher {
             remaining: 0,
             seen_ms: now,
         };
+        let started = std::time::Instant::now();
         let batch = self.fleet.pool().place_batch(demand, ids, now);
+        self.metrics.placement(ids.len(), batch.placed.len(), started.elapsed(), batch.unplaced.as_ref());
         for other in &batch.held_for {
             self.notify(other);
         }

@@ -37,7 +37,7 @@ impl Dispatcher {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(job_uid);
     }
 
-    fn limits(&self, job_uid: &str) -> Option<JobLimits> {
+    pub(super) fn limits(&self, job_uid: &str) -> Option<JobLimits> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(job_uid).copied()
     }
 

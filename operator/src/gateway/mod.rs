@@ -320,7 +320,14 @@ impl AgentGateway for Gateway {
         tokio::spawn(async move {
             session::run(inner, node, public_key, inbound, tx).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let metrics = self.inner.dispatcher.metrics().clone();
+        let outbound = tokio_stream::StreamExt::map(ReceiverStream::new(rx), move |m| {
+            if let Ok(m) = &m {
+                metrics.message("sent", session::operator_kind(m), prost::Message::encoded_len(m));
+            }
+            m
+        });
+        Ok(Response::new(Box::pin(outbound)))
     }
 
     async fn leave(&self, request: Request<v1::LeaveRequest>) -> Result<Response<v1::LeaveResponse>, Status> {

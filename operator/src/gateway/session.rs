@@ -40,6 +40,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
         }
     };
 
+    inner.dispatcher.metrics().message("received", "hello", prost::Message::encoded_len(&hello));
     if hello.running_attempt_ids.len() > MAX_RUNNING_IDS {
         warn!(%node, listed = hello.running_attempt_ids.len(), "Hello refused: too many attempt ids");
         let why = format!("the Hello lists {} attempts; a node may list at most {MAX_RUNNING_IDS}", hello.running_attempt_ids.len());
@@ -58,6 +59,8 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
         }
     };
     let session_id = session.id;
+    let metrics = inner.dispatcher.metrics().clone();
+    metrics.session_opened();
     info!(%node, running = hello.running_attempt_ids.len(), "session opened");
     let welcome = v1::Welcome { node_name: node.clone(), heartbeat_interval_millis: inner.config.heartbeat_interval.as_millis() as u64 };
     if send(&tx, OpKind::Welcome(welcome)).await {
@@ -69,6 +72,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
 
     let in_flight = Arc::new(Semaphore::new(RESULTS_IN_FLIGHT));
     let mut last_renewal = None;
+    let mut last_heartbeat = std::time::Instant::now();
     let reason = loop {
         let next = tokio::select! {
             // The fleet already sent the stream its status (replaced, or the node revoked).
@@ -85,11 +89,14 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
             }
         };
         inner.dispatcher.fleet().touch(&node, session_id);
+        metrics.message("received", agent_kind(&msg), prost::Message::encoded_len(&msg));
         if let Some(agent_message::Kind::TaskUpdate(u)) = &msg.kind {
             trace!(target: STAGE, attempt = %u.attempt_id, state = u.state, "update received");
         }
         match msg.kind {
             Some(agent_message::Kind::Heartbeat(hb)) => {
+                metrics.heartbeat(last_heartbeat.elapsed(), inner.config.heartbeat_interval);
+                last_heartbeat = std::time::Instant::now();
                 inner.dispatcher.fleet().set_paused(&node, hb.paused);
                 let _ = inner.events.try_send(NodeEvent::Heartbeat { node: node.clone() });
             }
@@ -145,9 +152,47 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
         }
     };
 
+    metrics.session_closed(close_kind(&reason));
     if inner.dispatcher.fleet().disconnect(&node, session_id) {
         info!(%node, %reason, "session closed");
         let _ = inner.events.send(NodeEvent::Disconnected { node, reason }).await;
+    }
+}
+
+/// The bounded metric label for a session's end, from the reasons the loop above gives.
+fn close_kind(reason: &str) -> &'static str {
+    const KINDS: [(&str, &str); 7] = [
+        ("ended by the operator", "ended_by_operator"),
+        ("the agent closed", "agent_closed"),
+        ("stream error", "stream_error"),
+        ("no message for", "timeout"),
+        ("protocol error", "protocol_error"),
+        ("store error", "store_error"),
+        ("the session's stream closed", "stream_closed"),
+    ];
+    KINDS.iter().find(|(prefix, _)| reason.starts_with(prefix)).map_or("other", |(_, kind)| kind)
+}
+
+/// The kind of an agent's message, as a metric label.
+fn agent_kind(m: &AgentMessage) -> &'static str {
+    match &m.kind {
+        Some(agent_message::Kind::Hello(_)) => "hello",
+        Some(agent_message::Kind::Heartbeat(_)) => "heartbeat",
+        Some(agent_message::Kind::TaskUpdate(_)) => "task_update",
+        Some(agent_message::Kind::Renew(_)) => "renew",
+        None => "empty",
+    }
+}
+
+/// The kind of an operator's message, as a metric label.
+pub(super) fn operator_kind(m: &OperatorMessage) -> &'static str {
+    match &m.kind {
+        Some(OpKind::Welcome(_)) => "welcome",
+        Some(OpKind::Assign(_)) => "assign",
+        Some(OpKind::Cancel(_)) => "cancel",
+        Some(OpKind::Ack(_)) => "ack",
+        Some(OpKind::Certificate(_)) => "certificate",
+        None => "empty",
     }
 }
 

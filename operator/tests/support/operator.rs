@@ -80,6 +80,7 @@ pub async fn start_operator(dir: tempfile::TempDir, ca: Arc<Ca>, tokens: Arc<Mem
     // A short grace past a task's timeout, so tests of the operator's own timeout run quickly.
     let dispatcher =
         Arc::new(Dispatcher::new(store, fleet, changed_tx).with_ledger(ledger, Arc::new(RateBook::new(rates))).with_task_grace(Duration::from_secs(1)));
+    dispatcher.metrics().watch_data_dir(dir.path().to_path_buf());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let events = Arc::new(std::sync::Mutex::new(vec![]));
@@ -180,6 +181,17 @@ impl Operator {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         ledger.job_usage(job_uid).await.unwrap()
+    }
+
+    /// What `/metrics` would say now, parsed.
+    pub fn scrape(&self) -> Vec<kommune_operator::metrics::exposition::Sample> {
+        let text = self.dispatcher.metrics().render(self.dispatcher.fleet());
+        kommune_operator::metrics::exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    /// One series of [`Operator::scrape`], summed over the labels not given (0 when absent).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        kommune_operator::metrics::exposition::value(&self.scrape(), name, labels).unwrap_or(0.0)
     }
 
     pub fn token(&self, uses: u32, ttl_secs: i64) -> String {

@@ -325,7 +325,7 @@ fn forged_receipts_are_rejected_with_a_reason_and_kept_once(env: &Env) {
         for (f, want) in &forgeries {
             for _ in 0..2 {
                 match l.submit(f.clone()).await.unwrap() {
-                    Verdict::Rejected { reason } => assert!(reason.contains(want), "{reason} should say {want}"),
+                    Verdict::Rejected { reason, .. } => assert!(reason.contains(want), "{reason} should say {want}"),
                     other => panic!("{want}: {other:?}"),
                 }
             }
@@ -366,12 +366,12 @@ fn a_reused_sequence_or_a_metered_attempt_is_rejected(env: &Env) {
         let Verdict::Accepted { seq, .. } = l.submit(input(1, 1, 1)).await.unwrap() else { panic!() };
         // The node signs a different body under the same (node, epoch, sequence).
         let reuse = resign(input(1, 1, 1), &node_key(1), |b| b.usage.as_mut().unwrap().cpu_micros = 1);
-        let Verdict::Rejected { reason } = l.submit(reuse).await.unwrap() else { panic!() };
+        let Verdict::Rejected { reason, .. } = l.submit(reuse).await.unwrap() else { panic!() };
         assert!(reason.contains(&format!("already used by a different receipt (ledger entry {seq})")), "{reason}");
         // A second receipt for the same attempt under a new sequence.
         let mut again = resign(input(1, 1, 2), &node_key(1), |b| b.attempt_id = "a-1-1-1".into());
         again.attempt = input(1, 1, 1).attempt;
-        let Verdict::Rejected { reason } = l.submit(again).await.unwrap() else { panic!() };
+        let Verdict::Rejected { reason, .. } = l.submit(again).await.unwrap() else { panic!() };
         assert!(reason.contains(&format!("attempt a-1-1-1 was already metered by ledger entry {seq}")), "{reason}");
     });
     assert_eq!(rt.block_on(l.rejected("pn-1", 100)).unwrap().len(), 2);

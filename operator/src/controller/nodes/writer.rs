@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::controller::events::EventWriter;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -28,7 +28,7 @@ use crate::store::NodeGrant;
 pub struct NodeWriter {
     api: Api<ProviderNode>,
     dispatcher: Arc<Dispatcher>,
-    recorder: Recorder,
+    recorder: EventWriter,
     cache: Store<ProviderNode>,
     /// The object each status write returned, until the watch delivers that version. The cache
     /// lags this writer's own writes by a round trip, and an apply drops the fields the previous
@@ -257,6 +257,15 @@ impl NodeWriter {
         self.written.remove(node);
         self.last_heartbeat_write.remove(node);
         Ok(())
+    }
+
+    /// Records that `node` was quarantined (or released from quarantine) and why: a Warning
+    /// "Quarantined" or a Normal "QuarantineLifted" Event on its ProviderNode. For the
+    /// reputation work (issue 16) to call when it decides; a node without an object gets none.
+    pub async fn quarantine_event(&self, node: &str, quarantined: bool, note: &str) {
+        let Some(n) = self.current(node) else { return };
+        let (severity, reason) = if quarantined { (Severity::Warning, "Quarantined") } else { (Severity::Normal, "QuarantineLifted") };
+        crate::controller::publish_event(&self.recorder, &self.dispatcher, &n.object_ref(&()), severity, reason, note).await;
     }
 
     /// Publishes an Event about a node.
