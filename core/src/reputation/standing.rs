@@ -209,9 +209,11 @@ impl QuarantineRule {
         Ok(QuarantineRule { max_outvoted_share, min_verified })
     }
 
-    /// Whether `counts` call for a quarantine.
+    /// Whether `counts` call for a quarantine. The number of compared results is taken to one
+    /// decimal, as the figures show it: results made minutes apart have decayed by a hair, and
+    /// ten of them count as ten.
     pub fn trips(&self, counts: &Counts) -> bool {
-        counts.verified() >= self.min_verified && counts.outvoted_share() > self.max_outvoted_share
+        (counts.verified() * 10.0).round() >= self.min_verified * 10.0 && counts.outvoted_share() > self.max_outvoted_share
     }
 
     /// Why, in figures: "4.0 of 10.0 compared results outvoted (40%, limit 10%)".

@@ -120,6 +120,8 @@ fn quarantine_needs_both_the_share_and_enough_compared_results() {
     assert!(!rule.trips(&new_node_one_bad), "one bad result does not quarantine a new node");
     let liar = Counts { agreed: 7.0, outvoted: 3.0, ..Default::default() };
     assert!(rule.trips(&liar));
+    let a_second_later = standing(&[many(Observed::Agreed, 7, T0), many(Observed::Outvoted, 3, T0 + 1000)].concat());
+    assert!(rule.trips(&a_second_later.counts_at(T0 + 1000, decay())), "ten results made a second apart count as ten");
     assert_eq!(rule.explain(&liar), "3.0 of 10.0 compared results outvoted (30%, limit 10% over at least 10)");
     let honest_but_flaky = Counts { agreed: 99.0, outvoted: 1.0, ..Default::default() };
     assert!(!rule.trips(&honest_but_flaky));

@@ -62,7 +62,9 @@ impl Dispatcher {
         let _guard = self.observing.lock().await;
         let now = now_ms();
         let observations = self.store.observations_since(now.saturating_sub(self.fleet.reputation_model().decay.window_ms())).await?;
-        self.fleet.rebuild_standings(&observations, now);
+        for (node, q) in self.fleet.rebuild_standings(&observations, now) {
+            warn!(%node, why = %q.why, "provider quarantined: no more tasks are placed there until an admin lifts it");
+        }
         info!(observations = observations.len(), "provider standings rebuilt");
         Ok(())
     }

@@ -94,30 +94,43 @@ impl Fleet {
     }
 
     /// Replaces every node's counts with those of `observations` (a store read on start or
-    /// takeover). Quarantines are kept: they are restored from ProviderNode conditions.
-    pub fn rebuild_standings(&self, observations: &[Observation], now_ms: i64) {
-        let decay = self.model.decay;
-        let mut fresh: HashMap<&str, Standing> = HashMap::new();
+    /// takeover) and quarantines the nodes whose counts call for it, dated from their last
+    /// outvoted result (so an admin's later lift still ends it). Quarantines already known are
+    /// kept: they are also restored from ProviderNode conditions, which outlive the decay.
+    /// Returns the nodes this quarantined.
+    pub fn rebuild_standings(&self, observations: &[Observation], now_ms: i64) -> Vec<(String, Quarantine)> {
+        let ReputationModel { decay, rule } = self.model;
+        let mut fresh: HashMap<&str, (Standing, i64)> = HashMap::new();
         for o in observations {
-            fresh.entry(o.node.as_str()).or_default().record(o.observed, o.at_ms, decay);
+            let (s, last_outvoted) = fresh.entry(o.node.as_str()).or_default();
+            s.record(o.observed, o.at_ms, decay);
+            if o.observed == kommune_core::reputation::Observed::Outvoted {
+                *last_outvoted = (*last_outvoted).max(o.at_ms);
+            }
         }
         let mut changes = vec![];
+        let mut quarantined = vec![];
         {
             let mut known = self.known();
-            for (node, k) in known.iter_mut() {
-                let s = fresh.remove(node.as_str()).unwrap_or_default();
-                k.record.standing = s;
-                k.record.reputation = (s != Standing::default()).then(|| s.counts_at(now_ms, decay).reputation());
-                changes.push((node.clone(), k.record.reputation.unwrap_or(Reputation::NEW), k.record.quarantine.is_some()));
-            }
-            for (node, s) in fresh {
-                let k = known.entry(node.to_string()).or_default();
-                k.record.standing = s;
-                k.record.reputation = Some(s.counts_at(now_ms, decay).reputation());
-                changes.push((node.to_string(), k.record.reputation.unwrap_or(Reputation::NEW), false));
+            let names: std::collections::BTreeSet<String> = known.keys().cloned().chain(fresh.keys().map(|n| n.to_string())).collect();
+            for node in names {
+                let Some((s, last_outvoted)) = fresh.remove(node.as_str()).or_else(|| known.contains_key(&node).then(Default::default)) else { continue };
+                let r = &mut known.entry(node.clone()).or_default().record;
+                r.standing = s;
+                r.reputation = (s != Standing::default()).then(|| s.counts_at(now_ms, decay).reputation());
+                if r.quarantine.is_none() {
+                    let counts = s.since(&r.forgiven, decay).counts_at(now_ms, decay);
+                    if rule.trips(&counts) {
+                        let q = Quarantine { since_ms: last_outvoted, why: rule.explain(&counts) };
+                        r.quarantine = Some(q.clone());
+                        quarantined.push((node.clone(), q));
+                    }
+                }
+                changes.push((node, r.reputation.unwrap_or(Reputation::NEW), r.quarantine.is_some()));
             }
         }
         self.apply_standings(changes);
+        quarantined
     }
 
     /// Recomputes a node's reputation at `now_ms` (decay moves it towards a new provider's
