@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use kommune_core::reputation::{Decay, QuarantineRule};
 use kommune_operator::blobs::{BlobLimits, Blobs};
 use kommune_operator::controller::lease::LeaderElector;
 use kommune_operator::controller::{self, ca::ensure_ca};
@@ -24,7 +25,6 @@ use kommune_operator::pricing::{Micros, RateBook, Rates};
 use kommune_operator::scheduler::{FairShare, Weights};
 use kommune_operator::store::{Store, StoreConfig};
 use kommune_operator::tokens::{CapacityLimits, SecretTokens};
-use kommune_core::reputation::{Decay, QuarantineRule};
 use kommune_proto::quantity;
 use tokio::sync::mpsc;
 use tracing::info;

@@ -15,7 +15,14 @@ use kommune_operator::scheduler::Reputation;
 use kommune_proto::now_ms;
 
 fn observation(node: &str, n: usize, observed: Observed) -> Observation {
-    Observation { node: node.into(), workload: "exec:/bin/sh".into(), job_uid: "checked".into(), attempt_id: format!("checked.{n}.1"), observed, at_ms: now_ms() }
+    Observation {
+        node: node.into(),
+        workload: "exec:/bin/sh".into(),
+        job_uid: "checked".into(),
+        attempt_id: format!("checked.{n}.1"),
+        observed,
+        at_ms: now_ms(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

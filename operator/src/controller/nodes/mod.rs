@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, warn};
 
-pub use status::{Change, NodeReason, absent_phase, admin_of, allocatable, apply_event, connected_phase, desired_status, transition};
 pub use standing::{QUARANTINED, quarantine_transition, recorded_quarantine, with_standing};
+pub use status::{Change, NodeReason, absent_phase, admin_of, allocatable, apply_event, connected_phase, desired_status, transition};
 pub use writer::NodeWriter;
 
 use crate::crd::ProviderNode;
