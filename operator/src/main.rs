@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use kommune_core::reputation::{Decay, QuarantineRule};
 use kommune_operator::blobs::{BlobLimits, Blobs};
 use kommune_operator::controller::lease::LeaderElector;
 use kommune_operator::controller::{self, ca::ensure_ca};
 use kommune_operator::crd;
 use kommune_operator::dispatch::Dispatcher;
 use kommune_operator::fence::Fence;
-use kommune_operator::fleet::Fleet;
+use kommune_operator::fleet::{Fleet, ReputationModel};
 use kommune_operator::gateway::limits::Rate;
 use kommune_operator::gateway::{self, Gateway, GatewayConfig};
 use kommune_operator::ledger::{Ledger, LedgerConfig};
@@ -92,6 +93,18 @@ struct RunArgs {
     /// a result before the operator fails it and places it again, whatever its agent says.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     task_grace_seconds: u64,
+    /// Half-life of providers' standings, in hours: what the operator observed a provider do
+    /// weighs half as much this long after, so recent behaviour counts more.
+    #[arg(long, env = "KOMMUNE_REPUTATION_HALF_LIFE_HOURS", default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87600))]
+    reputation_half_life_hours: u64,
+    /// Quarantine a provider (no more placements until an admin lifts it) when more than this
+    /// share of its compared results, decayed, were outvoted (0 ≤ share < 1).
+    #[arg(long, env = "KOMMUNE_QUARANTINE_OUTVOTED_SHARE", default_value_t = 0.1)]
+    quarantine_outvoted_share: f64,
+    /// ... over at least this many compared results (decayed), so one bad result does not
+    /// quarantine a new provider.
+    #[arg(long, env = "KOMMUNE_QUARANTINE_MIN_VERIFIED", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    quarantine_min_verified: u32,
     /// Elect a leader through the coordination.k8s.io Lease `kommune-operator` before placing or
     /// writing anything; a standby replica waits (and reports not ready on /readyz).
     #[arg(long, env = "KOMMUNE_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set, default_missing_value = "true", num_args = 0..=1)]
@@ -333,7 +346,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(namespace = %args.namespace, ca_pin = %ca.pin(), "operator CA ready");
 
     // Health and metrics come up first: a standby replica is live but not ready.
-    let fleet = Arc::new(Fleet::new(args.scheduler_seed, weights, fair));
+    let reputation = ReputationModel {
+        decay: Decay::new(Duration::from_secs(args.reputation_half_life_hours * 3600)).map_err(anyhow::Error::msg)?,
+        rule: QuarantineRule::new(args.quarantine_outvoted_share, f64::from(args.quarantine_min_verified))
+            .map_err(|e| anyhow::anyhow!("--quarantine-outvoted-share: {e}"))?,
+    };
+    let fleet = Arc::new(Fleet::new(args.scheduler_seed, weights, fair).with_reputation(reputation));
     let metrics = Arc::new(Metrics::default());
     metrics.watch_data_dir(args.data_dir.clone());
     let ready = Arc::new(AtomicBool::new(false));

@@ -70,6 +70,8 @@ impl fmt::Display for GpuPattern {
 pub enum Exclusion {
     NotReady,
     Cordoned,
+    /// Quarantined by the operator: too many of its results were outvoted.
+    Quarantined,
     Paused,
     MissingRuntime,
     WrongArch,
@@ -89,9 +91,10 @@ pub enum Exclusion {
 
 impl Exclusion {
     /// Every reason, in check order.
-    pub const ALL: [Exclusion; 16] = [
+    pub const ALL: [Exclusion; 17] = [
         Exclusion::NotReady,
         Exclusion::Cordoned,
+        Exclusion::Quarantined,
         Exclusion::Paused,
         Exclusion::MissingRuntime,
         Exclusion::WrongArch,
@@ -113,6 +116,7 @@ impl Exclusion {
         match self {
             Exclusion::NotReady => "not ready".into(),
             Exclusion::Cordoned => "cordoned".into(),
+            Exclusion::Quarantined => "quarantined (too many results outvoted)".into(),
             Exclusion::Paused => "paused by their provider".into(),
             Exclusion::MissingRuntime => format!("do not offer runtime {}", r.runtime),
             Exclusion::WrongArch => format!("not arch {}", r.arch.as_deref().unwrap_or("?")),
@@ -237,6 +241,9 @@ pub fn exclusion(node: &Node, allocated: Resources, gpus_used: u64, r: &Request)
     if node.cordoned {
         return Some(Exclusion::Cordoned);
     }
+    if node.quarantined {
+        return Some(Exclusion::Quarantined);
+    }
     if node.paused {
         return Some(Exclusion::Paused);
     }
@@ -276,6 +283,7 @@ mod tests {
         let cases: Vec<Case> = vec![
             ("not ready", Box::new(|n, _, _, _| n.ready = false), Exclusion::NotReady),
             ("cordoned", Box::new(|n, _, _, _| n.cordoned = true), Exclusion::Cordoned),
+            ("quarantined", Box::new(|n, _, _, _| n.quarantined = true), Exclusion::Quarantined),
             ("paused", Box::new(|n, _, _, _| n.paused = true), Exclusion::Paused),
             ("runtime", Box::new(|_, r, _, _| r.runtime = "exec".into()), Exclusion::MissingRuntime),
             ("arch", Box::new(|_, r, _, _| r.arch = Some("aarch64".into())), Exclusion::WrongArch),
@@ -413,6 +421,7 @@ mod tests {
         let want = [
             (Exclusion::NotReady, "not ready"),
             (Exclusion::Cordoned, "cordoned"),
+            (Exclusion::Quarantined, "quarantined (too many results outvoted)"),
             (Exclusion::Paused, "paused by their provider"),
             (Exclusion::MissingRuntime, "do not offer runtime exec"),
             (Exclusion::WrongArch, "not arch aarch64"),

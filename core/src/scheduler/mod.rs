@@ -139,7 +139,8 @@ impl Toleration {
     }
 }
 
-/// A reputation in thousandths: 0 (every attempt failed) ..= 1000 (perfect record).
+/// A reputation in thousandths: 0 ..= 1000 (perfect record). A provider's is its honesty times
+/// its reliability (`crate::reputation::standing`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Reputation(pub u16);
 
@@ -147,13 +148,8 @@ impl Reputation {
     /// Perfect record.
     pub const MAX: Reputation = Reputation(1000);
 
-    /// Laplace-smoothed success rate: (succeeded + 1) / (succeeded + failed + 2). A new node
-    /// starts at 0.5 and earns (or loses) standing with each finished attempt.
-    pub fn from_history(succeeded: u64, failed: u64) -> Reputation {
-        let num = (succeeded as u128 + 1) * 1000;
-        let den = succeeded as u128 + failed as u128 + 2;
-        Reputation((num / den).min(1000) as u16)
-    }
+    /// A new provider's: honest until outvoted, half reliable.
+    pub const NEW: Reputation = Reputation(500);
 
     /// Parses "0.8", "1", "0.955": a decimal between 0 and 1 with at most 3 decimals.
     pub fn parse(s: &str) -> Result<Reputation, String> {
@@ -198,6 +194,8 @@ pub struct Node {
     pub ready: bool,
     /// Cordoned by an admin (`spec.unschedulable`).
     pub cordoned: bool,
+    /// Quarantined by the operator (too many of its results outvoted) until an admin lifts it.
+    pub quarantined: bool,
     /// Paused by its provider (`kommune-agent pause`).
     pub paused: bool,
     pub runtimes: Vec<String>,

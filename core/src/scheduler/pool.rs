@@ -33,7 +33,8 @@ const PRESENT: u8 = 1;
 const READY: u8 = 2;
 const CORDONED: u8 = 4;
 const PAUSED: u8 = 8;
-/// Present, ready, not cordoned, not paused.
+const QUARANTINED: u8 = 16;
+/// Present, ready, not cordoned, not quarantined, not paused.
 const SCHEDULABLE: u8 = PRESENT | READY;
 const NO_CLASS: u32 = u32::MAX;
 
@@ -82,9 +83,10 @@ struct Class {
     facts: Node,
     /// Node ids in the order they joined the class.
     members: Vec<u32>,
-    /// Members not ready, cordoned (and ready), paused (and ready, not cordoned): kept
-    /// current so an explanation counts a class that fails a static filter in O(1).
-    unavailable: [u32; 3],
+    /// Members not ready, cordoned (and ready), quarantined (and ready, not cordoned), paused
+    /// (and none of those): kept current so an explanation counts a class that fails a static
+    /// filter in O(1).
+    unavailable: [u32; 4],
 }
 
 /// Which of a class's `unavailable` counters a node with `flags` belongs to.
@@ -93,8 +95,10 @@ fn unavailable(flags: u8) -> Option<usize> {
         Some(0)
     } else if flags & CORDONED != 0 {
         Some(1)
-    } else if flags & PAUSED != 0 {
+    } else if flags & QUARANTINED != 0 {
         Some(2)
+    } else if flags & PAUSED != 0 {
+        Some(3)
     } else {
         None
     }
@@ -299,7 +303,7 @@ impl Pool {
             None => {
                 let c = self.classes.len() as u32;
                 let facts = Node { name: String::new(), ..node.clone() };
-                self.classes.push(Class { facts, members: vec![], unavailable: [0; 3] });
+                self.classes.push(Class { facts, members: vec![], unavailable: [0; 4] });
                 self.class_of.insert(key, c);
                 c
             }
@@ -318,7 +322,11 @@ impl Pool {
         }
         self.capacity = self.capacity.plus(Usage::of(node.capacity, node.gpus.len() as u64));
         let h = &mut self.hot[id as usize];
-        h.flags = PRESENT | if node.ready { READY } else { 0 } | if node.cordoned { CORDONED } else { 0 } | if node.paused { PAUSED } else { 0 };
+        h.flags = PRESENT
+            | if node.ready { READY } else { 0 }
+            | if node.cordoned { CORDONED } else { 0 }
+            | if node.quarantined { QUARANTINED } else { 0 }
+            | if node.paused { PAUSED } else { 0 };
         h.reputation = node.reputation;
         h.owner = owner;
         h.class = class;
@@ -340,6 +348,7 @@ impl Pool {
             match flag {
                 READY => n.ready = on,
                 CORDONED => n.cordoned = on,
+                QUARANTINED => n.quarantined = on,
                 _ => n.paused = on,
             }
             self.account(id, true);
@@ -354,6 +363,11 @@ impl Pool {
     /// Records an admin's cordon.
     pub fn set_cordoned(&mut self, name: &str, cordoned: bool) {
         self.set_flag(name, CORDONED, cordoned);
+    }
+
+    /// Records the operator's quarantine (or its lifting).
+    pub fn set_quarantined(&mut self, name: &str, quarantined: bool) {
+        self.set_flag(name, QUARANTINED, quarantined);
     }
 
     /// Records the provider's pause.
@@ -642,12 +656,13 @@ impl Pool {
         let mut counts = [0usize; Exclusion::ALL.len()];
         let mut owners: Vec<u32> = vec![];
         for (class, (verdict, matching)) in self.classes.iter().zip(verdicts.iter()) {
-            let [unready, cordoned, paused] = class.unavailable.map(|n| n as usize);
+            let [unready, cordoned, quarantined, paused] = class.unavailable.map(|n| n as usize);
             counts[Exclusion::NotReady as usize] += unready;
             counts[Exclusion::Cordoned as usize] += cordoned;
+            counts[Exclusion::Quarantined as usize] += quarantined;
             counts[Exclusion::Paused as usize] += paused;
             if let Some(why) = verdict {
-                counts[*why as usize] += class.members.len().saturating_sub(unready + cordoned + paused);
+                counts[*why as usize] += class.members.len().saturating_sub(unready + cordoned + quarantined + paused);
                 continue;
             }
             for &id in &class.members {

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Region", type_ = "string", json_path = ".status.region"),
     printcolumn(name = "Running", type_ = "integer", json_path = ".status.runningAttempts", priority = "1"),
     printcolumn(name = "Earned", type_ = "string", json_path = ".status.earnings.pending", priority = "1", description = "Credits earned, not yet paid out"),
-    printcolumn(name = "Reputation", type_ = "string", json_path = ".status.reputation", priority = "1"),
+    printcolumn(name = "Reputation", type_ = "string", json_path = ".status.reputation", description = "Honesty × reliability, 0 to 1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -66,6 +66,13 @@ pub struct ProviderNodeSpec {
     /// `rates` values).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<NodePricing>,
+
+    /// Lifts the operator's quarantine (condition `Quarantined`): set it to the current time
+    /// (RFC 3339) once the machine is checked. A quarantine that began before it ends, and the
+    /// results outvoted before it no longer count towards a new one (they still weigh on the
+    /// reputation until they decay). Only an admin can write it; agents never write spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine_lifted_at: Option<Time>,
 }
 
 /// Caps on what a node's agent may claim; an unset one is not capped here.
@@ -186,13 +193,46 @@ pub struct ProviderNodeStatus {
     /// requests and its usage receipts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key_sha256: Option<String>,
-    /// Reputation from the node's finished attempts, (succeeded + 1) / (finished + 2), as a
-    /// decimal from "0" to "1"; failed and lost attempts lower it, cancelled ones do not count.
+    /// Reputation, a decimal from "0" to "1": honesty × reliability (see `standing`). Jobs'
+    /// `placement.minReputation` compares with it and placement prefers higher ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reputation: Option<String>,
+    /// What the reputation is made of: honesty and reliability apart, and the decayed counts
+    /// of what the operator observed this provider do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standing: Option<NodeStanding>,
     /// What this provider has earned, from its accepted usage receipts in the ledger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub earnings: Option<NodeEarnings>,
+}
+
+/// A provider's record. Every count is decayed: an observation weighs 1 when made and half as
+/// much each half-life later, so recent behaviour counts more.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStanding {
+    /// (agreed + 1) / (agreed + 1 + 10 × outvoted), "0" to "1": 1 until a result is outvoted,
+    /// and one outvoted result undoes ten agreed ones. Unverified results do not count.
+    pub honesty: String,
+    /// (completed + 1) / (completed + lost + timedOut + preempted/2 + 2), "0" to "1": 0.5 for a
+    /// new provider. A task exiting non-zero is a completed run: the submitter's failure.
+    pub reliability: String,
+    /// The decay's half-life, e.g. "168h".
+    pub half_life: String,
+    /// Results compared with other providers' that matched.
+    pub agreed: String,
+    /// Results compared that a quorum of other providers contradicted.
+    pub outvoted: String,
+    /// Results accepted without being compared.
+    pub unverified: String,
+    /// Attempts run to an end and reported (any exit code).
+    pub completed: String,
+    /// Attempts lost with the node (no session past the grace, or restarted without them).
+    pub lost: String,
+    /// Attempts the operator failed for running past their timeout plus grace.
+    pub timed_out: String,
+    /// Attempts the provider stopped itself (the machine's owner took it back).
+    pub preempted: String,
 }
 
 /// A provider's earnings and the ledger entry that backs them.

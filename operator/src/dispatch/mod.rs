@@ -12,6 +12,7 @@ mod build;
 mod metering;
 mod modules;
 mod node;
+mod observe;
 mod timeouts;
 mod update;
 mod verification;
@@ -100,6 +101,8 @@ pub struct Dispatcher {
     store: Arc<Store>,
     fleet: Arc<Fleet>,
     place_lock: tokio::sync::Mutex<()>,
+    /// Held while observations are stored and applied, and while standings are rebuilt.
+    observing: tokio::sync::Mutex<()>,
     changed: mpsc::Sender<String>,
     /// Reservations and reputations have been rebuilt from the store.
     rebuilt: AtomicBool,
@@ -142,6 +145,7 @@ impl Dispatcher {
             store,
             fleet,
             place_lock: tokio::sync::Mutex::new(()),
+            observing: tokio::sync::Mutex::new(()),
             changed,
             rebuilt: AtomicBool::new(false),
             ledger: None,
@@ -214,8 +218,8 @@ impl Dispatcher {
         let _ = self.changed.try_send(job_key.to_string());
     }
 
-    /// Rebuilds the pool's reservations (from active attempts) and node reputations (from
-    /// finished ones) the first time placement needs them. Every finish releases after its
+    /// Rebuilds the pool's reservations (from active attempts) and providers' standings (from
+    /// their recent observations) the first time placement needs them. Every finish releases after its
     /// store write, so an attempt finishing meanwhile must not stay reserved: the active set is
     /// read, reserved, then read again, and what is no longer active is released. An attempt
     /// whose finish commits after the second read began is released by that finish, which
@@ -250,35 +254,27 @@ impl Dispatcher {
                 pool.release(&a.id);
             }
         }
-        for (node, succeeded, failed) in self.store.outcomes_by_node().await? {
-            self.fleet.set_history(&node, succeeded, failed);
-        }
-        Ok(())
+        self.rebuild_standings().await
     }
 
-    /// Finishes an attempt in the store, then frees its reservation and counts the outcome
-    /// towards its node's reputation. Every path that ends an attempt goes through here.
+    /// Finishes an attempt in the store, then frees its reservation. Every path that ends an
+    /// attempt goes through here; the paths where the provider's doing ended it also observe
+    /// that (`observe`). Returns the attempt if this call finished it (not a repeat).
     async fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now: i64) -> Result<Option<Attempt>> {
         let done = self.store.finish(id, phase, result, now).await?;
-        let node = done.as_ref().map_or("", |a| a.node.as_str());
-        self.released(id, node, phase, done.is_some());
+        self.released(id, phase, done.is_some());
         Ok(done)
     }
 
-    /// After an attempt was finished in the store: its room is free at once, and if this call
-    /// finished it (not a repeat) its node's record counts the outcome.
-    fn released(&self, id: &str, node: &str, phase: AttemptPhase, finished_now: bool) {
-        // Released even when the store says it was already finished: release is idempotent.
+    /// After an attempt was finished in the store its room is free at once (even when the store
+    /// says it was already finished: release is idempotent); if this call finished it (not a
+    /// repeat), the metrics count how it ended.
+    fn released(&self, id: &str, phase: AttemptPhase, finished_now: bool) {
         self.fleet.pool().release(id);
         if finished_now {
             // Attempt ids start with their job's uid (`attempt::attempt_id`).
             let job_uid = id.split('.').next().unwrap_or_default();
             self.metrics.attempt_ended(phase, self.limits(job_uid).map(|l| l.runtime));
-            match phase {
-                AttemptPhase::Succeeded => self.fleet.record_outcome(node, true),
-                AttemptPhase::Failed | AttemptPhase::Lost => self.fleet.record_outcome(node, false),
-                _ => {}
-            }
         }
     }
 

@@ -7,6 +7,8 @@ use futures::StreamExt;
 
 use tracing::info;
 
+use kommune_core::reputation::Observed;
+
 use super::{Dispatcher, Result, lost, wire};
 use crate::attempt::AttemptPhase;
 use crate::fleet::{LiveSession, NodeFacts, Outbound};
@@ -23,17 +25,19 @@ impl Dispatcher {
     pub async fn expire_absent(&self, grace: std::time::Duration) -> Result<usize> {
         let _guard = self.place_lock.lock().await;
         let now = now_ms();
-        let mut expired = 0;
+        let mut expired = vec![];
         for a in self.store.all_active().await? {
             let Some(absent) = self.fleet.absent_for(&a.node).filter(|d| *d > grace) else { continue };
             let why = format!("node {} has been unreachable for {}s (grace {}s)", a.node, absent.as_secs(), grace.as_secs());
             if self.finish(&a.id, AttemptPhase::Lost, Some(&lost(&why)), now).await?.is_some() {
                 info!(attempt = %a.id, node = %a.node, "attempt lost with its node");
                 self.notify(&a.job_key);
-                expired += 1;
+                expired.push(a);
             }
         }
-        Ok(expired)
+        let observed: Vec<_> = expired.iter().map(|a| (a, Observed::Lost)).collect();
+        self.observe_ended(&observed, now).await;
+        Ok(expired.len())
     }
 
     /// Drains a node (its admin set `spec.drain`; the caller has cordoned it): every attempt
@@ -101,10 +105,11 @@ impl Dispatcher {
     #[tracing::instrument(skip_all, fields(node = %node))]
     pub async fn open_session(&self, node: &str, facts: NodeFacts, tx: Outbound, running: &[String]) -> Result<(LiveSession, Vec<String>)> {
         let running: HashSet<&str> = running.iter().map(String::as_str).collect();
+        let mut lost_here = vec![];
+        let now = now_ms();
         let (session, expected) = {
             let _guard = self.place_lock.lock().await;
             let expected = self.store.active_on_node(node).await?;
-            let now = now_ms();
             for a in expected.iter().filter(|a| !running.contains(a.id.as_str())) {
                 if a.phase == AttemptPhase::Assigned {
                     // Never confirmed running, and the node does not have it: the Assign was
@@ -115,13 +120,19 @@ impl Dispatcher {
                     self.finish(&a.id, AttemptPhase::Cancelled, Some(&lost(why)), now).await?;
                 } else {
                     info!(attempt = %a.id, node, "node reconnected without this attempt; marking it lost");
-                    self.finish(&a.id, AttemptPhase::Lost, Some(&lost("the node restarted or reconnected without this attempt")), now).await?;
+                    let why = "the node restarted or reconnected without this attempt";
+                    if let Some(done) = self.finish(&a.id, AttemptPhase::Lost, Some(&lost(why)), now).await? {
+                        lost_here.push(done);
+                    }
                 }
                 self.notify(&a.job_key);
             }
             let expected: HashSet<String> = expected.into_iter().map(|a| a.id).collect();
             (self.fleet.connect_session(node, facts, tx), expected)
         };
+        // It started them and forgot them: its own doing, as a loss past the grace is.
+        let observed: Vec<_> = lost_here.iter().map(|a| (a, Observed::Lost)).collect();
+        self.observe_ended(&observed, now).await;
         // Finished-but-unacknowledged attempts are listed too; their TaskUpdate follows. An
         // attempt of this node that is still active was placed after the lock was released
         // (its Assign is on its way on this session), so it is not cancelled. Several reads

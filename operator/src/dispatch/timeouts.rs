@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tracing::info;
 
+use kommune_core::reputation::Observed;
+
 use super::{Dispatcher, Result, lost, wire};
 use crate::attempt::{Attempt, AttemptPhase};
 use crate::bounds::{self, Assigned, UsageBounds};
@@ -17,16 +19,18 @@ use kommune_proto::now_ms;
 /// its report may wait for a reconnect; this covers both with room to spare.
 pub const DEFAULT_TASK_GRACE: Duration = Duration::from_secs(60);
 
-/// What bounds a job's attempts, remembered from its last sync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What bounds a job's attempts, remembered from its last sync, and the kind of work they
+/// run (what observations of them are filed under).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobLimits {
     pub runtime: &'static str,
     pub task_timeout: Duration,
+    pub workload: std::sync::Arc<str>,
 }
 
 impl Dispatcher {
     pub(super) fn remember_limits(&self, job_uid: &str, policy: &JobPolicy) {
-        let limits = JobLimits { runtime: policy.workload.runtime(), task_timeout: policy.task_timeout };
+        let limits = JobLimits { runtime: policy.workload.runtime(), task_timeout: policy.task_timeout, workload: policy.workload.class().into() };
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if jobs.get(job_uid) != Some(&limits) {
             jobs.insert(job_uid.to_string(), limits);
@@ -38,7 +42,7 @@ impl Dispatcher {
     }
 
     pub(super) fn limits(&self, job_uid: &str) -> Option<JobLimits> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(job_uid).copied()
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(job_uid).cloned()
     }
 
     /// The most `a` could have used: its reservation, the runtime's rules, what its node
@@ -46,12 +50,12 @@ impl Dispatcher {
     pub(super) fn usage_bounds(&self, a: &Attempt) -> UsageBounds {
         let job = self.limits(&a.job_uid);
         bounds::for_attempt(&Assigned {
-            runtime: job.map(|j| j.runtime),
+            runtime: job.as_ref().map(|j| j.runtime),
             cpu_millis: a.cpu_millis,
             memory_bytes: a.memory_bytes,
             gpus: a.held.map_or(0, |h| h.gpu_mask.count_ones()),
             node_capacity: self.fleet.node(&a.node).map(|n| n.capacity),
-            timeout: job.map(|j| j.task_timeout),
+            timeout: job.as_ref().map(|j| j.task_timeout),
         })
     }
 
@@ -80,6 +84,7 @@ impl Dispatcher {
         }
         let _guard = self.place_lock.lock().await;
         let mut failed = 0;
+        let mut timed_out = vec![];
         for (a, job) in overdue {
             let why = format!(
                 "ran past its task timeout of {}s (+{}s grace) without a result from node {}; stopped by the operator",
@@ -92,8 +97,11 @@ impl Dispatcher {
                 info!(attempt = %a.id, node = %a.node, "attempt failed by the operator past its timeout");
                 self.notify(&a.job_key);
                 failed += 1;
+                timed_out.push(a);
             }
         }
+        let observed: Vec<_> = timed_out.iter().map(|a| (a, Observed::TimedOut)).collect();
+        self.observe_ended(&observed, now).await;
         Ok(failed)
     }
 }

@@ -8,6 +8,7 @@ use super::wire::{self, Reported};
 use super::{Dispatcher, Result};
 use crate::STAGE;
 use crate::pricing::Micros;
+use kommune_proto::now_ms;
 
 impl Dispatcher {
     /// Applies an agent's TaskUpdate and returns the Ack to send, if any. A terminal update is
@@ -60,9 +61,13 @@ impl Dispatcher {
             }
         );
         let finished = finished?;
-        self.released(&a.id, &a.node, phase, finished);
+        self.released(&a.id, phase, finished);
         if finished {
             debug!(node, attempt = %a.id, phase = phase.as_str(), exit = result.exit_code, "attempt finished");
+            // Ran to an end (any exit code: a crash is the submitter's) or preempted.
+            if let Some(o) = super::observe::reliability(phase) {
+                self.observe_ended(&[(&a, o)], now_ms()).await;
+            }
         }
         let (rejected, cost) = metered?;
         if !rejected.is_empty() {

@@ -139,7 +139,7 @@ impl Dispatcher {
                 self.refuse_payment(&unchecked, &format!("a later check of node {}'s work on job {} was outvoted", o.node, job.key));
             }
         }
-        self.store.observe(observations).await?;
+        self.observe(observations).await?;
         self.recorded.lock().expect("recorded lock").extend(fresh.into_iter().cloned());
         Ok(())
     }

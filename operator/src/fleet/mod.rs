@@ -11,8 +11,10 @@ use kommune_proto::v1::{OperatorMessage, operator_message};
 use tokio::sync::{Notify, mpsc};
 
 mod claims;
+mod standing;
 
 pub use claims::{CEILING, NodeFacts, bounded, normalize_arch};
+pub use standing::{NodeStanding, Quarantine, ReputationModel};
 
 use crate::pricing::Rates;
 use crate::scheduler::{self, FairShare, Node, Pool, REGION_LABEL, Reputation, Taint, Weights, ZONE_LABEL};
@@ -54,8 +56,8 @@ struct Known {
     ready: bool,
     /// Has had a session with this operator: only such nodes are in the pool.
     seen: bool,
-    succeeded: u64,
-    failed: u64,
+    /// What it was observed doing, its reputation and any quarantine.
+    record: standing::Record,
     /// The ed25519 key of its sessions' certificate: its earnings are the receipts signed
     /// with it, even if the name had another key in an older ledger.
     public_key: Option<[u8; 32]>,
@@ -77,6 +79,7 @@ impl Known {
             owner: self.owner(name),
             ready: self.ready,
             cordoned: self.admin.cordoned,
+            quarantined: self.record.quarantine.is_some(),
             paused: self.paused,
             runtimes: self.facts.runtimes.clone(),
             arch: self.facts.arch.clone(),
@@ -85,7 +88,7 @@ impl Known {
             taints: self.admin.taints.clone(),
             capacity,
             gpus,
-            reputation: self.reputation(),
+            reputation: self.record.reputation.unwrap_or(Reputation::NEW),
             rates: self.admin.rates,
         }
     }
@@ -112,10 +115,6 @@ impl Known {
             ephemeral_bytes: a.ephemeral_bytes.or(t.ephemeral_bytes),
             gpus: a.gpus.or(t.gpus),
         }
-    }
-
-    fn reputation(&self) -> Reputation {
-        Reputation::from_history(self.succeeded, self.failed)
     }
 }
 
@@ -151,6 +150,7 @@ pub struct Fleet {
     pool: Mutex<Pool>,
     next_id: AtomicU64,
     started: Instant,
+    model: ReputationModel,
 }
 
 impl Default for Fleet {
@@ -178,12 +178,17 @@ impl Fleet {
             pool: Mutex::new(Pool::new(seed, weights, fair)),
             next_id: AtomicU64::new(0),
             started: Instant::now(),
+            model: ReputationModel::default(),
         }
     }
 
     /// The scheduler's pool. Lock order: never take another fleet lock while holding it.
     pub fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Changes what is known about `node` and brings the pool up to date.
@@ -335,36 +340,6 @@ impl Fleet {
         }
     }
 
-    /// Counts a finished attempt on `node` towards its reputation: a success, or (when
-    /// `success` is false) a failure or loss. Cancellations do not count.
-    pub fn record_outcome(&self, node: &str, success: bool) {
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        let k = known.entry(node.to_string()).or_default();
-        if success {
-            k.succeeded += 1;
-        } else {
-            k.failed += 1;
-        }
-        let reputation = k.reputation();
-        drop(known);
-        self.pool().set_reputation(node, reputation);
-    }
-
-    /// Sets a node's history wholesale (rebuilt from the store at startup).
-    pub fn set_history(&self, node: &str, succeeded: u64, failed: u64) {
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        let k = known.entry(node.to_string()).or_default();
-        (k.succeeded, k.failed) = (succeeded, failed);
-        let reputation = k.reputation();
-        drop(known);
-        self.pool().set_reputation(node, reputation);
-    }
-
-    /// A node's reputation from its finished attempts.
-    pub fn reputation(&self, node: &str) -> Reputation {
-        self.known.lock().unwrap_or_else(|p| p.into_inner()).get(node).map_or(Reputation::from_history(0, 0), Known::reputation)
-    }
-
     /// Hands a message to a node's session without waiting.
     pub fn send(&self, node: &str, msg: operator_message::Kind) -> Result<(), SendError> {
         let sessions = self.lock();
@@ -445,8 +420,6 @@ mod tests {
         let taint = Taint { key: "dedicated".into(), value: "ml".into(), ..Default::default() };
         let labels = BTreeMap::from([("tier".to_string(), "fast".to_string()), (REGION_LABEL.to_string(), "typed-by-hand".to_string())]);
         fleet.set_admin("n", NodeAdmin { owner: "alice".into(), cordoned: true, labels, taints: vec![taint.clone()], ..Default::default() });
-        fleet.record_outcome("n", true);
-        fleet.record_outcome("n", false);
         let n = fleet.node("n").unwrap();
         assert_eq!((n.owner.as_str(), n.cordoned, n.taints.clone()), ("alice", true, vec![taint]));
         assert_eq!(n.labels.get("tier").map(String::as_str), Some("fast"));

@@ -64,6 +64,7 @@ fn the_explanation_for_a_task_counts_every_node_once_by_its_first_reason() {
     n("ok", &|_| {});
     n("gone", &|x| x.ready = false);
     n("cordoned", &|x| x.cordoned = true);
+    n("quarantined", &|x| x.quarantined = true);
     n("paused", &|x| x.paused = true);
     n("exec-only", &|x| x.runtimes = vec!["exec".into()]);
     n("cpu-gpu", &|x| x.gpus = vec![Gpu { model: "rtx4090".into(), memory_bytes: 24 * GI }]);
@@ -77,10 +78,10 @@ fn the_explanation_for_a_task_counts_every_node_once_by_its_first_reason() {
     r.min_reputation = Reputation(800);
     assert_eq!(
         p.explain(&r).to_string(),
-        "0/8 nodes can run it: 2 no GPU matching a100*, 1 not ready, 1 cordoned, 1 paused by their provider, 1 do not offer runtime wasm, \
-         1 have a taint the job does not tolerate, 1 reputation below 0.8"
+        "0/9 nodes can run it: 2 no GPU matching a100*, 1 not ready, 1 cordoned, 1 quarantined (too many results outvoted), \
+         1 paused by their provider, 1 do not offer runtime wasm, 1 have a taint the job does not tolerate, 1 reputation below 0.8"
     );
-    assert_eq!(p.len(), 8);
+    assert_eq!(p.len(), 9);
 }
 
 #[test]
@@ -242,6 +243,9 @@ fn removed_and_disconnected_nodes_take_nothing_new() {
     p.set_cordoned("a", true);
     assert_eq!(place1(&mut p, &r, "t").unwrap_err().to_string(), "0/1 nodes can run it: 1 cordoned");
     p.set_cordoned("a", false);
+    p.set_quarantined("a", true);
+    assert_eq!(place1(&mut p, &r, "t").unwrap_err().to_string(), "0/1 nodes can run it: 1 quarantined (too many results outvoted)");
+    p.set_quarantined("a", false);
     assert_eq!(place1(&mut p, &r, "t").unwrap(), "a");
     assert_eq!(Pool::new(1, Weights::default(), FairShare::default()).explain(&r).to_string(), "0/0 nodes: no provider node is connected");
 }
@@ -434,7 +438,7 @@ proptest! {
     fn explanations_count_exactly_what_a_node_by_node_check_counts(
         specs in prop::collection::vec(arb_spec(), 1..24),
         asks in prop::collection::vec(arb_ask(), 1..30),
-        flips in prop::collection::vec((0usize..24, 0u8..4, any::<bool>()), 0..20),
+        flips in prop::collection::vec((0usize..24, 0u8..5, any::<bool>()), 0..20),
     ) {
         let mut p = build(&specs, 6);
         run(&mut p, &asks);
@@ -444,6 +448,7 @@ proptest! {
                 0 => p.set_ready(&name, on),
                 1 => p.set_cordoned(&name, on),
                 2 => p.set_paused(&name, on),
+                3 => p.set_quarantined(&name, on),
                 _ => if on { p.remove(&name) } else if let Some(n) = p.nodes.get(i % specs.len()).cloned() { p.upsert(n) },
             }
         }

@@ -1,6 +1,7 @@
 //! Keeps ProviderNode objects current from what the gateway sees: created on join, Ready while
 //! a session is open, NotReady when it closes, Offline past the grace; read through a watch.
 
+mod standing;
 mod status;
 mod writer;
 
@@ -14,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, warn};
 
+pub use standing::{QUARANTINED, quarantine_transition, recorded_quarantine, with_standing};
 pub use status::{Change, NodeReason, absent_phase, admin_of, allocatable, apply_event, connected_phase, desired_status, transition};
 pub use writer::NodeWriter;
 

@@ -38,6 +38,10 @@ pub enum NodeReason {
     Drained,
     /// Event only: the ProviderNode was deleted, so the node was removed from the pool.
     Revoked,
+    /// Too many of its results were outvoted: no task is placed here (condition `Quarantined`).
+    Quarantined,
+    /// An admin lifted the quarantine (`spec.quarantineLiftedAt`).
+    QuarantineLifted,
 }
 
 impl NodeReason {
@@ -53,13 +57,15 @@ impl NodeReason {
             NodeReason::Uncordoned => "Uncordoned",
             NodeReason::Drained => "Drained",
             NodeReason::Revoked => "Revoked",
+            NodeReason::Quarantined => "Quarantined",
+            NodeReason::QuarantineLifted => "QuarantineLifted",
         }
     }
 
     /// Reasons that mean the node cannot take work through no choice of its admin.
     fn severity(self) -> Severity {
         match self {
-            NodeReason::SessionClosed | NodeReason::NoSession | NodeReason::Offline | NodeReason::Revoked => Severity::Warning,
+            NodeReason::SessionClosed | NodeReason::NoSession | NodeReason::Offline | NodeReason::Revoked | NodeReason::Quarantined => Severity::Warning,
             _ => Severity::Normal,
         }
     }
@@ -75,7 +81,7 @@ impl fmt::Display for NodeReason {
 #[derive(Debug)]
 pub enum Change<'a> {
     /// A gateway event, with what the store and fleet say about the node now.
-    Event { event: &'a NodeEvent, running: u32, allocated: (u64, u64), reputation: String },
+    Event { event: &'a NodeEvent, running: u32, allocated: (u64, u64) },
     /// The periodic sweep: how long the node has had no session here (None: connected), and its
     /// earnings from the ledger (None: no ledger, or unreadable; the last figures stay).
     Sweep { absent: Option<Duration>, grace: Duration, earnings: Option<NodeEarnings> },
@@ -87,9 +93,8 @@ pub fn desired_status(node: &ProviderNode, change: &Change<'_>, now: Timestamp) 
     let prev = node.status.clone().unwrap_or_default();
     let cordoned = node.spec.unschedulable || node.spec.drain;
     match change {
-        Change::Event { event, running, allocated, reputation } => {
+        Change::Event { event, running, allocated } => {
             let mut s = apply_event(&prev, event, *running, *allocated, now);
-            s.reputation = Some(reputation.clone());
             if matches!(event, NodeEvent::Connected { .. }) {
                 // A cordoned node that reconnects drains at once rather than flickering Ready
                 // until the next sweep.

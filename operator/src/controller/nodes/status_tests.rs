@@ -138,7 +138,7 @@ fn desired_status_follows_sessions_cordons_and_the_grace() {
     let joined = NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "k".into(), grant: Default::default() };
     let closed = NodeEvent::Disconnected { node: "n".into(), reason: "bye".into() };
     let heartbeat = NodeEvent::Heartbeat { node: "n".into() };
-    let event = |e: &'static NodeEvent| Change::Event { event: e, running: 0, allocated: (0, 0), reputation: "0.5".into() };
+    let event = |e: &'static NodeEvent| Change::Event { event: e, running: 0, allocated: (0, 0) };
     let leaked = |e: NodeEvent| -> &'static NodeEvent { Box::leak(Box::new(e)) };
     let (connected, joined, closed, heartbeat) = (leaked(connected), leaked(joined), leaked(closed), leaked(heartbeat));
 
@@ -206,12 +206,13 @@ fn desired_status_takes_the_ledgers_earnings_and_keeps_them_when_unreadable() {
 }
 
 #[test]
-fn an_event_records_attempts_allocation_and_reputation() {
+fn an_event_records_attempts_and_allocation() {
+    // The reputation is written with the rest of the standing (`standing::with_standing`).
     let n = node(false, Some(NodePhase::Ready), Some((true, NodeReason::SessionOpen)));
     let hb = NodeEvent::Heartbeat { node: "n".into() };
     let now = Timestamp::now();
-    let s = desired_status(&n, &Change::Event { event: &hb, running: 2, allocated: (1500, 2 << 30), reputation: "0.75".into() }, now);
-    assert_eq!((s.running_attempts, s.reputation.as_deref()), (2, Some("0.75")));
+    let s = desired_status(&n, &Change::Event { event: &hb, running: 2, allocated: (1500, 2 << 30) }, now);
+    assert_eq!(s.running_attempts, 2);
     assert_eq!(s.allocated, Some(NodeAllocation { cpu: "1500m".into(), memory: "2Gi".into() }));
     assert_eq!(s.last_heartbeat_time, Some(Time(now)));
 }
@@ -220,7 +221,7 @@ fn an_event_records_attempts_allocation_and_reputation() {
 fn a_condition_keeps_its_transition_time_while_its_status_holds() {
     let n = node(false, Some(NodePhase::Ready), Some((true, NodeReason::SessionOpen)));
     let connected = NodeEvent::Connected { node: "n".into(), facts: facts() };
-    let s = desired_status(&n, &Change::Event { event: &connected, running: 0, allocated: (0, 0), reputation: "0.5".into() }, Timestamp::now());
+    let s = desired_status(&n, &Change::Event { event: &connected, running: 0, allocated: (0, 0) }, Timestamp::now());
     assert_eq!(s.conditions[0].last_transition_time, Time(Timestamp::UNIX_EPOCH));
 }
 

@@ -96,10 +96,9 @@ impl NodeWriter {
         };
         let active = self.dispatcher.store().active_on_node(&node).await?;
         let allocated = active.iter().fold((0, 0), |(c, m), a| (c + a.cpu_millis, m + a.memory_bytes));
-        let reputation = self.dispatcher.fleet().reputation(&node).to_string();
-        let change = Change::Event { event, running: active.len() as u32, allocated, reputation };
+        let change = Change::Event { event, running: active.len() as u32, allocated };
         let desired = self.with_allocatable(&node, desired_status(&base, &change, Timestamp::now()));
-        self.publish(&base, desired).await
+        self.publish(&base, self.with_standing(&node, desired)).await
     }
 
     /// `status` with what placement counts on for the node, once the fleet has it (after the
@@ -109,6 +108,28 @@ impl NodeWriter {
             status.allocatable = Some(allocatable(&n, claimed));
         }
         status
+    }
+
+    /// `status` with the node's reputation, figures and quarantine as the fleet has them now.
+    fn with_standing(&self, node: &str, status: ProviderNodeStatus) -> ProviderNodeStatus {
+        let fleet = self.dispatcher.fleet();
+        let now = kommune_proto::now_ms();
+        fleet.refresh_reputation(node, now);
+        super::with_standing(status, &fleet.standing(node, now), fleet.reputation_model().decay.half_life())
+    }
+
+    /// Brings the fleet's quarantine of a node in line with its ProviderNode: an admin's lift
+    /// (`spec.quarantineLiftedAt`) is applied once, and a quarantine recorded in its status is
+    /// restored after a restart or a takeover (an earlier lift does not undo a later one).
+    async fn sync_quarantine(&self, n: &ProviderNode) -> Result<(), Error> {
+        let name = n.name_any();
+        if let Some(lifted) = super::standing::lifted_at(n) {
+            self.dispatcher.apply_quarantine_lift(&name, lifted).await?;
+        }
+        if let Some(q) = super::recorded_quarantine(n) {
+            self.dispatcher.fleet().restore_quarantine(&name, q);
+        }
+        Ok(())
     }
 
     /// Compares every cached ProviderNode with the live sessions: phases of nodes without a
@@ -155,9 +176,10 @@ impl NodeWriter {
             }
             let earnings = earnings(&self.dispatcher, &name).await;
             let base = self.current(&name).unwrap_or_else(|| (*n).clone());
+            self.sync_quarantine(&base).await?;
             let change = Change::Sweep { absent: fleet.absent_for(&name), grace, earnings };
             let desired = self.with_allocatable(&name, desired_status(&base, &change, Timestamp::now()));
-            self.publish(&base, desired).await?;
+            self.publish(&base, self.with_standing(&name, desired)).await?;
         }
         Ok(())
     }
@@ -208,6 +230,9 @@ impl NodeWriter {
             Err(e) => return Err(e.into()),
         }
         if let Some((severity, reason, note)) = transition(&prev, &desired) {
+            self.event(&base.object_ref(&()), severity, reason, &note).await;
+        }
+        if let Some((severity, reason, note)) = super::quarantine_transition(&prev, &desired) {
             self.event(&base.object_ref(&()), severity, reason, &note).await;
         }
         Ok(())

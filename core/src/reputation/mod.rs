@@ -1,7 +1,11 @@
 //! What the operator observes about a provider's work, the input of its reputation and of
-//! adaptive verification. Plain types: the model that weighs them lives beside them.
+//! adaptive verification, and the model that weighs them (`standing`).
 
 use std::fmt;
+
+pub mod standing;
+
+pub use standing::{Counts, Decay, QuarantineRule, Standing};
 
 /// One thing the operator saw a provider do with one attempt.
 ///
