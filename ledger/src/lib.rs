@@ -5,7 +5,12 @@
 pub mod chain;
 pub mod check;
 pub mod entry;
+pub mod export;
 pub mod job_totals;
+pub mod payout;
+#[cfg(test)]
+mod payout_tests;
+pub mod statement_file;
 pub mod records;
 pub mod verify;
 
