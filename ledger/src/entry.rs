@@ -242,10 +242,24 @@ impl Entry {
         Entry { node: node.to_string(), public_key: key.to_vec(), ..Entry::blank(seq, EntryKind::NodeKey, recorded_ms) }
     }
 
-    /// A node-key line naming the node's owner, signed by the operator (unsealed).
+    /// A node-key line naming the node's owner, signed by the operator (unsealed). `public_key`
+    /// holds the node's key, so the signature field carries the operator's 64-byte signature
+    /// followed by the operator's 32-byte key: a verifier checks it without looking elsewhere.
     pub fn signed_node_key(seq: u64, recorded_ms: i64, node: &str, key: [u8; 32], owner: &str, operator: &SigningKey) -> Entry {
         let e = Entry { body: owner.as_bytes().to_vec(), ..Entry::node_key(seq, recorded_ms, node, key) };
-        e.signed_by(operator)
+        let mut e = e.signed_by(operator);
+        e.signature.extend_from_slice(&operator.verifying_key().to_bytes());
+        e
+    }
+
+    /// The operator key that signs this line: its public key, or for a node-key line the key
+    /// after its signature (None when it has none).
+    pub fn operator_signer(&self) -> Option<[u8; 32]> {
+        match self.kind {
+            EntryKind::NodeKey if self.signature.len() == 96 => self.signature[64..].try_into().ok(),
+            EntryKind::NodeKey => None,
+            _ => self.public_key.as_slice().try_into().ok(),
+        }
     }
 
     /// An operator-made line of `kind` whose body is `body` and whose public key is the
@@ -347,7 +361,8 @@ pub fn operator_message(e: &Entry) -> Vec<u8> {
 
 /// Checks an operator-signed line's signature against `key`.
 pub fn operator_signature_ok(e: &Entry, key: &[u8; 32]) -> bool {
-    let (Ok(key), Ok(sig)) = (VerifyingKey::from_bytes(key), <[u8; 64]>::try_from(e.signature.as_slice())) else {
+    let sig = if e.kind == EntryKind::NodeKey && e.signature.len() == 96 { &e.signature[..64] } else { &e.signature[..] };
+    let (Ok(key), Ok(sig)) = (VerifyingKey::from_bytes(key), <[u8; 64]>::try_from(sig)) else {
         return false;
     };
     key.verify(&operator_message(e), &Signature::from_bytes(&sig)).is_ok()

@@ -116,7 +116,6 @@ struct ReceiptRef {
     node: u32,
     cost: Micros,
     hash: [u8; 32],
-    reversed_by: Option<u64>,
 }
 
 /// What a statement line said, for paid marks.
@@ -151,6 +150,8 @@ pub struct Settlement {
     /// Per owner: the last statement's upto_seq and period end.
     closed: HashMap<u32, (u64, i64)>,
     statements: HashMap<u64, StatementRef>,
+    /// Per reversed receipt: the reversal's seq and reason.
+    reversals: HashMap<u64, (u64, String)>,
     /// The last receipt or reversal, and the hashes of the entries since (a statement names one).
     last_contributing: u64,
     recent: Vec<(u64, [u8; 32])>,
@@ -162,6 +163,8 @@ pub struct Settlement {
 pub enum PayoutError {
     #[error("entry {0} is not a receipt in this ledger")]
     NotAReceipt(u64),
+    #[error("no receipt in this ledger meters attempt {0:?}")]
+    NoReceiptForAttempt(String),
     #[error("entry {0} is not a statement in this ledger")]
     NotAStatement(u64),
     #[error("statement {seq} was already marked paid by entry {paid_by}")]
@@ -186,9 +189,14 @@ impl Settlement {
         self.applied
     }
 
-    /// The reversal entry of receipt `seq`, if it was reversed.
-    pub fn reversal_of(&self, receipt_seq: u64) -> Option<u64> {
-        self.receipts.get(&receipt_seq).and_then(|r| r.reversed_by)
+    /// The reversal entry of receipt `seq` and its reason, if it was reversed.
+    pub fn reversal_of(&self, receipt_seq: u64) -> Option<(u64, &str)> {
+        self.reversals.get(&receipt_seq).map(|(s, r)| (*s, r.as_str()))
+    }
+
+    /// A receipt's node and cost.
+    pub fn receipt(&self, seq: u64) -> Option<(&str, Micros)> {
+        self.receipts.get(&seq).map(|r| (self.names[r.node as usize].as_str(), r.cost))
     }
 
     /// Whether `seq` is a receipt.
@@ -251,7 +259,7 @@ impl Settlement {
             None => self.intern(&e.node.clone()),
         };
         let node = self.intern(&e.node);
-        self.receipts.insert(e.seq, ReceiptRef { owner, node, cost: e.cost, hash, reversed_by: None });
+        self.receipts.insert(e.seq, ReceiptRef { owner, node, cost: e.cost, hash });
         let open = self.open_of(owner, e.seq, e.recorded_ms);
         open.receipts += 1;
         open.credits = open.credits.saturating_add(e.cost);
@@ -273,7 +281,7 @@ impl Settlement {
     fn apply_reversal(&mut self, e: &Entry) -> Result<(), String> {
         let body: ReversalBody = serde_json::from_slice(&e.body).map_err(|err| format!("reversal body does not read: {err}"))?;
         let r = self.receipts.get(&body.receipt_seq).ok_or_else(|| format!("reversal names entry {}, which is not an earlier receipt", body.receipt_seq))?;
-        if let Some(prev) = r.reversed_by {
+        if let Some((prev, _)) = self.reversals.get(&body.receipt_seq) {
             return Err(format!("receipt {} is reversed twice (first by entry {prev})", body.receipt_seq));
         }
         if body.receipt_hash != hex::encode(r.hash) {
@@ -284,7 +292,7 @@ impl Settlement {
             return Err(format!("reversal says node {} and {} credits, but receipt {} is node {node} and {} credits", e.node, e.cost, body.receipt_seq, r.cost));
         }
         let (owner, cost) = (r.owner, r.cost);
-        self.receipts.get_mut(&body.receipt_seq).expect("looked up above").reversed_by = Some(e.seq);
+        self.reversals.insert(body.receipt_seq, (e.seq, body.reason.clone()));
         let open = self.open_of(owner, e.seq, e.recorded_ms);
         open.reversed = open.reversed.saturating_add(cost);
         let line = open.nodes.entry(node.clone()).or_default();

@@ -212,7 +212,15 @@ fn tamper_a_forged_node_key_is_named() {
     reseal(&mut c);
     let err = verify(&c, VerifyOptions { accept_unsigned_tail: true, ..strict() }).unwrap_err();
     assert_eq!(err.seq, c.len() as u64);
-    assert!(err.reason.contains("node key registration of pn-9 is not signed by the operator"), "{err}");
+    let thief_fp = fingerprint(&thief.verifying_key().to_bytes());
+    assert!(err.reason.starts_with(&format!("node key registration of pn-9 is signed by operator key {thief_fp}, but the ledger's key here is")), "{err}");
+    // Claiming the operator's key does not help: the signature is the thief's.
+    let last = c.len() - 1;
+    c[last].signature.truncate(64);
+    c[last].signature.extend_from_slice(&b.key.verifying_key().to_bytes());
+    reseal(&mut c);
+    let err = verify(&c, VerifyOptions { accept_unsigned_tail: true, ..strict() }).unwrap_err();
+    assert!(err.reason.starts_with("node key registration of pn-9 is not signed by the operator key"), "{err}");
     // Unsigned (as before this rule), it is accepted only under a checkpoint, which the thief cannot make.
     let last = c.len() - 1;
     c[last].signature.clear();

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::check::{KeyCache, SignedMessage, signed_message, verify_signatures};
 use crate::entry::{
-    Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, checkpoint_signature_ok, fingerprint, node_totals_sha256, operator_message, operator_signature_ok,
+    Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, checkpoint_signature_ok, fingerprint, node_totals_sha256, operator_signature_ok,
 };
 use crate::payout::Settlement;
 use kommune_core::pricing::{self, Micros};
@@ -180,8 +180,6 @@ pub struct ChainVerifier {
     /// The operator key in force, once an entry names it; each key with the seq naming it.
     current_key: Option<[u8; 32]>,
     key_path: Vec<([u8; 32], u64)>,
-    /// Signed node-key lines seen before any entry named the operator key: checked with it.
-    deferred: Vec<(u64, Vec<u8>, Vec<u8>)>,
     /// The first unsigned (pre-owner) node-key line since the last checkpoint.
     unsigned_node_key: Option<(u64, String)>,
 }
@@ -205,7 +203,6 @@ impl ChainVerifier {
             settlement: Settlement::default(),
             current_key: None,
             key_path: vec![],
-            deferred: vec![],
             unsigned_node_key: None,
         }
     }
@@ -345,10 +342,11 @@ impl ChainVerifier {
             // Written before node keys were signed: trusted only under a later checkpoint.
             self.unsigned_node_key.get_or_insert((e.seq, e.node.clone()));
         } else {
-            match self.current_key {
-                Some(k) if !operator_signature_ok(e, &k) => return Err(bad(e.seq, format!("node key registration of {} is not signed by the operator key {}", e.node, fingerprint(&k)))),
-                Some(_) => {}
-                None => self.deferred.push((e.seq, operator_message(e), e.signature.clone())),
+            let what = format!("node key registration of {}", e.node);
+            let op = e.operator_signer().ok_or_else(|| bad(e.seq, format!("{what} carries no operator signature and key")))?;
+            self.signer_key(op, e.seq, &what)?;
+            if !operator_signature_ok(e, &op) {
+                return Err(bad(e.seq, format!("{what} is not signed by the operator key {}", fingerprint(&op))));
             }
         }
         self.report.node_keys += 1;
@@ -359,37 +357,27 @@ impl ChainVerifier {
     /// names one).
     fn signer(&mut self, e: &Entry) -> Result<[u8; 32], BadEntry> {
         let key: [u8; 32] = e.public_key.as_slice().try_into().map_err(|_| bad(e.seq, "operator public key is not 32 bytes"))?;
+        self.signer_key(key, e.seq, e.kind.name())?;
+        Ok(key)
+    }
+
+    fn signer_key(&mut self, key: [u8; 32], seq: u64, what: &str) -> Result<(), BadEntry> {
         match self.current_key {
-            Some(k) if k == key => Ok(key),
+            Some(k) if k == key => Ok(()),
             Some(k) => Err(bad(
-                e.seq,
+                seq,
                 format!(
-                    "{} is signed by operator key {}, but the ledger's key here is {} (a new key needs a key-rotation entry signed by the old one)",
-                    e.kind.name(),
+                    "{what} is signed by operator key {}, but the ledger's key here is {} (a new key needs a key-rotation entry signed by the old one)",
                     fingerprint(&key),
                     fingerprint(&k)
                 ),
             )),
             None => {
-                self.learn_key(key, e.seq)?;
-                Ok(key)
+                self.current_key = Some(key);
+                self.key_path.push((key, seq));
+                Ok(())
             }
         }
-    }
-
-    fn learn_key(&mut self, key: [u8; 32], seq: u64) -> Result<(), BadEntry> {
-        self.current_key = Some(key);
-        self.key_path.push((key, seq));
-        for (s, msg, sig) in std::mem::take(&mut self.deferred) {
-            let ok = ed25519_dalek::VerifyingKey::from_bytes(&key).ok().zip(<[u8; 64]>::try_from(sig.as_slice()).ok()).is_some_and(|(k, sig)| {
-                use ed25519_dalek::Verifier;
-                k.verify(&msg, &ed25519_dalek::Signature::from_bytes(&sig)).is_ok()
-            });
-            if !ok {
-                return Err(bad(s, format!("node key registration is not signed by the operator key {}", fingerprint(&key))));
-            }
-        }
-        Ok(())
     }
 
     fn check_rotation(&mut self, e: &Entry) -> Result<(), BadEntry> {
@@ -436,9 +424,6 @@ impl ChainVerifier {
     fn final_checks(&self) -> Result<(), BadEntry> {
         if let Some((seq, node)) = &self.unsigned_node_key {
             return Err(bad(*seq, format!("node key registration of {node} is not signed by the operator and no checkpoint covers it")));
-        }
-        if let Some((seq, ..)) = self.deferred.first() {
-            return Err(bad(*seq, "node key registration is signed, but no entry names the operator key to check it with"));
         }
         let head = self.report.head_seq;
         if !self.opts.accept_unsigned_tail && head > self.report.last_checkpoint_seq {

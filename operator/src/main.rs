@@ -344,7 +344,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("cannot open the attempt store")?,
     );
     let ledger = Arc::new(
-        Ledger::open(LedgerConfig { data_dir: args.data_dir.clone(), database_url: args.database_url.clone(), fence: fence.clone() })
+        Ledger::open(LedgerConfig { data_dir: args.data_dir.clone(), database_url: args.database_url.clone(), fence: fence.clone() , key_file: args.ledger_key_file.clone() })
             .context("cannot open the payout ledger")?,
     );
     let rates = Arc::new(RateBook::new(args.rates()));
