@@ -10,8 +10,8 @@ pub mod job_totals;
 pub mod payout;
 #[cfg(test)]
 mod payout_tests;
-pub mod statement_file;
 pub mod records;
+pub mod statement_file;
 pub mod verify;
 
 pub use chain::Verdict;

@@ -99,7 +99,9 @@ impl Statement {
         let (serde_json::Value::Object(got), serde_json::Value::Object(want)) = (serde_json::json!(self), serde_json::json!(want)) else {
             return Some("statement is not an object".into());
         };
-        want.iter().find(|(k, v)| got.get(*k) != Some(v)).map(|(k, v)| format!("{k} is {} but its receipts and reversals give {v}", got.get(k).unwrap_or(&serde_json::Value::Null)))
+        want.iter()
+            .find(|(k, v)| got.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k} is {} but its receipts and reversals give {v}", got.get(k).unwrap_or(&serde_json::Value::Null)))
     }
 }
 
@@ -285,11 +287,19 @@ impl Settlement {
             return Err(format!("receipt {} is reversed twice (first by entry {prev})", body.receipt_seq));
         }
         if body.receipt_hash != hex::encode(r.hash) {
-            return Err(format!("reversal names receipt {} with hash {}, but that receipt's hash is {}", body.receipt_seq, body.receipt_hash, hex::encode(r.hash)));
+            return Err(format!(
+                "reversal names receipt {} with hash {}, but that receipt's hash is {}",
+                body.receipt_seq,
+                body.receipt_hash,
+                hex::encode(r.hash)
+            ));
         }
         let node = self.names[r.node as usize].clone();
         if e.node != node || e.cost != r.cost {
-            return Err(format!("reversal says node {} and {} credits, but receipt {} is node {node} and {} credits", e.node, e.cost, body.receipt_seq, r.cost));
+            return Err(format!(
+                "reversal says node {} and {} credits, but receipt {} is node {node} and {} credits",
+                e.node, e.cost, body.receipt_seq, r.cost
+            ));
         }
         let (owner, cost) = (r.owner, r.cost);
         self.reversals.insert(body.receipt_seq, (e.seq, body.reason.clone()));
@@ -343,7 +353,9 @@ impl Settlement {
                 got.upto_seq, self.last_contributing
             ));
         }
-        let want = self.expected(&got.owner, got.upto_seq, got.period_end_ms).ok_or_else(|| format!("statement for {} covers no receipt or reversal of that owner", got.owner))?;
+        let want = self
+            .expected(&got.owner, got.upto_seq, got.period_end_ms)
+            .ok_or_else(|| format!("statement for {} covers no receipt or reversal of that owner", got.owner))?;
         if let Some(diff) = got.difference(&want) {
             return Err(format!("statement for {}: {diff}", got.owner));
         }
@@ -356,7 +368,10 @@ impl Settlement {
 
     fn apply_paid(&mut self, e: &Entry) -> Result<(), String> {
         let body: PaidBody = serde_json::from_slice(&e.body).map_err(|err| format!("paid body does not read: {err}"))?;
-        let s = self.statements.get_mut(&body.statement_seq).ok_or_else(|| format!("paid line names entry {}, which is not an earlier statement", body.statement_seq))?;
+        let s = self
+            .statements
+            .get_mut(&body.statement_seq)
+            .ok_or_else(|| format!("paid line names entry {}, which is not an earlier statement", body.statement_seq))?;
         if let Some(prev) = s.paid_by {
             return Err(format!("statement {} is marked paid twice (first by entry {prev})", body.statement_seq));
         }

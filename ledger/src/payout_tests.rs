@@ -26,7 +26,15 @@ pub(crate) struct Book {
 
 impl Book {
     pub fn new() -> Book {
-        Book { state: ChainState::default(), settle: Settlement::default(), key: SigningKey::from_bytes(&[42; 32]), entries: vec![], ms: 2_000_000, stored: Default::default(), attempts: Default::default() }
+        Book {
+            state: ChainState::default(),
+            settle: Settlement::default(),
+            key: SigningKey::from_bytes(&[42; 32]),
+            entries: vec![],
+            ms: 2_000_000,
+            stored: Default::default(),
+            attempts: Default::default(),
+        }
     }
 
     fn flush(&mut self, batch: Batch) {

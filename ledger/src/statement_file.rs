@@ -63,7 +63,8 @@ impl StatementFile {
         let mut h = Sha256::new();
         let mut credits = Micros(0);
         for r in &self.receipts {
-            let hash: [u8; 32] = hex::decode(&r.hash).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| format!("receipt {}: hash is not 32 bytes of hex", r.seq))?;
+            let hash: [u8; 32] =
+                hex::decode(&r.hash).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| format!("receipt {}: hash is not 32 bytes of hex", r.seq))?;
             receipt_leaf(&mut h, r.seq, &hash, Micros(r.credits_micros));
             credits = credits.saturating_add(Micros(r.credits_micros));
         }
@@ -72,7 +73,14 @@ impl StatementFile {
             return Err(format!("the {} receipts listed are not the ones statement {} commits to (receipts_sha256 differs)", self.receipts.len(), e.seq));
         }
         if (self.receipts.len() as u64, credits.0) != (s.receipts, s.credits_micros) {
-            return Err(format!("statement {} says {} receipts and {} micro-credits, its receipts give {} and {}", e.seq, s.receipts, s.credits_micros, self.receipts.len(), credits.0));
+            return Err(format!(
+                "statement {} says {} receipts and {} micro-credits, its receipts give {} and {}",
+                e.seq,
+                s.receipts,
+                s.credits_micros,
+                self.receipts.len(),
+                credits.0
+            ));
         }
         Ok(s)
     }
@@ -126,7 +134,10 @@ pub fn reconcile(file: &StatementFile, acks: &[AckedReceipt]) -> Vec<Discrepancy
             Some(r) if r.credits_micros != a.cost_micros || r.attempt_id != a.attempt_id => out.push(Discrepancy::Wrong {
                 attempt_id,
                 seq,
-                what: format!("the statement lists {} micro-credits for attempt {}, the Ack said {} for {}", r.credits_micros, r.attempt_id, a.cost_micros, a.attempt_id),
+                what: format!(
+                    "the statement lists {} micro-credits for attempt {}, the Ack said {} for {}",
+                    r.credits_micros, r.attempt_id, a.cost_micros, a.attempt_id
+                ),
             }),
             Some(_) => {
                 if let Some(rev) = s.reversals.iter().find(|v| v.receipt_seq == a.ledger_seq) {

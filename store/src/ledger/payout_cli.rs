@@ -135,7 +135,12 @@ pub fn statements(b: &mut dyn Backend) -> Result<Vec<ExportedStatement>, CliErro
 fn open_ledger(w: &WriteArgs) -> Result<Ledger, CliError> {
     // Refuse to create a ledger (and a key) in a directory that holds none.
     drop(open(&w.location)?);
-    let config = LedgerConfig { data_dir: w.location.data_dir.clone(), database_url: w.location.database_url.clone(), fence: Fence::open(), key_file: w.ledger_key_file.clone() };
+    let config = LedgerConfig {
+        data_dir: w.location.data_dir.clone(),
+        database_url: w.location.database_url.clone(),
+        fence: Fence::open(),
+        key_file: w.ledger_key_file.clone(),
+    };
     Ok(Ledger::open(config)?)
 }
 
