@@ -141,7 +141,10 @@ pub fn load_or_create_key(dir: &Path) -> Result<SigningKey, LedgerError> {
 /// The ledger key `config` names: its key file, else `<data_dir>/ledger.key`.
 pub fn config_key(config: &LedgerConfig) -> Result<SigningKey, LedgerError> {
     match &config.key_file {
-        Some(path) => load_or_create_key_file(path),
+        Some(path) => {
+            std::fs::create_dir_all(&config.data_dir).map_err(|source| LedgerError::Dir { path: config.data_dir.display().to_string(), source })?;
+            load_or_create_key_file(path)
+        }
         None => {
             tracing::warn!(
                 dir = %config.data_dir.display(),

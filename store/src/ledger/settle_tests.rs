@@ -155,3 +155,24 @@ fn the_payout_commands_close_mark_paid_export_and_the_export_verifies_offline() 
     let err = verify_file(&cut).unwrap_err().to_string();
     assert!(err.starts_with("ledger verification FAILED: entry 1: entries 1..=9 come after the last checkpoint (there is none)"), "{err}");
 }
+
+/// Writes the small ledger docs/LEDGER.md's auditor walk-through runs its commands against:
+/// `KOMMUNE_DEMO_DIR=/tmp/demo cargo test -p kommune-store demo_ledger -- --ignored`.
+#[test]
+#[ignore = "writes a demo ledger for the docs"]
+fn demo_ledger_for_the_docs() {
+    let dir = std::path::PathBuf::from(std::env::var("KOMMUNE_DEMO_DIR").expect("set KOMMUNE_DEMO_DIR"));
+    let config =
+        LedgerConfig { data_dir: dir.join("data"), database_url: None, fence: kommune_core::fence::Fence::open(), key_file: Some(dir.join("ledger.key")) };
+    let l = Ledger::open(config).unwrap();
+    rt().block_on(async {
+        l.register_owned_node_key("pn-1", key_of(1), "alice").await.unwrap();
+        l.register_owned_node_key("pn-2", key_of(2), "alice").await.unwrap();
+        l.register_owned_node_key("pn-3", key_of(3), "bob").await.unwrap();
+        for s in 1..=3 {
+            for node in 1..=3 {
+                l.submit(input(node, 1, s)).await.unwrap();
+            }
+        }
+    });
+}
