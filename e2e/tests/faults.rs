@@ -68,7 +68,8 @@ impl Operator {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let blobs = Blobs::open(dir.path()).unwrap();
         let (changed_tx, changed_rx) = mpsc::channel(1024);
-        let ledger = Arc::new(Ledger::open(LedgerConfig { data_dir: dir.path().to_path_buf(), database_url: None, fence: Fence::open() }).unwrap());
+        let ledger =
+            Arc::new(Ledger::open(LedgerConfig { data_dir: dir.path().to_path_buf(), database_url: None, fence: Fence::open(), key_file: None }).unwrap());
         let dispatcher = Arc::new(Dispatcher::new(store, Arc::new(Fleet::default()), changed_tx).with_ledger(ledger, Arc::new(RateBook::new(RATES))));
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let (events_tx, mut events_rx) = mpsc::channel(1024);

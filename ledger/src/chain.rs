@@ -57,7 +57,8 @@ pub struct Batch {
 }
 
 impl ChainState {
-    fn push(&mut self, batch: &mut Batch, entry: Entry) -> u64 {
+    /// Seals `entry` after the head and adds it to the batch; returns its seq.
+    pub fn push(&mut self, batch: &mut Batch, entry: Entry) -> u64 {
         let e = entry.seal(self.head_hash);
         self.head_seq = e.seq;
         self.head_hash = e.hash32().expect("sealed entries carry a 32-byte hash");
@@ -80,13 +81,20 @@ impl ChainState {
         self.push(batch, Entry::checkpoint(self.head_seq + 1, recorded_ms, &cp, key))
     }
 
-    /// Appends a node key unless it is registered already; returns whether it was new.
-    pub fn register_key(&mut self, batch: &mut Batch, node: &str, key: [u8; 32], recorded_ms: i64) -> bool {
+    /// Appends a node key naming its owner, signed by the operator, unless it is registered
+    /// already; returns whether it was new.
+    pub fn register_key(&mut self, batch: &mut Batch, node: &str, key: [u8; 32], owner: &str, recorded_ms: i64, operator: &SigningKey) -> bool {
         if !self.keys.entry(node.to_string()).or_default().insert(key) {
             return false;
         }
-        self.push(batch, Entry::node_key(self.head_seq + 1, recorded_ms, node, key));
+        self.push(batch, Entry::signed_node_key(self.head_seq + 1, recorded_ms, node, key, owner, operator));
         true
+    }
+
+    /// Appends a key rotation from `old` (which signs it) to `new`; returns its seq.
+    pub fn rotate_key(&mut self, batch: &mut Batch, recorded_ms: i64, old: &SigningKey, new: &ed25519_dalek::VerifyingKey) -> u64 {
+        let line = Entry::operator_line(self.head_seq + 1, EntryKind::KeyRotation, recorded_ms, new.to_bytes().to_vec(), old).signed_by(old);
+        self.push(batch, line)
     }
 
     fn reject(batch: &mut Batch, input: &ReceiptInput, why: &Rejection) -> Verdict {

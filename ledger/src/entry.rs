@@ -22,6 +22,10 @@ pub const ENTRY_CONTEXT: &[u8] = b"kommune.ledger.entry.v1\0";
 /// Domain separation for checkpoint signatures made with the operator's ledger key.
 pub const CHECKPOINT_CONTEXT: &[u8] = b"kommune.ledger.checkpoint.v1\0";
 
+/// Domain separation for the other operator-signed entries (node keys, reversals, statements,
+/// paid marks, key rotations).
+pub const OPERATOR_CONTEXT: &[u8] = b"kommune.ledger.operator.v1\0";
+
 /// What a ledger line records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EntryKind {
@@ -29,8 +33,18 @@ pub enum EntryKind {
     Receipt = 0,
     /// An operator-signed summary of everything before it.
     Checkpoint = 1,
-    /// A node's public key, registered at join; receipts of that node verify against it.
+    /// A node's public key, registered at join; receipts of that node verify against it. The
+    /// body names the node's owner; the operator signs it (entries before this rule are unsigned
+    /// and trusted only under a checkpoint).
     NodeKey = 2,
+    /// The operator takes back an earlier receipt (outvoted, disproved): it is not paid.
+    Reversal = 3,
+    /// One owner's settlement for a period, signed by the operator.
+    Statement = 4,
+    /// A statement was paid outside the ledger, with the payment's reference.
+    Paid = 5,
+    /// The operator's ledger key changes; signed by the old key.
+    KeyRotation = 6,
 }
 
 impl EntryKind {
@@ -45,6 +59,10 @@ impl EntryKind {
             0 => Some(EntryKind::Receipt),
             1 => Some(EntryKind::Checkpoint),
             2 => Some(EntryKind::NodeKey),
+            3 => Some(EntryKind::Reversal),
+            4 => Some(EntryKind::Statement),
+            5 => Some(EntryKind::Paid),
+            6 => Some(EntryKind::KeyRotation),
             _ => None,
         }
     }
@@ -55,13 +73,28 @@ impl EntryKind {
             EntryKind::Receipt => "receipt",
             EntryKind::Checkpoint => "checkpoint",
             EntryKind::NodeKey => "node-key",
+            EntryKind::Reversal => "reversal",
+            EntryKind::Statement => "statement",
+            EntryKind::Paid => "paid",
+            EntryKind::KeyRotation => "key-rotation",
         }
+    }
+
+    /// The kind named `name` (as [`EntryKind::name`] writes it).
+    pub fn from_name(name: &str) -> Option<EntryKind> {
+        (0..=6).filter_map(EntryKind::from_code).find(|k| k.name() == name)
+    }
+
+    /// Whether the operator signs entries of this kind with [`operator_message`] (checkpoints
+    /// have their own older layout; receipts are signed by nodes).
+    pub fn operator_signed(self) -> bool {
+        !matches!(self, EntryKind::Receipt | EntryKind::Checkpoint)
     }
 }
 
 /// The usage figures of a receipt, kept beside the body so totals are a SUM in the database;
 /// verification checks they equal the signed body.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UsageFigures {
     pub wall_millis: u64,
     pub cpu_micros: u64,
@@ -209,6 +242,47 @@ impl Entry {
         Entry { node: node.to_string(), public_key: key.to_vec(), ..Entry::blank(seq, EntryKind::NodeKey, recorded_ms) }
     }
 
+    /// A node-key line naming the node's owner, signed by the operator (unsealed). `public_key`
+    /// holds the node's key, so the signature field carries the operator's 64-byte signature
+    /// followed by the operator's 32-byte key: a verifier checks it without looking elsewhere.
+    pub fn signed_node_key(seq: u64, recorded_ms: i64, node: &str, key: [u8; 32], owner: &str, operator: &SigningKey) -> Entry {
+        let e = Entry { body: owner.as_bytes().to_vec(), ..Entry::node_key(seq, recorded_ms, node, key) };
+        let mut e = e.signed_by(operator);
+        e.signature.extend_from_slice(&operator.verifying_key().to_bytes());
+        e
+    }
+
+    /// The operator key that signs this line: its public key, or for a node-key line the key
+    /// after its signature (None when it has none).
+    pub fn operator_signer(&self) -> Option<[u8; 32]> {
+        match self.kind {
+            EntryKind::NodeKey if self.signature.len() == 96 => self.signature[64..].try_into().ok(),
+            EntryKind::NodeKey => None,
+            _ => self.public_key.as_slice().try_into().ok(),
+        }
+    }
+
+    /// An operator-made line of `kind` whose body is `body` and whose public key is the
+    /// operator's (unsealed, unsigned: see [`Entry::signed_by`]).
+    pub fn operator_line(seq: u64, kind: EntryKind, recorded_ms: i64, body: Vec<u8>, operator: &SigningKey) -> Entry {
+        Entry { body, public_key: operator.verifying_key().to_bytes().to_vec(), ..Entry::blank(seq, kind, recorded_ms) }
+    }
+
+    /// Signs this line with `key` over [`operator_message`].
+    pub fn signed_by(mut self, key: &SigningKey) -> Entry {
+        self.signature = key.sign(&operator_message(&self)).to_bytes().to_vec();
+        self
+    }
+
+    /// The owner a node-key line names (empty in lines written before owners were recorded:
+    /// such a node is its own owner).
+    pub fn owner(&self) -> String {
+        match std::str::from_utf8(&self.body) {
+            Ok(o) if !o.is_empty() => o.to_string(),
+            _ => self.node.clone(),
+        }
+    }
+
     /// A checkpoint line signed with the operator's ledger key (unsealed).
     pub fn checkpoint(seq: u64, recorded_ms: i64, cp: &Checkpoint, key: &SigningKey) -> Entry {
         let body = cp.payload();
@@ -276,6 +350,22 @@ impl Checkpoint {
 /// The bytes a checkpoint signature covers.
 pub fn checkpoint_message(payload: &[u8]) -> Vec<u8> {
     [CHECKPOINT_CONTEXT, payload].concat()
+}
+
+/// The bytes an operator signature covers: every field but the signature and the hashes, so it
+/// binds the line's seq and kind as well as its body.
+pub fn operator_message(e: &Entry) -> Vec<u8> {
+    let unsigned = Entry { signature: vec![], prev_hash: vec![], hash: vec![], ..e.clone() };
+    [OPERATOR_CONTEXT, &unsigned.canonical_bytes()].concat()
+}
+
+/// Checks an operator-signed line's signature against `key`.
+pub fn operator_signature_ok(e: &Entry, key: &[u8; 32]) -> bool {
+    let sig = if e.kind == EntryKind::NodeKey && e.signature.len() == 96 { &e.signature[..64] } else { &e.signature[..] };
+    let (Ok(key), Ok(sig)) = (VerifyingKey::from_bytes(key), <[u8; 64]>::try_from(sig)) else {
+        return false;
+    };
+    key.verify(&operator_message(e), &Signature::from_bytes(&sig)).is_ok()
 }
 
 /// Checks a checkpoint line's operator signature.

@@ -5,8 +5,13 @@
 pub mod chain;
 pub mod check;
 pub mod entry;
+pub mod export;
 pub mod job_totals;
+pub mod payout;
+#[cfg(test)]
+mod payout_tests;
 pub mod records;
+pub mod statement_file;
 pub mod verify;
 
 pub use chain::Verdict;

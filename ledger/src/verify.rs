@@ -12,7 +12,10 @@ use kommune_proto::receipt;
 use sha2::{Digest, Sha256};
 
 use crate::check::{KeyCache, SignedMessage, signed_message, verify_signatures};
-use crate::entry::{Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, checkpoint_signature_ok, fingerprint, node_totals_sha256};
+use crate::entry::{
+    Checkpoint, Entry, EntryKind, GENESIS, NodeTotal, UsageFigures, checkpoint_signature_ok, fingerprint, node_totals_sha256, operator_signature_ok,
+};
+use crate::payout::Settlement;
 use kommune_core::pricing::{self, Micros};
 
 /// The first entry that does not verify, and why.
@@ -34,8 +37,14 @@ pub struct VerifyReport {
     pub receipts: u64,
     pub checkpoints: u64,
     pub node_keys: u64,
-    /// Sum of all receipt costs.
+    pub reversals: u64,
+    pub statements: u64,
+    pub paid: u64,
+    pub key_rotations: u64,
+    /// Sum of all receipt costs (reversed ones included: checkpoints sum what was metered).
     pub total: Micros,
+    /// Sum of the reversed receipts' costs: what is not paid of `total`.
+    pub reversed: Micros,
     /// Per provider node.
     pub per_node: BTreeMap<String, NodeTotal>,
     /// The last entry's seq and hash (hex; empty for an empty ledger).
@@ -45,12 +54,15 @@ pub struct VerifyReport {
     pub last_checkpoint_seq: u64,
     /// sha256 fingerprints (hex) of the operator keys that signed checkpoints.
     pub operator_keys: BTreeSet<String>,
+    /// The operator key in force at the head (after every rotation), sha256 hex.
+    pub operator_key: String,
 }
 
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "ledger OK: {} entries ({} receipts, {} checkpoints, {} node keys)", self.entries, self.receipts, self.checkpoints, self.node_keys)?;
-        writeln!(f, "total credits: {}", self.total)?;
+        writeln!(f, "settlement: {} reversals, {} statements, {} paid, {} key rotations", self.reversals, self.statements, self.paid, self.key_rotations)?;
+        writeln!(f, "total credits: {} metered, {} reversed", self.total, self.reversed)?;
         for (node, t) in &self.per_node {
             writeln!(f, "  {node}: {} credits from {} receipts", t.total, t.receipts)?;
         }
@@ -59,6 +71,9 @@ impl fmt::Display for VerifyReport {
         for k in &self.operator_keys {
             writeln!(f, "operator ledger key sha256: {k}")?;
         }
+        if !self.operator_key.is_empty() {
+            writeln!(f, "operator ledger key now: {}", self.operator_key)?;
+        }
         Ok(())
     }
 }
@@ -66,8 +81,12 @@ impl fmt::Display for VerifyReport {
 /// Options for [`ChainVerifier`].
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
-    /// When set, every checkpoint must be signed by the key with this sha256 (hex).
+    /// When set, the operator key with this sha256 (hex) must be the ledger's key, or one a
+    /// chain of key rotations from the first key leads to.
     pub operator_key_sha256: Option<String>,
+    /// Accept entries after the last checkpoint (which no operator signature covers). Off by
+    /// default: a truncated or extended export must not verify.
+    pub accept_unsigned_tail: bool,
     /// Signature-checking threads; 0 means one per core.
     pub threads: usize,
 }
@@ -157,6 +176,12 @@ pub struct ChainVerifier {
     key_cache: KeyCache,
     pool: SigPool,
     failed: Option<BadEntry>,
+    settlement: Settlement,
+    /// The operator key in force, once an entry names it; each key with the seq naming it.
+    current_key: Option<[u8; 32]>,
+    key_path: Vec<([u8; 32], u64)>,
+    /// The first unsigned (pre-owner) node-key line since the last checkpoint.
+    unsigned_node_key: Option<(u64, String)>,
 }
 
 impl ChainVerifier {
@@ -175,6 +200,10 @@ impl ChainVerifier {
             key_cache: KeyCache::default(),
             pool: SigPool::new(threads.max(1)),
             failed: None,
+            settlement: Settlement::default(),
+            current_key: None,
+            key_path: vec![],
+            unsigned_node_key: None,
         }
     }
 
@@ -211,7 +240,23 @@ impl ChainVerifier {
             EntryKind::Receipt => self.check_receipt(e)?,
             EntryKind::Checkpoint => self.check_checkpoint(e)?,
             EntryKind::NodeKey => self.check_node_key(e)?,
+            EntryKind::KeyRotation => self.check_rotation(e)?,
+            EntryKind::Reversal | EntryKind::Statement | EntryKind::Paid => {
+                self.signer(e)?;
+                if !self.current_key.is_some_and(|k| operator_signature_ok(e, &k)) {
+                    return Err(bad(seq, format!("{} signature does not verify with the operator key", e.kind.name())));
+                }
+                match e.kind {
+                    EntryKind::Reversal => {
+                        self.report.reversals += 1;
+                        self.report.reversed = self.report.reversed.saturating_add(e.cost);
+                    }
+                    EntryKind::Statement => self.report.statements += 1,
+                    _ => self.report.paid += 1,
+                }
+            }
         }
+        self.settlement.apply(e).map_err(|m| bad(seq, m))?;
         self.prev = computed;
         self.next_seq += 1;
         self.report.entries += 1;
@@ -266,11 +311,7 @@ impl ChainVerifier {
             return Err(bad(seq, "checkpoint signature does not verify with the operator key it names"));
         }
         let fp = fingerprint(&e.public_key);
-        if let Some(want) = &self.opts.operator_key_sha256
-            && !want.eq_ignore_ascii_case(&fp)
-        {
-            return Err(bad(seq, format!("checkpoint is signed by operator key {fp}, not the expected {want}")));
-        }
+        self.signer(e)?;
         let want = Checkpoint {
             upto_seq: seq - 1,
             head_hash: self.prev,
@@ -284,6 +325,7 @@ impl ChainVerifier {
         }
         self.report.operator_keys.insert(fp);
         self.report.checkpoints += 1;
+        self.unsigned_node_key = None;
         self.report.last_checkpoint_seq = seq;
         Ok(())
     }
@@ -296,7 +338,60 @@ impl ChainVerifier {
         if !self.keys.entry(e.node.clone()).or_default().insert(key) {
             return Err(bad(e.seq, format!("key {} is registered twice for node {}", fingerprint(&key), e.node)));
         }
+        if e.signature.is_empty() {
+            // Written before node keys were signed: trusted only under a later checkpoint.
+            self.unsigned_node_key.get_or_insert((e.seq, e.node.clone()));
+        } else {
+            let what = format!("node key registration of {}", e.node);
+            let op = e.operator_signer().ok_or_else(|| bad(e.seq, format!("{what} carries no operator signature and key")))?;
+            self.signer_key(op, e.seq, &what)?;
+            if !operator_signature_ok(e, &op) {
+                return Err(bad(e.seq, format!("{what} is not signed by the operator key {}", fingerprint(&op))));
+            }
+        }
         self.report.node_keys += 1;
+        Ok(())
+    }
+
+    /// Checks that `e` names the operator key in force (learning it from the first entry that
+    /// names one).
+    fn signer(&mut self, e: &Entry) -> Result<[u8; 32], BadEntry> {
+        let key: [u8; 32] = e.public_key.as_slice().try_into().map_err(|_| bad(e.seq, "operator public key is not 32 bytes"))?;
+        self.signer_key(key, e.seq, e.kind.name())?;
+        Ok(key)
+    }
+
+    fn signer_key(&mut self, key: [u8; 32], seq: u64, what: &str) -> Result<(), BadEntry> {
+        match self.current_key {
+            Some(k) if k == key => Ok(()),
+            Some(k) => Err(bad(
+                seq,
+                format!(
+                    "{what} is signed by operator key {}, but the ledger's key here is {} (a new key needs a key-rotation entry signed by the old one)",
+                    fingerprint(&key),
+                    fingerprint(&k)
+                ),
+            )),
+            None => {
+                self.current_key = Some(key);
+                self.key_path.push((key, seq));
+                Ok(())
+            }
+        }
+    }
+
+    fn check_rotation(&mut self, e: &Entry) -> Result<(), BadEntry> {
+        let old = self.signer(e)?;
+        if !operator_signature_ok(e, &old) {
+            return Err(bad(e.seq, format!("key rotation is not signed by the old operator key {}", fingerprint(&old))));
+        }
+        let new: [u8; 32] = e.body.as_slice().try_into().map_err(|_| bad(e.seq, "key rotation names no 32-byte key"))?;
+        if ed25519_dalek::VerifyingKey::from_bytes(&new).is_err() {
+            return Err(bad(e.seq, "key rotation names an invalid ed25519 key"));
+        }
+        self.current_key = Some(new);
+        self.key_path.push((new, e.seq));
+        self.report.key_rotations += 1;
         Ok(())
     }
 
@@ -307,16 +402,47 @@ impl ChainVerifier {
         if !chunk.is_empty() {
             self.pool.send(chunk);
         }
+        let final_checks = self.final_checks();
         let sig_bad = self.pool.finish().map(|seq| bad(seq, "receipt signature does not verify with the node's registered key"));
-        let first = match (sig_bad, self.failed) {
+        let first = match (sig_bad, self.failed.take()) {
             (Some(a), Some(b)) => Some(if a.seq <= b.seq { a } else { b }),
             (a, b) => a.or(b),
         };
         if let Some(f) = first {
             return Err(f);
         }
+        final_checks?;
+        self.report.operator_key = self.current_key.map(|k| fingerprint(&k)).unwrap_or_default();
         self.report.head_hash = if self.report.entries == 0 { String::new() } else { hex::encode(self.prev) };
         Ok(self.report)
+    }
+}
+
+impl ChainVerifier {
+    /// What can only be said once the whole chain was read: the tail is covered, every node
+    /// key is signed or covered, the pinned key is the ledger's.
+    fn final_checks(&self) -> Result<(), BadEntry> {
+        if let Some((seq, node)) = &self.unsigned_node_key {
+            return Err(bad(*seq, format!("node key registration of {node} is not signed by the operator and no checkpoint covers it")));
+        }
+        let head = self.report.head_seq;
+        if !self.opts.accept_unsigned_tail && head > self.report.last_checkpoint_seq {
+            let from = self.report.last_checkpoint_seq + 1;
+            return Err(bad(
+                from,
+                format!(
+                    "entries {from}..={head} come after the last checkpoint ({}) and no operator signature covers them: the ledger may be truncated or extended (pass --accept-unsigned-tail to check them anyway)",
+                    if self.report.last_checkpoint_seq == 0 { "there is none".to_string() } else { format!("entry {}", self.report.last_checkpoint_seq) }
+                ),
+            ));
+        }
+        if let Some(want) = &self.opts.operator_key_sha256
+            && !self.key_path.iter().any(|(k, _)| want.eq_ignore_ascii_case(&fingerprint(k)))
+        {
+            let (seq, got) = self.key_path.first().map_or((head.max(1), "no key".to_string()), |(k, s)| (*s, fingerprint(k)));
+            return Err(bad(seq, format!("the ledger is signed by operator key {got}, not the expected {want} (and no key rotation leads to it)")));
+        }
+        Ok(())
     }
 }
 

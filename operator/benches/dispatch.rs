@@ -139,7 +139,7 @@ fn start_operator(dir: &Path, config: GatewayConfig, workers: usize) -> (Operato
     let blobs = Blobs::open(dir).unwrap();
     let fleet = Arc::new(Fleet::default());
     let (changed_tx, changed_rx) = mpsc::channel(1024);
-    let ledger = Arc::new(Ledger::open(LedgerConfig { data_dir: dir.to_path_buf(), database_url: None, fence: Fence::open() }).unwrap());
+    let ledger = Arc::new(Ledger::open(LedgerConfig { data_dir: dir.to_path_buf(), database_url: None, fence: Fence::open(), key_file: None }).unwrap());
     let dispatcher = Arc::new(Dispatcher::new(store, fleet, changed_tx).with_ledger(ledger, Arc::new(RateBook::new(RATES))));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).thread_name("operator").enable_all().build().unwrap();
     let (events_tx, events_rx) = mpsc::channel(1 << 16);

@@ -56,6 +56,10 @@ enum Command {
     /// Exports and verifies the payout ledger.
     #[command(subcommand)]
     Ledger(kommune_operator::ledger::cli::LedgerCommand),
+    /// Settles the payout ledger: close a period into statements, mark one paid, reverse a
+    /// receipt, export statements.
+    #[command(subcommand)]
+    Payout(kommune_operator::ledger::payout_cli::PayoutCommand),
 }
 
 #[derive(Args, Clone)]
@@ -140,6 +144,15 @@ struct RunArgs {
     /// replicas under leader election take over each other's running work.
     #[arg(long, env = "KOMMUNE_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// The operator's ledger signing key (PKCS#8 PEM; created if absent). Keep it outside the
+    /// data directory (the chart mounts a Secret): whoever can rewrite the database must not
+    /// also be able to re-sign it. Unset, `<data-dir>/ledger.key` is used, with a warning.
+    #[arg(long, env = "KOMMUNE_LEDGER_KEY_FILE")]
+    ledger_key_file: Option<PathBuf>,
+    /// Close a payout period every this long (e.g. 24h): one signed statement per owner. Unset,
+    /// periods close only with `kommune-operator payout close`.
+    #[arg(long, env = "KOMMUNE_PAYOUT_CLOSE_EVERY", value_parser = humantime::parse_duration)]
+    payout_close_every: Option<Duration>,
     /// Bytes of wasm modules (stored from ConfigMaps) the jobs of one namespace may hold on the
     /// operator's volume, e.g. 256Mi. A module that would exceed it is not stored; its job
     /// waits with reason BlobQuotaExceeded.
@@ -276,6 +289,7 @@ async fn main() -> anyhow::Result<()> {
             token_create(ttl, uses, &namespace, owner.as_deref(), limits).await
         }
         Some(Command::Ledger(cmd)) => ledger(cmd),
+        Some(Command::Payout(cmd)) => payout(cmd),
         Some(Command::Run(args)) => run(args).await,
         None => run(cli.run).await,
     }
@@ -303,6 +317,14 @@ fn ledger(cmd: kommune_operator::ledger::cli::LedgerCommand) -> anyhow::Result<(
     std::thread::spawn(move || kommune_operator::ledger::cli::run(cmd, &mut std::io::stdout().lock()))
         .join()
         .map_err(|_| anyhow::anyhow!("the ledger command panicked"))??;
+    Ok(())
+}
+
+fn payout(cmd: kommune_operator::ledger::payout_cli::PayoutCommand) -> anyhow::Result<()> {
+    // As for `ledger`: the ledger's database clients run off the async workers.
+    std::thread::spawn(move || kommune_operator::ledger::payout_cli::run(cmd, &mut std::io::stdout().lock()))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the payout command panicked"))??;
     Ok(())
 }
 
@@ -379,8 +401,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("cannot open the attempt store")?,
     );
     let ledger = Arc::new(
-        Ledger::open(LedgerConfig { data_dir: args.data_dir.clone(), database_url: args.database_url.clone(), fence: fence.clone() })
-            .context("cannot open the payout ledger")?,
+        Ledger::open(LedgerConfig {
+            data_dir: args.data_dir.clone(),
+            database_url: args.database_url.clone(),
+            fence: fence.clone(),
+            key_file: args.ledger_key_file.clone(),
+        })
+        .context("cannot open the payout ledger")?,
+    );
+    info!(
+        operator_key_sha256 = %kommune_operator::ledger::entry::fingerprint(&ledger.operator_key()),
+        "payout ledger key: pin it with `kommune-operator ledger verify --operator-key <sha256>`"
     );
     let rates = Arc::new(RateBook::new(args.rates()));
     info!(backend = if args.database_url.is_some() { "postgresql" } else { "embedded" }, rates = ?rates.cluster(), "payout ledger open");
@@ -395,7 +426,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (capacity_tx, capacity_rx) = mpsc::channel(1);
     let dispatcher = Arc::new(
         Dispatcher::new(store, fleet.clone(), jobs_changed_tx)
-            .with_ledger(ledger, rates)
+            .with_ledger(ledger.clone(), rates)
             .with_fence(fence)
             .with_task_grace(Duration::from_secs(args.task_grace_seconds))
             .with_metrics(metrics.clone()),
@@ -456,6 +487,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
+    // Closes payout periods on the configured schedule (the first after one whole interval).
+    let settle = async move {
+        let Some(every) = args.payout_close_every else { return std::future::pending().await };
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tick.tick().await;
+            match ledger.close_period().await {
+                Ok(closed) => info!(statements = closed.len(), "payout period closed"),
+                Err(e) => tracing::warn!(error = %e, "cannot close the payout period; retrying at the next interval"),
+            }
+        }
+    };
     let leadership = async {
         match &elector {
             Some(e) => e.hold().await,
@@ -468,6 +511,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         lost = leadership => anyhow::bail!("{lost}; exiting so another replica can lead"),
         _ = expiry => {},
         _ = sweep => {},
+        _ = settle => {},
         r = gateway.serve(listener, shutdown) => r.context("agent gateway failed")?,
         _ = controller::job::run(ctx, jobs_changed_rx, capacity_rx) => info!("ComputeJob controller stopped"),
         _ = controller::nodes::run(client, dispatcher.clone(), node_events_rx, capacity_tx, grace) => info!("ProviderNode writer stopped"),

@@ -108,7 +108,8 @@ fn bench_submit(backend: &str, database_url: Option<String>, n: usize, in_flight
     eprintln!("{backend}: signed {n} receipts in {:.1}s", t.elapsed().as_secs_f64());
     let inputs: Arc<Vec<ReceiptInput>> = Arc::new(receipts.into_iter().enumerate().map(|(i, r)| input(i, r, &keys)).collect());
     let dir = tempfile::tempdir().expect("temp dir");
-    let ledger = Arc::new(Ledger::open(LedgerConfig { data_dir: dir.path().to_path_buf(), database_url, fence: Fence::open() }).expect("open ledger"));
+    let ledger =
+        Arc::new(Ledger::open(LedgerConfig { data_dir: dir.path().to_path_buf(), database_url, fence: Fence::open(), key_file: None }).expect("open ledger"));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let (elapsed, mut latencies) = rt.block_on(async {
         for (i, k) in keys.iter().enumerate() {

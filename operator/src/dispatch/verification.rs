@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Dispatcher, JobRef, ModuleRef, Result, build, namespace_of};
 use crate::attempt::{Attempt, AttemptPhase, replica_attempt_id};
@@ -13,6 +13,9 @@ use crate::job::progress::Extension;
 use crate::scheduler::{Explanation, Placement, Request};
 use kommune_core::job::verification::{draw, should_check, trust};
 use kommune_core::reputation::{Observation, Observed};
+use kommune_ledger::payout::PayoutError;
+use kommune_store::ledger::LedgerError;
+use kommune_store::ledger::settle::ReceiptKey;
 
 /// How many of a provider's newest observations its trust is computed from.
 pub const TRUST_WINDOW: u32 = 512;
@@ -127,8 +130,13 @@ impl Dispatcher {
             })
             .collect();
         let outvoted: Vec<&Observation> = observations.iter().filter(|o| o.observed == Observed::Outvoted).collect();
+        // Attempts whose reversal failed: not marked recorded, so the job's next sync tries again.
+        let mut unreversed: Vec<String> = vec![];
         for o in &outvoted {
-            self.refuse_payment(std::slice::from_ref(&o.attempt_id), &format!("its result was outvoted by a quorum of other providers (job {})", job.key));
+            unreversed.extend(
+                self.refuse_payment(std::slice::from_ref(&o.attempt_id), &format!("its result was outvoted by a quorum of other providers (job {})", job.key))
+                    .await,
+            );
             // Its unchecked results on this job are disproved with it.
             let unchecked: Vec<String> = observed
                 .iter()
@@ -136,21 +144,36 @@ impl Dispatcher {
                 .map(|(id, _)| id.clone())
                 .collect();
             if !unchecked.is_empty() {
-                self.refuse_payment(&unchecked, &format!("a later check of node {}'s work on job {} was outvoted", o.node, job.key));
+                unreversed.extend(self.refuse_payment(&unchecked, &format!("a later check of node {}'s work on job {} was outvoted", o.node, job.key)).await);
             }
         }
         self.observe(observations).await?;
-        self.recorded.lock().expect("recorded lock").extend(fresh.into_iter().cloned());
+        self.recorded.lock().expect("recorded lock").extend(fresh.into_iter().filter(|(id, _)| !unreversed.contains(id)).cloned());
         Ok(())
     }
 
     /// Payment for these attempts' results is refused: an outvoted result is not paid, and a
     /// result accepted unchecked whose provider a later check on the same job disproved is
     /// reversed (a new ledger entry, never an edit).
-    pub(super) fn refuse_payment(&self, attempt_ids: &[String], reason: &str) {
-        // TODO(issue 18 reversal): record a Reversal entry for each receipt through the
-        // ledger's reversal API once it lands; until then the refusal is only logged.
-        warn!(attempts = ?attempt_ids, reason, "payment refused for results that failed verification");
+    /// Returns the attempts whose reversal could not be written.
+    pub(super) async fn refuse_payment(&self, attempt_ids: &[String], reason: &str) -> Vec<String> {
+        let mut failed = vec![];
+        let Some(ledger) = &self.ledger else { return failed };
+        for id in attempt_ids {
+            match ledger.reverse(ReceiptKey::Attempt(id.clone()), reason).await {
+                Ok(r) if r.created => info!(attempt = %id, node = %r.node, credits = %r.credits, reversal = r.seq, reason, "payment refused: receipt reversed"),
+                Ok(_) => {}
+                // No receipt metered it (none sent, or it was rejected): nothing was to be paid.
+                Err(LedgerError::Payout(PayoutError::NoReceiptForAttempt(_))) => debug!(attempt = %id, "no receipt to reverse"),
+                // Logged, not failed: the verdict stands, and the next sync of the job retries
+                // (a reversal is idempotent).
+                Err(e) => {
+                    warn!(attempt = %id, error = %e, reason, "cannot reverse the receipt of a result that failed verification");
+                    failed.push(id.clone());
+                }
+            }
+        }
+        failed
     }
 
     /// Drops what verification keeps in memory for a job.

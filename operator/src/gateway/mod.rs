@@ -308,11 +308,13 @@ impl AgentGateway for Gateway {
             return Err(exhausted(format!("node {node} opens sessions too often; retry in {}", retry_hint(after)), after));
         }
         // Before the session opens, so its first placement sees the token's owner and caps.
+        let owner = record.owner.clone().unwrap_or_default();
         self.inner.dispatcher.fleet().set_registration(&node, NodeRegistration { owner: record.owner, limits: record.limits });
         // The ledger keeps every key a node name ever had, so its receipts stay verifiable
         // after the node leaves. Idempotent; done here so nodes joined before metering count.
         if let Some(ledger) = self.inner.dispatcher.ledger() {
-            ledger.register_node_key(&node, public_key).await.map_err(|e| Status::unavailable(e.to_string()))?;
+            // The owner goes into the chain with the key, so statements group by it verifiably.
+            ledger.register_owned_node_key(&node, public_key, &owner).await.map_err(|e| Status::unavailable(e.to_string()))?;
         }
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);

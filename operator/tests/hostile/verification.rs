@@ -30,7 +30,8 @@ async fn a_lying_provider_is_caught_by_a_spot_check_and_its_answer_is_not_accept
     let lie = "f".repeat(64);
     let receipt = liar.receipt(&assign.attempt_id, &assign.job, AttemptState::Succeeded, plausible(100, 250));
     let result = TaskResult { exit_code: 0, output_sha256: lie.clone(), ..Default::default() };
-    let update = TaskUpdate { trace: None, attempt_id: assign.attempt_id.clone(), state: AttemptState::Succeeded as i32, result: Some(result), receipt: Some(receipt) };
+    let update =
+        TaskUpdate { trace: None, attempt_id: assign.attempt_id.clone(), state: AttemptState::Succeeded as i32, result: Some(result), receipt: Some(receipt) };
     liar.sender().send(AgentMessage { kind: Some(agent_message::Kind::TaskUpdate(update)) }).await.unwrap();
     liar.ack_for(&assign.attempt_id).await;
 

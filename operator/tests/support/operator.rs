@@ -76,7 +76,7 @@ pub async fn start_operator(dir: tempfile::TempDir, ca: Arc<Ca>, tokens: Arc<Mem
     let blobs = Blobs::open(dir.path()).unwrap();
     let fleet = Arc::new(Fleet::default());
     let (changed_tx, changed_rx) = mpsc::channel(1024);
-    let ledger = Arc::new(Ledger::open(LedgerConfig { data_dir: dir.path().to_path_buf(), database_url: None, fence: Fence::open() }).unwrap());
+    let ledger = Arc::new(Ledger::open(LedgerConfig { data_dir: dir.path().to_path_buf(), database_url: None, fence: Fence::open(), key_file: None }).unwrap());
     // A short grace past a task's timeout, so tests of the operator's own timeout run quickly.
     let dispatcher =
         Arc::new(Dispatcher::new(store, fleet, changed_tx).with_ledger(ledger, Arc::new(RateBook::new(rates))).with_task_grace(Duration::from_secs(1)));

@@ -60,14 +60,28 @@ pub struct ExportArgs {
 }
 
 /// `ledger verify` arguments.
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Default)]
 pub struct VerifyArgs {
     #[command(flatten)]
     pub location: Location,
-    /// Require every checkpoint to be signed by the operator key with this sha256 (hex, as
-    /// printed by an earlier verify).
-    #[arg(long)]
+    /// Require the ledger to be signed by the operator key with this sha256 (hex, as the
+    /// operator prints at start and ProviderNode status shows), or by keys a signed rotation
+    /// from it leads to.
+    #[arg(long, visible_alias = "operator-key")]
     pub operator_key_sha256: Option<String>,
+    /// Verify an export file (`ledger export` without filters) instead of the database: no
+    /// database, no data directory, no trust in whoever sent the file.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Accept entries after the last checkpoint, which no operator signature covers.
+    #[arg(long)]
+    pub accept_unsigned_tail: bool,
+}
+
+impl Default for Location {
+    fn default() -> Self {
+        Location { data_dir: PathBuf::from("/var/lib/kommune"), database_url: None }
+    }
 }
 
 /// Why a ledger command failed.
@@ -83,13 +97,17 @@ pub enum CliError {
     Bad(BadEntry),
     #[error("a stored entry does not read: {0}; run `kommune-operator ledger verify`")]
     Unreadable(BadEntry),
+    #[error("{0}")]
+    Export(#[from] crate::ledger::export::ExportError),
+    #[error("cannot start the ledger command's runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
 fn parse_time(s: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(s).map(|t| t.timestamp_millis()).map_err(|e| format!("{s:?} is not an RFC 3339 time like 2025-01-31T00:00:00Z: {e}"))
 }
 
-fn open(loc: &Location) -> Result<Box<dyn Backend>, CliError> {
+pub(super) fn open(loc: &Location) -> Result<Box<dyn Backend>, CliError> {
     if loc.database_url.is_none() && !loc.data_dir.join("ledger.db").exists() {
         return Err(CliError::NoLedger(loc.data_dir.join("ledger.db").display().to_string()));
     }
@@ -114,9 +132,14 @@ pub fn run(cmd: LedgerCommand, out: &mut dyn Write) -> Result<(), CliError> {
             Ok(())
         }
         LedgerCommand::Verify(a) => {
-            let mut b = open(&a.location)?;
-            let opts = VerifyOptions { operator_key_sha256: a.operator_key_sha256, threads: 0 };
-            let report = verify_stored(b.as_mut(), opts)?.map_err(CliError::Bad)?;
+            let opts = VerifyOptions { operator_key_sha256: a.operator_key_sha256, threads: 0, accept_unsigned_tail: a.accept_unsigned_tail };
+            let report = match &a.file {
+                Some(path) => crate::ledger::export::verify_export(std::io::BufReader::new(std::fs::File::open(path)?), opts)?,
+                None => {
+                    let mut b = open(&a.location)?;
+                    verify_stored(b.as_mut(), opts)?.map_err(CliError::Bad)?
+                }
+            };
             write!(out, "{report}")?;
             Ok(())
         }
@@ -151,35 +174,16 @@ pub fn export(b: &mut dyn Backend, filter: &EntryFilter, format: Format, out: &m
     }
 }
 
-fn time(ms: i64) -> String {
+pub(super) fn time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).unwrap_or_default()
 }
 
-/// One entry as a JSON object: every stored field (bytes in hex), plus the cost in credits and
-/// the key fingerprint for readability.
+/// One entry as a JSON object: every stored field (bytes in hex), plus the time, the cost in
+/// credits and the key fingerprint for readability (the format `ledger verify --file` reads).
 pub fn json(e: &Entry) -> serde_json::Value {
-    serde_json::json!({
-        "seq": e.seq,
-        "kind": e.kind.name(),
-        "recorded_at": time(e.recorded_ms),
-        "recorded_ms": e.recorded_ms,
-        "node": e.node,
-        "epoch": e.epoch,
-        "sequence": e.sequence,
-        "attempt_id": e.attempt_id,
-        "job_uid": e.job_uid,
-        "job": e.job_key,
-        "usage": e.usage,
-        "rates": e.rates,
-        "cost_micros": e.cost.0,
-        "cost": e.cost.to_string(),
-        "public_key_sha256": if e.public_key.is_empty() { String::new() } else { fingerprint(&e.public_key) },
-        "body": hex::encode(&e.body),
-        "signature": hex::encode(&e.signature),
-        "public_key": hex::encode(&e.public_key),
-        "prev_hash": hex::encode(&e.prev_hash),
-        "hash": hex::encode(&e.hash),
-    })
+    let mut line = crate::ledger::export::ExportLine::from(e);
+    line.recorded_at = time(e.recorded_ms);
+    serde_json::to_value(line).expect("an export line serializes")
 }
 
 const CSV_COLUMNS: &[&str] = &[
@@ -212,7 +216,7 @@ const CSV_COLUMNS: &[&str] = &[
     "hash",
 ];
 
-fn csv_field(s: &str) -> String {
+pub(super) fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
 }
 

@@ -8,14 +8,17 @@
 pub mod aggregate;
 pub mod backend;
 pub mod cli;
+pub mod payout_cli;
 pub mod postgres;
 pub mod row;
 pub mod series;
+pub mod settle;
 pub mod sqlite;
 
 // The format and the pure rules live in `kommune-ledger`; re-exported so one path reaches both.
 pub use kommune_ledger::{Head, NodeEarnings};
-pub use kommune_ledger::{chain, check, entry, job_totals, records, verify};
+pub use kommune_ledger::{chain, check, entry, export, job_totals, payout, records, statement_file, verify};
+pub use settle::{ClosedStatement, ReceiptKey, Reversal};
 
 // `tests` first: it defines the `backend_suite!` macro `bounds_tests` uses too.
 #[cfg(test)]
@@ -23,6 +26,8 @@ pub use kommune_ledger::{chain, check, entry, job_totals, records, verify};
 pub(crate) mod tests;
 #[cfg(test)]
 mod bounds_tests;
+#[cfg(test)]
+mod settle_tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -62,6 +67,8 @@ pub enum LedgerError {
     Corrupt(String),
     #[error("ledger: database_url {0:?} is not a postgres:// or postgresql:// URL")]
     BadUrl(String),
+    #[error("ledger: {0}")]
+    Payout(#[from] payout::PayoutError),
 }
 
 impl LedgerError {
@@ -104,6 +111,10 @@ pub struct LedgerConfig {
     pub database_url: Option<String>,
     /// Leader-election fence; a fenced ledger refuses appends.
     pub fence: Fence,
+    /// The operator's ledger key (PKCS#8 PEM): a mounted Secret or a file outside the data
+    /// directory, so whoever can rewrite the database cannot also re-sign it. None keeps the
+    /// older `<data_dir>/ledger.key` (with a warning at open).
+    pub key_file: Option<PathBuf>,
 }
 
 /// Largest number of submissions committed in one transaction.
@@ -124,9 +135,31 @@ pub fn open_backend(data_dir: &Path, database_url: Option<&str>) -> Result<Box<d
 
 /// Loads `<dir>/ledger.key` (PKCS#8 PEM), creating it with mode 0600 on first use.
 pub fn load_or_create_key(dir: &Path) -> Result<SigningKey, LedgerError> {
-    use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, spki::der::pem::LineEnding};
     std::fs::create_dir_all(dir).map_err(|source| LedgerError::Dir { path: dir.display().to_string(), source })?;
-    let path = dir.join("ledger.key");
+    load_or_create_key_file(&dir.join("ledger.key"))
+}
+
+/// The ledger key `config` names: its key file, else `<data_dir>/ledger.key`.
+pub fn config_key(config: &LedgerConfig) -> Result<SigningKey, LedgerError> {
+    match &config.key_file {
+        Some(path) => {
+            std::fs::create_dir_all(&config.data_dir).map_err(|source| LedgerError::Dir { path: config.data_dir.display().to_string(), source })?;
+            load_or_create_key_file(path)
+        }
+        None => {
+            tracing::warn!(
+                dir = %config.data_dir.display(),
+                "the ledger key is kept beside the ledger it signs; set --ledger-key-file (the chart mounts a Secret) so a copy of the data volume cannot re-sign it"
+            );
+            load_or_create_key(&config.data_dir)
+        }
+    }
+}
+
+/// Loads a PKCS#8 PEM ledger key, creating it with mode 0600 when the file does not exist.
+pub fn load_or_create_key_file(path: &Path) -> Result<SigningKey, LedgerError> {
+    use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, spki::der::pem::LineEnding};
+    let path = path.to_path_buf();
     let err = |reason: String| LedgerError::Key { path: path.display().to_string(), reason };
     match std::fs::read_to_string(&path) {
         Ok(pem) => SigningKey::from_pkcs8_pem(&pem).map_err(|e| err(format!("is not an ed25519 PKCS#8 PEM key ({e}); restore it from backup"))),
@@ -149,8 +182,9 @@ pub fn load_or_create_key(dir: &Path) -> Result<SigningKey, LedgerError> {
 
 enum Command {
     Submit(Box<ReceiptInput>, oneshot::Sender<Result<Verdict, LedgerError>>),
-    RegisterKey { node: String, key: [u8; 32], recorded_ms: i64, reply: oneshot::Sender<Result<bool, LedgerError>> },
+    RegisterKey { node: String, key: [u8; 32], owner: String, recorded_ms: i64, reply: oneshot::Sender<Result<bool, LedgerError>> },
     Checkpoint { recorded_ms: i64, reply: oneshot::Sender<Result<Head, LedgerError>> },
+    Payout(settle::PayoutCommand),
 }
 
 // Checked items sit in a Vec that is built once and consumed once: boxing the large variant
@@ -185,7 +219,7 @@ impl Ledger {
     /// Opens the ledger (creating the database and the operator key on first use) and starts
     /// its writer.
     pub fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
-        let key = load_or_create_key(&config.data_dir)?;
+        let key = config_key(&config)?;
         let operator_key = key.verifying_key().to_bytes();
         let totals = Arc::new(JobTotals::default());
         // The writer opens first and the reader only once it is ready: on a new SQLite file,
@@ -201,7 +235,7 @@ impl Ledger {
             if let Some(epoch) = epoch {
                 tracing::info!(epoch, "payout ledger: claimed the leader epoch");
             }
-            Ok::<_, LedgerError>(Writer { backend, state, key, fence, epoch, totals: writer_totals })
+            Ok::<_, LedgerError>(Writer { backend, state, key, fence, epoch, totals: writer_totals, settlement: None })
         };
         let batching = Batching {
             max_weight: MAX_BATCH,
@@ -241,10 +275,17 @@ impl Ledger {
     }
 
     /// Records that `node` signs with `key` (at join); keys are kept forever, and a node may
-    /// have several over time. Returns false when it was registered already.
+    /// have several over time. Returns false when it was registered already. The node is its
+    /// own owner: see [`Ledger::register_owned_node_key`].
     pub async fn register_node_key(&self, node: &str, key: [u8; 32]) -> Result<bool, LedgerError> {
+        self.register_owned_node_key(node, key, "").await
+    }
+
+    /// Records that `node` signs with `key` and belongs to `owner` (whose statement pays its
+    /// receipts); empty means the node is its own owner. The line is signed by the operator.
+    pub async fn register_owned_node_key(&self, node: &str, key: [u8; 32], owner: &str) -> Result<bool, LedgerError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::RegisterKey { node: node.to_string(), key, recorded_ms: now_ms(), reply }).await?;
+        self.send(Command::RegisterKey { node: node.to_string(), key, owner: owner.to_string(), recorded_ms: now_ms(), reply }).await?;
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 
@@ -421,6 +462,7 @@ enum Reply {
     Submit(oneshot::Sender<Result<Verdict, LedgerError>>, Verdict),
     Key(oneshot::Sender<Result<bool, LedgerError>>, bool),
     Checkpoint(oneshot::Sender<Result<Head, LedgerError>>, Head),
+    Payout(settle::PayoutCommand, settle::PayoutDecided),
 }
 
 impl Reply {
@@ -430,6 +472,7 @@ impl Reply {
             Reply::Submit(r, v) => drop(r.send(Ok(v))),
             Reply::Key(r, v) => drop(r.send(Ok(v))),
             Reply::Checkpoint(r, v) => drop(r.send(Ok(v))),
+            Reply::Payout(c, d) => c.answer(Some(d), &|| LedgerError::Closed),
         }
     }
 
@@ -438,6 +481,7 @@ impl Reply {
             Reply::Submit(r, _) => drop(r.send(Err(e()))),
             Reply::Key(r, _) => drop(r.send(Err(e()))),
             Reply::Checkpoint(r, _) => drop(r.send(Err(e()))),
+            Reply::Payout(c, _) => c.answer(None, &e),
         }
     }
 }
@@ -447,6 +491,7 @@ enum Decided {
     Submit(Verdict),
     Key(bool),
     Checkpoint(Head),
+    Payout(settle::PayoutDecided),
 }
 
 /// For each verified receipt of a batch: the entry holding its key, the entry metering its attempt.
@@ -460,6 +505,9 @@ struct Writer {
     /// The leader epoch this writer claimed (with leader election).
     epoch: Option<u64>,
     totals: Arc<JobTotals>,
+    /// Who owns what and what is settled, read from the chain on the first payout command and
+    /// then kept up to date with every append; None until then, and after a failed append.
+    settlement: Option<payout::Settlement>,
 }
 
 impl Writer {
@@ -477,6 +525,7 @@ impl Writer {
         let mut result = self.append(&batch);
         if matches!(&result, Err(e) if e.is_unique_violation()) {
             self.state = before.clone();
+            self.settlement = None;
             let lookups = match self.lookups(&work) {
                 Ok(l) => l,
                 Err(e) => return fail_all(work, &e),
@@ -497,6 +546,7 @@ impl Writer {
                 (Checked::Submit(_, _, reply), Decided::Submit(v)) => Reply::Submit(reply, v),
                 (Checked::Other(Command::RegisterKey { reply, .. }), Decided::Key(new)) => Reply::Key(reply, new),
                 (Checked::Other(Command::Checkpoint { reply, .. }), Decided::Checkpoint(head)) => Reply::Checkpoint(reply, head),
+                (Checked::Other(Command::Payout(c)), Decided::Payout(d)) => Reply::Payout(c, d),
                 _ => unreachable!("one decision per command, of its kind"),
             };
             replies.push(reply);
@@ -505,10 +555,16 @@ impl Writer {
             Ok(()) => {
                 // Before the replies: whoever hears of a receipt finds it in the job's totals.
                 self.totals.appended(&batch.entries);
+                if let Some(s) = &mut self.settlement
+                    && settle::catch_up(s, &batch.entries).is_err()
+                {
+                    self.settlement = None;
+                }
                 replies.into_iter().for_each(Reply::send)
             }
             Err(e) => {
                 let msg = e.to_string();
+                self.settlement = None;
                 // Nothing of this batch is stored: go back to what the database holds.
                 match load_state(self.backend.as_mut()) {
                     Ok(s) => self.state = s,
@@ -538,9 +594,10 @@ impl Writer {
                     };
                     Decided::Submit(self.state.decide(&mut batch, input, checked, existing.as_ref(), attempt, &self.key))
                 }
-                Checked::Other(Command::RegisterKey { node, key, recorded_ms, .. }) => {
-                    Decided::Key(self.state.register_key(&mut batch, node, *key, *recorded_ms))
+                Checked::Other(Command::RegisterKey { node, key, owner, recorded_ms, .. }) => {
+                    Decided::Key(self.state.register_key(&mut batch, node, *key, owner, *recorded_ms, &self.key))
                 }
+                Checked::Other(Command::Payout(cmd)) => Decided::Payout(self.decide_payout(&mut batch, cmd)),
                 Checked::Other(Command::Checkpoint { recorded_ms, .. }) => {
                     if !self.state.head_is_checkpoint {
                         self.state.checkpoint(&mut batch, *recorded_ms, &self.key);
@@ -551,6 +608,18 @@ impl Writer {
             })
             .collect();
         (batch, decided)
+    }
+
+    fn decide_payout(&mut self, batch: &mut Batch, cmd: &settle::PayoutCommand) -> settle::PayoutDecided {
+        if self.settlement.is_none() {
+            match settle::load_settlement(self.backend.as_mut()) {
+                Ok(s) => self.settlement = Some(s),
+                Err(e) => return settle::decide_failed(cmd, e),
+            }
+        }
+        let Writer { backend, state, key, settlement, .. } = self;
+        let s = settlement.as_mut().expect("loaded above");
+        settle::decide(state, s, batch, cmd, key, &mut |id| Ok(backend.lookup_attempts(&[id])?.pop().flatten()))
     }
 
     fn lookups(&mut self, work: &[Checked]) -> Result<Lookups, LedgerError> {
@@ -568,6 +637,7 @@ fn fenced_all(work: Vec<Checked>, e: &kommune_core::fence::Fenced) {
             Checked::Submit(_, _, r) | Checked::Other(Command::Submit(_, r)) => drop(r.send(Err(err()))),
             Checked::Other(Command::RegisterKey { reply, .. }) => drop(reply.send(Err(err()))),
             Checked::Other(Command::Checkpoint { reply, .. }) => drop(reply.send(Err(err()))),
+            Checked::Other(Command::Payout(c)) => c.answer(None, &err),
         }
     }
 }
@@ -580,6 +650,7 @@ fn fail_all(work: Vec<Checked>, e: &LedgerError) {
             Checked::Submit(_, _, r) | Checked::Other(Command::Submit(_, r)) => drop(r.send(Err(err()))),
             Checked::Other(Command::RegisterKey { reply, .. }) => drop(reply.send(Err(err()))),
             Checked::Other(Command::Checkpoint { reply, .. }) => drop(reply.send(Err(err()))),
+            Checked::Other(Command::Payout(c)) => c.answer(None, &err),
         }
     }
 }
