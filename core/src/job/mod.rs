@@ -2,12 +2,14 @@
 //! job, `progress` turns its attempts into what to place next, what to cancel and a summary.
 
 pub mod conduct;
+pub mod data;
 pub mod indexes;
 pub mod phase;
 pub mod policy;
 pub mod progress;
 pub mod verify;
 
+pub use data::{InputDigest, InputSource, JobInput, JobOutputs, OutputDestination, S3Object};
 pub use phase::{JobPhase, TaskCounts};
 pub use policy::{JobPolicy, ModuleSource, PlacementPolicy, TaskWorkload};
 pub use progress::{Progress, progress};

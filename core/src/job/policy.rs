@@ -42,6 +42,10 @@ pub struct JobPolicy {
     pub priority: i32,
     /// Most one task may cost per hour on a node; None places regardless of price.
     pub max_price_per_hour: Option<Micros>,
+    /// `spec.inputs`: files fetched into each attempt's scratch before it starts.
+    pub inputs: Vec<crate::job::data::JobInput>,
+    /// `spec.outputs`: what is collected when an attempt ends; None collects nothing.
+    pub outputs: Option<crate::job::data::JobOutputs>,
 }
 
 /// A validated `spec.placement`.

@@ -198,6 +198,8 @@ mod tests {
             placement: Default::default(),
             priority: 0,
             max_price_per_hour: None,
+            inputs: vec![],
+            outputs: None,
         }
     }
 

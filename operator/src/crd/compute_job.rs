@@ -84,6 +84,17 @@ pub struct ComputeJobSpec {
     /// measure and sign, at the cluster's rates or a provider's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<JobPricing>,
+
+    /// Files fetched into each attempt's `/scratch/in` before the task starts, each verified
+    /// by its sha256 (shared by all tasks, or per task with `{index}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub inputs: Vec<super::JobInput>,
+
+    /// What is collected from each attempt when it ends (stdout, stderr, files under
+    /// `/scratch/out`). Unset: stdout's digest and tail only, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<super::JobOutputs>,
 }
 
 /// Spending limits of a job. Amounts are decimal strings of credits with at most 6 decimals.

@@ -2,11 +2,13 @@
 //! These types are the source of the committed CRD YAML (`kommune-operator crdgen`).
 
 pub mod compute_job;
+pub mod data;
 pub mod description;
 pub mod provider_node;
 pub use kommune_proto::quantity;
 
 pub use compute_job::*;
+pub use data::{JobInput, JobOutputs, S3Location, SecretName};
 pub use provider_node::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

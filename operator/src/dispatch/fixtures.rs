@@ -30,6 +30,8 @@ pub fn exec_policy(tasks: u32, cpu_millis: u64) -> JobPolicy {
         placement: crate::job::PlacementPolicy { replicas: 1, ..Default::default() },
         priority: 0,
         max_price_per_hour: None,
+        inputs: vec![],
+        outputs: None,
     }
 }
 
