@@ -50,6 +50,22 @@ pub struct S3Object {
     pub path_style: bool,
     /// The Secret (type `kommune.dev/s3-credentials`) in the job's namespace with the keys.
     pub secret: String,
+    /// The Secret's keys, once the operator has read them (validation leaves None): what
+    /// URLs are presigned with. Never sent to an agent.
+    pub credentials: Option<S3Credentials>,
+}
+
+/// An access key pair for presigning. Its Debug never shows the secret key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "S3Credentials({}, <secret key redacted>)", self.access_key_id)
+    }
 }
 
 /// An input's expected content.

@@ -2,6 +2,7 @@
 //! CA Secret. They read and write the API server and call into the kube-free core.
 
 pub mod ca;
+pub mod inputs;
 pub mod job;
 pub mod lease;
 pub mod nodes;

@@ -11,6 +11,7 @@
 mod build;
 mod metering;
 mod modules;
+pub mod presign;
 mod node;
 mod timeouts;
 mod update;

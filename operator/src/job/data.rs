@@ -101,6 +101,7 @@ fn s3_object(field: &str, s3: &S3Location) -> Result<S3Object, Invalid> {
         region: s3.region.clone().unwrap_or_else(|| "us-east-1".into()),
         path_style: s3.path_style.unwrap_or(true),
         secret: s3.secret_ref.name.clone(),
+        credentials: None,
     })
 }
 
