@@ -331,7 +331,6 @@ fn result_of(o: &Outcome) -> TaskResult {
         message: o.message.clone(),
         wall_millis: o.wall.as_millis() as u64,
         output_bytes: o.output_bytes,
-        outputs: vec![],
     }
 }
 

@@ -97,10 +97,20 @@ async fn a_wrong_unreachable_oversized_or_foreign_input_fails_the_attempt_with_i
     let foreign = op.blobs.put_for(BlobOwner { job_uid: &input_owner("other-job", 0, None), namespace: "default" }, b"someone else's data").unwrap();
     let expected = sha(b"expected");
     let cases = [
-        ("mismatch", format!("url: '{served}/d'"), expected.clone(), format!("input in/d: the fetched file has sha256 {}, but the job expects {expected}", sha(b"tampered"))),
+        (
+            "mismatch",
+            format!("url: '{served}/d'"),
+            expected.clone(),
+            format!("input in/d: the fetched file has sha256 {}, but the job expects {expected}", sha(b"tampered")),
+        ),
         ("unreachable", "url: 'http://127.0.0.1:1/d'".into(), expected.clone(), "cannot download input in/d from 127.0.0.1: connection failed".into()),
         ("oversize", format!("url: '{huge}/d'"), expected.clone(), "cannot download input in/d from 127.0.0.1: the input in/d is larger than 64 MiB".into()),
-        ("foreign", "configMapRef: {name: x, key: d}".into(), foreign.clone(), "cannot fetch input in/d from the operator: node agent-a holds no assigned or running attempt".into()),
+        (
+            "foreign",
+            "configMapRef: {name: x, key: d}".into(),
+            foreign.clone(),
+            "cannot fetch input in/d from the operator: node agent-a holds no assigned or running attempt".into(),
+        ),
     ];
     for (name, source, digest, reason) in cases {
         let yaml = format!("workload:\n  exec:\n    command: [/bin/true]\nretries: {{maxAttempts: 1}}\ninputs:\n- {{path: d, {source}, sha256: '{digest}'}}\n");

@@ -1,14 +1,10 @@
-//! A job's data path as policy: the files each task gets before it starts (`spec.inputs`) and
-//! what is collected from it when it ends (`spec.outputs`), with `{index}` resolved per task.
+//! A job's data path as policy: the files each task gets before it starts (`spec.inputs`),
+//! with `{index}` resolved per task.
 
 use std::fmt;
 
 /// What a template writes for the task index: `shard-{index}.csv` is `shard-3.csv` for task 3.
 pub const INDEX_PLACEHOLDER: &str = "{index}";
-/// Largest file collected from an attempt by default (`spec.outputs.maxFileBytes`).
-pub const DEFAULT_MAX_OUTPUT_FILE_BYTES: u64 = 64 << 20;
-/// Most bytes collected from one attempt by default, stdout and stderr included.
-pub const DEFAULT_MAX_OUTPUT_ATTEMPT_BYTES: u64 = 256 << 20;
 
 /// `template` for task `index`.
 pub fn expand(template: &str, index: u32) -> String {
@@ -38,7 +34,7 @@ pub enum InputSource {
     S3(S3Object),
 }
 
-/// An object (or, for outputs, a key prefix) in an S3-compatible bucket.
+/// An object in an S3-compatible bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Object {
     /// The bucket's endpoint, e.g. `https://s3.eu-west-1.amazonaws.com`.
@@ -117,25 +113,6 @@ impl JobInput {
     pub fn per_task(&self) -> bool {
         matches!(self.sha256, InputDigest::PerTask(_))
     }
-}
-
-/// What is collected from every attempt when it ends (`spec.outputs`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobOutputs {
-    /// Paths under `<scratch>/out/` (files or whole directories); empty: everything there.
-    pub paths: Vec<String>,
-    pub max_file_bytes: u64,
-    pub max_attempt_bytes: u64,
-    pub destination: OutputDestination,
-}
-
-/// Where outputs go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OutputDestination {
-    /// The operator's own store, counted against the namespace's quota.
-    Operator,
-    /// A bucket; `key` is the prefix under which `<job>/<task>/<attempt>/<path>` is written.
-    S3(S3Object),
 }
 
 pub use kommune_proto::is_plain_relative_path;

@@ -9,7 +9,7 @@ pub mod policy;
 pub mod progress;
 pub mod verify;
 
-pub use data::{InputDigest, InputSource, JobInput, JobOutputs, OutputDestination, S3Credentials, S3Object};
+pub use data::{InputDigest, InputSource, JobInput, S3Credentials, S3Object};
 pub use phase::{JobPhase, TaskCounts};
 pub use policy::{JobPolicy, ModuleSource, PlacementPolicy, TaskWorkload};
 pub use progress::{Progress, progress};

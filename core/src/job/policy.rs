@@ -44,8 +44,6 @@ pub struct JobPolicy {
     pub max_price_per_hour: Option<Micros>,
     /// `spec.inputs`: files fetched into each attempt's scratch before it starts.
     pub inputs: Vec<crate::job::data::JobInput>,
-    /// `spec.outputs`: what is collected when an attempt ends; None collects nothing.
-    pub outputs: Option<crate::job::data::JobOutputs>,
 }
 
 /// A validated `spec.placement`.

@@ -199,7 +199,6 @@ mod tests {
             priority: 0,
             max_price_per_hour: None,
             inputs: vec![],
-            outputs: None,
         }
     }
 

@@ -25,8 +25,7 @@ const MAX_CONFIGMAP_INPUT: usize = 3 << 20;
 /// Why a job's inputs are not ready: (condition reason, message).
 pub type NotReady = (&'static str, String);
 
-/// Stores the job's ConfigMap inputs and fills in the credentials of its S3 inputs and
-/// outputs. Ok(Err(..)) when something is missing or wrong, which the job waits on.
+/// Stores the job's ConfigMap inputs and fills in the credentials of its S3 inputs. Ok(Err(..)) when something is missing or wrong, which the job waits on.
 pub async fn resolve(ctx: &Context, ns: &str, uid: &str, policy: &mut JobPolicy) -> Result<Result<(), NotReady>, Error> {
     let mut configmaps: BTreeMap<String, Option<ConfigMap>> = BTreeMap::new();
     let mut secrets: BTreeMap<String, S3Credentials> = BTreeMap::new();
@@ -69,7 +68,10 @@ pub async fn resolve(ctx: &Context, ns: &str, uid: &str, policy: &mut JobPolicy)
                         return Ok(Err(("InputUnavailable", format!("ConfigMap {ns}/{name} has no key {key:?} (spec.inputs[{i}])"))));
                     };
                     if bytes.len() > MAX_CONFIGMAP_INPUT {
-                        return Ok(Err(("InputUnavailable", format!("ConfigMap {ns}/{name} key {key:?} holds {} bytes, more than {MAX_CONFIGMAP_INPUT}", bytes.len()))));
+                        return Ok(Err((
+                            "InputUnavailable",
+                            format!("ConfigMap {ns}/{name} key {key:?} holds {} bytes, more than {MAX_CONFIGMAP_INPUT}", bytes.len()),
+                        )));
                     }
                     let sha = kommune_proto::sha256_hex(&bytes);
                     if sha != task.sha256 {
@@ -91,11 +93,6 @@ pub async fn resolve(ctx: &Context, ns: &str, uid: &str, policy: &mut JobPolicy)
         if !held.contains(&key) {
             ctx.blobs.release(&key)?;
         }
-    }
-    if let Some(kommune_core::job::OutputDestination::S3(o)) = policy.outputs.as_mut().map(|o| &mut o.destination)
-        && let Err(e) = credentials(ctx, ns, o, &mut secrets).await?
-    {
-        return Ok(Err(e));
     }
     Ok(Ok(()))
 }

@@ -90,11 +90,6 @@ pub struct ComputeJobSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub inputs: Vec<super::JobInput>,
-
-    /// What is collected from each attempt when it ends (stdout, stderr, files under
-    /// `/scratch/out`). Unset: stdout's digest and tail only, as before.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outputs: Option<super::JobOutputs>,
 }
 
 /// Spending limits of a job. Amounts are decimal strings of credits with at most 6 decimals.

@@ -1,7 +1,6 @@
-//! A ComputeJob's data path: `spec.inputs` (files each task gets in `/scratch/in`) and
-//! `spec.outputs` (files collected from `/scratch/out`, stdout and stderr).
+//! A ComputeJob's data path: `spec.inputs`, the files each task gets in `/scratch/in`, from a
+//! URL, a ConfigMap of the job's namespace or an S3-compatible bucket.
 
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -60,7 +59,7 @@ pub struct S3Location {
     /// The bucket.
     #[schemars(length(min = 1, max = 63))]
     pub bucket: String,
-    /// The object key (inputs; may hold `{index}`) or the prefix outputs are written under.
+    /// The object key; may hold `{index}`.
     #[serde(default)]
     #[schemars(length(max = 1024))]
     pub key: String,
@@ -85,29 +84,4 @@ pub struct SecretName {
     /// Name of the Secret.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
-}
-
-/// What is collected from every attempt when it ends: stdout, stderr and the declared files
-/// under `/scratch/out`, each with its sha256 in the result. Only the accepted attempt's
-/// outputs are kept.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct JobOutputs {
-    /// Files or directories under `/scratch/out` to collect (directories whole). Empty
-    /// collects everything under `/scratch/out`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
-    pub paths: Vec<String>,
-    /// Largest file collected, as a quantity. Defaults to 64Mi; a larger file is listed in the
-    /// result with why it was not kept.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_file_size: Option<Quantity>,
-    /// Most bytes collected per attempt, stdout and stderr included. Defaults to 256Mi; what
-    /// does not fit is listed in the result with why it was not kept.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_attempt_size: Option<Quantity>,
-    /// Write outputs to this bucket, under `key` as a prefix, through PUT URLs the operator
-    /// presigns per attempt, instead of the operator's own store.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3: Option<S3Location>,
 }

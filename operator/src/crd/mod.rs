@@ -8,7 +8,7 @@ pub mod provider_node;
 pub use kommune_proto::quantity;
 
 pub use compute_job::*;
-pub use data::{JobInput, JobOutputs, S3Location, SecretName};
+pub use data::{JobInput, S3Location, SecretName};
 pub use provider_node::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

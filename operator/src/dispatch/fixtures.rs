@@ -31,7 +31,6 @@ pub fn exec_policy(tasks: u32, cpu_millis: u64) -> JobPolicy {
         priority: 0,
         max_price_per_hour: None,
         inputs: vec![],
-        outputs: None,
     }
 }
 

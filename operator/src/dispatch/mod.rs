@@ -11,8 +11,8 @@
 mod build;
 mod metering;
 mod modules;
-pub mod presign;
 mod node;
+pub mod presign;
 mod timeouts;
 mod update;
 mod wire;

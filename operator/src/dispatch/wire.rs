@@ -93,7 +93,6 @@ pub fn assign_message(a: &Attempt, policy: &JobPolicy, module: Option<&ModuleRef
         timeout_millis: policy.task_timeout.as_millis() as u64,
         gpus: policy.gpu.count,
         inputs: task_inputs(policy, a.index),
-        outputs: None,
     }
 }
 

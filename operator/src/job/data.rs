@@ -1,13 +1,10 @@
-//! Validation of `spec.inputs` and `spec.outputs`: the checks the CRD schema cannot make
-//! (digests per task, paths that stay under scratch, URLs, quantities), each naming its field.
+//! Validation of `spec.inputs`: the checks the CRD schema cannot make (digests per task,
+//! paths that stay under scratch, URLs, buckets), each naming its field.
 
-use kommune_core::job::data::{
-    DEFAULT_MAX_OUTPUT_ATTEMPT_BYTES, DEFAULT_MAX_OUTPUT_FILE_BYTES, INDEX_PLACEHOLDER, InputDigest, InputSource, JobInput, JobOutputs, OutputDestination,
-    S3Object, expand, is_plain_relative_path,
-};
+use kommune_core::job::data::{INDEX_PLACEHOLDER, InputDigest, InputSource, JobInput, S3Object, expand, is_plain_relative_path};
 
 use super::validate::Invalid;
-use crate::crd::{self, S3Location, quantity};
+use crate::crd::{self, S3Location};
 
 /// Most tasks a per-task input may list digests for (the CRD bounds `sha256PerTask` too).
 pub const MAX_PER_TASK_DIGESTS: usize = 10_000;
@@ -105,33 +102,6 @@ fn s3_object(field: &str, s3: &S3Location) -> Result<S3Object, Invalid> {
     })
 }
 
-/// `spec.outputs`.
-pub fn outputs(outputs: Option<&crd::JobOutputs>) -> Result<Option<JobOutputs>, Invalid> {
-    let Some(o) = outputs else { return Ok(None) };
-    for (i, p) in o.paths.iter().enumerate() {
-        if !is_plain_relative_path(p) {
-            return Err(invalid(format!("spec.outputs.paths[{i}]: {p:?} must be a relative path under /scratch/out (no `..`, no leading `/`)")));
-        }
-    }
-    let size = |field: &'static str, q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>, default: u64| -> Result<u64, Invalid> {
-        match q {
-            None => Ok(default),
-            Some(q) => match quantity::memory_bytes(field, &q.0) {
-                Ok(0) => Err(invalid(format!("{field} must be more than 0"))),
-                Ok(b) => Ok(b),
-                Err(e) => Err(invalid(e.to_string())),
-            },
-        }
-    };
-    let max_file_bytes = size("spec.outputs.maxFileSize", o.max_file_size.as_ref(), DEFAULT_MAX_OUTPUT_FILE_BYTES)?;
-    let max_attempt_bytes = size("spec.outputs.maxAttemptSize", o.max_attempt_size.as_ref(), DEFAULT_MAX_OUTPUT_ATTEMPT_BYTES)?;
-    let destination = match &o.s3 {
-        None => OutputDestination::Operator,
-        Some(s3) => OutputDestination::S3(s3_object("spec.outputs.s3", s3)?),
-    };
-    Ok(Some(JobOutputs { paths: o.paths.clone(), max_file_bytes, max_attempt_bytes, destination }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,13 +111,13 @@ mod tests {
         serde_yaml::from_str(&format!("workload:\n  exec:\n    command: [x]\n{yaml}")).expect("fixture parses")
     }
 
-    fn check(yaml: &str) -> Result<(Vec<JobInput>, Option<JobOutputs>), Invalid> {
+    fn check(yaml: &str) -> Result<Vec<JobInput>, Invalid> {
         let s = spec(yaml);
-        Ok((inputs(&s.inputs, s.tasks)?, outputs(s.outputs.as_ref())?))
+        inputs(&s.inputs, s.tasks)
     }
 
     #[test]
-    fn shared_and_per_task_inputs_and_outputs_are_read() {
+    fn shared_and_per_task_inputs_are_read() {
         let (a, b) = ("a".repeat(64), "b".repeat(64));
         let yaml = format!(
             "tasks: 2
@@ -155,20 +125,17 @@ inputs:
 - {{path: dict.txt, url: 'https://data.example/dict.txt', sha256: '{a}'}}
 - {{path: 'shard-{{index}}.csv', configMapRef: {{name: shards, key: 'shard-{{index}}.csv'}}, sha256PerTask: ['{a}', '{b}']}}
 - {{path: model.bin, s3: {{endpoint: 'http://minio:9000/', bucket: models, key: m.bin, secretRef: {{name: s3}}}}, sha256: '{b}'}}
-outputs: {{paths: [counts.txt], maxFileSize: 1Mi}}
 "
         );
-        let (ins, outs) = check(&yaml).unwrap();
+        let ins = check(&yaml).unwrap();
         assert_eq!(ins.len(), 3);
         assert_eq!(ins[1].for_task(1).unwrap().sha256, b);
         let InputSource::S3(o) = &ins[2].source else { panic!("{:?}", ins[2].source) };
         assert_eq!((o.endpoint.as_str(), o.region.as_str(), o.path_style, o.secret.as_str()), ("http://minio:9000", "us-east-1", true, "s3"));
-        let outs = outs.unwrap();
-        assert_eq!((outs.max_file_bytes, outs.max_attempt_bytes, outs.destination), (1 << 20, DEFAULT_MAX_OUTPUT_ATTEMPT_BYTES, OutputDestination::Operator));
     }
 
     #[test]
-    fn every_invalid_input_or_output_names_its_field() {
+    fn every_invalid_input_names_its_field() {
         let a = "a".repeat(64);
         let cases = [
             (format!("inputs: [{{path: /etc/passwd, url: 'https://x/y', sha256: '{a}'}}]"), "spec.inputs[0].path"),
@@ -180,14 +147,11 @@ outputs: {{paths: [counts.txt], maxFileSize: 1Mi}}
             (format!("inputs: [{{path: a, url: 'https://x/{{index}}', sha256: '{a}'}}]"), "give sha256PerTask"),
             (format!("tasks: 2\ninputs: [{{path: a, url: 'https://x/{{index}}', sha256PerTask: ['{a}']}}]"), "lists 1 digests for 2 tasks"),
             (format!("inputs: [{{path: a, url: 'https://x/y', sha256PerTask: ['{a}']}}]"), "needs {index} in the source"),
+            (format!("inputs: [{{path: a, url: 'https://x/y', sha256: '{a}'}}, {{path: a, url: 'https://x/z', sha256: '{a}'}}]"), "spec.inputs[1].path"),
             (
-                format!("inputs: [{{path: a, url: 'https://x/y', sha256: '{a}'}}, {{path: a, url: 'https://x/z', sha256: '{a}'}}]"),
-                "spec.inputs[1].path",
+                format!("inputs: [{{path: a, s3: {{endpoint: 'https://s3', bucket: B_, key: k, secretRef: {{name: s}}}}, sha256: '{a}'}}]"),
+                "spec.inputs[0].s3.bucket",
             ),
-            (format!("inputs: [{{path: a, s3: {{endpoint: 'https://s3', bucket: B_, key: k, secretRef: {{name: s}}}}, sha256: '{a}'}}]"), "spec.inputs[0].s3.bucket"),
-            ("outputs: {paths: ['../x']}".into(), "spec.outputs.paths[0]"),
-            ("outputs: {maxFileSize: lots}".into(), "spec.outputs.maxFileSize"),
-            ("outputs: {maxAttemptSize: '0'}".into(), "spec.outputs.maxAttemptSize must be more than 0"),
         ];
         for (yaml, needle) in cases {
             let err = check(&yaml).expect_err(&yaml);

@@ -235,7 +235,8 @@ impl Blobs {
     /// digest at all).
     pub fn users(&self, sha256: &str) -> Vec<String> {
         // Owner keys of inputs (`<uid>/input/...`) name their job: the job's attempts fetch.
-        let mut jobs: Vec<String> = self.lock().owners.users(sha256, kommune_proto::now_ms(), self.grace_ms()).iter().map(|k| job_of_owner(k).to_string()).collect();
+        let mut jobs: Vec<String> =
+            self.lock().owners.users(sha256, kommune_proto::now_ms(), self.grace_ms()).iter().map(|k| job_of_owner(k).to_string()).collect();
         jobs.sort();
         jobs.dedup();
         jobs
