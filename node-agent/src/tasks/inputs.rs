@@ -147,7 +147,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = InputCache::new(dir.path().join("cache"), 1 << 20);
         let want = input("data.csv", b"expected");
-        let err = stage(&[want.clone()], dir.path(), &cache, &Blobs(b"tampered".to_vec()), UrlPolicy::default()).await.unwrap_err();
+        let err = stage(std::slice::from_ref(&want), dir.path(), &cache, &Blobs(b"tampered".to_vec()), UrlPolicy::default()).await.unwrap_err();
         assert!(err.starts_with("input in/data.csv: the fetched file has sha256 "), "{err}");
         assert!(err.contains(&want.sha256), "{err}");
         assert!(!cache.path(&want.sha256).exists(), "a mismatching file is not cached");
