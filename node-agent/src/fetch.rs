@@ -97,15 +97,20 @@ impl Resolver for GuardedResolver {
 /// Downloads `url` (http or https) under `policy`, bounded in size and time. Runs on a
 /// blocking thread; the caller checks the digest.
 pub async fn download(url: &str, policy: UrlPolicy) -> Result<Vec<u8>, String> {
-    let url = url.to_string();
-    tokio::task::spawn_blocking(move || download_blocking(&url, policy)).await.map_err(|e| format!("download task failed: {e}"))?
+    download_what(url, policy, "module").await
 }
 
-fn download_blocking(url: &str, policy: UrlPolicy) -> Result<Vec<u8>, String> {
-    let uri: ureq::http::Uri = url.parse().map_err(|_| "the module URL is not a valid URL".to_string())?;
+/// Like [`download`], naming `what` is downloaded (an input's path) in its errors.
+pub async fn download_what(url: &str, policy: UrlPolicy, what: &str) -> Result<Vec<u8>, String> {
+    let (url, what) = (url.to_string(), what.to_string());
+    tokio::task::spawn_blocking(move || download_blocking(&url, policy, &what)).await.map_err(|e| format!("download task failed: {e}"))?
+}
+
+fn download_blocking(url: &str, policy: UrlPolicy, what: &str) -> Result<Vec<u8>, String> {
+    let uri: ureq::http::Uri = url.parse().map_err(|_| format!("the {what} URL is not a valid URL"))?;
     let host = uri.host().unwrap_or("?").to_string();
     if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err(format!("cannot download module from {host}: only http and https URLs are fetched"));
+        return Err(format!("cannot download {what} from {host}: only http and https URLs are fetched"));
     }
     let config = ureq::Agent::config_builder()
         .timeout_connect(Some(CONNECT_TIMEOUT))
@@ -117,19 +122,19 @@ fn download_blocking(url: &str, policy: UrlPolicy) -> Result<Vec<u8>, String> {
         .proxy(None)
         .build();
     let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), GuardedResolver { policy, inner: DefaultResolver::default() });
-    let fail = |e: ureq::Error| format!("cannot download module from {host}: {}", describe(&e));
+    let fail = |e: ureq::Error| format!("cannot download {what} from {host}: {}", describe(&e, what));
     let mut resp = agent.get(&uri).call().map_err(fail)?;
     resp.body_mut().with_config().limit(MAX_DOWNLOAD_BYTES).read_to_vec().map_err(fail)
 }
 
 /// The kind of failure, in words that carry nothing the server chose to send.
-fn describe(e: &ureq::Error) -> String {
+fn describe(e: &ureq::Error, what: &str) -> String {
     match e {
         ureq::Error::StatusCode(code) => format!("the server answered HTTP {code}"),
         ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => io.to_string(),
         ureq::Error::Timeout(_) => "timed out".into(),
         ureq::Error::HostNotFound => "host not found".into(),
-        ureq::Error::BodyExceedsLimit(_) => format!("the module is larger than {} MiB", MAX_DOWNLOAD_BYTES >> 20),
+        ureq::Error::BodyExceedsLimit(_) => format!("the {what} is larger than {} MiB", MAX_DOWNLOAD_BYTES >> 20),
         ureq::Error::TooManyRedirects => format!("more than {MAX_REDIRECTS} redirects"),
         ureq::Error::Io(io) => format!("connection failed ({:?})", io.kind()),
         _ => "the request failed".into(),

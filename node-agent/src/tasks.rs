@@ -2,6 +2,7 @@
 //! reconnects, and every finished attempt is spooled to disk until the operator acknowledges
 //! it, so neither a dropped connection nor an agent restart loses a result.
 
+pub mod inputs;
 mod table;
 mod trace;
 
@@ -45,6 +46,9 @@ pub struct Tasks {
     /// Signs usage receipts; unset, terminal updates carry none (tests of other parts).
     receipts: OnceLock<Receipts>,
     scratch_root: PathBuf,
+    /// Verified input files by digest, next to the scratch directories (which the agent
+    /// empties at start; the cache survives restarts).
+    input_cache: inputs::InputCache,
     /// What wasm module URLs may reach; unset: public addresses only.
     url_policy: OnceLock<UrlPolicy>,
     // Unbounded: at most two updates per assigned attempt, and the operator bounds assignments.
@@ -74,6 +78,7 @@ impl Tasks {
             container,
             spool,
             receipts: OnceLock::new(),
+            input_cache: inputs::InputCache::new(scratch_root.with_file_name("input-cache"), inputs::DEFAULT_CACHE_BYTES),
             scratch_root,
             url_policy: OnceLock::new(),
             updates,
@@ -240,6 +245,11 @@ impl Tasks {
         let scratch = self.scratch_root.join(&a.attempt_id);
         if let Err(e) = std::fs::create_dir_all(&scratch) {
             return Outcome::not_started(format!("cannot create scratch directory {}: {e}", scratch.display()));
+        }
+        let url_policy = *self.url_policy.get().unwrap_or(&UrlPolicy::default());
+        if let Err(message) = inputs::stage(&a.inputs, &scratch, &self.input_cache, modules.as_ref(), url_policy).await {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Outcome::not_started(message);
         }
         let timeout = (a.timeout_millis > 0).then(|| Duration::from_millis(a.timeout_millis));
         let mut ctx = AttemptContext {

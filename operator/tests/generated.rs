@@ -80,3 +80,21 @@ fn examples_are_valid_compute_jobs() {
     }
     assert!(seen >= 2, "expected the wasm and exec examples, found {seen} ComputeJobs");
 }
+
+/// The word-count example ships its shards in a ConfigMap next to the job: every digest the
+/// job expects must be that of the ConfigMap key it names, or the example waits forever.
+#[test]
+fn the_word_count_examples_input_digests_match_its_configmap() {
+    let text = std::fs::read_to_string(repo().join("examples/word-count.yaml")).unwrap();
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+    let data = &docs[0]["data"];
+    let job: ComputeJob = serde_yaml::from_value(docs[1].clone()).unwrap();
+    let policy = kommune_operator::job::validate(&job.spec).unwrap();
+    for input in &policy.inputs {
+        for index in 0..job.spec.tasks {
+            let task = input.for_task(index).unwrap();
+            let content = data[task.location.as_str()].as_str().unwrap_or_else(|| panic!("no key {}", task.location));
+            assert_eq!(kommune_proto::sha256_hex(content.as_bytes()), task.sha256, "{} for task {index}", task.location);
+        }
+    }
+}

@@ -62,6 +62,13 @@ pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// True when `path` is a relative path of plain components (no `..`, no `.`, no empty ones, no
+/// leading `/`, at most 1024 bytes): what may be joined under an attempt's scratch directory,
+/// for input and output paths alike.
+pub fn is_plain_relative_path(path: &str) -> bool {
+    !path.is_empty() && path.len() <= 1024 && !path.contains('\0') && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
 /// True when `image` is pinned by digest, `name@sha256:<64 lowercase hex>`, with a plausible
 /// name (lowercase letters, digits and `._-/:`; a tag before the digest is allowed). Both ends
 /// check it: a tag can be moved to other content, a digest cannot, so results stay reproducible.

@@ -45,6 +45,8 @@ pub struct JobPolicy {
     pub max_price_per_hour: Option<Micros>,
     /// `spec.verification`: how results are verified.
     pub verification: Verification,
+    /// `spec.inputs`: files fetched into each attempt's scratch before it starts.
+    pub inputs: Vec<crate::job::data::JobInput>,
 }
 
 /// A validated `spec.placement`.

@@ -289,6 +289,7 @@ mod tests {
             priority: 0,
             max_price_per_hour: None,
             verification: Default::default(),
+            inputs: vec![],
         }
     }
 

@@ -122,7 +122,7 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
     let prev = job.status.clone().unwrap_or_default();
     let jr = job_ref(job)?;
 
-    let policy = match validate(&job.spec) {
+    let mut policy = match validate(&job.spec) {
         Ok(p) => p,
         Err(why) => {
             publish(ctx, job, &prev, &status::invalid(&prev, generation, &why)).await?;
@@ -145,7 +145,7 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
     // another job holds it), and its ConfigMap is not read or stored again.
     let ended = ctx.dispatcher.job_ended(&jr.uid, &policy).await?;
     let module = if ended {
-        ctx.blobs.release(&jr.uid)?;
+        ctx.blobs.release_job(&jr.uid)?;
         None
     } else {
         match resolve_module(ctx, job, &policy).await? {
@@ -156,6 +156,10 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
             }
         }
     };
+    if !ended && let Err((reason, message)) = super::inputs::resolve(ctx, namespace_of_job(job), &jr.uid, &mut policy).await? {
+        publish(ctx, job, &prev, &status::waiting_for_module(&prev, generation, reason, &message)).await?;
+        return Ok(Action::requeue(ACTIVE_REQUEUE));
+    }
     let module_sha256 = match &module {
         Some(m) => Some(m.sha256.as_str()),
         None if ended => prev.module_sha256.as_deref(),
@@ -198,8 +202,8 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
 async fn cleanup(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
     let jr = job_ref(job)?;
     let cancelled = ctx.dispatcher.cancel_job(&jr.uid).await?;
-    // Its attempts are cancelled, so none will fetch the module: it goes after the grace.
-    ctx.blobs.release(&jr.uid)?;
+    // Its attempts are cancelled, so none will fetch the module or inputs: they go after the grace.
+    ctx.blobs.release_job(&jr.uid)?;
     if cancelled > 0 {
         info!(job = %jr.key, cancelled, "cancelled attempts of a deleted job");
         event(ctx, job, Severity::Normal, "Cancelled", &format!("cancelled {cancelled} running attempt(s) of the deleted job")).await;

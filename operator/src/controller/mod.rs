@@ -4,6 +4,7 @@
 pub mod ca;
 pub mod crds;
 pub mod events;
+pub mod inputs;
 pub mod job;
 pub mod job_events;
 pub mod lease;

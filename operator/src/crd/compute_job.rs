@@ -89,6 +89,11 @@ pub struct ComputeJobSpec {
     /// `spotCheck` or `adaptive`. See docs/VERIFICATION.md.
     #[serde(default, skip_serializing_if = "crate::crd::VerificationSpec::is_default")]
     pub verification: crate::crd::VerificationSpec,
+    /// Files fetched into each attempt's `/scratch/in` before the task starts, each verified
+    /// by its sha256 (shared by all tasks, or per task with `{index}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub inputs: Vec<super::JobInput>,
 }
 
 /// Spending limits of a job. Amounts are decimal strings of credits with at most 6 decimals.

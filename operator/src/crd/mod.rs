@@ -2,12 +2,14 @@
 //! These types are the source of the committed CRD YAML (`kommune-operator crdgen`).
 
 pub mod compute_job;
+pub mod data;
 pub mod description;
 pub mod provider_node;
 pub mod verification;
 pub use kommune_proto::quantity;
 
 pub use compute_job::*;
+pub use data::{JobInput, S3Location, SecretName};
 pub use provider_node::*;
 pub use verification::*;
 

@@ -31,6 +31,7 @@ pub fn exec_policy(tasks: u32, cpu_millis: u64) -> JobPolicy {
         priority: 0,
         max_price_per_hour: None,
         verification: Default::default(),
+        inputs: vec![],
     }
 }
 

@@ -13,6 +13,7 @@ mod metering;
 mod modules;
 mod node;
 mod observe;
+pub mod presign;
 mod timeouts;
 mod update;
 mod verification;

@@ -111,7 +111,33 @@ pub fn assign_message(a: &Attempt, policy: &JobPolicy, module: Option<&ModuleRef
         trace: None,
         // Every copy of a round sees the round's first id, so their outputs can match.
         task_identity: crate::attempt::attempt_id(&a.job_uid, a.index, a.number),
+        inputs: task_inputs(policy, a.index),
     }
+}
+
+/// How long a presigned input URL stays valid: the agent fetches inputs as soon as it is
+/// assigned, so an hour covers a slow start without leaving a long-lived URL about.
+const INPUT_URL_VALIDITY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The inputs of task `index`, `{index}` resolved and S3 objects presigned. An input that
+/// cannot be presigned (its Secret not read: the controller does not sync such a job) is sent
+/// without a source, so the agent fails the attempt naming it rather than the operator
+/// dropping it silently.
+fn task_inputs(policy: &JobPolicy, index: u32) -> Vec<v1::InputFile> {
+    use kommune_core::job::InputSource;
+    policy
+        .inputs
+        .iter()
+        .filter_map(|input| input.for_task(index))
+        .map(|t| {
+            let url = match t.source {
+                InputSource::Url(_) => t.location.clone(),
+                InputSource::ConfigMap { .. } => String::new(),
+                InputSource::S3(o) => super::presign::get(o, &t.location, INPUT_URL_VALIDITY).unwrap_or_else(|e| format!("unsigned:{e}")),
+            };
+            v1::InputFile { path: t.path, sha256: t.sha256.to_string(), url }
+        })
+        .collect()
 }
 
 impl std::fmt::Display for SendError {

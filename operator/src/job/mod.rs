@@ -2,6 +2,7 @@
 //! into a `JobPolicy` or says what is wrong; `progress` turns the job's attempts into what to
 //! place next, what to cancel and the summary that becomes status.
 
+pub mod data;
 pub mod status;
 pub mod validate;
 

@@ -140,6 +140,7 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
     };
     let budget = credits("budget", spec.pricing.as_ref().and_then(|p| p.budget.as_deref()))?;
     let max_price_per_hour = credits("maxPricePerHour", spec.pricing.as_ref().and_then(|p| p.max_price_per_hour.as_deref()))?;
+    let inputs = super::data::inputs(&spec.inputs, spec.tasks)?;
 
     Ok(JobPolicy {
         tasks: spec.tasks,
@@ -159,6 +160,7 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
         priority: spec.priority,
         max_price_per_hour,
         verification,
+        inputs,
     })
 }
 

@@ -62,6 +62,20 @@ pub struct BlobOwner<'a> {
     pub namespace: &'a str,
 }
 
+/// The owner key of a job's input blob: a job holds one blob per key, so each input (and, for
+/// per-task inputs, each task's file) has a key of its own under the job's uid.
+pub fn input_owner(job_uid: &str, input: usize, task: Option<u32>) -> String {
+    match task {
+        None => format!("{job_uid}/input/{input}"),
+        Some(t) => format!("{job_uid}/input/{input}/{t}"),
+    }
+}
+
+/// The job uid an owner key belongs to (a job's module is held under its bare uid).
+pub fn job_of_owner(owner: &str) -> &str {
+    owner.split_once('/').map_or(owner, |(uid, _)| uid)
+}
+
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Swept {
@@ -189,6 +203,23 @@ impl Blobs {
         Ok(())
     }
 
+    /// Releases everything `job_uid` holds: its module and every input blob (the job was
+    /// deleted or has ended).
+    pub fn release_job(&self, job_uid: &str) -> Result<(), BlobError> {
+        let prefix = format!("{job_uid}/");
+        let keys: Vec<String> = self.lock().owners.refs.keys().filter(|k| k.as_str() == job_uid || k.starts_with(&prefix)).cloned().collect();
+        for key in keys {
+            self.release(&key)?;
+        }
+        Ok(())
+    }
+
+    /// The owner keys of `job_uid`'s input blobs.
+    pub fn input_keys(&self, job_uid: &str) -> Vec<String> {
+        let prefix = format!("{job_uid}/input/");
+        self.lock().owners.refs.keys().filter(|k| k.starts_with(&prefix)).cloned().collect()
+    }
+
     /// The blob with this digest, if stored. Not an authorization: see [`Blobs::users`].
     pub fn get(&self, sha256: &str) -> Result<Option<Vec<u8>>, BlobError> {
         let path = self.path(sha256)?;
@@ -203,7 +234,12 @@ impl Blobs {
     /// those that let go of it within the grace. Empty for a digest no job holds (or not a
     /// digest at all).
     pub fn users(&self, sha256: &str) -> Vec<String> {
-        self.lock().owners.users(sha256, kommune_proto::now_ms(), self.grace_ms())
+        // Owner keys of inputs (`<uid>/input/...`) name their job: the job's attempts fetch.
+        let mut jobs: Vec<String> =
+            self.lock().owners.users(sha256, kommune_proto::now_ms(), self.grace_ms()).iter().map(|k| job_of_owner(k).to_string()).collect();
+        jobs.sort();
+        jobs.dedup();
+        jobs
     }
 
     /// Bytes charged to `namespace`'s quota now.

@@ -175,3 +175,24 @@ fn changes_in_the_journal_are_replayed_after_a_crash_and_a_torn_line_is_skipped(
     drop(blobs);
     assert_eq!(Blobs::open(dir.path()).unwrap().users(&kommune_proto::sha256_hex(b"third")), vec!["j".to_string()]);
 }
+
+#[test]
+fn a_jobs_input_blobs_are_fetchable_by_its_attempts_count_in_its_quota_and_go_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = Blobs::open_with(dir.path(), limits(20)).unwrap();
+    let shard0 = blobs.put_for(owner(&input_owner("j1", 0, Some(0)), "ns"), b"a,b\n").unwrap();
+    let shard1 = blobs.put_for(owner(&input_owner("j1", 0, Some(1)), "ns"), b"c,d\n").unwrap();
+    blobs.put_for(owner("j1", "ns"), b"module").unwrap();
+    // Each task's file is held under its own key, and the job's uid is who may fetch it.
+    assert_eq!(blobs.users(&shard0), vec!["j1".to_string()]);
+    assert_eq!(blobs.users(&shard1), vec!["j1".to_string()]);
+    assert_eq!(blobs.input_keys("j1").len(), 2);
+    assert_eq!(blobs.namespace_bytes("ns"), 4 + 4 + 6);
+    // Over the namespace's quota, an input is refused like a module.
+    assert!(matches!(blobs.put_for(owner(&input_owner("j1", 1, None), "ns"), b"0123456789"), Err(BlobError::QuotaExceeded { .. })));
+    blobs.release_job("j1").unwrap();
+    assert!(blobs.input_keys("j1").is_empty());
+    let later = kommune_proto::now_ms() + GRACE.as_millis() as i64 + 1_000;
+    assert_eq!(blobs.sweep_at(later).unwrap().deleted, 3);
+    assert_eq!(job_of_owner("j1/input/0/3"), "j1");
+}
