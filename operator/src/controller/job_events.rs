@@ -1,14 +1,10 @@
-//! Events on ComputeJobs beyond status changes: retries as they are placed, and verification
-//! outcomes (for the verification work to call), each folded by the recorder when repeated.
+//! Events on ComputeJobs beyond status changes: retries as they are placed, folded by the
+//! recorder when repeated. Verification outcomes are Events of the `Verified` condition's
+//! changes (`job::status::events`).
 
 use std::sync::Arc;
 
-use kube::Resource;
-
-use super::job::Context;
 use crate::attempt::Attempt;
-use crate::crd::ComputeJob;
-use crate::job::status::Severity;
 
 /// Most retried tasks one Event names; the rest are counted.
 const NAMED: usize = 5;
@@ -44,25 +40,6 @@ pub fn retries(attempts: &[Arc<Attempt>], since_ms: i64) -> Option<String> {
         parts.push(format!("and {} more", retried.len() - NAMED));
     }
     Some(format!("retrying {} task(s): {}", retried.len(), parts.join("; ")))
-}
-
-/// What verifying one task's copies concluded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VerificationOutcome {
-    /// The copies agreed; `note` says on what.
-    Agreed { note: String },
-    /// The copies disagreed; `note` names the task and what differed.
-    Disagreed { note: String },
-}
-
-/// Records a verification outcome on the job: Normal "Verified" or Warning
-/// "VerificationFailed". For the verification work (issue 16) to call as it decides.
-pub async fn verification_outcome(ctx: &Context, job: &ComputeJob, outcome: &VerificationOutcome) {
-    let (severity, reason, note) = match outcome {
-        VerificationOutcome::Agreed { note } => (Severity::Normal, "Verified", note),
-        VerificationOutcome::Disagreed { note } => (Severity::Warning, "VerificationFailed", note),
-    };
-    super::publish_event(&ctx.recorder, &ctx.dispatcher, &job.object_ref(&()), severity, reason, note).await;
 }
 
 #[cfg(test)]

@@ -32,9 +32,15 @@ fn duration(d: Duration) -> String {
     }
 }
 
-/// `status` with the node's reputation, its figures and its `Quarantined` condition.
+/// `status` with the node's reputation, its figures and its `Quarantined` condition. A node
+/// nothing has been observed of yet keeps its status as it is (a brand-new node's status has
+/// no standing, and writing an empty one would be a status write for every node on every sweep).
 pub fn with_standing(mut status: ProviderNodeStatus, standing: &NodeStanding, half_life: Duration) -> ProviderNodeStatus {
     let c = &standing.counts;
+    let was_quarantined = status.conditions.iter().any(|c| c.type_ == QUARANTINED);
+    if status.standing.is_none() && *c == Default::default() && standing.quarantine.is_none() && !was_quarantined {
+        return status;
+    }
     status.reputation = Some(standing.reputation.to_string());
     status.standing = Some(StandingStatus {
         honesty: c.honesty().to_string(),

@@ -284,15 +284,6 @@ impl NodeWriter {
         Ok(())
     }
 
-    /// Records that `node` was quarantined (or released from quarantine) and why: a Warning
-    /// "Quarantined" or a Normal "QuarantineLifted" Event on its ProviderNode. For the
-    /// reputation work (issue 16) to call when it decides; a node without an object gets none.
-    pub async fn quarantine_event(&self, node: &str, quarantined: bool, note: &str) {
-        let Some(n) = self.current(node) else { return };
-        let (severity, reason) = if quarantined { (Severity::Warning, "Quarantined") } else { (Severity::Normal, "QuarantineLifted") };
-        crate::controller::publish_event(&self.recorder, &self.dispatcher, &n.object_ref(&()), severity, reason, note).await;
-    }
-
     /// Publishes an Event about a node.
     async fn event(&self, regarding: &ObjectReference, severity: Severity, reason: NodeReason, note: &str) {
         crate::controller::publish_event(&self.recorder, &self.dispatcher, regarding, severity, &reason.to_string(), note).await;
