@@ -227,7 +227,16 @@ pub fn release_name(namespace: &str) -> String {
 pub fn helm_install(h: &Harness, helm: &Path, namespace: &str, cel: bool) -> Result<String> {
     let release = release_name(namespace);
     let mut cmd = Command::new(helm);
-    cmd.env("KUBECONFIG", &h.kubeconfig).args(["install", &release]).arg(repo().join("charts/kommune")).args(["--namespace", namespace, "--set", "replicas=0"]);
+    cmd.env("KUBECONFIG", &h.kubeconfig).args(["install", &release]).arg(repo().join("charts/kommune")).args([
+        "--namespace",
+        namespace,
+        "--set",
+        "replicas=0",
+        // The operator runs as a local process, so no Service needs a node port; a fixed one
+        // (the chart's default 30443) would clash with another run's release on a shared cluster.
+        "--set",
+        "gateway.service.type=ClusterIP",
+    ]);
     if !cel {
         // helm's client-side schema check would refuse x-kubernetes-validations on such servers.
         cmd.arg("--disable-openapi-validation");

@@ -60,7 +60,9 @@ pub struct S3Location {
     #[schemars(length(min = 1, max = 63))]
     pub bucket: String,
     /// The object key; may hold `{index}`.
-    #[serde(default)]
+    // No `default: ''` in the schema: API servers before about 1.22 refuse an empty-string
+    // default as null, and then refuse the whole CRD.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(max = 1024))]
     pub key: String,
     /// The bucket's region. Defaults to us-east-1.
