@@ -325,10 +325,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = Receipts::start(dir.path().into(), "pn-1", key()).unwrap();
         let (a, b, c) = (update(&r, "a"), update(&r, "b"), update(&r, "c"));
-        r.acknowledged(&a, &v1::Ack { attempt_id: "a".into(), receipt_rejected: String::new(), cost_micros: 50_000 }).unwrap();
+        r.acknowledged(&a, &v1::Ack { attempt_id: "a".into(), cost_micros: 50_000, ledger_seq: 9, entry_hash: vec![0xab; 32], ..Default::default() }).unwrap();
         // The same acknowledgement twice (a crash before the spool file was removed).
-        r.acknowledged(&a, &v1::Ack { attempt_id: "a".into(), receipt_rejected: String::new(), cost_micros: 50_000 }).unwrap();
-        r.acknowledged(&b, &v1::Ack { attempt_id: "b".into(), receipt_rejected: "cpu time exceeds what was assigned".into(), cost_micros: 0 }).unwrap();
+        r.acknowledged(&a, &v1::Ack { attempt_id: "a".into(), cost_micros: 50_000, ledger_seq: 9, entry_hash: vec![0xab; 32], ..Default::default() }).unwrap();
+        r.acknowledged(
+            &b,
+            &v1::Ack {
+                attempt_id: "b".into(),
+                receipt_rejected: "cpu time exceeds what was assigned".into(),
+                cost_micros: 0,
+                ledger_seq: 7,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let h = history(
             dir.path(),
             &[c, update(&r, "no-receipt-decodes")].map(|mut u| {
@@ -339,6 +349,8 @@ mod tests {
             }),
         );
         assert_eq!(h.iter().map(|r| (r.attempt_id.as_str(), r.status.as_str())).collect::<Vec<_>>(), [("a", "accepted"), ("b", "rejected"), ("c", "pending")]);
+        // The accepted receipt keeps its ledger entry; a rejected one has none, whatever the Ack says.
+        assert_eq!((h[0].ledger_seq, h[0].entry_hash.as_str(), h[1].ledger_seq), (9, "ab".repeat(32).as_str(), 0));
         assert_eq!(totals(&h), Totals { accepted: 1, rejected: 1, pending: 1, cost_micros: 50_000, cpu_micros: 3_600_000 });
         let table = render("pn-1", &h);
         assert!(table.starts_with("pn-1: 3 receipt(s): 1 accepted (0.05 credits), 1 pending acknowledgement, 1 rejected\n"), "{table}");
