@@ -154,8 +154,8 @@ pub struct EarningsArgs {
     /// must be listed in it with the Acked hash and amount.
     #[arg(long, value_name = "STATEMENT_FILE")]
     pub verify: Vec<PathBuf>,
-    /// The operator ledger key's sha256 fingerprint (printed by the operator at start and in
-    /// ProviderNode status): statements signed by another key are refused.
+    /// The operator ledger key's sha256 fingerprint (`operator_key_sha256` in the operator's
+    /// log at start): statements signed by another key are refused.
     #[arg(long, value_name = "SHA256", requires = "verify")]
     pub operator_key: Option<String>,
 }
