@@ -14,10 +14,10 @@ use kommune_core::pricing::Micros;
 /// What happened to a submitted receipt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Appended as ledger entry `seq`.
-    Accepted { seq: u64, cost: Micros },
+    /// Appended as ledger entry `seq` with entry hash `hash`.
+    Accepted { seq: u64, hash: [u8; 32], cost: Micros },
     /// The same receipt is already entry `seq`: treat as accepted, so the agent stops resending.
-    Duplicate { seq: u64, cost: Micros },
+    Duplicate { seq: u64, hash: [u8; 32], cost: Micros },
     /// Refused and recorded with the reason; the agent should drop it. `kind` is the bounded
     /// name of the rule it broke ([`Rejection::kind`]), for metrics.
     Rejected { reason: String, kind: &'static str },
@@ -152,7 +152,7 @@ impl ChainState {
         let rkey = (b.node.clone(), b.epoch, b.sequence);
         if let Some(existing) = batch.receipt_keys.get(&rkey).or(in_db) {
             if existing.body == input.receipt.body {
-                return Verdict::Duplicate { seq: existing.seq, cost: existing.cost };
+                return Verdict::Duplicate { seq: existing.seq, hash: existing.hash, cost: existing.cost };
             }
             let why = Rejection::SequenceReused { node: b.node.clone(), epoch: b.epoch, sequence: b.sequence, seq: existing.seq };
             return Self::reject(batch, input, &why);
@@ -181,16 +181,17 @@ impl ChainState {
             hash: vec![],
         };
         let seq = self.push(batch, entry);
+        let hash = self.head_hash;
         self.receipts += 1;
         self.total = self.total.saturating_add(v.cost);
         let t = self.per_node.entry(b.node.clone()).or_default();
         t.total = t.total.saturating_add(v.cost);
         t.receipts += 1;
-        batch.receipt_keys.insert(rkey, Existing { seq, body: input.receipt.body.clone(), cost: v.cost });
+        batch.receipt_keys.insert(rkey, Existing { seq, body: input.receipt.body.clone(), cost: v.cost, hash });
         batch.attempts.insert(b.attempt_id.clone(), seq);
         if self.since_checkpoint >= CHECKPOINT_EVERY {
             self.checkpoint(batch, input.received_ms, key);
         }
-        Verdict::Accepted { seq, cost: v.cost }
+        Verdict::Accepted { seq, hash, cost: v.cost }
     }
 }

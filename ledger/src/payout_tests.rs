@@ -63,8 +63,8 @@ impl Book {
         let (node, attempt) = (format!("pn-{seed}"), format!("a-{seed}-1-{sequence}"));
         let existing = self.stored.get(&(node.clone(), 1, sequence)).cloned();
         let v = self.state.decide(&mut b, &i, &check::check(&i), existing.as_ref(), self.attempts.get(&attempt).copied(), &self.key);
-        if let Verdict::Accepted { seq, cost } = v {
-            self.stored.insert((node, 1, sequence), crate::records::Existing { seq, body: i.receipt.body.clone(), cost });
+        if let Verdict::Accepted { seq, hash, cost } = v {
+            self.stored.insert((node, 1, sequence), crate::records::Existing { seq, body: i.receipt.body.clone(), cost, hash });
             self.attempts.insert(attempt, seq);
         }
         self.flush(b);
@@ -431,7 +431,7 @@ proptest! {
         for s in steps {
             match s {
                 Step::Receipt(n, seq) => match b.receipt(n, seq) {
-                    Verdict::Accepted { seq, cost } => { accepted += cost.0; receipts.push(seq) }
+                    Verdict::Accepted { seq, cost, .. } => { accepted += cost.0; receipts.push(seq) }
                     Verdict::Duplicate { .. } | Verdict::Rejected { .. } => {}
                 },
                 Step::Reverse(i) if !receipts.is_empty() => {

@@ -74,6 +74,8 @@ pub struct Existing {
     pub seq: u64,
     pub body: Vec<u8>,
     pub cost: Micros,
+    /// The entry's hash, for the Ack of a resent receipt.
+    pub hash: [u8; 32],
 }
 
 /// Usage and cost of one job so far.

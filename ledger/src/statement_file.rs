@@ -86,6 +86,34 @@ impl StatementFile {
     }
 }
 
+/// A statement as `kommune-operator payout export --format json` writes it (an array of these):
+/// its file and whether it was paid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportedStatement {
+    #[serde(flatten)]
+    pub file: StatementFile,
+    /// The paid line, when there is one. Not covered by the statement's signature: it is the
+    /// operator's word until the paid entry itself is checked (`ledger verify`).
+    pub paid: Option<PaidMark>,
+}
+
+/// A statement's paid line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PaidMark {
+    pub seq: u64,
+    pub reference: String,
+}
+
+/// Reads an export: a JSON array of statements, or one statement object.
+pub fn read_export(json: &str) -> Result<Vec<ExportedStatement>, String> {
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+    let one = |v: serde_json::Value| serde_json::from_value::<ExportedStatement>(v).map_err(|e| format!("not a statement file: {e}"));
+    match value {
+        serde_json::Value::Array(items) => items.into_iter().map(one).collect(),
+        v => Ok(vec![one(v)?]),
+    }
+}
+
 /// A receipt as a provider knows it from the operator's Ack.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckedReceipt {

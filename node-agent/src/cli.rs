@@ -57,9 +57,11 @@ pub enum Command {
     )]
     Leave(LeaveArgs),
     /// Lists this machine's signed usage receipts: what each finished task used, whether the
-    /// operator acknowledged it, and the credits it was priced at.
+    /// operator acknowledged it, the credits it was priced at and its ledger entry. With
+    /// --verify, checks them against statements the operator exported: settled, paid,
+    /// reversed, or MISSING / WRONG (exit status 1).
     #[command(
-        after_help = "Example:\n  kommune-agent earnings          # a table, newest last\n  kommune-agent earnings --json   # one JSON object per receipt"
+        after_help = "Example:\n  kommune-agent earnings          # a table, newest last\n  kommune-agent earnings --json   # one JSON object per receipt\n  kommune-agent earnings --verify statements.json --operator-key 3f9a…   # from `kommune-operator payout export --owner alice`"
     )]
     Earnings(EarningsArgs),
     /// Works with the `run` config file: print an example, or check one.
@@ -145,8 +147,17 @@ pub struct EarningsArgs {
     #[command(flatten)]
     pub state: StateArgs,
     /// Print one JSON object per receipt instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "verify")]
     pub json: bool,
+    /// A statement file (`kommune-operator payout export --format json`: one statement or an
+    /// array); may be repeated. Every acknowledged receipt within a statement's ledger range
+    /// must be listed in it with the Acked hash and amount.
+    #[arg(long, value_name = "STATEMENT_FILE")]
+    pub verify: Vec<PathBuf>,
+    /// The operator ledger key's sha256 fingerprint (`operator_key_sha256` in the operator's
+    /// log at start): statements signed by another key are refused.
+    #[arg(long, value_name = "SHA256", requires = "verify")]
+    pub operator_key: Option<String>,
 }
 
 #[derive(Debug, Args)]

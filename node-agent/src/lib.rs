@@ -7,6 +7,7 @@ pub mod availability;
 pub mod cli;
 pub mod config;
 pub mod connect;
+pub mod earnings;
 pub mod fetch;
 pub mod gpu;
 pub mod idle;

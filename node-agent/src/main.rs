@@ -16,7 +16,8 @@ use kommune_agent::runtime::{ContainerRuntime, ExecRuntime, WasmRuntime};
 use kommune_agent::session;
 use kommune_agent::state::{self, AgentState};
 use kommune_agent::tasks::{Spool, Tasks};
-use kommune_agent::{schedule, status};
+use kommune_agent::{earnings, schedule, status};
+use kommune_ledger::statement_file::read_export;
 use kommune_proto::quantity::{format_cpu, format_memory};
 use kommune_proto::v1::NodeFacts;
 
@@ -276,6 +277,19 @@ fn earnings_cmd(a: EarningsArgs) -> anyhow::Result<()> {
     let state = AgentState::load(&a.state.state_dir)?;
     let spooled = Spool::open(state.results_dir())?.all();
     let records = receipts::history(&state.receipts_dir(), &spooled);
+    if !a.verify.is_empty() {
+        let mut statements = vec![];
+        for p in &a.verify {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read statement file {}", p.display()))?;
+            statements.extend(read_export(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?);
+        }
+        let v = earnings::verify(&records, &statements, a.operator_key.as_deref());
+        print!("{}", earnings::render(&state.config.node_name, &v));
+        if !v.ok() {
+            bail!("the statements do not account for every acknowledged receipt (see above)");
+        }
+        return Ok(());
+    }
     if a.json {
         for r in &records {
             println!("{}", serde_json::to_string(r)?);

@@ -57,6 +57,17 @@ pub struct ReceiptRecord {
     /// What the operator priced it at, in micro-credits.
     #[serde(default)]
     pub cost_micros: u64,
+    /// The accepted receipt's ledger entry, from the Ack (0 and empty from operators older than
+    /// statements): what `earnings --verify` looks for in a statement.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ledger_seq: u64,
+    /// Hex hash of that entry.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub entry_hash: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ReceiptRecord {
@@ -76,6 +87,8 @@ impl ReceiptRecord {
             status: status.into(),
             reason: reason.into(),
             cost_micros,
+            ledger_seq: 0,
+            entry_hash: String::new(),
         }
     }
 }
@@ -103,6 +116,7 @@ impl Receipts {
         f.sync_all()?;
         std::fs::rename(&tmp, epoch_path(&dir))?;
         std::fs::File::open(&dir)?.sync_all()?;
+        compact(&dir, i64::try_from(now).unwrap_or(i64::MAX).saturating_sub(KEEP_ACKS_MS))?;
         Ok(Receipts { dir, node: node.to_string(), key, epoch, last: Mutex::new(0) })
     }
 
@@ -144,12 +158,45 @@ impl Receipts {
     pub fn acknowledged(&self, update: &TaskUpdate, ack: &v1::Ack) -> std::io::Result<()> {
         let Some(body) = update.receipt.as_ref().and_then(|r| kommune_proto::receipt::decode(r).ok()) else { return Ok(()) };
         let (status, reason) = if ack.receipt_rejected.is_empty() { ("accepted", "") } else { ("rejected", ack.receipt_rejected.as_str()) };
-        let record = ReceiptRecord::from_body(&body, status, reason, ack.cost_micros);
+        let mut record = ReceiptRecord::from_body(&body, status, reason, ack.cost_micros);
+        if ack.receipt_rejected.is_empty() {
+            (record.ledger_seq, record.entry_hash) = (ack.ledger_seq, hex::encode(&ack.entry_hash));
+        }
         let mut line = serde_json::to_string(&record).map_err(std::io::Error::other)?;
         line.push('\n');
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log_path(&self.dir))?;
-        f.write_all(line.as_bytes())
+        f.write_all(line.as_bytes())?;
+        // The line is the provider's proof of inclusion and the spooled update is deleted next:
+        // it must be on disk first.
+        f.sync_data()
     }
+}
+
+/// How long acknowledged receipts are kept: long enough to check every statement of a daily or
+/// monthly settlement; older ones are dropped when the agent starts, so the log stays bounded.
+pub const KEEP_ACKS_MS: i64 = 180 * 24 * 3_600_000;
+
+/// Rewrites the acknowledged log without repeats and without receipts finished before
+/// `keep_since_ms`. Written to a temporary file and renamed, so a crash keeps the old log.
+pub fn compact(dir: &Path, keep_since_ms: i64) -> std::io::Result<()> {
+    let path = log_path(dir);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let mut records: Vec<ReceiptRecord> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let before = text.lines().count();
+    records.retain(|r| r.finished_unix_millis >= keep_since_ms);
+    records.sort_by_key(|r| (r.epoch, r.sequence));
+    records.dedup_by_key(|r| (r.epoch, r.sequence));
+    if records.len() == before {
+        return Ok(());
+    }
+    let tmp = dir.join(".acknowledged.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    for r in &records {
+        writeln!(f, "{}", serde_json::to_string(r).map_err(std::io::Error::other)?)?;
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Every receipt this node issued that is still on disk: acknowledged ones from the log and
@@ -216,11 +263,12 @@ pub fn render(node: &str, records: &[ReceiptRecord]) -> String {
     if records.is_empty() {
         return out;
     }
-    let _ = writeln!(out, "{:<15} {:>6}  {:<10} {:>9} {:>9}  {:<10} {:>10}  ATTEMPT", "EPOCH", "SEQ", "STATE", "WALL", "CPU", "STATUS", "CREDITS");
+    let _ =
+        writeln!(out, "{:<15} {:>6}  {:<10} {:>9} {:>9}  {:<10} {:>10} {:>8}  ATTEMPT", "EPOCH", "SEQ", "STATE", "WALL", "CPU", "STATUS", "CREDITS", "LEDGER");
     for r in records {
         let _ = writeln!(
             out,
-            "{:<15} {:>6}  {:<10} {:>8.1}s {:>8.2}s  {:<10} {:>10}  {}{}",
+            "{:<15} {:>6}  {:<10} {:>8.1}s {:>8.2}s  {:<10} {:>10} {:>8}  {}{}",
             r.epoch,
             r.sequence,
             r.state,
@@ -228,6 +276,7 @@ pub fn render(node: &str, records: &[ReceiptRecord]) -> String {
             r.cpu_micros as f64 / 1e6,
             r.status,
             if r.status == "accepted" { credits(r.cost_micros) } else { "-".into() },
+            if r.ledger_seq == 0 { "-".into() } else { r.ledger_seq.to_string() },
             r.attempt_id,
             if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) },
         );
@@ -276,10 +325,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = Receipts::start(dir.path().into(), "pn-1", key()).unwrap();
         let (a, b, c) = (update(&r, "a"), update(&r, "b"), update(&r, "c"));
-        r.acknowledged(&a, &v1::Ack { attempt_id: "a".into(), receipt_rejected: String::new(), cost_micros: 50_000 }).unwrap();
+        r.acknowledged(&a, &v1::Ack { attempt_id: "a".into(), cost_micros: 50_000, ledger_seq: 9, entry_hash: vec![0xab; 32], ..Default::default() }).unwrap();
         // The same acknowledgement twice (a crash before the spool file was removed).
-        r.acknowledged(&a, &v1::Ack { attempt_id: "a".into(), receipt_rejected: String::new(), cost_micros: 50_000 }).unwrap();
-        r.acknowledged(&b, &v1::Ack { attempt_id: "b".into(), receipt_rejected: "cpu time exceeds what was assigned".into(), cost_micros: 0 }).unwrap();
+        r.acknowledged(&a, &v1::Ack { attempt_id: "a".into(), cost_micros: 50_000, ledger_seq: 9, entry_hash: vec![0xab; 32], ..Default::default() }).unwrap();
+        r.acknowledged(
+            &b,
+            &v1::Ack {
+                attempt_id: "b".into(),
+                receipt_rejected: "cpu time exceeds what was assigned".into(),
+                cost_micros: 0,
+                ledger_seq: 7,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let h = history(
             dir.path(),
             &[c, update(&r, "no-receipt-decodes")].map(|mut u| {
@@ -290,6 +349,8 @@ mod tests {
             }),
         );
         assert_eq!(h.iter().map(|r| (r.attempt_id.as_str(), r.status.as_str())).collect::<Vec<_>>(), [("a", "accepted"), ("b", "rejected"), ("c", "pending")]);
+        // The accepted receipt keeps its ledger entry; a rejected one has none, whatever the Ack says.
+        assert_eq!((h[0].ledger_seq, h[0].entry_hash.as_str(), h[1].ledger_seq), (9, "ab".repeat(32).as_str(), 0));
         assert_eq!(totals(&h), Totals { accepted: 1, rejected: 1, pending: 1, cost_micros: 50_000, cpu_micros: 3_600_000 });
         let table = render("pn-1", &h);
         assert!(table.starts_with("pn-1: 3 receipt(s): 1 accepted (0.05 credits), 1 pending acknowledgement, 1 rejected\n"), "{table}");

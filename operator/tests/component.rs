@@ -664,14 +664,18 @@ async fn receipts_are_counted_once_and_forged_or_implausible_ones_are_rejected_w
     send(update(&ids[0], kommune_proto::receipt::sign(&body(&ids[0], 1, 150_000), &forger))).await;
     let a = ack(next(&mut inbound).await);
     assert!(a.receipt_rejected.contains("signature"), "{a:?}");
-    assert_eq!(a.cost_micros, 0);
+    assert_eq!((a.cost_micros, a.ledger_seq, a.entry_hash.len()), (0, 0, 0), "a rejected receipt has no ledger position");
     let genuine = kommune_proto::receipt::sign(&body(&ids[0], 1, 150_000), &key);
     send(update(&ids[0], genuine.clone())).await;
     let a = ack(next(&mut inbound).await);
     assert_eq!((a.receipt_rejected.as_str(), a.cost_micros), ("", 150_000 * 1_000_000 / 3_600_000_000), "{a:?}");
-    // Replayed (same bytes) and duplicated: acknowledged as before, counted once.
+    // The Ack names the receipt's ledger entry: what the provider checks its statement against.
+    assert!(a.ledger_seq > 0 && a.entry_hash.len() == 32, "{a:?}");
+    let placed = (a.ledger_seq, a.entry_hash.clone());
+    // Replayed (same bytes) and duplicated: acknowledged as before, with the same entry, counted once.
     send(update(&ids[0], genuine.clone())).await;
-    assert_eq!(ack(next(&mut inbound).await).receipt_rejected, "");
+    let again = ack(next(&mut inbound).await);
+    assert_eq!((again.receipt_rejected.as_str(), again.ledger_seq, &again.entry_hash), ("", placed.0, &placed.1), "{again:?}");
     // Another receipt for an attempt already metered, under a new sequence: rejected.
     send(update(&ids[0], kommune_proto::receipt::sign(&body(&ids[0], 2, 150_000), &key))).await;
     assert!(!ack(next(&mut inbound).await).receipt_rejected.is_empty());

@@ -18,6 +18,24 @@ use kommune_proto::now_ms;
 /// Longest rejection reason sent back in an Ack.
 const REASON_LIMIT: usize = 512;
 
+/// What the ledger made of a receipt, as the Ack tells the agent.
+#[derive(Debug, Default)]
+pub(super) struct Metered {
+    /// Why it was rejected; empty when accepted (or there is no ledger).
+    pub rejected: String,
+    pub cost: Micros,
+    /// The receipt's ledger entry (seq, hash) when accepted: what the provider checks its
+    /// statement against.
+    pub ledger: Option<(u64, [u8; 32])>,
+}
+
+impl Metered {
+    pub fn ack(&self, attempt_id: &str) -> v1::Ack {
+        let (ledger_seq, entry_hash) = self.ledger.map(|(s, h)| (s, h.to_vec())).unwrap_or_default();
+        v1::Ack { attempt_id: attempt_id.to_string(), receipt_rejected: self.rejected.clone(), cost_micros: self.cost.0, ledger_seq, entry_hash }
+    }
+}
+
 impl Dispatcher {
     /// The job's metered usage, for its status.
     pub(super) async fn job_usage(&self, job_uid: &str, budget: Option<Micros>) -> Result<Option<(crate::crd::JobUsage, Micros)>> {
@@ -69,13 +87,12 @@ impl Dispatcher {
         (admits, Some(BudgetCheck { reserved, ..check }.explain()))
     }
 
-    /// Puts a terminal update's usage receipt in the ledger. Returns (why it was rejected, or
-    /// empty; what it was priced at).
-    pub(super) async fn meter(&self, node: &str, public_key: &[u8; 32], a: &Attempt, receipt: Option<&v1::UsageReceipt>) -> Result<(String, Micros)> {
-        let Some(ledger) = &self.ledger else { return Ok((String::new(), Micros(0))) };
+    /// Puts a terminal update's usage receipt in the ledger. Returns what the Ack says of it.
+    pub(super) async fn meter(&self, node: &str, public_key: &[u8; 32], a: &Attempt, receipt: Option<&v1::UsageReceipt>) -> Result<Metered> {
+        let Some(ledger) = &self.ledger else { return Ok(Metered::default()) };
         let Some(receipt) = receipt else {
             warn!(node, attempt = %a.id, "terminal update without a usage receipt (an older agent?); nothing metered");
-            return Ok(("the update carried no usage receipt".into(), Micros(0)));
+            return Ok(Metered { rejected: "the update carried no usage receipt".into(), ..Metered::default() });
         };
         let now = now_ms();
         let input = ReceiptInput {
@@ -99,9 +116,11 @@ impl Dispatcher {
         let verdict = ledger.submit(input).await?;
         self.metrics.receipt(&verdict, started.elapsed());
         match verdict {
-            Verdict::Accepted { cost, .. } | Verdict::Duplicate { cost, .. } => Ok((String::new(), cost)),
+            Verdict::Accepted { seq, hash, cost } | Verdict::Duplicate { seq, hash, cost } => {
+                Ok(Metered { cost, ledger: Some((seq, hash)), ..Metered::default() })
+            }
             // The reason may quote what the agent sent (a node name from the body): bounded.
-            Verdict::Rejected { reason, .. } => Ok((reason.chars().take(REASON_LIMIT).collect(), Micros(0))),
+            Verdict::Rejected { reason, .. } => Ok(Metered { rejected: reason.chars().take(REASON_LIMIT).collect(), ..Metered::default() }),
         }
     }
 }

@@ -4,10 +4,10 @@
 use kommune_proto::v1;
 use tracing::{Instrument as _, debug, trace, warn};
 
+use super::metering::Metered;
 use super::wire::{self, Reported};
 use super::{Dispatcher, Result};
 use crate::STAGE;
-use crate::pricing::Micros;
 use kommune_proto::now_ms;
 
 impl Dispatcher {
@@ -18,14 +18,14 @@ impl Dispatcher {
     /// `public_key` is the node's ed25519 key from its client certificate.
     #[tracing::instrument(skip_all, fields(node = %node, attempt = %update.attempt_id.chars().take(128).collect::<String>()))]
     pub async fn on_update(&self, node: &str, public_key: &[u8; 32], update: &v1::TaskUpdate) -> Result<Option<v1::Ack>> {
-        let ack = |rejected: String, cost: Micros| v1::Ack { attempt_id: update.attempt_id.clone(), receipt_rejected: rejected, cost_micros: cost.0 };
+        let ack = |rejected: String| Metered { rejected, ..Metered::default() }.ack(&update.attempt_id);
         let Some(a) = self.store.attempt(&update.attempt_id).await? else {
             warn!(node, attempt = %wire::short(&update.attempt_id), "update for an unknown attempt; acknowledging so the agent drops it");
-            return Ok(Some(ack("no such attempt is recorded by the operator".into(), Micros(0))));
+            return Ok(Some(ack("no such attempt is recorded by the operator".into())));
         };
         if a.node != node {
             warn!(node, attempt = %a.id, owner = %a.node, "update for an attempt placed on another node; ignored");
-            return Ok(Some(ack(format!("attempt {} was not assigned to {node}", a.id), Micros(0))));
+            return Ok(Some(ack(format!("attempt {} was not assigned to {node}", a.id))));
         }
         let phase = match wire::reported(update.state) {
             Reported::Running => {
@@ -69,13 +69,13 @@ impl Dispatcher {
                 self.observe_ended(&[(&a, o)], now_ms()).await;
             }
         }
-        let (rejected, cost) = metered?;
-        if !rejected.is_empty() {
-            warn!(node, attempt = %a.id, reason = %rejected, "usage receipt rejected");
+        let metered = metered?;
+        if !metered.rejected.is_empty() {
+            warn!(node, attempt = %a.id, reason = %metered.rejected, "usage receipt rejected");
         }
         // After metering, so the reconcile this triggers sees the usage too.
         self.notify(&a.job_key);
         trace!(target: STAGE, attempt = %a.id, "job notified");
-        Ok(Some(ack(rejected, cost)))
+        Ok(Some(metered.ack(&update.attempt_id)))
     }
 }

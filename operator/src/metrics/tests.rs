@@ -43,9 +43,9 @@ fn bounded_series_start_at_zero() {
 #[test]
 fn receipts_count_by_verdict_and_rejection_rule() {
     let m = Metrics::default();
-    m.receipt(&Verdict::Accepted { seq: 7, cost: Micros(1) }, Duration::from_millis(2));
-    m.receipt(&Verdict::Accepted { seq: 5, cost: Micros(1) }, Duration::from_millis(2));
-    m.receipt(&Verdict::Duplicate { seq: 7, cost: Micros(1) }, Duration::from_millis(2));
+    m.receipt(&Verdict::Accepted { seq: 7, hash: [0; 32], cost: Micros(1) }, Duration::from_millis(2));
+    m.receipt(&Verdict::Accepted { seq: 5, hash: [0; 32], cost: Micros(1) }, Duration::from_millis(2));
+    m.receipt(&Verdict::Duplicate { seq: 7, hash: [0; 32], cost: Micros(1) }, Duration::from_millis(2));
     m.receipt(&Verdict::Rejected { reason: "no".into(), kind: "cpu_too_high" }, Duration::from_millis(2));
     let s = scrape(&m);
     assert_eq!(value(&s, "kommune_receipts_total", &[("verdict", "accepted")]), Some(2.0));

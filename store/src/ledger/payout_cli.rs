@@ -12,7 +12,8 @@ use super::backend::{Backend, EntryFilter};
 use super::cli::{CliError, Location, csv_field, open, time};
 use super::entry::EntryKind;
 use super::payout::PaidBody;
-use super::statement_file::{StatementFile, StatementFiles};
+use super::statement_file::StatementFiles;
+pub use super::statement_file::{ExportedStatement, PaidMark};
 use super::{Ledger, LedgerConfig, ReceiptKey};
 
 /// `kommune-operator payout ...`
@@ -82,22 +83,6 @@ pub struct ExportArgs {
     /// Write here instead of standard output.
     #[arg(long)]
     pub output: Option<PathBuf>,
-}
-
-/// A statement as exported: its file and whether it was paid.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ExportedStatement {
-    #[serde(flatten)]
-    pub file: StatementFile,
-    /// The paid line, when there is one.
-    pub paid: Option<PaidMark>,
-}
-
-/// A statement's paid line.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct PaidMark {
-    pub seq: u64,
-    pub reference: String,
 }
 
 /// Every statement of the chain, with its paid mark.

@@ -221,7 +221,7 @@ impl Backend for PostgresBackend {
         let rows = self
             .client
             .query(
-                "SELECT k.i, e.seq, e.body, e.cost FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS k(node, epoch, sequence, i)
+                "SELECT k.i, e.seq, e.body, e.cost, e.hash FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS k(node, epoch, sequence, i)
                  JOIN ledger_entries e ON e.kind = 0 AND e.node = k.node AND e.epoch = k.epoch AND e.sequence = k.sequence",
                 &[&nodes, &epochs, &seqs],
             )
@@ -232,6 +232,7 @@ impl Backend for PostgresBackend {
                 seq: u(&r, 1).map_err(op("read receipt lookup"))?,
                 body: r.try_get(2).map_err(op("read receipt lookup"))?,
                 cost: Micros(u(&r, 3).map_err(op("read receipt lookup"))?),
+                hash: super::row::hash32(r.try_get(4).map_err(op("read receipt lookup"))?),
             };
             if let Some(slot) = out.get_mut((i - 1) as usize) {
                 *slot = Some(e);

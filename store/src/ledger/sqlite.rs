@@ -9,7 +9,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::LedgerError;
 use super::aggregate::{JOB_USAGE, NODE_TOTAL, aggregate_select, aggregate_width, job_usage_from_row, node_total_from_row};
 use super::backend::{Backend, EntryFilter, Existing, JobUsage, PerNode, RejectedCount, RejectedReceipt, from_db, to_db};
-use super::row::{ENTRY_COLUMNS, REJECTED_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values, rejected_from_row, rejected_values};
+use super::row::{
+    ENTRY_COLUMNS, REJECTED_COLUMNS, RowReader, Value, entry_column_list, entry_from_row, entry_values, hash32, rejected_from_row, rejected_values,
+};
 use crate::db::epoch::{self, Guarded};
 use kommune_core::pricing::Micros;
 use kommune_ledger::entry::{Entry, NodeTotal};
@@ -167,13 +169,15 @@ impl Backend for SqliteBackend {
     fn lookup_receipts(&mut self, keys: &[(&str, u64, u64)]) -> Result<Vec<Option<Existing>>, LedgerError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT seq, body, cost FROM ledger_entries WHERE kind = 0 AND node = ?1 AND epoch = ?2 AND sequence = ?3")
+            .prepare_cached("SELECT seq, body, cost, hash FROM ledger_entries WHERE kind = 0 AND node = ?1 AND epoch = ?2 AND sequence = ?3")
             .map_err(op("prepare receipt lookup"))?;
         keys.iter()
             .map(|(node, epoch, sequence)| {
-                stmt.query_row(params![node, to_db(*epoch), to_db(*sequence)], |r| Ok(Existing { seq: u(r, 0)?, body: blob(r, 1)?, cost: Micros(u(r, 2)?) }))
-                    .optional()
-                    .map_err(op("look up receipt"))
+                stmt.query_row(params![node, to_db(*epoch), to_db(*sequence)], |r| {
+                    Ok(Existing { seq: u(r, 0)?, body: blob(r, 1)?, cost: Micros(u(r, 2)?), hash: hash32(blob(r, 3)?) })
+                })
+                .optional()
+                .map_err(op("look up receipt"))
             })
             .collect()
     }

@@ -192,9 +192,16 @@ fn genuine_receipts_are_accepted_priced_and_totalled(env: &Env) {
     rt.block_on(async {
         assert!(l.register_node_key("pn-1", key_of(1)).await.unwrap());
         assert!(!l.register_node_key("pn-1", key_of(1)).await.unwrap(), "registering twice is a no-op");
+        let mut last_hash = [0; 32];
         for s in 1..=3 {
-            assert_eq!(l.submit(input(1, 1, s)).await.unwrap(), Verdict::Accepted { seq: s + 1, cost });
+            let Verdict::Accepted { seq, hash, cost: c } = l.submit(input(1, 1, s)).await.unwrap() else { panic!("receipt {s} not accepted") };
+            assert_eq!((seq, c), (s + 1, cost));
+            last_hash = hash;
         }
+        // The Ack carries the entry's hash: the last receipt's is the head's.
+        assert_eq!(l.head().await.unwrap().map(|h| h.hash), Some(last_hash));
+        // A resent receipt is acknowledged with the same entry.
+        assert!(matches!(l.submit(input(1, 1, 3)).await.unwrap(), Verdict::Duplicate { seq: 4, hash, .. } if hash == last_hash));
     });
     let job = rt.block_on(l.job_usage("uid-1")).unwrap();
     assert_eq!((job.receipts, job.cost, job.usage.cpu_micros, job.usage.wall_millis), (3, Micros(cost.0 * 3), 21_000_000, 12_000));
@@ -400,7 +407,8 @@ fn reopening_keeps_everything_and_dedup_still_holds(env: &Env) {
         for s in 1..=5 {
             assert!(matches!(l.submit(input(1, 1, s)).await.unwrap(), Verdict::Duplicate { .. }));
         }
-        assert_eq!(l.submit(input(1, 1, 6)).await.unwrap(), Verdict::Accepted { seq: first_head.seq + 1, cost: check::check(&input(1, 1, 6)).unwrap().cost });
+        let Verdict::Accepted { seq, cost, .. } = l.submit(input(1, 1, 6)).await.unwrap() else { panic!("receipt 6 not accepted") };
+        assert_eq!((seq, cost), (first_head.seq + 1, check::check(&input(1, 1, 6)).unwrap().cost));
     });
     assert_eq!(rt.block_on(l.node_earnings("pn-1")).unwrap().receipts, 6);
     drop(l);
