@@ -33,6 +33,8 @@ pub struct Harness {
     pub rust_log: String,
     /// kubectl commands whose output is printed when the test fails.
     pub diagnostics: Vec<Vec<String>>,
+    /// Namespaces this run created (removed at the end on a shared cluster).
+    created: std::sync::Mutex<Vec<String>>,
 }
 
 impl Harness {
@@ -43,7 +45,7 @@ impl Harness {
                 .map(|a| a.iter().map(|s| s.to_string()).collect())
                 .collect();
         let rust_log = "info,kommune_operator=debug,kommune_agent=debug".into();
-        Harness { work, kubeconfig, envtest_dir, children: vec![], namespace, rust_log, diagnostics }
+        Harness { work, kubeconfig, envtest_dir, children: vec![], namespace, rust_log, diagnostics, created: Default::default() }
     }
 
     /// An admin client for the API server.
@@ -57,6 +59,29 @@ impl Harness {
         for n in names {
             let out = self.kubectl(&["create", "namespace", n]);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            self.created.lock().unwrap_or_else(|p| p.into_inner()).push(n.to_string());
+        }
+    }
+
+    /// On a cluster that outlives the test (KUBECONFIG): takes away what the test made, so the
+    /// next run's operator does not find this run's jobs and run them on its agents. The
+    /// operator is gone by now, so finalizers are cleared by hand. Best effort: a failure here
+    /// is printed, not raised.
+    fn clean_up_shared_cluster(&self) {
+        let helm = kommune_e2e::helm();
+        for ns in self.created.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            if let Some(helm) = &helm {
+                let _ = Command::new(helm).env("KUBECONFIG", &self.kubeconfig).args(["uninstall", &release_name(ns), "--namespace", ns]).output();
+            }
+            let jobs = self.kubectl(&["get", "computejobs", "-n", ns, "-o", "name"]);
+            for job in String::from_utf8_lossy(&jobs.stdout).lines() {
+                let _ = self.kubectl(&["patch", job, "-n", ns, "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#]);
+                let _ = self.kubectl(&["delete", job, "-n", ns, "--wait=false"]);
+            }
+            let out = self.kubectl(&["delete", "namespace", ns, "--wait=false"]);
+            if !out.status.success() {
+                eprintln!("e2e cleanup: namespace {ns}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
         }
     }
 
@@ -136,8 +161,9 @@ impl Drop for Harness {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if let Some(dir) = &self.envtest_dir {
-            let _ = Command::new(repo().join("e2e/envtest-apiserver.sh")).arg("stop").arg(dir).status();
+        match &self.envtest_dir {
+            Some(dir) => drop(Command::new(repo().join("e2e/envtest-apiserver.sh")).arg("stop").arg(dir).status()),
+            None => self.clean_up_shared_cluster(),
         }
     }
 }
