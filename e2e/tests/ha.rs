@@ -218,7 +218,9 @@ async fn a_leader_frozen_past_its_lease_hands_running_work_to_the_standby_and_wr
     assert_eq!(http_status_within(leader_metrics, "/readyz", Duration::from_secs(1)), None);
 
     // One ledger for both: it verifies, with the one receipt.
-    let out = Command::new(&operator).args(["ledger", "verify", "--database-url", &url]).output()?;
+    // The operator was killed, not stopped: entries after its last checkpoint carry no operator
+    // signature yet, so strict verification would refuse them; they are checked all the same.
+    let out = Command::new(&operator).args(["ledger", "verify", "--accept-unsigned-tail", "--database-url", &url]).output()?;
     let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "ledger verify: {report}");
     println!("HA: ledger verify: {}", report.trim());

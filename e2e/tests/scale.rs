@@ -190,7 +190,9 @@ async fn many_simulated_agents_run_one_large_job_and_every_receipt_is_metered_on
     // and the chain, signatures and totals verify.
     h.kill("sim");
     h.kill("operator");
-    let out = Command::new(&operator).args(["ledger", "verify", "--data-dir", data.to_str().unwrap()]).output()?;
+    // The operator was killed, not stopped: entries after its last checkpoint carry no operator
+    // signature yet, so strict verification would refuse them; they are checked all the same.
+    let out = Command::new(&operator).args(["ledger", "verify", "--accept-unsigned-tail", "--data-dir", data.to_str().unwrap()]).output()?;
     let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "ledger verify: {report}");
     // Its per-provider lines (one per agent) are left out.

