@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod job;
 pub mod metrics;
+pub mod outputs;
 pub mod pki;
 pub mod tokens;
 pub mod web;
