@@ -87,6 +87,9 @@ pub fn operator_client(mut config: kube::Config, url: &str) -> anyhow::Result<ku
     config.root_cert = None;
     config.tls_server_name = None;
     config.proxy_url = None;
+    // kube retries 503s for up to 15 rounds of backoff, meant for controllers; the operator's
+    // 503 ("outputs are not enabled") is an answer a user should see at once.
+    config.default_retry = false;
     kube::Client::try_from(config).context("cannot build a client for the operator")
 }
 
