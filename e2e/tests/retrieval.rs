@@ -52,10 +52,8 @@ impl OutputReader for Stored {
     }
     fn open(&self, job_uid: &str, task_index: u32, name: &str) -> BoxFuture<'_, Result<Option<OutputBody>, String>> {
         let found = (job_uid == self.uid).then(|| self.files.iter().find(|(t, n, _)| *t == task_index && *n == name)).flatten();
-        let body = found.map(|(_, _, b)| OutputBody::Stream {
-            size: b.len() as u64,
-            body: Box::pin(futures::stream::iter([Ok(bytes::Bytes::from_static(b))])),
-        });
+        let body =
+            found.map(|(_, _, b)| OutputBody::Stream { size: b.len() as u64, body: Box::pin(futures::stream::iter([Ok(bytes::Bytes::from_static(b))])) });
         Box::pin(async move { Ok(body) })
     }
 }
@@ -82,7 +80,8 @@ fn rand_suffix() -> u64 {
 /// A token of ServiceAccount `namespace/name`, from the TokenRequest API.
 async fn token(client: &kube::Client, namespace: &str, name: &str) -> Result<String> {
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let req = TokenRequest { spec: TokenRequestSpec { audiences: vec![], expiration_seconds: Some(3600), ..TokenRequestSpec::default() }, ..TokenRequest::default() };
+    let req =
+        TokenRequest { spec: TokenRequestSpec { audiences: vec![], expiration_seconds: Some(3600), ..TokenRequestSpec::default() }, ..TokenRequest::default() };
     let out = api.create_token_request(name, &PostParams::default(), &req).await.with_context(|| format!("TokenRequest for {namespace}/{name}"))?;
     Ok(out.status.context("TokenRequest without status")?.token)
 }
@@ -154,11 +153,17 @@ async fn outputs_and_the_dashboard_follow_kubernetes_permissions() -> Result<()>
     h.create_namespaces(&[&op_ns, &team_a, &team_b]);
     let installed = install(&h, &admin, &op_ns).await?;
     let operator = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kube::config::Kubeconfig::read_from(&installed.operator_kubeconfig)?, &kube::config::KubeConfigOptions::default()).await?,
+        kube::Config::from_custom_kubeconfig(kube::config::Kubeconfig::read_from(&installed.operator_kubeconfig)?, &kube::config::KubeConfigOptions::default())
+            .await?,
     )?;
 
     // The job (no operator runs it: its stored outputs come from the in-memory store below).
-    apply(&h, &format!("apiVersion: kommune.dev/v1alpha1\nkind: ComputeJob\nmetadata: {{name: render, namespace: {team_a}}}\nspec: {{tasks: 2, workload: {{exec: {{command: [/bin/true]}}}}}}\n"));
+    apply(
+        &h,
+        &format!(
+            "apiVersion: kommune.dev/v1alpha1\nkind: ComputeJob\nmetadata: {{name: render, namespace: {team_a}}}\nspec: {{tasks: 2, workload: {{exec: {{command: [/bin/true]}}}}}}\n"
+        ),
+    );
     let job = Api::<ComputeJob>::namespaced(admin.clone(), &team_a).get("render").await?;
     let uid = job.metadata.uid.context("the job has no uid")?;
 
@@ -226,7 +231,8 @@ subjects: [{{kind: ServiceAccount, name: viewer, namespace: {team_a}}}]
         users.insert(who, user_kubeconfig(&h, who, &t, &team_a)?);
     }
 
-    let stored: &'static [(u32, &'static str, &'static [u8])] = &[(0, "stdout", b"hello from task 0\n"), (0, "out/result.csv", b"a,b\n1,2\n"), (1, "stdout", b"hello from task 1\n")];
+    let stored: &'static [(u32, &'static str, &'static [u8])] =
+        &[(0, "stdout", b"hello from task 0\n"), (0, "out/result.csv", b"a,b\n1,2\n"), (1, "stdout", b"hello from task 1\n")];
     let url = start_web(operator, Arc::new(Stored { uid, files: stored.to_vec() })).await?;
 
     // A user with get on the job downloads every output, digests checked by the plugin.

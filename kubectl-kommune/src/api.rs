@@ -63,11 +63,7 @@ async fn refusal(status: StatusCode, body: kube::client::Body) -> ApiError {
         .ok()
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
         .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string());
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        ApiError::Unavailable(message)
-    } else {
-        ApiError::Refused { status, message }
-    }
+    if status == StatusCode::SERVICE_UNAVAILABLE { ApiError::Unavailable(message) } else { ApiError::Refused { status, message } }
 }
 
 /// Every stored output of job `namespace/job`.

@@ -12,8 +12,8 @@ use http::StatusCode;
 use http_body_util::BodyExt as _;
 use tokio::net::TcpListener;
 
-pub use crate::connect::{forwarded_port, operator_client};
 use crate::connect::port_forward;
+pub use crate::connect::{forwarded_port, operator_client};
 
 #[derive(clap::Args, Debug)]
 pub struct DashboardArgs {

@@ -21,7 +21,8 @@ pub async fn run(args: GetArgs) -> anyhow::Result<()> {
     let config = kube::Config::infer().await.context("cannot load your kubeconfig")?;
     let namespace = args.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
     let client = kube::Client::try_from(config)?;
-    let job = Api::<ComputeJob>::namespaced(client, &namespace).get(&args.job).await.with_context(|| format!("cannot get computejob {namespace}/{}", args.job))?;
+    let job =
+        Api::<ComputeJob>::namespaced(client, &namespace).get(&args.job).await.with_context(|| format!("cannot get computejob {namespace}/{}", args.job))?;
     print!("{}", summary(&job));
     Ok(())
 }
@@ -117,11 +118,8 @@ pub fn summary(job: &ComputeJob) -> String {
         }
     }
     // What blocks it: a condition that is not as a healthy job's would be.
-    let blocking: Vec<_> = status
-        .conditions
-        .iter()
-        .filter(|c| matches!((c.type_.as_str(), c.status.as_str()), ("Valid" | "Scheduled", "False") | ("Failed", "True")))
-        .collect();
+    let blocking: Vec<_> =
+        status.conditions.iter().filter(|c| matches!((c.type_.as_str(), c.status.as_str()), ("Valid" | "Scheduled", "False") | ("Failed", "True"))).collect();
     for c in &blocking {
         let _ = writeln!(out, "Blocked:      {}={} {}: {}", c.type_, c.status, c.reason, c.message);
     }
@@ -188,7 +186,9 @@ status:
 
     #[test]
     fn a_new_job_reads_as_pending_with_nothing_metered() {
-        let s = summary(&job("apiVersion: kommune.dev/v1alpha1\nkind: ComputeJob\nmetadata: {name: j, namespace: n}\nspec: {tasks: 4, workload: {exec: {command: [/bin/true]}}}\n"));
+        let s = summary(&job(
+            "apiVersion: kommune.dev/v1alpha1\nkind: ComputeJob\nmetadata: {name: j, namespace: n}\nspec: {tasks: 4, workload: {exec: {command: [/bin/true]}}}\n",
+        ));
         assert!(s.contains("Pending (not reconciled yet)") && s.contains("0/4 succeeded (0%)") && s.contains("nothing metered yet"), "{s}");
     }
 

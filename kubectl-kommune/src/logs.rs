@@ -65,7 +65,12 @@ pub async fn run(args: LogsArgs) -> anyhow::Result<()> {
     if args.follow {
         let mut said = String::new();
         while !task_finished(&job, args.task) {
-            let now = format!("waiting for task {} of {namespace}/{} to finish ({})", args.task, args.job, job.status.as_ref().and_then(|s| s.progress.clone()).unwrap_or_default());
+            let now = format!(
+                "waiting for task {} of {namespace}/{} to finish ({})",
+                args.task,
+                args.job,
+                job.status.as_ref().and_then(|s| s.progress.clone()).unwrap_or_default()
+            );
             if now != said {
                 eprintln!("{now}");
                 said = now;

@@ -56,7 +56,14 @@ pub trait Authority: Send + Sync {
     /// asks about the whole namespace instead, which is stricter (RBAC rules limited to
     /// `resourceNames` do not match it), so an Authority that only answers namespace questions
     /// never grants more than it should.
-    fn allowed_object(&self, user: UserInfo, verb: &'static str, resource: &'static str, namespace: String, name: String) -> BoxFuture<'_, Result<bool, AuthError>> {
+    fn allowed_object(
+        &self,
+        user: UserInfo,
+        verb: &'static str,
+        resource: &'static str,
+        namespace: String,
+        name: String,
+    ) -> BoxFuture<'_, Result<bool, AuthError>> {
         let _ = name;
         self.allowed(user, verb, resource, namespace)
     }
@@ -91,7 +98,14 @@ impl Authority for KubeAuthority {
         self.allowed_object(user, verb, resource, namespace, String::new())
     }
 
-    fn allowed_object(&self, user: UserInfo, verb: &'static str, resource: &'static str, namespace: String, name: String) -> BoxFuture<'_, Result<bool, AuthError>> {
+    fn allowed_object(
+        &self,
+        user: UserInfo,
+        verb: &'static str,
+        resource: &'static str,
+        namespace: String,
+        name: String,
+    ) -> BoxFuture<'_, Result<bool, AuthError>> {
         Box::pin(async move {
             let review = SubjectAccessReview {
                 spec: SubjectAccessReviewSpec {
@@ -350,6 +364,19 @@ mod tests {
         assert!(matches!(g.access(&alice(), &namespaces(&[])).await, Err(Refusal::Forbidden(_))));
         assert!(matches!(g.access(&alice(), &namespaces(&[])).await, Err(Refusal::Forbidden(_))));
         assert_eq!(fake.access_reviews.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn getting_a_job_is_its_own_decision_per_name() {
+        let (fake, g) = gate(FakeAuthority { grants: vec![("alice", "computejobs", "b")], ..FakeAuthority::default() });
+        g.access(&alice(), &namespaces(&["b"])).await.unwrap();
+        let reviews = fake.access_reviews.load(Ordering::Relaxed);
+        // A cached `list` answer never stands in for a `get` of one name, nor one name for another.
+        assert_eq!(g.may_get_job(&alice(), "b", "render").await, Ok(()));
+        assert_eq!(g.may_get_job(&alice(), "b", "crunch").await, Ok(()));
+        assert_eq!(fake.access_reviews.load(Ordering::Relaxed), reviews + 2);
+        let Err(Refusal::Forbidden(why)) = g.may_get_job(&alice(), "a", "render").await else { panic!("a grant in b reached a") };
+        assert!(why.contains("may not get computejobs.kommune.dev \"render\" in namespace \"a\""), "{why}");
     }
 
     #[test]

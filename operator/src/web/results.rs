@@ -97,7 +97,12 @@ async fn authorize(routes: &Routes, peer: &Peer, headers: &HeaderMap, namespace:
     }
 }
 
-async fn list(State(routes): State<Routes>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path((namespace, name)): Path<(String, String)>) -> Response {
+async fn list(
+    State(routes): State<Routes>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
     let (reader, uid) = match authorize(&routes, &peer, &headers, &namespace, &name).await {
         Ok(found) => found,
         Err(r) => return r,
