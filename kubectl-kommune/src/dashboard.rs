@@ -10,8 +10,10 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use http_body_util::BodyExt as _;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::net::TcpListener;
+
+use crate::connect::port_forward;
+pub use crate::connect::{forwarded_port, operator_client};
 
 #[derive(clap::Args, Debug)]
 pub struct DashboardArgs {
@@ -40,7 +42,7 @@ pub async fn run(args: DashboardArgs) -> anyhow::Result<()> {
     let (url, _forward) = match &args.operator_url {
         Some(u) => (u.clone(), None),
         None => {
-            let (port, child) = port_forward(&args).await?;
+            let (port, child) = port_forward(&args.namespace, &args.service, args.remote_port).await?;
             (format!("https://127.0.0.1:{port}"), Some(child))
         }
     };
@@ -60,53 +62,6 @@ pub async fn run(args: DashboardArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     Ok(())
-}
-
-/// Runs `kubectl port-forward` to the operator's Service and returns the local port it chose;
-/// the child is killed when dropped.
-async fn port_forward(args: &DashboardArgs) -> anyhow::Result<(u16, tokio::process::Child)> {
-    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
-    let mut child = tokio::process::Command::new(&kubectl)
-        .args(["port-forward", "-n", &args.namespace, &format!("svc/{}", args.service), &format!(":{}", args.remote_port), "--address", "127.0.0.1"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot run {kubectl} port-forward (is kubectl on PATH, or KUBECTL set?)"))?;
-    let mut lines = BufReader::new(child.stdout.take().context("no stdout from kubectl")?).lines();
-    while let Some(line) = lines.next_line().await? {
-        if let Some(port) = forwarded_port(&line) {
-            // Keep draining its output so kubectl never blocks on a full pipe.
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return Ok((port, child));
-        }
-    }
-    anyhow::bail!(
-        "kubectl port-forward to svc/{} in {} ended before forwarding (does the Service exist, with the dashboard on port {}?)",
-        args.service,
-        args.namespace,
-        args.remote_port
-    )
-}
-
-/// The local port of kubectl's "Forwarding from 127.0.0.1:PORT -> REMOTE" line.
-pub fn forwarded_port(line: &str) -> Option<u16> {
-    let rest = line.strip_prefix("Forwarding from 127.0.0.1:")?;
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-/// A client for the operator's dashboard at `url` that authenticates exactly as `config`
-/// (the user's kubeconfig) does to the API server: token, client certificate or exec plugin.
-///
-/// The serving certificate is not verified: it is issued by the operator's own CA, which the
-/// user has no copy of, and the connection runs through the API server's authenticated
-/// port-forward to the pod the Service selects, so there is no one in between to impersonate it.
-pub fn operator_client(mut config: kube::Config, url: &str) -> anyhow::Result<kube::Client> {
-    config.cluster_url = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
-    config.accept_invalid_certs = true;
-    config.root_cert = None;
-    config.tls_server_name = None;
-    config.proxy_url = None;
-    kube::Client::try_from(config).context("cannot build a client for the operator")
 }
 
 /// Serves the dashboard on `listener`, forwarding each GET to the operator with the user's
@@ -142,17 +97,5 @@ async fn forward(State(client): State<kube::Client>, req: Request) -> Response {
             out
         }
         Err(e) => (StatusCode::BAD_GATEWAY, format!("the operator's answer broke off: {e}")).into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_the_port_kubectl_chose() {
-        assert_eq!(forwarded_port("Forwarding from 127.0.0.1:41234 -> 8444"), Some(41234));
-        assert_eq!(forwarded_port("Forwarding from [::1]:41234 -> 8444"), None);
-        assert_eq!(forwarded_port("Handling connection for 41234"), None);
     }
 }

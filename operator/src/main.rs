@@ -546,5 +546,8 @@ async fn start_web(
     info!(addr = %addr, client_certificates = client_ca.is_some(), "dashboard listening");
     let gate = Arc::new(web::auth::Gatekeeper::new(Arc::new(web::auth::KubeAuthority::new(client.clone()))));
     let source = Arc::new(web::gather::OperatorSource { dispatcher: dispatcher.clone(), jobs });
-    Ok(tokio::spawn(web::serve(listener, web::router(gate, source))))
+    // The outputs store (issue 17) plugs in as `reader`; until one is configured the outputs
+    // routes still authenticate and authorize, then answer 503.
+    let retrieval = web::results::Retrieval { jobs: Arc::new(web::results::KubeJobs(client.clone())), reader: None };
+    Ok(tokio::spawn(web::serve(listener, web::router_with_outputs(gate, source, Some(retrieval)))))
 }

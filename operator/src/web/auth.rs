@@ -52,6 +52,21 @@ pub trait Authority: Send + Sync {
     fn review_token(&self, token: String) -> BoxFuture<'_, Result<Option<UserInfo>, AuthError>>;
     /// Whether `user` may `verb` `resource` (group kommune.dev) in `namespace` ("" = all).
     fn allowed(&self, user: UserInfo, verb: &'static str, resource: &'static str, namespace: String) -> BoxFuture<'_, Result<bool, AuthError>>;
+    /// Whether `user` may `verb` the one object `name` of `resource` in `namespace`. The default
+    /// asks about the whole namespace instead, which is stricter (RBAC rules limited to
+    /// `resourceNames` do not match it), so an Authority that only answers namespace questions
+    /// never grants more than it should.
+    fn allowed_object(
+        &self,
+        user: UserInfo,
+        verb: &'static str,
+        resource: &'static str,
+        namespace: String,
+        name: String,
+    ) -> BoxFuture<'_, Result<bool, AuthError>> {
+        let _ = name;
+        self.allowed(user, verb, resource, namespace)
+    }
 }
 
 /// [`Authority`] backed by TokenReview and SubjectAccessReview (needs `create` on both).
@@ -80,6 +95,17 @@ impl Authority for KubeAuthority {
     }
 
     fn allowed(&self, user: UserInfo, verb: &'static str, resource: &'static str, namespace: String) -> BoxFuture<'_, Result<bool, AuthError>> {
+        self.allowed_object(user, verb, resource, namespace, String::new())
+    }
+
+    fn allowed_object(
+        &self,
+        user: UserInfo,
+        verb: &'static str,
+        resource: &'static str,
+        namespace: String,
+        name: String,
+    ) -> BoxFuture<'_, Result<bool, AuthError>> {
         Box::pin(async move {
             let review = SubjectAccessReview {
                 spec: SubjectAccessReviewSpec {
@@ -91,6 +117,7 @@ impl Authority for KubeAuthority {
                         resource: Some(resource.into()),
                         verb: Some(verb.into()),
                         namespace: (!namespace.is_empty()).then_some(namespace),
+                        name: (!name.is_empty()).then_some(name),
                         ..ResourceAttributes::default()
                     }),
                     ..SubjectAccessReviewSpec::default()
@@ -113,8 +140,8 @@ const CACHE_MAX: usize = 4096;
 pub const MAX_NAMESPACE_REVIEWS: usize = 64;
 
 type Decision = (Instant, Option<UserInfo>);
-/// (user, resource, namespace) of a SubjectAccessReview.
-type GrantKey = (UserInfo, &'static str, String);
+/// (user, verb, resource, namespace, name) of a SubjectAccessReview.
+type GrantKey = (UserInfo, &'static str, &'static str, String, String);
 
 /// Authenticates and authorizes dashboard requests through an [`Authority`], caching answers
 /// for [`DECISION_TTL`].
@@ -178,14 +205,30 @@ impl Gatekeeper {
         Ok(access)
     }
 
+    /// Whether `user` may `get` the ComputeJob `namespace/name`: what listing and downloading
+    /// its outputs and logs require. 403 naming the missing permission otherwise.
+    pub async fn may_get_job(&self, user: &UserInfo, namespace: &str, name: &str) -> Result<(), Refusal> {
+        if self.decide(user, "get", "computejobs", namespace, name).await? {
+            return Ok(());
+        }
+        Err(Refusal::Forbidden(format!(
+            "{} may not get computejobs.kommune.dev {name:?} in namespace {namespace:?}, which reading its outputs and logs requires",
+            user.username
+        )))
+    }
+
     async fn allowed(&self, user: &UserInfo, resource: &'static str, ns: &str) -> Result<bool, Refusal> {
-        let key = (user.clone(), resource, ns.to_string());
+        self.decide(user, "list", resource, ns, "").await
+    }
+
+    async fn decide(&self, user: &UserInfo, verb: &'static str, resource: &'static str, ns: &str, name: &str) -> Result<bool, Refusal> {
+        let key = (user.clone(), verb, resource, ns.to_string(), name.to_string());
         if let Some(&(at, ok)) = lock(&self.grants).get(&key)
             && at.elapsed() < self.ttl
         {
             return Ok(ok);
         }
-        match self.authority.allowed(user.clone(), "list", resource, ns.to_string()).await {
+        match self.authority.allowed_object(user.clone(), verb, resource, ns.to_string(), name.to_string()).await {
             Ok(ok) => {
                 remember(&self.grants, key, (Instant::now(), ok));
                 Ok(ok)
@@ -321,6 +364,19 @@ mod tests {
         assert!(matches!(g.access(&alice(), &namespaces(&[])).await, Err(Refusal::Forbidden(_))));
         assert!(matches!(g.access(&alice(), &namespaces(&[])).await, Err(Refusal::Forbidden(_))));
         assert_eq!(fake.access_reviews.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn getting_a_job_is_its_own_decision_per_name() {
+        let (fake, g) = gate(FakeAuthority { grants: vec![("alice", "computejobs", "b")], ..FakeAuthority::default() });
+        g.access(&alice(), &namespaces(&["b"])).await.unwrap();
+        let reviews = fake.access_reviews.load(Ordering::Relaxed);
+        // A cached `list` answer never stands in for a `get` of one name, nor one name for another.
+        assert_eq!(g.may_get_job(&alice(), "b", "render").await, Ok(()));
+        assert_eq!(g.may_get_job(&alice(), "b", "crunch").await, Ok(()));
+        assert_eq!(fake.access_reviews.load(Ordering::Relaxed), reviews + 2);
+        let Err(Refusal::Forbidden(why)) = g.may_get_job(&alice(), "a", "render").await else { panic!("a grant in b reached a") };
+        assert!(why.contains("may not get computejobs.kommune.dev \"render\" in namespace \"a\""), "{why}");
     }
 
     #[test]

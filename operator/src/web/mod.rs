@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod gather;
 pub mod overview;
+pub mod results;
 pub mod tls;
 
 use std::collections::BTreeSet;
@@ -42,13 +43,21 @@ const DASHBOARD_CSS: &str = include_str!("assets/dashboard.css");
 
 /// The dashboard's routes. The page and its script hold no data and are served to anyone (so
 /// a refused caller sees why); `/api/v1/overview` is where authentication and access apply.
+/// The outputs routes answer 503 (outputs are not enabled); see [`router_with_outputs`].
 pub fn router(gate: Arc<Gatekeeper>, source: Arc<dyn Source>) -> Router {
+    router_with_outputs(gate, source, None)
+}
+
+/// [`router`] plus the retrieval of jobs' outputs and logs ([`results::routes`]), for callers
+/// allowed to `get` the job.
+pub fn router_with_outputs(gate: Arc<Gatekeeper>, source: Arc<dyn Source>, retrieval: Option<results::Retrieval>) -> Router {
     Router::new()
         .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
         .route("/dashboard.js", get(|| async { asset("text/javascript; charset=utf-8", DASHBOARD_JS) }))
         .route("/dashboard.css", get(|| async { asset("text/css; charset=utf-8", DASHBOARD_CSS) }))
         .route("/api/v1/overview", get(overview_handler))
-        .with_state(Web { gate, source })
+        .with_state(Web { gate: gate.clone(), source })
+        .merge(results::routes(gate, retrieval))
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
