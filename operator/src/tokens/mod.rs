@@ -365,7 +365,7 @@ mod tests {
             }
         }
         let expired = TokenRecord { expires: now, ..record };
-        let (o, after) = allot(&[t.clone()], &expired, now);
+        let (o, after) = allot(std::slice::from_ref(&t), &expired, now);
         assert!(matches!(o[0], Err(TokenRejection::Expired { .. })));
         assert_eq!(after.uses_left, 3, "nothing used");
     }
