@@ -6,6 +6,11 @@
 //! agent offers room for two tasks. A report, not a timed test: it asserts only that everything
 //! finishes within generous bounds, every task succeeded once, and the ledger holds exactly one
 //! verified receipt per task. With no API server it prints one skip line and passes.
+//!
+//! It also prints the API server's write rate (its own `apiserver_request_total`, every
+//! client's POST/PUT/PATCH/APPLY/DELETE) while the agents join (`join agents=N seconds=S
+//! api_writes_per_s=W`) and in a quiet window after (`steady ...`), and the oldest the leader
+//! Lease's renewal got while they joined (it must never near its duration).
 
 mod support;
 
@@ -14,6 +19,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
+use k8s_openapi::api::coordination::v1::Lease;
+use kommune_operator::controller::budget::model;
 use kommune_operator::crd::{ComputeJob, ProviderNode, is_true};
 use kube::api::{Api, ListParams};
 
@@ -21,6 +28,43 @@ use support::{SKIPPED, binary, build_binaries, condition, eventually, free_port,
 
 /// Everything (joining, then the job) must be done within this; far above what it takes.
 const BOUND: Duration = Duration::from_secs(600);
+
+/// Lease duration the scenario's operator runs with.
+const LEASE_SECONDS: u64 = 60;
+/// The quiet window the steady write rate is measured over, after the first sweeps have
+/// recorded every new node's earnings.
+const QUIET: Duration = Duration::from_secs(30);
+
+/// Writes the API server has served so far (every client, every resource), and by resource.
+fn api_writes(h: &support::Harness) -> Result<(f64, std::collections::BTreeMap<String, f64>)> {
+    let out = h.kubectl(&["get", "--raw", "/metrics"]);
+    if !out.status.success() {
+        bail!("kubectl get --raw /metrics: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut total = 0.0;
+    let mut by_resource = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        if !["POST", "PUT", "PATCH", "APPLY", "DELETE"].iter().any(|v| line.contains(&format!("verb=\"{v}\""))) {
+            continue;
+        }
+        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let resource = line.split("resource=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?").to_string();
+        total += value;
+        *by_resource.entry(resource).or_insert(0.0) += value;
+    }
+    Ok((total, by_resource))
+}
+
+/// `after - before` per resource, as `resource:count` pairs.
+fn delta(before: &std::collections::BTreeMap<String, f64>, after: &std::collections::BTreeMap<String, f64>) -> String {
+    after
+        .iter()
+        .map(|(r, n)| (r, n - before.get(r).copied().unwrap_or(0.0)))
+        .filter(|(_, n)| *n > 0.0)
+        .map(|(r, n)| format!("{r}:{n:.0}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 fn size(name: &str, default: u32) -> u32 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|n| *n > 0).unwrap_or(default)
@@ -80,13 +124,19 @@ async fn many_simulated_agents_run_one_large_job_and_every_receipt_is_metered_on
             // (renewal stalled for 10 s on a loaded 2-core machine; docs/PERFORMANCE.md), and
             // the leader exited: this scenario measures placement, so it gets a longer Lease.
             "--lease-seconds",
-            "60",
+            &LEASE_SECONDS.to_string(),
             // Every simulated agent joins from 127.0.0.1, as a lab behind one NAT would: the
             // admin raises the per-address join budget (burst 20, then 2/s by default).
             "--join-burst",
             "5000",
             "--joins-per-second",
             "1000",
+            // The admin of a pool that grows by thousands at once gives the ProviderNode writer
+            // a larger budget than the default (100/s, burst 200), as for the joins above.
+            "--api-qps",
+            "1000",
+            "--api-burst",
+            "2000",
         ],
     )?;
     eventually("the operator's gateway", Duration::from_secs(60), || async { Ok(std::net::TcpStream::connect(("127.0.0.1", gateway)).is_ok()) }).await?;
@@ -100,13 +150,29 @@ async fn many_simulated_agents_run_one_large_job_and_every_receipt_is_metered_on
     assert!(token_out.status.success(), "token create: {}", String::from_utf8_lossy(&token_out.stderr));
     let token = String::from_utf8(token_out.stdout)?.trim().to_string();
     let sim_state = h.work.path().join("sim");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &op_ns);
+    let mut lease_max_age_s: f64 = 0.0;
+    let (writes_before, by_resource_before) = api_writes(&h)?;
     let started = Instant::now();
     let kubeconfig = h.kubeconfig.clone();
     h.spawn(
         "sim",
         std::path::Path::new(env!("CARGO_BIN_EXE_kommune-sim-agents")),
         &kubeconfig,
-        &["--server", &format!("https://127.0.0.1:{gateway}"), "--token", &token, "--agents", &agents.to_string(), "--state-dir", sim_state.to_str().unwrap()],
+        &[
+            "--server",
+            &format!("https://127.0.0.1:{gateway}"),
+            "--token",
+            &token,
+            "--agents",
+            &agents.to_string(),
+            "--state-dir",
+            sim_state.to_str().unwrap(),
+            // Machines of a pool join at the same time, not eight at a time: with the
+            // simulator's default the scenario measured the simulator's own pace.
+            "--handshakes",
+            "64",
+        ],
     )?;
     let nodes: Api<ProviderNode> = Api::all(client.clone());
     let mut last_report = Instant::now();
@@ -115,6 +181,11 @@ async fn many_simulated_agents_run_one_large_job_and_every_receipt_is_metered_on
         let ready = list.items.iter().filter(|n| n.status.as_ref().is_some_and(|s| is_true(&s.conditions, "Ready"))).count();
         if ready == agents as usize {
             break;
+        }
+        // The renewal keeps going however many writes the joins cause (its own client).
+        if let Some(renewed) = leases.get_opt("kommune-operator").await?.and_then(|l| l.spec?.renew_time) {
+            let age_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond() - renewed.0.as_millisecond();
+            lease_max_age_s = lease_max_age_s.max(age_ms as f64 / 1000.0);
         }
         if last_report.elapsed() > Duration::from_secs(10) {
             println!("{} ProviderNodes, {ready} Ready after {:.0}s", list.items.len(), started.elapsed().as_secs_f64());
@@ -128,7 +199,32 @@ async fn many_simulated_agents_run_one_large_job_and_every_receipt_is_metered_on
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let join_s = started.elapsed().as_secs_f64();
+    let (writes_joined, by_resource_joined) = api_writes(&h)?;
     println!("{agents} ProviderNodes Ready {join_s:.1}s after the simulated agents started");
+    println!(
+        "join agents={agents} seconds={join_s:.1} api_writes_per_s={:.0} writes_per_node={:.2} writes={} lease_max_age_s={lease_max_age_s:.1} model_min_seconds={:.1}",
+        (writes_joined - writes_before) / join_s,
+        (writes_joined - writes_before) / f64::from(agents),
+        delta(&by_resource_before, &by_resource_joined),
+        model::join_seconds(u64::from(agents), 1000.0, 2000),
+    );
+    assert!(lease_max_age_s < LEASE_SECONDS as f64 * 2.0 / 3.0, "the Lease renewal stalled for {lease_max_age_s:.1}s while agents joined");
+
+    // The quiet fleet: after the first sweeps (which record every new node's earnings), the
+    // writes of a window in which nothing changes.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let (quiet_before, by_resource_quiet) = api_writes(&h)?;
+    tokio::time::sleep(QUIET).await;
+    let (quiet_after, by_resource_after) = api_writes(&h)?;
+    let fleet = model::Fleet { nodes: u64::from(agents), earning: 0, session_changes_per_s: 0.0 };
+    let settings = model::Settings { status_refresh: Duration::from_secs(300), sweep: Duration::from_secs(10), qps: 1000.0 };
+    println!(
+        "steady agents={agents} seconds={} api_writes_per_s={:.2} writes={} model_writes_per_s={:.2}",
+        QUIET.as_secs(),
+        (quiet_after - quiet_before) / QUIET.as_secs_f64(),
+        delta(&by_resource_quiet, &by_resource_after),
+        model::steady_writes_per_s(fleet, settings),
+    );
 
     // One job, applied as a user would; placed = no task pending, recorded = all succeeded.
     let path = h.work.path().join("scale.yaml");

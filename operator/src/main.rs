@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use kommune_core::reputation::{Decay, QuarantineRule};
 use kommune_operator::blobs::{BlobLimits, Blobs};
+use kommune_operator::controller::budget::ApiBudget;
 use kommune_operator::controller::lease::LeaderElector;
 use kommune_operator::controller::{self, ca::ensure_ca};
 use kommune_operator::crd;
@@ -93,6 +94,20 @@ struct RunArgs {
     /// placed elsewhere; an agent back within it keeps them.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     node_grace_seconds: u64,
+    /// Sustained requests per second the operator's ProviderNode and Event writers may make to
+    /// the API server (client-side, as client-go's QPS); the leader Lease is not counted.
+    #[arg(long, default_value_t = 100.0)]
+    api_qps: f64,
+    /// Requests those writers may make at once after a quiet period (as client-go's burst).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    api_burst: u32,
+    /// ProviderNode writes (of different nodes) in flight at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    node_write_concurrency: u64,
+    /// A quiet node's status (its last heartbeat time) is written at most this often; a change
+    /// (session opened or closed, earnings) is written at once.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=86400))]
+    node_status_refresh_seconds: u64,
     /// How long past its task timeout (`spec.timeouts.taskSeconds`) an attempt may stay without
     /// a result before the operator fails it and places it again, whatever its agent says.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
@@ -383,7 +398,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (fence, elector) = if args.leader_election {
         let fence = Fence::closed();
-        let elector = LeaderElector::new(client.clone(), &args.namespace, args.leader_identity.clone(), Duration::from_secs(args.lease_seconds), fence.clone());
+        // A client of its own, with its own connections: the ProviderNode writers' requests
+        // queue behind their budget, never in front of a renewal.
+        let lease_client = kube::Client::try_default().await.context("cannot reach the Kubernetes API for the leader Lease")?;
+        let elector = LeaderElector::new(lease_client, &args.namespace, args.leader_identity.clone(), Duration::from_secs(args.lease_seconds), fence.clone());
         info!(identity = %elector.identity(), "waiting to become the leader");
         tokio::select! {
             _ = elector.acquire() => {}
@@ -422,7 +440,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let blobs = Blobs::open_with(&args.data_dir, blob_limits).context("cannot open the module blobs")?;
     let (jobs_changed_tx, jobs_changed_rx) = mpsc::channel(1024);
-    let (node_events_tx, node_events_rx) = mpsc::channel(1024);
+    // The gateway never waits on this channel (it drops a heartbeat, and refuses a Join, while
+    // it is full); the writer drains it into its own bounded queue as fast as events come.
+    let (node_events_tx, node_events_rx) = mpsc::channel(4096);
     let (capacity_tx, capacity_rx) = mpsc::channel(1);
     let dispatcher = Arc::new(
         Dispatcher::new(store, fleet.clone(), jobs_changed_tx)
@@ -453,6 +473,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
     };
     let grace = Duration::from_secs(args.node_grace_seconds);
+    anyhow::ensure!(args.api_qps > 0.0, "--api-qps must be positive");
+    let budget = Arc::new(ApiBudget::new(args.api_qps, args.api_burst));
+    let writer_config = controller::nodes::WriterConfig {
+        concurrency: args.node_write_concurrency as usize,
+        queue: 65_536,
+        status_refresh: Duration::from_secs(args.node_status_refresh_seconds),
+        grace,
+    };
+    info!(
+        qps = args.api_qps,
+        burst = args.api_burst,
+        concurrency = writer_config.concurrency,
+        status_refresh_s = args.node_status_refresh_seconds,
+        "API write budget"
+    );
     let expiry = {
         let dispatcher = dispatcher.clone();
         async move {
@@ -514,7 +549,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = settle => {},
         r = gateway.serve(listener, shutdown) => r.context("agent gateway failed")?,
         _ = controller::job::run(ctx, jobs_changed_rx, capacity_rx) => info!("ComputeJob controller stopped"),
-        _ = controller::nodes::run(client, dispatcher.clone(), node_events_rx, capacity_tx, grace) => info!("ProviderNode writer stopped"),
+        _ = controller::nodes::run(client, dispatcher.clone(), node_events_rx, capacity_tx, budget, writer_config) => info!("ProviderNode writer stopped"),
         r = metrics_server => r.context("metrics server task failed")?.context("metrics server failed")?,
         r = web_server => r.context("dashboard task failed")?.context("dashboard server failed")?,
     }

@@ -112,3 +112,41 @@ async fn an_expired_token_is_deleted_when_presented_and_an_unspent_one_counts_do
     replace.reply(StatusCode::OK, &secret(&token, "2099-01-01T00:00:00Z", 1, "11"));
     assert!(redeem.await.unwrap().is_ok());
 }
+
+/// Five joins race for a token with three uses left: one read, one write for the first, one
+/// for the four that queued meanwhile (two granted, the last use deleting the Secret, two
+/// refused). No conflict and no retry: the old read-modify-write per join made each of them
+/// read, most of them conflict, and all of them read again.
+#[tokio::test]
+async fn concurrent_uses_of_one_token_are_one_write_per_batch_without_conflicts() {
+    let (tokens, mut api) = tokens();
+    let tokens = std::sync::Arc::new(tokens);
+    let token = JoinToken::generate(PIN);
+    let redeem = |tokens: std::sync::Arc<SecretTokens>, token: JoinToken| tokio::spawn(async move { tokens.redeem(&token).await });
+    let first = redeem(tokens.clone(), token.clone());
+    let get = next_call(&mut api, STEP, "the one read").await;
+    get.is(Method::GET, &path(&token), "");
+    // The others arrive while the first use is being committed.
+    let others: Vec<_> = (0..4).map(|_| redeem(tokens.clone(), token.clone())).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    get.reply(StatusCode::OK, &secret(&token, "2099-01-01T00:00:00Z", 3, "20"));
+    let put = next_call(&mut api, STEP, "the first use written").await;
+    put.is(Method::PUT, &path(&token), "");
+    assert_eq!(put.body["stringData"], json!({"usages-remaining": "2"}));
+    put.reply(StatusCode::OK, &secret(&token, "2099-01-01T00:00:00Z", 2, "21"));
+    assert!(first.await.unwrap().is_ok());
+    // The four waiting: written together from the version just written, without reading it.
+    let delete = next_call(&mut api, STEP, "the last two uses: the Secret deleted").await;
+    delete.is(Method::DELETE, &path(&token), "");
+    assert_guarded_delete(&delete.body, "21");
+    delete.reply(StatusCode::OK, &secret(&token, "2099-01-01T00:00:00Z", 2, "21"));
+    let mut outcomes = Vec::new();
+    for o in others {
+        outcomes.push(o.await.unwrap());
+    }
+    assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 2, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| **o == Err(TokenRejection::UsedUp(token.id.clone()))).count(), 2, "{outcomes:?}");
+    if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(300), api.next_request()).await {
+        panic!("unexpected request: {} {}", req.method(), req.uri());
+    }
+}

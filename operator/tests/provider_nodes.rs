@@ -7,7 +7,8 @@ use std::time::Duration;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kommune_operator::controller::MANAGER;
-use kommune_operator::controller::nodes::NodeWriter;
+use kommune_operator::controller::budget::Merge;
+use kommune_operator::controller::nodes::{NodeUpdate, NodeWriter};
 use kommune_operator::crd::{NodePhase, ProviderNode, ProviderNodeSpec, ProviderNodeStatus, limits_spec};
 use kommune_operator::dispatch::Dispatcher;
 use kommune_operator::fence::Fence;
@@ -125,6 +126,14 @@ impl Testbed {
     async fn on_event<T>(&mut self, event: NodeEvent, script: impl AsyncFnOnce(&mut ApiServer) -> T) -> T {
         let (result, out) =
             timeout(STEP * 2, async { tokio::join!(self.writer.on_event(&event), script(&mut self.api)) }).await.expect("the write did not finish");
+        result.expect("the write succeeds");
+        out
+    }
+
+    /// Writes one node's folded update while `script` plays the API server.
+    async fn write<T>(&mut self, node: &str, update: NodeUpdate, script: impl AsyncFnOnce(&mut ApiServer) -> T) -> T {
+        let (result, out) =
+            timeout(STEP * 2, async { tokio::join!(self.writer.write(node, &update), script(&mut self.api)) }).await.expect("the write did not finish");
         result.expect("the write succeeds");
         out
     }
@@ -330,17 +339,20 @@ async fn the_same_change_twice_is_written_once() {
     t.on_event(closed(), ApiServer::no_further_requests).await;
 }
 
+/// A new node is one create carrying what its token granted, then one status apply: the
+/// admin's spec is never applied (created fields are the admin's to change), and no merge patch.
 #[tokio::test]
-async fn a_join_applies_the_object_then_its_status() {
+async fn a_join_creates_the_object_with_its_grant_then_applies_its_status() {
     let mut t = testbed();
     let fresh = provider_node("n", None);
+    let limits = CapacityLimits { cpu_millis: Some(2000), ..Default::default() };
+    let grant = NodeGrant { owner: "token:t1".into(), limits };
     let written = t
-        .on_event(NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "abc".into(), grant: Default::default() }, async |api| {
-            let call = api.next("the apply creating the ProviderNode").await;
-            call.is(Method::PATCH, &format!("{NODES}/n"), "&fieldManager=kommune-operator");
-            assert_eq!(call.content_type, "application/apply-patch+yaml");
+        .on_event(NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "abc".into(), grant }, async |api| {
+            let call = api.next("the create of the ProviderNode").await;
+            call.is(Method::POST, NODES, "&fieldManager=kommune-operator");
             assert_eq!(call.body["metadata"]["labels"], json!({ "app.kubernetes.io/managed-by": MANAGER }));
-            assert_eq!(call.body["spec"], json!({}), "the admin's spec is never applied");
+            assert_eq!(call.body["spec"], json!({ "owner": "token:t1", "capacityLimits": { "cpu": "2" } }), "only what the token granted");
             call.reply(StatusCode::CREATED, &fresh);
             let written = api.status_applied(&fresh).await;
             api.event_created(&fresh, "Normal", "Joined").await;
@@ -351,6 +363,45 @@ async fn a_join_applies_the_object_then_its_status() {
     let status = written.status.unwrap();
     assert_eq!((status.phase, status.public_key_sha256.as_deref()), (Some(NodePhase::NotReady), Some("abc")));
     assert_eq!(status.capacity.map(|c| c.cpu), Some("4".to_string()));
+}
+
+/// A join and the session opening right after it, folded in the writer's queue: one create,
+/// one status apply showing the node Ready, one Event. Written one by one they were two
+/// applies and two Events.
+#[tokio::test]
+async fn a_join_and_its_session_folded_together_are_one_create_one_apply_and_one_event() {
+    let mut t = testbed();
+    let fresh = provider_node("n", None);
+    let mut update = NodeUpdate::from(NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "abc".into(), grant: Default::default() });
+    update.merge(NodeUpdate::from(NodeEvent::Connected { node: "n".into(), facts: facts() }));
+    update.merge(NodeUpdate::from(NodeEvent::Heartbeat { node: "n".into() }));
+    let written = t
+        .write("n", update, async |api| {
+            let call = api.next("the create").await;
+            call.is(Method::POST, NODES, "&fieldManager=kommune-operator");
+            call.reply(StatusCode::CREATED, &fresh);
+            let written = api.status_applied(&fresh).await;
+            api.event_created(&fresh, "Normal", "SessionOpen").await;
+            api.no_further_requests().await;
+            written
+        })
+        .await;
+    let status = written.status.unwrap();
+    assert_eq!((status.phase, status.public_key_sha256.as_deref()), (Some(NodePhase::Ready), Some("abc")));
+    assert_eq!(ready(&status), ("True", "SessionOpen", "the agent's session is open"));
+}
+
+/// Heartbeats write nothing until the shown heartbeat time is a refresh old.
+#[tokio::test]
+async fn heartbeats_of_a_node_shown_recently_write_nothing() {
+    let mut t = testbed();
+    let mut status = ready_status();
+    status.last_heartbeat_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    let node = provider_node("n", Some(status));
+    t.watch_delivers(&node);
+    for _ in 0..3 {
+        t.on_event(NodeEvent::Heartbeat { node: "n".into() }, ApiServer::no_further_requests).await;
+    }
 }
 
 #[tokio::test]
@@ -364,6 +415,14 @@ async fn a_join_copies_its_tokens_owner_and_caps_into_the_spec_where_the_admin_s
     let mut patched = precreated.clone();
     patched.spec.capacity_limits = limits_spec(&limits);
     t.on_event(NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "abc".into(), grant }, async |api| {
+        // Not cached yet: the create finds the admin's object, which is then adopted.
+        let call = api.next("the create of the ProviderNode").await;
+        call.is(Method::POST, NODES, "&fieldManager=kommune-operator");
+        call.reply(
+            StatusCode::CONFLICT,
+            &json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "AlreadyExists",
+                     "message": "providernodes.kommune.dev \"n\" already exists", "details": { "name": "n" }, "code": 409 }),
+        );
         let call = api.next("the apply adopting the ProviderNode").await;
         call.is(Method::PATCH, &format!("{NODES}/n"), "&fieldManager=kommune-operator");
         assert_eq!(call.body["spec"], json!({}), "the apply never carries spec fields");

@@ -1,6 +1,7 @@
 //! Kubernetes-facing shells: the ComputeJob controller, the ProviderNode status writer and the
 //! CA Secret. They read and write the API server and call into the kube-free core.
 
+pub mod budget;
 pub mod ca;
 pub mod crds;
 pub mod events;

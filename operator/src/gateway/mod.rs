@@ -189,6 +189,17 @@ fn peer_identity<T>(request: &Request<T>) -> Result<(String, String, [u8; 32]), 
     Ok((node, key, raw))
 }
 
+/// Hands an event to the ProviderNode writer without waiting: the gateway's paths never wait on
+/// the API server. A full channel (the writer far behind) drops it, logged; heartbeats are
+/// dropped silently, as the next one says the same.
+pub(crate) fn record(events: &mpsc::Sender<NodeEvent>, event: NodeEvent) {
+    match events.try_send(event) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(NodeEvent::Heartbeat { .. })) => {}
+        Err(mpsc::error::TrySendError::Full(e)) => warn!(event = ?e, "the ProviderNode writer is behind; event dropped"),
+    }
+}
+
 /// A DNS-1123 label, as ProviderNode names must be.
 pub fn valid_node_name(name: &str) -> bool {
     !name.is_empty()
@@ -280,6 +291,13 @@ impl AgentGateway for Gateway {
             Ok(None) => {}
             Err(e) => return Err(Status::unavailable(e.to_string())),
         }
+        // The ProviderNode writer's channel is full: its writes are behind (the API server is
+        // slow or the write budget spent). A join now would issue an identity whose object
+        // waits, so the agent retries a little later instead; nothing here waits on the writer.
+        if self.inner.events.capacity() == 0 {
+            let after = Duration::from_secs(1);
+            return Err(exhausted(format!("the operator is busy recording other joins; retry in {}", retry_hint(after)), after));
+        }
         let grant = self.inner.tokens.redeem(&token).await.map_err(|e| refused(&e, peer))?;
         let grant = match self.inner.dispatcher.store().register_node(&name, &key_sha, &grant, now_ms()).await {
             Ok(Registration::New) => grant,
@@ -295,7 +313,7 @@ impl AgentGateway for Gateway {
         };
         let facts = NodeFacts::from_proto(req.facts.as_ref());
         info!(node = %name, token = %token.id, owner = %grant.owner, ?peer, "node joined");
-        let _ = self.inner.events.send(NodeEvent::Joined { node: name.clone(), facts, public_key_sha256: key_sha, grant }).await;
+        record(&self.inner.events, NodeEvent::Joined { node: name.clone(), facts, public_key_sha256: key_sha, grant });
         Ok(Response::new(v1::JoinResponse { node_name: name, certificate_pem, ca_pem: self.inner.ca.cert_pem().to_string() }))
     }
 
@@ -335,7 +353,7 @@ impl AgentGateway for Gateway {
     async fn leave(&self, request: Request<v1::LeaveRequest>) -> Result<Response<v1::LeaveResponse>, Status> {
         let node = authenticated_node(&self.inner, &request).await?;
         let moved = self.inner.dispatcher.leave(&node).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        let _ = self.inner.events.send(NodeEvent::Left { node: node.clone() }).await;
+        record(&self.inner.events, NodeEvent::Left { node: node.clone() });
         Ok(Response::new(v1::LeaveResponse { node_name: node, moved_attempts: moved as u32 }))
     }
 

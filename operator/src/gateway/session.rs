@@ -68,7 +68,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
             send(&tx, OpKind::Cancel(v1::Cancel { attempt_id: id, reason: "the operator does not know this attempt".into() })).await;
         }
     }
-    let _ = inner.events.send(NodeEvent::Connected { node: node.clone(), facts }).await;
+    super::record(&inner.events, NodeEvent::Connected { node: node.clone(), facts });
 
     let in_flight = Arc::new(Semaphore::new(RESULTS_IN_FLIGHT));
     let mut last_renewal = None;
@@ -98,7 +98,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
                 metrics.heartbeat(last_heartbeat.elapsed(), inner.config.heartbeat_interval);
                 last_heartbeat = std::time::Instant::now();
                 inner.dispatcher.fleet().set_paused(&node, hb.paused);
-                let _ = inner.events.try_send(NodeEvent::Heartbeat { node: node.clone() });
+                super::record(&inner.events, NodeEvent::Heartbeat { node: node.clone() });
             }
             Some(agent_message::Kind::TaskUpdate(update)) if is_result(&update) => {
                 // A result waits for two fsyncs; the next message is read meanwhile. A Running
@@ -155,7 +155,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
     metrics.session_closed(close_kind(&reason));
     if inner.dispatcher.fleet().disconnect(&node, session_id) {
         info!(%node, %reason, "session closed");
-        let _ = inner.events.send(NodeEvent::Disconnected { node, reason }).await;
+        super::record(&inner.events, NodeEvent::Disconnected { node, reason });
     }
 }
 

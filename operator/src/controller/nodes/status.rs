@@ -252,6 +252,14 @@ pub fn allocatable(node: &crate::scheduler::Node, claimed: &NodeCapacity) -> Nod
     NodeAllocatable { cpu, memory, ephemeral_storage: ephemeral, gpus: node.gpus.len() as u32, capped }
 }
 
+/// Whether a node's last heartbeat time needs writing again: none shown yet, or `refresh` old.
+/// Between refreshes heartbeats write nothing; the operator tracks liveness in memory.
+pub fn heartbeat_due(status: Option<&ProviderNodeStatus>, now: Timestamp, refresh: Duration) -> bool {
+    let Some(last) = status.and_then(|s| s.last_heartbeat_time.as_ref()) else { return true };
+    let age_ms = now.as_millisecond().saturating_sub(last.0.as_millisecond());
+    age_ms >= i64::try_from(refresh.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// The node a gateway event is about.
 pub fn node_of(event: &NodeEvent) -> &str {
     match event {

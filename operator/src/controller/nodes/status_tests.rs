@@ -261,3 +261,20 @@ fn each_phase_change_is_one_event_with_its_reason() {
         }
     }
 }
+
+#[test]
+fn a_heartbeat_is_written_only_when_none_is_shown_or_the_shown_one_is_a_refresh_old() {
+    let refresh = Duration::from_secs(300);
+    let now = Timestamp::from_second(1_000_000).unwrap();
+    let at = |secs_ago: i64| ProviderNodeStatus {
+        last_heartbeat_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::from_second(1_000_000 - secs_ago).unwrap())),
+        ..Default::default()
+    };
+    assert!(heartbeat_due(None, now, refresh));
+    assert!(heartbeat_due(Some(&ProviderNodeStatus::default()), now, refresh));
+    assert!(!heartbeat_due(Some(&at(0)), now, refresh));
+    assert!(!heartbeat_due(Some(&at(299)), now, refresh));
+    assert!(heartbeat_due(Some(&at(300)), now, refresh));
+    // A time in the future (a skewed clock of an earlier leader) is not due.
+    assert!(!heartbeat_due(Some(&at(-60)), now, refresh));
+}

@@ -1,22 +1,24 @@
-//! Writes ProviderNodes from gateway events and the sweep: one forced server-side apply of
-//! `/status` per change and none when the cached object already shows it, one Event per change.
+//! Writes ProviderNodes from gateway events and the sweep: a new node is one create, then one
+//! forced server-side apply of `/status` per change (none when the object already shows it),
+//! one Event per phase change; every request takes from the process's [`ApiBudget`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::controller::events::EventWriter;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, warn};
 
-use super::HEARTBEAT_WRITE;
-use super::status::{Change, NodeReason, admin_of, allocatable, desired_status, node_of, transition};
+use super::status::{Change, NodeReason, admin_of, allocatable, desired_status, heartbeat_due, node_of, transition};
+use super::update::NodeUpdate;
+use crate::controller::budget::ApiBudget;
 use crate::controller::{Error, MANAGER};
 use crate::crd::{NodeEarnings, ProviderNode, ProviderNodeStatus, limits_spec};
 use crate::dispatch::Dispatcher;
@@ -24,81 +26,131 @@ use crate::gateway::NodeEvent;
 use crate::job::status::Severity;
 use crate::store::NodeGrant;
 
-/// The ProviderNode writer: its state lives between events and sweeps of one leader.
+/// The ProviderNode writer: its state lives between events and sweeps of one leader. Shared by
+/// the writes in flight (each of a different node) and the sweep, so its state is behind locks
+/// held only between awaits.
 pub struct NodeWriter {
+    client: kube::Client,
     api: Api<ProviderNode>,
     dispatcher: Arc<Dispatcher>,
     recorder: EventWriter,
     cache: Store<ProviderNode>,
+    budget: Arc<ApiBudget>,
+    /// A node's last heartbeat time is written again once it is older than this: heartbeats
+    /// themselves write nothing.
+    status_refresh: Duration,
     /// The object each status write returned, until the watch delivers that version. The cache
     /// lags this writer's own writes by a round trip, and an apply drops the fields the previous
     /// apply set but this one leaves out, so a status computed on the lagging cache could lose
     /// fields (the key hash written at join, say). While it leads, this process is the only
     /// writer of ProviderNode status (a replica that loses the Lease exits).
-    written: HashMap<String, ProviderNode>,
-    last_heartbeat_write: HashMap<String, Instant>,
+    written: Mutex<HashMap<String, ProviderNode>>,
+    /// Nodes with a write in flight: the sweep leaves them to it, so two writes of one node
+    /// never race.
+    writing: Mutex<HashSet<String>>,
     /// ProviderNodes the last sweep saw, so that one an admin deleted is noticed and revoked.
-    known: BTreeMap<String, ObjectReference>,
+    known: Mutex<BTreeMap<String, ObjectReference>>,
     /// Nodes that left and whose ProviderNode this writer deleted: gone, but not revoked.
-    left: BTreeSet<String>,
+    left: Mutex<BTreeSet<String>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks a node as being written for as long as it lives.
+struct Writing<'a>(&'a NodeWriter, String);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        locked(&self.0.writing).remove(&self.1);
+    }
 }
 
 impl NodeWriter {
-    /// A writer reading ProviderNodes from `cache`, a reflector's store.
+    /// A writer reading ProviderNodes from `cache`, a reflector's store, with no budget (tests
+    /// that script every request) and the default status refresh.
     pub fn new(client: kube::Client, dispatcher: Arc<Dispatcher>, cache: Store<ProviderNode>) -> Self {
         NodeWriter {
             api: Api::all(client.clone()),
+            recorder: crate::controller::recorder(client.clone()),
+            client,
             dispatcher,
-            recorder: crate::controller::recorder(client),
             cache,
-            written: HashMap::new(),
-            last_heartbeat_write: HashMap::new(),
-            known: BTreeMap::new(),
-            left: BTreeSet::new(),
+            budget: Arc::new(ApiBudget::unlimited()),
+            status_refresh: super::STATUS_REFRESH,
+            written: Mutex::default(),
+            writing: Mutex::default(),
+            known: Mutex::default(),
+            left: Mutex::default(),
         }
+    }
+
+    /// Every request takes from `budget`.
+    pub fn with_budget(mut self, budget: Arc<ApiBudget>) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// A quiet node's status is written at most every `every`.
+    pub fn with_status_refresh(mut self, every: Duration) -> Self {
+        self.status_refresh = every;
+        self
     }
 
     /// Takes note of what the watch delivered (the reflector has already cached it): once a
     /// version this writer wrote is in the cache, the cache is the newest view again.
-    pub fn observe(&mut self, event: &watcher::Event<ProviderNode>) {
+    pub fn observe(&self, event: &watcher::Event<ProviderNode>) {
+        let mut written = locked(&self.written);
         match event {
             watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
-                if self.written.get(&o.name_any()).is_some_and(|w| w.resource_version() == o.resource_version()) {
-                    self.written.remove(&o.name_any());
+                if written.get(&o.name_any()).is_some_and(|w| w.resource_version() == o.resource_version()) {
+                    written.remove(&o.name_any());
                 }
             }
             watcher::Event::Delete(o) => {
-                self.written.remove(&o.name_any());
+                written.remove(&o.name_any());
             }
             watcher::Event::Init | watcher::Event::InitDone => {}
         }
     }
 
-    /// Writes what one gateway event changes. Heartbeats are written at most every
-    /// `HEARTBEAT_WRITE` per node, so thousands of agents are not thousands of writes a second.
-    pub async fn on_event(&mut self, event: &NodeEvent) -> Result<(), Error> {
-        let node = node_of(event).to_string();
-        if matches!(event, NodeEvent::Heartbeat { .. }) && self.last_heartbeat_write.get(&node).is_some_and(|t| t.elapsed() < HEARTBEAT_WRITE) {
-            return Ok(());
+    /// Writes what one gateway event changes.
+    pub async fn on_event(&self, event: &NodeEvent) -> Result<(), Error> {
+        self.write(node_of(event), &NodeUpdate::from(event.clone())).await
+    }
+
+    /// Writes what `update` changes of `node`: its object created (or adopted) if it joined,
+    /// then one status apply for all its events, or nothing if the object shows it already. A
+    /// heartbeat alone writes only once the last heartbeat time shown is `status_refresh` old,
+    /// so thousands of agents are not thousands of writes a second.
+    pub async fn write(&self, node: &str, update: &NodeUpdate) -> Result<(), Error> {
+        locked(&self.writing).insert(node.to_string());
+        let _writing = Writing(self, node.to_string());
+        if update.left() {
+            return self.delete(node).await;
         }
-        self.last_heartbeat_write.insert(node.clone(), Instant::now());
-        match event {
-            NodeEvent::Left { .. } => return self.delete(&node).await,
-            NodeEvent::Joined { grant, .. } => {
-                let adopted = self.adopt(&node, grant).await?;
-                self.written.insert(node.clone(), adopted);
-            }
-            _ => {}
+        if let Some(NodeEvent::Joined { grant, .. }) = update.joined() {
+            let created = self.create_or_adopt(node, grant).await?;
+            locked(&self.written).insert(node.to_string(), created);
         }
-        let Some(base) = self.current_or_get(&node).await? else {
+        let Some(base) = self.current_or_get(node).await? else {
             debug!(%node, "no ProviderNode yet; status not written");
             return Ok(());
         };
-        let active = self.dispatcher.store().active_on_node(&node).await?;
+        let now = Timestamp::now();
+        if update.heartbeat_only() && !heartbeat_due(base.status.as_ref(), now, self.status_refresh) {
+            return Ok(());
+        }
+        let active = self.dispatcher.store().active_on_node(node).await?;
         let allocated = active.iter().fold((0, 0), |(c, m), a| (c + a.cpu_millis, m + a.memory_bytes));
-        let change = Change::Event { event, running: active.len() as u32, allocated };
-        let desired = self.with_allocatable(&node, desired_status(&base, &change, Timestamp::now()));
-        self.publish(&base, self.with_standing(&node, desired)).await
+        let mut next = base.clone();
+        for event in update.events(node) {
+            let change = Change::Event { event: &event, running: active.len() as u32, allocated };
+            next.status = Some(desired_status(&next, &change, now));
+        }
+        let desired = self.with_allocatable(node, next.status.unwrap_or_default());
+        self.publish(&base, self.with_standing(node, desired)).await
     }
 
     /// `status` with what placement counts on for the node, once the fleet has it (after the
@@ -137,22 +189,22 @@ impl NodeWriter {
     /// and drains reach the scheduler, earnings come from the ledger, and a ProviderNode that
     /// disappeared since the last sweep revokes its node (only nodes seen before, so a node that
     /// just joined is not revoked before its object is cached).
-    pub async fn sweep(&mut self, grace: Duration) -> Result<(), Error> {
+    pub async fn sweep(&self, grace: Duration) -> Result<(), Error> {
         self.dispatcher.may_write()?;
         let nodes = self.cache.state();
         let present: BTreeMap<String, ObjectReference> = nodes.iter().map(|n| (n.name_any(), n.object_ref(&()))).collect();
-        let gone: Vec<(String, ObjectReference)> = self.known.iter().filter(|(k, _)| !present.contains_key(*k)).map(|(k, r)| (k.clone(), r.clone())).collect();
+        let gone: Vec<(String, ObjectReference)> =
+            locked(&self.known).iter().filter(|(k, _)| !present.contains_key(*k)).map(|(k, r)| (k.clone(), r.clone())).collect();
         for (name, regarding) in gone {
             self.dispatcher.revoke_node(&name).await?;
-            self.known.remove(&name);
-            self.written.remove(&name);
-            self.last_heartbeat_write.remove(&name);
-            if !self.left.remove(&name) {
+            locked(&self.known).remove(&name);
+            locked(&self.written).remove(&name);
+            if !locked(&self.left).remove(&name) {
                 let note = "the ProviderNode was deleted: the node's registration is removed, its session ended and its attempts are placed elsewhere";
                 self.event(&regarding, Severity::Warning, NodeReason::Revoked, note).await;
             }
         }
-        self.known = present;
+        *locked(&self.known) = present;
         let fleet = self.dispatcher.fleet().clone();
         for n in nodes {
             let name = n.name_any();
@@ -174,6 +226,10 @@ impl NodeWriter {
                     self.event(&n.object_ref(&()), Severity::Normal, NodeReason::Drained, &note).await;
                 }
             }
+            if locked(&self.writing).contains(&name) {
+                // Its write in flight starts from newer facts; the next sweep looks again.
+                continue;
+            }
             let earnings = earnings(&self.dispatcher, &name).await;
             let base = self.current(&name).unwrap_or_else(|| (*n).clone());
             self.sync_quarantine(&base).await?;
@@ -188,7 +244,7 @@ impl NodeWriter {
     /// watch has not delivered that yet.
     fn current(&self, node: &str) -> Option<ProviderNode> {
         let cached = self.cache.get(&ObjectRef::new(node)).map(|n| ProviderNode::clone(&n));
-        match (cached, self.written.get(node)) {
+        match (cached, locked(&self.written).get(node)) {
             (Some(mut n), Some(w)) => {
                 n.status = w.status.clone();
                 Some(n)
@@ -205,12 +261,13 @@ impl NodeWriter {
             return Ok(Some(n));
         }
         self.dispatcher.may_write()?;
+        self.budget.acquire().await;
         Ok(self.api.get_opt(node).await?)
     }
 
     /// Applies `desired` as the node's status unless `base` already shows it, and records the
     /// Event the change deserves.
-    async fn publish(&mut self, base: &ProviderNode, desired: ProviderNodeStatus) -> Result<(), Error> {
+    async fn publish(&self, base: &ProviderNode, desired: ProviderNodeStatus) -> Result<(), Error> {
         let prev = base.status.clone().unwrap_or_default();
         if desired == prev {
             return Ok(());
@@ -218,13 +275,14 @@ impl NodeWriter {
         let name = base.name_any();
         let patch = json!({ "apiVersion": ProviderNode::api_version(&()), "kind": ProviderNode::kind(&()), "status": desired });
         self.dispatcher.may_write()?;
+        self.budget.acquire().await;
         match self.api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
             Ok(written) => {
-                self.written.insert(name, written);
+                locked(&self.written).insert(name, written);
             }
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 debug!(node = %name, "ProviderNode deleted meanwhile; status not written");
-                self.written.remove(&name);
+                locked(&self.written).remove(&name);
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -238,9 +296,44 @@ impl NodeWriter {
         Ok(())
     }
 
-    /// Creates (or adopts) a joined node's object; the operator owns only its label, never the
-    /// admin's spec, so this apply is not forced. Then fills in what the join token granted
-    /// (owner, caps) where the admin has not set it: a merge patch of only the unset fields, so an
+    /// Creates a joined node's object, with what its join token granted (owner, caps) in its
+    /// spec: one request. A node the cache holds, or whose object exists already (an admin made
+    /// it first), is adopted instead.
+    async fn create_or_adopt(&self, node: &str, grant: &NodeGrant) -> Result<ProviderNode, Error> {
+        if self.current(node).is_some() {
+            return self.adopt(node, grant).await;
+        }
+        let mut spec = serde_json::Map::new();
+        if !grant.owner.is_empty() {
+            spec.insert("owner".into(), json!(grant.owner));
+        }
+        if let Some(limits) = limits_spec(&grant.limits) {
+            spec.insert("capacityLimits".into(), json!(limits));
+        }
+        let obj = json!({
+            "apiVersion": ProviderNode::api_version(&()),
+            "kind": ProviderNode::kind(&()),
+            "metadata": { "name": node, "labels": { "app.kubernetes.io/managed-by": MANAGER } },
+            "spec": spec,
+        });
+        // Created, not applied: the spec fields are then the admin's to change (an apply would
+        // make this manager their owner, and a later apply without them would remove them).
+        let pp = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+        let request = kube::core::Request::new(ProviderNode::url_path(&(), None))
+            .create(&pp, serde_json::to_vec(&obj).map_err(kube::Error::SerdeError)?)
+            .map_err(kube::Error::BuildRequest)?;
+        self.dispatcher.may_write()?;
+        self.budget.acquire().await;
+        match self.client.request::<ProviderNode>(request).await {
+            Ok(created) => Ok(created),
+            Err(kube::Error::Api(s)) if s.code == 409 => self.adopt(node, grant).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Adopts an existing node's object; the operator owns only its label, never the admin's
+    /// spec, so this apply is not forced. Then fills in what the join token granted (owner,
+    /// caps) where the admin has not set it: a merge patch of only the unset fields, so an
     /// admin's value always wins and a later apply of this manager never removes them.
     async fn adopt(&self, node: &str, grant: &NodeGrant) -> Result<ProviderNode, Error> {
         let obj = json!({
@@ -250,6 +343,7 @@ impl NodeWriter {
             "spec": {},
         });
         self.dispatcher.may_write()?;
+        self.budget.acquire().await;
         let adopted = self.api.patch(node, &PatchParams::apply(MANAGER), &Patch::Apply(&obj)).await?;
         let mut spec = serde_json::Map::new();
         if adopted.spec.owner.is_none() && !grant.owner.is_empty() {
@@ -264,28 +358,30 @@ impl NodeWriter {
             return Ok(adopted);
         }
         let patch = json!({ "spec": spec });
+        self.budget.acquire().await;
         Ok(self.api.patch(node, &PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &Patch::Merge(&patch)).await?)
     }
 
     /// A node left the pool: its ProviderNode goes (already gone is fine).
-    async fn delete(&mut self, node: &str) -> Result<(), Error> {
+    async fn delete(&self, node: &str) -> Result<(), Error> {
         self.dispatcher.may_write()?;
+        self.budget.acquire().await;
         match self.api.delete(node, &Default::default()).await {
             Ok(_) => {
-                if self.known.contains_key(node) {
-                    self.left.insert(node.to_string());
+                if locked(&self.known).contains_key(node) {
+                    locked(&self.left).insert(node.to_string());
                 }
             }
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
-        self.written.remove(node);
-        self.last_heartbeat_write.remove(node);
+        locked(&self.written).remove(node);
         Ok(())
     }
 
     /// Publishes an Event about a node.
     async fn event(&self, regarding: &ObjectReference, severity: Severity, reason: NodeReason, note: &str) {
+        self.budget.acquire().await;
         crate::controller::publish_event(&self.recorder, &self.dispatcher, regarding, severity, &reason.to_string(), note).await;
     }
 }

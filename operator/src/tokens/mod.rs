@@ -8,15 +8,15 @@
 //! A token belongs to an owner (`token:<id>` unless the admin named one) and may cap what the
 //! machines joined with it can claim: both are what redeeming it grants (a [`NodeGrant`]).
 
-use std::collections::{BTreeMap, HashMap};
+mod secret;
+
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kommune_proto::quantity;
 use kommune_proto::token::JoinToken;
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, Preconditions};
-use tracing::{info, warn};
 
 pub use crate::store::{CapacityLimits, NodeGrant};
 
@@ -99,6 +99,22 @@ pub fn valid_owner(owner: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Pure: one batch of redemptions of one token, in the order they came, each checked with its
+/// own presented token (a wrong secret fails alone). Returns each one's outcome and the record
+/// after the granted uses; uses past the last are UsedUp.
+pub fn allot(tokens: &[JoinToken], record: &TokenRecord, now: Timestamp) -> (Vec<Result<NodeGrant, TokenRejection>>, TokenRecord) {
+    let mut current = record.clone();
+    let outcomes = tokens
+        .iter()
+        .map(|t| {
+            let next = check(t, &current, now)?;
+            current = next;
+            Ok(current.grant(&t.id))
+        })
+        .collect();
+    (outcomes, current)
+}
+
 /// Pure check of a presented token against its record; returns the record after one use.
 pub fn check(token: &JoinToken, record: &TokenRecord, now: Timestamp) -> Result<TokenRecord, TokenRejection> {
     if !token.secret_matches(&record.secret) {
@@ -117,7 +133,7 @@ pub fn check(token: &JoinToken, record: &TokenRecord, now: Timestamp) -> Result<
 const LIMIT_KEYS: [&str; 4] = ["max-cpu", "max-memory", "max-ephemeral-storage", "max-gpus"];
 
 /// Caps as Secret fields (Kubernetes quantities; GPUs a count).
-fn limit_fields(l: &CapacityLimits) -> Vec<(String, String)> {
+pub(crate) fn limit_fields(l: &CapacityLimits) -> Vec<(String, String)> {
     let values = [
         l.cpu_millis.map(quantity::format_cpu),
         l.memory_bytes.map(quantity::format_memory),
@@ -197,56 +213,6 @@ impl JoinTokens for MemoryTokens {
     }
 }
 
-/// Tokens as Secrets in the operator's namespace.
-pub struct SecretTokens {
-    api: Api<Secret>,
-}
-
-impl SecretTokens {
-    pub fn new(client: kube::Client, namespace: &str) -> Self {
-        SecretTokens { api: Api::namespaced(client, namespace) }
-    }
-
-    /// Mints a token valid for `ttl` and `uses` joins, owned by `owner` (None: `token:<id>`)
-    /// and capping its machines' claims at `limits`, stored as a Secret.
-    pub async fn create(
-        &self,
-        ca_pin: &str,
-        ttl: std::time::Duration,
-        uses: u32,
-        owner: Option<&str>,
-        limits: CapacityLimits,
-    ) -> Result<JoinToken, kube::Error> {
-        let token = JoinToken::generate(ca_pin);
-        let expires = Timestamp::now() + jiff_span(ttl);
-        let mut fields = BTreeMap::from([
-            ("token-id".to_string(), token.id.clone()),
-            ("token-secret".to_string(), token.secret.clone()),
-            ("expiration".to_string(), expires.to_string()),
-            ("usages-remaining".to_string(), uses.to_string()),
-            // Written out even when defaulted, so `kubectl get secret` shows whose it is.
-            ("owner".to_string(), owner.map_or_else(|| default_owner(&token.id), str::to_string)),
-        ]);
-        fields.extend(limit_fields(&limits));
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(token.secret_name()),
-                labels: Some(BTreeMap::from([(LABEL.to_string(), "true".to_string())])),
-                ..Default::default()
-            },
-            type_: Some(SECRET_TYPE.into()),
-            string_data: Some(fields),
-            ..Default::default()
-        };
-        self.api.create(&PostParams::default(), &secret).await?;
-        Ok(token)
-    }
-}
-
-fn jiff_span(d: std::time::Duration) -> k8s_openapi::jiff::SignedDuration {
-    k8s_openapi::jiff::SignedDuration::try_from(d).unwrap_or(k8s_openapi::jiff::SignedDuration::MAX)
-}
-
 fn field(secret: &Secret, key: &str) -> Option<String> {
     secret.data.as_ref()?.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok())
 }
@@ -267,70 +233,12 @@ pub fn record_of(secret: &Secret) -> Option<TokenRecord> {
     })
 }
 
-/// Deletes `secret` only if it is still the version that was read: a token whose last use is
-/// being redeemed by two agents at once is deleted by one of them, and the other sees 409.
-fn unchanged(secret: &Secret) -> DeleteParams {
-    let preconditions = Preconditions { resource_version: secret.metadata.resource_version.clone(), uid: secret.metadata.uid.clone() };
-    DeleteParams { preconditions: Some(preconditions), ..Default::default() }
-}
-
-impl SecretTokens {
-    /// The token's Secret and its record after one use. A token found expired has its Secret
-    /// deleted (best effort: the next presentation tries again).
-    async fn read(&self, token: &JoinToken) -> Result<(Secret, TokenRecord), TokenRejection> {
-        let secret = match self.api.get_opt(&token.secret_name()).await {
-            Ok(Some(s)) => s,
-            Ok(None) => return Err(TokenRejection::Unknown(token.id.clone())),
-            Err(e) => return Err(TokenRejection::Backend(e.to_string())),
-        };
-        let record = record_of(&secret).ok_or_else(|| TokenRejection::Unknown(token.id.clone()))?;
-        match check(token, &record, Timestamp::now()) {
-            Ok(next) => Ok((secret, next)),
-            Err(e @ TokenRejection::Expired { .. }) => {
-                match self.api.delete(&token.secret_name(), &unchanged(&secret)).await {
-                    Ok(_) => info!(token = %token.id, "expired join token deleted"),
-                    Err(err) => warn!(token = %token.id, error = %err, "cannot delete an expired join token"),
-                }
-                Err(e)
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl JoinTokens for SecretTokens {
-    async fn check(&self, token: &JoinToken) -> Result<NodeGrant, TokenRejection> {
-        self.read(token).await.map(|(_, next)| next.grant(&token.id))
-    }
-
-    async fn redeem(&self, token: &JoinToken) -> Result<NodeGrant, TokenRejection> {
-        // Optimistic concurrency: two agents racing for the last use cannot both win.
-        for _ in 0..5 {
-            let (secret, next) = self.read(token).await?;
-            let written = if next.uses_left == 0 {
-                // The last use: the Secret goes (deleted only if nobody used it meanwhile).
-                self.api.delete(&token.secret_name(), &unchanged(&secret)).await.map(|_| info!(token = %token.id, "join token used up and deleted"))
-            } else {
-                let mut updated = secret.clone();
-                updated.string_data = Some(BTreeMap::from([("usages-remaining".to_string(), next.uses_left.to_string())]));
-                self.api.replace(&token.secret_name(), &PostParams::default(), &updated).await.map(|_| ())
-            };
-            match written {
-                Ok(()) => return Ok(next.grant(&token.id)),
-                Err(kube::Error::Api(s)) if s.code == 409 => continue,
-                // Deleted between the read and the write: another agent took the last use.
-                Err(kube::Error::Api(s)) if s.code == 404 => return Err(TokenRejection::UsedUp(token.id.clone())),
-                Err(e) => return Err(TokenRejection::Backend(e.to_string())),
-            }
-        }
-        Err(TokenRejection::Backend("the token Secret kept changing while it was being used; try again".into()))
-    }
-}
+pub use secret::SecretTokens;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     const PIN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -429,6 +337,41 @@ mod tests {
         assert_eq!(r.grant(&t.id), NodeGrant { owner: "alice".into(), limits });
         data.insert("max-memory".into(), "lots".into());
         assert_eq!(record_of(&secret(&data)), None);
+    }
+
+    #[test]
+    fn a_batch_of_redemptions_grants_the_uses_left_in_order_and_refuses_the_rest() {
+        let t = JoinToken::generate(PIN);
+        let now = Timestamp::now();
+        let record = TokenRecord { secret: t.secret.clone(), expires: now + jiff_hours(1), uses_left: 3, owner: None, limits: CapacityLimits::default() };
+        let wrong = JoinToken { secret: "x".repeat(t.secret.len()), ..t.clone() };
+        let batch = [t.clone(), wrong.clone(), t.clone(), t.clone(), t.clone()];
+        let (outcomes, after) = allot(&batch, &record, now);
+        let shape: Vec<_> = outcomes.iter().map(|o| o.as_ref().map(|g| g.owner.clone()).map_err(Clone::clone)).collect();
+        let granted = Ok(format!("token:{}", t.id));
+        assert_eq!(
+            shape,
+            [granted.clone(), Err(TokenRejection::WrongSecret(t.id.clone())), granted.clone(), granted, Err(TokenRejection::UsedUp(t.id.clone()))],
+            "a wrong secret uses nothing; the fourth valid one finds none left"
+        );
+        assert_eq!(after.uses_left, 0);
+        // Every size of batch against every count of uses: exactly min(batch, uses) granted.
+        for uses in 0..6u32 {
+            for n in 0..8usize {
+                let r = TokenRecord { uses_left: uses, ..record.clone() };
+                let (o, after) = allot(&vec![t.clone(); n], &r, now);
+                assert_eq!(o.iter().filter(|x| x.is_ok()).count(), n.min(uses as usize));
+                assert_eq!(after.uses_left, uses - n.min(uses as usize) as u32);
+            }
+        }
+        let expired = TokenRecord { expires: now, ..record };
+        let (o, after) = allot(std::slice::from_ref(&t), &expired, now);
+        assert!(matches!(o[0], Err(TokenRejection::Expired { .. })));
+        assert_eq!(after.uses_left, 3, "nothing used");
+    }
+
+    fn jiff_hours(h: i64) -> k8s_openapi::jiff::SignedDuration {
+        k8s_openapi::jiff::SignedDuration::from_hours(h)
     }
 
     #[test]
