@@ -492,11 +492,7 @@ async fn a_drained_provider_node_stops_its_attempts_with_one_event() {
             drained
         })
         .await;
-    assert_eq!(
-        drained.note.as_deref(),
-        Some("spec.drain: stopped 2 running attempt(s); they are placed elsewhere without using a retry"),
-        "{drained:?}"
-    );
+    assert_eq!(drained.note.as_deref(), Some("spec.drain: stopped 2 running attempt(s); they are placed elsewhere without using a retry"), "{drained:?}");
     assert!(t.dispatcher.store().active_on_node("n").await.expect("store reads").is_empty(), "nothing runs on a drained node");
     t.sweep(ApiServer::no_further_requests).await;
 }
