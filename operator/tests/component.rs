@@ -878,6 +878,13 @@ async fn a_silent_agent_is_noticed_after_the_session_timeout_and_its_work_moves_
     assert_eq!(done.progress.phase, JobPhase::Succeeded);
     let runs: Vec<_> = done.attempts.iter().map(|a| (a.number, a.node.as_str(), a.phase)).collect();
     assert_eq!(runs, vec![(1, "silent", AttemptPhase::Lost), (2, "rescuer", AttemptPhase::Succeeded)]);
+    // In `/metrics`: one session timed out, its attempt was lost and placed again, once.
+    assert_eq!(op.metric("kommune_agent_sessions_closed_total", &[("reason", "timeout")]), 1.0);
+    assert_eq!(op.metric("kommune_agent_sessions_closed_total", &[]), 1.0);
+    assert_eq!(op.metric("kommune_attempts_ended_total", &[("phase", "lost"), ("runtime", "exec")]), 1.0);
+    assert_eq!(op.metric("kommune_attempts_ended_total", &[("phase", "succeeded"), ("runtime", "exec")]), 1.0);
+    assert_eq!(op.metric("kommune_attempts_retried_total", &[("runtime", "exec")]), 1.0);
+    assert_eq!(op.metric("kommune_attempts_started_total", &[("runtime", "exec")]), 2.0);
     drop(tx);
     rescuer.disconnect().await;
 }
@@ -912,6 +919,9 @@ async fn a_drained_node_hands_its_running_task_to_another_without_using_a_retry(
     assert!(why.contains("drained"), "{why}");
     assert_eq!(op.metered_at_least("drain-job", 2).await.receipts, 2, "the stopped attempt is metered too");
     assert!(op.dispatcher.fleet().is_connected("drained"), "draining does not disconnect the agent");
+    assert_eq!(op.metric("kommune_attempts_ended_total", &[("phase", "cancelled"), ("runtime", "exec")]), 1.0);
+    assert_eq!(op.metric("kommune_attempts_ended_total", &[("phase", "succeeded"), ("runtime", "exec")]), 1.0);
+    assert_eq!(op.metric("kommune_attempts_ended_total", &[("phase", "lost")]), 0.0, "a drained attempt is not lost");
     drained.disconnect().await;
     spare.disconnect().await;
 }
@@ -922,8 +932,8 @@ async fn a_drained_node_hands_its_running_task_to_another_without_using_a_retry(
 async fn metrics_after_a_run_count_its_tasks_receipts_sessions_and_messages() {
     let op = operator().await;
     let dir = tempfile::tempdir().unwrap();
-    let _a = join_agent(&op, dir.path(), "metrics-a", false).await;
-    let _b = join_agent(&op, dir.path(), "metrics-b", false).await;
+    let a = join_agent(&op, dir.path(), "metrics-a", false).await;
+    let b = join_agent(&op, dir.path(), "metrics-b", false).await;
     wait_connected(&op, &["metrics-a", "metrics-b"]).await;
     let sha = op.store_module("metrics-job", &hello_module());
     let wasm = policy("workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\ntasks: 5\nresources: {cpu: 250m, memory: 64Mi}\n");
@@ -953,4 +963,41 @@ async fn metrics_after_a_run_count_its_tasks_receipts_sessions_and_messages() {
     assert_eq!(op.metric("kommune_blobs", &[]), 1.0);
     assert_eq!(op.metric("kommune_blobs_size_bytes", &[]), hello_module().len() as f64);
     assert!(op.metric("kommune_store_size_bytes", &[]) > 0.0);
+
+    // Heartbeats every 200 ms on loopback: they arrive about on time.
+    for _ in 0..50 {
+        if op.metric("kommune_agent_heartbeat_lag_seconds_count", &[]) >= 4.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let beats = op.metric("kommune_agent_heartbeat_lag_seconds_count", &[]);
+    assert!(beats >= 4.0, "two agents connected for a while heartbeat: {beats}");
+    let lag = op.metric("kommune_agent_heartbeat_lag_seconds_sum", &[]) / beats;
+    assert!(lag < 1.0, "mean heartbeat lag {lag} s");
+
+    // A job no machine can hold: each of its tasks is an unschedulable decision, and the
+    // reason is counted once for the placement that left them waiting.
+    let placements = op.metric("kommune_placement_duration_seconds_count", &[]);
+    let huge = policy("workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\ntasks: 3\nresources: {cpu: '64', memory: 64Mi}\n");
+    let sha = op.store_module("metrics-huge", &hello_module());
+    assert_eq!(op.dispatcher.sync(&job("metrics-huge"), &huge, Some(&ModuleRef { sha256: sha, url: None })).await.unwrap().placed, 0);
+    assert_eq!(op.metric("kommune_placement_decisions_total", &[("outcome", "unschedulable")]), 3.0);
+    assert_eq!(op.metric("kommune_unschedulable_reasons_total", &[("reason", "insufficient_cpu")]), 1.0);
+    assert_eq!(op.metric("kommune_unschedulable_reasons_total", &[]), 1.0);
+    assert_eq!(op.metric("kommune_placement_duration_seconds_count", &[]), placements + 1.0);
+
+    // Both agents hang up: two sessions closed by the agent, none connected.
+    for mut agent in [a, b] {
+        agent.disconnect().await;
+    }
+    for _ in 0..50 {
+        if op.metric("kommune_agent_sessions_closed_total", &[]) >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(op.metric("kommune_agent_sessions_closed_total", &[("reason", "agent_closed")]), 2.0);
+    assert_eq!(op.metric("kommune_agent_sessions_closed_total", &[]), 2.0);
+    assert_eq!(op.metric("kommune_agents_connected", &[]), 0.0);
 }

@@ -515,6 +515,47 @@ async fn a_deleted_provider_node_revokes_its_node_with_one_event() {
     t.sweep(ApiServer::no_further_requests).await;
 }
 
+/// `spec.drain`: the attempts running on the node are stopped (placed elsewhere), and the node
+/// gets one Normal `Drained` Event saying how many; a second sweep has nothing left to drain
+/// and tells nothing.
+#[tokio::test]
+async fn a_drained_provider_node_stops_its_attempts_with_one_event() {
+    use kommune_operator::attempt::{Attempt, AttemptPhase};
+    let mut t = testbed();
+    // NotReady: the testbed's fleet holds no session, and a Ready node without one would be
+    // marked NotReady by the sweep as well (another Event, not the one under test).
+    let mut node = provider_node("n", Some(not_ready_status()));
+    node.spec.drain = true;
+    let running = |i: u32| Attempt {
+        id: format!("u.{i}.1"),
+        job_uid: "u".into(),
+        job_key: "ns/j".into(),
+        index: i,
+        number: 1,
+        replica: 0,
+        node: "n".into(),
+        phase: AttemptPhase::Running,
+        cpu_millis: 100,
+        memory_bytes: 1,
+        held: None,
+        created_ms: 1,
+        finished_ms: None,
+        result: None,
+    };
+    t.dispatcher.store().insert_attempts(&[running(0), running(1)]).await.expect("attempts stored");
+    t.watch_delivers(&node);
+    let drained = t
+        .sweep(async |api| {
+            let drained = api.event_created(&node, "Normal", "Drained").await;
+            api.no_further_requests().await;
+            drained
+        })
+        .await;
+    assert_eq!(drained.note.as_deref(), Some("spec.drain: stopped 2 running attempt(s); they are placed elsewhere without using a retry"), "{drained:?}");
+    assert!(t.dispatcher.store().active_on_node("n").await.expect("store reads").is_empty(), "nothing runs on a drained node");
+    t.sweep(ApiServer::no_further_requests).await;
+}
+
 #[tokio::test]
 async fn a_node_that_left_is_deleted_and_not_revoked() {
     let mut t = testbed();

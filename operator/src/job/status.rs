@@ -227,9 +227,15 @@ pub fn events(prev: &ComputeJobStatus, next: &ComputeJobStatus) -> Vec<(Severity
     let mut out = vec![];
     for c in &next.conditions {
         let before = prev.conditions.iter().find(|p| p.type_ == c.type_);
-        // A new disagreement is news even when the condition already said there was one.
+        // A new disagreement is news even when the condition already said there was one. While
+        // Verified stays True its counts move with every task checked: only a new dispute (a
+        // result outvoted) is news then, or a job checking 1,000 tasks would tell 1,000 Events
+        // that no recorder folds (their notes differ).
+        let disputed = |s: &ComputeJobStatus| s.verification.as_ref().map_or(0, |v| v.counts.disputed);
         let same_news = |b: &&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition| {
-            b.status == c.status && b.reason == c.reason && (c.type_ != VERIFIED || b.message == c.message)
+            b.status == c.status
+                && b.reason == c.reason
+                && (c.type_ != VERIFIED || b.message == c.message || (c.status == "True" && disputed(next) <= disputed(prev)))
         };
         if before.is_some_and(|b| same_news(&b)) {
             continue;
@@ -407,6 +413,27 @@ mod tests {
         // Without verification there is nothing to show.
         let plain = progress(JobPhase::Succeeded, TaskCounts { total: 1, succeeded: 1, ..Default::default() });
         assert!(summarize(&ComputeJobStatus::default(), &observed(&plain, &[], None)).verification.is_none());
+    }
+
+    #[test]
+    fn a_verified_job_tells_an_outvoted_result_but_not_each_task_checked() {
+        use kommune_core::job::phase::VerificationCounts;
+        let at = |verified, disputed| {
+            let p = Progress {
+                verification: VerificationCounts { verified, unverified: 0, disputed, extra_attempts: u64::from(verified + disputed) },
+                ..progress(JobPhase::Running, TaskCounts { total: 100, running: 10, ..Default::default() })
+            };
+            summarize(&ComputeJobStatus::default(), &observed(&p, &[], None))
+        };
+        let first = at(1, 0);
+        let told = events(&ComputeJobStatus::default(), &first);
+        assert!(told.iter().any(|(s, r, _)| (*s, r.as_str()) == (Severity::Normal, "Verified")), "{told:?}");
+        assert!(events(&first, &at(2, 0)).is_empty(), "one more task verified is not news");
+        let outvoted = events(&at(2, 0), &at(3, 1));
+        assert_eq!(outvoted.len(), 1, "{outvoted:?}");
+        assert_eq!((outvoted[0].0, outvoted[0].1.as_str()), (Severity::Normal, "Verified"));
+        assert!(outvoted[0].2.contains("3 task(s) verified by a quorum, 0 accepted unchecked, 1 disputed"), "{outvoted:?}");
+        assert!(events(&at(3, 1), &at(9, 1)).is_empty());
     }
 
     #[test]

@@ -51,8 +51,10 @@ pub struct JobFacts {
     pub failures: Vec<FailureFacts>,
 }
 
-/// A failed task attempt from a job's `status.recentResults`.
+/// A failed task attempt from a job's `status.recentResults`. Flattened into the page's JSON, so
+/// it needs the page's field names itself (`exitCode`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct FailureFacts {
     pub index: u32,
     pub attempt: u32,
@@ -312,6 +314,20 @@ mod tests {
         let o = overview(&[], &jobs, &everything());
         assert_eq!(o.failures.len(), 1);
         assert_eq!((o.failures[0].job.as_str(), o.failures[0].failure.message.as_str()), ("y", "exit status 1"));
+    }
+
+    #[test]
+    fn a_failure_goes_to_the_page_with_the_field_names_its_script_reads() {
+        let f = FailureView {
+            namespace: "team-b".into(),
+            job: "y".into(),
+            failure: FailureFacts { index: 2, attempt: 3, node: "a".into(), exit_code: 1, message: "exit status 1".into() },
+        };
+        let json = serde_json::to_value(&f).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"namespace": "team-b", "job": "y", "index": 2, "attempt": 3, "node": "a", "exitCode": 1, "message": "exit status 1"})
+        );
     }
 
     #[test]
