@@ -77,6 +77,27 @@ pub struct AttemptResult {
     pub stderr_tail: Vec<u8>,
     pub message: String,
     pub wall_millis: u64,
+    /// The attempt's collected outputs (`spec.outputs`), sizes and digests as the operator
+    /// observed them when it stored them itself; empty for a job without outputs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<OutputDigest>,
+}
+
+/// One collected output of an attempt.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputDigest {
+    /// `stdout`, `stderr` or `out/<path>`.
+    pub name: String,
+    /// Bytes stored.
+    pub size: u64,
+    /// Lower-case hex sha256 of the stored bytes.
+    pub sha256: String,
+    /// Bytes beyond the limits that were not stored.
+    pub excess_bytes: u64,
+    /// Whether it counts in verification (set by the operator from `spec.outputs.verify`,
+    /// never by the agent).
+    #[serde(default)]
+    pub counted: bool,
 }
 
 /// One try at one task: with replicas, one of the round's copies (all copies of a round share

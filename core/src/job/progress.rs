@@ -290,6 +290,7 @@ mod tests {
             max_price_per_hour: None,
             verification: Default::default(),
             inputs: vec![],
+            outputs: None,
         }
     }
 
