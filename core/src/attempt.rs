@@ -153,6 +153,28 @@ pub fn replica_attempt_id(job_uid: &str, index: u32, number: u32, replica: u32) 
     }
 }
 
+/// The parts of an attempt id ([`replica_attempt_id`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptIdParts<'a> {
+    pub job_uid: &'a str,
+    pub index: u32,
+    pub number: u32,
+    pub replica: u32,
+}
+
+/// Reads an attempt id back into its parts; None for anything that is not one.
+pub fn parse_attempt_id(id: &str) -> Option<AttemptIdParts<'_>> {
+    let mut parts = id.split('.');
+    let job_uid = parts.next().filter(|u| !u.is_empty())?;
+    let index = parts.next()?.parse().ok()?;
+    let number = parts.next()?.parse().ok()?;
+    let replica = match parts.next() {
+        None => 0,
+        Some(r) => r.strip_prefix('r')?.parse().ok().filter(|r| *r > 0)?,
+    };
+    parts.next().is_none().then_some(AttemptIdParts { job_uid, index, number, replica })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

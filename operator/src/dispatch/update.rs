@@ -42,7 +42,8 @@ impl Dispatcher {
                 return Ok(None);
             }
         };
-        let result = wire::bounded_result(update.result.as_ref());
+        let mut result = wire::bounded_result(update.result.as_ref());
+        self.collected_outputs(&a, update.result.as_ref(), &mut result).await;
         // The result (store) and its receipt (ledger) are made durable at the same time, each
         // in a group commit shared with other sessions' updates; the Ack waits for both. If
         // either fails nothing is acknowledged and the agent resends: both are idempotent.
