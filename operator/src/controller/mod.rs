@@ -7,6 +7,7 @@ pub mod events;
 pub mod inputs;
 pub mod job;
 pub mod job_events;
+pub mod outputs;
 pub mod lease;
 pub mod nodes;
 

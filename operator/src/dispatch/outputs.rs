@@ -66,6 +66,12 @@ impl Dispatcher {
         self.outputs.as_ref()
     }
 
+    /// Read access to stored outputs for the web layer (which checks the caller's permission
+    /// on the ComputeJob first); None when this operator keeps no outputs.
+    pub fn output_reader(&self) -> Option<std::sync::Arc<dyn crate::outputs::OutputReader>> {
+        self.outputs.clone().map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn crate::outputs::OutputReader>)
+    }
+
     /// Lets an upload of output `name` of `attempt` begin: only from the node that holds the
     /// attempt while it is Assigned or Running, within its job's limits and the store's room.
     pub async fn begin_upload(&self, node: &str, attempt: &str, name: &str, size: u64, excess: u64) -> Result<Upload, UploadRefused> {
