@@ -77,6 +77,8 @@ struct State {
     attempts: HashMap<String, Tally>,
     /// The last refusal for lack of room, by job uid, until one of its outputs is stored.
     refused: HashMap<String, String>,
+    /// Most bytes on disk.
+    limit: u64,
     /// Buckets of jobs whose outputs go to S3, with credentials, for presigned GETs.
     buckets: HashMap<String, S3Object>,
     /// Attempts already accepted, so every sync of a finished job does not touch the disk.
@@ -87,7 +89,6 @@ struct State {
 #[derive(Clone)]
 pub struct OutputStore {
     root: PathBuf,
-    limit: u64,
     state: Arc<Mutex<State>>,
 }
 
@@ -150,7 +151,12 @@ impl OutputStore {
                 }
             }
         }
-        Ok(OutputStore { root, limit, state: Arc::new(Mutex::new(State { used, ..Default::default() })) })
+        Ok(OutputStore { root, state: Arc::new(Mutex::new(State { used, limit, ..Default::default() })) })
+    }
+
+    /// Changes the disk limit (what is stored stays; new outputs are held to the new limit).
+    pub fn set_limit(&self, limit: u64) {
+        self.state().limit = limit;
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -159,7 +165,8 @@ impl OutputStore {
 
     /// Bytes stored (and reserved), and the limit.
     pub fn usage(&self) -> (u64, u64) {
-        (self.state().used, self.limit)
+        let s = self.state();
+        (s.used, s.limit)
     }
 
     fn attempt_dir(&self, job_uid: &str, attempt: &str) -> PathBuf {
@@ -212,8 +219,8 @@ impl OutputStore {
             return Err(OutputError::AttemptTooLarge { attempt: attempt.into(), total: tally.bytes + size, limit: limits.max_attempt_bytes });
         }
         let file_no = tally.files;
-        if s.used + size > self.limit {
-            let e = OutputError::StoreFull { name: name.into(), size, used: s.used, limit: self.limit };
+        if s.used + size > s.limit {
+            let e = OutputError::StoreFull { name: name.into(), size, used: s.used, limit: s.limit };
             s.refused.insert(job_uid.clone(), e.to_string());
             return Err(e);
         }
