@@ -36,7 +36,7 @@ pub fn bucket_key(prefix: &str, a: &Attempt, name: &str) -> String {
 }
 
 /// The Assign's output plan for attempt `a`: limits and, for a bucket, presigned PUTs.
-pub(super) fn plan(a: &Attempt, o: &JobOutputs) -> v1::OutputPlan {
+pub(super) fn plan(a: &Attempt, o: &JobOutputs, task_timeout: std::time::Duration) -> v1::OutputPlan {
     let mut plan = v1::OutputPlan {
         paths: o.paths.clone(),
         max_file_bytes: o.max_file_bytes,
@@ -47,7 +47,7 @@ pub(super) fn plan(a: &Attempt, o: &JobOutputs) -> v1::OutputPlan {
     if let OutputDestination::S3(bucket) = &o.destination {
         let names = ["stdout".to_string(), "stderr".to_string()].into_iter().chain(o.paths.iter().map(|p| format!("out/{p}")));
         for name in names {
-            let url = super::presign::put(bucket, &bucket_key(&bucket.key, a, &name), PUT_URL_SLACK).unwrap_or_else(|e| format!("unsigned:{e}"));
+            let url = super::presign::put(bucket, &bucket_key(&bucket.key, a, &name), task_timeout + PUT_URL_SLACK).unwrap_or_else(|e| format!("unsigned:{e}"));
             plan.put_urls.insert(name, url);
         }
     }

@@ -114,7 +114,7 @@ pub fn assign_message(a: &Attempt, policy: &JobPolicy, module: Option<&ModuleRef
         // Every copy of a round sees the round's first id, so their outputs can match.
         task_identity: crate::attempt::attempt_id(&a.job_uid, a.index, a.number),
         inputs: task_inputs(policy, a.index),
-        outputs: policy.outputs.as_ref().map(|o| super::outputs::plan(a, o)),
+        outputs: policy.outputs.as_ref().map(|o| super::outputs::plan(a, o, policy.task_timeout)),
     }
 }
 
