@@ -131,7 +131,6 @@ impl Dispatcher {
             out.counted = o.counts(&out.name);
         }
         outputs.sort_by(|x, y| x.name.cmp(&y.name));
-        self.metrics.outputs_stored(outputs.iter().map(|o| o.size).sum());
         result.outputs = outputs;
     }
 

@@ -64,6 +64,8 @@ impl Dispatcher {
         let finished = finished?;
         self.released(&a.id, phase, finished);
         if finished {
+            // Counted once, by the update that recorded the result (a resent one is a repeat).
+            self.metrics.outputs_stored(result.outputs.iter().map(|o| o.size).sum());
             debug!(node, attempt = %a.id, phase = phase.as_str(), exit = result.exit_code, "attempt finished");
             // Ran to an end (any exit code: a crash is the submitter's) or preempted.
             if let Some(o) = super::observe::reliability(phase) {

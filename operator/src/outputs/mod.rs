@@ -89,3 +89,6 @@ impl OutputReader for OutputStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
