@@ -59,9 +59,8 @@ impl ModuleSource for OperatorModules {
         use kommune_proto::v1::{OutputUploadChunk, OutputUploadHeader, output_upload_chunk::Kind};
         use tokio::io::AsyncReadExt;
         const CHUNK: usize = 256 << 10;
-        let header = OutputUploadChunk {
-            kind: Some(Kind::Header(OutputUploadHeader { attempt_id: attempt.into(), name: name.into(), size, excess_bytes: excess })),
-        };
+        let header =
+            OutputUploadChunk { kind: Some(Kind::Header(OutputUploadHeader { attempt_id: attempt.into(), name: name.into(), size, excess_bytes: excess })) };
         let file = tokio::fs::File::open(path).await.map_err(|e| format!("{}: {e}", path.display()))?.take(size);
         // Read as the upload goes, one chunk at a time: a large output is never held in memory.
         // A read error ends the stream short, which the operator refuses (fewer bytes than announced).

@@ -162,8 +162,12 @@ impl Drop for Moto {
 
 async fn moto() -> Option<Moto> {
     let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
-    let child =
-        std::process::Command::new("moto_server").args(["-p", &port.to_string()]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().ok()?;
+    let child = std::process::Command::new("moto_server")
+        .args(["-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
     let moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
@@ -258,7 +262,8 @@ async fn throughput_of_a_100_mib_output_through_the_gateway() {
     let dir = tempfile::tempdir().unwrap();
     let _agent = join_agent(&op, dir.path(), "agent-a", true).await;
     wait_connected(&op, &["agent-a"]).await;
-    let yaml = exec("mkdir -p out && head -c 104857600 /dev/urandom > out/big.bin", "outputs: {paths: [big.bin], maxFileSize: 128Mi}\ntimeouts: {taskSeconds: 300}\n");
+    let yaml =
+        exec("mkdir -p out && head -c 104857600 /dev/urandom > out/big.bin", "outputs: {paths: [big.bin], maxFileSize: 128Mi}\ntimeouts: {taskSeconds: 300}\n");
     let started = std::time::Instant::now();
     let done = op.run_to_end(&job("mib-job"), &policy(&yaml), None).await;
     let took = started.elapsed();

@@ -7,9 +7,9 @@ pub mod events;
 pub mod inputs;
 pub mod job;
 pub mod job_events;
-pub mod outputs;
 pub mod lease;
 pub mod nodes;
+pub mod outputs;
 
 use kube::runtime::finalizer::Error as FinalizerError;
 

@@ -103,7 +103,13 @@ impl Dispatcher {
             OutputDestination::Operator => {
                 let (store2, id) = (store.clone(), a.id.clone());
                 let stored = tokio::task::spawn_blocking(move || store2.manifest(&id)).await.ok().and_then(|r| r.ok()).unwrap_or_default();
-                outputs.extend(stored.into_iter().map(|s| OutputDigest { name: s.name, size: s.size, sha256: s.sha256, excess_bytes: s.excess_bytes, counted: false }));
+                outputs.extend(stored.into_iter().map(|s| OutputDigest {
+                    name: s.name,
+                    size: s.size,
+                    sha256: s.sha256,
+                    excess_bytes: s.excess_bytes,
+                    counted: false,
+                }));
                 let unsent: Vec<&&v1::OutputFile> = reported.iter().filter(|f| f.size == 0 && !outputs.iter().any(|s| s.name == f.name)).collect();
                 for f in unsent {
                     outputs.push(OutputDigest { name: f.name.clone(), size: 0, sha256: String::new(), excess_bytes: f.excess_bytes, counted: false });
@@ -120,7 +126,15 @@ impl Dispatcher {
                     total += f.size;
                     outputs.push(OutputDigest { name: f.name.clone(), size: f.size, sha256: f.sha256.clone(), excess_bytes: f.excess_bytes, counted: false });
                     let key = bucket_key(&bucket.key, a, &f.name);
-                    recorded.push(Stored { task_index: a.index, name: f.name.clone(), size: f.size, sha256: f.sha256.clone(), excess_bytes: f.excess_bytes, file: None, key: Some(key) });
+                    recorded.push(Stored {
+                        task_index: a.index,
+                        name: f.name.clone(),
+                        size: f.size,
+                        sha256: f.sha256.clone(),
+                        excess_bytes: f.excess_bytes,
+                        file: None,
+                        key: Some(key),
+                    });
                 }
                 if let Err(e) = store.record_in_bucket(&a.id, recorded) {
                     warn!(attempt = %a.id, error = %e, "cannot record the attempt's outputs in the bucket");

@@ -389,8 +389,7 @@ impl Gateway {
             UploadRefused::Output(OutputError::Io(_)) | UploadRefused::Store(_) => Status::unavailable(e.to_string()),
             UploadRefused::Output(_) => Status::invalid_argument(e.to_string()),
         };
-        let mut upload =
-            self.inner.dispatcher.begin_upload(&node, &header.attempt_id, &header.name, header.size, header.excess_bytes).await.map_err(status)?;
+        let mut upload = self.inner.dispatcher.begin_upload(&node, &header.attempt_id, &header.name, header.size, header.excess_bytes).await.map_err(status)?;
         while let Some(chunk) = stream.message().await? {
             match chunk.kind {
                 Some(Kind::Data(data)) => upload.write(&data).await.map_err(|e| status(e.into()))?,

@@ -1,9 +1,7 @@
 //! Validation of `spec.inputs` and `spec.outputs`: the checks the CRD schema cannot make
 //! (digests per task, paths that stay under scratch, URLs, buckets, limits), each naming its field.
 
-use kommune_core::job::data::{
-    INDEX_PLACEHOLDER, InputDigest, InputSource, JobInput, JobOutputs, OutputDestination, S3Object, expand, is_plain_relative_path,
-};
+use kommune_core::job::data::{INDEX_PLACEHOLDER, InputDigest, InputSource, JobInput, JobOutputs, OutputDestination, S3Object, expand, is_plain_relative_path};
 
 use super::validate::Invalid;
 use crate::crd::{self, S3Location};

@@ -55,7 +55,14 @@ impl OutputReader for OutputStore {
             let listed = tokio::task::spawn_blocking(move || store.list(&uid)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
             Ok(listed
                 .into_iter()
-                .map(|(attempt_id, s)| OutputEntry { task_index: s.task_index, attempt_id, name: s.name, size: s.size, sha256: s.sha256, excess_bytes: s.excess_bytes })
+                .map(|(attempt_id, s)| OutputEntry {
+                    task_index: s.task_index,
+                    attempt_id,
+                    name: s.name,
+                    size: s.size,
+                    sha256: s.sha256,
+                    excess_bytes: s.excess_bytes,
+                })
                 .collect())
         })
     }
@@ -68,7 +75,9 @@ impl OutputReader for OutputStore {
             let listed = tokio::task::spawn_blocking(move || lookup.list(&uid2)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
             let Some((attempt, stored)) = listed.into_iter().find(|(_, s)| s.task_index == task_index && s.name == name) else { return Ok(None) };
             if let Some(key) = &stored.key {
-                let bucket = store.bucket(&uid).ok_or_else(|| format!("the bucket of job {uid} is not known yet (its ComputeJob has not been reconciled since the operator started)"))?;
+                let bucket = store
+                    .bucket(&uid)
+                    .ok_or_else(|| format!("the bucket of job {uid} is not known yet (its ComputeJob has not been reconciled since the operator started)"))?;
                 let url = crate::dispatch::presign::get(&bucket, key, REDIRECT_VALIDITY).map_err(|e| e.to_string())?;
                 return Ok(Some(OutputBody::Redirect(url)));
             }

@@ -4,7 +4,9 @@
 
 use kommune_operator::crd::JobPhase;
 use kommune_operator::dispatch::ModuleRef;
-use kommune_proto::v1::{AgentMessage, AttemptState, OutputFile, OutputUploadChunk, OutputUploadHeader, TaskResult, TaskUpdate, agent_message, output_upload_chunk::Kind};
+use kommune_proto::v1::{
+    AgentMessage, AttemptState, OutputFile, OutputUploadChunk, OutputUploadHeader, TaskResult, TaskUpdate, agent_message, output_upload_chunk::Kind,
+};
 use tonic::Code;
 
 use crate::agent::{HostileAgent, claims};
@@ -96,7 +98,8 @@ async fn a_liar_with_an_output_file_the_honest_copies_lack_is_outvoted() {
     // It even claims another digest for its file: the operator records what it received.
     let outputs = vec![OutputFile { name: "out/result.txt".into(), size: 8, sha256: "a".repeat(64), excess_bytes: 0 }];
     let result = TaskResult { exit_code: 0, output_sha256: kommune_proto::sha256_hex(stdout), outputs, ..Default::default() };
-    let update = TaskUpdate { trace: None, attempt_id: assign.attempt_id.clone(), state: AttemptState::Succeeded as i32, result: Some(result), receipt: Some(receipt) };
+    let update =
+        TaskUpdate { trace: None, attempt_id: assign.attempt_id.clone(), state: AttemptState::Succeeded as i32, result: Some(result), receipt: Some(receipt) };
     liar.sender().send(AgentMessage { kind: Some(agent_message::Kind::TaskUpdate(update)) }).await.unwrap();
     liar.ack_for(&assign.attempt_id).await;
 
