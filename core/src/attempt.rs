@@ -77,6 +77,27 @@ pub struct AttemptResult {
     pub stderr_tail: Vec<u8>,
     pub message: String,
     pub wall_millis: u64,
+    /// The attempt's collected outputs (`spec.outputs`), sizes and digests as the operator
+    /// observed them when it stored them itself; empty for a job without outputs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<OutputDigest>,
+}
+
+/// One collected output of an attempt.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputDigest {
+    /// `stdout`, `stderr` or `out/<path>`.
+    pub name: String,
+    /// Bytes stored.
+    pub size: u64,
+    /// Lower-case hex sha256 of the stored bytes.
+    pub sha256: String,
+    /// Bytes beyond the limits that were not stored.
+    pub excess_bytes: u64,
+    /// Whether it counts in verification (set by the operator from `spec.outputs.verify`,
+    /// never by the agent).
+    #[serde(default)]
+    pub counted: bool,
 }
 
 /// One try at one task: with replicas, one of the round's copies (all copies of a round share
@@ -130,6 +151,28 @@ pub fn replica_attempt_id(job_uid: &str, index: u32, number: u32, replica: u32) 
         0 => attempt_id(job_uid, index, number),
         k => format!("{job_uid}.{index}.{number}.r{k}"),
     }
+}
+
+/// The parts of an attempt id ([`replica_attempt_id`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptIdParts<'a> {
+    pub job_uid: &'a str,
+    pub index: u32,
+    pub number: u32,
+    pub replica: u32,
+}
+
+/// Reads an attempt id back into its parts; None for anything that is not one.
+pub fn parse_attempt_id(id: &str) -> Option<AttemptIdParts<'_>> {
+    let mut parts = id.split('.');
+    let job_uid = parts.next().filter(|u| !u.is_empty())?;
+    let index = parts.next()?.parse().ok()?;
+    let number = parts.next()?.parse().ok()?;
+    let replica = match parts.next() {
+        None => 0,
+        Some(r) => r.strip_prefix('r')?.parse().ok().filter(|r| *r > 0)?,
+    };
+    parts.next().is_none().then_some(AttemptIdParts { job_uid, index, number, replica })
 }
 
 #[cfg(test)]

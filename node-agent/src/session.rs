@@ -54,6 +54,24 @@ impl ModuleSource for OperatorModules {
         let mut client = self.0.clone();
         client.fetch_blob(FetchBlobRequest { sha256: sha256.to_string() }).await.map(|r| r.into_inner().data).map_err(|s| s.message().to_string())
     }
+
+    async fn upload(&self, attempt: &str, name: &str, path: &std::path::Path, size: u64, excess: u64) -> Result<String, String> {
+        use kommune_proto::v1::{OutputUploadChunk, OutputUploadHeader, output_upload_chunk::Kind};
+        use tokio::io::AsyncReadExt;
+        const CHUNK: usize = 256 << 10;
+        let header =
+            OutputUploadChunk { kind: Some(Kind::Header(OutputUploadHeader { attempt_id: attempt.into(), name: name.into(), size, excess_bytes: excess })) };
+        let file = tokio::fs::File::open(path).await.map_err(|e| format!("{}: {e}", path.display()))?.take(size);
+        // Read as the upload goes, one chunk at a time: a large output is never held in memory.
+        // A read error ends the stream short, which the operator refuses (fewer bytes than announced).
+        fn data(chunk: std::io::Result<tokio_util::bytes::Bytes>) -> Option<OutputUploadChunk> {
+            chunk.ok().map(|b| OutputUploadChunk { kind: Some(Kind::Data(b.to_vec())) })
+        }
+        let chunks = tokio_stream::StreamExt::map_while(tokio_util::io::ReaderStream::with_capacity(file, CHUNK), data);
+        let stream = tokio_stream::StreamExt::chain(tokio_stream::iter([header]), chunks);
+        let mut client = self.0.clone();
+        client.upload_output(stream).await.map(|r| r.into_inner().sha256).map_err(|s| s.message().to_string())
+    }
 }
 
 /// The next delay: doubled, capped, with ±20% jitter so a fleet does not reconnect in lockstep.

@@ -3,6 +3,7 @@
 //! it, so neither a dropped connection nor an agent restart loses a result.
 
 pub mod inputs;
+pub mod outputs;
 mod table;
 mod trace;
 
@@ -31,6 +32,13 @@ const DEFAULT_CPU_MILLIS: u64 = 1000;
 #[tonic::async_trait]
 pub trait ModuleSource: Send + Sync + 'static {
     async fn fetch(&self, sha256: &str) -> Result<Vec<u8>, String>;
+
+    /// Uploads the first `size` bytes of `path` as output `name` of `attempt` to the operator
+    /// (`excess` more were not sent); returns the sha256 the operator computed.
+    async fn upload(&self, attempt: &str, name: &str, path: &std::path::Path, size: u64, excess: u64) -> Result<String, String> {
+        let _ = (attempt, name, path, size, excess);
+        Err("this agent has no connection to upload outputs over".into())
+    }
 }
 
 /// Runs attempts and reports their updates.
@@ -262,13 +270,22 @@ impl Tasks {
             timeout,
             scratch_dir: scratch.clone(),
             env: vec![],
+            keep_streams: None,
         };
+        // Full copies of stdout and stderr go next to the scratch directory, out of the task's reach.
+        let streams = self.scratch_root.join(format!("{}.streams", a.attempt_id));
+        if let Some(plan) = &a.outputs {
+            match std::fs::create_dir_all(&streams) {
+                Ok(()) => ctx.keep_streams = Some((streams.clone(), plan.max_file_bytes)),
+                Err(e) => warn!(attempt = %a.attempt_id, error = %e, "cannot keep stdout and stderr for upload"),
+            }
+        }
         let outcome = match kind {
             Some(WorkloadKind::Wasm(w)) => {
                 ctx.env = w.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 ctx.env.sort();
                 let fetch = kommune_telemetry::span!("fetch", module = %w.module_sha256.chars().take(64).collect::<String>(), from_url = !w.url.is_empty());
-                match self.ensure_module(w, modules).instrument(fetch).await {
+                match self.ensure_module(w, modules.clone()).instrument(fetch).await {
                     Ok(()) => self.wasm.run(&w.module_sha256, &w.args, &ctx, cancel).instrument(run_span("wasm")).await,
                     Err(message) => Outcome::not_started(message),
                 }
@@ -291,6 +308,13 @@ impl Tasks {
             }
             None => Outcome::not_started("the assignment carried no workload"),
         };
+        let mut outcome = outcome;
+        if let Some(plan) = &a.outputs
+            && outcome.ending != Ending::Cancelled
+        {
+            outputs::deliver(&a.attempt_id, plan, &scratch, &streams, modules.as_ref(), &mut outcome).await;
+        }
+        let _ = std::fs::remove_dir_all(&streams);
         let _ = std::fs::remove_dir_all(&scratch);
         outcome
     }
@@ -358,6 +382,7 @@ fn result_of(o: &Outcome) -> TaskResult {
         message: o.message.clone(),
         wall_millis: o.wall.as_millis() as u64,
         output_bytes: o.output_bytes,
+        outputs: o.outputs.clone(),
     }
 }
 

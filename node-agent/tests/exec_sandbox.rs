@@ -40,6 +40,7 @@ impl StateDir {
             cpu_millis: 1000,
             timeout: Some(timeout),
             scratch_dir: self.root.join("scratch/attempt-a"),
+            keep_streams: None,
             env: vec![("AGENT_PID".into(), std::process::id().to_string())],
         }
     }

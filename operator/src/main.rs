@@ -177,6 +177,11 @@ struct RunArgs {
     /// separate with commas. Replaces --blob-quota for that namespace.
     #[arg(long = "namespace-blob-quota", env = "KOMMUNE_NAMESPACE_BLOB_QUOTAS", value_delimiter = ',', value_parser = namespace_quota)]
     namespace_blob_quota: Vec<(String, u64)>,
+    /// Bytes of task outputs (`spec.outputs`) the operator keeps on its volume, e.g. 10Gi. When
+    /// full, new outputs are refused (the job gets OutputsStored=False and a Warning Event);
+    /// the store and the ledger are never affected.
+    #[arg(long, env = "KOMMUNE_OUTPUTS_DISK_LIMIT", default_value = "10Gi", value_parser = |v: &str| quantity::memory_bytes("--outputs-disk-limit", v).map_err(|e| e.to_string()))]
+    outputs_disk_limit: u64,
     /// How long a module no job holds any more is kept (and still served to the attempts
     /// assigned before its job let go of it) before the sweep deletes it.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
@@ -439,6 +444,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         grace: Duration::from_secs(args.blob_grace_seconds),
     };
     let blobs = Blobs::open_with(&args.data_dir, blob_limits).context("cannot open the module blobs")?;
+    let outputs = kommune_operator::outputs::OutputStore::open(&args.data_dir, args.outputs_disk_limit).context("cannot open the output store")?;
     let (jobs_changed_tx, jobs_changed_rx) = mpsc::channel(1024);
     // The gateway never waits on this channel (it drops a heartbeat, and refuses a Join, while
     // it is full); the writer drains it into its own bounded queue as fast as events come.
@@ -449,7 +455,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_ledger(ledger.clone(), rates)
             .with_fence(fence)
             .with_task_grace(Duration::from_secs(args.task_grace_seconds))
-            .with_metrics(metrics.clone()),
+            .with_metrics(metrics.clone())
+            .with_outputs(outputs),
     );
 
     anyhow::ensure!(args.joins_per_second > 0.0 && args.sessions_per_second > 0.0, "--joins-per-second and --sessions-per-second must be positive");

@@ -22,6 +22,8 @@ mod identity;
 mod measure;
 #[path = "hostile/metrics.rs"]
 mod metrics;
+#[path = "hostile/outputs.rs"]
+mod outputs;
 #[path = "hostile/receipts.rs"]
 mod receipts;
 #[path = "hostile/time.rs"]

@@ -115,6 +115,38 @@ impl JobInput {
     }
 }
 
+/// What every attempt of a job collects when it ends (`spec.outputs`): stdout, stderr and the
+/// declared paths under `out/`, bounded, and where they go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOutputs {
+    /// Files or directories under `out/` (plain relative paths).
+    pub paths: Vec<String>,
+    /// Output names (`out/<path>`, or a file under a declared directory) that count in
+    /// verification: a declared path counts itself and everything under it.
+    pub verify: Vec<String>,
+    pub max_file_bytes: u64,
+    pub max_attempt_bytes: u64,
+    pub max_files: u32,
+    pub destination: OutputDestination,
+}
+
+/// Where a job's outputs are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputDestination {
+    /// The operator's own store, uploaded over the agents' gateway.
+    Operator,
+    /// The job's bucket: `key` is the prefix; agents PUT to URLs presigned per attempt.
+    S3(S3Object),
+}
+
+impl JobOutputs {
+    /// Whether output `name` (`stdout`, `stderr`, `out/...`) counts in verification.
+    pub fn counts(&self, name: &str) -> bool {
+        let Some(rest) = name.strip_prefix("out/") else { return false };
+        self.verify.iter().any(|v| rest == v || rest.strip_prefix(v.as_str()).is_some_and(|r| r.starts_with('/')))
+    }
+}
+
 pub use kommune_proto::is_plain_relative_path;
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ pub struct JobPolicy {
     pub verification: Verification,
     /// `spec.inputs`: files fetched into each attempt's scratch before it starts.
     pub inputs: Vec<crate::job::data::JobInput>,
+    /// `spec.outputs`: what each attempt uploads when it ends; None collects nothing.
+    pub outputs: Option<crate::job::data::JobOutputs>,
 }
 
 /// A validated `spec.placement`.

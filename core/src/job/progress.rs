@@ -71,6 +71,8 @@ pub struct Progress {
     pub next_retry_ms: Option<i64>,
     /// When the first attempt was created.
     pub started_ms: Option<i64>,
+    /// The attempt whose result was accepted, by completed task index (its outputs are kept).
+    pub accepted: Vec<(u32, String)>,
 }
 
 /// Delay before attempt `number` (>= 2): backoff × 2^(number-2), capped at MAX_BACKOFF.
@@ -116,6 +118,7 @@ pub fn progress_with<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now
     let mut disagreements = vec![];
     let mut eligible = vec![];
     let mut next_retry_ms: Option<i64> = None;
+    let mut accepted = vec![];
 
     for index in 0..policy.tasks {
         let here = rest.iter().take_while(|a| a.index == index).count();
@@ -159,6 +162,9 @@ pub fn progress_with<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now
                     continue;
                 }
                 verified = true;
+                if let Some(id) = d.agreed.first().or(d.unverified.as_ref()) {
+                    accepted.push((index, id.clone()));
+                }
                 if d.unverified.is_some() {
                     verification.unverified += 1;
                 } else {
@@ -261,6 +267,7 @@ pub fn progress_with<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now
         disputes,
         next_retry_ms,
         started_ms,
+        accepted,
     }
 }
 
@@ -290,6 +297,7 @@ mod tests {
             max_price_per_hour: None,
             verification: Default::default(),
             inputs: vec![],
+            outputs: None,
         }
     }
 

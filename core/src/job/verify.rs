@@ -99,9 +99,16 @@ fn answer(a: &Attempt) -> Answer {
     Answer { node: a.node.clone(), exit_code: r.map(|r| r.exit_code), output_sha256: r.map(|r| r.output_sha256.clone()).unwrap_or_default() }
 }
 
-/// The key answers are compared by: a missing result (None) never matches anything.
-fn key(a: &Attempt) -> Option<(i32, &str)> {
-    a.result.as_ref().map(|r| (r.exit_code, r.output_sha256.as_str()))
+/// The key answers are compared by: a missing result (None) never matches anything. Declared
+/// outputs that count in verification are part of it (name, digest and excess, in name order),
+/// so a copy with another output file disagrees even when its stdout is the same.
+fn key(a: &Attempt) -> Option<(i32, &str, Vec<(&str, &str, u64)>)> {
+    a.result.as_ref().map(|r| {
+        let mut outputs: Vec<(&str, &str, u64)> =
+            r.outputs.iter().filter(|o| o.counted).map(|o| (o.name.as_str(), o.sha256.as_str(), o.excess_bytes)).collect();
+        outputs.sort();
+        (r.exit_code, r.output_sha256.as_str(), outputs)
+    })
 }
 
 /// The verdict on one round: `round` holds the copies of one task with one attempt number
@@ -137,7 +144,7 @@ pub fn verdict(round: &[&Attempt], rule: RoundRule, check: bool) -> Verdict {
     let mut best: Vec<&Attempt> = vec![];
     for a in &succeeded {
         let group: Vec<&Attempt> = match key(a) {
-            Some(k) => succeeded.iter().copied().filter(|b| key(b) == Some(k)).collect(),
+            Some(k) => succeeded.iter().copied().filter(|b| key(b).as_ref() == Some(&k)).collect(),
             None => vec![a],
         };
         if group.len() > best.len() {
@@ -250,6 +257,27 @@ mod tests {
             reversed.reverse();
             assert_eq!(verdict(&reversed, rule, check), expected, "{name}, copies in another order");
         }
+    }
+
+    /// A copy answering stdout `a` with one output file of digest `file` (counted or not).
+    fn with_output(r: u32, file: &str, counted: bool) -> Attempt {
+        let mut a = ok(r, "a");
+        let output = crate::attempt::OutputDigest { name: "out/result.txt".into(), size: 3, sha256: file.repeat(64), excess_bytes: 0, counted };
+        a.result.as_mut().unwrap().outputs = vec![output];
+        a
+    }
+
+    #[test]
+    fn counted_output_files_are_part_of_the_answer_and_uncounted_ones_are_not() {
+        let majority = RoundRule { initial: 3, quorum: 2, max: 3, sampled: false };
+        let liar = with_output(2, "f", true);
+        let refs = [&with_output(0, "e", true), &with_output(1, "e", true), &liar];
+        let Verdict::Verified(d) = verdict(&refs, majority, true) else { panic!("two honest copies agree") };
+        assert_eq!((d.agreed, d.outvoted), (vec![id(0), id(1)], vec![id(2)]), "a liar with the same stdout but another file is outvoted");
+        let refs = [&with_output(0, "e", false), &with_output(1, "f", false)];
+        assert_eq!(verdict(&refs, unanimity(2), true), verified(&[0, 1], &[], None), "a file that does not count may differ");
+        let refs = [&with_output(0, "e", true), &ok(1, "a")];
+        assert!(matches!(verdict(&refs, unanimity(2), true), Verdict::Disagree(_)), "a counted file left out disagrees");
     }
 
     #[test]

@@ -199,8 +199,7 @@ impl ContainerRuntime {
             after = expired(deadline(started, ctx.timeout)) => End::timed_out(after),
         };
 
-        let stdout = SharedCapture::stdout();
-        let stderr = SharedCapture::stderr();
+        let (stdout, stderr) = SharedCapture::streams_for(ctx);
         let mut end = stopped;
         if let Some(id) = created {
             end = self.collect(&id, end, &stdout, &stderr).await;

@@ -137,8 +137,7 @@ impl ExecRuntime {
         let group = pid.map(|pid| ProcessGroup { pgid: pid, supervised });
         let sampler = pid.map(|pid| MemorySampler::start(pid, started));
 
-        let stdout = SharedCapture::stdout();
-        let stderr = SharedCapture::stderr();
+        let (stdout, stderr) = SharedCapture::streams_for(ctx);
         let over_limit = CancellationToken::new();
         let mut readers = tokio::task::JoinSet::new();
         if let Some(pipe) = child.stdout.take() {

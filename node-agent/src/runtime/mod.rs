@@ -49,6 +49,8 @@ pub struct Outcome {
     pub wall: Duration,
     /// CPU, memory and fuel the attempt used, as the operating system accounted them.
     pub usage: Measured,
+    /// The outputs collected and uploaded when the attempt ended (`Assign.outputs`).
+    pub outputs: Vec<kommune_proto::v1::OutputFile>,
 }
 
 impl Outcome {
@@ -66,6 +68,7 @@ impl Outcome {
             message: message.into(),
             wall: Duration::ZERO,
             usage: Measured::none(),
+            outputs: Vec::new(),
         }
     }
 
@@ -93,6 +96,7 @@ impl Outcome {
             message: end.message,
             wall,
             usage,
+            outputs: Vec::new(),
         }
     }
 }
@@ -158,6 +162,9 @@ pub struct AttemptContext {
     pub scratch_dir: PathBuf,
     /// User environment from the job.
     pub env: Vec<(String, String)>,
+    /// Where full copies of stdout and stderr are kept for upload (files `stdout`, `stderr`),
+    /// at most this many bytes each; None keeps only the tails.
+    pub keep_streams: Option<(PathBuf, u64)>,
 }
 
 /// Variables the agent sets for every task; a job cannot override them.
@@ -241,6 +248,7 @@ mod tests {
             cpu_millis: 1000,
             timeout: None,
             scratch_dir: PathBuf::from("/tmp/x"),
+            keep_streams: None,
             env: vec![("GREETING".into(), "hi".into()), ("KOMMUNE_TASK_INDEX".into(), "99".into())],
         };
         let env = ctx.task_env();

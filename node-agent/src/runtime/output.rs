@@ -25,6 +25,8 @@ struct Capture {
     total: u64,
     tail: VecDeque<u8>,
     exceeded: bool,
+    /// A full copy kept for upload (`spec.outputs`), up to its own cap: (file, bytes kept, cap).
+    keep: Option<(std::fs::File, u64, u64)>,
 }
 
 /// One output stream of an attempt, shared between whoever writes it (the guest's WASI stdout,
@@ -42,7 +44,32 @@ impl SharedCapture {
     }
 
     fn new(stream: &'static str, limit: u64) -> Self {
-        Self(Arc::new(Mutex::new(Capture { stream, limit, hasher: Sha256::new(), total: 0, tail: VecDeque::with_capacity(TAIL_BYTES), exceeded: false })))
+        Self(Arc::new(Mutex::new(Capture {
+            stream,
+            limit,
+            hasher: Sha256::new(),
+            total: 0,
+            tail: VecDeque::with_capacity(TAIL_BYTES),
+            exceeded: false,
+            keep: None,
+        })))
+    }
+
+    /// Stdout and stderr of `ctx`: kept in full (up to the output limit) under its capture
+    /// directory when the attempt uploads its outputs.
+    pub(crate) fn streams_for(ctx: &super::AttemptContext) -> (Self, Self) {
+        let (stdout, stderr) = (Self::stdout(), Self::stderr());
+        if let Some((dir, cap)) = &ctx.keep_streams {
+            for c in [&stdout, &stderr] {
+                let stream = c.lock().stream;
+                match std::fs::File::create(dir.join(stream)) {
+                    Ok(f) => c.lock().keep = Some((f, 0, *cap)),
+                    // The upload then reports the stream as missing; the task still runs.
+                    Err(e) => tracing::warn!(error = %e, stream, "cannot keep the task's output for upload"),
+                }
+            }
+        }
+        (stdout, stderr)
     }
 
     /// A writer that panicked cannot leave the capture half-updated in a way that matters,
@@ -62,6 +89,13 @@ impl SharedCapture {
         let accepted = &bytes[..bytes.len().min(room)];
         c.hasher.update(accepted);
         c.total += accepted.len() as u64;
+        if let Some((file, kept, cap)) = &mut c.keep {
+            // Past the cap nothing more is kept: the upload reports the rest as excess.
+            let take = accepted.len().min(usize::try_from(*cap - *kept).unwrap_or(usize::MAX));
+            if take > 0 && std::io::Write::write_all(file, &accepted[..take]).is_ok() {
+                *kept += take as u64;
+            }
+        }
         let kept = &accepted[accepted.len().saturating_sub(TAIL_BYTES)..];
         let evicted = (c.tail.len() + kept.len()).saturating_sub(TAIL_BYTES);
         c.tail.drain(..evicted);

@@ -129,6 +129,7 @@ impl WasmRuntime {
         };
         let stop = cancel.child_token();
         let _stop_if_dropped = stop.clone().drop_guard();
+        let (stdout, stderr) = SharedCapture::streams_for(ctx);
         let attempt = GuestAttempt {
             engine: self.engine.clone(),
             pre,
@@ -136,7 +137,7 @@ impl WasmRuntime {
             env: ctx.task_env(),
             scratch_dir: ctx.scratch_dir.clone(),
             memory_bytes: usize::try_from(ctx.memory_bytes).unwrap_or(usize::MAX),
-            watch: Watch { cancel: stop, timeout: deadline(started, ctx.timeout), stdout: SharedCapture::stdout(), stderr: SharedCapture::stderr() },
+            watch: Watch { cancel: stop, timeout: deadline(started, ctx.timeout), stdout, stderr },
         };
         let (stdout, stderr) = (attempt.watch.stdout.clone(), attempt.watch.stderr.clone());
         // The guest gets a blocking-pool thread of its own: compute-bound wasm never yields, and

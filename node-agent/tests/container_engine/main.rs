@@ -56,6 +56,7 @@ impl Fixture {
             cpu_millis: 500,
             timeout: Some(timeout),
             scratch_dir: self.scratch.path().to_path_buf(),
+            keep_streams: None,
             env: vec![("GREETING".into(), "hello".into())],
         }
     }

@@ -98,7 +98,7 @@ pub async fn resolve(ctx: &Context, ns: &str, uid: &str, policy: &mut JobPolicy)
 }
 
 /// Reads `o`'s Secret (once per reconcile) into `o.credentials`.
-async fn credentials(ctx: &Context, ns: &str, o: &mut S3Object, read: &mut BTreeMap<String, S3Credentials>) -> Result<Result<(), NotReady>, Error> {
+pub(super) async fn credentials(ctx: &Context, ns: &str, o: &mut S3Object, read: &mut BTreeMap<String, S3Credentials>) -> Result<Result<(), NotReady>, Error> {
     if let Some(c) = read.get(&o.secret) {
         o.credentials = Some(c.clone());
         return Ok(Ok(()));

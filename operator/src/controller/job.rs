@@ -160,6 +160,10 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, job, &prev, &status::waiting_for_module(&prev, generation, reason, &message)).await?;
         return Ok(Action::requeue(ACTIVE_REQUEUE));
     }
+    if let Err((reason, message)) = super::outputs::resolve(ctx, namespace_of_job(job), &jr.uid, &mut policy).await? {
+        publish(ctx, job, &prev, &status::waiting_for_module(&prev, generation, reason, &message)).await?;
+        return Ok(Action::requeue(ACTIVE_REQUEUE));
+    }
     let module_sha256 = match &module {
         Some(m) => Some(m.sha256.as_str()),
         None if ended => prev.module_sha256.as_deref(),
@@ -172,7 +176,7 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
     if let Some(note) = super::job_events::retries(&synced.attempts, sync_started) {
         event(ctx, job, Severity::Normal, "Retrying", &note).await;
     }
-    let next = status::summarize(
+    let mut next = status::summarize(
         &prev,
         &Observed {
             generation,
@@ -187,10 +191,17 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
             usage: synced.usage.clone(),
         },
     );
+    let refused = super::outputs::stored_condition(ctx, &jr.uid, &policy, generation, &mut next);
     publish(ctx, job, &prev, &next).await?;
+    if let Some(why) = refused {
+        event(ctx, job, Severity::Warning, "OutputStoreFull", &why).await;
+    }
 
     Ok(match synced.progress.phase {
-        JobPhase::Succeeded | JobPhase::Failed => Action::await_change(),
+        JobPhase::Succeeded | JobPhase::Failed => match super::outputs::expire(ctx, job, &next).await? {
+            Some(left) => Action::requeue(left + Duration::from_secs(1)),
+            None => Action::await_change(),
+        },
         _ if synced.unplaced.is_some() => Action::requeue(UNPLACED_REQUEUE),
         _ => {
             let retry = synced.progress.next_retry_ms.map(|t| Duration::from_millis((t - now).max(0) as u64 + 50));
@@ -204,6 +215,7 @@ async fn cleanup(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
     let cancelled = ctx.dispatcher.cancel_job(&jr.uid).await?;
     // Its attempts are cancelled, so none will fetch the module or inputs: they go after the grace.
     ctx.blobs.release_job(&jr.uid)?;
+    super::outputs::remove(ctx, &jr.uid);
     if cancelled > 0 {
         info!(job = %jr.key, cancelled, "cancelled attempts of a deleted job");
         event(ctx, job, Severity::Normal, "Cancelled", &format!("cancelled {cancelled} running attempt(s) of the deleted job")).await;

@@ -10,6 +10,7 @@ pub mod job;
 pub mod job_events;
 pub mod lease;
 pub mod nodes;
+pub mod outputs;
 
 use kube::runtime::finalizer::Error as FinalizerError;
 

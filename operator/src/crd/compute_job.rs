@@ -94,6 +94,18 @@ pub struct ComputeJobSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub inputs: Vec<super::JobInput>,
+
+    /// What each attempt uploads when it ends: its stdout, its stderr and the declared files
+    /// or directories under `/scratch/out`, bounded and digested, to the operator's store
+    /// (default) or the job's S3 bucket. Unset: nothing beyond the result's tails is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<super::JobOutputs>,
+
+    /// Seconds after the job finished (Succeeded or Failed) when the ComputeJob is deleted,
+    /// its outputs with it, as for Kubernetes Jobs. Unset: kept until deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
 }
 
 /// Spending limits of a job. Amounts are decimal strings of credits with at most 6 decimals.

@@ -1,11 +1,13 @@
 //! A ComputeJob's data path: `spec.inputs`, the files each task gets in `/scratch/in`, from a
-//! URL, a ConfigMap of the job's namespace or an S3-compatible bucket.
+//! URL, a ConfigMap of the job's namespace or an S3-compatible bucket; `spec.outputs`, what
+//! each attempt leaves in `/scratch/out` and where it is kept.
 
 use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::ConfigMapKeyRef;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 /// A file fetched into every attempt's `/scratch/in/<path>` before the task starts (for exec
 /// tasks `in/<path>` under their working directory). Whatever a task receives is visible to
@@ -86,4 +88,44 @@ pub struct SecretName {
     /// Name of the Secret.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
+}
+
+/// What each attempt uploads when it ends (`spec.outputs`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobOutputs {
+    /// Files or directories under `/scratch/out` (for exec tasks `out/` under their working
+    /// directory) to upload, e.g. `result.csv` or `plots`. Stdout and stderr are always
+    /// uploaded. A declared path the task did not write is simply absent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub paths: Vec<String>,
+
+    /// Which declared paths count in verification: copies whose files differ disagree. Defaults
+    /// to all of `paths`; `[]` counts none (stdout always counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub verify: Option<Vec<String>>,
+
+    /// Most bytes one output may have ("16Mi"); what a task writes beyond it is not uploaded and
+    /// is reported as excess in the result. Defaults to 64Mi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_file_size: Option<Quantity>,
+
+    /// Most bytes all outputs of one attempt may have together, stdout and stderr included.
+    /// Defaults to 256Mi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempt_size: Option<Quantity>,
+
+    /// Most files one attempt may upload, stdout and stderr included. Defaults to 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 1024))]
+    pub max_files: Option<u32>,
+
+    /// Upload to this S3-compatible bucket instead of the operator's store: `key` is the prefix
+    /// under which `<job uid>/<task index>/<attempt>/<name>` is written, with PUT URLs the
+    /// operator presigns per attempt (the provider never sees the credentials). Only declared
+    /// files, not directories, can go to a bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Location>,
 }

@@ -9,7 +9,7 @@ pub mod verification;
 pub use kommune_proto::quantity;
 
 pub use compute_job::*;
-pub use data::{JobInput, S3Location, SecretName};
+pub use data::{JobInput, JobOutputs, S3Location, SecretName};
 pub use provider_node::*;
 pub use verification::*;
 

@@ -32,6 +32,7 @@ pub fn exec_policy(tasks: u32, cpu_millis: u64) -> JobPolicy {
         max_price_per_hour: None,
         verification: Default::default(),
         inputs: vec![],
+        outputs: None,
     }
 }
 

@@ -13,6 +13,7 @@ mod metering;
 mod modules;
 mod node;
 mod observe;
+pub mod outputs;
 pub mod presign;
 mod timeouts;
 mod update;
@@ -126,6 +127,8 @@ pub struct Dispatcher {
     /// This operator's secret for spot-check draws: providers cannot predict them.
     verification_key: u64,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Where attempts' outputs are stored (`spec.outputs`); None refuses every upload.
+    outputs: Option<crate::outputs::OutputStore>,
 }
 
 /// The namespace of a "namespace/name" job key.
@@ -158,6 +161,7 @@ impl Dispatcher {
             recorded: Default::default(),
             verification_key: rand::random(),
             metrics: Arc::default(),
+            outputs: None,
         }
     }
 
@@ -314,6 +318,7 @@ impl Dispatcher {
         let changed = placed > 0 || !before.to_cancel.is_empty() || unplaced.is_some();
         let (progress, attempts) = self.progress_after(job, policy, attempts, changed, &checks, now).await?;
         self.record_verifications(job, policy, &progress.observed, &attempts).await?;
+        self.keep_accepted_outputs(policy, &progress).await;
         self.forget_if_done(&job.uid, &progress, &attempts);
         Ok(Synced { progress, attempts, unplaced, placed, budget_exhausted, usage: metered.map(|(u, _)| u) })
     }

@@ -26,11 +26,18 @@ pub struct JobLimits {
     pub runtime: &'static str,
     pub task_timeout: Duration,
     pub workload: std::sync::Arc<str>,
+    /// `spec.outputs`: what an attempt may upload (the gateway holds uploads to it).
+    pub outputs: Option<std::sync::Arc<kommune_core::job::data::JobOutputs>>,
 }
 
 impl Dispatcher {
     pub(super) fn remember_limits(&self, job_uid: &str, policy: &JobPolicy) {
-        let limits = JobLimits { runtime: policy.workload.runtime(), task_timeout: policy.task_timeout, workload: policy.workload.class().into() };
+        let limits = JobLimits {
+            runtime: policy.workload.runtime(),
+            task_timeout: policy.task_timeout,
+            workload: policy.workload.class().into(),
+            outputs: policy.outputs.clone().map(std::sync::Arc::new),
+        };
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if jobs.get(job_uid) != Some(&limits) {
             jobs.insert(job_uid.to_string(), limits);

@@ -42,7 +42,8 @@ impl Dispatcher {
                 return Ok(None);
             }
         };
-        let result = wire::bounded_result(update.result.as_ref());
+        let mut result = wire::bounded_result(update.result.as_ref());
+        self.collected_outputs(&a, update.result.as_ref(), &mut result).await;
         // The result (store) and its receipt (ledger) are made durable at the same time, each
         // in a group commit shared with other sessions' updates; the Ack waits for both. If
         // either fails nothing is acknowledged and the agent resends: both are idempotent.
@@ -63,6 +64,8 @@ impl Dispatcher {
         let finished = finished?;
         self.released(&a.id, phase, finished);
         if finished {
+            // Counted once, by the update that recorded the result (a resent one is a repeat).
+            self.metrics.outputs_stored(result.outputs.iter().map(|o| o.size).sum());
             debug!(node, attempt = %a.id, phase = phase.as_str(), exit = result.exit_code, "attempt finished");
             // Ran to an end (any exit code: a crash is the submitter's) or preempted.
             if let Some(o) = super::observe::reliability(phase) {

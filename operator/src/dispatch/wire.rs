@@ -53,6 +53,8 @@ pub(super) fn bounded_result(r: Option<&v1::TaskResult>) -> AttemptResult {
         stderr_tail: tail(&r.stderr_tail),
         message: r.message.chars().take(MESSAGE_LIMIT).collect(),
         wall_millis: r.wall_millis,
+        // Filled in by the dispatcher from what it stored itself (`outputs::collected`).
+        outputs: vec![],
     }
 }
 
@@ -112,6 +114,7 @@ pub fn assign_message(a: &Attempt, policy: &JobPolicy, module: Option<&ModuleRef
         // Every copy of a round sees the round's first id, so their outputs can match.
         task_identity: crate::attempt::attempt_id(&a.job_uid, a.index, a.number),
         inputs: task_inputs(policy, a.index),
+        outputs: policy.outputs.as_ref().map(|o| super::outputs::plan(a, o, policy.task_timeout)),
     }
 }
 

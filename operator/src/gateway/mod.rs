@@ -357,6 +357,12 @@ impl AgentGateway for Gateway {
         Ok(Response::new(v1::LeaveResponse { node_name: node, moved_attempts: moved as u32 }))
     }
 
+    /// Stores one output of an attempt the node holds (see `Dispatcher::begin_upload`); the
+    /// operator hashes the bytes itself and holds them to the job's limits and its disk's room.
+    async fn upload_output(&self, request: Request<Streaming<v1::OutputUploadChunk>>) -> Result<Response<v1::OutputUploaded>, Status> {
+        self.upload(request).await
+    }
+
     /// Serves a module only to a node holding an active attempt of a job whose module it is
     /// (or was, within the blob grace). Everyone else gets the same refusal whether or not the
     /// blob exists, so a digest cannot be probed.
@@ -380,6 +386,37 @@ impl AgentGateway for Gateway {
                 Err(Status::internal(e.to_string()))
             }
         }
+    }
+}
+
+impl Gateway {
+    async fn upload(&self, request: Request<Streaming<v1::OutputUploadChunk>>) -> Result<Response<v1::OutputUploaded>, Status> {
+        use crate::dispatch::outputs::UploadRefused;
+        use crate::outputs::OutputError;
+        use v1::output_upload_chunk::Kind;
+        let node = authenticated_node(&self.inner, &request).await?;
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(v1::OutputUploadChunk { kind: Some(Kind::Header(h)) }) => h,
+            _ => return Err(Status::invalid_argument("an upload starts with an OutputUploadHeader")),
+        };
+        let status = |e: UploadRefused| match e {
+            UploadRefused::NotHeld { .. } => Status::permission_denied(e.to_string()),
+            UploadRefused::NoOutputs(_) => Status::failed_precondition(e.to_string()),
+            UploadRefused::Output(OutputError::StoreFull { .. }) => Status::resource_exhausted(e.to_string()),
+            UploadRefused::Output(OutputError::Io(_)) | UploadRefused::Store(_) => Status::unavailable(e.to_string()),
+            UploadRefused::Output(_) => Status::invalid_argument(e.to_string()),
+        };
+        let mut upload = self.inner.dispatcher.begin_upload(&node, &header.attempt_id, &header.name, header.size, header.excess_bytes).await.map_err(status)?;
+        while let Some(chunk) = stream.message().await? {
+            match chunk.kind {
+                Some(Kind::Data(data)) => upload.write(&data).await.map_err(|e| status(e.into()))?,
+                _ => return Err(Status::invalid_argument("only data may follow an upload's header")),
+            }
+        }
+        let stored = upload.finish().await.map_err(|e| status(e.into()))?;
+        debug!(%node, attempt = %crate::dispatch::short(&header.attempt_id), name = %stored.name, size = stored.size, "output stored");
+        Ok(Response::new(v1::OutputUploaded { sha256: stored.sha256, size: stored.size }))
     }
 }
 

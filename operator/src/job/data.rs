@@ -1,7 +1,7 @@
-//! Validation of `spec.inputs`: the checks the CRD schema cannot make (digests per task,
-//! paths that stay under scratch, URLs, buckets), each naming its field.
+//! Validation of `spec.inputs` and `spec.outputs`: the checks the CRD schema cannot make
+//! (digests per task, paths that stay under scratch, URLs, buckets, limits), each naming its field.
 
-use kommune_core::job::data::{INDEX_PLACEHOLDER, InputDigest, InputSource, JobInput, S3Object, expand, is_plain_relative_path};
+use kommune_core::job::data::{INDEX_PLACEHOLDER, InputDigest, InputSource, JobInput, JobOutputs, OutputDestination, S3Object, expand, is_plain_relative_path};
 
 use super::validate::Invalid;
 use crate::crd::{self, S3Location};
@@ -80,6 +80,55 @@ pub fn inputs(inputs: &[crd::JobInput], tasks: u32) -> Result<Vec<JobInput>, Inv
     Ok(out)
 }
 
+/// Default `spec.outputs.maxFileSize`.
+pub const DEFAULT_MAX_OUTPUT_FILE: u64 = 64 << 20;
+/// Default `spec.outputs.maxAttemptSize`.
+pub const DEFAULT_MAX_ATTEMPT_OUTPUTS: u64 = 256 << 20;
+/// Default `spec.outputs.maxFiles` (stdout and stderr included).
+pub const DEFAULT_MAX_OUTPUT_FILES: u32 = 64;
+/// Largest `maxAttemptSize` a job may ask for: what one attempt may put on the operator's disk.
+pub const MAX_ATTEMPT_OUTPUTS: u64 = 4 << 30;
+
+/// `spec.outputs` with its defaults.
+pub fn outputs(o: &crd::JobOutputs) -> Result<JobOutputs, Invalid> {
+    for (i, p) in o.paths.iter().enumerate() {
+        if !is_plain_relative_path(p) {
+            return Err(invalid(format!("spec.outputs.paths[{i}]: {p:?} must be a relative path of plain components under /scratch/out")));
+        }
+        if o.paths[..i].contains(p) {
+            return Err(invalid(format!("spec.outputs.paths[{i}]: {p:?} is declared twice")));
+        }
+    }
+    let verify = match &o.verify {
+        None => o.paths.clone(),
+        Some(v) => {
+            if let Some((i, p)) = v.iter().enumerate().find(|(_, p)| !o.paths.contains(p)) {
+                return Err(invalid(format!("spec.outputs.verify[{i}]: {p:?} is not one of spec.outputs.paths")));
+            }
+            v.clone()
+        }
+    };
+    fn size(field: &'static str, q: &Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>, default: u64) -> Result<u64, Invalid> {
+        let Some(q) = q else { return Ok(default) };
+        let bytes = kommune_proto::quantity::memory_bytes(field, &q.0).map_err(|e| invalid(e.to_string()))?;
+        if bytes == 0 || bytes > MAX_ATTEMPT_OUTPUTS {
+            return Err(invalid(format!("{field} must be between 1 and 4Gi, got {:?}", q.0)));
+        }
+        Ok(bytes)
+    }
+    let max_file_bytes = size("spec.outputs.maxFileSize", &o.max_file_size, DEFAULT_MAX_OUTPUT_FILE)?;
+    let max_attempt_bytes = size("spec.outputs.maxAttemptSize", &o.max_attempt_size, DEFAULT_MAX_ATTEMPT_OUTPUTS)?;
+    let max_files = o.max_files.unwrap_or(DEFAULT_MAX_OUTPUT_FILES);
+    if !(2..=1024).contains(&max_files) {
+        return Err(invalid(format!("spec.outputs.maxFiles must be between 2 and 1024, got {max_files}")));
+    }
+    let destination = match &o.s3 {
+        None => OutputDestination::Operator,
+        Some(s3) => OutputDestination::S3(s3_object("spec.outputs.s3", s3)?),
+    };
+    Ok(JobOutputs { paths: o.paths.clone(), verify, max_file_bytes, max_attempt_bytes, max_files, destination })
+}
+
 fn s3_object(field: &str, s3: &S3Location) -> Result<S3Object, Invalid> {
     if !(s3.endpoint.starts_with("https://") || s3.endpoint.starts_with("http://")) {
         return Err(invalid(format!("{field}.endpoint: {:?} must be an http(s) URL", s3.endpoint)));
@@ -132,6 +181,27 @@ inputs:
         assert_eq!(ins[1].for_task(1).unwrap().sha256, b);
         let InputSource::S3(o) = &ins[2].source else { panic!("{:?}", ins[2].source) };
         assert_eq!((o.endpoint.as_str(), o.region.as_str(), o.path_style, o.secret.as_str()), ("http://minio:9000", "us-east-1", true, "s3"));
+    }
+
+    #[test]
+    fn outputs_get_defaults_and_every_invalid_one_names_its_field() {
+        let o = outputs(&spec("outputs: {paths: [result.txt, plots]}").outputs.unwrap()).unwrap();
+        assert_eq!((o.verify.len(), o.max_file_bytes, o.max_attempt_bytes, o.max_files), (2, 64 << 20, 256 << 20, 64));
+        assert!(o.counts("out/result.txt") && o.counts("out/plots/a.png") && !o.counts("out/plotsx") && !o.counts("stdout"));
+        assert_eq!(o.destination, OutputDestination::Operator);
+        let o = outputs(&spec("outputs: {paths: [a], verify: [], maxFileSize: 1Ki}").outputs.unwrap()).unwrap();
+        assert!(!o.counts("out/a") && o.max_file_bytes == 1024);
+        for (yaml, needle) in [
+            ("outputs: {paths: [../x]}", "spec.outputs.paths[0]"),
+            ("outputs: {paths: [a, a]}", "spec.outputs.paths[1]"),
+            ("outputs: {paths: [a], verify: [b]}", "spec.outputs.verify[0]"),
+            ("outputs: {maxFileSize: 8Gi}", "spec.outputs.maxFileSize"),
+            ("outputs: {maxFiles: 1}", "spec.outputs.maxFiles"),
+            ("outputs: {s3: {endpoint: 'ftp://x', bucket: out, secretRef: {name: s}}}", "spec.outputs.s3.endpoint"),
+        ] {
+            let err = outputs(&spec(yaml).outputs.unwrap()).expect_err(yaml);
+            assert!(err.message.contains(needle), "{yaml}: {err}");
+        }
     }
 
     #[test]

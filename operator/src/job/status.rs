@@ -282,6 +282,7 @@ mod tests {
             disputes: vec![],
             next_retry_ms: None,
             started_ms: Some(1_000),
+            accepted: vec![],
         }
     }
 

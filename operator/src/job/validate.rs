@@ -141,6 +141,7 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
     let budget = credits("budget", spec.pricing.as_ref().and_then(|p| p.budget.as_deref()))?;
     let max_price_per_hour = credits("maxPricePerHour", spec.pricing.as_ref().and_then(|p| p.max_price_per_hour.as_deref()))?;
     let inputs = super::data::inputs(&spec.inputs, spec.tasks)?;
+    let outputs = spec.outputs.as_ref().map(super::data::outputs).transpose()?;
 
     Ok(JobPolicy {
         tasks: spec.tasks,
@@ -161,6 +162,7 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
         max_price_per_hour,
         verification,
         inputs,
+        outputs,
     })
 }
 

@@ -84,6 +84,7 @@ pub struct Series {
     pub blobs: Gauge,
     pub gateway_messages: Family<Labels<2>, Counter>,
     pub gateway_bytes: Family<Labels<1>, Counter>,
+    pub output_bytes: Counter,
 }
 
 /// 1 ms to about 16 s: reconciles, placements and ledger appends.
@@ -117,7 +118,9 @@ impl Series {
             blobs: Gauge::default(),
             gateway_messages: Family::default(),
             gateway_bytes: Family::default(),
+            output_bytes: Counter::default(),
         };
+        r.register("output_bytes", "Bytes of task outputs recorded with attempts' results (spec.outputs), wherever stored", s.output_bytes.clone());
         r.register("reconciles", "ComputeJob reconciles finished, by result (success, error)", s.reconciles.clone());
         r.register("reconcile_errors", "ComputeJob reconciles that failed, by step", s.reconcile_errors.clone());
         r.register("reconcile_duration_seconds", "Time one ComputeJob reconcile took", s.reconcile_duration.clone());
@@ -239,6 +242,11 @@ impl Series {
             }
         };
         self.receipts.get_or_create(&[("verdict", label(name))]).inc();
+    }
+
+    /// An attempt's result recorded `bytes` of outputs.
+    pub fn outputs_stored(&self, bytes: u64) {
+        self.output_bytes.inc_by(bytes);
     }
 
     /// A session opened (its Hello was accepted).

@@ -38,3 +38,66 @@ pub trait OutputReader: Send + Sync {
     /// One output, or `None` when the job has no such output.
     fn open(&self, job_uid: &str, task_index: u32, name: &str) -> BoxFuture<'_, Result<Option<OutputBody>, String>>;
 }
+
+pub mod store;
+
+pub use store::{OutputError, OutputStore, Stored, UploadLimits};
+
+/// Presigned GETs of outputs in a job's bucket are valid this long.
+const REDIRECT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(600);
+/// Bytes read from disk per streamed chunk.
+const READ_CHUNK: usize = 256 << 10;
+
+impl OutputReader for OutputStore {
+    fn list(&self, job_uid: &str) -> BoxFuture<'_, Result<Vec<OutputEntry>, String>> {
+        let (store, uid) = (self.clone(), job_uid.to_string());
+        Box::pin(async move {
+            let listed = tokio::task::spawn_blocking(move || store.list(&uid)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            Ok(listed
+                .into_iter()
+                .map(|(attempt_id, s)| OutputEntry {
+                    task_index: s.task_index,
+                    attempt_id,
+                    name: s.name,
+                    size: s.size,
+                    sha256: s.sha256,
+                    excess_bytes: s.excess_bytes,
+                })
+                .collect())
+        })
+    }
+
+    fn open(&self, job_uid: &str, task_index: u32, name: &str) -> BoxFuture<'_, Result<Option<OutputBody>, String>> {
+        let (store, uid, name) = (self.clone(), job_uid.to_string(), name.to_string());
+        Box::pin(async move {
+            let lookup = store.clone();
+            let uid2 = uid.clone();
+            let listed = tokio::task::spawn_blocking(move || lookup.list(&uid2)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            let Some((attempt, stored)) = listed.into_iter().find(|(_, s)| s.task_index == task_index && s.name == name) else { return Ok(None) };
+            if let Some(key) = &stored.key {
+                let bucket = store
+                    .bucket(&uid)
+                    .ok_or_else(|| format!("the bucket of job {uid} is not known yet (its ComputeJob has not been reconciled since the operator started)"))?;
+                let url = crate::dispatch::presign::get(&bucket, key, REDIRECT_VALIDITY).map_err(|e| e.to_string())?;
+                return Ok(Some(OutputBody::Redirect(url)));
+            }
+            let Some(file) = &stored.file else { return Ok(None) };
+            let path = store.file_path(&uid, &attempt, file);
+            let f = tokio::fs::File::open(&path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+            let body = futures::stream::try_unfold(f, |mut f| async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; READ_CHUNK];
+                let n = f.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                buf.truncate(n);
+                Ok(Some((bytes::Bytes::from(buf), f)))
+            });
+            Ok(Some(OutputBody::Stream { size: stored.size, body: Box::pin(body) }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

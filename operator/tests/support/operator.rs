@@ -78,8 +78,13 @@ pub async fn start_operator(dir: tempfile::TempDir, ca: Arc<Ca>, tokens: Arc<Mem
     let (changed_tx, changed_rx) = mpsc::channel(1024);
     let ledger = Arc::new(Ledger::open(LedgerConfig { data_dir: dir.path().to_path_buf(), database_url: None, fence: Fence::open(), key_file: None }).unwrap());
     // A short grace past a task's timeout, so tests of the operator's own timeout run quickly.
-    let dispatcher =
-        Arc::new(Dispatcher::new(store, fleet, changed_tx).with_ledger(ledger, Arc::new(RateBook::new(rates))).with_task_grace(Duration::from_secs(1)));
+    let outputs = kommune_operator::outputs::OutputStore::open(dir.path(), 1 << 30).unwrap();
+    let dispatcher = Arc::new(
+        Dispatcher::new(store, fleet, changed_tx)
+            .with_ledger(ledger, Arc::new(RateBook::new(rates)))
+            .with_task_grace(Duration::from_secs(1))
+            .with_outputs(outputs),
+    );
     dispatcher.metrics().watch_data_dir(dir.path().to_path_buf());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (events_tx, mut events_rx) = mpsc::channel(1024);

@@ -18,6 +18,7 @@ fn context(scratch: &Path) -> AttemptContext {
         cpu_millis: 1000,
         timeout: Some(Duration::from_secs(20)),
         scratch_dir: scratch.to_path_buf(),
+        keep_streams: None,
         env: vec![("GREETING".into(), "hello".into())],
     }
 }
