@@ -588,8 +588,8 @@ async fn start_web(
     info!(addr = %addr, client_certificates = client_ca.is_some(), "dashboard listening");
     let gate = Arc::new(web::auth::Gatekeeper::new(Arc::new(web::auth::KubeAuthority::new(client.clone()))));
     let source = Arc::new(web::gather::OperatorSource { dispatcher: dispatcher.clone(), jobs });
-    // The outputs store (issue 17) plugs in as `reader`; until one is configured the outputs
-    // routes still authenticate and authorize, then answer 503.
-    let retrieval = web::results::Retrieval { jobs: Arc::new(web::results::KubeJobs(client.clone())), reader: None };
+    // The operator's output store (and presigned GETs for jobs that write to a bucket); the
+    // routes authenticate and authorize before they read it.
+    let retrieval = web::results::Retrieval { jobs: Arc::new(web::results::KubeJobs(client.clone())), reader: dispatcher.output_reader() };
     Ok(tokio::spawn(web::serve(listener, web::router_with_outputs(gate, source, Some(retrieval)))))
 }
