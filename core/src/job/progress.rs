@@ -4,9 +4,9 @@
 use std::borrow::Borrow;
 use std::time::Duration;
 
-use super::recorded::{Recorded, Untried};
 use super::phase::VerificationCounts;
 use super::policy::{JobPolicy, MAX_BACKOFF};
+use super::recorded::{Recorded, Untried};
 use super::verify::{Disagreement, Verdict, verdict};
 use super::{JobPhase, TaskCounts};
 use crate::attempt::Attempt;

@@ -366,6 +366,18 @@ impl Store {
         self.index.get(job_uid)
     }
 
+    /// The tasks of a loaded job whose attempts were settled out of memory (empty when none).
+    pub fn settled(&self, job_uid: &str) -> kommune_core::job::Recorded {
+        self.index.settled(job_uid)
+    }
+
+    /// Lets go of the in-memory attempts of `indexes`, tasks the caller found succeeded, keeping
+    /// only their indexes (see `AttemptIndex::settle`); the database keeps every attempt.
+    /// Returns how many attempts left memory.
+    pub fn settle(&self, job_uid: &str, indexes: &[u32]) -> usize {
+        self.index.settle(job_uid, indexes)
+    }
+
     /// Drops a job's attempts from memory (it finished or was deleted); the database keeps
     /// them and [`Store::job_attempts`] reads them again if asked.
     pub fn forget_job(&self, job_uid: &str) {
