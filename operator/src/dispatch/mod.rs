@@ -14,6 +14,7 @@ mod modules;
 mod node;
 mod observe;
 pub mod presign;
+mod retention;
 mod settle;
 mod timeouts;
 mod update;
@@ -22,6 +23,8 @@ mod wire;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod settle_tests;
 #[cfg(test)]
 mod tests;
 
@@ -33,6 +36,7 @@ use kommune_proto::v1::operator_message::Kind as OpKind;
 use tokio::sync::mpsc;
 use tracing::{Instrument as _, info, trace, warn};
 
+pub use self::retention::DEFAULT_ATTEMPT_RETENTION;
 pub(crate) use self::wire::short;
 pub use self::wire::{TAIL_LIMIT, assign_message, result_span, trace_context};
 use crate::STAGE;
@@ -127,6 +131,10 @@ pub struct Dispatcher {
     /// This operator's secret for spot-check draws: providers cannot predict them.
     verification_key: u64,
     metrics: Arc<crate::metrics::Metrics>,
+    /// How long an ended job's attempts stay in the store (see `retention`).
+    retention: std::time::Duration,
+    /// Whether each job synced by this process was last noted as ended, by uid.
+    ended: std::sync::Mutex<HashMap<String, bool>>,
 }
 
 /// The namespace of a "namespace/name" job key.
@@ -159,6 +167,8 @@ impl Dispatcher {
             recorded: Default::default(),
             verification_key: rand::random(),
             metrics: Arc::default(),
+            retention: retention::DEFAULT_ATTEMPT_RETENTION,
+            ended: Default::default(),
         }
     }
 
@@ -324,6 +334,8 @@ impl Dispatcher {
         let (progress, attempts) = self.progress_after(job, policy, attempts, changed, &checks, &known, now).await?;
         self.record_verifications(job, policy, &progress.observed, &attempts).await?;
         self.settle_finished(&job.uid, &progress, &attempts);
+        let ended = matches!(progress.phase, JobPhase::Succeeded | JobPhase::Failed) && attempts.iter().all(|a| a.phase.is_terminal());
+        self.note_retention(&job.uid, ended).await?;
         self.forget_if_done(&job.uid, &progress, &attempts);
         Ok(Synced { progress, attempts, unplaced, placed, budget_exhausted, usage: metered.map(|(u, _)| u) })
     }
@@ -504,6 +516,9 @@ impl Dispatcher {
         }
         self.forget_job(job_uid);
         self.forget_limits(job_uid);
+        // A deleted job's history goes after the retention too; it is not synced again.
+        self.note_retention(job_uid, true).await?;
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).remove(job_uid);
         Ok(active.len())
     }
 }
