@@ -1,19 +1,30 @@
 //! An in-memory, write-through copy of the attempts of the jobs being synced, so a sync reads
 //! its job's attempts without a SQLite query or parsing a result per attempt. The store stays
 //! the durable truth: a job is loaded from it on first use, and every store write is applied
-//! here after it is committed. Finished jobs can be dropped and are loaded again when needed.
+//! here after it is committed. Finished jobs can be dropped and are loaded again when needed;
+//! a running job's finished tasks can be settled: their attempts leave memory and only their
+//! indexes stay, as ranges, so a job of a million tasks holds what runs, not what ran.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
+use crate::job::Recorded;
 
 /// The attempts of one job, in (index, number, replica) order like the store's query.
 type JobAttempts = BTreeMap<(u32, u32, u32), Arc<Attempt>>;
 
+/// A loaded job: the attempts kept in memory and the tasks settled (done, attempts dropped).
+#[derive(Default)]
+struct LoadedJob {
+    attempts: JobAttempts,
+    /// Only `completed` and `started_ms` are used: settled tasks succeeded.
+    settled: Recorded,
+}
+
 #[derive(Default)]
 struct Inner {
-    jobs: HashMap<String, JobAttempts>,
+    jobs: HashMap<String, LoadedJob>,
     /// Attempt id → (job uid, index, number, replica), for the attempts of loaded jobs.
     ids: HashMap<String, (String, u32, u32, u32)>,
 }
@@ -35,12 +46,45 @@ impl AttemptIndex {
     pub fn attempt(&self, id: &str) -> Option<Arc<Attempt>> {
         let inner = self.lock();
         let (uid, index, number, replica) = inner.ids.get(id)?;
-        inner.jobs.get(uid)?.get(&(*index, *number, *replica)).cloned()
+        inner.jobs.get(uid)?.attempts.get(&(*index, *number, *replica)).cloned()
     }
 
     /// The job's attempts in (index, number, replica) order, when the job is loaded.
     pub fn get(&self, job_uid: &str) -> Option<Vec<Arc<Attempt>>> {
-        self.lock().jobs.get(job_uid).map(|job| job.values().cloned().collect())
+        self.lock().jobs.get(job_uid).map(|job| job.attempts.values().cloned().collect())
+    }
+
+    /// The tasks of a loaded job that were settled (see [`AttemptIndex::settle`]); empty when
+    /// none were or the job is not loaded.
+    pub fn settled(&self, job_uid: &str) -> Recorded {
+        self.lock().jobs.get(job_uid).map(|job| job.settled.clone()).unwrap_or_default()
+    }
+
+    /// Lets go of the attempts of `indexes`, tasks the caller found succeeded: each one whose
+    /// attempts are all finished is recorded as completed (with its earliest creation time,
+    /// so the job's start stays known) and its attempts leave memory; a task with an attempt
+    /// still active is kept. The store keeps every attempt. Returns how many attempts left.
+    pub fn settle(&self, job_uid: &str, indexes: &[u32]) -> usize {
+        let mut inner = self.lock();
+        let Inner { jobs, ids } = &mut *inner;
+        let Some(job) = jobs.get_mut(job_uid) else { return 0 };
+        let mut dropped = 0;
+        for &index in indexes {
+            let range = (index, 0, 0)..=(index, u32::MAX, u32::MAX);
+            if job.attempts.range(range.clone()).any(|(_, a)| !a.phase.is_terminal()) {
+                continue;
+            }
+            let keys: Vec<(u32, u32, u32)> = job.attempts.range(range).map(|(k, _)| *k).collect();
+            for key in keys {
+                if let Some(a) = job.attempts.remove(&key) {
+                    ids.remove(&a.id);
+                    job.settled.started_ms = Some(job.settled.started_ms.map_or(a.created_ms, |s| s.min(a.created_ms)));
+                    dropped += 1;
+                }
+            }
+            job.settled.completed.insert_range(index, index);
+        }
+        dropped
     }
 
     /// The job's attempts in (index, number, replica) order, loading them with `load` (a store read)
@@ -49,16 +93,16 @@ impl AttemptIndex {
     pub fn job<E>(&self, job_uid: &str, load: impl FnOnce() -> Result<Vec<Attempt>, E>) -> Result<Vec<Arc<Attempt>>, E> {
         let mut inner = self.lock();
         if let Some(job) = inner.jobs.get(job_uid) {
-            return Ok(job.values().cloned().collect());
+            return Ok(job.attempts.values().cloned().collect());
         }
         let attempts = load()?;
         let Inner { jobs, ids } = &mut *inner;
         let job = jobs.entry(job_uid.to_string()).or_default();
         for a in attempts {
             ids.insert(a.id.clone(), (job_uid.to_string(), a.index, a.number, a.replica));
-            job.insert((a.index, a.number, a.replica), Arc::new(a));
+            job.attempts.insert((a.index, a.number, a.replica), Arc::new(a));
         }
-        Ok(job.values().cloned().collect())
+        Ok(job.attempts.values().cloned().collect())
     }
 
     /// After new attempts were committed: adds those of loaded jobs (an id already there is
@@ -72,7 +116,7 @@ impl AttemptIndex {
                 continue;
             }
             ids.insert(a.id.clone(), (a.job_uid.clone(), a.index, a.number, a.replica));
-            job.insert((a.index, a.number, a.replica), Arc::new(a.clone()));
+            job.attempts.insert((a.index, a.number, a.replica), Arc::new(a.clone()));
         }
     }
 
@@ -100,7 +144,7 @@ impl AttemptIndex {
     pub fn forget(&self, job_uid: &str) {
         let mut inner = self.lock();
         if let Some(job) = inner.jobs.remove(job_uid) {
-            for a in job.values() {
+            for a in job.attempts.values() {
                 inner.ids.remove(&a.id);
             }
         }
@@ -110,7 +154,7 @@ impl AttemptIndex {
         let mut inner = self.lock();
         let Inner { jobs, ids } = &mut *inner;
         let Some((uid, index, number, replica)) = ids.get(id) else { return };
-        if let Some(slot) = jobs.get_mut(uid).and_then(|j| j.get_mut(&(*index, *number, *replica))) {
+        if let Some(slot) = jobs.get_mut(uid).and_then(|j| j.attempts.get_mut(&(*index, *number, *replica))) {
             // Readers hold clones of the Arc: they keep the attempt as it was when they read.
             let mut a = Attempt::clone(slot);
             change(&mut a);
@@ -193,6 +237,24 @@ mod tests {
 
         index.forget("uid");
         assert_eq!(index.job("uid", || Ok::<_, ()>(vec![attempt(3, 1)])).unwrap().len(), 1, "a forgotten job is loaded again");
+    }
+
+    #[test]
+    fn a_settled_task_leaves_memory_and_stays_known_as_completed() {
+        use AttemptPhase::*;
+        let index = AttemptIndex::default();
+        let with = |i: u32, n: u32, phase: AttemptPhase, created_ms: i64| Attempt { phase, created_ms, ..attempt(i, n) };
+        index.job("uid", || Ok::<_, ()>(vec![with(0, 1, Failed, 5), with(0, 2, Succeeded, 9), with(1, 1, Running, 7), with(2, 1, Succeeded, 8)])).unwrap();
+        assert_eq!(index.settle("uid", &[0, 1]), 2, "task 1 still runs: it is kept");
+        assert_eq!(phases(&index), vec![(1, 1, Running), (2, 1, Succeeded)]);
+        assert!(index.attempt(&attempt_id("uid", 0, 2)).is_none(), "a settled attempt is read from the store");
+        let settled = index.settled("uid");
+        assert_eq!((settled.completed.to_string(), settled.started_ms), ("0".to_string(), Some(5)));
+        index.finished(&attempt_id("uid", 1, 1), Succeeded, None, 10);
+        assert_eq!(index.settle("uid", &[1, 2]), 2);
+        assert_eq!(index.settled("uid").completed.to_string(), "0-2");
+        index.forget("uid");
+        assert!(index.settled("uid").completed.is_empty(), "a forgotten job is loaded whole again");
     }
 
     #[test]

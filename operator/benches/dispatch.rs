@@ -10,7 +10,10 @@
 //! ```
 //!
 //! `KOMMUNE_BENCH_QUICK=1` shrinks every part for a smoke run; `KOMMUNE_BENCH_ONLY=dispatch,
-//! roundtrip,fanin` picks parts. The fan-in part runs the operator in a child process and the
+//! roundtrip,fanin` picks parts. `KOMMUNE_BENCH_ONLY=sustained` runs the sustained part, which
+//! the default run leaves out (a million tasks take minutes): it prints
+//! `sustained tasks=1000000 tasks_per_s=X operator_rss_mib_start=A operator_rss_mib_end=B store_mib=C`
+//! (`KOMMUNE_BENCH_SUSTAINED_TASKS` / `_AGENTS` change its size). The fan-in part runs the operator in a child process and the
 //! simulated agents in a grandchild, so the operator's RSS and CPU are read cleanly from
 //! /proc. docs/PERFORMANCE.md says what each figure means.
 //!
@@ -49,6 +52,8 @@ use kommune_proto::token::JoinToken;
 use kommune_proto::v1::{AgentMessage, Capacity, Heartbeat, Hello, NodeFacts, agent_message, operator_message};
 use tokio::sync::mpsc;
 
+#[path = "support/sustained.rs"]
+mod sustained;
 #[path = "support/traces.rs"]
 mod traces;
 use tracing_subscriber::layer::SubscriberExt;
@@ -93,6 +98,8 @@ fn main() {
     match role.as_str() {
         "fanin-operator" => fanin_operator(&sizes),
         "fanin-agents" => fanin_agents(),
+        "sustained-operator" => sustained::sustained_operator(),
+        "sustained-agents" => sustained::sustained_agents(),
         _ => {
             let traces = traces::BenchTraces::from_env();
             let only = std::env::var("KOMMUNE_BENCH_ONLY").unwrap_or_else(|_| "dispatch,roundtrip,fanin".into());
@@ -102,6 +109,10 @@ fn main() {
             }
             if wants("fanin") {
                 fanin(&sizes);
+            }
+            // A million tasks take minutes: only when asked for (KOMMUNE_BENCH_ONLY=sustained).
+            if only.split(',').any(|p| p.trim() == "sustained") {
+                sustained::sustained();
             }
             if !traces.mode.is_empty() {
                 println!("traces mode={} spans_exported={}", traces.mode, traces.exported());
@@ -271,7 +282,10 @@ fn dispatch_and_roundtrip(sizes: &Sizes, dispatch: bool, roundtrip: bool) {
             let (started, cpu0) = (Instant::now(), cpu_seconds());
             let done = op.run_to_end(&mut changed, &job("throughput"), &p, &module).await;
             let (secs, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
-            assert_eq!(done.attempts.len(), sizes.tasks as usize, "every task ran exactly once");
+            assert_eq!(done.progress.counts.succeeded, sizes.tasks);
+            // Read from the store: a large job's finished attempts leave memory as it runs.
+            let ran = op.dispatcher.store().attempts_for_job("throughput").await.unwrap().len();
+            assert_eq!(ran, sizes.tasks as usize, "every task ran exactly once");
             // CPU per task (operator and agents together, all threads) compares runs on a busy machine.
             println!(
                 "dispatch agents=2 tasks={} tasks_per_s={:.0} cpu_ms_per_task={:.3}",

@@ -112,6 +112,10 @@ struct RunArgs {
     /// a result before the operator fails it and places it again, whatever its agent says.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     task_grace_seconds: u64,
+    /// How long an ended (or deleted) job's attempts stay in the store before a sweep deletes
+    /// them, so the store stays bounded; the job's status keeps which tasks are done.
+    #[arg(long, default_value_t = 7 * 86400, value_parser = clap::value_parser!(u64).range(0..=10 * 365 * 86400))]
+    attempt_retention_seconds: u64,
     /// Half-life of providers' standings, in hours: what the operator observed a provider do
     /// weighs half as much this long after, so recent behaviour counts more.
     #[arg(long, env = "KOMMUNE_REPUTATION_HALF_LIFE_HOURS", default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87600))]
@@ -455,6 +459,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_ledger(ledger.clone(), rates)
             .with_fence(fence)
             .with_task_grace(Duration::from_secs(args.task_grace_seconds))
+            .with_attempt_retention(Duration::from_secs(args.attempt_retention_seconds))
             .with_metrics(metrics.clone())
             .with_outputs(outputs),
     );
@@ -510,6 +515,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     && let Err(e) = dispatcher.enforce_timeouts().await
                 {
                     tracing::warn!(error = %e, "cannot fail attempts past their task timeout");
+                }
+                // Every minute: ended jobs' attempts past the retention.
+                if n % 60 == 30 {
+                    match dispatcher.prune_attempts().await {
+                        Ok(0) => {}
+                        Ok(pruned) => tracing::info!(pruned, "deleted attempts of jobs past --attempt-retention-seconds"),
+                        Err(e) => tracing::warn!(error = %e, "cannot prune ended jobs' attempts"),
+                    }
                 }
             }
         }

@@ -624,3 +624,35 @@ async fn a_job_that_ended_or_was_deleted_lets_go_of_its_module() {
     assert_eq!(swept.deleted, 2);
     assert_eq!((ctx.blobs.get(&sha).unwrap(), ctx.blobs.get(&other).unwrap()), (None, None));
 }
+
+/// The measured bug: an operator restarted on an empty data directory moved a Succeeded 4/4
+/// job back to `Pending 0/4` (and would have run it again). The status is the record of what
+/// is done: the job's status stays as it was, nothing is written and nothing is placed.
+#[tokio::test]
+async fn a_succeeded_job_stays_succeeded_when_the_operator_starts_on_an_empty_store() {
+    let (ctx, mut api, _dir) = testbed();
+    let job = job("finished", &format!("{EXEC}tasks: 4\n")).finalized();
+    let uid = job.uid().expect("fixture has a uid");
+    let store = ctx.dispatcher.store();
+    for index in 0..4 {
+        let a = Attempt { id: attempt_id(&uid, index, 1), index, ..running_attempt(&uid, "finished") };
+        store.insert_attempts(std::slice::from_ref(&a)).await.expect("attempt recorded");
+        let ok = kommune_operator::attempt::AttemptResult { exit_code: 0, ..Default::default() };
+        store.finish(&a.id, AttemptPhase::Succeeded, Some(&ok), now_ms()).await.expect("finished");
+    }
+    let (first, written) = reconcile_against(&job, &ctx, async {
+        let status = api.status_applied(&job).await;
+        api.event_created(&job, "Normal", "AllTasksSucceeded").await;
+        status
+    })
+    .await;
+    assert_eq!(first.expect("reconcile succeeds"), Action::await_change());
+    assert_eq!((written.phase, written.progress.as_deref(), written.completed_indexes.as_deref()), (Some(JobPhase::Succeeded), Some("4/4"), Some("0-3")));
+
+    // A new operator on an empty data directory.
+    let (ctx, mut api, _empty) = testbed();
+    let job = job.with_status(written);
+    let (again, ()) = reconcile_against(&job, &ctx, api.no_further_requests()).await;
+    assert_eq!(again.expect("reconcile succeeds"), Action::await_change());
+    assert!(ctx.dispatcher.store().attempts_for_job(&uid).await.expect("store reads").is_empty(), "nothing placed again");
+}

@@ -7,6 +7,7 @@ pub mod indexes;
 pub mod phase;
 pub mod policy;
 pub mod progress;
+pub mod recorded;
 pub mod verification;
 pub mod verify;
 
@@ -14,3 +15,4 @@ pub use data::{InputDigest, InputSource, JobInput, S3Credentials, S3Object};
 pub use phase::{JobPhase, TaskCounts};
 pub use policy::{JobPolicy, ModuleSource, PlacementPolicy, TaskWorkload};
 pub use progress::{Progress, progress};
+pub use recorded::Recorded;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::phase::VerificationCounts;
 use super::policy::{JobPolicy, MAX_BACKOFF};
+use super::recorded::{Recorded, Untried};
 use super::verify::{Disagreement, Verdict, verdict};
 use super::{JobPhase, TaskCounts};
 use crate::attempt::Attempt;
@@ -95,6 +96,19 @@ pub fn progress<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: 
 /// result of a sampled round (spot check, adaptive) is checked; it must answer the same for
 /// the same attempt every time.
 pub fn progress_with<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now_ms: i64, check: &dyn Fn(&Attempt) -> bool) -> Progress {
+    progress_recorded(policy, attempts, now_ms, check, &Recorded::default())
+}
+
+/// [`progress_with`] where tasks in `recorded` count as done even without attempts, and tasks
+/// without any attempt are counted in bulk (a job of a million tasks mostly has none in memory:
+/// not started yet, or recorded), so a sync costs the attempts at hand, not the job's size.
+pub fn progress_recorded<A: Borrow<Attempt>>(
+    policy: &JobPolicy,
+    attempts: &[A],
+    now_ms: i64,
+    check: &dyn Fn(&Attempt) -> bool,
+    recorded: &Recorded,
+) -> Progress {
     // Grouped by index in one sorted Vec (a map of Vecs cost an allocation per task, and this
     // runs on every sync); the store hands attempts over already in index order.
     let mut by_index: Vec<&Attempt> = attempts.iter().map(Borrow::borrow).filter(|a| a.index < policy.tasks).collect();
@@ -102,7 +116,7 @@ pub fn progress_with<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now
         by_index.sort_by_key(|a| a.index);
     }
     let mut rest = by_index.as_slice();
-    let started_ms = attempts.iter().map(|a| a.borrow().created_ms).min();
+    let started_ms = attempts.iter().map(|a| a.borrow().created_ms).chain(recorded.started_ms).min();
     let rule = policy.round_rule();
     // Outcomes are observed only where results are compared or sampled.
     let observe = rule.max > 1;
@@ -117,10 +131,20 @@ pub fn progress_with<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now
     let mut unneeded: Vec<String> = vec![];
     let mut disagreements = vec![];
     let mut eligible = vec![];
+    // Only the first `parallelism` eligible tasks can be placed; more would only cost memory.
+    let eligible_cap = policy.parallelism as usize;
     let mut next_retry_ms: Option<i64> = None;
     let mut accepted = vec![];
 
-    for index in 0..policy.tasks {
+    let mut index = 0;
+    while index < policy.tasks {
+        let next_attempted = rest.first().map_or(policy.tasks, |a| a.index);
+        if next_attempted > index {
+            let untried = Untried { recorded, eligible_cap };
+            untried.count(index, next_attempted, &mut counts, &mut completed, &mut failed, &mut eligible);
+            index = next_attempted;
+            continue;
+        }
         let here = rest.iter().take_while(|a| a.index == index).count();
         let (tries, after) = rest.split_at(here);
         rest = after;
@@ -185,7 +209,7 @@ pub fn progress_with<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now
         }
         verification.disputed += disputed as u32;
         let next_number = tries.last().map_or(0, |a| a.number) + 1;
-        if verified {
+        if verified || recorded.completed.contains(index) {
             counts.succeeded += 1;
             completed.push(index);
             // Rounds still running after success (e.g. a late duplicate) are not needed.
@@ -207,7 +231,9 @@ pub fn progress_with<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now
                     (_, Some(end)) => end + retry_delay(policy.backoff, next_number).as_millis() as i64,
                 };
                 if ready_at <= now_ms {
-                    eligible.push((index, next_number));
+                    if eligible.len() < eligible_cap {
+                        eligible.push((index, next_number));
+                    }
                 } else {
                     next_retry_ms = Some(next_retry_ms.map_or(ready_at, |t: i64| t.min(ready_at)));
                 }
@@ -215,6 +241,7 @@ pub fn progress_with<A: Borrow<Attempt>>(policy: &JobPolicy, attempts: &[A], now
         }
         unneeded.extend(wasted.iter().cloned());
         active.extend(wasted);
+        index += 1;
     }
 
     let deadline_passed = match (policy.job_deadline, started_ms) {

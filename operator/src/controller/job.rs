@@ -141,9 +141,16 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
         event(ctx, job, Severity::Warning, "PriorityCapped", &note).await;
     }
 
+    // What the status records as done is done, even when the store lost it (an empty data
+    // directory): those tasks are not run or billed again and an ended job stays ended.
+    let (recorded, unreadable) = crate::job::recorded::from_status(&prev);
+    for e in unreadable {
+        warn!(job = %jr.key, error = %e, "ignoring an unreadable index list in the job's status");
+    }
+
     // A job that has ended lets go of its module (the sweep deletes it after the grace unless
     // another job holds it), and its ConfigMap is not read or stored again.
-    let ended = ctx.dispatcher.job_ended(&jr.uid, &policy).await?;
+    let ended = ctx.dispatcher.job_ended(&jr.uid, &policy, &recorded).await?;
     let module = if ended {
         ctx.blobs.release_job(&jr.uid)?;
         None
@@ -171,7 +178,7 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
     };
 
     let sync_started = now_ms();
-    let synced = ctx.dispatcher.sync(&jr, &policy, module.as_ref()).await?;
+    let synced = ctx.dispatcher.sync_recorded(&jr, &policy, module.as_ref(), &recorded).await?;
     let now = now_ms();
     if let Some(note) = super::job_events::retries(&synced.attempts, sync_started) {
         event(ctx, job, Severity::Normal, "Retrying", &note).await;

@@ -15,6 +15,8 @@ mod node;
 mod observe;
 pub mod outputs;
 pub mod presign;
+mod retention;
+mod settle;
 mod timeouts;
 mod update;
 mod verification;
@@ -22,6 +24,8 @@ mod wire;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod settle_tests;
 #[cfg(test)]
 mod tests;
 
@@ -33,14 +37,15 @@ use kommune_proto::v1::operator_message::Kind as OpKind;
 use tokio::sync::mpsc;
 use tracing::{Instrument as _, info, trace, warn};
 
+pub use self::retention::DEFAULT_ATTEMPT_RETENTION;
 pub(crate) use self::wire::short;
 pub use self::wire::{TAIL_LIMIT, assign_message, result_span, trace_context};
 use crate::STAGE;
 use crate::attempt::{Attempt, AttemptPhase, AttemptResult};
 use crate::crd::JobPhase;
 use crate::fleet::Fleet;
-use crate::job::progress::progress_with;
-use crate::job::{JobPolicy, Progress, conduct};
+use crate::job::progress::progress_recorded;
+use crate::job::{JobPolicy, Progress, Recorded, conduct};
 use crate::ledger::Ledger;
 use crate::pricing::{Micros, RateBook};
 use crate::scheduler::pool::Batch;
@@ -129,6 +134,10 @@ pub struct Dispatcher {
     metrics: Arc<crate::metrics::Metrics>,
     /// Where attempts' outputs are stored (`spec.outputs`); None refuses every upload.
     outputs: Option<crate::outputs::OutputStore>,
+    /// How long an ended job's attempts stay in the store (see `retention`).
+    retention: std::time::Duration,
+    /// Whether each job synced by this process was last noted as ended, by uid.
+    ended: std::sync::Mutex<HashMap<String, bool>>,
 }
 
 /// The namespace of a "namespace/name" job key.
@@ -162,6 +171,8 @@ impl Dispatcher {
             verification_key: rand::random(),
             metrics: Arc::default(),
             outputs: None,
+            retention: retention::DEFAULT_ATTEMPT_RETENTION,
+            ended: Default::default(),
         }
     }
 
@@ -293,14 +304,22 @@ impl Dispatcher {
 
     /// Brings one job forward: cancels what must stop, places what may start, and returns the
     /// progress to publish. Idempotent: calling it again with nothing changed does nothing.
-    #[tracing::instrument(skip_all, fields(job = %job.key))]
     pub async fn sync(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>) -> Result<Synced> {
+        self.sync_recorded(job, policy, module, &Recorded::default()).await
+    }
+
+    /// [`Dispatcher::sync`] for a job whose status records `recorded` as done: those tasks are
+    /// not run again even when the store has no attempt of them (it was lost or restored from
+    /// an older backup), and a job recorded as ended stays ended.
+    #[tracing::instrument(skip_all, fields(job = %job.key))]
+    pub async fn sync_recorded(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>, recorded: &Recorded) -> Result<Synced> {
         let _guard = self.place_lock.lock().await;
         let now = now_ms();
         self.remember_limits(&job.uid, policy);
         let attempts = self.store.job_attempts(&job.uid).await?;
+        let known = self.known(&job.uid, recorded);
         let checks = self.decide_checks(policy, &attempts).await?;
-        let before = progress_with(policy, &attempts, now, &|a| checks.get(&a.id).copied().unwrap_or(true));
+        let before = progress_recorded(policy, &attempts, now, &|a| checks.get(&a.id).copied().unwrap_or(true), &known);
         self.cancel_unneeded(policy, &before, &attempts).await?;
         self.ensure_rebuilt().await?;
         let mut request = policy.request();
@@ -316,9 +335,12 @@ impl Dispatcher {
         let (placed, unplaced) = (placed + extended, unplaced.or(unextended));
         place_span.record("tasks_placed", placed);
         let changed = placed > 0 || !before.to_cancel.is_empty() || unplaced.is_some();
-        let (progress, attempts) = self.progress_after(job, policy, attempts, changed, &checks, now).await?;
+        let (progress, attempts) = self.progress_after(job, policy, attempts, changed, &checks, &known, now).await?;
         self.record_verifications(job, policy, &progress.observed, &attempts).await?;
         self.keep_accepted_outputs(policy, &progress).await;
+        self.settle_finished(&job.uid, &progress, &attempts);
+        let ended = matches!(progress.phase, JobPhase::Succeeded | JobPhase::Failed) && attempts.iter().all(|a| a.phase.is_terminal());
+        self.note_retention(&job.uid, ended).await?;
         self.forget_if_done(&job.uid, &progress, &attempts);
         Ok(Synced { progress, attempts, unplaced, placed, budget_exhausted, usage: metered.map(|(u, _)| u) })
     }
@@ -446,6 +468,7 @@ impl Dispatcher {
 
     /// The job's progress after this sync: its attempts are read again only if the sync
     /// `changed` them, so a sync that did nothing costs one read.
+    #[allow(clippy::too_many_arguments)]
     async fn progress_after(
         &self,
         job: &JobRef,
@@ -453,10 +476,11 @@ impl Dispatcher {
         attempts: Vec<Arc<Attempt>>,
         changed: bool,
         checks: &HashMap<String, bool>,
+        known: &Recorded,
         now: i64,
     ) -> Result<(Progress, Vec<Arc<Attempt>>)> {
         let attempts = if changed { self.store.job_attempts(&job.uid).await? } else { attempts };
-        Ok((progress_with(policy, &attempts, now, &|a| checks.get(&a.id).copied().unwrap_or(true)), attempts))
+        Ok((progress_recorded(policy, &attempts, now, &|a| checks.get(&a.id).copied().unwrap_or(true), known), attempts))
     }
 
     /// Frees the memory the store and ledger keep for a job that ended with nothing of it
@@ -497,6 +521,9 @@ impl Dispatcher {
         }
         self.forget_job(job_uid);
         self.forget_limits(job_uid);
+        // A deleted job's history goes after the retention too; it is not synced again.
+        self.note_retention(job_uid, true).await?;
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).remove(job_uid);
         Ok(active.len())
     }
 }

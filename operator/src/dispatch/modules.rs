@@ -5,7 +5,9 @@ use std::collections::HashSet;
 
 use super::{Dispatcher, Result};
 use crate::crd::JobPhase;
-use crate::job::{JobPolicy, progress};
+use crate::job::JobPolicy;
+use crate::job::Recorded;
+use crate::job::progress::progress_recorded;
 use kommune_proto::now_ms;
 
 impl Dispatcher {
@@ -29,10 +31,12 @@ impl Dispatcher {
     }
 
     /// Whether the job has ended with none of its attempts still active: nothing of it will
-    /// fetch its module again.
-    pub async fn job_ended(&self, job_uid: &str, policy: &JobPolicy) -> Result<bool> {
+    /// fetch its module again. `recorded` is what the job's status records as done (see
+    /// [`Dispatcher::sync_recorded`]).
+    pub async fn job_ended(&self, job_uid: &str, policy: &JobPolicy, recorded: &Recorded) -> Result<bool> {
         let attempts = self.store.job_attempts(job_uid).await?;
-        let ended = matches!(progress(policy, &attempts, now_ms()).phase, JobPhase::Succeeded | JobPhase::Failed);
+        let known = self.known(job_uid, recorded);
+        let ended = matches!(progress_recorded(policy, &attempts, now_ms(), &|_| true, &known).phase, JobPhase::Succeeded | JobPhase::Failed);
         Ok(ended && attempts.iter().all(|a| a.phase.is_terminal()))
     }
 }

@@ -3,9 +3,11 @@
 //! place next, what to cancel and the summary that becomes status.
 
 pub mod data;
+pub mod recorded;
 pub mod status;
 pub mod validate;
 
+pub use kommune_core::job::Recorded;
 pub use kommune_core::job::{conduct, indexes, progress, verify};
 pub use progress::Progress;
 pub use validate::{Invalid, JobPolicy, ModuleSource, PlacementPolicy, TaskWorkload, validate};

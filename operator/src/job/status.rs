@@ -84,7 +84,9 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
     }
 
     let waiting = p.counts.pending;
-    if let Some(u) = &o.usage {
+    // The status never moves back: a ledger that knows fewer receipts than the status showed
+    // lost them (an empty data directory), and the status is then the better record.
+    if let Some(u) = o.usage.as_ref().filter(|u| prev.usage.as_ref().is_none_or(|p| u.receipts >= p.receipts)) {
         s.usage = Some(u.clone());
     }
     let scheduled = match (o.unplaced, p.phase) {
@@ -171,6 +173,11 @@ pub fn summarize(prev: &ComputeJobStatus, o: &Observed<'_>) -> ComputeJobStatus 
     }
 
     let mut finished: Vec<&Attempt> = o.attempts.iter().map(|a| &**a).filter(|a| a.phase.is_terminal() && a.result.is_some()).collect();
+    if finished.is_empty() {
+        // No result at hand (the store lost them, or pruned them past the retention): the
+        // results the status shows are still the most recent ones.
+        return s;
+    }
     finished.sort_by(|a, b| b.finished_ms.cmp(&a.finished_ms).then(a.index.cmp(&b.index)));
     s.recent_results = finished
         .into_iter()
@@ -377,6 +384,25 @@ mod tests {
         assert!(s.completion_time.is_some());
         let ev = events(&ComputeJobStatus::default(), &s);
         assert!(ev.contains(&(Severity::Normal, "AllTasksSucceeded".into(), "all 3 task(s) succeeded".into())));
+    }
+
+    #[test]
+    fn results_and_usage_the_store_and_ledger_lost_stay_as_the_status_showed_them() {
+        let mut p = progress(JobPhase::Succeeded, TaskCounts { total: 3, succeeded: 3, ..Default::default() });
+        p.completed = vec![0, 1, 2];
+        let shown = crate::crd::JobUsage { receipts: 3, cost: "0.5".into(), ..Default::default() };
+        let prev = ComputeJobStatus {
+            recent_results: vec![TaskResultSummary { index: 2, node: "n".into(), ..Default::default() }],
+            usage: Some(shown.clone()),
+            ..Default::default()
+        };
+        // An empty data directory: no attempt at hand, a ledger with no receipt of the job.
+        let o = Observed { usage: Some(crate::crd::JobUsage { receipts: 0, ..Default::default() }), ..observed(&p, &[], None) };
+        let s = summarize(&prev, &o);
+        assert_eq!((s.recent_results.clone(), s.usage.clone()), (prev.recent_results.clone(), Some(shown)));
+        // A ledger that knows as much or more is the record again.
+        let more = crate::crd::JobUsage { receipts: 4, ..Default::default() };
+        assert_eq!(summarize(&prev, &Observed { usage: Some(more.clone()), ..observed(&p, &[], None) }).usage, Some(more));
     }
 
     #[test]

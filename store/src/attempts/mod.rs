@@ -17,6 +17,7 @@
 mod nodes;
 mod observations;
 mod postgres;
+mod retention;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -142,6 +143,11 @@ trait Db: Send {
     fn observations_since(&mut self, since_ms: i64) -> Result<Vec<Observation>>;
     /// A node's newest `limit` observations, newest first.
     fn observations_of(&mut self, node: &str, limit: u32) -> Result<Vec<Observation>>;
+    /// Notes when a job's attempts may be pruned (`Some`, the first note wins), or that the
+    /// job runs again and they must stay (`None`).
+    fn retain(&mut self, epoch: Option<i64>, job_uid: &str, prune_at_ms: Option<i64>) -> Result<()>;
+    /// Deletes up to `limit` finished attempts of jobs due at `now_ms`; how many.
+    fn prune(&mut self, epoch: Option<i64>, now_ms: i64, limit: u32) -> Result<u64>;
     /// Runs `hook` inside each insert's transaction just before it commits.
     #[cfg(test)]
     fn set_before_commit(&mut self, hook: Box<dyn Fn() + Send>) {
@@ -366,6 +372,18 @@ impl Store {
         self.index.get(job_uid)
     }
 
+    /// The tasks of a loaded job whose attempts were settled out of memory (empty when none).
+    pub fn settled(&self, job_uid: &str) -> kommune_core::job::Recorded {
+        self.index.settled(job_uid)
+    }
+
+    /// Lets go of the in-memory attempts of `indexes`, tasks the caller found succeeded, keeping
+    /// only their indexes (see `AttemptIndex::settle`); the database keeps every attempt.
+    /// Returns how many attempts left memory.
+    pub fn settle(&self, job_uid: &str, indexes: &[u32]) -> usize {
+        self.index.settle(job_uid, indexes)
+    }
+
     /// Drops a job's attempts from memory (it finished or was deleted); the database keeps
     /// them and [`Store::job_attempts`] reads them again if asked.
     pub fn forget_job(&self, job_uid: &str) {
@@ -410,6 +428,22 @@ impl Store {
     pub async fn observations_of(&self, node: &str, limit: u32) -> Result<Vec<Observation>> {
         let node = node.to_string();
         self.with(move |db| db.observations_of(&node, limit)).await
+    }
+
+    /// Notes that the attempts of a job that ended may be deleted from `prune_at_ms` on (the
+    /// first note wins), or with None that the job runs again and they stay.
+    pub async fn retain(&self, job_uid: &str, prune_at_ms: Option<i64>) -> Result<()> {
+        self.fence.check()?;
+        let (epoch, uid) = (self.epoch, job_uid.to_string());
+        self.with(move |db| db.retain(epoch, &uid, prune_at_ms)).await
+    }
+
+    /// Deletes up to `limit` finished attempts of jobs whose retention has passed at `now_ms`
+    /// (call again while it returns `limit`: batches keep each transaction short).
+    pub async fn prune(&self, now_ms: i64, limit: u32) -> Result<u64> {
+        self.fence.check()?;
+        let epoch = self.epoch;
+        self.with(move |db| db.prune(epoch, now_ms, limit)).await
     }
 
     /// Runs `hook` inside each insert's transaction just before it commits (PostgreSQL only).

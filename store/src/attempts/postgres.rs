@@ -52,7 +52,8 @@ ALTER TABLE nodes ADD COLUMN IF NOT EXISTS removed_reason TEXT;
 ";
 
 /// Whether every table, index and column of SCHEMA exists (in the connection's schema).
-const SCHEMA_IS_CURRENT: &str = "SELECT to_regclass('store_leader') IS NOT NULL AND to_regclass('nodes') IS NOT NULL
+const SCHEMA_IS_CURRENT: &str =
+    "SELECT to_regclass('store_leader') IS NOT NULL AND to_regclass('nodes') IS NOT NULL AND to_regclass('attempt_retention') IS NOT NULL
      AND to_regclass('attempts_by_job') IS NOT NULL AND to_regclass('observations_by_node') IS NOT NULL AND to_regclass('attempts_active_by_node') IS NOT NULL
      AND (SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'attempts'
           AND column_name IN ('replica', 'ephemeral_bytes', 'gpu_mask')) = 3
@@ -102,7 +103,7 @@ impl PgDb {
             // Two operators starting at once must not race on CREATE ... IF NOT EXISTS.
             let mut tx = client.transaction().map_err(op("begin schema"))?;
             tx.execute("SELECT pg_advisory_xact_lock(7171717172)", &[]).map_err(op("lock schema"))?;
-            tx.batch_execute(&format!("{SCHEMA}{}", observations::SCHEMA_POSTGRES)).map_err(op("create store schema"))?;
+            tx.batch_execute(&format!("{SCHEMA}{}{}", observations::SCHEMA_POSTGRES, super::retention::SCHEMA)).map_err(op("create store schema"))?;
             tx.batch_execute(&Guarded::Store.schema()).map_err(op("create store leader table"))?;
             tx.commit().map_err(op("commit schema"))?;
         }
@@ -257,6 +258,14 @@ impl Db for PgDb {
 
     fn observe(&mut self, epoch: Option<i64>, observations: &[Observation]) -> Result<()> {
         observations::postgres::observe(&mut self.client, epoch, observations)
+    }
+
+    fn retain(&mut self, epoch: Option<i64>, job_uid: &str, prune_at_ms: Option<i64>) -> Result<()> {
+        super::retention::postgres::retain(&mut self.client, epoch, job_uid, prune_at_ms)
+    }
+
+    fn prune(&mut self, epoch: Option<i64>, now_ms: i64, limit: u32) -> Result<u64> {
+        super::retention::postgres::prune(&mut self.client, epoch, now_ms, limit)
     }
 
     fn observations_since(&mut self, since_ms: i64) -> Result<Vec<Observation>> {

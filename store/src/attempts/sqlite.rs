@@ -58,7 +58,8 @@ impl SqliteDb {
     /// Opens (creating if needed) `<dir>/kommune.db` and brings its schema up to date.
     pub(super) fn open(dir: &Path) -> Result<SqliteDb> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
-        let conn = crate::db::sqlite::open(&dir.join("kommune.db"), &format!("{SCHEMA}{}", observations::SCHEMA_SQLITE), Guarded::Store)?;
+        let conn =
+            crate::db::sqlite::open(&dir.join("kommune.db"), &format!("{SCHEMA}{}{}", observations::SCHEMA_SQLITE, super::retention::SCHEMA), Guarded::Store)?;
         migrate(&conn)?;
         Ok(SqliteDb { conn })
     }
@@ -192,6 +193,14 @@ impl Db for SqliteDb {
 
     fn observe(&mut self, epoch: Option<i64>, observations: &[Observation]) -> Result<()> {
         observations::sqlite::observe(&mut self.conn, epoch, observations)
+    }
+
+    fn retain(&mut self, epoch: Option<i64>, job_uid: &str, prune_at_ms: Option<i64>) -> Result<()> {
+        super::retention::sqlite::retain(&mut self.conn, epoch, job_uid, prune_at_ms)
+    }
+
+    fn prune(&mut self, epoch: Option<i64>, now_ms: i64, limit: u32) -> Result<u64> {
+        super::retention::sqlite::prune(&mut self.conn, epoch, now_ms, limit)
     }
 
     fn observations_since(&mut self, since_ms: i64) -> Result<Vec<Observation>> {

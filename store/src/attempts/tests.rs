@@ -100,6 +100,7 @@ backend_suite!(
     a_new_leader_sees_exactly_the_attempts_the_old_one_placed_and_finishes_them,
     an_unelected_store_neither_claims_nor_checks_an_epoch,
     a_store_opened_used_and_dropped_on_the_async_runtime_works,
+    an_ended_jobs_finished_attempts_are_pruned_in_batches_after_its_retention,
 );
 
 fn rt() -> tokio::runtime::Runtime {
@@ -457,4 +458,29 @@ fn a_flood_of_running_reports_queues_at_most_one_mark_per_attempt() {
         assert_eq!(store.attempt(&id).await.unwrap().unwrap().phase, AttemptPhase::Running);
         assert_eq!(store.running_marks_pending(), 0);
     });
+}
+
+async fn an_ended_jobs_finished_attempts_are_pruned_in_batches_after_its_retention(env: &Env) {
+    let store = env.open();
+    let of = |uid: &str, index: u32| Attempt { id: attempt_id(uid, index, 1), job_uid: uid.into(), ..attempt(index, "a") };
+    store.insert_attempts(&(0..5).map(|i| of("ended", i)).chain((0..2).map(|i| of("running", i))).collect::<Vec<_>>()).await.unwrap();
+    for i in 0..4 {
+        store.finish(&attempt_id("ended", i, 1), AttemptPhase::Succeeded, None, 9).await.unwrap();
+    }
+    store.finish(&attempt_id("running", 0, 1), AttemptPhase::Succeeded, None, 9).await.unwrap();
+    store.retain("ended", Some(100)).await.unwrap();
+    store.retain("ended", Some(500)).await.unwrap();
+    assert_eq!(store.prune(99, 10).await.unwrap(), 0, "not due yet");
+    assert_eq!(store.prune(100, 3).await.unwrap(), 3, "the first note wins; batches are bounded");
+    assert_eq!(store.prune(100, 3).await.unwrap(), 1, "the active attempt stays");
+    assert_eq!(ids(&store.attempts_for_job("ended").await.unwrap()), vec![attempt_id("ended", 4, 1)]);
+    assert_eq!(store.attempts_for_job("running").await.unwrap().len(), 2, "a job with no retention is left alone");
+    // The job runs again (an edited spec): its row is cleared and nothing more goes.
+    store.retain("ended", None).await.unwrap();
+    store.finish(&attempt_id("ended", 4, 1), AttemptPhase::Succeeded, None, 9).await.unwrap();
+    assert_eq!(store.prune(1_000, 10).await.unwrap(), 0);
+    store.retain("ended", Some(1_000)).await.unwrap();
+    assert_eq!(store.prune(1_000, 10).await.unwrap(), 1);
+    store.retain("ended", Some(2_000)).await.unwrap();
+    assert_eq!(store.prune(2_000, 10).await.unwrap(), 0, "the row of an emptied job went with its last attempt, so a new note counts");
 }
