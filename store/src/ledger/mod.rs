@@ -7,6 +7,7 @@
 
 pub mod aggregate;
 pub mod backend;
+pub mod book;
 pub mod cli;
 pub mod payout_cli;
 pub mod postgres;
@@ -18,6 +19,7 @@ pub mod sqlite;
 // The format and the pure rules live in `kommune-ledger`; re-exported so one path reaches both.
 pub use kommune_ledger::{Head, NodeEarnings};
 pub use kommune_ledger::{chain, check, entry, export, job_totals, payout, records, statement_file, verify};
+pub use book::NodePayouts;
 pub use settle::{ClosedStatement, ReceiptKey, Reversal};
 
 // `tests` first: it defines the `backend_suite!` macro `bounds_tests` uses too.
@@ -207,6 +209,8 @@ pub struct Ledger {
     operator_key: [u8; 32],
     /// Running usage totals of the jobs asked about, kept by the writer.
     totals: Arc<JobTotals>,
+    /// Statements and earnings by state, read from the settlement lines.
+    book: book::SharedBook,
 }
 
 impl From<Closed> for LedgerError {
@@ -246,7 +250,7 @@ impl Ledger {
         let (dir, url) = (config.data_dir.clone(), config.database_url.clone());
         let reader = DbThread::spawn("ledger-reader", move || open_backend(&dir, url.as_deref()))?;
         let (tx, rx) = mpsc::channel::<Command>(MAX_BATCH * 2);
-        let mut ledger = Ledger { tx: Some(tx), checkers: Mutex::new(vec![]), writer, reader, operator_key, totals };
+        let mut ledger = Ledger { tx: Some(tx), checkers: Mutex::new(vec![]), writer, reader, operator_key, totals, book: Default::default() };
         let rx = Arc::new(Mutex::new(rx));
         let checkers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         for i in 0..checkers {
