@@ -9,6 +9,7 @@ pub mod aggregate;
 pub mod backend;
 pub mod book;
 pub mod cli;
+pub mod hold;
 pub mod payout_cli;
 pub mod postgres;
 pub mod row;
