@@ -14,8 +14,8 @@ use kommune_operator::crd::PayoutStatement;
 use kommune_operator::ledger::{Ledger, LedgerConfig, ReceiptKey};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, Config};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use support::{Installed, SKIPPED, binary, build_binaries, eventually, free_port, harness, install};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A ledger with two closed statements (alice: pn-1 and pn-2; pn-3 its own owner), written
 /// before the operator starts (a payout command may not append beside a running operator).
@@ -100,11 +100,19 @@ async fn statements_are_readable_by_viewers_and_delivered_to_the_webhook() -> Re
         println!("{SKIPPED}");
         return Ok(());
     };
+    // A failure panics while the harness lives, so it prints the operator's log.
+    if let Err(e) = scenario(&mut h).await {
+        panic!("{e:#}");
+    }
+    Ok(())
+}
+
+async fn scenario(h: &mut support::Harness) -> Result<()> {
     build_binaries()?;
     let client = h.client().await?;
     let op_ns = format!("{}-system", h.namespace);
     h.create_namespaces(&[&op_ns]);
-    let Installed { operator_kubeconfig, .. } = install(&h, &client, &op_ns).await?;
+    let Installed { operator_kubeconfig, .. } = install(h, &client, &op_ns).await?;
 
     let data = h.work.path().join("operator-data");
     let key = h.work.path().join("ledger.key");
@@ -171,7 +179,8 @@ async fn statements_are_readable_by_viewers_and_delivered_to_the_webhook() -> Re
         }
     })
     .await?;
-    let attempts: Vec<u32> = all.list(&Default::default()).await?.items.iter().filter_map(|s| s.status.as_ref()?.webhook.as_ref().map(|w| w.attempts)).collect();
+    let attempts: Vec<u32> =
+        all.list(&Default::default()).await?.items.iter().filter_map(|s| s.status.as_ref()?.webhook.as_ref().map(|w| w.attempts)).collect();
     assert_eq!(attempts.iter().sum::<u32>(), 3, "one statement needed a retry after the 500: {attempts:?}");
     let bodies = delivered.lock().unwrap().clone();
     let mut owners: Vec<&str> = bodies.iter().filter_map(|b| b["statement"]["owner"].as_str()).collect();

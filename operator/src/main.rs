@@ -412,10 +412,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Held (shared with other replicas) for the life of the process: a `payout` command, which
     // appends, is refused while this operator runs instead of racing its writer.
     let (dir, url) = (args.data_dir.clone(), args.database_url.clone());
-    let _ledger_hold = tokio::task::spawn_blocking(move || kommune_operator::ledger::hold::hold(&dir, url.as_deref(), kommune_operator::ledger::hold::Mode::Shared))
-        .await
-        .context("the ledger lock task failed")?
-        .context("cannot hold the payout ledger")?;
+    let _ledger_hold =
+        tokio::task::spawn_blocking(move || kommune_operator::ledger::hold::hold(&dir, url.as_deref(), kommune_operator::ledger::hold::Mode::Shared))
+            .await
+            .context("the ledger lock task failed")?
+            .context("cannot hold the payout ledger")?;
     let ledger = Arc::new(
         Ledger::open(LedgerConfig {
             data_dir: args.data_dir.clone(),

@@ -50,15 +50,10 @@ pub struct PayoutStatementSpec {
     pub credits: String,
     pub reversed: String,
     pub payable: String,
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub owed: String,
     /// The owner's machines in the period.
     #[serde(default)]
     pub nodes: BTreeMap<String, PayoutStatementNode>,
-}
-
-fn is_zero(s: &str) -> bool {
-    s == "0"
 }
 
 /// One machine's part of a statement.

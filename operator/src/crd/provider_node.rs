@@ -26,8 +26,20 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Memory", type_ = "string", json_path = ".status.capacity.memory", description = "Memory offered"),
     printcolumn(name = "Region", type_ = "string", json_path = ".status.region"),
     printcolumn(name = "Running", type_ = "integer", json_path = ".status.runningAttempts", priority = "1"),
-    printcolumn(name = "Earned", type_ = "string", json_path = ".status.earnings.pending", priority = "1", description = "Credits earned, in no statement yet"),
-    printcolumn(name = "Settled", type_ = "string", json_path = ".status.earnings.settled", priority = "1", description = "Credits in statements not yet paid"),
+    printcolumn(
+        name = "Earned",
+        type_ = "string",
+        json_path = ".status.earnings.pending",
+        priority = "1",
+        description = "Credits earned, in no statement yet"
+    ),
+    printcolumn(
+        name = "Settled",
+        type_ = "string",
+        json_path = ".status.earnings.settled",
+        priority = "1",
+        description = "Credits in statements not yet paid"
+    ),
     printcolumn(name = "Paid", type_ = "string", json_path = ".status.earnings.paid", priority = "1", description = "Credits in paid statements"),
     printcolumn(name = "Reputation", type_ = "string", json_path = ".status.reputation", description = "Honesty × reliability, 0 to 1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")

@@ -110,8 +110,9 @@ pub async fn sync(api: &Api<PayoutStatement>, ledger: &Ledger, webhook_url: Opti
         if let (Some(url), Some(d)) = (webhook_url, status.webhook.as_ref())
             && webhook::due(d, Timestamp::now())
         {
-            let body = serde_json::to_vec(&WebhookBody { kind: "kommune.dev/PayoutStatement", statement_seq: s.line.seq, entry: &s.line, statement: &s.statement })
-                .map_err(|e| format!("cannot encode statement {}: {e}", s.line.seq))?;
+            let body =
+                serde_json::to_vec(&WebhookBody { kind: "kommune.dev/PayoutStatement", statement_seq: s.line.seq, entry: &s.line, statement: &s.statement })
+                    .map_err(|e| format!("cannot encode statement {}: {e}", s.line.seq))?;
             let result = webhook::post(url, body).await;
             if let Err(e) = &result {
                 warn!(%name, attempts = d.attempts + 1, error = %e, "the payout webhook did not take the statement; retrying with backoff");
@@ -149,7 +150,11 @@ mod tests {
             payable_micros: 1_000_000,
             owed_micros: 0,
             receipts_sha256: String::new(),
-            nodes: [("pn-1".to_string(), NodeLine { receipts: 3, credits_micros: 1_500_000, reversed_receipts: 1, reversed_micros: 500_000, ..Default::default() })].into(),
+            nodes: [(
+                "pn-1".to_string(),
+                NodeLine { receipts: 3, credits_micros: 1_500_000, reversed_receipts: 1, reversed_micros: 500_000, ..Default::default() },
+            )]
+            .into(),
             reversals: vec![],
         };
         let line = ExportLine { seq: 10, kind: "statement".into(), public_key: hex::encode([7u8; 32]), hash: "cd".repeat(32), ..Default::default() };

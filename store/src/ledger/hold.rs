@@ -84,7 +84,8 @@ fn hold_pg(url: String, mode: Mode) -> Result<Hold, HoldError> {
         .name("ledger-hold".into())
         .spawn(move || {
             let taken = (|| {
-                let mut client = postgres::Client::connect(&url, postgres::NoTls).map_err(|source| LedgerError::Postgres { op: "connect (ledger lock)", source })?;
+                let mut client =
+                    postgres::Client::connect(&url, postgres::NoTls).map_err(|source| LedgerError::Postgres { op: "connect (ledger lock)", source })?;
                 let sql = match mode {
                     Mode::Shared => "SELECT pg_try_advisory_lock_shared($1)",
                     Mode::Exclusive => "SELECT pg_try_advisory_lock($1)",

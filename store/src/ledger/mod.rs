@@ -18,9 +18,9 @@ pub mod settle;
 pub mod sqlite;
 
 // The format and the pure rules live in `kommune-ledger`; re-exported so one path reaches both.
+pub use book::NodePayouts;
 pub use kommune_ledger::{Head, NodeEarnings};
 pub use kommune_ledger::{chain, check, entry, export, job_totals, payout, records, statement_file, verify};
-pub use book::NodePayouts;
 pub use settle::{ClosedStatement, ReceiptKey, Reversal};
 
 // `tests` first: it defines the `backend_suite!` macro `bounds_tests` uses too.

@@ -11,10 +11,10 @@ use kommune_core::fence::Fence;
 use super::backend::{Backend, EntryFilter};
 use super::cli::{CliError, Location, csv_field, open, time};
 use super::entry::EntryKind;
+use super::hold::{self, Hold};
 use super::payout::PaidBody;
 use super::statement_file::StatementFiles;
 pub use super::statement_file::{ExportedStatement, PaidMark};
-use super::hold::{self, Hold};
 use super::{Ledger, LedgerConfig, ReceiptKey};
 
 /// `kommune-operator payout ...`
