@@ -28,7 +28,11 @@ const NEEDS: &[(&str, &str, &str, bool)] = &[
     ("kommune.dev", "providernodes", "create", true), // server-side apply of a new node
     ("kommune.dev", "providernodes", "patch", true),
     ("kommune.dev", "providernodes/status", "patch", true),
-    ("", "configmaps", "get", true), // wasm modules in the job's namespace
+    ("kommune.dev", "payoutstatements", "list", true),   // the statement mirror finds missing ones
+    ("kommune.dev", "payoutstatements", "create", true), // server-side apply of a new statement
+    ("kommune.dev", "payoutstatements", "patch", true),
+    ("kommune.dev", "payoutstatements/status", "patch", true), // paid state, webhook delivery
+    ("", "configmaps", "get", true),                           // wasm modules in the job's namespace
     ("events.k8s.io", "events", "create", false),
     ("events.k8s.io", "events", "patch", false),
     ("", "secrets", "get", false), // CA and join tokens, own namespace only
@@ -145,11 +149,15 @@ fn chart_renders_typed_objects_with_the_rbac_the_operator_needs() -> anyhow::Res
         assert!(ok, "the chart does not let the operator {verb} {resource} ({group:?}){}", if *cluster_wide { " cluster-wide" } else { "" });
     }
     assert!(!grants(&bound_cluster, "", "secrets", "get"), "Secrets must only be readable in the operator's namespace");
-    // CRDs: only its own two, by name.
+    // CRDs: only its own three, by name.
     for r in bound_cluster.iter().filter(|r| r.resources.iter().flatten().any(|res| res == "customresourcedefinitions")) {
         let mut names = r.resource_names.clone().unwrap_or_default();
         names.sort();
-        assert_eq!(names, ["computejobs.kommune.dev", "providernodes.kommune.dev"], "CRD access must be limited to Kommune's two");
+        assert_eq!(
+            names,
+            ["computejobs.kommune.dev", "payoutstatements.kommune.dev", "providernodes.kommune.dev"],
+            "CRD access must be limited to Kommune's three"
+        );
     }
     let args = &pod.containers[0].args.clone().unwrap_or_default();
     assert!(args.iter().any(|a| a == "--upgrade-crds=true"), "the operator upgrades its CRDs by default: {args:?}");

@@ -303,7 +303,7 @@ async fn walking_skeleton() -> Result<()> {
         assert!(out.status.success(), "helm uninstall: {}", String::from_utf8_lossy(&out.stderr));
         let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(client.clone());
         assert!(roles.get_opt(&release).await?.is_none(), "the release's ClusterRole is gone");
-        for name in ["computejobs.kommune.dev", "providernodes.kommune.dev"] {
+        for name in ["computejobs.kommune.dev", "providernodes.kommune.dev", "payoutstatements.kommune.dev"] {
             assert!(crds.get_opt(name).await?.is_some(), "{name} is kept on uninstall");
         }
 

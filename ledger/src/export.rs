@@ -11,7 +11,7 @@ use kommune_core::pricing::{Micros, Rates};
 
 /// One exported entry. `cost`, `public_key_sha256` and `recorded_at` are for people reading it;
 /// an importer ignores them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportLine {
     pub seq: u64,
     pub kind: String,

@@ -2,6 +2,7 @@
 //! checkpoints, the checks a receipt passes before it is appended, and whole-chain verification.
 //! The operator's storage, the agent and an auditor all use it; it does no I/O of its own.
 
+pub mod book;
 pub mod chain;
 pub mod check;
 pub mod entry;

@@ -131,12 +131,12 @@ fn reseal(entries: &mut [Entry]) {
     }
 }
 
-fn cost() -> u64 {
+pub(crate) fn cost() -> u64 {
     check::check(&input(1, 1, 1)).unwrap().cost.0
 }
 
 /// alice owns pn-1 and pn-2, bob owns pn-3; four receipts, one of alice's reversed.
-fn settled_book() -> (Book, Vec<u64>) {
+pub(crate) fn settled_book() -> (Book, Vec<u64>) {
     let mut b = Book::new();
     b.node(1, "alice");
     b.node(2, "alice");

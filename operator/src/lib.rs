@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod job;
 pub mod metrics;
 pub mod outputs;
+pub mod payouts;
 pub mod pki;
 pub mod tokens;
 pub mod web;

@@ -76,7 +76,7 @@ struct RunArgs {
     namespace: String,
     /// Apply this operator's ComputeJob and ProviderNode CRDs over the installed ones at start
     /// (server-side apply), so a new version's schema arrives with it: Helm installs CRDs from
-    /// the chart's crds/ once and never upgrades them. Needs get and patch on the two CRDs.
+    /// the chart's crds/ once and never upgrades them. Needs get and patch on the three CRDs.
     #[arg(long, env = "KOMMUNE_UPGRADE_CRDS", default_value_t = false, action = clap::ArgAction::Set, default_missing_value = "true", num_args = 0..=1)]
     upgrade_crds: bool,
     /// Address of the HTTP server for /metrics, /healthz and /readyz.
@@ -172,6 +172,15 @@ struct RunArgs {
     /// periods close only with `kommune-operator payout close`.
     #[arg(long, env = "KOMMUNE_PAYOUT_CLOSE_EVERY", value_parser = humantime::parse_duration)]
     payout_close_every: Option<Duration>,
+    /// Sign a ledger checkpoint this often when entries follow the last one (and at shutdown),
+    /// so a killed operator leaves at most this much of the ledger unsigned.
+    #[arg(long, env = "KOMMUNE_LEDGER_CHECKPOINT_EVERY", default_value = "10s", value_parser = humantime::parse_duration)]
+    ledger_checkpoint_every: Duration,
+    /// POST each closed payout statement (JSON: the signed statement line and its content) to
+    /// this URL, retried with backoff until it answers 2xx; delivery shows on the
+    /// PayoutStatement's status.webhook.
+    #[arg(long, env = "KOMMUNE_PAYOUT_WEBHOOK_URL")]
+    payout_webhook_url: Option<String>,
     /// Bytes of wasm modules (stored from ConfigMaps) the jobs of one namespace may hold on the
     /// operator's volume, e.g. 256Mi. A module that would exceed it is not stored; its job
     /// waits with reason BlobQuotaExceeded.
@@ -255,7 +264,7 @@ fn default_identity() -> String {
 
 #[derive(Args)]
 struct CrdgenArgs {
-    /// Directories to write computejob.yaml and providernode.yaml into.
+    /// Directories to write computejob.yaml, providernode.yaml and payoutstatement.yaml into.
     #[arg(long = "out", default_values = ["crds", "charts/kommune/crds"])]
     out: Vec<PathBuf>,
     /// Print the CRDs to stdout instead of writing files.
@@ -427,6 +436,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Store::open_with(StoreConfig { data_dir: args.data_dir.clone(), database_url: args.database_url.clone(), fence: fence.clone() })
             .context("cannot open the attempt store")?,
     );
+    // Held (shared with other replicas) for the life of the process: a `payout` command, which
+    // appends, is refused while this operator runs instead of racing its writer.
+    let (dir, url) = (args.data_dir.clone(), args.database_url.clone());
+    let _ledger_hold =
+        tokio::task::spawn_blocking(move || kommune_operator::ledger::hold::hold(&dir, url.as_deref(), kommune_operator::ledger::hold::Mode::Shared))
+            .await
+            .context("the ledger lock task failed")?
+            .context("cannot hold the payout ledger")?;
     let ledger = Arc::new(
         Ledger::open(LedgerConfig {
             data_dir: args.data_dir.clone(),
@@ -464,6 +481,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_outputs(outputs),
     );
 
+    anyhow::ensure!(!args.ledger_checkpoint_every.is_zero(), "--ledger-checkpoint-every must be longer than 0s");
+    if let Some(url) = &args.payout_webhook_url {
+        anyhow::ensure!(
+            url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
+            "--payout-webhook-url {url:?} is not an http:// or https:// URL"
+        );
+    }
     anyhow::ensure!(args.joins_per_second > 0.0 && args.sessions_per_second > 0.0, "--joins-per-second and --sessions-per-second must be positive");
     let config = GatewayConfig {
         heartbeat_interval: Duration::from_secs(args.heartbeat_seconds),
@@ -482,7 +506,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let ctx = Arc::new(controller::job::Context::new(client.clone(), dispatcher.clone(), blobs.clone(), metrics.clone()));
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        // SIGTERM is how Kubernetes stops a pod: ending gracefully signs the ledger's tail.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async {
+            match term.as_mut() {
+                Some(t) => drop(t.recv().await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = terminated => {},
+        }
     };
     let grace = Duration::from_secs(args.node_grace_seconds);
     anyhow::ensure!(args.api_qps > 0.0, "--api-qps must be positive");
@@ -542,18 +577,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    // Closes payout periods on the configured schedule (the first after one whole interval).
-    let settle = async move {
-        let Some(every) = args.payout_close_every else { return std::future::pending().await };
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        loop {
-            tick.tick().await;
-            match ledger.close_period().await {
-                Ok(closed) => info!(statements = closed.len(), "payout period closed"),
-                Err(e) => tracing::warn!(error = %e, "cannot close the payout period; retrying at the next interval"),
-            }
-        }
+    // Closes payout periods on schedule, signs timed checkpoints, mirrors statements as
+    // PayoutStatements and delivers them to the webhook.
+    let payout_config = kommune_operator::payouts::PayoutConfig {
+        close_every: args.payout_close_every,
+        checkpoint_every: args.ledger_checkpoint_every,
+        mirror_every: Duration::from_secs(5),
+        webhook_url: args.payout_webhook_url.clone(),
     };
+    let settle = kommune_operator::payouts::run(client.clone(), ledger.clone(), payout_config);
     let leadership = async {
         match &elector {
             Some(e) => e.hold().await,
@@ -572,6 +604,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = controller::nodes::run(client, dispatcher.clone(), node_events_rx, capacity_tx, budget, writer_config) => info!("ProviderNode writer stopped"),
         r = metrics_server => r.context("metrics server task failed")?.context("metrics server failed")?,
         r = web_server => r.context("dashboard task failed")?.context("dashboard server failed")?,
+    }
+    // Stopping: sign what follows the last checkpoint, so the ledger verifies strictly. (A
+    // replica that lost its Lease bailed out above: its ledger is fenced and it may not append.)
+    match ledger.checkpoint().await {
+        Ok(head) => info!(seq = head.seq, "payout ledger checkpointed at shutdown"),
+        Err(e) => tracing::warn!(error = %e, "cannot checkpoint the payout ledger at shutdown"),
     }
     Ok(())
 }

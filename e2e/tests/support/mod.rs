@@ -282,7 +282,7 @@ pub fn helm_install(h: &Harness, helm: &Path, namespace: &str, cel: bool) -> Res
 /// Applies crds/ directly, as `kubectl apply -f crds/` would.
 pub async fn apply_crds(client: &Client, cel: bool) -> Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for file in ["computejob.yaml", "providernode.yaml"] {
+    for file in ["computejob.yaml", "providernode.yaml", "payoutstatement.yaml"] {
         let mut crd: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(repo().join("crds").join(file))?)?;
         if !cel {
             strip_key(&mut crd, "x-kubernetes-validations");
@@ -362,7 +362,7 @@ pub async fn install(h: &Harness, client: &Client, op_ns: &str) -> Result<Instal
         }
     };
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for name in ["computejobs.kommune.dev", "providernodes.kommune.dev"] {
+    for name in ["computejobs.kommune.dev", "providernodes.kommune.dev", "payoutstatements.kommune.dev"] {
         tokio::time::timeout(Duration::from_secs(30), await_condition(crds.clone(), name, conditions::is_crd_established())).await??;
     }
     Ok(Installed { operator_kubeconfig, helm })

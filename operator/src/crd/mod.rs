@@ -1,15 +1,18 @@
-//! The `kommune.dev/v1alpha1` API: ComputeJob (what to run) and ProviderNode (where it can run).
+//! The `kommune.dev/v1alpha1` API: ComputeJob (what to run), ProviderNode (where it can run) and
+//! PayoutStatement (what an owner is owed, mirrored from the payout ledger).
 //! These types are the source of the committed CRD YAML (`kommune-operator crdgen`).
 
 pub mod compute_job;
 pub mod data;
 pub mod description;
+pub mod payout_statement;
 pub mod provider_node;
 pub mod verification;
 pub use kommune_proto::quantity;
 
 pub use compute_job::*;
 pub use data::{JobInput, JobOutputs, S3Location, SecretName};
+pub use payout_statement::*;
 pub use provider_node::*;
 pub use verification::*;
 
@@ -22,7 +25,11 @@ pub const GROUP: &str = "kommune.dev";
 
 /// All CRDs, in the order they are written to `crds/`, with their descriptions as prose.
 pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
-    vec![("computejob.yaml", prose(ComputeJob::crd())), ("providernode.yaml", prose(ProviderNode::crd()))]
+    vec![
+        ("computejob.yaml", prose(ComputeJob::crd())),
+        ("providernode.yaml", prose(ProviderNode::crd())),
+        ("payoutstatement.yaml", prose(PayoutStatement::crd())),
+    ]
 }
 
 /// The CRD with the line breaks of its doc comments taken out of every description

@@ -26,7 +26,21 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Memory", type_ = "string", json_path = ".status.capacity.memory", description = "Memory offered"),
     printcolumn(name = "Region", type_ = "string", json_path = ".status.region"),
     printcolumn(name = "Running", type_ = "integer", json_path = ".status.runningAttempts", priority = "1"),
-    printcolumn(name = "Earned", type_ = "string", json_path = ".status.earnings.pending", priority = "1", description = "Credits earned, not yet paid out"),
+    printcolumn(
+        name = "Earned",
+        type_ = "string",
+        json_path = ".status.earnings.pending",
+        priority = "1",
+        description = "Credits earned, in no statement yet"
+    ),
+    printcolumn(
+        name = "Settled",
+        type_ = "string",
+        json_path = ".status.earnings.settled",
+        priority = "1",
+        description = "Credits in statements not yet paid"
+    ),
+    printcolumn(name = "Paid", type_ = "string", json_path = ".status.earnings.paid", priority = "1", description = "Credits in paid statements"),
     printcolumn(name = "Reputation", type_ = "string", json_path = ".status.reputation", description = "Honesty × reliability, 0 to 1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -239,8 +253,19 @@ pub struct NodeStanding {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeEarnings {
-    /// Credits earned and not paid out yet.
+    /// Credits earned and in no statement yet (reversed receipts excluded).
     pub pending: String,
+    /// Credits in closed statements that are not paid yet (this node's lines: credits minus
+    /// reversals, negative when a statement takes back more than the period earned).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub settled: String,
+    /// Credits in statements a paid entry records as paid.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub paid: String,
+    /// Credits of this node's receipts the operator reversed (never paid); each reversal and its
+    /// reason is in the ledger (`kommune-agent earnings` lists them).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reversed: String,
     /// Accepted receipts.
     pub receipts: u64,
     /// Receipts the operator rejected (kept in the ledger store with the reason).
@@ -253,6 +278,10 @@ pub struct NodeEarnings {
     /// verify` recomputes the chain up to it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ledger_head: String,
+    /// sha256 (hex) of the operator's ledger key, which signs checkpoints and statements: pin it
+    /// with `ledger verify --operator-key` and `kommune-agent earnings --verify --operator-key`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub operator_key_sha256: String,
 }
 
 /// Resources a node offers.

@@ -53,6 +53,10 @@ pub trait Backend: Send {
     /// Streams entries in seq order; `f` returns false to stop. A row that does not even read
     /// as an entry is passed as a `BadEntry`.
     fn for_each_entry(&mut self, filter: &EntryFilter, f: &mut dyn FnMut(Result<Entry, BadEntry>) -> bool) -> Result<(), LedgerError>;
+    /// The settlement lines (reversal, statement, paid) after `after_seq`, in seq order: a
+    /// range read on seq, so reading what was appended since the last read costs only that.
+    /// A line that does not read as an entry is skipped (verification names it).
+    fn payout_lines(&mut self, after_seq: u64) -> Result<Vec<Entry>, LedgerError>;
 }
 
 /// u64 values are stored in signed 64-bit columns bit for bit.

@@ -99,6 +99,8 @@ pub enum CliError {
     Unreadable(BadEntry),
     #[error("{0}")]
     Export(#[from] crate::ledger::export::ExportError),
+    #[error(transparent)]
+    Held(#[from] super::hold::HoldError),
     #[error("cannot start the ledger command's runtime: {0}")]
     Runtime(std::io::Error),
 }

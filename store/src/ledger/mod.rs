@@ -7,7 +7,9 @@
 
 pub mod aggregate;
 pub mod backend;
+pub mod book;
 pub mod cli;
+pub mod hold;
 pub mod payout_cli;
 pub mod postgres;
 pub mod row;
@@ -16,6 +18,7 @@ pub mod settle;
 pub mod sqlite;
 
 // The format and the pure rules live in `kommune-ledger`; re-exported so one path reaches both.
+pub use book::NodePayouts;
 pub use kommune_ledger::{Head, NodeEarnings};
 pub use kommune_ledger::{chain, check, entry, export, job_totals, payout, records, statement_file, verify};
 pub use settle::{ClosedStatement, ReceiptKey, Reversal};
@@ -207,6 +210,8 @@ pub struct Ledger {
     operator_key: [u8; 32],
     /// Running usage totals of the jobs asked about, kept by the writer.
     totals: Arc<JobTotals>,
+    /// Statements and earnings by state, read from the settlement lines.
+    book: book::SharedBook,
 }
 
 impl From<Closed> for LedgerError {
@@ -246,7 +251,7 @@ impl Ledger {
         let (dir, url) = (config.data_dir.clone(), config.database_url.clone());
         let reader = DbThread::spawn("ledger-reader", move || open_backend(&dir, url.as_deref()))?;
         let (tx, rx) = mpsc::channel::<Command>(MAX_BATCH * 2);
-        let mut ledger = Ledger { tx: Some(tx), checkers: Mutex::new(vec![]), writer, reader, operator_key, totals };
+        let mut ledger = Ledger { tx: Some(tx), checkers: Mutex::new(vec![]), writer, reader, operator_key, totals, book: Default::default() };
         let rx = Arc::new(Mutex::new(rx));
         let checkers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         for i in 0..checkers {

@@ -11,6 +11,7 @@ use kommune_core::fence::Fence;
 use super::backend::{Backend, EntryFilter};
 use super::cli::{CliError, Location, csv_field, open, time};
 use super::entry::EntryKind;
+use super::hold::{self, Hold};
 use super::payout::PaidBody;
 use super::statement_file::StatementFiles;
 pub use super::statement_file::{ExportedStatement, PaidMark};
@@ -117,16 +118,31 @@ pub fn statements(b: &mut dyn Backend) -> Result<Vec<ExportedStatement>, CliErro
     Ok(out)
 }
 
-fn open_ledger(w: &WriteArgs) -> Result<Ledger, CliError> {
+/// A ledger a payout command may append to: held exclusively (refused while an operator runs
+/// on it), the hold living as long as the ledger.
+struct Held {
+    ledger: Ledger,
+    _hold: Hold,
+}
+
+impl std::ops::Deref for Held {
+    type Target = Ledger;
+    fn deref(&self) -> &Ledger {
+        &self.ledger
+    }
+}
+
+fn open_ledger(w: &WriteArgs) -> Result<Held, CliError> {
     // Refuse to create a ledger (and a key) in a directory that holds none.
     drop(open(&w.location)?);
+    let hold = hold::hold(&w.location.data_dir, w.location.database_url.as_deref(), hold::Mode::Exclusive)?;
     let config = LedgerConfig {
         data_dir: w.location.data_dir.clone(),
         database_url: w.location.database_url.clone(),
         fence: Fence::open(),
         key_file: w.ledger_key_file.clone(),
     };
-    Ok(Ledger::open(config)?)
+    Ok(Held { ledger: Ledger::open(config)?, _hold: hold })
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T, CliError> {

@@ -340,6 +340,20 @@ impl Backend for PostgresBackend {
         }
         Ok(())
     }
+
+    fn payout_lines(&mut self, after_seq: u64) -> Result<Vec<Entry>, LedgerError> {
+        let rows = self
+            .client
+            .query(&format!("SELECT {} FROM ledger_entries WHERE seq > $1 AND kind IN (3, 4, 5) ORDER BY seq", entry_column_list()), &[&to_db(after_seq)])
+            .map_err(op("read settlement lines"))?;
+        let mut out = vec![];
+        for r in &rows {
+            if let Ok(e) = entry_from_row(r).map_err(op("read settlement line"))? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Stores a batch's rejected receipts in the append's transaction, as the SQLite backend does

@@ -271,6 +271,21 @@ impl Backend for SqliteBackend {
         }
         Ok(())
     }
+
+    fn payout_lines(&mut self, after_seq: u64) -> Result<Vec<Entry>, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {} FROM ledger_entries WHERE seq > ?1 AND kind IN (3, 4, 5) ORDER BY seq", entry_column_list()))
+            .map_err(op("prepare settlement lines"))?;
+        let mut rows = stmt.query(params![to_db(after_seq)]).map_err(op("read settlement lines"))?;
+        let mut out = vec![];
+        while let Some(r) = rows.next().map_err(op("read settlement lines"))? {
+            if let Ok(e) = entry_from_row(r).map_err(op("read settlement line"))? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Stores a batch's rejected receipts (`tx` is the append's transaction): a repeat adds to its

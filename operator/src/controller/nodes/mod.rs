@@ -1,6 +1,7 @@
 //! Keeps ProviderNode objects current from what the gateway sees: created on join, Ready while
 //! a session is open, NotReady when it closes, Offline past the grace; read through a watch.
 
+mod earnings;
 mod standing;
 mod status;
 mod update;

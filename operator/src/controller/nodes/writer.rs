@@ -401,13 +401,7 @@ async fn earnings(dispatcher: &Dispatcher, node: &str) -> Option<NodeEarnings> {
         Ok::<_, crate::ledger::LedgerError>((e, ledger.rejected_count(node).await?.distinct))
     };
     match read.await {
-        Ok((e, rejected)) => Some(NodeEarnings {
-            pending: e.pending.to_string(),
-            receipts: e.receipts,
-            rejected,
-            ledger_seq: e.head.map_or(0, |h| h.seq),
-            ledger_head: e.head.map(|h| hex::encode(h.hash)).unwrap_or_default(),
-        }),
+        Ok((e, rejected)) => Some(super::earnings::status(ledger, e, rejected).await),
         Err(e) => {
             warn!(%node, error = %e, "cannot read the node's earnings from the ledger");
             None
