@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the main job end to end: a cluster with the operator, one provider agent on
-# this machine, and examples/hello-wasm.yaml submitted, run and reported Succeeded.
+# this machine, and examples/hello-wasm.yaml submitted, run and reported Succeeded; then,
+# where the agent may run exec tasks, examples/word-count.yaml (input shards in, one output
+# per task out) and its results downloaded with the plugin (`kubectl kommune results`).
 #
 #   hack/quickstart.sh
 #
@@ -233,11 +235,13 @@ start_operator_local() {
     log "starting the operator (log: .quickstart/operator.log)"
     mkdir -p "$WORK/operator"
     "$BIN/kommune-operator" --data-dir "$WORK/operator" --gateway-listen 127.0.0.1:18443 \
-        --namespace "$NS" --metrics-listen 127.0.0.1:19090 >"$WORK/operator.log" 2>&1 &
+        --namespace "$NS" --metrics-listen 127.0.0.1:19090 --web-listen 127.0.0.1:19444 >"$WORK/operator.log" 2>&1 &
     PIDS+=($!)
     retry 120 "the operator's /readyz" curl -fsS http://127.0.0.1:19090/readyz
 
     GATEWAY="https://127.0.0.1:18443"
+    # The plugin reaches this local operator directly (in a cluster it port-forwards).
+    PLUGIN_ARGS=(--operator-url https://127.0.0.1:19444)
     log "creating a join token"
     TOKEN="$("$BIN/kommune-operator" token create --namespace "$NS" | last_line)"
     AGENT="$BIN/kommune-agent"
@@ -245,6 +249,7 @@ start_operator_local() {
 
 # ---- the provider and the job -------------------------------------------------------
 
+PLUGIN_ARGS=(--operator-namespace "$NS" --operator-service "$RELEASE-dashboard")
 case "$MODE" in
     kind)
         start_operator_kind
@@ -286,3 +291,27 @@ k get computejobs,providernodes
 echo
 echo "computejob/$JOB status:"
 k get computejob "$JOB" -o yaml | sed -n '/^status:/,$p'
+
+# ---- results: input shards in, per-task outputs out, downloaded with the plugin ---------
+
+if [[ ${#EXEC[@]} -eq 0 ]]; then
+    log "skipping examples/word-count.yaml: this kernel cannot confine exec tasks (Landlock), so the agent runs wasm only"
+    exit 0
+fi
+log "submitting examples/word-count.yaml (exec tasks: a shard each in, counts.txt each out)"
+k delete -f examples/word-count.yaml --ignore-not-found --timeout=60s
+k apply -f examples/word-count.yaml
+if ! k wait --for=condition=Succeeded computejob/word-count --timeout="$WAIT_TIMEOUT"; then
+    JOB=word-count dump_diagnostics
+    die "computejob/word-count did not succeed within $WAIT_TIMEOUT"
+fi
+log "building the plugin and downloading the results with your own credentials"
+cargo build -p kubectl-kommune
+PLUGIN="$ROOT/target/debug/kubectl-kommune"
+"$PLUGIN" get word-count
+rm -rf "$WORK/word-count"
+"$PLUGIN" results word-count -o "$WORK/word-count" "${PLUGIN_ARGS[@]}"
+for f in "$WORK"/word-count/task-*/counts.txt; do
+    echo "== ${f#"$WORK/"}"
+    cat "$f"
+done

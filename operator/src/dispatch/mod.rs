@@ -311,7 +311,7 @@ impl Dispatcher {
     /// [`Dispatcher::sync`] for a job whose status records `recorded` as done: those tasks are
     /// not run again even when the store has no attempt of them (it was lost or restored from
     /// an older backup), and a job recorded as ended stays ended.
-    #[tracing::instrument(skip_all, fields(job = %job.key))]
+    #[tracing::instrument(name = "sync", skip_all, fields(job = %job.key))]
     pub async fn sync_recorded(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>, recorded: &Recorded) -> Result<Synced> {
         let _guard = self.place_lock.lock().await;
         let now = now_ms();
