@@ -99,13 +99,15 @@ fn answer(a: &Attempt) -> Answer {
     Answer { node: a.node.clone(), exit_code: r.map(|r| r.exit_code), output_sha256: r.map(|r| r.output_sha256.clone()).unwrap_or_default() }
 }
 
+/// One counted output as compared: name, sha256, excess bytes.
+type OutputKey<'a> = (&'a str, &'a str, u64);
+
 /// The key answers are compared by: a missing result (None) never matches anything. Declared
 /// outputs that count in verification are part of it (name, digest and excess, in name order),
 /// so a copy with another output file disagrees even when its stdout is the same.
-fn key(a: &Attempt) -> Option<(i32, &str, Vec<(&str, &str, u64)>)> {
+fn key(a: &Attempt) -> Option<(i32, &str, Vec<OutputKey<'_>>)> {
     a.result.as_ref().map(|r| {
-        let mut outputs: Vec<(&str, &str, u64)> =
-            r.outputs.iter().filter(|o| o.counted).map(|o| (o.name.as_str(), o.sha256.as_str(), o.excess_bytes)).collect();
+        let mut outputs: Vec<OutputKey<'_>> = r.outputs.iter().filter(|o| o.counted).map(|o| (o.name.as_str(), o.sha256.as_str(), o.excess_bytes)).collect();
         outputs.sort();
         (r.exit_code, r.output_sha256.as_str(), outputs)
     })

@@ -131,8 +131,8 @@ pub async fn deliver(attempt: &str, plan: &OutputPlan, scratch: &Path, streams: 
 
 /// PUTs the first `size` bytes of `path` to a presigned URL.
 async fn put(url: &str, path: &Path, size: u64) -> Result<(), String> {
-    if url.starts_with("unsigned:") {
-        return Err(format!("the operator could not presign the upload ({})", &url["unsigned:".len()..]));
+    if let Some(why) = url.strip_prefix("unsigned:") {
+        return Err(format!("the operator could not presign the upload ({why})"));
     }
     let (url, path) = (url.to_string(), path.to_path_buf());
     tokio::task::spawn_blocking(move || {
