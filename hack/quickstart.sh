@@ -311,7 +311,7 @@ PLUGIN="$ROOT/target/debug/kubectl-kommune"
 "$PLUGIN" get word-count
 rm -rf "$WORK/word-count"
 "$PLUGIN" results word-count -o "$WORK/word-count" "${PLUGIN_ARGS[@]}"
-for f in "$WORK"/word-count/task-*/counts.txt; do
+for f in "$WORK"/word-count/task-*/out/counts.txt; do
     echo "== ${f#"$WORK/"}"
     cat "$f"
 done

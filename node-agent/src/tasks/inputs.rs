@@ -43,7 +43,11 @@ impl InputCache {
     fn store(&self, sha256: &str, data: &[u8]) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(&self.dir)?;
         let path = self.path(sha256);
-        let tmp = self.dir.join(format!(".{sha256}.{}.tmp", std::process::id()));
+        // Unique per call: tasks of one agent fetch a shared input at once, and a temp name
+        // they shared was renamed away under the second writer (ENOENT, a failed attempt).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.dir.join(format!(".{sha256}.{}.{n}.tmp", std::process::id()));
         std::fs::write(&tmp, data)?;
         std::fs::rename(&tmp, &path)?;
         self.evict(sha256);
@@ -126,6 +130,30 @@ mod tests {
 
     fn input(path: &str, data: &[u8]) -> InputFile {
         InputFile { path: path.into(), sha256: kommune_proto::sha256_hex(data), url: String::new() }
+    }
+
+    /// Found by the quickstart: three tasks of one job staged a shared input at once and one
+    /// failed with "No such file or directory" (the others had renamed its temp file away).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn tasks_staging_one_shared_input_at_once_all_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![7u8; 2 << 20];
+        let file = input("stopwords.txt", &data);
+        // A race: several rounds, each with an empty cache, make it show.
+        for round in 0..8 {
+            let cache = std::sync::Arc::new(InputCache::new(dir.path().join(format!("cache{round}")), 1 << 30));
+            let staged: Vec<_> = (0..32)
+                .map(|i| {
+                    let (cache, file, data, scratch) = (cache.clone(), file.clone(), data.clone(), dir.path().join(format!("s{round}-{i}")));
+                    tokio::spawn(async move { stage(&[file], &scratch, &cache, &Blobs(data), UrlPolicy::default()).await.map(|()| scratch) })
+                })
+                .collect();
+            for task in staged {
+                let scratch = task.await.unwrap().unwrap();
+                assert_eq!(std::fs::read(scratch.join("in/stopwords.txt")).unwrap(), data);
+                std::fs::remove_dir_all(scratch).unwrap();
+            }
+        }
     }
 
     #[tokio::test]
