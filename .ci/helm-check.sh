@@ -206,7 +206,7 @@ assert not any(k == "CustomResourceDefinition" for k, _ in default), "a template
 args = default[("StatefulSet", "kommune")]["spec"]["template"]["spec"]["containers"][0]["args"]
 assert "--upgrade-crds=true" in args, args
 crd_rules = [r for r in default[("ClusterRole", "kommune")]["rules"] if "customresourcedefinitions" in r["resources"]]
-assert [sorted(r["resourceNames"]) for r in crd_rules] == [["computejobs.kommune.dev", "providernodes.kommune.dev"]], crd_rules
+assert [sorted(r["resourceNames"]) for r in crd_rules] == [["computejobs.kommune.dev", "payoutstatements.kommune.dev", "providernodes.kommune.dev"]], crd_rules
 assert not any("customresourcedefinitions" in r["resources"] for r in objects("no-crd-upgrade")[("ClusterRole", "kommune")]["rules"])
 
 pg = objects("postgres")[("StatefulSet", "kommune")]["spec"]["template"]["spec"]["containers"][0]
