@@ -277,20 +277,27 @@ impl Dispatcher {
     /// attempt goes through here; the paths where the provider's doing ended it also observe
     /// that (`observe`). Returns the attempt if this call finished it (not a repeat).
     async fn finish(&self, id: &str, phase: AttemptPhase, result: Option<&AttemptResult>, now: i64) -> Result<Option<Attempt>> {
+        let runtime = self.runtime_of(id);
         let done = self.store.finish(id, phase, result, now).await?;
-        self.released(id, phase, done.is_some());
+        self.released(id, phase, done.is_some(), runtime);
         Ok(done)
+    }
+
+    /// The runtime label of an attempt's job, read before its end is stored: once the store
+    /// says a job's last attempt ended, a concurrent sync may forget the job's limits, and the
+    /// attempt would be counted under `unknown`.
+    fn runtime_of(&self, attempt_id: &str) -> Option<&'static str> {
+        // Attempt ids start with their job's uid (`attempt::attempt_id`).
+        self.limits(attempt_id.split('.').next().unwrap_or_default()).map(|l| l.runtime)
     }
 
     /// After an attempt was finished in the store its room is free at once (even when the store
     /// says it was already finished: release is idempotent); if this call finished it (not a
     /// repeat), the metrics count how it ended.
-    fn released(&self, id: &str, phase: AttemptPhase, finished_now: bool) {
+    fn released(&self, id: &str, phase: AttemptPhase, finished_now: bool, runtime: Option<&'static str>) {
         self.fleet.pool().release(id);
         if finished_now {
-            // Attempt ids start with their job's uid (`attempt::attempt_id`).
-            let job_uid = id.split('.').next().unwrap_or_default();
-            self.metrics.attempt_ended(phase, self.limits(job_uid).map(|l| l.runtime));
+            self.metrics.attempt_ended(phase, runtime);
         }
     }
 

@@ -47,6 +47,7 @@ impl Dispatcher {
         // The result (store) and its receipt (ledger) are made durable at the same time, each
         // in a group commit shared with other sessions' updates; the Ack waits for both. If
         // either fails nothing is acknowledged and the agent resends: both are idempotent.
+        let runtime = self.runtime_of(&a.id);
         let (finished, metered) = tokio::join!(
             async {
                 let span = kommune_telemetry::span!("record", job = %a.job_key, task_index = a.index, attempt = %a.id, phase = phase.as_str());
@@ -62,7 +63,7 @@ impl Dispatcher {
             }
         );
         let finished = finished?;
-        self.released(&a.id, phase, finished);
+        self.released(&a.id, phase, finished, runtime);
         if finished {
             // Counted once, by the update that recorded the result (a resent one is a repeat).
             self.metrics.outputs_stored(result.outputs.iter().map(|o| o.size).sum());
