@@ -107,7 +107,7 @@ POSTGRES=(--set store.backend=postgres --set store.postgres.existingSecret=kommu
 
 log "helm lint (default values and variants)"
 "$HELM" lint --strict "$CHART"
-"$HELM" lint --strict "$CHART" "${POSTGRES[@]}" --set replicas=2
+"$HELM" lint --strict "$CHART" "${POSTGRES[@]}" --set replicas=2 --set ledger.keySecret=kommune-ledger-key
 "$HELM" lint --strict "$CHART" --set gateway.service.type=LoadBalancer
 
 # Each variant: a name and its --set flags. Rendering must succeed and parse as YAML.
@@ -120,7 +120,7 @@ render() {
 render default
 cp "$OUT/default.yaml" "$ROOT/target/helm-rendered.yaml"
 render postgres "${POSTGRES[@]}"
-render postgres-ha "${POSTGRES[@]}" --set replicas=2
+render postgres-ha "${POSTGRES[@]}" --set replicas=2 --set ledger.keySecret=kommune-ledger-key
 render loadbalancer --set gateway.service.type=LoadBalancer --set gateway.service.nodePort=null
 render no-crd-upgrade --set crds.upgrade=false
 render no-metrics --set metrics.enabled=false
@@ -155,6 +155,7 @@ refuse() {
 refuse "replicas > 1 needs store.backend=postgres" --set replicas=2
 refuse "needs store.postgres.existingSecret" --set store.backend=postgres
 refuse "replicas > 1 needs leaderElection.enabled=true" "${POSTGRES[@]}" --set replicas=2 --set leaderElection.enabled=false
+refuse "replicas > 1 needs ledger.keySecret" "${POSTGRES[@]}" --set replicas=2
 refuse "store.backend must be" --set store.backend=redis
 
 # Structural checks on the rendered objects that lint does not make.

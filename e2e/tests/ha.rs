@@ -69,8 +69,21 @@ fn database(base: &str, name: &str) -> Result<String> {
     Ok(format!("{prefix}/{name}{query}"))
 }
 
-fn operator_args<'a>(gateway: &'a str, metrics: &'a str, data: &'a str, ns: &'a str, identity: &'a str, url: &'a str, lease: &'a str) -> Vec<&'a str> {
+#[allow(clippy::too_many_arguments)]
+fn operator_args<'a>(
+    gateway: &'a str,
+    metrics: &'a str,
+    data: &'a str,
+    ns: &'a str,
+    identity: &'a str,
+    url: &'a str,
+    lease: &'a str,
+    key: &'a str,
+) -> Vec<&'a str> {
     vec![
+        // One ledger, one signing key: the chart mounts one Secret into every replica.
+        "--ledger-key-file",
+        key,
         "--gateway-listen",
         gateway,
         "--metrics-listen",
@@ -119,12 +132,13 @@ async fn a_leader_frozen_past_its_lease_hands_running_work_to_the_standby_and_wr
     let operator = binary("kommune-operator");
     let lease = LEASE_SECONDS.to_string();
     let mut replicas = vec![];
+    let key = h.work.path().join("ledger-key.pem").display().to_string();
     for name in ["leader", "standby"] {
         let (gateway, metrics) = (free_port(), free_port());
         let data = h.work.path().join(format!("{name}-data"));
         let (g, m, d) = (format!("127.0.0.1:{gateway}"), format!("127.0.0.1:{metrics}"), data.display().to_string());
         let identity = format!("ha-{name}");
-        h.spawn(name, &operator, &kubeconfig, &operator_args(&g, &m, &d, &op_ns, &identity, &url, &lease))?;
+        h.spawn(name, &operator, &kubeconfig, &operator_args(&g, &m, &d, &op_ns, &identity, &url, &lease, &key))?;
         replicas.push((gateway, metrics));
         // The first becomes the leader before the second starts.
         eventually(&format!("{name} healthy"), Duration::from_secs(60), || async move { Ok(http_status(metrics, "/healthz") == Some(200)) }).await?;

@@ -74,6 +74,9 @@ says what to change. Included once, from the StatefulSet.
 {{- if not .Values.leaderElection.enabled }}
 {{- fail "replicas > 1 needs leaderElection.enabled=true, or two operators would schedule the same tasks" }}
 {{- end }}
+{{- if not .Values.ledger.keySecret }}
+{{- fail "replicas > 1 needs ledger.keySecret: every replica signs the one ledger, so they share one key (a key on each replica's volume would be refused by the ledger at takeover)" }}
+{{- end }}
 {{- end }}
 {{- if not (has .Values.gateway.service.type (list "NodePort" "LoadBalancer" "ClusterIP")) }}
 {{- fail (printf "gateway.service.type must be NodePort, LoadBalancer or ClusterIP, got %q" .Values.gateway.service.type) }}

@@ -57,6 +57,9 @@ pub trait Backend: Send {
     /// range read on seq, so reading what was appended since the last read costs only that.
     /// A line that does not read as an entry is skipped (verification names it).
     fn payout_lines(&mut self, after_seq: u64) -> Result<Vec<Entry>, LedgerError>;
+    /// The last lines the operator signs (checkpoints, node keys, settlement lines, key
+    /// rotations), newest first, at most `limit`: where the key in force is read from.
+    fn last_operator_lines(&mut self, limit: u64) -> Result<Vec<Entry>, LedgerError>;
 }
 
 /// u64 values are stored in signed 64-bit columns bit for bit.

@@ -1,7 +1,6 @@
 //! What stored data cannot do to the ledger, on every backend: huge figures written past the
 //! receipt checks still open, sum (saturated) and verify; rejected receipts stay bounded per node.
 
-use ed25519_dalek::SigningKey;
 use futures::future::join_all;
 use kommune_proto::receipt;
 use kommune_proto::v1::Usage;
@@ -63,7 +62,8 @@ fn receipts_with_huge_figures_stored_past_the_checks_still_open_sum_saturated_an
     ];
     let mut inputs: Vec<_> = (1..=4).map(|s| unchecked(s, "uid-huge", max.clone(), huge_rates)).collect();
     inputs.extend(mixed.iter().enumerate().map(|(k, u)| unchecked(10 + k as u64, "uid-mixed", u.clone(), honest_rates)));
-    let operator = SigningKey::from_bytes(&[42; 32]);
+    // The key `env.open()` signs with: the ledger refuses a writer whose key is not the chain's.
+    let operator = load_or_create_key(env.dir.path()).unwrap();
     let (mut state, mut batch) = (ChainState::default(), Batch::default());
     state.register_key(&mut batch, "pn-1", key_of(1), "", 1, &operator);
     for (i, v) in &inputs {

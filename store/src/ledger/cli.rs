@@ -18,6 +18,23 @@ pub enum LedgerCommand {
     Export(ExportArgs),
     /// Recomputes the whole chain, every signature and every total; names the first bad entry.
     Verify(VerifyArgs),
+    /// Changes the operator's ledger key: appends a rotation signed by the old key and a
+    /// checkpoint signed by the new one. Refused while an operator runs on the ledger.
+    RotateKey(RotateArgs),
+}
+
+/// `ledger rotate-key` arguments.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub location: Location,
+    /// The key in force (as the operator runs with --ledger-key-file).
+    #[arg(long, env = "KOMMUNE_LEDGER_KEY_FILE")]
+    pub ledger_key_file: PathBuf,
+    /// The new key (PKCS#8 PEM; created with mode 0600 if absent). Run the operator with it
+    /// afterwards (the chart: replace the Secret's key).
+    #[arg(long)]
+    pub new_key_file: PathBuf,
 }
 
 /// Where the ledger is.
@@ -143,6 +160,30 @@ pub fn run(cmd: LedgerCommand, out: &mut dyn Write) -> Result<(), CliError> {
                 }
             };
             write!(out, "{report}")?;
+            Ok(())
+        }
+        LedgerCommand::RotateKey(a) => {
+            // Refuse to create a ledger (and keys) where there is none.
+            drop(open(&a.location)?);
+            let _hold = super::hold::hold(&a.location.data_dir, a.location.database_url.as_deref(), super::hold::Mode::Exclusive)?;
+            let old = std::fs::read_to_string(&a.ledger_key_file)
+                .map_err(|e| LedgerError::Key { path: a.ledger_key_file.display().to_string(), reason: format!("cannot read the key in force: {e}") })?;
+            let old = <ed25519_dalek::SigningKey as ed25519_dalek::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&old)
+                .map_err(|e| LedgerError::Key { path: a.ledger_key_file.display().to_string(), reason: format!("is not an ed25519 PKCS#8 PEM key: {e}") })?;
+            let new = super::load_or_create_key_file(&a.new_key_file)?;
+            let mut b = open(&a.location)?;
+            let r = super::rotate::rotate(b.as_mut(), &old, &a.ledger_key_file.display().to_string(), &new, kommune_proto::now_ms())?;
+            writeln!(
+                out,
+                "operator key rotated from {} to {} by entry {} (signed by the old key); checkpoint {} signed by the new key\n\
+                 run the operator with --ledger-key-file {} and pin `ledger verify --operator-key {}`",
+                fingerprint(&r.old),
+                fingerprint(&r.new),
+                r.rotation_seq,
+                r.checkpoint_seq,
+                a.new_key_file.display(),
+                fingerprint(&r.new)
+            )?;
             Ok(())
         }
     }

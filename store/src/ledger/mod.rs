@@ -12,6 +12,7 @@ pub mod cli;
 pub mod hold;
 pub mod payout_cli;
 pub mod postgres;
+pub mod rotate;
 pub mod row;
 pub mod series;
 pub mod settle;
@@ -29,6 +30,8 @@ pub use settle::{ClosedStatement, ReceiptKey, Reversal};
 pub(crate) mod tests;
 #[cfg(test)]
 mod bounds_tests;
+#[cfg(test)]
+mod rotate_tests;
 #[cfg(test)]
 mod settle_tests;
 
@@ -225,6 +228,7 @@ impl Ledger {
     /// its writer.
     pub fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
         let key = config_key(&config)?;
+        let key_path = config.key_file.clone().unwrap_or_else(|| config.data_dir.join("ledger.key")).display().to_string();
         let operator_key = key.verifying_key().to_bytes();
         let totals = Arc::new(JobTotals::default());
         // The writer opens first and the reader only once it is ready: on a new SQLite file,
@@ -233,6 +237,9 @@ impl Ledger {
         let (dir, url, fence, writer_totals) = (config.data_dir.clone(), config.database_url.clone(), config.fence.clone(), totals.clone());
         let open_writer = move || {
             let mut backend = open_backend(&dir, url.as_deref())?;
+            // Before claiming anything: a writer whose key is not the ledger's would append
+            // lines that fail verification from there on.
+            rotate::check_key_in_force(backend.as_mut(), &key, &key_path)?;
             // An elected writer claims its epoch before it reads the chain head: every append
             // of an earlier leader has committed or will be refused by then.
             let epoch = if fence.elected() { Some(backend.claim_epoch(now_ms())?) } else { None };

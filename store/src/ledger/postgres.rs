@@ -354,6 +354,20 @@ impl Backend for PostgresBackend {
         }
         Ok(out)
     }
+
+    fn last_operator_lines(&mut self, limit: u64) -> Result<Vec<Entry>, LedgerError> {
+        let rows = self
+            .client
+            .query(&format!("SELECT {} FROM ledger_entries WHERE kind IN (1, 2, 3, 4, 5, 6) ORDER BY seq DESC LIMIT $1", entry_column_list()), &[&to_db(limit)])
+            .map_err(op("read operator lines"))?;
+        let mut out = vec![];
+        for r in &rows {
+            if let Ok(e) = entry_from_row(r).map_err(op("read operator line"))? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Stores a batch's rejected receipts in the append's transaction, as the SQLite backend does

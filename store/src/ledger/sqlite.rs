@@ -286,6 +286,21 @@ impl Backend for SqliteBackend {
         }
         Ok(out)
     }
+
+    fn last_operator_lines(&mut self, limit: u64) -> Result<Vec<Entry>, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {} FROM ledger_entries WHERE kind IN (1, 2, 3, 4, 5, 6) ORDER BY seq DESC LIMIT ?1", entry_column_list()))
+            .map_err(op("prepare operator lines"))?;
+        let mut rows = stmt.query(params![to_db(limit)]).map_err(op("read operator lines"))?;
+        let mut out = vec![];
+        while let Some(r) = rows.next().map_err(op("read operator lines"))? {
+            if let Ok(e) = entry_from_row(r).map_err(op("read operator line"))? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Stores a batch's rejected receipts (`tx` is the append's transaction): a repeat adds to its
