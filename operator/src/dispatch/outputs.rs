@@ -136,8 +136,12 @@ impl Dispatcher {
                         key: Some(key),
                     });
                 }
-                if let Err(e) = store.record_in_bucket(&a.id, recorded) {
-                    warn!(attempt = %a.id, error = %e, "cannot record the attempt's outputs in the bucket");
+                // A file write and fsync: off the runtime's threads, as the manifest read above.
+                let (store, id) = (store.clone(), a.id.clone());
+                match tokio::task::spawn_blocking(move || store.record_in_bucket(&id, recorded)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(attempt = %a.id, error = %e, "cannot record the attempt's outputs in the bucket"),
+                    Err(e) => warn!(attempt = %a.id, error = %e, "the task recording the attempt's outputs failed"),
                 }
             }
         }
