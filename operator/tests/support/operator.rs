@@ -99,6 +99,8 @@ pub async fn start_operator(dir: tempfile::TempDir, ca: Arc<Ca>, tokens: Arc<Mem
         heartbeat_interval: Duration::from_millis(200),
         session_timeout: Duration::from_secs(2),
         handshake_timeout: HANDSHAKE_TIMEOUT,
+        // Agents hear of a reversal, close or paid mark within a test's patience.
+        earnings_poll: Duration::from_millis(100),
         ..GatewayConfig::default()
     };
     let gateway = Gateway::new(dispatcher.clone(), tokens.clone(), ca.clone(), blobs.clone(), events_tx, config);
