@@ -16,6 +16,7 @@ use kommune_agent::runtime::{ContainerRuntime, ExecRuntime, WasmRuntime};
 use kommune_agent::session;
 use kommune_agent::state::{self, AgentState};
 use kommune_agent::tasks::{Spool, Tasks};
+use kommune_agent::account::{EarningsAccount, Payout};
 use kommune_agent::{earnings, schedule, status};
 use kommune_ledger::statement_file::read_export;
 use kommune_proto::quantity::{format_cpu, format_memory};
@@ -290,14 +291,35 @@ fn earnings_cmd(a: EarningsArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // The operator's account is informational: one that does not read is said, not fatal.
+    let account = EarningsAccount::load(&state.receipts_dir()).unwrap_or_else(|e| {
+        eprintln!("the operator's earnings account is unreadable ({e}); showing receipts only");
+        None
+    });
     if a.json {
         for r in &records {
-            println!("{}", serde_json::to_string(r)?);
+            let mut v = serde_json::to_value(r)?;
+            if let Some(acct) = account.as_ref().filter(|_| r.status == "accepted" && r.ledger_seq != 0) {
+                v["payout"] = payout_json(acct.payout_of(r.ledger_seq));
+            }
+            println!("{v}");
         }
     } else {
-        print!("{}", receipts::render(&state.config.node_name, &records));
+        print!("{}", receipts::render(&state.config.node_name, &records, account.as_ref()));
     }
     Ok(())
+}
+
+/// A receipt's payout state in `earnings --json`.
+fn payout_json(p: Payout<'_>) -> serde_json::Value {
+    use serde_json::json;
+    match p {
+        Payout::Pending | Payout::Newer => json!({"state": "pending"}),
+        Payout::Settled(s) => json!({"state": "settled", "statement": s.seq}),
+        Payout::Paid(s) => json!({"state": "paid", "statement": s.seq, "reference": s.paid_reference}),
+        Payout::Reversed(r) => json!({"state": "reversed", "reversal": r.seq, "reason": r.reason}),
+        Payout::Unknown => json!({"state": "unknown"}),
+    }
 }
 
 fn status_cmd(a: StateArgs) -> anyhow::Result<()> {
