@@ -292,7 +292,11 @@ pub fn render(records: &[ReceiptRecord], account: Option<&EarningsAccount>) -> S
         let _ = writeln!(out, "  ({} older statement(s) not in the account)", a.statements_omitted);
     }
     for s in &a.statements {
-        let paid = if s.paid_seq == 0 { "settled, not paid yet".to_string() } else { format!("paid (entry {}, reference {})", s.paid_seq, printable(&s.paid_reference)) };
+        let paid = if s.paid_seq == 0 {
+            "settled, not paid yet".to_string()
+        } else {
+            format!("paid (entry {}, reference {})", s.paid_seq, printable(&s.paid_reference))
+        };
         let _ = writeln!(
             out,
             "  statement {} (ledger entries {}-{}, closed {}): {} receipt(s), {} credits, {} reversed ({} credits); {paid}; {} of them in this machine's log",
@@ -314,7 +318,8 @@ pub fn render(records: &[ReceiptRecord], account: Option<&EarningsAccount>) -> S
         let _ = writeln!(out, "  ({} older reversal(s) not in the account)", a.reversals_omitted);
     }
     for r in &a.reversals {
-        let attempt = records.iter().find(|x| x.status == "accepted" && x.ledger_seq == r.receipt_seq).map_or("not in this machine's log", |x| x.attempt_id.as_str());
+        let attempt =
+            records.iter().find(|x| x.status == "accepted" && x.ledger_seq == r.receipt_seq).map_or("not in this machine's log", |x| x.attempt_id.as_str());
         let _ = writeln!(
             out,
             "  ledger entry {} (attempt {}, {} credits), reversed by entry {}: {}",

@@ -157,7 +157,12 @@ fn earnings_prints_totals_by_state_each_statement_and_every_reversal_with_its_re
     );
     assert!(out.contains("  statement 20 (ledger entries 1-19, closed 2023-11-14 22:13:20Z): 2 receipt(s), 0.1 credits, 1 reversed (0.05 credits); paid (entry 21, reference bank-42); 2 of them in this machine's log\n"), "{out}");
     assert!(out.contains("  statement 30 (ledger entries 21-29, closed 2023-11-14 22:13:20Z): 2 receipt(s), 0.1 credits, 1 reversed (0.05 credits); settled, not paid yet; 1 of them in this machine's log\n"), "{out}");
-    assert!(out.contains("Reversed receipts (recorded, not paid):\n  ledger entry 12 (attempt a-reversed, 0.05 credits), reversed by entry 25: outvoted by 2 of 3 replicas\n"), "{out}");
+    assert!(
+        out.contains(
+            "Reversed receipts (recorded, not paid):\n  ledger entry 12 (attempt a-reversed, 0.05 credits), reversed by entry 25: outvoted by 2 of 3 replicas\n"
+        ),
+        "{out}"
+    );
     assert!(out.contains("--verify"), "the claim is named as such: {out}");
 
     // Without an account, the table says so; negative totals and escapes from the operator print safely.

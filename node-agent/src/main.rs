@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use kommune_agent::account::{EarningsAccount, Payout};
 use kommune_agent::availability::Gate;
 use kommune_agent::cli::{Cli, Command, ConfigCommand, EarningsArgs, JoinArgs, LeaveArgs, RunArgs, SandboxExecArgs, StateArgs};
 use kommune_agent::config::{self, FileSettings, RunSettings};
@@ -16,7 +17,6 @@ use kommune_agent::runtime::{ContainerRuntime, ExecRuntime, WasmRuntime};
 use kommune_agent::session;
 use kommune_agent::state::{self, AgentState};
 use kommune_agent::tasks::{Spool, Tasks};
-use kommune_agent::account::{EarningsAccount, Payout};
 use kommune_agent::{earnings, schedule, status};
 use kommune_ledger::statement_file::read_export;
 use kommune_proto::quantity::{format_cpu, format_memory};

@@ -111,13 +111,7 @@ async fn read(ledger: &Ledger, node: &str, key: [u8; 32]) -> Result<(Shape, Vec<
 /// Sends `node`'s account unless its shape is `last` (then nothing changed for this node).
 /// A ledger that cannot be read is logged and skipped: the account is informational and the
 /// next change sends it again. Returns false when the session's stream is gone.
-pub(super) async fn send(
-    ledger: &Ledger,
-    node: &str,
-    key: [u8; 32],
-    tx: &mpsc::Sender<Result<OperatorMessage, Status>>,
-    last: &mut Option<Shape>,
-) -> bool {
+pub(super) async fn send(ledger: &Ledger, node: &str, key: [u8; 32], tx: &mpsc::Sender<Result<OperatorMessage, Status>>, last: &mut Option<Shape>) -> bool {
     let (shape, pages) = match read(ledger, node, key).await {
         Ok(read) => read,
         Err(e) => {
@@ -188,7 +182,9 @@ mod tests {
         let account = NodeAccount {
             as_of_seq: 900,
             statements: (1..=300).map(|i| statement(i * 20, "pn-1")).collect(),
-            reversals: (0..260).map(|i| BookReversal { seq: 7000 + i, receipt_seq: i + 1, node: "pn-1".into(), credits: Micros(5), reason: "outvoted".into() }).collect(),
+            reversals: (0..260)
+                .map(|i| BookReversal { seq: 7000 + i, receipt_seq: i + 1, node: "pn-1".into(), credits: Micros(5), reason: "outvoted".into() })
+                .collect(),
             statements_omitted: 4,
             reversals_omitted: 0,
         };
