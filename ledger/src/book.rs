@@ -44,6 +44,19 @@ pub struct BookReversal {
     pub reason: String,
 }
 
+/// What one node is told of its earnings: the newest statements that include it and the
+/// newest reversals of its receipts, each capped, with how many older ones were left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeAccount {
+    /// The last settlement line read.
+    pub as_of_seq: u64,
+    /// (statement line seq, the statement, its paid mark), oldest first.
+    pub statements: Vec<(u64, Statement, Option<PaidMark>)>,
+    pub reversals: Vec<BookReversal>,
+    pub statements_omitted: u64,
+    pub reversals_omitted: u64,
+}
+
 /// Statements, paid marks and reversals read so far.
 #[derive(Debug, Clone, Default)]
 pub struct PayoutBook {
@@ -105,6 +118,21 @@ impl PayoutBook {
     /// Reversals of `node`'s receipts, oldest first.
     pub fn reversals_of<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a BookReversal> + 'a {
         self.reversals.iter().filter(move |r| r.node == node)
+    }
+
+    /// `node`'s statements and reversals, at most `max_statements` and `max_reversals` of the
+    /// newest of each.
+    pub fn account_of(&self, node: &str, max_statements: usize, max_reversals: usize) -> NodeAccount {
+        let statements: Vec<_> = self.statements.iter().filter(|(_, s)| s.statement.nodes.contains_key(node)).collect();
+        let reversals: Vec<_> = self.reversals_of(node).collect();
+        let (skip_s, skip_r) = (statements.len().saturating_sub(max_statements), reversals.len().saturating_sub(max_reversals));
+        NodeAccount {
+            as_of_seq: self.applied,
+            statements: statements[skip_s..].iter().map(|(seq, s)| (**seq, s.statement.clone(), s.paid.clone())).collect(),
+            reversals: reversals[skip_r..].iter().map(|r| (*r).clone()).collect(),
+            statements_omitted: skip_s as u64,
+            reversals_omitted: skip_r as u64,
+        }
     }
 
     /// `node`'s earnings by state, given what its accepted receipts earned in all (`earned`,
@@ -179,6 +207,33 @@ mod tests {
         let split = book_of(&b).split(node, earned(&b, node));
         assert_eq!((split.pending, split.settled, split.paid), (0, 0, c), "{split:?}");
         assert_eq!(credits(-1_500_000), "-1.5");
+    }
+
+    #[test]
+    fn a_nodes_account_lists_its_statements_and_reversals_newest_kept() {
+        let mut b = Book::new();
+        b.node(1, "alice");
+        b.node(2, "bob");
+        let Verdict::Accepted { seq: r1, .. } = b.receipt(1, 1) else { panic!("accepted") };
+        let Verdict::Accepted { seq: r2, .. } = b.receipt(1, 2) else { panic!("accepted") };
+        b.receipt(2, 1);
+        b.reverse(r1, "outvoted").unwrap();
+        let first = b.close();
+        b.reverse(r2, "disproved").unwrap();
+        b.close();
+        let alice_first = *first.iter().find(|s| book_of(&b).statements()[s].statement.owner == "alice").unwrap();
+        b.paid(alice_first, "bank-1").unwrap();
+        let book = book_of(&b);
+        let all = book.account_of("pn-1", 10, 10);
+        assert_eq!(all.as_of_seq, book.applied());
+        assert_eq!(all.statements.len(), 2, "bob's statement is not pn-1's");
+        assert_eq!((all.statements[0].0, all.statements[0].2.as_ref().map(|p| p.reference.as_str())), (alice_first, Some("bank-1")));
+        assert!(all.statements[1].2.is_none());
+        assert_eq!(all.reversals.iter().map(|r| (r.receipt_seq, r.reason.as_str())).collect::<Vec<_>>(), [(r1, "outvoted"), (r2, "disproved")]);
+        let capped = book.account_of("pn-1", 1, 1);
+        assert_eq!((capped.statements_omitted, capped.reversals_omitted), (1, 1));
+        assert_eq!((capped.statements[0].0, capped.reversals[0].receipt_seq), (all.statements[1].0, r2), "the newest are kept");
+        assert_eq!(book.account_of("pn-9", 10, 10).statements.len(), 0);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! The provider stays in control: caps (`inventory`), time windows (`schedule`) and idle-only
 //! mode (`idle`) decide when and how much the machine is lent (`availability`).
 
+pub mod account;
 pub mod availability;
 pub mod cli;
 pub mod config;

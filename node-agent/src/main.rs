@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use kommune_agent::account::{EarningsAccount, Payout};
 use kommune_agent::availability::Gate;
 use kommune_agent::cli::{Cli, Command, ConfigCommand, EarningsArgs, JoinArgs, LeaveArgs, RunArgs, SandboxExecArgs, StateArgs};
 use kommune_agent::config::{self, FileSettings, RunSettings};
@@ -290,14 +291,35 @@ fn earnings_cmd(a: EarningsArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // The operator's account is informational: one that does not read is said, not fatal.
+    let account = EarningsAccount::load(&state.receipts_dir()).unwrap_or_else(|e| {
+        eprintln!("the operator's earnings account is unreadable ({e}); showing receipts only");
+        None
+    });
     if a.json {
         for r in &records {
-            println!("{}", serde_json::to_string(r)?);
+            let mut v = serde_json::to_value(r)?;
+            if let Some(acct) = account.as_ref().filter(|_| r.status == "accepted" && r.ledger_seq != 0) {
+                v["payout"] = payout_json(acct.payout_of(r.ledger_seq));
+            }
+            println!("{v}");
         }
     } else {
-        print!("{}", receipts::render(&state.config.node_name, &records));
+        print!("{}", receipts::render(&state.config.node_name, &records, account.as_ref()));
     }
     Ok(())
+}
+
+/// A receipt's payout state in `earnings --json`.
+fn payout_json(p: Payout<'_>) -> serde_json::Value {
+    use serde_json::json;
+    match p {
+        Payout::Pending | Payout::Newer => json!({"state": "pending"}),
+        Payout::Settled(s) => json!({"state": "settled", "statement": s.seq}),
+        Payout::Paid(s) => json!({"state": "paid", "statement": s.seq, "reference": s.paid_reference}),
+        Payout::Reversed(r) => json!({"state": "reversed", "reversal": r.seq, "reason": r.reason}),
+        Payout::Unknown => json!({"state": "unknown"}),
+    }
 }
 
 fn status_cmd(a: StateArgs) -> anyhow::Result<()> {

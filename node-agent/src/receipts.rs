@@ -20,6 +20,8 @@ use ed25519_dalek::SigningKey;
 use kommune_proto::v1::{self, ReceiptBody, TaskUpdate, Usage, UsageReceipt};
 use serde::{Deserialize, Serialize};
 
+use crate::account::EarningsAccount;
+
 /// Signs receipts for one node.
 pub struct Receipts {
     dir: PathBuf,
@@ -246,8 +248,9 @@ pub fn credits(micros: u64) -> String {
     if frac == 0 { whole.to_string() } else { format!("{whole}.{}", format!("{frac:06}").trim_end_matches('0')) }
 }
 
-/// The `kommune-agent earnings` table.
-pub fn render(node: &str, records: &[ReceiptRecord]) -> String {
+/// The `kommune-agent earnings` table; with the operator's account, each accepted receipt's
+/// payout state (pending, settled@STATEMENT, paid@STATEMENT, REVERSED) and the account after it.
+pub fn render(node: &str, records: &[ReceiptRecord], account: Option<&EarningsAccount>) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let t = totals(records);
@@ -260,15 +263,24 @@ pub fn render(node: &str, records: &[ReceiptRecord]) -> String {
         t.pending,
         t.rejected
     );
-    if records.is_empty() {
+    if records.is_empty() && account.is_none() {
         return out;
     }
-    let _ =
-        writeln!(out, "{:<15} {:>6}  {:<10} {:>9} {:>9}  {:<10} {:>10} {:>8}  ATTEMPT", "EPOCH", "SEQ", "STATE", "WALL", "CPU", "STATUS", "CREDITS", "LEDGER");
-    for r in records {
+    if !records.is_empty() {
         let _ = writeln!(
             out,
-            "{:<15} {:>6}  {:<10} {:>8.1}s {:>8.2}s  {:<10} {:>10} {:>8}  {}{}",
+            "{:<15} {:>6}  {:<10} {:>9} {:>9}  {:<10} {:>10} {:>8}  {:<12} ATTEMPT",
+            "EPOCH", "SEQ", "STATE", "WALL", "CPU", "STATUS", "CREDITS", "LEDGER", "PAYOUT"
+        );
+    }
+    for r in records {
+        let payout = match account {
+            Some(a) if r.status == "accepted" && r.ledger_seq != 0 => a.payout_of(r.ledger_seq).cell(),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<15} {:>6}  {:<10} {:>8.1}s {:>8.2}s  {:<10} {:>10} {:>8}  {:<12} {}{}",
             r.epoch,
             r.sequence,
             r.state,
@@ -277,10 +289,12 @@ pub fn render(node: &str, records: &[ReceiptRecord]) -> String {
             r.status,
             if r.status == "accepted" { credits(r.cost_micros) } else { "-".into() },
             if r.ledger_seq == 0 { "-".into() } else { r.ledger_seq.to_string() },
+            payout,
             r.attempt_id,
             if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) },
         );
     }
+    out.push_str(&crate::account::render(records, account));
     out
 }
 
@@ -352,10 +366,10 @@ mod tests {
         // The accepted receipt keeps its ledger entry; a rejected one has none, whatever the Ack says.
         assert_eq!((h[0].ledger_seq, h[0].entry_hash.as_str(), h[1].ledger_seq), (9, "ab".repeat(32).as_str(), 0));
         assert_eq!(totals(&h), Totals { accepted: 1, rejected: 1, pending: 1, cost_micros: 50_000, cpu_micros: 3_600_000 });
-        let table = render("pn-1", &h);
+        let table = render("pn-1", &h, None);
         assert!(table.starts_with("pn-1: 3 receipt(s): 1 accepted (0.05 credits), 1 pending acknowledgement, 1 rejected\n"), "{table}");
         assert!(table.contains("rejected") && table.contains("(cpu time exceeds what was assigned)"), "{table}");
-        assert_eq!(render("pn-1", &[]), "pn-1: 0 receipt(s): 0 accepted (0 credits), 0 pending acknowledgement, 0 rejected\n");
+        assert_eq!(render("pn-1", &[], None), "pn-1: 0 receipt(s): 0 accepted (0 credits), 0 pending acknowledgement, 0 rejected\n");
     }
 
     #[test]

@@ -12,14 +12,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
-use tracing::{info, trace, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::availability::{self, Availability, Gate};
 use crate::connect::{self, ConnectError, Server};
 use crate::state::AgentState;
 use crate::status::{AgentStatus, OfferedGpu, StatusFile};
 use crate::tasks::{ModuleSource, Tasks};
-use crate::{renew, schedule};
+use crate::{account, renew, schedule};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -209,6 +209,7 @@ impl Uplink<'_> {
         // The first tick is at once: a session opened with an ageing certificate renews it.
         let mut renew_check = tokio::time::interval(renew::CHECK_EVERY);
         let mut renewing = false;
+        let mut earnings = account::Assembly::default();
         loop {
             tokio::select! {
                 msg = inbound.message() => {
@@ -248,6 +249,15 @@ impl Uplink<'_> {
                                 }
                             }
                         }
+                        Some(operator_message::Kind::Earnings(page)) => match earnings.push(page, kommune_proto::now_ms()) {
+                            Ok(Some(account)) => match account.save(&state.receipts_dir()) {
+                                Ok(()) => debug!(as_of = account.as_of_seq, "the operator's earnings account is kept"),
+                                Err(e) => warn!(error = %e, "cannot keep the operator's earnings account"),
+                            },
+                            Ok(None) => {}
+                            // Informational, so a bad page costs only the account being sent.
+                            Err(e) => warn!(error = %e, "ignoring the operator's earnings account; the last one received is kept"),
+                        },
                         None => {}
                     }
                 }

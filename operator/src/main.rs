@@ -496,6 +496,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         session_rate: Rate { burst: args.session_burst, per_second: args.sessions_per_second },
         handshake_timeout: Duration::from_secs(args.tls_handshake_timeout_seconds),
         request_timeout: Duration::from_secs(args.request_timeout_seconds),
+        ..GatewayConfig::default()
     };
     let tokens = Arc::new(SecretTokens::new(client.clone(), &args.namespace));
     let gateway = Gateway::new(dispatcher.clone(), tokens, ca.clone(), blobs.clone(), node_events_tx, config);

@@ -14,6 +14,8 @@ mod harness;
 mod agent;
 #[path = "hostile/blobs.rs"]
 mod blobs;
+#[path = "hostile/earnings.rs"]
+mod earnings;
 #[path = "hostile/gateway.rs"]
 mod gateway;
 #[path = "hostile/identity.rs"]

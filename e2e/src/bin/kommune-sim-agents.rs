@@ -204,7 +204,7 @@ async fn session(
                         }
                     }
                     // Simulated agents never ask for a renewed certificate.
-                    Some(operator_message::Kind::Cancel(_) | operator_message::Kind::Certificate(_)) | None => {}
+                    Some(operator_message::Kind::Cancel(_) | operator_message::Kind::Certificate(_) | operator_message::Kind::Earnings(_)) | None => {}
                 }
             }
             _ = heartbeat.tick(), if permit.is_none() => {

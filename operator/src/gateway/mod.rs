@@ -2,6 +2,7 @@
 //! for a node certificate; `Session` is one long-lived mTLS stream per node; `FetchBlob` serves
 //! wasm modules by digest. Handlers are thin: decisions live in the dispatcher and the store.
 
+mod earnings;
 pub mod limits;
 mod renew;
 mod session;
@@ -17,7 +18,7 @@ use kommune_proto::v1::agent_gateway_server::{AgentGateway, AgentGatewayServer};
 use kommune_proto::v1::{self, AgentMessage, OperatorMessage};
 use rand::Rng;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
@@ -68,6 +69,9 @@ pub struct GatewayConfig {
     pub handshake_timeout: Duration,
     /// Longest a unary request (Join, Leave, FetchBlob) or a Session's opening may take.
     pub request_timeout: Duration,
+    /// How often the ledger is read for new settlement lines, which connected agents are then
+    /// told of (their earnings account).
+    pub earnings_poll: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -82,6 +86,7 @@ impl Default for GatewayConfig {
             session_rate: Rate { burst: 10, per_second: 1.0 },
             handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
+            earnings_poll: Duration::from_secs(5),
         }
     }
 }
@@ -101,6 +106,8 @@ struct Inner {
     config: GatewayConfig,
     joins: RateLimiter<IpAddr>,
     session_opens: RateLimiter<String>,
+    /// The ledger's settlement version: sessions resend their node's earnings when it moves.
+    earnings: watch::Sender<u64>,
 }
 
 impl Gateway {
@@ -114,7 +121,8 @@ impl Gateway {
     ) -> Self {
         let joins = RateLimiter::new(config.join_rate);
         let session_opens = RateLimiter::new(config.session_rate);
-        Gateway { inner: Arc::new(Inner { dispatcher, tokens, ca, blobs, events, config, joins, session_opens }) }
+        let earnings = watch::Sender::new(0);
+        Gateway { inner: Arc::new(Inner { dispatcher, tokens, ca, blobs, events, config, joins, session_opens, earnings }) }
     }
 
     /// Serves on `listener` until `shutdown` resolves: the gateway plus the gRPC health service.
@@ -129,10 +137,17 @@ impl Gateway {
             // tonic runs handshakes concurrently; this ends one whose peer never finishes it.
             .timeout(self.inner.config.handshake_timeout);
         let request_timeout = self.inner.config.request_timeout;
+        let inner = self.inner.clone();
+        let poll_earnings = async move {
+            match inner.dispatcher.ledger() {
+                Some(ledger) => earnings::poll(ledger, &inner.earnings, inner.config.earnings_poll).await,
+                None => std::future::pending().await,
+            }
+        };
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentGatewayServer<Gateway>>().await;
         let service = AgentGatewayServer::new(self).max_decoding_message_size(1 << 20).max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Server::builder()
+        let server = Server::builder()
             .tls_config(tls)?
             // Covers a handler until its response starts: a Session's stream then lives on.
             .timeout(request_timeout)
@@ -140,8 +155,11 @@ impl Gateway {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health_service)
             .add_service(service)
-            .serve_with_incoming_shutdown(incoming(listener), shutdown)
-            .await
+            .serve_with_incoming_shutdown(incoming(listener), shutdown);
+        tokio::select! {
+            served = server => served,
+            () = poll_earnings => unreachable!("the earnings poll runs until the process ends"),
+        }
     }
 }
 

@@ -63,9 +63,15 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
     metrics.session_opened();
     info!(%node, running = hello.running_attempt_ids.len(), "session opened");
     let welcome = v1::Welcome { node_name: node.clone(), heartbeat_interval_millis: inner.config.heartbeat_interval.as_millis() as u64 };
+    // Subscribed before the first account is read: a change meanwhile is sent again.
+    let mut earnings_version = inner.earnings.subscribe();
+    let mut earnings_sent = None;
     if send(&tx, OpKind::Welcome(welcome)).await {
         for id in unwanted {
             send(&tx, OpKind::Cancel(v1::Cancel { attempt_id: id, reason: "the operator does not know this attempt".into() })).await;
+        }
+        if let Some(ledger) = inner.dispatcher.ledger() {
+            super::earnings::send(ledger, &node, public_key, &tx, &mut earnings_sent).await;
         }
     }
     super::record(&inner.events, NodeEvent::Connected { node: node.clone(), facts });
@@ -77,6 +83,14 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
         let next = tokio::select! {
             // The fleet already sent the stream its status (replaced, or the node revoked).
             () = session.replaced.notified() => break "ended by the operator: replaced by a newer session or removed".to_string(),
+            Ok(()) = earnings_version.changed() => {
+                if let Some(ledger) = inner.dispatcher.ledger()
+                    && !super::earnings::send(ledger, &node, public_key, &tx, &mut earnings_sent).await
+                {
+                    break "the session's stream closed".into();
+                }
+                continue;
+            }
             next = timeout(inner.config.session_timeout, inbound.message()) => next,
         };
         let msg = match next {
@@ -192,6 +206,7 @@ pub(super) fn operator_kind(m: &OperatorMessage) -> &'static str {
         Some(OpKind::Cancel(_)) => "cancel",
         Some(OpKind::Ack(_)) => "ack",
         Some(OpKind::Certificate(_)) => "certificate",
+        Some(OpKind::Earnings(_)) => "earnings",
         None => "empty",
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::{Mutex, PoisonError};
 
 use kommune_core::pricing::Micros;
-use kommune_ledger::book::{BookReversal, BookStatement, NodeSplit, PayoutBook};
+use kommune_ledger::book::{BookReversal, BookStatement, NodeAccount, NodeSplit, PayoutBook};
 
 use super::{Ledger, LedgerError};
 
@@ -42,5 +42,20 @@ impl Ledger {
         self.refresh_book().await?;
         let book = self.book.0.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(NodePayouts { split: book.split(node, earned), reversals: book.reversals_of(node).cloned().collect() })
+    }
+
+    /// The seq of the last settlement line in the ledger (read now): it changes exactly when a
+    /// statement, reversal or paid line is appended, by this process or another.
+    pub async fn payout_version(&self) -> Result<u64, LedgerError> {
+        self.refresh_book().await?;
+        Ok(self.book.0.lock().unwrap_or_else(PoisonError::into_inner).applied())
+    }
+
+    /// `node`'s earnings split (as [`Ledger::node_payouts`]) and the account a connected agent
+    /// is told: its newest `max_statements` statements and `max_reversals` reversals.
+    pub async fn node_account(&self, node: &str, earned: Micros, max_statements: usize, max_reversals: usize) -> Result<(NodeSplit, NodeAccount), LedgerError> {
+        self.refresh_book().await?;
+        let book = self.book.0.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok((book.split(node, earned), book.account_of(node, max_statements, max_reversals)))
     }
 }
