@@ -137,6 +137,10 @@ async fn many_simulated_agents_run_one_large_job_and_every_receipt_is_metered_on
             "1000",
             "--api-burst",
             "2000",
+            // And the writes in flight: 32 (the default) at this API server's latency under
+            // load (about 250 ms a write) cap the writer near 130 writes/s, far below 1,000/s.
+            "--node-write-concurrency",
+            "256",
         ],
     )?;
     eventually("the operator's gateway", Duration::from_secs(60), || async { Ok(std::net::TcpStream::connect(("127.0.0.1", gateway)).is_ok()) }).await?;

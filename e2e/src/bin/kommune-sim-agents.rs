@@ -56,6 +56,11 @@ struct Args {
     /// Joins and session handshakes in flight at once.
     #[arg(long, default_value_t = 8)]
     handshakes: usize,
+    /// Join every agent first and open the sessions only then (the older two-phase run).
+    /// Without it each agent opens its session as soon as it has joined, as `kommune-agent
+    /// join` followed by `kommune-agent run` on each machine of a pool does.
+    #[arg(long)]
+    join_all_first: bool,
 }
 
 /// Counters shared by every simulated agent, for the progress lines.
@@ -225,15 +230,19 @@ async fn run(args: Args) -> Result<()> {
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
 
-    // Join: bounded concurrency, every join through the operator's Join RPC.
+    // Join: bounded concurrency, every join through the operator's Join RPC. Each joined
+    // agent goes to `joined_tx`: its session opens at once unless --join-all-first.
     let joins = Arc::new(Semaphore::new(args.handshakes.max(1)));
+    let (joined_tx, mut joined_rx) = tokio::sync::mpsc::unbounded_channel::<AgentState>();
     let mut joining = tokio::task::JoinSet::new();
     for i in 0..args.agents {
-        let (args, joins, counters) = (args.clone(), joins.clone(), counters.clone());
+        let (args, joins, counters, joined_tx) = (args.clone(), joins.clone(), counters.clone(), joined_tx.clone());
         joining.spawn(async move {
-            let _permit = joins.acquire_owned().await?;
+            let permit = joins.acquire_owned().await?;
             let name = format!("{}-{i:04}", args.name_prefix);
             let state = join_one(&args, &name, &counters).await?;
+            drop(permit);
+            let _ = joined_tx.send(state);
             let n = counters.joined.fetch_add(1, Ordering::Relaxed) + 1;
             if n % 100 == 0 || n as usize == args.agents {
                 say(format!(
@@ -243,22 +252,31 @@ async fn run(args: Args) -> Result<()> {
                     counters.join_retries.load(Ordering::Relaxed)
                 ));
             }
-            anyhow::Ok(state)
+            anyhow::Ok(())
         });
     }
-    let mut states = Vec::with_capacity(args.agents);
-    while let Some(joined) = joining.join_next().await {
-        states.push(joined??);
+    drop(joined_tx);
+    if args.join_all_first {
+        while let Some(joined) = joining.join_next().await {
+            joined??;
+        }
     }
 
     // Sessions: each agent keeps one open and answers its assignments.
     let handshakes = Arc::new(Semaphore::new(args.handshakes.max(1)));
     let facts = facts(&args);
     let mut agents = tokio::task::JoinSet::new();
-    for state in states {
-        agents.spawn(run_agent(state, facts.clone(), handshakes.clone(), counters.clone()));
-    }
     let connect_started = Instant::now();
+    let mut joins_open = true;
+    while joins_open || !joining.is_empty() {
+        tokio::select! {
+            state = joined_rx.recv(), if joins_open => match state {
+                Some(state) => drop(agents.spawn(run_agent(state, facts.clone(), handshakes.clone(), counters.clone()))),
+                None => joins_open = false,
+            },
+            Some(joined) = joining.join_next(), if !joining.is_empty() => joined??,
+        }
+    }
     let mut all_connected = false;
     let mut last = (u64::MAX, u64::MAX);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
