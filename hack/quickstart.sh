@@ -240,8 +240,10 @@ start_operator_local() {
     retry 120 "the operator's /readyz" curl -fsS http://127.0.0.1:19090/readyz
 
     GATEWAY="https://127.0.0.1:18443"
-    # The plugin reaches this local operator directly (in a cluster it port-forwards).
-    PLUGIN_ARGS=(--operator-url https://127.0.0.1:19444)
+    # The plugin reaches this local operator directly (in a cluster it port-forwards), and
+    # verifies its certificate (issued for localhost) against the CA the operator publishes
+    # in the ConfigMap kommune-ca.crt of its namespace.
+    PLUGIN_ARGS=(--operator-url https://localhost:19444 --operator-namespace "$NS")
     log "creating a join token"
     TOKEN="$("$BIN/kommune-operator" token create --namespace "$NS" | last_line)"
     AGENT="$BIN/kommune-agent"

@@ -33,6 +33,8 @@ const NEEDS: &[(&str, &str, &str, bool)] = &[
     ("kommune.dev", "payoutstatements", "patch", true),
     ("kommune.dev", "payoutstatements/status", "patch", true), // paid state, webhook delivery
     ("", "configmaps", "get", true),                           // wasm modules in the job's namespace
+    ("", "configmaps", "patch", false),                        // kommune-ca.crt, the CA for dashboard clients (by name)
+    ("", "configmaps", "create", false),                       // kommune-ca.crt the first time (server-side apply)
     ("events.k8s.io", "events", "create", false),
     ("events.k8s.io", "events", "patch", false),
     ("", "secrets", "get", false), // CA and join tokens, own namespace only
@@ -150,6 +152,16 @@ fn chart_renders_typed_objects_with_the_rbac_the_operator_needs() -> anyhow::Res
         assert!(ok, "the chart does not let the operator {verb} {resource} ({group:?}){}", if *cluster_wide { " cluster-wide" } else { "" });
     }
     assert!(!grants(&bound_cluster, "", "secrets", "get"), "Secrets must only be readable in the operator's namespace");
+    for r in bound_ns.iter().filter(|r| r.resources.iter().flatten().any(|res| res == "configmaps") && r.verbs.iter().any(|v| v == "patch")) {
+        assert_eq!(r.resource_names.as_deref(), Some(&["kommune-ca.crt".to_string()][..]), "the operator patches only the CA ConfigMap");
+    }
+    // Users may read the published CA certificate, by name, and nothing else through the chart.
+    let ca_reader = roles.iter().find(|r| r.metadata.name.as_deref().is_some_and(|n| n.ends_with("-ca-reader"))).expect("a Role for the CA ConfigMap");
+    let rules = ca_reader.rules.clone().unwrap_or_default();
+    assert_eq!(granted(&rules), [("".to_string(), "configmaps".to_string(), "get".to_string())]);
+    assert_eq!(rules[0].resource_names.as_deref(), Some(&["kommune-ca.crt".to_string()][..]));
+    let reader_binding = bindings.iter().find(|b| b.role_ref.name == ca_reader.metadata.name.clone().unwrap()).expect("the CA reader Role is bound");
+    assert!(reader_binding.subjects.iter().flatten().any(|s| s.kind == "Group" && s.name == "system:authenticated"));
     // CRDs: only its own three, by name.
     for r in bound_cluster.iter().filter(|r| r.resources.iter().flatten().any(|res| res == "customresourcedefinitions")) {
         let mut names = r.resource_names.clone().unwrap_or_default();

@@ -168,7 +168,10 @@ async fn the_dashboard_shows_a_real_run() -> Result<()> {
     // The plugin's proxy with the admin's kubeconfig (a client certificate of the cluster's CA).
     let kubeconfig = kube::config::Kubeconfig::read_from(&h.kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
-    let operator_client = kubectl_kommune::dashboard::operator_client(config, &format!("https://{web_listen}"))?;
+    // The dashboard's certificate is verified against the CA the operator published in its
+    // namespace (under the chart's RBAC), for `localhost`, one of the names it carries.
+    let trust = kubectl_kommune::connect::TrustArgs::default().resolve(&config, &op_ns).await?;
+    let operator_client = kubectl_kommune::dashboard::operator_client(config, &format!("https://localhost:{web}"), &trust)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let local = format!("http://{}/", listener.local_addr()?);
     tokio::spawn(kubectl_kommune::dashboard::serve(listener, operator_client));

@@ -5,7 +5,8 @@
 //! SubjectAccessReview and ComputeJob lookups through the API server), and an in-memory output
 //! store stands in for the operator's (issue 17's store plugs into the same trait). The plugin
 //! is the real `kubectl-kommune` binary; it reaches the endpoint with `--operator-url`, since
-//! envtest has no kubelet and so no Pod to port-forward to.
+//! envtest has no kubelet and so no Pod to port-forward to, and verifies its certificate
+//! against the CA the operator publishes (read with the user's own token), as by default.
 
 mod support;
 
@@ -104,8 +105,10 @@ fn user_kubeconfig(h: &Harness, who: &str, token: &str, namespace: &str) -> Resu
 
 /// Starts the operator's web endpoint as the operator (the chart's RBAC): real TokenReview,
 /// SubjectAccessReview and ComputeJob lookups, the cluster's client CA, and `reader` as store.
-async fn start_web(operator: kube::Client, reader: Arc<dyn OutputReader>) -> Result<String> {
-    let ca = kommune_operator::pki::Ca::generate()?;
+/// Its certificate comes from the operator CA of `op_ns`, published as the operator does.
+async fn start_web(operator: kube::Client, op_ns: &str, reader: Arc<dyn OutputReader>) -> Result<(String, String)> {
+    let ca = kommune_operator::controller::ca::ensure_ca(operator.clone(), op_ns).await?;
+    kommune_operator::controller::ca::publish_ca(operator.clone(), op_ns, &ca).await?;
     let (chain, key) = ca.issue_server(&["localhost".into()])?;
     let client_ca = web::cluster_client_ca(operator.clone()).await;
     let listener = tls::TlsListener::bind("127.0.0.1:0".parse()?, tls::server_config(&chain, &key, client_ca.as_deref())?).await?;
@@ -113,10 +116,10 @@ async fn start_web(operator: kube::Client, reader: Arc<dyn OutputReader>) -> Res
     let gate = Arc::new(auth::Gatekeeper::new(Arc::new(auth::KubeAuthority::new(operator.clone()))));
     let retrieval = results::Retrieval { jobs: Arc::new(results::KubeJobs(operator)), reader: Some(reader) };
     tokio::spawn(web::serve(listener, web::router_with_outputs(gate, Arc::new(NoFacts), Some(retrieval))));
-    Ok(format!("https://{addr}"))
+    Ok((format!("https://localhost:{}", addr.port()), ca.cert_pem().to_string()))
 }
 
-fn plugin(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
+fn plugin<S: AsRef<std::ffi::OsStr>>(kubeconfig: &Path, args: &[S]) -> std::process::Output {
     Command::new(binary("kubectl-kommune")).env("KUBECONFIG", kubeconfig).args(args).output().expect("kubectl-kommune runs")
 }
 
@@ -124,13 +127,15 @@ fn text(out: &std::process::Output) -> String {
     format!("status {}\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// GET /api/v1/overview as the user of `kubeconfig` (None: no credentials at all).
-async fn overview_status(url: &str, kubeconfig: Option<&Path>) -> Result<u16> {
+/// GET /api/v1/overview as the user of `kubeconfig` (None: no credentials at all), trusting
+/// the operator CA `ca_pem`.
+async fn overview_status(url: &str, ca_pem: &str, kubeconfig: Option<&Path>) -> Result<u16> {
     let config = match kubeconfig {
         Some(p) => kube::Config::from_custom_kubeconfig(kube::config::Kubeconfig::read_from(p)?, &kube::config::KubeConfigOptions::default()).await?,
         None => kube::Config::new(url.parse()?),
     };
-    let client = kubectl_kommune::connect::operator_client(config, url)?;
+    let trust = kubectl_kommune::connect::Trust::Roots { ders: kubectl_kommune::connect::roots_from_pem(ca_pem)?, server_name: None };
+    let client = kubectl_kommune::connect::operator_client(config, url, &trust)?;
     let req = http::Request::get("/api/v1/overview").body(Vec::new())?.map(kube::client::Body::from);
     Ok(client.send(req).await?.status().as_u16())
 }
@@ -233,16 +238,25 @@ subjects: [{{kind: ServiceAccount, name: viewer, namespace: {team_a}}}]
 
     let stored: &'static [(u32, &'static str, &'static [u8])] =
         &[(0, "stdout", b"hello from task 0\n"), (0, "out/result.csv", b"a,b\n1,2\n"), (1, "stdout", b"hello from task 1\n")];
-    let url = start_web(operator, Arc::new(Stored { uid, files: stored.to_vec() })).await?;
+    let (url, ca_pem) = start_web(operator, &op_ns, Arc::new(Stored { uid, files: stored.to_vec() })).await?;
+    // The plugin reads the operator's CA from its namespace, as a user: the chart lets every
+    // authenticated user get that one ConfigMap. Without the chart, nobody may: hand it over.
+    let ca_file = h.work.path().join("operator-ca.crt");
+    std::fs::write(&ca_file, &ca_pem)?;
+    let mut reach = vec!["--operator-url", &url, "--operator-namespace", &op_ns];
+    if installed.helm.is_none() {
+        reach.extend(["--operator-ca", ca_file.to_str().unwrap()]);
+    }
+    let with = |args: &[&str]| -> Vec<String> { args.iter().chain(reach.iter()).map(|s| s.to_string()).collect() };
 
     // A user with get on the job downloads every output, digests checked by the plugin.
     let dir = h.work.path().join("results");
-    let out = plugin(&users["reader"], &["results", "render", "-n", &team_a, "-o", dir.to_str().unwrap(), "--operator-url", &url]);
+    let out = plugin(&users["reader"], &with(&["results", "render", "-n", &team_a, "-o", dir.to_str().unwrap()]));
     assert!(out.status.success(), "reader's download: {}", text(&out));
     assert_eq!(std::fs::read(dir.join("task-0/out/result.csv"))?, b"a,b\n1,2\n");
     assert_eq!(std::fs::read(dir.join("task-1/stdout"))?, b"hello from task 1\n");
     println!("reader downloaded: {}", String::from_utf8_lossy(&out.stdout).trim());
-    let out = plugin(&users["reader"], &["logs", "render", "-n", &team_a, "--task", "1", "--operator-url", &url]);
+    let out = plugin(&users["reader"], &with(&["logs", "render", "-n", &team_a, "--task", "1"]));
     assert!(out.status.success() && out.stdout == b"hello from task 1\n", "reader's logs: {}", text(&out));
     // get reads the job from the API server as the user (the Role allows exactly that).
     let out = plugin(&users["reader"], &["get", "render", "-n", &team_a]);
@@ -251,18 +265,24 @@ subjects: [{{kind: ServiceAccount, name: viewer, namespace: {team_a}}}]
     // Refused: no grant at all, and a grant in another namespace.
     for who in ["stranger", "elsewhere"] {
         let dir = h.work.path().join(format!("results-{who}"));
-        let out = plugin(&users[who], &["results", "render", "-n", &team_a, "-o", dir.to_str().unwrap(), "--operator-url", &url]);
+        let out = plugin(&users[who], &with(&["results", "render", "-n", &team_a, "-o", dir.to_str().unwrap()]));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("403") && err.contains("may not get computejobs.kommune.dev"), "{who}: {}", text(&out));
         assert!(!dir.join("task-0").exists(), "{who} got files");
     }
     // Whoever may get the name learns the job is missing; others do not.
-    let out = plugin(&users["elsewhere"], &["results", "render", "-n", &team_b, "-o", h.work.path().join("b").to_str().unwrap(), "--operator-url", &url]);
+    let out = plugin(&users["elsewhere"], &with(&["results", "render", "-n", &team_b, "-o", h.work.path().join("b").to_str().unwrap()]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"), "elsewhere in its own namespace: {}", text(&out));
 
+    // An endpoint with a certificate of another CA is refused before any credential is sent.
+    let other_ca = h.work.path().join("other-ca.crt");
+    std::fs::write(&other_ca, kommune_operator::pki::Ca::generate()?.cert_pem())?;
+    let out = plugin(&users["reader"], &["logs", "render", "-n", &team_a, "--operator-url", &url, "--operator-ca", other_ca.to_str().unwrap()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("the operator's certificate is not trusted"), "another CA: {}", text(&out));
+
     // The dashboard's overview: 401 without credentials, 403 without list rights, 200 with.
-    assert_eq!(overview_status(&url, None).await?, 401);
-    assert_eq!(overview_status(&url, Some(&users["reader"])).await?, 403);
-    assert_eq!(overview_status(&url, Some(&users["viewer"])).await?, 200);
+    assert_eq!(overview_status(&url, &ca_pem, None).await?, 401);
+    assert_eq!(overview_status(&url, &ca_pem, Some(&users["reader"])).await?, 403);
+    assert_eq!(overview_status(&url, &ca_pem, Some(&users["viewer"])).await?, 200);
     Ok(())
 }

@@ -53,7 +53,7 @@ pub fn output_path(namespace: &str, job: &str, task: u32, name: &str) -> String 
 
 async fn send(client: &kube::Client, path: &str) -> Result<http::Response<kube::client::Body>, ApiError> {
     let req = http::Request::get(path).body(Vec::new()).map_err(|e| ApiError::Protocol(e.to_string()))?.map(kube::client::Body::from);
-    client.send(req).await.map_err(|e| ApiError::Transport(e.to_string()))
+    client.send(req).await.map_err(|e| ApiError::Transport(crate::connect::describe_transport_error(&e)))
 }
 
 /// The operator's `{"error": ...}` message, else the body as text.

@@ -12,7 +12,7 @@ use http::StatusCode;
 use http_body_util::BodyExt as _;
 use tokio::net::TcpListener;
 
-use crate::connect::port_forward;
+use crate::connect::{Target, TrustArgs, describe_transport_error};
 pub use crate::connect::{forwarded_port, operator_client};
 
 #[derive(clap::Args, Debug)]
@@ -36,18 +36,15 @@ pub struct DashboardArgs {
     /// Open the local URL in a browser (xdg-open / open).
     #[arg(long)]
     pub open: bool,
+    #[command(flatten)]
+    pub trust: TrustArgs,
 }
 
 pub async fn run(args: DashboardArgs) -> anyhow::Result<()> {
-    let (url, _forward) = match &args.operator_url {
-        Some(u) => (u.clone(), None),
-        None => {
-            let (port, child) = port_forward(&args.namespace, &args.service, args.remote_port).await?;
-            (format!("https://127.0.0.1:{port}"), Some(child))
-        }
-    };
     let config = kube::Config::infer().await.context("cannot load your kubeconfig")?;
-    let client = operator_client(config, &url)?;
+    let target = Target { namespace: &args.namespace, service: &args.service, port: args.remote_port, url: args.operator_url.as_deref() };
+    let operator = crate::connect::connect(config, &target, &args.trust).await?;
+    let client = operator.client.clone();
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], args.port))).await.context("cannot listen on 127.0.0.1")?;
     let local = format!("http://{}/", listener.local_addr()?);
     println!("Kommune dashboard: {local}  (Ctrl-C to stop)");
@@ -82,7 +79,7 @@ async fn forward(State(client): State<kube::Client>, req: Request) -> Response {
     };
     let resp = match client.send(upstream).await {
         Ok(r) => r,
-        Err(e) => return (StatusCode::BAD_GATEWAY, format!("cannot reach the operator's dashboard: {e}")).into_response(),
+        Err(e) => return (StatusCode::BAD_GATEWAY, format!("cannot reach the operator's dashboard: {}", describe_transport_error(&e))).into_response(),
     };
     let (parts, body) = resp.into_parts();
     match body.collect().await {

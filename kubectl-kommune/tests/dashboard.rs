@@ -88,13 +88,22 @@ impl Source for Fixed {
 }
 
 async fn start_operator_web() -> String {
-    let ca = kommune_operator::pki::Ca::generate().unwrap();
-    let (chain, key) = ca.issue_server(&["localhost".into()]).unwrap();
+    let (chain, key) = ca().issue_server(&["localhost".into()]).unwrap();
     let listener = tls::TlsListener::bind("127.0.0.1:0".parse().unwrap(), tls::server_config(&chain, &key, None).unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap().addr;
     let gate = Arc::new(Gatekeeper::new(Arc::new(Tokens)));
     tokio::spawn(web::serve(listener, web::router(gate, Arc::new(Fixed))));
-    format!("https://{addr}")
+    format!("https://localhost:{}", addr.port())
+}
+
+/// The operator CA of this test binary, which the plugin's client is given.
+fn ca() -> &'static kommune_operator::pki::Ca {
+    static CA: std::sync::OnceLock<kommune_operator::pki::Ca> = std::sync::OnceLock::new();
+    CA.get_or_init(|| kommune_operator::pki::Ca::generate().unwrap())
+}
+
+fn trust() -> kubectl_kommune::connect::Trust {
+    kubectl_kommune::connect::Trust::Roots { ders: kubectl_kommune::connect::roots_from_pem(ca().cert_pem()).unwrap(), server_name: None }
 }
 
 async fn user(token: Option<&str>) -> kube::Config {
@@ -107,7 +116,7 @@ async fn user(token: Option<&str>) -> kube::Config {
 }
 
 async fn status(url: &str, token: Option<&str>) -> u16 {
-    let client = kubectl_kommune::dashboard::operator_client(user(token).await, url).unwrap();
+    let client = kubectl_kommune::dashboard::operator_client(user(token).await, url, &trust()).unwrap();
     let req = http::Request::get("/api/v1/overview").body(Vec::new()).unwrap().map(kube::client::Body::from);
     client.send(req).await.unwrap().status().as_u16()
 }
@@ -146,7 +155,7 @@ async fn chromium_renders_the_pool_jobs_providers_and_failures_through_the_plugi
         return;
     };
     let operator = start_operator_web().await;
-    let client = kubectl_kommune::dashboard::operator_client(user(Some("viewer")).await, &operator).unwrap();
+    let client = kubectl_kommune::dashboard::operator_client(user(Some("viewer")).await, &operator, &trust()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let local = format!("http://{}/", listener.local_addr().unwrap());
     tokio::spawn(kubectl_kommune::dashboard::serve(listener, client));

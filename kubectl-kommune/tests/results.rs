@@ -101,14 +101,23 @@ impl OutputReader for Memory {
 }
 
 async fn start(reader: Option<Arc<dyn OutputReader>>) -> String {
-    let ca = kommune_operator::pki::Ca::generate().unwrap();
-    let (chain, key) = ca.issue_server(&["localhost".into()]).unwrap();
+    let (chain, key) = ca().issue_server(&["localhost".into()]).unwrap();
     let listener = tls::TlsListener::bind("127.0.0.1:0".parse().unwrap(), tls::server_config(&chain, &key, None).unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap().addr;
     let gate = Arc::new(Gatekeeper::new(Arc::new(Rbac)));
     let retrieval = Retrieval { jobs: Arc::new(Jobs), reader };
     tokio::spawn(web::serve(listener, web::router_with_outputs(gate, Arc::new(NoFacts), Some(retrieval))));
-    format!("https://{addr}")
+    format!("https://localhost:{}", addr.port())
+}
+
+/// The operator CA of this test binary, which the plugin's client is given.
+fn ca() -> &'static kommune_operator::pki::Ca {
+    static CA: std::sync::OnceLock<kommune_operator::pki::Ca> = std::sync::OnceLock::new();
+    CA.get_or_init(|| kommune_operator::pki::Ca::generate().unwrap())
+}
+
+fn trust() -> kubectl_kommune::connect::Trust {
+    kubectl_kommune::connect::Trust::Roots { ders: kubectl_kommune::connect::roots_from_pem(ca().cert_pem()).unwrap(), server_name: None }
 }
 
 async fn client(url: &str, token: Option<&str>) -> kube::Client {
@@ -118,7 +127,7 @@ async fn client(url: &str, token: Option<&str>) -> kube::Client {
     );
     let kc = kube::config::Kubeconfig::from_yaml(&yaml).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.unwrap();
-    kubectl_kommune::connect::operator_client(config, url).unwrap()
+    kubectl_kommune::connect::operator_client(config, url, &trust()).unwrap()
 }
 
 fn status_of(e: ApiError) -> u16 {

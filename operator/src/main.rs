@@ -87,6 +87,11 @@ struct RunArgs {
     /// see only what they may list (docs/ARCHITECTURE.md, "The dashboard").
     #[arg(long, env = "KOMMUNE_WEB_LISTEN")]
     web_listen: Option<SocketAddr>,
+    /// Extra DNS names (or IP addresses) for the dashboard's certificate, besides `localhost`:
+    /// the names clients verify. The chart gives its Service's `<name>.<namespace>.svc`,
+    /// which `kubectl kommune` checks through its port-forward; add an Ingress host here.
+    #[arg(long = "web-server-name", env = "KOMMUNE_WEB_SERVER_NAMES", value_delimiter = ',')]
+    web_server_names: Vec<String>,
     /// How often agents heartbeat, in seconds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
     heartbeat_seconds: u64,
@@ -616,8 +621,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// Starts the dashboard when `--web-listen` is given (else a task that never ends): a watch-fed
-/// cache of ComputeJobs, TLS with a certificate of the operator CA, and the cluster's client CA
-/// so kubeconfigs with client certificates work as well as tokens.
+/// cache of ComputeJobs, TLS with a certificate of the operator CA (published for users in the
+/// ConfigMap `kommune-ca.crt`, so they can verify it), and the cluster's client CA so
+/// kubeconfigs with client certificates work as well as tokens.
 async fn start_web(
     args: &RunArgs,
     client: &kube::Client,
@@ -633,7 +639,17 @@ async fn start_web(
     let (jobs, writer) = reflector::store();
     let stream = watcher(kube::Api::<crd::ComputeJob>::all(client.clone()), watcher::Config::default()).default_backoff().reflect(writer).applied_objects();
     tokio::spawn(stream.for_each(|_| async {}));
-    let (chain, key) = ca.issue_server(&["localhost".into(), "kommune-operator".into()]).context("cannot issue the dashboard's serving certificate")?;
+    let mut names = vec!["localhost".to_string(), "kommune-operator".to_string()];
+    names.extend(args.web_server_names.iter().cloned());
+    let (chain, key) = ca.issue_server(&names).with_context(|| format!("cannot issue the dashboard's serving certificate for {names:?}"))?;
+    // Without it users cannot verify the dashboard unless handed the CA some other way
+    // (`--operator-ca`); the dashboard itself still works, so this is a warning.
+    match controller::ca::publish_ca(client.clone(), &args.namespace, ca).await {
+        Ok(()) => info!(configmap = controller::ca::CA_CONFIGMAP, namespace = %args.namespace, "published the operator CA for dashboard clients"),
+        Err(e) => {
+            tracing::warn!(error = %e, configmap = controller::ca::CA_CONFIGMAP, "cannot publish the operator CA: `kubectl kommune` users need --operator-ca")
+        }
+    }
     let client_ca = web::cluster_client_ca(client.clone()).await;
     let config = web::tls::server_config(&chain, &key, client_ca.as_deref()).context("dashboard TLS")?;
     let listener = web::tls::TlsListener::bind(addr, config).await?;

@@ -167,6 +167,10 @@ async fn apply(job: &ComputeJob, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, job, &prev, &status::waiting_for_module(&prev, generation, reason, &message)).await?;
         return Ok(Action::requeue(ACTIVE_REQUEUE));
     }
+    if !ended && let Err((reason, message)) = super::secret_env::resolve(ctx, namespace_of_job(job), &job.spec, &mut policy).await? {
+        publish(ctx, job, &prev, &status::waiting_for_module(&prev, generation, reason, &message)).await?;
+        return Ok(Action::requeue(ACTIVE_REQUEUE));
+    }
     if let Err((reason, message)) = super::outputs::resolve(ctx, namespace_of_job(job), &jr.uid, &mut policy).await? {
         publish(ctx, job, &prev, &status::waiting_for_module(&prev, generation, reason, &message)).await?;
         return Ok(Action::requeue(ACTIVE_REQUEUE));

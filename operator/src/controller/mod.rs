@@ -11,6 +11,7 @@ pub mod job_events;
 pub mod lease;
 pub mod nodes;
 pub mod outputs;
+pub mod secret_env;
 
 use kube::runtime::finalizer::Error as FinalizerError;
 

@@ -101,6 +101,13 @@ pub struct ComputeJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outputs: Option<super::JobOutputs>,
 
+    /// Allows env values from Secrets (`env[].valueFrom.secretKeyRef`). Whatever a task
+    /// receives (args, env, inputs) is visible to the provider that runs it: setting this says
+    /// that the providers running this job may see those Secret values. Without it, a job whose
+    /// env names a Secret fails with `SecretEnvNotAllowed` and nothing is placed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expose_secrets_to_providers: bool,
+
     /// Seconds after the job finished (Succeeded or Failed) when the ComputeJob is deleted,
     /// its outputs with it, as for Kubernetes Jobs. Unset: kept until deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -369,8 +376,11 @@ pub struct ContainerWorkload {
     pub network: bool,
 }
 
-/// An environment variable.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+/// An environment variable: a value, or a key of a Secret (`valueFrom.secretKeyRef`). The
+/// provider that runs the task sees every value it is given.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!(has(self.value) && has(self.valueFrom))").message("an env entry sets value or valueFrom, not both"))]
+#[serde(rename_all = "camelCase")]
 pub struct EnvVar {
     /// Variable name.
     #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
@@ -379,6 +389,31 @@ pub struct EnvVar {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32768))]
     pub value: Option<String>,
+    /// Takes the value from a key of a Secret in the job's namespace instead. The provider
+    /// that runs the task sees the value (it can read the task's environment and memory), so
+    /// this is allowed only when the job sets `spec.exposeSecretsToProviders: true`, and only
+    /// from Secrets labelled `kommune.dev/expose-to-providers: "true"` by whoever may edit them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<EnvVarSource>,
+}
+
+/// Where an environment variable's value comes from.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVarSource {
+    /// A key of a Secret in the job's namespace.
+    pub secret_key_ref: SecretKeySelector,
+}
+
+/// A key of a Secret in the job's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct SecretKeySelector {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the Secret's `data`.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
 }
 
 /// Resources one task needs.

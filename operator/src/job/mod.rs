@@ -4,6 +4,7 @@
 
 pub mod data;
 pub mod recorded;
+pub mod secret_env;
 pub mod status;
 pub mod validate;
 

@@ -96,6 +96,9 @@ pub fn validate(spec: &ComputeJobSpec) -> Result<JobPolicy, Invalid> {
         return Err(invalid("spec.workload must set exactly one of wasm, exec or container; none is set"));
     };
 
+    // Env values from Secrets: well-formed, and only where the job lets providers see them.
+    super::secret_env::secret_env(spec)?;
+
     if spec.tasks == 0 || spec.tasks > MAX_TASKS {
         return Err(invalid(format!("spec.tasks must be between 1 and {MAX_TASKS}, got {}", spec.tasks)));
     }
