@@ -12,7 +12,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kommune_ledger::check::tests::{input, node_key};
 use kommune_operator::crd::PayoutStatement;
 use kommune_operator::ledger::{Ledger, LedgerConfig, ReceiptKey};
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, Config};
 use support::{Installed, SKIPPED, binary, build_binaries, eventually, free_port, harness, install};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -191,10 +191,37 @@ async fn scenario(h: &mut support::Harness) -> Result<()> {
     // The ledger is the truth: a deleted statement comes back, delivered already.
     let name = alice.metadata.name.clone().unwrap();
     all.delete(&name, &DeleteParams::default()).await?;
-    let again = all.clone();
+    let (again, deleted) = (all.clone(), name.clone());
     eventually("the deleted PayoutStatement re-created", Duration::from_secs(30), move || {
-        let (api, name) = (again.clone(), name.clone());
+        let (api, name) = (again.clone(), deleted.clone());
         async move { Ok(api.get_opt(&name).await?.is_some_and(|o| o.metadata.deletion_timestamp.is_none() && o.spec.owner == "alice")) }
+    })
+    .await?;
+
+    // Paid while the operator runs: an admin annotates the statement with the payment's
+    // reference and the operator appends the paid entry. A reference the ledger refuses (too
+    // long) is shown in status, not recorded.
+    let other = all.list(&Default::default()).await?.items.into_iter().find(|s| s.spec.owner != "alice").context("the other statement")?;
+    let annotate = |reference: String| Patch::Merge(serde_json::json!({ "metadata": { "annotations": { "kommune.dev/paid-reference": reference } } }));
+    all.patch(&name, &PatchParams::default(), &annotate("wire-2026-0042".into())).await?;
+    let other_name = other.metadata.name.clone().unwrap();
+    all.patch(&other_name, &PatchParams::default(), &annotate("x".repeat(600))).await?;
+    let paid = all.clone();
+    eventually("the annotated statement Paid with its reference", Duration::from_secs(60), move || {
+        let (api, name) = (paid.clone(), name.clone());
+        async move {
+            let st = api.get(&name).await?.status.unwrap_or_default();
+            Ok(st.paid == "Yes" && st.paid_reference.as_deref() == Some("wire-2026-0042") && st.paid_seq.is_some())
+        }
+    })
+    .await?;
+    let refused = all.clone();
+    eventually("the refused reference shown in status", Duration::from_secs(60), move || {
+        let (api, name) = (refused.clone(), other_name.clone());
+        async move {
+            let st = api.get(&name).await?.status.unwrap_or_default();
+            Ok(st.paid == "No" && st.paid_refused.as_deref().is_some_and(|r| r.contains("reference")))
+        }
     })
     .await?;
     Ok(())

@@ -35,7 +35,12 @@ async fn an_honest_providers_reputation_is_not_lowered_by_a_task_that_crashes_ev
     let crashes = policy("workload:\n  exec:\n    command: ['/bin/sh', '-c', 'exit 3']\ntasks: 2\nretries: {maxAttempts: 2, backoffSeconds: 0}\n");
     let done = op.run_to_end(&job("crash-job"), &crashes, None).await;
     assert_eq!(done.progress.phase, JobPhase::Failed);
-    assert!(done.attempts.iter().all(|a| a.phase == AttemptPhase::Failed && a.result.as_ref().unwrap().exit_code == 3), "{:?}", done.attempts);
+    // Every attempt crashed, except a second run cancelled because the other task's last
+    // failure had already failed the job.
+    let crashed = |a: &kommune_operator::attempt::Attempt| a.phase == AttemptPhase::Failed && a.result.as_ref().is_some_and(|r| r.exit_code == 3);
+    let cancelled = |a: &kommune_operator::attempt::Attempt| a.phase == AttemptPhase::Cancelled && a.number == 2;
+    assert!(done.attempts.iter().all(|a| crashed(a) || cancelled(a)), "{:?}", done.attempts);
+    assert!(done.attempts.iter().filter(|a| crashed(a)).count() >= 3, "{:?}", done.attempts);
     // A result is stored a moment before it is observed: wait for the observations.
     let reported = done.attempts.iter().filter(|a| a.result.as_ref().is_some_and(|r| r.exit_code == 3)).count();
     let fleet = op.dispatcher.fleet();

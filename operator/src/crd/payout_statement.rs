@@ -79,6 +79,10 @@ pub struct PayoutStatementStatus {
     pub paid_seq: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paid_reference: Option<String>,
+    /// Why the `kommune.dev/paid-reference` annotation was not recorded (e.g. a reference
+    /// that is empty or too long); cleared once a paid entry is appended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paid_refused: Option<String>,
     /// Delivery to the payout webhook (absent when none is configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookDelivery>,

@@ -18,6 +18,11 @@ use crate::ledger::Ledger;
 use crate::ledger::entry::fingerprint;
 use kommune_ledger::book::BookStatement;
 
+/// The annotation an admin sets on a PayoutStatement to record its payment while the operator
+/// runs (`kubectl annotate payoutstatement statement-N kommune.dev/paid-reference=REF`): the
+/// operator appends the paid entry, as `kommune-operator payout mark-paid` does when it is stopped.
+pub const PAID_REFERENCE: &str = "kommune.dev/paid-reference";
+
 /// The object name of statement `seq`: stable, and unique because seqs are.
 pub fn name_of(seq: u64) -> String {
     format!("statement-{seq}")
@@ -69,8 +74,35 @@ pub fn status_of(s: &BookStatement, current: Option<&PayoutStatementStatus>, web
         paid: if s.paid.is_some() { "Yes" } else { "No" }.into(),
         paid_seq: s.paid.as_ref().map(|p| p.seq),
         paid_reference: s.paid.as_ref().map(|p| p.reference.clone()),
+        paid_refused: None,
         webhook: if webhook { delivery } else { None },
     }
+}
+
+/// The payment reference an admin annotated on a statement's object that the ledger does not
+/// record yet (None once the statement is paid: the paid entry is never written twice).
+pub fn reference_to_record<'a>(s: &BookStatement, object: Option<&'a PayoutStatement>) -> Option<&'a str> {
+    if s.paid.is_some() {
+        return None;
+    }
+    object?.annotations().get(PAID_REFERENCE).map(|r| r.trim())
+}
+
+/// Appends the paid entries annotated on the objects; returns, by statement seq, why a
+/// reference was refused.
+async fn record_annotated_payments(ledger: &Ledger, statements: &[BookStatement], existing: &HashMap<String, PayoutStatement>) -> HashMap<u64, String> {
+    let mut refused = HashMap::new();
+    for s in statements {
+        let Some(reference) = reference_to_record(s, existing.get(&name_of(s.line.seq))) else { continue };
+        match ledger.mark_paid(s.line.seq, reference).await {
+            Ok(seq) => info!(statement = s.line.seq, %reference, paid_seq = seq, "statement marked paid from its {PAID_REFERENCE} annotation"),
+            Err(e) => {
+                warn!(statement = s.line.seq, error = %e, "the {PAID_REFERENCE} annotation was not recorded");
+                refused.insert(s.line.seq, e.to_string());
+            }
+        }
+    }
+    refused
 }
 
 /// One pass: every statement of the ledger exists as an object with the right spec and status,
@@ -88,6 +120,13 @@ pub async fn sync(api: &Api<PayoutStatement>, ledger: &Ledger, webhook_url: Opti
         .into_iter()
         .map(|o| (o.name_any(), o))
         .collect();
+    let refused = record_annotated_payments(ledger, &statements, &existing).await;
+    // Read again when a payment was recorded, so this pass shows it.
+    let statements = if statements.iter().any(|s| reference_to_record(s, existing.get(&name_of(s.line.seq))).is_some()) {
+        ledger.statements().await.map_err(|e| format!("cannot read the statements from the ledger: {e}"))?
+    } else {
+        statements
+    };
     let params = PatchParams::apply(MANAGER).force();
     for s in &statements {
         let name = name_of(s.line.seq);
@@ -107,6 +146,7 @@ pub async fn sync(api: &Api<PayoutStatement>, ledger: &Ledger, webhook_url: Opti
         }
         let current = have.and_then(|o| o.status.as_ref());
         let mut status = status_of(s, current, webhook_url.is_some());
+        status.paid_refused = refused.get(&s.line.seq).cloned();
         if let (Some(url), Some(d)) = (webhook_url, status.webhook.as_ref())
             && webhook::due(d, Timestamp::now())
         {
@@ -177,5 +217,22 @@ mod tests {
         let paid = status_of(&statement(true), Some(&delivered), true);
         assert_eq!((paid.paid.as_str(), paid.paid_seq, paid.paid_reference.as_deref()), ("Yes", Some(12), Some("bank-1")));
         assert_eq!(paid.webhook, delivered.webhook, "the delivery recorded on the object is kept");
+    }
+
+    #[test]
+    fn an_annotated_reference_is_recorded_once_and_only_for_an_unpaid_statement() {
+        let object = |annotation: Option<&str>| {
+            let mut o = PayoutStatement::new("statement-10", spec_of(&statement(false)));
+            if let Some(r) = annotation {
+                o.annotations_mut().insert(PAID_REFERENCE.into(), r.into());
+            }
+            o
+        };
+        assert_eq!(reference_to_record(&statement(false), Some(&object(Some(" wire-42 ")))), Some("wire-42"));
+        assert_eq!(reference_to_record(&statement(true), Some(&object(Some("wire-42")))), None, "paid once");
+        assert_eq!(reference_to_record(&statement(false), Some(&object(None))), None);
+        assert_eq!(reference_to_record(&statement(false), None), None);
+        // An empty one is passed on: the ledger refuses it with its reason, shown in status.
+        assert_eq!(reference_to_record(&statement(false), Some(&object(Some("  ")))), Some(""));
     }
 }

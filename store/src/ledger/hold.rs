@@ -31,7 +31,7 @@ pub struct Hold {
 #[derive(Debug, thiserror::Error)]
 pub enum HoldError {
     #[error(
-        "a running operator holds this ledger ({0}); payout commands append to the ledger and must not race the operator's writer: stop the operator (scale its StatefulSet to 0) and run the command again, or let the operator close periods itself (--payout-close-every)"
+        "a running operator holds this ledger ({0}); payout commands append to the ledger and must not race the operator's writer: stop the operator (scale its StatefulSet to 0) and run the command again, or let the running operator do it: it closes periods itself (--payout-close-every) and records a payment annotated on its PayoutStatement (kubectl annotate payoutstatement statement-N kommune.dev/paid-reference=REF)"
     )]
     Operator(String),
     #[error("a payout command is appending to this ledger ({0}); wait for it to finish")]
