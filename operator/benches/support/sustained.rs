@@ -100,12 +100,13 @@ pub fn sustained_operator() {
     let started = Instant::now();
     let done = rt.block_on(op.run_to_end(&mut changed, &job("sustained"), &p, &module));
     let secs = started.elapsed().as_secs_f64();
+    // Before the check below reads every attempt back into memory.
+    let rss_end = rss_mib();
     done_flag.store(true, std::sync::atomic::Ordering::Relaxed);
     sampler.join().unwrap();
     assert_eq!(done.progress.counts.succeeded, load.tasks);
     let ran = rt.block_on(op.dispatcher.store().attempts_for_job("sustained")).unwrap().len();
     assert_eq!(ran, load.tasks as usize, "every task ran exactly once");
-    let rss_end = rss_mib();
     eprintln!("sustained: {} tasks in {secs:.1}s, rss peak {:.0} MiB, ledger {:.0} MiB", load.tasks, *peak.lock().unwrap(), files_mib(&data, "ledger"));
     println!(
         "sustained tasks={} tasks_per_s={:.0} operator_rss_mib_start={rss_start:.0} operator_rss_mib_end={rss_end:.0} store_mib={:.0}",
