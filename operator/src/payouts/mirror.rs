@@ -88,21 +88,32 @@ pub fn reference_to_record<'a>(s: &BookStatement, object: Option<&'a PayoutState
     object?.annotations().get(PAID_REFERENCE).map(|r| r.trim())
 }
 
-/// Appends the paid entries annotated on the objects; returns, by statement seq, why a
-/// reference was refused.
-async fn record_annotated_payments(ledger: &Ledger, statements: &[BookStatement], existing: &HashMap<String, PayoutStatement>) -> HashMap<u64, String> {
-    let mut refused = HashMap::new();
+/// What recording the annotated payments did.
+#[derive(Default)]
+struct Annotated {
+    /// A paid entry was appended: the statements read before are out of date.
+    recorded: bool,
+    /// Why a reference was refused, by statement seq.
+    refused: HashMap<u64, String>,
+}
+
+/// Appends the paid entries annotated on the objects.
+async fn record_annotated_payments(ledger: &Ledger, statements: &[BookStatement], existing: &HashMap<String, PayoutStatement>) -> Annotated {
+    let mut out = Annotated::default();
     for s in statements {
         let Some(reference) = reference_to_record(s, existing.get(&name_of(s.line.seq))) else { continue };
         match ledger.mark_paid(s.line.seq, reference).await {
-            Ok(seq) => info!(statement = s.line.seq, %reference, paid_seq = seq, "statement marked paid from its {PAID_REFERENCE} annotation"),
+            Ok(seq) => {
+                info!(statement = s.line.seq, %reference, paid_seq = seq, "statement marked paid from its {PAID_REFERENCE} annotation");
+                out.recorded = true;
+            }
             Err(e) => {
                 warn!(statement = s.line.seq, error = %e, "the {PAID_REFERENCE} annotation was not recorded");
-                refused.insert(s.line.seq, e.to_string());
+                out.refused.insert(s.line.seq, e.to_string());
             }
         }
     }
-    refused
+    out
 }
 
 /// One pass: every statement of the ledger exists as an object with the right spec and status,
@@ -120,13 +131,9 @@ pub async fn sync(api: &Api<PayoutStatement>, ledger: &Ledger, webhook_url: Opti
         .into_iter()
         .map(|o| (o.name_any(), o))
         .collect();
-    let refused = record_annotated_payments(ledger, &statements, &existing).await;
+    let Annotated { recorded, refused } = record_annotated_payments(ledger, &statements, &existing).await;
     // Read again when a payment was recorded, so this pass shows it.
-    let statements = if statements.iter().any(|s| reference_to_record(s, existing.get(&name_of(s.line.seq))).is_some()) {
-        ledger.statements().await.map_err(|e| format!("cannot read the statements from the ledger: {e}"))?
-    } else {
-        statements
-    };
+    let statements = if recorded { ledger.statements().await.map_err(|e| format!("cannot read the statements from the ledger: {e}"))? } else { statements };
     let params = PatchParams::apply(MANAGER).force();
     for s in &statements {
         let name = name_of(s.line.seq);

@@ -166,10 +166,7 @@ pub fn run(cmd: LedgerCommand, out: &mut dyn Write) -> Result<(), CliError> {
             // Refuse to create a ledger (and keys) where there is none.
             drop(open(&a.location)?);
             let _hold = super::hold::hold(&a.location.data_dir, a.location.database_url.as_deref(), super::hold::Mode::Exclusive)?;
-            let old = std::fs::read_to_string(&a.ledger_key_file)
-                .map_err(|e| LedgerError::Key { path: a.ledger_key_file.display().to_string(), reason: format!("cannot read the key in force: {e}") })?;
-            let old = <ed25519_dalek::SigningKey as ed25519_dalek::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&old)
-                .map_err(|e| LedgerError::Key { path: a.ledger_key_file.display().to_string(), reason: format!("is not an ed25519 PKCS#8 PEM key: {e}") })?;
+            let old = super::load_key_file(&a.ledger_key_file)?;
             let new = super::load_or_create_key_file(&a.new_key_file)?;
             let mut b = open(&a.location)?;
             let r = super::rotate::rotate(b.as_mut(), &old, &a.ledger_key_file.display().to_string(), &new, kommune_proto::now_ms())?;

@@ -164,12 +164,11 @@ pub fn config_key(config: &LedgerConfig) -> Result<SigningKey, LedgerError> {
 
 /// Loads a PKCS#8 PEM ledger key, creating it with mode 0600 when the file does not exist.
 pub fn load_or_create_key_file(path: &Path) -> Result<SigningKey, LedgerError> {
-    use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, spki::der::pem::LineEnding};
+    use ed25519_dalek::pkcs8::{EncodePrivateKey, spki::der::pem::LineEnding};
     let path = path.to_path_buf();
     let err = |reason: String| LedgerError::Key { path: path.display().to_string(), reason };
-    match std::fs::read_to_string(&path) {
-        Ok(pem) => SigningKey::from_pkcs8_pem(&pem).map_err(|e| err(format!("is not an ed25519 PKCS#8 PEM key ({e}); restore it from backup"))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    match load_key_file(&path) {
+        Err(LedgerError::Key { .. }) if !path.exists() => {
             let mut seed = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
             let key = SigningKey::from_bytes(&seed);
@@ -182,8 +181,16 @@ pub fn load_or_create_key_file(path: &Path) -> Result<SigningKey, LedgerError> {
             std::io::Write::write_all(&mut f, pem.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| err(format!("cannot write: {e}")))?;
             Ok(key)
         }
-        Err(e) => Err(err(format!("cannot read: {e}"))),
+        loaded => loaded,
     }
+}
+
+/// Loads a PKCS#8 PEM ledger key that must exist (a key in force is never created).
+pub fn load_key_file(path: &Path) -> Result<SigningKey, LedgerError> {
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    let err = |reason: String| LedgerError::Key { path: path.display().to_string(), reason };
+    let pem = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    SigningKey::from_pkcs8_pem(&pem).map_err(|e| err(format!("is not an ed25519 PKCS#8 PEM key ({e}); restore it from backup")))
 }
 
 enum Command {
