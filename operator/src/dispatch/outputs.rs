@@ -14,6 +14,22 @@ use crate::outputs::{OutputError, OutputStore, Stored, UploadLimits, store::Uplo
 /// works when the attempt ends at its timeout and uploads then.
 const PUT_URL_SLACK: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// Bounds what an agent says it produced but did not send (`excess_bytes`), which nobody can
+/// measure: all of an attempt's outputs together, stored bytes and excess, cannot exceed the
+/// scratch disk it could have filled (`bound`). Claims are cut, in name order, to what is left;
+/// returns the bytes cut (0 for an honest agent, whose outputs all fit on its disk).
+pub fn bound_excess(outputs: &mut [OutputDigest], bound: u64) -> u64 {
+    let mut left = bound.saturating_sub(outputs.iter().fold(0u64, |t, o| t.saturating_add(o.size)));
+    let mut cut = 0u64;
+    for o in outputs.iter_mut() {
+        let kept = o.excess_bytes.min(left);
+        cut = cut.saturating_add(o.excess_bytes - kept);
+        left -= kept;
+        o.excess_bytes = kept;
+    }
+    cut
+}
+
 /// Why an upload was refused, as the gateway answers it.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadRefused {
@@ -86,7 +102,19 @@ impl Dispatcher {
         if o.destination != OutputDestination::Operator {
             return Err(UploadRefused::NoOutputs(a.id.clone()));
         }
+        // The excess is a claim; no single file can have outgrown the attempt's scratch.
+        let excess = excess.min(self.scratch_bound(&a).saturating_sub(size));
         Ok(store.begin(&a.id, name, size, excess, UploadLimits::from(o.as_ref()))?)
+    }
+
+    /// The most scratch disk attempt `a` could have filled: what its node offers (as believed,
+    /// under the admin's caps and the built-in ceiling), else that ceiling.
+    fn scratch_bound(&self, a: &Attempt) -> u64 {
+        let ceiling = crate::fleet::CEILING.ephemeral_bytes.unwrap_or(u64::MAX);
+        match self.fleet.node(&a.node).map(|n| n.capacity.ephemeral_bytes) {
+            Some(offered) if offered > 0 => offered.min(ceiling),
+            _ => ceiling,
+        }
     }
 
     /// Fills `result.outputs` for an attempt of a job with outputs: for the operator's store,
@@ -149,6 +177,10 @@ impl Dispatcher {
             out.counted = o.counts(&out.name);
         }
         outputs.sort_by(|x, y| x.name.cmp(&y.name));
+        let cut = bound_excess(&mut outputs, self.scratch_bound(a));
+        if cut > 0 {
+            warn!(attempt = %a.id, node = %a.node, cut, "the agent claimed more unsent output than its scratch disk holds; the claim was cut");
+        }
         result.outputs = outputs;
     }
 
@@ -167,5 +199,43 @@ impl Dispatcher {
             }
         });
         let _ = done.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(name: &str, size: u64, excess: u64) -> OutputDigest {
+        OutputDigest { name: name.into(), size, sha256: String::new(), excess_bytes: excess, counted: false }
+    }
+
+    fn excess(outputs: &[OutputDigest]) -> Vec<u64> {
+        outputs.iter().map(|o| o.excess_bytes).collect()
+    }
+
+    #[test]
+    fn claims_that_fit_the_scratch_disk_are_kept_whole() {
+        let mut honest = [out("out/a", 100, 900), out("stdout", 50, 0), out("stderr", 0, 24)];
+        assert_eq!(bound_excess(&mut honest, 1100), 0);
+        assert_eq!(excess(&honest), [900, 0, 24]);
+    }
+
+    #[test]
+    fn claims_past_the_scratch_disk_are_cut_in_order_to_what_is_left() {
+        let mut liar = [out("out/a", 100, 500), out("out/b", 0, u64::MAX), out("stdout", 10, 7)];
+        assert_eq!(bound_excess(&mut liar, 1000), (u64::MAX - 390) + 7);
+        assert_eq!(excess(&liar), [500, 390, 0]);
+        assert_eq!(liar.iter().map(|o| o.size + o.excess_bytes).sum::<u64>(), 1000, "all of it fills the disk, no more");
+    }
+
+    #[test]
+    fn stored_bytes_alone_past_the_bound_leave_no_room_for_claims() {
+        // Stored sizes are the operator's own count (bounded by the job's limits); only the
+        // claims are cut, and sums never overflow.
+        let mut outputs = [out("out/a", u64::MAX, 1), out("out/b", u64::MAX, u64::MAX)];
+        assert_eq!(bound_excess(&mut outputs, 10), u64::MAX, "the cut saturates too");
+        assert_eq!(excess(&outputs), [0, 0]);
+        assert_eq!(bound_excess(&mut [], 0), 0);
     }
 }

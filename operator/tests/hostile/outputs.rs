@@ -15,9 +15,15 @@ use crate::{PRICED, cordon, plausible};
 
 /// UploadOutput as `agent`'s node: a header announcing `size` bytes, then `data` in chunks.
 async fn upload(op: &Operator, agent: &HostileAgent, attempt: &str, name: &str, size: u64, data: &[u8]) -> Result<String, tonic::Status> {
+    upload_claiming(op, agent, attempt, name, size, data, 0).await
+}
+
+/// As `upload`, claiming `excess` more bytes were produced than sent.
+async fn upload_claiming(op: &Operator, agent: &HostileAgent, attempt: &str, name: &str, size: u64, data: &[u8], excess: u64) -> Result<String, tonic::Status> {
     let server = kommune_agent::connect::parse_server(&op.url).unwrap();
     let mut client = kommune_agent::connect::client(&server, &agent.state.ca_pem, Some((&agent.state.cert_pem, &agent.state.key_pem))).await.unwrap();
-    let header = OutputUploadChunk { kind: Some(Kind::Header(OutputUploadHeader { attempt_id: attempt.into(), name: name.into(), size, excess_bytes: 0 })) };
+    let header =
+        OutputUploadChunk { kind: Some(Kind::Header(OutputUploadHeader { attempt_id: attempt.into(), name: name.into(), size, excess_bytes: excess })) };
     let mut messages = vec![header];
     messages.extend(data.chunks(64 << 10).map(|c| OutputUploadChunk { kind: Some(Kind::Data(c.to_vec())) }));
     client.upload_output(tokio_stream::iter(messages)).await.map(|r| r.into_inner().sha256)
@@ -120,4 +126,40 @@ async fn a_liar_with_an_output_file_the_honest_copies_lack_is_outvoted() {
     assert!(listed.iter().all(|e| e.attempt_id == done.progress.accepted[0].1 && e.name != "out/result.txt"), "{listed:?}");
     let outvoted = op.dispatcher.store().observations_of("liar", 10).await.unwrap();
     assert!(outvoted.iter().any(|o| o.observed.as_str() == "Outvoted"), "{outvoted:?}");
+}
+
+/// Excess bytes (produced but not sent) cannot be measured, only claimed. A node offering 1 GiB
+/// of scratch claims far more, on an upload and for files it never sent: what its result says
+/// the attempt produced is cut to the disk it could have filled, and its stored output keeps
+/// the bytes the operator received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claimed_excess_past_the_scratch_disk_is_cut() {
+    let op = operator_with(PRICED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut facts = claims(2000, 2 << 30, "");
+    facts.capacity.as_mut().unwrap().ephemeral_storage_bytes = 1 << 30;
+    let mut holder = HostileAgent::join(&op, dir.path(), "boaster", facts).await.unwrap();
+    holder.connect(&op).await;
+    let yaml = "workload:\n  exec:\n    command: [/bin/true]\nresources: {cpu: 250m, memory: 64Mi}\noutputs: {paths: [a, b]}\n";
+    let jr = job("boast-job");
+    assert_eq!(op.dispatcher.sync(&jr, &policy(yaml), None).await.unwrap().placed, 1);
+    let assign = holder.assigned().await;
+    let id = assign.attempt_id.clone();
+    upload_claiming(&op, &holder, &id, "stdout", 4, b"four", u64::MAX).await.unwrap();
+    let stored = op.dispatcher.outputs().unwrap().manifest(&id).unwrap();
+    assert_eq!((stored[0].size, stored[0].excess_bytes), (4, (1 << 30) - 4), "one file's claim is cut to the disk");
+
+    let receipt = holder.receipt(&id, &assign.job, AttemptState::Succeeded, plausible(100, 250));
+    let unsent = vec![
+        OutputFile { name: "out/a".into(), size: 0, sha256: String::new(), excess_bytes: u64::MAX },
+        OutputFile { name: "out/b".into(), size: 0, sha256: String::new(), excess_bytes: 5 << 30 },
+    ];
+    let result = TaskResult { exit_code: 0, output_sha256: kommune_proto::sha256_hex(b"four"), outputs: unsent, ..Default::default() };
+    let update = TaskUpdate { trace: None, attempt_id: id.clone(), state: AttemptState::Succeeded as i32, result: Some(result), receipt: Some(receipt) };
+    holder.sender().send(AgentMessage { kind: Some(agent_message::Kind::TaskUpdate(update)) }).await.unwrap();
+    holder.ack_for(&id).await;
+    let recorded = op.dispatcher.store().attempt(&id).await.unwrap().unwrap().result.unwrap().outputs;
+    let total: u64 = recorded.iter().map(|o| o.size + o.excess_bytes).sum();
+    assert_eq!(total, 1 << 30, "size and excess of all outputs fill the 1 GiB disk and no more: {recorded:?}");
+    assert_eq!(recorded.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["out/a", "out/b", "stdout"]);
 }
