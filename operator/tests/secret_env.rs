@@ -1,7 +1,8 @@
 //! Env values from Secrets through the real controller, with a `tower_test` mock as the API
 //! server and one connected provider: refused without `spec.exposeSecretsToProviders`, held with
 //! a clear condition while the Secret is missing, unmarked or unreadable, and once allowed the
-//! value reaches the provider's Assign and never a status, an Event or any other request.
+//! value reaches the provider's Assign and never a status, an Event or any other request. An S3
+//! input's Secret the operator may not read is a condition too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,6 +172,24 @@ async fn a_missing_unmarked_or_unreadable_secret_holds_the_job_with_a_clear_cond
         assert_nothing_leaked(&sent);
         assert!(rx.try_recv().is_err(), "a task was placed while the Secret is not usable ({want_reason})");
     }
+}
+
+/// The same holds for an S3 input's credentials: a Secret the operator may not read (the chart's
+/// `jobSecrets.enabled` off) is a condition the job waits on, not a reconcile error.
+#[tokio::test]
+async fn an_s3_input_whose_secret_the_operator_may_not_read_holds_the_job_with_a_condition() {
+    let sha = "a".repeat(64);
+    let spec = format!(
+        "workload:\n  exec:\n    command: [cat, in/x]\ninputs:\n- {{path: x, s3: {{endpoint: 'http://127.0.0.1:9', bucket: shards, key: k, secretRef: {{name: api}}}}, sha256: '{sha}'}}\n"
+    );
+    let (ctx, mut api, mut rx, _dir) = testbed();
+    let (sent, status) = run(&job(&spec), &ctx, &mut api, SecretAnswer::Status(403)).await;
+    assert_eq!(status.phase, Some(JobPhase::Pending), "{:?}", status.conditions);
+    let (scheduled, reason, message) = condition(&status, "Scheduled");
+    assert_eq!((scheduled.as_str(), reason.as_str()), ("False", "S3CredentialsUnavailable"), "{message}");
+    assert!(message.contains("Secret default/api (s3.secretRef) cannot be read by the operator") && message.contains("jobSecrets.enabled"), "{message}");
+    assert!(events(&sent).iter().any(|(r, n)| r == "S3CredentialsUnavailable" && *n == message), "{:?}", events(&sent));
+    assert!(rx.try_recv().is_err(), "a task was placed without its input's credentials");
 }
 
 #[tokio::test]

@@ -105,8 +105,17 @@ pub(super) async fn credentials(ctx: &Context, ns: &str, o: &mut S3Object, read:
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let name = &o.secret;
-    let Some(secret) = api.get_opt(name).await? else {
-        return Ok(Err(("S3CredentialsUnavailable", format!("Secret {ns}/{name} (s3.secretRef) does not exist"))));
+    let secret = match api.get_opt(name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(Err(("S3CredentialsUnavailable", format!("Secret {ns}/{name} (s3.secretRef) does not exist")))),
+        // Not the job's fault nor a passing failure: the job waits, saying who can fix it.
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            return Ok(Err((
+                "S3CredentialsUnavailable",
+                format!("Secret {ns}/{name} (s3.secretRef) cannot be read by the operator: the cluster admin allows it with the chart's jobSecrets.enabled"),
+            )));
+        }
+        Err(e) => return Err(e.into()),
     };
     if secret.type_.as_deref() != Some(S3_SECRET_TYPE) {
         return Ok(Err((
