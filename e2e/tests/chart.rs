@@ -22,6 +22,7 @@ const NEEDS: &[(&str, &str, &str, bool)] = &[
     ("kommune.dev", "computejobs", "watch", true),
     ("kommune.dev", "computejobs", "patch", true), // finalizer add/remove (JSON patch)
     ("kommune.dev", "computejobs/status", "patch", true),
+    ("kommune.dev", "computejobs", "delete", true), // spec.ttlSecondsAfterFinished passed
     ("kommune.dev", "providernodes", "get", true),
     ("kommune.dev", "providernodes", "list", true),
     ("kommune.dev", "providernodes", "watch", true),  // the ProviderNode writer's reflector
