@@ -6,6 +6,9 @@
 //! agent offers room for two tasks. A report, not a timed test: it asserts only that everything
 //! finishes within generous bounds, every task succeeded once, and the ledger holds exactly one
 //! verified receipt per task. With no API server it prints one skip line and passes.
+//! CI runs it as built (debug); the figures in docs/PERFORMANCE.md are measured with
+//! `KOMMUNE_E2E_PROFILE=release cargo test --release -p kommune-e2e --test scale`, which runs
+//! the operator, agent and simulator optimized, as users run them.
 //!
 //! It also prints the API server's write rate (its own `apiserver_request_total`, every
 //! client's POST/PUT/PATCH/APPLY/DELETE) while the agents join (`join agents=N seconds=S

@@ -211,14 +211,24 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Whether the binaries the tests start are built with `--release`: for measuring (the scale
+/// scenario's figures with `cargo test --release -p kommune-e2e --test scale`), never in CI.
+fn release_binaries() -> bool {
+    std::env::var("KOMMUNE_E2E_PROFILE").is_ok_and(|p| p == "release")
+}
+
 pub fn binary(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
-    target.join("debug").join(name)
+    target.join(if release_binaries() { "release" } else { "debug" }).join(name)
 }
 
 pub fn build_binaries() -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo).current_dir(repo()).args(["build", "-p", "kommune-operator", "-p", "kommune-agent"]).status()?;
+    let mut args = vec!["build", "-p", "kommune-operator", "-p", "kommune-agent"];
+    if release_binaries() {
+        args.push("--release");
+    }
+    let status = Command::new(cargo).current_dir(repo()).args(&args).status()?;
     if !status.success() {
         bail!("cargo build of the binaries failed");
     }
