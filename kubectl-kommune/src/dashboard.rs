@@ -13,7 +13,7 @@ use http_body_util::BodyExt as _;
 use tokio::net::TcpListener;
 
 use crate::connect::{Target, TrustArgs, describe_transport_error};
-pub use crate::connect::{forwarded_port, operator_client};
+pub use crate::connect::operator_client;
 
 #[derive(clap::Args, Debug)]
 pub struct DashboardArgs {
