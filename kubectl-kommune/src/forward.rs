@@ -126,7 +126,7 @@ impl Drop for Forward {
 pub async fn forward(client: kube::Client, namespace: &str, service: &str, port: u16) -> Result<Forward, ForwardError> {
     let (pod, target) = resolve(&client, namespace, service, port).await?;
     let pods: Api<Pod> = Api::namespaced(client, namespace);
-    let refused = |e| api_error(e, namespace, format!("cannot port-forward to pod {namespace}/{pod}"), ("port-forward to pods", "create pods/portforward"));
+    let refused = |e| api_error(e, namespace, format!("cannot port-forward to pod {namespace}/{pod}"), ("port-forward to pods", "get and create pods/portforward"));
     drop(pods.portforward(&pod, &[target]).await.map_err(refused)?);
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.map_err(ForwardError::Listen)?;
     let local_port = listener.local_addr().map_err(ForwardError::Listen)?.port();
