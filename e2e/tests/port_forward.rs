@@ -69,7 +69,6 @@ async fn set_ready(client: &kube::Client, ns: &str, name: &str, ready: bool) -> 
     Ok(())
 }
 
-
 /// The outputs of one job uid, as the operator's store would list them.
 struct Stored {
     uid: String,
@@ -309,7 +308,11 @@ subjects: [{{kind: ServiceAccount, name: forwarder, namespace: {team}}}, {{kind:
     let ca_args = ["--operator-namespace", &op_ns, "--operator-service", "other-dashboard", "--operator-ca", ca_file.to_str().unwrap()];
     let other_dir = h.work.path().join("other");
     let out = plugin(&h.kubeconfig, &[&["results", "render", "-n", &team, "-o", other_dir.to_str().unwrap()][..], &ca_args].concat());
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("the operator's certificate is not trusted"), "another Service's name: {}", text(&out));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("the operator's certificate is not trusted"),
+        "another Service's name: {}",
+        text(&out)
+    );
 
     // Who may not port-forward learns which right is missing.
     let out = plugin(&looker, &with(&["results", "render", "-n", &team, "-o", h.work.path().join("looker").to_str().unwrap()]));

@@ -12,8 +12,8 @@ use http::StatusCode;
 use http_body_util::BodyExt as _;
 use tokio::net::TcpListener;
 
-use crate::connect::{Target, TrustArgs, describe_transport_error};
 pub use crate::connect::operator_client;
+use crate::connect::{Target, TrustArgs, describe_transport_error};
 
 #[derive(clap::Args, Debug)]
 pub struct DashboardArgs {

@@ -45,8 +45,7 @@ pub fn pick_pod(pods: &[Pod]) -> Option<&Pod> {
 
 fn is_ready(pod: &Pod) -> bool {
     let Some(status) = &pod.status else { return false };
-    status.phase.as_deref() == Some("Running")
-        && status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True")
+    status.phase.as_deref() == Some("Running") && status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
 /// The Service's label selector as a list selector (`k=v,k=v`); None when it has none.
@@ -61,11 +60,11 @@ pub fn container_port(service: &Service, port: u16, pod: &Pod) -> Result<u16, Fo
     let namespace = service.metadata.namespace.clone().unwrap_or_default();
     let name = service.metadata.name.clone().unwrap_or_default();
     let ports = service.spec.as_ref().and_then(|s| s.ports.as_ref());
-    let sp = ports
-        .into_iter()
-        .flatten()
-        .find(|p| p.port == i32::from(port))
-        .ok_or_else(|| ForwardError::NoServicePort { namespace: namespace.clone(), service: name.clone(), port })?;
+    let sp = ports.into_iter().flatten().find(|p| p.port == i32::from(port)).ok_or_else(|| ForwardError::NoServicePort {
+        namespace: namespace.clone(),
+        service: name.clone(),
+        port,
+    })?;
     match &sp.target_port {
         None => Ok(port),
         Some(IntOrString::Int(n)) => {
@@ -126,7 +125,8 @@ impl Drop for Forward {
 pub async fn forward(client: kube::Client, namespace: &str, service: &str, port: u16) -> Result<Forward, ForwardError> {
     let (pod, target) = resolve(&client, namespace, service, port).await?;
     let pods: Api<Pod> = Api::namespaced(client, namespace);
-    let refused = |e| api_error(e, namespace, format!("cannot port-forward to pod {namespace}/{pod}"), ("port-forward to pods", "get and create pods/portforward"));
+    let refused =
+        |e| api_error(e, namespace, format!("cannot port-forward to pod {namespace}/{pod}"), ("port-forward to pods", "get and create pods/portforward"));
     drop(pods.portforward(&pod, &[target]).await.map_err(refused)?);
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.map_err(ForwardError::Listen)?;
     let local_port = listener.local_addr().map_err(ForwardError::Listen)?.port();

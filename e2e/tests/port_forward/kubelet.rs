@@ -61,6 +61,8 @@ fn parse_request(req: &Request) -> Option<(String, u16)> {
     Some((format!("{ns}/{pod}"), port))
 }
 
+// The handshake callback's error type is tungstenite's (a whole HTTP response).
+#[allow(clippy::result_large_err)]
 async fn serve(acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, target: SocketAddr, seen: Arc<Mutex<Vec<String>>>) -> Result<()> {
     let tls = acceptor.accept(tcp).await.context("TLS handshake")?;
     let mut asked = None;
