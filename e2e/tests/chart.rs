@@ -163,6 +163,32 @@ fn chart_renders_typed_objects_with_the_rbac_the_operator_needs() -> anyhow::Res
     assert_eq!(rules[0].resource_names.as_deref(), Some(&["kommune-ca.crt".to_string()][..]));
     let reader_binding = bindings.iter().find(|b| b.role_ref.name == ca_reader.metadata.name.clone().unwrap()).expect("the CA reader Role is bound");
     assert!(reader_binding.subjects.iter().flatten().any(|s| s.kind == "Group" && s.name == "system:authenticated"));
+    // Dashboard users may port-forward to the operator's pods as `kubectl kommune` does: the
+    // Service by name, the pods to pick from, the port-forward; in the release namespace only,
+    // and bound to nobody unless dashboard.users names someone.
+    let user_role = roles.iter().find(|r| r.metadata.name.as_deref().is_some_and(|n| n.ends_with("-dashboard-user"))).expect("a Role for dashboard users");
+    assert_eq!(user_role.metadata.namespace.as_deref(), Some(NS));
+    let rules = user_role.rules.clone().unwrap_or_default();
+    assert_eq!(
+        granted(&rules),
+        [("", "services", "get"), ("", "pods", "list"), ("", "pods/portforward", "get"), ("", "pods/portforward", "create")].map(|(g, r, v)| (
+            g.to_string(),
+            r.to_string(),
+            v.to_string()
+        ))
+    );
+    assert_eq!(
+        rules[0].resource_names.as_deref(),
+        Some(&[format!("{}-dashboard", user_role.metadata.name.as_deref().unwrap().trim_end_matches("-dashboard-user"))][..])
+    );
+    assert!(!bindings.iter().any(|b| b.role_ref.name == user_role.metadata.name.clone().unwrap()), "nobody may port-forward by default");
+    let bound =
+        render_chart(&helm, NS, &["dashboard.users[0].kind=Group", "dashboard.users[0].name=ops", "dashboard.users[0].apiGroup=rbac.authorization.k8s.io"])?;
+    assert!(
+        bound.contains("kind: RoleBinding")
+            && bound.contains("name: kommune-dashboard-user\nsubjects:\n  - apiGroup: rbac.authorization.k8s.io\n    kind: Group\n    name: ops"),
+        "dashboard.users binds the Role"
+    );
     // CRDs: only its own three, by name.
     for r in bound_cluster.iter().filter(|r| r.resources.iter().flatten().any(|res| res == "customresourcedefinitions")) {
         let mut names = r.resource_names.clone().unwrap_or_default();

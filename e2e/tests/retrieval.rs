@@ -4,8 +4,8 @@
 //! The operator's web endpoint runs in this process with the chart's RBAC (TokenReview,
 //! SubjectAccessReview and ComputeJob lookups through the API server), and an in-memory output
 //! store stands in for the operator's (issue 17's store plugs into the same trait). The plugin
-//! is the real `kubectl-kommune` binary; it reaches the endpoint with `--operator-url`, since
-//! envtest has no kubelet and so no Pod to port-forward to, and verifies its certificate
+//! is the real `kubectl-kommune` binary; it reaches the endpoint with `--operator-url` (its
+//! port-forward is tested in port_forward.rs), and verifies its certificate
 //! against the CA the operator publishes (read with the user's own token), as by default.
 
 mod support;

@@ -1,13 +1,12 @@
-//! Reaching the operator's HTTPS endpoint: a `kubectl port-forward` through the API server (or
-//! a URL given), its certificate verified against the operator CA, and a client that
+//! Reaching the operator's HTTPS endpoint: a port-forward through the API server (or a URL
+//! given), its certificate verified against the operator CA, and a client that
 //! authenticates with the user's own kubeconfig credentials.
-
-use std::process::Stdio;
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kommune_operator::controller::ca::{CA_CONFIGMAP, CA_CONFIGMAP_KEY};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+use crate::forward::Forward;
 
 /// Where the operator's dashboard endpoint is, for the subcommands that talk to it.
 #[derive(clap::Args, Debug, Clone)]
@@ -54,10 +53,10 @@ pub enum Trust {
 }
 
 /// A client for the operator, signed with the user's credentials from `config`, and the
-/// port-forward it runs through (killed when dropped).
+/// port-forward it runs through (stopped when dropped).
 pub struct Operator {
     pub client: kube::Client,
-    _forward: Option<tokio::process::Child>,
+    _forward: Option<Forward>,
 }
 
 /// Where to reach the operator: a Service to port-forward to, or a URL.
@@ -89,8 +88,10 @@ pub async fn connect(config: kube::Config, target: &Target<'_>, trust: &TrustArg
             if let Trust::Roots { server_name, .. } = &mut trust {
                 *server_name = Some(service_server_name(target.service, target.namespace));
             }
-            let (port, child) = port_forward(target.namespace, target.service, target.port).await?;
-            (format!("https://127.0.0.1:{port}"), Some(child))
+            // The API server checks the user's right to port-forward: the same credentials.
+            let api = kube::Client::try_from(config.clone()).context("cannot build a client for the API server")?;
+            let forward = crate::forward::forward(api, target.namespace, target.service, target.port).await?;
+            (format!("https://127.0.0.1:{}", forward.local_port), Some(forward))
         }
     };
     Ok(Operator { client: operator_client(config, &url, &trust)?, _forward: forward })
@@ -148,36 +149,6 @@ pub fn roots_from_pem(pem: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(ders)
 }
 
-/// Runs `kubectl port-forward` to `service` and returns the local port it chose; the child is
-/// killed when dropped. kubectl uses the same kubeconfig, so the API server checks the user's
-/// right to port-forward too.
-pub async fn port_forward(namespace: &str, service: &str, remote_port: u16) -> anyhow::Result<(u16, tokio::process::Child)> {
-    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
-    let mut child = tokio::process::Command::new(&kubectl)
-        .args(["port-forward", "-n", namespace, &format!("svc/{service}"), &format!(":{remote_port}"), "--address", "127.0.0.1"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot run {kubectl} port-forward (is kubectl on PATH, or KUBECTL set?)"))?;
-    let mut lines = BufReader::new(child.stdout.take().context("no stdout from kubectl")?).lines();
-    while let Some(line) = lines.next_line().await? {
-        if let Some(port) = forwarded_port(&line) {
-            // Keep draining its output so kubectl never blocks on a full pipe.
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return Ok((port, child));
-        }
-    }
-    anyhow::bail!(
-        "kubectl port-forward to svc/{service} in {namespace} ended before forwarding (does the Service exist, with the dashboard on port {remote_port}?)"
-    )
-}
-
-/// The local port of kubectl's "Forwarding from 127.0.0.1:PORT -> REMOTE" line.
-pub fn forwarded_port(line: &str) -> Option<u16> {
-    let rest = line.strip_prefix("Forwarding from 127.0.0.1:")?;
-    rest.split_whitespace().next()?.parse().ok()
-}
-
 /// A client for the operator's dashboard at `url` that authenticates exactly as `config`
 /// (the user's kubeconfig) does to the API server: token, client certificate or exec plugin.
 /// The operator's certificate is checked as `trust` says, never against the kubeconfig's CA:
@@ -222,17 +193,5 @@ pub fn describe_transport_error(e: &(dyn std::error::Error + 'static)) -> String
         )
     } else {
         chain
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_the_port_kubectl_chose() {
-        assert_eq!(forwarded_port("Forwarding from 127.0.0.1:41234 -> 8444"), Some(41234));
-        assert_eq!(forwarded_port("Forwarding from [::1]:41234 -> 8444"), None);
-        assert_eq!(forwarded_port("Handling connection for 41234"), None);
     }
 }

@@ -12,8 +12,8 @@ use http::StatusCode;
 use http_body_util::BodyExt as _;
 use tokio::net::TcpListener;
 
+pub use crate::connect::operator_client;
 use crate::connect::{Target, TrustArgs, describe_transport_error};
-pub use crate::connect::{forwarded_port, operator_client};
 
 #[derive(clap::Args, Debug)]
 pub struct DashboardArgs {
