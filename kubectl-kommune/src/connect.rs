@@ -39,8 +39,13 @@ pub struct TrustArgs {
     /// Do not verify the operator's certificate (only the connection to the operator; the API
     /// server's stays as your kubeconfig says). Whoever can intercept the connection then
     /// reads your credentials: for debugging only.
-    #[arg(long, conflicts_with = "operator_ca")]
+    #[arg(long, conflicts_with_all = ["operator_ca", "tls_server_name"])]
     pub insecure_skip_tls_verify: bool,
+    /// The name the operator's certificate must carry, when it is not the host you reach it
+    /// by: an `--operator-url` of an Ingress or a tunnel in front of the dashboard Service
+    /// (e.g. kommune-dashboard.kommune-system.svc, which the chart's certificate names).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 /// What the operator's certificate is checked against.
@@ -84,9 +89,9 @@ pub async fn connect(config: kube::Config, target: &Target<'_>, trust: &TrustArg
         Some(u) => (u.to_string(), None),
         None => {
             // Through the port-forward the connection ends at 127.0.0.1, so the certificate is
-            // checked for the Service's name, which the chart puts in it.
+            // checked for the Service's name, which the chart puts in it (unless told another).
             if let Trust::Roots { server_name, .. } = &mut trust {
-                *server_name = Some(service_server_name(target.service, target.namespace));
+                server_name.get_or_insert_with(|| service_server_name(target.service, target.namespace));
             }
             // The API server checks the user's right to port-forward: the same credentials.
             let api = kube::Client::try_from(config.clone()).context("cannot build a client for the API server")?;
@@ -118,7 +123,7 @@ impl TrustArgs {
             Some(path) => format!("--operator-ca {}", path.display()),
             None => format!("ConfigMap {operator_namespace}/{CA_CONFIGMAP}"),
         })?;
-        Ok(Trust::Roots { ders, server_name: None })
+        Ok(Trust::Roots { ders, server_name: self.tls_server_name.clone() })
     }
 }
 

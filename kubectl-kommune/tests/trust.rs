@@ -160,12 +160,33 @@ async fn operator_ca_reads_a_pem_file_and_refuses_one_without_a_certificate() {
     let good = dir.path().join("ca.crt");
     std::fs::write(&good, ca.cert_pem()).unwrap();
     // No API server is asked when a file is given.
-    let args = TrustArgs { operator_ca: Some(good), insecure_skip_tls_verify: false };
+    let args = TrustArgs { operator_ca: Some(good), ..TrustArgs::default() };
     let trust = args.resolve(&anonymous(), NS).await.unwrap();
     assert!(matches!(&trust, Trust::Roots { ders, server_name: None } if ders.len() == 1));
 
     let bad = dir.path().join("key.pem");
     std::fs::write(&bad, ca.key_pem()).unwrap();
-    let err = TrustArgs { operator_ca: Some(bad), insecure_skip_tls_verify: false }.resolve(&anonymous(), NS).await.unwrap_err();
+    let err = TrustArgs { operator_ca: Some(bad), ..TrustArgs::default() }.resolve(&anonymous(), NS).await.unwrap_err();
     assert!(format!("{err:#}").contains("no CERTIFICATE"), "{err:#}");
+}
+
+/// Behind an Ingress or a tunnel the URL's host is not a name the operator's certificate
+/// carries: `--tls-server-name` names the one to check for, and only that one is accepted.
+#[tokio::test]
+async fn tls_server_name_checks_the_certificate_for_another_name_than_the_urls_host() {
+    let ca = Ca::generate().unwrap();
+    let port = operator_dashboard(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("ca.crt");
+    std::fs::write(&pem, ca.cert_pem()).unwrap();
+    // 127.0.0.1 is not in the certificate: refused, as before.
+    let url = format!("https://127.0.0.1:{port}");
+    let plain = TrustArgs { operator_ca: Some(pem.clone()), ..TrustArgs::default() }.resolve(&anonymous(), NS).await.unwrap();
+    assert!(reach(&url, &plain).await.unwrap_err().contains("not trusted"));
+    // Named: the Service's name is accepted, a name the certificate lacks is not.
+    let named = |name: &str| TrustArgs { operator_ca: Some(pem.clone()), tls_server_name: Some(name.into()), ..TrustArgs::default() };
+    let service = named(&service_server_name(SERVICE, NS)).resolve(&anonymous(), NS).await.unwrap();
+    assert_eq!(reach(&url, &service).await, Ok(401));
+    let other = named("dashboard.example.org").resolve(&anonymous(), NS).await.unwrap();
+    assert!(reach(&url, &other).await.unwrap_err().contains("not trusted"));
 }
