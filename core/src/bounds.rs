@@ -25,7 +25,7 @@ pub struct UsageBounds {
     pub memory_bytes: u64,
     /// GPUs assigned to it.
     pub gpus: u32,
-    /// Output (stdout) it could write.
+    /// Output it could write and be paid for: stdout, and the declared files it uploads.
     pub output_bytes: u64,
     /// Its wall-clock limit, when the job's policy is known.
     pub timeout: Option<Duration>,
@@ -45,6 +45,9 @@ pub struct Assigned<'a> {
     pub node_capacity: Option<Resources>,
     /// The job's task timeout, if the job is known.
     pub timeout: Option<Duration>,
+    /// What the job lets one attempt upload as outputs (`spec.outputs.maxAttemptSize`), 0 when
+    /// it declares none; None when the job is not known (then the largest a job may allow).
+    pub output_files_bytes: Option<u64>,
 }
 
 /// The ceiling for an attempt of `a`.
@@ -59,7 +62,10 @@ pub fn for_attempt(a: &Assigned<'_>) -> UsageBounds {
         // the loosest of the rules above.
         _ => (a.cpu_millis.max(node.cpu_millis).max(WASM_CPU_MILLIS), a.memory_bytes.max(node.memory_bytes)),
     };
-    UsageBounds { cpu_millis: cpu, memory_bytes: memory, gpus: a.gpus, output_bytes: kommune_proto::limits::MAX_STDOUT_BYTES, timeout: a.timeout }
+    // Uploaded files are output the provider's machine sent (and is paid for), on top of stdout.
+    let files = a.output_files_bytes.unwrap_or(kommune_proto::limits::MAX_ATTEMPT_OUTPUTS);
+    let output_bytes = kommune_proto::limits::MAX_STDOUT_BYTES.saturating_add(files);
+    UsageBounds { cpu_millis: cpu, memory_bytes: memory, gpus: a.gpus, output_bytes, timeout: a.timeout }
 }
 
 /// The most an attempt within `b` can cost at `rates` over `timeout` (its bounds' own timeout
@@ -88,6 +94,7 @@ mod tests {
             gpus: 1,
             node_capacity: Some(Resources { cpu_millis: 8000, memory_bytes: 32 * GI, ephemeral_bytes: 0 }),
             timeout: Some(Duration::from_secs(60)),
+            output_files_bytes: Some(0),
         }
     }
 
@@ -108,6 +115,16 @@ mod tests {
             assert_eq!((b.cpu_millis, b.memory_bytes), (cpu, memory), "{runtime:?}");
             assert_eq!((b.gpus, b.timeout), (1, Some(Duration::from_secs(60))), "{runtime:?}");
             assert_eq!(b.output_bytes, kommune_proto::limits::MAX_STDOUT_BYTES);
+        }
+    }
+
+    #[test]
+    fn uploaded_files_are_output_up_to_the_jobs_limit_else_the_largest_a_job_may_allow() {
+        use kommune_proto::limits::{MAX_ATTEMPT_OUTPUTS, MAX_STDOUT_BYTES};
+        let cases = [(Some(0), MAX_STDOUT_BYTES), (Some(256 << 20), MAX_STDOUT_BYTES + (256 << 20)), (None, MAX_STDOUT_BYTES + MAX_ATTEMPT_OUTPUTS)];
+        for (files, output) in cases {
+            let b = for_attempt(&Assigned { output_files_bytes: files, ..assigned(Some(EXEC)) });
+            assert_eq!(b.output_bytes, output, "{files:?}");
         }
     }
 

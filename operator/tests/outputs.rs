@@ -68,6 +68,10 @@ async fn declared_files_stdout_and_stderr_reach_the_operator_and_read_back_with_
     assert_eq!(read(reader.as_ref(), "out-job", 0, "stderr").await.unwrap(), b"oops\n");
     assert_eq!(read(reader.as_ref(), "out-job", 0, "out/missing.txt").await, None);
     assert!(reader.list("other-job").await.unwrap().is_empty());
+    // Metered (bytes out): each attempt's stdout ("hello\n") and the declared files it sent.
+    let sent: u64 = done.attempts.iter().map(|a| 6 + format!("words {}\n", a.index).len() as u64 + "part\n".len() as u64).sum();
+    let metered = op.metered_at_least("out-job", 2).await;
+    assert_eq!(metered.usage.output_bytes, sent, "{metered:?}");
 
     // Deleting the job (its finalizer) removes its outputs and gives their room back.
     let store = op.dispatcher.outputs().unwrap();

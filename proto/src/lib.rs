@@ -31,6 +31,8 @@ pub mod limits {
     /// Most stdout one attempt may write: past it the agent fails the attempt rather than report
     /// a digest of a prefix, and the operator refuses a receipt claiming more output.
     pub const MAX_STDOUT_BYTES: u64 = 16 << 20;
+    /// Most bytes a job may let one attempt upload as outputs (`spec.outputs.maxAttemptSize`).
+    pub const MAX_ATTEMPT_OUTPUTS: u64 = 4 << 30;
     /// Most stderr one attempt may write (not metered as output).
     pub const MAX_STDERR_BYTES: u64 = 1 << 20;
 }

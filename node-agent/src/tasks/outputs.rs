@@ -107,7 +107,13 @@ pub async fn deliver(attempt: &str, plan: &OutputPlan, scratch: &Path, streams: 
             None => to.upload(attempt, &c.name, &c.path, c.size, c.excess).await,
         };
         match stored {
-            Ok(sha) if sha == c.sha256 => {}
+            // A declared file sent is output the machine produced and is metered with it
+            // (stdout is already counted as the task wrote it; stderr is not billed).
+            Ok(sha) if sha == c.sha256 => {
+                if c.name.starts_with("out/") {
+                    outcome.output_bytes = outcome.output_bytes.saturating_add(c.size);
+                }
+            }
             Ok(sha) => failures.push(format!("{}: the operator stored sha256 {sha}, the agent read {}", c.name, c.sha256)),
             Err(e) => failures.push(format!("{}: {e}", c.name)),
         }

@@ -74,6 +74,7 @@ impl Dispatcher {
             gpus: policy.gpu.count,
             node_capacity: Some(self.fleet.largest_capacity()),
             timeout: Some(policy.task_timeout),
+            output_files_bytes: Some(policy.outputs.as_ref().map_or(0, |o| o.max_attempt_bytes)),
         });
         let replica = bounds::worst_case(&unplaced, policy.task_timeout, &self.rates.ceiling());
         let next = Micros(replica.0.saturating_mul(policy.placement.replicas.max(1) as u64));

@@ -63,6 +63,7 @@ impl Dispatcher {
             gpus: a.held.map_or(0, |h| h.gpu_mask.count_ones()),
             node_capacity: self.fleet.node(&a.node).map(|n| n.capacity),
             timeout: job.as_ref().map(|j| j.task_timeout),
+            output_files_bytes: job.as_ref().map(|j| j.outputs.as_ref().map_or(0, |o| o.max_attempt_bytes)),
         })
     }
 

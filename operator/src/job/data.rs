@@ -87,7 +87,7 @@ pub const DEFAULT_MAX_ATTEMPT_OUTPUTS: u64 = 256 << 20;
 /// Default `spec.outputs.maxFiles` (stdout and stderr included).
 pub const DEFAULT_MAX_OUTPUT_FILES: u32 = 64;
 /// Largest `maxAttemptSize` a job may ask for: what one attempt may put on the operator's disk.
-pub const MAX_ATTEMPT_OUTPUTS: u64 = 4 << 30;
+pub const MAX_ATTEMPT_OUTPUTS: u64 = kommune_proto::limits::MAX_ATTEMPT_OUTPUTS;
 
 /// `spec.outputs` with its defaults.
 pub fn outputs(o: &crd::JobOutputs) -> Result<JobOutputs, Invalid> {

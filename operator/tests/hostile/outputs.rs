@@ -5,7 +5,7 @@
 use kommune_operator::crd::JobPhase;
 use kommune_operator::dispatch::ModuleRef;
 use kommune_proto::v1::{
-    AgentMessage, AttemptState, OutputFile, OutputUploadChunk, OutputUploadHeader, TaskResult, TaskUpdate, agent_message, output_upload_chunk::Kind,
+    AgentMessage, AttemptState, OutputFile, OutputUploadChunk, OutputUploadHeader, TaskResult, TaskUpdate, Usage, agent_message, output_upload_chunk::Kind,
 };
 use tonic::Code;
 
@@ -162,4 +162,42 @@ async fn claimed_excess_past_the_scratch_disk_is_cut() {
     let total: u64 = recorded.iter().map(|o| o.size + o.excess_bytes).sum();
     assert_eq!(total, 1 << 30, "size and excess of all outputs fill the 1 GiB disk and no more: {recorded:?}");
     assert_eq!(recorded.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["out/a", "out/b", "stdout"]);
+}
+
+/// Uploaded files are metered as output, so a provider may claim them: up to what the job lets
+/// an attempt upload (`maxAttemptSize`) on top of stdout's cap, never more. A job without
+/// outputs still bounds output at stdout's cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn output_claimed_past_the_jobs_upload_limit_is_refused_and_within_it_is_paid() {
+    use kommune_proto::limits::MAX_STDOUT_BYTES;
+    let op = operator_with(PRICED).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = HostileAgent::join(&op, dir.path(), "uploader", claims(2000, 2 << 30, "")).await.unwrap();
+    agent.connect(&op).await;
+    let with_outputs =
+        "workload:\n  exec:\n    command: [/bin/true]\ntasks: 2\nresources: {cpu: 250m, memory: 64Mi}\noutputs: {paths: [a], maxAttemptSize: 1Mi}\n";
+    let without = "workload:\n  exec:\n    command: [/bin/true]\nresources: {cpu: 250m, memory: 64Mi}\n";
+    assert_eq!(op.dispatcher.sync(&job("uploads"), &policy(with_outputs), None).await.unwrap().placed, 2);
+    assert_eq!(op.dispatcher.sync(&job("no-uploads"), &policy(without), None).await.unwrap().placed, 1);
+    let mut assigns = vec![];
+    for _ in 0..3 {
+        let a = agent.assigned().await;
+        agent.say_running(&a.attempt_id).await;
+        assigns.push(a);
+    }
+    let limit = MAX_STDOUT_BYTES + (1 << 20);
+    for a in &assigns {
+        let (claimed, paid) = match (a.job.contains("no-uploads"), a.task_index) {
+            (true, _) => (MAX_STDOUT_BYTES + 1, false),
+            (false, 0) => (limit, true),
+            (false, _) => (limit + 1, false),
+        };
+        let ack = agent.report(a, AttemptState::Succeeded, Usage { output_bytes: claimed, ..plausible(100, 250) }).await;
+        if paid {
+            assert!(ack.receipt_rejected.is_empty() && ack.cost_micros > 0, "{} claiming {claimed}: {ack:?}", a.attempt_id);
+        } else {
+            assert!(ack.receipt_rejected.contains("output of"), "{} claiming {claimed}: {ack:?}", a.attempt_id);
+            assert_eq!(ack.cost_micros, 0);
+        }
+    }
 }
