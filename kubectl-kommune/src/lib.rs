@@ -4,6 +4,7 @@
 pub mod api;
 pub mod connect;
 pub mod dashboard;
+pub mod follow;
 pub mod get;
 pub mod logs;
 pub mod results;

@@ -105,7 +105,7 @@ async fn start(reader: Option<Arc<dyn OutputReader>>) -> String {
     let listener = tls::TlsListener::bind("127.0.0.1:0".parse().unwrap(), tls::server_config(&chain, &key, None).unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap().addr;
     let gate = Arc::new(Gatekeeper::new(Arc::new(Rbac)));
-    let retrieval = Retrieval { jobs: Arc::new(Jobs), reader };
+    let retrieval = Retrieval { jobs: Arc::new(Jobs), reader, live: None };
     tokio::spawn(web::serve(listener, web::router_with_outputs(gate, Arc::new(NoFacts), Some(retrieval))));
     format!("https://localhost:{}", addr.port())
 }
