@@ -58,7 +58,9 @@ pub(super) async fn follow(
         }
         Ok(Following::NotRunning) => error(
             StatusCode::CONFLICT,
-            format!("no attempt of task {task_index} of {namespace}/{name} is running now: it has not started or has ended (its stored logs are listed under outputs)"),
+            format!(
+                "no attempt of task {task_index} of {namespace}/{name} is running now: it has not started or has ended (its stored logs are listed under outputs)"
+            ),
         ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
