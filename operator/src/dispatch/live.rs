@@ -60,6 +60,11 @@ impl Dispatcher {
     /// Opens the live tail of a running attempt, from the store's record of it (held in
     /// memory for a running job, so this is no database read); `node`, when given, must hold it.
     async fn open_live(&self, attempt_id: &str, node: Option<&str>) -> Result<Arc<LiveAttempt>, Dropped> {
+        // Attempt ids start with their job's uid. A job this operator does not sync has no
+        // running attempt here; refused without a lookup, so made-up ids cost no store read.
+        if self.limits(attempt_id.split('.').next().unwrap_or_default()).is_none() {
+            return Err(Dropped::NotHeld);
+        }
         let a = match self.store.attempt(attempt_id).await {
             Ok(Some(a)) => a,
             Ok(None) => return Err(Dropped::NotHeld),
