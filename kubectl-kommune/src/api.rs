@@ -91,6 +91,40 @@ pub async fn open_output(client: &kube::Client, namespace: &str, job: &str, task
     Ok(Fetched::Body(body))
 }
 
+/// The live logs' path of task `task` of job `namespace/name`, following.
+pub fn live_logs_path(namespace: &str, job: &str, task: u32) -> String {
+    format!("/api/v1/namespaces/{}/computejobs/{}/tasks/{task}/logs?follow=1", encode_segment(namespace), encode_segment(job))
+}
+
+/// What the operator answers a follower of a task.
+pub enum Live {
+    /// The running attempt's events, newline-delimited JSON, until it ends.
+    Stream(kube::client::Body),
+    /// No attempt of the task runs now (why, from the operator).
+    NotRunning(String),
+    /// The operator offers no live logs (an older one: its router has no such route; or
+    /// outputs are not enabled): the plugin waits for the task to end instead.
+    NotOffered(String),
+}
+
+/// Follows the running attempt of task `task` of job `namespace/job`.
+pub async fn follow_logs(client: &kube::Client, namespace: &str, job: &str, task: u32) -> Result<Live, ApiError> {
+    let resp = send(client, &live_logs_path(namespace, job, task)).await?;
+    let (parts, body) = resp.into_parts();
+    if parts.status.is_success() {
+        return Ok(Live::Stream(body));
+    }
+    match (parts.status, refusal(parts.status, body).await) {
+        (StatusCode::CONFLICT, ApiError::Refused { message, .. }) => Ok(Live::NotRunning(message)),
+        // The operator's own 404s explain themselves; an unknown route's is empty.
+        (StatusCode::NOT_FOUND, ApiError::Refused { message, .. }) if message.is_empty() => {
+            Ok(Live::NotOffered("this operator serves no live logs (it is older than this plugin)".into()))
+        }
+        (_, ApiError::Unavailable(why)) => Ok(Live::NotOffered(why)),
+        (_, e) => Err(e),
+    }
+}
+
 /// Fetches a redirect's URL (a presigned bucket URL) with a client that carries no kubeconfig
 /// credentials: the URL authorizes itself, and the user's token must not leave for a bucket.
 pub async fn fetch_url(url: &str) -> Result<kube::client::Body, ApiError> {

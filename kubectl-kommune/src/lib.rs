@@ -4,6 +4,7 @@
 pub mod api;
 pub mod connect;
 pub mod dashboard;
+pub mod follow;
 pub mod forward;
 pub mod get;
 pub mod logs;

@@ -1,5 +1,5 @@
 //! `kubectl kommune logs JOB [--task N] [--follow]`: a task's stdout and stderr from the
-//! operator's output store, or the tail the job's status keeps when outputs are not stored.
+//! operator's output store (live while it runs, with --follow), or the status' tail.
 
 use std::time::Duration;
 
@@ -11,8 +11,9 @@ use kommune_operator::outputs::OutputEntry;
 use kube::Api;
 use std::io::Write as _;
 
-use crate::api::{self, ApiError, Fetched};
+use crate::api::{self, ApiError, Fetched, Live};
 use crate::connect::OperatorArgs;
+use crate::follow::{Printed, print_stream};
 use crate::get::task_finished;
 
 #[derive(clap::Args, Debug)]
@@ -25,8 +26,10 @@ pub struct LogsArgs {
     /// The task index.
     #[arg(long, default_value_t = 0)]
     pub task: u32,
-    /// Wait until the task has finished, then print its logs (outputs are stored when an
-    /// attempt ends, so there is nothing to stream before).
+    /// While the task runs, print its running attempt's stdout and stderr as the operator
+    /// receives them from the provider (the first 1 MiB of each, a claim like every result
+    /// until stored); when it has finished, the rest of its stored logs. With an operator
+    /// that serves no live logs: wait until the task has finished, then print them.
     #[arg(long, short = 'f')]
     pub follow: bool,
     /// How often --follow looks at the job, in seconds.
@@ -62,9 +65,28 @@ pub async fn run(args: LogsArgs) -> anyhow::Result<()> {
     if args.task >= job.spec.tasks {
         anyhow::bail!("{namespace}/{} has tasks 0 to {}; there is no task {}", args.job, job.spec.tasks.saturating_sub(1), args.task);
     }
+    let operator = args.operator.connect(config).await?;
+    let mut printed = Printed::default();
     if args.follow {
         let mut said = String::new();
+        let mut live = true;
         while !task_finished(&job, args.task) {
+            if live {
+                match api::follow_logs(&operator.client, &namespace, &args.job, args.task).await {
+                    Ok(Live::Stream(body)) => {
+                        print_stream(body, &mut printed).await?;
+                        job = get().await?;
+                        continue;
+                    }
+                    // Not started yet, or between attempts: asked again after the wait.
+                    Ok(Live::NotRunning(_)) => {}
+                    Ok(Live::NotOffered(why)) => {
+                        eprintln!("no live logs ({why}); the logs are printed when the task has finished");
+                        live = false;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             let now = format!(
                 "waiting for task {} of {namespace}/{} to finish ({})",
                 args.task,
@@ -79,13 +101,13 @@ pub async fn run(args: LogsArgs) -> anyhow::Result<()> {
             job = get().await?;
         }
     }
-    let operator = args.operator.connect(config).await?;
-    print_logs(&operator.client, &job, &namespace, &args.job, args.task).await
+    print_logs(&operator.client, &job, &namespace, &args.job, args.task, &printed).await
 }
 
 /// Prints the task's stored stdout to stdout and stderr to stderr; falls back to the status'
-/// tail when the operator stores no outputs or has none for the task.
-pub async fn print_logs(client: &kube::Client, job: &ComputeJob, namespace: &str, name: &str, task: u32) -> anyhow::Result<()> {
+/// tail when the operator stores no outputs or has none for the task. What `printed` shows
+/// was printed live already is skipped.
+pub async fn print_logs(client: &kube::Client, job: &ComputeJob, namespace: &str, name: &str, task: u32, printed: &Printed) -> anyhow::Result<()> {
     let fallback = |why: String| -> anyhow::Result<()> {
         match status_tail(job, task) {
             Some(tail) => {
@@ -105,14 +127,21 @@ pub async fn print_logs(client: &kube::Client, job: &ComputeJob, namespace: &str
     if entries.is_empty() {
         return fallback(format!("task {task} has no stored logs"));
     }
+    if printed.attempt.as_ref().is_some_and(|a| entries.iter().any(|e| &e.attempt_id != a)) {
+        eprintln!("(the task's logs are those of attempt {}, not the one followed live; printed whole)", entries[0].attempt_id);
+    }
     for e in entries {
+        let mut skip = printed.already(&e.attempt_id, &e.name);
         let body = match api::open_output(client, namespace, name, task, &e.name).await? {
             Fetched::Body(b) => b,
             Fetched::Redirect(url) => api::fetch_url(&url).await?,
         };
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.with_context(|| format!("the {} of task {task} broke off", e.name))?;
+            let mut chunk = chunk.with_context(|| format!("the {} of task {task} broke off", e.name))?;
+            let drop = usize::try_from(skip).unwrap_or(usize::MAX).min(chunk.len());
+            let _ = chunk.split_to(drop);
+            skip -= drop as u64;
             // Chunks are small and a terminal takes them at once: blocking writes are fine here.
             if e.name == "stderr" {
                 std::io::stderr().write_all(&chunk)?;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::serve::Listener as _;
 use futures::future::BoxFuture;
+use kommune_operator::outputs::live::{Following, LiveKey, LiveLogs, LiveSource};
 use kommune_operator::outputs::{OutputBody, OutputEntry, OutputReader};
 use kommune_operator::web::auth::{AuthError, Authority, Gatekeeper, UserInfo};
 use kommune_operator::web::results::{JobLookup, Retrieval};
@@ -101,11 +102,15 @@ impl OutputReader for Memory {
 }
 
 async fn start(reader: Option<Arc<dyn OutputReader>>) -> String {
+    start_with(reader, None).await
+}
+
+async fn start_with(reader: Option<Arc<dyn OutputReader>>, live: Option<Arc<dyn LiveSource>>) -> String {
     let (chain, key) = ca().issue_server(&["localhost".into()]).unwrap();
     let listener = tls::TlsListener::bind("127.0.0.1:0".parse().unwrap(), tls::server_config(&chain, &key, None).unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap().addr;
     let gate = Arc::new(Gatekeeper::new(Arc::new(Rbac)));
-    let retrieval = Retrieval { jobs: Arc::new(Jobs), reader };
+    let retrieval = Retrieval { jobs: Arc::new(Jobs), reader, live };
     tokio::spawn(web::serve(listener, web::router_with_outputs(gate, Arc::new(NoFacts), Some(retrieval))));
     format!("https://localhost:{}", addr.port())
 }
@@ -242,4 +247,49 @@ async fn a_redirected_output_is_fetched_without_the_user_s_token() {
     kubectl_kommune::results::download_all(&client(&url, Some("reader")).await, "team-a", "render", dir.path()).await.unwrap();
     assert_eq!(std::fs::read(dir.path().join("task-0/stdout")).unwrap(), b"from the bucket");
     assert_eq!(*seen.lock().unwrap(), vec![None], "the bucket must not see the user's credentials");
+}
+
+/// Task 0 of team-a/render runs as attempt "att-1" while `logs` has its tail.
+struct Running(Arc<LiveLogs>);
+
+impl LiveSource for Running {
+    fn follow(&self, uid: String, task: u32) -> BoxFuture<'_, Result<Following, String>> {
+        let found = if uid == "uid-render" && task == 0 { self.0.get("att-1") } else { None };
+        Box::pin(async move { Ok(found.map_or(Following::NotRunning, Following::Live)) })
+    }
+}
+
+#[tokio::test]
+async fn a_follower_reads_the_running_task_s_output_as_it_comes_and_nothing_twice() {
+    let logs = Arc::new(LiveLogs::default());
+    let key = LiveKey { attempt_id: "att-1".into(), node: "pn-a".into(), job_uid: "uid-render".into(), task_index: 0 };
+    let attempt = logs.open(key).unwrap();
+    attempt.append(1, 0, 0, b"one\n").unwrap();
+    let url = start_with(None, Some(Arc::new(Running(logs.clone())))).await;
+    let reader = client(&url, Some("reader")).await;
+    // Guarded like the outputs.
+    let refused = api::follow_logs(&client(&url, Some("nobody")).await, "team-a", "render", 0).await;
+    assert_eq!(status_of(refused.err().expect("refused")), 403);
+    // A task with no running attempt: the plugin waits and asks again.
+    assert!(matches!(api::follow_logs(&reader, "team-a", "render", 1).await.unwrap(), api::Live::NotRunning(_)));
+
+    let api::Live::Stream(body) = api::follow_logs(&reader, "team-a", "render", 0).await.unwrap() else { panic!("task 0 runs") };
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        attempt.append(1, 0, 4, b"two\n").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        logs.end("att-1", "Succeeded");
+    });
+    let mut printed = kubectl_kommune::follow::Printed::default();
+    kubectl_kommune::follow::print_stream(body, &mut printed).await.unwrap();
+    writer.await.unwrap();
+    // Both lines were printed live; the stored stdout of att-1 is printed from byte 8 on.
+    assert_eq!(printed.already("att-1", "stdout"), 8);
+}
+
+#[tokio::test]
+async fn an_operator_without_live_logs_is_told_apart_from_a_refusal() {
+    let url = start(None).await;
+    let answer = api::follow_logs(&client(&url, Some("reader")).await, "team-a", "render", 0).await.unwrap();
+    assert!(matches!(answer, api::Live::NotOffered(why) if why.contains("no live logs")));
 }

@@ -26,6 +26,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(60);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often running attempts' new output goes to the operator's live view.
+const LIVE_EVERY: Duration = Duration::from_secs(1);
+/// Most live bytes sent per tick, so a chatty task cannot hold the session's loop for long;
+/// what is left goes on the next tick.
+const LIVE_BUDGET: usize = 1 << 20;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +214,8 @@ impl Uplink<'_> {
         // The first tick is at once: a session opened with an ageing certificate renews it.
         let mut renew_check = tokio::time::interval(renew::CHECK_EVERY);
         let mut renewing = false;
+        let mut live = tokio::time::interval(LIVE_EVERY);
+        live.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut earnings = account::Assembly::default();
         loop {
             tokio::select! {
@@ -280,6 +287,14 @@ impl Uplink<'_> {
                         s.last_heartbeat_ms = kommune_proto::now_ms();
                         s.running = running;
                     });
+                }
+                // Taken only when there is something new. Sent before any later result of the
+                // same attempt (the same loop sends both), so the operator sees them while the
+                // attempt still runs; an attempt's last bytes go with its stored logs instead.
+                _ = live.tick() => {
+                    for chunk in tasks.live_chunks(LIVE_BUDGET) {
+                        send(agent_message::Kind::LogChunk(chunk)).await?;
+                    }
                 }
                 // Pause, resume, a window or the owner: the operator hears of a change at once.
                 Ok(()) = available.changed() => {

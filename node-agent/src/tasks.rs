@@ -137,6 +137,13 @@ impl Tasks {
         self.table().ids()
     }
 
+    /// What running attempts wrote since the last call, as LogChunks for the operator's live
+    /// view: at most `budget` bytes (the rest waits for the next call, nothing is skipped).
+    pub fn live_chunks(&self, mut budget: usize) -> Vec<v1::LogChunk> {
+        let logs = self.table().live_logs();
+        logs.iter().flat_map(|(id, live)| live.take(id, &mut budget)).collect()
+    }
+
     /// Finished attempts not yet acknowledged, to resend after (re)connecting.
     pub fn unacknowledged(&self) -> Vec<TaskUpdate> {
         self.spool.all()
@@ -271,6 +278,7 @@ impl Tasks {
             scratch_dir: scratch.clone(),
             env: vec![],
             keep_streams: None,
+            live: self.table().live(&a.attempt_id),
         };
         // Full copies of stdout and stderr go next to the scratch directory, out of the task's reach.
         let streams = self.scratch_root.join(format!("{}.streams", a.attempt_id));

@@ -41,6 +41,7 @@ impl StateDir {
             timeout: Some(timeout),
             scratch_dir: self.root.join("scratch/attempt-a"),
             keep_streams: None,
+            live: None,
             env: vec![("AGENT_PID".into(), std::process::id().to_string())],
         }
     }

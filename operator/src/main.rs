@@ -658,6 +658,10 @@ async fn start_web(
     let source = Arc::new(web::gather::OperatorSource { dispatcher: dispatcher.clone(), jobs });
     // The operator's output store (and presigned GETs for jobs that write to a bucket); the
     // routes authenticate and authorize before they read it.
-    let retrieval = web::results::Retrieval { jobs: Arc::new(web::results::KubeJobs(client.clone())), reader: dispatcher.output_reader() };
+    let retrieval = web::results::Retrieval {
+        jobs: Arc::new(web::results::KubeJobs(client.clone())),
+        reader: dispatcher.output_reader(),
+        live: Some(dispatcher.clone() as Arc<dyn kommune_operator::outputs::live::LiveSource>),
+    };
     Ok(tokio::spawn(web::serve(listener, web::router_with_outputs(gate, source, Some(retrieval)))))
 }

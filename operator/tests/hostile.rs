@@ -20,6 +20,8 @@ mod earnings;
 mod gateway;
 #[path = "hostile/identity.rs"]
 mod identity;
+#[path = "hostile/live.rs"]
+mod live;
 #[path = "hostile/measure.rs"]
 mod measure;
 #[path = "hostile/metrics.rs"]

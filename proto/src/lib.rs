@@ -35,6 +35,11 @@ pub mod limits {
     pub const MAX_ATTEMPT_OUTPUTS: u64 = 4 << 30;
     /// Most stderr one attempt may write (not metered as output).
     pub const MAX_STDERR_BYTES: u64 = 1 << 20;
+    /// Largest LogChunk (live stdout or stderr of a running attempt).
+    pub const MAX_LOG_CHUNK_BYTES: usize = 16 << 10;
+    /// How far into each stream of an attempt live chunks go: past it, followers wait for the
+    /// logs stored at the attempt's end.
+    pub const MAX_LIVE_LOG_BYTES: u64 = 1 << 20;
 }
 
 pub mod runtime {

@@ -4,6 +4,7 @@
 
 mod container;
 mod exec;
+pub mod live;
 mod output;
 pub mod sandbox;
 pub mod usage;
@@ -165,6 +166,8 @@ pub struct AttemptContext {
     /// Where full copies of stdout and stderr are kept for upload (files `stdout`, `stderr`),
     /// at most this many bytes each; None keeps only the tails.
     pub keep_streams: Option<(PathBuf, u64)>,
+    /// Where stdout and stderr also go as they are written, for the operator's live view.
+    pub live: Option<live::LiveLog>,
 }
 
 /// Variables the agent sets for every task; a job cannot override them.
@@ -249,6 +252,7 @@ mod tests {
             timeout: None,
             scratch_dir: PathBuf::from("/tmp/x"),
             keep_streams: None,
+            live: None,
             env: vec![("GREETING".into(), "hi".into()), ("KOMMUNE_TASK_INDEX".into(), "99".into())],
         };
         let env = ctx.task_env();

@@ -27,6 +27,8 @@ struct Capture {
     exceeded: bool,
     /// A full copy kept for upload (`spec.outputs`), up to its own cap: (file, bytes kept, cap).
     keep: Option<(std::fs::File, u64, u64)>,
+    /// The attempt's live view and this stream's index in it.
+    live: Option<(super::live::LiveLog, usize)>,
 }
 
 /// One output stream of an attempt, shared between whoever writes it (the guest's WASI stdout,
@@ -52,6 +54,7 @@ impl SharedCapture {
             tail: VecDeque::with_capacity(TAIL_BYTES),
             exceeded: false,
             keep: None,
+            live: None,
         })))
     }
 
@@ -68,6 +71,10 @@ impl SharedCapture {
                     Err(e) => tracing::warn!(error = %e, stream, "cannot keep the task's output for upload"),
                 }
             }
+        }
+        if let Some(live) = &ctx.live {
+            stdout.lock().live = Some((live.clone(), 0));
+            stderr.lock().live = Some((live.clone(), 1));
         }
         (stdout, stderr)
     }
@@ -95,6 +102,9 @@ impl SharedCapture {
             if take > 0 && std::io::Write::write_all(file, &accepted[..take]).is_ok() {
                 *kept += take as u64;
             }
+        }
+        if let Some((live, stream)) = &c.live {
+            live.push(*stream, accepted);
         }
         let kept = &accepted[accepted.len().saturating_sub(TAIL_BYTES)..];
         let evicted = (c.tail.len() + kept.len()).saturating_sub(TAIL_BYTES);

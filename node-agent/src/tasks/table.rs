@@ -15,6 +15,8 @@ struct Running {
     /// Why the provider took the machine back while it ran, if it did. Kept on the attempt, so
     /// it goes when the attempt does and cannot outlive it.
     preempted: Option<String>,
+    /// What it wrote and has not sent live yet.
+    live: crate::runtime::live::LiveLog,
 }
 
 /// The attempts this agent runs right now and what they hold.
@@ -37,7 +39,7 @@ impl TaskTable {
         if self.running.contains_key(id) {
             return false;
         }
-        self.running.insert(id.to_string(), Running { cancel, preempted: None });
+        self.running.insert(id.to_string(), Running { cancel, preempted: None, live: Default::default() });
         true
     }
 
@@ -85,6 +87,16 @@ impl TaskTable {
     /// Stops the attempt if it is running; true when it was.
     pub(super) fn cancel(&self, id: &str) -> bool {
         self.running.get(id).inspect(|a| a.cancel.cancel()).is_some()
+    }
+
+    /// The live view of a running attempt.
+    pub(super) fn live(&self, id: &str) -> Option<crate::runtime::live::LiveLog> {
+        self.running.get(id).map(|a| a.live.clone())
+    }
+
+    /// Every running attempt's live view, by id.
+    pub(super) fn live_logs(&self) -> Vec<(String, crate::runtime::live::LiveLog)> {
+        self.running.iter().map(|(id, a)| (id.clone(), a.live.clone())).collect()
     }
 
     /// Ids of the running attempts, sorted.

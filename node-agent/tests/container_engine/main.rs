@@ -57,6 +57,7 @@ impl Fixture {
             timeout: Some(timeout),
             scratch_dir: self.scratch.path().to_path_buf(),
             keep_streams: None,
+            live: None,
             env: vec![("GREETING".into(), "hello".into())],
         }
     }

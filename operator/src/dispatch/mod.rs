@@ -9,6 +9,7 @@
 //! budgets in `metering`, protocol messages in `wire`.
 
 mod build;
+mod live;
 mod metering;
 mod modules;
 mod node;
@@ -138,6 +139,8 @@ pub struct Dispatcher {
     retention: std::time::Duration,
     /// Whether each job synced by this process was last noted as ended, by uid.
     ended: std::sync::Mutex<HashMap<String, bool>>,
+    /// Running attempts' live stdout and stderr, for followers (see `live`).
+    live: Arc<crate::outputs::live::LiveLogs>,
 }
 
 /// The namespace of a "namespace/name" job key.
@@ -173,6 +176,7 @@ impl Dispatcher {
             outputs: None,
             retention: retention::DEFAULT_ATTEMPT_RETENTION,
             ended: Default::default(),
+            live: Arc::default(),
         }
     }
 
@@ -268,6 +272,7 @@ impl Dispatcher {
             let mut pool = self.fleet.pool();
             for a in active.iter().filter(|a| !still.contains(&a.id)) {
                 pool.release(&a.id);
+                self.live.end(&a.id, "ended");
             }
         }
         self.rebuild_standings().await
@@ -296,6 +301,7 @@ impl Dispatcher {
     /// repeat), the metrics count how it ended.
     fn released(&self, id: &str, phase: AttemptPhase, finished_now: bool, runtime: Option<&'static str>) {
         self.fleet.pool().release(id);
+        self.live.end(id, phase.as_str());
         if finished_now {
             self.metrics.attempt_ended(phase, runtime);
         }

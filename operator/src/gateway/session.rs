@@ -158,6 +158,12 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
                     break "the session's stream closed".into();
                 }
             }
+            Some(agent_message::Kind::LogChunk(chunk)) => {
+                // Inline, before the next message: an attempt's chunks come before its result
+                // on the stream, so none is taken after the attempt ended. A refused chunk is
+                // only dropped: it can spoil no more than its own attempt's live view.
+                let _ = inner.dispatcher.on_log_chunk(&node, session_id, &chunk).await;
+            }
             Some(agent_message::Kind::Hello(_)) => {
                 let _ = tx.send(Err(Status::failed_precondition("Hello may only be sent once per session"))).await;
                 break "protocol error: a second Hello".into();
@@ -194,6 +200,7 @@ fn agent_kind(m: &AgentMessage) -> &'static str {
         Some(agent_message::Kind::Heartbeat(_)) => "heartbeat",
         Some(agent_message::Kind::TaskUpdate(_)) => "task_update",
         Some(agent_message::Kind::Renew(_)) => "renew",
+        Some(agent_message::Kind::LogChunk(_)) => "log_chunk",
         None => "empty",
     }
 }

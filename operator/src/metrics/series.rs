@@ -85,6 +85,7 @@ pub struct Series {
     pub gateway_messages: Family<Labels<2>, Counter>,
     pub gateway_bytes: Family<Labels<1>, Counter>,
     pub output_bytes: Counter,
+    pub live_log_chunks: Family<Labels<1>, Counter>,
 }
 
 /// 1 ms to about 16 s: reconciles, placements and ledger appends.
@@ -119,7 +120,13 @@ impl Series {
             gateway_messages: Family::default(),
             gateway_bytes: Family::default(),
             output_bytes: Counter::default(),
+            live_log_chunks: Family::default(),
         };
+        r.register(
+            "live_log_chunks",
+            "Live stdout/stderr chunks from agents, by outcome (accepted, or why dropped: not_held, ended, oversize, gap, overlap, capped, full, bad_stream)",
+            s.live_log_chunks.clone(),
+        );
         r.register("output_bytes", "Bytes of task outputs recorded with attempts' results (spec.outputs), wherever stored", s.output_bytes.clone());
         r.register("reconciles", "ComputeJob reconciles finished, by result (success, error)", s.reconciles.clone());
         r.register("reconcile_errors", "ComputeJob reconciles that failed, by step", s.reconcile_errors.clone());
@@ -247,6 +254,11 @@ impl Series {
     /// An attempt's result recorded `bytes` of outputs.
     pub fn outputs_stored(&self, bytes: u64) {
         self.output_bytes.inc_by(bytes);
+    }
+
+    /// A live log chunk was accepted or dropped (`outcome`, one of a fixed set).
+    pub fn live_log_chunk(&self, outcome: &'static str) {
+        self.live_log_chunks.get_or_create(&[("outcome", label(outcome))]).inc();
     }
 
     /// A session opened (its Hello was accepted).

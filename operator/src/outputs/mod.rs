@@ -39,6 +39,7 @@ pub trait OutputReader: Send + Sync {
     fn open(&self, job_uid: &str, task_index: u32, name: &str) -> BoxFuture<'_, Result<Option<OutputBody>, String>>;
 }
 
+pub mod live;
 pub mod store;
 
 pub use store::{OutputError, OutputStore, Stored, UploadLimits};

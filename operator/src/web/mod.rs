@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod gather;
+mod live;
 pub mod overview;
 pub mod results;
 pub mod tls;

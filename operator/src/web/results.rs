@@ -47,6 +47,8 @@ impl JobLookup for KubeJobs {
 pub struct Retrieval {
     pub jobs: Arc<dyn JobLookup>,
     pub reader: Option<Arc<dyn OutputReader>>,
+    /// Running attempts' live logs (`.../tasks/{task}/logs`); None: that route answers 503.
+    pub live: Option<Arc<dyn crate::outputs::live::LiveSource>>,
 }
 
 /// The listing's body: the job it is for and its outputs, ordered by task then name.
@@ -60,9 +62,9 @@ pub struct OutputList {
 }
 
 #[derive(Clone)]
-struct Routes {
+pub(super) struct Routes {
     gate: Arc<Gatekeeper>,
-    retrieval: Option<Retrieval>,
+    pub(super) retrieval: Option<Retrieval>,
 }
 
 /// `GET /api/v1/namespaces/{ns}/computejobs/{name}/outputs` (the listing) and
@@ -71,30 +73,40 @@ pub fn routes(gate: Arc<Gatekeeper>, retrieval: Option<Retrieval>) -> Router {
     Router::new()
         .route("/api/v1/namespaces/{namespace}/computejobs/{name}/outputs", get(list))
         .route("/api/v1/namespaces/{namespace}/computejobs/{name}/outputs/{task}/{*output}", get(open))
+        .route("/api/v1/namespaces/{namespace}/computejobs/{name}/tasks/{task}/logs", get(super::live::follow))
         .with_state(Routes { gate, retrieval })
 }
 
-fn error(status: StatusCode, message: String) -> Response {
+pub(super) fn error(status: StatusCode, message: String) -> Response {
     json(status, &serde_json::json!({ "error": message }))
+}
+
+/// Authenticates the caller and checks `get` on the job: first, so a caller without the
+/// permission learns nothing, not even whether the job exists or what this operator serves.
+pub(super) async fn permitted(routes: &Routes, peer: &Peer, headers: &HeaderMap, namespace: &str, name: &str) -> Result<Retrieval, Response> {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok());
+    let user: UserInfo = routes.gate.authenticate(credential(authorization, peer.user.as_ref())).await.map_err(refusal)?;
+    routes.gate.may_get_job(&user, namespace, name).await.map_err(refusal)?;
+    routes.retrieval.clone().ok_or_else(|| error(StatusCode::SERVICE_UNAVAILABLE, "outputs are not enabled on this operator".into()))
+}
+
+/// The uid of job `namespace/name` (outputs and live logs are kept by uid).
+pub(super) async fn job_uid(retrieval: &Retrieval, namespace: &str, name: &str) -> Result<String, Response> {
+    match retrieval.jobs.uid(namespace.to_string(), name.to_string()).await {
+        Ok(Some(uid)) => Ok(uid),
+        Ok(None) => Err(error(StatusCode::NOT_FOUND, format!("computejobs.kommune.dev {name:?} not found in namespace {namespace:?}"))),
+        Err(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e)),
+    }
 }
 
 /// Authenticates the caller, checks `get` on the job, then finds its uid: in that order, so a
 /// caller without the permission learns nothing, not even whether the job exists.
 async fn authorize(routes: &Routes, peer: &Peer, headers: &HeaderMap, namespace: &str, name: &str) -> Result<(Arc<dyn OutputReader>, String), Response> {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok());
-    let user: UserInfo = routes.gate.authenticate(credential(authorization, peer.user.as_ref())).await.map_err(refusal)?;
-    routes.gate.may_get_job(&user, namespace, name).await.map_err(refusal)?;
-    let Some(retrieval) = routes.retrieval.clone() else {
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "outputs are not enabled on this operator".into()));
-    };
+    let retrieval = permitted(routes, peer, headers, namespace, name).await?;
     let Some(reader) = retrieval.reader.clone() else {
         return Err(error(StatusCode::SERVICE_UNAVAILABLE, "outputs are not enabled on this operator (no output store is configured)".into()));
     };
-    match retrieval.jobs.uid(namespace.to_string(), name.to_string()).await {
-        Ok(Some(uid)) => Ok((reader, uid)),
-        Ok(None) => Err(error(StatusCode::NOT_FOUND, format!("computejobs.kommune.dev {name:?} not found in namespace {namespace:?}"))),
-        Err(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e)),
-    }
+    Ok((reader, job_uid(&retrieval, namespace, name).await?))
 }
 
 async fn list(

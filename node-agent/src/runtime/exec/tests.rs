@@ -19,6 +19,7 @@ fn context(scratch: &Path) -> AttemptContext {
         timeout: Some(Duration::from_secs(20)),
         scratch_dir: scratch.to_path_buf(),
         keep_streams: None,
+        live: None,
         env: vec![("GREETING".into(), "hello".into())],
     }
 }
