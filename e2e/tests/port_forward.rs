@@ -118,7 +118,7 @@ async fn start_web(operator: kube::Client, op_ns: &str, server_name: &str, reade
     let listener = tls::TlsListener::bind("127.0.0.1:0".parse()?, tls::server_config(&chain, &key, client_ca.as_deref())?).await?;
     let addr = listener.local_addr()?.addr;
     let gate = Arc::new(auth::Gatekeeper::new(Arc::new(auth::KubeAuthority::new(operator.clone()))));
-    let retrieval = results::Retrieval { jobs: Arc::new(results::KubeJobs(operator)), reader: Some(reader) };
+    let retrieval = results::Retrieval { jobs: Arc::new(results::KubeJobs(operator)), reader: Some(reader), live: None };
     tokio::spawn(web::serve(listener, web::router_with_outputs(gate, Arc::new(NoFacts), Some(retrieval))));
     Ok((addr, ca.cert_pem().to_string()))
 }
