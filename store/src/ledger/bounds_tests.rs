@@ -219,10 +219,11 @@ fn a_flood_of_distinct_oversized_rejected_receipts_keeps_rows_and_disk_bounded(e
     );
     // Rows are at most ~1 KiB (a 256-byte prefix, a 512-character reason, a 128-character
     // attempt id). SQLite reuses an evicted row's pages at once (measured: +1.1 MB, then +0);
-    // PostgreSQL keeps an evicted row until (auto)vacuum, so a flood's own rows all take space
-    // once (measured: +2.6 MB, then +1.4 MB after a vacuum): either way well under the bodies.
+    // PostgreSQL keeps an evicted row until (auto)vacuum, so each flood's own rows take space
+    // until one runs (measured: +2.6 MB, then +1.4 MB after a vacuum, or +2.3 MB when none ran
+    // in between, as in one CI run): either way well under the bodies.
     assert!(after - before < whole / 2, "the flood grew the store by {} bytes", after - before);
-    assert!(again.saturating_sub(after) < whole / 4, "a second flood grew the store by {} bytes", again - after);
+    assert!(again.saturating_sub(after) < whole / 2, "a second flood grew the store by {} bytes", again - after);
     if env.url.is_none() {
         assert!(again - after < 64 << 10, "SQLite reuses the evicted rows' pages: +{}", again - after);
     }
