@@ -201,7 +201,32 @@ async fn many_simulated_agents_run_one_large_job_and_every_receipt_is_metered_on
         h.ensure_running("operator")?;
         h.ensure_running("sim")?;
         if started.elapsed() > BOUND {
-            bail!("only {ready} of {agents} ProviderNodes Ready after {BOUND:?}");
+            // What a stall looks like, in the message itself (the diagnostics' table of a
+            // thousand nodes is long): phases, a few nodes not Ready and why, the writer's warnings.
+            let mut phases = std::collections::BTreeMap::<String, usize>::new();
+            for n in &list.items {
+                *phases.entry(n.status.as_ref().and_then(|s| s.phase.as_ref()).map_or("none".into(), |p| format!("{p:?}"))).or_default() += 1;
+            }
+            let stuck: Vec<String> = list
+                .items
+                .iter()
+                .filter(|n| !n.status.as_ref().is_some_and(|s| is_true(&s.conditions, "Ready")))
+                .take(5)
+                .map(|n| {
+                    let why = n.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")).map(|c| format!("{}: {}", c.reason, c.message));
+                    format!("{} ({})", n.metadata.name.as_deref().unwrap_or("?"), why.unwrap_or_else(|| "no Ready condition".into()))
+                })
+                .collect();
+            let log = std::fs::read_to_string(h.log("operator")).unwrap_or_default();
+            let warnings: BTreeSet<&str> =
+                log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).map(|l| l.get(28..).unwrap_or(l)).take(200).collect();
+            bail!(
+                "only {ready} of {agents} ProviderNodes Ready after {BOUND:?} ({} objects; phases {phases:?}); not Ready: {}; operator warnings (first of {}): {}",
+                list.items.len(),
+                stuck.join(", "),
+                warnings.len(),
+                warnings.iter().take(8).copied().collect::<Vec<_>>().join(" | ")
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

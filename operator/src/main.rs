@@ -533,6 +533,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         queue: 65_536,
         status_refresh: Duration::from_secs(args.node_status_refresh_seconds),
         grace,
+        write_timeout: controller::nodes::WRITE_TIMEOUT,
     };
     info!(
         qps = args.api_qps,

@@ -590,3 +590,80 @@ async fn a_replica_that_is_not_the_leader_sends_nothing() {
     let (sweep, ()) = tokio::join!(t.writer.sweep(GRACE), t.api.no_further_requests());
     assert!(sweep.is_err(), "a fenced sweep fails");
 }
+
+/// The writer's loop (`nodes::run`, as the operator runs it) against an API server that fails:
+/// a join whose create gets a 500, and whose status apply is then never answered, is tried
+/// again until the node shows Ready. Before, one failed request lost the join and the session
+/// opening for good: the node stayed without an object, or NotReady, until it reconnected.
+#[tokio::test]
+async fn a_failed_or_unanswered_write_is_tried_again_until_the_node_shows_ready() {
+    use kommune_operator::controller::budget::ApiBudget;
+    use kommune_operator::controller::nodes::{self, WriterConfig};
+
+    let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store opens"));
+    let (changed, _) = mpsc::channel(16);
+    let dispatcher = Arc::new(Dispatcher::new(store, Arc::new(Fleet::default()), changed));
+    let (events, events_rx) = mpsc::channel(16);
+    let (capacity, _capacity_rx) = mpsc::channel(1);
+    let config = WriterConfig { write_timeout: Duration::from_millis(300), ..Default::default() };
+    let run = tokio::spawn(nodes::run(client, dispatcher.clone(), events_rx, capacity, Arc::new(ApiBudget::unlimited()), config));
+    events.send(NodeEvent::Joined { node: "n".into(), facts: facts(), public_key_sha256: "abc".into(), grant: Default::default() }).await.unwrap();
+    events.send(NodeEvent::Connected { node: "n".into(), facts: facts() }).await.unwrap();
+
+    let fresh = provider_node("n", None);
+    let (mut creates, mut adopts, mut applies) = (0, 0, 0);
+    // Answers kept, never sent: the watch that stays open, and the status apply left unanswered.
+    let mut held = Vec::new();
+    let shown = loop {
+        let call = next_call(&mut api, STEP * 4, "the writer's next request").await;
+        match (call.method.clone(), call.path.clone()) {
+            (Method::GET, p) if p == NODES && call.query.contains("watch=true") => held.push(call.respond),
+            (Method::GET, p) if p == NODES => call.reply(
+                StatusCode::OK,
+                &json!({ "apiVersion": "kommune.dev/v1alpha1", "kind": "ProviderNodeList", "metadata": { "resourceVersion": "1" }, "items": [] }),
+            ),
+            (Method::POST, p) if p == NODES => {
+                creates += 1;
+                if creates == 1 {
+                    let status = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "InternalError",
+                                         "message": "etcdserver: request timed out", "code": 500 });
+                    call.reply(StatusCode::INTERNAL_SERVER_ERROR, &status);
+                } else {
+                    call.reply(StatusCode::CREATED, &fresh);
+                }
+            }
+            // The retried write finds the object it created and adopts it (an apply of the label).
+            (Method::PATCH, p) if p == format!("{NODES}/n") => {
+                adopts += 1;
+                call.reply(StatusCode::OK, &fresh);
+            }
+            (Method::PATCH, p) if p == format!("{NODES}/n/status") => {
+                applies += 1;
+                if applies == 1 {
+                    held.push(call.respond);
+                } else {
+                    let status: ProviderNodeStatus = serde_json::from_value(call.body["status"].clone()).expect("a ProviderNodeStatus");
+                    let mut written = fresh.clone();
+                    written.status = Some(status.clone());
+                    call.reply(StatusCode::OK, &written);
+                    break status;
+                }
+            }
+            (Method::POST, p) if p == EVENTS => {
+                let body = call.body.clone();
+                call.reply(StatusCode::CREATED, &body);
+            }
+            (m, p) => panic!("unexpected request: {m} {p}?{}", call.query),
+        }
+    };
+    assert_eq!(shown.phase, Some(NodePhase::Ready), "the session opening was not lost: {shown:#?}");
+    assert_eq!(shown.public_key_sha256.as_deref(), Some("abc"), "nor the join");
+    assert_eq!((creates, adopts, applies), (2, 1, 2));
+    let exposition = dispatcher.metrics().render(&Fleet::default());
+    assert!(exposition.contains("kommune_provider_node_writes_total{outcome=\"retried\"} 2"), "{exposition}");
+    run.abort();
+    drop(held);
+}

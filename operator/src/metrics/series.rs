@@ -86,6 +86,7 @@ pub struct Series {
     pub gateway_bytes: Family<Labels<1>, Counter>,
     pub output_bytes: Counter,
     pub live_log_chunks: Family<Labels<1>, Counter>,
+    pub node_writes: Family<Labels<1>, Counter>,
 }
 
 /// 1 ms to about 16 s: reconciles, placements and ledger appends.
@@ -121,7 +122,13 @@ impl Series {
             gateway_bytes: Family::default(),
             output_bytes: Counter::default(),
             live_log_chunks: Family::default(),
+            node_writes: Family::default(),
         };
+        r.register(
+            "provider_node_writes",
+            "ProviderNode writes from gateway events (a node's create, status apply or delete), by outcome: ok, retried (failed or timed out; tried again with backoff), given_up (refused as invalid, or a panic)",
+            s.node_writes.clone(),
+        );
         r.register(
             "live_log_chunks",
             "Live stdout/stderr chunks from agents, by outcome (accepted, or why dropped: not_held, ended, oversize, gap, overlap, capped, full, bad_stream)",
@@ -259,6 +266,11 @@ impl Series {
     /// A live log chunk was accepted or dropped (`outcome`, one of a fixed set).
     pub fn live_log_chunk(&self, outcome: &'static str) {
         self.live_log_chunks.get_or_create(&[("outcome", label(outcome))]).inc();
+    }
+
+    /// A ProviderNode write from gateway events ended with `outcome` (ok, retried, given_up).
+    pub fn node_write(&self, outcome: &'static str) {
+        self.node_writes.get_or_create(&[("outcome", label(outcome))]).inc();
     }
 
     /// A session opened (its Hello was accepted).

@@ -1,7 +1,8 @@
 //! A keyed queue that folds repeated updates of one key into one pending write (latest state
-//! wins), holds a key back while its previous write is in flight, and is bounded. Pure.
+//! wins), holds a key back while its previous write is in flight, takes a failed write back to
+//! try again later, and is bounded. Pure.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
@@ -27,10 +28,14 @@ pub enum Pushed {
 pub struct Coalescer<K, V> {
     capacity: usize,
     linger: Duration,
-    /// Keys ready to be written once due, oldest first; never a key in flight.
+    /// Keys ready to be written once due, oldest first; never a key in flight or retrying.
     order: VecDeque<K>,
-    /// Every pending write (in `order`, or waiting for its key's write in flight) and when it
-    /// may be taken.
+    /// Keys whose write failed, by when they are tried again (and a sequence number, so two
+    /// due at once keep their order): their due times are not in `order`'s first-in order.
+    retrying: BTreeMap<(Instant, u64), K>,
+    retries: u64,
+    /// Every pending write (in `order`, in `retrying`, or waiting for its key's write in
+    /// flight) and when it may be taken.
     pending: HashMap<K, (V, Instant)>,
     in_flight: HashSet<K>,
 }
@@ -39,7 +44,15 @@ impl<K: Hash + Eq + Clone, V: Merge> Coalescer<K, V> {
     /// At most `capacity` keys pending; a new key's write waits `linger` so the updates that
     /// follow it closely (a join, then its session) go out as one write.
     pub fn new(capacity: usize, linger: Duration) -> Self {
-        Coalescer { capacity: capacity.max(1), linger, order: VecDeque::new(), pending: HashMap::new(), in_flight: HashSet::new() }
+        Coalescer {
+            capacity: capacity.max(1),
+            linger,
+            order: VecDeque::new(),
+            retrying: BTreeMap::new(),
+            retries: 0,
+            pending: HashMap::new(),
+            in_flight: HashSet::new(),
+        }
     }
 
     /// Queues `value` for `key`, folded into its pending write if there is one.
@@ -59,17 +72,39 @@ impl<K: Hash + Eq + Clone, V: Merge> Coalescer<K, V> {
     }
 
     /// The oldest pending write that is due at `now`, marking its key in flight until
-    /// [`Self::done`]. Later keys wait behind an older one that is not due yet (first in, first
-    /// out; a linger is short).
+    /// [`Self::done`] or [`Self::retry`]. A retry that is due goes first; otherwise later keys
+    /// wait behind an older one that is not due yet (first in, first out; a linger is short).
     pub fn pop_ready(&mut self, now: Instant) -> Option<(K, V)> {
-        let key = self.order.front()?;
-        if self.pending.get(key).is_some_and(|(_, due)| *due > now) {
-            return None;
-        }
-        let key = self.order.pop_front()?;
+        let key = match self.retrying.first_key_value() {
+            Some((&(due, seq), _)) if due <= now => self.retrying.remove(&(due, seq))?,
+            _ => {
+                let key = self.order.front()?;
+                if self.pending.get(key).is_some_and(|(_, due)| *due > now) {
+                    return None;
+                }
+                self.order.pop_front()?
+            }
+        };
         let (value, _) = self.pending.remove(&key)?;
         self.in_flight.insert(key.clone());
         Some((key, value))
+    }
+
+    /// The write of `key` (`failed`, as [`Self::pop_ready`] gave it) failed: it is tried again
+    /// at `due`, with whatever was queued for the key meanwhile folded in after it, so the one
+    /// write then shows the failed updates and the newer ones in their order. Until then the
+    /// key is not written (a newer update never goes out before an older one that failed).
+    /// Takes no room of the capacity's that the key did not hold already.
+    pub fn retry(&mut self, key: &K, mut failed: V, due: Instant) {
+        if !self.in_flight.remove(key) {
+            return;
+        }
+        if let Some((newer, _)) = self.pending.remove(key) {
+            failed.merge(newer);
+        }
+        self.retries += 1;
+        self.retrying.insert((due, self.retries), key.clone());
+        self.pending.insert(key.clone(), (failed, due));
     }
 
     /// The write of `key` finished (or failed): an update queued meanwhile may go now.
@@ -86,7 +121,17 @@ impl<K: Hash + Eq + Clone, V: Merge> Coalescer<K, V> {
 
     /// When the next write becomes due (None: nothing is waiting that could go).
     pub fn next_due(&self) -> Option<Instant> {
-        self.order.front().and_then(|k| self.pending.get(k)).map(|(_, due)| *due)
+        let first = self.order.front().and_then(|k| self.pending.get(k)).map(|(_, due)| *due);
+        let retry = self.retrying.first_key_value().map(|(&(due, _), _)| due);
+        match (first, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Keys waiting to be tried again after a failed write.
+    pub fn retrying(&self) -> usize {
+        self.retrying.len()
     }
 
     /// Keys with a pending write.
@@ -211,22 +256,70 @@ mod tests {
         assert_eq!(q.len(), 1);
     }
 
-    /// Random pushes, pops and completions over a few keys: no key is ever written twice at
-    /// once, and every update is delivered exactly once, in its key's order.
+    #[test]
+    fn a_failed_write_comes_back_when_due_with_what_came_meanwhile_after_it() {
+        let t0 = Instant::now();
+        let mut q = Coalescer::new(10, Duration::ZERO);
+        q.push("a", Seen(vec![1]), t0);
+        let (k, v) = q.pop_ready(t0).unwrap();
+        // Queued while the write was in flight, then the write fails.
+        q.push("a", Seen(vec![2]), t0);
+        q.retry(&k, v, t0 + ms(500));
+        assert_eq!(q.retrying(), 1);
+        assert_eq!(q.push("a", Seen(vec![3]), t0 + ms(10)), Pushed::Merged);
+        // Other keys go meanwhile, though queued after it.
+        q.push("b", Seen(vec![4]), t0 + ms(10));
+        assert_eq!(q.next_due(), Some(t0 + ms(10)));
+        assert_eq!(q.pop_ready(t0 + ms(10)), Some(("b", Seen(vec![4]))));
+        assert_eq!(q.next_due(), Some(t0 + ms(500)));
+        assert_eq!(q.pop_ready(t0 + ms(499)), None, "not before it is due");
+        assert_eq!(q.pop_ready(t0 + ms(500)), Some(("a", Seen(vec![1, 2, 3]))));
+        assert_eq!(q.retrying(), 0);
+        q.done(&"a", t0 + ms(600));
+        q.done(&"b", t0 + ms(600));
+        assert!(q.is_empty() && q.in_flight() == 0 && q.next_due().is_none());
+    }
+
+    #[test]
+    fn a_due_retry_goes_before_a_queue_held_up_by_a_lingering_key() {
+        let t0 = Instant::now();
+        let mut q = Coalescer::new(10, LINGER);
+        q.push("a", Seen(vec![1]), t0);
+        let (k, v) = q.pop_ready(t0 + LINGER).unwrap();
+        q.retry(&k, v, t0 + LINGER + ms(1));
+        q.push("b", Seen(vec![2]), t0 + LINGER);
+        assert_eq!(q.pop_ready(t0 + LINGER + ms(1)), Some(("a", Seen(vec![1]))));
+        assert_eq!(q.pop_ready(t0 + LINGER + ms(1)), None, "b still lingers");
+    }
+
+    #[test]
+    fn retry_of_a_key_not_in_flight_changes_nothing() {
+        let t0 = Instant::now();
+        let mut q = Coalescer::new(4, Duration::ZERO);
+        q.push("a", Seen(vec![1]), t0);
+        q.retry(&"a", Seen(vec![9]), t0);
+        q.retry(&"zzz", Seen(vec![9]), t0);
+        assert_eq!((q.len(), q.retrying()), (1, 0));
+        assert_eq!(q.pop_ready(t0), Some(("a", Seen(vec![1]))));
+    }
+
+    /// Random pushes, pops, completions and failures over a few keys: no key is ever written
+    /// twice at once, and the writes that succeed deliver every update exactly once, in its
+    /// key's order (a failed write's updates come again, before any newer one).
     #[test]
     fn every_update_is_delivered_once_in_order_and_never_two_writes_of_a_key_at_once() {
         use rand::{Rng, SeedableRng};
-        for seed in 0..200u64 {
+        for seed in 0..300u64 {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let t0 = Instant::now();
             let mut q = Coalescer::new(3, ms(5));
             let mut pushed: HashMap<u8, Vec<u32>> = HashMap::new();
             let mut delivered: HashMap<u8, Vec<u32>> = HashMap::new();
-            let mut flying: Vec<u8> = Vec::new();
+            let mut flying: Vec<(u8, Seen)> = Vec::new();
             let mut n = 0u32;
             for step in 0..400u64 {
                 let now = t0 + ms(step);
-                match rng.gen_range(0..3) {
+                match rng.gen_range(0..4) {
                     0 => {
                         let k = rng.gen_range(0..5u8);
                         n += 1;
@@ -236,22 +329,26 @@ mod tests {
                     }
                     1 => {
                         if let Some((k, v)) = q.pop_ready(now) {
-                            assert!(!flying.contains(&k), "seed {seed}: {k} taken while in flight");
-                            flying.push(k);
-                            delivered.entry(k).or_default().extend(v.0);
+                            assert!(!flying.iter().any(|(f, _)| *f == k), "seed {seed}: {k} taken while in flight");
+                            flying.push((k, v));
                         }
                     }
-                    _ => {
-                        if !flying.is_empty() {
-                            let k = flying.swap_remove(rng.gen_range(0..flying.len()));
-                            q.done(&k, now);
-                        }
+                    2 if !flying.is_empty() => {
+                        let (k, v) = flying.swap_remove(rng.gen_range(0..flying.len()));
+                        delivered.entry(k).or_default().extend(v.0);
+                        q.done(&k, now);
                     }
+                    _ if !flying.is_empty() => {
+                        let (k, v) = flying.swap_remove(rng.gen_range(0..flying.len()));
+                        q.retry(&k, v, now + ms(rng.gen_range(0..50)));
+                    }
+                    _ => {}
                 }
             }
-            // Drain.
+            // Drain, every write succeeding.
             let mut now = t0 + ms(1000);
-            for k in flying.drain(..) {
+            for (k, v) in flying.drain(..) {
+                delivered.entry(k).or_default().extend(v.0);
                 q.done(&k, now);
             }
             while !q.is_empty() {
@@ -262,6 +359,7 @@ mod tests {
                 }
             }
             assert_eq!(pushed, delivered, "seed {seed}");
+            assert_eq!((q.in_flight(), q.retrying()), (0, 0));
         }
     }
 }

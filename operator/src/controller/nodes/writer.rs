@@ -206,38 +206,54 @@ impl NodeWriter {
         }
         *locked(&self.known) = present;
         let fleet = self.dispatcher.fleet().clone();
+        let mut failed = None;
         for n in nodes {
             let name = n.name_any();
-            match crate::pricing::overrides_from(n.spec.pricing.as_ref()) {
-                Ok(o) => self.dispatcher.rates().set_overrides(&name, o),
-                Err(e) => warn!(node = %name, error = %e, "ProviderNode pricing ignored; the cluster rates apply"),
-            }
-            if let Err(e) = crate::crd::limits_from(n.spec.capacity_limits.as_ref()) {
-                warn!(node = %name, error = %e, "ProviderNode capacityLimits ignored; the join token's caps and the ceiling apply");
-            }
-            let mut admin = admin_of(&n);
-            admin.rates = self.dispatcher.rates().for_node(&name);
-            fleet.set_admin(&name, admin);
-            if n.spec.drain {
-                // Cordoned just above, so nothing drained comes back here.
-                let moved = self.dispatcher.drain_node(&name).await?;
-                if moved > 0 {
-                    let note = format!("spec.drain: stopped {moved} running attempt(s); they are placed elsewhere without using a retry");
-                    self.event(&n.object_ref(&()), Severity::Normal, NodeReason::Drained, &note).await;
+            match self.sweep_one(&fleet, &n, grace).await {
+                Ok(()) => {}
+                // Not the leader (any more): every other node would be refused too.
+                Err(e @ Error::Fenced(_)) => return Err(e),
+                // One node's failed write does not hold up the others; the next sweep tries again.
+                Err(e) => {
+                    warn!(node = %name, error = %e, "cannot sweep ProviderNode");
+                    failed.get_or_insert(e);
                 }
             }
-            if locked(&self.writing).contains(&name) {
-                // Its write in flight starts from newer facts; the next sweep looks again.
-                continue;
-            }
-            let earnings = earnings(&self.dispatcher, &name).await;
-            let base = self.current(&name).unwrap_or_else(|| (*n).clone());
-            self.sync_quarantine(&base).await?;
-            let change = Change::Sweep { absent: fleet.absent_for(&name), grace, earnings };
-            let desired = self.with_allocatable(&name, desired_status(&base, &change, Timestamp::now()));
-            self.publish(&base, self.with_standing(&name, desired)).await?;
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// What the sweep does for one cached node.
+    async fn sweep_one(&self, fleet: &crate::fleet::Fleet, n: &ProviderNode, grace: Duration) -> Result<(), Error> {
+        let name = n.name_any();
+        match crate::pricing::overrides_from(n.spec.pricing.as_ref()) {
+            Ok(o) => self.dispatcher.rates().set_overrides(&name, o),
+            Err(e) => warn!(node = %name, error = %e, "ProviderNode pricing ignored; the cluster rates apply"),
+        }
+        if let Err(e) = crate::crd::limits_from(n.spec.capacity_limits.as_ref()) {
+            warn!(node = %name, error = %e, "ProviderNode capacityLimits ignored; the join token's caps and the ceiling apply");
+        }
+        let mut admin = admin_of(n);
+        admin.rates = self.dispatcher.rates().for_node(&name);
+        fleet.set_admin(&name, admin);
+        if n.spec.drain {
+            // Cordoned just above, so nothing drained comes back here.
+            let moved = self.dispatcher.drain_node(&name).await?;
+            if moved > 0 {
+                let note = format!("spec.drain: stopped {moved} running attempt(s); they are placed elsewhere without using a retry");
+                self.event(&n.object_ref(&()), Severity::Normal, NodeReason::Drained, &note).await;
+            }
+        }
+        if locked(&self.writing).contains(&name) {
+            // Its write in flight starts from newer facts; the next sweep looks again.
+            return Ok(());
+        }
+        let earnings = earnings(&self.dispatcher, &name).await;
+        let base = self.current(&name).unwrap_or_else(|| n.clone());
+        self.sync_quarantine(&base).await?;
+        let change = Change::Sweep { absent: fleet.absent_for(&name), grace, earnings };
+        let desired = self.with_allocatable(&name, desired_status(&base, &change, Timestamp::now()));
+        self.publish(&base, self.with_standing(&name, desired)).await
     }
 
     /// The node as the cache shows it, with the status of this writer's newer write if the
