@@ -15,6 +15,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, Sender, channel};
 
 use ed25519_dalek::SigningKey;
 use kommune_proto::v1::{self, ReceiptBody, TaskUpdate, Usage, UsageReceipt};
@@ -24,11 +25,59 @@ use crate::account::EarningsAccount;
 
 /// Signs receipts for one node.
 pub struct Receipts {
-    dir: PathBuf,
     node: String,
     key: SigningKey,
     epoch: u64,
     last: Mutex<u64>,
+    /// To the thread that appends acknowledged receipts to their log (see [`AckLog`]).
+    acks: Mutex<Sender<AckLine>>,
+}
+
+/// Runs once an acknowledged receipt's line is on disk, or could not be written.
+pub type Then = Box<dyn FnOnce(std::io::Result<()>) + Send>;
+
+/// One line for the acknowledged log, and what to do once it is durable.
+struct AckLine {
+    line: String,
+    then: Then,
+}
+
+/// The thread that appends acknowledged receipts: everything queued is written, then made
+/// durable by one fdatasync (group commit), then each line's `then` runs. An ack per task with
+/// its own open and fdatasync, on the session's thread, cost every task a disk flush on the
+/// path of the next result.
+struct AckLog {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl AckLog {
+    fn run(mut self, rx: Receiver<AckLine>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            let text: String = batch.iter().map(|a| a.line.as_str()).collect();
+            let result = self.append(text.as_bytes());
+            if result.is_err() {
+                // Opened again next time: the file may have been replaced or its disk fixed.
+                self.file = None;
+            }
+            for a in batch {
+                (a.then)(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::new(e.kind(), e.to_string())));
+            }
+        }
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self.file.insert(std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?),
+        };
+        file.write_all(bytes)?;
+        file.sync_data()
+    }
 }
 
 impl std::fmt::Debug for Receipts {
@@ -119,7 +168,11 @@ impl Receipts {
         std::fs::rename(&tmp, epoch_path(&dir))?;
         std::fs::File::open(&dir)?.sync_all()?;
         compact(&dir, i64::try_from(now).unwrap_or(i64::MAX).saturating_sub(KEEP_ACKS_MS))?;
-        Ok(Receipts { dir, node: node.to_string(), key, epoch, last: Mutex::new(0) })
+        // After the compaction, which rewrites the log: the thread appends to what it left.
+        let (tx, rx) = channel();
+        let log = AckLog { path: log_path(&dir), file: None };
+        std::thread::Builder::new().name("receipt-acks".into()).spawn(move || log.run(rx))?;
+        Ok(Receipts { node: node.to_string(), key, epoch, last: Mutex::new(0), acks: Mutex::new(tx) })
     }
 
     pub fn epoch(&self) -> u64 {
@@ -155,22 +208,36 @@ impl Receipts {
         kommune_proto::receipt::sign(&body, &self.key)
     }
 
-    /// Records the operator's acknowledgement of `update`'s receipt (for `earnings`). Written
-    /// before the spooled update is dropped; a repeat after a crash is deduplicated on read.
+    /// Records the operator's acknowledgement of `update`'s receipt (for `earnings`) and waits
+    /// until it is on disk. See [`Receipts::acknowledged_then`].
     pub fn acknowledged(&self, update: &TaskUpdate, ack: &v1::Ack) -> std::io::Result<()> {
-        let Some(body) = update.receipt.as_ref().and_then(|r| kommune_proto::receipt::decode(r).ok()) else { return Ok(()) };
+        let (tx, rx) = channel();
+        self.acknowledged_then(update, ack, Box::new(move |r| drop(tx.send(r))));
+        rx.recv().unwrap_or_else(|_| Err(std::io::Error::other("the receipt log's writer has stopped")))
+    }
+
+    /// Records the operator's acknowledgement of `update`'s receipt (for `earnings`), then runs
+    /// `then` with the outcome once the line is on disk, on the log's own thread: the line is
+    /// the provider's proof of inclusion, so the caller drops the spooled update only then.
+    /// Acknowledgements that arrive together share one fdatasync. A repeat (after a crash, or
+    /// an Ack that came twice) is deduplicated on read. An update without a receipt writes
+    /// nothing and runs `then` at once.
+    pub fn acknowledged_then(&self, update: &TaskUpdate, ack: &v1::Ack, then: Then) {
+        let Some(body) = update.receipt.as_ref().and_then(|r| kommune_proto::receipt::decode(r).ok()) else { return then(Ok(())) };
         let (status, reason) = if ack.receipt_rejected.is_empty() { ("accepted", "") } else { ("rejected", ack.receipt_rejected.as_str()) };
         let mut record = ReceiptRecord::from_body(&body, status, reason, ack.cost_micros);
         if ack.receipt_rejected.is_empty() {
             (record.ledger_seq, record.entry_hash) = (ack.ledger_seq, hex::encode(&ack.entry_hash));
         }
-        let mut line = serde_json::to_string(&record).map_err(std::io::Error::other)?;
+        let mut line = match serde_json::to_string(&record) {
+            Ok(l) => l,
+            Err(e) => return then(Err(std::io::Error::other(e))),
+        };
         line.push('\n');
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log_path(&self.dir))?;
-        f.write_all(line.as_bytes())?;
-        // The line is the provider's proof of inclusion and the spooled update is deleted next:
-        // it must be on disk first.
-        f.sync_data()
+        let sent = self.acks.lock().unwrap_or_else(|p| p.into_inner()).send(AckLine { line, then });
+        if let Err(std::sync::mpsc::SendError(a)) = sent {
+            (a.then)(Err(std::io::Error::other("the receipt log's writer has stopped")));
+        }
     }
 }
 

@@ -156,23 +156,34 @@ impl Tasks {
     }
 
     /// The operator recorded this attempt's result (and its receipt).
-    pub fn ack(&self, attempt_id: &str) {
+    pub fn ack(self: &Arc<Self>, attempt_id: &str) {
         self.acknowledge(&v1::Ack { attempt_id: attempt_id.to_string(), ..Default::default() });
     }
 
     /// The operator recorded this attempt's result and says what became of its receipt: the
-    /// verdict goes to the receipt log (for `kommune-agent earnings`), then the spooled update
-    /// is dropped.
-    pub fn acknowledge(&self, ack: &v1::Ack) {
-        if let (Some(receipts), Some(update)) = (self.receipts.get(), self.spool.get(&ack.attempt_id))
-            && let Err(e) = receipts.acknowledged(&update, ack)
-        {
-            warn!(attempt = %ack.attempt_id, error = %e, "cannot record the acknowledged receipt for `earnings`");
-        }
+    /// verdict goes to the receipt log (for `kommune-agent earnings`), and once that is on disk
+    /// the spooled update is dropped (the log's thread does it, so the session never waits on
+    /// the disk; until then a resend of the result is harmless, as the operator acknowledges
+    /// it again).
+    pub fn acknowledge(self: &Arc<Self>, ack: &v1::Ack) {
         if !ack.receipt_rejected.is_empty() {
             warn!(attempt = %ack.attempt_id, reason = %ack.receipt_rejected, "the operator rejected this attempt's usage receipt");
         }
-        self.spool.remove(&ack.attempt_id);
+        let (Some(receipts), Some(update)) = (self.receipts.get(), self.spool.get(&ack.attempt_id)) else {
+            self.spool.remove(&ack.attempt_id);
+            return;
+        };
+        let (tasks, id) = (self.clone(), ack.attempt_id.clone());
+        receipts.acknowledged_then(
+            &update,
+            ack,
+            Box::new(move |written| {
+                if let Err(e) = written {
+                    warn!(attempt = %id, error = %e, "cannot record the acknowledged receipt for `earnings`");
+                }
+                tasks.spool.remove(&id);
+            }),
+        );
     }
 
     /// Stops an attempt if it is running.
