@@ -439,6 +439,63 @@ mod tests {
         assert_eq!(render("pn-1", &[], None), "pn-1: 0 receipt(s): 0 accepted (0 credits), 0 pending acknowledgement, 0 rejected\n");
     }
 
+    /// Acknowledgements from many threads at once: each line is on disk before its callback
+    /// runs, each callback runs once, and every line is there (however they were batched).
+    #[test]
+    fn each_acknowledgement_is_on_disk_before_its_callback_runs_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = std::sync::Arc::new(Receipts::start(dir.path().into(), "pn-1", key()).unwrap());
+        let (tx, rx) = channel::<(String, bool)>();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (r, tx, path) = (r.clone(), tx.clone(), log_path(dir.path()));
+                s.spawn(move || {
+                    for i in 0..50 {
+                        let id = format!("t{t}-{i}");
+                        let u = update(&r, &id);
+                        let (tx, path, seen) = (tx.clone(), path.clone(), id.clone());
+                        let ack = v1::Ack { attempt_id: id, ..Default::default() };
+                        r.acknowledged_then(
+                            &u,
+                            &ack,
+                            Box::new(move |written| {
+                                let on_disk = std::fs::read_to_string(&path).unwrap_or_default().contains(&format!("\"attemptId\":\"{seen}\""));
+                                tx.send((seen, written.is_ok() && on_disk)).unwrap();
+                            }),
+                        );
+                    }
+                });
+            }
+        });
+        drop(tx);
+        let mut done: Vec<(String, bool)> = rx.iter().collect();
+        done.sort();
+        assert_eq!(done.len(), 200, "every callback ran once");
+        assert!(done.iter().all(|(_, ok)| *ok), "a callback ran before its line was on disk: {:?}", done.iter().find(|d| !d.1));
+        let h = history(dir.path(), &[]);
+        assert_eq!(h.len(), 200);
+    }
+
+    /// A log that cannot be written reports it to the callback (the caller warns and goes on);
+    /// the writer keeps serving later acknowledgements once the disk is back.
+    #[test]
+    fn a_failed_write_reaches_the_callback_and_the_writer_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Receipts::start(dir.path().into(), "pn-1", key()).unwrap();
+        // A directory where the log file should be: opening it for append fails.
+        std::fs::create_dir(log_path(dir.path())).unwrap();
+        let u = update(&r, "a");
+        let err = r.acknowledged(&u, &v1::Ack { attempt_id: "a".into(), ..Default::default() }).unwrap_err();
+        assert!(!err.to_string().is_empty());
+        std::fs::remove_dir(log_path(dir.path())).unwrap();
+        r.acknowledged(&u, &v1::Ack { attempt_id: "a".into(), ..Default::default() }).unwrap();
+        assert_eq!(history(dir.path(), &[]).len(), 1);
+        // Without a receipt nothing is written, and the callback runs at once.
+        let bare = TaskUpdate { attempt_id: "b".into(), ..Default::default() };
+        r.acknowledged(&bare, &v1::Ack { attempt_id: "b".into(), ..Default::default() }).unwrap();
+        assert_eq!(history(dir.path(), &[]).len(), 1);
+    }
+
     #[test]
     fn the_key_join_creates_signs_receipts_its_certificate_key_verifies() {
         let node_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
