@@ -72,7 +72,9 @@ pub struct Progress {
     pub next_retry_ms: Option<i64>,
     /// When the first attempt was created.
     pub started_ms: Option<i64>,
-    /// The attempt whose result was accepted, by completed task index (its outputs are kept).
+    /// The attempt whose result was accepted, by completed task index (its outputs are kept):
+    /// only for a job with declared outputs (`policy.outputs`), the only use; empty otherwise,
+    /// so a sync does not copy an id per task for nothing.
     pub accepted: Vec<(u32, String)>,
 }
 
@@ -135,6 +137,7 @@ pub fn progress_recorded<A: Borrow<Attempt>>(
     let eligible_cap = policy.parallelism as usize;
     let mut next_retry_ms: Option<i64> = None;
     let mut accepted = vec![];
+    let keeps_outputs = policy.outputs.is_some();
 
     let mut index = 0;
     while index < policy.tasks {
@@ -148,8 +151,16 @@ pub fn progress_recorded<A: Borrow<Attempt>>(
         let here = rest.iter().take_while(|a| a.index == index).count();
         let (tries, after) = rest.split_at(here);
         rest = after;
-        let mut tries = tries.to_vec();
-        tries.sort_by_key(|a| (a.number, a.replica));
+        // In (number, replica) order already when they come from the store (a copy otherwise).
+        let sorted;
+        let tries = if tries.is_sorted_by_key(|a| (a.number, a.replica)) {
+            tries
+        } else {
+            let mut t = tries.to_vec();
+            t.sort_by_key(|a| (a.number, a.replica));
+            sorted = t;
+            &sorted[..]
+        };
         let (mut verified, mut failures) = (false, 0u32);
         let (mut running, mut wasted) = (vec![], vec![]);
         // The last failed round's disagreement, if it was one.
@@ -186,7 +197,7 @@ pub fn progress_recorded<A: Borrow<Attempt>>(
                     continue;
                 }
                 verified = true;
-                if let Some(id) = d.agreed.first().or(d.unverified.as_ref()) {
+                if keeps_outputs && let Some(id) = d.agreed.first().or(d.unverified.as_ref()) {
                     accepted.push((index, id.clone()));
                 }
                 if d.unverified.is_some() {
