@@ -31,6 +31,13 @@ const LIVE_EVERY: Duration = Duration::from_secs(1);
 /// Most live bytes sent per tick, so a chatty task cannot hold the session's loop for long;
 /// what is left goes on the next tick.
 const LIVE_BUDGET: usize = 1 << 20;
+/// The session's outbound queue. The loop never waits on it: it reads the operator's messages
+/// whatever it has to send (waiting here while the operator waits for this agent to read its
+/// Assigns and Acks was a deadlock, found by a burst of 600 assignments to one node).
+const OUTBOUND: usize = 256;
+/// Live chunks go out only while the queue has this much room (one tick's worth at most);
+/// otherwise the bytes wait for a later tick, nothing is skipped.
+const LIVE_ROOM: usize = LIVE_BUDGET / kommune_proto::limits::MAX_LOG_CHUNK_BYTES + 1;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -193,10 +200,16 @@ impl Uplink<'_> {
         let (server, state, facts, tasks, status) = (&self.server, self.state, self.facts, self.tasks, self.status);
         let (updates, available, cert_pem) = (&mut *self.updates, &mut self.available, &mut self.cert_pem);
         let mut client = connect::client(server, &state.ca_pem, Some((cert_pem.as_str(), &state.key_pem))).await?;
-        let (tx, rx) = mpsc::channel::<AgentMessage>(256);
+        let (tx, rx) = mpsc::channel::<AgentMessage>(OUTBOUND);
         let send = |kind: agent_message::Kind| {
             let tx = tx.clone();
             async move { tx.send(AgentMessage { kind: Some(kind) }).await.map_err(|_| SessionError::Ended("outbound stream closed".into())) }
+        };
+        // Inside the loop: queued if there is room, else `Full` (the caller decides).
+        let try_send = |kind: agent_message::Kind| match tx.try_send(AgentMessage { kind: Some(kind) }) {
+            Ok(()) => Ok(true),
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(false),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SessionError::Ended("outbound stream closed".into())),
         };
         let mut paused = available.borrow_and_update().paused;
         send(agent_message::Kind::Hello(Hello { facts: Some(facts.clone()), running_attempt_ids: tasks.known_ids(), paused })).await?;
@@ -204,10 +217,10 @@ impl Uplink<'_> {
         let modules: Arc<dyn ModuleSource> = Arc::new(OperatorModules(client.clone()));
 
         // Whatever finished while disconnected is in the spool; drop the stale channel copies.
+        // Resent from the loop below (a spool larger than the queue must not stop this agent
+        // from reading the operator's Acks of the first ones).
         while updates.try_recv().is_ok() {}
-        for u in tasks.unacknowledged() {
-            send(agent_message::Kind::TaskUpdate(u)).await?;
-        }
+        let mut backlog: std::collections::VecDeque<TaskUpdate> = tasks.unacknowledged().into();
 
         let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -273,8 +286,8 @@ impl Uplink<'_> {
                         match renew::request(&state.key_pem, &state.config.node_name) {
                             Ok(csr_der) => {
                                 info!("the node certificate is in the last third of its lifetime; asking the operator to renew it");
-                                renewing = true;
-                                send(agent_message::Kind::Renew(RenewCertificate { csr_der })).await?;
+                                // Asked again at the next check if the queue is full now.
+                                renewing = try_send(agent_message::Kind::Renew(RenewCertificate { csr_der }))?;
                             }
                             Err(e) => warn!(error = %e, "cannot ask for a renewed node certificate"),
                         }
@@ -282,7 +295,8 @@ impl Uplink<'_> {
                 }
                 _ = heartbeat.tick() => {
                     let running = tasks.running_ids();
-                    send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: running.clone(), paused })).await?;
+                    // A full queue is traffic the operator will read anyway: this beat is skipped.
+                    try_send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: running.clone(), paused }))?;
                     status.write(|s| {
                         s.last_heartbeat_ms = kommune_proto::now_ms();
                         s.running = running;
@@ -291,9 +305,9 @@ impl Uplink<'_> {
                 // Taken only when there is something new. Sent before any later result of the
                 // same attempt (the same loop sends both), so the operator sees them while the
                 // attempt still runs; an attempt's last bytes go with its stored logs instead.
-                _ = live.tick() => {
+                _ = live.tick(), if tx.capacity() >= LIVE_ROOM => {
                     for chunk in tasks.live_chunks(LIVE_BUDGET) {
-                        send(agent_message::Kind::LogChunk(chunk)).await?;
+                        try_send(agent_message::Kind::LogChunk(chunk))?;
                     }
                 }
                 // Pause, resume, a window or the owner: the operator hears of a change at once.
@@ -301,12 +315,18 @@ impl Uplink<'_> {
                     let now = available.borrow_and_update().paused;
                     if now != paused {
                         paused = now;
-                        send(agent_message::Kind::Heartbeat(Heartbeat { running_attempt_ids: tasks.running_ids(), paused })).await?;
+                        // Sent as soon as there is room, before any later update.
+                        heartbeat.reset_immediately();
                     }
                 }
-                Some(u) = updates.recv() => {
+                Some(u) = updates.recv() => backlog.push_back(u),
+                // Updates in order, as the queue has room (results are spooled on disk; the
+                // backlog holds no more than the agent's own attempts produced).
+                permit = tx.reserve(), if !backlog.is_empty() => {
+                    let permit = permit.map_err(|_| SessionError::Ended("outbound stream closed".into()))?;
+                    let u = backlog.pop_front().expect("guarded by !is_empty");
                     trace!(target: STAGE_TARGET, attempt = %u.attempt_id, state = u.state, "update sent");
-                    send(agent_message::Kind::TaskUpdate(u)).await?;
+                    permit.send(AgentMessage { kind: Some(agent_message::Kind::TaskUpdate(u)) });
                 }
             }
         }

@@ -63,6 +63,10 @@ pub struct Tasks {
     updates: mpsc::UnboundedSender<TaskUpdate>,
     /// Counted whether or not `run --metrics-listen` serves them: a counter is cheap.
     metrics: crate::metrics::AgentMetrics,
+    /// One lock per module being fetched and compiled: the attempts of a module not cached yet
+    /// wait for one fetch and one compilation instead of each doing both (600 attempts of a new
+    /// module assigned at once were 600 downloads and 600 compilations, minutes of CPU).
+    loading: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Tasks {
@@ -91,6 +95,7 @@ impl Tasks {
             url_policy: OnceLock::new(),
             updates,
             metrics: Default::default(),
+            loading: Mutex::default(),
         };
         (Arc::new(tasks), rx)
     }
@@ -345,6 +350,19 @@ impl Tasks {
         if self.wasm.is_cached(&w.module_sha256) {
             return Ok(());
         }
+        let lock = self.loading.lock().unwrap_or_else(|p| p.into_inner()).entry(w.module_sha256.clone()).or_default().clone();
+        let _loading = lock.lock().await;
+        let loaded = self.load_module(w, modules).await;
+        // Whoever comes later finds it cached (or loads it again after a failure).
+        self.loading.lock().unwrap_or_else(|p| p.into_inner()).remove(&w.module_sha256);
+        loaded
+    }
+
+    /// Fetches and compiles one module, unless an attempt that held the lock before did.
+    async fn load_module(&self, w: &v1::WasmWorkload, modules: Arc<dyn ModuleSource>) -> Result<(), String> {
+        if self.wasm.is_cached(&w.module_sha256) {
+            return Ok(());
+        }
         let bytes = if w.url.is_empty() {
             modules.fetch(&w.module_sha256).await.map_err(|e| format!("cannot fetch module {} from the operator: {e}", w.module_sha256))?
         } else {
@@ -535,6 +553,41 @@ mod tests {
         let done = rx.recv().await.unwrap();
         assert_eq!(done.state, AttemptState::Succeeded as i32, "{:?}", done.result);
         assert_eq!(done.result.unwrap().stdout_tail, b"hello from task 1/2: 25 primes below 100\n");
+    }
+
+    /// Counts fetches, each slow enough that the attempts assigned together overlap.
+    struct CountingModules(Vec<u8>, std::sync::atomic::AtomicUsize);
+    #[tonic::async_trait]
+    impl ModuleSource for CountingModules {
+        async fn fetch(&self, _: &str) -> Result<Vec<u8>, String> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            Ok(self.0.clone())
+        }
+    }
+
+    /// Attempts of a module not cached yet, assigned at once: one fetch and one compilation,
+    /// and every attempt runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attempts_of_a_new_module_assigned_together_fetch_and_compile_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tasks, mut rx) = tasks(dir.path(), false);
+        let module = hello_module();
+        let sha = kommune_proto::sha256_hex(&module);
+        let source = Arc::new(CountingModules(module, Default::default()));
+        for i in 0..20 {
+            tasks.assign(wasm_assign(&format!("u.{i}.1"), "", &sha), source.clone());
+        }
+        let mut succeeded = 0;
+        while succeeded < 20 {
+            let u = rx.recv().await.unwrap();
+            if u.state != AttemptState::Running as i32 {
+                assert_eq!(u.state, AttemptState::Succeeded as i32, "{:?}", u.result);
+                succeeded += 1;
+            }
+        }
+        assert_eq!(source.1.load(std::sync::atomic::Ordering::SeqCst), 1, "one fetch for twenty attempts");
+        assert!(tasks.loading.lock().unwrap().is_empty(), "no lock is left behind");
     }
 
     #[tokio::test]

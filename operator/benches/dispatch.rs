@@ -284,8 +284,13 @@ fn dispatch_and_roundtrip(sizes: &Sizes, dispatch: bool, roundtrip: bool) {
             let (secs, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
             assert_eq!(done.progress.counts.succeeded, sizes.tasks);
             // Read from the store: a large job's finished attempts leave memory as it runs.
-            let ran = op.dispatcher.store().attempts_for_job("throughput").await.unwrap().len();
-            assert_eq!(ran, sizes.tasks as usize, "every task ran exactly once");
+            let ran = op.dispatcher.store().attempts_for_job("throughput").await.unwrap();
+            let extra: Vec<String> = ran
+                .iter()
+                .filter(|a| a.number > 1 || a.phase != AttemptPhase::Succeeded)
+                .map(|a| format!("{} {:?} {:?}", a.id, a.phase, a.result.as_ref().map(|r| r.message.clone())))
+                .collect();
+            assert_eq!(ran.len(), sizes.tasks as usize, "every task ran exactly once; not first or not succeeded: {extra:#?}");
             // CPU per task (operator and agents together, all threads) compares runs on a busy machine.
             println!(
                 "dispatch agents=2 tasks={} tasks_per_s={:.0} cpu_ms_per_task={:.3}",

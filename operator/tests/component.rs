@@ -1001,3 +1001,27 @@ async fn metrics_after_a_run_count_its_tasks_receipts_sessions_and_messages() {
     assert_eq!(op.metric("kommune_agent_sessions_closed_total", &[]), 2.0);
     assert_eq!(op.metric("kommune_agents_connected", &[]), 0.0);
 }
+
+/// One sync places more tasks on one node than its session queue holds (256): the Assigns past
+/// the queue's end wait for the agent to read them instead of being Lost. Before, the 344 past
+/// it were each Lost ("could not reach node: Full"): a failure charged to the user's retries
+/// for the operator's own burst. The module is new to the agent: its 600 attempts fetch and
+/// compile it once (each did both before, which took minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_larger_than_the_session_queue_waits_for_the_agent_and_loses_nothing() {
+    let op = operator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = join_agent(&op, dir.path(), "agent-a", false).await;
+    wait_connected(&op, &["agent-a"]).await;
+    // A module the agent has not seen: its 600 attempts also fetch and compile it once.
+    let sha = op.store_module("burst", &hello_module());
+    let burst = policy(
+        "workload:\n  wasm:\n    configMapRef: {name: m, key: module.wasm}\n    args: ['10']\ntasks: 600\nparallelism: 600\nresources: {cpu: 1m, memory: 3Mi}\nretries: {maxAttempts: 1}\n",
+    );
+    let done = op.run_to_end(&job("burst"), &burst, Some(&ModuleRef { sha256: sha, url: None })).await;
+    let lost: Vec<_> =
+        done.attempts.iter().filter(|a| a.phase != AttemptPhase::Succeeded).map(|a| (&a.id, a.result.as_ref().map(|r| &r.message))).take(3).collect();
+    assert_eq!(done.progress.phase, JobPhase::Succeeded, "e.g. {lost:?}");
+    let ran = op.dispatcher.store().attempts_for_job("burst").await.unwrap();
+    assert_eq!(ran.len(), 600, "each task ran once, none Lost and retried: e.g. {lost:?}");
+}

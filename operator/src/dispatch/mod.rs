@@ -149,6 +149,12 @@ fn namespace_of(job_key: &str) -> &str {
 }
 
 /// The result recorded for an attempt that ended without one of its own.
+/// How long one sync waits, in all, for room in one node's full session queue before the
+/// assignments that do not fit are Lost (and retried elsewhere): a sync may place more tasks on
+/// a node at once than its queue holds (256), and an agent that reads drains it in well under
+/// this; one that does not read costs each sync this once, not once per attempt.
+const ASSIGN_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn lost(message: &str) -> AttemptResult {
     AttemptResult { exit_code: -1, message: message.to_string(), ..Default::default() }
 }
@@ -459,12 +465,15 @@ impl Dispatcher {
     /// how many were sent.
     async fn send_assigns(&self, job: &JobRef, policy: &JobPolicy, module: Option<&ModuleRef>, new: &[Attempt], now: i64) -> Result<usize> {
         let mut sent = 0;
+        // Per node, until when this batch waits for room in a full session queue.
+        let mut wait_until: HashMap<&str, std::time::Instant> = HashMap::new();
         for a in new {
             let mut assign = assign_message(a, policy, module);
             // One span per attempt sent; the agent's spans of the attempt are its children.
             let span = kommune_telemetry::span!("assign", job = %a.job_key, task_index = a.index, attempt = %a.id, node = %a.node);
             assign.trace = wire::trace_context(&span);
-            let sent_to = self.fleet.send(&a.node, OpKind::Assign(assign));
+            let until = *wait_until.entry(a.node.as_str()).or_insert_with(|| std::time::Instant::now() + ASSIGN_QUEUE_WAIT);
+            let sent_to = self.fleet.send_or_wait(&a.node, OpKind::Assign(assign), until.saturating_duration_since(std::time::Instant::now())).await;
             drop(span);
             if let Err(e) = sent_to {
                 warn!(attempt = %a.id, node = %a.node, error = ?e, "could not hand attempt to node; marking it lost");

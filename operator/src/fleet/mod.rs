@@ -350,6 +350,33 @@ impl Fleet {
         })
     }
 
+    /// [`Fleet::send`], but when the session's queue is full, waits up to `within` for the
+    /// agent to read and make room: a burst of assignments larger than the queue (a sync
+    /// placing hundreds of tasks on one node) then waits for the agent instead of losing the
+    /// attempts past the queue's end. A session that makes no room within `within` is `Full`.
+    pub async fn send_or_wait(&self, node: &str, msg: operator_message::Kind, within: std::time::Duration) -> Result<(), SendError> {
+        let (tx, msg) = {
+            let sessions = self.lock();
+            let s = sessions.get(node).ok_or(SendError::NotConnected)?;
+            match s.tx.try_send(Ok(OperatorMessage { kind: Some(msg) })) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(SendError::NotConnected),
+                Err(mpsc::error::TrySendError::Full(msg)) => (s.tx.clone(), msg),
+            }
+        };
+        if within.is_zero() {
+            return Err(SendError::Full);
+        }
+        match tokio::time::timeout(within, tx.reserve()).await {
+            Ok(Ok(permit)) => {
+                permit.send(msg);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(SendError::NotConnected),
+            Err(_) => Err(SendError::Full),
+        }
+    }
+
     /// The scheduler's view of one node, as last updated.
     /// The most any known node offers of each resource (each maximum on its own).
     pub fn largest_capacity(&self) -> scheduler::Resources {
@@ -447,6 +474,44 @@ mod tests {
         assert_eq!(fleet.send("n", cancel()), Ok(()));
         assert_eq!(fleet.send("n", cancel()), Err(SendError::Full));
         assert_eq!(fleet.send("other", cancel()), Err(SendError::NotConnected));
+    }
+
+    /// A full queue whose agent reads: the message waits for room instead of being refused.
+    /// One whose agent does not read: Full once the wait is over. A closed one: not connected.
+    #[tokio::test]
+    async fn send_or_wait_waits_for_a_reader_and_gives_up_on_one_that_does_not_read() {
+        use std::time::Duration;
+        let fleet = Fleet::default();
+        let (tx, mut rx) = mpsc::channel(1);
+        fleet.connect("n", NodeFacts::default(), tx);
+        let cancel = |id: &str| operator_message::Kind::Cancel(kommune_proto::v1::Cancel { attempt_id: id.into(), ..Default::default() });
+        assert_eq!(fleet.send_or_wait("n", cancel("1"), Duration::ZERO).await, Ok(()));
+        assert_eq!(fleet.send_or_wait("n", cancel("2"), Duration::ZERO).await, Err(SendError::Full), "no wait: full at once");
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut got = vec![];
+            while let Some(Ok(m)) = rx.recv().await {
+                if let Some(operator_message::Kind::Cancel(c)) = m.kind {
+                    got.push(c.attempt_id);
+                }
+                if got.len() == 3 {
+                    break;
+                }
+            }
+            (got, rx)
+        });
+        assert_eq!(fleet.send_or_wait("n", cancel("2"), Duration::from_secs(10)).await, Ok(()), "waited for the reader");
+        assert_eq!(fleet.send_or_wait("n", cancel("3"), Duration::from_secs(10)).await, Ok(()));
+        let (got, rx) = reader.await.unwrap();
+        assert_eq!(got, ["1", "2", "3"], "in order, none lost");
+        // Nobody reads any more: full again after the wait.
+        assert_eq!(fleet.send_or_wait("n", cancel("4"), Duration::ZERO).await, Ok(()));
+        let started = std::time::Instant::now();
+        assert_eq!(fleet.send_or_wait("n", cancel("5"), Duration::from_millis(100)).await, Err(SendError::Full));
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        drop(rx);
+        assert_eq!(fleet.send_or_wait("n", cancel("6"), Duration::from_secs(10)).await, Err(SendError::NotConnected));
+        assert_eq!(fleet.send_or_wait("other", cancel("7"), Duration::from_secs(10)).await, Err(SendError::NotConnected));
     }
 
     #[test]

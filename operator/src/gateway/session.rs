@@ -22,8 +22,37 @@ type Tx = mpsc::Sender<Result<OperatorMessage, Status>>;
 /// and the ledger's group commits. The bound keeps a session's memory in check.
 const RESULTS_IN_FLIGHT: usize = 256;
 
+/// Acks of one session waiting for room in its outbound queue (the agent reads slower than
+/// its results are recorded, or a sync filled the queue with Assigns). Past this an Ack is
+/// dropped, counted as `gateway_messages{direction="dropped",kind="ack"}`: the agent resends an
+/// unacknowledged result on its next session, and it is recorded once and acknowledged then.
+const ACKS_WAITING: usize = 1024;
+
 async fn send(tx: &Tx, kind: OpKind) -> bool {
     tx.send(Ok(OperatorMessage { kind: Some(kind) })).await.is_ok()
+}
+
+/// Queues an Ack without making the session's inbound loop wait for room in the outbound
+/// queue: a loop that waited there, while the agent waited for room to send its next update
+/// instead of reading, was a deadlock (a burst of Assigns filled the queue first).
+fn queue_ack(tx: &Tx, waiting: &Arc<Semaphore>, metrics: &crate::metrics::Metrics, ack: v1::Ack) {
+    let msg = match tx.try_send(Ok(OperatorMessage { kind: Some(OpKind::Ack(ack)) })) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+        Err(mpsc::error::TrySendError::Full(msg)) => msg,
+    };
+    match waiting.clone().try_acquire_owned() {
+        Ok(permit) => {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(msg).await;
+                drop(permit);
+            });
+        }
+        Err(_) => {
+            metrics.message("dropped", "ack", 0);
+            debug!("an Ack dropped: {ACKS_WAITING} are waiting for the agent to read; it resends the result on its next session");
+        }
+    }
 }
 
 pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], mut inbound: Streaming<AgentMessage>, tx: Tx) {
@@ -77,6 +106,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
     super::record(&inner.events, NodeEvent::Connected { node: node.clone(), facts });
 
     let in_flight = Arc::new(Semaphore::new(RESULTS_IN_FLIGHT));
+    let acks_waiting = Arc::new(Semaphore::new(ACKS_WAITING));
     let mut last_renewal = None;
     let mut last_heartbeat = std::time::Instant::now();
     let reason = loop {
@@ -118,45 +148,43 @@ pub(super) async fn run(inner: Arc<Inner>, node: String, public_key: [u8; 32], m
                 // A result waits for two fsyncs; the next message is read meanwhile. A Running
                 // update of the same attempt always came earlier and was applied inline.
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break "session closed".into() };
-                let (inner, node, tx) = (inner.clone(), node.clone(), tx.clone());
+                let (inner, node, tx, acks_waiting) = (inner.clone(), node.clone(), tx.clone(), acks_waiting.clone());
                 let span = crate::dispatch::result_span(&node, &update);
                 tokio::spawn(async move {
-                    match inner.dispatcher.on_update(&node, &public_key, &update).instrument(span.clone()).await {
+                    let recorded = inner.dispatcher.on_update(&node, &public_key, &update).instrument(span.clone()).await;
+                    // Recorded: the next result may be read; the Ack never holds the slot.
+                    drop(permit);
+                    match recorded {
                         Ok(Some(ack)) => {
                             trace!(target: STAGE, attempt = %ack.attempt_id, "ack queued");
                             let acked = kommune_telemetry::span!(parent: &span, "ack", attempt = %crate::dispatch::short(&ack.attempt_id), receipt_rejected = !ack.receipt_rejected.is_empty(), cost_micros = ack.cost_micros);
-                            let _ = send(&tx, OpKind::Ack(ack)).instrument(acked).await;
+                            acked.in_scope(|| queue_ack(&tx, &acks_waiting, inner.dispatcher.metrics(), ack));
                         }
                         Ok(None) => {}
                         Err(e) => {
                             // Not acknowledged: the agent resends it on its next session, which
-                            // this error makes it open.
+                            // this error makes it open (waited for in this task, not the loop).
                             warn!(%node, error = %e, "cannot record a task update");
                             let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
                         }
                     }
-                    drop(permit);
                 });
             }
             Some(agent_message::Kind::TaskUpdate(update)) => match inner.dispatcher.on_update(&node, &public_key, &update).await {
-                Ok(Some(ack)) => {
-                    if !send(&tx, OpKind::Ack(ack)).await {
-                        break "the session's stream closed".into();
-                    }
-                }
+                Ok(Some(ack)) => queue_ack(&tx, &acks_waiting, &metrics, ack),
                 Ok(None) => {}
                 Err(e) => {
                     // Not acknowledged: the agent resends it on its next session.
                     warn!(%node, error = %e, "cannot record a task update");
-                    let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                    let _ = tx.try_send(Err(Status::unavailable(e.to_string())));
                     break format!("store error: {e}");
                 }
             },
             Some(agent_message::Kind::Renew(r)) => {
                 let reply = super::renew::renew(&inner, &node, &public_key, &r.csr_der, &mut last_renewal).await;
-                if !send(&tx, OpKind::Certificate(reply)).await {
-                    break "the session's stream closed".into();
-                }
+                // Not waited for here (see `queue_ack`); renewals are rate-limited per node.
+                let tx = tx.clone();
+                tokio::spawn(async move { send(&tx, OpKind::Certificate(reply)).await });
             }
             Some(agent_message::Kind::LogChunk(chunk)) => {
                 // Inline, before the next message: an attempt's chunks come before its result
