@@ -32,8 +32,8 @@ const LIVE_EVERY: Duration = Duration::from_secs(1);
 /// what is left goes on the next tick.
 const LIVE_BUDGET: usize = 1 << 20;
 /// The session's outbound queue. The loop never waits on it: it reads the operator's messages
-/// whatever it has to send (waiting here while the operator waits for this agent to read its
-/// Assigns and Acks was a deadlock, found by a burst of 600 assignments to one node).
+/// whatever it has to send. Waiting here while the operator waits for this agent to read its
+/// Assigns and Acks could stop both (a cycle of waits seen in the code, not in a run).
 const OUTBOUND: usize = 256;
 /// Live chunks go out only while the queue has this much room (one tick's worth at most);
 /// otherwise the bytes wait for a later tick, nothing is skipped.

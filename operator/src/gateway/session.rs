@@ -34,7 +34,7 @@ async fn send(tx: &Tx, kind: OpKind) -> bool {
 
 /// Queues an Ack without making the session's inbound loop wait for room in the outbound
 /// queue: a loop that waited there, while the agent waited for room to send its next update
-/// instead of reading, was a deadlock (a burst of Assigns filled the queue first).
+/// instead of reading, could stop both (a cycle of waits seen in the code, not in a run).
 fn queue_ack(tx: &Tx, waiting: &Arc<Semaphore>, metrics: &crate::metrics::Metrics, ack: v1::Ack) {
     let msg = match tx.try_send(Ok(OperatorMessage { kind: Some(OpKind::Ack(ack)) })) {
         Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
