@@ -68,6 +68,11 @@ impl Drop for Writing<'_> {
 }
 
 impl NodeWriter {
+    /// Marks `node` as being written, unless a write of it is in progress already.
+    fn claim(&self, node: &str) -> Option<Writing<'_>> {
+        locked(&self.writing).insert(node.to_string()).then(|| Writing(self, node.to_string()))
+    }
+
     /// A writer reading ProviderNodes from `cache`, a reflector's store, with no budget (tests
     /// that script every request) and the default status refresh.
     pub fn new(client: kube::Client, dispatcher: Arc<Dispatcher>, cache: Store<ProviderNode>) -> Self {
@@ -125,8 +130,14 @@ impl NodeWriter {
     /// heartbeat alone writes only once the last heartbeat time shown is `status_refresh` old,
     /// so thousands of agents are not thousands of writes a second.
     pub async fn write(&self, node: &str, update: &NodeUpdate) -> Result<(), Error> {
-        locked(&self.writing).insert(node.to_string());
-        let _writing = Writing(self, node.to_string());
+        // A sweep publishing this node's status holds it briefly: wait for it, so neither
+        // write starts from a status the other is replacing.
+        let _writing = loop {
+            if let Some(w) = self.claim(node) {
+                break w;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         if update.left() {
             return self.delete(node).await;
         }
@@ -244,10 +255,14 @@ impl NodeWriter {
                 self.event(&n.object_ref(&()), Severity::Normal, NodeReason::Drained, &note).await;
             }
         }
-        if locked(&self.writing).contains(&name) {
+        // Held until the status is published: an event's write that started after a check
+        // (while this read the ledger) published Ready, then this sweep's apply, computed from
+        // the Joined status before it, put the node back to NotReady for good (seen in CI: one
+        // of 1,000 nodes NotReady for ten minutes, no write failed).
+        let Some(_writing) = self.claim(&name) else {
             // Its write in flight starts from newer facts; the next sweep looks again.
             return Ok(());
-        }
+        };
         let earnings = earnings(&self.dispatcher, &name).await;
         let base = self.current(&name).unwrap_or_else(|| n.clone());
         self.sync_quarantine(&base).await?;
